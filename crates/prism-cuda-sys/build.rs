@@ -1,0 +1,138 @@
+//! Compiles `kernels/*.cu` with nvcc through `cc`, or, without nvcc, a C stub
+//! whose launchers all return `PRISM_ERR_KERNELS_NOT_BUILT`.
+//!
+//! nvcc is looked up in this order: `$NVCC`, `$CUDA_HOME/bin/nvcc`,
+//! `$CUDA_PATH/bin/nvcc`, the workspace's `.cuda` folder made by
+//! `cargo xtask install-nvcc`, then `PATH`. `PRISM_CUDA_ARCH` overrides the
+//! targets (comma-separated nvcc `-gencode` values or `sm_XX` names).
+//! `PRISM_NO_NVCC=1` forces the stub build.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+// Shared with xtask, so both find the same compiler.
+mod find_nvcc;
+use find_nvcc::find_nvcc;
+
+/// Default targets: sm_80 and sm_90 machine code plus compute_90 PTX for newer GPUs.
+const DEFAULT_GENCODE: &[&str] = &[
+    "arch=compute_80,code=sm_80",
+    "arch=compute_90,code=sm_90",
+    "arch=compute_90,code=compute_90",
+];
+
+fn main() {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "PRISM_CUDA_ARCH",
+        "PRISM_NO_NVCC",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let workspace = manifest.join("../..");
+    let kernels = workspace.join("kernels");
+    println!("cargo:rerun-if-changed={}", kernels.display());
+    println!("cargo:rustc-check-cfg=cfg(prism_kernels)");
+
+    #[cfg(feature = "bindgen")]
+    generate_bindings(&kernels);
+
+    let nvcc = if env::var_os("PRISM_NO_NVCC").is_some_and(|v| v == "1") {
+        None
+    } else {
+        find_nvcc(&workspace, |var| env::var_os(var))
+    };
+    match nvcc {
+        Some(nvcc) => build_cuda(&nvcc, &kernels),
+        None => {
+            println!(
+                "cargo:warning=prism-cuda-sys: nvcc not found, so no CUDA kernels were compiled; \
+                 every kernel launcher will return PRISM_ERR_KERNELS_NOT_BUILT. \
+                 Get nvcc with `cargo xtask install-nvcc` (CUDA 13.0 from PyPI, into ./.cuda), \
+                 or set NVCC / CUDA_HOME, then rebuild."
+            );
+            cc::Build::new()
+                .file(kernels.join("stub.c"))
+                .include(&kernels)
+                .warnings_into_errors(true)
+                .compile("prism_kernels");
+        }
+    }
+}
+
+fn gencodes() -> Vec<String> {
+    match env::var("PRISM_CUDA_ARCH") {
+        Ok(spec) if !spec.trim().is_empty() => spec
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| match s.strip_prefix("sm_") {
+                Some(num) => format!("arch=compute_{num},code=sm_{num}"),
+                None => s.to_owned(),
+            })
+            .collect(),
+        _ => DEFAULT_GENCODE.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn build_cuda(nvcc: &Path, kernels: &Path) {
+    let mut build = cc::Build::new();
+    build
+        .cuda(true)
+        .cudart("static")
+        .compiler(nvcc)
+        // cc's defaults would pass host-compiler flags straight to nvcc and, in
+        // debug builds, `-G` (device debug code, many times slower kernels).
+        .no_default_flags(true)
+        .debug(false)
+        .warnings(false)
+        .extra_warnings(false)
+        .include(kernels)
+        .flag("-std=c++17")
+        .flag("-O3")
+        .flag("-Xcompiler=-fPIC,-Wall,-Wextra")
+        .flag("-Werror=all-warnings");
+    for gencode in gencodes() {
+        build.flag(format!("-gencode={gencode}"));
+    }
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(kernels)
+        .expect("kernels/ exists in the workspace")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    build.files(&sources).compile("prism_kernels");
+
+    // The PyPI layout keeps libcudart_static.a in bin/../lib; a toolkit install in lib64.
+    if let Some(root) = nvcc.parent().and_then(Path::parent) {
+        for lib in ["lib", "lib64", "targets/x86_64-linux/lib"] {
+            let dir = root.join(lib);
+            if dir.join("libcudart_static.a").is_file() {
+                println!("cargo:rustc-link-search=native={}", dir.display());
+            }
+        }
+    }
+    println!("cargo:rustc-cfg=prism_kernels");
+}
+
+#[cfg(feature = "bindgen")]
+fn generate_bindings(kernels: &Path) {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("bindings.rs");
+    bindgen::Builder::default()
+        .header(kernels.join("prism_kernels.h").to_string_lossy())
+        .allowlist_function("prism_.*")
+        .allowlist_var("PRISM_.*")
+        .allowlist_type("prism_.*")
+        .use_core()
+        .layout_tests(false)
+        .generate()
+        .expect("bindgen could not parse kernels/prism_kernels.h (is libclang installed?)")
+        .write_to_file(&out)
+        .expect("write bindings to OUT_DIR");
+}

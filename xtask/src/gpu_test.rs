@@ -1,0 +1,230 @@
+//! `cargo xtask gpu-test [--bundle DIR]`.
+//!
+//! Without `--bundle`: prints the GPU it found, then runs every test and the
+//! examples' smoke runs with `PRISM_REQUIRE_GPU=1`, which turns a GPU test's
+//! "skipped: no GPU" into a failure. Fails at once when no GPU is present.
+//!
+//! With `--bundle DIR`: builds the same tests and examples in the `bundle`
+//! profile (release, stripped) and writes DIR with the binaries and `run.sh`,
+//! which runs them on an x86_64 machine that has a driver but no Rust, then
+//! repeats the GPU tests under compute-sanitizer (memcheck, racecheck).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::util::{self, Result};
+
+/// Examples and the arguments of their smoke run (package, example, args).
+pub const EXAMPLE_SMOKE_RUNS: &[(&str, &str, &str)] = &[("prism-stream", "smoke", "")];
+
+/// Test-name fragment of tests that fault the GPU on purpose: they run alone,
+/// never under compute-sanitizer (which would rightly report the fault).
+pub const FAULT_TEST_MARK: &str = "fault_injection";
+
+pub fn run(args: &[String]) -> Result {
+    match args {
+        [] => run_here(),
+        [flag, dir] if flag == "--bundle" => bundle(Path::new(dir)),
+        _ => Err(format!(
+            "unexpected arguments {args:?} (expected nothing or --bundle DIR)"
+        )),
+    }
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(util::root());
+    cmd
+}
+
+fn run_here() -> Result {
+    let (ok, out, err) = util::output(Command::new("nvidia-smi").args([
+        "--query-gpu=name,driver_version,memory.total",
+        "--format=csv,noheader",
+    ]))
+    .unwrap_or((false, String::new(), "nvidia-smi not found".into()));
+    if !ok || out.trim().is_empty() {
+        return Err(format!(
+            "no GPU found on this machine ({}). GPU tests need an NVIDIA GPU and driver; \
+             on a machine without one, build a bundle with `cargo xtask gpu-test --bundle DIR` \
+             and run DIR/run.sh where the GPU is.",
+            err.trim()
+        ));
+    }
+    eprintln!("GPU found: {}", out.trim());
+    util::run(
+        cargo()
+            .env("PRISM_REQUIRE_GPU", "1")
+            .args(["test", "--workspace", "--release"]),
+    )?;
+    for (package, example, args) in EXAMPLE_SMOKE_RUNS {
+        util::run(
+            cargo()
+                .env("PRISM_REQUIRE_GPU", "1")
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    package,
+                    "--example",
+                    example,
+                    "--",
+                ])
+                .args(args.split_whitespace()),
+        )?;
+    }
+    Ok(())
+}
+
+/// Executables cargo reports for a build, as (unique name, path).
+fn built_executables(args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+    let (ok, stdout, stderr) = util::output(cargo().args(args).arg("--message-format=json"))?;
+    if !ok {
+        return Err(format!("cargo {} failed:\n{stderr}", args.join(" ")));
+    }
+    let mut found = Vec::new();
+    for line in stdout
+        .lines()
+        .filter(|l| l.contains("\"compiler-artifact\""))
+    {
+        let Some(exe) = json_str(line, "\"executable\":\"") else {
+            continue;
+        };
+        let package = json_str(line, "\"package_id\":\"")
+            .and_then(|id| id.split(['#', '@']).nth(1).map(str::to_owned))
+            .unwrap_or_default();
+        let package = package.rsplit('/').next().unwrap_or(&package).to_owned();
+        let target = json_str(line, "\"name\":\"").unwrap_or_default();
+        found.push((format!("{package}--{target}"), PathBuf::from(exe)));
+    }
+    Ok(found)
+}
+
+fn json_str(line: &str, key: &str) -> Option<String> {
+    let start = line.find(key)? + key.len();
+    let end = line[start..].find('"')? + start;
+    Some(line[start..end].to_owned())
+}
+
+fn copy_into(dir: &Path, name: &str, from: &Path) -> Result<u64> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let to = dir.join(name);
+    std::fs::copy(from, &to)
+        .map_err(|e| format!("copy {} to {}: {e}", from.display(), to.display()))
+}
+
+fn bundle(dir: &Path) -> Result {
+    let dir = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        util::root().join(dir)
+    };
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("clear {}: {e}", dir.display()))?;
+    }
+    if !prism_kernels_built()? {
+        return Err("nvcc not found, so a bundle would hold no kernels: run `cargo xtask install-nvcc` first".into());
+    }
+    let tests = built_executables(&["test", "--workspace", "--profile", "bundle", "--no-run"])?;
+    let examples = built_executables(&[
+        "build",
+        "--workspace",
+        "--profile",
+        "bundle",
+        "--examples",
+        "--bins",
+    ])?;
+    let mut bytes = 0;
+    let mut test_names = Vec::new();
+    for (name, path) in &tests {
+        bytes += copy_into(&dir.join("tests"), name, path)?;
+        test_names.push(name.clone());
+    }
+    let mut example_lines = Vec::new();
+    for (name, path) in &examples {
+        let short = name.split("--").nth(1).unwrap_or(name).to_owned();
+        bytes += copy_into(&dir.join("bin"), &short, path)?;
+        if let Some((_, _, args)) = EXAMPLE_SMOKE_RUNS.iter().find(|(_, e, _)| *e == short) {
+            example_lines.push(format!("step example-{short} ./bin/{short} {args}"));
+        }
+    }
+    test_names.sort();
+    let script = run_script(&test_names, &example_lines);
+    util::write(&dir.join("run.sh"), &script)?;
+    make_executable(&dir.join("run.sh"))?;
+    eprintln!(
+        "bundle written: {} ({} test binaries, {} other binaries, {:.1} MiB)",
+        dir.display(),
+        tests.len(),
+        examples.len(),
+        bytes as f64 / (1024.0 * 1024.0)
+    );
+    if bytes > 60 * 1024 * 1024 {
+        return Err(format!("bundle is {bytes} bytes, over the 60 MiB budget"));
+    }
+    Ok(())
+}
+
+fn prism_kernels_built() -> Result<bool> {
+    Ok(util::find_nvcc().is_some() && std::env::var_os("PRISM_NO_NVCC").is_none())
+}
+
+#[cfg(unix)]
+fn make_executable(path: &Path) -> Result {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn make_executable(_: &Path) -> Result {
+    Ok(())
+}
+
+fn run_script(tests: &[String], examples: &[String]) -> String {
+    let test_list = tests.join(" ");
+    let example_steps = examples.join("\n");
+    format!(
+        r#"#!/usr/bin/env bash
+# Generated by `cargo xtask gpu-test --bundle`: runs prism's GPU tests on a
+# machine with an NVIDIA driver and no Rust toolchain. Logs go to $LOGS
+# (default: $OUT if set, else ./logs). Exit status: non-zero if any step failed.
+#   SANITIZE=0 skips the compute-sanitizer pass.   ONLY=regex runs matching tests only.
+set -u
+cd "$(dirname "$0")"
+LOGS=${{LOGS:-${{OUT:-./logs}}}}
+mkdir -p "$LOGS"
+export PRISM_REQUIRE_GPU=1
+failed=()
+step() {{
+    local name=$1; shift
+    echo "=== $name: $*"
+    local t0=$(date +%s%N)
+    "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    local t1=$(date +%s%N)
+    grep -E "^test result|SKIPPED|panicked|FAILED|ERROR SUMMARY|^prism|^  " "$LOGS/$name.log" | tail -40
+    echo "--- $name: rc=$rc ($(( (t1 - t0) / 1000000 )) ms)"
+    [ $rc -eq 0 ] || failed+=("$name")
+}}
+nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv
+for t in {test_list}; do
+    if [ -n "${{ONLY:-}}" ] && ! [[ $t =~ $ONLY ]]; then continue; fi
+    step "test-$t" ./tests/$t --test-threads=1
+done
+{example_steps}
+if [ "${{SANITIZE:-1}}" = 1 ]; then
+    export PRISM_TEST_SCALE=small
+    for tool in memcheck racecheck; do
+        for t in {test_list}; do
+            if [ -n "${{ONLY:-}}" ] && ! [[ $t =~ $ONLY ]]; then continue; fi
+            # Only binaries with GPU tests; fault-injection tests fault on purpose.
+            ./tests/$t --list 2>/dev/null | grep -q "gpu_" || continue
+            step "$tool-$t" compute-sanitizer --tool $tool --error-exitcode 99 ./tests/$t --test-threads=1 gpu_ --skip {FAULT_TEST_MARK}
+        done
+    done
+fi
+if [ ${{#failed[@]}} -eq 0 ]; then echo "ALL STEPS PASSED"; else echo "FAILED STEPS: ${{failed[*]}}"; exit 1; fi
+"#
+    )
+}

@@ -1,5 +1,5 @@
 /*
- * prism kernel launchers: the C ABI between kernels/*.cu and Rust.
+ * prism kernel launchers: the C ABI between the .cu files in kernels/ and Rust.
  *
  * Every launcher enqueues work on the given stream and returns at once.
  * Return value: 0 on success; a positive value is the cudaError_t reported by

@@ -125,6 +125,15 @@ __global__ void clamp(const float *x, float *y, uint64_t n, float lo, float hi) 
 
 extern "C" int prism_kernels_available(void) { return 1; }
 
+extern "C" const char *prism_error_string(int code) {
+    switch (code) {
+        case 0: return "success";
+        case PRISM_ERR_KERNELS_NOT_BUILT: return "kernels were not built (no nvcc at build time)";
+        case PRISM_ERR_INVALID_ARGUMENT: return "invalid argument";
+        default: return cudaGetErrorString(static_cast<cudaError_t>(code));
+    }
+}
+
 extern "C" int prism_fma_chain_f32(const float *x, float *y, uint64_t n, float a, float b,
                                    int32_t iters, prism_stream_t stream) {
     if (iters < 0) return PRISM_ERR_INVALID_ARGUMENT;

@@ -36,6 +36,9 @@ typedef struct CUstream_st *prism_stream_t;
 /* Non-zero when this build holds real kernels. */
 int prism_kernels_available(void);
 
+/* A static, human-readable description of a launcher's return code. */
+const char *prism_error_string(int code);
+
 /* y[i] = x after `iters` steps of x = fma(x, a, b), for i < n. x and y may be equal. */
 int prism_fma_chain_f32(const float *x, float *y, uint64_t n, float a, float b, int32_t iters,
                         prism_stream_t stream);

@@ -9,6 +9,15 @@
 
 int prism_kernels_available(void) { return 0; }
 
+const char *prism_error_string(int code) {
+    switch (code) {
+        case 0: return "success";
+        case PRISM_ERR_KERNELS_NOT_BUILT: return "kernels were not built (no nvcc at build time)";
+        case PRISM_ERR_INVALID_ARGUMENT: return "invalid argument";
+        default: return "CUDA error (this build has no CUDA runtime to describe it)";
+    }
+}
+
 int prism_fma_chain_f32(const float *x, float *y, uint64_t n, float a, float b, int32_t iters,
                         prism_stream_t stream) {
     (void)x; (void)y; (void)n; (void)a; (void)b; (void)iters; (void)stream;

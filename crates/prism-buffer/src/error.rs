@@ -1,0 +1,105 @@
+//! The crate's error type.
+
+use std::fmt;
+
+use crate::ring::{SlotId, SlotState, Step};
+
+/// Everything that can go wrong in `prism-buffer`.
+///
+/// Misuse of the slot ring (issuing a step to the wrong slot, releasing a slot
+/// whose output is not ready, ...) is reported through this type instead of a
+/// panic. The ring is left unchanged when one of these errors is returned.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// [`SlotRing::new`](crate::SlotRing::new) was asked for an unsupported
+    /// number of slots.
+    #[error("a slot ring needs between {min} and {max} slots, but {requested} were requested")]
+    InvalidSlotCount {
+        /// The slot count that was passed in.
+        requested: usize,
+        /// Smallest supported slot count.
+        min: usize,
+        /// Largest supported slot count.
+        max: usize,
+    },
+
+    /// A slot index that does not exist in this ring.
+    #[error("slot {slot} does not exist; the ring has {len} slots (0..{len})")]
+    SlotOutOfRange {
+        /// The slot that was passed in.
+        slot: SlotId,
+        /// Number of slots of the ring.
+        len: usize,
+    },
+
+    /// A step was issued to a slot that is not the one the ring expects for
+    /// that step (see [`SlotRing::next`](crate::SlotRing::next)).
+    #[error("slot {slot} is {state}; {}", ExpectedIssue { step: *.step, expected: *.expected })]
+    WrongState {
+        /// The slot that was passed in.
+        slot: SlotId,
+        /// The step that was issued.
+        step: Step,
+        /// The current (reported) state of `slot`.
+        state: SlotState,
+        /// The slot the step would have to be issued to, if any is ready.
+        expected: Option<SlotId>,
+    },
+
+    /// [`SlotRing::release`](crate::SlotRing::release) was called for a slot
+    /// that does not hold the oldest completed chunk.
+    #[error("slot {slot} is {state} and holds no completed output to release; {}", ExpectedRelease(*.expected))]
+    NotCompleted {
+        /// The slot that was passed in.
+        slot: SlotId,
+        /// The current (reported) state of `slot`.
+        state: SlotState,
+        /// The slot that could be released now, if any.
+        expected: Option<SlotId>,
+    },
+}
+
+/// Formats the "where could the step go instead" half of
+/// [`Error::WrongState`].
+struct ExpectedIssue {
+    step: Step,
+    expected: Option<SlotId>,
+}
+
+impl fmt::Display for ExpectedIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let article = match self.step {
+            Step::Upload => "an",
+            Step::Process | Step::Download => "a",
+        };
+        match self.expected {
+            Some(slot) => write!(
+                f,
+                "{article} {} can only be issued to slot {slot}",
+                self.step
+            ),
+            None => write!(
+                f,
+                "no slot is ready for {article} {} (wait for a slot to be released or issue the earlier step first)",
+                self.step
+            ),
+        }
+    }
+}
+
+/// Formats the "what could be released instead" half of
+/// [`Error::NotCompleted`].
+struct ExpectedRelease(Option<SlotId>);
+
+impl fmt::Display for ExpectedRelease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(slot) => write!(f, "only slot {slot} can be released now"),
+            None => write!(
+                f,
+                "no slot can be released now (the oldest chunk's download has not been observed complete)"
+            ),
+        }
+    }
+}

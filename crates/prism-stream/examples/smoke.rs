@@ -1,0 +1,74 @@
+//! GPU smoke run: prints the device, launches prism's fma kernel through the
+//! bindgen'd launcher on a stream made by cudarc, and checks every output
+//! element against the CPU on random input.
+//!
+//! `cargo run --release -p prism-stream --example smoke`
+
+use std::process::ExitCode;
+
+use prism_stream::testing::{gpu_required, random_f32};
+use prism_stream::{fma_chain_cpu, DeviceBuffer, Error, Gpu, HostAllocFlags, Launch, PinnedBuffer};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ (Error::DriverNotFound | Error::NoDevice)) if !gpu_required() => {
+            println!("prism smoke: no GPU here ({e}); nothing to check. Run it on a machine with an NVIDIA GPU.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("prism smoke: FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Error> {
+    let gpu = Gpu::open(0)?;
+    let info = gpu.info();
+    println!(
+        "prism smoke: GPU 0 = {} (sm_{}{}, {:.1} GiB, {} SMs, {} copy engines), kernels built: {}",
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.total_memory as f64 / (1u64 << 30) as f64,
+        info.multiprocessors,
+        info.copy_engines,
+        prism_cuda_sys::KERNELS_BUILT
+    );
+    let n = 1 << 24; // 64 MiB of f32
+    let (a, b, iters) = (1.0001f32, 0.5f32, 8);
+    let input = random_f32(0x5EED, n);
+    let host_in = PinnedBuffer::from_slice(&gpu, &input, HostAllocFlags::DEFAULT)?;
+    let mut host_out = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT)?;
+    let mut x = DeviceBuffer::<f32>::new(&gpu, n)?;
+    let mut y = DeviceBuffer::<f32>::new(&gpu, n)?;
+    // A stream made by cudarc: prism's launchers take its CUstream as their cudaStream_t.
+    let stream = gpu.new_stream(0)?;
+    let mut coord = prism_stream::AsyncCoordinator::new(&gpu)?;
+    let up = coord.queue_upload(&host_in, &mut x, &[])?;
+    coord.wait(up)?;
+    let mut launch = Launch::new(&gpu, &stream);
+    launch.fma_chain(&x, &mut y, n, a, b, iters)?;
+    let done = gpu.fence(&stream)?;
+    launch.finish(&done);
+    let down = coord.queue_download(&y, &mut host_out, &[])?;
+    coord.wait(down)?;
+    let out = host_out.as_slice()?;
+    let bad = input
+        .iter()
+        .zip(out)
+        .filter(|(x, y)| fma_chain_cpu(**x, a, b, iters).to_bits() != y.to_bits())
+        .count();
+    println!("prism smoke: fma_chain over {n} random f32 on a cudarc stream: {bad} of {n} elements differ from the CPU reference");
+    if bad == 0 {
+        println!("prism smoke: OK");
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what: "elements equal to the CPU reference",
+            expected: n,
+            actual: n - bad,
+        })
+    }
+}

@@ -1,0 +1,106 @@
+//! The one error type of prism-stream.
+
+use std::time::Duration;
+
+use cudarc::driver::DriverError;
+
+use crate::OpId;
+
+/// Everything that can go wrong in prism-stream. Messages say what was wrong
+/// and, where there is one, what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// libcuda could not be loaded: no NVIDIA driver on this machine.
+    #[error("no CUDA driver: libcuda.so could not be loaded (install the NVIDIA driver, or use the host backend)")]
+    DriverNotFound,
+    /// The driver loaded but reports no CUDA device.
+    #[error("the CUDA driver reports no GPU on this machine")]
+    NoDevice,
+    /// A device ordinal past the number of devices.
+    #[error("GPU {ordinal} does not exist: the driver reports {count} device(s)")]
+    InvalidDevice { ordinal: usize, count: usize },
+    /// A CUDA driver call failed.
+    #[error("CUDA driver call {call} failed: {source}")]
+    Driver {
+        call: &'static str,
+        #[source]
+        source: DriverError,
+    },
+    /// A device or pinned host allocation failed for lack of memory.
+    #[error("out of {memory} memory allocating {bytes} bytes for {what}")]
+    OutOfMemory {
+        memory: &'static str,
+        bytes: usize,
+        what: &'static str,
+    },
+    /// A kernel launcher reported an error.
+    #[error("kernel {kernel} failed to launch: {message} (code {code})")]
+    Kernel {
+        kernel: &'static str,
+        code: i32,
+        message: String,
+    },
+    /// This binary was built without nvcc, so it holds no kernels.
+    #[error("kernel {kernel} is not available: prism-cuda-sys was built without nvcc (run `cargo xtask install-nvcc` or set NVCC, then rebuild)")]
+    KernelsNotBuilt { kernel: &'static str },
+    /// The context was made with `enable_streams = false`.
+    #[error("streams are disabled on this context (it was created with enable_streams = false), so it has no {what}")]
+    StreamsDisabled { what: &'static str },
+    /// An op id this coordinator never handed out.
+    #[error("unknown operation {0}: no operation with this id was queued on this coordinator")]
+    UnknownOp(OpId),
+    /// An op may only depend on ops queued before it.
+    #[error("operation {op} cannot depend on {dep}: an operation may only depend on operations queued before it, so this would form a cycle")]
+    DependencyCycle { op: OpId, dep: OpId },
+    /// A dependency failed, so the new op would read garbage.
+    #[error("operation {op} depends on {dep} ({dep_name}), which failed: {reason}")]
+    DependencyFailed {
+        op: OpId,
+        dep: OpId,
+        dep_name: String,
+        reason: String,
+    },
+    /// An op failed on the GPU (a kernel fault, a failed copy).
+    #[error("operation {op} ({name}) failed on the GPU: {reason}")]
+    OpFailed {
+        op: OpId,
+        name: String,
+        reason: String,
+    },
+    /// An earlier GPU error left the context unusable (CUDA errors are sticky).
+    #[error("the GPU context is unusable after an earlier error: {reason}")]
+    ContextPoisoned { reason: String },
+    /// `wait_timeout` gave up.
+    #[error("operation {op} did not complete within {waited:?}")]
+    Timeout { op: OpId, waited: Duration },
+    /// Two lengths that must agree do not.
+    #[error("length mismatch for {what}: expected {expected} elements, got {actual}")]
+    LengthMismatch {
+        what: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+    /// A zero-sized buffer or copy where data is required.
+    #[error("{what} has zero length")]
+    ZeroLength { what: &'static str },
+    /// A host buffer that a queued GPU operation still reads or writes.
+    #[error("{what} is still in use by a queued GPU operation; wait for it (or poll) first")]
+    BufferInFlight { what: &'static str },
+    /// A buffer belongs to another GPU context.
+    #[error("{what} belongs to another GPU context")]
+    WrongContext { what: &'static str },
+}
+
+/// Result alias of prism-stream.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) trait DriverResultExt<T> {
+    fn call(self, call: &'static str) -> Result<T>;
+}
+
+impl<T> DriverResultExt<T> for std::result::Result<T, DriverError> {
+    fn call(self, call: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Driver { call, source })
+    }
+}

@@ -1,0 +1,205 @@
+//! Pooled CUDA events and the [`Fence`] handle built on them.
+//!
+//! Ordering events are created with `CU_EVENT_DISABLE_TIMING` (the cheap kind);
+//! timed ones only where statistics ask for them. Events return to a pool when
+//! the last [`Fence`] handle drops, so a steady-state pipeline creates none.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{self, CUresult};
+use cudarc::driver::{result, CudaContext, CudaStream, DriverError};
+
+use crate::error::DriverResultExt;
+use crate::graph::Probe;
+use crate::Result;
+
+/// A raw event handle. CUDA event handles may be used from any thread.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawEvent(pub(crate) sys::CUevent);
+// SAFETY: CUevent is an opaque driver handle; the driver API is thread-safe and
+// allows any thread with the context current to record, query or wait on it.
+unsafe impl Send for RawEvent {}
+// SAFETY: as above; shared references only pass the handle to driver calls.
+unsafe impl Sync for RawEvent {}
+
+/// Free events, by kind.
+#[derive(Debug)]
+pub(crate) struct EventPool {
+    ctx: Arc<CudaContext>,
+    plain: Mutex<Vec<RawEvent>>,
+    timed: Mutex<Vec<RawEvent>>,
+}
+
+impl EventPool {
+    pub(crate) fn new(ctx: Arc<CudaContext>) -> Arc<Self> {
+        Arc::new(Self {
+            ctx,
+            plain: Mutex::new(Vec::new()),
+            timed: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn take(&self, timed: bool) -> Result<RawEvent> {
+        let pool = if timed { &self.timed } else { &self.plain };
+        if let Some(e) = pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(e);
+        }
+        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        let flags = if timed {
+            sys::CUevent_flags::CU_EVENT_DEFAULT
+        } else {
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
+        };
+        Ok(RawEvent(
+            result::event::create(flags).call("cuEventCreate")?,
+        ))
+    }
+
+    fn put(&self, event: RawEvent, timed: bool) {
+        let pool = if timed { &self.timed } else { &self.plain };
+        pool.lock().unwrap_or_else(|p| p.into_inner()).push(event);
+    }
+
+    /// Records a pooled event on `stream` and returns the fence for it.
+    pub(crate) fn record(self: &Arc<Self>, stream: &CudaStream, timed: bool) -> Result<Fence> {
+        let event = self.take(timed)?;
+        // SAFETY: `event` is a live event of this pool's context (created above
+        // or returned to the pool by a dropped fence, never destroyed while pooled)
+        // and `stream` is a live stream of the same context (it is borrowed).
+        let recorded = unsafe { result::event::record(event.0, stream.cu_stream()) };
+        if let Err(e) = recorded {
+            self.put(event, timed);
+            return Err(e).call("cuEventRecord");
+        }
+        Ok(Fence(Arc::new(FenceInner {
+            event,
+            timed,
+            stream: stream.cu_stream() as usize,
+            done: AtomicBool::new(false),
+            pool: Arc::clone(self),
+        })))
+    }
+
+    /// Number of idle events held (for tests of the no-allocation steady state).
+    pub(crate) fn idle(&self) -> usize {
+        self.plain.lock().map(|v| v.len()).unwrap_or(0)
+            + self.timed.lock().map(|v| v.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for EventPool {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        for pool in [&mut self.plain, &mut self.timed] {
+            for e in pool.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+                // SAFETY: pooled events are not referenced by any fence (a fence
+                // returns its event only when the last handle drops), so nothing
+                // uses `e` after this.
+                let _ = unsafe { result::event::destroy(e.0) };
+            }
+        }
+    }
+}
+
+/// Marks a point in a stream's work: "everything enqueued before it".
+/// Cloning shares the same event. Completion is cached once observed.
+#[derive(Debug, Clone)]
+pub struct Fence(Arc<FenceInner>);
+
+#[derive(Debug)]
+struct FenceInner {
+    event: RawEvent,
+    timed: bool,
+    /// The stream it was recorded on (as an address, for same-stream checks).
+    stream: usize,
+    done: AtomicBool,
+    pool: Arc<EventPool>,
+}
+
+impl Drop for FenceInner {
+    fn drop(&mut self) {
+        // Re-recording a pooled event is allowed even if the GPU has not reached
+        // it yet: cuEventRecord replaces the captured work, and nothing waits on
+        // this fence any more (no handle is left).
+        self.pool.put(self.event, self.timed);
+    }
+}
+
+fn describe(e: DriverError) -> String {
+    e.to_string()
+}
+
+impl Fence {
+    /// Non-blocking: has the GPU passed this point? (`cuEventQuery`)
+    pub fn probe(&self) -> Probe {
+        if self.0.done.load(Ordering::Acquire) {
+            return Probe::Complete;
+        }
+        // SAFETY: the event is alive while `self` holds the Arc.
+        match unsafe { result::event::query(self.0.event.0) } {
+            Ok(()) => {
+                self.0.done.store(true, Ordering::Release);
+                Probe::Complete
+            }
+            Err(DriverError(CUresult::CUDA_ERROR_NOT_READY)) => Probe::NotReady,
+            Err(e) => Probe::Failed(describe(e)),
+        }
+    }
+
+    /// Non-blocking completion check; a GPU error becomes `Err`.
+    pub fn is_complete(&self) -> Result<bool> {
+        match self.probe() {
+            Probe::Complete => Ok(true),
+            Probe::NotReady => Ok(false),
+            Probe::Failed(reason) => Err(crate::Error::ContextPoisoned { reason }),
+        }
+    }
+
+    /// Blocks the calling thread until the GPU passes this point.
+    pub fn synchronize(&self) -> Probe {
+        if self.0.done.load(Ordering::Acquire) {
+            return Probe::Complete;
+        }
+        // SAFETY: the event is alive while `self` holds the Arc.
+        match unsafe { result::event::synchronize(self.0.event.0) } {
+            Ok(()) => {
+                self.0.done.store(true, Ordering::Release);
+                Probe::Complete
+            }
+            Err(e) => Probe::Failed(describe(e)),
+        }
+    }
+
+    /// Makes `stream` wait on the GPU for this fence (`cuStreamWaitEvent`);
+    /// free when the fence is known complete or was recorded on `stream` itself.
+    pub fn gpu_wait(&self, stream: &CudaStream) -> Result<()> {
+        if self.0.stream == stream.cu_stream() as usize || self.0.done.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // SAFETY: both handles are alive (borrowed / held) and of one context.
+        unsafe {
+            result::stream::wait_event(
+                stream.cu_stream(),
+                self.0.event.0,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .call("cuStreamWaitEvent")
+    }
+
+    /// GPU milliseconds from `start` to `self`; both must be timed fences that completed.
+    pub fn elapsed_ms_since(&self, start: &Fence) -> Result<f32> {
+        // SAFETY: both events are alive (held) and were recorded; cuEventElapsedTime
+        // reports an error (not UB) if either lacks timing or has not completed.
+        unsafe { result::event::elapsed(start.0.event.0, self.0.event.0) }
+            .call("cuEventElapsedTime")
+    }
+
+    /// True if both handles share one event.
+    pub fn same_as(&self, other: &Fence) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}

@@ -1,0 +1,240 @@
+//! Operation bookkeeping, free of any GPU call: ids, statuses, dependency
+//! validation and completion tracking. Generic over the fence type so it is
+//! tested on the CPU (proptest in `tests/graph_proptest.rs`) with fake fences.
+//!
+//! Cycles: an operation may only depend on operations queued before it, so
+//! the dependency graph is acyclic by construction. A dependency on itself or
+//! on an id not handed out yet is rejected (`DependencyCycle` / `UnknownOp`).
+
+use std::fmt;
+
+use crate::{Error, Result};
+
+/// Identifies one queued operation of an [`AsyncCoordinator`](crate::AsyncCoordinator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OpId(pub u64);
+
+impl fmt::Display for OpId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "op#{}", self.0)
+    }
+}
+
+/// What the coordinator knows of an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpStatus {
+    /// Queued; its completion event has not been observed yet.
+    Pending,
+    /// Its completion event was observed complete.
+    Complete,
+    /// The GPU reported an error for it (the reason is the CUDA error).
+    Failed(String),
+}
+
+/// An operation observed finished by `poll` or `wait`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub op: OpId,
+    pub name: String,
+    /// `Err(reason)` when the operation failed on the GPU.
+    pub result: std::result::Result<(), String>,
+}
+
+/// What probing a fence found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    NotReady,
+    Complete,
+    Failed(String),
+}
+
+/// Operation table: one status per op ever queued, fences of pending ops.
+#[derive(Debug)]
+pub struct OpGraph<F> {
+    names: Vec<String>,
+    status: Vec<OpStatus>,
+    /// Pending ops in queue order, with their fences.
+    pending: Vec<(OpId, F)>,
+    /// Ops observed finished (by `wait`) that `poll` has not reported yet.
+    unreported: Vec<Completion>,
+}
+
+impl<F> Default for OpGraph<F> {
+    fn default() -> Self {
+        Self {
+            names: Vec::new(),
+            status: Vec::new(),
+            pending: Vec::new(),
+            unreported: Vec::new(),
+        }
+    }
+}
+
+impl<F> OpGraph<F> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The id the next inserted op will get.
+    pub fn next_id(&self) -> OpId {
+        OpId(self.status.len() as u64)
+    }
+
+    /// Number of ops queued and not yet observed finished.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Validates `deps` for the next op and returns the fences of those still
+    /// pending (the ones the GPU must wait for). Complete deps need no wait.
+    pub fn check_deps(&self, deps: &[OpId]) -> Result<Vec<&F>> {
+        let op = self.next_id();
+        let mut waits = Vec::new();
+        for &dep in deps {
+            if dep >= op {
+                return Err(if dep == op {
+                    Error::DependencyCycle { op, dep }
+                } else {
+                    Error::UnknownOp(dep)
+                });
+            }
+            match &self.status[dep.0 as usize] {
+                OpStatus::Complete => {}
+                OpStatus::Failed(reason) => {
+                    return Err(Error::DependencyFailed {
+                        op,
+                        dep,
+                        dep_name: self.names[dep.0 as usize].clone(),
+                        reason: reason.clone(),
+                    })
+                }
+                OpStatus::Pending => {
+                    if let Some((_, f)) = self.pending.iter().find(|(id, _)| *id == dep) {
+                        waits.push(f);
+                    }
+                }
+            }
+        }
+        Ok(waits)
+    }
+
+    /// Records a new pending op.
+    pub fn insert(&mut self, name: impl Into<String>, fence: F) -> OpId {
+        let id = self.next_id();
+        self.names.push(name.into());
+        self.status.push(OpStatus::Pending);
+        self.pending.push((id, fence));
+        id
+    }
+
+    /// Status of an op.
+    pub fn status(&self, op: OpId) -> Result<&OpStatus> {
+        self.status.get(op.0 as usize).ok_or(Error::UnknownOp(op))
+    }
+
+    /// Name of an op.
+    pub fn name(&self, op: OpId) -> Result<&str> {
+        self.names
+            .get(op.0 as usize)
+            .map(String::as_str)
+            .ok_or(Error::UnknownOp(op))
+    }
+
+    /// The fence of a pending op (None once it finished).
+    pub fn fence(&self, op: OpId) -> Option<&F> {
+        self.pending
+            .iter()
+            .find(|(id, _)| *id == op)
+            .map(|(_, f)| f)
+    }
+
+    /// Fences of every pending op.
+    pub fn pending_fences(&self) -> impl Iterator<Item = (OpId, &F)> {
+        self.pending.iter().map(|(id, f)| (*id, f))
+    }
+
+    /// Probes every pending op; returns all ops finished since the last poll
+    /// (including ones `finish` recorded), in op order.
+    pub fn poll(&mut self, mut probe: impl FnMut(&F) -> Probe) -> Vec<Completion> {
+        let mut done = std::mem::take(&mut self.unreported);
+        let mut i = 0;
+        while i < self.pending.len() {
+            let outcome = probe(&self.pending[i].1);
+            if outcome == Probe::NotReady {
+                i += 1;
+                continue;
+            }
+            let (id, _) = self.pending.remove(i);
+            done.push(self.settle(id, outcome));
+        }
+        done.sort_by_key(|c| c.op);
+        done
+    }
+
+    /// Records that `op` finished (seen by a blocking wait); `poll` will report it.
+    pub fn finish(&mut self, op: OpId, outcome: Probe) -> Result<()> {
+        let Some(pos) = self.pending.iter().position(|(id, _)| *id == op) else {
+            return self.status(op).map(|_| ());
+        };
+        if outcome == Probe::NotReady {
+            return Ok(());
+        }
+        self.pending.remove(pos);
+        let c = self.settle(op, outcome);
+        self.unreported.push(c);
+        Ok(())
+    }
+
+    fn settle(&mut self, id: OpId, outcome: Probe) -> Completion {
+        let name = self.names[id.0 as usize].clone();
+        let (status, result) = match outcome {
+            Probe::Failed(reason) => (OpStatus::Failed(reason.clone()), Err(reason)),
+            _ => (OpStatus::Complete, Ok(())),
+        };
+        self.status[id.0 as usize] = status;
+        Completion {
+            op: id,
+            name,
+            result,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unknown_self_and_failed_deps() {
+        let mut g: OpGraph<u32> = OpGraph::new();
+        let a = g.insert("a", 1);
+        assert!(matches!(
+            g.check_deps(&[OpId(1)]),
+            Err(Error::DependencyCycle { .. })
+        ));
+        assert!(matches!(
+            g.check_deps(&[OpId(7)]),
+            Err(Error::UnknownOp(OpId(7)))
+        ));
+        assert_eq!(g.check_deps(&[a]).unwrap(), vec![&1]);
+        let done = g.poll(|_| Probe::Failed("boom".into()));
+        assert_eq!(done.len(), 1);
+        assert!(matches!(
+            g.check_deps(&[a]),
+            Err(Error::DependencyFailed { .. })
+        ));
+    }
+
+    #[test]
+    fn wait_then_poll_reports_once() {
+        let mut g: OpGraph<u32> = OpGraph::new();
+        let a = g.insert("a", 1);
+        let b = g.insert("b", 2);
+        g.finish(b, Probe::Complete).unwrap();
+        let done = g.poll(|_| Probe::NotReady);
+        assert_eq!(done.iter().map(|c| c.op).collect::<Vec<_>>(), vec![b]);
+        assert!(g.poll(|_| Probe::NotReady).is_empty());
+        assert_eq!(g.status(a).unwrap(), &OpStatus::Pending);
+        assert_eq!(g.check_deps(&[a, b]).unwrap(), vec![&1]);
+    }
+}

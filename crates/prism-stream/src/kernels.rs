@@ -1,0 +1,336 @@
+//! Safe kernel launches: [`Launch`] validates lengths, orders each buffer's
+//! use against other streams, calls the launcher and records the use, so
+//! buffers are never freed or overwritten while a kernel still reads them.
+
+use std::ffi::CStr;
+use std::sync::Arc;
+
+use cudarc::driver::{result, CudaStream};
+use prism_cuda_sys as sys;
+
+use crate::context::Gpu;
+use crate::error::DriverResultExt;
+use crate::event::Fence;
+use crate::memory::{lock, DeviceBuffer, Element, UseCell};
+use crate::{Error, Result};
+
+/// Describes a launcher return code.
+fn code_message(code: i32) -> String {
+    // SAFETY: prism_error_string returns a pointer to a static NUL-terminated
+    // string for any code (both in the nvcc build and in the stub).
+    unsafe { CStr::from_ptr(sys::prism_error_string(code)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Enqueues kernels on one stream inside [`AsyncCoordinator::queue_compute`](crate::AsyncCoordinator::queue_compute)
+/// (or on any stream via [`Launch::new`]), tracking which buffers they use.
+#[derive(Debug)]
+pub struct Launch<'s> {
+    gpu: &'s Gpu,
+    stream: &'s Arc<CudaStream>,
+    reads: Vec<UseCell>,
+    writes: Vec<UseCell>,
+}
+
+impl<'s> Launch<'s> {
+    /// Starts a launch scope on `stream`; end it with [`Launch::finish`].
+    pub fn new(gpu: &'s Gpu, stream: &'s Arc<CudaStream>) -> Self {
+        Self {
+            gpu,
+            stream,
+            reads: Vec::new(),
+            writes: Vec::new(),
+        }
+    }
+
+    /// The stream kernels go on (for cudarc launches of one's own modules).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
+    }
+
+    /// Declares that the kernels read `buf`: waits (on the GPU) for its last writer.
+    pub fn reads<T: Element>(&mut self, buf: &DeviceBuffer<T>) -> Result<()> {
+        self.same_gpu(buf)?;
+        lock(&buf.uses).order_read(self.stream)?;
+        self.reads.push(Arc::clone(&buf.uses));
+        Ok(())
+    }
+
+    /// Declares that the kernels write `buf`: waits (on the GPU) for every earlier use.
+    pub fn writes<T: Element>(&mut self, buf: &mut DeviceBuffer<T>) -> Result<()> {
+        self.same_gpu(buf)?;
+        lock(&buf.uses).order_write(self.stream)?;
+        self.writes.push(Arc::clone(&buf.uses));
+        Ok(())
+    }
+
+    fn same_gpu<T: Element>(&self, buf: &DeviceBuffer<T>) -> Result<()> {
+        if buf.gpu().same(self.gpu) {
+            Ok(())
+        } else {
+            Err(Error::WrongContext {
+                what: "device buffer",
+            })
+        }
+    }
+
+    fn check(&self, kernel: &'static str, code: i32) -> Result<()> {
+        match code {
+            0 => Ok(()),
+            c if c == sys::PRISM_ERR_KERNELS_NOT_BUILT as i32 => {
+                Err(Error::KernelsNotBuilt { kernel })
+            }
+            c => {
+                let message = code_message(c);
+                if c != sys::PRISM_ERR_INVALID_ARGUMENT as i32 {
+                    self.gpu.poison(&format!("kernel {kernel}: {message}"));
+                }
+                Err(Error::Kernel {
+                    kernel,
+                    code: c,
+                    message,
+                })
+            }
+        }
+    }
+
+    fn raw_stream(&self) -> sys::prism_stream_t {
+        self.stream.cu_stream().cast()
+    }
+
+    /// `y[..n] = x[..n]` after `iters` steps of `v = fma(v, a, b)`.
+    pub fn fma_chain(
+        &mut self,
+        x: &DeviceBuffer<f32>,
+        y: &mut DeviceBuffer<f32>,
+        n: usize,
+        a: f32,
+        b: f32,
+        iters: u32,
+    ) -> Result<()> {
+        fits("fma_chain input", n, x.len())?;
+        fits("fma_chain output", n, y.len())?;
+        self.reads(x)?;
+        self.writes(y)?;
+        let iters = i32::try_from(iters).map_err(|_| Error::LengthMismatch {
+            what: "fma_chain iterations (max i32::MAX)",
+            expected: i32::MAX as usize,
+            actual: iters as usize,
+        })?;
+        // SAFETY: x and y are live allocations of this context with at least n
+        // elements (checked above); their uses are ordered against other streams
+        // (reads/writes above) and recorded on finish, so they outlive the kernel.
+        let code = unsafe {
+            sys::prism_fma_chain_f32(
+                x.device_ptr() as *const f32,
+                y.device_ptr() as *mut f32,
+                n as u64,
+                a,
+                b,
+                iters,
+                self.raw_stream(),
+            )
+        };
+        self.check("fma_chain", code)
+    }
+
+    /// In place: `y[..n] = fma^iters(y[..n])`.
+    pub fn fma_chain_in_place(
+        &mut self,
+        y: &mut DeviceBuffer<f32>,
+        n: usize,
+        a: f32,
+        b: f32,
+        iters: u32,
+    ) -> Result<()> {
+        fits("fma_chain buffer", n, y.len())?;
+        self.writes(y)?;
+        let iters = i32::try_from(iters).map_err(|_| Error::LengthMismatch {
+            what: "fma_chain iterations (max i32::MAX)",
+            expected: i32::MAX as usize,
+            actual: iters as usize,
+        })?;
+        let p = y.device_ptr();
+        // SAFETY: as in fma_chain; the launcher allows x == y (elementwise).
+        let code = unsafe {
+            sys::prism_fma_chain_f32(
+                p as *const f32,
+                p as *mut f32,
+                n as u64,
+                a,
+                b,
+                iters,
+                self.raw_stream(),
+            )
+        };
+        self.check("fma_chain", code)
+    }
+
+    /// `buf[i] = pattern(seed, i)` for `i < n` (see [`pattern`]).
+    pub fn fill_pattern(&mut self, buf: &mut DeviceBuffer<u32>, n: usize, seed: u32) -> Result<()> {
+        fits("fill_pattern buffer", n, buf.len())?;
+        self.writes(buf)?;
+        // SAFETY: buf has at least n elements and is ordered/recorded as above.
+        let code = unsafe {
+            sys::prism_fill_pattern_u32(
+                buf.device_ptr() as *mut u32,
+                n as u64,
+                seed,
+                self.raw_stream(),
+            )
+        };
+        self.check("fill_pattern", code)
+    }
+
+    /// Counts mismatches of `buf[..n]` against the pattern into
+    /// `counters[0]` (mismatches) and `counters[1]` (first bad index, u64::MAX if none).
+    pub fn check_pattern(
+        &mut self,
+        buf: &DeviceBuffer<u32>,
+        n: usize,
+        seed: u32,
+        counters: &mut DeviceBuffer<u64>,
+    ) -> Result<()> {
+        fits("check_pattern buffer", n, buf.len())?;
+        fits("check_pattern counters", 2, counters.len())?;
+        self.reads(buf)?;
+        self.writes(counters)?;
+        let c = counters.device_ptr();
+        // SAFETY: counters has at least 2 u64 (16 bytes); both memsets stay inside
+        // it and run on this stream before the kernel.
+        unsafe {
+            result::memset_d8_async(c, 0, 8, self.stream.cu_stream()).call("cuMemsetD8Async")?;
+            result::memset_d8_async(c + 8, 0xFF, 8, self.stream.cu_stream())
+                .call("cuMemsetD8Async")?;
+        }
+        // SAFETY: buf has n elements, counters 2; ordered/recorded as above.
+        let code = unsafe {
+            sys::prism_check_pattern_u32(
+                buf.device_ptr() as *const u32,
+                n as u64,
+                seed,
+                c as *mut _,
+                (c + 8) as *mut _,
+                self.raw_stream(),
+            )
+        };
+        self.check("check_pattern", code)
+    }
+
+    /// A kernel that keeps the stream busy for `ns` nanoseconds (tests, demos).
+    pub fn spin(&mut self, ns: u64) -> Result<()> {
+        // SAFETY: touches no memory; the stream is live (borrowed).
+        let code = unsafe { sys::prism_spin_ns(ns, self.raw_stream()) };
+        self.check("spin_ns", code)
+    }
+
+    /// A kernel that writes through an invalid address: the GPU faults and the
+    /// context becomes unusable. Only for testing error paths.
+    pub fn fault_injection(&mut self) -> Result<()> {
+        // SAFETY: the kernel faults on the GPU by design; no host memory and no
+        // prism buffer is involved, and the fault is reported as a CUDA error.
+        let code = unsafe { sys::prism_fault(self.raw_stream()) };
+        self.check("fault", code)
+    }
+
+    /// `out[j] = sum(x[j*group .. min((j+1)*group, n)])`; `out` needs `ceil(n/group)` elements.
+    pub fn group_sum(
+        &mut self,
+        x: &DeviceBuffer<f32>,
+        n: usize,
+        group: u32,
+        out: &mut DeviceBuffer<f32>,
+    ) -> Result<()> {
+        if group == 0 {
+            return Err(Error::ZeroLength {
+                what: "group_sum group size",
+            });
+        }
+        fits("group_sum input", n, x.len())?;
+        fits("group_sum output", n.div_ceil(group as usize), out.len())?;
+        self.reads(x)?;
+        self.writes(out)?;
+        // SAFETY: sizes checked above; ordered/recorded as in fma_chain.
+        let code = unsafe {
+            sys::prism_group_sum_f32(
+                x.device_ptr() as *const f32,
+                n as u64,
+                group,
+                out.device_ptr() as *mut f32,
+                self.raw_stream(),
+            )
+        };
+        self.check("group_sum", code)
+    }
+
+    /// In place: `y[i] = clamp(y[i], lo, hi)`.
+    pub fn clamp_in_place(
+        &mut self,
+        y: &mut DeviceBuffer<f32>,
+        n: usize,
+        lo: f32,
+        hi: f32,
+    ) -> Result<()> {
+        fits("clamp buffer", n, y.len())?;
+        self.writes(y)?;
+        let p = y.device_ptr();
+        // SAFETY: y has n elements; the launcher allows x == y; ordered/recorded.
+        let code = unsafe {
+            sys::prism_clamp_f32(
+                p as *const f32,
+                p as *mut f32,
+                n as u64,
+                lo,
+                hi,
+                self.raw_stream(),
+            )
+        };
+        self.check("clamp", code)
+    }
+
+    /// Records the uses declared in this scope against `fence` (recorded
+    /// after the last kernel), so later ops and buffer drops wait for them.
+    pub fn finish(self, fence: &Fence) {
+        for r in &self.reads {
+            lock(r).add_read(fence);
+        }
+        for w in &self.writes {
+            lock(w).set_write(fence);
+        }
+    }
+}
+
+fn fits(what: &'static str, n: usize, capacity: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::ZeroLength { what });
+    }
+    if n > capacity {
+        return Err(Error::LengthMismatch {
+            what,
+            expected: capacity,
+            actual: n,
+        });
+    }
+    Ok(())
+}
+
+/// The CPU twin of the GPU fill/check pattern (see kernels/prism_kernels.h).
+pub fn pattern(seed: u32, i: u64) -> u32 {
+    let mut h = (i as u32) ^ ((i >> 32) as u32).wrapping_mul(0x9E37_79B9) ^ seed;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^= h >> 16;
+    h
+}
+
+/// CPU reference of the fma chain kernel (same operation order, so results match bit for bit).
+pub fn fma_chain_cpu(x: f32, a: f32, b: f32, iters: u32) -> f32 {
+    let mut v = x;
+    for _ in 0..iters {
+        v = v.mul_add(a, b);
+    }
+    v
+}

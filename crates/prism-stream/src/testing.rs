@@ -1,0 +1,59 @@
+//! The workspace's one convention for GPU-gated tests.
+//!
+//! A GPU test starts with `let Some(ctx) = prism_stream::testing::gpu_or_skip("name") else { return };`
+//! (and names itself `gpu_*`). Without a driver or device it prints
+//! `SKIPPED <name>: <reason>` and returns, so `cargo test` passes on machines
+//! without a GPU and says why. With `PRISM_REQUIRE_GPU=1` (set by
+//! `cargo xtask gpu-test` and the bundle's run.sh) a missing GPU is a failure
+//! instead, so a GPU run cannot pass by skipping.
+
+use crate::{Error, ManagedGpuContext};
+
+/// Environment variable that turns skips into failures.
+pub const REQUIRE_GPU_VAR: &str = "PRISM_REQUIRE_GPU";
+
+/// True when GPU tests must not skip.
+pub fn gpu_required() -> bool {
+    std::env::var(REQUIRE_GPU_VAR).is_ok_and(|v| v == "1")
+}
+
+/// Opens GPU 0 with streams, or reports the test skipped (see module docs).
+pub fn gpu_or_skip(test: &str) -> Option<ManagedGpuContext> {
+    match ManagedGpuContext::new(0, true) {
+        Ok(ctx) => Some(ctx),
+        Err(e @ (Error::DriverNotFound | Error::NoDevice)) => {
+            assert!(
+                !gpu_required(),
+                "{test}: {REQUIRE_GPU_VAR}=1 but no GPU is usable: {e}"
+            );
+            eprintln!("SKIPPED {test}: {e}");
+            None
+        }
+        Err(e) => panic!("{test}: opening GPU 0 failed: {e}"),
+    }
+}
+
+/// Scale factor for GPU test sizes: `PRISM_TEST_SCALE=small` (used under
+/// compute-sanitizer, which is ~100x slower) shrinks them.
+pub fn scaled(full: usize, small: usize) -> usize {
+    if std::env::var("PRISM_TEST_SCALE").is_ok_and(|v| v == "small") {
+        small
+    } else {
+        full
+    }
+}
+
+/// Deterministic random f32 in [-1, 1) from a seed (SplitMix64), for test data.
+pub fn random_f32(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

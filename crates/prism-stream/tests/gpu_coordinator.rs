@@ -1,0 +1,352 @@
+//! GPU-gated tests of the coordinator, buffers, streams and events.
+//! Without a GPU each prints `SKIPPED` (see prism_stream::testing).
+
+use std::time::{Duration, Instant};
+
+use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
+use prism_stream::{
+    fma_chain_cpu, pattern, DeviceBuffer, Error, HostAllocFlags, ManagedGpuContext, OpId, OpStatus,
+    PinnedBuffer, StreamPool, StreamPurpose,
+};
+
+fn assert_fma(input: &[f32], out: &[f32], a: f32, b: f32, iters: u32) {
+    let bad: Vec<usize> = (0..input.len())
+        .filter(|&i| fma_chain_cpu(input[i], a, b, iters).to_bits() != out[i].to_bits())
+        .take(5)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "outputs differ from the CPU reference at {bad:?} (first: got {} want {})",
+        out[bad[0]],
+        fma_chain_cpu(input[bad[0]], a, b, iters)
+    );
+}
+
+#[test]
+fn gpu_chain_upload_compute_download_matches_cpu() {
+    let Some(mut ctx) = gpu_or_skip("gpu_chain_upload_compute_download_matches_cpu") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let n = scaled(1 << 24, 1 << 16) + 3; // odd length: exercises the scalar tail
+    let input = random_f32(1, n);
+    let src = PinnedBuffer::from_slice(&gpu, &input, HostAllocFlags::DEFAULT).unwrap();
+    let mut dst = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
+    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut y = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let c = ctx.async_coordinator_mut().unwrap();
+    let up = c.queue_upload(&src, &mut x, &[]).unwrap();
+    let k = c
+        .queue_compute("fma", &[up], |l| l.fma_chain(&x, &mut y, n, 1.5, -0.25, 3))
+        .unwrap();
+    let down = c.queue_download(&y, &mut dst, &[k]).unwrap();
+    c.wait(down).unwrap();
+    assert_fma(&input, dst.as_slice().unwrap(), 1.5, -0.25, 3);
+    assert_eq!(c.status(down).unwrap(), OpStatus::Complete);
+}
+
+#[test]
+fn gpu_dependency_orders_work_across_streams() {
+    let Some(mut ctx) = gpu_or_skip("gpu_dependency_orders_work_across_streams") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let n = 1 << 16;
+    let src = PinnedBuffer::from_slice(&gpu, &random_f32(2, n), HostAllocFlags::DEFAULT).unwrap();
+    let mut other = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let c = ctx.async_coordinator_mut().unwrap();
+    // A long kernel, then an upload into an unrelated buffer that depends on it:
+    // only the dependency can hold the upload back.
+    let long = c
+        .queue_compute("spin", &[], |l| l.spin(300_000_000))
+        .unwrap();
+    let up = c.queue_upload(&src, &mut other, &[long]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let seen: Vec<OpId> = c.poll().into_iter().map(|d| d.op).collect();
+    assert!(
+        !seen.contains(&up),
+        "the dependent upload completed while its dependency was still running"
+    );
+    assert_eq!(c.status(up).unwrap(), OpStatus::Pending);
+    c.wait(up).unwrap();
+    c.poll();
+    assert_eq!(
+        c.status(long).unwrap(),
+        OpStatus::Complete,
+        "upload finished before the op it depends on"
+    );
+    // And without the dependency, the same upload does not wait.
+    let long2 = c
+        .queue_compute("spin", &[], |l| l.spin(300_000_000))
+        .unwrap();
+    let free = c.queue_upload(&src, &mut other, &[]).unwrap();
+    c.wait(free).unwrap();
+    assert_eq!(
+        c.status(long2).unwrap(),
+        OpStatus::Pending,
+        "independent upload waited for an unrelated kernel"
+    );
+    c.synchronize_all().unwrap();
+}
+
+#[test]
+fn gpu_buffer_hazards_are_ordered_without_deps() {
+    let Some(mut ctx) = gpu_or_skip("gpu_buffer_hazards_are_ordered_without_deps") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let n = scaled(1 << 22, 1 << 14);
+    let first = random_f32(3, n);
+    let second = random_f32(4, n);
+    let h1 = PinnedBuffer::from_slice(&gpu, &first, HostAllocFlags::DEFAULT).unwrap();
+    let h2 = PinnedBuffer::from_slice(&gpu, &second, HostAllocFlags::DEFAULT).unwrap();
+    let mut out = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
+    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut y = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let c = ctx.async_coordinator_mut().unwrap();
+    c.queue_upload(&h1, &mut x, &[]).unwrap();
+    // Kernel reads x after a long spin; the next upload overwrites x (write-after-read)
+    // and must wait for the kernel although nobody declared a dependency.
+    c.queue_compute("spin+fma", &[], |l| {
+        l.spin(100_000_000)?;
+        l.fma_chain(&x, &mut y, n, 2.0, 1.0, 1)
+    })
+    .unwrap();
+    c.queue_upload(&h2, &mut x, &[]).unwrap();
+    let d = c.queue_download(&y, &mut out, &[]).unwrap();
+    c.wait(d).unwrap();
+    assert_fma(&first, out.as_slice().unwrap(), 2.0, 1.0, 1);
+}
+
+#[test]
+fn gpu_poll_reports_incomplete_then_complete() {
+    let Some(mut ctx) = gpu_or_skip("gpu_poll_reports_incomplete_then_complete") else {
+        return;
+    };
+    let c = ctx.async_coordinator_mut().unwrap();
+    let op = c
+        .queue_compute("spin", &[], |l| l.spin(200_000_000))
+        .unwrap();
+    let t = Instant::now();
+    assert!(
+        c.poll().is_empty(),
+        "poll reported the 200 ms kernel done at once"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(50),
+        "poll blocked for {:?}",
+        t.elapsed()
+    );
+    assert_eq!(c.status(op).unwrap(), OpStatus::Pending);
+    let err = c.wait_timeout(op, Duration::from_millis(10)).unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    c.wait(op).unwrap();
+    let done = c.poll();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].op, op);
+    assert!(done[0].result.is_ok());
+    assert!(c.poll().is_empty(), "an op was reported twice");
+}
+
+#[test]
+fn gpu_pinned_buffer_is_locked_while_in_flight() {
+    let Some(mut ctx) = gpu_or_skip("gpu_pinned_buffer_is_locked_while_in_flight") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let n = 1 << 16;
+    let mut d = DeviceBuffer::<u32>::new(&gpu, n).unwrap();
+    let mut host = PinnedBuffer::<u32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
+    let c = ctx.async_coordinator_mut().unwrap();
+    let k = c
+        .queue_compute("spin+fill", &[], |l| {
+            l.spin(200_000_000)?;
+            l.fill_pattern(&mut d, n, 77)
+        })
+        .unwrap();
+    let down = c.queue_download(&d, &mut host, &[k]).unwrap();
+    assert!(matches!(host.as_slice(), Err(Error::BufferInFlight { .. })));
+    assert!(matches!(
+        host.as_mut_slice(),
+        Err(Error::BufferInFlight { .. })
+    ));
+    c.wait(down).unwrap();
+    let got = host.as_slice().unwrap();
+    assert!(
+        (0..n).all(|i| got[i] == pattern(77, i as u64)),
+        "download did not carry the pattern"
+    );
+}
+
+#[test]
+fn gpu_drop_waits_for_queued_copies() {
+    let Some(mut ctx) = gpu_or_skip("gpu_drop_waits_for_queued_copies") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let n = 1 << 20;
+    let mut d = DeviceBuffer::<u32>::new(&gpu, n).unwrap();
+    let mut host = PinnedBuffer::<u32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
+    let c = ctx.async_coordinator_mut().unwrap();
+    let k = c
+        .queue_compute("spin", &[], |l| l.spin(200_000_000))
+        .unwrap();
+    c.queue_download(&d, &mut host, &[k]).unwrap();
+    let t = Instant::now();
+    drop(host); // must block until the download has finished writing it
+    assert!(
+        t.elapsed() >= Duration::from_millis(100),
+        "pinned buffer freed after {:?}, while its download was queued behind a 200 ms kernel",
+        t.elapsed()
+    );
+    let _ = &mut d;
+    c.synchronize_all().unwrap();
+}
+
+#[test]
+fn gpu_staged_upload_from_pageable_memory() {
+    let Some(mut ctx) = gpu_or_skip("gpu_staged_upload_from_pageable_memory") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let n = scaled(3 << 20, 1 << 12);
+    let mut data = random_f32(5, n);
+    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut out = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
+    let c = ctx.async_coordinator_mut().unwrap();
+    let k0 = c
+        .queue_compute("spin", &[], |l| l.spin(50_000_000))
+        .unwrap();
+    let up = c.queue_upload_slice(&data, &mut x, &[k0]).unwrap();
+    let expected = data.clone();
+    data.iter_mut().for_each(|v| *v = f32::NAN); // the caller's memory is free on return
+    let d = c.queue_download(&x, &mut out, &[up]).unwrap();
+    c.wait(d).unwrap();
+    assert!(out
+        .as_slice()
+        .unwrap()
+        .iter()
+        .zip(&expected)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+#[test]
+fn gpu_bad_input_gets_typed_errors() {
+    let Some(mut ctx) = gpu_or_skip("gpu_bad_input_gets_typed_errors") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    assert!(matches!(
+        DeviceBuffer::<f32>::new(&gpu, 0),
+        Err(Error::ZeroLength { .. })
+    ));
+    assert!(matches!(
+        PinnedBuffer::<f32>::new(&gpu, 0, HostAllocFlags::DEFAULT),
+        Err(Error::ZeroLength { .. })
+    ));
+    assert!(matches!(
+        DeviceBuffer::<f32>::new(&gpu, 1 << 40),
+        Err(Error::OutOfMemory { .. })
+    ));
+    let small = PinnedBuffer::<f32>::new(&gpu, 8, HostAllocFlags::DEFAULT).unwrap();
+    let big = PinnedBuffer::<f32>::new(&gpu, 16, HostAllocFlags::DEFAULT).unwrap();
+    let mut d8 = DeviceBuffer::<f32>::new(&gpu, 8).unwrap();
+    let mut d16 = DeviceBuffer::<f32>::new(&gpu, 16).unwrap();
+    let c = ctx.async_coordinator_mut().unwrap();
+    assert!(matches!(
+        c.queue_upload(&big, &mut d8, &[]),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        c.queue_upload(&small, &mut d16, &[OpId(999)]),
+        Err(Error::UnknownOp(OpId(999)))
+    ));
+    let next = c.queue_upload(&small, &mut d16, &[]).unwrap();
+    assert!(matches!(
+        c.queue_upload(&small, &mut d16, &[OpId(next.0 + 1)]),
+        Err(Error::DependencyCycle { .. })
+    ));
+    assert!(matches!(
+        c.queue_compute("too long", &[], |l| l
+            .fma_chain_in_place(&mut d8, 9, 1.0, 0.0, 1)),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        c.queue_compute("zero", &[], |l| l
+            .fma_chain_in_place(&mut d8, 0, 1.0, 0.0, 1)),
+        Err(Error::ZeroLength { .. })
+    ));
+    assert!(matches!(c.wait(OpId(12345)), Err(Error::UnknownOp(_))));
+    c.synchronize_all().unwrap();
+    let no_streams = ManagedGpuContext::new(0, false).unwrap();
+    assert!(matches!(
+        no_streams.async_coordinator(),
+        Err(Error::StreamsDisabled { .. })
+    ));
+}
+
+#[test]
+fn gpu_stream_pool_round_robin_and_return() {
+    let Some(ctx) = gpu_or_skip("gpu_stream_pool_round_robin_and_return") else {
+        return;
+    };
+    let pool = StreamPool::new(ctx.gpu(), 2).unwrap();
+    let a = pool.acquire(StreamPurpose::Compute);
+    let b = pool.acquire(StreamPurpose::Compute);
+    assert_ne!(
+        a.cu_stream(),
+        b.cu_stream(),
+        "two acquisitions from two streams gave the same one"
+    );
+    assert_eq!(pool.in_use(StreamPurpose::Compute), 2);
+    assert_eq!(pool.in_use(StreamPurpose::Upload), 0);
+    drop(a);
+    assert_eq!(pool.in_use(StreamPurpose::Compute), 1);
+    let c = pool.acquire(StreamPurpose::Compute);
+    assert_ne!(
+        c.cu_stream(),
+        b.cu_stream(),
+        "least-used stream not preferred"
+    );
+    assert!(
+        !c.cu_stream().is_null(),
+        "handed out the legacy default stream"
+    );
+    assert!(matches!(
+        StreamPool::new(ctx.gpu(), 0),
+        Err(Error::LengthMismatch { .. })
+    ));
+}
+
+#[test]
+fn gpu_event_pool_reaches_steady_state() {
+    let Some(mut ctx) = gpu_or_skip("gpu_event_pool_reaches_steady_state") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let n = 1024;
+    let src = PinnedBuffer::from_slice(&gpu, &random_f32(6, n), HostAllocFlags::DEFAULT).unwrap();
+    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let c = ctx.async_coordinator_mut().unwrap();
+    let mut round = |c: &mut prism_stream::AsyncCoordinator| {
+        for _ in 0..50 {
+            let up = c.queue_upload(&src, &mut x, &[]).unwrap();
+            c.queue_compute("fma", &[up], |l| {
+                l.fma_chain_in_place(&mut x, n, 1.0, 1.0, 1)
+            })
+            .unwrap();
+        }
+        c.synchronize_all().unwrap();
+        c.poll();
+    };
+    round(c);
+    let after_first = gpu.pooled_events();
+    round(c);
+    round(c);
+    assert!(
+        gpu.pooled_events() <= after_first + 2,
+        "event pool kept growing: {} -> {}",
+        after_first,
+        gpu.pooled_events()
+    );
+}

@@ -1,0 +1,47 @@
+//! A kernel fault is reported against its op and poisons the context.
+//! Its own test binary: a fault leaves the CUDA context unusable for the
+//! process. The bundle runs it outside compute-sanitizer (name: fault_injection).
+
+use prism_stream::testing::gpu_or_skip;
+use prism_stream::{DeviceBuffer, Error, OpStatus};
+
+#[test]
+fn gpu_fault_injection_is_reported_against_its_op() {
+    let Some(mut ctx) = gpu_or_skip("gpu_fault_injection_is_reported_against_its_op") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let mut d = DeviceBuffer::<u32>::new(&gpu, 1024).unwrap();
+    let c = ctx.async_coordinator_mut().unwrap();
+    let ok = c
+        .queue_compute("fill", &[], |l| l.fill_pattern(&mut d, 1024, 1))
+        .unwrap();
+    c.wait(ok).unwrap();
+    let bad = c
+        .queue_compute("deliberate fault", &[ok], |l| l.fault_injection())
+        .unwrap();
+    let err = c.wait(bad).unwrap_err();
+    match &err {
+        Error::OpFailed { op, name, reason } => {
+            assert_eq!(*op, bad);
+            assert_eq!(name, "deliberate fault");
+            assert!(
+                reason.to_lowercase().contains("illegal") || reason.contains("ILLEGAL"),
+                "reason: {reason}"
+            );
+        }
+        other => panic!("expected OpFailed, got {other}"),
+    }
+    assert!(matches!(c.status(bad).unwrap(), OpStatus::Failed(_)));
+    assert_eq!(c.status(ok).unwrap(), OpStatus::Complete);
+    // A dependent op is refused, and the context refuses new work.
+    assert!(matches!(
+        c.queue_compute("after", &[bad], |_| Ok(())),
+        Err(Error::ContextPoisoned { .. } | Error::DependencyFailed { .. })
+    ));
+    assert!(matches!(
+        c.queue_compute("later", &[], |_| Ok(())),
+        Err(Error::ContextPoisoned { .. })
+    ));
+    eprintln!("fault reported as: {err}");
+}

@@ -15,7 +15,10 @@ use std::process::Command;
 use crate::util::{self, Result};
 
 /// Examples and the arguments of their smoke run (package, example, args).
-pub const EXAMPLE_SMOKE_RUNS: &[(&str, &str, &str)] = &[("prism-stream", "smoke", "")];
+pub const EXAMPLE_SMOKE_RUNS: &[(&str, &str, &str)] = &[
+    ("prism-stream", "smoke", ""),
+    ("prism-stream", "coordinator_overhead", ""),
+];
 
 /// Test-name fragment of tests that fault the GPU on purpose: they run alone,
 /// never under compute-sanitizer (which would rightly report the fault).
@@ -77,7 +80,7 @@ fn run_here() -> Result {
 }
 
 /// Executables cargo reports for a build, as (unique name, path).
-fn built_executables(args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+fn built_executables(args: &[&str], tests_only: bool) -> Result<Vec<(String, PathBuf)>> {
     let (ok, stdout, stderr) = util::output(cargo().args(args).arg("--message-format=json"))?;
     if !ok {
         return Err(format!("cargo {} failed:\n{stderr}", args.join(" ")));
@@ -87,17 +90,29 @@ fn built_executables(args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
         .lines()
         .filter(|l| l.contains("\"compiler-artifact\""))
     {
+        // `cargo test --no-run` also builds examples as plain binaries: keep test harnesses only.
+        if tests_only && !line.contains("\"test\":true") {
+            continue;
+        }
         let Some(exe) = json_str(line, "\"executable\":\"") else {
             continue;
         };
         let package = json_str(line, "\"package_id\":\"")
-            .and_then(|id| id.split(['#', '@']).nth(1).map(str::to_owned))
+            .map(|id| package_name(&id))
             .unwrap_or_default();
-        let package = package.rsplit('/').next().unwrap_or(&package).to_owned();
         let target = json_str(line, "\"name\":\"").unwrap_or_default();
         found.push((format!("{package}--{target}"), PathBuf::from(exe)));
     }
     Ok(found)
+}
+
+/// `path+file:///x/crates/prism-stream#0.1.0` → `prism-stream`; `...#name@0.1.0` → `name`.
+fn package_name(id: &str) -> String {
+    let (url, frag) = id.split_once('#').unwrap_or((id, ""));
+    match frag.split_once('@') {
+        Some((name, _)) => name.to_owned(),
+        None => url.rsplit('/').next().unwrap_or(url).to_owned(),
+    }
 }
 
 fn json_str(line: &str, key: &str) -> Option<String> {
@@ -125,15 +140,31 @@ fn bundle(dir: &Path) -> Result {
     if !prism_kernels_built()? {
         return Err("nvcc not found, so a bundle would hold no kernels: run `cargo xtask install-nvcc` first".into());
     }
-    let tests = built_executables(&["test", "--workspace", "--profile", "bundle", "--no-run"])?;
-    let examples = built_executables(&[
-        "build",
-        "--workspace",
-        "--profile",
-        "bundle",
-        "--examples",
-        "--bins",
-    ])?;
+    let tests = built_executables(
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--profile",
+            "bundle",
+            "--no-run",
+        ],
+        true,
+    )?;
+    let examples = built_executables(
+        &[
+            "build",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--profile",
+            "bundle",
+            "--examples",
+            "--bins",
+        ],
+        false,
+    )?;
     let mut bytes = 0;
     let mut test_names = Vec::new();
     for (name, path) in &tests {
@@ -200,7 +231,7 @@ step() {{
     local name=$1; shift
     echo "=== $name: $*"
     local t0=$(date +%s%N)
-    "$@" >"$LOGS/$name.log" 2>&1
+    timeout "${{STEP_TIMEOUT:-150}}" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
     local t1=$(date +%s%N)
     grep -E "^test result|SKIPPED|panicked|FAILED|ERROR SUMMARY|^prism|^  " "$LOGS/$name.log" | tail -40
@@ -214,12 +245,12 @@ for t in {test_list}; do
 done
 {example_steps}
 if [ "${{SANITIZE:-1}}" = 1 ]; then
-    export PRISM_TEST_SCALE=small
+    export PRISM_TEST_SCALE=small PRISM_UNDER_SANITIZER=1
     for tool in memcheck racecheck; do
         for t in {test_list}; do
             if [ -n "${{ONLY:-}}" ] && ! [[ $t =~ $ONLY ]]; then continue; fi
             # Only binaries with GPU tests; fault-injection tests fault on purpose.
-            ./tests/$t --list 2>/dev/null | grep -q "gpu_" || continue
+            ./tests/$t --list 2>/dev/null | grep "gpu_" | grep -vq {FAULT_TEST_MARK} || continue
             step "$tool-$t" compute-sanitizer --tool $tool --error-exitcode 99 ./tests/$t --test-threads=1 gpu_ --skip {FAULT_TEST_MARK}
         done
     done

@@ -10,8 +10,9 @@
 //!   step through a [`Fence`] (a CUDA event in production), reports slot
 //!   states from *observed* fence completions, and hands outputs back in
 //!   chunk order. Being generic over the fence, it is tested entirely on the
-//!   CPU. The layer that owns the device buffers, streams and events and
-//!   drives a `SlotRing` lives in the `gpu` module.
+//!   CPU. The layer that owns the per-slot device buffers, the streams and
+//!   the CUDA events, and drives a `SlotRing`, is the `gpu` module (built on
+//!   `prism-stream`).
 //!
 //! * **The host triple buffer** ([`cpu::TripleBuffer`]) hands values from one
 //!   producer thread to one consumer thread with latest-value semantics:

@@ -258,7 +258,8 @@ impl<F: Fence> SlotRing<F> {
         })
     }
 
-    /// Number of slots.
+    /// Number of slots (never 0; "no chunk in flight" is [`is_idle`](Self::is_idle)).
+    #[allow(clippy::len_without_is_empty)] // a ring always has 2..=8 slots
     pub fn len(&self) -> usize {
         self.slots.len()
     }
@@ -376,7 +377,7 @@ impl<F: Fence> SlotRing<F> {
             };
             while occupant.observed < occupant.issued() {
                 if !occupant.fences[occupant.observed].is_complete()? {
-                    continue;
+                    break;
                 }
                 tracing::trace!(
                     step = %Step::ALL[occupant.observed],

@@ -1,6 +1,7 @@
 //! [`AsyncCoordinator`]: uploads, kernels and downloads on three dedicated
 //! streams, ordered by CUDA events on the GPU, observed by `cuEventQuery`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,12 +9,16 @@ use cudarc::driver::{result, CudaStream};
 
 use crate::context::Gpu;
 use crate::error::DriverResultExt;
-use crate::event::Fence;
+use crate::event::{Fence, WaitClock};
 use crate::graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 use crate::kernels::Launch;
 use crate::memory::{lock, DeviceBuffer, Element, HostAllocFlags, PinnedBuffer};
 use crate::stream::{StreamPool, StreamPurpose};
 use crate::{Error, Result};
+
+const UP: usize = 0;
+const COMPUTE: usize = 1;
+const DOWN: usize = 2;
 
 /// Queues operations on an upload, a compute and a download stream.
 ///
@@ -29,6 +34,8 @@ pub struct AsyncCoordinator {
     compute: Arc<CudaStream>,
     download: Arc<CudaStream>,
     graph: OpGraph<Fence>,
+    /// Waits already issued on the upload, compute and download streams.
+    clocks: [WaitClock; 3],
     /// Pinned staging for uploads from pageable memory, reused once idle.
     staging: Vec<PinnedBuffer<u8>>,
     _pool: StreamPool,
@@ -44,6 +51,7 @@ impl AsyncCoordinator {
             compute: Arc::clone(pool.acquire(StreamPurpose::Compute).cuda_stream()),
             download: Arc::clone(pool.acquire(StreamPurpose::Download).cuda_stream()),
             graph: OpGraph::new(),
+            clocks: Default::default(),
             staging: Vec::new(),
             _pool: pool,
         })
@@ -70,13 +78,15 @@ impl AsyncCoordinator {
         self.graph.pending_len()
     }
 
-    fn begin(&self, deps: &[OpId], stream: &CudaStream) -> Result<()> {
+    /// Validates `deps`, then makes stream `which` (0 upload, 1 compute,
+    /// 2 download) wait on the GPU for those still pending.
+    fn begin(&mut self, deps: &[OpId], which: usize) -> Result<()> {
         self.gpu.check_usable()?;
         self.gpu.bind()?;
-        for fence in self.graph.check_deps(deps)? {
-            fence.gpu_wait(stream)?;
-        }
-        Ok(())
+        let stream = [&self.upload, &self.compute, &self.download][which];
+        let clock = &mut self.clocks[which];
+        self.graph
+            .check_deps(deps, |fence| fence.gpu_wait_clocked(stream, clock))
     }
 
     /// Copies all of `src` into the front of `dst` on the upload stream.
@@ -101,10 +111,10 @@ impl AsyncCoordinator {
         copy_fits("upload destination", n, dst.len())?;
         same_gpu(&self.gpu, src.gpu(), dst.gpu())?;
         let _span = tracing::trace_span!("prism.queue_upload", n).entered();
-        self.begin(deps, &self.upload)?;
+        self.begin(deps, UP)?;
         let (su, du) = (Arc::clone(&src.uses), Arc::clone(&dst.uses));
-        lock(&su).order_read(&self.upload)?;
-        lock(&du).order_write(&self.upload)?;
+        lock(&su).order_read(&self.upload, &mut self.clocks[UP])?;
+        lock(&du).order_write(&self.upload, &mut self.clocks[UP])?;
         // SAFETY: src is page-locked memory with >= n elements, alive until the
         // recorded fence completes (its Drop and host accessors wait for it);
         // dst is a device allocation of >= n elements, likewise tracked; both
@@ -136,9 +146,9 @@ impl AsyncCoordinator {
         // slice as its bytes is valid; the view lives only for this copy.
         let raw = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<u8>(), bytes) };
         staging.as_mut_slice()?[..bytes].copy_from_slice(raw);
-        self.begin(deps, &self.upload)?;
+        self.begin(deps, UP)?;
         let du = Arc::clone(&dst.uses);
-        lock(&du).order_write(&self.upload)?;
+        lock(&du).order_write(&self.upload, &mut self.clocks[UP])?;
         let staging = &self.staging[idx];
         // SAFETY: staging is pinned, holds `bytes` initialised bytes and is kept
         // until its recorded use completes (reused only when idle, waited in Drop);
@@ -171,17 +181,34 @@ impl AsyncCoordinator {
     /// Runs `launch` to enqueue kernels on the compute stream after `deps`.
     /// Kernels launched through [`Launch`]'s methods also order and record the
     /// buffers they use; an error from `launch` queues nothing further.
-    pub fn queue_compute<F>(&mut self, name: &str, deps: &[OpId], launch: F) -> Result<OpId>
+    pub fn queue_compute<F>(
+        &mut self,
+        name: impl Into<Cow<'static, str>>,
+        deps: &[OpId],
+        launch: F,
+    ) -> Result<OpId>
     where
         F: FnOnce(&mut Launch<'_>) -> Result<()>,
     {
-        let _span = tracing::trace_span!("prism.queue_compute", name).entered();
-        self.begin(deps, &self.compute)?;
-        let mut scope = Launch::new(&self.gpu, &self.compute);
-        launch(&mut scope)?;
-        let fence = self.gpu.fence(&self.compute)?;
-        scope.finish(&fence);
-        Ok(self.graph.insert(name, fence))
+        let name = name.into();
+        let _span = tracing::trace_span!("prism.queue_compute", name = &*name).entered();
+        self.begin(deps, COMPUTE)?;
+        let mut scope = Launch::with_clock(
+            &self.gpu,
+            &self.compute,
+            std::mem::take(&mut self.clocks[COMPUTE]),
+        );
+        let launched = launch(&mut scope);
+        let fence = self.gpu.fence(&self.compute);
+        match (launched, fence) {
+            (Ok(()), Ok(fence)) => {
+                self.clocks[COMPUTE] = scope.finish(&fence);
+                Ok(self.graph.insert(name, fence))
+            }
+            // Waits issued before a failed launch stay issued; forget the clock
+            // (it may be missing them) rather than skip a wait later.
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
     }
 
     /// Fills all of `dst` from the front of `src` on the download stream.
@@ -207,10 +234,10 @@ impl AsyncCoordinator {
         copy_fits("download destination", n, dst.len())?;
         same_gpu(&self.gpu, dst.gpu(), src.gpu())?;
         let _span = tracing::trace_span!("prism.queue_download", n).entered();
-        self.begin(deps, &self.download)?;
+        self.begin(deps, DOWN)?;
         let (su, du) = (Arc::clone(&src.uses), Arc::clone(&dst.uses));
-        lock(&su).order_read(&self.download)?;
-        lock(&du).order_write(&self.download)?;
+        lock(&su).order_read(&self.download, &mut self.clocks[DOWN])?;
+        lock(&du).order_write(&self.download, &mut self.clocks[DOWN])?;
         // SAFETY: dst is page-locked with >= n elements; &mut dst is released on
         // return, but host access checks the write fence recorded below, and
         // Drop waits for it, so no host code sees the buffer mid-copy.

@@ -4,7 +4,7 @@
 //! timed ones only where statistics ask for them. Events return to a pool when
 //! the last [`Fence`] handle drops, so a steady-state pipeline creates none.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUresult};
@@ -22,6 +22,32 @@ pub(crate) struct RawEvent(pub(crate) sys::CUevent);
 unsafe impl Send for RawEvent {}
 // SAFETY: as above; shared references only pass the handle to driver calls.
 unsafe impl Sync for RawEvent {}
+
+/// Global fence sequence: fences recorded later on one stream have larger numbers.
+static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// What one stream has already waited for: per source stream, the largest
+/// fence sequence number waited on. Waiting on an older fence of the same
+/// source stream is implied (stream order), so it is skipped.
+///
+/// Assumes fences on one stream are recorded by one thread at a time, as the
+/// coordinator and the pipeline do (work on a stream shared by threads
+/// without external ordering is unordered anyway).
+#[derive(Debug, Default, Clone)]
+pub struct WaitClock(Vec<(usize, u64)>);
+
+impl WaitClock {
+    fn covers(&self, stream: usize, seq: u64) -> bool {
+        self.0.iter().any(|&(s, q)| s == stream && q >= seq)
+    }
+
+    fn note(&mut self, stream: usize, seq: u64) {
+        match self.0.iter_mut().find(|(s, _)| *s == stream) {
+            Some(e) => e.1 = e.1.max(seq),
+            None => self.0.push((stream, seq)),
+        }
+    }
+}
 
 /// Free events, by kind.
 #[derive(Debug)]
@@ -64,6 +90,7 @@ impl EventPool {
     /// Records a pooled event on `stream` and returns the fence for it.
     pub(crate) fn record(self: &Arc<Self>, stream: &CudaStream, timed: bool) -> Result<Fence> {
         let event = self.take(timed)?;
+        let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `event` is a live event of this pool's context (created above
         // or returned to the pool by a dropped fence, never destroyed while pooled)
         // and `stream` is a live stream of the same context (it is borrowed).
@@ -75,6 +102,7 @@ impl EventPool {
         Ok(Fence(Arc::new(FenceInner {
             event,
             timed,
+            seq,
             stream: stream.cu_stream() as usize,
             done: AtomicBool::new(false),
             pool: Arc::clone(self),
@@ -113,6 +141,8 @@ pub struct Fence(Arc<FenceInner>);
 struct FenceInner {
     event: RawEvent,
     timed: bool,
+    /// Position in recording order (see [`WaitClock`]).
+    seq: u64,
     /// The stream it was recorded on (as an address, for same-stream checks).
     stream: usize,
     done: AtomicBool,
@@ -188,6 +218,26 @@ impl Fence {
             )
         }
         .call("cuStreamWaitEvent")
+    }
+
+    /// Like [`gpu_wait`](Self::gpu_wait), also skipping fences `clock` (the
+    /// waits already issued on `stream`) implies.
+    pub fn gpu_wait_clocked(&self, stream: &CudaStream, clock: &mut WaitClock) -> Result<()> {
+        let src = self.0.stream;
+        if src == stream.cu_stream() as usize
+            || self.0.done.load(Ordering::Acquire)
+            || clock.covers(src, self.0.seq)
+        {
+            return Ok(());
+        }
+        self.gpu_wait(stream)?;
+        clock.note(src, self.0.seq);
+        Ok(())
+    }
+
+    /// The stream this fence was recorded on, as an address.
+    pub(crate) fn stream_key(&self) -> usize {
+        self.0.stream
     }
 
     /// GPU milliseconds from `start` to `self`; both must be timed fences that completed.

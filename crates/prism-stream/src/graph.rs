@@ -6,6 +6,7 @@
 //! the dependency graph is acyclic by construction. A dependency on itself or
 //! on an id not handed out yet is rejected (`DependencyCycle` / `UnknownOp`).
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::{Error, Result};
@@ -51,7 +52,7 @@ pub enum Probe {
 /// Operation table: one status per op ever queued, fences of pending ops.
 #[derive(Debug)]
 pub struct OpGraph<F> {
-    names: Vec<String>,
+    names: Vec<Cow<'static, str>>,
     status: Vec<OpStatus>,
     /// Pending ops in queue order, with their fences.
     pending: Vec<(OpId, F)>,
@@ -85,11 +86,11 @@ impl<F> OpGraph<F> {
         self.pending.len()
     }
 
-    /// Validates `deps` for the next op and returns the fences of those still
-    /// pending (the ones the GPU must wait for). Complete deps need no wait.
-    pub fn check_deps(&self, deps: &[OpId]) -> Result<Vec<&F>> {
+    /// Validates every one of `deps` for the next op, then calls `wait` with
+    /// the fence of each dep still pending (complete deps need no wait).
+    /// Nothing is waited on unless all deps are valid.
+    pub fn check_deps(&self, deps: &[OpId], mut wait: impl FnMut(&F) -> Result<()>) -> Result<()> {
         let op = self.next_id();
-        let mut waits = Vec::new();
         for &dep in deps {
             if dep >= op {
                 return Err(if dep == op {
@@ -104,22 +105,23 @@ impl<F> OpGraph<F> {
                     return Err(Error::DependencyFailed {
                         op,
                         dep,
-                        dep_name: self.names[dep.0 as usize].clone(),
+                        dep_name: self.names[dep.0 as usize].to_string(),
                         reason: reason.clone(),
                     })
                 }
-                OpStatus::Pending => {
-                    if let Some((_, f)) = self.pending.iter().find(|(id, _)| *id == dep) {
-                        waits.push(f);
-                    }
-                }
+                OpStatus::Pending => {}
             }
         }
-        Ok(waits)
+        for &dep in deps {
+            if let Some(f) = self.fence(dep) {
+                wait(f)?;
+            }
+        }
+        Ok(())
     }
 
     /// Records a new pending op.
-    pub fn insert(&mut self, name: impl Into<String>, fence: F) -> OpId {
+    pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, fence: F) -> OpId {
         let id = self.next_id();
         self.names.push(name.into());
         self.status.push(OpStatus::Pending);
@@ -136,7 +138,7 @@ impl<F> OpGraph<F> {
     pub fn name(&self, op: OpId) -> Result<&str> {
         self.names
             .get(op.0 as usize)
-            .map(String::as_str)
+            .map(|n| &**n)
             .ok_or(Error::UnknownOp(op))
     }
 
@@ -186,7 +188,7 @@ impl<F> OpGraph<F> {
     }
 
     fn settle(&mut self, id: OpId, outcome: Probe) -> Completion {
-        let name = self.names[id.0 as usize].clone();
+        let name = self.names[id.0 as usize].to_string();
         let (status, result) = match outcome {
             Probe::Failed(reason) => (OpStatus::Failed(reason.clone()), Err(reason)),
             _ => (OpStatus::Complete, Ok(())),
@@ -209,18 +211,24 @@ mod tests {
         let mut g: OpGraph<u32> = OpGraph::new();
         let a = g.insert("a", 1);
         assert!(matches!(
-            g.check_deps(&[OpId(1)]),
+            g.check_deps(&[OpId(1)], |_| Ok(())),
             Err(Error::DependencyCycle { .. })
         ));
         assert!(matches!(
-            g.check_deps(&[OpId(7)]),
+            g.check_deps(&[OpId(7)], |_| Ok(())),
             Err(Error::UnknownOp(OpId(7)))
         ));
-        assert_eq!(g.check_deps(&[a]).unwrap(), vec![&1]);
+        let mut waited = Vec::new();
+        g.check_deps(&[a], |f| {
+            waited.push(*f);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(waited, vec![1]);
         let done = g.poll(|_| Probe::Failed("boom".into()));
         assert_eq!(done.len(), 1);
         assert!(matches!(
-            g.check_deps(&[a]),
+            g.check_deps(&[a], |_| Ok(())),
             Err(Error::DependencyFailed { .. })
         ));
     }
@@ -235,6 +243,12 @@ mod tests {
         assert_eq!(done.iter().map(|c| c.op).collect::<Vec<_>>(), vec![b]);
         assert!(g.poll(|_| Probe::NotReady).is_empty());
         assert_eq!(g.status(a).unwrap(), &OpStatus::Pending);
-        assert_eq!(g.check_deps(&[a, b]).unwrap(), vec![&1]);
+        let mut waited = Vec::new();
+        g.check_deps(&[a, b], |f| {
+            waited.push(*f);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(waited, vec![1]);
     }
 }

@@ -10,7 +10,7 @@ use prism_cuda_sys as sys;
 
 use crate::context::Gpu;
 use crate::error::DriverResultExt;
-use crate::event::Fence;
+use crate::event::{Fence, WaitClock};
 use crate::memory::{lock, DeviceBuffer, Element, UseCell};
 use crate::{Error, Result};
 
@@ -31,16 +31,22 @@ pub struct Launch<'s> {
     stream: &'s Arc<CudaStream>,
     reads: Vec<UseCell>,
     writes: Vec<UseCell>,
+    clock: WaitClock,
 }
 
 impl<'s> Launch<'s> {
     /// Starts a launch scope on `stream`; end it with [`Launch::finish`].
     pub fn new(gpu: &'s Gpu, stream: &'s Arc<CudaStream>) -> Self {
+        Self::with_clock(gpu, stream, WaitClock::default())
+    }
+
+    pub(crate) fn with_clock(gpu: &'s Gpu, stream: &'s Arc<CudaStream>, clock: WaitClock) -> Self {
         Self {
             gpu,
             stream,
             reads: Vec::new(),
             writes: Vec::new(),
+            clock,
         }
     }
 
@@ -52,7 +58,7 @@ impl<'s> Launch<'s> {
     /// Declares that the kernels read `buf`: waits (on the GPU) for its last writer.
     pub fn reads<T: Element>(&mut self, buf: &DeviceBuffer<T>) -> Result<()> {
         self.same_gpu(buf)?;
-        lock(&buf.uses).order_read(self.stream)?;
+        lock(&buf.uses).order_read(self.stream, &mut self.clock)?;
         self.reads.push(Arc::clone(&buf.uses));
         Ok(())
     }
@@ -60,7 +66,7 @@ impl<'s> Launch<'s> {
     /// Declares that the kernels write `buf`: waits (on the GPU) for every earlier use.
     pub fn writes<T: Element>(&mut self, buf: &mut DeviceBuffer<T>) -> Result<()> {
         self.same_gpu(buf)?;
-        lock(&buf.uses).order_write(self.stream)?;
+        lock(&buf.uses).order_write(self.stream, &mut self.clock)?;
         self.writes.push(Arc::clone(&buf.uses));
         Ok(())
     }
@@ -291,13 +297,14 @@ impl<'s> Launch<'s> {
 
     /// Records the uses declared in this scope against `fence` (recorded
     /// after the last kernel), so later ops and buffer drops wait for them.
-    pub fn finish(self, fence: &Fence) {
+    pub fn finish(self, fence: &Fence) -> WaitClock {
         for r in &self.reads {
             lock(r).add_read(fence);
         }
         for w in &self.writes {
             lock(w).set_write(fence);
         }
+        self.clock
     }
 }
 

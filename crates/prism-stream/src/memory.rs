@@ -16,7 +16,7 @@ use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits};
 
 use crate::context::Gpu;
-use crate::event::Fence;
+use crate::event::{Fence, WaitClock};
 use crate::graph::Probe;
 use crate::{Error, Result};
 
@@ -40,24 +40,29 @@ pub(crate) fn lock(cell: &UseCell) -> MutexGuard<'_, Uses> {
 
 impl Uses {
     /// Before an op on `stream` reads the buffer: wait for its last writer.
-    pub(crate) fn order_read(&self, stream: &CudaStream) -> Result<()> {
+    pub(crate) fn order_read(&self, stream: &CudaStream, clock: &mut WaitClock) -> Result<()> {
         match &self.last_write {
-            Some(w) => w.gpu_wait(stream),
+            Some(w) => w.gpu_wait_clocked(stream, clock),
             None => Ok(()),
         }
     }
 
     /// Before an op on `stream` writes the buffer: wait for every use.
-    pub(crate) fn order_write(&self, stream: &CudaStream) -> Result<()> {
-        self.order_read(stream)?;
-        self.reads.iter().try_for_each(|r| r.gpu_wait(stream))
+    pub(crate) fn order_write(&self, stream: &CudaStream, clock: &mut WaitClock) -> Result<()> {
+        self.order_read(stream, clock)?;
+        self.reads
+            .iter()
+            .try_for_each(|r| r.gpu_wait_clocked(stream, clock))
     }
 
+    /// Records a read. A newer read on the same stream supersedes an older
+    /// one (stream order), so this holds at most one fence per stream.
     pub(crate) fn add_read(&mut self, fence: &Fence) {
-        if self.reads.len() >= 4 {
-            self.reads.retain(|r| r.probe() == Probe::NotReady);
+        let key = fence.stream_key();
+        match self.reads.iter_mut().find(|r| r.stream_key() == key) {
+            Some(r) => *r = fence.clone(),
+            None => self.reads.push(fence.clone()),
         }
-        self.reads.push(fence.clone());
     }
 
     pub(crate) fn set_write(&mut self, fence: &Fence) {

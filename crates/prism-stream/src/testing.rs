@@ -57,3 +57,10 @@ pub fn random_f32(seed: u64, n: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// True under compute-sanitizer (the bundle sets `PRISM_UNDER_SANITIZER=1`),
+/// which serialises GPU work: tests skip assertions about concurrency then,
+/// and check only correctness.
+pub fn under_sanitizer() -> bool {
+    std::env::var("PRISM_UNDER_SANITIZER").is_ok_and(|v| v == "1")
+}

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
+use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{
     fma_chain_cpu, pattern, DeviceBuffer, Error, HostAllocFlags, ManagedGpuContext, OpId, OpStatus,
     PinnedBuffer, StreamPool, StreamPurpose,
@@ -81,11 +81,14 @@ fn gpu_dependency_orders_work_across_streams() {
         .unwrap();
     let free = c.queue_upload(&src, &mut other, &[]).unwrap();
     c.wait(free).unwrap();
-    assert_eq!(
-        c.status(long2).unwrap(),
-        OpStatus::Pending,
-        "independent upload waited for an unrelated kernel"
-    );
+    if !under_sanitizer() {
+        // compute-sanitizer serialises GPU work, so only check this outside it.
+        assert_eq!(
+            c.status(long2).unwrap(),
+            OpStatus::Pending,
+            "independent upload waited for an unrelated kernel"
+        );
+    }
     c.synchronize_all().unwrap();
 }
 
@@ -132,11 +135,13 @@ fn gpu_poll_reports_incomplete_then_complete() {
         c.poll().is_empty(),
         "poll reported the 200 ms kernel done at once"
     );
-    assert!(
-        t.elapsed() < Duration::from_millis(50),
-        "poll blocked for {:?}",
-        t.elapsed()
-    );
+    if !under_sanitizer() {
+        assert!(
+            t.elapsed() < Duration::from_millis(50),
+            "poll blocked for {:?}",
+            t.elapsed()
+        );
+    }
     assert_eq!(c.status(op).unwrap(), OpStatus::Pending);
     let err = c.wait_timeout(op, Duration::from_millis(10)).unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
@@ -244,10 +249,13 @@ fn gpu_bad_input_gets_typed_errors() {
         PinnedBuffer::<f32>::new(&gpu, 0, HostAllocFlags::DEFAULT),
         Err(Error::ZeroLength { .. })
     ));
-    assert!(matches!(
-        DeviceBuffer::<f32>::new(&gpu, 1 << 40),
-        Err(Error::OutOfMemory { .. })
-    ));
+    if !under_sanitizer() {
+        // compute-sanitizer rightly reports the failing cuMemAlloc as an API error.
+        assert!(matches!(
+            DeviceBuffer::<f32>::new(&gpu, 1 << 40),
+            Err(Error::OutOfMemory { .. })
+        ));
+    }
     let small = PinnedBuffer::<f32>::new(&gpu, 8, HostAllocFlags::DEFAULT).unwrap();
     let big = PinnedBuffer::<f32>::new(&gpu, 16, HostAllocFlags::DEFAULT).unwrap();
     let mut d8 = DeviceBuffer::<f32>::new(&gpu, 8).unwrap();

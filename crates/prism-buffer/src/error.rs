@@ -47,6 +47,35 @@ pub enum Error {
         expected: Option<SlotId>,
     },
 
+    /// A GPU, stream or buffer error from prism-stream.
+    #[error(transparent)]
+    Stream(#[from] prism_stream::Error),
+
+    /// A chunk longer than a slot.
+    #[error("a chunk of {len} elements does not fit a slot of {capacity} elements")]
+    ChunkTooLong {
+        /// Elements in the chunk.
+        len: usize,
+        /// Elements per slot.
+        capacity: usize,
+    },
+
+    /// Zero-length slots or chunks.
+    #[error("{what} has zero length")]
+    ZeroLength {
+        /// What was empty.
+        what: &'static str,
+    },
+
+    /// No slot is ready for this step now (poll, or wait for a completion).
+    #[error("no slot is ready for {step} now: {why}")]
+    NoSlotReady {
+        /// The step that was asked for.
+        step: Step,
+        /// Why not.
+        why: &'static str,
+    },
+
     /// [`SlotRing::release`](crate::SlotRing::release) was called for a slot
     /// that does not hold the oldest completed chunk.
     #[error("slot {slot} is {state} and holds no completed output to release; {}", ExpectedRelease(*.expected))]

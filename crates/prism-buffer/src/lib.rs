@@ -25,7 +25,10 @@
 
 pub mod cpu;
 mod error;
+mod gpu;
 pub mod ring;
+
+pub use gpu::{GpuTripleBufferExt, StepSpan, TripleBuffer};
 
 pub use error::Error;
 pub use ring::{

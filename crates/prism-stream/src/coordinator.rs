@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{result, CudaStream};
 
 use crate::context::Gpu;
+use crate::copy::{copy_dtoh, copy_htod};
 use crate::error::DriverResultExt;
 use crate::event::{Fence, WaitClock};
 use crate::graph::{Completion, OpGraph, OpId, OpStatus, Probe};
@@ -107,25 +108,9 @@ impl AsyncCoordinator {
         n: usize,
         deps: &[OpId],
     ) -> Result<OpId> {
-        copy_fits("upload source", n, src.len())?;
-        copy_fits("upload destination", n, dst.len())?;
-        same_gpu(&self.gpu, src.gpu(), dst.gpu())?;
         let _span = tracing::trace_span!("prism.queue_upload", n).entered();
         self.begin(deps, UP)?;
-        let (su, du) = (Arc::clone(&src.uses), Arc::clone(&dst.uses));
-        lock(&su).order_read(&self.upload, &mut self.clocks[UP])?;
-        lock(&du).order_write(&self.upload, &mut self.clocks[UP])?;
-        // SAFETY: src is page-locked memory with >= n elements, alive until the
-        // recorded fence completes (its Drop and host accessors wait for it);
-        // dst is a device allocation of >= n elements, likewise tracked; both
-        // belong to this context, current on this thread (begin).
-        let host = unsafe { std::slice::from_raw_parts(src.raw() as *const T, n) };
-        // SAFETY: as above; the copy is ordered after every earlier use of dst.
-        unsafe { result::memcpy_htod_async(dst.device_ptr(), host, self.upload.cu_stream()) }
-            .call("cuMemcpyHtoDAsync")?;
-        let fence = self.gpu.fence(&self.upload)?;
-        lock(&su).add_read(&fence);
-        lock(&du).set_write(&fence);
+        let fence = copy_htod(&self.upload, &mut self.clocks[UP], src, dst, n)?;
         Ok(self.graph.insert("upload", fence))
     }
 
@@ -230,24 +215,9 @@ impl AsyncCoordinator {
         n: usize,
         deps: &[OpId],
     ) -> Result<OpId> {
-        copy_fits("download source", n, src.len())?;
-        copy_fits("download destination", n, dst.len())?;
-        same_gpu(&self.gpu, dst.gpu(), src.gpu())?;
         let _span = tracing::trace_span!("prism.queue_download", n).entered();
         self.begin(deps, DOWN)?;
-        let (su, du) = (Arc::clone(&src.uses), Arc::clone(&dst.uses));
-        lock(&su).order_read(&self.download, &mut self.clocks[DOWN])?;
-        lock(&du).order_write(&self.download, &mut self.clocks[DOWN])?;
-        // SAFETY: dst is page-locked with >= n elements; &mut dst is released on
-        // return, but host access checks the write fence recorded below, and
-        // Drop waits for it, so no host code sees the buffer mid-copy.
-        let host = unsafe { std::slice::from_raw_parts_mut(dst.raw(), n) };
-        // SAFETY: src has >= n elements, ordered after its last writer; both of this context.
-        unsafe { result::memcpy_dtoh_async(host, src.device_ptr(), self.download.cu_stream()) }
-            .call("cuMemcpyDtoHAsync")?;
-        let fence = self.gpu.fence(&self.download)?;
-        lock(&su).add_read(&fence);
-        lock(&du).set_write(&fence);
+        let fence = copy_dtoh(&self.download, &mut self.clocks[DOWN], src, dst, n)?;
         Ok(self.graph.insert("download", fence))
     }
 
@@ -347,12 +317,4 @@ fn copy_fits(what: &'static str, n: usize, capacity: usize) -> Result<()> {
         });
     }
     Ok(())
-}
-
-fn same_gpu(gpu: &Gpu, a: &Gpu, b: &Gpu) -> Result<()> {
-    if gpu.same(a) && gpu.same(b) {
-        Ok(())
-    } else {
-        Err(Error::WrongContext { what: "buffer" })
-    }
 }

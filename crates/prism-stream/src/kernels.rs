@@ -40,7 +40,8 @@ impl<'s> Launch<'s> {
         Self::with_clock(gpu, stream, WaitClock::default())
     }
 
-    pub(crate) fn with_clock(gpu: &'s Gpu, stream: &'s Arc<CudaStream>, clock: WaitClock) -> Self {
+    /// Like [`Launch::new`], starting from the waits `clock` says `stream` already issued.
+    pub fn with_clock(gpu: &'s Gpu, stream: &'s Arc<CudaStream>, clock: WaitClock) -> Self {
         Self {
             gpu,
             stream,

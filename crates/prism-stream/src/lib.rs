@@ -17,6 +17,7 @@
 
 mod context;
 mod coordinator;
+mod copy;
 mod error;
 mod event;
 pub mod graph;
@@ -27,8 +28,9 @@ pub mod testing;
 
 pub use context::{device_count, driver_available, DeviceInfo, Gpu, ManagedGpuContext};
 pub use coordinator::AsyncCoordinator;
+pub use copy::{copy_dtoh, copy_dtoh_timed, copy_htod, copy_htod_timed};
 pub use error::{Error, Result};
-pub use event::Fence;
+pub use event::{Fence, WaitClock};
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 pub use kernels::{fma_chain_cpu, pattern, Launch};
 pub use memory::{DeviceBuffer, Element, HostAllocFlags, PinnedBuffer};

@@ -1,0 +1,367 @@
+//! The GPU triple buffer: a [`SlotRing`] driven by CUDA events, each slot a
+//! device buffer plus the pinned host staging it needs.
+//!
+//! Upload of chunk k+1, processing of chunk k and download of chunk k-1 run
+//! on three streams at once. No step waits on the host for the previous one:
+//! each buffer's use tracking (prism-stream) makes the GPU order them
+//! (`cuStreamWaitEvent`). A slot's state changes only when `poll` observes
+//! the event recorded at the end of a step, and a slot is reused only after
+//! its download's event completed and the host took the output.
+
+use std::sync::Arc;
+
+use prism_stream::cudarc::driver::CudaStream;
+use prism_stream::{
+    copy_dtoh_timed, copy_htod_timed, DeviceBuffer, Element, Fence as GpuFence, Gpu,
+    HostAllocFlags, Launch, ManagedGpuContext, PinnedBuffer, Probe, StreamPool, StreamPurpose,
+    WaitClock,
+};
+
+use crate::ring::{ChunkId, Fence, SlotId, SlotRing, SlotSnapshot, Step, DEFAULT_SLOTS};
+use crate::Error;
+
+impl Fence for GpuFence {
+    type Error = prism_stream::Error;
+    fn is_complete(&self) -> Result<bool, Self::Error> {
+        GpuFence::is_complete(self)
+    }
+}
+
+#[derive(Debug)]
+struct Slot<T: Element> {
+    host_in: PinnedBuffer<T>,
+    dev: DeviceBuffer<T>,
+    host_out: PinnedBuffer<T>,
+    /// Elements in the chunk this slot holds.
+    len: usize,
+}
+
+/// A ring of 2 to 8 slots (3 by default) streaming chunks of `T` through the GPU.
+#[derive(Debug)]
+pub struct TripleBuffer<T: Element> {
+    gpu: Gpu,
+    ring: SlotRing<GpuFence>,
+    slots: Vec<Slot<T>>,
+    capacity: usize,
+    streams: [Arc<CudaStream>; 3],
+    clocks: [WaitClock; 3],
+    /// With timing on: the origin fence and every step's timed start/end.
+    timing: Option<Timing>,
+    _pool: StreamPool,
+}
+
+#[derive(Debug)]
+struct Timing {
+    origin: GpuFence,
+    steps: Vec<(ChunkId, Step, GpuFence, GpuFence)>,
+}
+
+/// One step's GPU execution, in ms since timing was enabled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSpan {
+    pub chunk: ChunkId,
+    pub step: Step,
+    pub start_ms: f64,
+    pub end_ms: f64,
+}
+
+const UP: usize = 0;
+const COMPUTE: usize = 1;
+const DOWN: usize = 2;
+
+impl<T: Element> TripleBuffer<T> {
+    /// Three slots of `len_per_slot` elements each.
+    pub fn new(gpu: &Gpu, len_per_slot: usize) -> Result<Self, Error> {
+        Self::with_slots(gpu, len_per_slot, DEFAULT_SLOTS)
+    }
+
+    /// `slots` (2..=8) slots of `len_per_slot` elements each.
+    pub fn with_slots(gpu: &Gpu, len_per_slot: usize, slots: usize) -> Result<Self, Error> {
+        let _span = tracing::debug_span!("prism.triple_buffer.new", len_per_slot, slots).entered();
+        if len_per_slot == 0 {
+            return Err(Error::ZeroLength {
+                what: "triple buffer slot",
+            });
+        }
+        let ring = SlotRing::new(slots)?;
+        let slots = (0..slots)
+            .map(|_| {
+                Ok(Slot {
+                    host_in: PinnedBuffer::new(gpu, len_per_slot, HostAllocFlags::UPLOAD_ONLY)?,
+                    dev: DeviceBuffer::new(gpu, len_per_slot)?,
+                    host_out: PinnedBuffer::new(gpu, len_per_slot, HostAllocFlags::DEFAULT)?,
+                    len: 0,
+                })
+            })
+            .collect::<Result<Vec<_>, prism_stream::Error>>()?;
+        let pool = StreamPool::new(gpu, 1)?;
+        let streams = [
+            Arc::clone(pool.acquire(StreamPurpose::Upload).cuda_stream()),
+            Arc::clone(pool.acquire(StreamPurpose::Compute).cuda_stream()),
+            Arc::clone(pool.acquire(StreamPurpose::Download).cuda_stream()),
+        ];
+        Ok(Self {
+            gpu: gpu.clone(),
+            ring,
+            slots,
+            capacity: len_per_slot,
+            streams,
+            clocks: Default::default(),
+            timing: None,
+            _pool: pool,
+        })
+    }
+
+    /// Records timed events around every step from now on (costs two timed
+    /// events per step). Start events are recorded after the GPU-side waits,
+    /// so a step's span is its own execution, not time spent waiting.
+    pub fn enable_timing(&mut self) -> Result<(), Error> {
+        // Origin: a timed event after everything queued so far on all three streams.
+        let origin = self.gpu.timed_fence(&self.streams[UP])?;
+        self.timing = Some(Timing {
+            origin,
+            steps: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Every timed step so far, as GPU ms since timing was enabled. Blocks
+    /// until those steps completed.
+    pub fn timeline(&self) -> Result<Vec<StepSpan>, Error> {
+        let Some(t) = &self.timing else {
+            return Ok(Vec::new());
+        };
+        let mut spans = Vec::with_capacity(t.steps.len());
+        for (chunk, step, start, end) in &t.steps {
+            if let Probe::Failed(reason) = end.synchronize() {
+                return Err(prism_stream::Error::ContextPoisoned { reason }.into());
+            }
+            spans.push(StepSpan {
+                chunk: *chunk,
+                step: *step,
+                start_ms: f64::from(start.elapsed_ms_since(&t.origin)?),
+                end_ms: f64::from(end.elapsed_ms_since(&t.origin)?),
+            });
+        }
+        Ok(spans)
+    }
+
+    fn note(&mut self, chunk: ChunkId, step: Step, start: Option<GpuFence>, end: &GpuFence) {
+        if let (Some(t), Some(start)) = (&mut self.timing, start) {
+            t.steps.push((chunk, step, start, end.clone()));
+        }
+    }
+
+    /// Elements per slot.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of slots.
+    pub fn slot_count(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Chunks issued and not yet taken back by the host.
+    pub fn in_flight(&self) -> usize {
+        self.ring.in_flight()
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// The upload, compute and download streams (for timing or extra work).
+    pub fn streams(&self) -> &[Arc<CudaStream>; 3] {
+        &self.streams
+    }
+
+    /// Snapshot of every slot, for debugging.
+    pub fn get_states(&self) -> Vec<SlotSnapshot> {
+        self.ring.states()
+    }
+
+    /// The slot the next upload would use, or `None` when its previous chunk
+    /// has not been downloaded and taken yet.
+    pub fn get_upload_buffer(&self) -> Option<SlotId> {
+        self.ring.next(Step::Upload).map(|(s, _)| s)
+    }
+
+    /// The slot whose chunk is next to process, if its upload was issued.
+    pub fn get_process_buffer(&self) -> Option<SlotId> {
+        self.ring.next(Step::Process).map(|(s, _)| s)
+    }
+
+    /// The slot whose chunk is next to download, if its processing was issued.
+    pub fn get_download_buffer(&self) -> Option<SlotId> {
+        self.ring.next(Step::Download).map(|(s, _)| s)
+    }
+
+    /// Copies `data` into the next free slot's pinned staging and queues its
+    /// upload. `NoSlotReady` when every slot is still in use (poll / take outputs first).
+    pub fn upload(&mut self, data: &[T]) -> Result<ChunkId, Error> {
+        self.upload_with(data.len(), |dst| dst.copy_from_slice(data))
+    }
+
+    /// Like [`upload`](Self::upload), letting `fill` write the chunk straight
+    /// into pinned memory (no extra copy).
+    pub fn upload_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [T]),
+    ) -> Result<ChunkId, Error> {
+        if len == 0 {
+            return Err(Error::ZeroLength { what: "chunk" });
+        }
+        if len > self.capacity {
+            return Err(Error::ChunkTooLong {
+                len,
+                capacity: self.capacity,
+            });
+        }
+        let (slot, _) = self.ring.next(Step::Upload).ok_or(Error::NoSlotReady {
+            step: Step::Upload,
+            why: "every slot holds a chunk that has not been downloaded and taken yet",
+        })?;
+        let s = &mut self.slots[slot.0];
+        // The slot was released, so its last upload read of host_in completed:
+        // as_mut_slice cannot report BufferInFlight here.
+        fill(&mut s.host_in.as_mut_slice()?[..len]);
+        let timed = self.timing.is_some();
+        let (start, fence) = copy_htod_timed(
+            &self.streams[UP],
+            &mut self.clocks[UP],
+            &s.host_in,
+            &mut s.dev,
+            len,
+            timed,
+        )?;
+        s.len = len;
+        let chunk = self.ring.issue(Step::Upload, slot, fence.clone())?;
+        self.note(chunk, Step::Upload, start, &fence);
+        Ok(chunk)
+    }
+
+    /// Queues processing of the next uploaded chunk on the compute stream:
+    /// `f` gets a [`Launch`] (already ordered after the upload), the slot's
+    /// device buffer and the chunk length, and enqueues kernels in place.
+    pub fn process<F>(&mut self, f: F) -> Result<ChunkId, Error>
+    where
+        F: FnOnce(&mut Launch<'_>, &mut DeviceBuffer<T>, usize) -> Result<(), prism_stream::Error>,
+    {
+        let (slot, _) = self.ring.next(Step::Process).ok_or(Error::NoSlotReady {
+            step: Step::Process,
+            why: "no uploaded chunk is waiting to be processed",
+        })?;
+        let s = &mut self.slots[slot.0];
+        let clock = std::mem::take(&mut self.clocks[COMPUTE]);
+        let mut launch = Launch::with_clock(&self.gpu, &self.streams[COMPUTE], clock);
+        launch.writes(&mut s.dev)?;
+        let timed = self.timing.is_some();
+        let start = if timed {
+            Some(self.gpu.timed_fence(&self.streams[COMPUTE])?)
+        } else {
+            None
+        };
+        f(&mut launch, &mut s.dev, s.len)?;
+        let fence = if timed {
+            self.gpu.timed_fence(&self.streams[COMPUTE])?
+        } else {
+            self.gpu.fence(&self.streams[COMPUTE])?
+        };
+        self.clocks[COMPUTE] = launch.finish(&fence);
+        let chunk = self.ring.issue(Step::Process, slot, fence.clone())?;
+        self.note(chunk, Step::Process, start, &fence);
+        Ok(chunk)
+    }
+
+    /// Queues the download of the next processed chunk.
+    pub fn download(&mut self) -> Result<ChunkId, Error> {
+        let (slot, _) = self.ring.next(Step::Download).ok_or(Error::NoSlotReady {
+            step: Step::Download,
+            why: "no processed chunk is waiting to be downloaded",
+        })?;
+        let s = &mut self.slots[slot.0];
+        let timed = self.timing.is_some();
+        let (start, fence) = copy_dtoh_timed(
+            &self.streams[DOWN],
+            &mut self.clocks[DOWN],
+            &s.dev,
+            &mut s.host_out,
+            s.len,
+            timed,
+        )?;
+        let chunk = self.ring.issue(Step::Download, slot, fence.clone())?;
+        self.note(chunk, Step::Download, start, &fence);
+        Ok(chunk)
+    }
+
+    /// Observes completed events (non-blocking); returns how many steps completed.
+    pub fn advance(&mut self) -> Result<usize, Error> {
+        Ok(self.ring.poll()?)
+    }
+
+    /// If the oldest chunk's download completed: hands its output to `take`
+    /// and frees the slot. Chunks come out in upload order.
+    pub fn take_output<R>(
+        &mut self,
+        take: impl FnOnce(ChunkId, &[T]) -> R,
+    ) -> Result<Option<R>, Error> {
+        self.ring.poll()?;
+        let Some((slot, chunk)) = self.ring.completed() else {
+            return Ok(None);
+        };
+        let s = &self.slots[slot.0];
+        let r = take(chunk, &s.host_out.as_slice()?[..s.len]);
+        self.ring.release(slot)?;
+        Ok(Some(r))
+    }
+
+    /// Blocks until the oldest chunk in flight has been downloaded, then as
+    /// [`take_output`](Self::take_output). `Ok(None)` when nothing is in flight
+    /// past the download step.
+    pub fn wait_output<R>(
+        &mut self,
+        take: impl FnOnce(ChunkId, &[T]) -> R,
+    ) -> Result<Option<R>, Error> {
+        let oldest = self
+            .ring
+            .states()
+            .into_iter()
+            .filter_map(|s| s.chunk.map(|c| (c, s.slot)))
+            .min();
+        if let Some((_, slot)) = oldest {
+            if let Some(f) = self.ring.fence(slot, Step::Download) {
+                if let Probe::Failed(reason) = f.synchronize() {
+                    self.gpu.poison(&reason);
+                    return Err(prism_stream::Error::ContextPoisoned { reason }.into());
+                }
+            }
+        }
+        self.take_output(take)
+    }
+}
+
+/// `ManagedGpuContext::create_triple_buffer::<T>(len)`, as an extension trait
+/// (prism-stream sits below this crate and cannot name it).
+pub trait GpuTripleBufferExt {
+    fn create_triple_buffer<T: Element>(
+        &self,
+        len_per_slot: usize,
+    ) -> Result<TripleBuffer<T>, Error>;
+}
+
+impl GpuTripleBufferExt for ManagedGpuContext {
+    fn create_triple_buffer<T: Element>(
+        &self,
+        len_per_slot: usize,
+    ) -> Result<TripleBuffer<T>, Error> {
+        if !self.streams_enabled() {
+            return Err(prism_stream::Error::StreamsDisabled {
+                what: "triple buffer",
+            }
+            .into());
+        }
+        TripleBuffer::new(self.gpu(), len_per_slot)
+    }
+}

@@ -1,0 +1,213 @@
+//! GPU-gated tests of the GPU triple buffer. Without a GPU each prints SKIPPED.
+
+use prism_buffer::{ChunkId, Error, GpuTripleBufferExt, SlotState, Step, TripleBuffer};
+use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
+use prism_stream::{fma_chain_cpu, Launch};
+
+const A: f32 = 1.000_1;
+const B: f32 = 0.25;
+const ITERS: u32 = 4;
+
+/// Streams `input` through `tb` in chunks of `chunk` elements with an fma
+/// kernel; `before_download` may enqueue extra work on the download stream.
+/// Returns (chunks checked, times upload found no free slot).
+fn stream_through(
+    tb: &mut TripleBuffer<f32>,
+    input: &[f32],
+    chunk: usize,
+    mut before_download: impl FnMut(&mut TripleBuffer<f32>),
+) -> (u64, u64) {
+    let chunks: Vec<&[f32]> = input.chunks(chunk).collect();
+    let (mut next_up, mut next_out, mut blocked) = (0usize, 0u64, 0u64);
+    while (next_out as usize) < chunks.len() {
+        let mut progressed = false;
+        if next_up < chunks.len() {
+            match tb.upload(chunks[next_up]) {
+                Ok(id) => {
+                    assert_eq!(id, ChunkId(next_up as u64));
+                    next_up += 1;
+                    progressed = true;
+                }
+                Err(Error::NoSlotReady {
+                    step: Step::Upload, ..
+                }) => blocked += 1,
+                Err(e) => panic!("upload: {e}"),
+            }
+        }
+        if tb.get_process_buffer().is_some() {
+            tb.process(|l: &mut Launch<'_>, buf, n| l.fma_chain_in_place(buf, n, A, B, ITERS))
+                .unwrap();
+            progressed = true;
+        }
+        if tb.get_download_buffer().is_some() {
+            before_download(tb);
+            tb.download().unwrap();
+            progressed = true;
+        }
+        let check = |id: ChunkId, out: &[f32]| {
+            let src = chunks[id.0 as usize];
+            assert_eq!(
+                out.len(),
+                src.len(),
+                "chunk {} came back with the wrong length",
+                id.0
+            );
+            let bad = src
+                .iter()
+                .zip(out)
+                .position(|(x, y)| fma_chain_cpu(*x, A, B, ITERS).to_bits() != y.to_bits());
+            assert!(
+                bad.is_none(),
+                "chunk {} element {} differs from the CPU reference",
+                id.0,
+                bad.unwrap_or(0)
+            );
+            id
+        };
+        let got = if progressed {
+            tb.take_output(check).unwrap()
+        } else {
+            tb.wait_output(check).unwrap()
+        };
+        if let Some(id) = got {
+            assert_eq!(id, ChunkId(next_out), "chunks came out of order");
+            next_out += 1;
+        }
+    }
+    assert_eq!(tb.in_flight(), 0);
+    (next_out, blocked)
+}
+
+#[test]
+fn gpu_triple_buffer_streams_1gib_with_overlap() {
+    let Some(ctx) = gpu_or_skip("gpu_triple_buffer_streams_1gib_with_overlap") else {
+        return;
+    };
+    let total = scaled(1 << 28, 1 << 18); // 1 GiB of f32
+    let chunk = scaled(1 << 24, 1 << 14); // 64 MiB
+    let input = random_f32(42, total);
+    let mut tb = ctx.create_triple_buffer::<f32>(chunk).unwrap();
+    tb.enable_timing().unwrap();
+    let t = std::time::Instant::now();
+    let (chunks, _) = stream_through(&mut tb, &input, chunk, |_| {});
+    let host_wall = t.elapsed();
+    assert_eq!(chunks as usize, total.div_ceil(chunk));
+    let spans = tb.timeline().unwrap();
+    assert_eq!(spans.len(), 3 * chunks as usize);
+    let busy: f64 = spans.iter().map(|s| s.end_ms - s.start_ms).sum();
+    let first = spans
+        .iter()
+        .map(|s| s.start_ms)
+        .fold(f64::INFINITY, f64::min);
+    let last = spans.iter().map(|s| s.end_ms).fold(0.0, f64::max);
+    let wall = last - first;
+    let per = |step| {
+        spans
+            .iter()
+            .filter(|s| s.step == step)
+            .map(|s| s.end_ms - s.start_ms)
+            .sum::<f64>()
+    };
+    println!(
+        "prism triple buffer: {} MiB in {} chunks, GPU wall {:.2} ms (host {:.2} ms); step sums: upload {:.2} ms, process {:.2} ms, download {:.2} ms; sum {:.2} ms = {:.2}x the wall time",
+        total * 4 >> 20,
+        chunks,
+        wall,
+        host_wall.as_secs_f64() * 1e3,
+        per(Step::Upload),
+        per(Step::Process),
+        per(Step::Download),
+        busy,
+        busy / wall
+    );
+    if !under_sanitizer() {
+        assert!(
+            busy > 1.3 * wall,
+            "steps did not overlap: their GPU times sum to {busy:.2} ms over a {wall:.2} ms wall"
+        );
+    }
+    assert!(tb.get_states().iter().all(|s| s.state == SlotState::Free));
+}
+
+#[test]
+fn gpu_triple_buffer_slow_download_waits_and_stays_correct() {
+    let Some(ctx) = gpu_or_skip("gpu_triple_buffer_slow_download_waits_and_stays_correct") else {
+        return;
+    };
+    let total = scaled(1 << 22, 1 << 14);
+    let chunk = scaled(1 << 18, 1 << 11);
+    let input = random_f32(7, total);
+    let mut tb = ctx.create_triple_buffer::<f32>(chunk).unwrap();
+    let gpu = ctx.gpu().clone();
+    let (chunks, blocked) = stream_through(&mut tb, &input, chunk, |tb| {
+        // A 2 ms kernel ahead of every download: the download stream is the bottleneck.
+        let down = std::sync::Arc::clone(&tb.streams()[2]);
+        let mut l = Launch::new(&gpu, &down);
+        l.spin(2_000_000).unwrap();
+        let f = gpu.fence(&down).unwrap();
+        l.finish(&f);
+    });
+    assert_eq!(chunks as usize, total.div_ceil(chunk));
+    assert!(
+        blocked > 0,
+        "uploads never had to wait for a slot, so the slow download exercised nothing"
+    );
+    println!("prism triple buffer (slow download): {chunks} chunks correct; upload found no free slot {blocked} times");
+}
+
+#[test]
+fn gpu_triple_buffer_bad_input() {
+    let Some(ctx) = gpu_or_skip("gpu_triple_buffer_bad_input") else {
+        return;
+    };
+    let gpu = ctx.gpu();
+    assert!(matches!(
+        TripleBuffer::<f32>::new(gpu, 0),
+        Err(Error::ZeroLength { .. })
+    ));
+    assert!(matches!(
+        TripleBuffer::<f32>::with_slots(gpu, 16, 9),
+        Err(Error::InvalidSlotCount { .. })
+    ));
+    assert!(matches!(
+        TripleBuffer::<f32>::with_slots(gpu, 16, 1),
+        Err(Error::InvalidSlotCount { .. })
+    ));
+    let mut tb = TripleBuffer::<f32>::with_slots(gpu, 16, 2).unwrap();
+    assert!(matches!(
+        tb.upload(&[0.0; 17]),
+        Err(Error::ChunkTooLong {
+            len: 17,
+            capacity: 16
+        })
+    ));
+    assert!(matches!(tb.upload(&[]), Err(Error::ZeroLength { .. })));
+    assert!(matches!(
+        tb.process(|_, _, _| Ok(())),
+        Err(Error::NoSlotReady {
+            step: Step::Process,
+            ..
+        })
+    ));
+    assert!(matches!(
+        tb.download(),
+        Err(Error::NoSlotReady {
+            step: Step::Download,
+            ..
+        })
+    ));
+    tb.upload(&[1.0; 16]).unwrap();
+    tb.upload(&[2.0; 8]).unwrap();
+    assert!(
+        matches!(
+            tb.upload(&[3.0; 4]),
+            Err(Error::NoSlotReady {
+                step: Step::Upload,
+                ..
+            })
+        ),
+        "a third chunk went into a 2-slot ring"
+    );
+    let no_streams = prism_stream::ManagedGpuContext::new(0, false).unwrap();
+    assert!(no_streams.create_triple_buffer::<f32>(16).is_err());
+}

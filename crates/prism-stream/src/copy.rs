@@ -1,0 +1,143 @@
+//! Tracked asynchronous copies between pinned host and device buffers, on
+//! any stream. The coordinator and prism-buffer's triple buffer use these.
+
+use std::sync::Arc;
+
+use cudarc::driver::{result, CudaStream};
+
+use crate::error::DriverResultExt;
+use crate::event::{Fence, WaitClock};
+use crate::memory::{lock, DeviceBuffer, Element, PinnedBuffer};
+use crate::{Error, Result};
+
+fn fits(what: &'static str, n: usize, capacity: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::ZeroLength { what });
+    }
+    if n > capacity {
+        return Err(Error::LengthMismatch {
+            what,
+            expected: capacity,
+            actual: n,
+        });
+    }
+    Ok(())
+}
+
+/// Copies `src[..n]` into `dst[..n]` on `stream`, after every earlier use of
+/// `dst` and the last write of `src` (GPU-side waits, skipping those `clock`
+/// already implies). Returns the copy's completion fence, also recorded on
+/// both buffers.
+pub fn copy_htod<T: Element>(
+    stream: &Arc<CudaStream>,
+    clock: &mut WaitClock,
+    src: &PinnedBuffer<T>,
+    dst: &mut DeviceBuffer<T>,
+    n: usize,
+) -> Result<Fence> {
+    copy_htod_timed(stream, clock, src, dst, n, false).map(|(_, end)| end)
+}
+
+/// [`copy_htod`] that, with `timed`, also returns a timed fence recorded after
+/// the GPU-side waits and right before the copy, and makes the end fence timed:
+/// `end.elapsed_ms_since(&start)` is then the copy's own GPU time.
+pub fn copy_htod_timed<T: Element>(
+    stream: &Arc<CudaStream>,
+    clock: &mut WaitClock,
+    src: &PinnedBuffer<T>,
+    dst: &mut DeviceBuffer<T>,
+    n: usize,
+    timed: bool,
+) -> Result<(Option<Fence>, Fence)> {
+    fits("upload source", n, src.len())?;
+    fits("upload destination", n, dst.len())?;
+    let gpu = dst.gpu().clone();
+    if !gpu.same(src.gpu()) {
+        return Err(Error::WrongContext {
+            what: "pinned source buffer",
+        });
+    }
+    gpu.check_usable()?;
+    gpu.bind()?;
+    let (su, du) = (Arc::clone(&src.uses), Arc::clone(&dst.uses));
+    lock(&su).order_read(stream, clock)?;
+    lock(&du).order_write(stream, clock)?;
+    let start = if timed {
+        Some(gpu.timed_fence(stream)?)
+    } else {
+        None
+    };
+    // SAFETY: src is page-locked memory with >= n initialised elements; it stays
+    // allocated and unwritten by the host until the fence recorded below
+    // completes (Drop and the host accessors check it).
+    let host = unsafe { std::slice::from_raw_parts(src.raw() as *const T, n) };
+    // SAFETY: dst is a device allocation of >= n elements of the current
+    // context, ordered after all its earlier uses, and tracked until this copy
+    // completes; host is valid as above.
+    unsafe { result::memcpy_htod_async(dst.device_ptr(), host, stream.cu_stream()) }
+        .call("cuMemcpyHtoDAsync")?;
+    let fence = if timed {
+        gpu.timed_fence(stream)?
+    } else {
+        gpu.fence(stream)?
+    };
+    lock(&su).add_read(&fence);
+    lock(&du).set_write(&fence);
+    Ok((start, fence))
+}
+
+/// Copies `src[..n]` into `dst[..n]` on `stream`, after the last write of
+/// `src` and every earlier use of `dst`. Host reads of `dst` fail with
+/// `BufferInFlight` until the returned fence completes.
+pub fn copy_dtoh<T: Element>(
+    stream: &Arc<CudaStream>,
+    clock: &mut WaitClock,
+    src: &DeviceBuffer<T>,
+    dst: &mut PinnedBuffer<T>,
+    n: usize,
+) -> Result<Fence> {
+    copy_dtoh_timed(stream, clock, src, dst, n, false).map(|(_, end)| end)
+}
+
+/// [`copy_dtoh`] with optional timing, as [`copy_htod_timed`].
+pub fn copy_dtoh_timed<T: Element>(
+    stream: &Arc<CudaStream>,
+    clock: &mut WaitClock,
+    src: &DeviceBuffer<T>,
+    dst: &mut PinnedBuffer<T>,
+    n: usize,
+    timed: bool,
+) -> Result<(Option<Fence>, Fence)> {
+    fits("download source", n, src.len())?;
+    fits("download destination", n, dst.len())?;
+    let gpu = src.gpu().clone();
+    if !gpu.same(dst.gpu()) {
+        return Err(Error::WrongContext {
+            what: "pinned destination buffer",
+        });
+    }
+    gpu.check_usable()?;
+    gpu.bind()?;
+    let (su, du) = (Arc::clone(&src.uses), Arc::clone(&dst.uses));
+    lock(&su).order_read(stream, clock)?;
+    lock(&du).order_write(stream, clock)?;
+    let start = if timed {
+        Some(gpu.timed_fence(stream)?)
+    } else {
+        None
+    };
+    // SAFETY: dst is page-locked with >= n elements; the write fence recorded
+    // below keeps host code (accessors, Drop) away until the copy completes.
+    let host = unsafe { std::slice::from_raw_parts_mut(dst.raw(), n) };
+    // SAFETY: src has >= n elements, ordered after its last writer, tracked until done.
+    unsafe { result::memcpy_dtoh_async(host, src.device_ptr(), stream.cu_stream()) }
+        .call("cuMemcpyDtoHAsync")?;
+    let fence = if timed {
+        gpu.timed_fence(stream)?
+    } else {
+        gpu.fence(stream)?
+    };
+    lock(&su).add_read(&fence);
+    lock(&du).set_write(&fence);
+    Ok((start, fence))
+}

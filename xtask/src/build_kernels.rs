@@ -208,11 +208,7 @@ fn short_name(mangled: &str) -> String {
 fn number_before(line: &str, label: &str) -> u32 {
     line.split(label)
         .next()
-        .and_then(|head| {
-            head.split([' ', ',', ':'])
-                .filter(|t| !t.is_empty())
-                .next_back()
-        })
+        .and_then(|head| head.split([' ', ',', ':']).rfind(|t| !t.is_empty()))
         .and_then(|t| t.parse().ok())
         .unwrap_or(0)
 }

@@ -94,7 +94,7 @@ fn gpu_triple_buffer_streams_1gib_with_overlap() {
     assert_eq!(chunks as usize, total.div_ceil(chunk));
     println!(
         "prism triple buffer: {} MiB in {chunks} chunks, every element checked, host wall {:.1} ms",
-        total * 4 >> 20,
+        (total * 4) >> 20,
         t.elapsed().as_secs_f64() * 1e3
     );
 
@@ -149,7 +149,7 @@ fn gpu_triple_buffer_streams_1gib_with_overlap() {
     };
     println!(
         "prism triple buffer overlap: {} MiB in {n_chunks} chunks, GPU wall {wall:.2} ms; step sums: upload {:.2} ms, process {:.2} ms, download {:.2} ms; sum {busy:.2} ms = {:.2}x the wall time",
-        total * 4 >> 20,
+        (total * 4) >> 20,
         per(Step::Upload),
         per(Step::Process),
         per(Step::Download),

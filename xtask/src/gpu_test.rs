@@ -197,7 +197,7 @@ fn bundle(dir: &Path) -> Result {
 }
 
 fn prism_kernels_built() -> Result<bool> {
-    Ok(util::find_nvcc().is_some() && std::env::var_os("PRISM_NO_NVCC").is_none())
+    Ok(util::find_nvcc().is_some() && std::env::var_os("PRISM_NO_NVCC").is_none_or(|v| v != "1"))
 }
 
 #[cfg(unix)]

@@ -116,7 +116,7 @@ impl<T: Element> TripleBuffer<T> {
     /// events per step). Start events are recorded after the GPU-side waits,
     /// so a step's span is its own execution, not time spent waiting.
     pub fn enable_timing(&mut self) -> Result<(), Error> {
-        // Origin: a timed event after everything queued so far on all three streams.
+        // Origin: a timed event on the upload stream; spans on every stream are measured from it.
         let origin = self.gpu.timed_fence(&self.streams[UP])?;
         self.timing = Some(Timing {
             origin,

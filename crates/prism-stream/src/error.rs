@@ -12,7 +12,9 @@ use crate::OpId;
 #[non_exhaustive]
 pub enum Error {
     /// libcuda could not be loaded: no NVIDIA driver on this machine.
-    #[error("no CUDA driver: libcuda.so could not be loaded (install the NVIDIA driver, or use the host backend)")]
+    #[error(
+        "no CUDA driver: libcuda.so could not be loaded (install the NVIDIA driver to use a GPU)"
+    )]
     DriverNotFound,
     /// The driver loaded but reports no CUDA device.
     #[error("the CUDA driver reports no GPU on this machine")]

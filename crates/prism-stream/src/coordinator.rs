@@ -9,6 +9,7 @@ use cudarc::driver::{result, CudaStream};
 
 use crate::context::Gpu;
 use crate::copy::{copy_dtoh, copy_htod};
+use crate::error::check_len;
 use crate::error::DriverResultExt;
 use crate::event::{Fence, WaitClock};
 use crate::graph::{Completion, OpGraph, OpId, OpStatus, Probe};
@@ -123,7 +124,7 @@ impl AsyncCoordinator {
         dst: &mut DeviceBuffer<T>,
         deps: &[OpId],
     ) -> Result<OpId> {
-        copy_fits("upload destination", src.len(), dst.len())?;
+        check_len("upload destination", src.len(), dst.len())?;
         let bytes = std::mem::size_of_val(src);
         let idx = self.staging_buffer(bytes)?;
         let staging = &mut self.staging[idx];
@@ -303,18 +304,4 @@ impl AsyncCoordinator {
         }
         first_err.map_or(Ok(()), Err)
     }
-}
-
-fn copy_fits(what: &'static str, n: usize, capacity: usize) -> Result<()> {
-    if n == 0 {
-        return Err(Error::ZeroLength { what });
-    }
-    if n > capacity {
-        return Err(Error::LengthMismatch {
-            what,
-            expected: capacity,
-            actual: n,
-        });
-    }
-    Ok(())
 }

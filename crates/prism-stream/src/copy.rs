@@ -5,24 +5,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, CudaStream};
 
+use crate::error::check_len;
 use crate::error::DriverResultExt;
 use crate::event::{Fence, WaitClock};
 use crate::memory::{lock, DeviceBuffer, Element, PinnedBuffer};
 use crate::{Error, Result};
-
-fn fits(what: &'static str, n: usize, capacity: usize) -> Result<()> {
-    if n == 0 {
-        return Err(Error::ZeroLength { what });
-    }
-    if n > capacity {
-        return Err(Error::LengthMismatch {
-            what,
-            expected: capacity,
-            actual: n,
-        });
-    }
-    Ok(())
-}
 
 /// Copies `src[..n]` into `dst[..n]` on `stream`, after every earlier use of
 /// `dst` and the last write of `src` (GPU-side waits, skipping those `clock`
@@ -49,8 +36,8 @@ pub fn copy_htod_timed<T: Element>(
     n: usize,
     timed: bool,
 ) -> Result<(Option<Fence>, Fence)> {
-    fits("upload source", n, src.len())?;
-    fits("upload destination", n, dst.len())?;
+    check_len("upload source", n, src.len())?;
+    check_len("upload destination", n, dst.len())?;
     let gpu = dst.gpu().clone();
     if !gpu.same(src.gpu()) {
         return Err(Error::WrongContext {
@@ -108,8 +95,8 @@ pub fn copy_dtoh_timed<T: Element>(
     n: usize,
     timed: bool,
 ) -> Result<(Option<Fence>, Fence)> {
-    fits("download source", n, src.len())?;
-    fits("download destination", n, dst.len())?;
+    check_len("download source", n, src.len())?;
+    check_len("download destination", n, dst.len())?;
     let gpu = src.gpu().clone();
     if !gpu.same(dst.gpu()) {
         return Err(Error::WrongContext {

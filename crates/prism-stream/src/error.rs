@@ -106,3 +106,18 @@ impl<T> DriverResultExt<T> for std::result::Result<T, DriverError> {
         self.map_err(|source| Error::Driver { call, source })
     }
 }
+
+/// `n` elements of `what` must be non-zero and fit `capacity`.
+pub(crate) fn check_len(what: &'static str, n: usize, capacity: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::ZeroLength { what });
+    }
+    if n > capacity {
+        return Err(Error::LengthMismatch {
+            what,
+            expected: capacity,
+            actual: n,
+        });
+    }
+    Ok(())
+}

@@ -9,6 +9,7 @@ use cudarc::driver::{result, CudaStream};
 use prism_cuda_sys as sys;
 
 use crate::context::Gpu;
+use crate::error::check_len;
 use crate::error::DriverResultExt;
 use crate::event::{Fence, WaitClock};
 use crate::memory::{lock, DeviceBuffer, Element, UseCell};
@@ -116,8 +117,8 @@ impl<'s> Launch<'s> {
         b: f32,
         iters: u32,
     ) -> Result<()> {
-        fits("fma_chain input", n, x.len())?;
-        fits("fma_chain output", n, y.len())?;
+        check_len("fma_chain input", n, x.len())?;
+        check_len("fma_chain output", n, y.len())?;
         self.reads(x)?;
         self.writes(y)?;
         let iters = i32::try_from(iters).map_err(|_| Error::LengthMismatch {
@@ -151,7 +152,7 @@ impl<'s> Launch<'s> {
         b: f32,
         iters: u32,
     ) -> Result<()> {
-        fits("fma_chain buffer", n, y.len())?;
+        check_len("fma_chain buffer", n, y.len())?;
         self.writes(y)?;
         let iters = i32::try_from(iters).map_err(|_| Error::LengthMismatch {
             what: "fma_chain iterations (max i32::MAX)",
@@ -176,7 +177,7 @@ impl<'s> Launch<'s> {
 
     /// `buf[i] = pattern(seed, i)` for `i < n` (see [`pattern`]).
     pub fn fill_pattern(&mut self, buf: &mut DeviceBuffer<u32>, n: usize, seed: u32) -> Result<()> {
-        fits("fill_pattern buffer", n, buf.len())?;
+        check_len("fill_pattern buffer", n, buf.len())?;
         self.writes(buf)?;
         // SAFETY: buf has at least n elements and is ordered/recorded as above.
         let code = unsafe {
@@ -199,8 +200,8 @@ impl<'s> Launch<'s> {
         seed: u32,
         counters: &mut DeviceBuffer<u64>,
     ) -> Result<()> {
-        fits("check_pattern buffer", n, buf.len())?;
-        fits("check_pattern counters", 2, counters.len())?;
+        check_len("check_pattern buffer", n, buf.len())?;
+        check_len("check_pattern counters", 2, counters.len())?;
         self.reads(buf)?;
         self.writes(counters)?;
         let c = counters.device_ptr();
@@ -254,8 +255,8 @@ impl<'s> Launch<'s> {
                 what: "group_sum group size",
             });
         }
-        fits("group_sum input", n, x.len())?;
-        fits("group_sum output", n.div_ceil(group as usize), out.len())?;
+        check_len("group_sum input", n, x.len())?;
+        check_len("group_sum output", n.div_ceil(group as usize), out.len())?;
         self.reads(x)?;
         self.writes(out)?;
         // SAFETY: sizes checked above; ordered/recorded as in fma_chain.
@@ -279,7 +280,7 @@ impl<'s> Launch<'s> {
         lo: f32,
         hi: f32,
     ) -> Result<()> {
-        fits("clamp buffer", n, y.len())?;
+        check_len("clamp buffer", n, y.len())?;
         self.writes(y)?;
         let p = y.device_ptr();
         // SAFETY: y has n elements; the launcher allows x == y; ordered/recorded.
@@ -307,20 +308,6 @@ impl<'s> Launch<'s> {
         }
         self.clock
     }
-}
-
-fn fits(what: &'static str, n: usize, capacity: usize) -> Result<()> {
-    if n == 0 {
-        return Err(Error::ZeroLength { what });
-    }
-    if n > capacity {
-        return Err(Error::LengthMismatch {
-            what,
-            expected: capacity,
-            actual: n,
-        });
-    }
-    Ok(())
 }
 
 /// The CPU twin of the GPU fill/check pattern (see kernels/prism_kernels.h).

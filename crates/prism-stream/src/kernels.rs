@@ -121,11 +121,7 @@ impl<'s> Launch<'s> {
         check_len("fma_chain output", n, y.len())?;
         self.reads(x)?;
         self.writes(y)?;
-        let iters = i32::try_from(iters).map_err(|_| Error::LengthMismatch {
-            what: "fma_chain iterations (max i32::MAX)",
-            expected: i32::MAX as usize,
-            actual: iters as usize,
-        })?;
+        let iters = iters_i32(iters)?;
         // SAFETY: x and y are live allocations of this context with at least n
         // elements (checked above); their uses are ordered against other streams
         // (reads/writes above) and recorded on finish, so they outlive the kernel.
@@ -154,11 +150,7 @@ impl<'s> Launch<'s> {
     ) -> Result<()> {
         check_len("fma_chain buffer", n, y.len())?;
         self.writes(y)?;
-        let iters = i32::try_from(iters).map_err(|_| Error::LengthMismatch {
-            what: "fma_chain iterations (max i32::MAX)",
-            expected: i32::MAX as usize,
-            actual: iters as usize,
-        })?;
+        let iters = iters_i32(iters)?;
         let p = y.device_ptr();
         // SAFETY: as in fma_chain; the launcher allows x == y (elementwise).
         let code = unsafe {
@@ -308,6 +300,15 @@ impl<'s> Launch<'s> {
         }
         self.clock
     }
+}
+
+/// The launcher takes `iters` as an `int32_t`.
+fn iters_i32(iters: u32) -> Result<i32> {
+    i32::try_from(iters).map_err(|_| Error::LengthMismatch {
+        what: "fma_chain iterations (max i32::MAX)",
+        expected: i32::MAX as usize,
+        actual: iters as usize,
+    })
 }
 
 /// The CPU twin of the GPU fill/check pattern (see kernels/prism_kernels.h).

@@ -265,9 +265,11 @@ impl<T: Element> TripleBuffer<T> {
         };
         f(&mut launch, &mut s.dev, s.len)?;
         let fence = if timed {
-            self.gpu.timed_fence(&self.streams[COMPUTE])?
+            self.gpu
+                .fence_after(&self.streams[COMPUTE], launch.clock(), true)?
         } else {
-            self.gpu.fence(&self.streams[COMPUTE])?
+            self.gpu
+                .fence_after(&self.streams[COMPUTE], launch.clock(), false)?
         };
         self.clocks[COMPUTE] = launch.finish(&fence);
         let chunk = self.ring.issue(Step::Process, slot, fence.clone())?;

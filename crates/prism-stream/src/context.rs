@@ -1,5 +1,6 @@
 //! The GPU context: opening a device, device facts, the poison flag.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute as Attr;
@@ -7,7 +8,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use crate::coordinator::AsyncCoordinator;
 use crate::error::DriverResultExt;
-use crate::event::{EventPool, Fence};
+use crate::event::{EventPool, Fence, WaitClock};
 use crate::{Error, Result};
 
 /// Facts about the device a user needs to size work.
@@ -50,6 +51,8 @@ pub(crate) struct GpuInner {
     pub(crate) events: Arc<EventPool>,
     pub(crate) info: DeviceInfo,
     poison: Mutex<Option<String>>,
+    /// Fast path of `check_usable`: set once `poison` holds a reason.
+    poisoned: AtomicBool,
 }
 
 impl Gpu {
@@ -85,6 +88,7 @@ impl Gpu {
             events,
             info,
             poison: Mutex::new(None),
+            poisoned: AtomicBool::new(false),
         })))
     }
 
@@ -112,12 +116,23 @@ impl Gpu {
 
     /// Records an ordering fence (timing disabled) on `stream`.
     pub fn fence(&self, stream: &CudaStream) -> Result<Fence> {
-        self.0.events.record(stream, false)
+        self.0.events.record(stream, false, &WaitClock::default())
+    }
+
+    /// Records an ordering fence on `stream`, whose waits so far `clock` holds
+    /// (so streams that wait on this fence also learn what it implies).
+    pub fn fence_after(
+        &self,
+        stream: &CudaStream,
+        clock: &WaitClock,
+        timed: bool,
+    ) -> Result<Fence> {
+        self.0.events.record(stream, timed, clock)
     }
 
     /// Records a timed fence on `stream` (for GPU-time statistics).
     pub fn timed_fence(&self, stream: &CudaStream) -> Result<Fence> {
-        self.0.events.record(stream, true)
+        self.0.events.record(stream, true, &WaitClock::default())
     }
 
     /// Idle events in the pool (diagnostics: steady state should stop growing it).
@@ -127,6 +142,9 @@ impl Gpu {
 
     /// Fails if an earlier GPU error made the context unusable.
     pub fn check_usable(&self) -> Result<()> {
+        if !self.0.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match &*self.0.poison.lock().unwrap_or_else(|p| p.into_inner()) {
             None => Ok(()),
             Some(reason) => Err(Error::ContextPoisoned {
@@ -141,6 +159,7 @@ impl Gpu {
         if p.is_none() {
             tracing::error!(reason, "GPU context is now unusable");
             *p = Some(reason.to_owned());
+            self.0.poisoned.store(true, Ordering::Release);
         }
     }
 

@@ -112,7 +112,7 @@ impl AsyncCoordinator {
         let _span = tracing::trace_span!("prism.queue_upload", n).entered();
         self.begin(deps, UP)?;
         let fence = copy_htod(&self.upload, &mut self.clocks[UP], src, dst, n)?;
-        Ok(self.graph.insert("upload", fence))
+        Ok(self.graph.insert_on(UP, "upload", fence))
     }
 
     /// Uploads from pageable memory: the data is copied into pinned staging
@@ -143,10 +143,12 @@ impl AsyncCoordinator {
         // SAFETY: see above.
         unsafe { result::memcpy_htod_async(dst.device_ptr(), host, self.upload.cu_stream()) }
             .call("cuMemcpyHtoDAsync")?;
-        let fence = self.gpu.fence(&self.upload)?;
+        let fence = self
+            .gpu
+            .fence_after(&self.upload, &self.clocks[UP], false)?;
         lock(&staging.uses).add_read(&fence);
         lock(&du).set_write(&fence);
-        Ok(self.graph.insert("upload (staged)", fence))
+        Ok(self.graph.insert_on(UP, "upload (staged)", fence))
     }
 
     fn staging_buffer(&mut self, bytes: usize) -> Result<usize> {
@@ -185,11 +187,11 @@ impl AsyncCoordinator {
             std::mem::take(&mut self.clocks[COMPUTE]),
         );
         let launched = launch(&mut scope);
-        let fence = self.gpu.fence(&self.compute);
+        let fence = self.gpu.fence_after(&self.compute, scope.clock(), false);
         match (launched, fence) {
             (Ok(()), Ok(fence)) => {
                 self.clocks[COMPUTE] = scope.finish(&fence);
-                Ok(self.graph.insert(name, fence))
+                Ok(self.graph.insert_on(COMPUTE, name, fence))
             }
             // Waits issued before a failed launch stay issued; forget the clock
             // (it may be missing them) rather than skip a wait later.
@@ -219,7 +221,7 @@ impl AsyncCoordinator {
         let _span = tracing::trace_span!("prism.queue_download", n).entered();
         self.begin(deps, DOWN)?;
         let fence = copy_dtoh(&self.download, &mut self.clocks[DOWN], src, dst, n)?;
-        Ok(self.graph.insert("download", fence))
+        Ok(self.graph.insert_on(DOWN, "download", fence))
     }
 
     /// Non-blocking: the ops observed finished since the last poll, in op order.

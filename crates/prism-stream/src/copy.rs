@@ -64,9 +64,9 @@ pub fn copy_htod_timed<T: Element>(
     unsafe { result::memcpy_htod_async(dst.device_ptr(), host, stream.cu_stream()) }
         .call("cuMemcpyHtoDAsync")?;
     let fence = if timed {
-        gpu.timed_fence(stream)?
+        gpu.fence_after(stream, clock, true)?
     } else {
-        gpu.fence(stream)?
+        gpu.fence_after(stream, clock, false)?
     };
     lock(&su).add_read(&fence);
     lock(&du).set_write(&fence);
@@ -120,9 +120,9 @@ pub fn copy_dtoh_timed<T: Element>(
     unsafe { result::memcpy_dtoh_async(host, src.device_ptr(), stream.cu_stream()) }
         .call("cuMemcpyDtoHAsync")?;
     let fence = if timed {
-        gpu.timed_fence(stream)?
+        gpu.fence_after(stream, clock, true)?
     } else {
-        gpu.fence(stream)?
+        gpu.fence_after(stream, clock, false)?
     };
     lock(&su).add_read(&fence);
     lock(&du).set_write(&fence);

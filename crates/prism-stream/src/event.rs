@@ -26,25 +26,49 @@ unsafe impl Sync for RawEvent {}
 /// Global fence sequence: fences recorded later on one stream have larger numbers.
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
 
-/// What one stream has already waited for: per source stream, the largest
-/// fence sequence number waited on. Waiting on an older fence of the same
-/// source stream is implied (stream order), so it is skipped.
+/// Entries a [`WaitClock`] keeps; the oldest is forgotten when full
+/// (forgetting only costs a redundant wait, never a missing one).
+const CLOCK_ENTRIES: usize = 8;
+
+/// A vector clock: what one stream is already ordered after. Per source
+/// stream, the largest fence sequence number it waited on, directly or
+/// through the fences it waited on (each fence carries the clock its stream
+/// had when it was recorded). A wait on a fence the clock covers is skipped.
 ///
 /// Assumes fences on one stream are recorded by one thread at a time, as the
 /// coordinator and the pipeline do (work on a stream shared by threads
-/// without external ordering is unordered anyway).
-#[derive(Debug, Default, Clone)]
-pub struct WaitClock(Vec<(usize, u64)>);
+/// without external ordering is unordered anyway). `Copy` and fixed-size, so
+/// carrying one per fence allocates nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WaitClock {
+    entries: [(usize, u64); CLOCK_ENTRIES],
+    len: usize,
+}
 
 impl WaitClock {
     fn covers(&self, stream: usize, seq: u64) -> bool {
-        self.0.iter().any(|&(s, q)| s == stream && q >= seq)
+        self.entries[..self.len]
+            .iter()
+            .any(|&(s, q)| s == stream && q >= seq)
     }
 
     fn note(&mut self, stream: usize, seq: u64) {
-        match self.0.iter_mut().find(|(s, _)| *s == stream) {
-            Some(e) => e.1 = e.1.max(seq),
-            None => self.0.push((stream, seq)),
+        if let Some(e) = self.entries[..self.len]
+            .iter_mut()
+            .find(|(s, _)| *s == stream)
+        {
+            e.1 = e.1.max(seq);
+        } else if self.len < CLOCK_ENTRIES {
+            self.entries[self.len] = (stream, seq);
+            self.len += 1;
+        } else if let Some(oldest) = self.entries.iter_mut().min_by_key(|(_, q)| *q) {
+            *oldest = (stream, seq);
+        }
+    }
+
+    fn merge(&mut self, other: &WaitClock) {
+        for &(s, q) in &other.entries[..other.len] {
+            self.note(s, q);
         }
     }
 }
@@ -88,7 +112,13 @@ impl EventPool {
     }
 
     /// Records a pooled event on `stream` and returns the fence for it.
-    pub(crate) fn record(self: &Arc<Self>, stream: &CudaStream, timed: bool) -> Result<Fence> {
+    /// `implied` is what `stream` is already ordered after (its wait clock).
+    pub(crate) fn record(
+        self: &Arc<Self>,
+        stream: &CudaStream,
+        timed: bool,
+        implied: &WaitClock,
+    ) -> Result<Fence> {
         let event = self.take(timed)?;
         let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `event` is a live event of this pool's context (created above
@@ -103,6 +133,7 @@ impl EventPool {
             event,
             timed,
             seq,
+            implied: *implied,
             stream: stream.cu_stream() as usize,
             done: AtomicBool::new(false),
             pool: Arc::clone(self),
@@ -143,6 +174,8 @@ struct FenceInner {
     timed: bool,
     /// Position in recording order (see [`WaitClock`]).
     seq: u64,
+    /// What the recording stream had waited for before this fence.
+    implied: WaitClock,
     /// The stream it was recorded on (as an address, for same-stream checks).
     stream: usize,
     done: AtomicBool,
@@ -232,6 +265,7 @@ impl Fence {
         }
         self.gpu_wait(stream)?;
         clock.note(src, self.0.seq);
+        clock.merge(&self.0.implied);
         Ok(())
     }
 
@@ -251,5 +285,36 @@ impl Fence {
     /// True if both handles share one event.
     pub fn same_as(&self, other: &Fence) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WaitClock;
+
+    #[test]
+    fn clock_covers_older_fences_of_a_stream_only() {
+        let mut c = WaitClock::default();
+        c.note(1, 10);
+        assert!(c.covers(1, 10) && c.covers(1, 3));
+        assert!(!c.covers(1, 11) && !c.covers(2, 1));
+        let mut implied = WaitClock::default();
+        implied.note(2, 7);
+        c.merge(&implied);
+        assert!(c.covers(2, 7) && !c.covers(2, 8));
+    }
+
+    #[test]
+    fn full_clock_forgets_the_oldest_entry_only() {
+        let mut c = WaitClock::default();
+        for s in 0..8 {
+            c.note(s, 100 + s as u64);
+        }
+        c.note(99, 5);
+        assert!(
+            !c.covers(0, 100),
+            "the oldest entry should have been forgotten"
+        );
+        assert!(c.covers(99, 5) && (1..8).all(|s| c.covers(s, 100 + s as u64)));
     }
 }

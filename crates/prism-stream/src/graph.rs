@@ -11,6 +11,9 @@ use std::fmt;
 
 use crate::{Error, Result};
 
+/// Lane of ops inserted without an ordering assumption.
+const NO_LANE: usize = usize::MAX;
+
 /// Identifies one queued operation of an [`AsyncCoordinator`](crate::AsyncCoordinator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OpId(pub u64);
@@ -55,7 +58,7 @@ pub struct OpGraph<F> {
     names: Vec<Cow<'static, str>>,
     status: Vec<OpStatus>,
     /// Pending ops in queue order, with their fences.
-    pending: Vec<(OpId, F)>,
+    pending: Vec<(OpId, usize, F)>,
     /// Ops observed finished (by `wait`) that `poll` has not reported yet.
     unreported: Vec<Completion>,
 }
@@ -120,12 +123,19 @@ impl<F> OpGraph<F> {
         Ok(())
     }
 
-    /// Records a new pending op.
+    /// Records a new pending op, with no ordering assumed against other ops.
     pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, fence: F) -> OpId {
+        self.insert_on(NO_LANE, name, fence)
+    }
+
+    /// Records a new pending op on `lane`: ops of one lane (one stream)
+    /// complete in the order they were inserted, so `poll` stops probing a
+    /// lane at its first op that is not ready.
+    pub fn insert_on(&mut self, lane: usize, name: impl Into<Cow<'static, str>>, fence: F) -> OpId {
         let id = self.next_id();
         self.names.push(name.into());
         self.status.push(OpStatus::Pending);
-        self.pending.push((id, fence));
+        self.pending.push((id, lane, fence));
         id
     }
 
@@ -144,30 +154,43 @@ impl<F> OpGraph<F> {
 
     /// The fence of a pending op (None once it finished).
     pub fn fence(&self, op: OpId) -> Option<&F> {
+        // Recent ops are at the back; searching from there finds them at once.
         self.pending
             .iter()
-            .find(|(id, _)| *id == op)
-            .map(|(_, f)| f)
+            .rev()
+            .find(|(id, _, _)| *id == op)
+            .map(|(_, _, f)| f)
     }
 
     /// Fences of every pending op.
     pub fn pending_fences(&self) -> impl Iterator<Item = (OpId, &F)> {
-        self.pending.iter().map(|(id, f)| (*id, f))
+        self.pending.iter().map(|(id, _, f)| (*id, f))
     }
 
     /// Probes every pending op; returns all ops finished since the last poll
     /// (including ones `finish` recorded), in op order.
     pub fn poll(&mut self, mut probe: impl FnMut(&F) -> Probe) -> Vec<Completion> {
         let mut done = std::mem::take(&mut self.unreported);
-        let mut i = 0;
-        while i < self.pending.len() {
-            let outcome = probe(&self.pending[i].1);
-            if outcome == Probe::NotReady {
-                i += 1;
+        // Lanes found busy in this pass: their later ops cannot be done yet.
+        let mut busy = [NO_LANE; 8];
+        let mut n_busy = 0;
+        let pending = std::mem::take(&mut self.pending);
+        self.pending.reserve(pending.len());
+        for (id, lane, fence) in pending {
+            if lane != NO_LANE && busy[..n_busy].contains(&lane) {
+                self.pending.push((id, lane, fence));
                 continue;
             }
-            let (id, _) = self.pending.remove(i);
-            done.push(self.settle(id, outcome));
+            match probe(&fence) {
+                Probe::NotReady => {
+                    if lane != NO_LANE && n_busy < busy.len() {
+                        busy[n_busy] = lane;
+                        n_busy += 1;
+                    }
+                    self.pending.push((id, lane, fence));
+                }
+                outcome => done.push(self.settle(id, outcome)),
+            }
         }
         done.sort_by_key(|c| c.op);
         done
@@ -175,7 +198,7 @@ impl<F> OpGraph<F> {
 
     /// Records that `op` finished (seen by a blocking wait); `poll` will report it.
     pub fn finish(&mut self, op: OpId, outcome: Probe) -> Result<()> {
-        let Some(pos) = self.pending.iter().position(|(id, _)| *id == op) else {
+        let Some(pos) = self.pending.iter().position(|(id, _, _)| *id == op) else {
             return self.status(op).map(|_| ());
         };
         if outcome == Probe::NotReady {
@@ -250,5 +273,33 @@ mod tests {
         })
         .unwrap();
         assert_eq!(waited, vec![1]);
+    }
+
+    #[test]
+    fn poll_stops_probing_a_lane_at_its_first_busy_op() {
+        let mut g: OpGraph<u32> = OpGraph::new();
+        g.insert_on(0, "a", 1);
+        g.insert_on(0, "b", 2);
+        g.insert_on(1, "c", 3);
+        let mut probed = Vec::new();
+        let done = g.poll(|f| {
+            probed.push(*f);
+            if *f == 3 {
+                Probe::Complete
+            } else {
+                Probe::NotReady
+            }
+        });
+        assert_eq!(
+            probed,
+            vec![1, 3],
+            "op b was probed although op a of its lane was busy"
+        );
+        assert_eq!(done.iter().map(|c| c.op).collect::<Vec<_>>(), vec![OpId(2)]);
+        let done = g.poll(|_| Probe::Complete);
+        assert_eq!(
+            done.iter().map(|c| c.op).collect::<Vec<_>>(),
+            vec![OpId(0), OpId(1)]
+        );
     }
 }

@@ -291,6 +291,12 @@ impl<'s> Launch<'s> {
 
     /// Records the uses declared in this scope against `fence` (recorded
     /// after the last kernel), so later ops and buffer drops wait for them.
+    /// The waits this scope's stream is ordered after (record the scope's
+    /// end fence with [`Gpu::fence_after`] and this clock).
+    pub fn clock(&self) -> &WaitClock {
+        &self.clock
+    }
+
     pub fn finish(self, fence: &Fence) -> WaitClock {
         for r in &self.reads {
             lock(r).add_read(fence);

@@ -17,7 +17,20 @@ use crate::util::{self, Result};
 /// Examples and the arguments of their smoke run (package, example, args).
 pub const EXAMPLE_SMOKE_RUNS: &[(&str, &str, &str)] = &[
     ("prism-stream", "smoke", ""),
+    ("prism-stream", "coordinator", ""),
     ("prism-stream", "coordinator_overhead", ""),
+    ("prism-buffer", "triple_buffer", ""),
+    ("prism-pipeline", "multi_stage", ""),
+    (
+        "prism-pipeline",
+        "streaming",
+        "--trace \"$LOGS/streaming.trace.json\"",
+    ),
+    (
+        "prism-pipeline",
+        "streaming",
+        "--pageable --mib 1024 --trace \"$LOGS/streaming-pageable.trace.json\"",
+    ),
 ];
 
 /// Test-name fragment of tests that fault the GPU on purpose: they run alone,
@@ -73,7 +86,11 @@ fn run_here() -> Result {
                     example,
                     "--",
                 ])
-                .args(args.split_whitespace()),
+                .args(
+                    args.replace("$LOGS", "target")
+                        .replace('"', "")
+                        .split_whitespace(),
+                ),
         )?;
     }
     Ok(())
@@ -175,8 +192,12 @@ fn bundle(dir: &Path) -> Result {
     for (name, path) in &examples {
         let short = name.split("--").nth(1).unwrap_or(name).to_owned();
         bytes += copy_into(&dir.join("bin"), &short, path)?;
-        if let Some((_, _, args)) = EXAMPLE_SMOKE_RUNS.iter().find(|(_, e, _)| *e == short) {
-            example_lines.push(format!("step example-{short} ./bin/{short} {args}"));
+        for (k, (_, _, args)) in EXAMPLE_SMOKE_RUNS
+            .iter()
+            .filter(|(_, e, _)| *e == short)
+            .enumerate()
+        {
+            example_lines.push(format!("step example-{short}-{k} ./bin/{short} {args}"));
         }
     }
     test_names.sort();

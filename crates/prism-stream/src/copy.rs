@@ -36,7 +36,21 @@ pub fn copy_htod_timed<T: Element>(
     n: usize,
     timed: bool,
 ) -> Result<(Option<Fence>, Fence)> {
-    check_len("upload source", n, src.len())?;
+    copy_htod_at(stream, clock, src, 0, dst, n, timed)
+}
+
+/// [`copy_htod_timed`] from `src[src_offset..src_offset + n]` into `dst[..n]`.
+pub fn copy_htod_at<T: Element>(
+    stream: &Arc<CudaStream>,
+    clock: &mut WaitClock,
+    src: &PinnedBuffer<T>,
+    src_offset: usize,
+    dst: &mut DeviceBuffer<T>,
+    n: usize,
+    timed: bool,
+) -> Result<(Option<Fence>, Fence)> {
+    check_len("upload source", src_offset.saturating_add(n), src.len())?;
+    check_len("upload length", n, usize::MAX)?;
     check_len("upload destination", n, dst.len())?;
     let gpu = dst.gpu().clone();
     if !gpu.same(src.gpu()) {
@@ -54,10 +68,11 @@ pub fn copy_htod_timed<T: Element>(
     } else {
         None
     };
-    // SAFETY: src is page-locked memory with >= n initialised elements; it stays
+    // SAFETY: src is page-locked memory with >= src_offset + n initialised
+    // elements (checked above), so the offset pointer and range are in bounds; it stays
     // allocated and unwritten by the host until the fence recorded below
     // completes (Drop and the host accessors check it).
-    let host = unsafe { std::slice::from_raw_parts(src.raw() as *const T, n) };
+    let host = unsafe { std::slice::from_raw_parts((src.raw() as *const T).add(src_offset), n) };
     // SAFETY: dst is a device allocation of >= n elements of the current
     // context, ordered after all its earlier uses, and tracked until this copy
     // completes; host is valid as above.
@@ -95,8 +110,25 @@ pub fn copy_dtoh_timed<T: Element>(
     n: usize,
     timed: bool,
 ) -> Result<(Option<Fence>, Fence)> {
+    copy_dtoh_at(stream, clock, src, dst, 0, n, timed)
+}
+
+/// [`copy_dtoh_timed`] from `src[..n]` into `dst[dst_offset..dst_offset + n]`.
+pub fn copy_dtoh_at<T: Element>(
+    stream: &Arc<CudaStream>,
+    clock: &mut WaitClock,
+    src: &DeviceBuffer<T>,
+    dst: &mut PinnedBuffer<T>,
+    dst_offset: usize,
+    n: usize,
+    timed: bool,
+) -> Result<(Option<Fence>, Fence)> {
     check_len("download source", n, src.len())?;
-    check_len("download destination", n, dst.len())?;
+    check_len(
+        "download destination",
+        dst_offset.saturating_add(n),
+        dst.len(),
+    )?;
     let gpu = src.gpu().clone();
     if !gpu.same(dst.gpu()) {
         return Err(Error::WrongContext {
@@ -113,9 +145,10 @@ pub fn copy_dtoh_timed<T: Element>(
     } else {
         None
     };
-    // SAFETY: dst is page-locked with >= n elements; the write fence recorded
-    // below keeps host code (accessors, Drop) away until the copy completes.
-    let host = unsafe { std::slice::from_raw_parts_mut(dst.raw(), n) };
+    // SAFETY: dst is page-locked with >= dst_offset + n elements (checked above),
+    // so the offset range is in bounds; the write fence recorded below keeps
+    // host code (accessors, Drop) away until the copy completes.
+    let host = unsafe { std::slice::from_raw_parts_mut(dst.raw().add(dst_offset), n) };
     // SAFETY: src has >= n elements, ordered after its last writer, tracked until done.
     unsafe { result::memcpy_dtoh_async(host, src.device_ptr(), stream.cu_stream()) }
         .call("cuMemcpyDtoHAsync")?;

@@ -265,6 +265,34 @@ impl<'s> Launch<'s> {
     }
 
     /// In place: `y[i] = clamp(y[i], lo, hi)`.
+    /// `y[i] = clamp(x[i], lo, hi)` for `i < n`.
+    pub fn clamp(
+        &mut self,
+        x: &DeviceBuffer<f32>,
+        y: &mut DeviceBuffer<f32>,
+        n: usize,
+        lo: f32,
+        hi: f32,
+    ) -> Result<()> {
+        check_len("clamp input", n, x.len())?;
+        check_len("clamp output", n, y.len())?;
+        self.reads(x)?;
+        self.writes(y)?;
+        // SAFETY: x and y have >= n elements (checked), are ordered against other
+        // streams and recorded on finish, so they outlive the kernel.
+        let code = unsafe {
+            sys::prism_clamp_f32(
+                x.device_ptr() as *const f32,
+                y.device_ptr() as *mut f32,
+                n as u64,
+                lo,
+                hi,
+                self.raw_stream(),
+            )
+        };
+        self.check("clamp", code)
+    }
+
     pub fn clamp_in_place(
         &mut self,
         y: &mut DeviceBuffer<f32>,

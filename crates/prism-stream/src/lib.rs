@@ -28,7 +28,9 @@ pub mod testing;
 
 pub use context::{device_count, driver_available, DeviceInfo, Gpu, ManagedGpuContext};
 pub use coordinator::AsyncCoordinator;
-pub use copy::{copy_dtoh, copy_dtoh_timed, copy_htod, copy_htod_timed};
+pub use copy::{
+    copy_dtoh, copy_dtoh_at, copy_dtoh_timed, copy_htod, copy_htod_at, copy_htod_timed,
+};
 pub use error::{Error, Result};
 pub use event::{Fence, WaitClock};
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};

@@ -1,0 +1,58 @@
+//! The one error type of prism-pipeline.
+
+/// Errors a stage returns: anything that converts into a boxed error.
+pub type StageError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in prism-pipeline.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// From the GPU layer (no driver, out of memory, a kernel fault, ...).
+    #[error(transparent)]
+    Stream(#[from] prism_stream::Error),
+    /// From the slot ring.
+    #[error(transparent)]
+    Buffer(#[from] prism_buffer::Error),
+    /// A stage failed; the run stopped after in-flight chunks drained.
+    #[error("stage {stage:?} failed on chunk {chunk}: {source}")]
+    Stage {
+        stage: String,
+        chunk: u64,
+        #[source]
+        source: StageError,
+    },
+    /// A stage has no implementation for the backend in use.
+    #[error("stage {stage:?} has no {backend} implementation")]
+    Unsupported {
+        stage: String,
+        backend: &'static str,
+    },
+    /// `set_order` with an index past the stages.
+    #[error("stage order names stage {index}, but only {count} stage(s) were added")]
+    UnknownStage { index: usize, count: usize },
+    /// `set_order` naming one stage twice.
+    #[error("stage order names stage {index} twice")]
+    RepeatedStage { index: usize },
+    /// `set_order` with no stage, or a run with no stage.
+    #[error("the pipeline has no stage to run")]
+    NoStages,
+    /// The output sink does not match the output the stages produce.
+    #[error("output holds {actual} elements, but the stages produce {expected}")]
+    OutputLength { expected: usize, actual: usize },
+    /// Items of the streaming run must fit one chunk each.
+    #[error("item {item} has {len} elements, more than a chunk ({chunk})")]
+    ItemTooLong {
+        item: usize,
+        len: usize,
+        chunk: usize,
+    },
+    /// A configuration value out of range.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+    /// The host backend's worker thread panicked.
+    #[error("the host backend's worker thread panicked")]
+    WorkerPanicked,
+}
+
+/// Result alias of prism-pipeline.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,268 @@
+//! The GPU backend's I/O modes: pageable slices, pinned buffers, items.
+
+use prism_stream::{
+    copy_dtoh_at, copy_dtoh_timed, copy_htod_at, copy_htod_timed, DeviceBuffer, Element, Fence,
+    Gpu, HostAllocFlags, PinnedBuffer,
+};
+
+use crate::copy::{par_copy, par_copy_one};
+use crate::error::{Error, Result};
+use crate::gpu::{CopyCx, Io, SlotIo};
+
+fn staging<'b, T: Element>(
+    slot: &'b mut Option<PinnedBuffer<T>>,
+    gpu: &Gpu,
+    len: usize,
+    flags: HostAllocFlags,
+) -> Result<&'b mut PinnedBuffer<T>> {
+    if slot.as_ref().is_none_or(|b| b.len() < len) {
+        *slot = Some(PinnedBuffer::new(gpu, len, flags)?);
+    }
+    Ok(slot.as_mut().expect("just filled"))
+}
+
+/// Pageable input and output: chunks are staged through pinned memory,
+/// copied by several host threads.
+pub(crate) struct SliceIo<'a, T> {
+    pub(crate) input: &'a [T],
+    pub(crate) output: &'a mut [T],
+    pub(crate) chunk: usize,
+    /// Largest chunk output, for sizing staging.
+    pub(crate) capacity: usize,
+    pub(crate) threads: usize,
+    pub(crate) next_in: usize,
+    pub(crate) next_out: usize,
+}
+
+impl<T: Element> Io<T> for SliceIo<'_, T> {
+    fn upload(
+        &mut self,
+        cx: CopyCx<'_>,
+        io: &mut SlotIo<T>,
+        dev: &mut DeviceBuffer<T>,
+        _chunk: u64,
+    ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
+        if self.next_in >= self.input.len() {
+            return Ok(None);
+        }
+        let len = self.chunk.min(self.input.len() - self.next_in);
+        let buf = staging(
+            &mut io.staging_in,
+            cx.gpu,
+            self.chunk,
+            HostAllocFlags::UPLOAD_ONLY,
+        )?;
+        // The slot was released, so the previous upload from this staging completed.
+        par_copy_one(
+            &mut buf.as_mut_slice()?[..len],
+            &self.input[self.next_in..self.next_in + len],
+            self.threads,
+        );
+        self.next_in += len;
+        let (start, end) = copy_htod_timed(cx.stream, cx.clock, buf, dev, len, cx.timed)?;
+        Ok(Some((len, start, end)))
+    }
+
+    fn download(
+        &mut self,
+        cx: CopyCx<'_>,
+        io: &mut SlotIo<T>,
+        dev: &DeviceBuffer<T>,
+        out_len: usize,
+    ) -> Result<(Option<Fence>, Fence)> {
+        let buf = staging(
+            &mut io.staging_out,
+            cx.gpu,
+            self.capacity,
+            HostAllocFlags::DEFAULT,
+        )?;
+        Ok(copy_dtoh_timed(
+            cx.stream, cx.clock, dev, buf, out_len, cx.timed,
+        )?)
+    }
+
+    fn retire(&mut self, io: &mut SlotIo<T>, out_len: usize) -> Result<()> {
+        let buf = io
+            .staging_out
+            .as_ref()
+            .ok_or(Error::Config("retired a chunk that was never downloaded"))?;
+        par_copy_one(
+            &mut self.output[self.next_out..self.next_out + out_len],
+            &buf.as_slice()?[..out_len],
+            self.threads,
+        );
+        self.next_out += out_len;
+        Ok(())
+    }
+}
+
+/// Pinned input and output: chunks are copied straight from and to the
+/// user's page-locked buffers, no staging.
+pub(crate) struct PinnedIo<'a, T: Element> {
+    pub(crate) input: &'a PinnedBuffer<T>,
+    pub(crate) output: &'a mut PinnedBuffer<T>,
+    pub(crate) chunk: usize,
+    pub(crate) next_in: usize,
+    pub(crate) next_out: usize,
+}
+
+impl<T: Element> Io<T> for PinnedIo<'_, T> {
+    fn upload(
+        &mut self,
+        cx: CopyCx<'_>,
+        _io: &mut SlotIo<T>,
+        dev: &mut DeviceBuffer<T>,
+        _chunk: u64,
+    ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
+        if self.next_in >= self.input.len() {
+            return Ok(None);
+        }
+        let len = self.chunk.min(self.input.len() - self.next_in);
+        let (start, end) = copy_htod_at(
+            cx.stream,
+            cx.clock,
+            self.input,
+            self.next_in,
+            dev,
+            len,
+            cx.timed,
+        )?;
+        self.next_in += len;
+        Ok(Some((len, start, end)))
+    }
+
+    fn download(
+        &mut self,
+        cx: CopyCx<'_>,
+        _io: &mut SlotIo<T>,
+        dev: &DeviceBuffer<T>,
+        out_len: usize,
+    ) -> Result<(Option<Fence>, Fence)> {
+        let r = copy_dtoh_at(
+            cx.stream,
+            cx.clock,
+            dev,
+            self.output,
+            self.next_out,
+            out_len,
+            cx.timed,
+        )?;
+        self.next_out += out_len;
+        Ok(r)
+    }
+
+    fn retire(&mut self, _io: &mut SlotIo<T>, _out_len: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Separate items, each with its own output: gathered into pinned staging
+/// (many items per chunk), one copy and one launch per chunk, scattered back.
+/// Only for elementwise stages (checked by the caller).
+pub(crate) struct ItemsIo<'a, T, I: Iterator<Item = (&'a [T], &'a mut [T])>> {
+    pub(crate) items: std::iter::Peekable<I>,
+    pub(crate) chunk: usize,
+    pub(crate) threads: usize,
+    pub(crate) next_item: usize,
+    /// Outputs of items in flight, by item index (oldest first).
+    pub(crate) outputs: std::collections::VecDeque<&'a mut [T]>,
+    pub(crate) first_out: usize,
+}
+
+impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for ItemsIo<'a, T, I> {
+    fn upload(
+        &mut self,
+        cx: CopyCx<'_>,
+        io: &mut SlotIo<T>,
+        dev: &mut DeviceBuffer<T>,
+        _chunk: u64,
+    ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
+        let mut batch: Vec<&[T]> = Vec::new();
+        let mut len = 0;
+        io.items.clear();
+        while let Some((item, out)) = self.items.peek() {
+            if item.len() != out.len() {
+                return Err(Error::OutputLength {
+                    expected: item.len(),
+                    actual: out.len(),
+                });
+            }
+            if item.len() > self.chunk {
+                return Err(Error::ItemTooLong {
+                    item: self.next_item,
+                    len: item.len(),
+                    chunk: self.chunk,
+                });
+            }
+            if len + item.len() > self.chunk {
+                break;
+            }
+            let Some((item, out)) = self.items.next() else {
+                break;
+            };
+            io.items.push((self.next_item, len, item.len()));
+            self.next_item += 1;
+            len += item.len();
+            batch.push(item);
+            self.outputs.push_back(out);
+        }
+        if len == 0 {
+            // Zero-length items carry nothing; they are delivered as they are.
+            return Ok(None);
+        }
+        let buf = staging(
+            &mut io.staging_in,
+            cx.gpu,
+            self.chunk,
+            HostAllocFlags::UPLOAD_ONLY,
+        )?;
+        let mut rest = &mut buf.as_mut_slice()?[..len];
+        let mut pairs = Vec::with_capacity(batch.len());
+        for item in batch {
+            let (head, tail) = rest.split_at_mut(item.len());
+            pairs.push((head, item));
+            rest = tail;
+        }
+        par_copy(pairs, self.threads);
+        let (start, end) = copy_htod_timed(cx.stream, cx.clock, buf, dev, len, cx.timed)?;
+        Ok(Some((len, start, end)))
+    }
+
+    fn download(
+        &mut self,
+        cx: CopyCx<'_>,
+        io: &mut SlotIo<T>,
+        dev: &DeviceBuffer<T>,
+        out_len: usize,
+    ) -> Result<(Option<Fence>, Fence)> {
+        let buf = staging(
+            &mut io.staging_out,
+            cx.gpu,
+            self.chunk,
+            HostAllocFlags::DEFAULT,
+        )?;
+        Ok(copy_dtoh_timed(
+            cx.stream, cx.clock, dev, buf, out_len, cx.timed,
+        )?)
+    }
+
+    fn retire(&mut self, io: &mut SlotIo<T>, _out_len: usize) -> Result<()> {
+        let buf = io
+            .staging_out
+            .as_ref()
+            .ok_or(Error::Config("retired a chunk that was never downloaded"))?;
+        let data = buf.as_slice()?;
+        let mut pairs = Vec::with_capacity(io.items.len());
+        for &(item, off, len) in &io.items {
+            debug_assert_eq!(item, self.first_out);
+            let out = self
+                .outputs
+                .pop_front()
+                .ok_or(Error::Config("item outputs out of step"))?;
+            self.first_out += 1;
+            pairs.push((out, &data[off..off + len]));
+        }
+        par_copy(pairs, self.threads);
+        Ok(())
+    }
+}

@@ -1,0 +1,204 @@
+//! What a run did: counts, times, the bound, and a timeline as a Chrome trace.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Serialize;
+
+/// Which backend ran the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum BackendKind {
+    Gpu,
+    Host,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Gpu => "GPU",
+            Self::Host => "host",
+        })
+    }
+}
+
+/// Time spent in one stage, summed over chunks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageTime {
+    pub name: String,
+    pub ms: f64,
+}
+
+/// Statistics accumulated over runs (until `reset_stats`).
+///
+/// GPU times come from CUDA events around each step (only with timing on);
+/// host-backend times from the host clock. `bound_ms` is the largest of
+/// total upload, total compute and total download time: a run can't beat it,
+/// and `overlap_efficiency` = bound / wall says how close it came.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PipelineStats {
+    pub backend: Option<BackendKind>,
+    pub device: String,
+    pub runs: u64,
+    pub chunks: u64,
+    pub items: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub wall_ms: f64,
+    /// False when timing was off: the per-step times below are then zero.
+    pub timed: bool,
+    pub upload_ms: f64,
+    pub download_ms: f64,
+    pub stages: Vec<StageTime>,
+}
+
+impl PipelineStats {
+    pub fn compute_ms(&self) -> f64 {
+        self.stages.iter().map(|s| s.ms).sum()
+    }
+
+    pub fn bound_ms(&self) -> f64 {
+        self.upload_ms.max(self.download_ms).max(self.compute_ms())
+    }
+
+    /// bound / wall (1.0: perfect overlap); 0 when not timed.
+    pub fn overlap_efficiency(&self) -> f64 {
+        if self.wall_ms > 0.0 {
+            self.bound_ms() / self.wall_ms
+        } else {
+            0.0
+        }
+    }
+
+    /// Bytes moved both ways per second of wall time, in GB/s.
+    pub fn throughput_gbps(&self) -> f64 {
+        if self.wall_ms > 0.0 {
+            (self.bytes_in + self.bytes_out) as f64 / (self.wall_ms * 1e6)
+        } else {
+            0.0
+        }
+    }
+
+    /// What bounds the run: "upload", "compute" or "download".
+    pub fn bottleneck(&self) -> &'static str {
+        let c = self.compute_ms();
+        if self.upload_ms >= c && self.upload_ms >= self.download_ms {
+            "upload"
+        } else if self.download_ms >= c {
+            "download"
+        } else {
+            "compute"
+        }
+    }
+
+    pub(crate) fn add_stage_time(&mut self, name: &str, ms: f64) {
+        match self.stages.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.ms += ms,
+            None => self.stages.push(StageTime {
+                name: name.to_owned(),
+                ms,
+            }),
+        }
+    }
+}
+
+impl fmt::Display for PipelineStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let backend = self.backend.map_or("-".to_owned(), |b| b.to_string());
+        writeln!(
+            f,
+            "prism pipeline stats ({backend} backend{}{})",
+            if self.device.is_empty() { "" } else { ", " },
+            self.device
+        )?;
+        writeln!(
+            f,
+            "  runs {}  chunks {}  items {}  in {:.1} MiB  out {:.1} MiB  wall {:.3} ms  throughput {:.2} GB/s",
+            self.runs,
+            self.chunks,
+            self.items,
+            self.bytes_in as f64 / 1048576.0,
+            self.bytes_out as f64 / 1048576.0,
+            self.wall_ms,
+            self.throughput_gbps()
+        )?;
+        if !self.timed {
+            return writeln!(f, "  (timing off: no per-step times)");
+        }
+        writeln!(f, "  {:<16} {:>12}", "step", "time ms")?;
+        if self.backend == Some(BackendKind::Gpu) {
+            writeln!(f, "  {:<16} {:>12.3}", "upload (H2D)", self.upload_ms)?;
+        }
+        for s in &self.stages {
+            writeln!(f, "  {:<16} {:>12.3}", s.name, s.ms)?;
+        }
+        if self.backend == Some(BackendKind::Gpu) {
+            writeln!(f, "  {:<16} {:>12.3}", "download (D2H)", self.download_ms)?;
+        }
+        writeln!(
+            f,
+            "  bound {:.3} ms ({}-bound), overlap efficiency (bound / wall) {:.3}",
+            self.bound_ms(),
+            self.bottleneck(),
+            self.overlap_efficiency()
+        )
+    }
+}
+
+/// The stream (or host thread) a span ran on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Lane {
+    Upload,
+    Compute,
+    Download,
+}
+
+/// One step of one chunk: what ran, on which lane, when (ms since the run began).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Span {
+    pub chunk: u64,
+    pub lane: Lane,
+    pub name: String,
+    pub start_ms: f64,
+    pub end_ms: f64,
+}
+
+/// The spans of the last timed run with tracing on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Timeline {
+    pub spans: Vec<Span>,
+}
+
+impl Timeline {
+    /// Chrome trace-event JSON (opens in Perfetto or chrome://tracing): one
+    /// thread per stream, one complete event per step.
+    pub fn to_chrome_trace(&self) -> serde_json::Value {
+        let lane_id = |l: Lane| match l {
+            Lane::Upload => 1,
+            Lane::Compute => 2,
+            Lane::Download => 3,
+        };
+        let mut events: Vec<serde_json::Value> = [(1, "upload stream (H2D)"), (2, "compute stream"), (3, "download stream (D2H)")]
+            .iter()
+            .map(|(tid, name)| serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}))
+            .collect();
+        events.extend(self.spans.iter().map(|s| {
+            serde_json::json!({
+                "name": s.name,
+                "cat": "prism",
+                "ph": "X",
+                "pid": 1,
+                "tid": lane_id(s.lane),
+                "ts": s.start_ms * 1000.0,
+                "dur": (s.end_ms - s.start_ms) * 1000.0,
+                "args": {"chunk": s.chunk},
+            })
+        }));
+        serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+    }
+
+    /// Writes [`to_chrome_trace`](Self::to_chrome_trace) to `path`.
+    pub fn write_chrome_trace(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
+        let text = serde_json::to_string(&self.to_chrome_trace()).map_err(std::io::Error::other)?;
+        std::fs::write(path, text)
+    }
+}

@@ -1,0 +1,230 @@
+//! GPU-gated tests of the streaming pipeline. Without a GPU each prints SKIPPED.
+
+use prism_pipeline::{
+    BackendKind, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum, Lane, PipelineConfig,
+    PipelineStageManager,
+};
+use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
+use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
+
+fn manager(ctx: &ManagedGpuContext, chunk_elems: usize, trace: bool) -> PipelineStageManager<f32> {
+    let config = PipelineConfig {
+        chunk_bytes: chunk_elems * 4,
+        trace,
+        ..PipelineConfig::default()
+    };
+    ctx.create_pipeline_manager::<f32>(config).unwrap()
+}
+
+fn expect_fma_clamp(input: &[f32], out: &[f32]) {
+    assert_eq!(input.len(), out.len());
+    let bad = input.iter().zip(out).position(|(x, y)| {
+        fma_chain_cpu(*x, 1.25, -0.5, 3).clamp(-1.0, 1.0).to_bits() != y.to_bits()
+    });
+    assert!(
+        bad.is_none(),
+        "element {} differs from the CPU reference",
+        bad.unwrap_or(0)
+    );
+}
+
+#[test]
+fn gpu_pipeline_pageable_run_matches_cpu_and_traces() {
+    let Some(ctx) = gpu_or_skip("gpu_pipeline_pageable_run_matches_cpu_and_traces") else {
+        return;
+    };
+    let n = scaled(64 << 20, 1 << 16) + 17; // 256 MiB of f32 plus a ragged tail
+    let chunk = scaled(4 << 20, 1 << 12);
+    let input = random_f32(11, n);
+    let mut p = manager(&ctx, chunk, true);
+    assert_eq!(p.backend(), BackendKind::Gpu);
+    p.add_stage(Fma {
+        a: 1.25,
+        b: -0.5,
+        iters: 3,
+    });
+    p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
+    let mut out = vec![f32::NAN; n];
+    p.run(&input, &mut out).unwrap();
+    expect_fma_clamp(&input, &out);
+    let stats = p.get_stats().clone();
+    println!("{stats}");
+    let chunks = n.div_ceil(chunk) as u64;
+    assert_eq!(stats.chunks, chunks);
+    assert!(stats.upload_ms > 0.0 && stats.download_ms > 0.0 && stats.compute_ms() > 0.0);
+    let spans = &p.timeline().spans;
+    assert_eq!(
+        spans.len() as u64,
+        chunks * 4,
+        "one span per upload, stage and download"
+    );
+    assert!(spans
+        .iter()
+        .all(|s| s.end_ms >= s.start_ms && s.start_ms >= 0.0));
+    assert_eq!(
+        spans.iter().filter(|s| s.lane == Lane::Compute).count() as u64,
+        chunks * 2
+    );
+    let trace = p.timeline().to_chrome_trace();
+    let events = trace["traceEvents"].as_array().unwrap();
+    assert_eq!(
+        events.iter().filter(|e| e["ph"] == "X").count() as u64,
+        chunks * 4
+    );
+    let path = std::env::temp_dir().join("prism-gpu-test.trace.json");
+    p.timeline().write_chrome_trace(&path).unwrap();
+    let back: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(back, trace);
+    // Reuse: a second run on the same manager accumulates stats.
+    p.run(&input, &mut out).unwrap();
+    expect_fma_clamp(&input, &out);
+    assert_eq!(p.get_stats().runs, 2);
+    p.reset_stats();
+    assert_eq!(p.get_stats().runs, 0);
+}
+
+#[test]
+fn gpu_pipeline_pinned_run_with_a_shrinking_stage() {
+    let Some(ctx) = gpu_or_skip("gpu_pipeline_pinned_run_with_a_shrinking_stage") else {
+        return;
+    };
+    let n = scaled(16 << 20, 1 << 14) + 5;
+    let chunk = scaled(1 << 20, 1 << 10);
+    let input = random_f32(12, n);
+    let mut p = manager(&ctx, chunk, false);
+    p.add_stage(Clamp { lo: -0.5, hi: 0.5 });
+    p.add_stage(GroupSum { group: 8 });
+    let src = PinnedBuffer::from_slice(ctx.gpu(), &input, HostAllocFlags::DEFAULT).unwrap();
+    let mut dst =
+        PinnedBuffer::<f32>::new(ctx.gpu(), p.total_output_len(n), HostAllocFlags::DEFAULT)
+            .unwrap();
+    p.run_pinned(&src, &mut dst).unwrap();
+    let got = dst.wait_slice().unwrap();
+    let mut want = Vec::new();
+    for c in input.chunks(chunk) {
+        for g in c.chunks(8) {
+            want.push(g.iter().fold(0.0f32, |acc, v| acc + v.clamp(-0.5, 0.5)));
+        }
+    }
+    assert_eq!(got.len(), want.len());
+    let bad = got
+        .iter()
+        .zip(&want)
+        .position(|(a, b)| a.to_bits() != b.to_bits());
+    assert!(
+        bad.is_none(),
+        "group {} differs from the CPU reference",
+        bad.unwrap_or(0)
+    );
+    let mut wrong = PinnedBuffer::<f32>::new(ctx.gpu(), 3, HostAllocFlags::DEFAULT).unwrap();
+    assert!(matches!(
+        p.run_pinned(&src, &mut wrong),
+        Err(Error::OutputLength { .. })
+    ));
+}
+
+#[test]
+fn gpu_pipeline_items_are_batched_and_scattered() {
+    let Some(ctx) = gpu_or_skip("gpu_pipeline_items_are_batched_and_scattered") else {
+        return;
+    };
+    let count = scaled(2048, 64);
+    let mut p = manager(&ctx, scaled(1 << 20, 4096), false);
+    p.add_stage(Fma {
+        a: 1.25,
+        b: -0.5,
+        iters: 3,
+    });
+    p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
+    let inputs: Vec<Vec<f32>> = (0..count)
+        .map(|k| random_f32(k as u64, 1 + (k * 7919) % 4096))
+        .collect();
+    let mut outputs: Vec<Vec<f32>> = inputs.iter().map(|v| vec![f32::NAN; v.len()]).collect();
+    let n = p
+        .run_items(
+            inputs
+                .iter()
+                .map(|v| v.as_slice())
+                .zip(outputs.iter_mut().map(|v| v.as_mut_slice())),
+        )
+        .unwrap();
+    assert_eq!(n as usize, count);
+    for (i, o) in inputs.iter().zip(&outputs) {
+        expect_fma_clamp(i, o);
+    }
+    assert!(
+        p.get_stats().chunks < count as u64,
+        "items were not batched: {} chunks for {count} items",
+        p.get_stats().chunks
+    );
+}
+
+#[test]
+fn gpu_pipeline_failing_stage_drains_and_pipeline_is_reusable() {
+    let Some(ctx) = gpu_or_skip("gpu_pipeline_failing_stage_drains_and_pipeline_is_reusable")
+    else {
+        return;
+    };
+    let mut p = manager(&ctx, 1 << 12, false);
+    let fma = p.add_stage(Fma {
+        a: 1.25,
+        b: -0.5,
+        iters: 3,
+    });
+    let clamp = p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
+    let mut calls = 0;
+    p.add_stage(GpuFn::new(
+        "flaky",
+        true,
+        move |l: &mut prism_stream::Launch<'_>,
+              i: &prism_stream::DeviceBuffer<f32>,
+              o: &mut prism_stream::DeviceBuffer<f32>,
+              n| {
+            calls += 1;
+            if calls == 3 {
+                return Err("deliberate stage failure".into());
+            }
+            Ok(l.clamp(i, o, n, f32::MIN, f32::MAX)?)
+        },
+    ));
+    let input = random_f32(13, 10 << 12);
+    let mut out = vec![0.0; input.len()];
+    match p.run(&input, &mut out) {
+        Err(Error::Stage { stage, chunk, .. }) => assert_eq!((stage.as_str(), chunk), ("flaky", 2)),
+        other => panic!("expected a stage error, got {other:?}"),
+    }
+    p.set_order(&[fma, clamp]).unwrap();
+    p.run(&input, &mut out).unwrap();
+    expect_fma_clamp(&input, &out);
+}
+
+#[test]
+fn gpu_pipeline_overlaps_streams() {
+    let Some(ctx) = gpu_or_skip("gpu_pipeline_overlaps_streams") else {
+        return;
+    };
+    let n = scaled(256 << 20, 1 << 16); // 1 GiB
+    let mut p = manager(&ctx, scaled(16 << 20, 1 << 12), false);
+    p.add_stage(Fma {
+        a: 1.0001,
+        b: 0.5,
+        iters: 1,
+    });
+    let src =
+        PinnedBuffer::from_slice(ctx.gpu(), &random_f32(14, n), HostAllocFlags::DEFAULT).unwrap();
+    let mut dst = PinnedBuffer::<f32>::new(ctx.gpu(), n, HostAllocFlags::DEFAULT).unwrap();
+    p.run_pinned(&src, &mut dst).unwrap(); // warm-up
+    p.reset_stats();
+    p.run_pinned(&src, &mut dst).unwrap();
+    let s = p.get_stats();
+    println!("{s}");
+    if !under_sanitizer() {
+        let serial = s.upload_ms + s.compute_ms() + s.download_ms;
+        assert!(
+            serial > 1.3 * s.wall_ms,
+            "no overlap: steps sum to {serial:.2} ms, wall {:.2} ms",
+            s.wall_ms
+        );
+    }
+}

@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             out += 1;
         }
     }
-    println!("prism triple_buffer: {} chunks of {} MiB streamed in order; {bad} outputs differ from the CPU", chunks.len(), chunk * 4 >> 20);
+    println!("prism triple_buffer: {} chunks of {} MiB streamed in order; {bad} outputs differ from the CPU", chunks.len(), (chunk * 4) >> 20);
     if bad != 0 {
         return Err("outputs differ from the CPU reference".into());
     }

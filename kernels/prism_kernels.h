@@ -74,6 +74,24 @@ int prism_group_sum_f32(const float *x, uint64_t n, uint32_t group, float *out,
 int prism_clamp_f32(const float *x, float *y, uint64_t n, float lo, float hi,
                     prism_stream_t stream);
 
+/* Benchmark baselines (kernels/baselines.cu), hand-written CUDA C++ with the runtime API. */
+#define PRISM_BENCH_MAX_STREAMS 8
+#define PRISM_BENCH_SEQUENTIAL 0  /* one stream: H2D, kernel, D2H per piece */
+#define PRISM_BENCH_MULTISTREAM 1 /* piece i on stream i % nstreams, one buffer set per stream */
+#define PRISM_BENCH_BIDIR 2       /* all H2D on one stream, all D2H on another, no kernel */
+#define PRISM_BENCH_KERNEL_ONLY 3 /* all kernels back to back on device-resident data */
+
+/*
+ * Runs `count` pieces (in[i] -> out[i], lens[i] floats, pinned host memory,
+ * lens[i] <= max_len) in `mode` and writes the GPU time of the whole batch,
+ * from an event before the first call to one after the last, to *ms. Device
+ * buffers and streams are made before and freed after the timed region.
+ * Outputs hold y = fma^iters(x) for the sequential and multistream modes.
+ */
+int prism_bench_pieces(const float *const *in, float *const *out, const uint64_t *lens,
+                       uint64_t count, uint64_t max_len, float a, float b, int32_t iters,
+                       int32_t mode, int32_t nstreams, float *ms);
+
 #ifdef __cplusplus
 }
 #endif

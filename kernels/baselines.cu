@@ -1,0 +1,97 @@
+// Baselines for the benchmark: what a user would write by hand in CUDA C++.
+// They launch the same fma kernel as prism (through prism_fma_chain_f32) and
+// time themselves with CUDA events. See prism_kernels.h for the contract.
+#include <cuda_runtime.h>
+
+#include "prism_kernels.h"
+
+namespace {
+
+struct Cleanup {
+    cudaStream_t streams[PRISM_BENCH_MAX_STREAMS] = {};
+    float *dev_in[PRISM_BENCH_MAX_STREAMS] = {};
+    float *dev_out[PRISM_BENCH_MAX_STREAMS] = {};
+    cudaEvent_t start = nullptr, stop = nullptr;
+    ~Cleanup() {
+        for (int i = 0; i < PRISM_BENCH_MAX_STREAMS; ++i) {
+            if (streams[i]) cudaStreamDestroy(streams[i]);
+            if (dev_in[i]) cudaFree(dev_in[i]);
+            if (dev_out[i]) cudaFree(dev_out[i]);
+        }
+        if (start) cudaEventDestroy(start);
+        if (stop) cudaEventDestroy(stop);
+    }
+};
+
+#define CHECK(call)                                   \
+    do {                                              \
+        cudaError_t e_ = (call);                      \
+        if (e_ != cudaSuccess) return static_cast<int>(e_); \
+    } while (0)
+
+}  // namespace
+
+extern "C" int prism_bench_pieces(const float *const *in, float *const *out, const uint64_t *lens,
+                                  uint64_t count, uint64_t max_len, float a, float b,
+                                  int32_t iters, int32_t mode, int32_t nstreams, float *ms) {
+    if (nstreams < 1 || nstreams > PRISM_BENCH_MAX_STREAMS || max_len == 0 || mode < 0 ||
+        mode > PRISM_BENCH_KERNEL_ONLY)
+        return PRISM_ERR_INVALID_ARGUMENT;
+    for (uint64_t i = 0; i < count; ++i)
+        if (lens[i] > max_len) return PRISM_ERR_INVALID_ARGUMENT;
+    Cleanup c;
+    int used = mode == PRISM_BENCH_SEQUENTIAL ? 1 : (mode == PRISM_BENCH_MULTISTREAM ? nstreams : 2);
+    for (int s = 0; s < used; ++s) {
+        CHECK(cudaStreamCreateWithFlags(&c.streams[s], cudaStreamNonBlocking));
+        CHECK(cudaMalloc(&c.dev_in[s], max_len * sizeof(float)));
+        CHECK(cudaMalloc(&c.dev_out[s], max_len * sizeof(float)));
+    }
+    CHECK(cudaEventCreate(&c.start));
+    CHECK(cudaEventCreate(&c.stop));
+    if (mode == PRISM_BENCH_KERNEL_ONLY) {
+        // Device-resident input: upload one piece's worth once, outside the timing.
+        CHECK(cudaMemsetAsync(c.dev_in[0], 0, max_len * sizeof(float), c.streams[0]));
+        if (count > 0) CHECK(cudaMemcpyAsync(c.dev_in[0], in[0], lens[0] * sizeof(float), cudaMemcpyHostToDevice, c.streams[0]));
+    }
+    CHECK(cudaDeviceSynchronize());
+    // Every stream waits for `start` so the timed region holds all their work.
+    CHECK(cudaEventRecord(c.start, c.streams[0]));
+    for (int s = 1; s < used; ++s) CHECK(cudaStreamWaitEvent(c.streams[s], c.start, 0));
+    for (uint64_t i = 0; i < count; ++i) {
+        size_t bytes = lens[i] * sizeof(float);
+        switch (mode) {
+            case PRISM_BENCH_SEQUENTIAL:
+            case PRISM_BENCH_MULTISTREAM: {
+                // The classic multi-copy sample: piece i on stream i % n, one buffer set per stream.
+                int s = static_cast<int>(i % static_cast<uint64_t>(used));
+                CHECK(cudaMemcpyAsync(c.dev_in[s], in[i], bytes, cudaMemcpyHostToDevice, c.streams[s]));
+                int err = prism_fma_chain_f32(c.dev_in[s], c.dev_out[s], lens[i], a, b, iters,
+                                              reinterpret_cast<prism_stream_t>(c.streams[s]));
+                if (err) return err;
+                CHECK(cudaMemcpyAsync(out[i], c.dev_out[s], bytes, cudaMemcpyDeviceToHost, c.streams[s]));
+                break;
+            }
+            case PRISM_BENCH_BIDIR:
+                CHECK(cudaMemcpyAsync(c.dev_in[0], in[i], bytes, cudaMemcpyHostToDevice, c.streams[0]));
+                CHECK(cudaMemcpyAsync(out[i], c.dev_out[1], bytes, cudaMemcpyDeviceToHost, c.streams[1]));
+                break;
+            case PRISM_BENCH_KERNEL_ONLY: {
+                int err = prism_fma_chain_f32(c.dev_in[0], c.dev_out[0], lens[i], a, b, iters,
+                                              reinterpret_cast<prism_stream_t>(c.streams[0]));
+                if (err) return err;
+                break;
+            }
+        }
+    }
+    for (int s = 1; s < used; ++s) {
+        cudaEvent_t done;
+        CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+        CHECK(cudaEventRecord(done, c.streams[s]));
+        CHECK(cudaStreamWaitEvent(c.streams[0], done, 0));
+        CHECK(cudaEventDestroy(done));
+    }
+    CHECK(cudaEventRecord(c.stop, c.streams[0]));
+    CHECK(cudaEventSynchronize(c.stop));
+    CHECK(cudaEventElapsedTime(ms, c.start, c.stop));
+    return 0;
+}

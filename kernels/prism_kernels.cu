@@ -121,6 +121,31 @@ __global__ void clamp(const float *x, float *y, uint64_t n, float lo, float hi) 
     }
 }
 
+// Copies `bytes` bytes from src to dst within one block: 16-byte accesses
+// when both ends are 16-byte aligned, bytes otherwise.
+__device__ __forceinline__ void block_copy(unsigned char *dst, const unsigned char *src,
+                                           uint64_t bytes) {
+    if ((reinterpret_cast<uintptr_t>(dst) % 16 == 0) && (reinterpret_cast<uintptr_t>(src) % 16 == 0)) {
+        uint64_t n16 = bytes / 16;
+        const uint4 *s4 = reinterpret_cast<const uint4 *>(src);
+        uint4 *d4 = reinterpret_cast<uint4 *>(dst);
+        for (uint64_t i = threadIdx.x; i < n16; i += blockDim.x) d4[i] = s4[i];
+        for (uint64_t i = n16 * 16 + threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
+    } else {
+        for (uint64_t i = threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+__global__ void gather_bytes(const uint64_t *desc, unsigned char *dst) {
+    const uint64_t *d = desc + 3 * static_cast<uint64_t>(blockIdx.x);
+    block_copy(dst + d[1], reinterpret_cast<const unsigned char *>(d[0]), d[2]);
+}
+
+__global__ void scatter_bytes(const unsigned char *src, const uint64_t *desc) {
+    const uint64_t *d = desc + 3 * static_cast<uint64_t>(blockIdx.x);
+    block_copy(reinterpret_cast<unsigned char *>(d[0]), src + d[1], d[2]);
+}
+
 }  // namespace
 
 extern "C" int prism_kernels_available(void) { return 1; }
@@ -157,6 +182,24 @@ extern "C" int prism_fma_chain_f32(const float *x, float *y, uint64_t n, float a
         if (int err = check_launch()) return err;
     }
     return 0;
+}
+
+extern "C" int prism_gather_bytes(const uint64_t *desc, uint64_t count, unsigned char *dst,
+                                  prism_stream_t stream) {
+    if (count == 0) return 0;
+    if (count > 0x7fffffffull) return PRISM_ERR_INVALID_ARGUMENT;
+    gather_bytes<<<static_cast<unsigned int>(count), kBlock, 0,
+                   reinterpret_cast<cudaStream_t>(stream)>>>(desc, dst);
+    return check_launch();
+}
+
+extern "C" int prism_scatter_bytes(const unsigned char *src, const uint64_t *desc, uint64_t count,
+                                   prism_stream_t stream) {
+    if (count == 0) return 0;
+    if (count > 0x7fffffffull) return PRISM_ERR_INVALID_ARGUMENT;
+    scatter_bytes<<<static_cast<unsigned int>(count), kBlock, 0,
+                    reinterpret_cast<cudaStream_t>(stream)>>>(src, desc);
+    return check_launch();
 }
 
 extern "C" int prism_fill_pattern_u32(uint32_t *buf, uint64_t n, uint32_t seed,

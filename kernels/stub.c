@@ -24,6 +24,18 @@ int prism_fma_chain_f32(const float *x, float *y, uint64_t n, float a, float b, 
     return PRISM_ERR_KERNELS_NOT_BUILT;
 }
 
+int prism_gather_bytes(const uint64_t *desc, uint64_t count, unsigned char *dst,
+                       prism_stream_t stream) {
+    (void)desc; (void)count; (void)dst; (void)stream;
+    return PRISM_ERR_KERNELS_NOT_BUILT;
+}
+
+int prism_scatter_bytes(const unsigned char *src, const uint64_t *desc, uint64_t count,
+                        prism_stream_t stream) {
+    (void)src; (void)desc; (void)count; (void)stream;
+    return PRISM_ERR_KERNELS_NOT_BUILT;
+}
+
 int prism_fill_pattern_u32(uint32_t *buf, uint64_t n, uint32_t seed, prism_stream_t stream) {
     (void)buf; (void)n; (void)seed; (void)stream;
     return PRISM_ERR_KERNELS_NOT_BUILT;

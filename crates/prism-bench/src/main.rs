@@ -456,15 +456,7 @@ fn prism_run(
     let t = Instant::now();
     if w.items {
         let Data { inputs, outputs } = data;
-        let ins: Vec<&[f32]> = inputs
-            .iter()
-            .map(|b| b.as_slice())
-            .collect::<Result<_, _>>()?;
-        let outs: Vec<&mut [f32]> = outputs
-            .iter_mut()
-            .map(|b| b.as_mut_slice())
-            .collect::<Result<_, _>>()?;
-        p.run_items(ins.into_iter().zip(outs))?;
+        p.run_items_pinned(inputs.iter().zip(outputs.iter_mut()))?;
     } else {
         let Data { inputs, outputs } = data;
         p.run_pinned(&inputs[0], &mut outputs[0])?;

@@ -22,6 +22,9 @@ use crate::stats::{Lane, PipelineStats, Span, Timeline};
 
 pub(crate) const UP: usize = 0;
 pub(crate) const COMPUTE: usize = 1;
+/// A second compute stream: chunks alternate between the two, so one chunk's
+/// kernels can fill the SMs another leaves idle at its tail.
+pub(crate) const COMPUTE2: usize = 3;
 pub(crate) const DOWN: usize = 2;
 
 /// Pinned staging and item bookkeeping of one slot, for the I/O modes that need them.
@@ -31,6 +34,9 @@ pub(crate) struct SlotIo<T: Element> {
     pub(crate) staging_out: Option<PinnedBuffer<T>>,
     /// (item index, offset, length) of the items batched in this slot's chunk.
     pub(crate) items: Vec<(usize, usize, usize)>,
+    /// Zero-copy gather/scatter descriptors (pinned items).
+    pub(crate) desc_in: Option<PinnedBuffer<u64>>,
+    pub(crate) desc_out: Option<PinnedBuffer<u64>>,
 }
 
 #[derive(Debug)]
@@ -83,6 +89,8 @@ pub(crate) struct RunCounts {
 
 struct TimedStep {
     chunk: u64,
+    /// Index into the engine's streams.
+    stream: usize,
     lane: Lane,
     name: String,
     start: Fence,
@@ -92,8 +100,9 @@ struct TimedStep {
 #[derive(Debug)]
 pub(crate) struct GpuEngine<T: Element> {
     pub(crate) gpu: Gpu,
-    streams: [Arc<CudaStream>; 3],
-    clocks: [WaitClock; 3],
+    /// Upload, compute, download, second compute.
+    streams: [Arc<CudaStream>; 4],
+    clocks: [WaitClock; 4],
     slots: Vec<Slot<T>>,
     /// Elements per device buffer.
     capacity: usize,
@@ -103,11 +112,18 @@ pub(crate) struct GpuEngine<T: Element> {
 impl<T: Element> GpuEngine<T> {
     pub(crate) fn new(gpu: &Gpu, slots: usize, capacity: usize) -> Result<Self> {
         let _span = tracing::debug_span!("prism.pipeline.gpu_engine", slots, capacity).entered();
-        let pool = StreamPool::new(gpu, 1)?;
+        let pool = StreamPool::new(gpu, 2)?;
+        let (up, c1, c2, down) = (
+            pool.acquire(StreamPurpose::Upload),
+            pool.acquire(StreamPurpose::Compute),
+            pool.acquire(StreamPurpose::Compute),
+            pool.acquire(StreamPurpose::Download),
+        );
         let streams = [
-            Arc::clone(pool.acquire(StreamPurpose::Upload).cuda_stream()),
-            Arc::clone(pool.acquire(StreamPurpose::Compute).cuda_stream()),
-            Arc::clone(pool.acquire(StreamPurpose::Download).cuda_stream()),
+            Arc::clone(up.cuda_stream()),
+            Arc::clone(c1.cuda_stream()),
+            Arc::clone(down.cuda_stream()),
+            Arc::clone(c2.cuda_stream()),
         ];
         let slots = (0..slots)
             .map(|_| {
@@ -118,6 +134,8 @@ impl<T: Element> GpuEngine<T> {
                         staging_in: None,
                         staging_out: None,
                         items: Vec::new(),
+                        desc_in: None,
+                        desc_out: None,
                     },
                     in_len: 0,
                     out_len: 0,
@@ -183,6 +201,7 @@ impl<T: Element> GpuEngine<T> {
                 }
                 spans.push(Span {
                     chunk: s.chunk,
+                    stream: s.stream,
                     lane: s.lane,
                     name: s.name,
                     start_ms,
@@ -226,6 +245,7 @@ impl<T: Element> GpuEngine<T> {
                             if let Some(start) = start {
                                 steps.push(TimedStep {
                                     chunk: chunk.0,
+                                    stream: UP,
                                     lane: Lane::Upload,
                                     name: "upload".into(),
                                     start,
@@ -257,6 +277,7 @@ impl<T: Element> GpuEngine<T> {
                 if let Some(start) = start {
                     steps.push(TimedStep {
                         chunk: chunk.0,
+                        stream: DOWN,
                         lane: Lane::Download,
                         name: "download".into(),
                         start,
@@ -304,10 +325,15 @@ impl<T: Element> GpuEngine<T> {
         timed: bool,
         steps: &mut Vec<TimedStep>,
     ) -> Result<Fence> {
-        let stream = &self.streams[COMPUTE];
+        let which = if chunk.is_multiple_of(2) {
+            COMPUTE
+        } else {
+            COMPUTE2
+        };
+        let stream = &self.streams[which];
         let s = &mut self.slots[slot];
         let mut launch =
-            Launch::with_clock(&self.gpu, stream, std::mem::take(&mut self.clocks[COMPUTE]));
+            Launch::with_clock(&self.gpu, stream, std::mem::take(&mut self.clocks[which]));
         let (mut len, mut in_a) = (s.in_len, true);
         for &i in order {
             let stage = &mut stages[i];
@@ -341,6 +367,7 @@ impl<T: Element> GpuEngine<T> {
                 let end = self.gpu.timed_fence(stream)?;
                 steps.push(TimedStep {
                     chunk,
+                    stream: which,
                     lane: Lane::Compute,
                     name: stage.name().to_owned(),
                     start,
@@ -353,7 +380,7 @@ impl<T: Element> GpuEngine<T> {
         s.out_len = len;
         s.out_in_a = in_a;
         let fence = self.gpu.fence_after(stream, launch.clock(), false)?;
-        self.clocks[COMPUTE] = launch.finish(&fence);
+        self.clocks[which] = launch.finish(&fence);
         Ok(fence)
     }
 }

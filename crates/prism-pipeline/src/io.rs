@@ -2,7 +2,7 @@
 
 use prism_stream::{
     copy_dtoh_at, copy_dtoh_timed, copy_htod_at, copy_htod_timed, DeviceBuffer, Element, Fence,
-    Gpu, HostAllocFlags, PinnedBuffer,
+    Gpu, HostAllocFlags, Launch, PinnedBuffer,
 };
 
 use crate::copy::{par_copy, par_copy_one};
@@ -263,6 +263,124 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for Items
             pairs.push((out, &data[off..off + len]));
         }
         par_copy(pairs, self.threads);
+        Ok(())
+    }
+}
+
+/// Items in the user's own pinned buffers: gathered into a chunk on the
+/// device by one zero-copy kernel that reads them over the bus (upload
+/// stream), processed, and scattered back by one zero-copy kernel (download
+/// stream). No host copy and no per-item copy. Elementwise stages only.
+pub(crate) struct PinnedItemsIo<
+    'a,
+    T: Element,
+    I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuffer<T>)>,
+> {
+    pub(crate) items: std::iter::Peekable<I>,
+    pub(crate) chunk: usize,
+    pub(crate) next_item: usize,
+    /// Output buffers of each chunk in flight, oldest first.
+    pub(crate) outputs: std::collections::VecDeque<Vec<&'a mut PinnedBuffer<T>>>,
+}
+
+fn descriptors<'b>(
+    slot: &'b mut Option<PinnedBuffer<u64>>,
+    gpu: &Gpu,
+    items: usize,
+) -> Result<&'b mut PinnedBuffer<u64>> {
+    if slot.as_ref().is_none_or(|b| b.len() < 3 * items) {
+        *slot = Some(PinnedBuffer::new(
+            gpu,
+            (3 * items).max(3 * 64),
+            HostAllocFlags::DEFAULT,
+        )?);
+    }
+    Ok(slot.as_mut().expect("just filled"))
+}
+
+impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuffer<T>)>> Io<T>
+    for PinnedItemsIo<'a, T, I>
+{
+    fn upload(
+        &mut self,
+        cx: CopyCx<'_>,
+        io: &mut SlotIo<T>,
+        dev: &mut DeviceBuffer<T>,
+        _chunk: u64,
+    ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
+        let mut batch: Vec<&PinnedBuffer<T>> = Vec::new();
+        let mut outs: Vec<&'a mut PinnedBuffer<T>> = Vec::new();
+        let mut len = 0;
+        while let Some((item, out)) = self.items.peek() {
+            if item.len() != out.len() {
+                return Err(Error::OutputLength {
+                    expected: item.len(),
+                    actual: out.len(),
+                });
+            }
+            if item.len() > self.chunk {
+                return Err(Error::ItemTooLong {
+                    item: self.next_item,
+                    len: item.len(),
+                    chunk: self.chunk,
+                });
+            }
+            if len + item.len() > self.chunk {
+                break;
+            }
+            let Some((item, out)) = self.items.next() else {
+                break;
+            };
+            self.next_item += 1;
+            len += item.len();
+            batch.push(item);
+            outs.push(out);
+        }
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let desc = descriptors(&mut io.desc_in, cx.gpu, batch.len())?;
+        let mut launch = Launch::with_clock(cx.gpu, cx.stream, *cx.clock);
+        // Order against earlier uses first, so a timed start excludes waiting.
+        launch.writes(dev)?;
+        let start = if cx.timed {
+            Some(cx.gpu.timed_fence(cx.stream)?)
+        } else {
+            None
+        };
+        launch.gather_pinned(&batch, desc, dev)?;
+        let end = cx.gpu.fence_after(cx.stream, launch.clock(), cx.timed)?;
+        *cx.clock = launch.finish(&end);
+        self.outputs.push_back(outs);
+        Ok(Some((len, start, end)))
+    }
+
+    fn download(
+        &mut self,
+        cx: CopyCx<'_>,
+        io: &mut SlotIo<T>,
+        dev: &DeviceBuffer<T>,
+        _out_len: usize,
+    ) -> Result<(Option<Fence>, Fence)> {
+        let mut outs = self
+            .outputs
+            .pop_front()
+            .ok_or(Error::Config("item outputs out of step"))?;
+        let desc = descriptors(&mut io.desc_out, cx.gpu, outs.len())?;
+        let mut launch = Launch::with_clock(cx.gpu, cx.stream, *cx.clock);
+        launch.reads(dev)?;
+        let start = if cx.timed {
+            Some(cx.gpu.timed_fence(cx.stream)?)
+        } else {
+            None
+        };
+        launch.scatter_pinned(dev, &mut outs, desc)?;
+        let end = cx.gpu.fence_after(cx.stream, launch.clock(), cx.timed)?;
+        *cx.clock = launch.finish(&end);
+        Ok((start, end))
+    }
+
+    fn retire(&mut self, _io: &mut SlotIo<T>, _out_len: usize) -> Result<()> {
         Ok(())
     }
 }

@@ -156,6 +156,8 @@ pub enum Lane {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Span {
     pub chunk: u64,
+    /// Which stream (0 upload, 1 and 3 compute, 2 download).
+    pub stream: usize,
     pub lane: Lane,
     pub name: String,
     pub start_ms: f64,
@@ -172,12 +174,7 @@ impl Timeline {
     /// Chrome trace-event JSON (opens in Perfetto or chrome://tracing): one
     /// thread per stream, one complete event per step.
     pub fn to_chrome_trace(&self) -> serde_json::Value {
-        let lane_id = |l: Lane| match l {
-            Lane::Upload => 1,
-            Lane::Compute => 2,
-            Lane::Download => 3,
-        };
-        let mut events: Vec<serde_json::Value> = [(1, "upload stream (H2D)"), (2, "compute stream"), (3, "download stream (D2H)")]
+        let mut events: Vec<serde_json::Value> = [(1, "upload stream (H2D)"), (2, "compute stream 1"), (3, "download stream (D2H)"), (4, "compute stream 2")]
             .iter()
             .map(|(tid, name)| serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}))
             .collect();
@@ -187,7 +184,7 @@ impl Timeline {
                 "cat": "prism",
                 "ph": "X",
                 "pid": 1,
-                "tid": lane_id(s.lane),
+                "tid": s.stream + 1,
                 "ts": s.start_ms * 1000.0,
                 "dur": (s.end_ms - s.start_ms) * 1000.0,
                 "args": {"chunk": s.chunk},

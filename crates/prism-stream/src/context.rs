@@ -168,8 +168,10 @@ impl Gpu {
         self.0.ctx.synchronize().call("cuCtxSynchronize")
     }
 
+    /// True when both handles use the same CUDA context (two `Gpu::open(0)`
+    /// share the device's primary context, so their buffers work together).
     pub(crate) fn same(&self, other: &Gpu) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.0, &other.0) || self.0.ctx.cu_ctx() == other.0.ctx.cu_ctx()
     }
 }
 

@@ -89,6 +89,9 @@ pub enum Error {
     /// A host buffer that a queued GPU operation still reads or writes.
     #[error("{what} is still in use by a queued GPU operation; wait for it (or poll) first")]
     BufferInFlight { what: &'static str },
+    /// A pinned buffer the device cannot access directly.
+    #[error("{what} is not mapped into the device's address space (zero-copy access needs a device that can map host memory)")]
+    NotMapped { what: &'static str },
     /// A buffer belongs to another GPU context.
     #[error("{what} belongs to another GPU context")]
     WrongContext { what: &'static str },

@@ -12,7 +12,7 @@ use crate::context::Gpu;
 use crate::error::check_len;
 use crate::error::DriverResultExt;
 use crate::event::{Fence, WaitClock};
-use crate::memory::{lock, DeviceBuffer, Element, UseCell};
+use crate::memory::{lock, DeviceBuffer, Element, PinnedBuffer, UseCell};
 use crate::{Error, Result};
 
 /// Describes a launcher return code.
@@ -262,6 +262,118 @@ impl<'s> Launch<'s> {
             )
         };
         self.check("group_sum", code)
+    }
+
+    /// Gathers `items` back to back into the front of `dst` with one kernel
+    /// that reads the pinned host buffers directly over the bus (zero-copy),
+    /// and returns the elements written. `desc` (at least 3 x items) holds the
+    /// kernel's descriptors; the host must not need it until this op completes.
+    pub fn gather_pinned<T: Element>(
+        &mut self,
+        items: &[&PinnedBuffer<T>],
+        desc: &mut PinnedBuffer<u64>,
+        dst: &mut DeviceBuffer<T>,
+    ) -> Result<usize> {
+        let total: usize = items.iter().map(|b| b.len()).sum();
+        check_len("gather items", items.len(), desc.len() / 3)?;
+        check_len("gather destination", total, dst.len())?;
+        let desc_ptr = desc.mapped_ptr().ok_or(Error::NotMapped {
+            what: "gather descriptors",
+        })?;
+        let size = std::mem::size_of::<T>() as u64;
+        {
+            let d = desc.as_mut_slice()?;
+            let mut offset = 0u64;
+            for (k, item) in items.iter().enumerate() {
+                if !item.gpu().same(self.gpu) {
+                    return Err(Error::WrongContext {
+                        what: "gathered pinned buffer",
+                    });
+                }
+                let src = item.mapped_ptr().ok_or(Error::NotMapped {
+                    what: "gathered pinned buffer",
+                })?;
+                d[3 * k] = src;
+                d[3 * k + 1] = offset;
+                d[3 * k + 2] = item.len() as u64 * size;
+                offset += item.len() as u64 * size;
+            }
+        }
+        for item in items {
+            lock(&item.uses).order_read(self.stream, &mut self.clock)?;
+            self.reads.push(Arc::clone(&item.uses));
+        }
+        self.reads.push(Arc::clone(&desc.uses));
+        self.writes(dst)?;
+        // SAFETY: desc holds 3 * items.len() initialised descriptors in mapped
+        // pinned memory; each names a live mapped pinned buffer of the stated
+        // size (its use is recorded on finish, so it outlives the kernel), and
+        // the offsets stay within dst (total <= dst.len(), checked above).
+        let code = unsafe {
+            sys::prism_gather_bytes(
+                desc_ptr as *const u64,
+                items.len() as u64,
+                dst.device_ptr() as *mut u8,
+                self.raw_stream(),
+            )
+        };
+        self.check("gather_bytes", code)?;
+        Ok(total)
+    }
+
+    /// Scatters the front of `src` back to back into `items` with one kernel
+    /// that writes the pinned host buffers directly (zero-copy). Host reads
+    /// of `items` fail with `BufferInFlight` until this op completes.
+    pub fn scatter_pinned<T: Element>(
+        &mut self,
+        src: &DeviceBuffer<T>,
+        items: &mut [&mut PinnedBuffer<T>],
+        desc: &mut PinnedBuffer<u64>,
+    ) -> Result<usize> {
+        let total: usize = items.iter().map(|b| b.len()).sum();
+        check_len("scatter items", items.len(), desc.len() / 3)?;
+        check_len("scatter source", total, src.len())?;
+        let desc_ptr = desc.mapped_ptr().ok_or(Error::NotMapped {
+            what: "scatter descriptors",
+        })?;
+        let size = std::mem::size_of::<T>() as u64;
+        {
+            let d = desc.as_mut_slice()?;
+            let mut offset = 0u64;
+            for (k, item) in items.iter().enumerate() {
+                if !item.gpu().same(self.gpu) {
+                    return Err(Error::WrongContext {
+                        what: "scattered pinned buffer",
+                    });
+                }
+                let dst = item.mapped_ptr().ok_or(Error::NotMapped {
+                    what: "scattered pinned buffer",
+                })?;
+                d[3 * k] = dst;
+                d[3 * k + 1] = offset;
+                d[3 * k + 2] = item.len() as u64 * size;
+                offset += item.len() as u64 * size;
+            }
+        }
+        self.reads(src)?;
+        self.reads.push(Arc::clone(&desc.uses));
+        for item in items.iter() {
+            lock(&item.uses).order_write(self.stream, &mut self.clock)?;
+            self.writes.push(Arc::clone(&item.uses));
+        }
+        // SAFETY: as in gather_pinned, with the roles swapped: every
+        // descriptor names a live mapped pinned buffer the host cannot touch
+        // until the write recorded on finish completes; offsets stay within src.
+        let code = unsafe {
+            sys::prism_scatter_bytes(
+                src.device_ptr() as *const u8,
+                desc_ptr as *const u64,
+                items.len() as u64,
+                self.raw_stream(),
+            )
+        };
+        self.check("scatter_bytes", code)?;
+        Ok(total)
     }
 
     /// In place: `y[i] = clamp(y[i], lo, hi)`.

@@ -235,7 +235,9 @@ impl HostAllocFlags {
     };
 
     fn bits(self) -> u32 {
-        let mut f = 0;
+        // Always mapped: kernels can then read and write the buffer directly
+        // (prism's zero-copy gather/scatter of many small buffers).
+        let mut f = sys::CU_MEMHOSTALLOC_DEVICEMAP;
         if self.portable {
             f |= sys::CU_MEMHOSTALLOC_PORTABLE;
         }
@@ -254,6 +256,8 @@ pub struct PinnedBuffer<T: Element> {
     ptr: *mut T,
     len: usize,
     flags: HostAllocFlags,
+    /// The device-side address of the mapping (0 if the driver gave none).
+    mapped: sys::CUdeviceptr,
     pub(crate) uses: UseCell,
 }
 
@@ -285,11 +289,20 @@ impl<T: Element> PinnedBuffer<T> {
         // bits are a valid T (Element: ValidAsZeroBits), so the buffer is
         // initialised before any slice of it is made.
         unsafe { std::ptr::write_bytes(raw.cast::<u8>(), 0, bytes) };
+        let mut mapped: sys::CUdeviceptr = 0;
+        // SAFETY: `raw` was returned by cuMemHostAlloc with DEVICEMAP in this
+        // context; the call only writes the out-parameter.
+        if unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, raw, 0) }
+            != CUresult::CUDA_SUCCESS
+        {
+            mapped = 0;
+        }
         Ok(Self {
             gpu: gpu.clone(),
             ptr,
             len,
             flags,
+            mapped,
             uses: UseCell::default(),
         })
     }
@@ -364,6 +377,12 @@ impl<T: Element> PinnedBuffer<T> {
     pub fn wait_mut_slice(&mut self) -> Result<&mut [T]> {
         self.wait_idle()?;
         self.as_mut_slice()
+    }
+
+    /// The address kernels use to read or write this buffer directly over the
+    /// bus (zero-copy), or `None` if the driver could not map it.
+    pub fn mapped_ptr(&self) -> Option<sys::CUdeviceptr> {
+        (self.mapped != 0).then_some(self.mapped)
     }
 
     pub(crate) fn raw(&self) -> *mut T {

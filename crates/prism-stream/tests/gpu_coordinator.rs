@@ -358,3 +358,61 @@ fn gpu_event_pool_reaches_steady_state() {
         gpu.pooled_events()
     );
 }
+
+#[test]
+fn gpu_zero_copy_gather_and_scatter_round_trip() {
+    let Some(ctx) = gpu_or_skip("gpu_zero_copy_gather_and_scatter_round_trip") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    // Odd lengths: exercises the unaligned (byte) path as well as the 16-byte one.
+    let lens: Vec<usize> = (0..scaled(300, 20))
+        .map(|k| 1 + (k * 7919) % 5000)
+        .collect();
+    let inputs: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| random_f32(100 + k as u64, n))
+        .collect();
+    let items: Vec<PinnedBuffer<f32>> = inputs
+        .iter()
+        .map(|v| PinnedBuffer::from_slice(&gpu, v, HostAllocFlags::DEFAULT).unwrap())
+        .collect();
+    let mut outs: Vec<PinnedBuffer<f32>> = lens
+        .iter()
+        .map(|&n| {
+            PinnedBuffer::from_slice(&gpu, &vec![f32::NAN; n], HostAllocFlags::DEFAULT).unwrap()
+        })
+        .collect();
+    let total: usize = lens.iter().sum();
+    let mut dev = DeviceBuffer::<f32>::new(&gpu, total).unwrap();
+    let mut desc_in =
+        PinnedBuffer::<u64>::new(&gpu, 3 * lens.len(), HostAllocFlags::DEFAULT).unwrap();
+    let mut desc_out =
+        PinnedBuffer::<u64>::new(&gpu, 3 * lens.len(), HostAllocFlags::DEFAULT).unwrap();
+    let stream = gpu.new_stream(0).unwrap();
+    let mut l = prism_stream::Launch::new(&gpu, &stream);
+    let refs: Vec<&PinnedBuffer<f32>> = items.iter().collect();
+    assert_eq!(
+        l.gather_pinned(&refs, &mut desc_in, &mut dev).unwrap(),
+        total
+    );
+    l.fma_chain_in_place(&mut dev, total, 1.5, -0.25, 2)
+        .unwrap();
+    l.spin(50_000_000).unwrap(); // keeps the scatter pending while the host checks below
+    let mut out_refs: Vec<&mut PinnedBuffer<f32>> = outs.iter_mut().collect();
+    assert_eq!(
+        l.scatter_pinned(&dev, &mut out_refs, &mut desc_out)
+            .unwrap(),
+        total
+    );
+    let done = gpu.fence(&stream).unwrap();
+    l.finish(&done);
+    assert!(
+        matches!(outs[0].as_slice(), Err(Error::BufferInFlight { .. })),
+        "output readable while the scatter may still write it"
+    );
+    for (i, o) in inputs.iter().zip(&outs) {
+        assert_fma(i, o.wait_slice().unwrap(), 1.5, -0.25, 2);
+    }
+}

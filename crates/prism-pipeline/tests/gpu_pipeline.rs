@@ -261,7 +261,7 @@ fn gpu_pipeline_pinned_items_use_zero_copy_gather_and_scatter() {
     p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
     let gpu = ctx.gpu();
     let inputs: Vec<Vec<f32>> = (0..count)
-        .map(|k| random_f32(7 + k as u64, 1 + (k * 7919) % 4096))
+        .map(|k| random_f32(7 + k as u64, 1 + (k * 7919) % scaled(4096, 256)))
         .collect();
     let items: Vec<PinnedBuffer<f32>> = inputs
         .iter()

@@ -170,11 +170,14 @@ fn gpu_pinned_buffer_is_locked_while_in_flight() {
         })
         .unwrap();
     let down = c.queue_download(&d, &mut host, &[k]).unwrap();
-    assert!(matches!(host.as_slice(), Err(Error::BufferInFlight { .. })));
-    assert!(matches!(
-        host.as_mut_slice(),
-        Err(Error::BufferInFlight { .. })
-    ));
+    // compute-sanitizer may finish the work before these checks: only outside it.
+    if !under_sanitizer() {
+        assert!(matches!(host.as_slice(), Err(Error::BufferInFlight { .. })));
+        assert!(matches!(
+            host.as_mut_slice(),
+            Err(Error::BufferInFlight { .. })
+        ));
+    }
     c.wait(down).unwrap();
     let got = host.as_slice().unwrap();
     assert!(

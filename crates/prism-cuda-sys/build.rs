@@ -47,8 +47,15 @@ fn main() {
     } else {
         find_nvcc(&workspace, |var| env::var_os(var))
     };
+    let user_ptx =
+        PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("user_scale_add.ptx");
+    // Empty unless nvcc builds it below: the crate embeds it either way.
+    std::fs::write(&user_ptx, "").expect("write OUT_DIR/user_scale_add.ptx");
     match nvcc {
-        Some(nvcc) => build_cuda(&nvcc, &kernels),
+        Some(nvcc) => {
+            build_cuda(&nvcc, &kernels);
+            build_user_ptx(&nvcc, &kernels.join("user/scale_add.cu"), &user_ptx);
+        }
         None => {
             println!(
                 "cargo:warning=prism-cuda-sys: nvcc not found, so no CUDA kernels were compiled; \
@@ -61,6 +68,23 @@ fn main() {
                 .include(&kernels)
                 .warnings_into_errors(true)
                 .compile("prism_kernels");
+        }
+    }
+}
+
+/// The example "user" kernel, as PTX for compute_80 (the driver JIT-compiles
+/// it for the GPU it runs on), embedded as `EXAMPLE_USER_PTX`.
+fn build_user_ptx(nvcc: &Path, src: &Path, out: &Path) {
+    let status = std::process::Command::new(nvcc)
+        .args(["-ptx", "-arch=compute_80", "-O3", "-o"])
+        .arg(out)
+        .arg(src)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        other => {
+            println!("cargo:warning=prism-cuda-sys: could not build the example user PTX ({other:?}); EXAMPLE_USER_PTX stays empty");
+            let _ = std::fs::write(out, "");
         }
     }
 }

@@ -21,6 +21,7 @@ pub const EXAMPLE_SMOKE_RUNS: &[(&str, &str, &str)] = &[
     ("prism-stream", "coordinator_overhead", ""),
     ("prism-buffer", "triple_buffer", ""),
     ("prism-pipeline", "multi_stage", ""),
+    ("prism-pipeline", "custom_kernel", ""),
     (
         "prism-pipeline",
         "streaming",

@@ -30,3 +30,9 @@ pub use bindings::*;
 
 /// True when this build compiled the CUDA kernels with nvcc; false for the stub build.
 pub const KERNELS_BUILT: bool = cfg!(prism_kernels);
+
+/// PTX (compute_80) of `kernels/user/scale_add.cu`, a stand-in for a user's
+/// own kernel that examples load at run time through cudarc
+/// (`extern "C" scale_add(const float *x, float *y, u64 n, float a, float b)`:
+/// `y[i] = fmaf(a, x[i], b)`). Empty in a build without nvcc.
+pub const EXAMPLE_USER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/user_scale_add.ptx"));

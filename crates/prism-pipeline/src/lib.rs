@@ -153,6 +153,11 @@ impl<T: Element> PipelineStageManager<T> {
         })
     }
 
+    /// The GPU this manager runs on (`None` on the host backend).
+    pub fn gpu(&self) -> Option<&Gpu> {
+        self.gpu.as_ref()
+    }
+
     /// The backend this manager runs on.
     pub fn backend(&self) -> BackendKind {
         self.backend

@@ -24,7 +24,7 @@ use prism_pipeline::{Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 use prism_stream::testing::random_f32;
 use prism_stream::{fma_chain_cpu, Gpu, HostAllocFlags, PinnedBuffer};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 const A: f32 = 1.0001;
 const B: f32 = 0.5;
@@ -41,7 +41,7 @@ struct Workload {
     prism_slots: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct CaseResult {
     workload: String,
     implementation: String,
@@ -54,7 +54,7 @@ struct CaseResult {
     checked_outputs: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct WorkloadResult {
     workload: String,
     total_mib: usize,
@@ -67,7 +67,7 @@ struct WorkloadResult {
     cases: Vec<CaseResult>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Report {
     device: String,
     driver_cuda_version: String,
@@ -81,6 +81,7 @@ struct Args {
     reps: usize,
     out: String,
     only: Option<String>,
+    replot: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -89,6 +90,7 @@ fn parse_args() -> Result<Args, String> {
         reps: 5,
         out: "bench-results".into(),
         only: None,
+        replot: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(f) = it.next() {
@@ -103,6 +105,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--out" => a.out = it.next().ok_or("--out needs a value")?,
             "--only" => a.only = Some(it.next().ok_or("--only needs a value")?),
+            "--replot" => a.replot = Some(it.next().ok_or("--replot needs a results.json")?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -123,6 +126,14 @@ type BoxError = Box<dyn std::error::Error>;
 
 fn run() -> Result<(), BoxError> {
     let args = parse_args()?;
+    if let Some(path) = &args.replot {
+        // Table and chart again from a saved results.json (no GPU needed).
+        let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        print_table(&report.device, &report.workloads);
+        std::fs::create_dir_all(&args.out)?;
+        write_chart(&report, &args.out)?;
+        return Ok(());
+    }
     if !prism_cuda_sys::KERNELS_BUILT {
         return Err("this build has no CUDA kernels (no nvcc at build time): run `cargo xtask install-nvcc` and rebuild".into());
     }
@@ -199,6 +210,15 @@ fn run() -> Result<(), BoxError> {
         format!("{}/results.json", args.out),
         serde_json::to_string_pretty(&report)?,
     )?;
+    write_chart(&report, &args.out)?;
+    eprintln!(
+        "prism-bench: wrote {0}/results.json and {0}/chart.svg",
+        args.out
+    );
+    Ok(())
+}
+
+fn write_chart(report: &Report, out: &str) -> Result<(), BoxError> {
     let names: Vec<String> = report
         .workloads
         .iter()
@@ -220,11 +240,7 @@ fn run() -> Result<(), BoxError> {
                 .collect()
         })
         .collect();
-    chart::write_svg(&format!("{}/chart.svg", args.out), &names, &impls, &eff)?;
-    eprintln!(
-        "prism-bench: wrote {0}/results.json and {0}/chart.svg",
-        args.out
-    );
+    chart::write_svg(&format!("{out}/chart.svg"), &names, &impls, &eff)?;
     Ok(())
 }
 

@@ -274,31 +274,9 @@ impl<'s> Launch<'s> {
         desc: &mut PinnedBuffer<u64>,
         dst: &mut DeviceBuffer<T>,
     ) -> Result<usize> {
-        let total: usize = items.iter().map(|b| b.len()).sum();
-        check_len("gather items", items.len(), desc.len() / 3)?;
+        let (total, desc_ptr) =
+            self.write_descriptors(items.iter().copied(), desc, "gathered pinned buffer")?;
         check_len("gather destination", total, dst.len())?;
-        let desc_ptr = desc.mapped_ptr().ok_or(Error::NotMapped {
-            what: "gather descriptors",
-        })?;
-        let size = std::mem::size_of::<T>() as u64;
-        {
-            let d = desc.as_mut_slice()?;
-            let mut offset = 0u64;
-            for (k, item) in items.iter().enumerate() {
-                if !item.gpu().same(self.gpu) {
-                    return Err(Error::WrongContext {
-                        what: "gathered pinned buffer",
-                    });
-                }
-                let src = item.mapped_ptr().ok_or(Error::NotMapped {
-                    what: "gathered pinned buffer",
-                })?;
-                d[3 * k] = src;
-                d[3 * k + 1] = offset;
-                d[3 * k + 2] = item.len() as u64 * size;
-                offset += item.len() as u64 * size;
-            }
-        }
         for item in items {
             lock(&item.uses).order_read(self.stream, &mut self.clock)?;
             self.reads.push(Arc::clone(&item.uses));
@@ -330,31 +308,9 @@ impl<'s> Launch<'s> {
         items: &mut [&mut PinnedBuffer<T>],
         desc: &mut PinnedBuffer<u64>,
     ) -> Result<usize> {
-        let total: usize = items.iter().map(|b| b.len()).sum();
-        check_len("scatter items", items.len(), desc.len() / 3)?;
+        let (total, desc_ptr) =
+            self.write_descriptors(items.iter().map(|b| &**b), desc, "scattered pinned buffer")?;
         check_len("scatter source", total, src.len())?;
-        let desc_ptr = desc.mapped_ptr().ok_or(Error::NotMapped {
-            what: "scatter descriptors",
-        })?;
-        let size = std::mem::size_of::<T>() as u64;
-        {
-            let d = desc.as_mut_slice()?;
-            let mut offset = 0u64;
-            for (k, item) in items.iter().enumerate() {
-                if !item.gpu().same(self.gpu) {
-                    return Err(Error::WrongContext {
-                        what: "scattered pinned buffer",
-                    });
-                }
-                let dst = item.mapped_ptr().ok_or(Error::NotMapped {
-                    what: "scattered pinned buffer",
-                })?;
-                d[3 * k] = dst;
-                d[3 * k + 1] = offset;
-                d[3 * k + 2] = item.len() as u64 * size;
-                offset += item.len() as u64 * size;
-            }
-        }
         self.reads(src)?;
         self.reads.push(Arc::clone(&desc.uses));
         for item in items.iter() {
@@ -374,6 +330,38 @@ impl<'s> Launch<'s> {
         };
         self.check("scatter_bytes", code)?;
         Ok(total)
+    }
+
+    /// Fills `desc` with one (mapped address, byte offset, bytes) triple per
+    /// item, back to back; returns the items' total elements and the mapped
+    /// address of `desc` for the kernel. Writes nothing into `desc` on error.
+    fn write_descriptors<'b, T: Element>(
+        &self,
+        items: impl ExactSizeIterator<Item = &'b PinnedBuffer<T>> + Clone,
+        desc: &mut PinnedBuffer<u64>,
+        what: &'static str,
+    ) -> Result<(usize, cudarc::driver::sys::CUdeviceptr)> {
+        check_len("zero-copy items", items.len(), desc.len() / 3)?;
+        let desc_ptr = desc.mapped_ptr().ok_or(Error::NotMapped {
+            what: "zero-copy descriptors",
+        })?;
+        for item in items.clone() {
+            if !item.gpu().same(self.gpu) {
+                return Err(Error::WrongContext { what });
+            }
+            item.mapped_ptr().ok_or(Error::NotMapped { what })?;
+        }
+        let size = std::mem::size_of::<T>() as u64;
+        let d = desc.as_mut_slice()?;
+        let (mut offset, mut total) = (0u64, 0usize);
+        for (k, item) in items.enumerate() {
+            d[3 * k] = item.mapped_ptr().unwrap_or(0);
+            d[3 * k + 1] = offset;
+            d[3 * k + 2] = item.len() as u64 * size;
+            offset += item.len() as u64 * size;
+            total += item.len();
+        }
+        Ok((total, desc_ptr))
     }
 
     /// In place: `y[i] = clamp(y[i], lo, hi)`.

@@ -21,6 +21,62 @@ fn staging<'b, T: Element>(
     Ok(slot.as_mut().expect("just filled"))
 }
 
+/// Downloads `dev[..out_len]` into the slot's pinned output staging
+/// (allocated on first use with room for `capacity` elements).
+fn download_staged<T: Element>(
+    cx: CopyCx<'_>,
+    io: &mut SlotIo<T>,
+    dev: &DeviceBuffer<T>,
+    out_len: usize,
+    capacity: usize,
+) -> Result<(Option<Fence>, Fence)> {
+    let buf = staging(
+        &mut io.staging_out,
+        cx.gpu,
+        capacity,
+        HostAllocFlags::DEFAULT,
+    )?;
+    Ok(copy_dtoh_timed(
+        cx.stream, cx.clock, dev, buf, out_len, cx.timed,
+    )?)
+}
+
+/// Takes items (input, output) from the front of `items` while they fit one
+/// chunk together; `len` gives an item's input and output lengths, which
+/// must agree. `next_item` counts the items taken so far (for errors).
+fn take_batch<A, B, I: Iterator<Item = (A, B)>>(
+    items: &mut std::iter::Peekable<I>,
+    chunk: usize,
+    next_item: &mut usize,
+    len: impl Fn(&A, &B) -> (usize, usize),
+) -> Result<(Vec<(A, B)>, usize)> {
+    let (mut batch, mut total) = (Vec::new(), 0);
+    while let Some((input, output)) = items.peek() {
+        let (n, out) = len(input, output);
+        if n != out {
+            return Err(Error::OutputLength {
+                expected: n,
+                actual: out,
+            });
+        }
+        if n > chunk {
+            return Err(Error::ItemTooLong {
+                item: *next_item,
+                len: n,
+                chunk,
+            });
+        }
+        if total + n > chunk {
+            break;
+        }
+        let Some(item) = items.next() else { break };
+        *next_item += 1;
+        total += n;
+        batch.push(item);
+    }
+    Ok((batch, total))
+}
+
 /// Pageable input and output: chunks are staged through pinned memory,
 /// copied by several host threads.
 pub(crate) struct SliceIo<'a, T> {
@@ -70,15 +126,7 @@ impl<T: Element> Io<T> for SliceIo<'_, T> {
         dev: &DeviceBuffer<T>,
         out_len: usize,
     ) -> Result<(Option<Fence>, Fence)> {
-        let buf = staging(
-            &mut io.staging_out,
-            cx.gpu,
-            self.capacity,
-            HostAllocFlags::DEFAULT,
-        )?;
-        Ok(copy_dtoh_timed(
-            cx.stream, cx.clock, dev, buf, out_len, cx.timed,
-        )?)
+        download_staged(cx, io, dev, out_len, self.capacity)
     }
 
     fn retire(&mut self, io: &mut SlotIo<T>, out_len: usize) -> Result<()> {
@@ -177,32 +225,16 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for Items
         dev: &mut DeviceBuffer<T>,
         _chunk: u64,
     ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
-        let mut batch: Vec<&[T]> = Vec::new();
-        let mut len = 0;
+        let (taken, len) = take_batch(&mut self.items, self.chunk, &mut self.next_item, |i, o| {
+            (i.len(), o.len())
+        })?;
         io.items.clear();
-        while let Some((item, out)) = self.items.peek() {
-            if item.len() != out.len() {
-                return Err(Error::OutputLength {
-                    expected: item.len(),
-                    actual: out.len(),
-                });
-            }
-            if item.len() > self.chunk {
-                return Err(Error::ItemTooLong {
-                    item: self.next_item,
-                    len: item.len(),
-                    chunk: self.chunk,
-                });
-            }
-            if len + item.len() > self.chunk {
-                break;
-            }
-            let Some((item, out)) = self.items.next() else {
-                break;
-            };
-            io.items.push((self.next_item, len, item.len()));
-            self.next_item += 1;
-            len += item.len();
+        let first = self.next_item - taken.len();
+        let mut batch: Vec<&[T]> = Vec::with_capacity(taken.len());
+        let mut offset = 0;
+        for (k, (item, out)) in taken.into_iter().enumerate() {
+            io.items.push((first + k, offset, item.len()));
+            offset += item.len();
             batch.push(item);
             self.outputs.push_back(out);
         }
@@ -235,15 +267,7 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for Items
         dev: &DeviceBuffer<T>,
         out_len: usize,
     ) -> Result<(Option<Fence>, Fence)> {
-        let buf = staging(
-            &mut io.staging_out,
-            cx.gpu,
-            self.chunk,
-            HostAllocFlags::DEFAULT,
-        )?;
-        Ok(copy_dtoh_timed(
-            cx.stream, cx.clock, dev, buf, out_len, cx.timed,
-        )?)
+        download_staged(cx, io, dev, out_len, self.chunk)
     }
 
     fn retire(&mut self, io: &mut SlotIo<T>, _out_len: usize) -> Result<()> {
@@ -308,34 +332,11 @@ impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuff
         dev: &mut DeviceBuffer<T>,
         _chunk: u64,
     ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
-        let mut batch: Vec<&PinnedBuffer<T>> = Vec::new();
-        let mut outs: Vec<&'a mut PinnedBuffer<T>> = Vec::new();
-        let mut len = 0;
-        while let Some((item, out)) = self.items.peek() {
-            if item.len() != out.len() {
-                return Err(Error::OutputLength {
-                    expected: item.len(),
-                    actual: out.len(),
-                });
-            }
-            if item.len() > self.chunk {
-                return Err(Error::ItemTooLong {
-                    item: self.next_item,
-                    len: item.len(),
-                    chunk: self.chunk,
-                });
-            }
-            if len + item.len() > self.chunk {
-                break;
-            }
-            let Some((item, out)) = self.items.next() else {
-                break;
-            };
-            self.next_item += 1;
-            len += item.len();
-            batch.push(item);
-            outs.push(out);
-        }
+        let (taken, len) = take_batch(&mut self.items, self.chunk, &mut self.next_item, |i, o| {
+            (i.len(), o.len())
+        })?;
+        let (batch, outs): (Vec<&PinnedBuffer<T>>, Vec<&'a mut PinnedBuffer<T>>) =
+            taken.into_iter().unzip();
         if batch.is_empty() {
             return Ok(None);
         }

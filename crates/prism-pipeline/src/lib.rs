@@ -282,11 +282,38 @@ impl<T: Element> PipelineStageManager<T> {
         self.engine.as_mut().ok_or(Error::Config("no GPU engine"))
     }
 
-    fn prepare(&mut self, order: &[usize]) -> Result<()> {
-        if self.backend == BackendKind::Gpu {
-            self.engine(order)?;
+    /// What every run checks first: the stages support the backend, the
+    /// output fits (`(input, output)` lengths, when given), items mode has
+    /// only elementwise stages; then the ring is allocated, outside the timed
+    /// part. Returns the stage order.
+    fn begin_run(
+        &mut self,
+        lengths: Option<(usize, usize)>,
+        batched_items: bool,
+    ) -> Result<Vec<usize>> {
+        let order = self.order();
+        self.check_stages(&order)?;
+        if let Some((input, output)) = lengths {
+            let expected = self.total_output_len(input);
+            if output != expected {
+                return Err(Error::OutputLength {
+                    expected,
+                    actual: output,
+                });
+            }
         }
-        Ok(())
+        if batched_items {
+            if let Some(&i) = order.iter().find(|&&i| !self.stages[i].elementwise()) {
+                return Err(Error::Unsupported {
+                    stage: self.stages[i].name().to_owned(),
+                    backend: "batched-items (not elementwise)",
+                });
+            }
+        }
+        if self.backend == BackendKind::Gpu {
+            self.engine(&order)?;
+        }
+        Ok(order)
     }
 
     fn gpu_run(&mut self, io: &mut dyn gpu::Io<T>, order: &[usize]) -> Result<gpu::RunCounts> {
@@ -340,17 +367,7 @@ impl<T: Element> PipelineStageManager<T> {
     /// elements). Empty input is a valid run of zero chunks.
     pub fn run(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         let _span = tracing::debug_span!("prism.pipeline.run", n = input.len()).entered();
-        let order = self.order();
-        self.check_stages(&order)?;
-        let expected = self.total_output_len(input.len());
-        if output.len() != expected {
-            return Err(Error::OutputLength {
-                expected,
-                actual: output.len(),
-            });
-        }
-        // Ring allocation happens here, outside the timed run.
-        self.prepare(&order)?;
+        let order = self.begin_run(Some((input.len(), output.len())), false)?;
         let started = Instant::now();
         let elem = std::mem::size_of::<T>() as u64;
         if input.is_empty() {
@@ -415,17 +432,7 @@ impl<T: Element> PipelineStageManager<T> {
                 backend: "host",
             });
         }
-        let order = self.order();
-        self.check_stages(&order)?;
-        let expected = self.total_output_len(input.len());
-        if output.len() != expected {
-            return Err(Error::OutputLength {
-                expected,
-                actual: output.len(),
-            });
-        }
-        // Ring allocation happens here, outside the timed run.
-        self.prepare(&order)?;
+        let order = self.begin_run(Some((input.len(), output.len())), false)?;
         let started = Instant::now();
         let mut io = PinnedIo {
             input,
@@ -455,16 +462,7 @@ impl<T: Element> PipelineStageManager<T> {
         I: IntoIterator<Item = (&'a [T], &'a mut [T])>,
         I::IntoIter: Send,
     {
-        let order = self.order();
-        self.check_stages(&order)?;
-        if let Some(&i) = order.iter().find(|&&i| !self.stages[i].elementwise()) {
-            return Err(Error::Unsupported {
-                stage: self.stages[i].name().to_owned(),
-                backend: "batched-items (not elementwise)",
-            });
-        }
-        // Ring allocation happens here, outside the timed run.
-        self.prepare(&order)?;
+        let order = self.begin_run(None, true)?;
         let started = Instant::now();
         let elem = std::mem::size_of::<T>() as u64;
         let chunk = self.chunk_elems();
@@ -538,15 +536,7 @@ impl<T: Element> PipelineStageManager<T> {
                 backend: "host",
             });
         }
-        let order = self.order();
-        self.check_stages(&order)?;
-        if let Some(&i) = order.iter().find(|&&i| !self.stages[i].elementwise()) {
-            return Err(Error::Unsupported {
-                stage: self.stages[i].name().to_owned(),
-                backend: "batched-items (not elementwise)",
-            });
-        }
-        self.prepare(&order)?;
+        let order = self.begin_run(None, true)?;
         let started = Instant::now();
         let mut io = PinnedItemsIo {
             items: items.into_iter().peekable(),

@@ -84,7 +84,12 @@ fn run_here() -> Result {
                     "--release",
                     "-p",
                     package,
-                    "--example",
+                    // A package's own binary (prism-bench) is a --bin, the rest examples.
+                    if package == example {
+                        "--bin"
+                    } else {
+                        "--example"
+                    },
                     example,
                     "--",
                 ])

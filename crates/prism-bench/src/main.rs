@@ -193,8 +193,9 @@ fn run() -> Result<(), BoxError> {
         }
     );
     let mut results = Vec::new();
+    let count = workloads.len();
     for (k, w) in workloads.iter_mut().enumerate() {
-        eprintln!("prism-bench: [{}/{}] {} ...", k + 1, 4, w.name);
+        eprintln!("prism-bench: [{}/{}] {} ...", k + 1, count, w.name);
         results.push(bench_workload(&gpu, &ctx, w, args.reps)?);
     }
     print_table(&device, &results);
@@ -463,12 +464,10 @@ fn cudarc_loop(
 }
 
 fn prism_run(
-    gpu: &Gpu,
     w: &Workload,
     data: &mut Data,
     p: &mut PipelineStageManager<f32>,
 ) -> Result<f64, BoxError> {
-    let _ = gpu;
     let t = Instant::now();
     if w.items {
         let Data { inputs, outputs } = data;
@@ -590,7 +589,7 @@ fn bench_workload(
                     3,
                 )?,
                 "cudarc 3 streams" => cudarc_loop(ctx, &mut data, w.piece, w.iters)?,
-                _ => prism_run(gpu, w, &mut data, &mut pipeline)?,
+                _ => prism_run(w, &mut data, &mut pipeline)?,
             };
             checked += sample.check(&data, w.iters, name)?;
             if rep > 0 {

@@ -364,7 +364,6 @@ impl<'s> Launch<'s> {
         Ok((total, desc_ptr))
     }
 
-    /// In place: `y[i] = clamp(y[i], lo, hi)`.
     /// `y[i] = clamp(x[i], lo, hi)` for `i < n`.
     pub fn clamp(
         &mut self,
@@ -393,6 +392,7 @@ impl<'s> Launch<'s> {
         self.check("clamp", code)
     }
 
+    /// In place: `y[i] = clamp(y[i], lo, hi)` for `i < n`.
     pub fn clamp_in_place(
         &mut self,
         y: &mut DeviceBuffer<f32>,
@@ -417,14 +417,15 @@ impl<'s> Launch<'s> {
         self.check("clamp", code)
     }
 
-    /// Records the uses declared in this scope against `fence` (recorded
-    /// after the last kernel), so later ops and buffer drops wait for them.
     /// The waits this scope's stream is ordered after (record the scope's
     /// end fence with [`Gpu::fence_after`] and this clock).
     pub fn clock(&self) -> &WaitClock {
         &self.clock
     }
 
+    /// Records the uses declared in this scope against `fence` (recorded
+    /// after the last kernel), so later ops and buffer drops wait for them;
+    /// returns the stream's wait clock for the next scope on it.
     pub fn finish(self, fence: &Fence) -> WaitClock {
         for r in &self.reads {
             lock(r).add_read(fence);

@@ -187,6 +187,7 @@ impl<T: Element> GpuEngine<T> {
         }
         if let Some(origin) = origin {
             let mut spans = Vec::with_capacity(steps.len());
+            let mut compute: Vec<(f64, f64)> = Vec::new();
             for s in steps {
                 if let Probe::Failed(reason) = s.end.synchronize() {
                     return Err(prism_stream::Error::ContextPoisoned { reason }.into());
@@ -197,7 +198,10 @@ impl<T: Element> GpuEngine<T> {
                 match s.lane {
                     Lane::Upload => stats.upload_ms += ms,
                     Lane::Download => stats.download_ms += ms,
-                    Lane::Compute => stats.add_stage_time(&s.name, ms),
+                    Lane::Compute => {
+                        stats.add_stage_time(&s.name, ms);
+                        compute.push((start_ms, end_ms));
+                    }
                 }
                 spans.push(Span {
                     chunk: s.chunk,
@@ -208,6 +212,7 @@ impl<T: Element> GpuEngine<T> {
                     end_ms,
                 });
             }
+            stats.compute_busy_ms += union_ms(&mut compute);
             if let Some(t) = timeline {
                 t.spans = spans;
             }
@@ -382,5 +387,33 @@ impl<T: Element> GpuEngine<T> {
         let fence = self.gpu.fence_after(stream, launch.clock(), false)?;
         self.clocks[which] = launch.finish(&fence);
         Ok(fence)
+    }
+}
+
+/// Total length of the union of `[start, end]` intervals.
+fn union_ms(intervals: &mut [(f64, f64)]) -> f64 {
+    intervals.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut total = 0.0;
+    let mut current: Option<(f64, f64)> = None;
+    for &(s, e) in intervals.iter() {
+        current = match current {
+            Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+            Some((cs, ce)) => {
+                total += ce - cs;
+                Some((s, e))
+            }
+            None => Some((s, e)),
+        };
+    }
+    total + current.map_or(0.0, |(s, e)| e - s)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn union_counts_overlaps_once() {
+        let mut v = vec![(5.0, 7.0), (0.0, 2.0), (1.0, 3.0), (3.0, 4.0), (6.0, 6.5)];
+        assert_eq!(super::union_ms(&mut v), 3.0 + 1.0 + 2.0);
+        assert_eq!(super::union_ms(&mut []), 0.0);
     }
 }

@@ -103,6 +103,7 @@ impl AsyncPipelineCoordinator {
                     Ok((out, times)) => {
                         for (name, ms) in names.iter().zip(times) {
                             stats.add_stage_time(name, ms);
+                            stats.compute_busy_ms += ms;
                         }
                         stats.bytes_out += std::mem::size_of_val(out.as_slice()) as u64;
                         if let Err(e) = sink(delivered, &out) {

@@ -48,7 +48,13 @@ pub struct PipelineStats {
     pub timed: bool,
     pub upload_ms: f64,
     pub download_ms: f64,
+    /// Per stage, summed over chunks.
     pub stages: Vec<StageTime>,
+    /// Time at least one stage was running: on the GPU the union of the
+    /// stage spans over both compute streams (kernels of two chunks may run
+    /// at once, so this can be less than the sum of `stages`); on the host
+    /// the sum. The bound uses this.
+    pub compute_busy_ms: f64,
 }
 
 impl PipelineStats {
@@ -57,7 +63,9 @@ impl PipelineStats {
     }
 
     pub fn bound_ms(&self) -> f64 {
-        self.upload_ms.max(self.download_ms).max(self.compute_ms())
+        self.upload_ms
+            .max(self.download_ms)
+            .max(self.compute_busy_ms)
     }
 
     /// bound / wall (1.0: perfect overlap); 0 when not timed.
@@ -80,7 +88,7 @@ impl PipelineStats {
 
     /// What bounds the run: "upload", "compute" or "download".
     pub fn bottleneck(&self) -> &'static str {
-        let c = self.compute_ms();
+        let c = self.compute_busy_ms;
         if self.upload_ms >= c && self.upload_ms >= self.download_ms {
             "upload"
         } else if self.download_ms >= c {
@@ -130,6 +138,13 @@ impl fmt::Display for PipelineStats {
         }
         for s in &self.stages {
             writeln!(f, "  {:<16} {:>12.3}", s.name, s.ms)?;
+        }
+        if self.backend == Some(BackendKind::Gpu) && self.stages.len() > 1 {
+            writeln!(
+                f,
+                "  {:<16} {:>12.3}",
+                "(compute busy)", self.compute_busy_ms
+            )?;
         }
         if self.backend == Some(BackendKind::Gpu) {
             writeln!(f, "  {:<16} {:>12.3}", "download (D2H)", self.download_ms)?;

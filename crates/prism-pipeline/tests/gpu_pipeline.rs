@@ -52,7 +52,12 @@ fn gpu_pipeline_pageable_run_matches_cpu_and_traces() {
     let chunks = n.div_ceil(chunk) as u64;
     assert_eq!(stats.chunks, chunks);
     assert!(stats.upload_ms > 0.0 && stats.download_ms > 0.0 && stats.compute_ms() > 0.0);
-    assert!(stats.compute_busy_ms > 0.0 && stats.compute_busy_ms <= stats.compute_ms() + 1e-6, "busy {} vs sum {}", stats.compute_busy_ms, stats.compute_ms());
+    assert!(
+        stats.compute_busy_ms > 0.0 && stats.compute_busy_ms <= stats.compute_ms() + 1e-6,
+        "busy {} vs sum {}",
+        stats.compute_busy_ms,
+        stats.compute_ms()
+    );
     let spans = &p.timeline().spans;
     assert_eq!(
         spans.len() as u64,

@@ -7,12 +7,55 @@
 //! on an id not handed out yet is rejected (`DependencyCycle` / `UnknownOp`).
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::fmt;
 
 use crate::{Error, Result};
 
 /// Lane of ops inserted without an ordering assumption.
 const NO_LANE: usize = usize::MAX;
+
+/// Lanes `poll` searches by stream order; ops of further lanes are probed one by one.
+const MAX_LANES: usize = 8;
+
+/// How `poll` settles one lane's pending ops.
+#[derive(Debug, Clone, Copy)]
+enum Scan {
+    /// The oldest this many are complete, the rest not ready.
+    Prefix(usize),
+    /// Probe each, oldest first; `busy` once one was not ready (the rest wait).
+    OneByOne { busy: bool },
+}
+
+/// For the pending ops of one lane (`positions` into `pending`, oldest
+/// first), how many of the oldest are complete: probes the newest, then
+/// bisects. Stream order makes "complete" a prefix. Any failure seen means
+/// the lane is probed op by op instead.
+fn complete_prefix<F>(
+    pending: &[(OpId, usize, F)],
+    positions: &[usize],
+    probe: &mut impl FnMut(&F) -> Probe,
+) -> Scan {
+    let Some(&newest) = positions.last() else {
+        return Scan::Prefix(0);
+    };
+    match probe(&pending[newest].2) {
+        Probe::Complete => return Scan::Prefix(positions.len()),
+        Probe::Failed(_) => return Scan::OneByOne { busy: false },
+        Probe::NotReady => {}
+    }
+    // Invariant: ops before `lo` complete, op `hi` not ready.
+    let (mut lo, mut hi) = (0, positions.len() - 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match probe(&pending[positions[mid]].2) {
+            Probe::Complete => lo = mid + 1,
+            Probe::NotReady => hi = mid,
+            Probe::Failed(_) => return Scan::OneByOne { busy: false },
+        }
+    }
+    Scan::Prefix(lo)
+}
 
 /// Identifies one queued operation of an [`AsyncCoordinator`](crate::AsyncCoordinator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,7 +82,8 @@ pub enum OpStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
     pub op: OpId,
-    pub name: String,
+    /// The name given when it was queued (a `&'static str` name costs no copy).
+    pub name: Cow<'static, str>,
     /// `Err(reason)` when the operation failed on the GPU.
     pub result: std::result::Result<(), String>,
 }
@@ -52,24 +96,37 @@ pub enum Probe {
     Failed(String),
 }
 
-/// Operation table: one status per op ever queued, fences of pending ops.
+/// Status of every op that left the table finished without error.
+static COMPLETE: OpStatus = OpStatus::Complete;
+
+/// Operation table. Memory stays bounded on a long run: once an op and every
+/// op before it finished, its entry leaves the table (ids below `base` are
+/// complete unless listed in `failed`); fences are kept for pending ops only.
 #[derive(Debug)]
 pub struct OpGraph<F> {
-    names: Vec<Cow<'static, str>>,
-    status: Vec<OpStatus>,
-    /// Pending ops in queue order, with their fences.
+    /// Id of the first entry of `ops`.
+    base: u64,
+    /// Name and status of the ops from `base` on.
+    ops: VecDeque<(Cow<'static, str>, OpStatus)>,
+    /// Failed ops that left `ops` (a failure poisons the context, so few).
+    failed: Vec<(OpId, Cow<'static, str>, OpStatus)>,
+    /// Pending ops in id order, with their lanes and fences.
     pending: Vec<(OpId, usize, F)>,
     /// Ops observed finished (by `wait`) that `poll` has not reported yet.
     unreported: Vec<Completion>,
+    /// Positions of one lane's ops during `poll` (kept to reuse its allocation).
+    scratch: Vec<usize>,
 }
 
 impl<F> Default for OpGraph<F> {
     fn default() -> Self {
         Self {
-            names: Vec::new(),
-            status: Vec::new(),
+            base: 0,
+            ops: VecDeque::new(),
+            failed: Vec::new(),
             pending: Vec::new(),
             unreported: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 }
@@ -81,12 +138,18 @@ impl<F> OpGraph<F> {
 
     /// The id the next inserted op will get.
     pub fn next_id(&self) -> OpId {
-        OpId(self.status.len() as u64)
+        OpId(self.base + self.ops.len() as u64)
     }
 
     /// Number of ops queued and not yet observed finished.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Ops whose name and status the table still holds (diagnostics: stays
+    /// small while ops keep completing, however many were queued).
+    pub fn retained_len(&self) -> usize {
+        self.ops.len() + self.failed.len()
     }
 
     /// Validates every one of `deps` for the next op, then calls `wait` with
@@ -102,17 +165,13 @@ impl<F> OpGraph<F> {
                     Error::UnknownOp(dep)
                 });
             }
-            match &self.status[dep.0 as usize] {
-                OpStatus::Complete => {}
-                OpStatus::Failed(reason) => {
-                    return Err(Error::DependencyFailed {
-                        op,
-                        dep,
-                        dep_name: self.names[dep.0 as usize].to_string(),
-                        reason: reason.clone(),
-                    })
-                }
-                OpStatus::Pending => {}
+            if let OpStatus::Failed(reason) = self.status(dep)? {
+                return Err(Error::DependencyFailed {
+                    op,
+                    dep,
+                    dep_name: self.name(dep).unwrap_or_default().to_owned(),
+                    reason: reason.clone(),
+                });
             }
         }
         for &dep in deps {
@@ -133,33 +192,55 @@ impl<F> OpGraph<F> {
     /// lane at its first op that is not ready.
     pub fn insert_on(&mut self, lane: usize, name: impl Into<Cow<'static, str>>, fence: F) -> OpId {
         let id = self.next_id();
-        self.names.push(name.into());
-        self.status.push(OpStatus::Pending);
+        self.ops.push_back((name.into(), OpStatus::Pending));
         self.pending.push((id, lane, fence));
         id
     }
 
     /// Status of an op.
     pub fn status(&self, op: OpId) -> Result<&OpStatus> {
-        self.status.get(op.0 as usize).ok_or(Error::UnknownOp(op))
+        if op.0 < self.base {
+            return Ok(self
+                .failed
+                .iter()
+                .find(|(id, _, _)| *id == op)
+                .map_or(&COMPLETE, |(_, _, s)| s));
+        }
+        self.ops
+            .get((op.0 - self.base) as usize)
+            .map(|(_, s)| s)
+            .ok_or(Error::UnknownOp(op))
     }
 
-    /// Name of an op.
-    pub fn name(&self, op: OpId) -> Result<&str> {
-        self.names
-            .get(op.0 as usize)
-            .map(|n| &**n)
-            .ok_or(Error::UnknownOp(op))
+    /// Name of an op; `None` for an unknown op and for one that completed
+    /// without error and left the table (only failures keep their names).
+    pub fn name(&self, op: OpId) -> Option<&str> {
+        if op.0 < self.base {
+            return self
+                .failed
+                .iter()
+                .find(|(id, _, _)| *id == op)
+                .map(|(_, n, _)| &**n);
+        }
+        self.ops.get((op.0 - self.base) as usize).map(|(n, _)| &**n)
     }
 
     /// The fence of a pending op (None once it finished).
     pub fn fence(&self, op: OpId) -> Option<&F> {
-        // Recent ops are at the back; searching from there finds them at once.
-        self.pending
-            .iter()
-            .rev()
-            .find(|(id, _, _)| *id == op)
-            .map(|(_, _, f)| f)
+        self.pending_index(op).map(|i| &self.pending[i].2)
+    }
+
+    /// `pending` is in id order: ids are handed out increasing and removals
+    /// keep the order.
+    fn pending_index(&self, op: OpId) -> Option<usize> {
+        // The newest op is the usual dependency: check the back first.
+        match self.pending.last() {
+            Some((id, _, _)) if *id == op => Some(self.pending.len() - 1),
+            _ => self
+                .pending
+                .binary_search_by_key(&op, |(id, _, _)| *id)
+                .ok(),
+        }
     }
 
     /// Fences of every pending op.
@@ -167,38 +248,75 @@ impl<F> OpGraph<F> {
         self.pending.iter().map(|(id, _, f)| (*id, f))
     }
 
-    /// Probes every pending op; returns all ops finished since the last poll
-    /// (including ones `finish` recorded), in op order.
+    /// Finds every pending op that finished; returns them, and the ops
+    /// `finish` recorded since the last poll, in op order.
+    ///
+    /// Ops of one lane (one stream) finish in the order they were queued, so
+    /// for each lane `poll` probes its newest op first (one probe when the
+    /// whole lane is done) and otherwise bisects for the first unfinished
+    /// one: O(log n) probes per lane, not one per op. A lane where a probe
+    /// reports a failure is probed op by op, oldest first, so the failure is
+    /// reported against the oldest op not yet seen complete. Ops without a
+    /// lane are probed one by one.
     pub fn poll(&mut self, mut probe: impl FnMut(&F) -> Probe) -> Vec<Completion> {
         let mut done = std::mem::take(&mut self.unreported);
-        // Lanes found busy in this pass: their later ops cannot be done yet.
-        let mut busy = [NO_LANE; 8];
-        let mut n_busy = 0;
-        let pending = std::mem::take(&mut self.pending);
-        self.pending.reserve(pending.len());
-        for (id, lane, fence) in pending {
-            if lane != NO_LANE && busy[..n_busy].contains(&lane) {
-                self.pending.push((id, lane, fence));
-                continue;
-            }
-            match probe(&fence) {
-                Probe::NotReady => {
-                    if lane != NO_LANE && n_busy < busy.len() {
-                        busy[n_busy] = lane;
-                        n_busy += 1;
-                    }
-                    self.pending.push((id, lane, fence));
-                }
-                outcome => done.push(self.settle(id, outcome)),
+        let mut pending = std::mem::take(&mut self.pending);
+        let mut lanes = [NO_LANE; MAX_LANES];
+        let mut n_lanes = 0;
+        for (_, lane, _) in &pending {
+            if *lane != NO_LANE && n_lanes < MAX_LANES && !lanes[..n_lanes].contains(lane) {
+                lanes[n_lanes] = *lane;
+                n_lanes += 1;
             }
         }
+        let mut scans = [Scan::OneByOne { busy: false }; MAX_LANES];
+        let mut positions = std::mem::take(&mut self.scratch);
+        for (scan, &lane) in scans.iter_mut().zip(&lanes[..n_lanes]) {
+            positions.clear();
+            positions.extend(
+                pending
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, l, _))| *l == lane)
+                    .map(|(i, _)| i),
+            );
+            *scan = complete_prefix(&pending, &positions, &mut probe);
+        }
+        self.scratch = positions;
+        let mut seen = [0usize; MAX_LANES];
+        pending.retain(|(id, lane, fence)| {
+            let k = lanes[..n_lanes].iter().position(|l| l == lane);
+            let outcome = match k.map(|k| (k, &mut scans[k])) {
+                Some((k, Scan::Prefix(complete))) => {
+                    seen[k] += 1;
+                    if seen[k] > *complete {
+                        return true;
+                    }
+                    Probe::Complete
+                }
+                Some((_, Scan::OneByOne { busy: true })) => return true,
+                Some((_, Scan::OneByOne { busy })) => {
+                    let outcome = probe(fence);
+                    *busy = outcome == Probe::NotReady;
+                    outcome
+                }
+                None => probe(fence),
+            };
+            if outcome == Probe::NotReady {
+                return true;
+            }
+            done.push(self.settle(*id, outcome));
+            false
+        });
+        self.pending = pending;
+        self.compact();
         done.sort_by_key(|c| c.op);
         done
     }
 
     /// Records that `op` finished (seen by a blocking wait); `poll` will report it.
     pub fn finish(&mut self, op: OpId, outcome: Probe) -> Result<()> {
-        let Some(pos) = self.pending.iter().position(|(id, _, _)| *id == op) else {
+        let Some(pos) = self.pending_index(op) else {
             return self.status(op).map(|_| ());
         };
         if outcome == Probe::NotReady {
@@ -207,20 +325,36 @@ impl<F> OpGraph<F> {
         self.pending.remove(pos);
         let c = self.settle(op, outcome);
         self.unreported.push(c);
+        self.compact();
         Ok(())
     }
 
     fn settle(&mut self, id: OpId, outcome: Probe) -> Completion {
-        let name = self.names[id.0 as usize].to_string();
+        let entry = &mut self.ops[(id.0 - self.base) as usize];
         let (status, result) = match outcome {
             Probe::Failed(reason) => (OpStatus::Failed(reason.clone()), Err(reason)),
             _ => (OpStatus::Complete, Ok(())),
         };
-        self.status[id.0 as usize] = status;
+        entry.1 = status;
         Completion {
             op: id,
-            name,
+            name: entry.0.clone(),
             result,
+        }
+    }
+
+    /// Drops the finished ops at the front of the table (failures move to `failed`).
+    fn compact(&mut self) {
+        while let Some((_, status)) = self.ops.front() {
+            if *status == OpStatus::Pending {
+                break;
+            }
+            if let Some((name, status)) = self.ops.pop_front() {
+                if let OpStatus::Failed(_) = status {
+                    self.failed.push((OpId(self.base), name, status));
+                }
+            }
+            self.base += 1;
         }
     }
 }
@@ -276,30 +410,116 @@ mod tests {
     }
 
     #[test]
-    fn poll_stops_probing_a_lane_at_its_first_busy_op() {
+    fn finished_ops_leave_the_table_and_failures_keep_their_names() {
+        let mut g: OpGraph<u64> = OpGraph::new();
+        for i in 0..10_000u64 {
+            g.insert("op", i);
+            if i % 100 == 99 {
+                let done = g.poll(|f| {
+                    if *f == 5_000 {
+                        Probe::Failed("boom".into())
+                    } else {
+                        Probe::Complete
+                    }
+                });
+                assert_eq!(done.len(), 100);
+            }
+        }
+        assert_eq!(g.pending_len(), 0);
+        assert_eq!(g.retained_len(), 1, "only the failed op should be kept");
+        assert_eq!(g.status(OpId(17)).unwrap(), &OpStatus::Complete);
+        assert_eq!(
+            g.status(OpId(5_000)).unwrap(),
+            &OpStatus::Failed("boom".into())
+        );
+        assert_eq!(g.name(OpId(5_000)), Some("op"));
+        assert_eq!(g.name(OpId(17)), None);
+        assert!(matches!(
+            g.check_deps(&[OpId(5_000)], |_| Ok(())),
+            Err(Error::DependencyFailed { .. })
+        ));
+        g.check_deps(&[OpId(9_999)], |_| panic!("complete ops need no wait"))
+            .unwrap();
+        assert!(matches!(
+            g.status(OpId(10_000)),
+            Err(Error::UnknownOp(OpId(10_000)))
+        ));
+    }
+
+    #[test]
+    fn fence_lookup_finds_old_pending_ops() {
+        let mut g: OpGraph<u64> = OpGraph::new();
+        for i in 0..50u64 {
+            g.insert_on((i % 3) as usize, "op", i);
+        }
+        g.finish(OpId(10), Probe::Complete).unwrap();
+        for i in 0..50u64 {
+            assert_eq!(g.fence(OpId(i)).copied(), (i != 10).then_some(i));
+        }
+    }
+
+    #[test]
+    fn poll_probes_a_lane_newest_first_then_bisects() {
         let mut g: OpGraph<u32> = OpGraph::new();
-        g.insert_on(0, "a", 1);
-        g.insert_on(0, "b", 2);
-        g.insert_on(1, "c", 3);
-        let mut probed = Vec::new();
+        for i in 0..100 {
+            g.insert_on(0, "lane op", i);
+        }
+        g.insert_on(1, "other lane", 1000);
+        let mut probes = 0;
+        // Lane 0 finished its first 37 ops; lane 1 is done.
         let done = g.poll(|f| {
-            probed.push(*f);
-            if *f == 3 {
+            probes += 1;
+            if *f < 37 || *f == 1000 {
                 Probe::Complete
             } else {
                 Probe::NotReady
             }
         });
+        let ids: Vec<u64> = done.iter().map(|c| c.op.0).collect();
+        let mut want: Vec<u64> = (0..37).collect();
+        want.push(100);
+        assert_eq!(ids, want);
+        assert!(probes <= 1 + 7 + 1, "{probes} probes for two lanes");
+        assert_eq!(g.pending_len(), 63);
+        let mut probes = 0;
+        let done = g.poll(|_| {
+            probes += 1;
+            Probe::Complete
+        });
+        assert_eq!(done.len(), 63);
+        assert_eq!(probes, 1, "a finished lane costs one probe");
+    }
+
+    #[test]
+    fn a_failure_on_a_lane_is_reported_oldest_first() {
+        let mut g: OpGraph<u32> = OpGraph::new();
+        for i in 0..5 {
+            g.insert_on(0, "op", i);
+        }
+        // A sticky error: every probe fails, as cuEventQuery does after a fault.
+        let done = g.poll(|_| Probe::Failed("boom".into()));
+        assert_eq!(done.len(), 5);
+        assert!(done.iter().all(|c| c.result.is_err()));
+        assert_eq!(done[0].op, OpId(0));
+        // Op by op: the lane's first busy op stops the probing of later ones.
+        let mut g: OpGraph<u32> = OpGraph::new();
+        for i in 0..5 {
+            g.insert_on(0, "op", i);
+        }
+        let mut probed = Vec::new();
+        let done = g.poll(|f| {
+            probed.push(*f);
+            match *f {
+                4 => Probe::Failed("boom".into()),
+                0 => Probe::Complete,
+                _ => Probe::NotReady,
+            }
+        });
+        assert_eq!(done.iter().map(|c| c.op).collect::<Vec<_>>(), vec![OpId(0)]);
         assert_eq!(
             probed,
-            vec![1, 3],
-            "op b was probed although op a of its lane was busy"
-        );
-        assert_eq!(done.iter().map(|c| c.op).collect::<Vec<_>>(), vec![OpId(2)]);
-        let done = g.poll(|_| Probe::Complete);
-        assert_eq!(
-            done.iter().map(|c| c.op).collect::<Vec<_>>(),
-            vec![OpId(0), OpId(1)]
+            vec![4, 0, 1],
+            "newest, then op by op to the first busy one"
         );
     }
 }

@@ -153,6 +153,81 @@ fn gpu_poll_reports_incomplete_then_complete() {
     assert!(c.poll().is_empty(), "an op was reported twice");
 }
 
+/// While many ops drain on three streams, `poll` (which bisects each stream
+/// instead of probing every op) reports every op exactly once, each stream's
+/// ops in queue order, and only ops that really finished: a download it
+/// reports can be read at once and holds the CPU reference's answer.
+#[test]
+fn gpu_poll_reports_every_op_once_while_work_drains() {
+    let Some(mut ctx) = gpu_or_skip("gpu_poll_reports_every_op_once_while_work_drains") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let n = 4096;
+    let ops = scaled(150, 30);
+    let input = random_f32(7, n);
+    let src = PinnedBuffer::from_slice(&gpu, &input, HostAllocFlags::DEFAULT).unwrap();
+    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut ys: Vec<DeviceBuffer<f32>> = (0..ops)
+        .map(|_| DeviceBuffer::new(&gpu, n).unwrap())
+        .collect();
+    let mut outs: Vec<PinnedBuffer<f32>> = (0..ops)
+        .map(|_| PinnedBuffer::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap())
+        .collect();
+    let c = ctx.async_coordinator_mut().unwrap();
+    let up = c.queue_upload(&src, &mut x, &[]).unwrap();
+    let mut computes = Vec::new();
+    let mut downloads = Vec::new();
+    for (i, (y, out)) in ys.iter_mut().zip(outs.iter_mut()).enumerate() {
+        let k = c
+            .queue_compute("spin + fma", &[up], |l| {
+                l.spin(200_000)?;
+                l.fma_chain(&x, y, n, 1.0, i as f32, 1)
+            })
+            .unwrap();
+        computes.push(k);
+        downloads.push(c.queue_download(y, out, &[k]).unwrap());
+    }
+    let total = 1 + 2 * ops;
+    // Per op id: the poll (count) that reported it.
+    let mut reported_in: Vec<Option<usize>> = vec![None; total];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut polls = 0;
+    let mut partial_polls = 0;
+    while reported_in.iter().any(Option::is_none) {
+        assert!(Instant::now() < deadline, "ops never reported complete");
+        let done = c.poll();
+        polls += 1;
+        if !done.is_empty() && done.len() < total {
+            partial_polls += 1;
+        }
+        for d in done {
+            assert!(d.result.is_ok(), "{} failed: {:?}", d.op, d.result);
+            let slot = &mut reported_in[d.op.0 as usize];
+            assert!(slot.is_none(), "{} reported twice", d.op);
+            *slot = Some(polls);
+            if let Some(i) = downloads.iter().position(|&op| op == d.op) {
+                let got = outs[i]
+                    .as_slice()
+                    .unwrap_or_else(|e| panic!("poll reported {} done, but: {e}", d.op));
+                assert_fma(&input, got, 1.0, i as f32, 1);
+            }
+        }
+    }
+    for lane in [&computes, &downloads] {
+        let order: Vec<usize> = lane
+            .iter()
+            .map(|op| reported_in[op.0 as usize].unwrap())
+            .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] <= w[1]),
+            "a stream's ops were reported out of queue order: {order:?}"
+        );
+    }
+    assert!(c.poll().is_empty(), "an op was reported twice");
+    eprintln!("{total} ops reported over {polls} polls ({partial_polls} with some ops)");
+}
+
 #[test]
 fn gpu_pinned_buffer_is_locked_while_in_flight() {
     let Some(mut ctx) = gpu_or_skip("gpu_pinned_buffer_is_locked_while_in_flight") else {

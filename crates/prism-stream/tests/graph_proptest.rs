@@ -108,8 +108,116 @@ proptest! {
             }
             for (i, s) in m.status.iter().enumerate() {
                 prop_assert_eq!(g.status(OpId(i as u64)).unwrap(), s);
+                if matches!(s, OpStatus::Failed(_) | OpStatus::Pending) {
+                    let name = format!("op{i}");
+                    prop_assert_eq!(g.name(OpId(i as u64)), Some(name.as_str()));
+                }
             }
+            // Finished ops before the first pending one leave the table; failures stay.
+            let first_pending = m.status.iter().position(|s| *s == OpStatus::Pending).unwrap_or(m.status.len());
+            let kept_failures = m.status[..first_pending].iter().filter(|s| matches!(s, OpStatus::Failed(_))).count();
+            prop_assert_eq!(g.retained_len(), m.status.len() - first_pending + kept_failures);
             prop_assert_eq!(g.pending_len(), m.status.iter().filter(|s| **s == OpStatus::Pending).count());
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum LaneAction {
+    /// Queue an op on a lane (0..3) or on none.
+    Queue(Option<usize>),
+    /// The GPU finishes the next `k` ops of a lane (stream order).
+    Advance(usize, usize),
+    /// The GPU finishes the k-th op queued without a lane.
+    CompleteFree(usize),
+    /// A sticky fault: from now on every probe fails, as cuEventQuery does.
+    Fault,
+    Poll,
+}
+
+fn lane_action() -> impl Strategy<Value = LaneAction> {
+    prop_oneof![
+        6 => prop::option::weighted(0.85, 0usize..3).prop_map(LaneAction::Queue),
+        3 => (0usize..3, 1usize..12).prop_map(|(l, k)| LaneAction::Advance(l, k)),
+        1 => (0usize..20).prop_map(LaneAction::CompleteFree),
+        1 => Just(LaneAction::Fault),
+        3 => Just(LaneAction::Poll),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+    /// Ops on lanes finish in stream order; `poll` finds exactly the finished
+    /// ones with O(log n) probes per lane, and after a sticky fault reports
+    /// every pending op as failed.
+    #[test]
+    fn lane_poll_matches_stream_order_model(actions in prop::collection::vec(lane_action(), 1..120)) {
+        let mut g: OpGraph<usize> = OpGraph::new();
+        // Per op: its lane and its position in that lane (or in the lane-less list).
+        let mut ops: Vec<(Option<usize>, usize)> = Vec::new();
+        let mut lane_len = [0usize; 3];
+        let mut progress = [0usize; 3];
+        let mut free_done: Vec<bool> = Vec::new();
+        let mut sticky = false;
+        let mut status: Vec<OpStatus> = Vec::new();
+        for a in actions {
+            match a {
+                LaneAction::Queue(lane) => {
+                    let pos = match lane {
+                        Some(l) => { lane_len[l] += 1; lane_len[l] - 1 }
+                        None => { free_done.push(false); free_done.len() - 1 }
+                    };
+                    let id = match lane {
+                        Some(l) => g.insert_on(l, "op", ops.len()),
+                        None => g.insert("op", ops.len()),
+                    };
+                    prop_assert_eq!(id, OpId(ops.len() as u64));
+                    ops.push((lane, pos));
+                    status.push(OpStatus::Pending);
+                }
+                LaneAction::Advance(l, k) => progress[l] = (progress[l] + k).min(lane_len[l]),
+                LaneAction::CompleteFree(k) => if k < free_done.len() { free_done[k] = true },
+                LaneAction::Fault => sticky = true,
+                LaneAction::Poll => {
+                    let gpu_done = |op: usize| match ops[op] {
+                        (Some(l), pos) => pos < progress[l],
+                        (None, pos) => free_done[pos],
+                    };
+                    let mut probes = 0usize;
+                    let done = g.poll(|&op| {
+                        probes += 1;
+                        if sticky { Probe::Failed("fault".into()) }
+                        else if gpu_done(op) { Probe::Complete }
+                        else { Probe::NotReady }
+                    });
+                    let mut want = Vec::new();
+                    let mut per_lane = [0usize; 3];
+                    let mut free_pending = 0;
+                    for (i, s) in status.iter_mut().enumerate() {
+                        if *s != OpStatus::Pending { continue; }
+                        match ops[i].0 { Some(l) => per_lane[l] += 1, None => free_pending += 1 }
+                        if sticky {
+                            *s = OpStatus::Failed("fault".into());
+                        } else if gpu_done(i) {
+                            *s = OpStatus::Complete;
+                        } else {
+                            continue;
+                        }
+                        want.push(OpId(i as u64));
+                    }
+                    let got: Vec<OpId> = done.iter().map(|c| c.op).collect();
+                    prop_assert_eq!(got, want);
+                    if !sticky {
+                        let bound: usize = per_lane.iter().filter(|&&n| n > 0)
+                            .map(|&n| 1 + (usize::BITS - (n - 1).leading_zeros()) as usize)
+                            .sum::<usize>() + free_pending;
+                        prop_assert!(probes <= bound, "{} probes, bound {}", probes, bound);
+                    }
+                }
+            }
+            for (i, s) in status.iter().enumerate() {
+                prop_assert_eq!(g.status(OpId(i as u64)).unwrap(), s);
+            }
         }
     }
 }

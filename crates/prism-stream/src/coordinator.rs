@@ -13,7 +13,7 @@ use crate::error::check_len;
 use crate::error::DriverResultExt;
 use crate::event::{Fence, WaitClock};
 use crate::graph::{Completion, OpGraph, OpId, OpStatus, Probe};
-use crate::kernels::Launch;
+use crate::kernels::{Launch, LaunchScratch};
 use crate::memory::{lock, DeviceBuffer, Element, HostAllocFlags, PinnedBuffer};
 use crate::stream::{StreamPool, StreamPurpose};
 use crate::{Error, Result};
@@ -40,6 +40,8 @@ pub struct AsyncCoordinator {
     clocks: [WaitClock; 3],
     /// Pinned staging for uploads from pageable memory, reused once idle.
     staging: Vec<PinnedBuffer<u8>>,
+    /// Use lists of the last compute scope, reused by the next.
+    scratch: LaunchScratch,
     _pool: StreamPool,
 }
 
@@ -55,6 +57,7 @@ impl AsyncCoordinator {
             graph: OpGraph::new(),
             clocks: Default::default(),
             staging: Vec::new(),
+            scratch: LaunchScratch::default(),
             _pool: pool,
         })
     }
@@ -181,16 +184,17 @@ impl AsyncCoordinator {
         let name = name.into();
         let _span = tracing::trace_span!("prism.queue_compute", name = &*name).entered();
         self.begin(deps, COMPUTE)?;
-        let mut scope = Launch::with_clock(
+        let mut scope = Launch::with_scratch(
             &self.gpu,
             &self.compute,
             std::mem::take(&mut self.clocks[COMPUTE]),
+            std::mem::take(&mut self.scratch),
         );
         let launched = launch(&mut scope);
         let fence = self.gpu.fence_after(&self.compute, scope.clock(), false);
         match (launched, fence) {
             (Ok(()), Ok(fence)) => {
-                self.clocks[COMPUTE] = scope.finish(&fence);
+                (self.clocks[COMPUTE], self.scratch) = scope.finish_reuse(&fence);
                 Ok(self.graph.insert_on(COMPUTE, name, fence))
             }
             // Waits issued before a failed launch stay issued; forget the clock
@@ -281,7 +285,7 @@ impl AsyncCoordinator {
                 self.gpu.poison(reason);
                 Err(Error::OpFailed {
                     op,
-                    name: self.graph.name(op)?.to_owned(),
+                    name: self.graph.name(op).unwrap_or_default().to_owned(),
                     reason: reason.clone(),
                 })
             }

@@ -60,9 +60,11 @@ pub fn copy_htod_at<T: Element>(
     }
     gpu.check_usable()?;
     gpu.bind()?;
-    let (su, du) = (Arc::clone(&src.uses), Arc::clone(&dst.uses));
-    lock(&su).order_read(stream, clock)?;
-    lock(&du).order_write(stream, clock)?;
+    // Locks are taken pinned first, then device, in both directions.
+    let mut su = lock(&src.uses);
+    let mut du = lock(&dst.uses);
+    su.order_read(stream, clock)?;
+    du.order_write(stream, clock)?;
     let start = if timed {
         Some(gpu.timed_fence(stream)?)
     } else {
@@ -83,8 +85,8 @@ pub fn copy_htod_at<T: Element>(
     } else {
         gpu.fence_after(stream, clock, false)?
     };
-    lock(&su).add_read(&fence);
-    lock(&du).set_write(&fence);
+    su.add_read(&fence);
+    du.set_write(&fence);
     Ok((start, fence))
 }
 
@@ -137,9 +139,11 @@ pub fn copy_dtoh_at<T: Element>(
     }
     gpu.check_usable()?;
     gpu.bind()?;
-    let (su, du) = (Arc::clone(&src.uses), Arc::clone(&dst.uses));
-    lock(&su).order_read(stream, clock)?;
-    lock(&du).order_write(stream, clock)?;
+    // Locks are taken pinned first, then device, in both directions.
+    let mut du = lock(&dst.uses);
+    let mut su = lock(&src.uses);
+    su.order_read(stream, clock)?;
+    du.order_write(stream, clock)?;
     let start = if timed {
         Some(gpu.timed_fence(stream)?)
     } else {
@@ -157,7 +161,7 @@ pub fn copy_dtoh_at<T: Element>(
     } else {
         gpu.fence_after(stream, clock, false)?
     };
-    lock(&su).add_read(&fence);
-    lock(&du).set_write(&fence);
+    su.add_read(&fence);
+    du.set_write(&fence);
     Ok((start, fence))
 }

@@ -43,11 +43,23 @@ impl<'s> Launch<'s> {
 
     /// Like [`Launch::new`], starting from the waits `clock` says `stream` already issued.
     pub fn with_clock(gpu: &'s Gpu, stream: &'s Arc<CudaStream>, clock: WaitClock) -> Self {
+        Self::with_scratch(gpu, stream, clock, LaunchScratch::default())
+    }
+
+    /// Like [`Launch::with_clock`], reusing the lists of an earlier scope
+    /// (see [`Launch::finish_reuse`]) so a steady stream of launches allocates nothing.
+    pub(crate) fn with_scratch(
+        gpu: &'s Gpu,
+        stream: &'s Arc<CudaStream>,
+        clock: WaitClock,
+        scratch: LaunchScratch,
+    ) -> Self {
+        debug_assert!(scratch.reads.is_empty() && scratch.writes.is_empty());
         Self {
             gpu,
             stream,
-            reads: Vec::new(),
-            writes: Vec::new(),
+            reads: scratch.reads,
+            writes: scratch.writes,
             clock,
         }
     }
@@ -427,14 +439,30 @@ impl<'s> Launch<'s> {
     /// after the last kernel), so later ops and buffer drops wait for them;
     /// returns the stream's wait clock for the next scope on it.
     pub fn finish(self, fence: &Fence) -> WaitClock {
-        for r in &self.reads {
-            lock(r).add_read(fence);
-        }
-        for w in &self.writes {
-            lock(w).set_write(fence);
-        }
-        self.clock
+        self.finish_reuse(fence).0
     }
+
+    /// [`finish`](Self::finish), also handing back the emptied lists for the next scope.
+    pub(crate) fn finish_reuse(mut self, fence: &Fence) -> (WaitClock, LaunchScratch) {
+        for r in self.reads.drain(..) {
+            lock(&r).add_read(fence);
+        }
+        for w in self.writes.drain(..) {
+            lock(&w).set_write(fence);
+        }
+        let scratch = LaunchScratch {
+            reads: self.reads,
+            writes: self.writes,
+        };
+        (self.clock, scratch)
+    }
+}
+
+/// The (empty) use lists of a finished [`Launch`], kept for the next one.
+#[derive(Debug, Default)]
+pub(crate) struct LaunchScratch {
+    reads: Vec<UseCell>,
+    writes: Vec<UseCell>,
 }
 
 /// The launcher takes `iters` as an `int32_t`.

@@ -1,20 +1,60 @@
 //! Host cost of the coordinator: `queue_upload` + `queue_compute` +
 //! `queue_download`, each with one dependency, against the same three calls
 //! made on cudarc directly (event tracking off, one event record + stream wait
-//! per dependency). Small copies, so the host side dominates. Prints µs per op
-//! and the ratio. Not a test: a measurement.
+//! per dependency) and on the raw driver API. Small copies, so the host side
+//! dominates. Prints µs per op and the ratio. Not a test: a measurement.
+//!
+//! Two regimes:
+//! - **GPU held** (the headline): before the timed loop, the three streams
+//!   are made to wait on a spin kernel that outlasts it, so nothing queued
+//!   runs while the host queues. The time is then the host's cost alone, not
+//!   the GPU's speed at running the chain, and never the driver blocking on
+//!   a full queue. A run whose hold ran out before the loop ended is flagged.
+//! - **GPU running**: the GPU runs the chain as it is queued (the host may
+//!   then also wait for queue space); "done" is the time until the GPU
+//!   finished everything.
+//!
+//! Then the cost of single calls (bind, event record, pooled fence, stream
+//! wait, event query) so a gap can be placed.
 //!
 //! `cargo run --release -p prism-stream --example coordinator_overhead`
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use prism_stream::cudarc::driver::{CudaContext, CudaStream};
+use prism_stream::cudarc::driver::sys::{self, CUresult};
+use prism_stream::cudarc::driver::{result, CudaContext, CudaStream, DevicePtr};
 use prism_stream::testing::{gpu_required, random_f32};
-use prism_stream::{AsyncCoordinator, DeviceBuffer, Error, Gpu, HostAllocFlags, PinnedBuffer};
+use prism_stream::{
+    copy_dtoh, copy_htod, AsyncCoordinator, DeviceBuffer, Error, Gpu, HostAllocFlags, Launch,
+    PinnedBuffer, WaitClock,
+};
 
-const ITERS: usize = 2000;
+/// Iterations (3 ops each) per timed round.
+const ITERS: usize = 1000;
+/// f32 per copy.
 const N: usize = 1024;
+/// Timed rounds per variant (one untimed warm-up round comes first).
+const ROUNDS: usize = 9;
+/// Length of the spin kernel that holds the streams in the held regime.
+const HOLD_NS: u64 = 300_000_000;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Regime {
+    Held,
+    Running,
+}
+
+/// One timed round: host µs per op, and µs per op until the GPU finished.
+#[derive(Clone, Copy)]
+struct Round {
+    host_us: f64,
+    done_us: f64,
+    /// False if the hold expired before the host finished queueing.
+    held_ok: bool,
+}
+
+type Variant = fn(&Gpu, Regime) -> Result<Round, Error>;
 
 fn main() {
     let gpu = match Gpu::open(0) {
@@ -25,95 +65,430 @@ fn main() {
         }
         Err(e) => panic!("coordinator_overhead: {e}"),
     };
-    let mut prism_us = Vec::new();
-    let mut raw_us = Vec::new();
-    for _ in 0..7 {
-        prism_us.push(prism_round(&gpu).expect("prism round"));
-        raw_us.push(cudarc_round(gpu.cuda_context()));
-    }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (p, r) = (med(&mut prism_us), med(&mut raw_us));
-    println!("prism coordinator_overhead: {ITERS} x (upload + compute + download, 1 dependency each), {N} f32 per copy, median of 7 on {}", gpu.info().name);
-    println!("prism coordinator_overhead: prism   {p:.3} us/op");
-    println!("prism coordinator_overhead: cudarc  {r:.3} us/op");
+    let variants: [(&str, Variant); 5] = [
+        ("raw driver", raw_round),
+        ("cudarc", cudarc_round),
+        ("prism", prism_round),
+        ("prism + poll/64 it", prism_poll_round),
+        ("prism free fns", prism_free_round),
+    ];
     println!(
-        "prism coordinator_overhead: prism - cudarc = {:+.3} us/op, ratio {:.2}",
-        p - r,
-        p / r
+        "prism coordinator_overhead: {ITERS} x (upload + compute + download, 1 dependency each), {N} f32 per copy, median of {ROUNDS} rounds (interleaved) on {}",
+        gpu.info().name
     );
+    println!(
+        "prism coordinator_overhead: {:<8} {:<20} {:>10} {:>10} {:>10} {:>10}",
+        "regime", "variant", "host us/op", "min", "max", "done us/op"
+    );
+    let mut medians = Vec::new();
+    for regime in [Regime::Held, Regime::Running] {
+        let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); variants.len()];
+        for r in 0..=ROUNDS {
+            for (i, (name, f)) in variants.iter().enumerate() {
+                let round = f(&gpu, regime).unwrap_or_else(|e| panic!("{name}: {e}"));
+                if r > 0 {
+                    rounds[i].push(round);
+                }
+            }
+        }
+        let label = match regime {
+            Regime::Held => "held",
+            Regime::Running => "running",
+        };
+        for (i, (name, _)) in variants.iter().enumerate() {
+            let rs = &rounds[i];
+            let mut host: Vec<f64> = rs.iter().map(|r| r.host_us).collect();
+            let mut done: Vec<f64> = rs.iter().map(|r| r.done_us).collect();
+            host.sort_by(f64::total_cmp);
+            done.sort_by(f64::total_cmp);
+            let expired = rs.iter().filter(|r| !r.held_ok).count();
+            let (med, lo, hi) = (host[host.len() / 2], host[0], host[host.len() - 1]);
+            println!(
+                "prism coordinator_overhead: {label:<8} {name:<20} {med:>10.3} {lo:>10.3} {hi:>10.3} {:>10.3}{}",
+                done[done.len() / 2],
+                if expired > 0 {
+                    format!("  ({expired} rounds: hold expired, not host-only)")
+                } else {
+                    String::new()
+                }
+            );
+            medians.push((regime, *name, med));
+        }
+    }
+    let get = |regime, name| {
+        medians
+            .iter()
+            .find(|(r, n, _)| *r == regime && *n == name)
+            .map(|m| m.2)
+            .unwrap_or(f64::NAN)
+    };
+    for (regime, label) in [
+        (Regime::Held, "GPU held (host cost only)"),
+        (Regime::Running, "GPU running"),
+    ] {
+        let (p, c) = (get(regime, "prism"), get(regime, "cudarc"));
+        println!(
+            "prism coordinator_overhead: {label}: prism {p:.3} us/op, cudarc {c:.3} us/op, prism - cudarc = {:+.3} us/op, ratio {:.2}",
+            p - c,
+            p / c
+        );
+    }
+    micro(&gpu).expect("single-call costs");
 }
 
-/// Host µs per op for prism.
-fn prism_round(gpu: &Gpu) -> Result<f64, Error> {
+/// Makes `streams` wait on a spin kernel of [`HOLD_NS`] on a stream of its
+/// own; returns that stream and the event that ends the hold.
+fn hold(
+    ctx: &Arc<CudaContext>,
+    streams: &[&CudaStream],
+) -> Result<(Arc<CudaStream>, sys::CUevent), Error> {
+    let s = ctx.new_stream().map_err(drv)?;
+    let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv)?;
+    // SAFETY: `s` is a live stream of the current context; the spin kernel
+    // touches no memory.
+    let code = unsafe { prism_cuda_sys::prism_spin_ns(HOLD_NS, s.cu_stream().cast()) };
+    if code != 0 {
+        return Err(Error::Kernel {
+            kernel: "spin_ns",
+            code,
+            message: "spin kernel launch failed".into(),
+        });
+    }
+    // SAFETY: `ev` and the streams are live handles of the current context.
+    unsafe {
+        result::event::record(ev, s.cu_stream()).map_err(drv)?;
+        for st in streams {
+            result::stream::wait_event(
+                st.cu_stream(),
+                ev,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .map_err(drv)?;
+        }
+    }
+    Ok((s, ev))
+}
+
+/// Is the hold still on (its event not reached)?
+fn still_held(ev: sys::CUevent) -> bool {
+    // SAFETY: `ev` is a live event (destroyed only in `release`).
+    let state = unsafe { result::event::query(ev) };
+    matches!(
+        state,
+        Err(result::DriverError(CUresult::CUDA_ERROR_NOT_READY))
+    )
+}
+
+fn release(ev: sys::CUevent) {
+    // SAFETY: called once per event after the context synchronised; the
+    // driver defers destruction of an event still in use anyway.
+    let _ = unsafe { result::event::destroy(ev) };
+}
+
+fn drv(e: result::DriverError) -> Error {
+    Error::Driver {
+        call: "benchmark driver call",
+        source: e,
+    }
+}
+
+/// Times `queue` (the host loop), then the GPU's completion; handles the hold.
+fn timed(
+    gpu: &Gpu,
+    regime: Regime,
+    streams: &[&CudaStream],
+    mut queue: impl FnMut() -> Result<(), Error>,
+) -> Result<Round, Error> {
+    gpu.synchronize()?;
+    let held = match regime {
+        Regime::Held => Some(hold(gpu.cuda_context(), streams)?),
+        Regime::Running => None,
+    };
+    let t = Instant::now();
+    queue()?;
+    let host = t.elapsed().as_secs_f64();
+    let held_ok = held.as_ref().is_none_or(|(_, ev)| still_held(*ev));
+    gpu.synchronize()?;
+    let done = t.elapsed().as_secs_f64();
+    if let Some((_, ev)) = held {
+        release(ev);
+    }
+    let ops = (3 * ITERS) as f64;
+    Ok(Round {
+        host_us: host * 1e6 / ops,
+        done_us: done * 1e6 / ops,
+        held_ok,
+    })
+}
+
+/// The coordinator, exactly the three calls with one dependency each.
+fn prism_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
+    prism_coordinator(gpu, regime, usize::MAX)
+}
+
+/// The coordinator, also polling for completions every 64 iterations.
+fn prism_poll_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
+    prism_coordinator(gpu, regime, 64)
+}
+
+fn prism_coordinator(gpu: &Gpu, regime: Regime, poll_every: usize) -> Result<Round, Error> {
     let src = PinnedBuffer::from_slice(gpu, &random_f32(1, N), HostAllocFlags::DEFAULT)?;
     let mut dst = PinnedBuffer::<f32>::new(gpu, N, HostAllocFlags::DEFAULT)?;
     let mut x = DeviceBuffer::<f32>::new(gpu, N)?;
     let mut y = DeviceBuffer::<f32>::new(gpu, N)?;
     let mut c = AsyncCoordinator::new(gpu)?;
-    let mut last = None;
-    let t = Instant::now();
-    for _ in 0..ITERS {
-        let deps: Vec<_> = last.into_iter().collect();
-        let up = c.queue_upload(&src, &mut x, &deps)?;
-        let k = c.queue_compute("fma", &[up], |l| l.fma_chain(&x, &mut y, N, 1.0, 0.5, 1))?;
-        last = Some(c.queue_download(&y, &mut dst, &[k])?);
-        if c.pending() > 256 {
-            c.poll();
+    let streams = [
+        Arc::clone(c.upload_stream()),
+        Arc::clone(c.compute_stream()),
+        Arc::clone(c.download_stream()),
+    ];
+    let refs: Vec<&CudaStream> = streams.iter().map(|s| &**s).collect();
+    let round = timed(gpu, regime, &refs, || {
+        let mut last = None;
+        for i in 0..ITERS {
+            let deps: &[_] = match &last {
+                Some(d) => std::slice::from_ref(d),
+                None => &[],
+            };
+            let up = c.queue_upload(&src, &mut x, deps)?;
+            let k = c.queue_compute("fma", &[up], |l| l.fma_chain(&x, &mut y, N, 1.0, 0.5, 1))?;
+            last = Some(c.queue_download(&y, &mut dst, &[k])?);
+            if i % poll_every == poll_every - 1 {
+                c.poll();
+            }
         }
-    }
-    let host = t.elapsed().as_secs_f64();
+        Ok(())
+    })?;
     c.synchronize_all()?;
-    Ok(host * 1e6 / (3 * ITERS) as f64)
+    Ok(round)
 }
 
-/// Host µs per op for the same work on cudarc alone.
-fn cudarc_round(ctx: &Arc<CudaContext>) -> f64 {
-    let up: Arc<CudaStream> = ctx.new_stream().unwrap();
-    let comp = ctx.new_stream().unwrap();
-    let down = ctx.new_stream().unwrap();
+/// prism's tracked copies and launches on three streams with event ordering
+/// (fences, wait clocks), but no coordinator (no op ids, no op table).
+fn prism_free_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
+    let src = PinnedBuffer::from_slice(gpu, &random_f32(1, N), HostAllocFlags::DEFAULT)?;
+    let mut dst = PinnedBuffer::<f32>::new(gpu, N, HostAllocFlags::DEFAULT)?;
+    let mut x = DeviceBuffer::<f32>::new(gpu, N)?;
+    let mut y = DeviceBuffer::<f32>::new(gpu, N)?;
+    let (up, comp, down) = (gpu.new_stream(0)?, gpu.new_stream(0)?, gpu.new_stream(0)?);
+    let mut clocks = [WaitClock::default(); 3];
+    timed(gpu, regime, &[&up, &comp, &down], || {
+        let mut last = None;
+        for _ in 0..ITERS {
+            if let Some(f) = &last {
+                prism_stream::Fence::gpu_wait_clocked(f, &up, &mut clocks[0])?;
+            }
+            let fu = copy_htod(&up, &mut clocks[0], &src, &mut x, N)?;
+            fu.gpu_wait_clocked(&comp, &mut clocks[1])?;
+            let mut l = Launch::with_clock(gpu, &comp, clocks[1]);
+            l.fma_chain(&x, &mut y, N, 1.0, 0.5, 1)?;
+            let fk = gpu.fence_after(&comp, l.clock(), false)?;
+            clocks[1] = l.finish(&fk);
+            fk.gpu_wait_clocked(&down, &mut clocks[2])?;
+            last = Some(copy_dtoh(&down, &mut clocks[2], &y, &mut dst, N)?);
+        }
+        Ok(())
+    })
+}
+
+/// The same work on cudarc alone.
+fn cudarc_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
+    let ctx = gpu.cuda_context();
+    let up: Arc<CudaStream> = ctx.new_stream().map_err(drv)?;
+    let comp = ctx.new_stream().map_err(drv)?;
+    let down = ctx.new_stream().map_err(drv)?;
     // SAFETY: filled by the copy below before any read; f32 is valid for any bits.
-    let mut src = unsafe { ctx.alloc_pinned_with_flags::<f32>(N, 0) }.unwrap();
+    let mut src = unsafe { ctx.alloc_pinned_with_flags::<f32>(N, 0) }.map_err(drv)?;
     src.as_mut_slice()
-        .unwrap()
+        .map_err(drv)?
         .copy_from_slice(&random_f32(1, N));
     // SAFETY: as above.
-    let mut dst = unsafe { ctx.alloc_pinned_with_flags::<f32>(N, 0) }.unwrap();
-    let mut x = up.alloc_zeros::<f32>(N).unwrap();
-    let y = comp.alloc_zeros::<f32>(N).unwrap();
-    let e_up = ctx.new_event(None).unwrap();
-    let e_k = ctx.new_event(None).unwrap();
-    let e_down = ctx.new_event(None).unwrap();
-    ctx.synchronize().unwrap();
-    let t = Instant::now();
-    for _ in 0..ITERS {
-        up.wait(&e_down).unwrap();
-        up.memcpy_htod(&src, &mut x).unwrap();
-        e_up.record(&up).unwrap();
-        comp.wait(&e_up).unwrap();
-        let xp = prism_stream::cudarc::driver::DevicePtr::device_ptr(&x, &comp).0;
-        let yp = prism_stream::cudarc::driver::DevicePtr::device_ptr(&y, &comp).0;
-        // SAFETY: x and y hold N f32 each and live until the synchronize below.
-        let code = unsafe {
-            prism_cuda_sys::prism_fma_chain_f32(
-                xp as *const f32,
-                yp as *mut f32,
-                N as u64,
-                1.0,
-                0.5,
-                1,
-                comp.cu_stream().cast(),
-            )
-        };
-        assert_eq!(code, 0);
-        e_k.record(&comp).unwrap();
-        down.wait(&e_k).unwrap();
-        down.memcpy_dtoh(&y, &mut dst).unwrap();
-        e_down.record(&down).unwrap();
+    let mut dst = unsafe { ctx.alloc_pinned_with_flags::<f32>(N, 0) }.map_err(drv)?;
+    let mut x = up.alloc_zeros::<f32>(N).map_err(drv)?;
+    let y = comp.alloc_zeros::<f32>(N).map_err(drv)?;
+    let e_up = ctx.new_event(None).map_err(drv)?;
+    let e_k = ctx.new_event(None).map_err(drv)?;
+    let e_down = ctx.new_event(None).map_err(drv)?;
+    timed(gpu, regime, &[&up, &comp, &down], || {
+        for i in 0..ITERS {
+            if i > 0 {
+                up.wait(&e_down).map_err(drv)?;
+            }
+            up.memcpy_htod(&src, &mut x).map_err(drv)?;
+            e_up.record(&up).map_err(drv)?;
+            comp.wait(&e_up).map_err(drv)?;
+            let xp = x.device_ptr(&comp).0;
+            let yp = y.device_ptr(&comp).0;
+            // SAFETY: x and y hold N f32 each and live until the synchronize in `timed`.
+            let code = unsafe {
+                prism_cuda_sys::prism_fma_chain_f32(
+                    xp as *const f32,
+                    yp as *mut f32,
+                    N as u64,
+                    1.0,
+                    0.5,
+                    1,
+                    comp.cu_stream().cast(),
+                )
+            };
+            assert_eq!(code, 0);
+            e_k.record(&comp).map_err(drv)?;
+            down.wait(&e_k).map_err(drv)?;
+            down.memcpy_dtoh(&y, &mut dst).map_err(drv)?;
+            e_down.record(&down).map_err(drv)?;
+        }
+        Ok(())
+    })
+}
+
+/// The floor: the nine driver calls per iteration and nothing else.
+fn raw_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
+    let ctx = gpu.cuda_context();
+    let (up, comp, down) = (
+        ctx.new_stream().map_err(drv)?,
+        ctx.new_stream().map_err(drv)?,
+        ctx.new_stream().map_err(drv)?,
+    );
+    let src = PinnedBuffer::from_slice(gpu, &random_f32(1, N), HostAllocFlags::DEFAULT)?;
+    let mut dst = PinnedBuffer::<f32>::new(gpu, N, HostAllocFlags::DEFAULT)?;
+    let x = DeviceBuffer::<f32>::new(gpu, N)?;
+    let y = DeviceBuffer::<f32>::new(gpu, N)?;
+    let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+    let events = [
+        result::event::create(flags).map_err(drv)?,
+        result::event::create(flags).map_err(drv)?,
+        result::event::create(flags).map_err(drv)?,
+    ];
+    let [e_up, e_k, e_down] = events;
+    let host_src = src.as_slice()?.as_ptr();
+    let host_dst = dst.as_mut_slice()?.as_mut_ptr();
+    let (xp, yp) = (x.device_ptr(), y.device_ptr());
+    let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+    let round = timed(gpu, regime, &[&up, &comp, &down], || {
+        for i in 0..ITERS {
+            // SAFETY: all handles are live and of the current context; src,
+            // dst, x and y hold N f32 and are neither touched by the host nor
+            // freed until the synchronize in `timed`.
+            unsafe {
+                if i > 0 {
+                    result::stream::wait_event(up.cu_stream(), e_down, wait).map_err(drv)?;
+                }
+                let s = std::slice::from_raw_parts(host_src, N);
+                result::memcpy_htod_async(xp, s, up.cu_stream()).map_err(drv)?;
+                result::event::record(e_up, up.cu_stream()).map_err(drv)?;
+                result::stream::wait_event(comp.cu_stream(), e_up, wait).map_err(drv)?;
+                let code = prism_cuda_sys::prism_fma_chain_f32(
+                    xp as *const f32,
+                    yp as *mut f32,
+                    N as u64,
+                    1.0,
+                    0.5,
+                    1,
+                    comp.cu_stream().cast(),
+                );
+                assert_eq!(code, 0);
+                result::event::record(e_k, comp.cu_stream()).map_err(drv)?;
+                result::stream::wait_event(down.cu_stream(), e_k, wait).map_err(drv)?;
+                let d = std::slice::from_raw_parts_mut(host_dst, N);
+                result::memcpy_dtoh_async(d, yp, down.cu_stream()).map_err(drv)?;
+                result::event::record(e_down, down.cu_stream()).map_err(drv)?;
+            }
+        }
+        Ok(())
+    });
+    for e in events {
+        release(e);
     }
-    let host = t.elapsed().as_secs_f64();
-    ctx.synchronize().unwrap();
-    host * 1e6 / (3 * ITERS) as f64
+    round
+}
+
+/// Host ns per call of single operations, GPU idle.
+fn micro(gpu: &Gpu) -> Result<(), Error> {
+    const CALLS: usize = 20_000;
+    let s = gpu.new_stream(0)?;
+    let s2 = gpu.new_stream(0)?;
+    let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv)?;
+    let per_call = |f: &mut dyn FnMut() -> Result<(), Error>| -> Result<f64, Error> {
+        for _ in 0..CALLS / 10 {
+            f()?;
+        }
+        gpu.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..CALLS {
+            f()?;
+        }
+        let ns = t.elapsed().as_secs_f64() * 1e9 / CALLS as f64;
+        gpu.synchronize()?;
+        Ok(ns)
+    };
+    let mut rows: Vec<(&str, f64)> = Vec::new();
+    rows.push(("Gpu::bind (cuCtxGetCurrent)", per_call(&mut || gpu.bind())?));
+    rows.push((
+        "cuEventRecord (raw)",
+        per_call(&mut || {
+            // SAFETY: live event and stream of the current context.
+            unsafe { result::event::record(ev, s.cu_stream()) }.map_err(drv)
+        })?,
+    ));
+    rows.push((
+        "pooled fence: record + drop",
+        per_call(&mut || gpu.fence(&s).map(drop))?,
+    ));
+    rows.push((
+        "cuStreamWaitEvent (raw)",
+        per_call(&mut || {
+            // SAFETY: live event and streams of the current context.
+            unsafe {
+                result::stream::wait_event(
+                    s2.cu_stream(),
+                    ev,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+            }
+            .map_err(drv)
+        })?,
+    ));
+    // SAFETY: as above.
+    unsafe { result::event::record(ev, s.cu_stream()) }.map_err(drv)?;
+    gpu.synchronize()?;
+    rows.push((
+        "cuEventQuery, complete (raw)",
+        per_call(&mut || {
+            // SAFETY: live event.
+            unsafe { result::event::query(ev) }.map_err(drv)
+        })?,
+    ));
+    let (hold_stream, hold_ev) = hold(gpu.cuda_context(), &[&s])?;
+    // SAFETY: as above; `s` is held, so this event stays pending.
+    unsafe { result::event::record(ev, s.cu_stream()) }.map_err(drv)?;
+    let t = Instant::now();
+    let mut pending = 0;
+    for _ in 0..CALLS {
+        // SAFETY: live event.
+        if unsafe { result::event::query(ev) }.is_err() {
+            pending += 1;
+        }
+    }
+    rows.push((
+        "cuEventQuery, pending (raw)",
+        t.elapsed().as_secs_f64() * 1e9 / CALLS as f64,
+    ));
+    let span = per_call(&mut || {
+        let _g = tracing::trace_span!("prism.bench").entered();
+        Ok(())
+    })?;
+    rows.push(("tracing span, no subscriber", span));
+    gpu.synchronize()?;
+    drop(hold_stream);
+    release(hold_ev);
+    release(ev);
+    for (what, ns) in rows {
+        println!("prism coordinator_overhead: single call  {what:<32} {ns:>8.1} ns");
+    }
+    if pending != CALLS {
+        println!(
+            "prism coordinator_overhead: (the pending query row saw {pending} of {CALLS} pending)"
+        );
+    }
+    Ok(())
 }

@@ -112,7 +112,8 @@ pub(crate) struct GpuEngine<T: Element> {
 impl<T: Element> GpuEngine<T> {
     pub(crate) fn new(gpu: &Gpu, slots: usize, capacity: usize) -> Result<Self> {
         let _span = tracing::debug_span!("prism.pipeline.gpu_engine", slots, capacity).entered();
-        let pool = StreamPool::new(gpu, 2)?;
+        // One upload, two compute (alternating per chunk), one download stream.
+        let pool = StreamPool::with_counts(gpu, [1, 2, 1, 1])?;
         let (up, c1, c2, down) = (
             pool.acquire(StreamPurpose::Upload),
             pool.acquire(StreamPurpose::Compute),

@@ -53,18 +53,24 @@ impl StreamPool {
     /// highest priority the device offers (so copies are fed promptly), compute
     /// the default, auxiliary the lowest.
     pub fn new(gpu: &Gpu, per_purpose: usize) -> Result<Self> {
-        if per_purpose == 0 || per_purpose > 16 {
+        Self::with_counts(gpu, [per_purpose; 4])
+    }
+
+    /// `counts[i]` streams (1 to 16 each) for purpose `StreamPurpose::ALL[i]`
+    /// (upload, compute, download, auxiliary), with the priorities of [`new`](Self::new).
+    pub fn with_counts(gpu: &Gpu, counts: [usize; 4]) -> Result<Self> {
+        if let Some(&bad) = counts.iter().find(|&&n| n == 0 || n > 16) {
             return Err(Error::LengthMismatch {
                 what: "streams per purpose (1..=16)",
                 expected: 1,
-                actual: per_purpose,
+                actual: bad,
             });
         }
         gpu.bind()?;
         let (least, greatest) =
             result::stream::get_priority_range().call("cuCtxGetStreamPriorityRange")?;
-        let make = |priority: i32| -> Result<Vec<PooledStream>> {
-            (0..per_purpose)
+        let make = |purpose: StreamPurpose, priority: i32| -> Result<Vec<PooledStream>> {
+            (0..counts[purpose.index()])
                 .map(|_| {
                     Ok(PooledStream {
                         stream: gpu.new_stream(priority)?,
@@ -75,7 +81,12 @@ impl StreamPool {
         };
         Ok(Self {
             gpu: gpu.clone(),
-            streams: [make(greatest)?, make(0)?, make(greatest)?, make(least)?],
+            streams: [
+                make(StreamPurpose::Upload, greatest)?,
+                make(StreamPurpose::Compute, 0)?,
+                make(StreamPurpose::Download, greatest)?,
+                make(StreamPurpose::Auxiliary, least)?,
+            ],
             next: Default::default(),
         })
     }

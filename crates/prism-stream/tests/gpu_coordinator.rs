@@ -402,6 +402,16 @@ fn gpu_stream_pool_round_robin_and_return() {
         StreamPool::new(ctx.gpu(), 0),
         Err(Error::LengthMismatch { .. })
     ));
+    let sized = StreamPool::with_counts(ctx.gpu(), [1, 3, 1, 1]).unwrap();
+    assert_eq!(
+        StreamPurpose::ALL.map(|p| sized.len(p)),
+        [1, 3, 1, 1],
+        "with_counts made the wrong number of streams"
+    );
+    assert!(matches!(
+        StreamPool::with_counts(ctx.gpu(), [1, 17, 1, 1]),
+        Err(Error::LengthMismatch { actual: 17, .. })
+    ));
 }
 
 #[test]

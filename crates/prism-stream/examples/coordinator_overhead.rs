@@ -1,18 +1,30 @@
 //! Host cost of the coordinator: `queue_upload` + `queue_compute` +
 //! `queue_download`, each with one dependency, against the same three calls
-//! made on cudarc directly (event tracking off, one event record + stream wait
-//! per dependency) and on the raw driver API. Small copies, so the host side
-//! dominates. Prints µs per op and the ratio. Not a test: a measurement.
+//! made on cudarc directly and on the raw driver API. Small copies, so the
+//! host side dominates. Prints µs per op and the ratio. Not a test: a
+//! measurement.
+//!
+//! Every variant makes the same nine driver calls per iteration (a stream
+//! wait, the copy or launch, an event record, three times) on events it has
+//! not used in the round yet: prism takes pooled events, the cudarc and raw
+//! loops a ring of 3 x ITERS events made beforehand. The cudarc loop has
+//! event tracking off and copies from plain slices of its pinned buffers
+//! (cudarc's `PinnedHostSlice` would add a stream wait on the slice's own
+//! event to every copy, even with tracking off).
 //!
 //! Two regimes:
-//! - **GPU held** (the headline): before the timed loop, the three streams
-//!   are made to wait on a spin kernel that outlasts it, so nothing queued
-//!   runs while the host queues. The time is then the host's cost alone, not
-//!   the GPU's speed at running the chain, and never the driver blocking on
-//!   a full queue. A run whose hold ran out before the loop ended is flagged.
+//! - **GPU held**: before the timed loop, the three streams are made to wait
+//!   on a spin kernel that outlasts it, so nothing queued runs while the host
+//!   queues: host cost only, never the GPU's speed at running the chain. The
+//!   driver then holds thousands of commands behind a wait, which makes every
+//!   call dearer than with the GPU running, for every variant. A round whose
+//!   hold ran out before the loop ended is flagged.
 //! - **GPU running**: the GPU runs the chain as it is queued (the host may
 //!   then also wait for queue space); "done" is the time until the GPU
 //!   finished everything.
+//!
+//! Each prism round first runs one untimed batch on its coordinator, so the
+//! op table's allocations are grown before the timed one.
 //!
 //! Then the cost of single calls (bind, event record, pooled fence, stream
 //! wait, event query) so a gap can be placed.
@@ -27,7 +39,7 @@ use prism_stream::cudarc::driver::{result, CudaContext, CudaStream, DevicePtr};
 use prism_stream::testing::{gpu_required, random_f32};
 use prism_stream::{
     copy_dtoh, copy_htod, AsyncCoordinator, DeviceBuffer, Error, Gpu, HostAllocFlags, Launch,
-    PinnedBuffer, WaitClock,
+    LaunchScratch, PinnedBuffer, WaitClock,
 };
 
 /// Iterations (3 ops each) per timed round.
@@ -103,9 +115,13 @@ fn main() {
             done.sort_by(f64::total_cmp);
             let expired = rs.iter().filter(|r| !r.held_ok).count();
             let (med, lo, hi) = (host[host.len() / 2], host[0], host[host.len() - 1]);
+            // Held, "done" only measures the hold.
+            let done_col = match regime {
+                Regime::Held => "-".to_string(),
+                Regime::Running => format!("{:.3}", done[done.len() / 2]),
+            };
             println!(
-                "prism coordinator_overhead: {label:<8} {name:<20} {med:>10.3} {lo:>10.3} {hi:>10.3} {:>10.3}{}",
-                done[done.len() / 2],
+                "prism coordinator_overhead: {label:<8} {name:<20} {med:>10.3} {lo:>10.3} {hi:>10.3} {done_col:>10}{}",
                 if expired > 0 {
                     format!("  ({expired} rounds: hold expired, not host-only)")
                 } else {
@@ -193,6 +209,8 @@ fn drv(e: result::DriverError) -> Error {
 }
 
 /// Times `queue` (the host loop), then the GPU's completion; handles the hold.
+/// Synchronises before returning, also when `queue` failed, so the caller's
+/// buffers are never freed while queued work may still use them.
 fn timed(
     gpu: &Gpu,
     regime: Regime,
@@ -205,14 +223,16 @@ fn timed(
         Regime::Running => None,
     };
     let t = Instant::now();
-    queue()?;
+    let queued = queue();
     let host = t.elapsed().as_secs_f64();
     let held_ok = held.as_ref().is_none_or(|(_, ev)| still_held(*ev));
-    gpu.synchronize()?;
+    let synced = gpu.synchronize();
     let done = t.elapsed().as_secs_f64();
     if let Some((_, ev)) = held {
         release(ev);
     }
+    queued?;
+    synced?;
     let ops = (3 * ITERS) as f64;
     Ok(Round {
         host_us: host * 1e6 / ops,
@@ -243,7 +263,7 @@ fn prism_coordinator(gpu: &Gpu, regime: Regime, poll_every: usize) -> Result<Rou
         Arc::clone(c.download_stream()),
     ];
     let refs: Vec<&CudaStream> = streams.iter().map(|s| &**s).collect();
-    let round = timed(gpu, regime, &refs, || {
+    let mut batch = |c: &mut AsyncCoordinator| -> Result<(), Error> {
         let mut last = None;
         for i in 0..ITERS {
             let deps: &[_] = match &last {
@@ -258,9 +278,14 @@ fn prism_coordinator(gpu: &Gpu, regime: Regime, poll_every: usize) -> Result<Rou
             }
         }
         Ok(())
-    })?;
+    };
+    // Untimed: grows the op table and the pending list to a round's size.
+    batch(&mut c)?;
     c.synchronize_all()?;
-    Ok(round)
+    c.poll();
+    let round = timed(gpu, regime, &refs, || batch(&mut c));
+    c.synchronize_all()?;
+    round
 }
 
 /// prism's tracked copies and launches on three streams with event ordering
@@ -272,6 +297,7 @@ fn prism_free_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
     let mut y = DeviceBuffer::<f32>::new(gpu, N)?;
     let (up, comp, down) = (gpu.new_stream(0)?, gpu.new_stream(0)?, gpu.new_stream(0)?);
     let mut clocks = [WaitClock::default(); 3];
+    let mut scratch = LaunchScratch::default();
     timed(gpu, regime, &[&up, &comp, &down], || {
         let mut last = None;
         for _ in 0..ITERS {
@@ -280,10 +306,10 @@ fn prism_free_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
             }
             let fu = copy_htod(&up, &mut clocks[0], &src, &mut x, N)?;
             fu.gpu_wait_clocked(&comp, &mut clocks[1])?;
-            let mut l = Launch::with_clock(gpu, &comp, clocks[1]);
+            let mut l = Launch::with_scratch(gpu, &comp, clocks[1], std::mem::take(&mut scratch));
             l.fma_chain(&x, &mut y, N, 1.0, 0.5, 1)?;
             let fk = gpu.fence_after(&comp, l.clock(), false)?;
-            clocks[1] = l.finish(&fk);
+            (clocks[1], scratch) = l.finish_reuse(&fk);
             fk.gpu_wait_clocked(&down, &mut clocks[2])?;
             last = Some(copy_dtoh(&down, &mut clocks[2], &y, &mut dst, N)?);
         }
@@ -291,32 +317,38 @@ fn prism_free_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
     })
 }
 
-/// The same work on cudarc alone.
+/// The same work on cudarc alone: event tracking off (as prism's context
+/// has it), plain slices of pinned memory, a fresh event per record.
 fn cudarc_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
     let ctx = gpu.cuda_context();
     let up: Arc<CudaStream> = ctx.new_stream().map_err(drv)?;
     let comp = ctx.new_stream().map_err(drv)?;
     let down = ctx.new_stream().map_err(drv)?;
-    // SAFETY: filled by the copy below before any read; f32 is valid for any bits.
+    // SAFETY: written in full by `copy_from_slice` below before anything
+    // reads it; no reference to the uninitialised memory is read.
     let mut src = unsafe { ctx.alloc_pinned_with_flags::<f32>(N, 0) }.map_err(drv)?;
     src.as_mut_slice()
         .map_err(drv)?
         .copy_from_slice(&random_f32(1, N));
-    // SAFETY: as above.
+    // SAFETY: only ever written (by the GPU's copies), never read.
     let mut dst = unsafe { ctx.alloc_pinned_with_flags::<f32>(N, 0) }.map_err(drv)?;
     let mut x = up.alloc_zeros::<f32>(N).map_err(drv)?;
     let y = comp.alloc_zeros::<f32>(N).map_err(drv)?;
-    let e_up = ctx.new_event(None).map_err(drv)?;
-    let e_k = ctx.new_event(None).map_err(drv)?;
-    let e_down = ctx.new_event(None).map_err(drv)?;
+    let events = (0..3 * ITERS)
+        .map(|_| ctx.new_event(None))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(drv)?;
+    let host_src: &[f32] = src.as_slice().map_err(drv)?;
+    let host_dst: &mut [f32] = dst.as_mut_slice().map_err(drv)?;
     timed(gpu, regime, &[&up, &comp, &down], || {
-        for i in 0..ITERS {
+        for (i, ev) in events.chunks_exact(3).enumerate() {
+            let (e_up, e_k, e_down) = (&ev[0], &ev[1], &ev[2]);
             if i > 0 {
-                up.wait(&e_down).map_err(drv)?;
+                up.wait(&events[3 * i - 1]).map_err(drv)?;
             }
-            up.memcpy_htod(&src, &mut x).map_err(drv)?;
+            up.memcpy_htod(host_src, &mut x).map_err(drv)?;
             e_up.record(&up).map_err(drv)?;
-            comp.wait(&e_up).map_err(drv)?;
+            comp.wait(e_up).map_err(drv)?;
             let xp = x.device_ptr(&comp).0;
             let yp = y.device_ptr(&comp).0;
             // SAFETY: x and y hold N f32 each and live until the synchronize in `timed`.
@@ -331,10 +363,16 @@ fn cudarc_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
                     comp.cu_stream().cast(),
                 )
             };
-            assert_eq!(code, 0);
+            if code != 0 {
+                return Err(Error::Kernel {
+                    kernel: "fma_chain",
+                    code,
+                    message: "launch failed".into(),
+                });
+            }
             e_k.record(&comp).map_err(drv)?;
-            down.wait(&e_k).map_err(drv)?;
-            down.memcpy_dtoh(&y, &mut dst).map_err(drv)?;
+            down.wait(e_k).map_err(drv)?;
+            down.memcpy_dtoh(&y, host_dst).map_err(drv)?;
             e_down.record(&down).map_err(drv)?;
         }
         Ok(())
@@ -354,24 +392,31 @@ fn raw_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
     let x = DeviceBuffer::<f32>::new(gpu, N)?;
     let y = DeviceBuffer::<f32>::new(gpu, N)?;
     let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
-    let events = [
-        result::event::create(flags).map_err(drv)?,
-        result::event::create(flags).map_err(drv)?,
-        result::event::create(flags).map_err(drv)?,
-    ];
-    let [e_up, e_k, e_down] = events;
+    let mut events = Vec::with_capacity(3 * ITERS);
+    for _ in 0..3 * ITERS {
+        match result::event::create(flags) {
+            Ok(e) => events.push(e),
+            Err(e) => {
+                events.into_iter().for_each(release);
+                return Err(drv(e));
+            }
+        }
+    }
     let host_src = src.as_slice()?.as_ptr();
     let host_dst = dst.as_mut_slice()?.as_mut_ptr();
     let (xp, yp) = (x.device_ptr(), y.device_ptr());
     let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
     let round = timed(gpu, regime, &[&up, &comp, &down], || {
-        for i in 0..ITERS {
+        for (i, ev) in events.chunks_exact(3).enumerate() {
+            let (e_up, e_k, e_down) = (ev[0], ev[1], ev[2]);
             // SAFETY: all handles are live and of the current context; src,
             // dst, x and y hold N f32 and are neither touched by the host nor
-            // freed until the synchronize in `timed`.
+            // freed until the synchronize in `timed` (which runs even when
+            // this loop fails).
             unsafe {
                 if i > 0 {
-                    result::stream::wait_event(up.cu_stream(), e_down, wait).map_err(drv)?;
+                    let prev_down = events[3 * i - 1];
+                    result::stream::wait_event(up.cu_stream(), prev_down, wait).map_err(drv)?;
                 }
                 let s = std::slice::from_raw_parts(host_src, N);
                 result::memcpy_htod_async(xp, s, up.cu_stream()).map_err(drv)?;
@@ -386,7 +431,13 @@ fn raw_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
                     1,
                     comp.cu_stream().cast(),
                 );
-                assert_eq!(code, 0);
+                if code != 0 {
+                    return Err(Error::Kernel {
+                        kernel: "fma_chain",
+                        code,
+                        message: "launch failed".into(),
+                    });
+                }
                 result::event::record(e_k, comp.cu_stream()).map_err(drv)?;
                 result::stream::wait_event(down.cu_stream(), e_k, wait).map_err(drv)?;
                 let d = std::slice::from_raw_parts_mut(host_dst, N);
@@ -396,9 +447,7 @@ fn raw_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
         }
         Ok(())
     });
-    for e in events {
-        release(e);
-    }
+    events.into_iter().for_each(release);
     round
 }
 

@@ -228,11 +228,18 @@ impl AsyncCoordinator {
         Ok(self.graph.insert_on(DOWN, "download", fence))
     }
 
-    /// Non-blocking: the ops observed finished since the last poll, in op order.
-    /// A failed op (kernel fault, failed copy) comes back with `result: Err`
-    /// and makes the context unusable for further queueing.
+    /// Non-blocking: the ops observed finished since the last poll, in op
+    /// order, including those `wait`, `wait_timeout` or `synchronize_all`
+    /// saw finish (from the first poll on: a coordinator that is never
+    /// polled keeps no list for it). Costs about one `cuEventQuery` per
+    /// stream with pending ops, plus one per bisection step on a stream that
+    /// is part-way through (see [`OpGraph::poll`]). A failed op (kernel
+    /// fault, failed copy) comes back with `result: Err` and makes the
+    /// context unusable for further queueing.
     pub fn poll(&mut self) -> Vec<Completion> {
-        let done = self.graph.poll(Fence::probe);
+        // Ops settled by stream order (a later op of their stream finished)
+        // have their fences marked done, so later checks skip the driver.
+        let done = self.graph.poll_with(Fence::probe, Fence::assume_complete);
         self.note_failures(&done);
         done
     }

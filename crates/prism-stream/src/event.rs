@@ -212,6 +212,14 @@ impl Fence {
         }
     }
 
+    /// Records that the GPU passed this point without asking it: only for a
+    /// fence known complete because a later fence of its stream completed
+    /// (stream order). Marking an unfinished fence would skip waits it needs,
+    /// hence crate-private.
+    pub(crate) fn assume_complete(&self) {
+        self.0.done.store(true, Ordering::Release);
+    }
+
     /// Non-blocking completion check; a GPU error becomes `Err`.
     pub fn is_complete(&self) -> Result<bool> {
         match self.probe() {

@@ -21,7 +21,8 @@ const MAX_LANES: usize = 8;
 /// How `poll` settles one lane's pending ops.
 #[derive(Debug, Clone, Copy)]
 enum Scan {
-    /// The oldest this many are complete, the rest not ready.
+    /// The oldest this many are complete; the rest stay pending (the first
+    /// of them was seen not ready).
     Prefix(usize),
     /// Probe each, oldest first; `busy` once one was not ready (the rest wait).
     OneByOne { busy: bool },
@@ -99,9 +100,11 @@ pub enum Probe {
 /// Status of every op that left the table finished without error.
 static COMPLETE: OpStatus = OpStatus::Complete;
 
-/// Operation table. Memory stays bounded on a long run: once an op and every
-/// op before it finished, its entry leaves the table (ids below `base` are
-/// complete unless listed in `failed`); fences are kept for pending ops only.
+/// Operation table. Once an op and every op before it finished, its entry
+/// leaves the table (ids below `base` are complete unless listed in
+/// `failed`); fences are kept for pending ops only. So memory stays bounded
+/// on a long run as long as ops keep finishing: one op that stays pending
+/// keeps the entries of every op queued after it.
 #[derive(Debug)]
 pub struct OpGraph<F> {
     /// Id of the first entry of `ops`.
@@ -112,8 +115,12 @@ pub struct OpGraph<F> {
     failed: Vec<(OpId, Cow<'static, str>, OpStatus)>,
     /// Pending ops in id order, with their lanes and fences.
     pending: Vec<(OpId, usize, F)>,
-    /// Ops observed finished (by `wait`) that `poll` has not reported yet.
+    /// Ops observed finished (by `wait`) that `poll` has not reported yet;
+    /// kept only once `poll` was called (a caller that never polls would
+    /// otherwise grow this without bound).
     unreported: Vec<Completion>,
+    /// Has `poll` been called?
+    polled: bool,
     /// Positions of one lane's ops during `poll` (kept to reuse its allocation).
     scratch: Vec<usize>,
 }
@@ -126,6 +133,7 @@ impl<F> Default for OpGraph<F> {
             failed: Vec::new(),
             pending: Vec::new(),
             unreported: Vec::new(),
+            polled: false,
             scratch: Vec::new(),
         }
     }
@@ -187,9 +195,11 @@ impl<F> OpGraph<F> {
         self.insert_on(NO_LANE, name, fence)
     }
 
-    /// Records a new pending op on `lane`: ops of one lane (one stream)
-    /// complete in the order they were inserted, so `poll` stops probing a
-    /// lane at its first op that is not ready.
+    /// Records a new pending op on `lane`. Contract: the fences of one lane
+    /// complete in the order their ops were inserted (ops on one CUDA stream
+    /// do), and a failure is sticky (once a fence reports `Failed`, every
+    /// fence probed later does too, as CUDA's errors after a fault are).
+    /// `poll` relies on both to settle a lane with O(log n) probes.
     pub fn insert_on(&mut self, lane: usize, name: impl Into<Cow<'static, str>>, fence: F) -> OpId {
         let id = self.next_id();
         self.ops.push_back((name.into(), OpStatus::Pending));
@@ -200,11 +210,7 @@ impl<F> OpGraph<F> {
     /// Status of an op.
     pub fn status(&self, op: OpId) -> Result<&OpStatus> {
         if op.0 < self.base {
-            return Ok(self
-                .failed
-                .iter()
-                .find(|(id, _, _)| *id == op)
-                .map_or(&COMPLETE, |(_, _, s)| s));
+            return Ok(self.failed_entry(op).map_or(&COMPLETE, |(_, _, s)| s));
         }
         self.ops
             .get((op.0 - self.base) as usize)
@@ -216,13 +222,17 @@ impl<F> OpGraph<F> {
     /// without error and left the table (only failures keep their names).
     pub fn name(&self, op: OpId) -> Option<&str> {
         if op.0 < self.base {
-            return self
-                .failed
-                .iter()
-                .find(|(id, _, _)| *id == op)
-                .map(|(_, n, _)| &**n);
+            return self.failed_entry(op).map(|(_, n, _)| &**n);
         }
         self.ops.get((op.0 - self.base) as usize).map(|(n, _)| &**n)
+    }
+
+    /// `failed` is in id order (`compact` pushes in id order).
+    fn failed_entry(&self, op: OpId) -> Option<&(OpId, Cow<'static, str>, OpStatus)> {
+        self.failed
+            .binary_search_by_key(&op, |(id, _, _)| *id)
+            .ok()
+            .map(|i| &self.failed[i])
     }
 
     /// The fence of a pending op (None once it finished).
@@ -249,16 +259,32 @@ impl<F> OpGraph<F> {
     }
 
     /// Finds every pending op that finished; returns them, and the ops
-    /// `finish` recorded since the last poll, in op order.
+    /// `finish` recorded since the last poll, in op order (those only from
+    /// the first poll on: before it, `finish` keeps nothing for `poll`).
     ///
-    /// Ops of one lane (one stream) finish in the order they were queued, so
-    /// for each lane `poll` probes its newest op first (one probe when the
-    /// whole lane is done) and otherwise bisects for the first unfinished
-    /// one: O(log n) probes per lane, not one per op. A lane where a probe
-    /// reports a failure is probed op by op, oldest first, so the failure is
-    /// reported against the oldest op not yet seen complete. Ops without a
-    /// lane are probed one by one.
-    pub fn poll(&mut self, mut probe: impl FnMut(&F) -> Probe) -> Vec<Completion> {
+    /// Ops of one lane (one stream) finish in the order they were queued
+    /// (see [`insert_on`](Self::insert_on)), so for each lane `poll` probes
+    /// its newest op first (one probe when the whole lane is done) and
+    /// otherwise bisects for the first unfinished one: O(log n) probes per
+    /// lane, not one per op. A lane where a probe reports a failure is probed
+    /// op by op, oldest first; with a sticky failure every pending op of that
+    /// lane is then reported failed, including ops that finished before the
+    /// fault but had not been seen to. Ops without a lane, and ops of lanes
+    /// past the eighth, are probed one by one.
+    pub fn poll(&mut self, probe: impl FnMut(&F) -> Probe) -> Vec<Completion> {
+        self.poll_with(probe, |_| {})
+    }
+
+    /// [`poll`](Self::poll), calling `assume_complete` for each op of a lane
+    /// it settles as complete by stream order (a later op of the lane was
+    /// seen complete; the probed op itself is included), so fences that were
+    /// never probed can remember they are done.
+    pub fn poll_with(
+        &mut self,
+        mut probe: impl FnMut(&F) -> Probe,
+        mut assume_complete: impl FnMut(&F),
+    ) -> Vec<Completion> {
+        self.polled = true;
         let mut done = std::mem::take(&mut self.unreported);
         let mut pending = std::mem::take(&mut self.pending);
         let mut lanes = [NO_LANE; MAX_LANES];
@@ -292,6 +318,7 @@ impl<F> OpGraph<F> {
                     if seen[k] > *complete {
                         return true;
                     }
+                    assume_complete(fence);
                     Probe::Complete
                 }
                 Some((_, Scan::OneByOne { busy: true })) => return true,
@@ -314,7 +341,8 @@ impl<F> OpGraph<F> {
         done
     }
 
-    /// Records that `op` finished (seen by a blocking wait); `poll` will report it.
+    /// Records that `op` finished (seen by a blocking wait); `poll` will
+    /// report it if `poll` was called before (see [`poll`](Self::poll)).
     pub fn finish(&mut self, op: OpId, outcome: Probe) -> Result<()> {
         let Some(pos) = self.pending_index(op) else {
             return self.status(op).map(|_| ());
@@ -324,7 +352,9 @@ impl<F> OpGraph<F> {
         }
         self.pending.remove(pos);
         let c = self.settle(op, outcome);
-        self.unreported.push(c);
+        if self.polled {
+            self.unreported.push(c);
+        }
         self.compact();
         Ok(())
     }
@@ -395,6 +425,7 @@ mod tests {
         let mut g: OpGraph<u32> = OpGraph::new();
         let a = g.insert("a", 1);
         let b = g.insert("b", 2);
+        assert!(g.poll(|_| Probe::NotReady).is_empty());
         g.finish(b, Probe::Complete).unwrap();
         let done = g.poll(|_| Probe::NotReady);
         assert_eq!(done.iter().map(|c| c.op).collect::<Vec<_>>(), vec![b]);
@@ -488,6 +519,45 @@ mod tests {
         });
         assert_eq!(done.len(), 63);
         assert_eq!(probes, 1, "a finished lane costs one probe");
+    }
+
+    #[test]
+    fn poll_with_names_the_ops_it_settles_by_stream_order() {
+        let mut g: OpGraph<u32> = OpGraph::new();
+        for i in 0..5 {
+            g.insert_on(0, "op", i);
+        }
+        let mut probed = Vec::new();
+        let mut assumed = Vec::new();
+        let done = g.poll_with(
+            |f| {
+                probed.push(*f);
+                Probe::Complete
+            },
+            |f| assumed.push(*f),
+        );
+        assert_eq!(done.len(), 5);
+        assert_eq!(probed, vec![4]);
+        assert_eq!(assumed, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn waits_before_any_poll_keep_nothing_for_poll() {
+        let mut g: OpGraph<u32> = OpGraph::new();
+        for i in 0..1000 {
+            let op = g.insert_on(0, "op", i);
+            g.finish(op, Probe::Complete).unwrap();
+        }
+        assert_eq!(g.retained_len(), 0);
+        assert!(
+            g.unreported.is_empty(),
+            "a caller that never polls grew the report list"
+        );
+        assert!(g.poll(|_| Probe::Complete).is_empty());
+        let op = g.insert_on(0, "op", 1000);
+        g.finish(op, Probe::Complete).unwrap();
+        let done = g.poll(|_| Probe::NotReady);
+        assert_eq!(done.iter().map(|c| c.op).collect::<Vec<_>>(), vec![op]);
     }
 
     #[test]

@@ -48,18 +48,20 @@ impl<'s> Launch<'s> {
 
     /// Like [`Launch::with_clock`], reusing the lists of an earlier scope
     /// (see [`Launch::finish_reuse`]) so a steady stream of launches allocates nothing.
-    pub(crate) fn with_scratch(
+    pub fn with_scratch(
         gpu: &'s Gpu,
         stream: &'s Arc<CudaStream>,
         clock: WaitClock,
         scratch: LaunchScratch,
     ) -> Self {
-        debug_assert!(scratch.reads.is_empty() && scratch.writes.is_empty());
+        let (mut reads, mut writes) = (scratch.reads, scratch.writes);
+        reads.clear();
+        writes.clear();
         Self {
             gpu,
             stream,
-            reads: scratch.reads,
-            writes: scratch.writes,
+            reads,
+            writes,
             clock,
         }
     }
@@ -443,7 +445,7 @@ impl<'s> Launch<'s> {
     }
 
     /// [`finish`](Self::finish), also handing back the emptied lists for the next scope.
-    pub(crate) fn finish_reuse(mut self, fence: &Fence) -> (WaitClock, LaunchScratch) {
+    pub fn finish_reuse(mut self, fence: &Fence) -> (WaitClock, LaunchScratch) {
         for r in self.reads.drain(..) {
             lock(&r).add_read(fence);
         }
@@ -458,9 +460,10 @@ impl<'s> Launch<'s> {
     }
 }
 
-/// The (empty) use lists of a finished [`Launch`], kept for the next one.
+/// The (empty) use lists of a finished [`Launch`], kept for the next one
+/// (their allocations are what is reused; they hold no buffer).
 #[derive(Debug, Default)]
-pub(crate) struct LaunchScratch {
+pub struct LaunchScratch {
     reads: Vec<UseCell>,
     writes: Vec<UseCell>,
 }

@@ -34,7 +34,7 @@ pub use copy::{
 pub use error::{Error, Result};
 pub use event::{Fence, WaitClock};
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
-pub use kernels::{fma_chain_cpu, pattern, Launch};
+pub use kernels::{fma_chain_cpu, pattern, Launch, LaunchScratch};
 pub use memory::{DeviceBuffer, Element, HostAllocFlags, PinnedBuffer};
 pub use stream::{ManagedStream, StreamPool, StreamPurpose};
 

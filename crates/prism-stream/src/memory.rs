@@ -32,6 +32,13 @@ pub(crate) struct Uses {
 }
 
 /// Shared handle to a buffer's [`Uses`] (kernel launches collect these).
+///
+/// Lock order: a copy holds its pinned buffer's cell, then its device
+/// buffer's, across ordering, the driver call and recording (so the three
+/// are atomic against other threads queueing on the same buffers); the event
+/// pool's mutex is only ever taken inside. No other code holds two cells at
+/// once. A host accessor (`as_slice`, `is_idle`, ...) called from another
+/// thread meanwhile waits for that queueing call, not for the GPU.
 pub(crate) type UseCell = Arc<Mutex<Uses>>;
 
 pub(crate) fn lock(cell: &UseCell) -> MutexGuard<'_, Uses> {

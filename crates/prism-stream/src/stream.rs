@@ -62,7 +62,7 @@ impl StreamPool {
         if let Some(&bad) = counts.iter().find(|&&n| n == 0 || n > 16) {
             return Err(Error::LengthMismatch {
                 what: "streams per purpose (1..=16)",
-                expected: 1,
+                expected: bad.clamp(1, 16),
                 actual: bad,
             });
         }

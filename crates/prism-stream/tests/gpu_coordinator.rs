@@ -153,10 +153,11 @@ fn gpu_poll_reports_incomplete_then_complete() {
     assert!(c.poll().is_empty(), "an op was reported twice");
 }
 
-/// While many ops drain on three streams, `poll` (which bisects each stream
-/// instead of probing every op) reports every op exactly once, each stream's
-/// ops in queue order, and only ops that really finished: a download it
-/// reports can be read at once and holds the CPU reference's answer.
+/// Many ops on three streams wait behind a long kernel: while it runs (checked
+/// after each poll, so the check cannot race), `poll` reports nothing. Then,
+/// as they drain, `poll` (which bisects each stream instead of probing every
+/// op) reports every op exactly once, each stream's ops in queue order, and a
+/// download it reports can be read at once and holds the CPU's answer.
 #[test]
 fn gpu_poll_reports_every_op_once_while_work_drains() {
     let Some(mut ctx) = gpu_or_skip("gpu_poll_reports_every_op_once_while_work_drains") else {
@@ -175,8 +176,15 @@ fn gpu_poll_reports_every_op_once_while_work_drains() {
         .map(|_| PinnedBuffer::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap())
         .collect();
     let c = ctx.async_coordinator_mut().unwrap();
-    let up = c.queue_upload(&src, &mut x, &[]).unwrap();
-    let mut computes = Vec::new();
+    // Long enough to outlast queueing everything, also under compute-sanitizer.
+    let hold_ns = if under_sanitizer() {
+        3_000_000_000
+    } else {
+        300_000_000
+    };
+    let hold = c.queue_compute("hold", &[], |l| l.spin(hold_ns)).unwrap();
+    let up = c.queue_upload(&src, &mut x, &[hold]).unwrap();
+    let mut computes = vec![hold];
     let mut downloads = Vec::new();
     for (i, (y, out)) in ys.iter_mut().zip(outs.iter_mut()).enumerate() {
         let k = c
@@ -188,7 +196,28 @@ fn gpu_poll_reports_every_op_once_while_work_drains() {
         computes.push(k);
         downloads.push(c.queue_download(y, out, &[k]).unwrap());
     }
-    let total = 1 + 2 * ops;
+    let total = 2 + 2 * ops;
+    // While the hold is still running after a poll, nothing queued can have
+    // finished before or during that poll.
+    let mut held_polls = 0;
+    loop {
+        let done = c.poll();
+        let still_held = matches!(
+            c.wait_timeout(hold, Duration::ZERO),
+            Err(Error::Timeout { .. })
+        );
+        if !still_held {
+            break;
+        }
+        assert!(
+            done.is_empty(),
+            "poll reported {:?} while the kernel they wait for still ran",
+            done.iter().map(|d| d.op).collect::<Vec<_>>()
+        );
+        held_polls += 1;
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert!(held_polls > 0, "the hold ended before queueing did");
     // Per op id: the poll (count) that reported it.
     let mut reported_in: Vec<Option<usize>> = vec![None; total];
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -198,7 +227,8 @@ fn gpu_poll_reports_every_op_once_while_work_drains() {
         assert!(Instant::now() < deadline, "ops never reported complete");
         let done = c.poll();
         polls += 1;
-        if !done.is_empty() && done.len() < total {
+        let unreported = reported_in.iter().filter(|r| r.is_none()).count();
+        if !done.is_empty() && done.len() < unreported {
             partial_polls += 1;
         }
         for d in done {
@@ -225,7 +255,15 @@ fn gpu_poll_reports_every_op_once_while_work_drains() {
         );
     }
     assert!(c.poll().is_empty(), "an op was reported twice");
-    eprintln!("{total} ops reported over {polls} polls ({partial_polls} with some ops)");
+    if !under_sanitizer() {
+        assert!(
+            partial_polls > 0,
+            "no poll saw the streams part-way through ({polls} polls)"
+        );
+    }
+    eprintln!(
+        "{total} ops: nothing reported over {held_polls} polls while held, then {polls} polls ({partial_polls} with some of the rest)"
+    );
 }
 
 #[test]

@@ -42,6 +42,8 @@ proptest! {
     fn op_graph_matches_model(actions in prop::collection::vec(action(), 1..60)) {
         let mut g: OpGraph<FakeFence> = OpGraph::new();
         let mut m = Model::default();
+        // Before the first poll, ops seen finished by a wait are not kept for poll.
+        let mut polled = false;
         for a in actions {
             match a {
                 Action::Queue(deps) => {
@@ -80,6 +82,7 @@ proptest! {
                     }
                 }
                 Action::Poll => {
+                    polled = true;
                     let done = g.poll(|f| m.gpu[*f].clone());
                     let mut want = Vec::new();
                     for i in 0..m.status.len() {
@@ -100,6 +103,9 @@ proptest! {
                         g.finish(OpId(k as u64), outcome.clone()).unwrap();
                         if m.status[k] == OpStatus::Pending && outcome != Probe::NotReady {
                             m.status[k] = match outcome { Probe::Failed(r) => OpStatus::Failed(r), _ => OpStatus::Complete };
+                            if !polled {
+                                m.reported[k] = true;
+                            }
                         }
                     } else {
                         prop_assert!(matches!(g.finish(OpId(k as u64), Probe::Complete), Err(Error::UnknownOp(_))));
@@ -219,5 +225,134 @@ proptest! {
                 prop_assert_eq!(g.status(OpId(i as u64)).unwrap(), s);
             }
         }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum MidAction {
+    /// Queue an op on one of `LANES` lanes.
+    Queue(usize),
+    /// The GPU finishes the next `k` ops of a lane.
+    Advance(usize, usize),
+    /// A blocking wait on op k, observing it as the GPU has it.
+    Wait(usize),
+    /// Poll; with `Some(f)` a sticky fault starts after the poll's f-th probe.
+    Poll(Option<usize>),
+}
+
+/// More lanes than `poll` bisects (8), so the op-by-op path for the rest runs too.
+const LANES: usize = 10;
+
+fn mid_action() -> impl Strategy<Value = MidAction> {
+    prop_oneof![
+        5 => (0usize..LANES).prop_map(MidAction::Queue),
+        3 => (0usize..LANES, 1usize..6).prop_map(|(l, k)| MidAction::Advance(l, k)),
+        2 => (0usize..60).prop_map(MidAction::Wait),
+        3 => prop::option::weighted(0.2, 0usize..6).prop_map(MidAction::Poll),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+    /// A fault may start in the middle of a poll (between its probes, as on a
+    /// real GPU); waits settle ops in the middle of lanes. Whatever happens,
+    /// no op is reported complete that the GPU has not finished, none twice,
+    /// and a final drain reports every op still unreported.
+    #[test]
+    fn poll_never_reports_unfinished_ops(actions in prop::collection::vec(mid_action(), 1..150)) {
+        let mut g: OpGraph<usize> = OpGraph::new();
+        // Per op: lane and position in it.
+        let mut ops: Vec<(usize, usize)> = Vec::new();
+        let mut lane_len = [0usize; LANES];
+        let mut progress = [0usize; LANES];
+        let mut reported: Vec<bool> = Vec::new();
+        let mut sticky = false;
+        // Ops settled by a wait before the first poll are never reported.
+        let mut polled = false;
+        let finished = |ops: &[(usize, usize)], progress: &[usize; LANES], op: usize| {
+            let (l, p) = ops[op];
+            p < progress[l]
+        };
+        for act in actions {
+            match act {
+                MidAction::Queue(l) => {
+                    lane_len[l] += 1;
+                    let id = g.insert_on(l, "op", ops.len());
+                    prop_assert_eq!(id.0 as usize, ops.len());
+                    ops.push((l, lane_len[l] - 1));
+                    reported.push(false);
+                }
+                MidAction::Advance(l, k) => {
+                    if !sticky {
+                        progress[l] = (progress[l] + k).min(lane_len[l]);
+                    }
+                }
+                MidAction::Wait(k) => {
+                    if k < ops.len() {
+                        let outcome = if sticky {
+                            Probe::Failed("fault".into())
+                        } else if finished(&ops, &progress, k) {
+                            Probe::Complete
+                        } else {
+                            Probe::NotReady
+                        };
+                        let was_pending = *g.status(OpId(k as u64)).unwrap() == OpStatus::Pending;
+                        g.finish(OpId(k as u64), outcome.clone()).unwrap();
+                        if was_pending && outcome != Probe::NotReady && !polled {
+                            reported[k] = true;
+                        }
+                    }
+                }
+                MidAction::Poll(fault_after) => {
+                    polled = true;
+                    let mut n = 0usize;
+                    let done = g.poll(|&op| {
+                        n += 1;
+                        if fault_after.is_some_and(|f| n > f) {
+                            sticky = true;
+                        }
+                        if sticky {
+                            Probe::Failed("fault".into())
+                        } else if finished(&ops, &progress, op) {
+                            Probe::Complete
+                        } else {
+                            Probe::NotReady
+                        }
+                    });
+                    for c in &done {
+                        let i = c.op.0 as usize;
+                        prop_assert!(!reported[i], "op {} reported twice", i);
+                        reported[i] = true;
+                        if c.result.is_ok() {
+                            prop_assert!(finished(&ops, &progress, i), "op {} reported complete before it finished", i);
+                        }
+                    }
+                }
+            }
+            for i in 0..ops.len() {
+                if *g.status(OpId(i as u64)).unwrap() == OpStatus::Complete {
+                    prop_assert!(finished(&ops, &progress, i), "op {} complete before it finished", i);
+                }
+            }
+        }
+        if !sticky {
+            progress = lane_len;
+        }
+        let done = g.poll(|&op| {
+            if sticky {
+                Probe::Failed("fault".into())
+            } else if finished(&ops, &progress, op) {
+                Probe::Complete
+            } else {
+                Probe::NotReady
+            }
+        });
+        for c in &done {
+            let i = c.op.0 as usize;
+            prop_assert!(!reported[i], "op {} reported twice", i);
+            reported[i] = true;
+        }
+        prop_assert!(reported.iter().all(|r| *r), "some op was never reported");
+        prop_assert_eq!(g.pending_len(), 0);
     }
 }

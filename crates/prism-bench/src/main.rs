@@ -82,6 +82,8 @@ struct Args {
     out: String,
     only: Option<String>,
     replot: Option<String>,
+    /// Diagnostic: run prism with its timing events on and print its stats.
+    prism_timing: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -91,6 +93,7 @@ fn parse_args() -> Result<Args, String> {
         out: "bench-results".into(),
         only: None,
         replot: None,
+        prism_timing: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(f) = it.next() {
@@ -106,6 +109,7 @@ fn parse_args() -> Result<Args, String> {
             "--out" => a.out = it.next().ok_or("--out needs a value")?,
             "--only" => a.only = Some(it.next().ok_or("--only needs a value")?),
             "--replot" => a.replot = Some(it.next().ok_or("--replot needs a results.json")?),
+            "--prism-timing" => a.prism_timing = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -196,7 +200,7 @@ fn run() -> Result<(), BoxError> {
     let count = workloads.len();
     for (k, w) in workloads.iter_mut().enumerate() {
         eprintln!("prism-bench: [{}/{}] {} ...", k + 1, count, w.name);
-        results.push(bench_workload(&gpu, &ctx, w, args.reps)?);
+        results.push(bench_workload(&gpu, &ctx, w, args.reps, args.prism_timing)?);
     }
     print_table(&device, &results);
     std::fs::create_dir_all(&args.out)?;
@@ -489,6 +493,7 @@ fn bench_workload(
     ctx: &Arc<CudaContext>,
     w: &mut Workload,
     reps: usize,
+    prism_timing: bool,
 ) -> Result<WorkloadResult, BoxError> {
     let mut data = make_data(gpu, w)?;
     let sample = Sample::new(&data, w.piece);
@@ -556,7 +561,7 @@ fn bench_workload(
     let config = PipelineConfig {
         chunk_bytes: w.prism_chunk_bytes,
         slots: w.prism_slots,
-        timing: false,
+        timing: prism_timing,
         ..PipelineConfig::default()
     };
     let mut pipeline = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
@@ -589,7 +594,11 @@ fn bench_workload(
                     3,
                 )?,
                 "cudarc 3 streams" => cudarc_loop(ctx, &mut data, w.piece, w.iters)?,
-                _ => prism_run(w, &mut data, &mut pipeline)?,
+                _ => {
+                    // With --prism-timing, the stats of the last repetition only.
+                    pipeline.reset_stats();
+                    prism_run(w, &mut data, &mut pipeline)?
+                }
             };
             checked += sample.check(&data, w.iters, name)?;
             if rep > 0 {
@@ -597,6 +606,9 @@ fn bench_workload(
             }
         }
         eprintln!();
+        if prism_timing && name == "prism" {
+            eprintln!("{}", pipeline.get_stats());
+        }
         let (lo, hi) = (
             times.iter().copied().fold(f64::INFINITY, f64::min),
             times.iter().copied().fold(0.0, f64::max),

@@ -200,14 +200,15 @@ fn gpu_poll_reports_every_op_once_while_work_drains() {
     // While the hold is still running after a poll, nothing queued can have
     // finished before or during that poll.
     let mut held_polls = 0;
-    loop {
+    // The last poll's report, made when the hold may already have ended.
+    let first_report = loop {
         let done = c.poll();
         let still_held = matches!(
             c.wait_timeout(hold, Duration::ZERO),
             Err(Error::Timeout { .. })
         );
         if !still_held {
-            break;
+            break done;
         }
         assert!(
             done.is_empty(),
@@ -216,16 +217,20 @@ fn gpu_poll_reports_every_op_once_while_work_drains() {
         );
         held_polls += 1;
         std::thread::sleep(Duration::from_micros(200));
-    }
+    };
     assert!(held_polls > 0, "the hold ended before queueing did");
     // Per op id: the poll (count) that reported it.
     let mut reported_in: Vec<Option<usize>> = vec![None; total];
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut polls = 0;
     let mut partial_polls = 0;
+    let mut carried = Some(first_report);
     while reported_in.iter().any(Option::is_none) {
         assert!(Instant::now() < deadline, "ops never reported complete");
-        let done = c.poll();
+        let done = match carried.take() {
+            Some(report) => report,
+            None => c.poll(),
+        };
         polls += 1;
         let unreported = reported_in.iter().filter(|r| r.is_none()).count();
         if !done.is_empty() && done.len() < unreported {

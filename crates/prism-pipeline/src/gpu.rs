@@ -112,7 +112,8 @@ pub(crate) struct GpuEngine<T: Element> {
 impl<T: Element> GpuEngine<T> {
     pub(crate) fn new(gpu: &Gpu, slots: usize, capacity: usize) -> Result<Self> {
         let _span = tracing::debug_span!("prism.pipeline.gpu_engine", slots, capacity).entered();
-        // One upload, two compute (alternating per chunk), one download stream.
+        // One upload, two compute (alternating per chunk), one download stream;
+        // counts must be at least 1, so one auxiliary stream exists and stays idle.
         let pool = StreamPool::with_counts(gpu, [1, 2, 1, 1])?;
         let (up, c1, c2, down) = (
             pool.acquire(StreamPurpose::Upload),

@@ -41,6 +41,13 @@ fn download_staged<T: Element>(
     )?)
 }
 
+/// The staging buffer `download_staged` filled, for a retiring chunk.
+fn downloaded<T: Element>(io: &SlotIo<T>) -> Result<&PinnedBuffer<T>> {
+    io.staging_out
+        .as_ref()
+        .ok_or(Error::Config("retired a chunk that was never downloaded"))
+}
+
 /// Takes items (input, output) from the front of `items` while they fit one
 /// chunk together; `len` gives an item's input and output lengths, which
 /// must agree. `next_item` counts the items taken so far (for errors).
@@ -130,10 +137,7 @@ impl<T: Element> Io<T> for SliceIo<'_, T> {
     }
 
     fn retire(&mut self, io: &mut SlotIo<T>, out_len: usize) -> Result<()> {
-        let buf = io
-            .staging_out
-            .as_ref()
-            .ok_or(Error::Config("retired a chunk that was never downloaded"))?;
+        let buf = downloaded(io)?;
         par_copy_one(
             &mut self.output[self.next_out..self.next_out + out_len],
             &buf.as_slice()?[..out_len],
@@ -271,10 +275,7 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for Items
     }
 
     fn retire(&mut self, io: &mut SlotIo<T>, _out_len: usize) -> Result<()> {
-        let buf = io
-            .staging_out
-            .as_ref()
-            .ok_or(Error::Config("retired a chunk that was never downloaded"))?;
+        let buf = downloaded(io)?;
         let data = buf.as_slice()?;
         let mut pairs = Vec::with_capacity(io.items.len());
         for &(item, off, len) in &io.items {

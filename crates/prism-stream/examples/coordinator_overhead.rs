@@ -352,24 +352,7 @@ fn cudarc_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
             let xp = x.device_ptr(&comp).0;
             let yp = y.device_ptr(&comp).0;
             // SAFETY: x and y hold N f32 each and live until the synchronize in `timed`.
-            let code = unsafe {
-                prism_cuda_sys::prism_fma_chain_f32(
-                    xp as *const f32,
-                    yp as *mut f32,
-                    N as u64,
-                    1.0,
-                    0.5,
-                    1,
-                    comp.cu_stream().cast(),
-                )
-            };
-            if code != 0 {
-                return Err(Error::Kernel {
-                    kernel: "fma_chain",
-                    code,
-                    message: "launch failed".into(),
-                });
-            }
+            unsafe { launch_fma(xp, yp, &comp) }?;
             e_k.record(&comp).map_err(drv)?;
             down.wait(e_k).map_err(drv)?;
             down.memcpy_dtoh(&y, host_dst).map_err(drv)?;
@@ -377,6 +360,38 @@ fn cudarc_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
         }
         Ok(())
     })
+}
+
+/// The baselines' kernel: `y = fma(x, 1.0, 0.5)` over N f32 on `stream`.
+///
+/// # Safety
+/// `x` and `y` must be device allocations of at least N f32 in the current
+/// context that stay allocated until the launch completes.
+unsafe fn launch_fma(
+    x: sys::CUdeviceptr,
+    y: sys::CUdeviceptr,
+    stream: &CudaStream,
+) -> Result<(), Error> {
+    // SAFETY: the caller guarantees both allocations; the stream is live (borrowed).
+    let code = unsafe {
+        prism_cuda_sys::prism_fma_chain_f32(
+            x as *const f32,
+            y as *mut f32,
+            N as u64,
+            1.0,
+            0.5,
+            1,
+            stream.cu_stream().cast(),
+        )
+    };
+    if code != 0 {
+        return Err(Error::Kernel {
+            kernel: "fma_chain",
+            code,
+            message: "launch failed".into(),
+        });
+    }
+    Ok(())
 }
 
 /// The floor: the nine driver calls per iteration and nothing else.
@@ -422,22 +437,7 @@ fn raw_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
                 result::memcpy_htod_async(xp, s, up.cu_stream()).map_err(drv)?;
                 result::event::record(e_up, up.cu_stream()).map_err(drv)?;
                 result::stream::wait_event(comp.cu_stream(), e_up, wait).map_err(drv)?;
-                let code = prism_cuda_sys::prism_fma_chain_f32(
-                    xp as *const f32,
-                    yp as *mut f32,
-                    N as u64,
-                    1.0,
-                    0.5,
-                    1,
-                    comp.cu_stream().cast(),
-                );
-                if code != 0 {
-                    return Err(Error::Kernel {
-                        kernel: "fma_chain",
-                        code,
-                        message: "launch failed".into(),
-                    });
-                }
+                launch_fma(xp, yp, &comp)?;
                 result::event::record(e_k, comp.cu_stream()).map_err(drv)?;
                 result::stream::wait_event(down.cu_stream(), e_k, wait).map_err(drv)?;
                 let d = std::slice::from_raw_parts_mut(host_dst, N);

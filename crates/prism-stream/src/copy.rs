@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, CudaStream};
 
+use crate::context::Gpu;
 use crate::error::check_len;
 use crate::error::DriverResultExt;
 use crate::event::{Fence, WaitClock};
-use crate::memory::{lock, DeviceBuffer, Element, PinnedBuffer};
+use crate::memory::{lock, DeviceBuffer, Element, PinnedBuffer, Uses};
 use crate::{Error, Result};
 
 /// Copies `src[..n]` into `dst[..n]` on `stream`, after every earlier use of
@@ -63,31 +64,19 @@ pub fn copy_htod_at<T: Element>(
     // Locks are taken pinned first, then device, in both directions.
     let mut su = lock(&src.uses);
     let mut du = lock(&dst.uses);
-    su.order_read(stream, clock)?;
-    du.order_write(stream, clock)?;
-    let start = if timed {
-        Some(gpu.timed_fence(stream)?)
-    } else {
-        None
-    };
-    // SAFETY: src is page-locked memory with >= src_offset + n initialised
-    // elements (checked above), so the offset pointer and range are in bounds; it stays
-    // allocated and unwritten by the host until the fence recorded below
-    // completes (Drop and the host accessors check it).
-    let host = unsafe { std::slice::from_raw_parts((src.raw() as *const T).add(src_offset), n) };
-    // SAFETY: dst is a device allocation of >= n elements of the current
-    // context, ordered after all its earlier uses, and tracked until this copy
-    // completes; host is valid as above.
-    unsafe { result::memcpy_htod_async(dst.device_ptr(), host, stream.cu_stream()) }
-        .call("cuMemcpyHtoDAsync")?;
-    let fence = if timed {
-        gpu.fence_after(stream, clock, true)?
-    } else {
-        gpu.fence_after(stream, clock, false)?
-    };
-    su.add_read(&fence);
-    du.set_write(&fence);
-    Ok((start, fence))
+    ordered_copy(&gpu, stream, clock, &mut su, &mut du, timed, || {
+        // SAFETY: src is page-locked memory with >= src_offset + n initialised
+        // elements (checked above), so the offset pointer and range are in bounds; it stays
+        // allocated and unwritten by the host until the fence recorded after
+        // this copy completes (Drop and the host accessors check it).
+        let host =
+            unsafe { std::slice::from_raw_parts((src.raw() as *const T).add(src_offset), n) };
+        // SAFETY: dst is a device allocation of >= n elements of the current
+        // context, ordered after all its earlier uses, and tracked until this copy
+        // completes; host is valid as above.
+        unsafe { result::memcpy_htod_async(dst.device_ptr(), host, stream.cu_stream()) }
+            .call("cuMemcpyHtoDAsync")
+    })
 }
 
 /// Copies `src[..n]` into `dst[..n]` on `stream`, after the last write of
@@ -142,26 +131,40 @@ pub fn copy_dtoh_at<T: Element>(
     // Locks are taken pinned first, then device, in both directions.
     let mut du = lock(&dst.uses);
     let mut su = lock(&src.uses);
-    su.order_read(stream, clock)?;
-    du.order_write(stream, clock)?;
+    ordered_copy(&gpu, stream, clock, &mut su, &mut du, timed, || {
+        // SAFETY: dst is page-locked with >= dst_offset + n elements (checked above),
+        // so the offset range is in bounds; the write fence recorded after this
+        // copy keeps host code (accessors, Drop) away until the copy completes.
+        let host = unsafe { std::slice::from_raw_parts_mut(dst.raw().add(dst_offset), n) };
+        // SAFETY: src has >= n elements, ordered after its last writer, tracked until done.
+        unsafe { result::memcpy_dtoh_async(host, src.device_ptr(), stream.cu_stream()) }
+            .call("cuMemcpyDtoHAsync")
+    })
+}
+
+/// The part both directions share, with both buffers' use lists locked:
+/// order the copy after `read`'s last writer and every use of `write` (GPU
+/// waits), take a timed start fence if asked, `enqueue` the copy, record the
+/// end fence and note it on both buffers.
+fn ordered_copy(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    clock: &mut WaitClock,
+    read: &mut Uses,
+    write: &mut Uses,
+    timed: bool,
+    enqueue: impl FnOnce() -> Result<()>,
+) -> Result<(Option<Fence>, Fence)> {
+    read.order_read(stream, clock)?;
+    write.order_write(stream, clock)?;
     let start = if timed {
         Some(gpu.timed_fence(stream)?)
     } else {
         None
     };
-    // SAFETY: dst is page-locked with >= dst_offset + n elements (checked above),
-    // so the offset range is in bounds; the write fence recorded below keeps
-    // host code (accessors, Drop) away until the copy completes.
-    let host = unsafe { std::slice::from_raw_parts_mut(dst.raw().add(dst_offset), n) };
-    // SAFETY: src has >= n elements, ordered after its last writer, tracked until done.
-    unsafe { result::memcpy_dtoh_async(host, src.device_ptr(), stream.cu_stream()) }
-        .call("cuMemcpyDtoHAsync")?;
-    let fence = if timed {
-        gpu.fence_after(stream, clock, true)?
-    } else {
-        gpu.fence_after(stream, clock, false)?
-    };
-    su.add_read(&fence);
-    du.set_write(&fence);
+    enqueue()?;
+    let fence = gpu.fence_after(stream, clock, timed)?;
+    read.add_read(&fence);
+    write.set_write(&fence);
     Ok((start, fence))
 }

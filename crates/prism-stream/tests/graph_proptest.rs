@@ -243,6 +243,29 @@ enum MidAction {
 /// More lanes than `poll` bisects (8), so the op-by-op path for the rest runs too.
 const LANES: usize = 10;
 
+/// Has the model GPU finished `op` (its lane has progressed past it)?
+fn finished(ops: &[(usize, usize)], progress: &[usize; LANES], op: usize) -> bool {
+    let (l, p) = ops[op];
+    p < progress[l]
+}
+
+/// What probing `op`'s fence says on the model GPU: after a sticky fault
+/// every probe fails, as cuEventQuery does.
+fn model_probe(
+    sticky: bool,
+    ops: &[(usize, usize)],
+    progress: &[usize; LANES],
+    op: usize,
+) -> Probe {
+    if sticky {
+        Probe::Failed("fault".into())
+    } else if finished(ops, progress, op) {
+        Probe::Complete
+    } else {
+        Probe::NotReady
+    }
+}
+
 fn mid_action() -> impl Strategy<Value = MidAction> {
     prop_oneof![
         5 => (0usize..LANES).prop_map(MidAction::Queue),
@@ -269,10 +292,6 @@ proptest! {
         let mut sticky = false;
         // Ops settled by a wait before the first poll are never reported.
         let mut polled = false;
-        let finished = |ops: &[(usize, usize)], progress: &[usize; LANES], op: usize| {
-            let (l, p) = ops[op];
-            p < progress[l]
-        };
         for act in actions {
             match act {
                 MidAction::Queue(l) => {
@@ -289,13 +308,7 @@ proptest! {
                 }
                 MidAction::Wait(k) => {
                     if k < ops.len() {
-                        let outcome = if sticky {
-                            Probe::Failed("fault".into())
-                        } else if finished(&ops, &progress, k) {
-                            Probe::Complete
-                        } else {
-                            Probe::NotReady
-                        };
+                        let outcome = model_probe(sticky, &ops, &progress, k);
                         let was_pending = *g.status(OpId(k as u64)).unwrap() == OpStatus::Pending;
                         g.finish(OpId(k as u64), outcome.clone()).unwrap();
                         if was_pending && outcome != Probe::NotReady && !polled {
@@ -311,13 +324,7 @@ proptest! {
                         if fault_after.is_some_and(|f| n > f) {
                             sticky = true;
                         }
-                        if sticky {
-                            Probe::Failed("fault".into())
-                        } else if finished(&ops, &progress, op) {
-                            Probe::Complete
-                        } else {
-                            Probe::NotReady
-                        }
+                        model_probe(sticky, &ops, &progress, op)
                     });
                     for c in &done {
                         let i = c.op.0 as usize;
@@ -338,15 +345,7 @@ proptest! {
         if !sticky {
             progress = lane_len;
         }
-        let done = g.poll(|&op| {
-            if sticky {
-                Probe::Failed("fault".into())
-            } else if finished(&ops, &progress, op) {
-                Probe::Complete
-            } else {
-                Probe::NotReady
-            }
-        });
+        let done = g.poll(|&op| model_probe(sticky, &ops, &progress, op));
         for c in &done {
             let i = c.op.0 as usize;
             prop_assert!(!reported[i], "op {} reported twice", i);

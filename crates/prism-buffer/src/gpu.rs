@@ -2,19 +2,15 @@
 //! device buffer plus the pinned host staging it needs.
 //!
 //! Upload of chunk k+1, processing of chunk k and download of chunk k-1 run
-//! on three streams at once. No step waits on the host for the previous one:
-//! each buffer's use tracking (prism-stream) makes the GPU order them
-//! (`cuStreamWaitEvent`). A slot's state changes only when `poll` observes
-//! the event recorded at the end of a step, and a slot is reused only after
-//! its download's event completed and the host took the output.
+//! on three lanes at once. No step waits on the host for the previous one:
+//! each buffer's use tracking (prism-stream's lanes) makes the GPU order
+//! them (`cuStreamWaitEvent`). A slot's state changes only when `poll`
+//! observes the event recorded at the end of a step, and a slot is reused
+//! only after its download's event completed and the host took the output.
 
-use std::sync::Arc;
-
-use prism_stream::cudarc::driver::CudaStream;
 use prism_stream::{
-    copy_dtoh_timed, copy_htod_timed, DeviceBuffer, Element, Fence as GpuFence, Gpu,
-    HostAllocFlags, Launch, ManagedGpuContext, PinnedBuffer, Probe, StreamPool, StreamPurpose,
-    WaitClock,
+    DeviceBuffer, Element, Fence as GpuFence, Gpu, HostAllocFlags, Lane, Launch, ManagedGpuContext,
+    PinnedBuffer, Probe, StreamPurpose,
 };
 
 use crate::ring::{ChunkId, Fence, SlotId, SlotRing, SlotSnapshot, Step, DEFAULT_SLOTS};
@@ -43,17 +39,22 @@ pub struct TripleBuffer<T: Element> {
     ring: SlotRing<GpuFence>,
     slots: Vec<Slot<T>>,
     capacity: usize,
-    streams: [Arc<CudaStream>; 3],
-    clocks: [WaitClock; 3],
-    /// With timing on: the origin fence and every step's timed start/end.
+    /// Upload, compute and download lanes.
+    lanes: [Lane; 3],
+    /// With timing on: the origin fence, the timed fences of the chunks in
+    /// flight, and the spans of released chunks not yet taken.
     timing: Option<Timing>,
-    _pool: StreamPool,
 }
+
+/// Spans kept for [`TripleBuffer::take_timeline`]; past it the oldest go.
+const MAX_SPANS: usize = 1 << 16;
 
 #[derive(Debug)]
 struct Timing {
     origin: GpuFence,
-    steps: Vec<(ChunkId, Step, GpuFence, GpuFence)>,
+    /// Per slot: the chunk's timed (step, start, end) fences until release.
+    pending: Vec<Vec<(Step, GpuFence, GpuFence)>>,
+    spans: std::collections::VecDeque<StepSpan>,
 }
 
 /// One step's GPU execution, in ms since timing was enabled.
@@ -84,72 +85,84 @@ impl<T: Element> TripleBuffer<T> {
             });
         }
         let ring = SlotRing::new(slots)?;
+        let mut lanes = [
+            Lane::with_purpose(gpu, StreamPurpose::Upload)?,
+            Lane::with_purpose(gpu, StreamPurpose::Compute)?,
+            Lane::with_purpose(gpu, StreamPurpose::Download)?,
+        ];
         let slots = (0..slots)
             .map(|_| {
                 Ok(Slot {
                     host_in: PinnedBuffer::new(gpu, len_per_slot, HostAllocFlags::UPLOAD_ONLY)?,
-                    dev: DeviceBuffer::new(gpu, len_per_slot)?,
+                    dev: DeviceBuffer::zeroed(&mut lanes[UP], len_per_slot)?,
                     host_out: PinnedBuffer::new(gpu, len_per_slot, HostAllocFlags::DEFAULT)?,
                     len: 0,
                 })
             })
             .collect::<Result<Vec<_>, prism_stream::Error>>()?;
-        let pool = StreamPool::new(gpu, 1)?;
-        let streams = [
-            Arc::clone(pool.acquire(StreamPurpose::Upload).cuda_stream()),
-            Arc::clone(pool.acquire(StreamPurpose::Compute).cuda_stream()),
-            Arc::clone(pool.acquire(StreamPurpose::Download).cuda_stream()),
-        ];
         Ok(Self {
             gpu: gpu.clone(),
             ring,
             slots,
             capacity: len_per_slot,
-            streams,
-            clocks: Default::default(),
+            lanes,
             timing: None,
-            _pool: pool,
         })
     }
 
     /// Records timed events around every step from now on (costs two timed
-    /// events per step). Start events are recorded after the GPU-side waits,
-    /// so a step's span is its own execution, not time spent waiting.
+    /// events per step, held until the chunk is released). Start events are
+    /// recorded after the GPU-side waits, so a step's span is its own
+    /// execution, not time spent waiting.
     pub fn enable_timing(&mut self) -> Result<(), Error> {
-        // Origin: a timed event on the upload stream; spans on every stream are measured from it.
-        let origin = self.gpu.timed_fence(&self.streams[UP])?;
+        // Origin: a timed event on the upload lane; spans on every lane are measured from it.
+        let origin = self.lanes[UP].timed_fence()?;
         self.timing = Some(Timing {
             origin,
-            steps: Vec::new(),
+            pending: (0..self.slots.len()).map(|_| Vec::new()).collect(),
+            spans: Default::default(),
         });
         Ok(())
     }
 
-    /// Every timed step so far, as GPU ms since timing was enabled. Blocks
-    /// until those steps completed.
-    pub fn timeline(&self) -> Result<Vec<StepSpan>, Error> {
-        let Some(t) = &self.timing else {
-            return Ok(Vec::new());
+    /// The spans of the steps of every chunk released since the last call
+    /// (in GPU ms since timing was enabled), and forgets them: memory stays
+    /// bounded by the chunks in flight plus the spans not yet taken (at most
+    /// 65536; the oldest are dropped past that).
+    pub fn take_timeline(&mut self) -> Vec<StepSpan> {
+        self.timing
+            .as_mut()
+            .map(|t| t.spans.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    fn note(&mut self, slot: SlotId, step: Step, start: Option<GpuFence>, end: &GpuFence) {
+        if let (Some(t), Some(start)) = (&mut self.timing, start) {
+            t.pending[slot.0].push((step, start, end.clone()));
+        }
+    }
+
+    /// Turns a released chunk's timed fences into spans (they completed:
+    /// the chunk's download did, and every step is ordered before it).
+    fn resolve_timing(&mut self, slot: SlotId, chunk: ChunkId) -> Result<(), Error> {
+        let Some(t) = &mut self.timing else {
+            return Ok(());
         };
-        let mut spans = Vec::with_capacity(t.steps.len());
-        for (chunk, step, start, end) in &t.steps {
+        for (step, start, end) in t.pending[slot.0].drain(..) {
             if let Probe::Failed(reason) = end.synchronize() {
                 return Err(prism_stream::Error::ContextPoisoned { reason }.into());
             }
-            spans.push(StepSpan {
-                chunk: *chunk,
-                step: *step,
+            if t.spans.len() >= MAX_SPANS {
+                t.spans.pop_front();
+            }
+            t.spans.push_back(StepSpan {
+                chunk,
+                step,
                 start_ms: f64::from(start.elapsed_ms_since(&t.origin)?),
                 end_ms: f64::from(end.elapsed_ms_since(&t.origin)?),
             });
         }
-        Ok(spans)
-    }
-
-    fn note(&mut self, chunk: ChunkId, step: Step, start: Option<GpuFence>, end: &GpuFence) {
-        if let (Some(t), Some(start)) = (&mut self.timing, start) {
-            t.steps.push((chunk, step, start, end.clone()));
-        }
+        Ok(())
     }
 
     /// Elements per slot.
@@ -171,9 +184,9 @@ impl<T: Element> TripleBuffer<T> {
         &self.gpu
     }
 
-    /// The upload, compute and download streams (for timing or extra work).
-    pub fn streams(&self) -> &[Arc<CudaStream>; 3] {
-        &self.streams
+    /// The lane `step` runs on (to queue extra work in order with it).
+    pub fn lane_mut(&mut self, step: Step) -> &mut Lane {
+        &mut self.lanes[step.index()]
     }
 
     /// Snapshot of every slot, for debugging.
@@ -228,23 +241,20 @@ impl<T: Element> TripleBuffer<T> {
         // as_mut_slice cannot report BufferInFlight here.
         fill(&mut s.host_in.as_mut_slice()?[..len]);
         let timed = self.timing.is_some();
-        let (start, fence) = copy_htod_timed(
-            &self.streams[UP],
-            &mut self.clocks[UP],
-            &s.host_in,
-            &mut s.dev,
-            len,
-            timed,
-        )?;
+        let (start, fence) =
+            self.lanes[UP].copy_htod_timed(&s.host_in, 0, &mut s.dev, 0, len, timed)?;
         s.len = len;
         let chunk = self.ring.issue(Step::Upload, slot, fence.clone())?;
-        self.note(chunk, Step::Upload, start, &fence);
+        self.note(slot, Step::Upload, start, &fence);
         Ok(chunk)
     }
 
-    /// Queues processing of the next uploaded chunk on the compute stream:
+    /// Queues processing of the next uploaded chunk on the compute lane:
     /// `f` gets a [`Launch`] (already ordered after the upload), the slot's
     /// device buffer and the chunk length, and enqueues kernels in place.
+    /// If `f` fails, the chunk stays unprocessed (call `process` again or
+    /// drop the buffer); kernels it queued before failing are still tracked,
+    /// and may have changed the slot's data.
     pub fn process<F>(&mut self, f: F) -> Result<ChunkId, Error>
     where
         F: FnOnce(&mut Launch<'_>, &mut DeviceBuffer<T>, usize) -> Result<(), prism_stream::Error>,
@@ -254,26 +264,27 @@ impl<T: Element> TripleBuffer<T> {
             why: "no uploaded chunk is waiting to be processed",
         })?;
         let s = &mut self.slots[slot.0];
-        let clock = std::mem::take(&mut self.clocks[COMPUTE]);
-        let mut launch = Launch::with_clock(&self.gpu, &self.streams[COMPUTE], clock);
-        launch.writes(&mut s.dev)?;
         let timed = self.timing.is_some();
+        let mut launch = self.lanes[COMPUTE].launch();
+        // Order the kernels after the upload now, so a timed start excludes the wait.
+        launch.prepare_write(&mut s.dev)?;
         let start = if timed {
-            Some(self.gpu.timed_fence(&self.streams[COMPUTE])?)
+            Some(launch.timed_fence()?)
         } else {
             None
         };
         f(&mut launch, &mut s.dev, s.len)?;
-        let fence = if timed {
-            self.gpu
-                .fence_after(&self.streams[COMPUTE], launch.clock(), true)?
-        } else {
-            self.gpu
-                .fence_after(&self.streams[COMPUTE], launch.clock(), false)?
+        // The step ends after its last kernel; a timed end fence (or, with
+        // nothing launched, a plain one) marks it.
+        let last = launch.last_fence().cloned();
+        drop(launch);
+        let fence = match (timed, last) {
+            (false, Some(last)) => last,
+            (true, _) => self.lanes[COMPUTE].timed_fence()?,
+            (false, None) => self.lanes[COMPUTE].fence()?,
         };
-        self.clocks[COMPUTE] = launch.finish(&fence);
         let chunk = self.ring.issue(Step::Process, slot, fence.clone())?;
-        self.note(chunk, Step::Process, start, &fence);
+        self.note(slot, Step::Process, start, &fence);
         Ok(chunk)
     }
 
@@ -285,16 +296,10 @@ impl<T: Element> TripleBuffer<T> {
         })?;
         let s = &mut self.slots[slot.0];
         let timed = self.timing.is_some();
-        let (start, fence) = copy_dtoh_timed(
-            &self.streams[DOWN],
-            &mut self.clocks[DOWN],
-            &s.dev,
-            &mut s.host_out,
-            s.len,
-            timed,
-        )?;
+        let (start, fence) =
+            self.lanes[DOWN].copy_dtoh_timed(&s.dev, 0, &mut s.host_out, 0, s.len, timed)?;
         let chunk = self.ring.issue(Step::Download, slot, fence.clone())?;
-        self.note(chunk, Step::Download, start, &fence);
+        self.note(slot, Step::Download, start, &fence);
         Ok(chunk)
     }
 
@@ -316,6 +321,7 @@ impl<T: Element> TripleBuffer<T> {
         let s = &self.slots[slot.0];
         let r = take(chunk, &s.host_out.as_slice()?[..s.len]);
         self.ring.release(slot)?;
+        self.resolve_timing(slot, chunk)?;
         Ok(Some(r))
     }
 

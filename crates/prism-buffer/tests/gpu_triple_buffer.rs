@@ -131,8 +131,9 @@ fn gpu_triple_buffer_streams_1gib_with_overlap() {
             out += 1;
         }
     }
-    let spans = tb.timeline().unwrap();
+    let spans = tb.take_timeline();
     assert_eq!(spans.len(), 3 * n_chunks);
+    assert!(tb.take_timeline().is_empty(), "spans were handed out twice");
     let busy: f64 = spans.iter().map(|s| s.end_ms - s.start_ms).sum();
     let first = spans
         .iter()
@@ -173,14 +174,12 @@ fn gpu_triple_buffer_slow_download_waits_and_stays_correct() {
     let chunk = scaled(1 << 18, 1 << 11);
     let input = random_f32(7, total);
     let mut tb = ctx.create_triple_buffer::<f32>(chunk).unwrap();
-    let gpu = ctx.gpu().clone();
     let (chunks, blocked) = stream_through(&mut tb, &input, chunk, |tb| {
-        // A 2 ms kernel ahead of every download: the download stream is the bottleneck.
-        let down = std::sync::Arc::clone(&tb.streams()[2]);
-        let mut l = Launch::new(&gpu, &down);
-        l.spin(2_000_000).unwrap();
-        let f = gpu.fence(&down).unwrap();
-        l.finish(&f);
+        // A 2 ms kernel ahead of every download: the download lane is the bottleneck.
+        tb.lane_mut(Step::Download)
+            .launch()
+            .spin(2_000_000)
+            .unwrap();
     });
     assert_eq!(chunks as usize, total.div_ceil(chunk));
     assert!(
@@ -245,4 +244,46 @@ fn gpu_triple_buffer_bad_input() {
     );
     let no_streams = prism_stream::ManagedGpuContext::new(0, false).unwrap();
     assert!(no_streams.create_triple_buffer::<f32>(16).is_err());
+}
+
+/// Issue #10, hole 1: a `process` closure that queues a kernel and then
+/// fails used to leave the kernel unrecorded, so dropping the buffer freed
+/// device memory the kernel was still writing. Now the kernel is fenced as
+/// it is queued: the drop waits for it, and the chunk can be processed again.
+#[test]
+fn gpu_misuse_failed_process_keeps_its_kernels_fenced() {
+    let Some(ctx) = gpu_or_skip("gpu_misuse_failed_process_keeps_its_kernels_fenced") else {
+        return;
+    };
+    let n = 1 << 16;
+    let input = random_f32(9, n);
+    let mut tb = ctx.create_triple_buffer::<f32>(n).unwrap();
+    tb.upload(&input).unwrap();
+    let err = tb
+        .process(|l, buf, len| {
+            l.spin(300_000_000)?;
+            l.fma_chain_in_place(buf, len, A, B, ITERS)?;
+            Err(prism_stream::Error::ZeroLength {
+                what: "a user's check after the kernel",
+            })
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Stream(prism_stream::Error::ZeroLength { .. })),
+        "{err}"
+    );
+    assert_eq!(
+        tb.get_process_buffer().map(|s| s.0),
+        Some(0),
+        "a failed process must leave the chunk waiting to be processed"
+    );
+    let t = std::time::Instant::now();
+    drop(tb);
+    if !under_sanitizer() {
+        assert!(
+            t.elapsed() >= std::time::Duration::from_millis(100),
+            "the ring was freed after {:?}, under a 300 ms kernel that writes it",
+            t.elapsed()
+        );
+    }
 }

@@ -1,13 +1,15 @@
-//! A stage running the user's own kernel, loaded from PTX at run time
-//! through cudarc, next to one of prism's kernels. The PTX here is
-//! `kernels/user/scale_add.cu`, which prism-cuda-sys's build compiles as a
-//! stand-in for "your kernel" (`prism_cuda_sys::EXAMPLE_USER_PTX`); with your
-//! own, use `Ptx::from_file("my.ptx")` or `Ptx::from_src(text)`.
+//! A stage running the user's own kernel, loaded from PTX at run time, next
+//! to one of prism's kernels. The PTX here is `kernels/user/scale_add.cu`,
+//! which prism-cuda-sys's build compiles as a stand-in for "your kernel"
+//! (`prism_cuda_sys::EXAMPLE_USER_PTX`); with your own, use
+//! `Ptx::from_file("my.ptx")` or `Ptx::from_src(text)`. The buffers are
+//! passed as arguments, so prism orders the kernel after their earlier uses
+//! and keeps them alive until it has run; only the launch itself is unsafe.
 //!
 //! `cargo run --release -p prism-pipeline --example custom_kernel`
 
 use prism_pipeline::{Backend, BackendKind, Fma, GpuFn, PipelineConfig, PipelineStageManager};
-use prism_stream::cudarc::driver::{LaunchConfig, PushKernelArg};
+use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
 use prism_stream::testing::random_f32;
 use prism_stream::{fma_chain_cpu, DeviceBuffer, Launch};
@@ -28,27 +30,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("prism custom_kernel: this build has no example PTX (no nvcc at build time).");
         return Ok(());
     }
-    // Your kernel, loaded through cudarc into prism's context.
-    let module = gpu
-        .cuda_context()
-        .load_module(Ptx::from_src(prism_cuda_sys::EXAMPLE_USER_PTX))?;
-    let scale_add = module.load_function("scale_add")?;
+    // Your kernel, loaded into the pipeline's GPU context.
+    let scale_add = gpu
+        .load_module(Ptx::from_src(prism_cuda_sys::EXAMPLE_USER_PTX))?
+        .kernel("scale_add")?;
     p.add_stage(GpuFn::new(
         "user scale_add",
         true,
         move |l: &mut Launch<'_>, input: &DeviceBuffer<f32>, output: &mut DeviceBuffer<f32>, n| {
-            // Declare the buffers so prism orders the kernel after their earlier
-            // uses and keeps them alive until it has run.
-            l.reads(input)?;
-            l.writes(output)?;
-            let (x, y, len) = (input.device_ptr(), output.device_ptr(), n as u64);
-            let (a, b) = (2.0f32, -1.0f32);
-            let mut launch = l.stream().launch_builder(&scale_add);
-            launch.arg(&x).arg(&y).arg(&len).arg(&a).arg(&b);
-            // SAFETY: the arguments match the kernel's signature (two f32 device
-            // pointers with >= n elements, u64 n, two f32), the grid covers n
-            // with the kernel's bounds check, and both buffers are declared above.
-            unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }?;
+            let (len, a, b) = (n as u64, 2.0f32, -1.0f32);
+            let mut call = l.kernel(&scale_add);
+            call.arg(input)
+                .arg_mut(output)
+                .value(&len)
+                .value(&a)
+                .value(&b);
+            // SAFETY: the arguments match the kernel's signature
+            // (const float*, float*, unsigned long long n, float a, float b),
+            // both buffers hold >= n elements, and the grid covers n with the
+            // kernel's bounds check.
+            unsafe { call.launch(LaunchConfig::for_num_elems(n as u32)) }?;
             Ok(())
         },
     ));

@@ -1,28 +1,25 @@
 //! The GPU backend: a ring of slots (two device buffers each, for stages
-//! that read one and write the other), three streams, and a [`SlotRing`]
-//! whose states follow the CUDA events recorded at the end of every step.
+//! that read one and write the other), four lanes, and a [`SlotRing`] whose
+//! states follow the CUDA events recorded at the end of every step.
 //!
 //! The host issues upload, stages and download of different chunks without
-//! waiting between them: every buffer's use tracking makes the GPU order
-//! them. The host blocks only when every slot is in flight, on the oldest
-//! chunk's download event.
+//! waiting between them: the lanes order every buffer's uses on the GPU.
+//! The host blocks only when every slot is in flight, on the oldest chunk's
+//! download event. With timing on, a chunk's timed fences are turned into
+//! times when it retires, so a run holds events for the chunks in flight only.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 
 use prism_buffer::{SlotRing, Step};
-use prism_stream::cudarc::driver::CudaStream;
-use prism_stream::{
-    DeviceBuffer, Element, Fence, Gpu, Launch, PinnedBuffer, Probe, StreamPool, StreamPurpose,
-    WaitClock,
-};
+use prism_stream::{DeviceBuffer, Element, Fence, Gpu, Lane, PinnedBuffer, Probe, StreamPurpose};
 
 use crate::error::{Error, Result};
 use crate::stage::Stage;
-use crate::stats::{Lane, PipelineStats, Span, Timeline};
+use crate::stats::{BusyUnion, Lane as SpanLane, PipelineStats, Span, Timeline};
 
 pub(crate) const UP: usize = 0;
 pub(crate) const COMPUTE: usize = 1;
-/// A second compute stream: chunks alternate between the two, so one chunk's
+/// A second compute lane: chunks alternate between the two, so one chunk's
 /// kernels can fill the SMs another leaves idle at its tail.
 pub(crate) const COMPUTE2: usize = 3;
 pub(crate) const DOWN: usize = 2;
@@ -47,22 +44,18 @@ struct Slot<T: Element> {
     in_len: usize,
     out_len: usize,
     out_in_a: bool,
+    /// Timed fences of the chunk in this slot, resolved when it retires.
+    timed: Vec<TimedStep>,
 }
 
-/// What an I/O mode gets to queue a copy.
-pub(crate) struct CopyCx<'a> {
-    pub(crate) gpu: &'a Gpu,
-    pub(crate) stream: &'a Arc<CudaStream>,
-    pub(crate) clock: &'a mut WaitClock,
-    pub(crate) timed: bool,
-}
-
-/// Where chunks come from and go to.
+/// Where chunks come from and go to. Copies go through the lane they are
+/// given; `timed` asks for a timed start fence and a timed end fence.
 pub(crate) trait Io<T: Element> {
     /// Queues the upload of chunk `chunk` into `dev`; `Ok(None)` once the input is exhausted.
     fn upload(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         io: &mut SlotIo<T>,
         dev: &mut DeviceBuffer<T>,
         chunk: u64,
@@ -70,7 +63,8 @@ pub(crate) trait Io<T: Element> {
     /// Queues the download of `dev[..out_len]`.
     fn download(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         io: &mut SlotIo<T>,
         dev: &DeviceBuffer<T>,
         out_len: usize,
@@ -87,51 +81,50 @@ pub(crate) struct RunCounts {
     pub(crate) elems_out: u64,
 }
 
+#[derive(Debug)]
 struct TimedStep {
-    chunk: u64,
-    /// Index into the engine's streams.
-    stream: usize,
-    lane: Lane,
+    /// Index of the engine lane it ran on.
+    lane: usize,
+    kind: SpanLane,
     name: String,
     start: Fence,
     end: Fence,
+}
+
+/// What a timed run accumulates as chunks retire.
+struct RunTiming<'t> {
+    origin: Fence,
+    stats: &'t mut PipelineStats,
+    timeline: Option<&'t mut Timeline>,
+    busy: BusyUnion,
+    /// Compute end of the last `slots` retired chunks (see `retire_timing`).
+    recent_ends: VecDeque<f64>,
 }
 
 #[derive(Debug)]
 pub(crate) struct GpuEngine<T: Element> {
     pub(crate) gpu: Gpu,
     /// Upload, compute, download, second compute.
-    streams: [Arc<CudaStream>; 4],
-    clocks: [WaitClock; 4],
+    lanes: [Lane; 4],
     slots: Vec<Slot<T>>,
     /// Elements per device buffer.
     capacity: usize,
-    _pool: StreamPool,
 }
 
 impl<T: Element> GpuEngine<T> {
     pub(crate) fn new(gpu: &Gpu, slots: usize, capacity: usize) -> Result<Self> {
         let _span = tracing::debug_span!("prism.pipeline.gpu_engine", slots, capacity).entered();
-        // One upload, two compute (alternating per chunk), one download stream;
-        // counts must be at least 1, so one auxiliary stream exists and stays idle.
-        let pool = StreamPool::with_counts(gpu, [1, 2, 1, 1])?;
-        let (up, c1, c2, down) = (
-            pool.acquire(StreamPurpose::Upload),
-            pool.acquire(StreamPurpose::Compute),
-            pool.acquire(StreamPurpose::Compute),
-            pool.acquire(StreamPurpose::Download),
-        );
-        let streams = [
-            Arc::clone(up.cuda_stream()),
-            Arc::clone(c1.cuda_stream()),
-            Arc::clone(down.cuda_stream()),
-            Arc::clone(c2.cuda_stream()),
+        let mut lanes = [
+            Lane::with_purpose(gpu, StreamPurpose::Upload)?,
+            Lane::with_purpose(gpu, StreamPurpose::Compute)?,
+            Lane::with_purpose(gpu, StreamPurpose::Download)?,
+            Lane::with_purpose(gpu, StreamPurpose::Compute)?,
         ];
         let slots = (0..slots)
             .map(|_| {
                 Ok(Slot {
-                    a: DeviceBuffer::new(gpu, capacity)?,
-                    b: DeviceBuffer::new(gpu, capacity)?,
+                    a: DeviceBuffer::zeroed(&mut lanes[UP], capacity)?,
+                    b: DeviceBuffer::zeroed(&mut lanes[UP], capacity)?,
                     io: SlotIo {
                         staging_in: None,
                         staging_out: None,
@@ -142,16 +135,15 @@ impl<T: Element> GpuEngine<T> {
                     in_len: 0,
                     out_len: 0,
                     out_in_a: true,
+                    timed: Vec::new(),
                 })
             })
             .collect::<Result<Vec<_>, prism_stream::Error>>()?;
         Ok(Self {
             gpu: gpu.clone(),
-            streams,
-            clocks: Default::default(),
+            lanes,
             slots,
             capacity,
-            _pool: pool,
         })
     }
 
@@ -173,51 +165,33 @@ impl<T: Element> GpuEngine<T> {
         stats: &mut PipelineStats,
         timeline: Option<&mut Timeline>,
     ) -> Result<RunCounts> {
-        let origin = if timed {
-            Some(self.gpu.timed_fence(&self.streams[UP])?)
+        let mut timing = if timed {
+            Some(RunTiming {
+                origin: self.lanes[UP].timed_fence()?,
+                stats,
+                timeline,
+                busy: BusyUnion::default(),
+                recent_ends: VecDeque::new(),
+            })
         } else {
             None
         };
-        let mut steps = Vec::new();
-        let result = self.drive(stages, order, io, timed, &mut steps);
+        if let Some(t) = timing.as_mut().and_then(|t| t.timeline.as_deref_mut()) {
+            t.spans.clear();
+        }
+        let result = self.drive(stages, order, io, timed, &mut timing);
+        for s in &mut self.slots {
+            s.timed.clear();
+        }
         if result.is_err() {
             // Let in-flight work drain so buffers and the next run start clean.
-            for s in &self.streams {
-                let _ = s.synchronize();
+            for lane in &self.lanes {
+                let _ = lane.synchronize();
             }
             return result;
         }
-        if let Some(origin) = origin {
-            let mut spans = Vec::with_capacity(steps.len());
-            let mut compute: Vec<(f64, f64)> = Vec::new();
-            for s in steps {
-                if let Probe::Failed(reason) = s.end.synchronize() {
-                    return Err(prism_stream::Error::ContextPoisoned { reason }.into());
-                }
-                let start_ms = f64::from(s.start.elapsed_ms_since(&origin)?);
-                let end_ms = f64::from(s.end.elapsed_ms_since(&origin)?);
-                let ms = end_ms - start_ms;
-                match s.lane {
-                    Lane::Upload => stats.upload_ms += ms,
-                    Lane::Download => stats.download_ms += ms,
-                    Lane::Compute => {
-                        stats.add_stage_time(&s.name, ms);
-                        compute.push((start_ms, end_ms));
-                    }
-                }
-                spans.push(Span {
-                    chunk: s.chunk,
-                    stream: s.stream,
-                    lane: s.lane,
-                    name: s.name,
-                    start_ms,
-                    end_ms,
-                });
-            }
-            stats.compute_busy_ms += union_ms(&mut compute);
-            if let Some(t) = timeline {
-                t.spans = spans;
-            }
+        if let Some(t) = timing {
+            t.stats.compute_busy_ms += t.busy.total();
         }
         result
     }
@@ -228,7 +202,7 @@ impl<T: Element> GpuEngine<T> {
         order: &[usize],
         io: &mut dyn Io<T>,
         timed: bool,
-        steps: &mut Vec<TimedStep>,
+        timing: &mut Option<RunTiming<'_>>,
     ) -> Result<RunCounts> {
         let mut ring: SlotRing<Fence> = SlotRing::new(self.slots.len())?;
         let mut counts = RunCounts::default();
@@ -238,22 +212,15 @@ impl<T: Element> GpuEngine<T> {
             if !exhausted {
                 if let Some((slot, chunk)) = ring.next(Step::Upload) {
                     let s = &mut self.slots[slot.0];
-                    let cx = CopyCx {
-                        gpu: &self.gpu,
-                        stream: &self.streams[UP],
-                        clock: &mut self.clocks[UP],
-                        timed,
-                    };
-                    match io.upload(cx, &mut s.io, &mut s.a, chunk.0)? {
+                    match io.upload(&mut self.lanes[UP], timed, &mut s.io, &mut s.a, chunk.0)? {
                         None => exhausted = true,
                         Some((len, start, end)) => {
                             s.in_len = len;
                             counts.elems_in += len as u64;
                             if let Some(start) = start {
-                                steps.push(TimedStep {
-                                    chunk: chunk.0,
-                                    stream: UP,
-                                    lane: Lane::Upload,
+                                s.timed.push(TimedStep {
+                                    lane: UP,
+                                    kind: SpanLane::Upload,
                                     name: "upload".into(),
                                     start,
                                     end: end.clone(),
@@ -266,26 +233,20 @@ impl<T: Element> GpuEngine<T> {
                 }
             }
             if let Some((slot, chunk)) = ring.next(Step::Process) {
-                let fence = self.process(slot.0, chunk.0, stages, order, timed, steps)?;
+                let fence = self.process(slot.0, chunk.0, stages, order, timed)?;
                 counts.elems_out += self.slots[slot.0].out_len as u64;
                 ring.issue(Step::Process, slot, fence)?;
                 progressed = true;
             }
-            if let Some((slot, chunk)) = ring.next(Step::Download) {
+            if let Some((slot, _)) = ring.next(Step::Download) {
                 let s = &mut self.slots[slot.0];
                 let dev = if s.out_in_a { &s.a } else { &s.b };
-                let cx = CopyCx {
-                    gpu: &self.gpu,
-                    stream: &self.streams[DOWN],
-                    clock: &mut self.clocks[DOWN],
-                    timed,
-                };
-                let (start, end) = io.download(cx, &mut s.io, dev, s.out_len)?;
+                let (start, end) =
+                    io.download(&mut self.lanes[DOWN], timed, &mut s.io, dev, s.out_len)?;
                 if let Some(start) = start {
-                    steps.push(TimedStep {
-                        chunk: chunk.0,
-                        stream: DOWN,
-                        lane: Lane::Download,
+                    s.timed.push(TimedStep {
+                        lane: DOWN,
+                        kind: SpanLane::Download,
                         name: "download".into(),
                         start,
                         end: end.clone(),
@@ -295,9 +256,13 @@ impl<T: Element> GpuEngine<T> {
                 progressed = true;
             }
             ring.poll()?;
-            while let Some((slot, _)) = ring.completed() {
+            let n_slots = self.slots.len();
+            while let Some((slot, chunk)) = ring.completed() {
                 let s = &mut self.slots[slot.0];
                 io.retire(&mut s.io, s.out_len)?;
+                if let Some(t) = timing.as_mut() {
+                    retire_timing(t, chunk.0, &mut s.timed, n_slots)?;
+                }
                 ring.release(slot)?;
                 counts.chunks += 1;
                 progressed = true;
@@ -330,18 +295,16 @@ impl<T: Element> GpuEngine<T> {
         stages: &mut [Box<dyn Stage<T>>],
         order: &[usize],
         timed: bool,
-        steps: &mut Vec<TimedStep>,
     ) -> Result<Fence> {
         let which = if chunk.is_multiple_of(2) {
             COMPUTE
         } else {
             COMPUTE2
         };
-        let stream = &self.streams[which];
         let s = &mut self.slots[slot];
-        let mut launch =
-            Launch::with_clock(&self.gpu, stream, std::mem::take(&mut self.clocks[which]));
+        let mut launch = self.lanes[which].launch();
         let (mut len, mut in_a) = (s.in_len, true);
+        let mut end_fence = None;
         for &i in order {
             let stage = &mut stages[i];
             let out_len = stage.output_len(len);
@@ -355,11 +318,11 @@ impl<T: Element> GpuEngine<T> {
             } else {
                 (&s.b, &mut s.a)
             };
-            // Order both buffers first, so a timed start excludes waiting.
-            launch.reads(input)?;
-            launch.writes(output)?;
             let start = if timed {
-                Some(self.gpu.timed_fence(stream)?)
+                // Order both buffers first, so a timed start excludes waiting.
+                launch.prepare_read(input)?;
+                launch.prepare_write(output)?;
+                Some(launch.timed_fence()?)
             } else {
                 None
             };
@@ -371,11 +334,11 @@ impl<T: Element> GpuEngine<T> {
                     source,
                 })?;
             if let Some(start) = start {
-                let end = self.gpu.timed_fence(stream)?;
-                steps.push(TimedStep {
-                    chunk,
-                    stream: which,
-                    lane: Lane::Compute,
+                let end = launch.timed_fence()?;
+                end_fence = Some(end.clone());
+                s.timed.push(TimedStep {
+                    lane: which,
+                    kind: SpanLane::Compute,
                     name: stage.name().to_owned(),
                     start,
                     end,
@@ -386,36 +349,65 @@ impl<T: Element> GpuEngine<T> {
         }
         s.out_len = len;
         s.out_in_a = in_a;
-        let fence = self.gpu.fence_after(stream, launch.clock(), false)?;
-        self.clocks[which] = launch.finish(&fence);
-        Ok(fence)
+        // The step ends after its last kernel: the last timed end fence, or
+        // the last kernel's own fence (a chain that launched nothing records one).
+        let last = end_fence.or_else(|| launch.last_fence().cloned());
+        drop(launch);
+        match last {
+            Some(f) => Ok(f),
+            None => Ok(self.lanes[which].fence()?),
+        }
     }
 }
 
-/// Total length of the union of `[start, end]` intervals.
-fn union_ms(intervals: &mut [(f64, f64)]) -> f64 {
-    intervals.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut total = 0.0;
-    let mut current: Option<(f64, f64)> = None;
-    for &(s, e) in intervals.iter() {
-        current = match current {
-            Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
-            Some((cs, ce)) => {
-                total += ce - cs;
-                Some((s, e))
+/// Turns a retiring chunk's timed fences into stats and spans. Its steps
+/// completed (its download did, and every step is ordered before it, the
+/// last stage's timed end fence included). Compute spans go into a union
+/// that is settled below the earliest point a later chunk's compute can
+/// start: chunk j's upload waits for every stage of chunk j - slots (they
+/// all use the slot's buffers), so once the last `slots` chunks retired, no
+/// later compute starts before the earliest of their compute ends.
+fn retire_timing(
+    t: &mut RunTiming<'_>,
+    chunk: u64,
+    steps: &mut Vec<TimedStep>,
+    slots: usize,
+) -> Result<()> {
+    let mut compute_end = f64::NEG_INFINITY;
+    for s in steps.drain(..) {
+        if let Probe::Failed(reason) = s.end.synchronize() {
+            return Err(prism_stream::Error::ContextPoisoned { reason }.into());
+        }
+        let start_ms = f64::from(s.start.elapsed_ms_since(&t.origin)?);
+        let end_ms = f64::from(s.end.elapsed_ms_since(&t.origin)?);
+        let ms = end_ms - start_ms;
+        match s.kind {
+            SpanLane::Upload => t.stats.upload_ms += ms,
+            SpanLane::Download => t.stats.download_ms += ms,
+            SpanLane::Compute => {
+                t.stats.add_stage_time(&s.name, ms);
+                t.busy.add(start_ms, end_ms);
+                compute_end = compute_end.max(end_ms);
             }
-            None => Some((s, e)),
-        };
+        }
+        if let Some(tl) = t.timeline.as_deref_mut() {
+            tl.spans.push(Span {
+                chunk,
+                stream: s.lane,
+                lane: s.kind,
+                name: s.name,
+                start_ms,
+                end_ms,
+            });
+        }
     }
-    total + current.map_or(0.0, |(s, e)| e - s)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn union_counts_overlaps_once() {
-        let mut v = vec![(5.0, 7.0), (0.0, 2.0), (1.0, 3.0), (3.0, 4.0), (6.0, 6.5)];
-        assert_eq!(super::union_ms(&mut v), 3.0 + 1.0 + 2.0);
-        assert_eq!(super::union_ms(&mut []), 0.0);
+    t.recent_ends.push_back(compute_end);
+    if t.recent_ends.len() > slots {
+        t.recent_ends.pop_front();
     }
+    if t.recent_ends.len() == slots {
+        let low = t.recent_ends.iter().copied().fold(f64::INFINITY, f64::min);
+        t.busy.settle_before(low);
+    }
+    Ok(())
 }

@@ -1,13 +1,10 @@
 //! The GPU backend's I/O modes: pageable slices, pinned buffers, items.
 
-use prism_stream::{
-    copy_dtoh_at, copy_dtoh_timed, copy_htod_at, copy_htod_timed, DeviceBuffer, Element, Fence,
-    Gpu, HostAllocFlags, Launch, PinnedBuffer,
-};
+use prism_stream::{DeviceBuffer, Element, Fence, Gpu, HostAllocFlags, Lane, PinnedBuffer};
 
 use crate::copy::{par_copy, par_copy_one};
 use crate::error::{Error, Result};
-use crate::gpu::{CopyCx, Io, SlotIo};
+use crate::gpu::{Io, SlotIo};
 
 fn staging<'b, T: Element>(
     slot: &'b mut Option<PinnedBuffer<T>>,
@@ -24,21 +21,16 @@ fn staging<'b, T: Element>(
 /// Downloads `dev[..out_len]` into the slot's pinned output staging
 /// (allocated on first use with room for `capacity` elements).
 fn download_staged<T: Element>(
-    cx: CopyCx<'_>,
+    lane: &mut Lane,
+    timed: bool,
     io: &mut SlotIo<T>,
     dev: &DeviceBuffer<T>,
     out_len: usize,
     capacity: usize,
 ) -> Result<(Option<Fence>, Fence)> {
-    let buf = staging(
-        &mut io.staging_out,
-        cx.gpu,
-        capacity,
-        HostAllocFlags::DEFAULT,
-    )?;
-    Ok(copy_dtoh_timed(
-        cx.stream, cx.clock, dev, buf, out_len, cx.timed,
-    )?)
+    let gpu = lane.gpu().clone();
+    let buf = staging(&mut io.staging_out, &gpu, capacity, HostAllocFlags::DEFAULT)?;
+    Ok(lane.copy_dtoh_timed(dev, 0, buf, 0, out_len, timed)?)
 }
 
 /// The staging buffer `download_staged` filled, for a retiring chunk.
@@ -100,7 +92,8 @@ pub(crate) struct SliceIo<'a, T> {
 impl<T: Element> Io<T> for SliceIo<'_, T> {
     fn upload(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         io: &mut SlotIo<T>,
         dev: &mut DeviceBuffer<T>,
         _chunk: u64,
@@ -109,9 +102,10 @@ impl<T: Element> Io<T> for SliceIo<'_, T> {
             return Ok(None);
         }
         let len = self.chunk.min(self.input.len() - self.next_in);
+        let gpu = lane.gpu().clone();
         let buf = staging(
             &mut io.staging_in,
-            cx.gpu,
+            &gpu,
             self.chunk,
             HostAllocFlags::UPLOAD_ONLY,
         )?;
@@ -122,18 +116,19 @@ impl<T: Element> Io<T> for SliceIo<'_, T> {
             self.threads,
         );
         self.next_in += len;
-        let (start, end) = copy_htod_timed(cx.stream, cx.clock, buf, dev, len, cx.timed)?;
+        let (start, end) = lane.copy_htod_timed(buf, 0, dev, 0, len, timed)?;
         Ok(Some((len, start, end)))
     }
 
     fn download(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         io: &mut SlotIo<T>,
         dev: &DeviceBuffer<T>,
         out_len: usize,
     ) -> Result<(Option<Fence>, Fence)> {
-        download_staged(cx, io, dev, out_len, self.capacity)
+        download_staged(lane, timed, io, dev, out_len, self.capacity)
     }
 
     fn retire(&mut self, io: &mut SlotIo<T>, out_len: usize) -> Result<()> {
@@ -161,7 +156,8 @@ pub(crate) struct PinnedIo<'a, T: Element> {
 impl<T: Element> Io<T> for PinnedIo<'_, T> {
     fn upload(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         _io: &mut SlotIo<T>,
         dev: &mut DeviceBuffer<T>,
         _chunk: u64,
@@ -170,35 +166,20 @@ impl<T: Element> Io<T> for PinnedIo<'_, T> {
             return Ok(None);
         }
         let len = self.chunk.min(self.input.len() - self.next_in);
-        let (start, end) = copy_htod_at(
-            cx.stream,
-            cx.clock,
-            self.input,
-            self.next_in,
-            dev,
-            len,
-            cx.timed,
-        )?;
+        let (start, end) = lane.copy_htod_timed(self.input, self.next_in, dev, 0, len, timed)?;
         self.next_in += len;
         Ok(Some((len, start, end)))
     }
 
     fn download(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         _io: &mut SlotIo<T>,
         dev: &DeviceBuffer<T>,
         out_len: usize,
     ) -> Result<(Option<Fence>, Fence)> {
-        let r = copy_dtoh_at(
-            cx.stream,
-            cx.clock,
-            dev,
-            self.output,
-            self.next_out,
-            out_len,
-            cx.timed,
-        )?;
+        let r = lane.copy_dtoh_timed(dev, 0, self.output, self.next_out, out_len, timed)?;
         self.next_out += out_len;
         Ok(r)
     }
@@ -224,7 +205,8 @@ pub(crate) struct ItemsIo<'a, T, I: Iterator<Item = (&'a [T], &'a mut [T])>> {
 impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for ItemsIo<'a, T, I> {
     fn upload(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         io: &mut SlotIo<T>,
         dev: &mut DeviceBuffer<T>,
         _chunk: u64,
@@ -246,9 +228,10 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for Items
             // Zero-length items carry nothing; they are delivered as they are.
             return Ok(None);
         }
+        let gpu = lane.gpu().clone();
         let buf = staging(
             &mut io.staging_in,
-            cx.gpu,
+            &gpu,
             self.chunk,
             HostAllocFlags::UPLOAD_ONLY,
         )?;
@@ -260,18 +243,19 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for Items
             rest = tail;
         }
         par_copy(pairs, self.threads);
-        let (start, end) = copy_htod_timed(cx.stream, cx.clock, buf, dev, len, cx.timed)?;
+        let (start, end) = lane.copy_htod_timed(buf, 0, dev, 0, len, timed)?;
         Ok(Some((len, start, end)))
     }
 
     fn download(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         io: &mut SlotIo<T>,
         dev: &DeviceBuffer<T>,
         out_len: usize,
     ) -> Result<(Option<Fence>, Fence)> {
-        download_staged(cx, io, dev, out_len, self.chunk)
+        download_staged(lane, timed, io, dev, out_len, self.chunk)
     }
 
     fn retire(&mut self, io: &mut SlotIo<T>, _out_len: usize) -> Result<()> {
@@ -308,6 +292,18 @@ pub(crate) struct PinnedItemsIo<
     pub(crate) outputs: std::collections::VecDeque<Vec<&'a mut PinnedBuffer<T>>>,
 }
 
+/// The fence ending a scope's single kernel: a timed one when timing (so
+/// its span has an end), else the kernel's own.
+fn end_fence(mut launch: prism_stream::Launch<'_>, timed: bool) -> Result<Fence> {
+    if timed {
+        return Ok(launch.timed_fence()?);
+    }
+    launch
+        .last_fence()
+        .cloned()
+        .ok_or(Error::Config("a zero-copy step launched no kernel"))
+}
+
 fn descriptors<'b>(
     slot: &'b mut Option<PinnedBuffer<u64>>,
     gpu: &Gpu,
@@ -328,7 +324,8 @@ impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuff
 {
     fn upload(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         io: &mut SlotIo<T>,
         dev: &mut DeviceBuffer<T>,
         _chunk: u64,
@@ -341,25 +338,26 @@ impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuff
         if batch.is_empty() {
             return Ok(None);
         }
-        let desc = descriptors(&mut io.desc_in, cx.gpu, batch.len())?;
-        let mut launch = Launch::with_clock(cx.gpu, cx.stream, *cx.clock);
-        // Order against earlier uses first, so a timed start excludes waiting.
-        launch.writes(dev)?;
-        let start = if cx.timed {
-            Some(cx.gpu.timed_fence(cx.stream)?)
+        let gpu = lane.gpu().clone();
+        let desc = descriptors(&mut io.desc_in, &gpu, batch.len())?;
+        let mut launch = lane.launch();
+        let start = if timed {
+            // Order against earlier uses first, so a timed start excludes waiting.
+            launch.prepare_write(dev)?;
+            Some(launch.timed_fence()?)
         } else {
             None
         };
         launch.gather_pinned(&batch, desc, dev)?;
-        let end = cx.gpu.fence_after(cx.stream, launch.clock(), cx.timed)?;
-        *cx.clock = launch.finish(&end);
+        let end = end_fence(launch, timed)?;
         self.outputs.push_back(outs);
         Ok(Some((len, start, end)))
     }
 
     fn download(
         &mut self,
-        cx: CopyCx<'_>,
+        lane: &mut Lane,
+        timed: bool,
         io: &mut SlotIo<T>,
         dev: &DeviceBuffer<T>,
         _out_len: usize,
@@ -368,17 +366,17 @@ impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuff
             .outputs
             .pop_front()
             .ok_or(Error::Config("item outputs out of step"))?;
-        let desc = descriptors(&mut io.desc_out, cx.gpu, outs.len())?;
-        let mut launch = Launch::with_clock(cx.gpu, cx.stream, *cx.clock);
-        launch.reads(dev)?;
-        let start = if cx.timed {
-            Some(cx.gpu.timed_fence(cx.stream)?)
+        let gpu = lane.gpu().clone();
+        let desc = descriptors(&mut io.desc_out, &gpu, outs.len())?;
+        let mut launch = lane.launch();
+        let start = if timed {
+            launch.prepare_read(dev)?;
+            Some(launch.timed_fence()?)
         } else {
             None
         };
         launch.scatter_pinned(dev, &mut outs, desc)?;
-        let end = cx.gpu.fence_after(cx.stream, launch.clock(), cx.timed)?;
-        *cx.clock = launch.finish(&end);
+        let end = end_fence(launch, timed)?;
         Ok((start, end))
     }
 

@@ -5,9 +5,7 @@
 //! `cargo run --release -p prism-stream --example coordinator`
 
 use prism_stream::testing::{gpu_required, random_f32};
-use prism_stream::{
-    fma_chain_cpu, DeviceBuffer, Error, HostAllocFlags, ManagedGpuContext, PinnedBuffer,
-};
+use prism_stream::{fma_chain_cpu, Error, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut ctx = match ManagedGpuContext::new(0, true) {
@@ -27,11 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT)?,
         PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT)?,
     );
-    let (mut da, mut db) = (
-        DeviceBuffer::<f32>::new(&gpu, n)?,
-        DeviceBuffer::<f32>::new(&gpu, n)?,
-    );
     let c = ctx.async_coordinator_mut()?;
+    let (mut da, mut db) = (c.zeroed::<f32>(n)?, c.zeroed::<f32>(n)?);
     let up_a = c.queue_upload(&ha, &mut da, &[])?;
     let up_b = c.queue_upload(&hb, &mut db, &[])?;
     // Each kernel waits (on the GPU) for its own upload only.
@@ -43,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     let d_a = c.queue_download(&da, &mut oa, &[k_a])?;
     let d_b = c.queue_download(&db, &mut ob, &[k_b])?;
+    // Two memsets (zeroed buffers) and six ops; poll reports the six.
     let mut left = 6;
     while left > 0 {
         for done in c.poll() {

@@ -7,8 +7,9 @@
 //! Every variant makes the same nine driver calls per iteration (a stream
 //! wait, the copy or launch, an event record, three times) on events it has
 //! not used in the round yet: prism takes pooled events, the cudarc and raw
-//! loops a ring of 3 x ITERS events made beforehand. The cudarc loop has
-//! event tracking off and copies from plain slices of its pinned buffers
+//! loops a ring of 3 x ITERS events made beforehand. The cudarc loop runs on
+//! a context handle of its own with event tracking off (prism's keeps it on
+//! for users' `CudaSlice`s) and copies from plain slices of its pinned buffers
 //! (cudarc's `PinnedHostSlice` would add a stream wait on the slice's own
 //! event to every copy, even with tracking off).
 //!
@@ -38,8 +39,7 @@ use prism_stream::cudarc::driver::sys::{self, CUresult};
 use prism_stream::cudarc::driver::{result, CudaContext, CudaStream, DevicePtr};
 use prism_stream::testing::{gpu_required, random_f32};
 use prism_stream::{
-    copy_dtoh, copy_htod, AsyncCoordinator, DeviceBuffer, Error, Gpu, HostAllocFlags, Launch,
-    LaunchScratch, PinnedBuffer, WaitClock,
+    AsyncCoordinator, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer, StreamPurpose,
 };
 
 /// Iterations (3 ops each) per timed round.
@@ -254,14 +254,16 @@ fn prism_poll_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
 fn prism_coordinator(gpu: &Gpu, regime: Regime, poll_every: usize) -> Result<Round, Error> {
     let src = PinnedBuffer::from_slice(gpu, &random_f32(1, N), HostAllocFlags::DEFAULT)?;
     let mut dst = PinnedBuffer::<f32>::new(gpu, N, HostAllocFlags::DEFAULT)?;
-    let mut x = DeviceBuffer::<f32>::new(gpu, N)?;
-    let mut y = DeviceBuffer::<f32>::new(gpu, N)?;
     let mut c = AsyncCoordinator::new(gpu)?;
-    let streams = [
-        Arc::clone(c.upload_stream()),
-        Arc::clone(c.compute_stream()),
-        Arc::clone(c.download_stream()),
-    ];
+    let mut x = c.zeroed::<f32>(N)?;
+    let mut y = c.zeroed::<f32>(N)?;
+    // SAFETY: the raw streams only get the hold (a wait on an event of a
+    // kernel that touches no memory); all of prism's work goes through lanes.
+    let streams: Vec<Arc<CudaStream>> = c
+        .lanes()
+        .iter()
+        .map(|l| Arc::clone(unsafe { l.cuda_stream() }))
+        .collect();
     let refs: Vec<&CudaStream> = streams.iter().map(|s| &**s).collect();
     let mut batch = |c: &mut AsyncCoordinator| -> Result<(), Error> {
         let mut last = None;
@@ -288,39 +290,51 @@ fn prism_coordinator(gpu: &Gpu, regime: Regime, poll_every: usize) -> Result<Rou
     round
 }
 
-/// prism's tracked copies and launches on three streams with event ordering
+/// prism's tracked copies and launches on three lanes with event ordering
 /// (fences, wait clocks), but no coordinator (no op ids, no op table).
 fn prism_free_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
     let src = PinnedBuffer::from_slice(gpu, &random_f32(1, N), HostAllocFlags::DEFAULT)?;
     let mut dst = PinnedBuffer::<f32>::new(gpu, N, HostAllocFlags::DEFAULT)?;
-    let mut x = DeviceBuffer::<f32>::new(gpu, N)?;
-    let mut y = DeviceBuffer::<f32>::new(gpu, N)?;
-    let (up, comp, down) = (gpu.new_stream(0)?, gpu.new_stream(0)?, gpu.new_stream(0)?);
-    let mut clocks = [WaitClock::default(); 3];
-    let mut scratch = LaunchScratch::default();
-    timed(gpu, regime, &[&up, &comp, &down], || {
+    let mut up = Lane::with_purpose(gpu, StreamPurpose::Upload)?;
+    let mut comp = Lane::with_purpose(gpu, StreamPurpose::Compute)?;
+    let mut down = Lane::with_purpose(gpu, StreamPurpose::Download)?;
+    let mut x = DeviceBuffer::<f32>::zeroed(&mut up, N)?;
+    let mut y = DeviceBuffer::<f32>::zeroed(&mut comp, N)?;
+    // SAFETY: as in prism_coordinator: the raw streams only get the hold.
+    let raw: Vec<Arc<CudaStream>> = [&up, &comp, &down]
+        .iter()
+        .map(|l| Arc::clone(unsafe { l.cuda_stream() }))
+        .collect();
+    let refs: Vec<&CudaStream> = raw.iter().map(|s| &**s).collect();
+    timed(gpu, regime, &refs, || {
         let mut last = None;
         for _ in 0..ITERS {
             if let Some(f) = &last {
-                prism_stream::Fence::gpu_wait_clocked(f, &up, &mut clocks[0])?;
+                up.wait_for(f)?;
             }
-            let fu = copy_htod(&up, &mut clocks[0], &src, &mut x, N)?;
-            fu.gpu_wait_clocked(&comp, &mut clocks[1])?;
-            let mut l = Launch::with_scratch(gpu, &comp, clocks[1], std::mem::take(&mut scratch));
+            let fu = up.copy_htod(&src, 0, &mut x, 0, N)?;
+            comp.wait_for(&fu)?;
+            let mut l = comp.launch();
             l.fma_chain(&x, &mut y, N, 1.0, 0.5, 1)?;
-            let fk = gpu.fence_after(&comp, l.clock(), false)?;
-            (clocks[1], scratch) = l.finish_reuse(&fk);
-            fk.gpu_wait_clocked(&down, &mut clocks[2])?;
-            last = Some(copy_dtoh(&down, &mut clocks[2], &y, &mut dst, N)?);
+            let fk = l
+                .last_fence()
+                .cloned()
+                .ok_or(Error::ZeroLength { what: "launch" })?;
+            down.wait_for(&fk)?;
+            last = Some(down.copy_dtoh(&y, 0, &mut dst, 0, N)?);
         }
         Ok(())
     })
 }
 
-/// The same work on cudarc alone: event tracking off (as prism's context
-/// has it), plain slices of pinned memory, a fresh event per record.
+/// The same work on cudarc alone: event tracking off (on a context handle
+/// of its own), plain slices of pinned memory, a fresh event per record.
 fn cudarc_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
-    let ctx = gpu.cuda_context();
+    let ctx = &CudaContext::new(gpu.info().ordinal).map_err(drv)?;
+    // SAFETY: right after the handle is made, before it allocates: this loop
+    // orders its own work (one stream per step, an event between steps) and
+    // synchronises before anything is freed.
+    unsafe { ctx.disable_event_tracking() };
     let up: Arc<CudaStream> = ctx.new_stream().map_err(drv)?;
     let comp = ctx.new_stream().map_err(drv)?;
     let down = ctx.new_stream().map_err(drv)?;
@@ -404,8 +418,10 @@ fn raw_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
     );
     let src = PinnedBuffer::from_slice(gpu, &random_f32(1, N), HostAllocFlags::DEFAULT)?;
     let mut dst = PinnedBuffer::<f32>::new(gpu, N, HostAllocFlags::DEFAULT)?;
-    let x = DeviceBuffer::<f32>::new(gpu, N)?;
-    let y = DeviceBuffer::<f32>::new(gpu, N)?;
+    let mut lane = Lane::new(gpu)?;
+    let x = DeviceBuffer::<f32>::zeroed(&mut lane, N)?;
+    let y = DeviceBuffer::<f32>::zeroed(&mut lane, N)?;
+    lane.synchronize()?;
     let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
     let mut events = Vec::with_capacity(3 * ITERS);
     for _ in 0..3 * ITERS {
@@ -454,8 +470,10 @@ fn raw_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
 /// Host ns per call of single operations, GPU idle.
 fn micro(gpu: &Gpu) -> Result<(), Error> {
     const CALLS: usize = 20_000;
-    let s = gpu.new_stream(0)?;
-    let s2 = gpu.new_stream(0)?;
+    let mut lane = Lane::new(gpu)?;
+    // SAFETY: the raw streams get only events and waits, no prism buffer.
+    let s = Arc::clone(unsafe { lane.cuda_stream() });
+    let s2 = gpu.cuda_context().new_stream().map_err(drv)?;
     let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv)?;
     let per_call = |f: &mut dyn FnMut() -> Result<(), Error>| -> Result<f64, Error> {
         for _ in 0..CALLS / 10 {
@@ -481,7 +499,7 @@ fn micro(gpu: &Gpu) -> Result<(), Error> {
     ));
     rows.push((
         "pooled fence: record + drop",
-        per_call(&mut || gpu.fence(&s).map(drop))?,
+        per_call(&mut || lane.fence().map(drop))?,
     ));
     rows.push((
         "cuStreamWaitEvent (raw)",

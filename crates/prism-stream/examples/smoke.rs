@@ -1,13 +1,13 @@
 //! GPU smoke run: prints the device, launches prism's fma kernel through the
-//! bindgen'd launcher on a stream made by cudarc, and checks every output
-//! element against the CPU on random input.
+//! bindgen'd launcher on a lane of its own, and checks every output element
+//! against the CPU on random input.
 //!
 //! `cargo run --release -p prism-stream --example smoke`
 
 use std::process::ExitCode;
 
 use prism_stream::testing::{gpu_required, random_f32};
-use prism_stream::{fma_chain_cpu, DeviceBuffer, Error, Gpu, HostAllocFlags, Launch, PinnedBuffer};
+use prism_stream::{fma_chain_cpu, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer};
 
 fn main() -> ExitCode {
     match run() {
@@ -41,17 +41,14 @@ fn run() -> Result<(), Error> {
     let input = random_f32(0x5EED, n);
     let host_in = PinnedBuffer::from_slice(&gpu, &input, HostAllocFlags::DEFAULT)?;
     let mut host_out = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT)?;
-    let mut x = DeviceBuffer::<f32>::new(&gpu, n)?;
-    let mut y = DeviceBuffer::<f32>::new(&gpu, n)?;
-    // A stream made by cudarc: prism's launchers take its CUstream as their cudaStream_t.
-    let stream = gpu.new_stream(0)?;
     let mut coord = prism_stream::AsyncCoordinator::new(&gpu)?;
-    let up = coord.queue_upload(&host_in, &mut x, &[])?;
-    coord.wait(up)?;
-    let mut launch = Launch::new(&gpu, &stream);
-    launch.fma_chain(&x, &mut y, n, a, b, iters)?;
-    let done = gpu.fence(&stream)?;
-    launch.finish(&done);
+    let mut x = coord.zeroed::<f32>(n)?;
+    let mut y = coord.zeroed::<f32>(n)?;
+    coord.queue_upload(&host_in, &mut x, &[])?;
+    // A lane of our own: its kernel waits (on the GPU) for the upload into x,
+    // and the download below waits for the kernel, through the buffers alone.
+    let mut lane = Lane::new(&gpu)?;
+    lane.launch().fma_chain(&x, &mut y, n, a, b, iters)?;
     let down = coord.queue_download(&y, &mut host_out, &[])?;
     coord.wait(down)?;
     let out = host_out.as_slice()?;
@@ -60,7 +57,7 @@ fn run() -> Result<(), Error> {
         .zip(out)
         .filter(|(x, y)| fma_chain_cpu(**x, a, b, iters).to_bits() != y.to_bits())
         .count();
-    println!("prism smoke: fma_chain over {n} random f32 on a cudarc stream: {bad} of {n} elements differ from the CPU reference");
+    println!("prism smoke: fma_chain over {n} random f32 on a lane of its own: {bad} of {n} elements differ from the CPU reference");
     if bad == 0 {
         println!("prism smoke: OK");
         Ok(())

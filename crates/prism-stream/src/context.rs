@@ -4,11 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute as Attr;
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::CudaContext;
 
-use crate::coordinator::AsyncCoordinator;
 use crate::error::DriverResultExt;
-use crate::event::{EventPool, Fence, WaitClock};
+use crate::event::EventPool;
 use crate::{Error, Result};
 
 /// Facts about the device a user needs to size work.
@@ -56,10 +55,29 @@ pub(crate) struct GpuInner {
 }
 
 impl Gpu {
-    /// Opens device `ordinal`'s primary context, with cudarc's per-buffer
-    /// event tracking disabled (prism orders all work with its own events).
+    /// Opens device `ordinal`'s primary context. cudarc's per-slice event
+    /// tracking stays on: prism's own buffers are not cudarc slices (they
+    /// order themselves through lanes), and `CudaSlice`s a user makes in
+    /// this context keep cudarc's cross-stream ordering.
     pub fn open(ordinal: usize) -> Result<Self> {
         let _span = tracing::debug_span!("prism.gpu.open", ordinal).entered();
+        Self::check_ordinal(ordinal)?;
+        let ctx = CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
+        Self::wrap(ctx, ordinal)
+    }
+
+    /// Opens device `ordinal` in a new CUDA context of its own (not the
+    /// device's primary context): its buffers and lanes do not mix with
+    /// those of other handles (`WrongContext`), and a sticky fault in it
+    /// leaves other contexts usable.
+    pub fn open_private(ordinal: usize) -> Result<Self> {
+        let _span = tracing::debug_span!("prism.gpu.open_private", ordinal).entered();
+        Self::check_ordinal(ordinal)?;
+        let ctx = CudaContext::new_non_primary(ordinal, 0).call("cuCtxCreate")?;
+        Self::wrap(ctx, ordinal)
+    }
+
+    fn check_ordinal(ordinal: usize) -> Result<()> {
         let count = device_count()?;
         if count == 0 {
             return Err(Error::NoDevice);
@@ -67,12 +85,10 @@ impl Gpu {
         if ordinal >= count {
             return Err(Error::InvalidDevice { ordinal, count });
         }
-        let ctx = CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
-        // SAFETY: called right after the context is made, before this handle
-        // allocates or creates a stream. From here on prism owns all ordering:
-        // every buffer records the fences of the ops that use it and its Drop
-        // waits for them, so nothing is freed or reused while the GPU uses it.
-        unsafe { ctx.disable_event_tracking() };
+        Ok(())
+    }
+
+    fn wrap(ctx: Arc<CudaContext>, ordinal: usize) -> Result<Self> {
         let attr = |a| ctx.attribute(a).call("cuDeviceGetAttribute");
         let info = DeviceInfo {
             ordinal,
@@ -96,7 +112,9 @@ impl Gpu {
         &self.0.info
     }
 
-    /// The cudarc context, for users who launch their own modules.
+    /// The cudarc context (event tracking on), for cudarc's own safe API.
+    /// To launch your own kernels on prism buffers, use
+    /// [`Gpu::load_module`] and [`Launch::kernel`](crate::Launch::kernel).
     pub fn cuda_context(&self) -> &Arc<CudaContext> {
         &self.0.ctx
     }
@@ -104,35 +122,6 @@ impl Gpu {
     /// Makes this context current on the calling thread (cheap when it already is).
     pub fn bind(&self) -> Result<()> {
         self.0.ctx.bind_to_thread().call("cuCtxSetCurrent")
-    }
-
-    /// A new non-blocking stream (never the legacy default stream).
-    pub fn new_stream(&self, priority: i32) -> Result<Arc<CudaStream>> {
-        self.0
-            .ctx
-            .new_stream_with_priority(priority)
-            .call("cuStreamCreateWithPriority")
-    }
-
-    /// Records an ordering fence (timing disabled) on `stream`.
-    pub fn fence(&self, stream: &CudaStream) -> Result<Fence> {
-        self.0.events.record(stream, false, &WaitClock::default())
-    }
-
-    /// Records an ordering fence on `stream`, whose waits so far `clock` holds
-    /// (so streams that wait on this fence also learn what it implies).
-    pub fn fence_after(
-        &self,
-        stream: &CudaStream,
-        clock: &WaitClock,
-        timed: bool,
-    ) -> Result<Fence> {
-        self.0.events.record(stream, timed, clock)
-    }
-
-    /// Records a timed fence on `stream` (for GPU-time statistics).
-    pub fn timed_fence(&self, stream: &CudaStream) -> Result<Fence> {
-        self.0.events.record(stream, true, &WaitClock::default())
     }
 
     /// Idle events in the pool (diagnostics: steady state should stop growing it).
@@ -170,53 +159,11 @@ impl Gpu {
 
     /// True when both handles use the same CUDA context (two `Gpu::open(0)`
     /// share the device's primary context, so their buffers work together).
+    pub fn same_context(&self, other: &Gpu) -> bool {
+        self.same(other)
+    }
+
     pub(crate) fn same(&self, other: &Gpu) -> bool {
         Arc::ptr_eq(&self.0, &other.0) || self.0.ctx.cu_ctx() == other.0.ctx.cu_ctx()
-    }
-}
-
-/// The entry point: an open device, and (with streams enabled) its coordinator.
-#[derive(Debug)]
-pub struct ManagedGpuContext {
-    gpu: Gpu,
-    coordinator: Option<AsyncCoordinator>,
-}
-
-impl ManagedGpuContext {
-    /// Opens GPU `device`. Typed errors for no driver, no device, a bad
-    /// ordinal. `enable_streams` creates the upload/compute/download streams
-    /// of the [`AsyncCoordinator`].
-    pub fn new(device: usize, enable_streams: bool) -> Result<Self> {
-        let gpu = Gpu::open(device)?;
-        let coordinator = if enable_streams {
-            Some(AsyncCoordinator::new(&gpu)?)
-        } else {
-            None
-        };
-        Ok(Self { gpu, coordinator })
-    }
-
-    pub fn gpu(&self) -> &Gpu {
-        &self.gpu
-    }
-
-    pub fn device_info(&self) -> &DeviceInfo {
-        self.gpu.info()
-    }
-
-    pub fn streams_enabled(&self) -> bool {
-        self.coordinator.is_some()
-    }
-
-    pub fn async_coordinator(&self) -> Result<&AsyncCoordinator> {
-        self.coordinator.as_ref().ok_or(Error::StreamsDisabled {
-            what: "async coordinator",
-        })
-    }
-
-    pub fn async_coordinator_mut(&mut self) -> Result<&mut AsyncCoordinator> {
-        self.coordinator.as_mut().ok_or(Error::StreamsDisabled {
-            what: "async coordinator",
-        })
     }
 }

@@ -1,64 +1,58 @@
 //! [`AsyncCoordinator`]: uploads, kernels and downloads on three dedicated
-//! streams, ordered by CUDA events on the GPU, observed by `cuEventQuery`.
+//! lanes, ordered by CUDA events on the GPU, observed by `cuEventQuery`.
 
 use std::borrow::Cow;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{result, CudaStream};
-
 use crate::context::Gpu;
-use crate::copy::{copy_dtoh, copy_htod};
 use crate::error::check_len;
-use crate::error::DriverResultExt;
-use crate::event::{Fence, WaitClock};
+use crate::event::Fence;
 use crate::graph::{Completion, OpGraph, OpId, OpStatus, Probe};
-use crate::kernels::{Launch, LaunchScratch};
-use crate::memory::{lock, DeviceBuffer, Element, HostAllocFlags, PinnedBuffer};
-use crate::stream::{StreamPool, StreamPurpose};
+use crate::kernels::Launch;
+use crate::memory::{DeviceBuffer, Element, HostAllocFlags, PinnedBuffer};
+use crate::order::Lane;
+use crate::stream::StreamPurpose;
 use crate::{Error, Result};
 
 const UP: usize = 0;
 const COMPUTE: usize = 1;
 const DOWN: usize = 2;
 
-/// Queues operations on an upload, a compute and a download stream.
+/// Idle staging buffers kept for later pageable uploads, and the most bytes
+/// they may hold together; busy ones are bounded by the uploads in flight.
+const STAGING_KEPT: usize = 4;
+const STAGING_KEPT_BYTES: usize = 256 << 20;
+
+/// Queues operations on an upload, a compute and a download lane.
 ///
-/// Every op gets an [`OpId`] and a completion event. Dependencies (op ids)
-/// become `cuStreamWaitEvent` calls: the host never blocks to order work.
-/// Buffers additionally order themselves: an op that writes a buffer waits
-/// (on the GPU) for every earlier use of it, one that reads it for its last
-/// writer. `poll` never blocks; `wait` blocks on one op's event only.
+/// Every op gets an [`OpId`] (tied to this coordinator) and a completion
+/// fence. Dependencies (op ids) become `cuStreamWaitEvent` calls: the host
+/// never blocks to order work. Buffers additionally order themselves: an op
+/// that writes a buffer waits (on the GPU) for every earlier use of it, one
+/// that reads it for its last writer. `poll` never blocks; `wait` blocks on
+/// one op's event only. Memory stays bounded by the work in flight: finished
+/// ops leave the table (also when they are never polled).
 #[derive(Debug)]
 pub struct AsyncCoordinator {
     gpu: Gpu,
-    upload: Arc<CudaStream>,
-    compute: Arc<CudaStream>,
-    download: Arc<CudaStream>,
+    lanes: [Lane; 3],
     graph: OpGraph<Fence>,
-    /// Waits already issued on the upload, compute and download streams.
-    clocks: [WaitClock; 3],
     /// Pinned staging for uploads from pageable memory, reused once idle.
     staging: Vec<PinnedBuffer<u8>>,
-    /// Use lists of the last compute scope, reused by the next.
-    scratch: LaunchScratch,
-    _pool: StreamPool,
 }
 
 impl AsyncCoordinator {
     /// Creates the three streams on `gpu`.
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        let pool = StreamPool::new(gpu, 1)?;
         Ok(Self {
             gpu: gpu.clone(),
-            upload: Arc::clone(pool.acquire(StreamPurpose::Upload).cuda_stream()),
-            compute: Arc::clone(pool.acquire(StreamPurpose::Compute).cuda_stream()),
-            download: Arc::clone(pool.acquire(StreamPurpose::Download).cuda_stream()),
+            lanes: [
+                Lane::with_purpose(gpu, StreamPurpose::Upload)?,
+                Lane::with_purpose(gpu, StreamPurpose::Compute)?,
+                Lane::with_purpose(gpu, StreamPurpose::Download)?,
+            ],
             graph: OpGraph::new(),
-            clocks: Default::default(),
             staging: Vec::new(),
-            scratch: LaunchScratch::default(),
-            _pool: pool,
         })
     }
 
@@ -66,16 +60,10 @@ impl AsyncCoordinator {
         &self.gpu
     }
 
-    pub fn upload_stream(&self) -> &Arc<CudaStream> {
-        &self.upload
-    }
-
-    pub fn compute_stream(&self) -> &Arc<CudaStream> {
-        &self.compute
-    }
-
-    pub fn download_stream(&self) -> &Arc<CudaStream> {
-        &self.download
+    /// The upload, compute and download lanes (shared: for their ids and,
+    /// through the unsafe [`Lane::cuda_stream`], for work prism does not see).
+    pub fn lanes(&self) -> [&Lane; 3] {
+        [&self.lanes[UP], &self.lanes[COMPUTE], &self.lanes[DOWN]]
     }
 
     /// Ops queued and not yet observed complete.
@@ -83,18 +71,39 @@ impl AsyncCoordinator {
         self.graph.pending_len()
     }
 
-    /// Validates `deps`, then makes stream `which` (0 upload, 1 compute,
-    /// 2 download) wait on the GPU for those still pending.
+    /// Ops whose name and status the table still holds (diagnostics: bounded
+    /// by the ops in flight, however many were queued).
+    pub fn retained_ops(&self) -> usize {
+        self.graph.retained_len()
+    }
+
+    /// A zeroed device buffer of `len` elements (the memset is queued on the
+    /// upload lane; later ops on any lane are ordered after it).
+    pub fn zeroed<T: Element>(&mut self, len: usize) -> Result<DeviceBuffer<T>> {
+        DeviceBuffer::zeroed(&mut self.lanes[UP], len)
+    }
+
+    /// Validates `deps`, then makes lane `which` wait on the GPU for those
+    /// still pending.
     fn begin(&mut self, deps: &[OpId], which: usize) -> Result<()> {
         self.gpu.check_usable()?;
         self.gpu.bind()?;
-        let stream = [&self.upload, &self.compute, &self.download][which];
-        let clock = &mut self.clocks[which];
-        self.graph
-            .check_deps(deps, |fence| fence.gpu_wait_clocked(stream, clock))
+        let lane = &mut self.lanes[which];
+        self.graph.check_deps(deps, |fence| lane.wait_for(fence))
     }
 
-    /// Copies all of `src` into the front of `dst` on the upload stream.
+    /// Records the op; now and then settles finished ops so the table stays
+    /// bounded by the work in flight even if the caller never polls.
+    fn insert(&mut self, which: usize, name: Cow<'static, str>, fence: Fence) -> OpId {
+        let id = self.graph.insert_on(which, name, fence);
+        if self.graph.needs_sweep() {
+            let failures = self.graph.sweep(Fence::probe, Fence::assume_complete);
+            self.note_failures(&failures);
+        }
+        id
+    }
+
+    /// Copies all of `src` into the front of `dst` on the upload lane.
     pub fn queue_upload<T: Element>(
         &mut self,
         src: &PinnedBuffer<T>,
@@ -104,7 +113,7 @@ impl AsyncCoordinator {
         self.queue_upload_n(src, dst, src.len(), deps)
     }
 
-    /// Copies `src[..n]` into `dst[..n]` on the upload stream.
+    /// Copies `src[..n]` into `dst[..n]` on the upload lane.
     pub fn queue_upload_n<T: Element>(
         &mut self,
         src: &PinnedBuffer<T>,
@@ -114,8 +123,8 @@ impl AsyncCoordinator {
     ) -> Result<OpId> {
         let _span = tracing::trace_span!("prism.queue_upload", n).entered();
         self.begin(deps, UP)?;
-        let fence = copy_htod(&self.upload, &mut self.clocks[UP], src, dst, n)?;
-        Ok(self.graph.insert_on(UP, "upload", fence))
+        let fence = self.lanes[UP].copy_htod(src, 0, dst, 0, n)?;
+        Ok(self.insert(UP, Cow::Borrowed("upload"), fence))
     }
 
     /// Uploads from pageable memory: the data is copied into pinned staging
@@ -127,38 +136,59 @@ impl AsyncCoordinator {
         dst: &mut DeviceBuffer<T>,
         deps: &[OpId],
     ) -> Result<OpId> {
+        check_len("upload source", src.len(), usize::MAX)?;
         check_len("upload destination", src.len(), dst.len())?;
         let bytes = std::mem::size_of_val(src);
         let idx = self.staging_buffer(bytes)?;
-        let staging = &mut self.staging[idx];
-        // SAFETY: T is plain data (Element: DeviceRepr + Copy), so viewing the
-        // slice as its bytes is valid; the view lives only for this copy.
+        // SAFETY: T is plain data (Element's contract: no padding, any bit
+        // pattern valid), so viewing the slice as its bytes is valid; the view
+        // lives only for this copy.
         let raw = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<u8>(), bytes) };
-        staging.as_mut_slice()?[..bytes].copy_from_slice(raw);
+        self.staging[idx].as_mut_slice()?[..bytes].copy_from_slice(raw);
         self.begin(deps, UP)?;
-        let du = Arc::clone(&dst.uses);
-        lock(&du).order_write(&self.upload, &mut self.clocks[UP])?;
-        let staging = &self.staging[idx];
-        // SAFETY: staging is pinned, holds `bytes` initialised bytes and is kept
-        // until its recorded use completes (reused only when idle, waited in Drop);
-        // dst holds >= src.len() elements (checked) and is ordered and tracked.
-        let host = unsafe { std::slice::from_raw_parts(staging.raw() as *const u8, bytes) };
-        // SAFETY: see above.
-        unsafe { result::memcpy_htod_async(dst.device_ptr(), host, self.upload.cu_stream()) }
-            .call("cuMemcpyHtoDAsync")?;
-        let fence = self
-            .gpu
-            .fence_after(&self.upload, &self.clocks[UP], false)?;
-        lock(&staging.uses).add_read(&fence);
-        lock(&du).set_write(&fence);
-        Ok(self.graph.insert_on(UP, "upload (staged)", fence))
+        let fence = self.lanes[UP].htod_bytes(&self.staging[idx], dst, bytes)?;
+        Ok(self.insert(UP, Cow::Borrowed("upload (staged)"), fence))
     }
 
+    /// An idle staging buffer of at least `bytes`; frees idle ones past the
+    /// limits (so one large upload does not keep its staging for ever).
     fn staging_buffer(&mut self, bytes: usize) -> Result<usize> {
-        for (i, s) in self.staging.iter().enumerate() {
-            if s.len() >= bytes && s.is_idle()? {
-                return Ok(i);
+        let idle: Vec<bool> = self
+            .staging
+            .iter()
+            .map(|s| s.is_idle())
+            .collect::<Result<_>>()?;
+        let pick = (0..self.staging.len())
+            .filter(|&i| idle[i] && self.staging[i].len() >= bytes)
+            .min_by_key(|&i| self.staging[i].len());
+        let mut kept = usize::from(pick.is_some());
+        let mut kept_bytes = pick.map_or(0, |p| self.staging[p].len());
+        let keep: Vec<bool> = (0..self.staging.len())
+            .map(|i| {
+                if !idle[i] || Some(i) == pick {
+                    return true;
+                }
+                let len = self.staging[i].len();
+                let fits = kept < STAGING_KEPT && kept_bytes + len <= STAGING_KEPT_BYTES;
+                if fits {
+                    kept += 1;
+                    kept_bytes += len;
+                }
+                fits
+            })
+            .collect();
+        let (mut i, mut j, mut new_pick) = (0, 0, None);
+        self.staging.retain(|_| {
+            let k = i;
+            i += 1;
+            if keep[k] && Some(k) == pick {
+                new_pick = Some(j);
             }
+            j += usize::from(keep[k]);
+            keep[k]
+        });
+        if let Some(p) = new_pick {
+            return Ok(p);
         }
         let size = bytes.next_power_of_two().max(1 << 20);
         self.staging.push(PinnedBuffer::new(
@@ -169,9 +199,18 @@ impl AsyncCoordinator {
         Ok(self.staging.len() - 1)
     }
 
-    /// Runs `launch` to enqueue kernels on the compute stream after `deps`.
-    /// Kernels launched through [`Launch`]'s methods also order and record the
-    /// buffers they use; an error from `launch` queues nothing further.
+    /// Held staging buffers and their bytes (diagnostics).
+    pub fn staging_held(&self) -> (usize, usize) {
+        (
+            self.staging.len(),
+            self.staging.iter().map(|s| s.len()).sum(),
+        )
+    }
+
+    /// Runs `launch` to enqueue kernels on the compute lane after `deps`.
+    /// Each kernel launched through [`Launch`] orders and fences the buffers
+    /// it uses as it is queued, so an error from `launch` (or a panic)
+    /// leaves no use unrecorded; the op is then not created.
     pub fn queue_compute<F>(
         &mut self,
         name: impl Into<Cow<'static, str>>,
@@ -184,26 +223,19 @@ impl AsyncCoordinator {
         let name = name.into();
         let _span = tracing::trace_span!("prism.queue_compute", name = &*name).entered();
         self.begin(deps, COMPUTE)?;
-        let mut scope = Launch::with_scratch(
-            &self.gpu,
-            &self.compute,
-            std::mem::take(&mut self.clocks[COMPUTE]),
-            std::mem::take(&mut self.scratch),
-        );
-        let launched = launch(&mut scope);
-        let fence = self.gpu.fence_after(&self.compute, scope.clock(), false);
-        match (launched, fence) {
-            (Ok(()), Ok(fence)) => {
-                (self.clocks[COMPUTE], self.scratch) = scope.finish_reuse(&fence);
-                Ok(self.graph.insert_on(COMPUTE, name, fence))
-            }
-            // Waits issued before a failed launch stay issued; forget the clock
-            // (it may be missing them) rather than skip a wait later.
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        }
+        let mut scope = self.lanes[COMPUTE].launch();
+        launch(&mut scope)?;
+        let last = scope.last_fence().cloned();
+        // The last launch's fence is after the dependency waits and every
+        // kernel of the scope; a scope that launched nothing records one.
+        let fence = match last {
+            Some(f) => f,
+            None => self.lanes[COMPUTE].fence()?,
+        };
+        Ok(self.insert(COMPUTE, name, fence))
     }
 
-    /// Fills all of `dst` from the front of `src` on the download stream.
+    /// Fills all of `dst` from the front of `src` on the download lane.
     pub fn queue_download<T: Element>(
         &mut self,
         src: &DeviceBuffer<T>,
@@ -214,7 +246,7 @@ impl AsyncCoordinator {
         self.queue_download_n(src, dst, n, deps)
     }
 
-    /// Copies `src[..n]` into `dst[..n]` on the download stream.
+    /// Copies `src[..n]` into `dst[..n]` on the download lane.
     pub fn queue_download_n<T: Element>(
         &mut self,
         src: &DeviceBuffer<T>,
@@ -224,8 +256,8 @@ impl AsyncCoordinator {
     ) -> Result<OpId> {
         let _span = tracing::trace_span!("prism.queue_download", n).entered();
         self.begin(deps, DOWN)?;
-        let fence = copy_dtoh(&self.download, &mut self.clocks[DOWN], src, dst, n)?;
-        Ok(self.graph.insert_on(DOWN, "download", fence))
+        let fence = self.lanes[DOWN].copy_dtoh(src, 0, dst, 0, n)?;
+        Ok(self.insert(DOWN, Cow::Borrowed("download"), fence))
     }
 
     /// Non-blocking: the ops observed finished since the last poll, in op
@@ -255,11 +287,13 @@ impl AsyncCoordinator {
         self.graph.status(op).cloned()
     }
 
-    /// Blocks until `op` completes (waits on its event only).
+    /// Blocks until `op` completes (waits on its event only). Earlier ops
+    /// of the same lane are settled with it.
     pub fn wait(&mut self, op: OpId) -> Result<()> {
         if let Some(f) = self.graph.fence(op).cloned() {
             let outcome = f.synchronize();
-            self.graph.finish(op, outcome)?;
+            self.graph
+                .finish_with(op, outcome, Fence::assume_complete)?;
         }
         self.outcome(op)
     }
@@ -271,7 +305,8 @@ impl AsyncCoordinator {
         while let Some(f) = self.graph.fence(op).cloned() {
             let outcome = f.probe();
             if outcome != Probe::NotReady {
-                self.graph.finish(op, outcome)?;
+                self.graph
+                    .finish_with(op, outcome, Fence::assume_complete)?;
                 break;
             }
             if start.elapsed() >= timeout {

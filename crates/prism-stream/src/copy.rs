@@ -1,170 +1,184 @@
-//! Tracked asynchronous copies between pinned host and device buffers, on
-//! any stream. The coordinator and prism-buffer's triple buffer use these.
+//! Asynchronous copies and memsets, queued through a [`Lane`]. Each one is
+//! a thin wrapper over [`Lane::enqueue`] (order.rs), which orders it, records
+//! its fence and notes the fence on both buffers: this module only checks
+//! lengths and computes addresses.
 
-use std::sync::Arc;
+use cudarc::driver::result;
 
-use cudarc::driver::{result, CudaStream};
+use crate::error::{check_len, DriverResultExt};
+use crate::event::Fence;
+use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
+use crate::order::{Access, Lane};
+use crate::Result;
 
-use crate::context::Gpu;
-use crate::error::check_len;
-use crate::error::DriverResultExt;
-use crate::event::{Fence, WaitClock};
-use crate::memory::{lock, DeviceBuffer, Element, PinnedBuffer, Uses};
-use crate::{Error, Result};
-
-/// Copies `src[..n]` into `dst[..n]` on `stream`, after every earlier use of
-/// `dst` and the last write of `src` (GPU-side waits, skipping those `clock`
-/// already implies). Returns the copy's completion fence, also recorded on
-/// both buffers.
-pub fn copy_htod<T: Element>(
-    stream: &Arc<CudaStream>,
-    clock: &mut WaitClock,
-    src: &PinnedBuffer<T>,
-    dst: &mut DeviceBuffer<T>,
-    n: usize,
-) -> Result<Fence> {
-    copy_htod_timed(stream, clock, src, dst, n, false).map(|(_, end)| end)
-}
-
-/// [`copy_htod`] that, with `timed`, also returns a timed fence recorded after
-/// the GPU-side waits and right before the copy, and makes the end fence timed:
-/// `end.elapsed_ms_since(&start)` is then the copy's own GPU time.
-pub fn copy_htod_timed<T: Element>(
-    stream: &Arc<CudaStream>,
-    clock: &mut WaitClock,
-    src: &PinnedBuffer<T>,
-    dst: &mut DeviceBuffer<T>,
-    n: usize,
-    timed: bool,
-) -> Result<(Option<Fence>, Fence)> {
-    copy_htod_at(stream, clock, src, 0, dst, n, timed)
-}
-
-/// [`copy_htod_timed`] from `src[src_offset..src_offset + n]` into `dst[..n]`.
-pub fn copy_htod_at<T: Element>(
-    stream: &Arc<CudaStream>,
-    clock: &mut WaitClock,
-    src: &PinnedBuffer<T>,
-    src_offset: usize,
-    dst: &mut DeviceBuffer<T>,
-    n: usize,
-    timed: bool,
-) -> Result<(Option<Fence>, Fence)> {
-    check_len("upload source", src_offset.saturating_add(n), src.len())?;
-    check_len("upload length", n, usize::MAX)?;
-    check_len("upload destination", n, dst.len())?;
-    let gpu = dst.gpu().clone();
-    if !gpu.same(src.gpu()) {
-        return Err(Error::WrongContext {
-            what: "pinned source buffer",
-        });
+impl Lane {
+    /// Copies `src[src_at..src_at + n]` into `dst[dst_at..dst_at + n]`,
+    /// after the last write of `src` and every earlier use of `dst`
+    /// (GPU-side waits). Returns the copy's completion fence, also recorded
+    /// on both buffers: host writes to `src` fail with `BufferInFlight`
+    /// until it completes, and neither buffer is freed before.
+    pub fn copy_htod<T: Element>(
+        &mut self,
+        src: &PinnedBuffer<T>,
+        src_at: usize,
+        dst: &mut DeviceBuffer<T>,
+        dst_at: usize,
+        n: usize,
+    ) -> Result<Fence> {
+        self.htod(src, src_at, dst, dst_at, n, false)
+            .map(|(_, end)| end)
     }
-    gpu.check_usable()?;
-    gpu.bind()?;
-    // Locks are taken pinned first, then device, in both directions.
-    let mut su = lock(&src.uses);
-    let mut du = lock(&dst.uses);
-    ordered_copy(&gpu, stream, clock, &mut su, &mut du, timed, || {
-        // SAFETY: src is page-locked memory with >= src_offset + n initialised
-        // elements (checked above), so the offset pointer and range are in bounds; it stays
-        // allocated and unwritten by the host until the fence recorded after
-        // this copy completes (Drop and the host accessors check it).
-        let host =
-            unsafe { std::slice::from_raw_parts((src.raw() as *const T).add(src_offset), n) };
-        // SAFETY: dst is a device allocation of >= n elements of the current
-        // context, ordered after all its earlier uses, and tracked until this copy
-        // completes; host is valid as above.
-        unsafe { result::memcpy_htod_async(dst.device_ptr(), host, stream.cu_stream()) }
+
+    /// [`copy_htod`](Self::copy_htod) that, with `timed`, also returns a
+    /// timed start fence recorded after the GPU-side waits and right before
+    /// the copy, and makes the end fence timed, so
+    /// `end.elapsed_ms_since(&start)` is the copy's own GPU time.
+    pub fn copy_htod_timed<T: Element>(
+        &mut self,
+        src: &PinnedBuffer<T>,
+        src_at: usize,
+        dst: &mut DeviceBuffer<T>,
+        dst_at: usize,
+        n: usize,
+        timed: bool,
+    ) -> Result<(Option<Fence>, Fence)> {
+        self.htod(src, src_at, dst, dst_at, n, timed)
+    }
+
+    /// Copies `src[src_at..src_at + n]` into `dst[dst_at..dst_at + n]`,
+    /// after the last write of `src` and every earlier use of `dst`. Host
+    /// reads of `dst` fail with `BufferInFlight` until the returned fence
+    /// completes.
+    pub fn copy_dtoh<T: Element>(
+        &mut self,
+        src: &DeviceBuffer<T>,
+        src_at: usize,
+        dst: &mut PinnedBuffer<T>,
+        dst_at: usize,
+        n: usize,
+    ) -> Result<Fence> {
+        self.dtoh(src, src_at, dst, dst_at, n, false)
+            .map(|(_, end)| end)
+    }
+
+    /// [`copy_dtoh`](Self::copy_dtoh) with optional timing, as
+    /// [`copy_htod_timed`](Self::copy_htod_timed).
+    pub fn copy_dtoh_timed<T: Element>(
+        &mut self,
+        src: &DeviceBuffer<T>,
+        src_at: usize,
+        dst: &mut PinnedBuffer<T>,
+        dst_at: usize,
+        n: usize,
+        timed: bool,
+    ) -> Result<(Option<Fence>, Fence)> {
+        self.dtoh(src, src_at, dst, dst_at, n, timed)
+    }
+
+    /// Both upload forms; `timed` adds the start fence.
+    fn htod<T: Element>(
+        &mut self,
+        src: &PinnedBuffer<T>,
+        src_at: usize,
+        dst: &mut DeviceBuffer<T>,
+        dst_at: usize,
+        n: usize,
+        timed: bool,
+    ) -> Result<(Option<Fence>, Fence)> {
+        check_len("upload length", n, usize::MAX)?;
+        check_len("upload source", src_at.saturating_add(n), src.len())?;
+        check_len("upload destination", dst_at.saturating_add(n), dst.len())?;
+        let size = std::mem::size_of::<T>();
+        let host = src.raw().wrapping_add(src_at) as *const u8;
+        let device = dst.device_ptr() + (dst_at * size) as u64;
+        let uses = [
+            src.used(Access::Read, "pinned source buffer"),
+            dst.used(Access::Write, "device destination buffer"),
+        ];
+        let (start, end, ()) = self.enqueue(&uses, timed, |stream| {
+            // SAFETY: host points to n initialised elements inside src (bounds
+            // checked above) of page-locked memory; device to n elements inside
+            // dst, an allocation of this context (enqueue checked the context).
+            // Both are ordered after their conflicting uses and recorded with
+            // this copy's fence before enqueue returns, so neither is written
+            // by the host nor freed until the copy completes.
+            unsafe {
+                let host = std::slice::from_raw_parts(host, n * size);
+                result::memcpy_htod_async(device, host, stream)
+            }
             .call("cuMemcpyHtoDAsync")
-    })
-}
-
-/// Copies `src[..n]` into `dst[..n]` on `stream`, after the last write of
-/// `src` and every earlier use of `dst`. Host reads of `dst` fail with
-/// `BufferInFlight` until the returned fence completes.
-pub fn copy_dtoh<T: Element>(
-    stream: &Arc<CudaStream>,
-    clock: &mut WaitClock,
-    src: &DeviceBuffer<T>,
-    dst: &mut PinnedBuffer<T>,
-    n: usize,
-) -> Result<Fence> {
-    copy_dtoh_timed(stream, clock, src, dst, n, false).map(|(_, end)| end)
-}
-
-/// [`copy_dtoh`] with optional timing, as [`copy_htod_timed`].
-pub fn copy_dtoh_timed<T: Element>(
-    stream: &Arc<CudaStream>,
-    clock: &mut WaitClock,
-    src: &DeviceBuffer<T>,
-    dst: &mut PinnedBuffer<T>,
-    n: usize,
-    timed: bool,
-) -> Result<(Option<Fence>, Fence)> {
-    copy_dtoh_at(stream, clock, src, dst, 0, n, timed)
-}
-
-/// [`copy_dtoh_timed`] from `src[..n]` into `dst[dst_offset..dst_offset + n]`.
-pub fn copy_dtoh_at<T: Element>(
-    stream: &Arc<CudaStream>,
-    clock: &mut WaitClock,
-    src: &DeviceBuffer<T>,
-    dst: &mut PinnedBuffer<T>,
-    dst_offset: usize,
-    n: usize,
-    timed: bool,
-) -> Result<(Option<Fence>, Fence)> {
-    check_len("download source", n, src.len())?;
-    check_len(
-        "download destination",
-        dst_offset.saturating_add(n),
-        dst.len(),
-    )?;
-    let gpu = src.gpu().clone();
-    if !gpu.same(dst.gpu()) {
-        return Err(Error::WrongContext {
-            what: "pinned destination buffer",
-        });
+        })?;
+        Ok((start, end))
     }
-    gpu.check_usable()?;
-    gpu.bind()?;
-    // Locks are taken pinned first, then device, in both directions.
-    let mut du = lock(&dst.uses);
-    let mut su = lock(&src.uses);
-    ordered_copy(&gpu, stream, clock, &mut su, &mut du, timed, || {
-        // SAFETY: dst is page-locked with >= dst_offset + n elements (checked above),
-        // so the offset range is in bounds; the write fence recorded after this
-        // copy keeps host code (accessors, Drop) away until the copy completes.
-        let host = unsafe { std::slice::from_raw_parts_mut(dst.raw().add(dst_offset), n) };
-        // SAFETY: src has >= n elements, ordered after its last writer, tracked until done.
-        unsafe { result::memcpy_dtoh_async(host, src.device_ptr(), stream.cu_stream()) }
-            .call("cuMemcpyDtoHAsync")
-    })
-}
 
-/// The part both directions share, with both buffers' use lists locked:
-/// order the copy after `read`'s last writer and every use of `write` (GPU
-/// waits), take a timed start fence if asked, `enqueue` the copy, record the
-/// end fence and note it on both buffers.
-fn ordered_copy(
-    gpu: &Gpu,
-    stream: &CudaStream,
-    clock: &mut WaitClock,
-    read: &mut Uses,
-    write: &mut Uses,
-    timed: bool,
-    enqueue: impl FnOnce() -> Result<()>,
-) -> Result<(Option<Fence>, Fence)> {
-    read.order_read(stream, clock)?;
-    write.order_write(stream, clock)?;
-    let start = if timed {
-        Some(gpu.timed_fence(stream)?)
-    } else {
-        None
-    };
-    enqueue()?;
-    let fence = gpu.fence_after(stream, clock, timed)?;
-    read.add_read(&fence);
-    write.set_write(&fence);
-    Ok((start, fence))
+    /// Both download forms; `timed` adds the start fence.
+    fn dtoh<T: Element>(
+        &mut self,
+        src: &DeviceBuffer<T>,
+        src_at: usize,
+        dst: &mut PinnedBuffer<T>,
+        dst_at: usize,
+        n: usize,
+        timed: bool,
+    ) -> Result<(Option<Fence>, Fence)> {
+        check_len("download length", n, usize::MAX)?;
+        check_len("download source", src_at.saturating_add(n), src.len())?;
+        check_len("download destination", dst_at.saturating_add(n), dst.len())?;
+        let size = std::mem::size_of::<T>();
+        let host = dst.raw().wrapping_add(dst_at).cast::<u8>();
+        let device = src.device_ptr() + (src_at * size) as u64;
+        let uses = [
+            src.used(Access::Read, "device source buffer"),
+            dst.used(Access::Write, "pinned destination buffer"),
+        ];
+        let (start, end, ()) = self.enqueue(&uses, timed, |stream| {
+            // SAFETY: as in htod with the roles swapped: host is n elements
+            // inside dst (page-locked), which host code cannot read or free
+            // until the write fence recorded by enqueue completes.
+            unsafe {
+                let host = std::slice::from_raw_parts_mut(host, n * size);
+                result::memcpy_dtoh_async(host, device, stream)
+            }
+            .call("cuMemcpyDtoHAsync")
+        })?;
+        Ok((start, end))
+    }
+
+    /// Uploads the first `bytes` bytes of `src` into the front of `dst`
+    /// (the coordinator's staged uploads of pageable data of any type).
+    pub(crate) fn htod_bytes<T: Element>(
+        &mut self,
+        src: &PinnedBuffer<u8>,
+        dst: &mut DeviceBuffer<T>,
+        bytes: usize,
+    ) -> Result<Fence> {
+        check_len("upload source", bytes, src.len())?;
+        check_len("upload destination", bytes, dst.num_bytes())?;
+        let (host, device) = (src.raw() as *const u8, dst.device_ptr());
+        let uses = [
+            src.used(Access::Read, "pinned staging buffer"),
+            dst.used(Access::Write, "device destination buffer"),
+        ];
+        let (_, end, ()) = self.enqueue(&uses, false, |stream| {
+            // SAFETY: as in htod: `bytes` bytes of each buffer, bounds checked above.
+            unsafe {
+                let host = std::slice::from_raw_parts(host, bytes);
+                result::memcpy_htod_async(device, host, stream)
+            }
+            .call("cuMemcpyHtoDAsync")
+        })?;
+        Ok(end)
+    }
+
+    /// Zeroes all of `buf` on the GPU, after its earlier uses.
+    pub fn zero<T: Element>(&mut self, buf: &mut DeviceBuffer<T>) -> Result<Fence> {
+        let (ptr, bytes) = (buf.device_ptr(), buf.num_bytes());
+        let uses = [buf.used(Access::Write, "device buffer")];
+        let (_, end, ()) = self.enqueue(&uses, false, |stream| {
+            // SAFETY: ptr..ptr+bytes is exactly the allocation, of this context,
+            // ordered and fenced by enqueue.
+            unsafe { result::memset_d8_async(ptr, 0, bytes, stream) }.call("cuMemsetD8Async")
+        })?;
+        Ok(end)
+    }
 }

@@ -52,6 +52,9 @@ pub enum Error {
     /// An op id this coordinator never handed out.
     #[error("unknown operation {0}: no operation with this id was queued on this coordinator")]
     UnknownOp(OpId),
+    /// An op id handed out by another coordinator (or graph).
+    #[error("operation {0} belongs to another coordinator: op ids are only valid on the coordinator that queued them")]
+    ForeignOp(OpId),
     /// An op may only depend on ops queued before it.
     #[error("operation {op} cannot depend on {dep}: an operation may only depend on operations queued before it, so this would form a cycle")]
     DependencyCycle { op: OpId, dep: OpId },
@@ -92,8 +95,9 @@ pub enum Error {
     /// A pinned buffer the device cannot access directly.
     #[error("{what} is not mapped into the device's address space (zero-copy access needs a device that can map host memory)")]
     NotMapped { what: &'static str },
-    /// A buffer belongs to another GPU context.
-    #[error("{what} belongs to another GPU context")]
+    /// A buffer, kernel or stream belongs to another GPU context than the
+    /// lane the work was queued on (nothing was queued).
+    #[error("{what} belongs to another GPU context than the stream the work was queued on; nothing was queued")]
     WrongContext { what: &'static str },
 }
 

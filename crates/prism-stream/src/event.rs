@@ -4,14 +4,15 @@
 //! timed ones only where statistics ask for them. Events return to a pool when
 //! the last [`Fence`] handle drops, so a steady-state pipeline creates none.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUresult};
-use cudarc::driver::{result, CudaContext, CudaStream, DriverError};
+use cudarc::driver::{result, CudaContext, DriverError};
 
 use crate::error::DriverResultExt;
 use crate::graph::Probe;
+use crate::order::{Mark, StreamId, WaitClock};
 use crate::Result;
 
 /// A raw event handle. CUDA event handles may be used from any thread.
@@ -22,56 +23,6 @@ pub(crate) struct RawEvent(pub(crate) sys::CUevent);
 unsafe impl Send for RawEvent {}
 // SAFETY: as above; shared references only pass the handle to driver calls.
 unsafe impl Sync for RawEvent {}
-
-/// Global fence sequence: fences recorded later on one stream have larger numbers.
-static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
-
-/// Entries a [`WaitClock`] keeps; the oldest is forgotten when full
-/// (forgetting only costs a redundant wait, never a missing one).
-const CLOCK_ENTRIES: usize = 8;
-
-/// A vector clock: what one stream is already ordered after. Per source
-/// stream, the largest fence sequence number it waited on, directly or
-/// through the fences it waited on (each fence carries the clock its stream
-/// had when it was recorded). A wait on a fence the clock covers is skipped.
-///
-/// Assumes fences on one stream are recorded by one thread at a time, as the
-/// coordinator and the pipeline do (work on a stream shared by threads
-/// without external ordering is unordered anyway). `Copy` and fixed-size, so
-/// carrying one per fence allocates nothing.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct WaitClock {
-    entries: [(usize, u64); CLOCK_ENTRIES],
-    len: usize,
-}
-
-impl WaitClock {
-    fn covers(&self, stream: usize, seq: u64) -> bool {
-        self.entries[..self.len]
-            .iter()
-            .any(|&(s, q)| s == stream && q >= seq)
-    }
-
-    fn note(&mut self, stream: usize, seq: u64) {
-        if let Some(e) = self.entries[..self.len]
-            .iter_mut()
-            .find(|(s, _)| *s == stream)
-        {
-            e.1 = e.1.max(seq);
-        } else if self.len < CLOCK_ENTRIES {
-            self.entries[self.len] = (stream, seq);
-            self.len += 1;
-        } else if let Some(oldest) = self.entries.iter_mut().min_by_key(|(_, q)| *q) {
-            *oldest = (stream, seq);
-        }
-    }
-
-    fn merge(&mut self, other: &WaitClock) {
-        for &(s, q) in &other.entries[..other.len] {
-            self.note(s, q);
-        }
-    }
-}
 
 /// Free events, by kind.
 #[derive(Debug)]
@@ -90,7 +41,7 @@ impl EventPool {
         })
     }
 
-    fn take(&self, timed: bool) -> Result<RawEvent> {
+    pub(crate) fn take(&self, timed: bool) -> Result<RawEvent> {
         let pool = if timed { &self.timed } else { &self.plain };
         if let Some(e) = pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(e);
@@ -106,38 +57,9 @@ impl EventPool {
         ))
     }
 
-    fn put(&self, event: RawEvent, timed: bool) {
+    pub(crate) fn put(&self, event: RawEvent, timed: bool) {
         let pool = if timed { &self.timed } else { &self.plain };
         pool.lock().unwrap_or_else(|p| p.into_inner()).push(event);
-    }
-
-    /// Records a pooled event on `stream` and returns the fence for it.
-    /// `implied` is what `stream` is already ordered after (its wait clock).
-    pub(crate) fn record(
-        self: &Arc<Self>,
-        stream: &CudaStream,
-        timed: bool,
-        implied: &WaitClock,
-    ) -> Result<Fence> {
-        let event = self.take(timed)?;
-        let seq = NEXT_SEQ.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: `event` is a live event of this pool's context (created above
-        // or returned to the pool by a dropped fence, never destroyed while pooled)
-        // and `stream` is a live stream of the same context (it is borrowed).
-        let recorded = unsafe { result::event::record(event.0, stream.cu_stream()) };
-        if let Err(e) = recorded {
-            self.put(event, timed);
-            return Err(e).call("cuEventRecord");
-        }
-        Ok(Fence(Arc::new(FenceInner {
-            event,
-            timed,
-            seq,
-            implied: *implied,
-            stream: stream.cu_stream() as usize,
-            done: AtomicBool::new(false),
-            pool: Arc::clone(self),
-        })))
     }
 
     /// Number of idle events held (for tests of the no-allocation steady state).
@@ -172,12 +94,12 @@ pub struct Fence(Arc<FenceInner>);
 struct FenceInner {
     event: RawEvent,
     timed: bool,
-    /// Position in recording order (see [`WaitClock`]).
+    /// Position among the fences of its stream (see `order.rs`, rule 4).
     seq: u64,
-    /// What the recording stream had waited for before this fence.
+    /// What the recording lane had waited for before this fence.
     implied: WaitClock,
-    /// The stream it was recorded on (as an address, for same-stream checks).
-    stream: usize,
+    /// The stream it was recorded on.
+    stream: StreamId,
     done: AtomicBool,
     pool: Arc<EventPool>,
 }
@@ -196,6 +118,26 @@ fn describe(e: DriverError) -> String {
 }
 
 impl Fence {
+    /// Wraps an event just recorded on `stream` (only `order.rs` records).
+    pub(crate) fn new(
+        event: RawEvent,
+        timed: bool,
+        seq: u64,
+        stream: StreamId,
+        implied: WaitClock,
+        pool: Arc<EventPool>,
+    ) -> Self {
+        Self(Arc::new(FenceInner {
+            event,
+            timed,
+            seq,
+            implied,
+            stream,
+            done: AtomicBool::new(false),
+            pool,
+        }))
+    }
+
     /// Non-blocking: has the GPU passed this point? (`cuEventQuery`)
     pub fn probe(&self) -> Probe {
         if self.0.done.load(Ordering::Acquire) {
@@ -244,16 +186,16 @@ impl Fence {
         }
     }
 
-    /// Makes `stream` wait on the GPU for this fence (`cuStreamWaitEvent`);
-    /// free when the fence is known complete or was recorded on `stream` itself.
-    pub fn gpu_wait(&self, stream: &CudaStream) -> Result<()> {
-        if self.0.stream == stream.cu_stream() as usize || self.0.done.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        // SAFETY: both handles are alive (borrowed / held) and of one context.
+    /// Makes the stream `raw` wait on the GPU for this fence
+    /// (`cuStreamWaitEvent`). Only `order.rs` calls it, after deciding the
+    /// wait is needed.
+    pub(crate) fn gpu_wait(&self, raw: sys::CUstream) -> Result<()> {
+        // SAFETY: the event is alive while `self` holds it; `raw` is a live
+        // stream (the calling lane holds it). The event may belong to another
+        // context: cuStreamWaitEvent allows that.
         unsafe {
             result::stream::wait_event(
-                stream.cu_stream(),
+                raw,
                 self.0.event.0,
                 sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
             )
@@ -261,24 +203,8 @@ impl Fence {
         .call("cuStreamWaitEvent")
     }
 
-    /// Like [`gpu_wait`](Self::gpu_wait), also skipping fences `clock` (the
-    /// waits already issued on `stream`) implies.
-    pub fn gpu_wait_clocked(&self, stream: &CudaStream, clock: &mut WaitClock) -> Result<()> {
-        let src = self.0.stream;
-        if src == stream.cu_stream() as usize
-            || self.0.done.load(Ordering::Acquire)
-            || clock.covers(src, self.0.seq)
-        {
-            return Ok(());
-        }
-        self.gpu_wait(stream)?;
-        clock.note(src, self.0.seq);
-        clock.merge(&self.0.implied);
-        Ok(())
-    }
-
-    /// The stream this fence was recorded on, as an address.
-    pub(crate) fn stream_key(&self) -> usize {
+    /// The stream this fence was recorded on.
+    pub fn stream(&self) -> StreamId {
         self.0.stream
     }
 
@@ -296,33 +222,17 @@ impl Fence {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::WaitClock;
-
-    #[test]
-    fn clock_covers_older_fences_of_a_stream_only() {
-        let mut c = WaitClock::default();
-        c.note(1, 10);
-        assert!(c.covers(1, 10) && c.covers(1, 3));
-        assert!(!c.covers(1, 11) && !c.covers(2, 1));
-        let mut implied = WaitClock::default();
-        implied.note(2, 7);
-        c.merge(&implied);
-        assert!(c.covers(2, 7) && !c.covers(2, 8));
+impl Mark for Fence {
+    fn stream(&self) -> StreamId {
+        self.0.stream
     }
-
-    #[test]
-    fn full_clock_forgets_the_oldest_entry_only() {
-        let mut c = WaitClock::default();
-        for s in 0..8 {
-            c.note(s, 100 + s as u64);
-        }
-        c.note(99, 5);
-        assert!(
-            !c.covers(0, 100),
-            "the oldest entry should have been forgotten"
-        );
-        assert!(c.covers(99, 5) && (1..8).all(|s| c.covers(s, 100 + s as u64)));
+    fn seq(&self) -> u64 {
+        self.0.seq
+    }
+    fn implied(&self) -> &WaitClock {
+        &self.0.implied
+    }
+    fn known_done(&self) -> bool {
+        self.0.done.load(Ordering::Acquire)
     }
 }

@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Error, Result};
 
@@ -58,15 +59,40 @@ fn complete_prefix<F>(
     Scan::Prefix(lo)
 }
 
-/// Identifies one queued operation of an [`AsyncCoordinator`](crate::AsyncCoordinator).
+/// Identifies one queued operation of one [`AsyncCoordinator`](crate::AsyncCoordinator)
+/// (or [`OpGraph`]): ids carry their graph's identity, so an id of another
+/// coordinator is refused (`ForeignOp`) instead of read as complete. Ids of
+/// one graph order as they were handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct OpId(pub u64);
+pub struct OpId {
+    graph: u64,
+    index: u64,
+}
+
+impl OpId {
+    /// Position of the op in its graph (0 for the first op queued).
+    pub fn index(self) -> u64 {
+        self.index
+    }
+}
 
 impl fmt::Display for OpId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "op#{}", self.0)
+        write!(f, "op#{}", self.index)
     }
 }
+
+/// Identities of graphs; never reused.
+static NEXT_GRAPH: AtomicU64 = AtomicU64::new(1);
+
+/// Successful completions `poll` keeps for reporting between two polls; past
+/// it the oldest are dropped (their status still reads `Complete`), so a
+/// caller that polled once and then only waits does not grow the list
+/// without bound. Failures are always kept.
+const MAX_UNREPORTED: usize = 1 << 16;
+
+/// Pending ops below which the amortised sweep never runs.
+const MIN_SWEEP: usize = 64;
 
 /// What the coordinator knows of an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +133,9 @@ static COMPLETE: OpStatus = OpStatus::Complete;
 /// keeps the entries of every op queued after it.
 #[derive(Debug)]
 pub struct OpGraph<F> {
-    /// Id of the first entry of `ops`.
+    /// This graph's identity (part of every id it hands out).
+    id: u64,
+    /// Index of the first entry of `ops`.
     base: u64,
     /// Name and status of the ops from `base` on.
     ops: VecDeque<(Cow<'static, str>, OpStatus)>,
@@ -118,23 +146,27 @@ pub struct OpGraph<F> {
     /// Ops observed finished (by `wait`) that `poll` has not reported yet;
     /// kept only once `poll` was called (a caller that never polls would
     /// otherwise grow this without bound).
-    unreported: Vec<Completion>,
+    unreported: VecDeque<Completion>,
     /// Has `poll` been called?
     polled: bool,
     /// Positions of one lane's ops during `poll` (kept to reuse its allocation).
     scratch: Vec<usize>,
+    /// `needs_sweep` is true from this many pending ops on.
+    sweep_at: usize,
 }
 
 impl<F> Default for OpGraph<F> {
     fn default() -> Self {
         Self {
+            id: NEXT_GRAPH.fetch_add(1, Ordering::Relaxed),
             base: 0,
             ops: VecDeque::new(),
             failed: Vec::new(),
             pending: Vec::new(),
-            unreported: Vec::new(),
+            unreported: VecDeque::new(),
             polled: false,
             scratch: Vec::new(),
+            sweep_at: MIN_SWEEP,
         }
     }
 }
@@ -146,7 +178,24 @@ impl<F> OpGraph<F> {
 
     /// The id the next inserted op will get.
     pub fn next_id(&self) -> OpId {
-        OpId(self.base + self.ops.len() as u64)
+        self.op_id(self.base + self.ops.len() as u64)
+    }
+
+    /// The id of this graph's op at `index` (which may not exist yet).
+    pub fn op_id(&self, index: u64) -> OpId {
+        OpId {
+            graph: self.id,
+            index,
+        }
+    }
+
+    /// `ForeignOp` unless `op` was made by this graph.
+    fn own(&self, op: OpId) -> Result<u64> {
+        if op.graph == self.id {
+            Ok(op.index)
+        } else {
+            Err(Error::ForeignOp(op))
+        }
     }
 
     /// Number of ops queued and not yet observed finished.
@@ -166,6 +215,7 @@ impl<F> OpGraph<F> {
     pub fn check_deps(&self, deps: &[OpId], mut wait: impl FnMut(&F) -> Result<()>) -> Result<()> {
         let op = self.next_id();
         for &dep in deps {
+            self.own(dep)?;
             if dep >= op {
                 return Err(if dep == op {
                     Error::DependencyCycle { op, dep }
@@ -209,11 +259,12 @@ impl<F> OpGraph<F> {
 
     /// Status of an op.
     pub fn status(&self, op: OpId) -> Result<&OpStatus> {
-        if op.0 < self.base {
+        let index = self.own(op)?;
+        if index < self.base {
             return Ok(self.failed_entry(op).map_or(&COMPLETE, |(_, _, s)| s));
         }
         self.ops
-            .get((op.0 - self.base) as usize)
+            .get((index - self.base) as usize)
             .map(|(_, s)| s)
             .ok_or(Error::UnknownOp(op))
     }
@@ -221,10 +272,13 @@ impl<F> OpGraph<F> {
     /// Name of an op; `None` for an unknown op and for one that completed
     /// without error and left the table (only failures keep their names).
     pub fn name(&self, op: OpId) -> Option<&str> {
-        if op.0 < self.base {
+        let index = self.own(op).ok()?;
+        if index < self.base {
             return self.failed_entry(op).map(|(_, n, _)| &**n);
         }
-        self.ops.get((op.0 - self.base) as usize).map(|(n, _)| &**n)
+        self.ops
+            .get((index - self.base) as usize)
+            .map(|(n, _)| &**n)
     }
 
     /// `failed` is in id order (`compact` pushes in id order).
@@ -237,6 +291,7 @@ impl<F> OpGraph<F> {
 
     /// The fence of a pending op (None once it finished).
     pub fn fence(&self, op: OpId) -> Option<&F> {
+        self.own(op).ok()?;
         self.pending_index(op).map(|i| &self.pending[i].2)
     }
 
@@ -259,8 +314,8 @@ impl<F> OpGraph<F> {
     }
 
     /// Finds every pending op that finished; returns them, and the ops
-    /// `finish` recorded since the last poll, in op order (those only from
-    /// the first poll on: before it, `finish` keeps nothing for `poll`).
+    /// `finish` or `sweep` settled since the last poll, in op order (those
+    /// only from the first poll on: before it, nothing is kept for `poll`).
     ///
     /// Ops of one lane (one stream) finish in the order they were queued
     /// (see [`insert_on`](Self::insert_on)), so for each lane `poll` probes
@@ -281,11 +336,50 @@ impl<F> OpGraph<F> {
     /// never probed can remember they are done.
     pub fn poll_with(
         &mut self,
+        probe: impl FnMut(&F) -> Probe,
+        assume_complete: impl FnMut(&F),
+    ) -> Vec<Completion> {
+        self.polled = true;
+        let mut done: Vec<Completion> = std::mem::take(&mut self.unreported).into();
+        done.extend(self.scan(probe, assume_complete));
+        done.sort_by_key(|c| c.op);
+        done
+    }
+
+    /// True when enough ops are pending that the owner should [`sweep`](Self::sweep):
+    /// from 64 pending ops on, then each time their number doubles since the
+    /// last sweep (so sweeping costs O(1) probes per op, amortised).
+    pub fn needs_sweep(&self) -> bool {
+        self.pending.len() >= self.sweep_at
+    }
+
+    /// Settles finished ops as `poll` does, without reporting them to the
+    /// caller: `poll` reports them later if it was ever called. Keeps the
+    /// table bounded by the ops in flight for callers that never poll.
+    /// Returns the failures it saw.
+    pub fn sweep(
+        &mut self,
+        probe: impl FnMut(&F) -> Probe,
+        assume_complete: impl FnMut(&F),
+    ) -> Vec<Completion> {
+        let done = self.scan(probe, assume_complete);
+        self.sweep_at = (2 * self.pending.len()).max(MIN_SWEEP);
+        let failures = done.iter().filter(|c| c.result.is_err()).cloned().collect();
+        if self.polled {
+            for c in done {
+                self.keep_unreported(c);
+            }
+        }
+        failures
+    }
+
+    /// Probes the pending ops (see `poll`) and settles those that finished.
+    fn scan(
+        &mut self,
         mut probe: impl FnMut(&F) -> Probe,
         mut assume_complete: impl FnMut(&F),
     ) -> Vec<Completion> {
-        self.polled = true;
-        let mut done = std::mem::take(&mut self.unreported);
+        let mut done = Vec::new();
         let mut pending = std::mem::take(&mut self.pending);
         let mut lanes = [NO_LANE; MAX_LANES];
         let mut n_lanes = 0;
@@ -337,30 +431,76 @@ impl<F> OpGraph<F> {
         });
         self.pending = pending;
         self.compact();
-        done.sort_by_key(|c| c.op);
         done
+    }
+
+    /// Keeps `c` for the next `poll`, dropping the oldest success past the cap.
+    fn keep_unreported(&mut self, c: Completion) {
+        if self.unreported.len() >= MAX_UNREPORTED {
+            if let Some(i) = self.unreported.iter().position(|c| c.result.is_ok()) {
+                self.unreported.remove(i);
+            }
+        }
+        self.unreported.push_back(c);
     }
 
     /// Records that `op` finished (seen by a blocking wait); `poll` will
     /// report it if `poll` was called before (see [`poll`](Self::poll)).
     pub fn finish(&mut self, op: OpId, outcome: Probe) -> Result<()> {
+        self.finish_with(op, outcome, |_| {})
+    }
+
+    /// [`finish`](Self::finish); when `op` completed without error, the
+    /// pending ops queued before it on its lane completed too (stream
+    /// order): they are settled as well, with `assume_complete` called on
+    /// their fences.
+    pub fn finish_with(
+        &mut self,
+        op: OpId,
+        outcome: Probe,
+        mut assume_complete: impl FnMut(&F),
+    ) -> Result<()> {
         let Some(pos) = self.pending_index(op) else {
             return self.status(op).map(|_| ());
         };
         if outcome == Probe::NotReady {
             return Ok(());
         }
-        self.pending.remove(pos);
-        let c = self.settle(op, outcome);
-        if self.polled {
-            self.unreported.push(c);
+        let lane = self.pending[pos].1;
+        let mut settled = Vec::new();
+        if outcome == Probe::Complete && lane != NO_LANE {
+            self.pending.retain(|(id, l, fence)| {
+                let earlier = *id < op && *l == lane;
+                if earlier {
+                    assume_complete(fence);
+                    settled.push(*id);
+                }
+                !earlier
+            });
+        }
+        if let Some(pos) = self.pending_index(op) {
+            self.pending.remove(pos);
+        }
+        settled.push(op);
+        for id in settled {
+            let c = self.settle(
+                id,
+                if id == op {
+                    outcome.clone()
+                } else {
+                    Probe::Complete
+                },
+            );
+            if self.polled {
+                self.keep_unreported(c);
+            }
         }
         self.compact();
         Ok(())
     }
 
     fn settle(&mut self, id: OpId, outcome: Probe) -> Completion {
-        let entry = &mut self.ops[(id.0 - self.base) as usize];
+        let entry = &mut self.ops[(id.index - self.base) as usize];
         let (status, result) = match outcome {
             Probe::Failed(reason) => (OpStatus::Failed(reason.clone()), Err(reason)),
             _ => (OpStatus::Complete, Ok(())),
@@ -381,7 +521,8 @@ impl<F> OpGraph<F> {
             }
             if let Some((name, status)) = self.ops.pop_front() {
                 if let OpStatus::Failed(_) = status {
-                    self.failed.push((OpId(self.base), name, status));
+                    let id = self.op_id(self.base);
+                    self.failed.push((id, name, status));
                 }
             }
             self.base += 1;
@@ -398,12 +539,12 @@ mod tests {
         let mut g: OpGraph<u32> = OpGraph::new();
         let a = g.insert("a", 1);
         assert!(matches!(
-            g.check_deps(&[OpId(1)], |_| Ok(())),
+            g.check_deps(&[g.op_id(1)], |_| Ok(())),
             Err(Error::DependencyCycle { .. })
         ));
         assert!(matches!(
-            g.check_deps(&[OpId(7)], |_| Ok(())),
-            Err(Error::UnknownOp(OpId(7)))
+            g.check_deps(&[g.op_id(7)], |_| Ok(())),
+            Err(Error::UnknownOp(id)) if id == g.op_id(7)
         ));
         let mut waited = Vec::new();
         g.check_deps(&[a], |f| {
@@ -458,22 +599,22 @@ mod tests {
         }
         assert_eq!(g.pending_len(), 0);
         assert_eq!(g.retained_len(), 1, "only the failed op should be kept");
-        assert_eq!(g.status(OpId(17)).unwrap(), &OpStatus::Complete);
+        assert_eq!(g.status(g.op_id(17)).unwrap(), &OpStatus::Complete);
         assert_eq!(
-            g.status(OpId(5_000)).unwrap(),
+            g.status(g.op_id(5_000)).unwrap(),
             &OpStatus::Failed("boom".into())
         );
-        assert_eq!(g.name(OpId(5_000)), Some("op"));
-        assert_eq!(g.name(OpId(17)), None);
+        assert_eq!(g.name(g.op_id(5_000)), Some("op"));
+        assert_eq!(g.name(g.op_id(17)), None);
         assert!(matches!(
-            g.check_deps(&[OpId(5_000)], |_| Ok(())),
+            g.check_deps(&[g.op_id(5_000)], |_| Ok(())),
             Err(Error::DependencyFailed { .. })
         ));
-        g.check_deps(&[OpId(9_999)], |_| panic!("complete ops need no wait"))
+        g.check_deps(&[g.op_id(9_999)], |_| panic!("complete ops need no wait"))
             .unwrap();
         assert!(matches!(
-            g.status(OpId(10_000)),
-            Err(Error::UnknownOp(OpId(10_000)))
+            g.status(g.op_id(10_000)),
+            Err(Error::UnknownOp(id)) if id == g.op_id(10_000)
         ));
     }
 
@@ -483,9 +624,11 @@ mod tests {
         for i in 0..50u64 {
             g.insert_on((i % 3) as usize, "op", i);
         }
-        g.finish(OpId(10), Probe::Complete).unwrap();
+        g.finish(g.op_id(10), Probe::Complete).unwrap();
         for i in 0..50u64 {
-            assert_eq!(g.fence(OpId(i)).copied(), (i != 10).then_some(i));
+            // Op 10 and, by stream order, the earlier ops of its lane finished.
+            let settled = i % 3 == 1 && i <= 10;
+            assert_eq!(g.fence(g.op_id(i)).copied(), (!settled).then_some(i));
         }
     }
 
@@ -506,7 +649,7 @@ mod tests {
                 Probe::NotReady
             }
         });
-        let ids: Vec<u64> = done.iter().map(|c| c.op.0).collect();
+        let ids: Vec<u64> = done.iter().map(|c| c.op.index()).collect();
         let mut want: Vec<u64> = (0..37).collect();
         want.push(100);
         assert_eq!(ids, want);
@@ -570,7 +713,7 @@ mod tests {
         let done = g.poll(|_| Probe::Failed("boom".into()));
         assert_eq!(done.len(), 5);
         assert!(done.iter().all(|c| c.result.is_err()));
-        assert_eq!(done[0].op, OpId(0));
+        assert_eq!(done[0].op, g.op_id(0));
         // Op by op: the lane's first busy op stops the probing of later ones.
         let mut g: OpGraph<u32> = OpGraph::new();
         for i in 0..5 {
@@ -585,11 +728,100 @@ mod tests {
                 _ => Probe::NotReady,
             }
         });
-        assert_eq!(done.iter().map(|c| c.op).collect::<Vec<_>>(), vec![OpId(0)]);
+        assert_eq!(
+            done.iter().map(|c| c.op).collect::<Vec<_>>(),
+            vec![g.op_id(0)]
+        );
         assert_eq!(
             probed,
             vec![4, 0, 1],
             "newest, then op by op to the first busy one"
         );
+    }
+
+    #[test]
+    fn ids_of_another_graph_are_refused() {
+        let mut a: OpGraph<u32> = OpGraph::new();
+        let mut b: OpGraph<u32> = OpGraph::new();
+        let mine = a.insert("a", 1);
+        for _ in 0..5 {
+            b.insert("b", 2);
+        }
+        let theirs = b.insert("b", 3);
+        a.poll(|_| Probe::Complete);
+        // `theirs` has a higher index than anything in `a`, `mine` a lower one
+        // than `b`'s base would be after a poll: neither may pass.
+        assert!(
+            matches!(a.check_deps(&[theirs], |_| Ok(())), Err(Error::ForeignOp(id)) if id == theirs)
+        );
+        assert!(matches!(a.status(theirs), Err(Error::ForeignOp(_))));
+        b.poll(|_| Probe::Complete);
+        assert!(matches!(
+            b.check_deps(&[mine], |_| Ok(())),
+            Err(Error::ForeignOp(_))
+        ));
+        assert!(matches!(
+            b.finish(mine, Probe::Complete),
+            Err(Error::ForeignOp(_))
+        ));
+        assert_eq!(b.name(mine), None);
+        assert!(b.fence(mine).is_none());
+    }
+
+    #[test]
+    fn a_wait_settles_earlier_ops_of_its_lane_only() {
+        let mut g: OpGraph<u32> = OpGraph::new();
+        for i in 0..10u32 {
+            g.insert_on((i % 2) as usize, "op", i);
+        }
+        let mut assumed = Vec::new();
+        g.finish_with(g.op_id(6), Probe::Complete, |f| assumed.push(*f))
+            .unwrap();
+        assert_eq!(assumed, vec![0, 2, 4], "lane 0's earlier ops");
+        for i in 0..10u64 {
+            let want = if i % 2 == 0 && i <= 6 {
+                OpStatus::Complete
+            } else {
+                OpStatus::Pending
+            };
+            assert_eq!(g.status(g.op_id(i)).unwrap(), &want, "op {i}");
+        }
+        // A failure settles nothing else.
+        g.finish(g.op_id(9), Probe::Failed("boom".into())).unwrap();
+        assert_eq!(g.status(g.op_id(7)).unwrap(), &OpStatus::Pending);
+    }
+
+    #[test]
+    fn ops_only_waited_on_stay_bounded() {
+        // upload, compute, download per step; only the download is waited on.
+        let mut g: OpGraph<u64> = OpGraph::new();
+        let mut peak = 0;
+        for step in 0..10_000u64 {
+            g.insert_on(0, "upload", 3 * step);
+            g.insert_on(1, "compute", 3 * step + 1);
+            let down = g.insert_on(2, "download", 3 * step + 2);
+            if g.needs_sweep() {
+                // Everything queued so far has run.
+                assert!(g.sweep(|_| Probe::Complete, |_| {}).is_empty());
+            }
+            g.finish(down, Probe::Complete).unwrap();
+            peak = peak.max(g.pending_len()).max(g.retained_len());
+        }
+        assert!(peak <= 2 * MIN_SWEEP + 3, "table grew to {peak} entries");
+        assert!(g.unreported.is_empty(), "never polled, yet kept reports");
+    }
+
+    #[test]
+    fn reports_kept_for_poll_are_capped() {
+        let mut g: OpGraph<u64> = OpGraph::new();
+        assert!(g.poll(|_| Probe::Complete).is_empty());
+        for i in 0..(MAX_UNREPORTED as u64 + 10) {
+            let op = g.insert_on(0, "op", i);
+            g.finish(op, Probe::Complete).unwrap();
+        }
+        assert_eq!(g.unreported.len(), MAX_UNREPORTED);
+        let done = g.poll(|_| Probe::Complete);
+        assert_eq!(done.len(), MAX_UNREPORTED);
+        assert_eq!(done[0].op, g.op_id(10), "the oldest reports went first");
     }
 }

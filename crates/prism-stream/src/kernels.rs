@@ -1,18 +1,22 @@
-//! Safe kernel launches: [`Launch`] validates lengths, orders each buffer's
-//! use against other streams, calls the launcher and records the use, so
-//! buffers are never freed or overwritten while a kernel still reads them.
+//! Kernel launches through a [`Lane`]: [`Launch`] holds prism's own
+//! kernels (validating lengths and contexts), and [`Launch::kernel`] launches
+//! the user's own kernels on prism buffers. Every launch goes through
+//! [`Lane::enqueue`] (order.rs): it is ordered after the buffers' earlier
+//! uses and its fence is noted on every buffer before the call returns, so
+//! a scope that is dropped, forgotten or left with `?` loses nothing.
 
-use std::ffi::CStr;
+use std::ffi::{c_void, CStr};
 use std::sync::Arc;
 
-use cudarc::driver::{result, CudaStream};
+use cudarc::driver::{result, sys as cu, CudaFunction, CudaModule, DeviceRepr, LaunchConfig};
+use cudarc::nvrtc::Ptx;
 use prism_cuda_sys as sys;
 
 use crate::context::Gpu;
-use crate::error::check_len;
-use crate::error::DriverResultExt;
-use crate::event::{Fence, WaitClock};
-use crate::memory::{lock, DeviceBuffer, Element, PinnedBuffer, UseCell};
+use crate::error::{check_len, DriverResultExt};
+use crate::event::Fence;
+use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
+use crate::order::{Access, Lane, Used};
 use crate::{Error, Result};
 
 /// Describes a launcher return code.
@@ -24,101 +28,94 @@ fn code_message(code: i32) -> String {
         .into_owned()
 }
 
-/// Enqueues kernels on one stream inside [`AsyncCoordinator::queue_compute`](crate::AsyncCoordinator::queue_compute)
-/// (or on any stream via [`Launch::new`]), tracking which buffers they use.
-#[derive(Debug)]
-pub struct Launch<'s> {
-    gpu: &'s Gpu,
-    stream: &'s Arc<CudaStream>,
-    reads: Vec<UseCell>,
-    writes: Vec<UseCell>,
-    clock: WaitClock,
-}
-
-impl<'s> Launch<'s> {
-    /// Starts a launch scope on `stream`; end it with [`Launch::finish`].
-    pub fn new(gpu: &'s Gpu, stream: &'s Arc<CudaStream>) -> Self {
-        Self::with_clock(gpu, stream, WaitClock::default())
-    }
-
-    /// Like [`Launch::new`], starting from the waits `clock` says `stream` already issued.
-    pub fn with_clock(gpu: &'s Gpu, stream: &'s Arc<CudaStream>, clock: WaitClock) -> Self {
-        Self::with_scratch(gpu, stream, clock, LaunchScratch::default())
-    }
-
-    /// Like [`Launch::with_clock`], reusing the lists of an earlier scope
-    /// (see [`Launch::finish_reuse`]) so a steady stream of launches allocates nothing.
-    pub fn with_scratch(
-        gpu: &'s Gpu,
-        stream: &'s Arc<CudaStream>,
-        clock: WaitClock,
-        scratch: LaunchScratch,
-    ) -> Self {
-        let (mut reads, mut writes) = (scratch.reads, scratch.writes);
-        reads.clear();
-        writes.clear();
-        Self {
-            gpu,
-            stream,
-            reads,
-            writes,
-            clock,
-        }
-    }
-
-    /// The stream kernels go on (for cudarc launches of one's own modules).
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        self.stream
-    }
-
-    /// Declares that the kernels read `buf`: waits (on the GPU) for its last writer.
-    pub fn reads<T: Element>(&mut self, buf: &DeviceBuffer<T>) -> Result<()> {
-        self.same_gpu(buf)?;
-        lock(&buf.uses).order_read(self.stream, &mut self.clock)?;
-        self.reads.push(Arc::clone(&buf.uses));
-        Ok(())
-    }
-
-    /// Declares that the kernels write `buf`: waits (on the GPU) for every earlier use.
-    pub fn writes<T: Element>(&mut self, buf: &mut DeviceBuffer<T>) -> Result<()> {
-        self.same_gpu(buf)?;
-        lock(&buf.uses).order_write(self.stream, &mut self.clock)?;
-        self.writes.push(Arc::clone(&buf.uses));
-        Ok(())
-    }
-
-    fn same_gpu<T: Element>(&self, buf: &DeviceBuffer<T>) -> Result<()> {
-        if buf.gpu().same(self.gpu) {
-            Ok(())
-        } else {
-            Err(Error::WrongContext {
-                what: "device buffer",
+/// Turns a launcher status code into an error; a launch failure other than
+/// a rejected argument makes the context unusable.
+fn check_code(gpu: &Gpu, kernel: &'static str, code: i32) -> Result<()> {
+    match code {
+        0 => Ok(()),
+        c if c == sys::PRISM_ERR_KERNELS_NOT_BUILT as i32 => Err(Error::KernelsNotBuilt { kernel }),
+        c => {
+            let message = code_message(c);
+            if c != sys::PRISM_ERR_INVALID_ARGUMENT as i32 {
+                gpu.poison(&format!("kernel {kernel}: {message}"));
+            }
+            Err(Error::Kernel {
+                kernel,
+                code: c,
+                message,
             })
         }
     }
+}
 
-    fn check(&self, kernel: &'static str, code: i32) -> Result<()> {
-        match code {
-            0 => Ok(()),
-            c if c == sys::PRISM_ERR_KERNELS_NOT_BUILT as i32 => {
-                Err(Error::KernelsNotBuilt { kernel })
-            }
-            c => {
-                let message = code_message(c);
-                if c != sys::PRISM_ERR_INVALID_ARGUMENT as i32 {
-                    self.gpu.poison(&format!("kernel {kernel}: {message}"));
-                }
-                Err(Error::Kernel {
-                    kernel,
-                    code: c,
-                    message,
-                })
-            }
+/// A kernel launch scope on one [`Lane`] (see [`Lane::launch`]; inside
+/// [`AsyncCoordinator::queue_compute`](crate::AsyncCoordinator::queue_compute)
+/// and pipeline stages it is handed to you). Each launch is ordered after
+/// the earlier uses of the buffers it names and fenced before the method
+/// returns; the scope itself holds nothing that could be lost.
+#[derive(Debug)]
+pub struct Launch<'l> {
+    lane: &'l mut Lane,
+    last: Option<Fence>,
+}
+
+impl Lane {
+    /// Opens a launch scope on this lane.
+    pub fn launch(&mut self) -> Launch<'_> {
+        Launch {
+            lane: self,
+            last: None,
         }
     }
+}
 
-    fn raw_stream(&self) -> sys::prism_stream_t {
-        self.stream.cu_stream().cast()
+impl<'l> Launch<'l> {
+    /// The fence of the last launch of this scope (`None` before the first).
+    pub fn last_fence(&self) -> Option<&Fence> {
+        self.last.as_ref()
+    }
+
+    /// The GPU of the scope's lane.
+    pub fn gpu(&self) -> &Gpu {
+        self.lane.gpu()
+    }
+
+    /// Makes the lane wait (on the GPU) for `fence` before its next launch.
+    pub fn wait_for(&mut self, fence: &Fence) -> Result<()> {
+        self.lane.wait_for(fence)
+    }
+
+    /// Issues the waits a kernel reading `buf` needs, now. Optional (every
+    /// launch orders itself); useful before a timed fence, so the time
+    /// measured excludes the wait.
+    pub fn prepare_read<T: Element>(&mut self, buf: &DeviceBuffer<T>) -> Result<()> {
+        self.lane.order(&[buf.used(Access::Read, "device buffer")])
+    }
+
+    /// Issues the waits a kernel writing `buf` needs, now (see
+    /// [`prepare_read`](Self::prepare_read)).
+    pub fn prepare_write<T: Element>(&mut self, buf: &mut DeviceBuffer<T>) -> Result<()> {
+        self.lane.order(&[buf.used(Access::Write, "device buffer")])
+    }
+
+    /// Records a timed fence on the scope's lane (for per-stage GPU times).
+    pub fn timed_fence(&mut self) -> Result<Fence> {
+        self.lane.timed_fence()
+    }
+
+    /// Runs one of prism's launchers through the lane.
+    fn run(
+        &mut self,
+        kernel: &'static str,
+        uses: &[Used<'_>],
+        launch: impl FnOnce(sys::prism_stream_t) -> i32,
+    ) -> Result<()> {
+        let gpu = self.lane.gpu().clone();
+        let (_, end, ()) = self.lane.enqueue(uses, false, |stream| {
+            check_code(&gpu, kernel, launch(stream.cast()))
+        })?;
+        self.last = Some(end);
+        Ok(())
     }
 
     /// `y[..n] = x[..n]` after `iters` steps of `v = fma(v, a, b)`.
@@ -133,24 +130,28 @@ impl<'s> Launch<'s> {
     ) -> Result<()> {
         check_len("fma_chain input", n, x.len())?;
         check_len("fma_chain output", n, y.len())?;
-        self.reads(x)?;
-        self.writes(y)?;
         let iters = iters_i32(iters)?;
-        // SAFETY: x and y are live allocations of this context with at least n
-        // elements (checked above); their uses are ordered against other streams
-        // (reads/writes above) and recorded on finish, so they outlive the kernel.
-        let code = unsafe {
-            sys::prism_fma_chain_f32(
-                x.device_ptr() as *const f32,
-                y.device_ptr() as *mut f32,
-                n as u64,
-                a,
-                b,
-                iters,
-                self.raw_stream(),
-            )
-        };
-        self.check("fma_chain", code)
+        let (xp, yp) = (x.device_ptr(), y.device_ptr());
+        let uses = [
+            x.used(Access::Read, "fma_chain input"),
+            y.used(Access::Write, "fma_chain output"),
+        ];
+        self.run("fma_chain", &uses, |stream| {
+            // SAFETY: x and y are allocations of the lane's context (checked by
+            // enqueue) with at least n elements (checked above), ordered after
+            // their earlier uses and fenced before this call returns.
+            unsafe {
+                sys::prism_fma_chain_f32(
+                    xp as *const f32,
+                    yp as *mut f32,
+                    n as u64,
+                    a,
+                    b,
+                    iters,
+                    stream,
+                )
+            }
+        })
     }
 
     /// In place: `y[..n] = fma^iters(y[..n])`.
@@ -163,38 +164,34 @@ impl<'s> Launch<'s> {
         iters: u32,
     ) -> Result<()> {
         check_len("fma_chain buffer", n, y.len())?;
-        self.writes(y)?;
         let iters = iters_i32(iters)?;
         let p = y.device_ptr();
-        // SAFETY: as in fma_chain; the launcher allows x == y (elementwise).
-        let code = unsafe {
-            sys::prism_fma_chain_f32(
-                p as *const f32,
-                p as *mut f32,
-                n as u64,
-                a,
-                b,
-                iters,
-                self.raw_stream(),
-            )
-        };
-        self.check("fma_chain", code)
+        let uses = [y.used(Access::Write, "fma_chain buffer")];
+        self.run("fma_chain", &uses, |stream| {
+            // SAFETY: as in fma_chain; the launcher allows x == y (elementwise).
+            unsafe {
+                sys::prism_fma_chain_f32(
+                    p as *const f32,
+                    p as *mut f32,
+                    n as u64,
+                    a,
+                    b,
+                    iters,
+                    stream,
+                )
+            }
+        })
     }
 
     /// `buf[i] = pattern(seed, i)` for `i < n` (see [`pattern`]).
     pub fn fill_pattern(&mut self, buf: &mut DeviceBuffer<u32>, n: usize, seed: u32) -> Result<()> {
         check_len("fill_pattern buffer", n, buf.len())?;
-        self.writes(buf)?;
-        // SAFETY: buf has at least n elements and is ordered/recorded as above.
-        let code = unsafe {
-            sys::prism_fill_pattern_u32(
-                buf.device_ptr() as *mut u32,
-                n as u64,
-                seed,
-                self.raw_stream(),
-            )
-        };
-        self.check("fill_pattern", code)
+        let p = buf.device_ptr();
+        let uses = [buf.used(Access::Write, "fill_pattern buffer")];
+        self.run("fill_pattern", &uses, |stream| {
+            // SAFETY: buf has at least n elements; ordered and fenced by enqueue.
+            unsafe { sys::prism_fill_pattern_u32(p as *mut u32, n as u64, seed, stream) }
+        })
     }
 
     /// Counts mismatches of `buf[..n]` against the pattern into
@@ -208,35 +205,42 @@ impl<'s> Launch<'s> {
     ) -> Result<()> {
         check_len("check_pattern buffer", n, buf.len())?;
         check_len("check_pattern counters", 2, counters.len())?;
-        self.reads(buf)?;
-        self.writes(counters)?;
-        let c = counters.device_ptr();
-        // SAFETY: counters has at least 2 u64 (16 bytes); both memsets stay inside
-        // it and run on this stream before the kernel.
-        unsafe {
-            result::memset_d8_async(c, 0, 8, self.stream.cu_stream()).call("cuMemsetD8Async")?;
-            result::memset_d8_async(c + 8, 0xFF, 8, self.stream.cu_stream())
-                .call("cuMemsetD8Async")?;
-        }
-        // SAFETY: buf has n elements, counters 2; ordered/recorded as above.
-        let code = unsafe {
-            sys::prism_check_pattern_u32(
-                buf.device_ptr() as *const u32,
-                n as u64,
-                seed,
-                c as *mut _,
-                (c + 8) as *mut _,
-                self.raw_stream(),
-            )
-        };
-        self.check("check_pattern", code)
+        let (p, c) = (buf.device_ptr(), counters.device_ptr());
+        let uses = [
+            buf.used(Access::Read, "check_pattern buffer"),
+            counters.used(Access::Write, "check_pattern counters"),
+        ];
+        let gpu = self.lane.gpu().clone();
+        let (_, end, ()) = self.lane.enqueue(&uses, false, |stream| {
+            // SAFETY: counters has at least 2 u64 (16 bytes); both memsets stay
+            // inside it and run on this stream before the kernel.
+            unsafe {
+                result::memset_d8_async(c, 0, 8, stream).call("cuMemsetD8Async")?;
+                result::memset_d8_async(c + 8, 0xFF, 8, stream).call("cuMemsetD8Async")?;
+            }
+            // SAFETY: buf has n elements, counters 2; ordered and fenced by enqueue.
+            let code = unsafe {
+                sys::prism_check_pattern_u32(
+                    p as *const u32,
+                    n as u64,
+                    seed,
+                    c as *mut _,
+                    (c + 8) as *mut _,
+                    stream.cast(),
+                )
+            };
+            check_code(&gpu, "check_pattern", code)
+        })?;
+        self.last = Some(end);
+        Ok(())
     }
 
     /// A kernel that keeps the stream busy for `ns` nanoseconds (tests, demos).
     pub fn spin(&mut self, ns: u64) -> Result<()> {
-        // SAFETY: touches no memory; the stream is live (borrowed).
-        let code = unsafe { sys::prism_spin_ns(ns, self.raw_stream()) };
-        self.check("spin_ns", code)
+        // SAFETY: touches no memory; the stream is live (held by the lane).
+        self.run("spin_ns", &[], |stream| unsafe {
+            sys::prism_spin_ns(ns, stream)
+        })
     }
 
     /// A kernel that writes through an invalid address: the GPU faults and the
@@ -244,8 +248,7 @@ impl<'s> Launch<'s> {
     pub fn fault_injection(&mut self) -> Result<()> {
         // SAFETY: the kernel faults on the GPU by design; no host memory and no
         // prism buffer is involved, and the fault is reported as a CUDA error.
-        let code = unsafe { sys::prism_fault(self.raw_stream()) };
-        self.check("fault", code)
+        self.run("fault", &[], |stream| unsafe { sys::prism_fault(stream) })
     }
 
     /// `out[j] = sum(x[j*group .. min((j+1)*group, n)])`; `out` needs `ceil(n/group)` elements.
@@ -263,119 +266,122 @@ impl<'s> Launch<'s> {
         }
         check_len("group_sum input", n, x.len())?;
         check_len("group_sum output", n.div_ceil(group as usize), out.len())?;
-        self.reads(x)?;
-        self.writes(out)?;
-        // SAFETY: sizes checked above; ordered/recorded as in fma_chain.
-        let code = unsafe {
-            sys::prism_group_sum_f32(
-                x.device_ptr() as *const f32,
-                n as u64,
-                group,
-                out.device_ptr() as *mut f32,
-                self.raw_stream(),
-            )
-        };
-        self.check("group_sum", code)
+        let (xp, op) = (x.device_ptr(), out.device_ptr());
+        let uses = [
+            x.used(Access::Read, "group_sum input"),
+            out.used(Access::Write, "group_sum output"),
+        ];
+        self.run("group_sum", &uses, |stream| {
+            // SAFETY: sizes checked above; ordered and fenced by enqueue.
+            unsafe {
+                sys::prism_group_sum_f32(xp as *const f32, n as u64, group, op as *mut f32, stream)
+            }
+        })
     }
 
     /// Gathers `items` back to back into the front of `dst` with one kernel
     /// that reads the pinned host buffers directly over the bus (zero-copy),
     /// and returns the elements written. `desc` (at least 3 x items) holds the
-    /// kernel's descriptors; the host must not need it until this op completes.
+    /// kernel's descriptors; it is written here, so it fails with
+    /// `BufferInFlight` while an earlier gather or scatter still reads it.
     pub fn gather_pinned<T: Element>(
         &mut self,
         items: &[&PinnedBuffer<T>],
         desc: &mut PinnedBuffer<u64>,
         dst: &mut DeviceBuffer<T>,
     ) -> Result<usize> {
-        let (total, desc_ptr) =
-            self.write_descriptors(items.iter().copied(), desc, "gathered pinned buffer")?;
+        let total = items.iter().map(|b| b.len()).sum();
         check_len("gather destination", total, dst.len())?;
-        for item in items {
-            lock(&item.uses).order_read(self.stream, &mut self.clock)?;
-            self.reads.push(Arc::clone(&item.uses));
-        }
-        self.reads.push(Arc::clone(&desc.uses));
-        self.writes(dst)?;
-        // SAFETY: desc holds 3 * items.len() initialised descriptors in mapped
-        // pinned memory; each names a live mapped pinned buffer of the stated
-        // size (its use is recorded on finish, so it outlives the kernel), and
-        // the offsets stay within dst (total <= dst.len(), checked above).
-        let code = unsafe {
-            sys::prism_gather_bytes(
-                desc_ptr as *const u64,
-                items.len() as u64,
-                dst.device_ptr() as *mut u8,
-                self.raw_stream(),
-            )
-        };
-        self.check("gather_bytes", code)?;
+        let desc_ptr =
+            self.write_descriptors(items.iter().copied(), desc, "gathered pinned buffer")?;
+        let mut uses: Vec<Used<'_>> = Vec::with_capacity(items.len() + 2);
+        uses.extend(
+            items
+                .iter()
+                .map(|b| b.used(Access::Read, "gathered pinned buffer")),
+        );
+        uses.push(desc.used(Access::Read, "zero-copy descriptors"));
+        let d = dst.device_ptr();
+        uses.push(dst.used(Access::Write, "gather destination"));
+        let count = items.len() as u64;
+        self.run("gather_bytes", &uses, |stream| {
+            // SAFETY: desc holds 3 * count initialised descriptors in mapped
+            // pinned memory; each names a live mapped pinned buffer of this
+            // context and its size, all fenced by enqueue before this returns;
+            // the offsets stay within dst (total <= dst.len(), checked above).
+            unsafe { sys::prism_gather_bytes(desc_ptr as *const u64, count, d as *mut u8, stream) }
+        })?;
         Ok(total)
     }
 
     /// Scatters the front of `src` back to back into `items` with one kernel
     /// that writes the pinned host buffers directly (zero-copy). Host reads
-    /// of `items` fail with `BufferInFlight` until this op completes.
+    /// of `items` fail with `BufferInFlight` until the kernel completes.
     pub fn scatter_pinned<T: Element>(
         &mut self,
         src: &DeviceBuffer<T>,
         items: &mut [&mut PinnedBuffer<T>],
         desc: &mut PinnedBuffer<u64>,
     ) -> Result<usize> {
-        let (total, desc_ptr) =
-            self.write_descriptors(items.iter().map(|b| &**b), desc, "scattered pinned buffer")?;
+        let total = items.iter().map(|b| b.len()).sum();
         check_len("scatter source", total, src.len())?;
-        self.reads(src)?;
-        self.reads.push(Arc::clone(&desc.uses));
-        for item in items.iter() {
-            lock(&item.uses).order_write(self.stream, &mut self.clock)?;
-            self.writes.push(Arc::clone(&item.uses));
-        }
-        // SAFETY: as in gather_pinned, with the roles swapped: every
-        // descriptor names a live mapped pinned buffer the host cannot touch
-        // until the write recorded on finish completes; offsets stay within src.
-        let code = unsafe {
-            sys::prism_scatter_bytes(
-                src.device_ptr() as *const u8,
-                desc_ptr as *const u64,
-                items.len() as u64,
-                self.raw_stream(),
-            )
-        };
-        self.check("scatter_bytes", code)?;
+        let desc_ptr =
+            self.write_descriptors(items.iter().map(|b| &**b), desc, "scattered pinned buffer")?;
+        let mut uses: Vec<Used<'_>> = Vec::with_capacity(items.len() + 2);
+        let s = src.device_ptr();
+        uses.push(src.used(Access::Read, "scatter source"));
+        uses.push(desc.used(Access::Read, "zero-copy descriptors"));
+        uses.extend(
+            items
+                .iter()
+                .map(|b| b.used(Access::Write, "scattered pinned buffer")),
+        );
+        let count = items.len() as u64;
+        self.run("scatter_bytes", &uses, |stream| {
+            // SAFETY: as in gather_pinned, with the roles swapped: every
+            // descriptor names a live mapped pinned buffer that host code cannot
+            // touch until the write fence noted by enqueue completes.
+            unsafe {
+                sys::prism_scatter_bytes(s as *const u8, desc_ptr as *const u64, count, stream)
+            }
+        })?;
         Ok(total)
     }
 
     /// Fills `desc` with one (mapped address, byte offset, bytes) triple per
-    /// item, back to back; returns the items' total elements and the mapped
-    /// address of `desc` for the kernel. Writes nothing into `desc` on error.
+    /// item, back to back; returns the mapped address of `desc` for the
+    /// kernel. Checks every item first and writes nothing into `desc` on error.
     fn write_descriptors<'b, T: Element>(
         &self,
         items: impl ExactSizeIterator<Item = &'b PinnedBuffer<T>> + Clone,
         desc: &mut PinnedBuffer<u64>,
         what: &'static str,
-    ) -> Result<(usize, cudarc::driver::sys::CUdeviceptr)> {
+    ) -> Result<cu::CUdeviceptr> {
         check_len("zero-copy items", items.len(), desc.len() / 3)?;
+        if !desc.gpu().same(self.lane.gpu()) {
+            return Err(Error::WrongContext {
+                what: "zero-copy descriptors",
+            });
+        }
         let desc_ptr = desc.mapped_ptr().ok_or(Error::NotMapped {
             what: "zero-copy descriptors",
         })?;
         for item in items.clone() {
-            if !item.gpu().same(self.gpu) {
+            if !item.gpu().same(self.lane.gpu()) {
                 return Err(Error::WrongContext { what });
             }
             item.mapped_ptr().ok_or(Error::NotMapped { what })?;
         }
         let size = std::mem::size_of::<T>() as u64;
         let d = desc.as_mut_slice()?;
-        let (mut offset, mut total) = (0u64, 0usize);
+        let mut offset = 0u64;
         for (k, item) in items.enumerate() {
             d[3 * k] = item.mapped_ptr().unwrap_or(0);
             d[3 * k + 1] = offset;
             d[3 * k + 2] = item.len() as u64 * size;
             offset += item.len() as u64 * size;
-            total += item.len();
         }
-        Ok((total, desc_ptr))
+        Ok(desc_ptr)
     }
 
     /// `y[i] = clamp(x[i], lo, hi)` for `i < n`.
@@ -389,21 +395,17 @@ impl<'s> Launch<'s> {
     ) -> Result<()> {
         check_len("clamp input", n, x.len())?;
         check_len("clamp output", n, y.len())?;
-        self.reads(x)?;
-        self.writes(y)?;
-        // SAFETY: x and y have >= n elements (checked), are ordered against other
-        // streams and recorded on finish, so they outlive the kernel.
-        let code = unsafe {
-            sys::prism_clamp_f32(
-                x.device_ptr() as *const f32,
-                y.device_ptr() as *mut f32,
-                n as u64,
-                lo,
-                hi,
-                self.raw_stream(),
-            )
-        };
-        self.check("clamp", code)
+        let (xp, yp) = (x.device_ptr(), y.device_ptr());
+        let uses = [
+            x.used(Access::Read, "clamp input"),
+            y.used(Access::Write, "clamp output"),
+        ];
+        self.run("clamp", &uses, |stream| {
+            // SAFETY: x and y have >= n elements (checked), ordered and fenced by enqueue.
+            unsafe {
+                sys::prism_clamp_f32(xp as *const f32, yp as *mut f32, n as u64, lo, hi, stream)
+            }
+        })
     }
 
     /// In place: `y[i] = clamp(y[i], lo, hi)` for `i < n`.
@@ -415,57 +417,201 @@ impl<'s> Launch<'s> {
         hi: f32,
     ) -> Result<()> {
         check_len("clamp buffer", n, y.len())?;
-        self.writes(y)?;
         let p = y.device_ptr();
-        // SAFETY: y has n elements; the launcher allows x == y; ordered/recorded.
-        let code = unsafe {
-            sys::prism_clamp_f32(
-                p as *const f32,
-                p as *mut f32,
-                n as u64,
-                lo,
-                hi,
-                self.raw_stream(),
-            )
-        };
-        self.check("clamp", code)
+        let uses = [y.used(Access::Write, "clamp buffer")];
+        self.run("clamp", &uses, |stream| {
+            // SAFETY: y has n elements; the launcher allows x == y; ordered and fenced.
+            unsafe {
+                sys::prism_clamp_f32(p as *const f32, p as *mut f32, n as u64, lo, hi, stream)
+            }
+        })
     }
 
-    /// The waits this scope's stream is ordered after (record the scope's
-    /// end fence with [`Gpu::fence_after`] and this clock).
-    pub fn clock(&self) -> &WaitClock {
-        &self.clock
-    }
-
-    /// Records the uses declared in this scope against `fence` (recorded
-    /// after the last kernel), so later ops and buffer drops wait for them;
-    /// returns the stream's wait clock for the next scope on it.
-    pub fn finish(self, fence: &Fence) -> WaitClock {
-        self.finish_reuse(fence).0
-    }
-
-    /// [`finish`](Self::finish), also handing back the emptied lists for the next scope.
-    pub fn finish_reuse(mut self, fence: &Fence) -> (WaitClock, LaunchScratch) {
-        for r in self.reads.drain(..) {
-            lock(&r).add_read(fence);
+    /// Starts a launch of the user's own `kernel` (loaded with
+    /// [`Gpu::load_module`]) on this scope's lane. Name every prism buffer
+    /// the kernel touches as an argument: reads with `arg`/`arg_pinned`,
+    /// writes with `arg_mut`/`arg_pinned_mut`; prism then orders the kernel
+    /// after their earlier uses and fences them, as for its own kernels.
+    /// Only [`KernelCall::launch`] is unsafe (the arguments must match the
+    /// kernel).
+    pub fn kernel<'a>(&'a mut self, kernel: &'a Kernel) -> KernelCall<'a> {
+        KernelCall {
+            lane: &mut *self.lane,
+            last: &mut self.last,
+            kernel,
+            params: Vec::new(),
+            uses: Vec::new(),
+            error: None,
         }
-        for w in self.writes.drain(..) {
-            lock(&w).set_write(fence);
-        }
-        let scratch = LaunchScratch {
-            reads: self.reads,
-            writes: self.writes,
-        };
-        (self.clock, scratch)
     }
 }
 
-/// The (empty) use lists of a finished [`Launch`], kept for the next one
-/// (their allocations are what is reused; they hold no buffer).
-#[derive(Debug, Default)]
-pub struct LaunchScratch {
-    reads: Vec<UseCell>,
-    writes: Vec<UseCell>,
+/// A module of the user's own kernels, loaded into a GPU's context.
+#[derive(Debug, Clone)]
+pub struct Module {
+    gpu: Gpu,
+    module: Arc<CudaModule>,
+}
+
+/// One kernel of a [`Module`], launched with [`Launch::kernel`].
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    gpu: Gpu,
+    name: String,
+    function: CudaFunction,
+}
+
+impl Gpu {
+    /// Loads PTX (or a cubin) into this GPU's context, for
+    /// [`Launch::kernel`]. `Ptx::from_src(text)`, `Ptx::from_file(path)`.
+    pub fn load_module(&self, ptx: Ptx) -> Result<Module> {
+        self.check_usable()?;
+        let module = self
+            .cuda_context()
+            .load_module(ptx)
+            .call("cuModuleLoadData")?;
+        Ok(Module {
+            gpu: self.clone(),
+            module,
+        })
+    }
+}
+
+impl Module {
+    /// The kernel called `name` (its `extern "C"` name).
+    pub fn kernel(&self, name: &str) -> Result<Kernel> {
+        let function = self
+            .module
+            .load_function(name)
+            .call("cuModuleGetFunction")?;
+        Ok(Kernel {
+            gpu: self.gpu.clone(),
+            name: name.to_owned(),
+            function,
+        })
+    }
+}
+
+impl Kernel {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// One kernel parameter: a buffer address (stored here) or a value the
+/// caller keeps alive for the call.
+#[derive(Debug)]
+enum Param {
+    Address(u64),
+    Value(*const c_void),
+}
+
+/// A launch of the user's own kernel being assembled: arguments in the
+/// kernel's parameter order. Made by [`Launch::kernel`].
+#[derive(Debug)]
+pub struct KernelCall<'a> {
+    lane: &'a mut Lane,
+    last: &'a mut Option<Fence>,
+    kernel: &'a Kernel,
+    params: Vec<Param>,
+    uses: Vec<Used<'a>>,
+    /// The first argument that could not be used (reported by `launch`).
+    error: Option<Error>,
+}
+
+impl<'a> KernelCall<'a> {
+    /// A device buffer the kernel reads (passed as its device address).
+    pub fn arg<T: Element>(&mut self, buf: &'a DeviceBuffer<T>) -> &mut Self {
+        self.params.push(Param::Address(buf.device_ptr()));
+        self.uses.push(buf.used(Access::Read, "kernel argument"));
+        self
+    }
+
+    /// A device buffer the kernel writes (and may read).
+    pub fn arg_mut<T: Element>(&mut self, buf: &'a mut DeviceBuffer<T>) -> &mut Self {
+        self.params.push(Param::Address(buf.device_ptr()));
+        self.uses.push(buf.used(Access::Write, "kernel argument"));
+        self
+    }
+
+    /// A pinned host buffer the kernel reads over the bus (its mapped address).
+    pub fn arg_pinned<T: Element>(&mut self, buf: &'a PinnedBuffer<T>) -> &mut Self {
+        self.pinned(buf, Access::Read)
+    }
+
+    /// A pinned host buffer the kernel writes over the bus; host reads of it
+    /// fail with `BufferInFlight` until the kernel completes.
+    pub fn arg_pinned_mut<T: Element>(&mut self, buf: &'a mut PinnedBuffer<T>) -> &mut Self {
+        self.pinned(buf, Access::Write)
+    }
+
+    fn pinned<T: Element>(&mut self, buf: &'a PinnedBuffer<T>, access: Access) -> &mut Self {
+        match buf.mapped_ptr() {
+            Some(p) => self.params.push(Param::Address(p)),
+            None => {
+                self.params.push(Param::Address(0));
+                self.error.get_or_insert(Error::NotMapped {
+                    what: "pinned kernel argument",
+                });
+            }
+        }
+        self.uses.push(buf.used(access, "pinned kernel argument"));
+        self
+    }
+
+    /// A value passed by value (a length, a scale factor, a `#[repr(C)]` struct).
+    pub fn value<V: DeviceRepr>(&mut self, v: &'a V) -> &mut Self {
+        self.params.push(Param::Value((v as *const V).cast()));
+        self
+    }
+
+    /// Launches the kernel on the lane, ordered after the earlier uses of
+    /// every buffer argument; their fences are noted before this returns.
+    ///
+    /// # Safety
+    ///
+    /// The arguments must match the kernel's parameters in number, order and
+    /// type; `cfg` must be a valid configuration for it; the kernel may read
+    /// only the buffers passed with `arg`/`arg_pinned`, write only those
+    /// passed with `arg_mut`/`arg_pinned_mut`, and stay within their lengths.
+    pub unsafe fn launch(mut self, cfg: LaunchConfig) -> Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if !self.kernel.gpu.same(self.lane.gpu()) {
+            return Err(Error::WrongContext {
+                what: "kernel (loaded into another context)",
+            });
+        }
+        let mut params = std::mem::take(&mut self.params);
+        let mut ptrs: Vec<*mut c_void> = params
+            .iter_mut()
+            .map(|p| match p {
+                Param::Address(a) => (a as *mut u64).cast(),
+                Param::Value(v) => v.cast_mut(),
+            })
+            .collect();
+        let f = self.kernel.function.cu_function();
+        let (_, end, ()) = self.lane.enqueue(&self.uses, false, |stream| {
+            // SAFETY: the caller guarantees the arguments match the kernel and
+            // the kernel touches only the buffers named (all of this context,
+            // ordered and fenced by enqueue); `ptrs` points at the addresses in
+            // `params` and at values borrowed for 'a, all alive for the call.
+            unsafe {
+                result::launch_kernel(
+                    f,
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    cfg.shared_mem_bytes,
+                    stream,
+                    &mut ptrs,
+                )
+            }
+            .call("cuLaunchKernel")
+        })?;
+        *self.last = Some(end);
+        Ok(())
+    }
 }
 
 /// The launcher takes `iters` as an `int32_t`.

@@ -2,12 +2,26 @@
 //!
 //! - [`ManagedGpuContext`] / [`Gpu`]: opens a device (typed errors when there
 //!   is no driver or device), device facts, the "unusable after a fault" flag.
-//! - [`StreamPool`] / [`ManagedStream`]: non-blocking streams by [`StreamPurpose`].
+//! - [`Lane`]: the one handle through which work is queued on a stream
+//!   (copies, kernel scopes, memsets, fences); it orders every op after the
+//!   buffers' earlier uses and fences it before returning.
+//! - [`StreamPool`] / [`ManagedStream`]: pooled lanes by [`StreamPurpose`].
 //! - [`Fence`]: a pooled CUDA event; [`OpGraph`] the op bookkeeping.
 //! - [`DeviceBuffer`] / [`PinnedBuffer`]: memory that remembers which queued
 //!   operations use it; the GPU orders hazards, `Drop` waits before freeing.
-//! - [`AsyncCoordinator`]: upload / compute / download streams and op ids.
-//! - [`Launch`]: safe launches of prism's kernels inside a compute op.
+//! - [`AsyncCoordinator`]: upload / compute / download lanes and op ids.
+//! - [`Launch`]: launches of prism's kernels and, through
+//!   [`Launch::kernel`], of your own ([`Gpu::load_module`]).
+//!
+//! # Soundness
+//!
+//! No program without `unsafe` can make prism and the GPU touch the same
+//! memory at once, free memory the GPU still uses, or skip an ordering the
+//! GPU needs: every GPU use of a buffer is queued through a [`Lane`], which
+//! orders it and records its fence before returning (module `order`); host
+//! access checks those fences; `Drop` waits for them; [`Element`] admits
+//! only plain data; the safe constructors never hand out uninitialised
+//! device memory.
 //!
 //! Built on cudarc's driver API with `dynamic-loading`: a binary runs (and
 //! reports [`Error::DriverNotFound`]) on machines without a driver.
@@ -22,22 +36,25 @@ mod error;
 mod event;
 pub mod graph;
 mod kernels;
+mod managed;
 mod memory;
+mod order;
 mod stream;
 pub mod testing;
 
-pub use context::{device_count, driver_available, DeviceInfo, Gpu, ManagedGpuContext};
+pub use context::{device_count, driver_available, DeviceInfo, Gpu};
 pub use coordinator::AsyncCoordinator;
-pub use copy::{
-    copy_dtoh, copy_dtoh_at, copy_dtoh_timed, copy_htod, copy_htod_at, copy_htod_timed,
-};
 pub use error::{Error, Result};
-pub use event::{Fence, WaitClock};
+pub use event::Fence;
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
-pub use kernels::{fma_chain_cpu, pattern, Launch, LaunchScratch};
+pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, Launch, Module};
+pub use managed::ManagedGpuContext;
 pub use memory::{DeviceBuffer, Element, HostAllocFlags, PinnedBuffer};
+pub use order::{Lane, StreamId};
 pub use stream::{ManagedStream, StreamPool, StreamPurpose};
 
-/// Re-export of the cudarc version prism is built on, for users who launch
-/// their own modules on prism's streams.
+/// Re-export of the cudarc version prism is built on (for `Ptx`,
+/// `LaunchConfig` and cudarc's own safe API).
 pub use cudarc;
+/// Re-export of `half`, whose `f16`/`bf16` are [`Element`]s.
+pub use half;

@@ -10,73 +10,52 @@
 //! recorded use before freeing, so nothing is freed while the GPU may touch it.
 
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::sys::{self, CUresult};
-use cudarc::driver::{result, CudaStream, DeviceRepr, DriverError, ValidAsZeroBits};
+use cudarc::driver::{result, DriverError};
 
 use crate::context::Gpu;
-use crate::event::{Fence, WaitClock};
+use crate::event::Fence;
 use crate::graph::Probe;
+use crate::order::{lock, Access, Lane, UseCell, Used, Uses};
 use crate::{Error, Result};
 
-/// Plain data that can live on the GPU: copyable, valid as all-zero bits.
-pub trait Element: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + 'static {}
-impl<T: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + 'static> Element for T {}
-
-/// The GPU operations that use one buffer.
-#[derive(Debug, Default)]
-pub(crate) struct Uses {
-    last_write: Option<Fence>,
-    reads: Vec<Fence>,
-}
-
-/// Shared handle to a buffer's [`Uses`] (kernel launches collect these).
+/// Plain data that can live on the GPU and be viewed as bytes.
 ///
-/// Lock order: a copy holds its pinned buffer's cell, then its device
-/// buffer's, across ordering, the driver call and recording (so the three
-/// are atomic against other threads queueing on the same buffers); the event
-/// pool's mutex is only ever taken inside. No other code holds two cells at
-/// once. A host accessor (`as_slice`, `is_idle`, ...) called from another
-/// thread meanwhile waits for that queueing call, not for the GPU.
-pub(crate) type UseCell = Arc<Mutex<Uses>>;
+/// # Safety
+///
+/// Implement it only for types that are `Copy`, have no padding bytes and
+/// no pointers or references, for which **every** bit pattern is a valid
+/// value, and whose layout is the same on the host and in device code.
+/// prism reads device bytes into such values and zero-fills them. `bool`
+/// (only 0 and 1 are valid), `char`, references and structs with padding
+/// must not implement it.
+pub unsafe trait Element: Copy + Send + Sync + 'static {}
 
-pub(crate) fn lock(cell: &UseCell) -> MutexGuard<'_, Uses> {
-    cell.lock().unwrap_or_else(|p| p.into_inner())
+macro_rules! elements {
+    ($($t:ty),*) => {$(
+        // SAFETY: a primitive integer or float: no padding, every bit pattern valid.
+        unsafe impl Element for $t {}
+    )*};
+}
+elements!(u8, i8, u16, i16, u32, i32, u64, i64, u128, i128, usize, isize, f32, f64);
+elements!(half::f16, half::bf16);
+
+/// How a buffer names itself in errors.
+pub(crate) trait Tracked {
+    fn cell(&self) -> &UseCell;
+    fn owner(&self) -> &Gpu;
+    fn used(&self, access: Access, what: &'static str) -> Used<'_> {
+        Used {
+            cell: self.cell(),
+            gpu: self.owner(),
+            access,
+            what,
+        }
+    }
 }
 
-impl Uses {
-    /// Before an op on `stream` reads the buffer: wait for its last writer.
-    pub(crate) fn order_read(&self, stream: &CudaStream, clock: &mut WaitClock) -> Result<()> {
-        match &self.last_write {
-            Some(w) => w.gpu_wait_clocked(stream, clock),
-            None => Ok(()),
-        }
-    }
-
-    /// Before an op on `stream` writes the buffer: wait for every use.
-    pub(crate) fn order_write(&self, stream: &CudaStream, clock: &mut WaitClock) -> Result<()> {
-        self.order_read(stream, clock)?;
-        self.reads
-            .iter()
-            .try_for_each(|r| r.gpu_wait_clocked(stream, clock))
-    }
-
-    /// Records a read. A newer read on the same stream supersedes an older
-    /// one (stream order), so this holds at most one fence per stream.
-    pub(crate) fn add_read(&mut self, fence: &Fence) {
-        let key = fence.stream_key();
-        match self.reads.iter_mut().find(|r| r.stream_key() == key) {
-            Some(r) => *r = fence.clone(),
-            None => self.reads.push(fence.clone()),
-        }
-    }
-
-    pub(crate) fn set_write(&mut self, fence: &Fence) {
-        self.reads.clear();
-        self.last_write = Some(fence.clone());
-    }
-
+impl Uses<Fence> {
     fn writer_pending(&self) -> Result<bool> {
         match &self.last_write {
             None => Ok(false),
@@ -142,7 +121,11 @@ fn byte_len<T>(len: usize, what: &'static str) -> Result<usize> {
         })
 }
 
-/// A device allocation of `len` elements of `T`.
+/// A device allocation of `len` elements of `T`, always initialised: the
+/// safe constructor zeroes it on a lane (a queued memset, not a blocking
+/// one). It remembers the fences of the queued operations that use it:
+/// later operations on other streams wait for them on the GPU, and `Drop`
+/// waits for all of them before freeing.
 #[derive(Debug)]
 pub struct DeviceBuffer<T: Element> {
     gpu: Gpu,
@@ -153,9 +136,27 @@ pub struct DeviceBuffer<T: Element> {
 }
 
 impl<T: Element> DeviceBuffer<T> {
-    /// Allocates `len` elements (contents undefined until written). Zero length
-    /// and out-of-memory are typed errors.
-    pub fn new(gpu: &Gpu, len: usize) -> Result<Self> {
+    /// Allocates `len` elements and queues their zeroing on `lane` (later
+    /// uses on any stream are ordered after it). Zero length and
+    /// out-of-memory are typed errors.
+    pub fn zeroed(lane: &mut Lane, len: usize) -> Result<Self> {
+        // SAFETY: the memset queued below writes every byte before any other
+        // use can be queued (the buffer is not yet shared), and every later
+        // use is ordered after it through the write fence it records.
+        let mut buf = unsafe { Self::uninit(lane.gpu(), len)? };
+        lane.zero(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Allocates `len` elements without initialising them.
+    ///
+    /// # Safety
+    ///
+    /// The contents are whatever the device memory held. The caller must
+    /// write every element (an upload, a kernel) before anything reads it:
+    /// a download or kernel that reads unwritten elements hands stale
+    /// device bytes to the program (compute-sanitizer's initcheck reports it).
+    pub unsafe fn uninit(gpu: &Gpu, len: usize) -> Result<Self> {
         let bytes = byte_len::<T>(len, "device buffer")?;
         gpu.check_usable()?;
         gpu.bind()?;
@@ -184,9 +185,10 @@ impl<T: Element> DeviceBuffer<T> {
         self.len * std::mem::size_of::<T>()
     }
 
-    /// The raw device address, for users who launch their own kernels through
-    /// cudarc. Declare the use with [`Launch::reads`](crate::Launch::reads) /
-    /// [`Launch::writes`](crate::Launch::writes) so prism orders and frees it correctly.
+    /// The raw device address. Using it in a kernel is the caller's unsafe
+    /// business; pass the buffer itself to
+    /// [`KernelCall::arg`](crate::KernelCall::arg) so prism orders the
+    /// kernel and keeps the buffer alive until it has run.
     pub fn device_ptr(&self) -> sys::CUdeviceptr {
         self.ptr
     }
@@ -195,12 +197,26 @@ impl<T: Element> DeviceBuffer<T> {
         &self.gpu
     }
 
+    /// True when no queued operation uses this buffer.
+    pub fn is_idle(&self) -> Result<bool> {
+        lock(&self.uses).any_pending().map(|p| !p)
+    }
+
     /// Blocks until no queued operation uses this buffer.
     pub fn wait_idle(&self) -> Result<()> {
         match lock(&self.uses).wait_all() {
             Probe::Failed(reason) => Err(Error::ContextPoisoned { reason }),
             _ => Ok(()),
         }
+    }
+}
+
+impl<T: Element> Tracked for DeviceBuffer<T> {
+    fn cell(&self) -> &UseCell {
+        &self.uses
+    }
+    fn owner(&self) -> &Gpu {
+        &self.gpu
     }
 }
 
@@ -270,7 +286,7 @@ pub struct PinnedBuffer<T: Element> {
 
 // SAFETY: the buffer owns its allocation; host access goes through &self/&mut
 // self accessors that check GPU use, so moving it between threads is as safe
-// as moving a Vec<T> (T: Send).
+// as moving a Vec<T> (T: Send). The use list is behind a Mutex.
 unsafe impl<T: Element> Send for PinnedBuffer<T> {}
 // SAFETY: shared references only give out &[T] (T: Sync) after the last GPU
 // writer completed; GPU copies are ordered through fences, not host references.
@@ -293,8 +309,8 @@ impl<T: Element> PinnedBuffer<T> {
         })?;
         let ptr = raw.cast::<T>();
         // SAFETY: `raw` points to `bytes` writable bytes just allocated; zero
-        // bits are a valid T (Element: ValidAsZeroBits), so the buffer is
-        // initialised before any slice of it is made.
+        // bits are a valid T (Element's contract: every bit pattern is), so
+        // the buffer is initialised before any slice of it is made.
         unsafe { std::ptr::write_bytes(raw.cast::<u8>(), 0, bytes) };
         let mut mapped: sys::CUdeviceptr = 0;
         // SAFETY: `raw` was returned by cuMemHostAlloc with DEVICEMAP in this
@@ -394,6 +410,15 @@ impl<T: Element> PinnedBuffer<T> {
 
     pub(crate) fn raw(&self) -> *mut T {
         self.ptr
+    }
+}
+
+impl<T: Element> Tracked for PinnedBuffer<T> {
+    fn cell(&self) -> &UseCell {
+        &self.uses
+    }
+    fn owner(&self) -> &Gpu {
+        &self.gpu
     }
 }
 

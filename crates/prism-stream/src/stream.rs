@@ -1,13 +1,12 @@
 //! Stream pools: non-blocking streams grouped by purpose, with priorities,
-//! handed out round-robin (least used first) and returned on drop.
+//! handed out round-robin (least used first) as [`ManagedStream`]s, each a
+//! [`Lane`] of its own on a pooled stream.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use cudarc::driver::{result, CudaStream};
-
 use crate::context::Gpu;
-use crate::error::DriverResultExt;
+use crate::order::{Lane, StreamCore, StreamId};
 use crate::{Error, Result};
 
 /// What a stream is for. Copies in each direction get their own streams so
@@ -36,7 +35,7 @@ impl StreamPurpose {
 
 #[derive(Debug)]
 struct PooledStream {
-    stream: Arc<CudaStream>,
+    core: Arc<StreamCore>,
     users: Arc<AtomicUsize>,
 }
 
@@ -56,24 +55,30 @@ impl StreamPool {
         Self::with_counts(gpu, [per_purpose; 4])
     }
 
-    /// `counts[i]` streams (1 to 16 each) for purpose `StreamPurpose::ALL[i]`
-    /// (upload, compute, download, auxiliary), with the priorities of [`new`](Self::new).
+    /// `counts[i]` streams (0 to 16 each, at least one in all) for purpose
+    /// `StreamPurpose::ALL[i]` (upload, compute, download, auxiliary), with
+    /// the priorities of [`new`](Self::new). Acquiring a purpose that has no
+    /// stream is an error.
     pub fn with_counts(gpu: &Gpu, counts: [usize; 4]) -> Result<Self> {
-        if let Some(&bad) = counts.iter().find(|&&n| n == 0 || n > 16) {
+        if let Some(&bad) = counts.iter().find(|&&n| n > 16) {
             return Err(Error::LengthMismatch {
-                what: "streams per purpose (1..=16)",
-                expected: bad.clamp(1, 16),
+                what: "streams per purpose (0..=16)",
+                expected: 16,
                 actual: bad,
             });
         }
+        if counts.iter().all(|&n| n == 0) {
+            return Err(Error::ZeroLength {
+                what: "stream pool",
+            });
+        }
         gpu.bind()?;
-        let (least, greatest) =
-            result::stream::get_priority_range().call("cuCtxGetStreamPriorityRange")?;
-        let make = |purpose: StreamPurpose, priority: i32| -> Result<Vec<PooledStream>> {
+        let make = |purpose: StreamPurpose| -> Result<Vec<PooledStream>> {
+            let priority = StreamCore::priority(purpose)?;
             (0..counts[purpose.index()])
                 .map(|_| {
                     Ok(PooledStream {
-                        stream: gpu.new_stream(priority)?,
+                        core: StreamCore::new(gpu, priority)?,
                         users: Arc::new(AtomicUsize::new(0)),
                     })
                 })
@@ -82,10 +87,10 @@ impl StreamPool {
         Ok(Self {
             gpu: gpu.clone(),
             streams: [
-                make(StreamPurpose::Upload, greatest)?,
-                make(StreamPurpose::Compute, 0)?,
-                make(StreamPurpose::Download, greatest)?,
-                make(StreamPurpose::Auxiliary, least)?,
+                make(StreamPurpose::Upload)?,
+                make(StreamPurpose::Compute)?,
+                make(StreamPurpose::Download)?,
+                make(StreamPurpose::Auxiliary)?,
             ],
             next: Default::default(),
         })
@@ -108,9 +113,16 @@ impl StreamPool {
             .sum()
     }
 
-    /// The next stream for `purpose`: round-robin, preferring the least used.
-    pub fn acquire(&self, purpose: StreamPurpose) -> ManagedStream {
+    /// A lane on the next stream for `purpose`: round-robin, preferring the
+    /// least used. Two handles may share a stream; each is a lane of its own
+    /// (see [`Lane`]). `ZeroLength` when the pool has no stream for `purpose`.
+    pub fn acquire(&self, purpose: StreamPurpose) -> Result<ManagedStream> {
         let list = &self.streams[purpose.index()];
+        if list.is_empty() {
+            return Err(Error::ZeroLength {
+                what: "stream pool purpose",
+            });
+        }
         let start = self.next[purpose.index()].fetch_add(1, Ordering::Relaxed);
         let pick = (0..list.len())
             .map(|k| (start + k) % list.len())
@@ -118,18 +130,19 @@ impl StreamPool {
             .unwrap_or(0);
         let s = &list[pick];
         s.users.fetch_add(1, Ordering::Relaxed);
-        ManagedStream {
-            stream: Arc::clone(&s.stream),
+        Ok(ManagedStream {
+            lane: Lane::on(Arc::clone(&s.core)),
             purpose,
             users: Arc::clone(&s.users),
-        }
+        })
     }
 }
 
-/// A stream handed out by a [`StreamPool`]; gives itself back on drop.
+/// A lane on a stream handed out by a [`StreamPool`]; gives the stream back
+/// on drop. Use it as a [`Lane`] (it dereferences to one).
 #[derive(Debug)]
 pub struct ManagedStream {
-    stream: Arc<CudaStream>,
+    lane: Lane,
     purpose: StreamPurpose,
     users: Arc<AtomicUsize>,
 }
@@ -139,16 +152,22 @@ impl ManagedStream {
         self.purpose
     }
 
-    /// The cudarc stream, for launching one's own kernels.
-    pub fn cuda_stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// The id of the pooled stream (equal for handles that share one).
+    pub fn stream_id(&self) -> StreamId {
+        self.lane.stream_id()
     }
 }
 
 impl std::ops::Deref for ManagedStream {
-    type Target = Arc<CudaStream>;
-    fn deref(&self) -> &Self::Target {
-        &self.stream
+    type Target = Lane;
+    fn deref(&self) -> &Lane {
+        &self.lane
+    }
+}
+
+impl std::ops::DerefMut for ManagedStream {
+    fn deref_mut(&mut self) -> &mut Lane {
+        &mut self.lane
     }
 }
 

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{
-    fma_chain_cpu, pattern, DeviceBuffer, Error, HostAllocFlags, ManagedGpuContext, OpId, OpStatus,
-    PinnedBuffer, StreamPool, StreamPurpose,
+    fma_chain_cpu, pattern, DeviceBuffer, Error, HostAllocFlags, Lane, ManagedGpuContext, OpId,
+    OpStatus, PinnedBuffer, StreamPool, StreamPurpose,
 };
 
 fn assert_fma(input: &[f32], out: &[f32], a: f32, b: f32, iters: u32) {
@@ -28,12 +28,13 @@ fn gpu_chain_upload_compute_download_matches_cpu() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     let n = scaled(1 << 24, 1 << 16) + 3; // odd length: exercises the scalar tail
     let input = random_f32(1, n);
     let src = PinnedBuffer::from_slice(&gpu, &input, HostAllocFlags::DEFAULT).unwrap();
     let mut dst = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
-    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
-    let mut y = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut x = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    let mut y = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     let up = c.queue_upload(&src, &mut x, &[]).unwrap();
     let k = c
@@ -51,9 +52,10 @@ fn gpu_dependency_orders_work_across_streams() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     let n = 1 << 16;
     let src = PinnedBuffer::from_slice(&gpu, &random_f32(2, n), HostAllocFlags::DEFAULT).unwrap();
-    let mut other = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut other = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     // A long kernel, then an upload into an unrelated buffer that depends on it:
     // only the dependency can hold the upload back.
@@ -98,14 +100,15 @@ fn gpu_buffer_hazards_are_ordered_without_deps() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     let n = scaled(1 << 22, 1 << 14);
     let first = random_f32(3, n);
     let second = random_f32(4, n);
     let h1 = PinnedBuffer::from_slice(&gpu, &first, HostAllocFlags::DEFAULT).unwrap();
     let h2 = PinnedBuffer::from_slice(&gpu, &second, HostAllocFlags::DEFAULT).unwrap();
     let mut out = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
-    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
-    let mut y = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut x = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    let mut y = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     c.queue_upload(&h1, &mut x, &[]).unwrap();
     // Kernel reads x after a long spin; the next upload overwrites x (write-after-read)
@@ -164,13 +167,14 @@ fn gpu_poll_reports_every_op_once_while_work_drains() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     let n = 4096;
     let ops = scaled(150, 30);
     let input = random_f32(7, n);
     let src = PinnedBuffer::from_slice(&gpu, &input, HostAllocFlags::DEFAULT).unwrap();
-    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut x = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
     let mut ys: Vec<DeviceBuffer<f32>> = (0..ops)
-        .map(|_| DeviceBuffer::new(&gpu, n).unwrap())
+        .map(|_| DeviceBuffer::zeroed(&mut lane, n).unwrap())
         .collect();
     let mut outs: Vec<PinnedBuffer<f32>> = (0..ops)
         .map(|_| PinnedBuffer::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap())
@@ -238,7 +242,7 @@ fn gpu_poll_reports_every_op_once_while_work_drains() {
         }
         for d in done {
             assert!(d.result.is_ok(), "{} failed: {:?}", d.op, d.result);
-            let slot = &mut reported_in[d.op.0 as usize];
+            let slot = &mut reported_in[d.op.index() as usize];
             assert!(slot.is_none(), "{} reported twice", d.op);
             *slot = Some(polls);
             if let Some(i) = downloads.iter().position(|&op| op == d.op) {
@@ -252,7 +256,7 @@ fn gpu_poll_reports_every_op_once_while_work_drains() {
     for lane in [&computes, &downloads] {
         let order: Vec<usize> = lane
             .iter()
-            .map(|op| reported_in[op.0 as usize].unwrap())
+            .map(|op| reported_in[op.index() as usize].unwrap())
             .collect();
         assert!(
             order.windows(2).all(|w| w[0] <= w[1]),
@@ -277,8 +281,9 @@ fn gpu_pinned_buffer_is_locked_while_in_flight() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     let n = 1 << 16;
-    let mut d = DeviceBuffer::<u32>::new(&gpu, n).unwrap();
+    let mut d = DeviceBuffer::<u32>::zeroed(&mut lane, n).unwrap();
     let mut host = PinnedBuffer::<u32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     let k = c
@@ -310,8 +315,9 @@ fn gpu_drop_waits_for_queued_copies() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     let n = 1 << 20;
-    let mut d = DeviceBuffer::<u32>::new(&gpu, n).unwrap();
+    let mut d = DeviceBuffer::<u32>::zeroed(&mut lane, n).unwrap();
     let mut host = PinnedBuffer::<u32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     let k = c
@@ -335,9 +341,10 @@ fn gpu_staged_upload_from_pageable_memory() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     let n = scaled(3 << 20, 1 << 12);
     let mut data = random_f32(5, n);
-    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut x = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
     let mut out = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     let k0 = c
@@ -362,8 +369,9 @@ fn gpu_bad_input_gets_typed_errors() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     assert!(matches!(
-        DeviceBuffer::<f32>::new(&gpu, 0),
+        DeviceBuffer::<f32>::zeroed(&mut lane, 0),
         Err(Error::ZeroLength { .. })
     ));
     assert!(matches!(
@@ -373,28 +381,34 @@ fn gpu_bad_input_gets_typed_errors() {
     if !under_sanitizer() {
         // compute-sanitizer rightly reports the failing cuMemAlloc as an API error.
         assert!(matches!(
-            DeviceBuffer::<f32>::new(&gpu, 1 << 40),
+            DeviceBuffer::<f32>::zeroed(&mut lane, 1 << 40),
             Err(Error::OutOfMemory { .. })
         ));
     }
     let small = PinnedBuffer::<f32>::new(&gpu, 8, HostAllocFlags::DEFAULT).unwrap();
     let big = PinnedBuffer::<f32>::new(&gpu, 16, HostAllocFlags::DEFAULT).unwrap();
-    let mut d8 = DeviceBuffer::<f32>::new(&gpu, 8).unwrap();
-    let mut d16 = DeviceBuffer::<f32>::new(&gpu, 16).unwrap();
+    let mut d8 = DeviceBuffer::<f32>::zeroed(&mut lane, 8).unwrap();
+    let mut d16 = DeviceBuffer::<f32>::zeroed(&mut lane, 16).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     assert!(matches!(
         c.queue_upload(&big, &mut d8, &[]),
         Err(Error::LengthMismatch { .. })
     ));
-    assert!(matches!(
-        c.queue_upload(&small, &mut d16, &[OpId(999)]),
-        Err(Error::UnknownOp(OpId(999)))
-    ));
-    let next = c.queue_upload(&small, &mut d16, &[]).unwrap();
-    assert!(matches!(
-        c.queue_upload(&small, &mut d16, &[OpId(next.0 + 1)]),
-        Err(Error::DependencyCycle { .. })
-    ));
+    // An id of another coordinator is refused, whatever its index.
+    let mut other = prism_stream::AsyncCoordinator::new(&gpu).unwrap();
+    let mut foreign: Vec<OpId> = Vec::new();
+    for _ in 0..3 {
+        foreign.push(other.queue_upload(&small, &mut d16, &[]).unwrap());
+    }
+    other.synchronize_all().unwrap();
+    for f in &foreign {
+        assert!(matches!(
+            c.queue_upload(&small, &mut d16, &[*f]),
+            Err(Error::ForeignOp(id)) if id == *f
+        ));
+        assert!(matches!(c.wait(*f), Err(Error::ForeignOp(_))));
+        assert!(matches!(c.status(*f), Err(Error::ForeignOp(_))));
+    }
     assert!(matches!(
         c.queue_compute("too long", &[], |l| l
             .fma_chain_in_place(&mut d8, 9, 1.0, 0.0, 1)),
@@ -405,7 +419,6 @@ fn gpu_bad_input_gets_typed_errors() {
             .fma_chain_in_place(&mut d8, 0, 1.0, 0.0, 1)),
         Err(Error::ZeroLength { .. })
     ));
-    assert!(matches!(c.wait(OpId(12345)), Err(Error::UnknownOp(_))));
     c.synchronize_all().unwrap();
     let no_streams = ManagedGpuContext::new(0, false).unwrap();
     assert!(matches!(
@@ -420,37 +433,40 @@ fn gpu_stream_pool_round_robin_and_return() {
         return;
     };
     let pool = StreamPool::new(ctx.gpu(), 2).unwrap();
-    let a = pool.acquire(StreamPurpose::Compute);
-    let b = pool.acquire(StreamPurpose::Compute);
+    let a = pool.acquire(StreamPurpose::Compute).unwrap();
+    let b = pool.acquire(StreamPurpose::Compute).unwrap();
     assert_ne!(
-        a.cu_stream(),
-        b.cu_stream(),
+        a.stream_id(),
+        b.stream_id(),
         "two acquisitions from two streams gave the same one"
     );
     assert_eq!(pool.in_use(StreamPurpose::Compute), 2);
     assert_eq!(pool.in_use(StreamPurpose::Upload), 0);
     drop(a);
     assert_eq!(pool.in_use(StreamPurpose::Compute), 1);
-    let c = pool.acquire(StreamPurpose::Compute);
+    let c = pool.acquire(StreamPurpose::Compute).unwrap();
     assert_ne!(
-        c.cu_stream(),
-        b.cu_stream(),
+        c.stream_id(),
+        b.stream_id(),
         "least-used stream not preferred"
     );
-    assert!(
-        !c.cu_stream().is_null(),
-        "handed out the legacy default stream"
-    );
+    // SAFETY: only the handle is compared; nothing is queued on the raw stream.
+    let raw = unsafe { c.cuda_stream() }.cu_stream();
+    assert!(!raw.is_null(), "handed out the legacy default stream");
     assert!(matches!(
         StreamPool::new(ctx.gpu(), 0),
-        Err(Error::LengthMismatch { .. })
+        Err(Error::ZeroLength { .. })
     ));
-    let sized = StreamPool::with_counts(ctx.gpu(), [1, 3, 1, 1]).unwrap();
+    let sized = StreamPool::with_counts(ctx.gpu(), [1, 3, 1, 0]).unwrap();
     assert_eq!(
         StreamPurpose::ALL.map(|p| sized.len(p)),
-        [1, 3, 1, 1],
+        [1, 3, 1, 0],
         "with_counts made the wrong number of streams"
     );
+    assert!(matches!(
+        sized.acquire(StreamPurpose::Auxiliary),
+        Err(Error::ZeroLength { .. })
+    ));
     assert!(matches!(
         StreamPool::with_counts(ctx.gpu(), [1, 17, 1, 1]),
         Err(Error::LengthMismatch { actual: 17, .. })
@@ -463,9 +479,10 @@ fn gpu_event_pool_reaches_steady_state() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     let n = 1024;
     let src = PinnedBuffer::from_slice(&gpu, &random_f32(6, n), HostAllocFlags::DEFAULT).unwrap();
-    let mut x = DeviceBuffer::<f32>::new(&gpu, n).unwrap();
+    let mut x = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     let mut round = |c: &mut prism_stream::AsyncCoordinator| {
         for _ in 0..50 {
@@ -496,6 +513,7 @@ fn gpu_zero_copy_gather_and_scatter_round_trip() {
         return;
     };
     let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
     // Odd lengths: exercises the unaligned (byte) path as well as the 16-byte one.
     let lens: Vec<usize> = (0..scaled(300, 20))
         .map(|k| 1 + (k * 7919) % 5000)
@@ -516,13 +534,12 @@ fn gpu_zero_copy_gather_and_scatter_round_trip() {
         })
         .collect();
     let total: usize = lens.iter().sum();
-    let mut dev = DeviceBuffer::<f32>::new(&gpu, total).unwrap();
+    let mut dev = DeviceBuffer::<f32>::zeroed(&mut lane, total).unwrap();
     let mut desc_in =
         PinnedBuffer::<u64>::new(&gpu, 3 * lens.len(), HostAllocFlags::DEFAULT).unwrap();
     let mut desc_out =
         PinnedBuffer::<u64>::new(&gpu, 3 * lens.len(), HostAllocFlags::DEFAULT).unwrap();
-    let stream = gpu.new_stream(0).unwrap();
-    let mut l = prism_stream::Launch::new(&gpu, &stream);
+    let mut l = lane.launch();
     let refs: Vec<&PinnedBuffer<f32>> = items.iter().collect();
     assert_eq!(
         l.gather_pinned(&refs, &mut desc_in, &mut dev).unwrap(),
@@ -537,8 +554,6 @@ fn gpu_zero_copy_gather_and_scatter_round_trip() {
             .unwrap(),
         total
     );
-    let done = gpu.fence(&stream).unwrap();
-    l.finish(&done);
     assert!(
         matches!(outs[0].as_slice(), Err(Error::BufferInFlight { .. })),
         "output readable while the scatter may still write it"

@@ -3,16 +3,15 @@
 //! process. The bundle runs it outside compute-sanitizer (name: fault_injection).
 
 use prism_stream::testing::gpu_or_skip;
-use prism_stream::{DeviceBuffer, Error, OpStatus};
+use prism_stream::{Error, OpStatus};
 
 #[test]
 fn gpu_fault_injection_is_reported_against_its_op() {
     let Some(mut ctx) = gpu_or_skip("gpu_fault_injection_is_reported_against_its_op") else {
         return;
     };
-    let gpu = ctx.gpu().clone();
-    let mut d = DeviceBuffer::<u32>::new(&gpu, 1024).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
+    let mut d = c.zeroed::<u32>(1024).unwrap();
     let ok = c
         .queue_compute("fill", &[], |l| l.fill_pattern(&mut d, 1024, 1))
         .unwrap();

@@ -48,11 +48,11 @@ proptest! {
             match a {
                 Action::Queue(deps) => {
                     let next = m.status.len() as u64;
-                    let deps: Vec<OpId> = deps.into_iter().map(OpId).collect();
+                    let deps: Vec<OpId> = deps.into_iter().map(|d| g.op_id(d)).collect();
                     let expect = deps.iter().find_map(|d| {
-                        if d.0 == next { Some("cycle") }
-                        else if d.0 > next { Some("unknown") }
-                        else if matches!(m.status[d.0 as usize], OpStatus::Failed(_)) { Some("failed") }
+                        if d.index() == next { Some("cycle") }
+                        else if d.index() > next { Some("unknown") }
+                        else if matches!(m.status[d.index() as usize], OpStatus::Failed(_)) { Some("failed") }
                         else { None }
                     });
                     let mut waits = Vec::new();
@@ -60,12 +60,12 @@ proptest! {
                     match (checked, expect) {
                         (Ok(()), None) => {
                             // Exactly the pending deps need a GPU wait.
-                            let mut want: Vec<usize> = deps.iter().filter(|d| m.status[d.0 as usize] == OpStatus::Pending).map(|d| d.0 as usize).collect();
+                            let mut want: Vec<usize> = deps.iter().filter(|d| m.status[d.index() as usize] == OpStatus::Pending).map(|d| d.index() as usize).collect();
                             let mut got: Vec<usize> = waits;
                             want.sort(); want.dedup(); got.sort(); got.dedup();
                             prop_assert_eq!(got, want);
                             let id = g.insert(format!("op{next}"), next as usize);
-                            prop_assert_eq!(id, OpId(next));
+                            prop_assert_eq!(id, g.op_id(next));
                             m.gpu.push(Probe::NotReady);
                             m.status.push(OpStatus::Pending);
                             m.reported.push(false);
@@ -91,7 +91,7 @@ proptest! {
                         }
                         if m.status[i] != OpStatus::Pending && !m.reported[i] {
                             m.reported[i] = true;
-                            want.push(OpId(i as u64));
+                            want.push(g.op_id(i as u64));
                         }
                     }
                     let got: Vec<OpId> = done.iter().map(|c| c.op).collect();
@@ -100,7 +100,7 @@ proptest! {
                 Action::Wait(k) => {
                     if k < m.status.len() {
                         let outcome = m.gpu[k].clone();
-                        g.finish(OpId(k as u64), outcome.clone()).unwrap();
+                        g.finish(g.op_id(k as u64), outcome.clone()).unwrap();
                         if m.status[k] == OpStatus::Pending && outcome != Probe::NotReady {
                             m.status[k] = match outcome { Probe::Failed(r) => OpStatus::Failed(r), _ => OpStatus::Complete };
                             if !polled {
@@ -108,15 +108,15 @@ proptest! {
                             }
                         }
                     } else {
-                        prop_assert!(matches!(g.finish(OpId(k as u64), Probe::Complete), Err(Error::UnknownOp(_))));
+                        prop_assert!(matches!(g.finish(g.op_id(k as u64), Probe::Complete), Err(Error::UnknownOp(_))));
                     }
                 }
             }
             for (i, s) in m.status.iter().enumerate() {
-                prop_assert_eq!(g.status(OpId(i as u64)).unwrap(), s);
+                prop_assert_eq!(g.status(g.op_id(i as u64)).unwrap(), s);
                 if matches!(s, OpStatus::Failed(_) | OpStatus::Pending) {
                     let name = format!("op{i}");
-                    prop_assert_eq!(g.name(OpId(i as u64)), Some(name.as_str()));
+                    prop_assert_eq!(g.name(g.op_id(i as u64)), Some(name.as_str()));
                 }
             }
             // Finished ops before the first pending one leave the table; failures stay.
@@ -177,7 +177,7 @@ proptest! {
                         Some(l) => g.insert_on(l, "op", ops.len()),
                         None => g.insert("op", ops.len()),
                     };
-                    prop_assert_eq!(id, OpId(ops.len() as u64));
+                    prop_assert_eq!(id, g.op_id(ops.len() as u64));
                     ops.push((lane, pos));
                     status.push(OpStatus::Pending);
                 }
@@ -209,7 +209,7 @@ proptest! {
                         } else {
                             continue;
                         }
-                        want.push(OpId(i as u64));
+                        want.push(g.op_id(i as u64));
                     }
                     let got: Vec<OpId> = done.iter().map(|c| c.op).collect();
                     prop_assert_eq!(got, want);
@@ -222,7 +222,7 @@ proptest! {
                 }
             }
             for (i, s) in status.iter().enumerate() {
-                prop_assert_eq!(g.status(OpId(i as u64)).unwrap(), s);
+                prop_assert_eq!(g.status(g.op_id(i as u64)).unwrap(), s);
             }
         }
     }
@@ -297,7 +297,7 @@ proptest! {
                 MidAction::Queue(l) => {
                     lane_len[l] += 1;
                     let id = g.insert_on(l, "op", ops.len());
-                    prop_assert_eq!(id.0 as usize, ops.len());
+                    prop_assert_eq!(id.index() as usize, ops.len());
                     ops.push((l, lane_len[l] - 1));
                     reported.push(false);
                 }
@@ -309,10 +309,22 @@ proptest! {
                 MidAction::Wait(k) => {
                     if k < ops.len() {
                         let outcome = model_probe(sticky, &ops, &progress, k);
-                        let was_pending = *g.status(OpId(k as u64)).unwrap() == OpStatus::Pending;
-                        g.finish(OpId(k as u64), outcome.clone()).unwrap();
-                        if was_pending && outcome != Probe::NotReady && !polled {
-                            reported[k] = true;
+                        let was_pending: Vec<bool> = (0..ops.len())
+                            .map(|i| *g.status(g.op_id(i as u64)).unwrap() == OpStatus::Pending)
+                            .collect();
+                        g.finish(g.op_id(k as u64), outcome.clone()).unwrap();
+                        // A wait settles its op and, when it completed, the
+                        // earlier ops of its lane (stream order); before the
+                        // first poll none of them is kept for poll.
+                        for i in 0..ops.len() {
+                            let now = *g.status(g.op_id(i as u64)).unwrap() != OpStatus::Pending;
+                            if was_pending[i] && now {
+                                prop_assert!(i == k || (ops[i].0 == ops[k].0 && ops[i].1 < ops[k].1 && outcome == Probe::Complete),
+                                    "a wait on op {} settled op {}", k, i);
+                                if !polled {
+                                    reported[i] = true;
+                                }
+                            }
                         }
                     }
                 }
@@ -327,7 +339,7 @@ proptest! {
                         model_probe(sticky, &ops, &progress, op)
                     });
                     for c in &done {
-                        let i = c.op.0 as usize;
+                        let i = c.op.index() as usize;
                         prop_assert!(!reported[i], "op {} reported twice", i);
                         reported[i] = true;
                         if c.result.is_ok() {
@@ -337,7 +349,7 @@ proptest! {
                 }
             }
             for i in 0..ops.len() {
-                if *g.status(OpId(i as u64)).unwrap() == OpStatus::Complete {
+                if *g.status(g.op_id(i as u64)).unwrap() == OpStatus::Complete {
                     prop_assert!(finished(&ops, &progress, i), "op {} complete before it finished", i);
                 }
             }
@@ -347,7 +359,7 @@ proptest! {
         }
         let done = g.poll(|&op| model_probe(sticky, &ops, &progress, op));
         for c in &done {
-            let i = c.op.0 as usize;
+            let i = c.op.index() as usize;
             prop_assert!(!reported[i], "op {} reported twice", i);
             reported[i] = true;
         }

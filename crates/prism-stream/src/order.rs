@@ -1,0 +1,634 @@
+//! Ordering: the one module that decides which GPU-side waits an operation
+//! needs, records the fence that marks its end and notes that fence on every
+//! buffer it used. Every copy, kernel, memset and fence of prism goes through
+//! a [`Lane`]; no other code records an event or issues a stream wait, and no
+//! public function takes a bare stream or a wait clock.
+//!
+//! The rules, each enforced here:
+//!
+//! 1. **Hazards.** An op that reads a buffer first waits (on the GPU) for the
+//!    buffer's last writer; an op that writes it waits for every earlier use.
+//! 2. **Skipped waits.** A wait is skipped only when it is implied: the fence
+//!    is on the op's own stream (stream order), it was already observed
+//!    complete, or the lane's [`WaitClock`] shows an earlier wait that covers
+//!    it. Skipping never depends on anything a caller passes in.
+//! 3. **Every use is fenced before the call returns.** [`Lane::enqueue`]
+//!    orders, enqueues, records the end fence and notes it on each buffer in
+//!    one call, on every path: an enqueue that fails part-way still records
+//!    its fence, and if no fence can be recorded the call blocks until the
+//!    stream is idle before it returns. Nothing is left for a later `finish`,
+//!    so dropping, forgetting or leaving a scope early cannot lose a use.
+//! 4. **Stream order of fences.** Fences of one stream get increasing
+//!    sequence numbers in the order they are recorded (recording is
+//!    serialised per stream, so lanes sharing a pooled stream on several
+//!    threads keep it): a wait on a fence implies every earlier fence of its
+//!    stream.
+//! 5. **One context.** The lane's stream and every buffer of an op belong to
+//!    one CUDA context, checked before anything is enqueued.
+//!
+//! The rule functions ([`order_after`], [`Uses`], [`WaitClock`]) are generic
+//! over the fence ([`Mark`]), so the unit tests below check them against a
+//! model of stream order with fake fences.
+
+use std::fmt;
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::{result, sys, CudaStream};
+
+use crate::context::Gpu;
+use crate::error::DriverResultExt;
+use crate::event::Fence;
+use crate::stream::StreamPurpose;
+use crate::{Error, Result};
+
+/// Identifies one CUDA stream made by prism, unique for the life of the
+/// process (never reused, unlike the driver's stream handles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId(NonZeroU64);
+
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+
+impl StreamId {
+    fn fresh() -> Self {
+        let n = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+        Self(NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN))
+    }
+
+    /// The number behind the id.
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(n: u64) -> Self {
+        Self(NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN))
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stream#{}", self.0)
+    }
+}
+
+/// Entries a [`WaitClock`] keeps; the oldest is forgotten when full
+/// (forgetting costs a redundant wait, never a missing one).
+const CLOCK_ENTRIES: usize = 8;
+
+/// A vector clock: what one lane's stream is already ordered after. Per
+/// source stream, the largest fence sequence number the lane waited on,
+/// directly or through the fences it waited on (each fence carries the clock
+/// its lane had when it was recorded). Lives inside a [`Lane`] and is never
+/// handed out, so it always describes waits this lane really issued.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct WaitClock {
+    entries: [(u64, u64); CLOCK_ENTRIES],
+    len: usize,
+}
+
+impl WaitClock {
+    pub(crate) fn covers(&self, stream: StreamId, seq: u64) -> bool {
+        self.entries[..self.len]
+            .iter()
+            .any(|&(s, q)| s == stream.get() && q >= seq)
+    }
+
+    fn note(&mut self, stream: u64, seq: u64) {
+        if let Some(e) = self.entries[..self.len]
+            .iter_mut()
+            .find(|(s, _)| *s == stream)
+        {
+            e.1 = e.1.max(seq);
+        } else if self.len < CLOCK_ENTRIES {
+            self.entries[self.len] = (stream, seq);
+            self.len += 1;
+        } else if let Some(oldest) = self.entries.iter_mut().min_by_key(|(_, q)| *q) {
+            *oldest = (stream, seq);
+        }
+    }
+
+    fn merge(&mut self, other: &WaitClock) {
+        for &(s, q) in &other.entries[..other.len] {
+            self.note(s, q);
+        }
+    }
+}
+
+/// What the ordering rules need to know of a fence.
+pub(crate) trait Mark {
+    /// The stream it was recorded on.
+    fn stream(&self) -> StreamId;
+    /// Its position among the fences of that stream.
+    fn seq(&self) -> u64;
+    /// What its lane was ordered after when it was recorded.
+    fn implied(&self) -> &WaitClock;
+    /// Already observed complete (no query made).
+    fn known_done(&self) -> bool;
+}
+
+/// How an op uses a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Read,
+    Write,
+}
+
+/// The GPU operations that use one buffer: the last writer's fence and,
+/// since that write, at most one read fence per stream (a newer read on a
+/// stream supersedes an older one by stream order).
+#[derive(Debug)]
+pub(crate) struct Uses<M> {
+    pub(crate) last_write: Option<M>,
+    pub(crate) reads: Vec<M>,
+}
+
+impl<M> Default for Uses<M> {
+    fn default() -> Self {
+        Self {
+            last_write: None,
+            reads: Vec::new(),
+        }
+    }
+}
+
+impl<M: Mark + Clone> Uses<M> {
+    /// The fences an op with `access` must be ordered after (rule 1).
+    pub(crate) fn deps(&self, access: Access) -> impl Iterator<Item = &M> {
+        let reads: &[M] = match access {
+            Access::Read => &[],
+            Access::Write => &self.reads,
+        };
+        self.last_write.iter().chain(reads)
+    }
+
+    /// Records that an op with `access` ended at `fence`.
+    pub(crate) fn note(&mut self, access: Access, fence: &M) {
+        match access {
+            Access::Write => {
+                self.reads.clear();
+                self.last_write = Some(fence.clone());
+            }
+            Access::Read => {
+                let key = fence.stream();
+                match self.reads.iter_mut().find(|r| r.stream() == key) {
+                    Some(r) => *r = fence.clone(),
+                    None => self.reads.push(fence.clone()),
+                }
+            }
+        }
+    }
+}
+
+/// Rule 2: makes the lane on stream `own`, whose clock is `clock`, wait for
+/// `dep` unless that is implied; `wait` issues the GPU-side wait.
+pub(crate) fn order_after<M: Mark>(
+    clock: &mut WaitClock,
+    own: StreamId,
+    dep: &M,
+    wait: impl FnOnce(&M) -> Result<()>,
+) -> Result<()> {
+    if dep.stream() == own || dep.known_done() || clock.covers(dep.stream(), dep.seq()) {
+        return Ok(());
+    }
+    wait(dep)?;
+    clock.note(dep.stream().get(), dep.seq());
+    clock.merge(dep.implied());
+    Ok(())
+}
+
+/// A buffer's use list (interior mutability: queueing takes `&` for reads).
+pub(crate) type UseCell = Mutex<Uses<Fence>>;
+
+pub(crate) fn lock(cell: &UseCell) -> MutexGuard<'_, Uses<Fence>> {
+    cell.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One buffer an op uses, and how.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Used<'a> {
+    pub(crate) cell: &'a UseCell,
+    pub(crate) gpu: &'a Gpu,
+    pub(crate) access: Access,
+    /// Names the buffer in a `WrongContext` error.
+    pub(crate) what: &'static str,
+}
+
+/// One CUDA stream made by prism, shared by every lane on it.
+#[derive(Debug)]
+pub(crate) struct StreamCore {
+    pub(crate) id: StreamId,
+    pub(crate) gpu: Gpu,
+    pub(crate) cu: Arc<CudaStream>,
+    /// Sequence number of the last fence recorded on this stream; the lock
+    /// is held across `cuEventRecord` (rule 4).
+    last_seq: Mutex<u64>,
+}
+
+impl StreamCore {
+    /// A new non-blocking stream (never the legacy default stream).
+    pub(crate) fn new(gpu: &Gpu, priority: i32) -> Result<Arc<Self>> {
+        gpu.check_usable()?;
+        let cu = gpu
+            .cuda_context()
+            .new_stream_with_priority(priority)
+            .call("cuStreamCreateWithPriority")?;
+        Ok(Arc::new(Self {
+            id: StreamId::fresh(),
+            gpu: gpu.clone(),
+            cu,
+            last_seq: Mutex::new(0),
+        }))
+    }
+
+    /// The priority prism gives streams of `purpose`: copies highest (so
+    /// they are fed promptly), compute the default, auxiliary the lowest.
+    pub(crate) fn priority(purpose: StreamPurpose) -> Result<i32> {
+        let (least, greatest) =
+            result::stream::get_priority_range().call("cuCtxGetStreamPriorityRange")?;
+        Ok(match purpose {
+            StreamPurpose::Upload | StreamPurpose::Download => greatest,
+            StreamPurpose::Compute => 0,
+            StreamPurpose::Auxiliary => least,
+        })
+    }
+
+    fn raw(&self) -> sys::CUstream {
+        self.cu.cu_stream()
+    }
+}
+
+/// A handle to one CUDA stream through which prism queues work: copies,
+/// kernel launch scopes ([`Lane::launch`]), memsets and fences. It carries
+/// what the stream is already ordered after, so it skips waits that are
+/// implied, and it is used through `&mut self`, so one thread at a time
+/// queues through it. Not `Clone`: every lane has its own ordering state;
+/// lanes from a [`StreamPool`](crate::StreamPool) may share a stream, which
+/// stays sound (and costs at most a redundant wait).
+#[derive(Debug)]
+pub struct Lane {
+    core: Arc<StreamCore>,
+    clock: WaitClock,
+}
+
+impl Lane {
+    /// A lane on a new stream of `gpu` with compute priority.
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        Self::with_purpose(gpu, StreamPurpose::Compute)
+    }
+
+    /// A lane on a new stream with the priority prism gives `purpose`
+    /// (copies highest, auxiliary lowest).
+    pub fn with_purpose(gpu: &Gpu, purpose: StreamPurpose) -> Result<Self> {
+        gpu.bind()?;
+        let priority = StreamCore::priority(purpose)?;
+        Ok(Self::on(StreamCore::new(gpu, priority)?))
+    }
+
+    pub(crate) fn on(core: Arc<StreamCore>) -> Self {
+        Self {
+            core,
+            clock: WaitClock::default(),
+        }
+    }
+
+    /// The GPU this lane's stream belongs to.
+    pub fn gpu(&self) -> &Gpu {
+        &self.core.gpu
+    }
+
+    /// The stream's process-unique id.
+    pub fn stream_id(&self) -> StreamId {
+        self.core.id
+    }
+
+    /// The raw cudarc stream, for work prism does not see (profiling
+    /// markers, the user's own `CudaSlice`s, a host-side hold in a test).
+    ///
+    /// # Safety
+    ///
+    /// Work enqueued on the raw stream is invisible to prism's ordering.
+    /// It must not read or write memory of a prism buffer unless the caller
+    /// orders it against every other use and keeps the buffer alive and
+    /// otherwise untouched until it completes. Queue prism buffers' work
+    /// through the lane instead ([`Lane::launch`] and
+    /// [`Launch::kernel`](crate::Launch::kernel) for one's own kernels).
+    pub unsafe fn cuda_stream(&self) -> &Arc<CudaStream> {
+        &self.core.cu
+    }
+
+    /// Records a fence (timing disabled) after everything queued so far.
+    pub fn fence(&mut self) -> Result<Fence> {
+        self.core.gpu.check_usable()?;
+        self.record(false)
+    }
+
+    /// Records a timed fence (for [`Fence::elapsed_ms_since`]).
+    pub fn timed_fence(&mut self) -> Result<Fence> {
+        self.core.gpu.check_usable()?;
+        self.record(true)
+    }
+
+    /// Makes this lane's later work wait (on the GPU) for `fence`, unless
+    /// that is implied already. Fences of other devices are allowed.
+    pub fn wait_for(&mut self, fence: &Fence) -> Result<()> {
+        let raw = self.core.raw();
+        order_after(&mut self.clock, self.core.id, fence, |f| f.gpu_wait(raw))
+    }
+
+    /// Blocks the calling thread until everything queued on the stream is done.
+    pub fn synchronize(&self) -> Result<()> {
+        self.core.cu.synchronize().call("cuStreamSynchronize")
+    }
+
+    /// Records a fence with this lane's clock (rule 4). The caller checked
+    /// that the context is usable.
+    fn record(&mut self, timed: bool) -> Result<Fence> {
+        let events = &self.core.gpu.0.events;
+        let event = events.take(timed)?;
+        let mut last = self.core.last_seq.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: `event` is a live event of this GPU's context (fresh or
+        // pooled; pooled events are never destroyed while pooled) and the
+        // stream is alive (held by `core`).
+        let recorded = unsafe { result::event::record(event.0, self.core.raw()) };
+        if let Err(e) = recorded {
+            drop(last);
+            events.put(event, timed);
+            return Err(e).call("cuEventRecord");
+        }
+        *last += 1;
+        let seq = *last;
+        drop(last);
+        Ok(Fence::new(
+            event,
+            timed,
+            seq,
+            self.core.id,
+            self.clock,
+            Arc::clone(events),
+        ))
+    }
+
+    /// Issues the waits an op with these uses needs (rule 1) and nothing
+    /// else. Harmless to call early: a timed start fence recorded after it
+    /// then measures the op, not the time it spent waiting.
+    pub(crate) fn order(&mut self, uses: &[Used<'_>]) -> Result<()> {
+        self.check_context(uses)?;
+        let (id, raw) = (self.core.id, self.core.raw());
+        for u in uses {
+            let cell = lock(u.cell);
+            for dep in cell.deps(u.access) {
+                order_after(&mut self.clock, id, dep, |f| f.gpu_wait(raw))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_context(&self, uses: &[Used<'_>]) -> Result<()> {
+        match uses.iter().find(|u| !u.gpu.same(&self.core.gpu)) {
+            Some(u) => Err(Error::WrongContext { what: u.what }),
+            None => Ok(()),
+        }
+    }
+
+    /// The one path by which prism queues GPU work (rules 1-5): checks the
+    /// context, orders the op after the uses it conflicts with, records a
+    /// timed start fence if asked, runs `op` (which enqueues on the raw
+    /// stream it is given), records the end fence and notes it on every
+    /// buffer, whether or not `op` succeeded.
+    pub(crate) fn enqueue<R>(
+        &mut self,
+        uses: &[Used<'_>],
+        timed: bool,
+        op: impl FnOnce(sys::CUstream) -> Result<R>,
+    ) -> Result<(Option<Fence>, Fence, R)> {
+        let gpu = self.core.gpu.clone();
+        gpu.check_usable()?;
+        gpu.bind()?;
+        self.order(uses)?;
+        let start = if timed {
+            Some(self.record(true)?)
+        } else {
+            None
+        };
+        let outcome = op(self.core.raw());
+        let end = match self.record(timed) {
+            Ok(end) => end,
+            Err(e) => {
+                // The op may be queued with no fence to track it: wait until
+                // the stream is idle, so nothing it uses is touched early.
+                if let Err(sync) = self.synchronize() {
+                    gpu.poison(&format!("{sync} (after {e})"));
+                }
+                return Err(outcome.err().unwrap_or(e));
+            }
+        };
+        for u in uses {
+            lock(u.cell).note(u.access, &end);
+        }
+        outcome.map(|r| (start, end, r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The ordering rules against a model of stream order: random ops on
+    //! random lanes (some sharing a stream) reading and writing random
+    //! buffers, with random GPU progress and host observations. Every pair
+    //! of conflicting uses of a buffer must end up ordered: the later op
+    //! reaches the earlier one through stream order and the waits issued, or
+    //! the earlier one had been observed complete before the later one was
+    //! queued.
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    #[derive(Debug, Clone)]
+    struct FakeFence(Rc<FakeInner>);
+
+    #[derive(Debug)]
+    struct FakeInner {
+        /// The op (node) it marks the end of.
+        node: usize,
+        stream: StreamId,
+        seq: u64,
+        implied: WaitClock,
+        observed: Cell<bool>,
+    }
+
+    impl Mark for FakeFence {
+        fn stream(&self) -> StreamId {
+            self.0.stream
+        }
+        fn seq(&self) -> u64 {
+            self.0.seq
+        }
+        fn implied(&self) -> &WaitClock {
+            &self.0.implied
+        }
+        fn known_done(&self) -> bool {
+            self.0.observed.get()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Lane, then (buffer, is write) uses.
+        Op(usize, Vec<(usize, bool)>),
+        /// The GPU runs the oldest op of a stream, if all it waits for ran.
+        Run(usize),
+        /// The host observes an op's fence (marks it done if it ran).
+        Observe(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            5 => (0usize..5, prop::collection::vec((0usize..4, any::<bool>()), 1..4))
+                .prop_map(|(l, u)| Step::Op(l, u)),
+            3 => (0usize..4).prop_map(Step::Run),
+            2 => (0usize..64).prop_map(Step::Observe),
+        ]
+    }
+
+    /// Lanes 0..5 run on streams [1, 2, 3, 3, 4]: lanes 2 and 3 share one.
+    const LANE_STREAM: [u64; 5] = [1, 2, 3, 3, 4];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn ordering_rules_order_every_hazard(steps in prop::collection::vec(step(), 1..80)) {
+            let mut clocks = [WaitClock::default(); 5];
+            let mut seqs = [0u64; 5];
+            let mut bufs: Vec<Uses<FakeFence>> = (0..4).map(|_| Uses::default()).collect();
+            // Per node: stream, predecessors (stream order and waits), ran?
+            let mut preds: Vec<Vec<usize>> = Vec::new();
+            let mut ran: Vec<bool> = Vec::new();
+            let mut stream_of: Vec<u64> = Vec::new();
+            let mut fences: Vec<FakeFence> = Vec::new();
+            let mut last_on_stream: [Option<usize>; 5] = [None; 5];
+            // Per buffer: (node, is write, nodes observed done when it was queued).
+            let mut history: Vec<Vec<(usize, bool, Vec<bool>)>> = vec![Vec::new(); 4];
+            for s in steps {
+                match s {
+                    Step::Op(lane, uses) => {
+                        let stream = StreamId::for_test(LANE_STREAM[lane]);
+                        let node = preds.len();
+                        let mut p = Vec::new();
+                        if let Some(prev) = last_on_stream[LANE_STREAM[lane] as usize] {
+                            p.push(prev);
+                        }
+                        for &(b, write) in &uses {
+                            let access = if write { Access::Write } else { Access::Read };
+                            let deps: Vec<FakeFence> = bufs[b].deps(access).cloned().collect();
+                            for d in &deps {
+                                order_after(&mut clocks[lane], stream, d, |f| {
+                                    p.push(f.0.node);
+                                    Ok(())
+                                }).unwrap();
+                            }
+                        }
+                        seqs[LANE_STREAM[lane] as usize] += 1;
+                        let fence = FakeFence(Rc::new(FakeInner {
+                            node,
+                            stream,
+                            seq: seqs[LANE_STREAM[lane] as usize],
+                            implied: clocks[lane],
+                            observed: Cell::new(false),
+                        }));
+                        let seen: Vec<bool> = fences.iter().map(|f| f.0.observed.get()).collect();
+                        for &(b, write) in &uses {
+                            let access = if write { Access::Write } else { Access::Read };
+                            bufs[b].note(access, &fence);
+                            history[b].push((node, write, seen.clone()));
+                        }
+                        preds.push(p);
+                        ran.push(false);
+                        stream_of.push(LANE_STREAM[lane]);
+                        fences.push(fence);
+                        last_on_stream[LANE_STREAM[lane] as usize] = Some(node);
+                    }
+                    Step::Run(k) => {
+                        let stream = [1u64, 2, 3, 4][k];
+                        if let Some(n) = (0..ran.len()).find(|&n| stream_of[n] == stream && !ran[n]) {
+                            if preds[n].iter().all(|&q| ran[q]) {
+                                ran[n] = true;
+                            }
+                        }
+                    }
+                    Step::Observe(k) => {
+                        if k < fences.len() && ran[k] {
+                            fences[k].0.observed.set(true);
+                        }
+                    }
+                }
+            }
+            // Transitive predecessors of every node.
+            let n = preds.len();
+            let mut before = vec![vec![false; n]; n];
+            for v in 0..n {
+                let mut stack = preds[v].clone();
+                while let Some(q) = stack.pop() {
+                    if !before[v][q] {
+                        before[v][q] = true;
+                        stack.extend(preds[q].iter().copied());
+                    }
+                }
+            }
+            for uses in &history {
+                for (j, (later, w2, seen)) in uses.iter().enumerate() {
+                    for (earlier, w1, _) in &uses[..j] {
+                        if earlier == later || !(*w1 || *w2) {
+                            continue;
+                        }
+                        prop_assert!(
+                            before[*later][*earlier] || seen[*earlier],
+                            "op {} ({}) is not ordered after op {} ({})",
+                            later, if *w2 { "write" } else { "read" },
+                            earlier, if *w1 { "write" } else { "read" },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn clock_covers_older_fences_of_a_stream_only() {
+        let (s1, s2) = (StreamId::for_test(1), StreamId::for_test(2));
+        let mut c = WaitClock::default();
+        c.note(1, 10);
+        assert!(c.covers(s1, 10) && c.covers(s1, 3));
+        assert!(!c.covers(s1, 11) && !c.covers(s2, 1));
+        let mut implied = WaitClock::default();
+        implied.note(2, 7);
+        c.merge(&implied);
+        assert!(c.covers(s2, 7) && !c.covers(s2, 8));
+    }
+
+    #[test]
+    fn full_clock_forgets_the_oldest_entry_only() {
+        let mut c = WaitClock::default();
+        for s in 1..9 {
+            c.note(s, 100 + s);
+        }
+        c.note(99, 5);
+        assert!(
+            !c.covers(StreamId::for_test(1), 101),
+            "the oldest entry should have been forgotten"
+        );
+        assert!(c.covers(StreamId::for_test(99), 5));
+        assert!((2..9).all(|s| c.covers(StreamId::for_test(s), 100 + s)));
+    }
+
+    #[test]
+    fn stream_ids_are_never_reused() {
+        let ids: Vec<StreamId> = (0..1000).map(|_| StreamId::fresh()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len());
+    }
+}

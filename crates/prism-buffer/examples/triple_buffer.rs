@@ -5,7 +5,7 @@
 //! `cargo run --release -p prism-buffer --example triple_buffer`
 
 use prism_buffer::{GpuTripleBufferExt, TripleBuffer};
-use prism_stream::testing::{gpu_required, random_f32};
+use prism_stream::testing::{gpu_required, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, Error, ManagedGpuContext};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -17,8 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Err(e) => return Err(e.into()),
     };
-    let chunk = 4 << 20; // 16 MiB slots
-    let input = random_f32(3, 64 << 20);
+    let chunk = scaled(4 << 20, 1 << 12); // 16 MiB slots (16 KiB under compute-sanitizer)
+    let input = random_f32(3, scaled(64 << 20, 1 << 14));
     let mut tb: TripleBuffer<f32> = ctx.create_triple_buffer(chunk)?;
     let chunks: Vec<&[f32]> = input.chunks(chunk).collect();
     let (mut up, mut out, mut bad) = (0, 0, 0);

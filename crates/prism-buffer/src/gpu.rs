@@ -265,6 +265,7 @@ impl<T: Element> TripleBuffer<T> {
         })?;
         let s = &mut self.slots[slot.0];
         let timed = self.timing.is_some();
+        let own = self.lanes[COMPUTE].stream_id();
         let mut launch = self.lanes[COMPUTE].launch();
         // Order the kernels after the upload now, so a timed start excludes the wait.
         launch.prepare_write(&mut s.dev)?;
@@ -275,8 +276,9 @@ impl<T: Element> TripleBuffer<T> {
         };
         f(&mut launch, &mut s.dev, s.len)?;
         // The step ends after its last kernel; a timed end fence (or, with
-        // nothing launched, a plain one) marks it.
-        let last = launch.last_fence().cloned();
+        // nothing launched on this lane, a plain one) marks it. A closure
+        // that swapped the scope for another lane's gets a fence of ours.
+        let last = launch.last_fence().cloned().filter(|f| f.stream() == own);
         drop(launch);
         let fence = match (timed, last) {
             (false, Some(last)) => last,

@@ -182,8 +182,9 @@ fn gpu_triple_buffer_slow_download_waits_and_stays_correct() {
             .unwrap();
     });
     assert_eq!(chunks as usize, total.div_ceil(chunk));
+    // compute-sanitizer serialises the work, so a slot may always be free.
     assert!(
-        blocked > 0,
+        blocked > 0 || under_sanitizer(),
         "uploads never had to wait for a slot, so the slow download exercised nothing"
     );
     println!("prism triple buffer (slow download): {chunks} chunks correct; upload found no free slot {blocked} times");

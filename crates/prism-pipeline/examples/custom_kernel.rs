@@ -11,14 +11,14 @@
 use prism_pipeline::{Backend, BackendKind, Fma, GpuFn, PipelineConfig, PipelineStageManager};
 use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
-use prism_stream::testing::random_f32;
+use prism_stream::testing::{random_f32, scaled};
 use prism_stream::{fma_chain_cpu, DeviceBuffer, Launch};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut p = PipelineStageManager::<f32>::new(
         Backend::Auto,
         PipelineConfig {
-            chunk_bytes: 4 << 20,
+            chunk_bytes: scaled(4 << 20, 16 << 10),
             ..PipelineConfig::default()
         },
     )?;
@@ -58,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         b: 0.25,
         iters: 2,
     }); // and one of prism's own kernels
-    let input = random_f32(21, 8 << 20);
+    let input = random_f32(21, scaled(8 << 20, 1 << 14));
     let mut out = vec![0.0; input.len()];
     p.run(&input, &mut out)?;
     let bad = input

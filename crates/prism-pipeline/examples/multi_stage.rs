@@ -6,11 +6,11 @@
 //! `cargo run --release -p prism-pipeline --example multi_stage`
 
 use prism_pipeline::{Backend, Clamp, Fma, GroupSum, PipelineConfig, PipelineStageManager};
-use prism_stream::testing::random_f32;
+use prism_stream::testing::{random_f32, scaled};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = PipelineConfig {
-        chunk_bytes: 4 << 20,
+        chunk_bytes: scaled(4 << 20, 16 << 10),
         ..PipelineConfig::default()
     };
     let mut p = PipelineStageManager::<f32>::new(Backend::Auto, config)?;
@@ -22,12 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let reduce = p.add_stage(GroupSum { group: 16 });
     p.set_order(&[preprocess, compute, reduce])?;
-    let input = random_f32(7, 8 << 20);
+    let input = random_f32(7, scaled(8 << 20, 1 << 14));
     let mut out = vec![0.0; p.total_output_len(input.len())];
     p.run(&input, &mut out)?;
-    // CPU reference, chunk by chunk as the pipeline cuts it (1 Mi elements).
+    // CPU reference, chunk by chunk as the pipeline cuts it.
     let mut want = Vec::with_capacity(out.len());
-    for chunk in input.chunks(1 << 20) {
+    for chunk in input.chunks(p.config().chunk_bytes / 4) {
         for g in chunk.chunks(16) {
             want.push(g.iter().fold(0.0f32, |acc, v| {
                 acc + prism_stream::fma_chain_cpu(v.clamp(-0.9, 0.9), 1.5, 0.25, 4)

@@ -302,6 +302,7 @@ impl<T: Element> GpuEngine<T> {
             COMPUTE2
         };
         let s = &mut self.slots[slot];
+        let own = self.lanes[which].stream_id();
         let mut launch = self.lanes[which].launch();
         let (mut len, mut in_a) = (s.in_len, true);
         let mut end_fence = None;
@@ -350,8 +351,12 @@ impl<T: Element> GpuEngine<T> {
         s.out_len = len;
         s.out_in_a = in_a;
         // The step ends after its last kernel: the last timed end fence, or
-        // the last kernel's own fence (a chain that launched nothing records one).
-        let last = end_fence.or_else(|| launch.last_fence().cloned());
+        // the last kernel's own fence. A chain that launched nothing records
+        // one, and so does a stage that swapped the scope for another lane's
+        // (the ring's fences must be of this lane).
+        let last = end_fence
+            .or_else(|| launch.last_fence().cloned())
+            .filter(|f| f.stream() == own);
         drop(launch);
         match last {
             Some(f) => Ok(f),

@@ -321,22 +321,20 @@ impl<T: Element> PipelineStageManager<T> {
         let trace = self.config.trace && timed;
         // Size (or reuse) the ring while the stages are in place: sizing reads them.
         self.engine(order)?;
-        let mut stages = std::mem::take(&mut self.stages);
-        let mut stats = std::mem::take(&mut self.stats);
         let mut timeline = Timeline::default();
+        // The fields are borrowed, not moved out: a stage that panics leaves
+        // the manager whole.
         let result = match self.engine.as_mut() {
             Some(e) => e.run(
-                &mut stages,
+                &mut self.stages,
                 order,
                 io,
                 timed,
-                &mut stats,
+                &mut self.stats,
                 trace.then_some(&mut timeline),
             ),
             None => Err(Error::Config("no GPU engine")),
         };
-        self.stages = stages;
-        self.stats = stats;
         if trace && result.is_ok() {
             self.timeline = timeline;
         }

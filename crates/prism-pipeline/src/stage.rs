@@ -6,7 +6,8 @@ use crate::error::StageError;
 
 /// One step of a pipeline. A stage reads `len` elements and writes
 /// `output_len(len)` elements. The GPU form enqueues kernels on the stream
-/// of `launch` (declare extra buffers with `launch.reads`/`writes`); the host
+/// of `launch` (prism's kernels, or your own through `launch.kernel`, which
+/// orders and tracks every buffer passed to it); the host
 /// form computes on slices. Implement the forms the stage supports.
 pub trait Stage<T: Element>: Send {
     fn name(&self) -> &str;

@@ -4,7 +4,7 @@
 //!
 //! `cargo run --release -p prism-stream --example coordinator`
 
-use prism_stream::testing::{gpu_required, random_f32};
+use prism_stream::testing::{gpu_required, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, Error, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -17,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => return Err(e.into()),
     };
     let gpu = ctx.gpu().clone();
-    let n = 1 << 22;
+    let n = scaled(1 << 22, 1 << 12);
     let (a_in, b_in) = (random_f32(1, n), random_f32(2, n));
     let ha = PinnedBuffer::from_slice(&gpu, &a_in, HostAllocFlags::DEFAULT)?;
     let hb = PinnedBuffer::from_slice(&gpu, &b_in, HostAllocFlags::DEFAULT)?;

@@ -6,7 +6,7 @@
 
 use std::process::ExitCode;
 
-use prism_stream::testing::{gpu_required, random_f32};
+use prism_stream::testing::{gpu_required, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer};
 
 fn main() -> ExitCode {
@@ -36,7 +36,7 @@ fn run() -> Result<(), Error> {
         info.copy_engines,
         prism_cuda_sys::KERNELS_BUILT
     );
-    let n = 1 << 24; // 64 MiB of f32
+    let n = scaled(1 << 24, 1 << 14); // 64 MiB of f32 (64 KiB under compute-sanitizer)
     let (a, b, iters) = (1.0001f32, 0.5f32, 8);
     let input = random_f32(0x5EED, n);
     let host_in = PinnedBuffer::from_slice(&gpu, &input, HostAllocFlags::DEFAULT)?;

@@ -150,44 +150,19 @@ impl AsyncCoordinator {
         Ok(self.insert(UP, Cow::Borrowed("upload (staged)"), fence))
     }
 
-    /// An idle staging buffer of at least `bytes`; frees idle ones past the
-    /// limits (so one large upload does not keep its staging for ever).
+    /// An idle staging buffer of at least `bytes` (the smallest that fits),
+    /// or a new one.
     fn staging_buffer(&mut self, bytes: usize) -> Result<usize> {
-        let idle: Vec<bool> = self
-            .staging
-            .iter()
-            .map(|s| s.is_idle())
-            .collect::<Result<_>>()?;
-        let pick = (0..self.staging.len())
-            .filter(|&i| idle[i] && self.staging[i].len() >= bytes)
-            .min_by_key(|&i| self.staging[i].len());
-        let mut kept = usize::from(pick.is_some());
-        let mut kept_bytes = pick.map_or(0, |p| self.staging[p].len());
-        let keep: Vec<bool> = (0..self.staging.len())
-            .map(|i| {
-                if !idle[i] || Some(i) == pick {
-                    return true;
-                }
-                let len = self.staging[i].len();
-                let fits = kept < STAGING_KEPT && kept_bytes + len <= STAGING_KEPT_BYTES;
-                if fits {
-                    kept += 1;
-                    kept_bytes += len;
-                }
-                fits
-            })
-            .collect();
-        let (mut i, mut j, mut new_pick) = (0, 0, None);
-        self.staging.retain(|_| {
-            let k = i;
-            i += 1;
-            if keep[k] && Some(k) == pick {
-                new_pick = Some(j);
+        let mut pick: Option<usize> = None;
+        for (i, s) in self.staging.iter().enumerate() {
+            if s.len() >= bytes
+                && pick.is_none_or(|p| s.len() < self.staging[p].len())
+                && s.is_idle()?
+            {
+                pick = Some(i);
             }
-            j += usize::from(keep[k]);
-            keep[k]
-        });
-        if let Some(p) = new_pick {
+        }
+        if let Some(p) = pick {
             return Ok(p);
         }
         let size = bytes.next_power_of_two().max(1 << 20);
@@ -197,6 +172,37 @@ impl AsyncCoordinator {
             HostAllocFlags::UPLOAD_ONLY,
         )?);
         Ok(self.staging.len() - 1)
+    }
+
+    /// Frees idle staging past 4 buffers or 256 MiB (smallest kept first),
+    /// so one large pageable upload does not keep its staging for ever.
+    /// Called by [`synchronize_all`](Self::synchronize_all): freeing pinned
+    /// memory makes the driver synchronise the whole device, so only a call
+    /// that blocks anyway does it.
+    pub fn trim_staging(&mut self) -> Result<()> {
+        let mut idle = Vec::new();
+        for (i, s) in self.staging.iter().enumerate() {
+            if s.is_idle()? {
+                idle.push((s.len(), i));
+            }
+        }
+        idle.sort_unstable();
+        let (mut kept, mut kept_bytes) = (0, 0);
+        let mut keep = vec![true; self.staging.len()];
+        for (len, i) in idle {
+            if kept < STAGING_KEPT && kept_bytes + len <= STAGING_KEPT_BYTES {
+                kept += 1;
+                kept_bytes += len;
+            } else {
+                keep[i] = false;
+            }
+        }
+        let mut k = 0;
+        self.staging.retain(|_| {
+            k += 1;
+            keep[k - 1]
+        });
+        Ok(())
     }
 
     /// Held staging buffers and their bytes (diagnostics).
@@ -223,12 +229,16 @@ impl AsyncCoordinator {
         let name = name.into();
         let _span = tracing::trace_span!("prism.queue_compute", name = &*name).entered();
         self.begin(deps, COMPUTE)?;
+        let own = self.lanes[COMPUTE].stream_id();
         let mut scope = self.lanes[COMPUTE].launch();
         launch(&mut scope)?;
         let last = scope.last_fence().cloned();
         // The last launch's fence is after the dependency waits and every
-        // kernel of the scope; a scope that launched nothing records one.
-        let fence = match last {
+        // kernel of the scope. A scope that launched nothing records one, and
+        // so does a closure that swapped the scope for one on another lane:
+        // the op's fence must be of the compute lane, whose ops `wait` and
+        // `poll` settle by stream order.
+        let fence = match last.filter(|f| f.stream() == own) {
             Some(f) => f,
             None => self.lanes[COMPUTE].fence()?,
         };
@@ -349,6 +359,9 @@ impl AsyncCoordinator {
             if let Err(e) = self.outcome(id) {
                 first_err.get_or_insert(e);
             }
+        }
+        if first_err.is_none() {
+            self.trim_staging()?;
         }
         first_err.map_or(Ok(()), Err)
     }

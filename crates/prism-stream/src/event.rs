@@ -117,6 +117,29 @@ fn describe(e: DriverError) -> String {
     e.to_string()
 }
 
+/// Errors after which the context runs nothing more (a fault in a kernel,
+/// an uncorrectable ECC error, a torn-down driver): memory of a buffer whose
+/// wait failed this way can be freed. After any other failure (a stream
+/// capture begun elsewhere, say) the GPU may still be running its work.
+pub(crate) fn is_sticky(e: &DriverError) -> bool {
+    use CUresult::*;
+    matches!(
+        e.0,
+        CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUDA_ERROR_LAUNCH_TIMEOUT
+            | CUDA_ERROR_ASSERT
+            | CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUDA_ERROR_INVALID_PC
+            | CUDA_ERROR_LAUNCH_FAILED
+            | CUDA_ERROR_ECC_UNCORRECTABLE
+            | CUDA_ERROR_CONTEXT_IS_DESTROYED
+            | CUDA_ERROR_DEINITIALIZED
+    )
+}
+
 impl Fence {
     /// Wraps an event just recorded on `stream` (only `order.rs` records).
     pub(crate) fn new(
@@ -173,17 +196,22 @@ impl Fence {
 
     /// Blocks the calling thread until the GPU passes this point.
     pub fn synchronize(&self) -> Probe {
-        if self.0.done.load(Ordering::Acquire) {
-            return Probe::Complete;
-        }
-        // SAFETY: the event is alive while `self` holds the Arc.
-        match unsafe { result::event::synchronize(self.0.event.0) } {
-            Ok(()) => {
-                self.0.done.store(true, Ordering::Release);
-                Probe::Complete
-            }
+        match self.synchronize_raw() {
+            Ok(()) => Probe::Complete,
             Err(e) => Probe::Failed(describe(e)),
         }
+    }
+
+    /// [`synchronize`](Self::synchronize) with the driver's error, so
+    /// callers can tell a sticky failure (see [`is_sticky`]) from others.
+    pub(crate) fn synchronize_raw(&self) -> std::result::Result<(), DriverError> {
+        if self.0.done.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // SAFETY: the event is alive while `self` holds the Arc.
+        unsafe { result::event::synchronize(self.0.event.0) }?;
+        self.0.done.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Makes the stream `raw` wait on the GPU for this fence
@@ -234,5 +262,8 @@ impl Mark for Fence {
     }
     fn known_done(&self) -> bool {
         self.0.done.load(Ordering::Acquire)
+    }
+    fn query_done(&self) -> bool {
+        self.probe() == Probe::Complete
     }
 }

@@ -92,7 +92,7 @@ static NEXT_GRAPH: AtomicU64 = AtomicU64::new(1);
 const MAX_UNREPORTED: usize = 1 << 16;
 
 /// Pending ops below which the amortised sweep never runs.
-const MIN_SWEEP: usize = 64;
+const MIN_SWEEP: usize = 256;
 
 /// What the coordinator knows of an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +153,9 @@ pub struct OpGraph<F> {
     scratch: Vec<usize>,
     /// `needs_sweep` is true from this many pending ops on.
     sweep_at: usize,
+    /// Distinct lanes ops were inserted on (up to `MAX_LANES`).
+    lanes: usize,
+    lane_ids: [usize; MAX_LANES],
 }
 
 impl<F> Default for OpGraph<F> {
@@ -167,6 +170,8 @@ impl<F> Default for OpGraph<F> {
             polled: false,
             scratch: Vec::new(),
             sweep_at: MIN_SWEEP,
+            lanes: 0,
+            lane_ids: [NO_LANE; MAX_LANES],
         }
     }
 }
@@ -251,6 +256,11 @@ impl<F> OpGraph<F> {
     /// fence probed later does too, as CUDA's errors after a fault are).
     /// `poll` relies on both to settle a lane with O(log n) probes.
     pub fn insert_on(&mut self, lane: usize, name: impl Into<Cow<'static, str>>, fence: F) -> OpId {
+        if lane != NO_LANE && self.lanes < MAX_LANES && !self.lane_ids[..self.lanes].contains(&lane)
+        {
+            self.lane_ids[self.lanes] = lane;
+            self.lanes += 1;
+        }
         let id = self.next_id();
         self.ops.push_back((name.into(), OpStatus::Pending));
         self.pending.push((id, lane, fence));
@@ -341,7 +351,7 @@ impl<F> OpGraph<F> {
     ) -> Vec<Completion> {
         self.polled = true;
         let mut done: Vec<Completion> = std::mem::take(&mut self.unreported).into();
-        done.extend(self.scan(probe, assume_complete));
+        done.extend(self.scan(probe, assume_complete, true));
         done.sort_by_key(|c| c.op);
         done
     }
@@ -362,22 +372,59 @@ impl<F> OpGraph<F> {
         probe: impl FnMut(&F) -> Probe,
         assume_complete: impl FnMut(&F),
     ) -> Vec<Completion> {
-        let done = self.scan(probe, assume_complete);
+        let mut probe = probe;
+        if !self.any_head_finished(&mut probe) {
+            // The oldest op of every lane is still running: by stream order
+            // nothing can be settled (the usual case while the GPU is busy).
+            self.sweep_at = (2 * self.pending.len()).max(MIN_SWEEP);
+            return Vec::new();
+        }
+        let polled = self.polled;
+        // Never polled: only failures are wanted, so no report is built.
+        let done = self.scan(probe, assume_complete, polled);
         self.sweep_at = (2 * self.pending.len()).max(MIN_SWEEP);
+        if !polled {
+            return done;
+        }
         let failures = done.iter().filter(|c| c.result.is_err()).cloned().collect();
-        if self.polled {
-            for c in done {
-                self.keep_unreported(c);
-            }
+        for c in done {
+            self.keep_unreported(c);
         }
         failures
     }
 
+    /// Has the oldest pending op of some lane finished? One probe per lane;
+    /// `true` also when that cannot be told cheaply (ops without a lane,
+    /// more lanes than `poll` tracks).
+    fn any_head_finished(&self, probe: &mut impl FnMut(&F) -> Probe) -> bool {
+        let mut seen = [NO_LANE; MAX_LANES];
+        let mut n = 0;
+        for (_, lane, fence) in &self.pending {
+            if *lane == NO_LANE || (n == MAX_LANES && !seen.contains(lane)) {
+                return true;
+            }
+            if seen[..n].contains(lane) {
+                continue;
+            }
+            seen[n] = *lane;
+            n += 1;
+            if probe(fence) != Probe::NotReady {
+                return true;
+            }
+            if n == self.lanes {
+                break;
+            }
+        }
+        false
+    }
+
     /// Probes the pending ops (see `poll`) and settles those that finished.
+    /// Only failures are returned unless `report`.
     fn scan(
         &mut self,
         mut probe: impl FnMut(&F) -> Probe,
         mut assume_complete: impl FnMut(&F),
+        report: bool,
     ) -> Vec<Completion> {
         let mut done = Vec::new();
         let mut pending = std::mem::take(&mut self.pending);
@@ -426,7 +473,11 @@ impl<F> OpGraph<F> {
             if outcome == Probe::NotReady {
                 return true;
             }
-            done.push(self.settle(*id, outcome));
+            if report || outcome != Probe::Complete {
+                done.push(self.settle(*id, outcome));
+            } else {
+                self.settle_quietly(*id);
+            }
             false
         });
         self.pending = pending;
@@ -468,7 +519,10 @@ impl<F> OpGraph<F> {
         }
         let lane = self.pending[pos].1;
         let mut settled = Vec::new();
-        if outcome == Probe::Complete && lane != NO_LANE {
+        if outcome == Probe::Complete
+            && lane != NO_LANE
+            && self.pending[..pos].iter().any(|(_, l, _)| *l == lane)
+        {
             self.pending.retain(|(id, l, fence)| {
                 let earlier = *id < op && *l == lane;
                 if earlier {
@@ -483,20 +537,27 @@ impl<F> OpGraph<F> {
         }
         settled.push(op);
         for id in settled {
-            let c = self.settle(
-                id,
-                if id == op {
-                    outcome.clone()
-                } else {
-                    Probe::Complete
-                },
-            );
-            if self.polled {
-                self.keep_unreported(c);
+            let outcome = if id == op {
+                outcome.clone()
+            } else {
+                Probe::Complete
+            };
+            if self.polled || outcome != Probe::Complete {
+                let c = self.settle(id, outcome);
+                if self.polled {
+                    self.keep_unreported(c);
+                }
+            } else {
+                self.settle_quietly(id);
             }
         }
         self.compact();
         Ok(())
+    }
+
+    /// Marks `id` complete without making a report.
+    fn settle_quietly(&mut self, id: OpId) {
+        self.ops[(id.index - self.base) as usize].1 = OpStatus::Complete;
     }
 
     fn settle(&mut self, id: OpId, outcome: Probe) -> Completion {

@@ -244,7 +244,10 @@ impl<'l> Launch<'l> {
     }
 
     /// A kernel that writes through an invalid address: the GPU faults and the
-    /// context becomes unusable. Only for testing error paths.
+    /// context (the device's primary context, shared by every user of it in
+    /// the process) becomes unusable. Only for testing error paths; use it
+    /// on a context of its own ([`Gpu::open_private`]).
+    #[doc(hidden)]
     pub fn fault_injection(&mut self) -> Result<()> {
         // SAFETY: the kernel faults on the GPU by design; no host memory and no
         // prism buffer is involved, and the fault is reported as a CUDA error.

@@ -15,7 +15,7 @@ use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, DriverError};
 
 use crate::context::Gpu;
-use crate::event::Fence;
+use crate::event::{is_sticky, Fence};
 use crate::graph::Probe;
 use crate::order::{lock, Access, Lane, UseCell, Used, Uses};
 use crate::{Error, Result};
@@ -56,7 +56,18 @@ pub(crate) trait Tracked {
 }
 
 impl Uses<Fence> {
+    fn check_stuck(&self) -> Result<()> {
+        if self.stuck {
+            return Err(Error::ContextPoisoned {
+                reason: "a GPU operation on this buffer could not be tracked; it stays locked"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     fn writer_pending(&self) -> Result<bool> {
+        self.check_stuck()?;
         match &self.last_write {
             None => Ok(false),
             Some(w) => w.is_complete().map(|done| !done),
@@ -77,17 +88,59 @@ impl Uses<Fence> {
 
     /// Blocks until every recorded use has completed.
     fn wait_all(&mut self) -> Probe {
-        let mut outcome = Probe::Complete;
+        match self.wait_all_raw() {
+            Ok(()) => Probe::Complete,
+            Err((reason, _)) => Probe::Failed(reason),
+        }
+    }
+
+    /// [`wait_all`](Self::wait_all); an error says whether the GPU may still
+    /// be using the buffer (`true`: a failure that is not sticky, or a use
+    /// that could not be tracked).
+    fn wait_all_raw(&mut self) -> std::result::Result<(), (String, bool)> {
+        if self.stuck {
+            return Err((
+                "a GPU operation on this buffer could not be tracked".into(),
+                true,
+            ));
+        }
+        let mut failure = None;
         for f in self.last_write.iter().chain(self.reads.iter()) {
-            if let Probe::Failed(r) = f.synchronize() {
-                outcome = Probe::Failed(r);
+            if let Err(e) = f.synchronize_raw() {
+                let maybe_running = !is_sticky(&e);
+                match &mut failure {
+                    Some((_, running)) => *running |= maybe_running,
+                    None => failure = Some((e.to_string(), maybe_running)),
+                }
             }
         }
-        if outcome == Probe::Complete {
-            self.last_write = None;
-            self.reads.clear();
+        match failure {
+            None => {
+                self.last_write = None;
+                self.reads.clear();
+                Ok(())
+            }
+            Some(f) => Err(f),
         }
-        outcome
+    }
+
+    /// For `Drop`: may the allocation be freed? Waits for every use; after
+    /// a failure, only if the GPU can no longer be using it.
+    fn release(&mut self, what: &'static str) -> bool {
+        match self.wait_all_raw() {
+            Ok(()) => true,
+            Err((reason, false)) => {
+                tracing::warn!(reason, "freeing a {what} after a sticky GPU error");
+                true
+            }
+            Err((reason, true)) => {
+                tracing::error!(
+                    reason,
+                    "leaking a {what}: the GPU may still be using it and waiting for it failed"
+                );
+                false
+            }
+        }
     }
 }
 
@@ -224,8 +277,8 @@ impl<T: Element> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         // Wait for every queued use first: freeing memory a kernel or copy still
         // touches would corrupt whatever is allocated there next.
-        if let Probe::Failed(reason) = lock(&self.uses).wait_all() {
-            tracing::warn!(reason, "freeing a device buffer after a GPU error");
+        if !lock(&self.uses).release("device buffer") {
+            return;
         }
         if self.gpu.bind().is_ok() {
             // SAFETY: `ptr` came from cuMemAlloc in this context, every recorded
@@ -424,8 +477,8 @@ impl<T: Element> Tracked for PinnedBuffer<T> {
 
 impl<T: Element> Drop for PinnedBuffer<T> {
     fn drop(&mut self) {
-        if let Probe::Failed(reason) = lock(&self.uses).wait_all() {
-            tracing::warn!(reason, "freeing a pinned buffer after a GPU error");
+        if !lock(&self.uses).release("pinned buffer") {
+            return;
         }
         if self.gpu.bind().is_ok() {
             // SAFETY: allocated by cuMemHostAlloc in this context, every queued

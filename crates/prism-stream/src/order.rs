@@ -126,7 +126,13 @@ pub(crate) trait Mark {
     fn implied(&self) -> &WaitClock;
     /// Already observed complete (no query made).
     fn known_done(&self) -> bool;
+    /// Asks whether it completed (one query; marks it known when it has).
+    fn query_done(&self) -> bool;
 }
+
+/// Read fences a buffer keeps before it drops those that completed (so
+/// reads from ever new streams do not grow the list without bound).
+const READS_BEFORE_PRUNE: usize = 8;
 
 /// How an op uses a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,12 +142,16 @@ pub(crate) enum Access {
 }
 
 /// The GPU operations that use one buffer: the last writer's fence and,
-/// since that write, at most one read fence per stream (a newer read on a
-/// stream supersedes an older one by stream order).
+/// since that write, at most one read fence per stream (the latest one by
+/// stream order, which implies the others of that stream).
 #[derive(Debug)]
 pub(crate) struct Uses<M> {
     pub(crate) last_write: Option<M>,
     pub(crate) reads: Vec<M>,
+    /// An op was queued on the buffer whose end could not be fenced nor
+    /// waited for (the driver refused both): the GPU may use the buffer at
+    /// any time, so it is never used, read or freed again.
+    pub(crate) stuck: bool,
 }
 
 impl<M> Default for Uses<M> {
@@ -149,6 +159,7 @@ impl<M> Default for Uses<M> {
         Self {
             last_write: None,
             reads: Vec::new(),
+            stuck: false,
         }
     }
 }
@@ -171,10 +182,18 @@ impl<M: Mark + Clone> Uses<M> {
                 self.last_write = Some(fence.clone());
             }
             Access::Read => {
+                // Lanes sharing a stream may note their reads out of order
+                // (record, then note, on two threads): keep the later fence.
                 let key = fence.stream();
                 match self.reads.iter_mut().find(|r| r.stream() == key) {
+                    Some(r) if r.seq() >= fence.seq() => {}
                     Some(r) => *r = fence.clone(),
-                    None => self.reads.push(fence.clone()),
+                    None => {
+                        if self.reads.len() >= READS_BEFORE_PRUNE {
+                            self.reads.retain(|r| !r.query_done());
+                        }
+                        self.reads.push(fence.clone());
+                    }
                 }
             }
         }
@@ -378,6 +397,11 @@ impl Lane {
         let (id, raw) = (self.core.id, self.core.raw());
         for u in uses {
             let cell = lock(u.cell);
+            if cell.stuck {
+                return Err(Error::ContextPoisoned {
+                    reason: format!("{} is in an unknown state after a failed GPU call", u.what),
+                });
+            }
             for dep in cell.deps(u.access) {
                 order_after(&mut self.clock, id, dep, |f| f.gpu_wait(raw))?;
             }
@@ -418,8 +442,13 @@ impl Lane {
             Err(e) => {
                 // The op may be queued with no fence to track it: wait until
                 // the stream is idle, so nothing it uses is touched early.
+                // If even that fails, nobody can tell when the GPU is done
+                // with the buffers: they are never touched or freed again.
                 if let Err(sync) = self.synchronize() {
                     gpu.poison(&format!("{sync} (after {e})"));
+                    for u in uses {
+                        lock(u.cell).stuck = true;
+                    }
                 }
                 return Err(outcome.err().unwrap_or(e));
             }
@@ -435,11 +464,13 @@ impl Lane {
 mod tests {
     //! The ordering rules against a model of stream order: random ops on
     //! random lanes (some sharing a stream) reading and writing random
-    //! buffers, with random GPU progress and host observations. Every pair
-    //! of conflicting uses of a buffer must end up ordered: the later op
-    //! reaches the earlier one through stream order and the waits issued, or
-    //! the earlier one had been observed complete before the later one was
-    //! queued.
+    //! buffers, with random GPU progress and host observations, and reads
+    //! whose fences are noted late and out of order (as lanes sharing a
+    //! stream on two threads may). Every pair of conflicting uses of a
+    //! buffer must end up ordered: the later op reaches the earlier one
+    //! through stream order and the waits issued, or the earlier one was
+    //! known complete (observed, or implied by an observed op) when the
+    //! later one was queued.
 
     use super::*;
     use proptest::prelude::*;
@@ -456,6 +487,9 @@ mod tests {
         stream: StreamId,
         seq: u64,
         implied: WaitClock,
+        /// The model GPU ran the op.
+        ran: Cell<bool>,
+        /// The host saw it complete.
         observed: Cell<bool>,
     }
 
@@ -472,52 +506,78 @@ mod tests {
         fn known_done(&self) -> bool {
             self.0.observed.get()
         }
+        fn query_done(&self) -> bool {
+            if self.0.ran.get() {
+                self.0.observed.set(true);
+            }
+            self.0.observed.get()
+        }
     }
 
     #[derive(Debug, Clone)]
     enum Step {
-        /// Lane, then (buffer, is write) uses.
-        Op(usize, Vec<(usize, bool)>),
+        /// Lane, (buffer, is write) uses, and for read-only ops whether the
+        /// fence is noted late.
+        Op(usize, Vec<(usize, bool)>, bool),
         /// The GPU runs the oldest op of a stream, if all it waits for ran.
         Run(usize),
         /// The host observes an op's fence (marks it done if it ran).
         Observe(usize),
+        /// Late notes are made, newest first.
+        Flush,
     }
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
-            5 => (0usize..5, prop::collection::vec((0usize..4, any::<bool>()), 1..4))
-                .prop_map(|(l, u)| Step::Op(l, u)),
-            3 => (0usize..4).prop_map(Step::Run),
+            5 => (0usize..LANE_STREAM.len(), prop::collection::vec((0usize..4, prop::bool::weighted(0.4)), 1..4), any::<bool>())
+                .prop_map(|(l, u, late)| Step::Op(l, u, late)),
+            3 => (0usize..STREAMS).prop_map(Step::Run),
             2 => (0usize..64).prop_map(Step::Observe),
+            1 => Just(Step::Flush),
         ]
     }
 
-    /// Lanes 0..5 run on streams [1, 2, 3, 3, 4]: lanes 2 and 3 share one.
-    const LANE_STREAM: [u64; 5] = [1, 2, 3, 3, 4];
+    /// Lanes run on these streams: lanes 2 and 3 share one, and there are
+    /// more streams than a wait clock has entries (its eviction path runs).
+    const LANE_STREAM: [u64; 13] = [1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+    const STREAMS: usize = 12;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(3000))]
         #[test]
-        fn ordering_rules_order_every_hazard(steps in prop::collection::vec(step(), 1..80)) {
-            let mut clocks = [WaitClock::default(); 5];
-            let mut seqs = [0u64; 5];
+        fn ordering_rules_order_every_hazard(steps in prop::collection::vec(step(), 1..100)) {
+            let mut clocks = [WaitClock::default(); LANE_STREAM.len()];
+            let mut seqs = [0u64; STREAMS + 1];
             let mut bufs: Vec<Uses<FakeFence>> = (0..4).map(|_| Uses::default()).collect();
-            // Per node: stream, predecessors (stream order and waits), ran?
+            // Per node: predecessors (stream order and waits), stream.
             let mut preds: Vec<Vec<usize>> = Vec::new();
-            let mut ran: Vec<bool> = Vec::new();
             let mut stream_of: Vec<u64> = Vec::new();
             let mut fences: Vec<FakeFence> = Vec::new();
-            let mut last_on_stream: [Option<usize>; 5] = [None; 5];
-            // Per buffer: (node, is write, nodes observed done when it was queued).
+            let mut last_on_stream: [Option<usize>; STREAMS + 1] = [None; STREAMS + 1];
+            // Per buffer: (node, is write, observed flags when it was queued).
             let mut history: Vec<Vec<(usize, bool, Vec<bool>)>> = vec![Vec::new(); 4];
+            // Reads recorded but not noted yet: (buffer, fence).
+            let mut late: Vec<(usize, FakeFence)> = Vec::new();
             for s in steps {
                 match s {
-                    Step::Op(lane, uses) => {
-                        let stream = StreamId::for_test(LANE_STREAM[lane]);
+                    Step::Op(lane, uses, delay) => {
+                        // A write needs the buffer exclusively: every late
+                        // note on it lands first (in the worst order).
+                        for &(b, write) in &uses {
+                            if write {
+                                let (now, keep): (Vec<_>, Vec<_>) = late.drain(..).partition(|(lb, _)| *lb == b);
+                                late = keep;
+                                for (lb, f) in now.into_iter().rev() {
+                                    bufs[lb].note(Access::Read, &f);
+                                }
+                            }
+                        }
+                        let seen: Vec<bool> = fences.iter().map(|f| f.0.observed.get()).collect();
+                        let s_id = LANE_STREAM[lane];
+                        let stream = StreamId::for_test(s_id);
                         let node = preds.len();
                         let mut p = Vec::new();
-                        if let Some(prev) = last_on_stream[LANE_STREAM[lane] as usize] {
+                        if let Some(prev) = last_on_stream[s_id as usize] {
                             p.push(prev);
                         }
                         for &(b, write) in &uses {
@@ -530,37 +590,46 @@ mod tests {
                                 }).unwrap();
                             }
                         }
-                        seqs[LANE_STREAM[lane] as usize] += 1;
+                        seqs[s_id as usize] += 1;
                         let fence = FakeFence(Rc::new(FakeInner {
                             node,
                             stream,
-                            seq: seqs[LANE_STREAM[lane] as usize],
+                            seq: seqs[s_id as usize],
                             implied: clocks[lane],
+                            ran: Cell::new(false),
                             observed: Cell::new(false),
                         }));
-                        let seen: Vec<bool> = fences.iter().map(|f| f.0.observed.get()).collect();
+                        let read_only = uses.iter().all(|(_, w)| !*w);
                         for &(b, write) in &uses {
                             let access = if write { Access::Write } else { Access::Read };
-                            bufs[b].note(access, &fence);
+                            if delay && read_only {
+                                late.push((b, fence.clone()));
+                            } else {
+                                bufs[b].note(access, &fence);
+                            }
                             history[b].push((node, write, seen.clone()));
                         }
                         preds.push(p);
-                        ran.push(false);
-                        stream_of.push(LANE_STREAM[lane]);
+                        stream_of.push(s_id);
                         fences.push(fence);
-                        last_on_stream[LANE_STREAM[lane] as usize] = Some(node);
+                        last_on_stream[s_id as usize] = Some(node);
                     }
                     Step::Run(k) => {
-                        let stream = [1u64, 2, 3, 4][k];
-                        if let Some(n) = (0..ran.len()).find(|&n| stream_of[n] == stream && !ran[n]) {
-                            if preds[n].iter().all(|&q| ran[q]) {
-                                ran[n] = true;
+                        let stream = k as u64 + 1;
+                        if let Some(n) = (0..fences.len()).find(|&n| stream_of[n] == stream && !fences[n].0.ran.get()) {
+                            if preds[n].iter().all(|&q| fences[q].0.ran.get()) {
+                                fences[n].0.ran.set(true);
                             }
                         }
                     }
                     Step::Observe(k) => {
-                        if k < fences.len() && ran[k] {
-                            fences[k].0.observed.set(true);
+                        if k < fences.len() {
+                            fences[k].query_done();
+                        }
+                    }
+                    Step::Flush => {
+                        for (b, f) in late.drain(..).rev() {
+                            bufs[b].note(Access::Read, &f);
                         }
                     }
                 }
@@ -577,6 +646,11 @@ mod tests {
                     }
                 }
             }
+            // Known complete when `later` was queued: observed, or ordered
+            // before something observed.
+            let known = |seen: &[bool], e: usize| {
+                (0..seen.len()).any(|o| seen[o] && (o == e || before[o][e]))
+            };
             for uses in &history {
                 for (j, (later, w2, seen)) in uses.iter().enumerate() {
                     for (earlier, w1, _) in &uses[..j] {
@@ -584,7 +658,7 @@ mod tests {
                             continue;
                         }
                         prop_assert!(
-                            before[*later][*earlier] || seen[*earlier],
+                            before[*later][*earlier] || known(seen, *earlier),
                             "op {} ({}) is not ordered after op {} ({})",
                             later, if *w2 { "write" } else { "read" },
                             earlier, if *w1 { "write" } else { "read" },
@@ -592,6 +666,23 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn reads_from_ever_new_streams_stay_bounded() {
+        let mut u: Uses<FakeFence> = Uses::default();
+        for k in 1..10_000u64 {
+            let f = FakeFence(Rc::new(FakeInner {
+                node: k as usize,
+                stream: StreamId::for_test(k),
+                seq: 1,
+                implied: WaitClock::default(),
+                ran: Cell::new(true),
+                observed: Cell::new(false),
+            }));
+            u.note(Access::Read, &f);
+            assert!(u.reads.len() <= READS_BEFORE_PRUNE + 1);
         }
     }
 

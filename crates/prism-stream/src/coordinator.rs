@@ -87,7 +87,6 @@ impl AsyncCoordinator {
     /// still pending.
     fn begin(&mut self, deps: &[OpId], which: usize) -> Result<()> {
         self.gpu.check_usable()?;
-        self.gpu.bind()?;
         let lane = &mut self.lanes[which];
         self.graph.check_deps(deps, |fence| lane.wait_for(fence))
     }

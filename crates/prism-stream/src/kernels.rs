@@ -110,12 +110,13 @@ impl<'l> Launch<'l> {
         uses: &[Used<'_>],
         launch: impl FnOnce(sys::prism_stream_t) -> i32,
     ) -> Result<()> {
-        let gpu = self.lane.gpu().clone();
-        let (_, end, ()) = self.lane.enqueue(uses, false, |stream| {
-            check_code(&gpu, kernel, launch(stream.cast()))
-        })?;
+        // The launcher's status is checked once the fence is noted: a failed
+        // launch is fenced like any other (enqueue fences every path).
+        let (_, end, code) = self
+            .lane
+            .enqueue(uses, false, |stream| Ok(launch(stream.cast())))?;
         self.last = Some(end);
-        Ok(())
+        check_code(self.lane.gpu(), kernel, code)
     }
 
     /// `y[..n] = x[..n]` after `iters` steps of `v = fma(v, a, b)`.

@@ -363,7 +363,7 @@ impl Lane {
 
     /// Records a fence with this lane's clock (rule 4). The caller checked
     /// that the context is usable.
-    fn record(&mut self, timed: bool) -> Result<Fence> {
+    fn record(&self, timed: bool) -> Result<Fence> {
         let events = &self.core.gpu.0.events;
         let event = events.take(timed)?;
         let mut last = self.core.last_seq.lock().unwrap_or_else(|p| p.into_inner());
@@ -427,9 +427,8 @@ impl Lane {
         timed: bool,
         op: impl FnOnce(sys::CUstream) -> Result<R>,
     ) -> Result<(Option<Fence>, Fence, R)> {
-        let gpu = self.core.gpu.clone();
-        gpu.check_usable()?;
-        gpu.bind()?;
+        self.core.gpu.check_usable()?;
+        self.core.gpu.bind()?;
         self.order(uses)?;
         let start = if timed {
             Some(self.record(true)?)
@@ -445,7 +444,7 @@ impl Lane {
                 // If even that fails, nobody can tell when the GPU is done
                 // with the buffers: they are never touched or freed again.
                 if let Err(sync) = self.synchronize() {
-                    gpu.poison(&format!("{sync} (after {e})"));
+                    self.core.gpu.poison(&format!("{sync} (after {e})"));
                     for u in uses {
                         lock(u.cell).stuck = true;
                     }

@@ -60,6 +60,10 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// A configuration the engine cannot run.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+
     /// Zero-length slots or chunks.
     #[error("{what} has zero length")]
     ZeroLength {

@@ -1,19 +1,25 @@
-//! The GPU triple buffer: a [`SlotRing`] driven by CUDA events, each slot a
-//! device buffer plus the pinned host staging it needs.
+//! The GPU triple buffer: the ring [`Engine`] driven by hand, one device
+//! buffer per slot plus the pinned host staging it needs.
 //!
 //! Upload of chunk k+1, processing of chunk k and download of chunk k-1 run
 //! on three lanes at once. No step waits on the host for the previous one:
-//! each buffer's use tracking (prism-stream's lanes) makes the GPU order
-//! them (`cuStreamWaitEvent`). A slot's state changes only when `poll`
-//! observes the event recorded at the end of a step, and a slot is reused
-//! only after its download's event completed and the host took the output.
+//! the lanes (prism-stream) make the GPU order them. A slot's state changes
+//! only when [`TripleBuffer::advance`] (or any call that polls) observes the
+//! event recorded at the end of a step, and a slot is reused only after its
+//! download's event completed and the host took the output.
+
+use std::collections::VecDeque;
 
 use prism_stream::{
-    DeviceBuffer, Element, Fence as GpuFence, Gpu, HostAllocFlags, Lane, Launch, ManagedGpuContext,
-    PinnedBuffer, Probe, StreamPurpose,
+    DeviceBuffer, Element, Fence as GpuFence, Gpu, HostAllocFlags, Lane, Launch,
+    ManagedGpuContext, PinnedBuffer,
 };
 
-use crate::ring::{ChunkId, Fence, SlotId, SlotRing, SlotSnapshot, Step, DEFAULT_SLOTS};
+use crate::engine::{
+    ChunkIo, ChunkProcessor, ChunkSpan, ComputeSpans, Engine, EngineConfig, IoSlots, Recorded,
+    Upload, COMPUTE_LANE, DOWNLOAD_LANE, UPLOAD_LANE,
+};
+use crate::ring::{ChunkId, Fence, SlotId, SlotSnapshot, Step, DEFAULT_SLOTS};
 use crate::Error;
 
 impl Fence for GpuFence {
@@ -23,38 +29,145 @@ impl Fence for GpuFence {
     }
 }
 
+/// The host side of one slot: write-combined pinned input, pinned output.
 #[derive(Debug)]
-struct Slot<T: Element> {
+struct HostSlot<T: Element> {
     host_in: PinnedBuffer<T>,
-    dev: DeviceBuffer<T>,
     host_out: PinnedBuffer<T>,
-    /// Elements in the chunk this slot holds.
-    len: usize,
 }
 
-/// A ring of 2 to 8 slots (3 by default) streaming chunks of `T` through the GPU.
-#[derive(Debug)]
-pub struct TripleBuffer<T: Element> {
-    gpu: Gpu,
-    ring: SlotRing<GpuFence>,
-    slots: Vec<Slot<T>>,
+fn host_slot<T: Element>(gpu: &Gpu, capacity: usize) -> Result<HostSlot<T>, Error> {
+    Ok(HostSlot {
+        host_in: PinnedBuffer::new(gpu, capacity, HostAllocFlags::UPLOAD_ONLY)?,
+        host_out: PinnedBuffer::new(gpu, capacity, HostAllocFlags::DEFAULT)?,
+    })
+}
+
+/// `upload_with`: fill the slot's pinned input in place, then copy it up.
+struct FillIo<F> {
     capacity: usize,
-    /// Upload, compute and download lanes.
-    lanes: [Lane; 3],
-    /// With timing on: the origin fence, the timed fences of the chunks in
-    /// flight, and the spans of released chunks not yet taken.
-    timing: Option<Timing>,
+    len: usize,
+    fill: Option<F>,
 }
 
-/// Spans kept for [`TripleBuffer::take_timeline`]; past it the oldest go.
-const MAX_SPANS: usize = 1 << 16;
+/// `download` and `take_output`: the slot's pinned output.
+struct OutIo<R, X> {
+    capacity: usize,
+    take: Option<R>,
+    result: Option<X>,
+}
 
-#[derive(Debug)]
-struct Timing {
-    origin: GpuFence,
-    /// Per slot: the chunk's timed (step, start, end) fences until release.
-    pending: Vec<Vec<(Step, GpuFence, GpuFence)>>,
-    spans: std::collections::VecDeque<StepSpan>,
+impl<T: Element, F: FnOnce(&mut [T])> ChunkIo<T> for FillIo<F> {
+    type Slot = HostSlot<T>;
+    type Error = Error;
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<HostSlot<T>, Error> {
+        host_slot(gpu, self.capacity)
+    }
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut HostSlot<T>,
+        dev: &mut DeviceBuffer<T>,
+        _chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>, Error> {
+        // The slot was released, so its last upload's read of host_in
+        // completed: as_mut_slice cannot report BufferInFlight here.
+        if let Some(fill) = self.fill.take() {
+            fill(&mut slot.host_in.as_mut_slice()?[..self.len]);
+        }
+        let rec = lane.copy_htod_timed(&slot.host_in, 0, dev, 0, self.len, timed)?;
+        Ok(Some((self.len, rec.into())))
+    }
+    fn download(
+        &mut self,
+        _: &mut Lane,
+        _: bool,
+        _: &mut HostSlot<T>,
+        _: &DeviceBuffer<T>,
+        _: usize,
+    ) -> Result<Recorded, Error> {
+        Err(Error::Config("an upload I/O cannot download"))
+    }
+    fn retire(&mut self, _: &mut HostSlot<T>, _: ChunkId, _: usize) -> Result<(), Error> {
+        Err(Error::Config("an upload I/O cannot retire"))
+    }
+}
+
+impl<T: Element, X, R: FnOnce(ChunkId, &[T]) -> X> ChunkIo<T> for OutIo<R, X> {
+    type Slot = HostSlot<T>;
+    type Error = Error;
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<HostSlot<T>, Error> {
+        host_slot(gpu, self.capacity)
+    }
+    fn upload(
+        &mut self,
+        _: &mut Lane,
+        _: bool,
+        _: &mut HostSlot<T>,
+        _: &mut DeviceBuffer<T>,
+        _: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>, Error> {
+        Ok(None)
+    }
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut HostSlot<T>,
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded, Error> {
+        Ok(lane
+            .copy_dtoh_timed(dev, 0, &mut slot.host_out, 0, len, timed)?
+            .into())
+    }
+    fn retire(&mut self, slot: &mut HostSlot<T>, chunk: ChunkId, len: usize) -> Result<(), Error> {
+        if let Some(take) = self.take.take() {
+            // The download completed (observed), so the read cannot fail with
+            // BufferInFlight.
+            let out = &slot.host_out.as_slice()?[..len];
+            self.result = Some(take(chunk, out));
+        }
+        Ok(())
+    }
+}
+
+/// `process`: the user's closure over the slot's device buffer, in place.
+struct InPlace<F> {
+    f: Option<F>,
+}
+
+impl<T: Element, F> ChunkProcessor<T> for InPlace<F>
+where
+    F: FnOnce(&mut Launch<'_>, &mut DeviceBuffer<T>, usize) -> Result<(), prism_stream::Error>,
+{
+    type Error = Error;
+    fn process(
+        &mut self,
+        launch: &mut Launch<'_>,
+        bufs: &mut [DeviceBuffer<T>],
+        len: usize,
+        _chunk: ChunkId,
+        spans: &mut ComputeSpans,
+    ) -> Result<(usize, usize), Error> {
+        let Some(f) = self.f.take() else {
+            return Ok((len, 0));
+        };
+        let start = if spans.timed() {
+            // Order the kernels after the upload now, so the span excludes the wait.
+            launch.prepare_write(&mut bufs[0])?;
+            Some(launch.timed_fence()?)
+        } else {
+            None
+        };
+        f(launch, &mut bufs[0], len)?;
+        if let Some(start) = start {
+            let end = launch.timed_fence()?;
+            spans.record("process", start, end);
+        }
+        Ok((len, 0))
+    }
 }
 
 /// One step's GPU execution, in ms since timing was enabled.
@@ -66,9 +179,16 @@ pub struct StepSpan {
     pub end_ms: f64,
 }
 
-const UP: usize = 0;
-const COMPUTE: usize = 1;
-const DOWN: usize = 2;
+/// Spans kept for [`TripleBuffer::take_timeline`]; past it the oldest go.
+const MAX_SPANS: usize = 1 << 16;
+
+/// A ring of 2 to 8 slots (3 by default) streaming chunks of `T` through the GPU.
+#[derive(Debug)]
+pub struct TripleBuffer<T: Element> {
+    engine: Engine<T>,
+    host: IoSlots<HostSlot<T>>,
+    spans: VecDeque<StepSpan>,
+}
 
 impl<T: Element> TripleBuffer<T> {
     /// Three slots of `len_per_slot` elements each.
@@ -84,45 +204,36 @@ impl<T: Element> TripleBuffer<T> {
                 what: "triple buffer slot",
             });
         }
-        let ring = SlotRing::new(slots)?;
-        let mut lanes = [
-            Lane::with_purpose(gpu, StreamPurpose::Upload)?,
-            Lane::with_purpose(gpu, StreamPurpose::Compute)?,
-            Lane::with_purpose(gpu, StreamPurpose::Download)?,
-        ];
-        let slots = (0..slots)
-            .map(|_| {
-                Ok(Slot {
-                    host_in: PinnedBuffer::new(gpu, len_per_slot, HostAllocFlags::UPLOAD_ONLY)?,
-                    dev: DeviceBuffer::zeroed(&mut lanes[UP], len_per_slot)?,
-                    host_out: PinnedBuffer::new(gpu, len_per_slot, HostAllocFlags::DEFAULT)?,
-                    len: 0,
-                })
-            })
-            .collect::<Result<Vec<_>, prism_stream::Error>>()?;
-        Ok(Self {
-            gpu: gpu.clone(),
-            ring,
-            slots,
+        let engine = Engine::new(
+            gpu,
+            EngineConfig {
+                slots,
+                capacity: len_per_slot,
+                buffers_per_slot: 1,
+                compute_lanes: 1,
+            },
+        )?;
+        // Host staging for every slot now, so the first chunks pay no allocation.
+        let mut host = IoSlots::new(slots);
+        let mut io = OutIo::<fn(ChunkId, &[T]), ()> {
             capacity: len_per_slot,
-            lanes,
-            timing: None,
+            take: None,
+            result: None,
+        };
+        host.prepare(&mut io, gpu)?;
+        Ok(Self {
+            engine,
+            host,
+            spans: VecDeque::new(),
         })
     }
 
-    /// Records timed events around every step from now on (costs two timed
-    /// events per step, held until the chunk is released). Start events are
+    /// Records timed events around every step from now on (two timed events
+    /// per step, held until the chunk is released). Start events are
     /// recorded after the GPU-side waits, so a step's span is its own
     /// execution, not time spent waiting.
     pub fn enable_timing(&mut self) -> Result<(), Error> {
-        // Origin: a timed event on the upload lane; spans on every lane are measured from it.
-        let origin = self.lanes[UP].timed_fence()?;
-        self.timing = Some(Timing {
-            origin,
-            pending: (0..self.slots.len()).map(|_| Vec::new()).collect(),
-            spans: Default::default(),
-        });
-        Ok(())
+        self.engine.start_timing()
     }
 
     /// The spans of the steps of every chunk released since the last call
@@ -130,88 +241,64 @@ impl<T: Element> TripleBuffer<T> {
     /// bounded by the chunks in flight plus the spans not yet taken (at most
     /// 65536; the oldest are dropped past that).
     pub fn take_timeline(&mut self) -> Vec<StepSpan> {
-        self.timing
-            .as_mut()
-            .map(|t| t.spans.drain(..).collect())
-            .unwrap_or_default()
-    }
-
-    fn note(&mut self, slot: SlotId, step: Step, start: Option<GpuFence>, end: &GpuFence) {
-        if let (Some(t), Some(start)) = (&mut self.timing, start) {
-            t.pending[slot.0].push((step, start, end.clone()));
-        }
-    }
-
-    /// Turns a released chunk's timed fences into spans (they completed:
-    /// the chunk's download did, and every step is ordered before it).
-    fn resolve_timing(&mut self, slot: SlotId, chunk: ChunkId) -> Result<(), Error> {
-        let Some(t) = &mut self.timing else {
-            return Ok(());
-        };
-        for (step, start, end) in t.pending[slot.0].drain(..) {
-            if let Probe::Failed(reason) = end.synchronize() {
-                return Err(prism_stream::Error::ContextPoisoned { reason }.into());
-            }
-            if t.spans.len() >= MAX_SPANS {
-                t.spans.pop_front();
-            }
-            t.spans.push_back(StepSpan {
-                chunk,
-                step,
-                start_ms: f64::from(start.elapsed_ms_since(&t.origin)?),
-                end_ms: f64::from(end.elapsed_ms_since(&t.origin)?),
-            });
-        }
-        Ok(())
+        self.spans.drain(..).collect()
     }
 
     /// Elements per slot.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.engine.capacity()
     }
 
     /// Number of slots.
     pub fn slot_count(&self) -> usize {
-        self.ring.len()
+        self.engine.slot_count()
     }
 
     /// Chunks issued and not yet taken back by the host.
     pub fn in_flight(&self) -> usize {
-        self.ring.in_flight()
+        self.engine.in_flight()
     }
 
     pub fn gpu(&self) -> &Gpu {
-        &self.gpu
+        self.engine.gpu()
     }
 
     /// The lane `step` runs on (to queue extra work in order with it).
     pub fn lane_mut(&mut self, step: Step) -> &mut Lane {
-        &mut self.lanes[step.index()]
+        let i = match step {
+            Step::Upload => UPLOAD_LANE,
+            Step::Process => COMPUTE_LANE,
+            Step::Download => DOWNLOAD_LANE,
+        };
+        match self.engine.lane_mut(i) {
+            Some(lane) => lane,
+            None => unreachable!("a triple buffer's engine has its three lanes"),
+        }
     }
 
     /// Snapshot of every slot, for debugging.
     pub fn get_states(&self) -> Vec<SlotSnapshot> {
-        self.ring.states()
+        self.engine.states()
     }
 
     /// The slot the next upload would use, or `None` when its previous chunk
     /// has not been downloaded and taken yet.
     pub fn get_upload_buffer(&self) -> Option<SlotId> {
-        self.ring.next(Step::Upload).map(|(s, _)| s)
+        self.engine.next(Step::Upload).map(|(s, _)| s)
     }
 
     /// The slot whose chunk is next to process, if its upload was issued.
     pub fn get_process_buffer(&self) -> Option<SlotId> {
-        self.ring.next(Step::Process).map(|(s, _)| s)
+        self.engine.next(Step::Process).map(|(s, _)| s)
     }
 
     /// The slot whose chunk is next to download, if its processing was issued.
     pub fn get_download_buffer(&self) -> Option<SlotId> {
-        self.ring.next(Step::Download).map(|(s, _)| s)
+        self.engine.next(Step::Download).map(|(s, _)| s)
     }
 
     /// Copies `data` into the next free slot's pinned staging and queues its
-    /// upload. `NoSlotReady` when every slot is still in use (poll / take outputs first).
+    /// upload. `NoSlotReady` when every slot is still in use (take outputs first).
     pub fn upload(&mut self, data: &[T]) -> Result<ChunkId, Error> {
         self.upload_with(data.len(), |dst| dst.copy_from_slice(data))
     }
@@ -226,27 +313,24 @@ impl<T: Element> TripleBuffer<T> {
         if len == 0 {
             return Err(Error::ZeroLength { what: "chunk" });
         }
-        if len > self.capacity {
+        if len > self.capacity() {
             return Err(Error::ChunkTooLong {
                 len,
-                capacity: self.capacity,
+                capacity: self.capacity(),
             });
         }
-        let (slot, _) = self.ring.next(Step::Upload).ok_or(Error::NoSlotReady {
-            step: Step::Upload,
-            why: "every slot holds a chunk that has not been downloaded and taken yet",
-        })?;
-        let s = &mut self.slots[slot.0];
-        // The slot was released, so its last upload read of host_in completed:
-        // as_mut_slice cannot report BufferInFlight here.
-        fill(&mut s.host_in.as_mut_slice()?[..len]);
-        let timed = self.timing.is_some();
-        let (start, fence) =
-            self.lanes[UP].copy_htod_timed(&s.host_in, 0, &mut s.dev, 0, len, timed)?;
-        s.len = len;
-        let chunk = self.ring.issue(Step::Upload, slot, fence.clone())?;
-        self.note(slot, Step::Upload, start, &fence);
-        Ok(chunk)
+        let mut io = FillIo {
+            capacity: self.capacity(),
+            len,
+            fill: Some(fill),
+        };
+        match self.engine.upload(&mut io, &mut self.host)? {
+            Upload::Issued(chunk, _) => Ok(chunk),
+            _ => Err(Error::NoSlotReady {
+                step: Step::Upload,
+                why: "every slot holds a chunk that has not been downloaded and taken yet",
+            }),
+        }
     }
 
     /// Queues processing of the next uploaded chunk on the compute lane:
@@ -259,95 +343,72 @@ impl<T: Element> TripleBuffer<T> {
     where
         F: FnOnce(&mut Launch<'_>, &mut DeviceBuffer<T>, usize) -> Result<(), prism_stream::Error>,
     {
-        let (slot, _) = self.ring.next(Step::Process).ok_or(Error::NoSlotReady {
-            step: Step::Process,
-            why: "no uploaded chunk is waiting to be processed",
-        })?;
-        let s = &mut self.slots[slot.0];
-        let timed = self.timing.is_some();
-        let own = self.lanes[COMPUTE].stream_id();
-        let mut launch = self.lanes[COMPUTE].launch();
-        // Order the kernels after the upload now, so a timed start excludes the wait.
-        launch.prepare_write(&mut s.dev)?;
-        let start = if timed {
-            Some(launch.timed_fence()?)
-        } else {
-            None
-        };
-        f(&mut launch, &mut s.dev, s.len)?;
-        // The step ends after its last kernel; a timed end fence (or, with
-        // nothing launched on this lane, a plain one) marks it. A closure
-        // that swapped the scope for another lane's gets a fence of ours.
-        let last = launch.last_fence().cloned().filter(|f| f.stream() == own);
-        drop(launch);
-        let fence = match (timed, last) {
-            (false, Some(last)) => last,
-            (true, _) => self.lanes[COMPUTE].timed_fence()?,
-            (false, None) => self.lanes[COMPUTE].fence()?,
-        };
-        let chunk = self.ring.issue(Step::Process, slot, fence.clone())?;
-        self.note(slot, Step::Process, start, &fence);
-        Ok(chunk)
+        self.engine
+            .process(&mut InPlace { f: Some(f) })?
+            .ok_or(Error::NoSlotReady {
+                step: Step::Process,
+                why: "no uploaded chunk is waiting to be processed",
+            })
     }
 
     /// Queues the download of the next processed chunk.
     pub fn download(&mut self) -> Result<ChunkId, Error> {
-        let (slot, _) = self.ring.next(Step::Download).ok_or(Error::NoSlotReady {
-            step: Step::Download,
-            why: "no processed chunk is waiting to be downloaded",
-        })?;
-        let s = &mut self.slots[slot.0];
-        let timed = self.timing.is_some();
-        let (start, fence) =
-            self.lanes[DOWN].copy_dtoh_timed(&s.dev, 0, &mut s.host_out, 0, s.len, timed)?;
-        let chunk = self.ring.issue(Step::Download, slot, fence.clone())?;
-        self.note(slot, Step::Download, start, &fence);
-        Ok(chunk)
+        let mut io = OutIo::<fn(ChunkId, &[T]), ()> {
+            capacity: self.capacity(),
+            take: None,
+            result: None,
+        };
+        self.engine
+            .download(&mut io, &mut self.host)?
+            .ok_or(Error::NoSlotReady {
+                step: Step::Download,
+                why: "no processed chunk is waiting to be downloaded",
+            })
     }
 
-    /// Observes completed events (non-blocking); returns how many steps completed.
+    /// Polls the GPU without blocking: observes the steps that completed
+    /// since the last call (slot states move on) and returns how many. It
+    /// issues nothing and hands out no output; see
+    /// [`take_output`](Self::take_output).
     pub fn advance(&mut self) -> Result<usize, Error> {
-        Ok(self.ring.poll()?)
+        self.engine.poll()
     }
 
     /// If the oldest chunk's download completed: hands its output to `take`
     /// and frees the slot. Chunks come out in upload order.
-    pub fn take_output<R>(
+    pub fn take_output<X>(
         &mut self,
-        take: impl FnOnce(ChunkId, &[T]) -> R,
-    ) -> Result<Option<R>, Error> {
-        self.ring.poll()?;
-        let Some((slot, chunk)) = self.ring.completed() else {
-            return Ok(None);
+        take: impl FnOnce(ChunkId, &[T]) -> X,
+    ) -> Result<Option<X>, Error> {
+        let mut io = OutIo {
+            capacity: self.capacity(),
+            take: Some(take),
+            result: None,
         };
-        let s = &self.slots[slot.0];
-        let r = take(chunk, &s.host_out.as_slice()?[..s.len]);
-        self.ring.release(slot)?;
-        self.resolve_timing(slot, chunk)?;
-        Ok(Some(r))
+        let spans = &mut self.spans;
+        let mut keep = |s: ChunkSpan| {
+            if spans.len() >= MAX_SPANS {
+                spans.pop_front();
+            }
+            spans.push_back(StepSpan {
+                chunk: s.chunk,
+                step: s.step,
+                start_ms: s.start_ms,
+                end_ms: s.end_ms,
+            });
+        };
+        self.engine.retire(&mut io, &mut self.host, &mut keep)?;
+        Ok(io.result)
     }
 
-    /// Blocks until the oldest chunk in flight has been downloaded, then as
-    /// [`take_output`](Self::take_output). `Ok(None)` when nothing is in flight
-    /// past the download step.
-    pub fn wait_output<R>(
+    /// Blocks until the oldest chunk in flight has finished its last issued
+    /// step, then as [`take_output`](Self::take_output) (`Ok(None)` when
+    /// nothing is in flight past the download step).
+    pub fn wait_output<X>(
         &mut self,
-        take: impl FnOnce(ChunkId, &[T]) -> R,
-    ) -> Result<Option<R>, Error> {
-        let oldest = self
-            .ring
-            .states()
-            .into_iter()
-            .filter_map(|s| s.chunk.map(|c| (c, s.slot)))
-            .min();
-        if let Some((_, slot)) = oldest {
-            if let Some(f) = self.ring.fence(slot, Step::Download) {
-                if let Probe::Failed(reason) = f.synchronize() {
-                    self.gpu.poison(&reason);
-                    return Err(prism_stream::Error::ContextPoisoned { reason }.into());
-                }
-            }
-        }
+        take: impl FnOnce(ChunkId, &[T]) -> X,
+    ) -> Result<Option<X>, Error> {
+        self.engine.wait_oldest()?;
         self.take_output(take)
     }
 }

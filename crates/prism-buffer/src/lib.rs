@@ -24,10 +24,12 @@
 #![forbid(unsafe_code)]
 
 pub mod cpu;
+pub mod engine;
 mod error;
 mod gpu;
 pub mod ring;
 
+pub use engine::{ChunkIo, ChunkProcessor, Engine, EngineConfig};
 pub use gpu::{GpuTripleBufferExt, StepSpan, TripleBuffer};
 
 pub use error::Error;

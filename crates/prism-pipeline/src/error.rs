@@ -49,9 +49,42 @@ pub enum Error {
     /// A configuration value out of range.
     #[error("invalid configuration: {0}")]
     Config(&'static str),
-    /// The host backend's worker thread panicked.
+    /// The host backend's worker thread panicked outside a stage.
     #[error("the host backend's worker thread panicked")]
     WorkerPanicked,
+    /// A stage panicked; the run stopped after in-flight chunks drained.
+    #[error("stage {stage:?} panicked on chunk {chunk}: {message}")]
+    StagePanicked {
+        stage: String,
+        chunk: u64,
+        message: String,
+    },
+    /// A stream's source failed; the chunks before it were delivered,
+    /// nothing after it was.
+    #[error("the source failed at chunk {chunk}: {source}")]
+    Source {
+        chunk: u64,
+        #[source]
+        source: crate::source::BoxError,
+    },
+    /// A stream's source panicked (as [`Error::Source`]).
+    #[error("the source panicked at chunk {chunk}: {message}")]
+    SourcePanicked { chunk: u64, message: String },
+    /// A stream's sink failed on a chunk; the run stopped, in-flight chunks
+    /// drained without being delivered.
+    #[error("the sink failed on chunk {chunk}: {source}")]
+    Sink {
+        chunk: u64,
+        #[source]
+        source: crate::source::BoxError,
+    },
+    /// A stream's sink panicked (as [`Error::Sink`]).
+    #[error("the sink panicked on chunk {chunk}: {message}")]
+    SinkPanicked { chunk: u64, message: String },
+    /// `execute_iteration` chunks are still in flight: `flush` them before
+    /// a whole run or a configuration change.
+    #[error("{pending} execute_iteration chunk(s) are still in flight: call flush() first")]
+    IterationPending { pending: usize },
 }
 
 /// Result alias of prism-pipeline.

@@ -1,15 +1,19 @@
 //! The host backend: the same stages and ordering on CPU threads, for
-//! machines without a GPU. A worker thread runs the stages chunk by chunk and
-//! hands results over a bounded channel, so at most `slots` chunks are ever
-//! ahead of the consumer (back-pressure); the calling thread delivers outputs
-//! in input order. Buffers circulate between the two threads and are reused.
+//! machines without a GPU. The calling thread pulls input chunks (from a
+//! slice, items or a stream source) and hands them to a worker thread that
+//! runs the stages; at most `slots` chunks are in flight (back-pressure),
+//! and the calling thread delivers outputs in input order. Buffers circulate
+//! between the two threads and are reused, so memory stays bounded by the
+//! ring whatever the input's length.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::time::Instant;
 
 use prism_stream::Element;
 
 use crate::error::{Error, Result};
+use crate::gpu::panic_message;
 use crate::stage::Stage;
 use crate::stats::PipelineStats;
 
@@ -19,8 +23,17 @@ pub struct AsyncPipelineCoordinator {
     slots: usize,
 }
 
-/// What the worker hands back per chunk: output, and each stage's host time.
-type Done<T> = std::result::Result<(Vec<T>, Vec<f64>), Error>;
+/// What the worker hands back per chunk: index, output, each stage's host
+/// time, and the input buffer (for reuse).
+type Done<T> = std::result::Result<(u64, Vec<T>, Vec<f64>, Vec<T>), Error>;
+
+/// What the calling thread's input callback says.
+pub(crate) enum Pull {
+    /// The buffer holds the next chunk.
+    Chunk,
+    /// No more input.
+    End,
+}
 
 impl AsyncPipelineCoordinator {
     /// `slots` chunks may be processed ahead of the consumer (2..=8).
@@ -32,8 +45,9 @@ impl AsyncPipelineCoordinator {
     }
 
     /// Runs `order`'s stages over each chunk and calls `sink(chunk index,
-    /// output)` in chunk order. A failing stage stops the run: chunks already
-    /// processed are dropped and the error names the stage and chunk.
+    /// output)` in chunk order. A failing or panicking stage stops the run:
+    /// chunks already processed are dropped and the error names the stage
+    /// and chunk.
     pub fn run<'a, T: Element, C>(
         &self,
         stages: &mut [Box<dyn Stage<T>>],
@@ -43,53 +57,52 @@ impl AsyncPipelineCoordinator {
         stats: &mut PipelineStats,
     ) -> Result<u64>
     where
-        C: Iterator<Item = &'a [T]> + Send,
+        C: Iterator<Item = &'a [T]>,
     {
+        let mut chunks = chunks;
+        self.run_pull(
+            stages,
+            order,
+            &mut |buf: &mut Vec<T>, _| match chunks.next() {
+                Some(c) => {
+                    buf.clear();
+                    buf.extend_from_slice(c);
+                    Ok(Pull::Chunk)
+                }
+                None => Ok(Pull::End),
+            },
+            &mut sink,
+            stats,
+        )
+        .map(|(n, failed)| {
+            debug_assert!(failed.is_none());
+            n
+        })
+    }
+
+    /// The core: `pull(buf, index)` fills `buf` with input chunk `index`
+    /// (on the calling thread); `sink` gets outputs in order. A pull error
+    /// stops the input: the chunks before it are still delivered, then it
+    /// is returned as the second value (`Ok` overall). A sink or stage
+    /// error stops the run at once and is returned as `Err`.
+    pub(crate) fn run_pull<T: Element>(
+        &self,
+        stages: &mut [Box<dyn Stage<T>>],
+        order: &[usize],
+        pull: &mut dyn FnMut(&mut Vec<T>, u64) -> Result<Pull>,
+        sink: &mut dyn FnMut(u64, &[T]) -> Result<()>,
+        stats: &mut PipelineStats,
+    ) -> Result<(u64, Option<Error>)> {
+        let (in_tx, in_rx) = mpsc::sync_channel::<(u64, Vec<T>, Vec<T>)>(self.slots);
         let (done_tx, done_rx) = mpsc::sync_channel::<Done<T>>(self.slots);
-        let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<T>>();
         let names: Vec<String> = order.iter().map(|&i| stages[i].name().to_owned()).collect();
-        let mut delivered = 0u64;
-        let outcome = std::thread::scope(|scope| {
+        let slots = self.slots;
+        std::thread::scope(|scope| {
             let worker = scope.spawn(move || {
                 let mut spare: Vec<Vec<T>> = Vec::new();
-                for (index, chunk) in chunks.enumerate() {
-                    let mut times = Vec::with_capacity(order.len());
-                    let mut cur: Vec<T> = recycle_rx.try_recv().unwrap_or_default();
-                    cur.clear();
-                    cur.extend_from_slice(chunk);
-                    let mut failed = None;
-                    for &i in order {
-                        let stage = &mut stages[i];
-                        let mut next = spare.pop().unwrap_or_default();
-                        next.clear();
-                        let out_len = stage.output_len(cur.len());
-                        // Sized with a copy of an input element; the stage overwrites every one.
-                        match cur.first() {
-                            Some(&fill) => next.resize(out_len, fill),
-                            None if out_len == 0 => {}
-                            None => {
-                                failed = Some(Error::Config(
-                                    "a stage claims output from an empty chunk",
-                                ));
-                                break;
-                            }
-                        }
-                        let t = Instant::now();
-                        if let Err(source) = stage.host(&cur, &mut next) {
-                            failed = Some(Error::Stage {
-                                stage: stage.name().to_owned(),
-                                chunk: index as u64,
-                                source,
-                            });
-                            break;
-                        }
-                        times.push(t.elapsed().as_secs_f64() * 1e3);
-                        spare.push(std::mem::replace(&mut cur, next));
-                    }
-                    let msg = match failed {
-                        Some(e) => Err(e),
-                        None => Ok((cur, times)),
-                    };
+                for (index, input, mut cur) in in_rx.iter() {
+                    let msg = run_stages(stages, order, index, &input, &mut cur, &mut spare)
+                        .map(|times| (index, cur, times, input));
                     let stop = msg.is_err();
                     // A closed channel means the consumer stopped: stop too.
                     if done_tx.send(msg).is_err() || stop {
@@ -97,34 +110,147 @@ impl AsyncPipelineCoordinator {
                     }
                 }
             });
-            let mut result = Ok(());
-            for msg in done_rx.iter() {
-                match msg {
-                    Ok((out, times)) => {
-                        for (name, ms) in names.iter().zip(times) {
-                            stats.add_stage_time(name, ms);
-                            stats.compute_busy_ms += ms;
-                        }
-                        stats.bytes_out += std::mem::size_of_val(out.as_slice()) as u64;
-                        if let Err(e) = sink(delivered, &out) {
-                            result = Err(e);
-                            break;
-                        }
-                        delivered += 1;
-                        let _ = recycle_tx.send(out);
-                    }
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                }
-            }
+            let mut in_tx = Some(in_tx);
+            let outcome = feed_and_deliver(
+                slots,
+                &mut in_tx,
+                &done_rx,
+                pull,
+                sink,
+                &names,
+                stats,
+            );
+            // Stop the worker (it ends at the closed channel or its next send)
+            // and wait for it: nothing outlives the run.
+            drop(in_tx);
             drop(done_rx);
             match worker.join() {
-                Ok(()) => result,
+                Ok(()) => outcome,
                 Err(_) => Err(Error::WorkerPanicked),
             }
-        });
-        outcome.map(|()| delivered)
+        })
     }
+}
+
+/// The calling thread's side of `run_pull`.
+fn feed_and_deliver<T: Element>(
+    slots: usize,
+    in_tx: &mut Option<mpsc::SyncSender<(u64, Vec<T>, Vec<T>)>>,
+    done_rx: &mpsc::Receiver<Done<T>>,
+    pull: &mut dyn FnMut(&mut Vec<T>, u64) -> Result<Pull>,
+    sink: &mut dyn FnMut(u64, &[T]) -> Result<()>,
+    names: &[String],
+    stats: &mut PipelineStats,
+) -> Result<(u64, Option<Error>)> {
+    let (mut sent, mut delivered) = (0u64, 0u64);
+    let mut failed: Option<Error> = None;
+    let mut inputs: Vec<Vec<T>> = Vec::new();
+    let mut outputs: Vec<Vec<T>> = Vec::new();
+    loop {
+        while failed.is_none() && in_tx.is_some() && (sent - delivered) < slots as u64 {
+            let mut buf = inputs.pop().unwrap_or_default();
+            match pull(&mut buf, sent) {
+                Ok(Pull::Chunk) => {
+                    let out = outputs.pop().unwrap_or_default();
+                    let ok = in_tx
+                        .as_ref()
+                        .is_some_and(|tx| tx.send((sent, buf, out)).is_ok());
+                    if !ok {
+                        break;
+                    }
+                    sent += 1;
+                }
+                Ok(Pull::End) => *in_tx = None,
+                Err(e) => failed = Some(e),
+            }
+        }
+        if sent == delivered {
+            return Ok((delivered, failed));
+        }
+        match done_rx.recv() {
+            Ok(Ok((index, out, times, input))) => {
+                for (name, ms) in names.iter().zip(times) {
+                    stats.add_stage_time(name, ms);
+                    stats.compute_busy_ms += ms;
+                }
+                stats.bytes_out += std::mem::size_of_val(out.as_slice()) as u64;
+                match catch_unwind(AssertUnwindSafe(|| sink(index, &out))) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(payload) => {
+                        return Err(Error::SinkPanicked {
+                            chunk: index,
+                            message: panic_message(&*payload),
+                        })
+                    }
+                }
+                delivered += 1;
+                inputs.push(input);
+                outputs.push(out);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::WorkerPanicked),
+        }
+    }
+}
+
+/// Runs the stages over one chunk on the calling thread; returns the
+/// output and each stage's host time in ms.
+pub(crate) fn run_chunk<T: Element>(
+    stages: &mut [Box<dyn Stage<T>>],
+    order: &[usize],
+    index: u64,
+    input: &[T],
+) -> Result<(Vec<T>, Vec<f64>)> {
+    let mut cur = Vec::new();
+    let times = run_stages(stages, order, index, input, &mut cur, &mut Vec::new())?;
+    Ok((cur, times))
+}
+
+/// Runs the stages over one chunk into `cur` (reusing `spare` buffers);
+/// returns each stage's host time in ms.
+fn run_stages<T: Element>(
+    stages: &mut [Box<dyn Stage<T>>],
+    order: &[usize],
+    index: u64,
+    input: &[T],
+    cur: &mut Vec<T>,
+    spare: &mut Vec<Vec<T>>,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(order.len());
+    cur.clear();
+    cur.extend_from_slice(input);
+    for &i in order {
+        let stage = &mut stages[i];
+        let mut next = spare.pop().unwrap_or_default();
+        let out_len = stage.output_len(cur.len());
+        next.clear();
+        // Sized with a copy of an input element; the stage overwrites every one.
+        match cur.first() {
+            Some(&v) => next.resize(out_len, v),
+            None if out_len == 0 => {}
+            None => return Err(Error::Config("a stage claims output from an empty chunk")),
+        }
+        let t = Instant::now();
+        match catch_unwind(AssertUnwindSafe(|| stage.host(cur, &mut next))) {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => {
+                return Err(Error::Stage {
+                    stage: stage.name().to_owned(),
+                    chunk: index,
+                    source,
+                })
+            }
+            Err(payload) => {
+                return Err(Error::StagePanicked {
+                    stage: stage.name().to_owned(),
+                    chunk: index,
+                    message: panic_message(&*payload),
+                })
+            }
+        }
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        spare.push(std::mem::replace(cur, next));
+    }
+    Ok(times)
 }

@@ -1,43 +1,170 @@
-//! The GPU backend's I/O modes: pageable slices, pinned buffers, items.
+//! The GPU backend's I/O modes, each a [`ChunkIo`] of the ring engine with
+//! its own per-slot state: pageable slices, pinned buffers, items, streams,
+//! and the steps of `execute_iteration`.
 
-use prism_stream::{DeviceBuffer, Element, Fence, Gpu, HostAllocFlags, Lane, PinnedBuffer};
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use prism_buffer::engine::Recorded;
+use prism_buffer::ring::ChunkId;
+use prism_buffer::ChunkIo;
+use prism_stream::{DeviceBuffer, Element, Gpu, Lane, Launch, PinnedBuffer};
 
 use crate::copy::{par_copy, par_copy_one};
 use crate::error::{Error, Result};
-use crate::gpu::{Io, SlotIo};
+use crate::gpu::{panic_message, StagingCache};
+use crate::source::{Sink, Source};
 
-fn staging<'b, T: Element>(
-    slot: &'b mut Option<PinnedBuffer<T>>,
-    gpu: &Gpu,
-    len: usize,
-    flags: HostAllocFlags,
-) -> Result<&'b mut PinnedBuffer<T>> {
-    if slot.as_ref().is_none_or(|b| b.len() < len) {
-        *slot = Some(PinnedBuffer::new(gpu, len, flags)?);
-    }
-    Ok(slot.as_mut().expect("just filled"))
+/// A slot's pinned staging: input (the host writes it, the GPU reads it)
+/// and output (the GPU writes it, the host reads it).
+#[derive(Debug)]
+pub(crate) struct Staged<T: Element> {
+    pub(crate) input: PinnedBuffer<T>,
+    pub(crate) output: PinnedBuffer<T>,
 }
 
-/// Downloads `dev[..out_len]` into the slot's pinned output staging
-/// (allocated on first use with room for `capacity` elements).
+impl<T: Element> Staged<T> {
+    fn make(cache: &mut StagingCache<T>, gpu: &Gpu, input: usize, output: usize) -> Result<Self> {
+        Ok(Self {
+            input: cache.input(gpu, input)?,
+            output: cache.output(gpu, output)?,
+        })
+    }
+
+    pub(crate) fn recycle(self, cache: &mut StagingCache<T>) {
+        cache.give_input(self.input);
+        cache.give_output(self.output);
+    }
+}
+
 fn download_staged<T: Element>(
     lane: &mut Lane,
     timed: bool,
-    io: &mut SlotIo<T>,
+    out: &mut PinnedBuffer<T>,
     dev: &DeviceBuffer<T>,
-    out_len: usize,
-    capacity: usize,
-) -> Result<(Option<Fence>, Fence)> {
-    let gpu = lane.gpu().clone();
-    let buf = staging(&mut io.staging_out, &gpu, capacity, HostAllocFlags::DEFAULT)?;
-    Ok(lane.copy_dtoh_timed(dev, 0, buf, 0, out_len, timed)?)
+    len: usize,
+) -> Result<Recorded> {
+    Ok(lane.copy_dtoh_timed(dev, 0, out, 0, len, timed)?.into())
 }
 
-/// The staging buffer `download_staged` filled, for a retiring chunk.
-fn downloaded<T: Element>(io: &SlotIo<T>) -> Result<&PinnedBuffer<T>> {
-    io.staging_out
-        .as_ref()
-        .ok_or(Error::Config("retired a chunk that was never downloaded"))
+/// Pageable input and output: chunks are staged through pinned memory,
+/// copied by several host threads.
+pub(crate) struct SliceIo<'a, T: Element> {
+    pub(crate) input: &'a [T],
+    pub(crate) output: &'a mut [T],
+    pub(crate) chunk: usize,
+    /// Largest chunk output, for sizing staging.
+    pub(crate) capacity: usize,
+    pub(crate) threads: usize,
+    pub(crate) next_in: usize,
+    pub(crate) next_out: usize,
+    pub(crate) cache: &'a mut StagingCache<T>,
+}
+
+impl<T: Element> ChunkIo<T> for SliceIo<'_, T> {
+    type Slot = Staged<T>;
+    type Error = Error;
+
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<Staged<T>> {
+        Staged::make(self.cache, gpu, self.chunk, self.capacity)
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut Staged<T>,
+        dev: &mut DeviceBuffer<T>,
+        _chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        if self.next_in >= self.input.len() {
+            return Ok(None);
+        }
+        let len = self.chunk.min(self.input.len() - self.next_in);
+        // The slot was released, so the previous upload from it completed.
+        par_copy_one(
+            &mut slot.input.as_mut_slice()?[..len],
+            &self.input[self.next_in..self.next_in + len],
+            self.threads,
+        );
+        self.next_in += len;
+        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut Staged<T>,
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        download_staged(lane, timed, &mut slot.output, dev, len)
+    }
+
+    fn retire(&mut self, slot: &mut Staged<T>, _chunk: ChunkId, len: usize) -> Result<()> {
+        par_copy_one(
+            &mut self.output[self.next_out..self.next_out + len],
+            &slot.output.as_slice()?[..len],
+            self.threads,
+        );
+        self.next_out += len;
+        Ok(())
+    }
+}
+
+/// Pinned input and output: chunks are copied straight from and to the
+/// user's page-locked buffers, no staging.
+pub(crate) struct PinnedIo<'a, T: Element> {
+    pub(crate) input: &'a PinnedBuffer<T>,
+    pub(crate) output: &'a mut PinnedBuffer<T>,
+    pub(crate) chunk: usize,
+    pub(crate) next_in: usize,
+    pub(crate) next_out: usize,
+}
+
+impl<T: Element> ChunkIo<T> for PinnedIo<'_, T> {
+    type Slot = ();
+    type Error = Error;
+
+    fn make_slot(&mut self, _gpu: &Gpu) -> Result<()> {
+        Ok(())
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        dev: &mut DeviceBuffer<T>,
+        _chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        if self.next_in >= self.input.len() {
+            return Ok(None);
+        }
+        let len = self.chunk.min(self.input.len() - self.next_in);
+        let rec = lane.copy_htod_timed(self.input, self.next_in, dev, 0, len, timed)?;
+        self.next_in += len;
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        let rec = lane.copy_dtoh_timed(dev, 0, self.output, self.next_out, len, timed)?;
+        self.next_out += len;
+        Ok(rec.into())
+    }
+
+    fn retire(&mut self, _slot: &mut (), _chunk: ChunkId, _len: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Takes items (input, output) from the front of `items` while they fit one
@@ -76,166 +203,75 @@ fn take_batch<A, B, I: Iterator<Item = (A, B)>>(
     Ok((batch, total))
 }
 
-/// Pageable input and output: chunks are staged through pinned memory,
-/// copied by several host threads.
-pub(crate) struct SliceIo<'a, T> {
-    pub(crate) input: &'a [T],
-    pub(crate) output: &'a mut [T],
-    pub(crate) chunk: usize,
-    /// Largest chunk output, for sizing staging.
-    pub(crate) capacity: usize,
-    pub(crate) threads: usize,
-    pub(crate) next_in: usize,
-    pub(crate) next_out: usize,
-}
-
-impl<T: Element> Io<T> for SliceIo<'_, T> {
-    fn upload(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        io: &mut SlotIo<T>,
-        dev: &mut DeviceBuffer<T>,
-        _chunk: u64,
-    ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
-        if self.next_in >= self.input.len() {
-            return Ok(None);
-        }
-        let len = self.chunk.min(self.input.len() - self.next_in);
-        let gpu = lane.gpu().clone();
-        let buf = staging(
-            &mut io.staging_in,
-            &gpu,
-            self.chunk,
-            HostAllocFlags::UPLOAD_ONLY,
-        )?;
-        // The slot was released, so the previous upload from this staging completed.
-        par_copy_one(
-            &mut buf.as_mut_slice()?[..len],
-            &self.input[self.next_in..self.next_in + len],
-            self.threads,
-        );
-        self.next_in += len;
-        let (start, end) = lane.copy_htod_timed(buf, 0, dev, 0, len, timed)?;
-        Ok(Some((len, start, end)))
-    }
-
-    fn download(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        io: &mut SlotIo<T>,
-        dev: &DeviceBuffer<T>,
-        out_len: usize,
-    ) -> Result<(Option<Fence>, Fence)> {
-        download_staged(lane, timed, io, dev, out_len, self.capacity)
-    }
-
-    fn retire(&mut self, io: &mut SlotIo<T>, out_len: usize) -> Result<()> {
-        let buf = downloaded(io)?;
-        par_copy_one(
-            &mut self.output[self.next_out..self.next_out + out_len],
-            &buf.as_slice()?[..out_len],
-            self.threads,
-        );
-        self.next_out += out_len;
-        Ok(())
-    }
-}
-
-/// Pinned input and output: chunks are copied straight from and to the
-/// user's page-locked buffers, no staging.
-pub(crate) struct PinnedIo<'a, T: Element> {
-    pub(crate) input: &'a PinnedBuffer<T>,
-    pub(crate) output: &'a mut PinnedBuffer<T>,
-    pub(crate) chunk: usize,
-    pub(crate) next_in: usize,
-    pub(crate) next_out: usize,
-}
-
-impl<T: Element> Io<T> for PinnedIo<'_, T> {
-    fn upload(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        _io: &mut SlotIo<T>,
-        dev: &mut DeviceBuffer<T>,
-        _chunk: u64,
-    ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
-        if self.next_in >= self.input.len() {
-            return Ok(None);
-        }
-        let len = self.chunk.min(self.input.len() - self.next_in);
-        let (start, end) = lane.copy_htod_timed(self.input, self.next_in, dev, 0, len, timed)?;
-        self.next_in += len;
-        Ok(Some((len, start, end)))
-    }
-
-    fn download(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        _io: &mut SlotIo<T>,
-        dev: &DeviceBuffer<T>,
-        out_len: usize,
-    ) -> Result<(Option<Fence>, Fence)> {
-        let r = lane.copy_dtoh_timed(dev, 0, self.output, self.next_out, out_len, timed)?;
-        self.next_out += out_len;
-        Ok(r)
-    }
-
-    fn retire(&mut self, _io: &mut SlotIo<T>, _out_len: usize) -> Result<()> {
-        Ok(())
-    }
+/// A slot of [`ItemsIo`]: staging and the items batched in its chunk.
+#[derive(Debug)]
+pub(crate) struct ItemsSlot<T: Element> {
+    pub(crate) staged: Staged<T>,
+    /// (offset, length) of each item in the chunk, in item order.
+    items: Vec<(usize, usize)>,
 }
 
 /// Separate items, each with its own output: gathered into pinned staging
 /// (many items per chunk), one copy and one launch per chunk, scattered back.
 /// Only for elementwise stages (checked by the caller).
-pub(crate) struct ItemsIo<'a, T, I: Iterator<Item = (&'a [T], &'a mut [T])>> {
+pub(crate) struct ItemsIo<'a, 'c, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> {
     pub(crate) items: std::iter::Peekable<I>,
     pub(crate) chunk: usize,
     pub(crate) threads: usize,
     pub(crate) next_item: usize,
-    /// Outputs of items in flight, by item index (oldest first).
-    pub(crate) outputs: std::collections::VecDeque<&'a mut [T]>,
-    pub(crate) first_out: usize,
+    /// Outputs of items in flight, oldest first.
+    pub(crate) outputs: VecDeque<&'a mut [T]>,
+    pub(crate) cache: &'c mut StagingCache<T>,
 }
 
-impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for ItemsIo<'a, T, I> {
+impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> ChunkIo<T>
+    for ItemsIo<'a, '_, T, I>
+{
+    type Slot = ItemsSlot<T>;
+    type Error = Error;
+
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<ItemsSlot<T>> {
+        Ok(ItemsSlot {
+            staged: Staged::make(self.cache, gpu, self.chunk, self.chunk)?,
+            items: Vec::new(),
+        })
+    }
+
     fn upload(
         &mut self,
         lane: &mut Lane,
         timed: bool,
-        io: &mut SlotIo<T>,
+        slot: &mut ItemsSlot<T>,
         dev: &mut DeviceBuffer<T>,
-        _chunk: u64,
-    ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
-        let (taken, len) = take_batch(&mut self.items, self.chunk, &mut self.next_item, |i, o| {
-            (i.len(), o.len())
-        })?;
-        io.items.clear();
-        let first = self.next_item - taken.len();
+        _chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        // Zero-length items carry nothing: they are skipped (their outputs
+        // are empty as they are).
+        let (taken, len) = loop {
+            let (taken, len) =
+                take_batch(&mut self.items, self.chunk, &mut self.next_item, |i, o| {
+                    (i.len(), o.len())
+                })?;
+            if taken.is_empty() || len > 0 {
+                break (taken, len);
+            }
+        };
+        if taken.is_empty() {
+            return Ok(None);
+        }
+        slot.items.clear();
         let mut batch: Vec<&[T]> = Vec::with_capacity(taken.len());
         let mut offset = 0;
-        for (k, (item, out)) in taken.into_iter().enumerate() {
-            io.items.push((first + k, offset, item.len()));
+        for (item, out) in taken {
+            if item.is_empty() {
+                continue;
+            }
+            slot.items.push((offset, item.len()));
             offset += item.len();
             batch.push(item);
             self.outputs.push_back(out);
         }
-        if len == 0 {
-            // Zero-length items carry nothing; they are delivered as they are.
-            return Ok(None);
-        }
-        let gpu = lane.gpu().clone();
-        let buf = staging(
-            &mut io.staging_in,
-            &gpu,
-            self.chunk,
-            HostAllocFlags::UPLOAD_ONLY,
-        )?;
-        let mut rest = &mut buf.as_mut_slice()?[..len];
+        let mut rest = &mut slot.staged.input.as_mut_slice()?[..len];
         let mut pairs = Vec::with_capacity(batch.len());
         for item in batch {
             let (head, tail) = rest.split_at_mut(item.len());
@@ -243,32 +279,29 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for Items
             rest = tail;
         }
         par_copy(pairs, self.threads);
-        let (start, end) = lane.copy_htod_timed(buf, 0, dev, 0, len, timed)?;
-        Ok(Some((len, start, end)))
+        let rec = lane.copy_htod_timed(&slot.staged.input, 0, dev, 0, len, timed)?;
+        Ok(Some((len, rec.into())))
     }
 
     fn download(
         &mut self,
         lane: &mut Lane,
         timed: bool,
-        io: &mut SlotIo<T>,
+        slot: &mut ItemsSlot<T>,
         dev: &DeviceBuffer<T>,
-        out_len: usize,
-    ) -> Result<(Option<Fence>, Fence)> {
-        download_staged(lane, timed, io, dev, out_len, self.chunk)
+        len: usize,
+    ) -> Result<Recorded> {
+        download_staged(lane, timed, &mut slot.staged.output, dev, len)
     }
 
-    fn retire(&mut self, io: &mut SlotIo<T>, _out_len: usize) -> Result<()> {
-        let buf = downloaded(io)?;
-        let data = buf.as_slice()?;
-        let mut pairs = Vec::with_capacity(io.items.len());
-        for &(item, off, len) in &io.items {
-            debug_assert_eq!(item, self.first_out);
+    fn retire(&mut self, slot: &mut ItemsSlot<T>, _chunk: ChunkId, _len: usize) -> Result<()> {
+        let data = slot.staged.output.as_slice()?;
+        let mut pairs = Vec::with_capacity(slot.items.len());
+        for &(off, len) in &slot.items {
             let out = self
                 .outputs
                 .pop_front()
                 .ok_or(Error::Config("item outputs out of step"))?;
-            self.first_out += 1;
             pairs.push((out, &data[off..off + len]));
         }
         par_copy(pairs, self.threads);
@@ -276,12 +309,20 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Io<T> for Items
     }
 }
 
+/// A slot of [`PinnedItemsIo`]: the zero-copy descriptors of its chunk.
+#[derive(Debug)]
+pub(crate) struct DescSlot {
+    pub(crate) gather: Option<PinnedBuffer<u64>>,
+    pub(crate) scatter: Option<PinnedBuffer<u64>>,
+}
+
 /// Items in the user's own pinned buffers: gathered into a chunk on the
 /// device by one zero-copy kernel that reads them over the bus (upload
-/// stream), processed, and scattered back by one zero-copy kernel (download
-/// stream). No host copy and no per-item copy. Elementwise stages only.
+/// lane), processed, and scattered back by one zero-copy kernel (download
+/// lane). No host copy and no per-item copy. Elementwise stages only.
 pub(crate) struct PinnedItemsIo<
     'a,
+    'c,
     T: Element,
     I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuffer<T>)>,
 > {
@@ -289,47 +330,62 @@ pub(crate) struct PinnedItemsIo<
     pub(crate) chunk: usize,
     pub(crate) next_item: usize,
     /// Output buffers of each chunk in flight, oldest first.
-    pub(crate) outputs: std::collections::VecDeque<Vec<&'a mut PinnedBuffer<T>>>,
+    pub(crate) outputs: VecDeque<Vec<&'a mut PinnedBuffer<T>>>,
+    pub(crate) cache: &'c mut StagingCache<T>,
 }
 
-/// The fence ending a scope's single kernel: a timed one when timing (so
-/// its span has an end), else the kernel's own.
-fn end_fence(mut launch: prism_stream::Launch<'_>, timed: bool) -> Result<Fence> {
-    if timed {
-        return Ok(launch.timed_fence()?);
-    }
-    launch
-        .last_fence()
-        .cloned()
-        .ok_or(Error::Config("a zero-copy step launched no kernel"))
-}
-
-fn descriptors<'b>(
+/// Descriptors for `items` (3 words each), from `slot` or the cache.
+fn descriptors<'b, T: Element>(
     slot: &'b mut Option<PinnedBuffer<u64>>,
+    cache: &mut StagingCache<T>,
     gpu: &Gpu,
     items: usize,
 ) -> Result<&'b mut PinnedBuffer<u64>> {
     if slot.as_ref().is_none_or(|b| b.len() < 3 * items) {
-        *slot = Some(PinnedBuffer::new(
-            gpu,
-            (3 * items).max(3 * 64),
-            HostAllocFlags::DEFAULT,
-        )?);
+        if let Some(old) = slot.take() {
+            cache.give_descriptors(old);
+        }
+        *slot = Some(cache.descriptors(gpu, (3 * items).max(3 * 64))?);
     }
-    Ok(slot.as_mut().expect("just filled"))
+    slot.as_mut()
+        .ok_or(Error::Config("zero-copy descriptors missing"))
 }
 
-impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuffer<T>)>> Io<T>
-    for PinnedItemsIo<'a, T, I>
+/// The fence ending a scope's single kernel: a timed one when timing (so
+/// its span has an end), else the kernel's own.
+fn end_fence(mut launch: Launch<'_>, start: Option<prism_stream::Fence>) -> Result<Recorded> {
+    if start.is_some() {
+        let end = launch.timed_fence()?;
+        return Ok(Recorded { start, end });
+    }
+    let end = launch
+        .last_fence()
+        .cloned()
+        .ok_or(Error::Config("a zero-copy step launched no kernel"))?;
+    Ok(Recorded { start, end })
+}
+
+impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuffer<T>)>> ChunkIo<T>
+    for PinnedItemsIo<'a, '_, T, I>
 {
+    type Slot = DescSlot;
+    type Error = Error;
+
+    fn make_slot(&mut self, _gpu: &Gpu) -> Result<DescSlot> {
+        Ok(DescSlot {
+            gather: None,
+            scatter: None,
+        })
+    }
+
     fn upload(
         &mut self,
         lane: &mut Lane,
         timed: bool,
-        io: &mut SlotIo<T>,
+        slot: &mut DescSlot,
         dev: &mut DeviceBuffer<T>,
-        _chunk: u64,
-    ) -> Result<Option<(usize, Option<Fence>, Fence)>> {
+        _chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
         let (taken, len) = take_batch(&mut self.items, self.chunk, &mut self.next_item, |i, o| {
             (i.len(), o.len())
         })?;
@@ -339,7 +395,7 @@ impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuff
             return Ok(None);
         }
         let gpu = lane.gpu().clone();
-        let desc = descriptors(&mut io.desc_in, &gpu, batch.len())?;
+        let desc = descriptors(&mut slot.gather, self.cache, &gpu, batch.len())?;
         let mut launch = lane.launch();
         let start = if timed {
             // Order against earlier uses first, so a timed start excludes waiting.
@@ -349,25 +405,25 @@ impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuff
             None
         };
         launch.gather_pinned(&batch, desc, dev)?;
-        let end = end_fence(launch, timed)?;
+        let rec = end_fence(launch, start)?;
         self.outputs.push_back(outs);
-        Ok(Some((len, start, end)))
+        Ok(Some((len, rec)))
     }
 
     fn download(
         &mut self,
         lane: &mut Lane,
         timed: bool,
-        io: &mut SlotIo<T>,
+        slot: &mut DescSlot,
         dev: &DeviceBuffer<T>,
-        _out_len: usize,
-    ) -> Result<(Option<Fence>, Fence)> {
+        _len: usize,
+    ) -> Result<Recorded> {
         let mut outs = self
             .outputs
             .pop_front()
             .ok_or(Error::Config("item outputs out of step"))?;
         let gpu = lane.gpu().clone();
-        let desc = descriptors(&mut io.desc_out, &gpu, outs.len())?;
+        let desc = descriptors(&mut slot.scatter, self.cache, &gpu, outs.len())?;
         let mut launch = lane.launch();
         let start = if timed {
             launch.prepare_read(dev)?;
@@ -376,11 +432,241 @@ impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuff
             None
         };
         launch.scatter_pinned(dev, &mut outs, desc)?;
-        let end = end_fence(launch, timed)?;
-        Ok((start, end))
+        end_fence(launch, start)
     }
 
-    fn retire(&mut self, _io: &mut SlotIo<T>, _out_len: usize) -> Result<()> {
+    fn retire(&mut self, _slot: &mut DescSlot, _chunk: ChunkId, _len: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A stream: input from a [`Source`] straight into the slot's pinned
+/// staging, output handed to a [`Sink`] straight from it.
+pub(crate) struct StreamIo<'a, T: Element, S, K> {
+    pub(crate) source: S,
+    pub(crate) sink: K,
+    pub(crate) chunk: usize,
+    /// Largest chunk output, for sizing staging.
+    pub(crate) capacity: usize,
+    pub(crate) cache: &'a mut StagingCache<T>,
+    /// The source failed at this chunk: no more input; the chunks before it
+    /// still drain to the sink, then the run reports this.
+    pub(crate) failed: Option<Error>,
+}
+
+impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for StreamIo<'_, T, S, K> {
+    type Slot = Staged<T>;
+    type Error = Error;
+
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<Staged<T>> {
+        // Both host-readable (a source may read what it wrote): no write-combining.
+        Ok(Staged {
+            input: self.cache.output(gpu, self.chunk)?,
+            output: self.cache.output(gpu, self.capacity)?,
+        })
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut Staged<T>,
+        dev: &mut DeviceBuffer<T>,
+        chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        if self.failed.is_some() {
+            return Ok(None);
+        }
+        let dst = &mut slot.input.as_mut_slice()?[..self.chunk];
+        let source = &mut self.source;
+        let len = match catch_unwind(AssertUnwindSafe(|| source.fill(dst))) {
+            Ok(Ok(n)) => n,
+            Ok(Err(source)) => {
+                self.failed = Some(Error::Source {
+                    chunk: chunk.0,
+                    source,
+                });
+                return Ok(None);
+            }
+            Err(payload) => {
+                self.failed = Some(Error::SourcePanicked {
+                    chunk: chunk.0,
+                    message: panic_message(&*payload),
+                });
+                return Ok(None);
+            }
+        };
+        if len == 0 {
+            return Ok(None);
+        }
+        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut Staged<T>,
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        download_staged(lane, timed, &mut slot.output, dev, len)
+    }
+
+    fn retire(&mut self, slot: &mut Staged<T>, chunk: ChunkId, len: usize) -> Result<()> {
+        let data = &slot.output.as_slice()?[..len];
+        let sink = &mut self.sink;
+        match catch_unwind(AssertUnwindSafe(|| sink.accept(chunk.0, data))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(Error::Sink {
+                chunk: chunk.0,
+                source,
+            }),
+            Err(payload) => Err(Error::SinkPanicked {
+                chunk: chunk.0,
+                message: panic_message(&*payload),
+            }),
+        }
+    }
+}
+
+/// A slot of an `execute_iteration` session: staging for pageable steps.
+#[derive(Debug)]
+pub(crate) struct IterSlot<T: Element> {
+    pub(crate) staged: Option<Staged<T>>,
+}
+
+/// Where one `execute_iteration` step's data comes from and goes to.
+pub(crate) enum IterData<'a, T: Element> {
+    /// Pageable: copied into the slot's staging; the output is copied into
+    /// a `Vec` when the chunk retires.
+    Pageable(&'a [T]),
+    /// The user's pinned buffers: no staging.
+    Pinned {
+        input: &'a PinnedBuffer<T>,
+        from: usize,
+        len: usize,
+        output: &'a mut PinnedBuffer<T>,
+        to: usize,
+    },
+    /// Nothing to upload (a call that only retires).
+    None,
+}
+
+/// The I/O of `execute_iteration`: one step's input (if any), and the
+/// outputs of the chunks that retire, in order.
+pub(crate) struct IterIo<'a, T: Element> {
+    pub(crate) data: IterData<'a, T>,
+    pub(crate) chunk: usize,
+    pub(crate) capacity: usize,
+    pub(crate) threads: usize,
+    pub(crate) cache: &'a mut StagingCache<T>,
+    /// Outputs of pageable chunks that retired during this call.
+    pub(crate) done: &'a mut Vec<crate::ChunkOutput<T>>,
+    /// Pinned chunks retired during this call.
+    pub(crate) done_pinned: &'a mut Vec<u64>,
+    /// Pageable or pinned, per chunk in flight (oldest first).
+    pub(crate) kinds: &'a mut VecDeque<bool>,
+}
+
+impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
+    type Slot = IterSlot<T>;
+    type Error = Error;
+
+    fn make_slot(&mut self, _gpu: &Gpu) -> Result<IterSlot<T>> {
+        Ok(IterSlot { staged: None })
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut IterSlot<T>,
+        dev: &mut DeviceBuffer<T>,
+        _chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        match std::mem::replace(&mut self.data, IterData::None) {
+            IterData::None => {
+                self.data = IterData::None;
+                Ok(None)
+            }
+            IterData::Pageable(input) => {
+                if slot.staged.is_none() {
+                    let gpu = lane.gpu().clone();
+                    slot.staged = Some(Staged::make(self.cache, &gpu, self.chunk, self.capacity)?);
+                }
+                let staged = slot
+                    .staged
+                    .as_mut()
+                    .ok_or(Error::Config("staging missing"))?;
+                par_copy_one(
+                    &mut staged.input.as_mut_slice()?[..input.len()],
+                    input,
+                    self.threads,
+                );
+                let rec = lane.copy_htod_timed(&staged.input, 0, dev, 0, input.len(), timed)?;
+                self.kinds.push_back(false);
+                Ok(Some((input.len(), rec.into())))
+            }
+            IterData::Pinned {
+                input,
+                from,
+                len,
+                output,
+                to,
+            } => {
+                let rec = lane.copy_htod_timed(input, from, dev, 0, len, timed)?;
+                self.data = IterData::Pinned {
+                    input,
+                    from,
+                    len,
+                    output,
+                    to,
+                };
+                self.kinds.push_back(true);
+                Ok(Some((len, rec.into())))
+            }
+        }
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut IterSlot<T>,
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        match &mut self.data {
+            IterData::Pinned { output, to, .. } => {
+                Ok(lane.copy_dtoh_timed(dev, 0, output, *to, len, timed)?.into())
+            }
+            _ => {
+                let staged = slot
+                    .staged
+                    .as_mut()
+                    .ok_or(Error::Config("staging missing"))?;
+                download_staged(lane, timed, &mut staged.output, dev, len)
+            }
+        }
+    }
+
+    fn retire(&mut self, slot: &mut IterSlot<T>, chunk: ChunkId, len: usize) -> Result<()> {
+        let pinned = self.kinds.pop_front().unwrap_or(false);
+        if pinned {
+            self.done_pinned.push(chunk.0);
+            return Ok(());
+        }
+        let staged = slot
+            .staged
+            .as_ref()
+            .ok_or(Error::Config("staging missing"))?;
+        let data = staged.output.as_slice()?[..len].to_vec();
+        self.done.push(crate::ChunkOutput {
+            index: chunk.0,
+            data: Some(data),
+        });
         Ok(())
     }
 }

@@ -1,19 +1,31 @@
 //! prism-pipeline: compose stages and stream data through them.
 //!
 //! A [`PipelineStageManager`] holds [`Stage`]s in an order and runs data
-//! through them in chunks: on the GPU, upload of one chunk, the stages of
-//! another and the download of a third run at once on three streams, over a
-//! ring of slots ([`prism_buffer::SlotRing`], states driven by CUDA events);
-//! on the host backend, a worker thread with bounded hand-over. Output order
-//! equals input order, memory stays bounded by the ring, and every run adds
-//! to [`PipelineStats`] (per-step times, the bound, overlap efficiency) and,
-//! with tracing on, a [`Timeline`] that exports as a Chrome trace.
+//! through them in chunks: on the GPU, the upload of one chunk, the stages
+//! of another and the download of a third run at once on their own lanes,
+//! over prism-buffer's ring [`Engine`](prism_buffer::Engine) (slot states
+//! driven by CUDA events); on the host backend, a worker thread with
+//! bounded hand-over. Output order equals input order, memory stays bounded
+//! by the ring, and every run adds to [`PipelineStats`] (per-step times, the
+//! bound, overlap efficiency) and, with tracing on, a [`Timeline`] that
+//! exports as a Chrome trace.
 //!
-//! Inputs: a pageable slice ([`run`](PipelineStageManager::run), staged
-//! through pinned memory by several threads), pinned buffers
-//! ([`run_pinned`](PipelineStageManager::run_pinned), no staging), or items
-//! that arrive one by one, each with its own output
-//! ([`run_items`](PipelineStageManager::run_items), batched many per chunk).
+//! Inputs:
+//! - a pageable slice ([`run`](PipelineStageManager::run), staged through
+//!   pinned memory by several threads) or pinned buffers
+//!   ([`run_pinned`](PipelineStageManager::run_pinned), no staging);
+//! - items that arrive one by one, each with its own output
+//!   ([`run_items`](PipelineStageManager::run_items),
+//!   [`run_items_pinned`](PipelineStageManager::run_items_pinned)), batched
+//!   many per chunk;
+//! - a stream of any length from a [`Source`] to a [`Sink`]
+//!   ([`run_stream`](PipelineStageManager::run_stream));
+//! - one chunk at a time, as the design's loop has it:
+//!   [`execute_iteration`](PipelineStageManager::execute_iteration) submits
+//!   a chunk and returns the outputs of chunks that finished, without
+//!   waiting for its own; [`flush`](PipelineStageManager::flush) drains the
+//!   rest; [`execute_iteration_blocking`](PipelineStageManager::execute_iteration_blocking)
+//!   is one synchronous round trip.
 
 #![forbid(unsafe_code)]
 
@@ -22,20 +34,24 @@ mod error;
 mod gpu;
 mod host;
 mod io;
+mod iterate;
+mod runs;
+pub mod source;
 pub mod stage;
 mod stats;
 
-use std::time::Instant;
-
-use prism_stream::{Element, Gpu, ManagedGpuContext, PinnedBuffer};
+use prism_buffer::Engine;
+use prism_stream::{Element, Gpu, ManagedGpuContext};
 
 pub use error::{Error, Result, StageError};
 pub use host::AsyncPipelineCoordinator;
+pub use iterate::ChunkOutput;
+pub use runs::StreamCounts;
+pub use source::{fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source};
 pub use stage::{Clamp, Fma, GpuFn, GroupSum, HostFn, Stage};
 pub use stats::{BackendKind, Lane, PipelineStats, Span, StageTime, Timeline};
 
-use gpu::GpuEngine;
-use io::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo};
+use gpu::StagingCache;
 
 /// Which backend a manager runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +92,25 @@ impl Default for PipelineConfig {
     }
 }
 
+impl PipelineConfig {
+    /// The checks every configuration passes (`new`, `with_gpu`, `set_config`).
+    fn check<T>(&self) -> Result<()> {
+        if !(prism_buffer::MIN_SLOTS..=prism_buffer::MAX_SLOTS).contains(&self.slots) {
+            return Err(Error::Config("slots must be between 2 and 8"));
+        }
+        if std::mem::size_of::<T>() == 0 {
+            return Err(Error::Config("elements must not be zero-sized"));
+        }
+        if self.chunk_bytes < std::mem::size_of::<T>() {
+            return Err(Error::Config("chunk_bytes must hold at least one element"));
+        }
+        if self.host_threads == 0 {
+            return Err(Error::Config("host_threads must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
 /// Stages in an order, and the machinery to stream data through them.
 pub struct PipelineStageManager<T: Element> {
     stages: Vec<Box<dyn Stage<T>>>,
@@ -84,7 +119,12 @@ pub struct PipelineStageManager<T: Element> {
     config: PipelineConfig,
     backend: BackendKind,
     gpu: Option<Gpu>,
-    engine: Option<GpuEngine<T>>,
+    /// The GPU ring, reused until the chunk capacity or slot count changes.
+    engine: Option<Engine<T>>,
+    /// Pinned staging kept between runs.
+    cache: StagingCache<T>,
+    /// An `execute_iteration` session with chunks in flight.
+    iter: Option<iterate::Session<T>>,
     stats: PipelineStats,
     timeline: Timeline,
 }
@@ -104,6 +144,7 @@ impl<T: Element> std::fmt::Debug for PipelineStageManager<T> {
 impl<T: Element> PipelineStageManager<T> {
     /// A manager on `backend`; `Auto` picks the GPU when one is usable.
     pub fn new(backend: Backend, config: PipelineConfig) -> Result<Self> {
+        config.check::<T>()?;
         let gpu = match backend {
             Backend::Host => None,
             Backend::Gpu => Some(Gpu::open(0)?),
@@ -122,12 +163,7 @@ impl<T: Element> PipelineStageManager<T> {
     }
 
     fn build(gpu: Option<Gpu>, config: PipelineConfig) -> Result<Self> {
-        if !(prism_buffer::MIN_SLOTS..=prism_buffer::MAX_SLOTS).contains(&config.slots) {
-            return Err(Error::Config("slots must be between 2 and 8"));
-        }
-        if config.chunk_bytes < std::mem::size_of::<T>() {
-            return Err(Error::Config("chunk_bytes must hold at least one element"));
-        }
+        config.check::<T>()?;
         let backend = if gpu.is_some() {
             BackendKind::Gpu
         } else {
@@ -148,6 +184,8 @@ impl<T: Element> PipelineStageManager<T> {
             backend,
             gpu,
             engine: None,
+            cache: StagingCache::default(),
+            iter: None,
             stats,
             timeline: Timeline::default(),
         })
@@ -167,21 +205,23 @@ impl<T: Element> PipelineStageManager<T> {
         &self.config
     }
 
-    /// Changes the configuration; the GPU ring is rebuilt on the next run.
+    /// Changes the configuration (checked as `new` checks it); the GPU ring
+    /// is rebuilt on the next run. `IterationPending` while
+    /// `execute_iteration` chunks are in flight.
     pub fn set_config(&mut self, config: PipelineConfig) -> Result<()> {
-        if !(prism_buffer::MIN_SLOTS..=prism_buffer::MAX_SLOTS).contains(&config.slots) {
-            return Err(Error::Config("slots must be between 2 and 8"));
-        }
+        config.check::<T>()?;
+        self.no_iteration_pending()?;
         self.config = config;
         self.engine = None;
+        self.cache.clear();
         Ok(())
     }
 
     /// Adds a stage (run after the earlier ones unless `set_order` says
-    /// otherwise); returns its index.
+    /// otherwise); returns its index. Chunks already submitted with
+    /// `execute_iteration` were processed by the stages of their time.
     pub fn add_stage(&mut self, stage: impl Stage<T> + 'static) -> usize {
         self.stages.push(Box::new(stage));
-        self.engine = None;
         self.stages.len() - 1
     }
 
@@ -203,7 +243,6 @@ impl<T: Element> PipelineStageManager<T> {
             }
         }
         self.order = order.to_vec();
-        self.engine = None;
         Ok(())
     }
 
@@ -223,7 +262,7 @@ impl<T: Element> PipelineStageManager<T> {
     }
 
     fn chunk_elems(&self) -> usize {
-        (self.config.chunk_bytes / std::mem::size_of::<T>()).max(1)
+        (self.config.chunk_bytes / std::mem::size_of::<T>().max(1)).max(1)
     }
 
     /// Output elements of a whole input of `n` elements cut into chunks.
@@ -258,34 +297,51 @@ impl<T: Element> PipelineStageManager<T> {
         Ok(())
     }
 
-    fn engine(&mut self, order: &[usize]) -> Result<&mut GpuEngine<T>> {
+    fn no_iteration_pending(&self) -> Result<()> {
+        match &self.iter {
+            Some(s) if s.pending() > 0 => Err(Error::IterationPending {
+                pending: s.pending(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Largest buffer any stage of the chain needs for a full chunk.
+    fn capacity(&self, order: &[usize]) -> usize {
         let chunk = self.chunk_elems();
-        // Largest buffer any stage of the chain needs for a full chunk.
-        let mut capacity = chunk;
-        let mut len = chunk;
+        let (mut capacity, mut len) = (chunk, chunk);
         for &i in order {
             len = self.stages[i].output_len(len);
             capacity = capacity.max(len);
         }
-        let rebuild = self
-            .engine
-            .as_ref()
-            .is_none_or(|e| e.capacity() != capacity || e.slot_count() != self.config.slots);
+        capacity
+    }
+
+    /// The GPU ring for `order`, (re)built when its capacity or slot count
+    /// changed (the pinned staging goes with it).
+    fn engine(&mut self, order: &[usize]) -> Result<()> {
+        let capacity = self.capacity(order);
+        let rebuild = self.engine.as_ref().is_none_or(|e| {
+            e.capacity() != capacity || e.slot_count() != self.config.slots
+        });
         if rebuild {
+            self.no_iteration_pending()?;
             self.engine = None; // free the old ring first
+            self.cache.clear();
             let gpu = self
                 .gpu
                 .as_ref()
                 .ok_or(Error::Config("no GPU on this manager"))?;
-            self.engine = Some(GpuEngine::new(gpu, self.config.slots, capacity)?);
+            self.engine = Some(gpu::new_engine(gpu, self.config.slots, capacity)?);
         }
-        self.engine.as_mut().ok_or(Error::Config("no GPU engine"))
+        Ok(())
     }
 
     /// What every run checks first: the stages support the backend, the
     /// output fits (`(input, output)` lengths, when given), items mode has
-    /// only elementwise stages; then the ring is allocated, outside the timed
-    /// part. Returns the stage order.
+    /// only elementwise stages, no `execute_iteration` chunk is in flight;
+    /// then the ring is allocated, outside the timed part. Returns the
+    /// stage order.
     fn begin_run(
         &mut self,
         lengths: Option<(usize, usize)>,
@@ -293,6 +349,7 @@ impl<T: Element> PipelineStageManager<T> {
     ) -> Result<Vec<usize>> {
         let order = self.order();
         self.check_stages(&order)?;
+        self.no_iteration_pending()?;
         if let Some((input, output)) = lengths {
             let expected = self.total_output_len(input);
             if output != expected {
@@ -316,34 +373,9 @@ impl<T: Element> PipelineStageManager<T> {
         Ok(order)
     }
 
-    fn gpu_run(&mut self, io: &mut dyn gpu::Io<T>, order: &[usize]) -> Result<gpu::RunCounts> {
-        let timed = self.config.timing;
-        let trace = self.config.trace && timed;
-        // Size (or reuse) the ring while the stages are in place: sizing reads them.
-        self.engine(order)?;
-        let mut timeline = Timeline::default();
-        // The fields are borrowed, not moved out: a stage that panics leaves
-        // the manager whole.
-        let result = match self.engine.as_mut() {
-            Some(e) => e.run(
-                &mut self.stages,
-                order,
-                io,
-                timed,
-                &mut self.stats,
-                trace.then_some(&mut timeline),
-            ),
-            None => Err(Error::Config("no GPU engine")),
-        };
-        if trace && result.is_ok() {
-            self.timeline = timeline;
-        }
-        result
-    }
-
     fn finish_run(
         &mut self,
-        started: Instant,
+        started: std::time::Instant,
         chunks: u64,
         items: u64,
         bytes_in: u64,
@@ -358,216 +390,6 @@ impl<T: Element> PipelineStageManager<T> {
         }
         self.stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
         self.stats.timed = self.config.timing || self.backend == BackendKind::Host;
-    }
-
-    /// Streams `input` through the stages into `output` (which must hold
-    /// exactly [`total_output_len`](Self::total_output_len)`(input.len())`
-    /// elements). Empty input is a valid run of zero chunks.
-    pub fn run(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
-        let _span = tracing::debug_span!("prism.pipeline.run", n = input.len()).entered();
-        let order = self.begin_run(Some((input.len(), output.len())), false)?;
-        let started = Instant::now();
-        let elem = std::mem::size_of::<T>() as u64;
-        if input.is_empty() {
-            self.finish_run(started, 0, 0, 0, 0);
-            return Ok(());
-        }
-        let chunk = self.chunk_elems();
-        match self.backend {
-            BackendKind::Gpu => {
-                let mut io = SliceIo {
-                    input,
-                    output,
-                    chunk,
-                    capacity: self.output_len(chunk).max(chunk),
-                    threads: self.config.host_threads,
-                    next_in: 0,
-                    next_out: 0,
-                };
-                let counts = self.gpu_run(&mut io, &order)?;
-                self.finish_run(
-                    started,
-                    counts.chunks,
-                    0,
-                    counts.elems_in * elem,
-                    counts.elems_out * elem,
-                );
-            }
-            BackendKind::Host => {
-                let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
-                let mut next_out = 0;
-                let mut stats = std::mem::take(&mut self.stats);
-                let r = coordinator.run(
-                    &mut self.stages,
-                    &order,
-                    input.chunks(chunk),
-                    |_, out| {
-                        output[next_out..next_out + out.len()].copy_from_slice(out);
-                        next_out += out.len();
-                        Ok(())
-                    },
-                    &mut stats,
-                );
-                self.stats = stats;
-                let chunks = r?;
-                self.finish_run(started, chunks, 0, input.len() as u64 * elem, 0);
-            }
-        }
-        Ok(())
-    }
-
-    /// Streams a pinned input into a pinned output with no staging copies
-    /// (GPU backend only). Host reads of `output` wait for the last download.
-    pub fn run_pinned(
-        &mut self,
-        input: &PinnedBuffer<T>,
-        output: &mut PinnedBuffer<T>,
-    ) -> Result<()> {
-        let _span = tracing::debug_span!("prism.pipeline.run_pinned", n = input.len()).entered();
-        if self.backend != BackendKind::Gpu {
-            return Err(Error::Unsupported {
-                stage: "run_pinned".into(),
-                backend: "host",
-            });
-        }
-        let order = self.begin_run(Some((input.len(), output.len())), false)?;
-        let started = Instant::now();
-        let mut io = PinnedIo {
-            input,
-            output,
-            chunk: self.chunk_elems(),
-            next_in: 0,
-            next_out: 0,
-        };
-        let counts = self.gpu_run(&mut io, &order)?;
-        let elem = std::mem::size_of::<T>() as u64;
-        self.finish_run(
-            started,
-            counts.chunks,
-            0,
-            counts.elems_in * elem,
-            counts.elems_out * elem,
-        );
-        Ok(())
-    }
-
-    /// Streams items that arrive one by one, each with its own output slice
-    /// of the same length. On the GPU many items share one chunk (gathered
-    /// into pinned staging, one copy and one launch per stage, scattered
-    /// back), so every stage must be elementwise. Returns the item count.
-    pub fn run_items<'a, I>(&mut self, items: I) -> Result<u64>
-    where
-        I: IntoIterator<Item = (&'a [T], &'a mut [T])>,
-        I::IntoIter: Send,
-    {
-        let order = self.begin_run(None, true)?;
-        let started = Instant::now();
-        let elem = std::mem::size_of::<T>() as u64;
-        let chunk = self.chunk_elems();
-        match self.backend {
-            BackendKind::Gpu => {
-                let mut io = ItemsIo {
-                    items: items.into_iter().peekable(),
-                    chunk,
-                    threads: self.config.host_threads,
-                    next_item: 0,
-                    outputs: Default::default(),
-                    first_out: 0,
-                };
-                let counts = self.gpu_run(&mut io, &order)?;
-                let n = io.next_item as u64;
-                self.finish_run(
-                    started,
-                    counts.chunks,
-                    n,
-                    counts.elems_in * elem,
-                    counts.elems_out * elem,
-                );
-                Ok(n)
-            }
-            BackendKind::Host => {
-                let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
-                let (inputs, mut outputs): (Vec<&[T]>, Vec<&mut [T]>) = items.into_iter().unzip();
-                if let Some(k) = inputs
-                    .iter()
-                    .zip(&outputs)
-                    .position(|(i, o)| i.len() != o.len())
-                {
-                    return Err(Error::OutputLength {
-                        expected: inputs[k].len(),
-                        actual: outputs[k].len(),
-                    });
-                }
-                let bytes_in: u64 = inputs.iter().map(|i| i.len() as u64 * elem).sum();
-                let mut stats = std::mem::take(&mut self.stats);
-                let r = coordinator.run(
-                    &mut self.stages,
-                    &order,
-                    inputs.into_iter(),
-                    |k, out| {
-                        outputs[k as usize].copy_from_slice(out);
-                        Ok(())
-                    },
-                    &mut stats,
-                );
-                self.stats = stats;
-                let n = r?;
-                self.finish_run(started, n, n, bytes_in, 0);
-                Ok(n)
-            }
-        }
-    }
-
-    /// Streams items that live in the caller's own pinned buffers, each with
-    /// its own pinned output (GPU backend only). Many items share one chunk:
-    /// one zero-copy kernel gathers them over the bus into the device, the
-    /// stages run once per chunk, and one zero-copy kernel scatters the
-    /// results back: no host copy, no per-item copy. Every stage must be
-    /// elementwise. Returns the item count.
-    pub fn run_items_pinned<'a, I>(&mut self, items: I) -> Result<u64>
-    where
-        I: IntoIterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuffer<T>)>,
-    {
-        if self.backend != BackendKind::Gpu {
-            return Err(Error::Unsupported {
-                stage: "run_items_pinned".into(),
-                backend: "host",
-            });
-        }
-        let order = self.begin_run(None, true)?;
-        let started = Instant::now();
-        let mut io = PinnedItemsIo {
-            items: items.into_iter().peekable(),
-            chunk: self.chunk_elems(),
-            next_item: 0,
-            outputs: Default::default(),
-        };
-        let counts = self.gpu_run(&mut io, &order)?;
-        let n = io.next_item as u64;
-        let elem = std::mem::size_of::<T>() as u64;
-        self.finish_run(
-            started,
-            counts.chunks,
-            n,
-            counts.elems_in * elem,
-            counts.elems_out * elem,
-        );
-        Ok(n)
-    }
-
-    /// Runs one chunk through every stage and returns its output (waits for it).
-    pub fn execute_iteration(&mut self, chunk: &[T]) -> Result<Vec<T>> {
-        if chunk.len() > self.chunk_elems() {
-            return Err(Error::Config(
-                "execute_iteration takes at most one chunk (PipelineConfig::chunk_bytes)",
-            ));
-        }
-        let mut out = match chunk.first() {
-            Some(&v) => vec![v; self.output_len(chunk.len())],
-            None => Vec::new(),
-        };
-        self.run(chunk, &mut out)?;
-        Ok(out)
     }
 
     /// Statistics accumulated since creation or the last `reset_stats`.

@@ -159,50 +159,6 @@ impl fmt::Display for PipelineStats {
     }
 }
 
-/// The union of time intervals, kept bounded: intervals that end before a
-/// point no later interval can start before are folded into a total.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct BusyUnion {
-    /// Disjoint intervals, sorted by start, not yet settled.
-    open: Vec<(f64, f64)>,
-    settled: f64,
-}
-
-impl BusyUnion {
-    pub(crate) fn add(&mut self, start: f64, end: f64) {
-        let (mut s, mut e) = (start, end.max(start));
-        // Merge with every open interval it touches.
-        self.open.retain(|&(os, oe)| {
-            if os <= e && s <= oe {
-                s = s.min(os);
-                e = e.max(oe);
-                false
-            } else {
-                true
-            }
-        });
-        let at = self.open.partition_point(|&(os, _)| os < s);
-        self.open.insert(at, (s, e));
-    }
-
-    /// Folds the intervals that end at or before `low` into the total: the
-    /// caller promises that no interval added later starts before `low`.
-    pub(crate) fn settle_before(&mut self, low: f64) {
-        let keep = self.open.partition_point(|&(_, oe)| oe <= low);
-        self.settled += self.open.drain(..keep).map(|(s, e)| e - s).sum::<f64>();
-    }
-
-    /// Open intervals held (bounded by the chunks in flight).
-    #[cfg(test)]
-    pub(crate) fn held(&self) -> usize {
-        self.open.len()
-    }
-
-    pub(crate) fn total(&self) -> f64 {
-        self.settled + self.open.iter().map(|(s, e)| e - s).sum::<f64>()
-    }
-}
-
 /// The stream (or host thread) a span ran on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Lane {
@@ -256,36 +212,5 @@ impl Timeline {
     pub fn write_chrome_trace(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
         let text = serde_json::to_string(&self.to_chrome_trace()).map_err(std::io::Error::other)?;
         std::fs::write(path, text)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::BusyUnion;
-
-    #[test]
-    fn union_counts_overlaps_once() {
-        let mut u = BusyUnion::default();
-        for (s, e) in [(5.0, 7.0), (0.0, 2.0), (1.0, 3.0), (3.0, 4.0), (6.0, 6.5)] {
-            u.add(s, e);
-        }
-        assert_eq!(u.total(), 3.0 + 1.0 + 2.0);
-        assert_eq!(BusyUnion::default().total(), 0.0);
-    }
-
-    #[test]
-    fn settled_union_stays_small_and_exact() {
-        // Two overlapping lanes of 1 ms intervals, 0.5 ms apart, a million long.
-        let mut u = BusyUnion::default();
-        for k in 0..1_000_000u32 {
-            let s = f64::from(k) * 0.5;
-            u.add(s, s + 1.0);
-            if k >= 4 {
-                u.settle_before(f64::from(k - 4) * 0.5);
-            }
-            assert!(u.held() <= 8, "{} intervals held", u.held());
-        }
-        let exact = 999_999.0 * 0.5 + 1.0;
-        assert!((u.total() - exact).abs() < 1e-6, "{} vs {exact}", u.total());
     }
 }

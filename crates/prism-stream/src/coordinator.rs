@@ -139,11 +139,7 @@ impl AsyncCoordinator {
         check_len("upload destination", src.len(), dst.len())?;
         let bytes = std::mem::size_of_val(src);
         let idx = self.staging_buffer(bytes)?;
-        // SAFETY: T is plain data (Element's contract: no padding, any bit
-        // pattern valid), so viewing the slice as its bytes is valid; the view
-        // lives only for this copy.
-        let raw = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<u8>(), bytes) };
-        self.staging[idx].as_mut_slice()?[..bytes].copy_from_slice(raw);
+        self.staging[idx].as_mut_slice()?[..bytes].copy_from_slice(crate::as_bytes(src));
         self.begin(deps, UP)?;
         let fence = self.lanes[UP].htod_bytes(&self.staging[idx], dst, bytes)?;
         Ok(self.insert(UP, Cow::Borrowed("upload (staged)"), fence))

@@ -41,6 +41,34 @@ macro_rules! elements {
 elements!(u8, i8, u16, i16, u32, i32, u64, i64, u128, i128, usize, isize, f32, f64);
 elements!(half::f16, half::bf16);
 
+/// The bytes of a slice of plain data.
+pub fn as_bytes<T: Element>(s: &[T]) -> &[u8] {
+    // SAFETY: Element's contract: no padding and no pointers, so every byte
+    // of `s` is initialised; the view covers exactly `s` and borrows it.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+/// The bytes of a slice of plain data, writable: any bytes written make
+/// valid elements (every bit pattern of an `Element` is valid).
+pub fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
+    let len = std::mem::size_of_val(s);
+    // SAFETY: as in as_bytes; and every bit pattern is a valid T (Element's
+    // contract), so whatever is written through the view leaves valid Ts.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), len) }
+}
+
+/// A `Vec` of `len` zeroed elements (zero bits are a valid `Element`).
+pub fn zeroed_vec<T: Element>(len: usize) -> Vec<T> {
+    let mut v = Vec::<T>::with_capacity(len);
+    // SAFETY: the allocation holds `len` elements; zero bytes are a valid T
+    // (Element's contract), so after write_bytes all `len` are initialised.
+    unsafe {
+        std::ptr::write_bytes(v.as_mut_ptr(), 0, len);
+        v.set_len(len);
+    }
+    v
+}
+
 /// How a buffer names itself in errors.
 pub(crate) trait Tracked {
     fn cell(&self) -> &UseCell;

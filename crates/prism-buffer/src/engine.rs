@@ -1,0 +1,806 @@
+//! The ring engine: one implementation of the slot ring on the GPU, used by
+//! the [`TripleBuffer`](crate::TripleBuffer) and by prism-pipeline's
+//! streaming runs.
+//!
+//! An [`Engine`] owns the lanes (upload, download, one or two compute
+//! lanes), the device buffers of every slot (one or two per slot), a
+//! [`SlotRing`] driven by the fences its steps record, and the timing of
+//! the chunks in flight. How chunks get in and out is a [`ChunkIo`]: its
+//! per-slot state (staging buffers, item lists, nothing at all) is its
+//! associated type `Slot`, kept by the caller in an [`IoSlots`]. What
+//! happens to a chunk on the GPU is a [`ChunkProcessor`].
+//!
+//! Every step is issued as soon as the ring allows it; the GPU orders the
+//! steps through the lanes (prism-stream), so the host never blocks to order
+//! work. It blocks only in [`Engine::wait_oldest`], when the caller has
+//! nothing else to do. With timing on, a chunk's timed fences become
+//! [`ChunkSpan`]s when it retires, so the events held are those of the
+//! chunks in flight, whatever the run's length.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+
+use prism_stream::{DeviceBuffer, Element, Fence as GpuFence, Gpu, Lane, Launch, Probe, StreamPurpose};
+
+use crate::ring::{ChunkId, SlotId, SlotRing, SlotSnapshot, Step};
+use crate::Error;
+
+/// Index of the upload lane in [`Engine::lane`].
+pub const UPLOAD_LANE: usize = 0;
+/// Index of the download lane.
+pub const DOWNLOAD_LANE: usize = 1;
+/// Index of the first compute lane (chunk k runs on compute lane k % n).
+pub const COMPUTE_LANE: usize = 2;
+
+/// The shape of an engine's ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Slots: chunks in flight at once (2..=8).
+    pub slots: usize,
+    /// Elements per device buffer.
+    pub capacity: usize,
+    /// Device buffers per slot: 1 (in place) or 2 (stages read one, write the other).
+    pub buffers_per_slot: usize,
+    /// Compute lanes (1 or 2): with two, chunks alternate between them so
+    /// one chunk's kernels can use SMs the tail of another's leaves idle.
+    pub compute_lanes: usize,
+}
+
+/// What the GPU did for one step of one chunk, in ms since timing began.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkSpan {
+    pub chunk: ChunkId,
+    pub step: Step,
+    /// Engine lane it ran on ([`UPLOAD_LANE`], [`DOWNLOAD_LANE`], or a compute lane).
+    pub lane: usize,
+    /// "upload", "download", or the name a processor gave its kernels.
+    pub name: Cow<'static, str>,
+    pub start_ms: f64,
+    pub end_ms: f64,
+}
+
+/// The fences one step recorded: a timed start (with timing on) and its end.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub start: Option<GpuFence>,
+    pub end: GpuFence,
+}
+
+impl From<(Option<GpuFence>, GpuFence)> for Recorded {
+    fn from((start, end): (Option<GpuFence>, GpuFence)) -> Self {
+        Self { start, end }
+    }
+}
+
+/// Where chunks come from and where they go. The engine calls `upload` for
+/// the next chunk when a slot is free, `download` once the chunk was
+/// processed, and `retire` once its download was observed complete.
+pub trait ChunkIo<T: Element> {
+    /// What this way in and out keeps per slot (staging, item lists, ...).
+    type Slot;
+    /// Errors of this I/O (and of the engine, through `From`).
+    type Error: From<Error>;
+
+    /// The state of one slot, made on the slot's first use.
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<Self::Slot, Self::Error>;
+
+    /// Queues the upload of chunk `chunk` into `dev` on `lane` (timed start
+    /// and end fences when `timed`); `Ok(None)` when there is no more input.
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut Self::Slot,
+        dev: &mut DeviceBuffer<T>,
+        chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>, Self::Error>;
+
+    /// Queues the download of `dev[..len]`, the chunk's output.
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut Self::Slot,
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded, Self::Error>;
+
+    /// The chunk's download completed: deliver its `len` output elements.
+    fn retire(&mut self, slot: &mut Self::Slot, chunk: ChunkId, len: usize)
+        -> Result<(), Self::Error>;
+}
+
+/// The kernels of one chunk.
+pub trait ChunkProcessor<T: Element> {
+    /// Errors of the processing (and of the engine, through `From`).
+    type Error: From<Error>;
+
+    /// Queues the chunk's kernels through `launch`. `bufs[0]` holds the
+    /// `len` input elements; returns the output length and the index in
+    /// `bufs` of the buffer that holds it. With `spans.timed()`, name and
+    /// time each kernel group with [`ComputeSpans::record`].
+    fn process(
+        &mut self,
+        launch: &mut Launch<'_>,
+        bufs: &mut [DeviceBuffer<T>],
+        len: usize,
+        chunk: ChunkId,
+        spans: &mut ComputeSpans,
+    ) -> Result<(usize, usize), Self::Error>;
+}
+
+/// Named, timed kernel groups of one chunk (see [`ChunkProcessor::process`]).
+#[derive(Debug, Default)]
+pub struct ComputeSpans {
+    timed: bool,
+    spans: Vec<(Cow<'static, str>, GpuFence, GpuFence)>,
+}
+
+impl ComputeSpans {
+    /// Is timing on (should the processor record spans)?
+    pub fn timed(&self) -> bool {
+        self.timed
+    }
+
+    /// A kernel group that ran from `start` to `end` (timed fences of the
+    /// processor's launch scope).
+    pub fn record(&mut self, name: impl Into<Cow<'static, str>>, start: GpuFence, end: GpuFence) {
+        self.spans.push((name.into(), start, end));
+    }
+}
+
+/// The per-slot states of one [`ChunkIo`], kept by the caller between the
+/// engine calls of a run (they hold staging and other buffers the slots'
+/// chunks use).
+#[derive(Debug)]
+pub struct IoSlots<S> {
+    slots: Vec<Option<S>>,
+}
+
+impl<S> IoSlots<S> {
+    /// Room for `n` slots, none made yet.
+    pub fn new(n: usize) -> Self {
+        Self {
+            slots: (0..n).map(|_| None).collect(),
+        }
+    }
+
+    /// The states made so far.
+    pub fn into_made(self) -> impl Iterator<Item = S> {
+        self.slots.into_iter().flatten()
+    }
+
+    /// Makes the state of every slot now (so a run's first chunks pay no
+    /// allocation).
+    pub fn prepare<T: Element, Io: ChunkIo<T, Slot = S>>(
+        &mut self,
+        io: &mut Io,
+        gpu: &Gpu,
+    ) -> Result<(), Io::Error> {
+        for i in 0..self.slots.len() {
+            self.get(i, io, gpu)?;
+        }
+        Ok(())
+    }
+
+    fn get<T: Element, Io: ChunkIo<T, Slot = S>>(
+        &mut self,
+        i: usize,
+        io: &mut Io,
+        gpu: &Gpu,
+    ) -> Result<&mut S, Io::Error> {
+        if self.slots.len() <= i {
+            self.slots.resize_with(i + 1, || None);
+        }
+        if self.slots[i].is_none() {
+            self.slots[i] = Some(io.make_slot(gpu)?);
+        }
+        match self.slots[i].as_mut() {
+            Some(s) => Ok(s),
+            None => Err(Error::ZeroLength { what: "I/O slot" }.into()),
+        }
+    }
+}
+
+/// What [`Engine::upload`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    /// Chunk issued, with this many input elements.
+    Issued(ChunkId, usize),
+    /// Every slot holds a chunk that has not been released yet.
+    NoSlot,
+    /// The I/O has no more input.
+    Exhausted,
+}
+
+/// Counts of one [`Engine::run`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RunCounts {
+    pub chunks: u64,
+    pub elems_in: u64,
+    pub elems_out: u64,
+}
+
+#[derive(Debug)]
+struct TimedStep {
+    step: Step,
+    lane: usize,
+    name: Cow<'static, str>,
+    start: GpuFence,
+    end: GpuFence,
+}
+
+#[derive(Debug)]
+struct EngineSlot<T: Element> {
+    bufs: Vec<DeviceBuffer<T>>,
+    in_len: usize,
+    out_len: usize,
+    out_buf: usize,
+    timed: Vec<TimedStep>,
+}
+
+#[derive(Debug)]
+struct Timing {
+    origin: GpuFence,
+    busy: BusyUnion,
+    /// Compute end of the last `slots` retired chunks (see `retire`).
+    recent_ends: VecDeque<f64>,
+}
+
+/// One GPU slot ring (see the [module docs](self)).
+#[derive(Debug)]
+pub struct Engine<T: Element> {
+    gpu: Gpu,
+    lanes: Vec<Lane>,
+    slots: Vec<EngineSlot<T>>,
+    ring: SlotRing<GpuFence>,
+    config: EngineConfig,
+    timing: Option<Timing>,
+}
+
+impl<T: Element> Engine<T> {
+    /// Lanes and zeroed device buffers for `config`.
+    pub fn new(gpu: &Gpu, config: EngineConfig) -> Result<Self, Error> {
+        let _span = tracing::debug_span!(
+            "prism.engine.new",
+            slots = config.slots,
+            capacity = config.capacity
+        )
+        .entered();
+        if config.capacity == 0 {
+            return Err(Error::ZeroLength {
+                what: "engine slot capacity",
+            });
+        }
+        if !(1..=2).contains(&config.buffers_per_slot) || !(1..=2).contains(&config.compute_lanes)
+        {
+            return Err(Error::Config(
+                "an engine has 1 or 2 buffers per slot and 1 or 2 compute lanes",
+            ));
+        }
+        let ring = SlotRing::new(config.slots)?;
+        let mut lanes = vec![
+            Lane::with_purpose(gpu, StreamPurpose::Upload)?,
+            Lane::with_purpose(gpu, StreamPurpose::Download)?,
+        ];
+        for _ in 0..config.compute_lanes {
+            lanes.push(Lane::with_purpose(gpu, StreamPurpose::Compute)?);
+        }
+        let mut slots = Vec::with_capacity(config.slots);
+        for _ in 0..config.slots {
+            let mut bufs = Vec::with_capacity(config.buffers_per_slot);
+            for _ in 0..config.buffers_per_slot {
+                bufs.push(DeviceBuffer::zeroed(&mut lanes[UPLOAD_LANE], config.capacity)?);
+            }
+            slots.push(EngineSlot {
+                bufs,
+                in_len: 0,
+                out_len: 0,
+                out_buf: 0,
+                timed: Vec::new(),
+            });
+        }
+        Ok(Self {
+            gpu: gpu.clone(),
+            lanes,
+            slots,
+            ring,
+            config,
+            timing: None,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Elements per device buffer.
+    pub fn capacity(&self) -> usize {
+        self.config.capacity
+    }
+
+    /// Number of slots.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Chunks issued and not yet retired.
+    pub fn in_flight(&self) -> usize {
+        self.ring.in_flight()
+    }
+
+    /// No chunk in flight.
+    pub fn is_idle(&self) -> bool {
+        self.ring.is_idle()
+    }
+
+    /// Snapshot of every slot.
+    pub fn states(&self) -> Vec<SlotSnapshot> {
+        self.ring.states()
+    }
+
+    /// Which slot and chunk the next `step` would use, if any is ready.
+    pub fn next(&self, step: Step) -> Option<(SlotId, ChunkId)> {
+        self.ring.next(step)
+    }
+
+    /// Engine lane `i` ([`UPLOAD_LANE`], [`DOWNLOAD_LANE`], compute lanes from
+    /// [`COMPUTE_LANE`]), to queue extra work in order with it.
+    pub fn lane_mut(&mut self, i: usize) -> Option<&mut Lane> {
+        self.lanes.get_mut(i)
+    }
+
+    /// Number of lanes (2 + compute lanes).
+    pub fn lane_count(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// With no chunk in flight: the first compute lane and slot 0's device
+    /// buffers, for one synchronous step on a single lane (no cross-lane
+    /// waits: the lowest latency for small steps).
+    pub fn idle_parts(&mut self) -> Option<(&mut Lane, &mut [DeviceBuffer<T>])> {
+        if !self.ring.is_idle() {
+            return None;
+        }
+        Some((&mut self.lanes[COMPUTE_LANE], &mut self.slots[0].bufs))
+    }
+
+    /// Timed fences around every step from now on; spans are measured from
+    /// this call.
+    pub fn start_timing(&mut self) -> Result<(), Error> {
+        let origin = self.lanes[UPLOAD_LANE].timed_fence()?;
+        self.timing = Some(Timing {
+            origin,
+            busy: BusyUnion::default(),
+            recent_ends: VecDeque::new(),
+        });
+        Ok(())
+    }
+
+    /// Stops timing; returns the GPU time during which at least one chunk's
+    /// kernels ran (the union over the compute lanes) of the chunks retired
+    /// since timing started.
+    pub fn stop_timing(&mut self) -> f64 {
+        for s in &mut self.slots {
+            s.timed.clear();
+        }
+        self.timing.take().map_or(0.0, |t| t.busy.total())
+    }
+
+    pub fn timed(&self) -> bool {
+        self.timing.is_some()
+    }
+
+    /// Issues the next chunk's upload if a slot is free and `io` has input.
+    pub fn upload<Io: ChunkIo<T>>(
+        &mut self,
+        io: &mut Io,
+        io_slots: &mut IoSlots<Io::Slot>,
+    ) -> Result<Upload, Io::Error> {
+        let Some((slot, chunk)) = self.ring.next(Step::Upload) else {
+            return Ok(Upload::NoSlot);
+        };
+        let timed = self.timing.is_some();
+        let state = io_slots.get(slot.0, io, &self.gpu)?;
+        let s = &mut self.slots[slot.0];
+        let lane = &mut self.lanes[UPLOAD_LANE];
+        let Some((len, rec)) = io.upload(lane, timed, state, &mut s.bufs[0], chunk)? else {
+            return Ok(Upload::Exhausted);
+        };
+        let end = own_fence(lane, rec.end)?;
+        s.in_len = len;
+        s.out_len = len;
+        s.out_buf = 0;
+        s.timed.clear();
+        if let Some(start) = rec.start {
+            s.timed.push(TimedStep {
+                step: Step::Upload,
+                lane: UPLOAD_LANE,
+                name: Cow::Borrowed("upload"),
+                start,
+                end: end.clone(),
+            });
+        }
+        self.ring.issue(Step::Upload, slot, end)?;
+        Ok(Upload::Issued(chunk, len))
+    }
+
+    /// Issues the kernels of the oldest uploaded chunk, if any; returns it.
+    pub fn process<P: ChunkProcessor<T>>(
+        &mut self,
+        p: &mut P,
+    ) -> Result<Option<ChunkId>, P::Error> {
+        let Some((slot, chunk)) = self.ring.next(Step::Process) else {
+            return Ok(None);
+        };
+        let lane_index = COMPUTE_LANE + (chunk.0 % self.config.compute_lanes as u64) as usize;
+        let lane = &mut self.lanes[lane_index];
+        let own = lane.stream_id();
+        let s = &mut self.slots[slot.0];
+        let mut spans = ComputeSpans {
+            timed: self.timing.is_some(),
+            spans: Vec::new(),
+        };
+        let mut launch = lane.launch();
+        let (out_len, out_buf) = p.process(&mut launch, &mut s.bufs, s.in_len, chunk, &mut spans)?;
+        if out_len > self.config.capacity || out_buf >= s.bufs.len() {
+            return Err(Error::Config(
+                "a processor reported more output than the slot holds, or no such buffer",
+            )
+            .into());
+        }
+        // The step ends after its last kernel: the last timed end fence, or
+        // the last kernel's own fence; a processor that launched nothing on
+        // this lane (or swapped its scope for another lane's) gets one of ours.
+        let last = spans
+            .spans
+            .last()
+            .map(|(_, _, end)| end.clone())
+            .or_else(|| launch.last_fence().cloned())
+            .filter(|f| f.stream() == own);
+        drop(launch);
+        let end = match last {
+            Some(f) => f,
+            None => lane.fence().map_err(Error::from)?,
+        };
+        s.out_len = out_len;
+        s.out_buf = out_buf;
+        for (name, start, end) in spans.spans {
+            s.timed.push(TimedStep {
+                step: Step::Process,
+                lane: lane_index,
+                name,
+                start,
+                end,
+            });
+        }
+        self.ring.issue(Step::Process, slot, end)?;
+        Ok(Some(chunk))
+    }
+
+    /// Issues the download of the oldest processed chunk, if any; returns it.
+    pub fn download<Io: ChunkIo<T>>(
+        &mut self,
+        io: &mut Io,
+        io_slots: &mut IoSlots<Io::Slot>,
+    ) -> Result<Option<ChunkId>, Io::Error> {
+        let Some((slot, chunk)) = self.ring.next(Step::Download) else {
+            return Ok(None);
+        };
+        let timed = self.timing.is_some();
+        let state = io_slots.get(slot.0, io, &self.gpu)?;
+        let s = &mut self.slots[slot.0];
+        let lane = &mut self.lanes[DOWNLOAD_LANE];
+        let rec = io.download(lane, timed, state, &s.bufs[s.out_buf], s.out_len)?;
+        let end = own_fence(lane, rec.end)?;
+        if let Some(start) = rec.start {
+            s.timed.push(TimedStep {
+                step: Step::Download,
+                lane: DOWNLOAD_LANE,
+                name: Cow::Borrowed("download"),
+                start,
+                end: end.clone(),
+            });
+        }
+        self.ring.issue(Step::Download, slot, end)?;
+        Ok(Some(chunk))
+    }
+
+    /// Observes completed fences (non-blocking); returns how many steps completed.
+    pub fn poll(&mut self) -> Result<usize, Error> {
+        Ok(self.ring.poll()?)
+    }
+
+    /// If the oldest chunk's download completed: hands it to `io.retire`,
+    /// reports its spans (with timing on) and frees the slot. Outputs come
+    /// in chunk order.
+    pub fn retire<Io: ChunkIo<T>>(
+        &mut self,
+        io: &mut Io,
+        io_slots: &mut IoSlots<Io::Slot>,
+        spans: &mut dyn FnMut(ChunkSpan),
+    ) -> Result<Option<(ChunkId, usize)>, Io::Error> {
+        self.ring.poll().map_err(Error::from)?;
+        let Some((slot, chunk)) = self.ring.completed() else {
+            return Ok(None);
+        };
+        let len = self.slots[slot.0].out_len;
+        let state = io_slots.get(slot.0, io, &self.gpu)?;
+        io.retire(state, chunk, len)?;
+        self.ring.release(slot)?;
+        self.retire_timing(slot, chunk, spans)?;
+        Ok(Some((chunk, len)))
+    }
+
+    /// The chunk's steps completed (its download did, and every step is
+    /// ordered before it): turn its timed fences into spans. Compute spans
+    /// also go into a union that is settled below the earliest point a later
+    /// chunk's kernels can start: chunk j's upload waits for every kernel of
+    /// chunk j - slots (they use the slot's buffers), so once the last
+    /// `slots` chunks retired, nothing later starts before the earliest of
+    /// their compute ends.
+    fn retire_timing(
+        &mut self,
+        slot: SlotId,
+        chunk: ChunkId,
+        spans: &mut dyn FnMut(ChunkSpan),
+    ) -> Result<(), Error> {
+        let Some(t) = &mut self.timing else {
+            return Ok(());
+        };
+        let mut compute_end = f64::NEG_INFINITY;
+        for s in self.slots[slot.0].timed.drain(..) {
+            if let Probe::Failed(reason) = s.end.synchronize() {
+                return Err(prism_stream::Error::ContextPoisoned { reason }.into());
+            }
+            let start_ms = f64::from(s.start.elapsed_ms_since(&t.origin)?);
+            let end_ms = f64::from(s.end.elapsed_ms_since(&t.origin)?);
+            if s.step == Step::Process {
+                t.busy.add(start_ms, end_ms);
+                compute_end = compute_end.max(end_ms);
+            }
+            spans(ChunkSpan {
+                chunk,
+                step: s.step,
+                lane: s.lane,
+                name: s.name,
+                start_ms,
+                end_ms,
+            });
+        }
+        let n = self.slots.len();
+        t.recent_ends.push_back(compute_end);
+        if t.recent_ends.len() > n {
+            t.recent_ends.pop_front();
+        }
+        if t.recent_ends.len() == n {
+            let low = t.recent_ends.iter().copied().fold(f64::INFINITY, f64::min);
+            t.busy.settle_before(low);
+        }
+        Ok(())
+    }
+
+    /// Blocks until the oldest chunk's last issued step completes. Returns
+    /// false when nothing is in flight.
+    pub fn wait_oldest(&mut self) -> Result<bool, Error> {
+        let oldest = self
+            .ring
+            .states()
+            .into_iter()
+            .filter_map(|s| s.chunk.map(|c| (c, s.slot)))
+            .min();
+        let Some((_, slot)) = oldest else {
+            return Ok(false);
+        };
+        let fence = [Step::Download, Step::Process, Step::Upload]
+            .into_iter()
+            .find_map(|step| self.ring.fence(slot, step))
+            .cloned();
+        if let Some(f) = fence {
+            if let Probe::Failed(reason) = f.synchronize() {
+                self.gpu.poison(&reason);
+                return Err(prism_stream::Error::ContextPoisoned { reason }.into());
+            }
+        }
+        Ok(true)
+    }
+
+    /// After an error: waits for every lane, then forgets the chunks in
+    /// flight (their outputs are dropped) so the engine starts clean.
+    pub fn abandon(&mut self) {
+        for lane in &self.lanes {
+            let _ = lane.synchronize();
+        }
+        for s in &mut self.slots {
+            s.timed.clear();
+        }
+        if let Ok(ring) = SlotRing::new(self.slots.len()) {
+            self.ring = ring;
+        }
+    }
+
+    /// Issues whatever the ring allows: the next upload (while `io` has
+    /// input and `more` is true), the oldest pending process and download.
+    /// Returns (upload outcome, whether anything was issued).
+    pub fn step<E, Io, P>(
+        &mut self,
+        io: &mut Io,
+        io_slots: &mut IoSlots<Io::Slot>,
+        p: &mut P,
+        more: bool,
+    ) -> Result<(Option<Upload>, bool), E>
+    where
+        E: From<Error>,
+        Io: ChunkIo<T, Error = E>,
+        P: ChunkProcessor<T, Error = E>,
+    {
+        let mut issued = false;
+        let up = if more {
+            let u = self.upload(io, io_slots)?;
+            issued |= matches!(u, Upload::Issued(..));
+            Some(u)
+        } else {
+            None
+        };
+        issued |= self.process(p)?.is_some();
+        issued |= self.download(io, io_slots)?.is_some();
+        Ok((up, issued))
+    }
+
+    /// Streams every chunk `io` gives through `p` until `io` is exhausted and
+    /// every chunk retired. On error, in-flight work drains
+    /// ([`abandon`](Self::abandon)) before the error returns.
+    pub fn run<E, Io, P>(
+        &mut self,
+        io: &mut Io,
+        io_slots: &mut IoSlots<Io::Slot>,
+        p: &mut P,
+        spans: &mut dyn FnMut(ChunkSpan),
+    ) -> Result<RunCounts, E>
+    where
+        E: From<Error>,
+        Io: ChunkIo<T, Error = E>,
+        P: ChunkProcessor<T, Error = E>,
+    {
+        let result = self.drive(io, io_slots, p, spans);
+        if result.is_err() {
+            self.abandon();
+        }
+        result
+    }
+
+    fn drive<E, Io, P>(
+        &mut self,
+        io: &mut Io,
+        io_slots: &mut IoSlots<Io::Slot>,
+        p: &mut P,
+        spans: &mut dyn FnMut(ChunkSpan),
+    ) -> Result<RunCounts, E>
+    where
+        E: From<Error>,
+        Io: ChunkIo<T, Error = E>,
+        P: ChunkProcessor<T, Error = E>,
+    {
+        let mut counts = RunCounts::default();
+        let mut exhausted = false;
+        loop {
+            let (up, mut progressed) = self.step(io, io_slots, p, !exhausted)?;
+            if up == Some(Upload::Exhausted) {
+                exhausted = true;
+            }
+            if let Some(Upload::Issued(_, len)) = up {
+                counts.elems_in += len as u64;
+            }
+            while let Some((_, len)) = self.retire(io, io_slots, spans)? {
+                counts.chunks += 1;
+                counts.elems_out += len as u64;
+                progressed = true;
+            }
+            if exhausted && self.ring.is_idle() {
+                return Ok(counts);
+            }
+            if !progressed {
+                self.wait_oldest()?;
+            }
+        }
+    }
+}
+
+/// The end fence of a step queued on `lane`: `fence` itself when it is of
+/// that lane (the ring settles a lane's steps by its stream order), else a
+/// fresh one (an I/O that queued its work elsewhere).
+fn own_fence(lane: &mut Lane, fence: GpuFence) -> Result<GpuFence, Error> {
+    if fence.stream() == lane.stream_id() {
+        Ok(fence)
+    } else {
+        Ok(lane.fence()?)
+    }
+}
+
+/// The union of time intervals, kept bounded: intervals that end before a
+/// point no later interval can start before are folded into a total.
+#[derive(Debug, Default, Clone)]
+pub struct BusyUnion {
+    /// Disjoint intervals, sorted by start, not yet settled.
+    open: Vec<(f64, f64)>,
+    settled: f64,
+}
+
+impl BusyUnion {
+    pub fn add(&mut self, start: f64, end: f64) {
+        let (mut s, mut e) = (start, end.max(start));
+        self.open.retain(|&(os, oe)| {
+            if os <= e && s <= oe {
+                s = s.min(os);
+                e = e.max(oe);
+                false
+            } else {
+                true
+            }
+        });
+        let at = self.open.partition_point(|&(os, _)| os < s);
+        self.open.insert(at, (s, e));
+    }
+
+    /// Folds the intervals that end at or before `low` into the total: the
+    /// caller promises that no interval added later starts before `low`.
+    pub fn settle_before(&mut self, low: f64) {
+        let keep = self.open.partition_point(|&(_, oe)| oe <= low);
+        self.settled += self.open.drain(..keep).map(|(s, e)| e - s).sum::<f64>();
+    }
+
+    /// Open intervals held.
+    pub fn held(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn total(&self) -> f64 {
+        self.settled + self.open.iter().map(|(s, e)| e - s).sum::<f64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BusyUnion;
+
+    #[test]
+    fn union_counts_overlaps_once() {
+        let mut u = BusyUnion::default();
+        for (s, e) in [(5.0, 7.0), (0.0, 2.0), (1.0, 3.0), (3.0, 4.0), (6.0, 6.5)] {
+            u.add(s, e);
+        }
+        assert_eq!(u.total(), 3.0 + 1.0 + 2.0);
+        assert_eq!(BusyUnion::default().total(), 0.0);
+    }
+
+    #[test]
+    fn settled_union_stays_small_and_exact() {
+        let mut u = BusyUnion::default();
+        for k in 0..1_000_000u32 {
+            let s = f64::from(k) * 0.5;
+            u.add(s, s + 1.0);
+            if k >= 4 {
+                u.settle_before(f64::from(k - 4) * 0.5);
+            }
+            assert!(u.held() <= 8, "{} intervals held", u.held());
+        }
+        let exact = 999_999.0 * 0.5 + 1.0;
+        assert!((u.total() - exact).abs() < 1e-6, "{} vs {exact}", u.total());
+    }
+
+    #[test]
+    fn disjoint_intervals_settle_into_the_total() {
+        let mut u = BusyUnion::default();
+        for k in 0..10_000u32 {
+            let s = f64::from(k) * 2.0;
+            u.add(s, s + 1.0);
+            u.settle_before(s - 4.0);
+            assert!(u.held() <= 4);
+        }
+        assert!((u.total() - 10_000.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,491 @@
+//! `execute_iteration`: the design's loop, one chunk per call, overlapped.
+//!
+//! Each call submits one chunk (its upload, stages and download are all
+//! queued in the call, the GPU orders them) and returns the outputs of the
+//! chunks that finished, in submission order, without waiting for its own.
+//! Once every slot is in flight, the call waits for the oldest chunk, so
+//! chunk k − (slots − 1) comes back while chunk k is submitted. `flush`
+//! drains the rest. `execute_iteration_blocking` is one synchronous round
+//! trip on a single lane (the old behaviour, made cheap).
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::time::Instant;
+
+use prism_buffer::engine::{ChunkSpan, ComputeSpans, IoSlots, Upload};
+use prism_buffer::ring::ChunkId;
+use prism_buffer::{ChunkProcessor, Engine};
+use prism_stream::{Element, PinnedBuffer, Probe};
+
+use crate::copy::par_copy_one;
+use crate::error::{Error, Result};
+use crate::gpu::{record_span, StageChain, StagingCache};
+use crate::io::{IterData, IterIo, IterSlot};
+use crate::stats::{BackendKind, PipelineStats};
+use crate::PipelineStageManager;
+
+/// The output of one chunk of `execute_iteration`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkOutput<T> {
+    /// The chunk's position among the submissions (0 for the first since
+    /// the last `flush`).
+    pub index: u64,
+    /// Its output, or `None` for a chunk submitted with
+    /// [`execute_iteration_pinned`](PipelineStageManager::execute_iteration_pinned)
+    /// (its output is in the buffer passed then, readable now).
+    pub data: Option<Vec<T>>,
+}
+
+/// An `execute_iteration` session: chunks in flight and their slots' state.
+#[derive(Debug)]
+pub(crate) struct Session<T: Element> {
+    slots: IoSlots<IterSlot<T>>,
+    /// Pinned (true) or pageable, per chunk in flight, oldest first.
+    kinds: VecDeque<bool>,
+    submitted: u64,
+    retired: u64,
+}
+
+impl<T: Element> Session<T> {
+    fn new(slots: usize) -> Self {
+        Self {
+            slots: IoSlots::new(slots),
+            kinds: VecDeque::new(),
+            submitted: 0,
+            retired: 0,
+        }
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        (self.submitted - self.retired) as usize
+    }
+
+    fn recycle(self, cache: &mut StagingCache<T>) {
+        for s in self.slots.into_made() {
+            if let Some(st) = s.staged {
+                st.recycle(cache);
+            }
+        }
+    }
+}
+
+/// Retires every chunk whose download completed (non-blocking).
+fn retire_ready<T: Element>(
+    engine: &mut Engine<T>,
+    io: &mut IterIo<'_, T>,
+    slots: &mut IoSlots<IterSlot<T>>,
+    stats: &mut PipelineStats,
+    retired: &mut u64,
+) -> Result<()> {
+    let elem = std::mem::size_of::<T>() as u64;
+    loop {
+        let mut got: Vec<ChunkSpan> = Vec::new();
+        let r = engine.retire(io, slots, &mut |s| got.push(s))?;
+        for s in got {
+            record_span(stats, None, s);
+        }
+        match r {
+            Some((_, len)) => {
+                *retired += 1;
+                stats.chunks += 1;
+                stats.bytes_out += len as u64 * elem;
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+impl<T: Element> PipelineStageManager<T> {
+    /// Chunks submitted with `execute_iteration` that have not come back yet.
+    pub fn pending_iterations(&self) -> usize {
+        self.iter.as_ref().map_or(0, Session::pending)
+    }
+
+    /// Submits `chunk` (at most one chunk long) through the stages and
+    /// returns the outputs of the chunks that finished, in submission order;
+    /// it does not wait for `chunk` itself (see the [module docs](self)).
+    /// Chunks may change length from call to call. An empty `chunk` submits
+    /// nothing and returns what finished. On the host backend each call
+    /// runs its chunk at once and returns it.
+    pub fn execute_iteration(&mut self, chunk: &[T]) -> Result<Vec<ChunkOutput<T>>> {
+        if chunk.len() > self.chunk_elems() {
+            return Err(Error::Config(
+                "execute_iteration takes at most one chunk (PipelineConfig::chunk_bytes)",
+            ));
+        }
+        let data = if chunk.is_empty() {
+            IterData::None
+        } else {
+            IterData::Pageable(chunk)
+        };
+        self.iteration(data, chunk)
+    }
+
+    /// [`execute_iteration`](Self::execute_iteration) from `input[range]`
+    /// into `output[to..]`, both pinned: no host copy (GPU backend only).
+    /// The call queues the whole round trip; host reads of `output` fail
+    /// with `BufferInFlight` (or wait, with `wait_slice`) until it is done,
+    /// and the chunk comes back with `data: None` from a later call or
+    /// `flush`.
+    pub fn execute_iteration_pinned(
+        &mut self,
+        input: &PinnedBuffer<T>,
+        range: Range<usize>,
+        output: &mut PinnedBuffer<T>,
+        to: usize,
+    ) -> Result<Vec<ChunkOutput<T>>> {
+        if self.backend != BackendKind::Gpu {
+            return Err(Error::Unsupported {
+                stage: "execute_iteration_pinned".into(),
+                backend: "host",
+            });
+        }
+        let len = range.len();
+        if range.end > input.len() || range.start > range.end {
+            return Err(prism_stream::Error::LengthMismatch {
+                what: "execute_iteration_pinned input range",
+                expected: input.len(),
+                actual: range.end,
+            }
+            .into());
+        }
+        if len == 0 || len > self.chunk_elems() {
+            return Err(Error::Config(
+                "execute_iteration_pinned takes 1 to chunk_bytes elements",
+            ));
+        }
+        let out_len = self.output_len(len);
+        if to.saturating_add(out_len) > output.len() {
+            return Err(Error::OutputLength {
+                expected: to.saturating_add(out_len),
+                actual: output.len(),
+            });
+        }
+        let data = IterData::Pinned {
+            input,
+            from: range.start,
+            len,
+            output,
+            to,
+        };
+        self.iteration(data, &[])
+    }
+
+    /// One submission (or, with `IterData::None`, only the retirement of
+    /// what finished).
+    fn iteration(&mut self, data: IterData<'_, T>, host_chunk: &[T]) -> Result<Vec<ChunkOutput<T>>> {
+        let _span = tracing::trace_span!("prism.pipeline.execute_iteration").entered();
+        let started = Instant::now();
+        let order = self.order();
+        self.check_stages(&order)?;
+        if self.backend == BackendKind::Host {
+            let out = self.host_iteration(&order, host_chunk)?;
+            self.stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
+            return Ok(out);
+        }
+        if self.iter.is_none() {
+            self.engine(&order)?;
+        }
+        let chunk = self.chunk_elems();
+        let capacity = self.capacity(&order);
+        let threads = self.config.host_threads;
+        let timing = self.config.timing;
+        let elem = std::mem::size_of::<T>() as u64;
+        let submitted_len = match &data {
+            IterData::Pageable(c) => c.len(),
+            IterData::Pinned { len, .. } => *len,
+            IterData::None => 0,
+        };
+        let Self {
+            engine,
+            stages,
+            stats,
+            cache,
+            iter,
+            ..
+        } = self;
+        let engine = engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
+        if iter.is_none() {
+            if timing {
+                engine.start_timing()?;
+            }
+            *iter = Some(Session::new(engine.slot_count()));
+        }
+        let Some(session) = iter.as_mut() else {
+            return Err(Error::Config("no execute_iteration session"));
+        };
+        let mut done = Vec::new();
+        let mut done_pinned = Vec::new();
+        let result = {
+            let mut io = IterIo {
+                data,
+                chunk,
+                capacity,
+                threads,
+                cache,
+                done: &mut done,
+                done_pinned: &mut done_pinned,
+                kinds: &mut session.kinds,
+            };
+            let mut chain = StageChain {
+                stages,
+                order: &order,
+                capacity,
+            };
+            submit(
+                engine,
+                &mut io,
+                &mut session.slots,
+                &mut chain,
+                stats,
+                &mut session.retired,
+                submitted_len > 0,
+            )
+        };
+        match result {
+            Ok(()) => {
+                if submitted_len > 0 {
+                    session.submitted += 1;
+                    stats.bytes_in += submitted_len as u64 * elem;
+                }
+                stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
+                stats.timed = timing;
+                Ok(merge(done, done_pinned))
+            }
+            Err(e) => {
+                // The session's chunks are lost: drain them and start over.
+                engine.abandon();
+                if timing {
+                    stats.compute_busy_ms += engine.stop_timing();
+                }
+                if let Some(s) = iter.take() {
+                    s.recycle(cache);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn host_iteration(&mut self, order: &[usize], chunk: &[T]) -> Result<Vec<ChunkOutput<T>>> {
+        if chunk.is_empty() {
+            return Ok(Vec::new());
+        }
+        let index = self.iter_index();
+        let (out, times) = crate::host::run_chunk(&mut self.stages, order, index, chunk)?;
+        for (&i, ms) in order.iter().zip(times) {
+            let name = self.stages[i].name().to_owned();
+            self.stats.add_stage_time(&name, ms);
+            self.stats.compute_busy_ms += ms;
+        }
+        self.stats.chunks += 1;
+        self.stats.bytes_in += std::mem::size_of_val(chunk) as u64;
+        self.stats.bytes_out += std::mem::size_of_val(out.as_slice()) as u64;
+        self.stats.timed = true;
+        Ok(vec![ChunkOutput {
+            index,
+            data: Some(out),
+        }])
+    }
+
+    /// The host backend's running submission count (a session never has
+    /// chunks in flight there).
+    fn iter_index(&mut self) -> u64 {
+        let s = self.iter.get_or_insert_with(|| Session::new(0));
+        s.submitted += 1;
+        s.retired += 1;
+        s.submitted - 1
+    }
+
+    /// Waits for every chunk submitted with `execute_iteration` and returns
+    /// their outputs in submission order (empty when nothing was pending).
+    /// The next submission starts a new session (indices from 0).
+    pub fn flush(&mut self) -> Result<Vec<ChunkOutput<T>>> {
+        let _span = tracing::trace_span!("prism.pipeline.flush").entered();
+        let started = Instant::now();
+        if self.backend == BackendKind::Host {
+            self.iter = None;
+            return Ok(Vec::new());
+        }
+        let chunk = self.chunk_elems();
+        let order = self.order();
+        let capacity = self.capacity(&order);
+        let threads = self.config.host_threads;
+        let Self {
+            engine,
+            stats,
+            cache,
+            iter,
+            ..
+        } = self;
+        let Some(mut session) = iter.take() else {
+            return Ok(Vec::new());
+        };
+        let Some(engine) = engine.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut done = Vec::new();
+        let mut done_pinned = Vec::new();
+        let result = {
+            let mut io = IterIo {
+                data: IterData::None,
+                chunk,
+                capacity,
+                threads,
+                cache,
+                done: &mut done,
+                done_pinned: &mut done_pinned,
+                kinds: &mut session.kinds,
+            };
+            drain(engine, &mut io, &mut session.slots, stats, &mut session.retired)
+        };
+        if result.is_err() {
+            engine.abandon();
+        }
+        if engine.timed() {
+            stats.compute_busy_ms += engine.stop_timing();
+        }
+        stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
+        if session.submitted > 0 {
+            stats.runs += 1;
+        }
+        session.recycle(cache);
+        result?;
+        Ok(merge(done, done_pinned))
+    }
+
+    /// One synchronous step: uploads `chunk`, runs the stages, downloads the
+    /// output and waits for it. On the GPU it runs on a single lane (no
+    /// cross-lane waits) with the ring's first slot, the cheapest round trip
+    /// for small chunks; per-step GPU times are not recorded. Needs no
+    /// `execute_iteration` chunk in flight.
+    pub fn execute_iteration_blocking(&mut self, chunk: &[T]) -> Result<Vec<T>> {
+        let _span = tracing::trace_span!("prism.pipeline.execute_iteration_blocking").entered();
+        if chunk.len() > self.chunk_elems() {
+            return Err(Error::Config(
+                "execute_iteration takes at most one chunk (PipelineConfig::chunk_bytes)",
+            ));
+        }
+        let started = Instant::now();
+        let order = self.begin_run(None, false)?;
+        if chunk.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.backend == BackendKind::Host {
+            let (out, times) = crate::host::run_chunk(&mut self.stages, &order, 0, chunk)?;
+            for (&i, ms) in order.iter().zip(times) {
+                let name = self.stages[i].name().to_owned();
+                self.stats.add_stage_time(&name, ms);
+                self.stats.compute_busy_ms += ms;
+            }
+            let bytes_out = std::mem::size_of_val(out.as_slice()) as u64;
+            self.stats.bytes_out += bytes_out;
+            self.finish_run(started, 1, 0, std::mem::size_of_val(chunk) as u64, 0);
+            return Ok(out);
+        }
+        let capacity = self.capacity(&order);
+        let threads = self.config.host_threads;
+        let (run, cache) = self.gpu_parts(&order)?;
+        let gpu = run.engine.gpu().clone();
+        let (lane, bufs) = run
+            .engine
+            .idle_parts()
+            .ok_or(Error::Config("the ring is busy"))?;
+        let mut input = cache.input(&gpu, chunk.len())?;
+        let mut output = cache.output(&gpu, capacity)?;
+        par_copy_one(&mut input.as_mut_slice()?[..chunk.len()], chunk, threads);
+        lane.copy_htod(&input, 0, &mut bufs[0], 0, chunk.len())?;
+        let mut chain = StageChain {
+            stages: run.stages,
+            order: &order,
+            capacity,
+        };
+        let (out_len, out_buf) = {
+            let mut launch = lane.launch();
+            chain.process(
+                &mut launch,
+                bufs,
+                chunk.len(),
+                ChunkId(0),
+                &mut ComputeSpans::default(),
+            )?
+        };
+        let done = lane.copy_dtoh(&bufs[out_buf], 0, &mut output, 0, out_len)?;
+        if let Probe::Failed(reason) = done.synchronize() {
+            gpu.poison(&reason);
+            return Err(prism_stream::Error::ContextPoisoned { reason }.into());
+        }
+        let out = output.as_slice()?[..out_len].to_vec();
+        cache.give_input(input);
+        cache.give_output(output);
+        let elem = std::mem::size_of::<T>() as u64;
+        self.finish_run(
+            started,
+            1,
+            0,
+            chunk.len() as u64 * elem,
+            out_len as u64 * elem,
+        );
+        Ok(out)
+    }
+}
+
+/// Submits the step's chunk (waiting for a free slot if every slot is in
+/// flight), queues its stages and download, retires what finished, and
+/// once the ring is full waits for the oldest chunk.
+fn submit<T: Element>(
+    engine: &mut Engine<T>,
+    io: &mut IterIo<'_, T>,
+    slots: &mut IoSlots<IterSlot<T>>,
+    chain: &mut StageChain<'_, T>,
+    stats: &mut PipelineStats,
+    retired: &mut u64,
+    has_chunk: bool,
+) -> Result<()> {
+    if has_chunk {
+        loop {
+            match engine.upload(io, slots)? {
+                Upload::Issued(..) => break,
+                Upload::NoSlot => {
+                    engine.wait_oldest()?;
+                    retire_ready(engine, io, slots, stats, retired)?;
+                }
+                Upload::Exhausted => {
+                    return Err(Error::Config("execute_iteration lost its chunk"));
+                }
+            }
+        }
+        if engine.process(chain)?.is_none() || engine.download(io, slots)?.is_none() {
+            return Err(Error::Config("execute_iteration could not queue its chunk"));
+        }
+    }
+    retire_ready(engine, io, slots, stats, retired)?;
+    if has_chunk && engine.in_flight() == engine.slot_count() {
+        engine.wait_oldest()?;
+        retire_ready(engine, io, slots, stats, retired)?;
+    }
+    Ok(())
+}
+
+/// Retires every chunk in flight, in order.
+fn drain<T: Element>(
+    engine: &mut Engine<T>,
+    io: &mut IterIo<'_, T>,
+    slots: &mut IoSlots<IterSlot<T>>,
+    stats: &mut PipelineStats,
+    retired: &mut u64,
+) -> Result<()> {
+    loop {
+        retire_ready(engine, io, slots, stats, retired)?;
+        if engine.is_idle() {
+            return Ok(());
+        }
+        engine.wait_oldest()?;
+    }
+}
+
+/// Pageable outputs and pinned completions, in submission order.
+fn merge<T>(mut done: Vec<ChunkOutput<T>>, pinned: Vec<u64>) -> Vec<ChunkOutput<T>> {
+    done.extend(pinned.into_iter().map(|index| ChunkOutput { index, data: None }));
+    done.sort_by_key(|c| c.index);
+    done
+}

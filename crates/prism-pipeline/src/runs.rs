@@ -1,0 +1,451 @@
+//! Whole runs: slices, pinned buffers, items and streams, each an I/O mode
+//! of the ring engine on the GPU (`io.rs`) or pulled through the host
+//! backend.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Instant;
+
+use prism_buffer::engine::{ChunkSpan, IoSlots, RunCounts};
+use prism_buffer::{ChunkIo, Engine};
+use prism_stream::{zeroed_vec, Element, PinnedBuffer};
+
+use crate::error::{Error, Result};
+use crate::gpu::{panic_message, record_span, StageChain};
+use crate::host::{AsyncPipelineCoordinator, Pull};
+use crate::io::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo, StreamIo};
+use crate::source::{Sink, Source};
+use crate::stage::Stage;
+use crate::stats::{BackendKind, PipelineStats, Timeline};
+use crate::PipelineStageManager;
+
+/// What a stream run moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamCounts {
+    /// Chunks delivered to the sink.
+    pub chunks: u64,
+    /// Input elements the source gave.
+    pub elements_in: u64,
+    /// Output elements the sink received.
+    pub elements_out: u64,
+}
+
+/// Everything one GPU run needs, borrowed from the manager field by field.
+pub(crate) struct GpuRun<'a, T: Element> {
+    pub(crate) engine: &'a mut Engine<T>,
+    pub(crate) stages: &'a mut [Box<dyn Stage<T>>],
+    pub(crate) order: &'a [usize],
+    pub(crate) capacity: usize,
+    pub(crate) timing: bool,
+    pub(crate) trace: bool,
+    pub(crate) stats: &'a mut PipelineStats,
+    pub(crate) timeline: &'a mut Timeline,
+}
+
+impl<T: Element> GpuRun<'_, T> {
+    /// Streams every chunk of `io` through the engine; returns the counts
+    /// and the slot states (for their staging to be recycled).
+    pub(crate) fn drive<Io: ChunkIo<T, Error = Error>>(
+        self,
+        io: &mut Io,
+    ) -> (Result<RunCounts>, IoSlots<Io::Slot>) {
+        let mut slots = IoSlots::new(self.engine.slot_count());
+        if self.timing {
+            if let Err(e) = self.engine.start_timing() {
+                return (Err(e.into()), slots);
+            }
+        }
+        let mut fresh = Timeline::default();
+        let (stats, trace) = (self.stats, self.trace);
+        let mut chain = StageChain {
+            stages: self.stages,
+            order: self.order,
+            capacity: self.capacity,
+        };
+        let result = {
+            let mut spans = |s: ChunkSpan| {
+                let tl = if trace { Some(&mut fresh) } else { None };
+                record_span(stats, tl, s);
+            };
+            self.engine.run(io, &mut slots, &mut chain, &mut spans)
+        };
+        if self.timing {
+            stats.compute_busy_ms += self.engine.stop_timing();
+        }
+        if trace && result.is_ok() {
+            *self.timeline = fresh;
+        }
+        (result, slots)
+    }
+}
+
+impl<T: Element> PipelineStageManager<T> {
+    /// Borrows what a GPU run needs.
+    pub(crate) fn gpu_parts<'a>(
+        &'a mut self,
+        order: &'a [usize],
+    ) -> Result<(GpuRun<'a, T>, &'a mut crate::gpu::StagingCache<T>)> {
+        let capacity = self.capacity(order);
+        let timing = self.config.timing;
+        let trace = self.config.trace && timing;
+        let engine = self
+            .engine
+            .as_mut()
+            .ok_or(Error::Config("no GPU engine"))?;
+        Ok((
+            GpuRun {
+                engine,
+                stages: &mut self.stages,
+                order,
+                capacity,
+                timing,
+                trace,
+                stats: &mut self.stats,
+                timeline: &mut self.timeline,
+            },
+            &mut self.cache,
+        ))
+    }
+
+    /// Streams `input` through the stages into `output` (which must hold
+    /// exactly [`total_output_len`](Self::total_output_len)`(input.len())`
+    /// elements). Empty input is a valid run of zero chunks.
+    pub fn run(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+        let _span = tracing::debug_span!("prism.pipeline.run", n = input.len()).entered();
+        let order = self.begin_run(Some((input.len(), output.len())), false)?;
+        let started = Instant::now();
+        let elem = std::mem::size_of::<T>() as u64;
+        if input.is_empty() {
+            self.finish_run(started, 0, 0, 0, 0);
+            return Ok(());
+        }
+        let chunk = self.chunk_elems();
+        match self.backend {
+            BackendKind::Gpu => {
+                let out_capacity = self.output_len(chunk).max(chunk);
+                let threads = self.config.host_threads;
+                let (run, cache) = self.gpu_parts(&order)?;
+                let mut io = SliceIo {
+                    input,
+                    output,
+                    chunk,
+                    capacity: out_capacity,
+                    threads,
+                    next_in: 0,
+                    next_out: 0,
+                    cache,
+                };
+                let (r, slots) = run.drive(&mut io);
+                for s in slots.into_made() {
+                    s.recycle(io.cache);
+                }
+                let counts = r?;
+                self.finish_run(
+                    started,
+                    counts.chunks,
+                    0,
+                    counts.elems_in * elem,
+                    counts.elems_out * elem,
+                );
+            }
+            BackendKind::Host => {
+                let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
+                let mut next_out = 0;
+                let r = coordinator.run(
+                    &mut self.stages,
+                    &order,
+                    input.chunks(chunk),
+                    |_, out| {
+                        output[next_out..next_out + out.len()].copy_from_slice(out);
+                        next_out += out.len();
+                        Ok(())
+                    },
+                    &mut self.stats,
+                );
+                let chunks = r?;
+                self.finish_run(started, chunks, 0, input.len() as u64 * elem, 0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams a pinned input into a pinned output with no staging copies
+    /// (GPU backend only). Host reads of `output` wait for the last download.
+    pub fn run_pinned(
+        &mut self,
+        input: &PinnedBuffer<T>,
+        output: &mut PinnedBuffer<T>,
+    ) -> Result<()> {
+        let _span = tracing::debug_span!("prism.pipeline.run_pinned", n = input.len()).entered();
+        if self.backend != BackendKind::Gpu {
+            return Err(Error::Unsupported {
+                stage: "run_pinned".into(),
+                backend: "host",
+            });
+        }
+        let order = self.begin_run(Some((input.len(), output.len())), false)?;
+        let started = Instant::now();
+        let chunk = self.chunk_elems();
+        let (run, _) = self.gpu_parts(&order)?;
+        let mut io = PinnedIo {
+            input,
+            output,
+            chunk,
+            next_in: 0,
+            next_out: 0,
+        };
+        let counts = run.drive(&mut io).0?;
+        let elem = std::mem::size_of::<T>() as u64;
+        self.finish_run(
+            started,
+            counts.chunks,
+            0,
+            counts.elems_in * elem,
+            counts.elems_out * elem,
+        );
+        Ok(())
+    }
+
+    /// Streams items that arrive one by one, each with its own output slice
+    /// of the same length. On the GPU many items share one chunk (gathered
+    /// into pinned staging, one copy and one launch per stage, scattered
+    /// back), so every stage must be elementwise. Empty items are skipped.
+    /// Returns the item count.
+    pub fn run_items<'a, I>(&mut self, items: I) -> Result<u64>
+    where
+        I: IntoIterator<Item = (&'a [T], &'a mut [T])>,
+    {
+        let _span = tracing::debug_span!("prism.pipeline.run_items").entered();
+        let order = self.begin_run(None, true)?;
+        let started = Instant::now();
+        let elem = std::mem::size_of::<T>() as u64;
+        let chunk = self.chunk_elems();
+        match self.backend {
+            BackendKind::Gpu => {
+                let threads = self.config.host_threads;
+                let (run, cache) = self.gpu_parts(&order)?;
+                let mut io = ItemsIo {
+                    items: items.into_iter().peekable(),
+                    chunk,
+                    threads,
+                    next_item: 0,
+                    outputs: Default::default(),
+                    cache,
+                };
+                let (r, slots) = run.drive(&mut io);
+                for s in slots.into_made() {
+                    s.staged.recycle(io.cache);
+                }
+                let n = io.next_item as u64;
+                let counts = r?;
+                self.finish_run(
+                    started,
+                    counts.chunks,
+                    n,
+                    counts.elems_in * elem,
+                    counts.elems_out * elem,
+                );
+                Ok(n)
+            }
+            BackendKind::Host => {
+                let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
+                let mut items = items.into_iter();
+                let outputs: std::cell::RefCell<std::collections::VecDeque<&mut [T]>> =
+                    Default::default();
+                let mut bytes_in = 0u64;
+                let (n, failed) = coordinator.run_pull(
+                    &mut self.stages,
+                    &order,
+                    &mut |buf, _| match items.next() {
+                        Some((input, out)) => {
+                            if input.len() != out.len() {
+                                return Err(Error::OutputLength {
+                                    expected: input.len(),
+                                    actual: out.len(),
+                                });
+                            }
+                            buf.clear();
+                            buf.extend_from_slice(input);
+                            bytes_in += input.len() as u64 * elem;
+                            outputs.borrow_mut().push_back(out);
+                            Ok(Pull::Chunk)
+                        }
+                        None => Ok(Pull::End),
+                    },
+                    &mut |_, out| {
+                        let dst = outputs
+                            .borrow_mut()
+                            .pop_front()
+                            .ok_or(Error::Config("item outputs out of step"))?;
+                        dst.copy_from_slice(out);
+                        Ok(())
+                    },
+                    &mut self.stats,
+                )?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                self.finish_run(started, n, n, bytes_in, 0);
+                Ok(n)
+            }
+        }
+    }
+
+    /// Streams items that live in the caller's own pinned buffers, each with
+    /// its own pinned output (GPU backend only). Many items share one chunk:
+    /// one zero-copy kernel gathers them over the bus into the device, the
+    /// stages run once per chunk, and one zero-copy kernel scatters the
+    /// results back: no host copy, no per-item copy. Every stage must be
+    /// elementwise. Returns the item count.
+    pub fn run_items_pinned<'a, I>(&mut self, items: I) -> Result<u64>
+    where
+        I: IntoIterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuffer<T>)>,
+    {
+        let _span = tracing::debug_span!("prism.pipeline.run_items_pinned").entered();
+        if self.backend != BackendKind::Gpu {
+            return Err(Error::Unsupported {
+                stage: "run_items_pinned".into(),
+                backend: "host",
+            });
+        }
+        let order = self.begin_run(None, true)?;
+        let started = Instant::now();
+        let chunk = self.chunk_elems();
+        let (run, cache) = self.gpu_parts(&order)?;
+        let mut io = PinnedItemsIo {
+            items: items.into_iter().peekable(),
+            chunk,
+            next_item: 0,
+            outputs: Default::default(),
+            cache,
+        };
+        let (r, slots) = run.drive(&mut io);
+        for s in slots.into_made() {
+            for d in [s.gather, s.scatter].into_iter().flatten() {
+                io.cache.give_descriptors(d);
+            }
+        }
+        let n = io.next_item as u64;
+        let counts = r?;
+        let elem = std::mem::size_of::<T>() as u64;
+        self.finish_run(
+            started,
+            counts.chunks,
+            n,
+            counts.elems_in * elem,
+            counts.elems_out * elem,
+        );
+        Ok(n)
+    }
+
+    /// Streams everything `source` gives through the stages into `sink`,
+    /// chunk by chunk in input order, on either backend. A chunk is what one
+    /// `source.fill` call writes into the (pinned, on the GPU) upload slot;
+    /// the sink reads each output straight from the download slot. Host
+    /// memory is bounded by the ring whatever the stream's length.
+    ///
+    /// Errors: a source that fails (or panics) at chunk k stops the input;
+    /// chunks before k are still delivered, nothing after, and the error
+    /// names chunk k. A sink that fails (or panics) stops the run: chunks
+    /// in flight drain and are not delivered. A failing or panicking stage
+    /// stops the run the same way; the error names the stage and chunk.
+    pub fn run_stream<S: Source<T>, K: Sink<T>>(
+        &mut self,
+        source: S,
+        sink: K,
+    ) -> Result<StreamCounts> {
+        let _span = tracing::debug_span!("prism.pipeline.run_stream").entered();
+        let order = self.begin_run(None, false)?;
+        let started = Instant::now();
+        let elem = std::mem::size_of::<T>() as u64;
+        let chunk = self.chunk_elems();
+        match self.backend {
+            BackendKind::Gpu => {
+                let capacity = self.capacity(&order);
+                let (run, cache) = self.gpu_parts(&order)?;
+                let mut io = StreamIo {
+                    source,
+                    sink,
+                    chunk,
+                    capacity,
+                    cache,
+                    failed: None,
+                };
+                let (r, slots) = run.drive(&mut io);
+                for s in slots.into_made() {
+                    io.cache.give_output(s.input);
+                    io.cache.give_output(s.output);
+                }
+                let failed = io.failed.take();
+                let counts = r?;
+                self.finish_run(
+                    started,
+                    counts.chunks,
+                    0,
+                    counts.elems_in * elem,
+                    counts.elems_out * elem,
+                );
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                Ok(StreamCounts {
+                    chunks: counts.chunks,
+                    elements_in: counts.elems_in,
+                    elements_out: counts.elems_out,
+                })
+            }
+            BackendKind::Host => {
+                let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
+                let (mut source, mut sink) = (source, sink);
+                let zero = zeroed_vec::<T>(1)[0];
+                let (mut elements_in, mut elements_out) = (0u64, 0u64);
+                let (chunks, failed) = coordinator.run_pull(
+                    &mut self.stages,
+                    &order,
+                    &mut |buf, index| {
+                        buf.resize(chunk, zero);
+                        let filled = catch_unwind(AssertUnwindSafe(|| source.fill(buf)));
+                        let n = match filled {
+                            Ok(Ok(n)) if n <= chunk => n,
+                            Ok(Ok(n)) => {
+                                return Err(Error::Source {
+                                    chunk: index,
+                                    source: format!("fill reported {n} elements written into a chunk of {chunk}").into(),
+                                })
+                            }
+                            Ok(Err(source)) => return Err(Error::Source { chunk: index, source }),
+                            Err(payload) => {
+                                return Err(Error::SourcePanicked {
+                                    chunk: index,
+                                    message: panic_message(&*payload),
+                                })
+                            }
+                        };
+                        if n == 0 {
+                            return Ok(Pull::End);
+                        }
+                        buf.truncate(n);
+                        elements_in += n as u64;
+                        Ok(Pull::Chunk)
+                    },
+                    &mut |index, out| {
+                        elements_out += out.len() as u64;
+                        sink.accept(index, out).map_err(|source| Error::Sink {
+                            chunk: index,
+                            source,
+                        })
+                    },
+                    &mut self.stats,
+                )?;
+                self.finish_run(started, chunks, 0, elements_in * elem, 0);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                Ok(StreamCounts {
+                    chunks,
+                    elements_in,
+                    elements_out,
+                })
+            }
+        }
+    }
+}

@@ -3,6 +3,8 @@
 // time themselves with CUDA events. See prism_kernels.h for the contract.
 #include <cuda_runtime.h>
 
+#include <chrono>
+
 #include "prism_kernels.h"
 
 namespace {
@@ -12,7 +14,11 @@ struct Cleanup {
     float *dev_in[PRISM_BENCH_MAX_STREAMS] = {};
     float *dev_out[PRISM_BENCH_MAX_STREAMS] = {};
     cudaEvent_t start = nullptr, stop = nullptr;
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
     ~Cleanup() {
+        if (exec) cudaGraphExecDestroy(exec);
+        if (graph) cudaGraphDestroy(graph);
         for (int i = 0; i < PRISM_BENCH_MAX_STREAMS; ++i) {
             if (streams[i]) cudaStreamDestroy(streams[i]);
             if (dev_in[i]) cudaFree(dev_in[i]);
@@ -35,12 +41,13 @@ extern "C" int prism_bench_pieces(const float *const *in, float *const *out, con
                                   uint64_t count, uint64_t max_len, float a, float b,
                                   int32_t iters, int32_t mode, int32_t nstreams, float *ms) {
     if (nstreams < 1 || nstreams > PRISM_BENCH_MAX_STREAMS || max_len == 0 || mode < 0 ||
-        mode > PRISM_BENCH_KERNEL_ONLY)
+        mode > PRISM_BENCH_STEP_GRAPH)
         return PRISM_ERR_INVALID_ARGUMENT;
     for (uint64_t i = 0; i < count; ++i)
         if (lens[i] > max_len) return PRISM_ERR_INVALID_ARGUMENT;
     Cleanup c;
-    int used = mode == PRISM_BENCH_SEQUENTIAL ? 1 : (mode == PRISM_BENCH_MULTISTREAM ? nstreams : 2);
+    bool step = mode == PRISM_BENCH_STEP || mode == PRISM_BENCH_STEP_GRAPH;
+    int used = mode == PRISM_BENCH_SEQUENTIAL || step ? 1 : (mode == PRISM_BENCH_MULTISTREAM ? nstreams : 2);
     for (int s = 0; s < used; ++s) {
         CHECK(cudaStreamCreateWithFlags(&c.streams[s], cudaStreamNonBlocking));
         CHECK(cudaMalloc(&c.dev_in[s], max_len * sizeof(float)));
@@ -54,6 +61,41 @@ extern "C" int prism_bench_pieces(const float *const *in, float *const *out, con
         if (count > 0) CHECK(cudaMemcpyAsync(c.dev_in[0], in[0], lens[0] * sizeof(float), cudaMemcpyHostToDevice, c.streams[0]));
     }
     CHECK(cudaDeviceSynchronize());
+    if (step) {
+        // A synchronous round trip per piece, as a user's blocking step: H2D,
+        // kernel, D2H on one stream, then wait. Timed on the host.
+        cudaStream_t s = c.streams[0];
+        if (mode == PRISM_BENCH_STEP_GRAPH && count > 0) {
+            size_t bytes = lens[0] * sizeof(float);
+            CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+            CHECK(cudaMemcpyAsync(c.dev_in[0], in[0], bytes, cudaMemcpyHostToDevice, s));
+            int err = prism_fma_chain_f32(c.dev_in[0], c.dev_out[0], lens[0], a, b, iters,
+                                          reinterpret_cast<prism_stream_t>(s));
+            if (err) return err;
+            CHECK(cudaMemcpyAsync(out[0], c.dev_out[0], bytes, cudaMemcpyDeviceToHost, s));
+            CHECK(cudaStreamEndCapture(s, &c.graph));
+            CHECK(cudaGraphInstantiate(&c.exec, c.graph, 0));
+            CHECK(cudaGraphLaunch(c.exec, s));  // warm-up
+            CHECK(cudaStreamSynchronize(s));
+        }
+        auto t0 = std::chrono::steady_clock::now();
+        for (uint64_t i = 0; i < count; ++i) {
+            if (mode == PRISM_BENCH_STEP_GRAPH) {
+                CHECK(cudaGraphLaunch(c.exec, s));
+            } else {
+                size_t bytes = lens[i] * sizeof(float);
+                CHECK(cudaMemcpyAsync(c.dev_in[0], in[i], bytes, cudaMemcpyHostToDevice, s));
+                int err = prism_fma_chain_f32(c.dev_in[0], c.dev_out[0], lens[i], a, b, iters,
+                                              reinterpret_cast<prism_stream_t>(s));
+                if (err) return err;
+                CHECK(cudaMemcpyAsync(out[i], c.dev_out[0], bytes, cudaMemcpyDeviceToHost, s));
+            }
+            CHECK(cudaStreamSynchronize(s));
+        }
+        auto t1 = std::chrono::steady_clock::now();
+        *ms = std::chrono::duration<float, std::milli>(t1 - t0).count();
+        return 0;
+    }
     // Every stream waits for `start` so the timed region holds all their work.
     CHECK(cudaEventRecord(c.start, c.streams[0]));
     for (int s = 1; s < used; ++s) CHECK(cudaStreamWaitEvent(c.streams[s], c.start, 0));

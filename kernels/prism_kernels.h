@@ -96,13 +96,18 @@ int prism_scatter_bytes(const unsigned char *src, const uint64_t *desc, uint64_t
 #define PRISM_BENCH_MULTISTREAM 1 /* piece i on stream i % nstreams, one buffer set per stream */
 #define PRISM_BENCH_BIDIR 2       /* all H2D on one stream, all D2H on another, no kernel */
 #define PRISM_BENCH_KERNEL_ONLY 3 /* all kernels back to back on device-resident data */
+#define PRISM_BENCH_STEP 4        /* one stream: H2D, kernel, D2H, synchronise, per piece */
+#define PRISM_BENCH_STEP_GRAPH 5  /* as STEP, the three captured once as a CUDA graph */
 
 /*
  * Runs `count` pieces (in[i] -> out[i], lens[i] floats, pinned host memory,
  * lens[i] <= max_len) in `mode` and writes the GPU time of the whole batch,
  * from an event before the first call to one after the last, to *ms. Device
  * buffers and streams are made before and freed after the timed region.
- * Outputs hold y = fma^iters(x) for the sequential and multistream modes.
+ * Outputs hold y = fma^iters(x) for the sequential, multistream and step
+ * modes. The step modes synchronise after every piece and are timed on the
+ * host (steady clock) instead: a synchronous round trip per piece. The
+ * graph form captures piece 0's step and replays it `count` times.
  */
 int prism_bench_pieces(const float *const *in, float *const *out, const uint64_t *lens,
                        uint64_t count, uint64_t max_len, float a, float b, int32_t iters,

@@ -23,6 +23,8 @@ pub const EXAMPLE_SMOKE_RUNS: &[(&str, &str, &str)] = &[
     ("prism-buffer", "triple_buffer", ""),
     ("prism-pipeline", "multi_stage", ""),
     ("prism-pipeline", "custom_kernel", ""),
+    ("prism-pipeline", "step_loop", ""),
+    ("prism-pipeline", "stream_check", ""),
     (
         "prism-pipeline",
         "streaming",
@@ -44,6 +46,8 @@ pub const EXAMPLE_SANITIZER_RUNS: &[(&str, &str)] = &[
     ("triple_buffer", ""),
     ("multi_stage", ""),
     ("custom_kernel", ""),
+    ("step_loop", ""),
+    ("stream_check", "--gib 0.004 --chunk-mib 1"),
     ("streaming", "--mib 16 --chunk-mib 4"),
     ("streaming", "--pageable --mib 16 --chunk-mib 4"),
 ];

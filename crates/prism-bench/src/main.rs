@@ -1,5 +1,7 @@
 //! prism-bench: the workloads of shared/BENCH-SPEC.md, prism against the
-//! baselines it lists, all in one process on one GPU.
+//! baselines it lists, all in one process on one GPU: S1, S1c, S2, S3 and
+//! S5 (the step loop) in the main table, S8 (one small synchronous step)
+//! and S6 (a 64 GiB stream generated and checked on the fly) in their own.
 //!
 //! ```text
 //! cargo run --release -p prism-bench [-- --quick] [--reps 5] [--out bench-results]
@@ -20,14 +22,26 @@ use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use prism_pipeline::{Fma, PipelineConfig, PipelineStageManager};
+use prism_pipeline::{fill_with, sink_fn, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 use prism_stream::testing::random_f32;
-use prism_stream::{fma_chain_cpu, Gpu, HostAllocFlags, PinnedBuffer};
+use prism_stream::{fma_chain_cpu, pattern, Gpu, HostAllocFlags, PinnedBuffer};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 const A: f32 = 1.0001;
 const B: f32 = 0.5;
+
+/// How prism runs a workload of the main table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PrismMode {
+    /// `run_pinned` over one pinned buffer.
+    Pinned,
+    /// `run_items_pinned` over separate pinned items.
+    Items,
+    /// One `execute_iteration_pinned` call per chunk, then `flush` (S5).
+    Steps,
+}
 
 #[derive(Debug, Clone)]
 struct Workload {
@@ -35,6 +49,7 @@ struct Workload {
     total: usize,
     piece: usize,
     items: bool,
+    mode: PrismMode,
     iters: u32,
     /// Chunk size prism uses (bytes) and ring depth.
     prism_chunk_bytes: usize,
@@ -67,6 +82,33 @@ struct WorkloadResult {
     cases: Vec<CaseResult>,
 }
 
+/// S8: µs per synchronous step at one size.
+#[derive(Debug, Serialize, Deserialize)]
+struct StepResult {
+    kib: usize,
+    steps: usize,
+    cxx_us: f64,
+    cxx_graph_us: f64,
+    prism_us: f64,
+    prism_over_cxx: f64,
+}
+
+/// S6: a generated stream checked on the fly.
+#[derive(Debug, Serialize, Deserialize)]
+struct StreamResult {
+    gib: f64,
+    chunk_mib: usize,
+    /// Both-way copies of the same bytes, scaled from a 256 MiB measurement.
+    t_bidir_ms: f64,
+    /// The generator and the checker alone over the same data (host threads).
+    t_host_ms: f64,
+    bound_ms: f64,
+    prism_ms: f64,
+    bound_over_measured: f64,
+    checked_elements: u64,
+    peak_rss_mib: f64,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Report {
     device: String,
@@ -74,6 +116,10 @@ struct Report {
     quick: bool,
     reps: usize,
     workloads: Vec<WorkloadResult>,
+    #[serde(default)]
+    steps: Vec<StepResult>,
+    #[serde(default)]
+    stream: Option<StreamResult>,
 }
 
 struct Args {
@@ -134,6 +180,8 @@ fn run() -> Result<(), BoxError> {
         // Table and chart again from a saved results.json (no GPU needed).
         let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;
         print_table(&report.device, &report.workloads);
+        print_steps(&report.steps);
+        print_stream(report.stream.as_ref());
         std::fs::create_dir_all(&args.out)?;
         write_chart(&report, &args.out)?;
         return Ok(());
@@ -158,6 +206,7 @@ fn run() -> Result<(), BoxError> {
             total: (4096 / scale) * mib / 4,
             piece: 64 * mib / 4,
             items: false,
+            mode: PrismMode::Pinned,
             iters: 1,
             prism_chunk_bytes: 64 * mib,
             prism_slots: 3,
@@ -167,6 +216,7 @@ fn run() -> Result<(), BoxError> {
             total: (4096 / scale) * mib / 4,
             piece: 64 * mib / 4,
             items: false,
+            mode: PrismMode::Pinned,
             iters: 0,
             prism_chunk_bytes: 64 * mib,
             prism_slots: 3,
@@ -176,6 +226,7 @@ fn run() -> Result<(), BoxError> {
             total: (1024 / scale) * mib / 4,
             piece: mib / 4,
             items: false,
+            mode: PrismMode::Pinned,
             iters: 1,
             prism_chunk_bytes: mib,
             prism_slots: 8,
@@ -185,14 +236,31 @@ fn run() -> Result<(), BoxError> {
             total: (256 / scale) * mib / 4,
             piece: 64 * 1024 / 4,
             items: true,
+            mode: PrismMode::Items,
             iters: 1,
             prism_chunk_bytes: 16 * mib,
             prism_slots: 3,
         },
+        Workload {
+            name: "S5",
+            total: (4096 / scale) * mib / 4,
+            piece: 64 * mib / 4,
+            items: false,
+            mode: PrismMode::Steps,
+            iters: 1,
+            prism_chunk_bytes: 64 * mib,
+            prism_slots: 3,
+        },
     ];
-    if let Some(only) = &args.only {
-        workloads.retain(|w| w.name == only);
-    }
+    let wants = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
+    workloads.retain(|w| wants(w.name));
+    // S6 first: its peak RSS is read before the other workloads allocate.
+    let stream = if wants("S6") {
+        eprintln!("prism-bench: S6 (generated stream) ...");
+        Some(bench_stream(&gpu, args.quick)?)
+    } else {
+        None
+    };
     eprintln!(
         "prism-bench: {device}, {} repetitions after a warm-up{}",
         args.reps,
@@ -208,7 +276,15 @@ fn run() -> Result<(), BoxError> {
         eprintln!("prism-bench: [{}/{}] {} ...", k + 1, count, w.name);
         results.push(bench_workload(&gpu, &ctx, w, args.reps, args.prism_timing)?);
     }
+    let steps = if wants("S8") {
+        eprintln!("prism-bench: S8 (small synchronous steps) ...");
+        bench_steps(&gpu, args.quick)?
+    } else {
+        Vec::new()
+    };
     print_table(&device, &results);
+    print_steps(&steps);
+    print_stream(stream.as_ref());
     std::fs::create_dir_all(&args.out)?;
     let report = Report {
         device,
@@ -216,6 +292,8 @@ fn run() -> Result<(), BoxError> {
         quick: args.quick,
         reps: args.reps,
         workloads: results,
+        steps,
+        stream,
     };
     std::fs::write(
         format!("{}/results.json", args.out),
@@ -479,14 +557,300 @@ fn prism_run(
     p: &mut PipelineStageManager<f32>,
 ) -> Result<f64, BoxError> {
     let t = Instant::now();
-    if w.items {
-        let Data { inputs, outputs } = data;
-        p.run_items_pinned(inputs.iter().zip(outputs.iter_mut()))?;
-    } else {
-        let Data { inputs, outputs } = data;
-        p.run_pinned(&inputs[0], &mut outputs[0])?;
+    let Data { inputs, outputs } = data;
+    match w.mode {
+        PrismMode::Items => {
+            p.run_items_pinned(inputs.iter().zip(outputs.iter_mut()))?;
+        }
+        PrismMode::Pinned => p.run_pinned(&inputs[0], &mut outputs[0])?,
+        PrismMode::Steps => {
+            // The design's loop: one call per chunk, then flush.
+            let (input, output) = (&inputs[0], &mut outputs[0]);
+            let mut back = 0;
+            for start in (0..input.len()).step_by(w.piece) {
+                let end = (start + w.piece).min(input.len());
+                back += p
+                    .execute_iteration_pinned(input, start..end, output, start)?
+                    .len();
+            }
+            back += p.flush()?.len();
+            if back != input.len().div_ceil(w.piece) {
+                return Err(format!("execute_iteration returned {back} chunks").into());
+            }
+            output.wait_idle()?;
+        }
     }
     Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// S8: µs per synchronous step (upload, one fma kernel, download, wait) at
+/// 4, 16 and 64 KiB: hand-written CUDA C++ on one stream (plain and as a
+/// CUDA graph) against prism's `execute_iteration_blocking` (pageable slice
+/// in, `Vec` out).
+fn bench_steps(gpu: &Gpu, quick: bool) -> Result<Vec<StepResult>, BoxError> {
+    let steps = if quick { 300 } else { 2000 };
+    let mut results = Vec::new();
+    for kib in [4usize, 16, 64] {
+        let n = kib * 1024 / 4;
+        let mut data = Data {
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        };
+        let mut input = PinnedBuffer::<f32>::new(gpu, n * steps, HostAllocFlags::DEFAULT)?;
+        fill_random(input.as_mut_slice()?, 0x58 + kib as u64);
+        data.inputs.push(input);
+        data.outputs.push(PinnedBuffer::<f32>::new(
+            gpu,
+            n * steps,
+            HostAllocFlags::DEFAULT,
+        )?);
+        let config = PipelineConfig {
+            chunk_bytes: 64 * 1024,
+            slots: 3,
+            timing: false,
+            ..PipelineConfig::default()
+        };
+        let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
+        p.add_stage(Fma {
+            a: A,
+            b: B,
+            iters: 1,
+        });
+        let host_in: Vec<f32> = data.inputs[0].as_slice()?.to_vec();
+        let prism = |p: &mut PipelineStageManager<f32>| -> Result<f64, BoxError> {
+            let t = Instant::now();
+            for k in 0..steps {
+                let out = p.execute_iteration_blocking(&host_in[k * n..(k + 1) * n])?;
+                if k % 97 == 0 {
+                    let x = host_in[k * n + n / 2];
+                    if fma_chain_cpu(x, A, B, 1).to_bits() != out[n / 2].to_bits() {
+                        return Err(format!("S8 step {k} differs from the CPU").into());
+                    }
+                }
+            }
+            Ok(t.elapsed().as_secs_f64() * 1e6 / steps as f64)
+        };
+        // Warm-ups, then three interleaved rounds; the median of each.
+        prism(&mut p)?;
+        cxx(&mut data, n, 1, prism_cuda_sys::PRISM_BENCH_STEP as i32, 1)?;
+        let (mut c, mut g, mut q) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..3 {
+            c.push(
+                cxx(&mut data, n, 1, prism_cuda_sys::PRISM_BENCH_STEP as i32, 1)? * 1e3
+                    / steps as f64,
+            );
+            g.push(
+                cxx(
+                    &mut data,
+                    n,
+                    1,
+                    prism_cuda_sys::PRISM_BENCH_STEP_GRAPH as i32,
+                    1,
+                )? * 1e3
+                    / steps as f64,
+            );
+            q.push(prism(&mut p)?);
+        }
+        let (cxx_us, cxx_graph_us, prism_us) = (median(&mut c), median(&mut g), median(&mut q));
+        // The plain C++ steps wrote every output: check a sample.
+        let (i, o) = (data.inputs[0].as_slice()?, data.outputs[0].as_slice()?);
+        for k in (0..n * steps).step_by(4099) {
+            if fma_chain_cpu(i[k], A, B, 1).to_bits() != o[k].to_bits() {
+                return Err(format!("S8 C++ output {k} differs from the CPU").into());
+            }
+        }
+        results.push(StepResult {
+            kib,
+            steps,
+            cxx_us,
+            cxx_graph_us,
+            prism_us,
+            prism_over_cxx: prism_us / cxx_us,
+        });
+    }
+    Ok(results)
+}
+
+fn print_steps(steps: &[StepResult]) {
+    if steps.is_empty() {
+        return;
+    }
+    println!();
+    println!("S8: one synchronous step (upload, fma kernel, download, wait), µs per step");
+    println!("| size | CUDA C++ (1 stream) | CUDA C++ graph | prism execute_iteration_blocking | prism / C++ |");
+    println!("| --- | --- | --- | --- | --- |");
+    for s in steps {
+        println!(
+            "| {} KiB | {:.1} | {:.1} | {:.1} | {:.2}x |",
+            s.kib, s.cxx_us, s.cxx_graph_us, s.prism_us, s.prism_over_cxx
+        );
+    }
+}
+
+/// The generated input of S6: element `i` of the stream.
+fn generated(i: u64) -> f32 {
+    ((pattern(0x56, i) >> 8) as f32) * (2.0 / (1u32 << 24) as f32) - 1.0
+}
+
+/// Fills `dst` with elements `first..` of the generated stream (all threads).
+fn generate(dst: &mut [f32], first: u64) {
+    dst.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(b, block)| {
+            let base = first + (b as u64) * (1 << 16);
+            for (k, v) in block.iter_mut().enumerate() {
+                *v = generated(base + k as u64);
+            }
+        });
+}
+
+/// Counts the elements of `out` (outputs of elements `first..`) that differ
+/// from the CPU's fma (all threads).
+fn check(out: &[f32], first: u64) -> u64 {
+    out.par_chunks(1 << 16)
+        .enumerate()
+        .map(|(b, block)| {
+            let base = first + (b as u64) * (1 << 16);
+            block
+                .iter()
+                .enumerate()
+                .filter(|(k, y)| {
+                    fma_chain_cpu(generated(base + *k as u64), A, B, 1).to_bits() != y.to_bits()
+                })
+                .count() as u64
+        })
+        .sum()
+}
+
+/// Peak resident memory of this process (VmHWM), MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// S6: 64 GiB (4 GiB with --quick) generated on the fly straight into the
+/// pinned upload slot, through the fma on the GPU, every output checked on
+/// the fly straight from the pinned download slot; peak RSS read after.
+fn bench_stream(gpu: &Gpu, quick: bool) -> Result<StreamResult, BoxError> {
+    let chunk = 16usize << 20; // elements: 64 MiB
+    let total_chunks: u64 = if quick { 64 } else { 1024 };
+    let total = total_chunks * chunk as u64;
+    let config = PipelineConfig {
+        chunk_bytes: chunk * 4,
+        slots: 3,
+        timing: false,
+        ..PipelineConfig::default()
+    };
+    let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
+    p.add_stage(Fma {
+        a: A,
+        b: B,
+        iters: 1,
+    });
+    // The host alone: the same generation and checking per chunk, no GPU.
+    // The checker runs on chunk 0's correct outputs (made before the clock
+    // starts), so it does the same work as in the run and passes.
+    let mut scratch = vec![0f32; chunk];
+    let mut expected = vec![0f32; chunk];
+    generate(&mut expected, 0);
+    expected
+        .par_iter_mut()
+        .for_each(|v| *v = fma_chain_cpu(*v, A, B, 1));
+    let t = Instant::now();
+    let mut bad = 0;
+    for c in 0..total_chunks {
+        generate(&mut scratch, c * chunk as u64);
+        bad += check(&expected, 0);
+    }
+    let t_host = t.elapsed().as_secs_f64() * 1e3;
+    std::hint::black_box(&scratch);
+    if bad != 0 {
+        return Err("S6 host-alone check failed".into());
+    }
+    drop(expected);
+    drop(scratch);
+    let mut next = 0u64;
+    let mut checked = 0u64;
+    let mut wrong = 0u64;
+    let t = Instant::now();
+    p.run_stream(
+        fill_with(|dst: &mut [f32]| {
+            if next == total {
+                return Ok::<_, prism_pipeline::BoxError>(0);
+            }
+            generate(dst, next);
+            next += dst.len() as u64;
+            Ok(dst.len())
+        }),
+        sink_fn(|k, out: &[f32]| {
+            wrong += check(out, k * chunk as u64);
+            checked += out.len() as u64;
+            Ok::<_, prism_pipeline::BoxError>(())
+        }),
+    )?;
+    let prism_ms = t.elapsed().as_secs_f64() * 1e3;
+    let rss = peak_rss_mib();
+    if wrong != 0 || checked != total {
+        return Err(format!("S6: {wrong} of {checked} outputs differ from the CPU").into());
+    }
+    // The link bound: both directions of 256 MiB at once, scaled.
+    let piece = chunk;
+    let n = 4 * piece;
+    let mut data = Data {
+        inputs: vec![PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?],
+        outputs: vec![PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?],
+    };
+    fill_random(data.inputs[0].as_mut_slice()?, 0x66);
+    let mut b: Vec<f64> = (0..4)
+        .map(|_| {
+            cxx(
+                &mut data,
+                piece,
+                1,
+                prism_cuda_sys::PRISM_BENCH_BIDIR as i32,
+                2,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    b.remove(0);
+    let t_bidir = median(&mut b) * total as f64 / n as f64;
+    let bound = t_bidir.max(t_host);
+    Ok(StreamResult {
+        gib: (total * 4) as f64 / (1u64 << 30) as f64,
+        chunk_mib: (chunk * 4) >> 20,
+        t_bidir_ms: t_bidir,
+        t_host_ms: t_host,
+        bound_ms: bound,
+        prism_ms,
+        bound_over_measured: bound / prism_ms,
+        checked_elements: checked,
+        peak_rss_mib: rss,
+    })
+}
+
+fn print_stream(s: Option<&StreamResult>) {
+    let Some(s) = s else { return };
+    println!();
+    println!("S6: {:.0} GiB generated in place, fma on the GPU, every output checked on the fly ({} MiB chunks)", s.gib, s.chunk_mib);
+    println!("| t_bidir ms (scaled) | generator + checker alone ms | bound ms | prism ms | bound / measured | outputs checked | peak RSS MiB |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {} | {:.0} |",
+        s.t_bidir_ms,
+        s.t_host_ms,
+        s.bound_ms,
+        s.prism_ms,
+        s.bound_over_measured,
+        s.checked_elements,
+        s.peak_rss_mib
+    );
 }
 
 fn median(v: &mut [f64]) -> f64 {

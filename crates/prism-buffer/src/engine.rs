@@ -20,7 +20,9 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
-use prism_stream::{DeviceBuffer, Element, Fence as GpuFence, Gpu, Lane, Launch, Probe, StreamPurpose};
+use prism_stream::{
+    DeviceBuffer, Element, Fence as GpuFence, Gpu, Lane, Launch, Probe, StreamPurpose,
+};
 
 use crate::ring::{ChunkId, SlotId, SlotRing, SlotSnapshot, Step};
 use crate::Error;
@@ -106,8 +108,12 @@ pub trait ChunkIo<T: Element> {
     ) -> Result<Recorded, Self::Error>;
 
     /// The chunk's download completed: deliver its `len` output elements.
-    fn retire(&mut self, slot: &mut Self::Slot, chunk: ChunkId, len: usize)
-        -> Result<(), Self::Error>;
+    fn retire(
+        &mut self,
+        slot: &mut Self::Slot,
+        chunk: ChunkId,
+        len: usize,
+    ) -> Result<(), Self::Error>;
 }
 
 /// The kernels of one chunk.
@@ -272,8 +278,7 @@ impl<T: Element> Engine<T> {
                 what: "engine slot capacity",
             });
         }
-        if !(1..=2).contains(&config.buffers_per_slot) || !(1..=2).contains(&config.compute_lanes)
-        {
+        if !(1..=2).contains(&config.buffers_per_slot) || !(1..=2).contains(&config.compute_lanes) {
             return Err(Error::Config(
                 "an engine has 1 or 2 buffers per slot and 1 or 2 compute lanes",
             ));
@@ -290,7 +295,10 @@ impl<T: Element> Engine<T> {
         for _ in 0..config.slots {
             let mut bufs = Vec::with_capacity(config.buffers_per_slot);
             for _ in 0..config.buffers_per_slot {
-                bufs.push(DeviceBuffer::zeroed(&mut lanes[UPLOAD_LANE], config.capacity)?);
+                bufs.push(DeviceBuffer::zeroed(
+                    &mut lanes[UPLOAD_LANE],
+                    config.capacity,
+                )?);
             }
             slots.push(EngineSlot {
                 bufs,
@@ -446,7 +454,8 @@ impl<T: Element> Engine<T> {
             spans: Vec::new(),
         };
         let mut launch = lane.launch();
-        let (out_len, out_buf) = p.process(&mut launch, &mut s.bufs, s.in_len, chunk, &mut spans)?;
+        let (out_len, out_buf) =
+            p.process(&mut launch, &mut s.bufs, s.in_len, chunk, &mut spans)?;
         if out_len > self.config.capacity || out_buf >= s.bufs.len() {
             return Err(Error::Config(
                 "a processor reported more output than the slot holds, or no such buffer",

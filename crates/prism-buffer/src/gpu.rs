@@ -11,8 +11,8 @@
 use std::collections::VecDeque;
 
 use prism_stream::{
-    DeviceBuffer, Element, Fence as GpuFence, Gpu, HostAllocFlags, Lane, Launch,
-    ManagedGpuContext, PinnedBuffer,
+    DeviceBuffer, Element, Fence as GpuFence, Gpu, HostAllocFlags, Lane, Launch, ManagedGpuContext,
+    PinnedBuffer,
 };
 
 use crate::engine::{

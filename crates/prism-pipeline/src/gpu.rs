@@ -17,7 +17,11 @@ use crate::stats::{Lane as SpanLane, PipelineStats, Span, Timeline};
 
 /// A new engine for the pipeline: `slots` slots of two `capacity`-element
 /// buffers, two compute lanes.
-pub(crate) fn new_engine<T: Element>(gpu: &Gpu, slots: usize, capacity: usize) -> Result<Engine<T>> {
+pub(crate) fn new_engine<T: Element>(
+    gpu: &Gpu,
+    slots: usize,
+    capacity: usize,
+) -> Result<Engine<T>> {
     let _span = tracing::debug_span!("prism.pipeline.gpu_engine", slots, capacity).entered();
     Ok(Engine::new(
         gpu,
@@ -112,7 +116,11 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
 }
 
 /// Adds a retired chunk's spans to the stats and, with tracing, the timeline.
-pub(crate) fn record_span(stats: &mut PipelineStats, timeline: Option<&mut Timeline>, s: ChunkSpan) {
+pub(crate) fn record_span(
+    stats: &mut PipelineStats,
+    timeline: Option<&mut Timeline>,
+    s: ChunkSpan,
+) {
     let ms = s.end_ms - s.start_ms;
     let lane = match s.step {
         Step::Upload => {
@@ -171,15 +179,30 @@ impl<T: Element> Default for StagingCache<T> {
 
 impl<T: Element> StagingCache<T> {
     pub(crate) fn input(&mut self, gpu: &Gpu, len: usize) -> Result<PinnedBuffer<T>> {
-        take_or_make(&mut self.inputs, gpu, len, prism_stream::HostAllocFlags::UPLOAD_ONLY)
+        take_or_make(
+            &mut self.inputs,
+            gpu,
+            len,
+            prism_stream::HostAllocFlags::UPLOAD_ONLY,
+        )
     }
 
     pub(crate) fn output(&mut self, gpu: &Gpu, len: usize) -> Result<PinnedBuffer<T>> {
-        take_or_make(&mut self.outputs, gpu, len, prism_stream::HostAllocFlags::DEFAULT)
+        take_or_make(
+            &mut self.outputs,
+            gpu,
+            len,
+            prism_stream::HostAllocFlags::DEFAULT,
+        )
     }
 
     pub(crate) fn descriptors(&mut self, gpu: &Gpu, len: usize) -> Result<PinnedBuffer<u64>> {
-        take_or_make(&mut self.descriptors, gpu, len, prism_stream::HostAllocFlags::DEFAULT)
+        take_or_make(
+            &mut self.descriptors,
+            gpu,
+            len,
+            prism_stream::HostAllocFlags::DEFAULT,
+        )
     }
 
     pub(crate) fn give_input(&mut self, b: PinnedBuffer<T>) {

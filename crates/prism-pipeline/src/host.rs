@@ -27,6 +27,9 @@ pub struct AsyncPipelineCoordinator {
 /// time, and the input buffer (for reuse).
 type Done<T> = std::result::Result<(u64, Vec<T>, Vec<f64>, Vec<T>), Error>;
 
+/// What the calling thread sends the worker: index, input, a spare output buffer.
+type Job<T> = (u64, Vec<T>, Vec<T>);
+
 /// What the calling thread's input callback says.
 pub(crate) enum Pull {
     /// The buffer holds the next chunk.
@@ -93,7 +96,7 @@ impl AsyncPipelineCoordinator {
         sink: &mut dyn FnMut(u64, &[T]) -> Result<()>,
         stats: &mut PipelineStats,
     ) -> Result<(u64, Option<Error>)> {
-        let (in_tx, in_rx) = mpsc::sync_channel::<(u64, Vec<T>, Vec<T>)>(self.slots);
+        let (in_tx, in_rx) = mpsc::sync_channel::<Job<T>>(self.slots);
         let (done_tx, done_rx) = mpsc::sync_channel::<Done<T>>(self.slots);
         let names: Vec<String> = order.iter().map(|&i| stages[i].name().to_owned()).collect();
         let slots = self.slots;
@@ -111,15 +114,7 @@ impl AsyncPipelineCoordinator {
                 }
             });
             let mut in_tx = Some(in_tx);
-            let outcome = feed_and_deliver(
-                slots,
-                &mut in_tx,
-                &done_rx,
-                pull,
-                sink,
-                &names,
-                stats,
-            );
+            let outcome = feed_and_deliver(slots, &mut in_tx, &done_rx, pull, sink, &names, stats);
             // Stop the worker (it ends at the closed channel or its next send)
             // and wait for it: nothing outlives the run.
             drop(in_tx);
@@ -135,7 +130,7 @@ impl AsyncPipelineCoordinator {
 /// The calling thread's side of `run_pull`.
 fn feed_and_deliver<T: Element>(
     slots: usize,
-    in_tx: &mut Option<mpsc::SyncSender<(u64, Vec<T>, Vec<T>)>>,
+    in_tx: &mut Option<mpsc::SyncSender<Job<T>>>,
     done_rx: &mpsc::Receiver<Done<T>>,
     pull: &mut dyn FnMut(&mut Vec<T>, u64) -> Result<Pull>,
     sink: &mut dyn FnMut(u64, &[T]) -> Result<()>,

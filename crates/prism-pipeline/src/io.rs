@@ -639,9 +639,9 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
         len: usize,
     ) -> Result<Recorded> {
         match &mut self.data {
-            IterData::Pinned { output, to, .. } => {
-                Ok(lane.copy_dtoh_timed(dev, 0, output, *to, len, timed)?.into())
-            }
+            IterData::Pinned { output, to, .. } => Ok(lane
+                .copy_dtoh_timed(dev, 0, output, *to, len, timed)?
+                .into()),
             _ => {
                 let staged = slot
                     .staged

@@ -173,7 +173,11 @@ impl<T: Element> PipelineStageManager<T> {
 
     /// One submission (or, with `IterData::None`, only the retirement of
     /// what finished).
-    fn iteration(&mut self, data: IterData<'_, T>, host_chunk: &[T]) -> Result<Vec<ChunkOutput<T>>> {
+    fn iteration(
+        &mut self,
+        data: IterData<'_, T>,
+        host_chunk: &[T],
+    ) -> Result<Vec<ChunkOutput<T>>> {
         let _span = tracing::trace_span!("prism.pipeline.execute_iteration").entered();
         let started = Instant::now();
         let order = self.order();
@@ -336,7 +340,13 @@ impl<T: Element> PipelineStageManager<T> {
                 done_pinned: &mut done_pinned,
                 kinds: &mut session.kinds,
             };
-            drain(engine, &mut io, &mut session.slots, stats, &mut session.retired)
+            drain(
+                engine,
+                &mut io,
+                &mut session.slots,
+                stats,
+                &mut session.retired,
+            )
         };
         if result.is_err() {
             engine.abandon();
@@ -485,7 +495,11 @@ fn drain<T: Element>(
 
 /// Pageable outputs and pinned completions, in submission order.
 fn merge<T>(mut done: Vec<ChunkOutput<T>>, pinned: Vec<u64>) -> Vec<ChunkOutput<T>> {
-    done.extend(pinned.into_iter().map(|index| ChunkOutput { index, data: None }));
+    done.extend(
+        pinned
+            .into_iter()
+            .map(|index| ChunkOutput { index, data: None }),
+    );
     done.sort_by_key(|c| c.index);
     done
 }

@@ -321,9 +321,10 @@ impl<T: Element> PipelineStageManager<T> {
     /// changed (the pinned staging goes with it).
     fn engine(&mut self, order: &[usize]) -> Result<()> {
         let capacity = self.capacity(order);
-        let rebuild = self.engine.as_ref().is_none_or(|e| {
-            e.capacity() != capacity || e.slot_count() != self.config.slots
-        });
+        let rebuild = self
+            .engine
+            .as_ref()
+            .is_none_or(|e| e.capacity() != capacity || e.slot_count() != self.config.slots);
         if rebuild {
             self.no_iteration_pending()?;
             self.engine = None; // free the old ring first

@@ -87,10 +87,7 @@ impl<T: Element> PipelineStageManager<T> {
         let capacity = self.capacity(order);
         let timing = self.config.timing;
         let trace = self.config.trace && timing;
-        let engine = self
-            .engine
-            .as_mut()
-            .ok_or(Error::Config("no GPU engine"))?;
+        let engine = self.engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
         Ok((
             GpuRun {
                 engine,
@@ -406,13 +403,19 @@ impl<T: Element> PipelineStageManager<T> {
                         let filled = catch_unwind(AssertUnwindSafe(|| source.fill(buf)));
                         let n = match filled {
                             Ok(Ok(n)) if n <= chunk => n,
-                            Ok(Ok(n)) => {
+                            Ok(Ok(n)) => return Err(Error::Source {
+                                chunk: index,
+                                source: format!(
+                                    "fill reported {n} elements written into a chunk of {chunk}"
+                                )
+                                .into(),
+                            }),
+                            Ok(Err(source)) => {
                                 return Err(Error::Source {
                                     chunk: index,
-                                    source: format!("fill reported {n} elements written into a chunk of {chunk}").into(),
+                                    source,
                                 })
                             }
-                            Ok(Err(source)) => return Err(Error::Source { chunk: index, source }),
                             Err(payload) => {
                                 return Err(Error::SourcePanicked {
                                     chunk: index,

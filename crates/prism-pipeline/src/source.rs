@@ -65,7 +65,11 @@ impl<T, E: Into<BoxError>, F: FnMut(&mut [T]) -> Result<usize, E>> Source<T> for
     fn fill(&mut self, dst: &mut [T]) -> Result<usize, BoxError> {
         let n = (self.0)(dst).map_err(Into::into)?;
         if n > dst.len() {
-            return Err(format!("a fill_with source reported {n} elements written into a slot of {}", dst.len()).into());
+            return Err(format!(
+                "a fill_with source reported {n} elements written into a slot of {}",
+                dst.len()
+            )
+            .into());
         }
         Ok(n)
     }
@@ -82,7 +86,9 @@ pub struct IterSource<I, C> {
 
 impl<I, C> std::fmt::Debug for IterSource<I, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IterSource").field("offset", &self.offset).finish()
+        f.debug_struct("IterSource")
+            .field("offset", &self.offset)
+            .finish()
     }
 }
 
@@ -206,7 +212,8 @@ mod tests {
 
     #[test]
     fn iter_source_packs_splits_and_skips_empty_items() {
-        let items: Vec<Vec<u32>> = vec![vec![], vec![1, 2, 3], vec![], vec![4], vec![5, 6, 7, 8, 9]];
+        let items: Vec<Vec<u32>> =
+            vec![vec![], vec![1, 2, 3], vec![], vec![4], vec![5, 6, 7, 8, 9]];
         let mut s = from_iter(items);
         let mut out = Vec::new();
         let mut buf = [0u32; 4];
@@ -235,7 +242,10 @@ mod tests {
     fn write_sink_writes_native_bytes() {
         let mut w = to_write(Vec::new());
         Sink::<u16>::accept(&mut w, 0, &[1, 2]).unwrap();
-        assert_eq!(w.into_inner(), [1u16.to_ne_bytes(), 2u16.to_ne_bytes()].concat());
+        assert_eq!(
+            w.into_inner(),
+            [1u16.to_ne_bytes(), 2u16.to_ne_bytes()].concat()
+        );
     }
 
     #[test]

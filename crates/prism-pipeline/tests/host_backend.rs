@@ -166,7 +166,10 @@ fn empty_input_is_a_valid_run_of_zero_chunks() {
     p.run(&[], &mut []).unwrap();
     assert_eq!((p.get_stats().runs, p.get_stats().chunks), (1, 0));
     assert!(p.execute_iteration(&[]).unwrap().is_empty());
-    assert!(p.flush().unwrap().is_empty(), "flush with nothing submitted");
+    assert!(
+        p.flush().unwrap().is_empty(),
+        "flush with nothing submitted"
+    );
 }
 
 #[test]

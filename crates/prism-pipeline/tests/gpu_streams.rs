@@ -1,0 +1,368 @@
+//! GPU-gated tests of the ring engine's newer modes: `run_stream` with
+//! uneven chunks, failing and panicking sources, sinks and stages;
+//! `execute_iteration` (pageable and pinned) overlapping and returning in
+//! order, `flush`, the blocking small step; and timing that holds events
+//! for the chunks in flight only. Without a GPU each prints SKIPPED.
+
+use prism_pipeline::{
+    fill_with, from_iter, sink_fn, BoxError, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum,
+    PipelineConfig, PipelineStageManager,
+};
+use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
+use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
+
+fn manager(
+    ctx: &ManagedGpuContext,
+    chunk_elems: usize,
+    slots: usize,
+    timing: bool,
+) -> PipelineStageManager<f32> {
+    let config = PipelineConfig {
+        chunk_bytes: chunk_elems * 4,
+        slots,
+        timing,
+        ..PipelineConfig::default()
+    };
+    ctx.create_pipeline_manager::<f32>(config).unwrap()
+}
+
+fn fma_clamp(p: &mut PipelineStageManager<f32>) {
+    p.add_stage(Fma {
+        a: 1.25,
+        b: -0.5,
+        iters: 3,
+    });
+    p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
+}
+
+fn cpu(x: f32) -> f32 {
+    fma_chain_cpu(x, 1.25, -0.5, 3).clamp(-1.0, 1.0)
+}
+
+fn same_as_cpu(input: &[f32], out: &[f32]) -> bool {
+    input.len() == out.len()
+        && input
+            .iter()
+            .zip(out)
+            .all(|(x, y)| cpu(*x).to_bits() == y.to_bits())
+}
+
+#[test]
+fn gpu_stream_of_uneven_chunks_matches_cpu_in_order() {
+    let Some(ctx) = gpu_or_skip("gpu_stream_of_uneven_chunks_matches_cpu_in_order") else {
+        return;
+    };
+    let chunk = scaled(1 << 20, 1 << 10);
+    let mut p = manager(&ctx, chunk, 3, true);
+    fma_clamp(&mut p);
+    // Chunk lengths from 1 to a full chunk, in place into the pinned slot.
+    let lens: Vec<usize> = (0..scaled(40, 8))
+        .map(|k| 1 + (k * 7919 + 13) % chunk)
+        .collect();
+    let inputs: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| random_f32(30 + k as u64, n))
+        .collect();
+    let mut next = inputs.iter();
+    let source = fill_with(|dst: &mut [f32]| {
+        Ok::<_, BoxError>(match next.next() {
+            Some(c) => {
+                dst[..c.len()].copy_from_slice(c);
+                c.len()
+            }
+            None => 0,
+        })
+    });
+    let mut k = 0usize;
+    let counts = p
+        .run_stream(
+            source,
+            sink_fn(|index, out: &[f32]| {
+                assert_eq!(index, k as u64, "chunks out of order");
+                assert!(
+                    same_as_cpu(&inputs[k], out),
+                    "chunk {k} differs from the CPU"
+                );
+                k += 1;
+                Ok::<_, BoxError>(())
+            }),
+        )
+        .unwrap();
+    assert_eq!((counts.chunks as usize, k), (lens.len(), lens.len()));
+    assert_eq!(counts.elements_in as usize, lens.iter().sum::<usize>());
+    println!("{}", p.get_stats());
+    // A shrinking stage: packed input from an iterator of Vecs.
+    let mut p = manager(&ctx, chunk, 4, false);
+    p.add_stage(GroupSum { group: 16 });
+    let all: Vec<f32> = inputs.concat();
+    let mut got = Vec::new();
+    p.run_stream(
+        from_iter(inputs.clone()),
+        sink_fn(|_, out: &[f32]| {
+            got.extend_from_slice(out);
+            Ok::<_, BoxError>(())
+        }),
+    )
+    .unwrap();
+    let want: Vec<f32> = all
+        .chunks(chunk)
+        .flat_map(|c| {
+            c.chunks(16)
+                .map(|g| g.iter().fold(0.0f32, |a, v| a + v))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert!(got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+#[test]
+fn gpu_stream_failures_are_errors_and_the_manager_recovers() {
+    let Some(ctx) = gpu_or_skip("gpu_stream_failures_are_errors_and_the_manager_recovers") else {
+        return;
+    };
+    let chunk = scaled(1 << 16, 1 << 10);
+    let mut p = manager(&ctx, chunk, 3, true);
+    fma_clamp(&mut p);
+    let input = random_f32(40, chunk * 10);
+    // The source fails at chunk 4: chunks 0..4 are delivered, nothing after.
+    let mut calls = 0;
+    let mut delivered = Vec::new();
+    let err = p
+        .run_stream(
+            fill_with(|dst: &mut [f32]| {
+                calls += 1;
+                if calls == 5 {
+                    return Err::<usize, BoxError>("sensor unplugged".into());
+                }
+                let k = calls - 1;
+                dst.copy_from_slice(&input[k * chunk..(k + 1) * chunk]);
+                Ok(chunk)
+            }),
+            sink_fn(|index, out: &[f32]| {
+                let k = index as usize;
+                assert!(same_as_cpu(&input[k * chunk..(k + 1) * chunk], out));
+                delivered.push(index);
+                Ok::<_, BoxError>(())
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Source { chunk: 4, .. }), "{err}");
+    assert_eq!(delivered, vec![0, 1, 2, 3]);
+    // The sink fails at chunk 2: the run stops with its error.
+    let err = p
+        .run_stream(
+            from_iter([&input[..]]),
+            sink_fn(|index, _: &[f32]| {
+                if index == 2 {
+                    Err::<(), BoxError>("disk full".into())
+                } else {
+                    Ok(())
+                }
+            }),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Sink { chunk: 2, .. }), "{err}");
+    // A panicking GPU stage: its name, chunk and message come back.
+    let mut calls = 0;
+    let panicky = p.add_stage(GpuFn::new(
+        "panicky",
+        true,
+        move |l: &mut prism_stream::Launch<'_>,
+              i: &prism_stream::DeviceBuffer<f32>,
+              o: &mut prism_stream::DeviceBuffer<f32>,
+              n| {
+            calls += 1;
+            if calls == 3 {
+                panic!("stage lost its mind");
+            }
+            Ok(l.clamp(i, o, n, f32::MIN, f32::MAX)?)
+        },
+    ));
+    let mut out = vec![0.0; input.len()];
+    let err = p.run(&input, &mut out).unwrap_err();
+    match &err {
+        Error::StagePanicked {
+            stage,
+            chunk,
+            message,
+        } => {
+            assert_eq!((stage.as_str(), *chunk), ("panicky", 2));
+            assert!(message.contains("lost its mind"), "{message}");
+        }
+        other => panic!("expected StagePanicked, got {other}"),
+    }
+    // Everything still works.
+    p.set_order(&[0, 1]).unwrap();
+    p.run(&input, &mut out).unwrap();
+    assert!(same_as_cpu(&input, &out));
+    let _ = panicky;
+}
+
+#[test]
+fn gpu_execute_iteration_overlaps_and_returns_in_order() {
+    let Some(ctx) = gpu_or_skip("gpu_execute_iteration_overlaps_and_returns_in_order") else {
+        return;
+    };
+    let chunk = scaled(1 << 20, 1 << 10);
+    let slots = 3;
+    let mut p = manager(&ctx, chunk, slots, true);
+    fma_clamp(&mut p);
+    assert!(
+        p.flush().unwrap().is_empty(),
+        "flush with nothing submitted"
+    );
+    let steps = scaled(16, 6);
+    let inputs: Vec<Vec<f32>> = (0..steps)
+        .map(|k| random_f32(50 + k as u64, 1 + (k * 104_729) % chunk))
+        .collect();
+    let mut outputs: Vec<Option<Vec<f32>>> = vec![None; steps];
+    let mut returned = 0usize;
+    for (k, input) in inputs.iter().enumerate() {
+        let done = p.execute_iteration(input).unwrap();
+        for c in done {
+            assert_eq!(c.index as usize, returned, "outputs out of order");
+            outputs[returned] = c.data;
+            returned += 1;
+        }
+        // Never more than slots - 1 chunks left in flight after a call;
+        // once the ring is full, chunk k - (slots - 1) is back.
+        assert!(p.pending_iterations() < slots);
+        if k + 1 >= slots {
+            assert!(returned > k + 1 - slots, "call {k}: only {returned} back");
+        }
+    }
+    // A whole run is refused while chunks are in flight.
+    let mut scratch = vec![0.0; 4];
+    if p.pending_iterations() > 0 {
+        assert!(matches!(
+            p.run(&[1.0; 4], &mut scratch),
+            Err(Error::IterationPending { .. })
+        ));
+    }
+    for c in p.flush().unwrap() {
+        assert_eq!(c.index as usize, returned);
+        outputs[returned] = c.data;
+        returned += 1;
+    }
+    assert_eq!(returned, steps);
+    assert_eq!(p.pending_iterations(), 0);
+    for (k, (input, out)) in inputs.iter().zip(&outputs).enumerate() {
+        assert!(
+            same_as_cpu(input, out.as_deref().unwrap_or(&[])),
+            "chunk {k} differs"
+        );
+    }
+    println!("{}", p.get_stats());
+    // After a flush a whole run works again, and a new session starts at 0.
+    p.run(&[1.0; 4], &mut scratch).unwrap();
+    let again = p.execute_iteration(&inputs[0]).unwrap();
+    let rest = p.flush().unwrap();
+    assert_eq!(
+        again
+            .iter()
+            .chain(&rest)
+            .map(|c| c.index)
+            .collect::<Vec<_>>(),
+        vec![0]
+    );
+}
+
+#[test]
+fn gpu_execute_iteration_pinned_queues_whole_round_trips() {
+    let Some(ctx) = gpu_or_skip("gpu_execute_iteration_pinned_queues_whole_round_trips") else {
+        return;
+    };
+    let chunk = scaled(1 << 20, 1 << 10);
+    let steps = scaled(24, 6);
+    let n = chunk * steps;
+    let mut p = manager(&ctx, chunk, 3, true);
+    fma_clamp(&mut p);
+    let input = random_f32(60, n);
+    let src = PinnedBuffer::from_slice(ctx.gpu(), &input, HostAllocFlags::DEFAULT).unwrap();
+    let mut dst =
+        PinnedBuffer::from_slice(ctx.gpu(), &vec![f32::NAN; n], HostAllocFlags::DEFAULT).unwrap();
+    let mut back = Vec::new();
+    for k in 0..steps {
+        let done = p
+            .execute_iteration_pinned(&src, k * chunk..(k + 1) * chunk, &mut dst, k * chunk)
+            .unwrap();
+        back.extend(done.iter().map(|c| {
+            assert!(c.data.is_none());
+            c.index
+        }));
+    }
+    back.extend(p.flush().unwrap().iter().map(|c| c.index));
+    assert_eq!(back, (0..steps as u64).collect::<Vec<_>>());
+    assert!(same_as_cpu(&input, dst.as_slice().unwrap()));
+    let s = p.get_stats();
+    println!("{s}");
+    if !under_sanitizer() {
+        let serial = s.upload_ms + s.compute_ms() + s.download_ms;
+        assert!(
+            serial > 1.3 * s.wall_ms,
+            "execute_iteration_pinned did not overlap: steps sum to {serial:.2} ms, wall {:.2} ms",
+            s.wall_ms
+        );
+    }
+    // An output range past the buffer is refused before anything is queued.
+    assert!(matches!(
+        p.execute_iteration_pinned(&src, 0..chunk, &mut dst, n - chunk + 1),
+        Err(Error::OutputLength { .. })
+    ));
+    assert_eq!(p.pending_iterations(), 0);
+}
+
+#[test]
+fn gpu_blocking_small_steps_match_cpu() {
+    let Some(ctx) = gpu_or_skip("gpu_blocking_small_steps_match_cpu") else {
+        return;
+    };
+    let mut p = manager(&ctx, 1 << 14, 3, false);
+    fma_clamp(&mut p);
+    for k in 0..scaled(200, 20) {
+        let input = random_f32(70 + k as u64, 1 + (k * 37) % 4096);
+        let out = p.execute_iteration_blocking(&input).unwrap();
+        assert!(same_as_cpu(&input, &out), "step {k} differs");
+    }
+    // Not while a non-blocking session has chunks in flight.
+    let mut outs = p.execute_iteration(&[0.5; 64]).unwrap();
+    if p.pending_iterations() > 0 {
+        assert!(matches!(
+            p.execute_iteration_blocking(&[0.5; 64]),
+            Err(Error::IterationPending { .. })
+        ));
+    }
+    outs.extend(p.flush().unwrap());
+    assert_eq!(outs.len(), 1);
+    assert!(same_as_cpu(
+        &[0.5; 64],
+        outs[0].data.as_deref().unwrap_or(&[])
+    ));
+}
+
+#[test]
+fn gpu_long_timed_runs_hold_events_for_the_chunks_in_flight_only() {
+    let Some(ctx) = gpu_or_skip("gpu_long_timed_runs_hold_events_for_the_chunks_in_flight_only")
+    else {
+        return;
+    };
+    let chunk = 1 << 10;
+    let chunks = scaled(3000, 100);
+    let mut p = manager(&ctx, chunk, 3, true);
+    fma_clamp(&mut p);
+    let input = random_f32(80, chunk * chunks);
+    let mut out = vec![0.0; input.len()];
+    p.run(&input, &mut out).unwrap();
+    assert!(same_as_cpu(&input, &out));
+    let pooled = ctx.gpu().pooled_events();
+    println!("{chunks} timed chunks: {pooled} idle events pooled afterwards");
+    // Timed runs keep two events per step until the chunk retires: the pool
+    // grows to what the ring holds at once, not to 2 x 4 x chunks.
+    assert!(pooled < 200, "{pooled} events pooled after {chunks} chunks");
+    assert_eq!(p.get_stats().chunks as usize, chunks);
+}

@@ -89,8 +89,14 @@ struct StepResult {
     steps: usize,
     cxx_us: f64,
     cxx_graph_us: f64,
+    /// `execute_iteration_blocking`: pageable slice in, `Vec` out.
     prism_us: f64,
     prism_over_cxx: f64,
+    /// `execute_iteration_blocking_pinned`: pinned in and out, as the C++.
+    #[serde(default)]
+    prism_pinned_us: f64,
+    #[serde(default)]
+    prism_pinned_over_cxx: f64,
 }
 
 /// S6: a generated stream checked on the fly.
@@ -630,28 +636,49 @@ fn bench_steps(gpu: &Gpu, quick: bool) -> Result<Vec<StepResult>, BoxError> {
             }
             Ok(t.elapsed().as_secs_f64() * 1e6 / steps as f64)
         };
+        let pinned = |p: &mut PipelineStageManager<f32>,
+                      data: &mut Data|
+         -> Result<f64, BoxError> {
+            let Data { inputs, outputs } = data;
+            let t = Instant::now();
+            for k in 0..steps {
+                p.execute_iteration_blocking_pinned(
+                    &inputs[0],
+                    k * n..(k + 1) * n,
+                    &mut outputs[0],
+                    k * n,
+                )?;
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6 / steps as f64;
+            let (i, o) = (inputs[0].as_slice()?, outputs[0].as_slice()?);
+            for k in (0..n * steps).step_by(4099) {
+                if fma_chain_cpu(i[k], A, B, 1).to_bits() != o[k].to_bits() {
+                    return Err(format!("S8 prism pinned output {k} differs from the CPU").into());
+                }
+            }
+            Ok(us)
+        };
+        let step_mode = prism_cuda_sys::PRISM_BENCH_STEP as i32;
+        let graph_mode = prism_cuda_sys::PRISM_BENCH_STEP_GRAPH as i32;
         // Warm-ups, then three interleaved rounds; the median of each.
         prism(&mut p)?;
-        cxx(&mut data, n, 1, prism_cuda_sys::PRISM_BENCH_STEP as i32, 1)?;
-        let (mut c, mut g, mut q) = (Vec::new(), Vec::new(), Vec::new());
+        pinned(&mut p, &mut data)?;
+        cxx(&mut data, n, 1, step_mode, 1)?;
+        let (mut c, mut g, mut q, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
-            c.push(
-                cxx(&mut data, n, 1, prism_cuda_sys::PRISM_BENCH_STEP as i32, 1)? * 1e3
-                    / steps as f64,
-            );
-            g.push(
-                cxx(
-                    &mut data,
-                    n,
-                    1,
-                    prism_cuda_sys::PRISM_BENCH_STEP_GRAPH as i32,
-                    1,
-                )? * 1e3
-                    / steps as f64,
-            );
+            c.push(cxx(&mut data, n, 1, step_mode, 1)? * 1e3 / steps as f64);
+            g.push(cxx(&mut data, n, 1, graph_mode, 1)? * 1e3 / steps as f64);
             q.push(prism(&mut p)?);
+            r.push(pinned(&mut p, &mut data)?);
         }
-        let (cxx_us, cxx_graph_us, prism_us) = (median(&mut c), median(&mut g), median(&mut q));
+        let (cxx_us, cxx_graph_us, prism_us, prism_pinned_us) = (
+            median(&mut c),
+            median(&mut g),
+            median(&mut q),
+            median(&mut r),
+        );
+        // The plain C++ steps write every output (the graph only piece 0's).
+        cxx(&mut data, n, 1, step_mode, 1)?;
         // The plain C++ steps wrote every output: check a sample.
         let (i, o) = (data.inputs[0].as_slice()?, data.outputs[0].as_slice()?);
         for k in (0..n * steps).step_by(4099) {
@@ -666,6 +693,8 @@ fn bench_steps(gpu: &Gpu, quick: bool) -> Result<Vec<StepResult>, BoxError> {
             cxx_graph_us,
             prism_us,
             prism_over_cxx: prism_us / cxx_us,
+            prism_pinned_us,
+            prism_pinned_over_cxx: prism_pinned_us / cxx_us,
         });
     }
     Ok(results)
@@ -677,12 +706,18 @@ fn print_steps(steps: &[StepResult]) {
     }
     println!();
     println!("S8: one synchronous step (upload, fma kernel, download, wait), µs per step");
-    println!("| size | CUDA C++ (1 stream) | CUDA C++ graph | prism execute_iteration_blocking | prism / C++ |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!("| size | CUDA C++ (1 stream, pinned) | CUDA C++ graph | prism blocking, pinned | prism pinned / C++ | prism blocking, pageable slice to Vec | prism pageable / C++ |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for s in steps {
         println!(
-            "| {} KiB | {:.1} | {:.1} | {:.1} | {:.2}x |",
-            s.kib, s.cxx_us, s.cxx_graph_us, s.prism_us, s.prism_over_cxx
+            "| {} KiB | {:.1} | {:.1} | {:.1} | {:.2}x | {:.1} | {:.2}x |",
+            s.kib,
+            s.cxx_us,
+            s.cxx_graph_us,
+            s.prism_pinned_us,
+            s.prism_pinned_over_cxx,
+            s.prism_us,
+            s.prism_over_cxx
         );
     }
 }
@@ -737,7 +772,8 @@ fn peak_rss_mib() -> f64 {
 
 /// S6: 64 GiB (4 GiB with --quick) generated on the fly straight into the
 /// pinned upload slot, through the fma on the GPU, every output checked on
-/// the fly straight from the pinned download slot; peak RSS read after.
+/// the fly straight from the pinned download slot; peak RSS read after it
+/// (before the host-alone timing and the link measurement allocate).
 fn bench_stream(gpu: &Gpu, quick: bool) -> Result<StreamResult, BoxError> {
     let chunk = 16usize << 20; // elements: 64 MiB
     let total_chunks: u64 = if quick { 64 } else { 1024 };
@@ -754,28 +790,6 @@ fn bench_stream(gpu: &Gpu, quick: bool) -> Result<StreamResult, BoxError> {
         b: B,
         iters: 1,
     });
-    // The host alone: the same generation and checking per chunk, no GPU.
-    // The checker runs on chunk 0's correct outputs (made before the clock
-    // starts), so it does the same work as in the run and passes.
-    let mut scratch = vec![0f32; chunk];
-    let mut expected = vec![0f32; chunk];
-    generate(&mut expected, 0);
-    expected
-        .par_iter_mut()
-        .for_each(|v| *v = fma_chain_cpu(*v, A, B, 1));
-    let t = Instant::now();
-    let mut bad = 0;
-    for c in 0..total_chunks {
-        generate(&mut scratch, c * chunk as u64);
-        bad += check(&expected, 0);
-    }
-    let t_host = t.elapsed().as_secs_f64() * 1e3;
-    std::hint::black_box(&scratch);
-    if bad != 0 {
-        return Err("S6 host-alone check failed".into());
-    }
-    drop(expected);
-    drop(scratch);
     let mut next = 0u64;
     let mut checked = 0u64;
     let mut wrong = 0u64;
@@ -800,6 +814,33 @@ fn bench_stream(gpu: &Gpu, quick: bool) -> Result<StreamResult, BoxError> {
     if wrong != 0 || checked != total {
         return Err(format!("S6: {wrong} of {checked} outputs differ from the CPU").into());
     }
+    // The host alone: the same generation and checking per chunk, no GPU,
+    // on as many buffers as the ring cycles through (so neither finds its
+    // data in cache more than in the run). The checker reads correct
+    // outputs made before the clock starts, so it passes.
+    let mut scratch: Vec<Vec<f32>> = (0..3).map(|_| vec![0f32; chunk]).collect();
+    let expected: Vec<Vec<f32>> = (0..3u64)
+        .map(|k| {
+            let mut e = vec![0f32; chunk];
+            generate(&mut e, k * chunk as u64);
+            e.par_iter_mut()
+                .for_each(|v| *v = fma_chain_cpu(*v, A, B, 1));
+            e
+        })
+        .collect();
+    let t = Instant::now();
+    let mut bad = 0;
+    for c in 0..total_chunks {
+        let k = (c % 3) as usize;
+        generate(&mut scratch[k], c * chunk as u64);
+        bad += check(&expected[k], k as u64 * chunk as u64);
+    }
+    let t_host = t.elapsed().as_secs_f64() * 1e3;
+    std::hint::black_box(&scratch);
+    if bad != 0 {
+        return Err("S6 host-alone check failed".into());
+    }
+    drop(expected);
     // The link bound: both directions of 256 MiB at once, scaled.
     let piece = chunk;
     let n = 4 * piece;

@@ -377,6 +377,19 @@ impl<T: Element> Engine<T> {
         Some((&mut self.lanes[COMPUTE_LANE], &mut self.slots[0].bufs))
     }
 
+    /// Starts counting chunks from 0 again (a new run). The engine must be
+    /// idle: `NoSlotReady` otherwise.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        if !self.ring.is_idle() {
+            return Err(Error::NoSlotReady {
+                step: Step::Upload,
+                why: "chunks are still in flight; retire them first",
+            });
+        }
+        self.ring = SlotRing::new(self.slots.len())?;
+        Ok(())
+    }
+
     /// Timed fences around every step from now on; spans are measured from
     /// this call.
     pub fn start_timing(&mut self) -> Result<(), Error> {
@@ -661,8 +674,8 @@ impl<T: Element> Engine<T> {
     }
 
     /// Streams every chunk `io` gives through `p` until `io` is exhausted and
-    /// every chunk retired. On error, in-flight work drains
-    /// ([`abandon`](Self::abandon)) before the error returns.
+    /// every chunk retired, counting chunks from 0. On error, in-flight work
+    /// drains ([`abandon`](Self::abandon)) before the error returns.
     pub fn run<E, Io, P>(
         &mut self,
         io: &mut Io,
@@ -675,6 +688,7 @@ impl<T: Element> Engine<T> {
         Io: ChunkIo<T, Error = E>,
         P: ChunkProcessor<T, Error = E>,
     {
+        self.restart()?;
         let result = self.drive(io, io_slots, p, spans);
         if result.is_err() {
             self.abandon();

@@ -210,6 +210,8 @@ impl<T: Element> PipelineStageManager<T> {
         } = self;
         let engine = engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
         if iter.is_none() {
+            // A new session: chunk indices from 0.
+            engine.restart()?;
             if timing {
                 engine.start_timing()?;
             }
@@ -366,8 +368,10 @@ impl<T: Element> PipelineStageManager<T> {
     /// One synchronous step: uploads `chunk`, runs the stages, downloads the
     /// output and waits for it. On the GPU it runs on a single lane (no
     /// cross-lane waits) with the ring's first slot, the cheapest round trip
-    /// for small chunks; per-step GPU times are not recorded. Needs no
-    /// `execute_iteration` chunk in flight.
+    /// for small chunks; per-step GPU times are not recorded. It copies
+    /// `chunk` into pinned staging and the output out of it on the calling
+    /// thread; [`execute_iteration_blocking_pinned`](Self::execute_iteration_blocking_pinned)
+    /// skips both. Needs no `execute_iteration` chunk in flight.
     pub fn execute_iteration_blocking(&mut self, chunk: &[T]) -> Result<Vec<T>> {
         let _span = tracing::trace_span!("prism.pipeline.execute_iteration_blocking").entered();
         if chunk.len() > self.chunk_elems() {
@@ -396,34 +400,10 @@ impl<T: Element> PipelineStageManager<T> {
         let threads = self.config.host_threads;
         let (run, cache) = self.gpu_parts(&order)?;
         let gpu = run.engine.gpu().clone();
-        let (lane, bufs) = run
-            .engine
-            .idle_parts()
-            .ok_or(Error::Config("the ring is busy"))?;
         let mut input = cache.input(&gpu, chunk.len())?;
         let mut output = cache.output(&gpu, capacity)?;
         par_copy_one(&mut input.as_mut_slice()?[..chunk.len()], chunk, threads);
-        lane.copy_htod(&input, 0, &mut bufs[0], 0, chunk.len())?;
-        let mut chain = StageChain {
-            stages: run.stages,
-            order: &order,
-            capacity,
-        };
-        let (out_len, out_buf) = {
-            let mut launch = lane.launch();
-            chain.process(
-                &mut launch,
-                bufs,
-                chunk.len(),
-                ChunkId(0),
-                &mut ComputeSpans::default(),
-            )?
-        };
-        let done = lane.copy_dtoh(&bufs[out_buf], 0, &mut output, 0, out_len)?;
-        if let Probe::Failed(reason) = done.synchronize() {
-            gpu.poison(&reason);
-            return Err(prism_stream::Error::ContextPoisoned { reason }.into());
-        }
+        let out_len = round_trip(run, &order, &input, 0..chunk.len(), &mut output, 0)?;
         let out = output.as_slice()?[..out_len].to_vec();
         cache.give_input(input);
         cache.give_output(output);
@@ -437,6 +417,81 @@ impl<T: Element> PipelineStageManager<T> {
         );
         Ok(out)
     }
+
+    /// [`execute_iteration_blocking`](Self::execute_iteration_blocking) from
+    /// `input[range]` into `output[to..]`, both pinned: no host copy (GPU
+    /// backend only). Returns the output length.
+    pub fn execute_iteration_blocking_pinned(
+        &mut self,
+        input: &PinnedBuffer<T>,
+        range: Range<usize>,
+        output: &mut PinnedBuffer<T>,
+        to: usize,
+    ) -> Result<usize> {
+        let _span =
+            tracing::trace_span!("prism.pipeline.execute_iteration_blocking_pinned").entered();
+        if self.backend != BackendKind::Gpu {
+            return Err(Error::Unsupported {
+                stage: "execute_iteration_blocking_pinned".into(),
+                backend: "host",
+            });
+        }
+        if range.is_empty() || range.len() > self.chunk_elems() {
+            return Err(Error::Config(
+                "execute_iteration_blocking_pinned takes 1 to chunk_bytes elements",
+            ));
+        }
+        let started = Instant::now();
+        let order = self.begin_run(None, false)?;
+        let len = range.len();
+        let (run, _) = self.gpu_parts(&order)?;
+        let out_len = round_trip(run, &order, input, range, output, to)?;
+        let elem = std::mem::size_of::<T>() as u64;
+        self.finish_run(started, 1, 0, len as u64 * elem, out_len as u64 * elem);
+        Ok(out_len)
+    }
+}
+
+/// One synchronous round trip on the engine's first compute lane and slot:
+/// `input[range]` up, the stages, the output down into `output[to..]`, and a
+/// wait for it. Returns the output length.
+fn round_trip<T: Element>(
+    run: crate::runs::GpuRun<'_, T>,
+    order: &[usize],
+    input: &PinnedBuffer<T>,
+    range: Range<usize>,
+    output: &mut PinnedBuffer<T>,
+    to: usize,
+) -> Result<usize> {
+    let capacity = run.capacity;
+    let gpu = run.engine.gpu().clone();
+    let (lane, bufs) = run
+        .engine
+        .idle_parts()
+        .ok_or(Error::Config("the ring is busy"))?;
+    let len = range.len();
+    lane.copy_htod(input, range.start, &mut bufs[0], 0, len)?;
+    let mut chain = StageChain {
+        stages: run.stages,
+        order,
+        capacity,
+    };
+    let (out_len, out_buf) = {
+        let mut launch = lane.launch();
+        chain.process(
+            &mut launch,
+            bufs,
+            len,
+            ChunkId(0),
+            &mut ComputeSpans::default(),
+        )?
+    };
+    let done = lane.copy_dtoh(&bufs[out_buf], 0, output, to, out_len)?;
+    if let Probe::Failed(reason) = done.synchronize() {
+        gpu.poison(&reason);
+        return Err(prism_stream::Error::ContextPoisoned { reason }.into());
+    }
+    Ok(out_len)
 }
 
 /// Submits the step's chunk (waiting for a free slot if every slot is in

@@ -403,13 +403,15 @@ impl<T: Element> PipelineStageManager<T> {
                         let filled = catch_unwind(AssertUnwindSafe(|| source.fill(buf)));
                         let n = match filled {
                             Ok(Ok(n)) if n <= chunk => n,
-                            Ok(Ok(n)) => return Err(Error::Source {
-                                chunk: index,
-                                source: format!(
+                            Ok(Ok(n)) => {
+                                return Err(Error::Source {
+                                    chunk: index,
+                                    source: format!(
                                     "fill reported {n} elements written into a chunk of {chunk}"
                                 )
-                                .into(),
-                            }),
+                                    .into(),
+                                })
+                            }
                             Ok(Err(source)) => {
                                 return Err(Error::Source {
                                     chunk: index,

@@ -329,6 +329,19 @@ fn gpu_blocking_small_steps_match_cpu() {
         let out = p.execute_iteration_blocking(&input).unwrap();
         assert!(same_as_cpu(&input, &out), "step {k} differs");
     }
+    // The pinned form, into the middle of a larger output.
+    let input = random_f32(77, 5000);
+    let src = PinnedBuffer::from_slice(ctx.gpu(), &input, HostAllocFlags::DEFAULT).unwrap();
+    let mut dst =
+        PinnedBuffer::from_slice(ctx.gpu(), &vec![f32::NAN; 6000], HostAllocFlags::DEFAULT)
+            .unwrap();
+    let n = p
+        .execute_iteration_blocking_pinned(&src, 1000..4000, &mut dst, 2000)
+        .unwrap();
+    assert_eq!(n, 3000);
+    let got = dst.as_slice().unwrap();
+    assert!(same_as_cpu(&input[1000..4000], &got[2000..5000]));
+    assert!(got[..2000].iter().chain(&got[5000..]).all(|v| v.is_nan()));
     // Not while a non-blocking session has chunks in flight.
     let mut outs = p.execute_iteration(&[0.5; 64]).unwrap();
     if p.pending_iterations() > 0 {

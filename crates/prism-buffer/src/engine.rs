@@ -27,7 +27,7 @@ use prism_stream::{
 use crate::ring::{ChunkId, SlotId, SlotRing, SlotSnapshot, Step};
 use crate::Error;
 
-/// Index of the upload lane in [`Engine::lane`].
+/// Index of the upload lane in [`Engine::lane_mut`].
 pub const UPLOAD_LANE: usize = 0;
 /// Index of the download lane.
 pub const DOWNLOAD_LANE: usize = 1;

@@ -2,17 +2,20 @@
 //!
 //! This crate holds two independent triple buffers:
 //!
-//! * **The GPU triple buffer** streams chunks through the device: while chunk
-//!   `k` is being downloaded, chunk `k + 1` is processed and chunk `k + 2` is
-//!   uploaded, each slot having its own device buffers. Its bookkeeping is
-//!   [`SlotRing`] (in [`ring`]): a CPU-only state machine that decides which
-//!   slot the next Upload / Process / Download goes to, tracks each issued
-//!   step through a [`Fence`] (a CUDA event in production), reports slot
-//!   states from *observed* fence completions, and hands outputs back in
-//!   chunk order. Being generic over the fence, it is tested entirely on the
-//!   CPU. The layer that owns the per-slot device buffers, the streams and
-//!   the CUDA events, and drives a `SlotRing`, is the `gpu` module (built on
-//!   `prism-stream`).
+//! * **The ring engine** ([`Engine`], in [`engine`]) is the one GPU
+//!   implementation of the slot ring: while chunk `k` is being downloaded,
+//!   chunk `k + 1` is processed and chunk `k + 2` is uploaded, each slot
+//!   having its own device buffers. Its bookkeeping is [`SlotRing`] (in
+//!   [`ring`]): a CPU-only state machine that decides which slot the next
+//!   Upload / Process / Download goes to, tracks each issued step through a
+//!   [`Fence`] (a CUDA event in production), reports slot states from
+//!   *observed* fence completions, and hands outputs back in chunk order.
+//!   Being generic over the fence, it is tested entirely on the CPU. How
+//!   chunks get in and out is a [`ChunkIo`], what runs on them a
+//!   [`ChunkProcessor`]; prism-pipeline's streaming modes are built on it.
+//!
+//! * **The GPU triple buffer** ([`TripleBuffer`]) is the engine driven by
+//!   hand, one step at a time.
 //!
 //! * **The host triple buffer** ([`cpu::TripleBuffer`]) hands values from one
 //!   producer thread to one consumer thread with latest-value semantics:

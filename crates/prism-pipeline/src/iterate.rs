@@ -103,7 +103,10 @@ impl<T: Element> PipelineStageManager<T> {
 
     /// Submits `chunk` (at most one chunk long) through the stages and
     /// returns the outputs of the chunks that finished, in submission order;
-    /// it does not wait for `chunk` itself (see the [module docs](self)).
+    /// it does not wait for `chunk` itself. Each call queues its chunk's
+    /// upload, stages and download (the GPU orders them); once every slot is
+    /// in flight it waits for the oldest chunk, so chunk k − (slots − 1)
+    /// comes back while chunk k is submitted.
     /// Chunks may change length from call to call. An empty `chunk` submits
     /// nothing and returns what finished. On the host backend each call
     /// runs its chunk at once and returns it.

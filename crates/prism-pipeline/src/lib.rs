@@ -3,7 +3,7 @@
 //! A [`PipelineStageManager`] holds [`Stage`]s in an order and runs data
 //! through them in chunks: on the GPU, the upload of one chunk, the stages
 //! of another and the download of a third run at once on their own lanes,
-//! over prism-buffer's ring [`Engine`](prism_buffer::Engine) (slot states
+//! over prism-buffer's ring [`prism_buffer::Engine`] (slot states
 //! driven by CUDA events); on the host backend, a worker thread with
 //! bounded hand-over. Output order equals input order, memory stays bounded
 //! by the ring, and every run adds to [`PipelineStats`] (per-step times, the

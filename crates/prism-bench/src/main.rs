@@ -99,6 +99,21 @@ struct StepResult {
     prism_pinned_over_cxx: f64,
 }
 
+/// S4: pageable `Vec`s in and out, one shot.
+#[derive(Debug, Serialize, Deserialize)]
+struct PageableResult {
+    mib: usize,
+    /// Both-way copies of the same bytes (pinned, 64 MiB pieces).
+    t_bidir_ms: f64,
+    /// The same bytes copied host to host, in and out through a ring of
+    /// three 64 MiB buffers, on the pool's threads, no GPU.
+    t_staging_ms: f64,
+    bound_ms: f64,
+    prism_ms: f64,
+    bound_over_measured: f64,
+    threads: usize,
+}
+
 /// S6: a generated stream checked on the fly.
 #[derive(Debug, Serialize, Deserialize)]
 struct StreamResult {
@@ -126,6 +141,8 @@ struct Report {
     steps: Vec<StepResult>,
     #[serde(default)]
     stream: Option<StreamResult>,
+    #[serde(default)]
+    pageable: Vec<PageableResult>,
 }
 
 struct Args {
@@ -186,6 +203,7 @@ fn run() -> Result<(), BoxError> {
         // Table and chart again from a saved results.json (no GPU needed).
         let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;
         print_table(&report.device, &report.workloads);
+        print_pageable(&report.pageable);
         print_steps(&report.steps);
         print_stream(report.stream.as_ref());
         std::fs::create_dir_all(&args.out)?;
@@ -282,6 +300,16 @@ fn run() -> Result<(), BoxError> {
         eprintln!("prism-bench: [{}/{}] {} ...", k + 1, count, w.name);
         results.push(bench_workload(&gpu, &ctx, w, args.reps, args.prism_timing)?);
     }
+    let pageable = if wants("S4") {
+        eprintln!("prism-bench: S4 (pageable Vecs) ...");
+        let sizes: &[usize] = if args.quick { &[256] } else { &[1024, 4096] };
+        sizes
+            .iter()
+            .map(|&mib| bench_pageable(&gpu, mib, args.reps))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
     let steps = if wants("S8") {
         eprintln!("prism-bench: S8 (small synchronous steps) ...");
         bench_steps(&gpu, args.quick)?
@@ -289,6 +317,7 @@ fn run() -> Result<(), BoxError> {
         Vec::new()
     };
     print_table(&device, &results);
+    print_pageable(&pageable);
     print_steps(&steps);
     print_stream(stream.as_ref());
     std::fs::create_dir_all(&args.out)?;
@@ -300,6 +329,7 @@ fn run() -> Result<(), BoxError> {
         workloads: results,
         steps,
         stream,
+        pageable,
     };
     std::fs::write(
         format!("{}/results.json", args.out),
@@ -718,6 +748,136 @@ fn print_steps(steps: &[StepResult]) {
             s.prism_pinned_over_cxx,
             s.prism_us,
             s.prism_over_cxx
+        );
+    }
+}
+
+/// S4 one-shot: `run(&Vec, &mut Vec)` over `mib` MiB, against the staging
+/// bound measured in this process: the larger of the link (both directions
+/// at once) and the same bytes copied host to host in and out on the
+/// pool's threads (as prism's staging does, through three 64 MiB buffers).
+fn bench_pageable(gpu: &Gpu, mib: usize, reps: usize) -> Result<PageableResult, BoxError> {
+    let n = mib << 18; // f32
+    let chunk = 16usize << 20; // 64 MiB of f32
+    let mut input = vec![0f32; n];
+    fill_random(&mut input, 0x54 + mib as u64);
+    let mut output = vec![f32::NAN; n];
+    let config = PipelineConfig {
+        chunk_bytes: chunk * 4,
+        slots: 3,
+        timing: false,
+        ..PipelineConfig::default()
+    };
+    let threads = config.host_threads;
+    let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
+    p.add_stage(Fma {
+        a: A,
+        b: B,
+        iters: 1,
+    });
+    let mut times = Vec::new();
+    for rep in 0..=reps {
+        let t = Instant::now();
+        p.run(&input, &mut output)?;
+        if rep > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    for k in (0..n).step_by(7919) {
+        if fma_chain_cpu(input[k], A, B, 1).to_bits() != output[k].to_bits() {
+            return Err(format!("S4 output {k} differs from the CPU").into());
+        }
+    }
+    let prism_ms = median(&mut times);
+    // The host alone: the same copies in and out through a ring of three
+    // 64 MiB buffers, on as many threads.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let mut ring: Vec<Vec<f32>> = (0..3).map(|_| vec![0f32; chunk]).collect();
+    let mut host = Vec::new();
+    for rep in 0..=reps {
+        let t = Instant::now();
+        for (k, (src, dst)) in input
+            .chunks(chunk)
+            .zip(output.chunks_mut(chunk))
+            .enumerate()
+        {
+            let r = &mut ring[k % 3];
+            pool.install(|| {
+                r[..src.len()]
+                    .par_chunks_mut(1 << 18)
+                    .zip(src.par_chunks(1 << 18))
+                    .for_each(|(d, s)| d.copy_from_slice(s));
+                dst.par_chunks_mut(1 << 18)
+                    .zip(r[..src.len()].par_chunks(1 << 18))
+                    .for_each(|(d, s)| d.copy_from_slice(s));
+            });
+        }
+        if rep > 0 {
+            host.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    std::hint::black_box(&output);
+    let t_staging = median(&mut host);
+    // The link: both directions of the same bytes at once, pinned.
+    let pinned = (4 * chunk).min(n);
+    let mut data = Data {
+        inputs: vec![PinnedBuffer::<f32>::new(
+            gpu,
+            pinned,
+            HostAllocFlags::DEFAULT,
+        )?],
+        outputs: vec![PinnedBuffer::<f32>::new(
+            gpu,
+            pinned,
+            HostAllocFlags::DEFAULT,
+        )?],
+    };
+    fill_random(data.inputs[0].as_mut_slice()?, 0x55);
+    let mut b: Vec<f64> = (0..4)
+        .map(|_| {
+            cxx(
+                &mut data,
+                chunk.min(pinned),
+                1,
+                prism_cuda_sys::PRISM_BENCH_BIDIR as i32,
+                2,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    b.remove(0);
+    let t_bidir = median(&mut b) * n as f64 / pinned as f64;
+    let bound = t_bidir.max(t_staging);
+    Ok(PageableResult {
+        mib,
+        t_bidir_ms: t_bidir,
+        t_staging_ms: t_staging,
+        bound_ms: bound,
+        prism_ms,
+        bound_over_measured: bound / prism_ms,
+        threads,
+    })
+}
+
+fn print_pageable(rows: &[PageableResult]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("S4: pageable Vecs in and out, one shot (run(&input, &mut output)), 64 MiB chunks");
+    println!("| size | t_bidir ms | host staging alone ms (threads) | staging bound ms | prism ms | bound / measured |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        println!(
+            "| {} MiB | {:.1} | {:.1} ({}) | {:.1} | {:.1} | {:.3} |",
+            r.mib,
+            r.t_bidir_ms,
+            r.t_staging_ms,
+            r.threads,
+            r.bound_ms,
+            r.prism_ms,
+            r.bound_over_measured
         );
     }
 }

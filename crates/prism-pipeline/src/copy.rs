@@ -1,54 +1,63 @@
 //! Host-side copies split over threads: one thread cannot move bytes as
-//! fast as a PCIe Gen5 link, so pageable input/output and item gathering use
-//! several.
+//! fast as a PCIe Gen5 link, so pageable input/output and item gathering
+//! copy on a persistent pool of threads (rayon), sized to the machine.
 
-/// Copies each `(dst, src)` pair (equal lengths), spreading the bytes over
-/// up to `threads` scoped threads. Small totals stay on this thread.
-pub(crate) fn par_copy<T: Copy + Send + Sync>(pairs: Vec<(&mut [T], &[T])>, threads: usize) {
+use rayon::prelude::*;
+
+/// Bytes each piece of a parallel copy moves (enough to amortise the hand
+/// over to a pool thread, small enough to balance the threads).
+const PIECE_BYTES: usize = 1 << 20;
+
+/// The host threads a manager copies with.
+#[derive(Debug)]
+pub(crate) struct CopyPool {
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl CopyPool {
+    /// `threads` threads (1: copies stay on the calling thread).
+    pub(crate) fn new(threads: usize) -> Self {
+        let pool = (threads > 1)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("prism-copy-{i}"))
+                    .build()
+                    .ok()
+            })
+            .flatten();
+        Self { pool }
+    }
+}
+
+/// Copies each `(dst, src)` pair (equal lengths), cut into pieces of about
+/// 1 MiB spread over the pool. Totals under 1 MiB stay on this thread.
+pub(crate) fn par_copy<T: Copy + Send + Sync>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
     let total: usize = pairs.iter().map(|(d, _)| d.len()).sum();
-    let bytes = total * std::mem::size_of::<T>();
-    if threads <= 1 || bytes < (1 << 20) {
+    let size = std::mem::size_of::<T>().max(1);
+    let Some(pool) = pool.pool.as_ref().filter(|_| total * size >= PIECE_BYTES) else {
         for (d, s) in pairs {
             d.copy_from_slice(s);
         }
         return;
-    }
-    // Cut the pairs into pieces of about total/threads elements.
-    let per = total.div_ceil(threads).max(1);
-    let mut groups: Vec<Vec<(&mut [T], &[T])>> = vec![Vec::new()];
-    let mut filled = 0;
-    for (mut d, mut s) in pairs {
-        while !d.is_empty() {
-            let room = per - filled;
-            let take = room.min(d.len());
-            let (dh, dt) = d.split_at_mut(take);
-            let (sh, st) = s.split_at(take);
-            if let Some(g) = groups.last_mut() {
-                g.push((dh, sh));
-            }
-            filled += take;
-            d = dt;
-            s = st;
-            if filled == per {
-                groups.push(Vec::new());
-                filled = 0;
-            }
+    };
+    let per = (PIECE_BYTES / size).max(1);
+    let mut pieces: Vec<(&mut [T], &[T])> = Vec::with_capacity(total / per + pairs.len());
+    for (d, s) in pairs {
+        for (dp, sp) in d.chunks_mut(per).zip(s.chunks(per)) {
+            pieces.push((dp, sp));
         }
     }
-    std::thread::scope(|scope| {
-        for group in groups.into_iter().filter(|g| !g.is_empty()) {
-            scope.spawn(move || {
-                for (d, s) in group {
-                    d.copy_from_slice(s);
-                }
-            });
-        }
+    pool.install(|| {
+        pieces
+            .into_par_iter()
+            .for_each(|(d, s)| d.copy_from_slice(s))
     });
 }
 
-/// Copies `src` into `dst` (equal lengths) with up to `threads` threads.
-pub(crate) fn par_copy_one<T: Copy + Send + Sync>(dst: &mut [T], src: &[T], threads: usize) {
-    par_copy(vec![(dst, src)], threads);
+/// Copies `src` into `dst` (equal lengths) on the pool.
+pub(crate) fn par_copy_one<T: Copy + Send + Sync>(dst: &mut [T], src: &[T], pool: &CopyPool) {
+    par_copy(vec![(dst, src)], pool);
 }
 
 #[cfg(test)]
@@ -66,7 +75,11 @@ mod tests {
             .zip(&srcs)
             .map(|(d, s)| (d.as_mut_slice(), s.as_slice()))
             .collect();
-        par_copy(pairs, 5);
+        par_copy(pairs, &CopyPool::new(5));
         assert_eq!(dsts, srcs);
+        let mut one = vec![0u8; 3 << 20];
+        let src: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+        par_copy_one(&mut one, &src, &CopyPool::new(1));
+        assert_eq!(one, src);
     }
 }

@@ -10,7 +10,7 @@ use prism_buffer::ring::ChunkId;
 use prism_buffer::ChunkIo;
 use prism_stream::{DeviceBuffer, Element, Gpu, Lane, Launch, PinnedBuffer};
 
-use crate::copy::{par_copy, par_copy_one};
+use crate::copy::{par_copy, par_copy_one, CopyPool};
 use crate::error::{Error, Result};
 use crate::gpu::{panic_message, StagingCache};
 use crate::source::{Sink, Source};
@@ -55,7 +55,7 @@ pub(crate) struct SliceIo<'a, T: Element> {
     pub(crate) chunk: usize,
     /// Largest chunk output, for sizing staging.
     pub(crate) capacity: usize,
-    pub(crate) threads: usize,
+    pub(crate) pool: &'a CopyPool,
     pub(crate) next_in: usize,
     pub(crate) next_out: usize,
     pub(crate) cache: &'a mut StagingCache<T>,
@@ -85,7 +85,7 @@ impl<T: Element> ChunkIo<T> for SliceIo<'_, T> {
         par_copy_one(
             &mut slot.input.as_mut_slice()?[..len],
             &self.input[self.next_in..self.next_in + len],
-            self.threads,
+            self.pool,
         );
         self.next_in += len;
         let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
@@ -107,7 +107,7 @@ impl<T: Element> ChunkIo<T> for SliceIo<'_, T> {
         par_copy_one(
             &mut self.output[self.next_out..self.next_out + len],
             &slot.output.as_slice()?[..len],
-            self.threads,
+            self.pool,
         );
         self.next_out += len;
         Ok(())
@@ -217,7 +217,7 @@ pub(crate) struct ItemsSlot<T: Element> {
 pub(crate) struct ItemsIo<'a, 'c, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> {
     pub(crate) items: std::iter::Peekable<I>,
     pub(crate) chunk: usize,
-    pub(crate) threads: usize,
+    pub(crate) pool: &'c CopyPool,
     pub(crate) next_item: usize,
     /// Outputs of items in flight, oldest first.
     pub(crate) outputs: VecDeque<&'a mut [T]>,
@@ -278,7 +278,7 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> ChunkIo<T>
             pairs.push((head, item));
             rest = tail;
         }
-        par_copy(pairs, self.threads);
+        par_copy(pairs, self.pool);
         let rec = lane.copy_htod_timed(&slot.staged.input, 0, dev, 0, len, timed)?;
         Ok(Some((len, rec.into())))
     }
@@ -304,7 +304,7 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> ChunkIo<T>
                 .ok_or(Error::Config("item outputs out of step"))?;
             pairs.push((out, &data[off..off + len]));
         }
-        par_copy(pairs, self.threads);
+        par_copy(pairs, self.pool);
         Ok(())
     }
 }
@@ -560,7 +560,7 @@ pub(crate) struct IterIo<'a, T: Element> {
     pub(crate) data: IterData<'a, T>,
     pub(crate) chunk: usize,
     pub(crate) capacity: usize,
-    pub(crate) threads: usize,
+    pub(crate) pool: &'a CopyPool,
     pub(crate) cache: &'a mut StagingCache<T>,
     /// Outputs of pageable chunks that retired during this call.
     pub(crate) done: &'a mut Vec<crate::ChunkOutput<T>>,
@@ -603,7 +603,7 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
                 par_copy_one(
                     &mut staged.input.as_mut_slice()?[..input.len()],
                     input,
-                    self.threads,
+                    self.pool,
                 );
                 let rec = lane.copy_htod_timed(&staged.input, 0, dev, 0, input.len(), timed)?;
                 self.kinds.push_back(false);

@@ -195,7 +195,6 @@ impl<T: Element> PipelineStageManager<T> {
         }
         let chunk = self.chunk_elems();
         let capacity = self.capacity(&order);
-        let threads = self.config.host_threads;
         let timing = self.config.timing;
         let elem = std::mem::size_of::<T>() as u64;
         let submitted_len = match &data {
@@ -209,6 +208,7 @@ impl<T: Element> PipelineStageManager<T> {
             stats,
             cache,
             iter,
+            copy_pool,
             ..
         } = self;
         let engine = engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
@@ -230,7 +230,7 @@ impl<T: Element> PipelineStageManager<T> {
                 data,
                 chunk,
                 capacity,
-                threads,
+                pool: copy_pool,
                 cache,
                 done: &mut done,
                 done_pinned: &mut done_pinned,
@@ -318,12 +318,12 @@ impl<T: Element> PipelineStageManager<T> {
         let chunk = self.chunk_elems();
         let order = self.order();
         let capacity = self.capacity(&order);
-        let threads = self.config.host_threads;
         let Self {
             engine,
             stats,
             cache,
             iter,
+            copy_pool,
             ..
         } = self;
         let Some(mut session) = iter.take() else {
@@ -339,7 +339,7 @@ impl<T: Element> PipelineStageManager<T> {
                 data: IterData::None,
                 chunk,
                 capacity,
-                threads,
+                pool: copy_pool,
                 cache,
                 done: &mut done,
                 done_pinned: &mut done_pinned,
@@ -400,12 +400,11 @@ impl<T: Element> PipelineStageManager<T> {
             return Ok(out);
         }
         let capacity = self.capacity(&order);
-        let threads = self.config.host_threads;
-        let (run, cache) = self.gpu_parts(&order)?;
+        let (run, cache, pool) = self.gpu_parts(&order)?;
         let gpu = run.engine.gpu().clone();
         let mut input = cache.input(&gpu, chunk.len())?;
         let mut output = cache.output(&gpu, capacity)?;
-        par_copy_one(&mut input.as_mut_slice()?[..chunk.len()], chunk, threads);
+        par_copy_one(&mut input.as_mut_slice()?[..chunk.len()], chunk, pool);
         let out_len = round_trip(run, &order, &input, 0..chunk.len(), &mut output, 0)?;
         let out = output.as_slice()?[..out_len].to_vec();
         cache.give_input(input);
@@ -447,7 +446,7 @@ impl<T: Element> PipelineStageManager<T> {
         let started = Instant::now();
         let order = self.begin_run(None, false)?;
         let len = range.len();
-        let (run, _) = self.gpu_parts(&order)?;
+        let (run, _, _) = self.gpu_parts(&order)?;
         let out_len = round_trip(run, &order, input, range, output, to)?;
         let elem = std::mem::size_of::<T>() as u64;
         self.finish_run(started, 1, 0, len as u64 * elem, out_len as u64 * elem);

@@ -75,7 +75,8 @@ pub struct PipelineConfig {
     pub timing: bool,
     /// Keep the last run's spans as a [`Timeline`] (needs timing; default off).
     pub trace: bool,
-    /// Host threads for copies between pageable memory and pinned staging.
+    /// Host threads for copies between pageable memory and pinned staging
+    /// (a pool kept by the manager; default: every core).
     pub host_threads: usize,
 }
 
@@ -87,7 +88,7 @@ impl Default for PipelineConfig {
             slots: 3,
             timing: true,
             trace: false,
-            host_threads: cores.clamp(1, 8),
+            host_threads: cores.max(1),
         }
     }
 }
@@ -123,6 +124,8 @@ pub struct PipelineStageManager<T: Element> {
     engine: Option<Engine<T>>,
     /// Pinned staging kept between runs.
     cache: StagingCache<T>,
+    /// The host threads that copy between pageable memory and staging.
+    copy_pool: copy::CopyPool,
     /// An `execute_iteration` session with chunks in flight.
     iter: Option<iterate::Session<T>>,
     stats: PipelineStats,
@@ -164,6 +167,7 @@ impl<T: Element> PipelineStageManager<T> {
 
     fn build(gpu: Option<Gpu>, config: PipelineConfig) -> Result<Self> {
         config.check::<T>()?;
+        let copy_pool = copy::CopyPool::new(config.host_threads);
         let backend = if gpu.is_some() {
             BackendKind::Gpu
         } else {
@@ -185,6 +189,7 @@ impl<T: Element> PipelineStageManager<T> {
             gpu,
             engine: None,
             cache: StagingCache::default(),
+            copy_pool,
             iter: None,
             stats,
             timeline: Timeline::default(),
@@ -211,6 +216,9 @@ impl<T: Element> PipelineStageManager<T> {
     pub fn set_config(&mut self, config: PipelineConfig) -> Result<()> {
         config.check::<T>()?;
         self.no_iteration_pending()?;
+        if config.host_threads != self.config.host_threads {
+            self.copy_pool = copy::CopyPool::new(config.host_threads);
+        }
         self.config = config;
         self.engine = None;
         self.cache.clear();

@@ -83,7 +83,11 @@ impl<T: Element> PipelineStageManager<T> {
     pub(crate) fn gpu_parts<'a>(
         &'a mut self,
         order: &'a [usize],
-    ) -> Result<(GpuRun<'a, T>, &'a mut crate::gpu::StagingCache<T>)> {
+    ) -> Result<(
+        GpuRun<'a, T>,
+        &'a mut crate::gpu::StagingCache<T>,
+        &'a crate::copy::CopyPool,
+    )> {
         let capacity = self.capacity(order);
         let timing = self.config.timing;
         let trace = self.config.trace && timing;
@@ -100,6 +104,7 @@ impl<T: Element> PipelineStageManager<T> {
                 timeline: &mut self.timeline,
             },
             &mut self.cache,
+            &self.copy_pool,
         ))
     }
 
@@ -119,14 +124,13 @@ impl<T: Element> PipelineStageManager<T> {
         match self.backend {
             BackendKind::Gpu => {
                 let out_capacity = self.output_len(chunk).max(chunk);
-                let threads = self.config.host_threads;
-                let (run, cache) = self.gpu_parts(&order)?;
+                let (run, cache, pool) = self.gpu_parts(&order)?;
                 let mut io = SliceIo {
                     input,
                     output,
                     chunk,
                     capacity: out_capacity,
-                    threads,
+                    pool,
                     next_in: 0,
                     next_out: 0,
                     cache,
@@ -182,7 +186,7 @@ impl<T: Element> PipelineStageManager<T> {
         let order = self.begin_run(Some((input.len(), output.len())), false)?;
         let started = Instant::now();
         let chunk = self.chunk_elems();
-        let (run, _) = self.gpu_parts(&order)?;
+        let (run, _, _) = self.gpu_parts(&order)?;
         let mut io = PinnedIo {
             input,
             output,
@@ -218,12 +222,11 @@ impl<T: Element> PipelineStageManager<T> {
         let chunk = self.chunk_elems();
         match self.backend {
             BackendKind::Gpu => {
-                let threads = self.config.host_threads;
-                let (run, cache) = self.gpu_parts(&order)?;
+                let (run, cache, pool) = self.gpu_parts(&order)?;
                 let mut io = ItemsIo {
                     items: items.into_iter().peekable(),
                     chunk,
-                    threads,
+                    pool,
                     next_item: 0,
                     outputs: Default::default(),
                     cache,
@@ -307,7 +310,7 @@ impl<T: Element> PipelineStageManager<T> {
         let order = self.begin_run(None, true)?;
         let started = Instant::now();
         let chunk = self.chunk_elems();
-        let (run, cache) = self.gpu_parts(&order)?;
+        let (run, cache, _) = self.gpu_parts(&order)?;
         let mut io = PinnedItemsIo {
             items: items.into_iter().peekable(),
             chunk,
@@ -358,7 +361,7 @@ impl<T: Element> PipelineStageManager<T> {
         match self.backend {
             BackendKind::Gpu => {
                 let capacity = self.capacity(&order);
-                let (run, cache) = self.gpu_parts(&order)?;
+                let (run, cache, _) = self.gpu_parts(&order)?;
                 let mut io = StreamIo {
                     source,
                     sink,

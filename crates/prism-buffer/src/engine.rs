@@ -475,14 +475,14 @@ impl<T: Element> Engine<T> {
             )
             .into());
         }
-        // The step ends after its last kernel: the last timed end fence, or
-        // the last kernel's own fence; a processor that launched nothing on
-        // this lane (or swapped its scope for another lane's) gets one of ours.
-        let last = spans
-            .spans
-            .last()
-            .map(|(_, _, end)| end.clone())
-            .or_else(|| launch.last_fence().cloned())
+        // The step ends after its last kernel: that kernel's own fence (or,
+        // with no kernel, the last timed fence); a processor that launched
+        // nothing on this lane (or swapped its scope for another lane's)
+        // gets one of ours.
+        let last = launch
+            .last_fence()
+            .cloned()
+            .or_else(|| spans.spans.last().map(|(_, _, end)| end.clone()))
             .filter(|f| f.stream() == own);
         drop(launch);
         let end = match last {
@@ -516,6 +516,17 @@ impl<T: Element> Engine<T> {
         let timed = self.timing.is_some();
         let state = io_slots.get(slot.0, io, &self.gpu)?;
         let s = &mut self.slots[slot.0];
+        if s.out_len == 0 {
+            // Nothing to copy (a stage made no output for this chunk): the
+            // download is done when processing is, so its fence stands in.
+            let end = self
+                .ring
+                .fence(slot, Step::Process)
+                .cloned()
+                .ok_or(Error::Config("a processed chunk has no process fence"))?;
+            self.ring.issue(Step::Download, slot, end)?;
+            return Ok(Some(chunk));
+        }
         let lane = &mut self.lanes[DOWNLOAD_LANE];
         let rec = io.download(lane, timed, state, &s.bufs[s.out_buf], s.out_len)?;
         let end = own_fence(lane, rec.end)?;
@@ -689,11 +700,22 @@ impl<T: Element> Engine<T> {
         P: ChunkProcessor<T, Error = E>,
     {
         self.restart()?;
-        let result = self.drive(io, io_slots, p, spans);
-        if result.is_err() {
-            self.abandon();
+        // A panic out of the I/O or the processor (user code) must not leave
+        // chunks in flight for ever: drain, then let it go on.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.drive(io, io_slots, p, spans)
+        }));
+        match result {
+            Ok(Ok(counts)) => Ok(counts),
+            Ok(Err(e)) => {
+                self.abandon();
+                Err(e)
+            }
+            Err(payload) => {
+                self.abandon();
+                std::panic::resume_unwind(payload)
+            }
         }
-        result
     }
 
     fn drive<E, Io, P>(

@@ -50,6 +50,10 @@ pub(crate) struct StageChain<'a, T: Element> {
     pub(crate) stages: &'a mut [Box<dyn Stage<T>>],
     pub(crate) order: &'a [usize],
     pub(crate) capacity: usize,
+    /// Added to the engine's chunk ids in error reports (an
+    /// `execute_iteration` session's ring restarts after a failure while
+    /// its indices go on).
+    pub(crate) base: u64,
 }
 
 impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
@@ -65,8 +69,21 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
     ) -> Result<(usize, usize)> {
         let (mut len, mut cur) = (len, 0usize);
         for &i in self.order {
+            if len == 0 {
+                // A stage made no output: nothing is left to process.
+                break;
+            }
             let stage = &mut self.stages[i];
-            let out_len = stage.output_len(len);
+            let out_len = match catch_unwind(AssertUnwindSafe(|| stage.output_len(len))) {
+                Ok(n) => n,
+                Err(payload) => {
+                    return Err(Error::StagePanicked {
+                        stage: stage.name().to_owned(),
+                        chunk: self.base + chunk.0,
+                        message: panic_message(&*payload),
+                    })
+                }
+            };
             if out_len > self.capacity {
                 return Err(Error::Config(
                     "a stage produced more elements than the pipeline planned for",
@@ -92,14 +109,14 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
                 Ok(Err(source)) => {
                     return Err(Error::Stage {
                         stage: stage.name().to_owned(),
-                        chunk: chunk.0,
+                        chunk: self.base + chunk.0,
                         source,
                     })
                 }
                 Err(payload) => {
                     return Err(Error::StagePanicked {
                         stage: stage.name().to_owned(),
-                        chunk: chunk.0,
+                        chunk: self.base + chunk.0,
                         message: panic_message(&*payload),
                     })
                 }

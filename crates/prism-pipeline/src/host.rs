@@ -168,9 +168,10 @@ fn feed_and_deliver<T: Element>(
                     stats.add_stage_time(name, ms);
                     stats.compute_busy_ms += ms;
                 }
-                stats.bytes_out += std::mem::size_of_val(out.as_slice()) as u64;
                 match catch_unwind(AssertUnwindSafe(|| sink(index, &out))) {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => {
+                        stats.bytes_out += std::mem::size_of_val(out.as_slice()) as u64;
+                    }
                     Ok(Err(e)) => return Err(e),
                     Err(payload) => {
                         return Err(Error::SinkPanicked {
@@ -216,9 +217,22 @@ fn run_stages<T: Element>(
     cur.clear();
     cur.extend_from_slice(input);
     for &i in order {
+        if cur.is_empty() {
+            // A stage made no output: nothing is left to process (as on the GPU).
+            break;
+        }
         let stage = &mut stages[i];
         let mut next = spare.pop().unwrap_or_default();
-        let out_len = stage.output_len(cur.len());
+        let out_len = match catch_unwind(AssertUnwindSafe(|| stage.output_len(cur.len()))) {
+            Ok(n) => n,
+            Err(payload) => {
+                return Err(Error::StagePanicked {
+                    stage: stage.name().to_owned(),
+                    chunk: index,
+                    message: panic_message(&*payload),
+                })
+            }
+        };
         next.clear();
         // Sized with a copy of an input element; the stage overwrites every one.
         match cur.first() {

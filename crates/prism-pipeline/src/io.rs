@@ -479,8 +479,19 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for StreamIo<'_, T, S, K> 
         }
         let dst = &mut slot.input.as_mut_slice()?[..self.chunk];
         let source = &mut self.source;
+        let chunk_len = self.chunk;
         let len = match catch_unwind(AssertUnwindSafe(|| source.fill(dst))) {
-            Ok(Ok(n)) => n,
+            Ok(Ok(n)) if n <= chunk_len => n,
+            Ok(Ok(n)) => {
+                self.failed = Some(Error::Source {
+                    chunk: chunk.0,
+                    source: format!(
+                        "fill reported {n} elements written into a chunk of {chunk_len}"
+                    )
+                    .into(),
+                });
+                return Ok(None);
+            }
             Ok(Err(source)) => {
                 self.failed = Some(Error::Source {
                     chunk: chunk.0,
@@ -531,10 +542,13 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for StreamIo<'_, T, S, K> 
     }
 }
 
-/// A slot of an `execute_iteration` session: staging for pageable steps.
+/// A slot of an `execute_iteration` session: staging for pageable steps,
+/// and where the chunk in the slot goes.
 #[derive(Debug)]
 pub(crate) struct IterSlot<T: Element> {
     pub(crate) staged: Option<Staged<T>>,
+    /// The chunk in this slot came from (and goes to) the caller's pinned buffers.
+    pinned: bool,
 }
 
 /// Where one `execute_iteration` step's data comes from and goes to.
@@ -562,12 +576,10 @@ pub(crate) struct IterIo<'a, T: Element> {
     pub(crate) capacity: usize,
     pub(crate) pool: &'a CopyPool,
     pub(crate) cache: &'a mut StagingCache<T>,
-    /// Outputs of pageable chunks that retired during this call.
+    /// Session index of the ring's chunk 0.
+    pub(crate) base: u64,
+    /// Chunks that retired during this call (pinned ones with no data).
     pub(crate) done: &'a mut Vec<crate::ChunkOutput<T>>,
-    /// Pinned chunks retired during this call.
-    pub(crate) done_pinned: &'a mut Vec<u64>,
-    /// Pageable or pinned, per chunk in flight (oldest first).
-    pub(crate) kinds: &'a mut VecDeque<bool>,
 }
 
 impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
@@ -575,7 +587,10 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
     type Error = Error;
 
     fn make_slot(&mut self, _gpu: &Gpu) -> Result<IterSlot<T>> {
-        Ok(IterSlot { staged: None })
+        Ok(IterSlot {
+            staged: None,
+            pinned: false,
+        })
     }
 
     fn upload(
@@ -587,10 +602,7 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
         _chunk: ChunkId,
     ) -> Result<Option<(usize, Recorded)>> {
         match std::mem::replace(&mut self.data, IterData::None) {
-            IterData::None => {
-                self.data = IterData::None;
-                Ok(None)
-            }
+            IterData::None => Ok(None),
             IterData::Pageable(input) => {
                 if slot.staged.is_none() {
                     let gpu = lane.gpu().clone();
@@ -606,7 +618,7 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
                     self.pool,
                 );
                 let rec = lane.copy_htod_timed(&staged.input, 0, dev, 0, input.len(), timed)?;
-                self.kinds.push_back(false);
+                slot.pinned = false;
                 Ok(Some((input.len(), rec.into())))
             }
             IterData::Pinned {
@@ -617,6 +629,7 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
                 to,
             } => {
                 let rec = lane.copy_htod_timed(input, from, dev, 0, len, timed)?;
+                // Kept for this chunk's download, queued in the same call.
                 self.data = IterData::Pinned {
                     input,
                     from,
@@ -624,7 +637,7 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
                     output,
                     to,
                 };
-                self.kinds.push_back(true);
+                slot.pinned = true;
                 Ok(Some((len, rec.into())))
             }
         }
@@ -638,24 +651,27 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
         dev: &DeviceBuffer<T>,
         len: usize,
     ) -> Result<Recorded> {
-        match &mut self.data {
-            IterData::Pinned { output, to, .. } => Ok(lane
+        match (&mut self.data, slot.pinned) {
+            (IterData::Pinned { output, to, .. }, true) => Ok(lane
                 .copy_dtoh_timed(dev, 0, output, *to, len, timed)?
                 .into()),
-            _ => {
+            (_, false) => {
                 let staged = slot
                     .staged
                     .as_mut()
                     .ok_or(Error::Config("staging missing"))?;
                 download_staged(lane, timed, &mut staged.output, dev, len)
             }
+            (_, true) => Err(Error::Config(
+                "a pinned execute_iteration chunk must be downloaded in the call that submits it",
+            )),
         }
     }
 
     fn retire(&mut self, slot: &mut IterSlot<T>, chunk: ChunkId, len: usize) -> Result<()> {
-        let pinned = self.kinds.pop_front().unwrap_or(false);
-        if pinned {
-            self.done_pinned.push(chunk.0);
+        let index = self.base + chunk.0;
+        if slot.pinned {
+            self.done.push(crate::ChunkOutput { index, data: None });
             return Ok(());
         }
         let staged = slot
@@ -664,7 +680,7 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
             .ok_or(Error::Config("staging missing"))?;
         let data = staged.output.as_slice()?[..len].to_vec();
         self.done.push(crate::ChunkOutput {
-            index: chunk.0,
+            index,
             data: Some(data),
         });
         Ok(())

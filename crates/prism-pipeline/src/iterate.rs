@@ -8,7 +8,6 @@
 //! drains the rest. `execute_iteration_blocking` is one synchronous round
 //! trip on a single lane (the old behaviour, made cheap).
 
-use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::Instant;
 
@@ -23,6 +22,7 @@ use crate::gpu::{record_span, StageChain, StagingCache};
 use crate::io::{IterData, IterIo, IterSlot};
 use crate::stats::{BackendKind, PipelineStats};
 use crate::PipelineStageManager;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The output of one chunk of `execute_iteration`.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,24 +40,32 @@ pub struct ChunkOutput<T> {
 #[derive(Debug)]
 pub(crate) struct Session<T: Element> {
     slots: IoSlots<IterSlot<T>>,
-    /// Pinned (true) or pageable, per chunk in flight, oldest first.
-    kinds: VecDeque<bool>,
+    /// Session index of the engine ring's chunk 0 (the ring restarts after
+    /// a failed call; indices go on).
+    base: u64,
+    /// Indices handed out (submitted chunks) and chunks handed back (or lost
+    /// to a failure).
     submitted: u64,
-    retired: u64,
+    returned: u64,
+    /// Outputs that finished during a call that failed: returned first by
+    /// the next call or `flush`.
+    carry: Vec<ChunkOutput<T>>,
 }
 
 impl<T: Element> Session<T> {
     fn new(slots: usize) -> Self {
         Self {
             slots: IoSlots::new(slots),
-            kinds: VecDeque::new(),
+            base: 0,
             submitted: 0,
-            retired: 0,
+            returned: 0,
+            carry: Vec::new(),
         }
     }
 
+    /// Chunks submitted and not handed back yet (in flight or carried).
     pub(crate) fn pending(&self) -> usize {
-        (self.submitted - self.retired) as usize
+        (self.submitted - self.returned) as usize
     }
 
     fn recycle(self, cache: &mut StagingCache<T>) {
@@ -75,7 +83,6 @@ fn retire_ready<T: Element>(
     io: &mut IterIo<'_, T>,
     slots: &mut IoSlots<IterSlot<T>>,
     stats: &mut PipelineStats,
-    retired: &mut u64,
 ) -> Result<()> {
     let elem = std::mem::size_of::<T>() as u64;
     loop {
@@ -86,7 +93,6 @@ fn retire_ready<T: Element>(
         }
         match r {
             Some((_, len)) => {
-                *retired += 1;
                 stats.chunks += 1;
                 stats.bytes_out += len as u64 * elem;
             }
@@ -106,10 +112,14 @@ impl<T: Element> PipelineStageManager<T> {
     /// it does not wait for `chunk` itself. Each call queues its chunk's
     /// upload, stages and download (the GPU orders them); once every slot is
     /// in flight it waits for the oldest chunk, so chunk k − (slots − 1)
-    /// comes back while chunk k is submitted.
-    /// Chunks may change length from call to call. An empty `chunk` submits
-    /// nothing and returns what finished. On the host backend each call
-    /// runs its chunk at once and returns it.
+    /// comes back while chunk k is submitted. Chunks may change length from
+    /// call to call. An empty `chunk` submits nothing and returns what
+    /// finished. On the host backend each call runs its chunk at once and
+    /// returns it.
+    ///
+    /// If the call fails (a stage error, say), its chunk is lost (its index
+    /// is not reused); the chunks before it still come back, from the next
+    /// call or `flush`.
     pub fn execute_iteration(&mut self, chunk: &[T]) -> Result<Vec<ChunkOutput<T>>> {
         if chunk.len() > self.chunk_elems() {
             return Err(Error::Config(
@@ -174,6 +184,30 @@ impl<T: Element> PipelineStageManager<T> {
         self.iteration(data, &[])
     }
 
+    /// Ends an `execute_iteration` session that has nothing in flight or
+    /// carried (before a whole run, a new configuration or a new ring);
+    /// `IterationPending` when it has.
+    pub(crate) fn close_idle_session(&mut self) -> Result<()> {
+        let Some(session) = self.iter.take() else {
+            return Ok(());
+        };
+        if session.pending() > 0 {
+            let pending = session.pending();
+            self.iter = Some(session);
+            return Err(Error::IterationPending { pending });
+        }
+        if session.submitted > 0 {
+            self.stats.runs += 1;
+        }
+        if let Some(engine) = self.engine.as_mut() {
+            if engine.timed() {
+                self.stats.compute_busy_ms += engine.stop_timing();
+            }
+        }
+        session.recycle(&mut self.cache);
+        Ok(())
+    }
+
     /// One submission (or, with `IterData::None`, only the retirement of
     /// what finished).
     fn iteration(
@@ -186,13 +220,17 @@ impl<T: Element> PipelineStageManager<T> {
         let order = self.order();
         self.check_stages(&order)?;
         if self.backend == BackendKind::Host {
-            let out = self.host_iteration(&order, host_chunk)?;
+            let out = self.host_iteration(&order, host_chunk);
             self.stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
-            return Ok(out);
+            return out;
         }
-        if self.iter.is_none() {
-            self.engine(&order)?;
+        let has_chunk = !matches!(data, IterData::None);
+        if !has_chunk && self.iter.is_none() {
+            return Ok(Vec::new());
         }
+        // The ring must fit the stages as they are now (a rebuild ends an
+        // idle session, and is refused while chunks are in flight).
+        self.engine(&order)?;
         let chunk = self.chunk_elems();
         let capacity = self.capacity(&order);
         let timing = self.config.timing;
@@ -213,7 +251,6 @@ impl<T: Element> PipelineStageManager<T> {
         } = self;
         let engine = engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
         if iter.is_none() {
-            // A new session: chunk indices from 0.
             engine.restart()?;
             if timing {
                 engine.start_timing()?;
@@ -223,8 +260,8 @@ impl<T: Element> PipelineStageManager<T> {
         let Some(session) = iter.as_mut() else {
             return Err(Error::Config("no execute_iteration session"));
         };
-        let mut done = Vec::new();
-        let mut done_pinned = Vec::new();
+        let mut done = std::mem::take(&mut session.carry);
+        let before = done.len();
         let result = {
             let mut io = IterIo {
                 data,
@@ -232,45 +269,42 @@ impl<T: Element> PipelineStageManager<T> {
                 capacity,
                 pool: copy_pool,
                 cache,
+                base: session.base,
                 done: &mut done,
-                done_pinned: &mut done_pinned,
-                kinds: &mut session.kinds,
             };
             let mut chain = StageChain {
                 stages,
                 order: &order,
                 capacity,
+                base: session.base,
             };
-            submit(
-                engine,
-                &mut io,
-                &mut session.slots,
-                &mut chain,
-                stats,
-                &mut session.retired,
-                submitted_len > 0,
-            )
+            let slots = &mut session.slots;
+            catch_unwind(AssertUnwindSafe(|| {
+                submit(engine, &mut io, slots, &mut chain, stats, has_chunk)
+            }))
         };
+        if has_chunk {
+            session.submitted += 1;
+            stats.bytes_in += submitted_len as u64 * elem;
+        }
+        stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
+        stats.timed = timing;
         match result {
-            Ok(()) => {
-                if submitted_len > 0 {
-                    session.submitted += 1;
-                    stats.bytes_in += submitted_len as u64 * elem;
-                }
-                stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
-                stats.timed = timing;
-                Ok(merge(done, done_pinned))
+            Ok(Ok(())) => {
+                session.returned += (done.len() - before) as u64;
+                Ok(done)
             }
-            Err(e) => {
-                // The session's chunks are lost: drain them and start over.
-                engine.abandon();
-                if timing {
-                    stats.compute_busy_ms += engine.stop_timing();
-                }
-                if let Some(s) = iter.take() {
-                    s.recycle(cache);
-                }
+            Ok(Err(e)) => {
+                recover(
+                    engine, session, cache, copy_pool, chunk, capacity, stats, done,
+                );
                 Err(e)
+            }
+            Err(payload) => {
+                recover(
+                    engine, session, cache, copy_pool, chunk, capacity, stats, done,
+                );
+                std::panic::resume_unwind(payload)
             }
         }
     }
@@ -279,7 +313,10 @@ impl<T: Element> PipelineStageManager<T> {
         if chunk.is_empty() {
             return Ok(Vec::new());
         }
-        let index = self.iter_index();
+        let session = self.iter.get_or_insert_with(|| Session::new(0));
+        let index = session.submitted;
+        session.submitted += 1;
+        session.returned += 1;
         let (out, times) = crate::host::run_chunk(&mut self.stages, order, index, chunk)?;
         for (&i, ms) in order.iter().zip(times) {
             let name = self.stages[i].name().to_owned();
@@ -296,25 +333,12 @@ impl<T: Element> PipelineStageManager<T> {
         }])
     }
 
-    /// The host backend's running submission count (a session never has
-    /// chunks in flight there).
-    fn iter_index(&mut self) -> u64 {
-        let s = self.iter.get_or_insert_with(|| Session::new(0));
-        s.submitted += 1;
-        s.retired += 1;
-        s.submitted - 1
-    }
-
     /// Waits for every chunk submitted with `execute_iteration` and returns
     /// their outputs in submission order (empty when nothing was pending).
     /// The next submission starts a new session (indices from 0).
     pub fn flush(&mut self) -> Result<Vec<ChunkOutput<T>>> {
         let _span = tracing::trace_span!("prism.pipeline.flush").entered();
         let started = Instant::now();
-        if self.backend == BackendKind::Host {
-            self.iter = None;
-            return Ok(Vec::new());
-        }
         let chunk = self.chunk_elems();
         let order = self.order();
         let capacity = self.capacity(&order);
@@ -329,11 +353,14 @@ impl<T: Element> PipelineStageManager<T> {
         let Some(mut session) = iter.take() else {
             return Ok(Vec::new());
         };
+        if session.submitted > 0 {
+            stats.runs += 1;
+        }
+        let mut done = std::mem::take(&mut session.carry);
         let Some(engine) = engine.as_mut() else {
-            return Ok(Vec::new());
+            // The host backend: nothing is ever in flight.
+            return Ok(done);
         };
-        let mut done = Vec::new();
-        let mut done_pinned = Vec::new();
         let result = {
             let mut io = IterIo {
                 data: IterData::None,
@@ -341,17 +368,10 @@ impl<T: Element> PipelineStageManager<T> {
                 capacity,
                 pool: copy_pool,
                 cache,
+                base: session.base,
                 done: &mut done,
-                done_pinned: &mut done_pinned,
-                kinds: &mut session.kinds,
             };
-            drain(
-                engine,
-                &mut io,
-                &mut session.slots,
-                stats,
-                &mut session.retired,
-            )
+            drain(engine, &mut io, &mut session.slots, stats)
         };
         if result.is_err() {
             engine.abandon();
@@ -360,12 +380,9 @@ impl<T: Element> PipelineStageManager<T> {
             stats.compute_busy_ms += engine.stop_timing();
         }
         stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
-        if session.submitted > 0 {
-            stats.runs += 1;
-        }
         session.recycle(cache);
         result?;
-        Ok(merge(done, done_pinned))
+        Ok(done)
     }
 
     /// One synchronous step: uploads `chunk`, runs the stages, downloads the
@@ -477,6 +494,7 @@ fn round_trip<T: Element>(
         stages: run.stages,
         order,
         capacity,
+        base: 0,
     };
     let (out_len, out_buf) = {
         let mut launch = lane.launch();
@@ -505,7 +523,6 @@ fn submit<T: Element>(
     slots: &mut IoSlots<IterSlot<T>>,
     chain: &mut StageChain<'_, T>,
     stats: &mut PipelineStats,
-    retired: &mut u64,
     has_chunk: bool,
 ) -> Result<()> {
     if has_chunk {
@@ -514,7 +531,7 @@ fn submit<T: Element>(
                 Upload::Issued(..) => break,
                 Upload::NoSlot => {
                     engine.wait_oldest()?;
-                    retire_ready(engine, io, slots, stats, retired)?;
+                    retire_ready(engine, io, slots, stats)?;
                 }
                 Upload::Exhausted => {
                     return Err(Error::Config("execute_iteration lost its chunk"));
@@ -525,10 +542,10 @@ fn submit<T: Element>(
             return Err(Error::Config("execute_iteration could not queue its chunk"));
         }
     }
-    retire_ready(engine, io, slots, stats, retired)?;
+    retire_ready(engine, io, slots, stats)?;
     if has_chunk && engine.in_flight() == engine.slot_count() {
         engine.wait_oldest()?;
-        retire_ready(engine, io, slots, stats, retired)?;
+        retire_ready(engine, io, slots, stats)?;
     }
     Ok(())
 }
@@ -539,10 +556,9 @@ fn drain<T: Element>(
     io: &mut IterIo<'_, T>,
     slots: &mut IoSlots<IterSlot<T>>,
     stats: &mut PipelineStats,
-    retired: &mut u64,
 ) -> Result<()> {
     loop {
-        retire_ready(engine, io, slots, stats, retired)?;
+        retire_ready(engine, io, slots, stats)?;
         if engine.is_idle() {
             return Ok(());
         }
@@ -550,13 +566,65 @@ fn drain<T: Element>(
     }
 }
 
-/// Pageable outputs and pinned completions, in submission order.
-fn merge<T>(mut done: Vec<ChunkOutput<T>>, pinned: Vec<u64>) -> Vec<ChunkOutput<T>> {
-    done.extend(
-        pinned
-            .into_iter()
-            .map(|index| ChunkOutput { index, data: None }),
-    );
-    done.sort_by_key(|c| c.index);
-    done
+/// After a failed call: brings back the chunks before the failing one
+/// (those whose download was queued) into the session's carry, then
+/// drains the ring and restarts it with indices going on. If even that
+/// fails, the session ends (its chunks are lost; staging recycled).
+#[allow(clippy::too_many_arguments)]
+fn recover<T: Element>(
+    engine: &mut Engine<T>,
+    session: &mut Session<T>,
+    cache: &mut StagingCache<T>,
+    pool: &crate::copy::CopyPool,
+    chunk: usize,
+    capacity: usize,
+    stats: &mut PipelineStats,
+    mut done: Vec<ChunkOutput<T>>,
+) {
+    let salvaged: Result<()> = (|| {
+        let mut io = IterIo {
+            data: IterData::None,
+            chunk,
+            capacity,
+            pool,
+            cache,
+            base: session.base,
+            done: &mut done,
+        };
+        loop {
+            retire_ready(engine, &mut io, &mut session.slots, stats)?;
+            // Stop at the first chunk whose download was never queued.
+            let oldest = engine
+                .states()
+                .into_iter()
+                .filter_map(|s| s.chunk.map(|c| (c, s.next_step)))
+                .min_by_key(|(c, _)| *c);
+            match oldest {
+                Some((_, None)) => {
+                    engine.wait_oldest()?;
+                }
+                _ => return Ok(()),
+            }
+        }
+    })();
+    engine.abandon();
+    match salvaged.and_then(|()| Ok(engine.restart()?)) {
+        Ok(()) => {
+            // Everything not brought back is lost (counted as returned); the
+            // restarted ring's chunk 0 gets the next index.
+            session.returned = session.submitted - done.len() as u64;
+            session.base = session.submitted;
+            session.carry = done;
+        }
+        Err(_) => {
+            // Indices still go on: the next chunk is not mistaken for one
+            // of the lost ones.
+            let mut fresh = Session::new(engine.slot_count());
+            fresh.submitted = session.submitted;
+            fresh.returned = session.submitted;
+            fresh.base = session.submitted;
+            let old = std::mem::replace(session, fresh);
+            old.recycle(cache);
+        }
+    }
 }

@@ -215,7 +215,7 @@ impl<T: Element> PipelineStageManager<T> {
     /// `execute_iteration` chunks are in flight.
     pub fn set_config(&mut self, config: PipelineConfig) -> Result<()> {
         config.check::<T>()?;
-        self.no_iteration_pending()?;
+        self.close_idle_session()?;
         if config.host_threads != self.config.host_threads {
             self.copy_pool = copy::CopyPool::new(config.host_threads);
         }
@@ -305,15 +305,6 @@ impl<T: Element> PipelineStageManager<T> {
         Ok(())
     }
 
-    fn no_iteration_pending(&self) -> Result<()> {
-        match &self.iter {
-            Some(s) if s.pending() > 0 => Err(Error::IterationPending {
-                pending: s.pending(),
-            }),
-            _ => Ok(()),
-        }
-    }
-
     /// Largest buffer any stage of the chain needs for a full chunk.
     fn capacity(&self, order: &[usize]) -> usize {
         let chunk = self.chunk_elems();
@@ -334,7 +325,7 @@ impl<T: Element> PipelineStageManager<T> {
             .as_ref()
             .is_none_or(|e| e.capacity() != capacity || e.slot_count() != self.config.slots);
         if rebuild {
-            self.no_iteration_pending()?;
+            self.close_idle_session()?;
             self.engine = None; // free the old ring first
             self.cache.clear();
             let gpu = self
@@ -358,7 +349,7 @@ impl<T: Element> PipelineStageManager<T> {
     ) -> Result<Vec<usize>> {
         let order = self.order();
         self.check_stages(&order)?;
-        self.no_iteration_pending()?;
+        self.close_idle_session()?;
         if let Some((input, output)) = lengths {
             let expected = self.total_output_len(input);
             if output != expected {

@@ -60,6 +60,7 @@ impl<T: Element> GpuRun<'_, T> {
             stages: self.stages,
             order: self.order,
             capacity: self.capacity,
+            base: 0,
         };
         let result = {
             let mut spans = |s: ChunkSpan| {
@@ -348,6 +349,10 @@ impl<T: Element> PipelineStageManager<T> {
     /// names chunk k. A sink that fails (or panics) stops the run: chunks
     /// in flight drain and are not delivered. A failing or panicking stage
     /// stops the run the same way; the error names the stage and chunk.
+    ///
+    /// With `trace` on, the timeline keeps a few spans per chunk for the
+    /// whole run: its memory grows with the stream's length (use it for
+    /// bounded streams; `timing` alone holds only the ring's events).
     pub fn run_stream<S: Source<T>, K: Sink<T>>(
         &mut self,
         source: S,

@@ -77,7 +77,9 @@ impl<T, E: Into<BoxError>, F: FnMut(&mut [T]) -> Result<usize, E>> Source<T> for
 
 /// A source from an iterator (or a channel's receiver) of slices or `Vec`s.
 /// Consecutive items are packed into full chunks; an item longer than a
-/// chunk is split; empty items are skipped.
+/// chunk is split; empty items are skipped. A chunk is sent when it is
+/// full or the iterator ends: from a channel, items wait until a chunk's
+/// worth has arrived (send chunk-sized items for low latency).
 pub struct IterSource<I, C> {
     iter: I,
     current: Option<C>,

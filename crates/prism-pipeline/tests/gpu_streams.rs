@@ -379,3 +379,62 @@ fn gpu_long_timed_runs_hold_events_for_the_chunks_in_flight_only() {
     assert!(pooled < 200, "{pooled} events pooled after {chunks} chunks");
     assert_eq!(p.get_stats().chunks as usize, chunks);
 }
+
+#[test]
+fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
+    let Some(ctx) = gpu_or_skip("gpu_a_failed_iteration_keeps_the_chunks_before_it") else {
+        return;
+    };
+    let chunk = scaled(1 << 18, 1 << 10);
+    let mut p = manager(&ctx, chunk, 3, true);
+    fma_clamp(&mut p);
+    // Fails on its fourth chunk (index 3), after chunks 0..3 were queued.
+    let mut calls = 0;
+    p.add_stage(GpuFn::new(
+        "picky",
+        true,
+        move |l: &mut prism_stream::Launch<'_>,
+              i: &prism_stream::DeviceBuffer<f32>,
+              o: &mut prism_stream::DeviceBuffer<f32>,
+              n| {
+            calls += 1;
+            if calls == 4 {
+                return Err("chunk rejected".into());
+            }
+            Ok(l.clamp(i, o, n, f32::MIN, f32::MAX)?)
+        },
+    ));
+    let steps = 8;
+    let inputs: Vec<Vec<f32>> = (0..steps)
+        .map(|k| random_f32(90 + k as u64, chunk - k * 7))
+        .collect();
+    let mut back = Vec::new();
+    for (k, input) in inputs.iter().enumerate() {
+        match p.execute_iteration(input) {
+            Ok(done) => back.extend(done),
+            Err(err) => {
+                assert_eq!(k, 3);
+                assert!(
+                    matches!(&err, Error::Stage { stage, chunk: 3, .. } if stage == "picky"),
+                    "{err}"
+                );
+                // Chunks 0..3 are not lost: still pending, handed back later.
+                assert!(p.pending_iterations() <= 3);
+            }
+        }
+    }
+    back.extend(p.flush().unwrap());
+    assert_eq!(
+        back.iter().map(|c| c.index).collect::<Vec<_>>(),
+        vec![0, 1, 2, 4, 5, 6, 7],
+        "the failed chunk's index is skipped, the others come back in order"
+    );
+    for c in &back {
+        assert!(
+            same_as_cpu(&inputs[c.index as usize], c.data.as_deref().unwrap_or(&[])),
+            "chunk {} differs",
+            c.index
+        );
+    }
+    assert_eq!(p.pending_iterations(), 0);
+}

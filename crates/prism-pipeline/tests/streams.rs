@@ -378,3 +378,123 @@ fn execute_iteration_on_the_host_returns_each_chunk_at_once() {
         vec![2.0, 4.0]
     );
 }
+
+#[test]
+fn an_idle_iteration_session_ends_quietly_and_indices_restart() {
+    let mut p = host(8, 3);
+    doubling(&mut p);
+    let out = p.execute_iteration(&[1.0, 2.0]).unwrap();
+    assert_eq!(out[0].index, 0);
+    // A new configuration or a whole run ends the idle session (nothing is
+    // pending on the host); the next session counts from 0 again.
+    p.set_config(PipelineConfig {
+        chunk_bytes: 16 * 4,
+        slots: 4,
+        ..PipelineConfig::default()
+    })
+    .unwrap();
+    assert_eq!(p.execute_iteration(&[3.0; 16]).unwrap()[0].index, 0);
+    assert_eq!(p.execute_iteration(&[3.0; 5]).unwrap()[0].index, 1);
+    let mut out = vec![0.0; 40];
+    p.run(&[1.5; 40], &mut out).unwrap();
+    assert!(out.iter().all(|v| *v == 3.0));
+    let again = p.execute_iteration(&[4.0]).unwrap();
+    assert_eq!(again[0].index, 0);
+    assert_eq!(again[0].data.as_deref(), Some(&[8.0][..]));
+    assert!(p.flush().unwrap().is_empty());
+    assert_eq!(p.pending_iterations(), 0);
+}
+
+#[test]
+fn a_failed_iteration_loses_only_its_own_chunk() {
+    let mut p = host(8, 3);
+    doubling(&mut p);
+    p.add_stage(HostFn::new("picky", true, |i: &[f32], o: &mut [f32]| {
+        if i.iter().any(|v| v.is_nan()) {
+            return Err("NaN in the input".into());
+        }
+        o.copy_from_slice(i);
+        Ok(())
+    }));
+    let a = p.execute_iteration(&[1.0, 2.0]).unwrap();
+    assert_eq!(a[0].index, 0);
+    let err = p.execute_iteration(&[1.0, f32::NAN]).unwrap_err();
+    assert!(
+        matches!(&err, Error::Stage { stage, chunk: 1, .. } if stage == "picky"),
+        "{err}"
+    );
+    // The failed chunk's index is not reused; the session goes on.
+    let c = p.execute_iteration(&[5.0]).unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].index, 2);
+    assert_eq!(c[0].data.as_deref(), Some(&[10.0][..]));
+    assert!(p.flush().unwrap().is_empty());
+}
+
+/// Drops chunks shorter than 4 elements (output length 0).
+struct DropShort;
+
+impl Stage<f32> for DropShort {
+    fn name(&self) -> &str {
+        "drop-short"
+    }
+    fn output_len(&self, n: usize) -> usize {
+        if n < 4 {
+            0
+        } else {
+            n
+        }
+    }
+    fn elementwise(&self) -> bool {
+        false
+    }
+    fn has_gpu(&self) -> bool {
+        false
+    }
+    fn has_host(&self) -> bool {
+        true
+    }
+    fn host(&mut self, i: &[f32], o: &mut [f32]) -> Result<(), prism_pipeline::StageError> {
+        o.copy_from_slice(&i[..o.len()]);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_chunk_that_a_stage_empties_comes_back_empty_and_later_stages_skip_it() {
+    let mut p = host(8, 3);
+    p.add_stage(DropShort);
+    // Stages are Send: the later stage reports the lengths it saw.
+    let (tx, rx) = std::sync::mpsc::channel::<usize>();
+    p.add_stage(HostFn::new(
+        "after",
+        true,
+        move |i: &[f32], o: &mut [f32]| {
+            tx.send(i.len()).unwrap();
+            o.copy_from_slice(i);
+            Ok(())
+        },
+    ));
+    let out = p.execute_iteration(&[1.0, 2.0]).unwrap();
+    assert_eq!(out[0].data.as_deref(), Some(&[][..]));
+    let out = p.execute_iteration(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+    assert_eq!(out[0].data.as_deref(), Some(&[1.0, 2.0, 3.0, 4.0, 5.0][..]));
+    let input: Vec<f32> = (0..19).map(|i| i as f32).collect();
+    let mut seen = Vec::new();
+    let counts = p
+        .run_stream(
+            from_iter([&input[..]]),
+            sink_fn(|k, out: &[f32]| {
+                seen.push((k, out.len()));
+                Ok::<_, BoxError>(())
+            }),
+        )
+        .unwrap();
+    assert_eq!(counts.chunks, 3);
+    assert_eq!(seen, vec![(0, 8), (1, 8), (2, 0)]);
+    assert_eq!(
+        rx.try_iter().collect::<Vec<_>>(),
+        vec![5, 8, 8],
+        "the later stage ran on an empty chunk"
+    );
+}

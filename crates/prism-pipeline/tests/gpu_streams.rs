@@ -438,3 +438,136 @@ fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
     }
     assert_eq!(p.pending_iterations(), 0);
 }
+
+/// Drops chunks shorter than 1000 elements (output length 0); passes the
+/// others through.
+struct DropShort;
+
+impl prism_pipeline::Stage<f32> for DropShort {
+    fn name(&self) -> &str {
+        "drop-short"
+    }
+    fn output_len(&self, n: usize) -> usize {
+        if n < 1000 {
+            0
+        } else {
+            n
+        }
+    }
+    fn elementwise(&self) -> bool {
+        false
+    }
+    fn has_gpu(&self) -> bool {
+        true
+    }
+    fn gpu(
+        &mut self,
+        l: &mut prism_stream::Launch<'_>,
+        i: &prism_stream::DeviceBuffer<f32>,
+        o: &mut prism_stream::DeviceBuffer<f32>,
+        n: usize,
+    ) -> Result<(), prism_pipeline::StageError> {
+        if n < 1000 {
+            return Ok(());
+        }
+        Ok(l.clamp(i, o, n, f32::MIN, f32::MAX)?)
+    }
+}
+
+#[test]
+fn gpu_chunks_a_stage_empties_come_back_empty() {
+    let Some(ctx) = gpu_or_skip("gpu_chunks_a_stage_empties_come_back_empty") else {
+        return;
+    };
+    let chunk = 1 << 12;
+    let mut p = manager(&ctx, chunk, 3, true);
+    p.add_stage(DropShort);
+    fma_clamp(&mut p);
+    let lens = [chunk, 10, 999, 1000, 1, chunk, 500, 2000];
+    let inputs: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| random_f32(120 + k as u64, n))
+        .collect();
+    let want = |k: usize| -> Vec<f32> {
+        if lens[k] < 1000 {
+            Vec::new()
+        } else {
+            inputs[k].iter().map(|x| cpu(*x)).collect()
+        }
+    };
+    // A stream whose source gives these lengths.
+    let mut next = 0;
+    let mut seen = Vec::new();
+    let counts = p
+        .run_stream(
+            fill_with(|dst: &mut [f32]| {
+                let Some(input) = inputs.get(next) else {
+                    return Ok::<_, BoxError>(0);
+                };
+                next += 1;
+                dst[..input.len()].copy_from_slice(input);
+                Ok(input.len())
+            }),
+            sink_fn(|k, out: &[f32]| {
+                seen.push((k, out.to_vec()));
+                Ok::<_, BoxError>(())
+            }),
+        )
+        .unwrap();
+    // fill_with ends at the first 0, so every chunk here is non-empty.
+    assert_eq!(counts.chunks as usize, lens.len());
+    assert_eq!(seen.len(), lens.len(), "every chunk reaches the sink");
+    for (k, out) in &seen {
+        let w = want(*k as usize);
+        assert!(
+            out.len() == w.len() && out.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "stream chunk {k}: {} elements back, {} wanted",
+            out.len(),
+            w.len()
+        );
+    }
+    // execute_iteration, pageable.
+    let mut back = Vec::new();
+    for input in &inputs {
+        back.extend(p.execute_iteration(input).unwrap());
+    }
+    back.extend(p.flush().unwrap());
+    assert_eq!(back.len(), lens.len());
+    for c in &back {
+        let w = want(c.index as usize);
+        let got = c.data.as_deref().unwrap_or(&[1.0]);
+        assert!(
+            got.len() == w.len() && got.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "iteration chunk {} differs",
+            c.index
+        );
+    }
+    // execute_iteration_pinned: an emptied chunk leaves its output range alone.
+    let n: usize = lens.iter().sum();
+    let all: Vec<f32> = inputs.concat();
+    let src = PinnedBuffer::from_slice(ctx.gpu(), &all, HostAllocFlags::DEFAULT).unwrap();
+    let mut dst =
+        PinnedBuffer::from_slice(ctx.gpu(), &vec![f32::NAN; n], HostAllocFlags::DEFAULT).unwrap();
+    let mut at = 0;
+    for &len in &lens {
+        p.execute_iteration_pinned(&src, at..at + len, &mut dst, at)
+            .unwrap();
+        at += len;
+    }
+    p.flush().unwrap();
+    let got = dst.as_slice().unwrap();
+    let mut at = 0;
+    for (k, &len) in lens.iter().enumerate() {
+        let part = &got[at..at + len];
+        if len < 1000 {
+            assert!(
+                part.iter().all(|v| v.is_nan()),
+                "pinned chunk {k} was written"
+            );
+        } else {
+            assert!(same_as_cpu(&inputs[k], part), "pinned chunk {k} differs");
+        }
+        at += len;
+    }
+}

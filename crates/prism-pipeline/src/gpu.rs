@@ -4,7 +4,6 @@
 //! as the engine's [`ChunkProcessor`]. The I/O modes are in `io.rs`.
 
 use std::borrow::Cow;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use prism_buffer::engine::{ChunkSpan, ComputeSpans, COMPUTE_LANE, DOWNLOAD_LANE, UPLOAD_LANE};
 use prism_buffer::ring::{ChunkId, Step};
@@ -12,6 +11,7 @@ use prism_buffer::{ChunkProcessor, Engine, EngineConfig};
 use prism_stream::{DeviceBuffer, Element, Gpu, Launch, PinnedBuffer};
 
 use crate::error::{Error, Result};
+use crate::guard;
 use crate::stage::Stage;
 use crate::stats::{Lane as SpanLane, PipelineStats, Span, Timeline};
 
@@ -32,17 +32,6 @@ pub(crate) fn new_engine<T: Element>(
             compute_lanes: 2,
         },
     )?)
-}
-
-/// The message of a caught panic.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(a panic with a non-string payload)".to_owned()
-    }
 }
 
 /// The stages in `order`, run over one chunk (the engine's processor).
@@ -73,17 +62,9 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
                 // A stage made no output: nothing is left to process.
                 break;
             }
-            let stage = &mut self.stages[i];
-            let out_len = match catch_unwind(AssertUnwindSafe(|| stage.output_len(len))) {
-                Ok(n) => n,
-                Err(payload) => {
-                    return Err(Error::StagePanicked {
-                        stage: stage.name().to_owned(),
-                        chunk: self.base + chunk.0,
-                        message: panic_message(&*payload),
-                    })
-                }
-            };
+            let stage = &mut *self.stages[i];
+            let index = self.base + chunk.0;
+            let out_len = guard::output_len(stage, len, index)?;
             if out_len > self.capacity {
                 return Err(Error::Config(
                     "a stage produced more elements than the pipeline planned for",
@@ -103,24 +84,7 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
             } else {
                 None
             };
-            let ran = catch_unwind(AssertUnwindSafe(|| stage.gpu(launch, input, output, len)));
-            match ran {
-                Ok(Ok(())) => {}
-                Ok(Err(source)) => {
-                    return Err(Error::Stage {
-                        stage: stage.name().to_owned(),
-                        chunk: self.base + chunk.0,
-                        source,
-                    })
-                }
-                Err(payload) => {
-                    return Err(Error::StagePanicked {
-                        stage: stage.name().to_owned(),
-                        chunk: self.base + chunk.0,
-                        message: panic_message(&*payload),
-                    })
-                }
-            }
+            guard::run_stage(stage, index, |s| s.gpu(launch, input, output, len))?;
             if let Some(start) = start {
                 let end = launch.timed_fence()?;
                 spans.record(Cow::Owned(stage.name().to_owned()), start, end);

@@ -6,14 +6,13 @@
 //! between the two threads and are reused, so memory stays bounded by the
 //! ring whatever the input's length.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::time::Instant;
 
 use prism_stream::Element;
 
 use crate::error::{Error, Result};
-use crate::gpu::panic_message;
+use crate::guard;
 use crate::stage::Stage;
 use crate::stats::PipelineStats;
 
@@ -168,18 +167,8 @@ fn feed_and_deliver<T: Element>(
                     stats.add_stage_time(name, ms);
                     stats.compute_busy_ms += ms;
                 }
-                match catch_unwind(AssertUnwindSafe(|| sink(index, &out))) {
-                    Ok(Ok(())) => {
-                        stats.bytes_out += std::mem::size_of_val(out.as_slice()) as u64;
-                    }
-                    Ok(Err(e)) => return Err(e),
-                    Err(payload) => {
-                        return Err(Error::SinkPanicked {
-                            chunk: index,
-                            message: panic_message(&*payload),
-                        })
-                    }
-                }
+                guard::catch_sink(index, || sink(index, &out))?;
+                stats.bytes_out += std::mem::size_of_val(out.as_slice()) as u64;
                 delivered += 1;
                 inputs.push(input);
                 outputs.push(out);
@@ -221,43 +210,15 @@ fn run_stages<T: Element>(
             // A stage made no output: nothing is left to process (as on the GPU).
             break;
         }
-        let stage = &mut stages[i];
+        let stage = &mut *stages[i];
         let mut next = spare.pop().unwrap_or_default();
-        let out_len = match catch_unwind(AssertUnwindSafe(|| stage.output_len(cur.len()))) {
-            Ok(n) => n,
-            Err(payload) => {
-                return Err(Error::StagePanicked {
-                    stage: stage.name().to_owned(),
-                    chunk: index,
-                    message: panic_message(&*payload),
-                })
-            }
-        };
+        let out_len = guard::output_len(stage, cur.len(), index)?;
         next.clear();
-        // Sized with a copy of an input element; the stage overwrites every one.
-        match cur.first() {
-            Some(&v) => next.resize(out_len, v),
-            None if out_len == 0 => {}
-            None => return Err(Error::Config("a stage claims output from an empty chunk")),
-        }
+        // Sized with a copy of an input element (the chunk is not empty);
+        // the stage overwrites every one.
+        next.resize(out_len, cur[0]);
         let t = Instant::now();
-        match catch_unwind(AssertUnwindSafe(|| stage.host(cur, &mut next))) {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => {
-                return Err(Error::Stage {
-                    stage: stage.name().to_owned(),
-                    chunk: index,
-                    source,
-                })
-            }
-            Err(payload) => {
-                return Err(Error::StagePanicked {
-                    stage: stage.name().to_owned(),
-                    chunk: index,
-                    message: panic_message(&*payload),
-                })
-            }
-        }
+        guard::run_stage(stage, index, |s| s.host(cur, &mut next))?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         spare.push(std::mem::replace(cur, next));
     }

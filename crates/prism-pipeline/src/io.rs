@@ -3,7 +3,6 @@
 //! and the steps of `execute_iteration`.
 
 use std::collections::VecDeque;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use prism_buffer::engine::Recorded;
 use prism_buffer::ring::ChunkId;
@@ -12,7 +11,8 @@ use prism_stream::{DeviceBuffer, Element, Gpu, Lane, Launch, PinnedBuffer};
 
 use crate::copy::{par_copy, par_copy_one, CopyPool};
 use crate::error::{Error, Result};
-use crate::gpu::{panic_message, StagingCache};
+use crate::gpu::StagingCache;
+use crate::guard;
 use crate::source::{Sink, Source};
 
 /// A slot's pinned staging: input (the host writes it, the GPU reads it)
@@ -478,32 +478,10 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for StreamIo<'_, T, S, K> 
             return Ok(None);
         }
         let dst = &mut slot.input.as_mut_slice()?[..self.chunk];
-        let source = &mut self.source;
-        let chunk_len = self.chunk;
-        let len = match catch_unwind(AssertUnwindSafe(|| source.fill(dst))) {
-            Ok(Ok(n)) if n <= chunk_len => n,
-            Ok(Ok(n)) => {
-                self.failed = Some(Error::Source {
-                    chunk: chunk.0,
-                    source: format!(
-                        "fill reported {n} elements written into a chunk of {chunk_len}"
-                    )
-                    .into(),
-                });
-                return Ok(None);
-            }
-            Ok(Err(source)) => {
-                self.failed = Some(Error::Source {
-                    chunk: chunk.0,
-                    source,
-                });
-                return Ok(None);
-            }
-            Err(payload) => {
-                self.failed = Some(Error::SourcePanicked {
-                    chunk: chunk.0,
-                    message: panic_message(&*payload),
-                });
+        let len = match guard::fill(&mut self.source, dst, chunk.0) {
+            Ok(n) => n,
+            Err(e) => {
+                self.failed = Some(e);
                 return Ok(None);
             }
         };
@@ -526,19 +504,7 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for StreamIo<'_, T, S, K> 
     }
 
     fn retire(&mut self, slot: &mut Staged<T>, chunk: ChunkId, len: usize) -> Result<()> {
-        let data = &slot.output.as_slice()?[..len];
-        let sink = &mut self.sink;
-        match catch_unwind(AssertUnwindSafe(|| sink.accept(chunk.0, data))) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(Error::Sink {
-                chunk: chunk.0,
-                source,
-            }),
-            Err(payload) => Err(Error::SinkPanicked {
-                chunk: chunk.0,
-                message: panic_message(&*payload),
-            }),
-        }
+        guard::accept(&mut self.sink, chunk.0, &slot.output.as_slice()?[..len])
     }
 }
 

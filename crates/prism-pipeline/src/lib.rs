@@ -32,6 +32,7 @@
 mod copy;
 mod error;
 mod gpu;
+mod guard;
 mod host;
 mod io;
 mod iterate;

@@ -2,7 +2,6 @@
 //! of the ring engine on the GPU (`io.rs`) or pulled through the host
 //! backend.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
 use prism_buffer::engine::{ChunkSpan, IoSlots, RunCounts};
@@ -10,7 +9,8 @@ use prism_buffer::{ChunkIo, Engine};
 use prism_stream::{zeroed_vec, Element, PinnedBuffer};
 
 use crate::error::{Error, Result};
-use crate::gpu::{panic_message, record_span, StageChain};
+use crate::gpu::{record_span, StageChain};
+use crate::guard;
 use crate::host::{AsyncPipelineCoordinator, Pull};
 use crate::io::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo, StreamIo};
 use crate::source::{Sink, Source};
@@ -408,31 +408,7 @@ impl<T: Element> PipelineStageManager<T> {
                     &order,
                     &mut |buf, index| {
                         buf.resize(chunk, zero);
-                        let filled = catch_unwind(AssertUnwindSafe(|| source.fill(buf)));
-                        let n = match filled {
-                            Ok(Ok(n)) if n <= chunk => n,
-                            Ok(Ok(n)) => {
-                                return Err(Error::Source {
-                                    chunk: index,
-                                    source: format!(
-                                    "fill reported {n} elements written into a chunk of {chunk}"
-                                )
-                                    .into(),
-                                })
-                            }
-                            Ok(Err(source)) => {
-                                return Err(Error::Source {
-                                    chunk: index,
-                                    source,
-                                })
-                            }
-                            Err(payload) => {
-                                return Err(Error::SourcePanicked {
-                                    chunk: index,
-                                    message: panic_message(&*payload),
-                                })
-                            }
-                        };
+                        let n = guard::fill(&mut source, buf, index)?;
                         if n == 0 {
                             return Ok(Pull::End);
                         }
@@ -442,10 +418,7 @@ impl<T: Element> PipelineStageManager<T> {
                     },
                     &mut |index, out| {
                         elements_out += out.len() as u64;
-                        sink.accept(index, out).map_err(|source| Error::Sink {
-                            chunk: index,
-                            source,
-                        })
+                        guard::accept(&mut sink, index, out)
                     },
                     &mut self.stats,
                 )?;

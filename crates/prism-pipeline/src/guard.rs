@@ -1,0 +1,97 @@
+//! User code (stages, sources, sinks) called under `catch_unwind`: its
+//! error or panic becomes a typed error that names the chunk, on both
+//! backends, so one bad callback never unwinds through a ring with chunks
+//! in flight.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use prism_stream::Element;
+
+use crate::error::{Error, Result, StageError};
+use crate::source::{Sink, Source};
+use crate::stage::Stage;
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(a panic with a non-string payload)".to_owned()
+    }
+}
+
+/// `stage.output_len(len)`; a panic is `StagePanicked`.
+pub(crate) fn output_len<T: Element>(
+    stage: &dyn Stage<T>,
+    len: usize,
+    chunk: u64,
+) -> Result<usize> {
+    catch_unwind(AssertUnwindSafe(|| stage.output_len(len))).map_err(|payload| {
+        Error::StagePanicked {
+            stage: stage.name().to_owned(),
+            chunk,
+            message: panic_message(&*payload),
+        }
+    })
+}
+
+/// Runs `work` on `stage` (its `gpu` or `host` form): an error is
+/// `Error::Stage`, a panic `StagePanicked`, both naming the stage and chunk.
+pub(crate) fn run_stage<T: Element>(
+    stage: &mut dyn Stage<T>,
+    chunk: u64,
+    work: impl FnOnce(&mut dyn Stage<T>) -> std::result::Result<(), StageError>,
+) -> Result<()> {
+    match catch_unwind(AssertUnwindSafe(|| work(&mut *stage))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(Error::Stage {
+            stage: stage.name().to_owned(),
+            chunk,
+            source,
+        }),
+        Err(payload) => Err(Error::StagePanicked {
+            stage: stage.name().to_owned(),
+            chunk,
+            message: panic_message(&*payload),
+        }),
+    }
+}
+
+/// `source.fill(dst)` for chunk `chunk`: a failure is `Error::Source`, a
+/// panic `SourcePanicked`, and a count past `dst` a source error too.
+pub(crate) fn fill<T, S: Source<T>>(source: &mut S, dst: &mut [T], chunk: u64) -> Result<usize> {
+    let room = dst.len();
+    match catch_unwind(AssertUnwindSafe(|| source.fill(dst))) {
+        Ok(Ok(n)) if n <= room => Ok(n),
+        Ok(Ok(n)) => Err(Error::Source {
+            chunk,
+            source: format!("fill reported {n} elements written into a chunk of {room}").into(),
+        }),
+        Ok(Err(source)) => Err(Error::Source { chunk, source }),
+        Err(payload) => Err(Error::SourcePanicked {
+            chunk,
+            message: panic_message(&*payload),
+        }),
+    }
+}
+
+/// Calls a sink for `chunk`; a panic is `SinkPanicked`.
+pub(crate) fn catch_sink(chunk: u64, deliver: impl FnOnce() -> Result<()>) -> Result<()> {
+    catch_unwind(AssertUnwindSafe(deliver)).unwrap_or_else(|payload| {
+        Err(Error::SinkPanicked {
+            chunk,
+            message: panic_message(&*payload),
+        })
+    })
+}
+
+/// `sink.accept(chunk, data)`: a failure is `Error::Sink`, a panic
+/// `SinkPanicked`.
+pub(crate) fn accept<T, K: Sink<T>>(sink: &mut K, chunk: u64, data: &[T]) -> Result<()> {
+    catch_sink(chunk, || {
+        sink.accept(chunk, data)
+            .map_err(|source| Error::Sink { chunk, source })
+    })
+}

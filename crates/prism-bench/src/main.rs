@@ -640,18 +640,7 @@ fn bench_steps(gpu: &Gpu, quick: bool) -> Result<Vec<StepResult>, BoxError> {
             n * steps,
             HostAllocFlags::DEFAULT,
         )?);
-        let config = PipelineConfig {
-            chunk_bytes: 64 * 1024,
-            slots: 3,
-            timing: false,
-            ..PipelineConfig::default()
-        };
-        let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
-        p.add_stage(Fma {
-            a: A,
-            b: B,
-            iters: 1,
-        });
+        let mut p = fma_pipeline(gpu, 64 * 1024, 3, false, 1)?;
         let host_in: Vec<f32> = data.inputs[0].as_slice()?.to_vec();
         let prism = |p: &mut PipelineStageManager<f32>| -> Result<f64, BoxError> {
             let t = Instant::now();
@@ -762,19 +751,8 @@ fn bench_pageable(gpu: &Gpu, mib: usize, reps: usize) -> Result<PageableResult, 
     let mut input = vec![0f32; n];
     fill_random(&mut input, 0x54 + mib as u64);
     let mut output = vec![f32::NAN; n];
-    let config = PipelineConfig {
-        chunk_bytes: chunk * 4,
-        slots: 3,
-        timing: false,
-        ..PipelineConfig::default()
-    };
-    let threads = config.host_threads;
-    let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
-    p.add_stage(Fma {
-        a: A,
-        b: B,
-        iters: 1,
-    });
+    let mut p = fma_pipeline(gpu, chunk * 4, 3, false, 1)?;
+    let threads = p.config().host_threads;
     let mut times = Vec::new();
     for rep in 0..=reps {
         let t = Instant::now();
@@ -882,6 +860,26 @@ fn print_pageable(rows: &[PageableResult]) {
     }
 }
 
+/// prism on the GPU with one fma stage (`iters` steps), as every workload
+/// runs it.
+fn fma_pipeline(
+    gpu: &Gpu,
+    chunk_bytes: usize,
+    slots: usize,
+    timing: bool,
+    iters: u32,
+) -> Result<PipelineStageManager<f32>, BoxError> {
+    let config = PipelineConfig {
+        chunk_bytes,
+        slots,
+        timing,
+        ..PipelineConfig::default()
+    };
+    let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
+    p.add_stage(Fma { a: A, b: B, iters });
+    Ok(p)
+}
+
 /// The generated input of S6: element `i` of the stream.
 fn generated(i: u64) -> f32 {
     ((pattern(0x56, i) >> 8) as f32) * (2.0 / (1u32 << 24) as f32) - 1.0
@@ -938,18 +936,7 @@ fn bench_stream(gpu: &Gpu, quick: bool) -> Result<StreamResult, BoxError> {
     let chunk = 16usize << 20; // elements: 64 MiB
     let total_chunks: u64 = if quick { 64 } else { 1024 };
     let total = total_chunks * chunk as u64;
-    let config = PipelineConfig {
-        chunk_bytes: chunk * 4,
-        slots: 3,
-        timing: false,
-        ..PipelineConfig::default()
-    };
-    let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
-    p.add_stage(Fma {
-        a: A,
-        b: B,
-        iters: 1,
-    });
+    let mut p = fma_pipeline(gpu, chunk * 4, 3, false, 1)?;
     let mut next = 0u64;
     let mut checked = 0u64;
     let mut wrong = 0u64;
@@ -1129,18 +1116,13 @@ fn bench_workload(
         "prism-bench:   t_bidir {t_bidir:.2} ms, t_kernel {t_kernel:.2} ms, bound {bound:.2} ms"
     );
 
-    let config = PipelineConfig {
-        chunk_bytes: w.prism_chunk_bytes,
-        slots: w.prism_slots,
-        timing: prism_timing,
-        ..PipelineConfig::default()
-    };
-    let mut pipeline = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
-    pipeline.add_stage(Fma {
-        a: A,
-        b: B,
-        iters: w.iters,
-    });
+    let mut pipeline = fma_pipeline(
+        gpu,
+        w.prism_chunk_bytes,
+        w.prism_slots,
+        prism_timing,
+        w.iters,
+    )?;
     let mut cases = Vec::new();
     let mut cxx_ms = None;
     for name in IMPLS {

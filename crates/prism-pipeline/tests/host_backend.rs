@@ -12,32 +12,15 @@ use prism_pipeline::{
 };
 use prism_stream::testing::random_f32;
 
-fn host(chunk_elems: usize, slots: usize) -> PipelineStageManager<f32> {
-    let config = PipelineConfig {
-        chunk_bytes: chunk_elems * 4,
-        slots,
-        ..PipelineConfig::default()
-    };
-    PipelineStageManager::new(Backend::Host, config).unwrap()
-}
+mod common;
+use common::{host, reference_chunk, same_bits, stage_from, BoxedStage};
 
 /// Sequential reference: chunk the input, run each stage over each chunk in turn.
 fn reference(input: &[f32], chunk: usize, stages: &mut [Box<dyn Stage<f32>>]) -> Vec<f32> {
-    let mut out = Vec::new();
-    for c in input.chunks(chunk) {
-        let mut cur = c.to_vec();
-        for s in stages.iter_mut() {
-            let mut next = vec![0.0; s.output_len(cur.len())];
-            s.host(&cur, &mut next).unwrap();
-            cur = next;
-        }
-        out.extend(cur);
-    }
-    out
-}
-
-fn same_bits(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    input
+        .chunks(chunk)
+        .flat_map(|c| reference_chunk(stages, c))
+        .collect()
 }
 
 #[test]
@@ -242,23 +225,6 @@ fn items_come_back_into_their_own_outputs() {
     }
 }
 
-fn stage_from(code: u8, a: f32) -> Box<dyn Stage<f32>> {
-    match code % 3 {
-        0 => Box::new(Fma {
-            a,
-            b: 0.25,
-            iters: (code as u32 % 4) + 1,
-        }),
-        1 => Box::new(Clamp {
-            lo: -a.abs(),
-            hi: a.abs(),
-        }),
-        _ => Box::new(GroupSum {
-            group: (code as u32 % 5) + 1,
-        }),
-    }
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
     #[test]
@@ -279,29 +245,5 @@ proptest! {
         let mut reference_stages: Vec<Box<dyn Stage<f32>>> = codes.iter().map(|&(c, a)| stage_from(c, a)).collect();
         let want = reference(&input, chunk, &mut reference_stages);
         prop_assert!(same_bits(&out, &want), "n={} chunk={} slots={} stages={:?}", n, chunk, slots, codes);
-    }
-}
-
-/// Adapts a boxed stage to `add_stage`.
-struct BoxedStage(Box<dyn Stage<f32>>);
-
-impl Stage<f32> for BoxedStage {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn output_len(&self, n: usize) -> usize {
-        self.0.output_len(n)
-    }
-    fn elementwise(&self) -> bool {
-        self.0.elementwise()
-    }
-    fn has_gpu(&self) -> bool {
-        self.0.has_gpu()
-    }
-    fn has_host(&self) -> bool {
-        self.0.has_host()
-    }
-    fn host(&mut self, i: &[f32], o: &mut [f32]) -> Result<(), prism_pipeline::StageError> {
-        self.0.host(i, o)
     }
 }

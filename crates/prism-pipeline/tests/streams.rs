@@ -9,36 +9,13 @@ use std::rc::Rc;
 use proptest::prelude::*;
 
 use prism_pipeline::{
-    fill_with, from_iter, from_read, sink_fn, to_write, Backend, BoxError, Clamp, Error, Fma,
-    GroupSum, HostFn, PipelineConfig, PipelineStageManager, Stage,
+    fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Error, Fma, HostFn,
+    PipelineConfig, PipelineStageManager, Stage,
 };
 use prism_stream::testing::random_f32;
 
-fn host(chunk_elems: usize, slots: usize) -> PipelineStageManager<f32> {
-    let config = PipelineConfig {
-        chunk_bytes: chunk_elems * 4,
-        slots,
-        ..PipelineConfig::default()
-    };
-    PipelineStageManager::new(Backend::Host, config).unwrap()
-}
-
-fn stage_from(code: u8, a: f32) -> Box<dyn Stage<f32>> {
-    match code % 3 {
-        0 => Box::new(Fma {
-            a,
-            b: 0.25,
-            iters: (code as u32 % 4) + 1,
-        }),
-        1 => Box::new(Clamp {
-            lo: -a.abs(),
-            hi: a.abs(),
-        }),
-        _ => Box::new(GroupSum {
-            group: (code as u32 % 5) + 1,
-        }),
-    }
-}
+mod common;
+use common::{host, reference_chunk, same_bits, stage_from, BoxedStage};
 
 /// The stages over each chunk, one after another.
 fn reference(chunks: &[Vec<f32>], codes: &[(u8, f32)]) -> Vec<Vec<f32>> {
@@ -46,20 +23,8 @@ fn reference(chunks: &[Vec<f32>], codes: &[(u8, f32)]) -> Vec<Vec<f32>> {
         codes.iter().map(|&(c, a)| stage_from(c, a)).collect();
     chunks
         .iter()
-        .map(|c| {
-            let mut cur = c.clone();
-            for s in stages.iter_mut() {
-                let mut next = vec![0.0; s.output_len(cur.len())];
-                s.host(&cur, &mut next).unwrap();
-                cur = next;
-            }
-            cur
-        })
+        .map(|c| reference_chunk(&mut stages, c))
         .collect()
-}
-
-fn same_bits(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 /// Which source a case uses.
@@ -96,7 +61,7 @@ proptest! {
         let want = reference(&chunks, &codes);
         let mut p = host(chunk, slots);
         for &(c, a) in &codes {
-            p.add_stage(Boxed(stage_from(c, a)));
+            p.add_stage(BoxedStage(stage_from(c, a)));
         }
         let mut got: Vec<(u64, Vec<f32>)> = Vec::new();
         let sink = sink_fn(|k, out: &[f32]| {
@@ -127,30 +92,6 @@ proptest! {
             prop_assert_eq!(*index, k as u64, "chunks out of order");
             prop_assert!(same_bits(out, w), "chunk {} differs ({:?}, chunk {}, stages {:?})", k, kind, chunk, codes);
         }
-    }
-}
-
-/// Adapts a boxed stage to `add_stage`.
-struct Boxed(Box<dyn Stage<f32>>);
-
-impl Stage<f32> for Boxed {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn output_len(&self, n: usize) -> usize {
-        self.0.output_len(n)
-    }
-    fn elementwise(&self) -> bool {
-        self.0.elementwise()
-    }
-    fn has_gpu(&self) -> bool {
-        self.0.has_gpu()
-    }
-    fn has_host(&self) -> bool {
-        self.0.has_host()
-    }
-    fn host(&mut self, i: &[f32], o: &mut [f32]) -> Result<(), prism_pipeline::StageError> {
-        self.0.host(i, o)
     }
 }
 

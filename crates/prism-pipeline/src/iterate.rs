@@ -413,7 +413,7 @@ impl<T: Element> PipelineStageManager<T> {
             }
             let bytes_out = std::mem::size_of_val(out.as_slice()) as u64;
             self.stats.bytes_out += bytes_out;
-            self.finish_run(started, 1, 0, std::mem::size_of_val(chunk) as u64, 0);
+            self.finish_run(started, 1, 0, chunk.len() as u64, 0);
             return Ok(out);
         }
         let capacity = self.capacity(&order);
@@ -426,14 +426,7 @@ impl<T: Element> PipelineStageManager<T> {
         let out = output.as_slice()?[..out_len].to_vec();
         cache.give_input(input);
         cache.give_output(output);
-        let elem = std::mem::size_of::<T>() as u64;
-        self.finish_run(
-            started,
-            1,
-            0,
-            chunk.len() as u64 * elem,
-            out_len as u64 * elem,
-        );
+        self.finish_run(started, 1, 0, chunk.len() as u64, out_len as u64);
         Ok(out)
     }
 
@@ -465,8 +458,7 @@ impl<T: Element> PipelineStageManager<T> {
         let len = range.len();
         let (run, _, _) = self.gpu_parts(&order)?;
         let out_len = round_trip(run, &order, input, range, output, to)?;
-        let elem = std::mem::size_of::<T>() as u64;
-        self.finish_run(started, 1, 0, len as u64 * elem, out_len as u64 * elem);
+        self.finish_run(started, 1, 0, len as u64, out_len as u64);
         Ok(out_len)
     }
 }

@@ -379,15 +379,16 @@ impl<T: Element> PipelineStageManager<T> {
         started: std::time::Instant,
         chunks: u64,
         items: u64,
-        bytes_in: u64,
-        bytes_out: u64,
+        elems_in: u64,
+        elems_out: u64,
     ) {
+        let elem = std::mem::size_of::<T>() as u64;
         self.stats.runs += 1;
         self.stats.chunks += chunks;
         self.stats.items += items;
-        self.stats.bytes_in += bytes_in;
+        self.stats.bytes_in += elems_in * elem;
         if self.backend == BackendKind::Gpu {
-            self.stats.bytes_out += bytes_out;
+            self.stats.bytes_out += elems_out * elem;
         }
         self.stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
         self.stats.timed = self.config.timing || self.backend == BackendKind::Host;

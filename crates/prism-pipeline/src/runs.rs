@@ -116,7 +116,6 @@ impl<T: Element> PipelineStageManager<T> {
         let _span = tracing::debug_span!("prism.pipeline.run", n = input.len()).entered();
         let order = self.begin_run(Some((input.len(), output.len())), false)?;
         let started = Instant::now();
-        let elem = std::mem::size_of::<T>() as u64;
         if input.is_empty() {
             self.finish_run(started, 0, 0, 0, 0);
             return Ok(());
@@ -141,13 +140,7 @@ impl<T: Element> PipelineStageManager<T> {
                     s.recycle(io.cache);
                 }
                 let counts = r?;
-                self.finish_run(
-                    started,
-                    counts.chunks,
-                    0,
-                    counts.elems_in * elem,
-                    counts.elems_out * elem,
-                );
+                self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
             }
             BackendKind::Host => {
                 let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
@@ -164,7 +157,7 @@ impl<T: Element> PipelineStageManager<T> {
                     &mut self.stats,
                 );
                 let chunks = r?;
-                self.finish_run(started, chunks, 0, input.len() as u64 * elem, 0);
+                self.finish_run(started, chunks, 0, input.len() as u64, 0);
             }
         }
         Ok(())
@@ -196,14 +189,7 @@ impl<T: Element> PipelineStageManager<T> {
             next_out: 0,
         };
         let counts = run.drive(&mut io).0?;
-        let elem = std::mem::size_of::<T>() as u64;
-        self.finish_run(
-            started,
-            counts.chunks,
-            0,
-            counts.elems_in * elem,
-            counts.elems_out * elem,
-        );
+        self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
         Ok(())
     }
 
@@ -219,7 +205,6 @@ impl<T: Element> PipelineStageManager<T> {
         let _span = tracing::debug_span!("prism.pipeline.run_items").entered();
         let order = self.begin_run(None, true)?;
         let started = Instant::now();
-        let elem = std::mem::size_of::<T>() as u64;
         let chunk = self.chunk_elems();
         match self.backend {
             BackendKind::Gpu => {
@@ -238,13 +223,7 @@ impl<T: Element> PipelineStageManager<T> {
                 }
                 let n = io.next_item as u64;
                 let counts = r?;
-                self.finish_run(
-                    started,
-                    counts.chunks,
-                    n,
-                    counts.elems_in * elem,
-                    counts.elems_out * elem,
-                );
+                self.finish_run(started, counts.chunks, n, counts.elems_in, counts.elems_out);
                 Ok(n)
             }
             BackendKind::Host => {
@@ -252,7 +231,7 @@ impl<T: Element> PipelineStageManager<T> {
                 let mut items = items.into_iter();
                 let outputs: std::cell::RefCell<std::collections::VecDeque<&mut [T]>> =
                     Default::default();
-                let mut bytes_in = 0u64;
+                let mut elems_in = 0u64;
                 let (n, failed) = coordinator.run_pull(
                     &mut self.stages,
                     &order,
@@ -266,7 +245,7 @@ impl<T: Element> PipelineStageManager<T> {
                             }
                             buf.clear();
                             buf.extend_from_slice(input);
-                            bytes_in += input.len() as u64 * elem;
+                            elems_in += input.len() as u64;
                             outputs.borrow_mut().push_back(out);
                             Ok(Pull::Chunk)
                         }
@@ -285,7 +264,7 @@ impl<T: Element> PipelineStageManager<T> {
                 if let Some(e) = failed {
                     return Err(e);
                 }
-                self.finish_run(started, n, n, bytes_in, 0);
+                self.finish_run(started, n, n, elems_in, 0);
                 Ok(n)
             }
         }
@@ -327,14 +306,7 @@ impl<T: Element> PipelineStageManager<T> {
         }
         let n = io.next_item as u64;
         let counts = r?;
-        let elem = std::mem::size_of::<T>() as u64;
-        self.finish_run(
-            started,
-            counts.chunks,
-            n,
-            counts.elems_in * elem,
-            counts.elems_out * elem,
-        );
+        self.finish_run(started, counts.chunks, n, counts.elems_in, counts.elems_out);
         Ok(n)
     }
 
@@ -361,7 +333,6 @@ impl<T: Element> PipelineStageManager<T> {
         let _span = tracing::debug_span!("prism.pipeline.run_stream").entered();
         let order = self.begin_run(None, false)?;
         let started = Instant::now();
-        let elem = std::mem::size_of::<T>() as u64;
         let chunk = self.chunk_elems();
         match self.backend {
             BackendKind::Gpu => {
@@ -382,13 +353,7 @@ impl<T: Element> PipelineStageManager<T> {
                 }
                 let failed = io.failed.take();
                 let counts = r?;
-                self.finish_run(
-                    started,
-                    counts.chunks,
-                    0,
-                    counts.elems_in * elem,
-                    counts.elems_out * elem,
-                );
+                self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
                 if let Some(e) = failed {
                     return Err(e);
                 }
@@ -422,7 +387,7 @@ impl<T: Element> PipelineStageManager<T> {
                     },
                     &mut self.stats,
                 )?;
-                self.finish_run(started, chunks, 0, elements_in * elem, 0);
+                self.finish_run(started, chunks, 0, elements_in, 0);
                 if let Some(e) = failed {
                     return Err(e);
                 }

@@ -49,7 +49,11 @@ fn gpu_pipeline_pageable_run_matches_cpu_and_traces() {
     expect_fma_clamp(&input, &out);
     let stats = p.get_stats().clone();
     println!("{stats}");
-    let chunks = n.div_ceil(chunk) as u64;
+    // Both stages are elementwise: the run ramps its chunk sizes.
+    let chunks = p.chunk_plan(n).count() as u64;
+    if chunk >= 1 << 14 {
+        assert!(chunks > n.div_ceil(chunk) as u64);
+    }
     assert_eq!(stats.chunks, chunks);
     assert!(stats.upload_ms > 0.0 && stats.download_ms > 0.0 && stats.compute_ms() > 0.0);
     assert!(
@@ -301,4 +305,55 @@ fn gpu_pipeline_pinned_items_use_zero_copy_gather_and_scatter() {
         .count() as u64;
     assert_eq!(gathers, s.chunks, "one gather per chunk");
     println!("{s}");
+}
+
+#[test]
+fn gpu_pipeline_registered_vecs_run_repeatedly_and_come_back() {
+    let Some(ctx) = gpu_or_skip("gpu_pipeline_registered_vecs_run_repeatedly_and_come_back") else {
+        return;
+    };
+    let n = scaled(32 << 20, 1 << 16) + 5; // 128 MiB of f32 and a ragged tail
+    let chunk = scaled(8 << 20, 1 << 12);
+    let gpu = ctx.gpu();
+    let mut p = manager(&ctx, chunk, false);
+    p.add_stage(Fma {
+        a: 1.25,
+        b: -0.5,
+        iters: 3,
+    });
+    p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
+    assert!(matches!(
+        PinnedBuffer::<f32>::register(gpu, Vec::new()),
+        Err(prism_stream::Error::ZeroLength { .. })
+    ));
+    let mut input = PinnedBuffer::register(gpu, random_f32(21, n)).unwrap();
+    let mut output = PinnedBuffer::register(gpu, vec![f32::NAN; n]).unwrap();
+    assert!(input.is_registered() && output.is_registered());
+    // Several runs over the same registered vectors, new data each time.
+    for round in 0..3u64 {
+        input
+            .as_mut_slice()
+            .unwrap()
+            .copy_from_slice(&random_f32(22 + round, n));
+        p.run_pinned(&input, &mut output).unwrap();
+        expect_fma_clamp(input.as_slice().unwrap(), output.as_slice().unwrap());
+    }
+    // The vectors come back unregistered, with the last round's data.
+    let last_in = input.into_vec().unwrap();
+    let last_out = output.into_vec().unwrap();
+    expect_fma_clamp(&last_in, &last_out);
+    // Registering the same memory again works once it was released.
+    let again = PinnedBuffer::register(gpu, last_out).unwrap();
+    // An allocated buffer's into_vec copies.
+    let copy = PinnedBuffer::from_slice(gpu, &last_in[..1000], HostAllocFlags::DEFAULT)
+        .unwrap()
+        .into_vec()
+        .unwrap();
+    assert_eq!(copy, last_in[..1000]);
+    // Dropping a registered buffer with a copy in flight waits for it.
+    let mut lane = prism_stream::Lane::new(gpu).unwrap();
+    let mut dev = prism_stream::DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    lane.copy_htod(&again, 0, &mut dev, 0, n).unwrap();
+    drop(again);
+    lane.synchronize().unwrap();
 }

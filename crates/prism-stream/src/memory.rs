@@ -352,8 +352,23 @@ impl HostAllocFlags {
     }
 }
 
+/// Where a pinned buffer's memory came from.
+#[derive(Debug)]
+enum Backing<T> {
+    /// `cuMemHostAlloc`: freed with `cuMemFreeHost`.
+    Allocated,
+    /// A user's vector page-locked in place (`cuMemHostRegister`): kept
+    /// here untouched (its heap memory is what `ptr` points to) until it is
+    /// unregistered and handed back or dropped.
+    Registered(Vec<T>),
+    /// Handed back by `into_vec`: nothing left to release.
+    Released,
+}
+
 /// Page-locked host memory: the only host memory the GPU copies from and to
-/// asynchronously. Not write-combined unless asked for.
+/// asynchronously. Either allocated page-locked ([`new`](Self::new), not
+/// write-combined unless asked for) or a `Vec` page-locked in place
+/// ([`register`](Self::register)).
 #[derive(Debug)]
 pub struct PinnedBuffer<T: Element> {
     gpu: Gpu,
@@ -362,6 +377,7 @@ pub struct PinnedBuffer<T: Element> {
     flags: HostAllocFlags,
     /// The device-side address of the mapping (0 if the driver gave none).
     mapped: sys::CUdeviceptr,
+    backing: Backing<T>,
     pub(crate) uses: UseCell,
 }
 
@@ -393,22 +409,78 @@ impl<T: Element> PinnedBuffer<T> {
         // bits are a valid T (Element's contract: every bit pattern is), so
         // the buffer is initialised before any slice of it is made.
         unsafe { std::ptr::write_bytes(raw.cast::<u8>(), 0, bytes) };
-        let mut mapped: sys::CUdeviceptr = 0;
-        // SAFETY: `raw` was returned by cuMemHostAlloc with DEVICEMAP in this
-        // context; the call only writes the out-parameter.
-        if unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, raw, 0) }
-            != CUresult::CUDA_SUCCESS
-        {
-            mapped = 0;
-        }
         Ok(Self {
             gpu: gpu.clone(),
             ptr,
             len,
             flags,
-            mapped,
+            mapped: mapped_address(raw),
+            backing: Backing::Allocated,
             uses: UseCell::default(),
         })
+    }
+
+    /// Page-locks `data` in place (`cuMemHostRegister`), without a copy: the
+    /// GPU then copies to and from it at the link's speed, with no staging.
+    /// Registering costs host time (about 55 ms per GiB on the H100 host,
+    /// and about a third of that again to unregister, in
+    /// [`into_vec`](Self::into_vec) or on drop), so it pays for buffers used
+    /// in several runs; for one run, pass the slice to `run` instead (it
+    /// stages through a small pinned ring). `data` must not be empty, and
+    /// its memory must not share pages with memory registered already
+    /// (the driver then refuses with `CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED`).
+    pub fn register(gpu: &Gpu, mut data: Vec<T>) -> Result<Self> {
+        let bytes = byte_len::<T>(data.len(), "registered host buffer")?;
+        gpu.bind()?;
+        let ptr = data.as_mut_ptr();
+        // SAFETY: `ptr` and `bytes` describe the vector's initialised heap
+        // memory, owned here. The vector moves into the returned buffer and
+        // is neither touched, resized nor freed until the memory is
+        // unregistered (Drop or into_vec), after every GPU use completed.
+        let r = unsafe {
+            sys::cuMemHostRegister_v2(ptr.cast(), bytes, sys::CU_MEMHOSTREGISTER_DEVICEMAP)
+        };
+        if r != CUresult::CUDA_SUCCESS {
+            return Err(alloc_error(
+                DriverError(r),
+                "page-locked host",
+                bytes,
+                "registered host buffer",
+                "cuMemHostRegister",
+            ));
+        }
+        let len = data.len();
+        Ok(Self {
+            gpu: gpu.clone(),
+            ptr,
+            len,
+            flags: HostAllocFlags::DEFAULT,
+            mapped: mapped_address(ptr.cast()),
+            backing: Backing::Registered(data),
+            uses: UseCell::default(),
+        })
+    }
+
+    /// True for a vector page-locked in place by [`register`](Self::register).
+    pub fn is_registered(&self) -> bool {
+        matches!(self.backing, Backing::Registered(_))
+    }
+
+    /// The contents as a `Vec`, after every queued GPU use completed: a
+    /// registered buffer gives its vector back, unregistered, without a
+    /// copy; an allocated one is copied into a new vector.
+    pub fn into_vec(mut self) -> Result<Vec<T>> {
+        self.wait_idle()?;
+        match std::mem::replace(&mut self.backing, Backing::Released) {
+            Backing::Registered(data) => {
+                unregister(&self.gpu, self.ptr);
+                Ok(data)
+            }
+            other => {
+                self.backing = other;
+                Ok(self.as_slice()?.to_vec())
+            }
+        }
     }
 
     /// Allocates and fills from `data`.
@@ -506,12 +578,57 @@ impl<T: Element> Tracked for PinnedBuffer<T> {
 impl<T: Element> Drop for PinnedBuffer<T> {
     fn drop(&mut self) {
         if !lock(&self.uses).release("pinned buffer") {
+            // The GPU may still use the memory: a registered vector must
+            // not be freed either.
+            if let Backing::Registered(data) =
+                std::mem::replace(&mut self.backing, Backing::Released)
+            {
+                std::mem::forget(data);
+            }
             return;
         }
-        if self.gpu.bind().is_ok() {
-            // SAFETY: allocated by cuMemHostAlloc in this context, every queued
-            // copy using it has completed (waited above), freed only here.
-            let _ = unsafe { result::free_host(self.ptr.cast()) };
+        match &self.backing {
+            Backing::Allocated => {
+                if self.gpu.bind().is_ok() {
+                    // SAFETY: allocated by cuMemHostAlloc in this context, every
+                    // queued copy using it has completed (waited above), freed
+                    // only here.
+                    let _ = unsafe { result::free_host(self.ptr.cast()) };
+                }
+            }
+            // The vector itself is freed after this, as the field drops.
+            Backing::Registered(_) => unregister(&self.gpu, self.ptr),
+            Backing::Released => {}
         }
+    }
+}
+
+/// The device address of page-locked memory mapped with DEVICEMAP (0 if the
+/// driver gives none).
+fn mapped_address(host: *mut std::ffi::c_void) -> sys::CUdeviceptr {
+    let mut mapped: sys::CUdeviceptr = 0;
+    // SAFETY: `host` is page-locked memory of this (current) context mapped
+    // with DEVICEMAP; the call only writes the out-parameter.
+    if unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host, 0) } != CUresult::CUDA_SUCCESS
+    {
+        mapped = 0;
+    }
+    mapped
+}
+
+/// Unregisters memory registered by `PinnedBuffer::register` once no GPU
+/// operation uses it. A failure leaves the pages locked (they stay valid
+/// memory; prism never hands their address to the GPU again).
+fn unregister<T>(gpu: &Gpu, ptr: *mut T) {
+    if gpu.bind().is_err() {
+        tracing::warn!("could not bind the context to unregister host memory");
+        return;
+    }
+    // SAFETY: `ptr` is the start of a range registered in this context by
+    // `PinnedBuffer::register`, unregistered only here, after every queued
+    // use of it completed.
+    let r = unsafe { sys::cuMemHostUnregister(ptr.cast()) };
+    if r != CUresult::CUDA_SUCCESS {
+        tracing::warn!(?r, "cuMemHostUnregister failed; the pages stay locked");
     }
 }

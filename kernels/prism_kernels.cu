@@ -150,6 +150,29 @@ __global__ void scatter_bytes(const unsigned char *src, const uint64_t *desc) {
 
 extern "C" int prism_kernels_available(void) { return 1; }
 
+extern "C" int prism_preload_kernels(void) {
+    // Asking for a kernel's attributes loads its module into the current
+    // context (CUDA loads modules lazily, at the first launch, by default).
+    const void *kernels[] = {
+        reinterpret_cast<const void *>(fma_chain_vec4),
+        reinterpret_cast<const void *>(fma_chain_scalar),
+        reinterpret_cast<const void *>(fill_pattern),
+        reinterpret_cast<const void *>(check_pattern),
+        reinterpret_cast<const void *>(spin_ns),
+        reinterpret_cast<const void *>(fault),
+        reinterpret_cast<const void *>(group_sum),
+        reinterpret_cast<const void *>(clamp),
+        reinterpret_cast<const void *>(gather_bytes),
+        reinterpret_cast<const void *>(scatter_bytes),
+    };
+    for (const void *k : kernels) {
+        cudaFuncAttributes attr;
+        cudaError_t e = cudaFuncGetAttributes(&attr, k);
+        if (e != cudaSuccess) return static_cast<int>(e);
+    }
+    return 0;
+}
+
 extern "C" const char *prism_error_string(int code) {
     switch (code) {
         case 0: return "success";

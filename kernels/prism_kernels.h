@@ -36,6 +36,13 @@ typedef struct CUstream_st *prism_stream_t;
 /* Non-zero when this build holds real kernels. */
 int prism_kernels_available(void);
 
+/*
+ * Loads every prism kernel into the current context now, instead of at its
+ * first launch (CUDA's lazy module loading stalls the launching thread
+ * there). 0 on success, else a launcher-style error code.
+ */
+int prism_preload_kernels(void);
+
 /* A static, human-readable description of a launcher's return code. */
 const char *prism_error_string(int code);
 

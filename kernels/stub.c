@@ -9,6 +9,8 @@
 
 int prism_kernels_available(void) { return 0; }
 
+int prism_preload_kernels(void) { return PRISM_ERR_KERNELS_NOT_BUILT; }
+
 const char *prism_error_string(int code) {
     switch (code) {
         case 0: return "success";

@@ -99,13 +99,16 @@ impl Gpu {
             multiprocessors: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
         };
         let events = EventPool::new(Arc::clone(&ctx));
-        Ok(Self(Arc::new(GpuInner {
+        let gpu = Self(Arc::new(GpuInner {
             ctx,
             events,
             info,
             poison: Mutex::new(None),
             poisoned: AtomicBool::new(false),
-        })))
+        }));
+        gpu.bind()?;
+        crate::kernels::preload(&gpu);
+        Ok(gpu)
     }
 
     pub fn info(&self) -> &DeviceInfo {

@@ -48,6 +48,23 @@ fn check_code(gpu: &Gpu, kernel: &'static str, code: i32) -> Result<()> {
     }
 }
 
+/// Loads prism's kernels into `gpu`'s context (bound by the caller) so the
+/// first launch of each does not stall the host while CUDA loads its
+/// module. A build without kernels has nothing to load; any other failure
+/// is left for the first launch to report (as a typed error there).
+pub(crate) fn preload(gpu: &Gpu) {
+    // SAFETY: no arguments; the caller made `gpu`'s context current, which
+    // is all the runtime needs to load the module into it.
+    let code = unsafe { sys::prism_preload_kernels() };
+    if code != 0 && code != sys::PRISM_ERR_KERNELS_NOT_BUILT as i32 {
+        tracing::warn!(
+            device = gpu.info().ordinal,
+            "loading prism's kernels failed ({}); the first launch will say why",
+            code_message(code)
+        );
+    }
+}
+
 /// A kernel launch scope on one [`Lane`] (see [`Lane::launch`]; inside
 /// [`AsyncCoordinator::queue_compute`](crate::AsyncCoordinator::queue_compute)
 /// and pipeline stages it is handed to you). Each launch is ordered after

@@ -220,11 +220,13 @@ pub enum Upload {
 }
 
 /// Counts of one [`Engine::run`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct RunCounts {
     pub chunks: u64,
     pub elems_in: u64,
     pub elems_out: u64,
+    /// Host time blocked waiting for the GPU (the oldest chunk's fence), ms.
+    pub wait_ms: f64,
 }
 
 #[derive(Debug)]
@@ -749,7 +751,9 @@ impl<T: Element> Engine<T> {
                 return Ok(counts);
             }
             if !progressed {
+                let t = std::time::Instant::now();
                 self.wait_oldest()?;
+                counts.wait_ms += t.elapsed().as_secs_f64() * 1e3;
             }
         }
     }

@@ -2,6 +2,9 @@
 //! fast as a PCIe Gen5 link, so pageable input/output and item gathering
 //! copy on a persistent pool of threads (rayon), sized to the machine.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use rayon::prelude::*;
 
 /// Bytes each piece of a parallel copy moves (enough to amortise the hand
@@ -12,6 +15,8 @@ const PIECE_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct CopyPool {
     pool: Option<rayon::ThreadPool>,
+    /// Wall time of the copies since the last `take_ms`, in ns.
+    busy_ns: AtomicU64,
 }
 
 impl CopyPool {
@@ -26,13 +31,28 @@ impl CopyPool {
                     .ok()
             })
             .flatten();
-        Self { pool }
+        Self {
+            pool,
+            busy_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// The copies' wall time since the last call, in ms (and restarts it).
+    pub(crate) fn take_ms(&self) -> f64 {
+        self.busy_ns.swap(0, Ordering::Relaxed) as f64 / 1e6
     }
 }
 
 /// Copies each `(dst, src)` pair (equal lengths), cut into pieces of about
 /// 1 MiB spread over the pool. Totals under 1 MiB stay on this thread.
 pub(crate) fn par_copy<T: Copy + Send + Sync>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
+    let started = Instant::now();
+    copy_pieces(pairs, pool);
+    let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    pool.busy_ns.fetch_add(ns, Ordering::Relaxed);
+}
+
+fn copy_pieces<T: Copy + Send + Sync>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
     let total: usize = pairs.iter().map(|(d, _)| d.len()).sum();
     let size = std::mem::size_of::<T>().max(1);
     let Some(pool) = pool.pool.as_ref().filter(|_| total * size >= PIECE_BYTES) else {

@@ -13,6 +13,7 @@ use crate::copy::{par_copy, par_copy_one, CopyPool};
 use crate::error::{Error, Result};
 use crate::gpu::StagingCache;
 use crate::guard;
+use crate::plan::ChunkPlan;
 use crate::source::{Sink, Source};
 
 /// A slot's pinned staging: input (the host writes it, the GPU reads it)
@@ -52,7 +53,9 @@ fn download_staged<T: Element>(
 pub(crate) struct SliceIo<'a, T: Element> {
     pub(crate) input: &'a [T],
     pub(crate) output: &'a mut [T],
+    /// Largest chunk input, for sizing staging.
     pub(crate) chunk: usize,
+    pub(crate) plan: ChunkPlan,
     /// Largest chunk output, for sizing staging.
     pub(crate) capacity: usize,
     pub(crate) pool: &'a CopyPool,
@@ -77,10 +80,9 @@ impl<T: Element> ChunkIo<T> for SliceIo<'_, T> {
         dev: &mut DeviceBuffer<T>,
         _chunk: ChunkId,
     ) -> Result<Option<(usize, Recorded)>> {
-        if self.next_in >= self.input.len() {
+        let Some(len) = self.plan.next() else {
             return Ok(None);
-        }
-        let len = self.chunk.min(self.input.len() - self.next_in);
+        };
         // The slot was released, so the previous upload from it completed.
         par_copy_one(
             &mut slot.input.as_mut_slice()?[..len],
@@ -119,7 +121,7 @@ impl<T: Element> ChunkIo<T> for SliceIo<'_, T> {
 pub(crate) struct PinnedIo<'a, T: Element> {
     pub(crate) input: &'a PinnedBuffer<T>,
     pub(crate) output: &'a mut PinnedBuffer<T>,
-    pub(crate) chunk: usize,
+    pub(crate) plan: ChunkPlan,
     pub(crate) next_in: usize,
     pub(crate) next_out: usize,
 }
@@ -140,10 +142,9 @@ impl<T: Element> ChunkIo<T> for PinnedIo<'_, T> {
         dev: &mut DeviceBuffer<T>,
         _chunk: ChunkId,
     ) -> Result<Option<(usize, Recorded)>> {
-        if self.next_in >= self.input.len() {
+        let Some(len) = self.plan.next() else {
             return Ok(None);
-        }
-        let len = self.chunk.min(self.input.len() - self.next_in);
+        };
         let rec = lane.copy_htod_timed(self.input, self.next_in, dev, 0, len, timed)?;
         self.next_in += len;
         Ok(Some((len, rec.into())))

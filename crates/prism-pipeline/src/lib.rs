@@ -36,6 +36,7 @@ mod guard;
 mod host;
 mod io;
 mod iterate;
+mod plan;
 mod runs;
 pub mod source;
 pub mod stage;
@@ -47,6 +48,7 @@ use prism_stream::{Element, Gpu, ManagedGpuContext};
 pub use error::{Error, Result, StageError};
 pub use host::AsyncPipelineCoordinator;
 pub use iterate::ChunkOutput;
+pub use plan::ChunkPlan;
 pub use runs::StreamCounts;
 pub use source::{fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source};
 pub use stage::{Clamp, Fma, GpuFn, GroupSum, HostFn, Stage};
@@ -79,6 +81,10 @@ pub struct PipelineConfig {
     /// Host threads for copies between pageable memory and pinned staging
     /// (a pool kept by the manager; default: every core).
     pub host_threads: usize,
+    /// Ramp chunk sizes at both ends of a GPU run over a slice or pinned
+    /// buffer (see [`ChunkPlan`]; only when every stage is elementwise:
+    /// chunk boundaries then do not change the output). Default on.
+    pub ramp: bool,
 }
 
 impl Default for PipelineConfig {
@@ -90,6 +96,7 @@ impl Default for PipelineConfig {
             timing: true,
             trace: false,
             host_threads: cores.max(1),
+            ramp: true,
         }
     }
 }
@@ -274,6 +281,24 @@ impl<T: Element> PipelineStageManager<T> {
         (self.config.chunk_bytes / std::mem::size_of::<T>().max(1)).max(1)
     }
 
+    /// How a GPU run over `n` elements (a slice or pinned buffer) is cut
+    /// into chunks with the current stages and configuration.
+    pub fn chunk_plan(&self, n: usize) -> ChunkPlan {
+        self.plan(&self.order(), n)
+    }
+
+    pub(crate) fn plan(&self, order: &[usize], n: usize) -> ChunkPlan {
+        let c = self.chunk_elems();
+        // Ramped boundaries move with the chunk sizes: only where no stage
+        // can tell (elementwise, same length out as in).
+        let ramp = self.config.ramp
+            && order.iter().all(|&i| {
+                let s = &self.stages[i];
+                s.elementwise() && s.output_len(c) == c && s.output_len(1) == 1
+            });
+        ChunkPlan::new(n, c, ramp)
+    }
+
     /// Output elements of a whole input of `n` elements cut into chunks.
     pub fn total_output_len(&self, n: usize) -> usize {
         let c = self.chunk_elems();
@@ -351,6 +376,8 @@ impl<T: Element> PipelineStageManager<T> {
         let order = self.order();
         self.check_stages(&order)?;
         self.close_idle_session()?;
+        // Copies of an earlier failed run are not this run's.
+        let _ = self.copy_pool.take_ms();
         if let Some((input, output)) = lengths {
             let expected = self.total_output_len(input);
             if output != expected {
@@ -391,6 +418,7 @@ impl<T: Element> PipelineStageManager<T> {
             self.stats.bytes_out += elems_out * elem;
         }
         self.stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
+        self.stats.host_copy_ms += self.copy_pool.take_ms();
         self.stats.timed = self.config.timing || self.backend == BackendKind::Host;
     }
 

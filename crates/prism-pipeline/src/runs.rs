@@ -72,6 +72,9 @@ impl<T: Element> GpuRun<'_, T> {
         if self.timing {
             stats.compute_busy_ms += self.engine.stop_timing();
         }
+        if let Ok(c) = &result {
+            stats.host_wait_ms += c.wait_ms;
+        }
         if trace && result.is_ok() {
             *self.timeline = fresh;
         }
@@ -124,11 +127,13 @@ impl<T: Element> PipelineStageManager<T> {
         match self.backend {
             BackendKind::Gpu => {
                 let out_capacity = self.output_len(chunk).max(chunk);
+                let plan = self.plan(&order, input.len());
                 let (run, cache, pool) = self.gpu_parts(&order)?;
                 let mut io = SliceIo {
                     input,
                     output,
                     chunk,
+                    plan,
                     capacity: out_capacity,
                     pool,
                     next_in: 0,
@@ -179,12 +184,12 @@ impl<T: Element> PipelineStageManager<T> {
         }
         let order = self.begin_run(Some((input.len(), output.len())), false)?;
         let started = Instant::now();
-        let chunk = self.chunk_elems();
+        let plan = self.plan(&order, input.len());
         let (run, _, _) = self.gpu_parts(&order)?;
         let mut io = PinnedIo {
             input,
             output,
-            chunk,
+            plan,
             next_in: 0,
             next_out: 0,
         };

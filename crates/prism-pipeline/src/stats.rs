@@ -55,6 +55,11 @@ pub struct PipelineStats {
     /// at once, so this can be less than the sum of `stages`); on the host
     /// the sum. The bound uses this.
     pub compute_busy_ms: f64,
+    /// Host time spent copying between pageable memory and pinned staging
+    /// (GPU backend, pageable inputs and outputs; measured with timing on or off).
+    pub host_copy_ms: f64,
+    /// Host time blocked waiting for the GPU to finish a chunk (GPU backend).
+    pub host_wait_ms: f64,
 }
 
 impl PipelineStats {
@@ -148,6 +153,10 @@ impl fmt::Display for PipelineStats {
         }
         if self.backend == Some(BackendKind::Gpu) {
             writeln!(f, "  {:<16} {:>12.3}", "download (D2H)", self.download_ms)?;
+            if self.host_copy_ms > 0.0 {
+                writeln!(f, "  {:<16} {:>12.3}", "host staging", self.host_copy_ms)?;
+            }
+            writeln!(f, "  {:<16} {:>12.3}", "host waits", self.host_wait_ms)?;
         }
         writeln!(
             f,

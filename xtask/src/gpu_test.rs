@@ -238,6 +238,9 @@ fn bundle(dir: &Path) -> Result {
             example_lines.push(format!("step example-{short}-{k} ./bin/{short} {args}"));
         }
     }
+    // The PyTorch baselines of S4, run in the same call when torch is there.
+    let py = util::root().join("crates/prism-bench/python/s4_torch.py");
+    bytes += copy_into(&dir.join("py"), "s4_torch.py", &py)?;
     test_names.sort();
     let sanitized: Vec<String> = EXAMPLE_SANITIZER_RUNS
         .iter()
@@ -314,6 +317,12 @@ for t in {test_list}; do
 done
 if [ "${{EXAMPLES:-1}}" = 1 ]; then
 {example_steps}
+    if python3 -c "import torch" 2>/dev/null; then
+        mkdir -p "$LOGS/bench"
+        step torch-s4 python3 ./py/s4_torch.py --out "$LOGS/bench/torch-s4.json"
+    else
+        echo "torch-s4: SKIPPED (no python3 with torch here)"
+    fi
 fi
 if [ "${{SANITIZE:-1}}" = 1 ]; then
     export PRISM_TEST_SCALE=small PRISM_UNDER_SANITIZER=1
@@ -337,7 +346,7 @@ if [ "${{SANITIZE:-1}}" = 1 ]; then
 fi
 if [ -n "${{OUT:-}}" ]; then
     for f in "$LOGS"/*.log; do echo "==== $f"; cat "$f"; done > "$OUT/all-logs.txt" 2>/dev/null
-    cp "$LOGS"/*.trace.json "$LOGS"/bench/results.json "$LOGS"/bench/chart.svg "$OUT"/ 2>/dev/null
+    cp "$LOGS"/*.trace.json "$LOGS"/bench/results.json "$LOGS"/bench/torch-s4.json "$LOGS"/bench/chart.svg "$OUT"/ 2>/dev/null
 fi
 if [ ${{#failed[@]}} -eq 0 ]; then echo "ALL STEPS PASSED"; else echo "FAILED STEPS: ${{failed[*]}}"; exit 1; fi
 "#

@@ -22,7 +22,7 @@ use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use prism_pipeline::{fill_with, sink_fn, Fma, PipelineConfig, PipelineStageManager};
+use prism_pipeline::{fill_with, sink_fn, Clamp, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 use prism_stream::testing::random_f32;
 use prism_stream::{fma_chain_cpu, pattern, Gpu, HostAllocFlags, PinnedBuffer};
@@ -99,7 +99,7 @@ struct StepResult {
     prism_pinned_over_cxx: f64,
 }
 
-/// S4: pageable `Vec`s in and out, one shot.
+/// S4: pageable `Vec`s in and out, one shot and repeated.
 #[derive(Debug, Serialize, Deserialize)]
 struct PageableResult {
     mib: usize,
@@ -109,9 +109,51 @@ struct PageableResult {
     /// three 64 MiB buffers, on the pool's threads, no GPU.
     t_staging_ms: f64,
     bound_ms: f64,
+    /// One-shot `run` with the default configuration.
     prism_ms: f64,
     bound_over_measured: f64,
     threads: usize,
+    /// One-shot `run` per configuration (chunk size x ring depth).
+    #[serde(default)]
+    sweep: Vec<SweepRow>,
+    /// Repeated runs over the same vectors, registered in place once.
+    #[serde(default)]
+    repeated: Option<RepeatedResult>,
+}
+
+/// One configuration of the S4 one-shot sweep.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SweepRow {
+    chunk_mib: usize,
+    slots: usize,
+    ms: f64,
+    /// Per run: host time in staging copies and blocked on the GPU.
+    host_copy_ms: f64,
+    host_wait_ms: f64,
+}
+
+/// S4 repeated: `PinnedBuffer::register` of the input and output vectors,
+/// then `run_pinned` over them again and again, then `into_vec`.
+#[derive(Debug, Serialize, Deserialize)]
+struct RepeatedResult {
+    register_ms: f64,
+    first_run_ms: f64,
+    /// Median of the runs after the first.
+    run_ms: f64,
+    unregister_ms: f64,
+    /// t_bidir / run_ms.
+    run_over_bidir: f64,
+}
+
+/// A short run (512 MiB pinned, 16 MiB chunks, two stages) with the chunk
+/// ramp off and on.
+#[derive(Debug, Serialize, Deserialize)]
+struct ShortResult {
+    mib: usize,
+    chunk_mib: usize,
+    t_bidir_ms: f64,
+    /// (ramp, median wall ms, chunks per run, stats overlap efficiency)
+    runs: Vec<(bool, f64, u64, f64)>,
 }
 
 /// S6: a generated stream checked on the fly.
@@ -143,6 +185,8 @@ struct Report {
     stream: Option<StreamResult>,
     #[serde(default)]
     pageable: Vec<PageableResult>,
+    #[serde(default)]
+    short: Option<ShortResult>,
 }
 
 struct Args {
@@ -204,6 +248,7 @@ fn run() -> Result<(), BoxError> {
         let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;
         print_table(&report.device, &report.workloads);
         print_pageable(&report.pageable);
+        print_short(report.short.as_ref());
         print_steps(&report.steps);
         print_stream(report.stream.as_ref());
         std::fs::create_dir_all(&args.out)?;
@@ -305,10 +350,23 @@ fn run() -> Result<(), BoxError> {
         let sizes: &[usize] = if args.quick { &[256] } else { &[1024, 4096] };
         sizes
             .iter()
-            .map(|&mib| bench_pageable(&gpu, mib, args.reps))
+            .map(|&mib| {
+                let sweep: &[(usize, usize)] = if mib > 1024 || args.quick {
+                    &[(16, 3), (64, 3)]
+                } else {
+                    &[(4, 3), (8, 3), (16, 3), (16, 4), (32, 3), (64, 3), (64, 4)]
+                };
+                bench_pageable(&gpu, mib, args.reps, sweep)
+            })
             .collect::<Result<Vec<_>, _>>()?
     } else {
         Vec::new()
+    };
+    let short = if wants("S9") {
+        eprintln!("prism-bench: S9 (a short run, chunk ramp off and on) ...");
+        Some(bench_short(&gpu, args.reps)?)
+    } else {
+        None
     };
     let steps = if wants("S8") {
         eprintln!("prism-bench: S8 (small synchronous steps) ...");
@@ -318,6 +376,7 @@ fn run() -> Result<(), BoxError> {
     };
     print_table(&device, &results);
     print_pageable(&pageable);
+    print_short(short.as_ref());
     print_steps(&steps);
     print_stream(stream.as_ref());
     std::fs::create_dir_all(&args.out)?;
@@ -330,6 +389,7 @@ fn run() -> Result<(), BoxError> {
         steps,
         stream,
         pageable,
+        short,
     };
     std::fs::write(
         format!("{}/results.json", args.out),
@@ -745,28 +805,48 @@ fn print_steps(steps: &[StepResult]) {
 /// bound measured in this process: the larger of the link (both directions
 /// at once) and the same bytes copied host to host in and out on the
 /// pool's threads (as prism's staging does, through three 64 MiB buffers).
-fn bench_pageable(gpu: &Gpu, mib: usize, reps: usize) -> Result<PageableResult, BoxError> {
+fn bench_pageable(
+    gpu: &Gpu,
+    mib: usize,
+    reps: usize,
+    sweep: &[(usize, usize)],
+) -> Result<PageableResult, BoxError> {
     let n = mib << 18; // f32
     let chunk = 16usize << 20; // 64 MiB of f32
     let mut input = vec![0f32; n];
     fill_random(&mut input, 0x54 + mib as u64);
     let mut output = vec![f32::NAN; n];
-    let mut p = fma_pipeline(gpu, chunk * 4, 3, false, 1)?;
-    let threads = p.config().host_threads;
-    let mut times = Vec::new();
-    for rep in 0..=reps {
-        let t = Instant::now();
-        p.run(&input, &mut output)?;
-        if rep > 0 {
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+    let mut rows = Vec::new();
+    let mut threads = 0;
+    for &(chunk_mib, slots) in sweep {
+        let mut p = fma_pipeline(gpu, chunk_mib << 20, slots, false, 1)?;
+        threads = p.config().host_threads;
+        let mut times = Vec::new();
+        for rep in 0..=reps {
+            if rep == 1 {
+                p.reset_stats();
+            }
+            output.fill(f32::NAN);
+            let t = Instant::now();
+            p.run(&input, &mut output)?;
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            check_fma(&input, &output, "S4 one-shot")?;
         }
+        let s = p.get_stats();
+        rows.push(SweepRow {
+            chunk_mib,
+            slots,
+            ms: median(&mut times),
+            host_copy_ms: s.host_copy_ms / reps as f64,
+            host_wait_ms: s.host_wait_ms / reps as f64,
+        });
     }
-    for k in (0..n).step_by(7919) {
-        if fma_chain_cpu(input[k], A, B, 1).to_bits() != output[k].to_bits() {
-            return Err(format!("S4 output {k} differs from the CPU").into());
-        }
-    }
-    let prism_ms = median(&mut times);
+    let prism_ms = rows
+        .iter()
+        .find(|r| (r.chunk_mib, r.slots) == (64, 3))
+        .map_or(f64::NAN, |r| r.ms);
     // The host alone: the same copies in and out through a ring of three
     // 64 MiB buffers, on as many threads.
     let pool = rayon::ThreadPoolBuilder::new()
@@ -824,9 +904,31 @@ fn bench_pageable(gpu: &Gpu, mib: usize, reps: usize) -> Result<PageableResult, 
             )
         })
         .collect::<Result<_, _>>()?;
+    drop(data);
     b.remove(0);
     let t_bidir = median(&mut b) * n as f64 / pinned as f64;
     let bound = t_bidir.max(t_staging);
+    // Repeated runs over the same vectors: register them in place once.
+    let mut p = fma_pipeline(gpu, 64 << 20, 3, false, 1)?;
+    output.fill(f32::NAN);
+    let t = Instant::now();
+    let reg_in = PinnedBuffer::register(gpu, input)?;
+    let mut reg_out = PinnedBuffer::register(gpu, output)?;
+    let register_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut runs = Vec::new();
+    for _ in 0..=reps {
+        let t = Instant::now();
+        p.run_pinned(&reg_in, &mut reg_out)?;
+        reg_out.wait_idle()?;
+        runs.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let first_run_ms = runs.remove(0);
+    let run_ms = median(&mut runs);
+    let t = Instant::now();
+    let input = reg_in.into_vec()?;
+    let output = reg_out.into_vec()?;
+    let unregister_ms = t.elapsed().as_secs_f64() * 1e3;
+    check_fma(&input, &output, "S4 repeated")?;
     Ok(PageableResult {
         mib,
         t_bidir_ms: t_bidir,
@@ -835,7 +937,116 @@ fn bench_pageable(gpu: &Gpu, mib: usize, reps: usize) -> Result<PageableResult, 
         prism_ms,
         bound_over_measured: bound / prism_ms,
         threads,
+        sweep: rows,
+        repeated: Some(RepeatedResult {
+            register_ms,
+            first_run_ms,
+            run_ms,
+            unregister_ms,
+            run_over_bidir: t_bidir / run_ms,
+        }),
     })
+}
+
+/// Samples every 7919th output against the CPU.
+fn check_fma(input: &[f32], output: &[f32], what: &str) -> Result<(), BoxError> {
+    for k in (0..input.len()).step_by(7919) {
+        if fma_chain_cpu(input[k], A, B, 1).to_bits() != output[k].to_bits() {
+            return Err(format!("{what}: output {k} differs from the CPU").into());
+        }
+    }
+    Ok(())
+}
+
+/// A short run: 512 MiB pinned in 16 MiB chunks through two stages, with
+/// the chunk ramp off and on, against the link in the same process.
+fn bench_short(gpu: &Gpu, reps: usize) -> Result<ShortResult, BoxError> {
+    let (mib, chunk_mib) = (512usize, 16usize);
+    let n = mib << 18;
+    let mut input = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?;
+    fill_random(input.as_mut_slice()?, 0x59);
+    let mut output = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?;
+    let mut runs = Vec::new();
+    for ramp in [false, true] {
+        let config = PipelineConfig {
+            chunk_bytes: chunk_mib << 20,
+            ramp,
+            ..PipelineConfig::default()
+        };
+        let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
+        p.add_stage(Fma {
+            a: A,
+            b: B,
+            iters: 1,
+        });
+        p.add_stage(Clamp {
+            lo: -1e30,
+            hi: 1e30,
+        });
+        let mut times = Vec::new();
+        let mut eff = Vec::new();
+        let mut chunks = 0;
+        for rep in 0..=reps {
+            p.reset_stats();
+            let t = Instant::now();
+            p.run_pinned(&input, &mut output)?;
+            output.wait_idle()?;
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                eff.push(p.get_stats().overlap_efficiency());
+                chunks = p.get_stats().chunks;
+            }
+        }
+        let (i, o) = (input.as_slice()?, output.as_slice()?);
+        for k in (0..n).step_by(7919) {
+            let want = fma_chain_cpu(i[k], A, B, 1).clamp(-1e30, 1e30);
+            if want.to_bits() != o[k].to_bits() {
+                return Err(format!("short run output {k} differs from the CPU").into());
+            }
+        }
+        runs.push((ramp, median(&mut times), chunks, median(&mut eff)));
+    }
+    let chunk = 16usize << 20;
+    let mut data = Data {
+        inputs: vec![input],
+        outputs: vec![output],
+    };
+    let mut b: Vec<f64> = (0..4)
+        .map(|_| {
+            cxx(
+                &mut data,
+                chunk,
+                1,
+                prism_cuda_sys::PRISM_BENCH_BIDIR as i32,
+                2,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    b.remove(0);
+    Ok(ShortResult {
+        mib,
+        chunk_mib,
+        t_bidir_ms: median(&mut b),
+        runs,
+    })
+}
+
+fn print_short(s: Option<&ShortResult>) {
+    let Some(s) = s else { return };
+    println!();
+    println!(
+        "S9: short run, {} MiB pinned in {} MiB chunks, fma + clamp; t_bidir {:.2} ms",
+        s.mib, s.chunk_mib, s.t_bidir_ms
+    );
+    println!("| chunk ramp | chunks | median ms | t_bidir / measured | stats overlap efficiency |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (ramp, ms, chunks, eff) in &s.runs {
+        println!(
+            "| {} | {chunks} | {ms:.2} | {:.3} | {eff:.3} |",
+            if *ramp { "on" } else { "off" },
+            s.t_bidir_ms / ms
+        );
+    }
 }
 
 fn print_pageable(rows: &[PageableResult]) {
@@ -857,6 +1068,44 @@ fn print_pageable(rows: &[PageableResult]) {
             r.prism_ms,
             r.bound_over_measured
         );
+    }
+    println!();
+    println!("S4 one-shot sweep (per run: median wall; host time in staging copies and blocked on the GPU)");
+    println!(
+        "| size | chunk MiB | slots | ms | staging bound / ms | host copies ms | host waits ms |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        for w in &r.sweep {
+            println!(
+                "| {} MiB | {} | {} | {:.1} | {:.3} | {:.1} | {:.1} |",
+                r.mib,
+                w.chunk_mib,
+                w.slots,
+                w.ms,
+                r.bound_ms / w.ms,
+                w.host_copy_ms,
+                w.host_wait_ms
+            );
+        }
+    }
+    println!();
+    println!("S4 repeated: the same Vecs registered in place once (PinnedBuffer::register), run_pinned again and again, into_vec");
+    println!("| size | t_bidir ms | register ms | first run ms | later runs ms (median) | t_bidir / later | unregister ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        if let Some(x) = &r.repeated {
+            println!(
+                "| {} MiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} |",
+                r.mib,
+                r.t_bidir_ms,
+                x.register_ms,
+                x.first_run_ms,
+                x.run_ms,
+                x.run_over_bidir,
+                x.unregister_ms
+            );
+        }
     }
 }
 

@@ -35,16 +35,74 @@ struct Cleanup {
         if (e_ != cudaSuccess) return static_cast<int>(e_); \
     } while (0)
 
+// Groups of PRISM_BENCH_BATCH_ITEMS pieces: one batched copy in, one
+// kernel, one batched copy out per group, group g on stream g % nstreams.
+int batched(const float *const *in, float *const *out, const uint64_t *lens, uint64_t count,
+            uint64_t max_len, float a, float b, int32_t iters, int32_t nstreams, float *ms) {
+    const uint64_t G = PRISM_BENCH_BATCH_ITEMS;
+    Cleanup c;
+    for (int s = 0; s < nstreams; ++s) {
+        CHECK(cudaStreamCreateWithFlags(&c.streams[s], cudaStreamNonBlocking));
+        CHECK(cudaMalloc(&c.dev_in[s], G * max_len * sizeof(float)));
+        CHECK(cudaMalloc(&c.dev_out[s], G * max_len * sizeof(float)));
+    }
+    CHECK(cudaEventCreate(&c.start));
+    CHECK(cudaEventCreate(&c.stop));
+    CHECK(cudaDeviceSynchronize());
+    void *dsts[PRISM_BENCH_BATCH_ITEMS];
+    const void *srcs[PRISM_BENCH_BATCH_ITEMS];
+    size_t sizes[PRISM_BENCH_BATCH_ITEMS];
+    cudaMemcpyAttributes attr = {};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    size_t attr_idx = 0;
+    CHECK(cudaEventRecord(c.start, c.streams[0]));
+    for (int s = 1; s < nstreams; ++s) CHECK(cudaStreamWaitEvent(c.streams[s], c.start, 0));
+    for (uint64_t first = 0, g = 0; first < count; first += G, ++g) {
+        int s = static_cast<int>(g % static_cast<uint64_t>(nstreams));
+        uint64_t n = count - first < G ? count - first : G;
+        uint64_t at = 0;
+        for (uint64_t k = 0; k < n; ++k) {
+            dsts[k] = c.dev_in[s] + at;
+            srcs[k] = in[first + k];
+            sizes[k] = lens[first + k] * sizeof(float);
+            at += lens[first + k];
+        }
+        CHECK(cudaMemcpyBatchAsync(dsts, srcs, sizes, n, &attr, &attr_idx, 1, c.streams[s]));
+        int err = prism_fma_chain_f32(c.dev_in[s], c.dev_out[s], at, a, b, iters,
+                                      reinterpret_cast<prism_stream_t>(c.streams[s]));
+        if (err) return err;
+        at = 0;
+        for (uint64_t k = 0; k < n; ++k) {
+            dsts[k] = out[first + k];
+            srcs[k] = c.dev_out[s] + at;
+            at += lens[first + k];
+        }
+        CHECK(cudaMemcpyBatchAsync(dsts, srcs, sizes, n, &attr, &attr_idx, 1, c.streams[s]));
+    }
+    for (int s = 1; s < nstreams; ++s) {
+        cudaEvent_t done;
+        CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+        CHECK(cudaEventRecord(done, c.streams[s]));
+        CHECK(cudaStreamWaitEvent(c.streams[0], done, 0));
+        CHECK(cudaEventDestroy(done));
+    }
+    CHECK(cudaEventRecord(c.stop, c.streams[0]));
+    CHECK(cudaEventSynchronize(c.stop));
+    CHECK(cudaEventElapsedTime(ms, c.start, c.stop));
+    return 0;
+}
+
 }  // namespace
 
 extern "C" int prism_bench_pieces(const float *const *in, float *const *out, const uint64_t *lens,
                                   uint64_t count, uint64_t max_len, float a, float b,
                                   int32_t iters, int32_t mode, int32_t nstreams, float *ms) {
     if (nstreams < 1 || nstreams > PRISM_BENCH_MAX_STREAMS || max_len == 0 || mode < 0 ||
-        mode > PRISM_BENCH_STEP_GRAPH)
+        mode > PRISM_BENCH_BATCHED)
         return PRISM_ERR_INVALID_ARGUMENT;
     for (uint64_t i = 0; i < count; ++i)
         if (lens[i] > max_len) return PRISM_ERR_INVALID_ARGUMENT;
+    if (mode == PRISM_BENCH_BATCHED) return batched(in, out, lens, count, max_len, a, b, iters, nstreams, ms);
     Cleanup c;
     bool step = mode == PRISM_BENCH_STEP || mode == PRISM_BENCH_STEP_GRAPH;
     int used = mode == PRISM_BENCH_SEQUENTIAL || step ? 1 : (mode == PRISM_BENCH_MULTISTREAM ? nstreams : 2);

@@ -51,6 +51,13 @@ fn main() {
         PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("user_scale_add.ptx");
     // Empty unless nvcc builds it below: the crate embeds it either way.
     std::fs::write(&user_ptx, "").expect("write OUT_DIR/user_scale_add.ptx");
+    // Host helpers: plain C, in every build.
+    cc::Build::new()
+        .file(kernels.join("host_copy.c"))
+        .include(&kernels)
+        .opt_level(3)
+        .warnings_into_errors(true)
+        .compile("prism_host");
     match nvcc {
         Some(nvcc) => {
             build_cuda(&nvcc, &kernels);

@@ -25,7 +25,7 @@ use std::time::Instant;
 use prism_pipeline::{fill_with, sink_fn, Clamp, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 use prism_stream::testing::random_f32;
-use prism_stream::{fma_chain_cpu, pattern, Gpu, HostAllocFlags, PinnedBuffer};
+use prism_stream::{copy_streaming, fma_chain_cpu, pattern, Gpu, HostAllocFlags, PinnedBuffer};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +108,9 @@ struct PageableResult {
     /// The same bytes copied host to host, in and out through a ring of
     /// three 64 MiB buffers, on the pool's threads, no GPU.
     t_staging_ms: f64,
+    /// The same host-alone copies with prism's streaming (non-temporal) copy.
+    #[serde(default)]
+    t_staging_stream_ms: f64,
     bound_ms: f64,
     /// One-shot `run` with the default configuration.
     prism_ms: f64,
@@ -119,6 +122,10 @@ struct PageableResult {
     /// Repeated runs over the same vectors, registered in place once.
     #[serde(default)]
     repeated: Option<RepeatedResult>,
+    /// The same, with the vectors' memory collapsed into huge pages
+    /// (`madvise` HUGEPAGE + COLLAPSE) before registering.
+    #[serde(default)]
+    repeated_huge: Option<RepeatedResult>,
 }
 
 /// One configuration of the S4 one-shot sweep.
@@ -136,6 +143,9 @@ struct SweepRow {
 /// then `run_pinned` over them again and again, then `into_vec`.
 #[derive(Debug, Serialize, Deserialize)]
 struct RepeatedResult {
+    /// `madvise(MADV_COLLAPSE)` time (huge-page variant only).
+    #[serde(default)]
+    collapse_ms: f64,
     register_ms: f64,
     first_run_ms: f64,
     /// Median of the runs after the first.
@@ -187,6 +197,10 @@ struct Report {
     pageable: Vec<PageableResult>,
     #[serde(default)]
     short: Option<ShortResult>,
+    #[serde(default)]
+    items_sweep: Vec<SweepRow>,
+    #[serde(default)]
+    auto: Vec<AutoResult>,
 }
 
 struct Args {
@@ -249,6 +263,8 @@ fn run() -> Result<(), BoxError> {
         print_table(&report.device, &report.workloads);
         print_pageable(&report.pageable);
         print_short(report.short.as_ref());
+        print_items_sweep(&report.items_sweep);
+        print_auto(&report.auto);
         print_steps(&report.steps);
         print_stream(report.stream.as_ref());
         std::fs::create_dir_all(&args.out)?;
@@ -362,6 +378,18 @@ fn run() -> Result<(), BoxError> {
     } else {
         Vec::new()
     };
+    let items_sweep = if wants("S3") {
+        eprintln!("prism-bench: S3 configuration sweep ...");
+        bench_items_sweep(&gpu, args.reps, args.quick)?
+    } else {
+        Vec::new()
+    };
+    let auto = if wants("auto") {
+        eprintln!("prism-bench: adaptive configuration against a sweep ...");
+        bench_auto(&gpu, args.reps, args.quick)?
+    } else {
+        Vec::new()
+    };
     let short = if wants("S9") {
         eprintln!("prism-bench: S9 (a short run, chunk ramp off and on) ...");
         Some(bench_short(&gpu, args.reps)?)
@@ -377,6 +405,8 @@ fn run() -> Result<(), BoxError> {
     print_table(&device, &results);
     print_pageable(&pageable);
     print_short(short.as_ref());
+    print_items_sweep(&items_sweep);
+    print_auto(&auto);
     print_steps(&steps);
     print_stream(stream.as_ref());
     std::fs::create_dir_all(&args.out)?;
@@ -390,6 +420,8 @@ fn run() -> Result<(), BoxError> {
         stream,
         pageable,
         short,
+        items_sweep,
+        auto,
     };
     std::fs::write(
         format!("{}/results.json", args.out),
@@ -428,6 +460,8 @@ fn write_chart(report: &Report, out: &str) -> Result<(), BoxError> {
     chart::write_svg(&format!("{out}/chart.svg"), &names, &impls, &eff)?;
     Ok(())
 }
+
+const BATCHED: &str = "CUDA C++ batched copies, 3 streams";
 
 const IMPLS: [&str; 4] = [
     "sequential",
@@ -878,6 +912,31 @@ fn bench_pageable(
     }
     std::hint::black_box(&output);
     let t_staging = median(&mut host);
+    let mut host = Vec::new();
+    for rep in 0..=reps {
+        let t = Instant::now();
+        for (k, (src, dst)) in input
+            .chunks(chunk)
+            .zip(output.chunks_mut(chunk))
+            .enumerate()
+        {
+            let r = &mut ring[k % 3];
+            pool.install(|| {
+                r[..src.len()]
+                    .par_chunks_mut(1 << 18)
+                    .zip(src.par_chunks(1 << 18))
+                    .for_each(|(d, s)| copy_streaming(d, s));
+                dst.par_chunks_mut(1 << 18)
+                    .zip(r[..src.len()].par_chunks(1 << 18))
+                    .for_each(|(d, s)| copy_streaming(d, s));
+            });
+        }
+        if rep > 0 {
+            host.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    std::hint::black_box(&output);
+    let t_staging_stream = median(&mut host);
     // The link: both directions of the same bytes at once, pinned.
     let pinned = (4 * chunk).min(n);
     let mut data = Data {
@@ -909,8 +968,42 @@ fn bench_pageable(
     let t_bidir = median(&mut b) * n as f64 / pinned as f64;
     let bound = t_bidir.max(t_staging);
     // Repeated runs over the same vectors: register them in place once.
+    let (repeated, input, output) = bench_registered(gpu, input, output, reps, t_bidir, false)?;
+    let (repeated_huge, _, _) = bench_registered(gpu, input, output, reps, t_bidir, true)?;
+    Ok(PageableResult {
+        mib,
+        t_bidir_ms: t_bidir,
+        t_staging_ms: t_staging,
+        bound_ms: bound,
+        prism_ms,
+        bound_over_measured: bound / prism_ms,
+        threads,
+        t_staging_stream_ms: t_staging_stream,
+        sweep: rows,
+        repeated: Some(repeated),
+        repeated_huge: Some(repeated_huge),
+    })
+}
+
+/// Registers `input` and `output` in place (after collapsing them into
+/// huge pages with `huge`), runs `run_pinned` over them `reps + 1` times,
+/// hands them back; checks the output.
+fn bench_registered(
+    gpu: &Gpu,
+    mut input: Vec<f32>,
+    mut output: Vec<f32>,
+    reps: usize,
+    t_bidir: f64,
+    huge: bool,
+) -> Result<(RepeatedResult, Vec<f32>, Vec<f32>), BoxError> {
     let mut p = fma_pipeline(gpu, 64 << 20, 3, false, 1)?;
     output.fill(f32::NAN);
+    let t = Instant::now();
+    if huge {
+        collapse(&mut input);
+        collapse(&mut output);
+    }
+    let collapse_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let reg_in = PinnedBuffer::register(gpu, input)?;
     let mut reg_out = PinnedBuffer::register(gpu, output)?;
@@ -929,23 +1022,41 @@ fn bench_pageable(
     let output = reg_out.into_vec()?;
     let unregister_ms = t.elapsed().as_secs_f64() * 1e3;
     check_fma(&input, &output, "S4 repeated")?;
-    Ok(PageableResult {
-        mib,
-        t_bidir_ms: t_bidir,
-        t_staging_ms: t_staging,
-        bound_ms: bound,
-        prism_ms,
-        bound_over_measured: bound / prism_ms,
-        threads,
-        sweep: rows,
-        repeated: Some(RepeatedResult {
+    Ok((
+        RepeatedResult {
+            collapse_ms,
             register_ms,
             first_run_ms,
             run_ms,
             unregister_ms,
             run_over_bidir: t_bidir / run_ms,
-        }),
-    })
+        },
+        input,
+        output,
+    ))
+}
+
+/// Asks the kernel to back `v` with transparent huge pages now (an
+/// experiment: does the GPU copy registered huge pages faster?).
+fn collapse(v: &mut [f32]) {
+    const MADV_COLLAPSE: libc::c_int = 25;
+    let page = 2usize << 20;
+    let start = (v.as_mut_ptr() as usize).div_ceil(page) * page;
+    let end = (v.as_mut_ptr() as usize + std::mem::size_of_val(v)) / page * page;
+    if end <= start {
+        return;
+    }
+    for advice in [libc::MADV_HUGEPAGE, MADV_COLLAPSE] {
+        // SAFETY: [start, end) lies inside `v`'s allocation, page-aligned;
+        // these advices move the pages' backing but keep their contents.
+        let r = unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
+        if r != 0 {
+            eprintln!(
+                "prism-bench: madvise({advice}) failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 /// Samples every 7919th output against the CPU.
@@ -1031,6 +1142,165 @@ fn bench_short(gpu: &Gpu, reps: usize) -> Result<ShortResult, BoxError> {
     })
 }
 
+/// S3's prism run (4096 pinned items of 64 KiB) per configuration.
+fn bench_items_sweep(gpu: &Gpu, reps: usize, quick: bool) -> Result<Vec<SweepRow>, BoxError> {
+    let (items, len) = (if quick { 256 } else { 4096 }, 16usize << 10);
+    let inputs = (0..items)
+        .map(|k| {
+            let mut b = PinnedBuffer::<f32>::new(gpu, len, HostAllocFlags::DEFAULT)?;
+            fill_random(b.as_mut_slice()?, 0x5A + k as u64);
+            Ok(b)
+        })
+        .collect::<Result<Vec<_>, BoxError>>()?;
+    let mut outputs = (0..items)
+        .map(|_| PinnedBuffer::<f32>::new(gpu, len, HostAllocFlags::DEFAULT))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rows = Vec::new();
+    for (chunk_mib, slots) in [(4, 3), (8, 3), (16, 3), (16, 4), (32, 3), (64, 3)] {
+        let mut p = fma_pipeline(gpu, chunk_mib << 20, slots, false, 1)?;
+        let mut times = Vec::new();
+        for rep in 0..=reps {
+            let t = Instant::now();
+            p.run_items_pinned(inputs.iter().zip(outputs.iter_mut()))?;
+            for o in &outputs {
+                o.wait_idle()?;
+            }
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        for (i, o) in inputs.iter().zip(&outputs).step_by(97) {
+            check_fma(i.as_slice()?, o.as_slice()?, "S3 sweep")?;
+        }
+        rows.push(SweepRow {
+            chunk_mib,
+            slots,
+            ms: median(&mut times),
+            host_copy_ms: 0.0,
+            host_wait_ms: 0.0,
+        });
+    }
+    Ok(rows)
+}
+
+/// The adaptive configuration against a sweep of fixed ones, per workload.
+#[derive(Debug, Serialize, Deserialize)]
+struct AutoResult {
+    workload: String,
+    /// (chunk MiB, slots, median ms) of each fixed configuration.
+    fixed: Vec<(usize, usize, f64)>,
+    auto_ms: f64,
+    /// What the adaptive configuration chose.
+    auto_chunk_mib: f64,
+    auto_slots: usize,
+    /// best fixed ms / auto ms (1.0: as fast as the best).
+    auto_vs_best: f64,
+}
+
+/// S1 (4 GiB pinned), S2 (1 GiB pinned), a compute-bound run (1 GiB pinned,
+/// 600 fma steps) and S4 (1 GiB pageable), each with `PipelineConfig::auto()`
+/// and with every fixed configuration of a sweep.
+fn bench_auto(gpu: &Gpu, reps: usize, quick: bool) -> Result<Vec<AutoResult>, BoxError> {
+    let scale = if quick { 8 } else { 1 };
+    let mut out = Vec::new();
+    for (name, mib, iters, pageable) in [
+        ("S1", 4096 / scale, 1, false),
+        ("S2", 1024 / scale, 1, false),
+        ("compute-bound (600 fma steps)", 1024 / scale, 600, false),
+        ("S4", 1024 / scale, 1, true),
+    ] {
+        let n = mib << 18;
+        let mut pin_in = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?;
+        fill_random(pin_in.as_mut_slice()?, 0x5B);
+        let mut pin_out = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?;
+        let vec_in = pin_in.as_slice()?.to_vec();
+        let mut vec_out = vec![0f32; n];
+        let mut time = |config: PipelineConfig| -> Result<(f64, PipelineStageManager<f32>), BoxError> {
+            let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
+            p.add_stage(Fma { a: A, b: B, iters });
+            let mut times = Vec::new();
+            for rep in 0..=reps {
+                let t = Instant::now();
+                if pageable {
+                    p.run(&vec_in, &mut vec_out)?;
+                } else {
+                    p.run_pinned(&pin_in, &mut pin_out)?;
+                    pin_out.wait_idle()?;
+                }
+                if rep > 0 {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let got = if pageable { &vec_out[..] } else { pin_out.as_slice()? };
+            for k in (0..n).step_by(7919) {
+                if fma_chain_cpu(vec_in[k], A, B, iters).to_bits() != got[k].to_bits() {
+                    return Err(format!("auto sweep {name}: output {k} differs").into());
+                }
+            }
+            Ok((median(&mut times), p))
+        };
+        let mut fixed = Vec::new();
+        for (chunk_mib, slots) in [(4, 3), (16, 3), (16, 4), (64, 3), (64, 4)] {
+            let config = PipelineConfig {
+                chunk_bytes: chunk_mib << 20,
+                slots,
+                timing: false,
+                ..PipelineConfig::default()
+            };
+            fixed.push((chunk_mib, slots, time(config)?.0));
+        }
+        let (auto_ms, p) = time(PipelineConfig {
+            timing: false,
+            ..PipelineConfig::auto()
+        })?;
+        let best = fixed.iter().map(|f| f.2).fold(f64::INFINITY, f64::min);
+        out.push(AutoResult {
+            workload: format!("{name}, {mib} MiB{}", if pageable { " pageable" } else { " pinned" }),
+            fixed,
+            auto_ms,
+            auto_chunk_mib: p.get_stats().chunk_bytes as f64 / (1 << 20) as f64,
+            auto_slots: p.get_stats().slots,
+            auto_vs_best: best / auto_ms,
+        });
+    }
+    Ok(out)
+}
+
+fn print_auto(rows: &[AutoResult]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("Adaptive configuration (PipelineConfig::auto) against fixed ones, median ms");
+    println!("| workload | 4 MiB x3 | 16 MiB x3 | 16 MiB x4 | 64 MiB x3 | 64 MiB x4 | auto (chose) | best fixed / auto |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        let fixed: Vec<String> = r.fixed.iter().map(|f| format!("{:.2}", f.2)).collect();
+        println!(
+            "| {} | {} | {:.2} ({:.0} MiB x{}) | {:.3} |",
+            r.workload,
+            fixed.join(" | "),
+            r.auto_ms,
+            r.auto_chunk_mib,
+            r.auto_slots,
+            r.auto_vs_best
+        );
+    }
+}
+
+fn print_items_sweep(rows: &[SweepRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("S3 sweep: prism run_items_pinned over 64 KiB pinned items, per configuration");
+    println!("| chunk MiB | slots | median ms |");
+    println!("| --- | --- | --- |");
+    for r in rows {
+        println!("| {} | {} | {:.2} |", r.chunk_mib, r.slots, r.ms);
+    }
+}
+
 fn print_short(s: Option<&ShortResult>) {
     let Some(s) = s else { return };
     println!();
@@ -1055,18 +1325,19 @@ fn print_pageable(rows: &[PageableResult]) {
     }
     println!();
     println!("S4: pageable Vecs in and out, one shot (run(&input, &mut output)), 64 MiB chunks");
-    println!("| size | t_bidir ms | host staging alone ms (threads) | staging bound ms | prism ms | bound / measured |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| size | t_bidir ms | host staging alone ms (threads) | staging bound ms | prism ms | bound / measured | host alone, streaming copies ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for r in rows {
         println!(
-            "| {} MiB | {:.1} | {:.1} ({}) | {:.1} | {:.1} | {:.3} |",
+            "| {} MiB | {:.1} | {:.1} ({}) | {:.1} | {:.1} | {:.3} | {:.1} |",
             r.mib,
             r.t_bidir_ms,
             r.t_staging_ms,
             r.threads,
             r.bound_ms,
             r.prism_ms,
-            r.bound_over_measured
+            r.bound_over_measured,
+            r.t_staging_stream_ms
         );
     }
     println!();
@@ -1091,14 +1362,19 @@ fn print_pageable(rows: &[PageableResult]) {
     }
     println!();
     println!("S4 repeated: the same Vecs registered in place once (PinnedBuffer::register), run_pinned again and again, into_vec");
-    println!("| size | t_bidir ms | register ms | first run ms | later runs ms (median) | t_bidir / later | unregister ms |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| size | pages | t_bidir ms | collapse ms | register ms | first run ms | later runs ms (median) | t_bidir / later | unregister ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in rows {
-        if let Some(x) = &r.repeated {
+        for (pages, x) in [
+            ("as allocated", &r.repeated),
+            ("collapsed to 2 MiB", &r.repeated_huge),
+        ] {
+            let Some(x) = x else { continue };
             println!(
-                "| {} MiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} |",
+                "| {} MiB | {pages} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} |",
                 r.mib,
                 r.t_bidir_ms,
+                x.collapse_ms,
                 x.register_ms,
                 x.first_run_ms,
                 x.run_ms,
@@ -1374,7 +1650,10 @@ fn bench_workload(
     )?;
     let mut cases = Vec::new();
     let mut cxx_ms = None;
-    for name in IMPLS {
+    // Items: also the C++ loop with one batched copy (cudaMemcpyBatchAsync)
+    // per direction and group of items.
+    let extra: &[&str] = if w.items { &[BATCHED] } else { &[] };
+    for name in IMPLS.iter().chain(extra).copied() {
         let mut times = Vec::new();
         let mut checked = 0;
         for rep in 0..=reps {
@@ -1396,6 +1675,13 @@ fn bench_workload(
                     3,
                 )?,
                 "cudarc 3 streams" => cudarc_loop(ctx, &mut data, w.piece, w.iters)?,
+                BATCHED => cxx(
+                    &mut data,
+                    w.piece,
+                    w.iters,
+                    prism_cuda_sys::PRISM_BENCH_BATCHED as i32,
+                    3,
+                )?,
                 _ => {
                     // With --prism-timing, the stats of the last repetition only.
                     pipeline.reset_stats();

@@ -5,11 +5,21 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use prism_stream::{copy_streaming, Element};
 use rayon::prelude::*;
 
-/// Bytes each piece of a parallel copy moves (enough to amortise the hand
-/// over to a pool thread, small enough to balance the threads).
+/// Bytes each piece of a parallel copy moves at most (enough to amortise
+/// the hand over to a pool thread, small enough to balance the threads).
 const PIECE_BYTES: usize = 1 << 20;
+
+/// Bytes each piece moves at least: smaller copies are cut finer, down to
+/// this, so that every thread gets a share.
+const MIN_PIECE_BYTES: usize = 64 << 10;
+
+/// Copies of at least this many bytes in all go to the pool, with
+/// streaming (non-temporal) stores; smaller ones stay on the calling
+/// thread, cached.
+const POOL_BYTES: usize = 1 << 20;
 
 /// The host threads a manager copies with.
 #[derive(Debug)]
@@ -45,23 +55,26 @@ impl CopyPool {
 
 /// Copies each `(dst, src)` pair (equal lengths), cut into pieces of about
 /// 1 MiB spread over the pool. Totals under 1 MiB stay on this thread.
-pub(crate) fn par_copy<T: Copy + Send + Sync>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
+pub(crate) fn par_copy<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
     let started = Instant::now();
     copy_pieces(pairs, pool);
     let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
     pool.busy_ns.fetch_add(ns, Ordering::Relaxed);
 }
 
-fn copy_pieces<T: Copy + Send + Sync>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
+fn copy_pieces<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
     let total: usize = pairs.iter().map(|(d, _)| d.len()).sum();
     let size = std::mem::size_of::<T>().max(1);
-    let Some(pool) = pool.pool.as_ref().filter(|_| total * size >= PIECE_BYTES) else {
+    let Some(pool) = pool.pool.as_ref().filter(|_| total * size >= POOL_BYTES) else {
         for (d, s) in pairs {
             d.copy_from_slice(s);
         }
         return;
     };
-    let per = (PIECE_BYTES / size).max(1);
+    // About four pieces per thread, each between 64 KiB and 1 MiB.
+    let piece =
+        (total * size / (4 * pool.current_num_threads())).clamp(MIN_PIECE_BYTES, PIECE_BYTES);
+    let per = (piece / size).max(1);
     let mut pieces: Vec<(&mut [T], &[T])> = Vec::with_capacity(total / per + pairs.len());
     for (d, s) in pairs {
         for (dp, sp) in d.chunks_mut(per).zip(s.chunks(per)) {
@@ -71,12 +84,12 @@ fn copy_pieces<T: Copy + Send + Sync>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyP
     pool.install(|| {
         pieces
             .into_par_iter()
-            .for_each(|(d, s)| d.copy_from_slice(s))
+            .for_each(|(d, s)| copy_streaming(d, s))
     });
 }
 
 /// Copies `src` into `dst` (equal lengths) on the pool.
-pub(crate) fn par_copy_one<T: Copy + Send + Sync>(dst: &mut [T], src: &[T], pool: &CopyPool) {
+pub(crate) fn par_copy_one<T: Element>(dst: &mut [T], src: &[T], pool: &CopyPool) {
     par_copy(vec![(dst, src)], pool);
 }
 
@@ -101,5 +114,18 @@ mod tests {
         let src: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
         par_copy_one(&mut one, &src, &CopyPool::new(1));
         assert_eq!(one, src);
+    }
+
+    #[test]
+    fn streaming_copies_are_exact_at_every_alignment_and_length() {
+        let src: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        for at in 0..19 {
+            for len in [0, 1, 15, 16, 17, 63, 64, 65, 200, 1000, 4000 - 19] {
+                let mut dst = vec![0xEEu8; 4096];
+                copy_streaming(&mut dst[at..at + len], &src[3..3 + len]);
+                assert_eq!(&dst[at..at + len], &src[3..3 + len], "at {at} len {len}");
+                assert!(dst[..at].iter().chain(&dst[at + len..]).all(|&b| b == 0xEE));
+            }
+        }
     }
 }

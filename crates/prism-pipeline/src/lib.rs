@@ -85,6 +85,10 @@ pub struct PipelineConfig {
     /// buffer (see [`ChunkPlan`]; only when every stage is elementwise:
     /// chunk boundaries then do not change the output). Default on.
     pub ramp: bool,
+    /// Let each GPU run pick `chunk_bytes` and `slots` for its kind of
+    /// input (see [`PipelineConfig::auto`]); off by default, so that sizes
+    /// set by hand are kept.
+    pub adaptive: bool,
 }
 
 impl Default for PipelineConfig {
@@ -97,6 +101,55 @@ impl Default for PipelineConfig {
             trace: false,
             host_threads: cores.max(1),
             ramp: true,
+            adaptive: false,
+        }
+    }
+}
+
+/// The kind of input a run streams, for the adaptive configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// Pageable slices, staged through pinned memory by host threads.
+    Pageable,
+    /// Pinned buffers or a stream source: the link alone.
+    Pinned,
+    /// Many small items gathered into chunks.
+    Items,
+}
+
+impl PipelineConfig {
+    /// The default configuration with [`adaptive`](Self::adaptive) on: each
+    /// GPU run whose stages are all elementwise (so chunk boundaries cannot
+    /// change its output) picks its chunk size and ring depth by its input,
+    /// from sweeps measured on an H200 (PCIe Gen5, 16 cores, 2026-11-27;
+    /// docs/BENCHMARKS.md):
+    /// - pageable slices: 16 MiB chunks, 4 slots: staging copies of chunks
+    ///   that size run alongside the DMA with the least memory traffic
+    ///   (0.93 of the host-copy bound against 0.72 with 64 MiB chunks);
+    /// - pinned buffers and streams: 64 MiB chunks, 3 slots (the link's
+    ///   speed), but at least 8 chunks per run, down to 4 MiB, so that short
+    ///   runs still overlap;
+    /// - items: 16 MiB chunks, 3 slots.
+    ///
+    /// The choice shows in the stats (`chunk_bytes`, `slots`). Runs of
+    /// stages that are not elementwise keep `chunk_bytes` and `slots`.
+    pub fn auto() -> Self {
+        Self {
+            adaptive: true,
+            ..Self::default()
+        }
+    }
+
+    /// (chunk bytes, slots) the adaptive configuration picks.
+    pub(crate) fn choose(shape: Shape, total_bytes: Option<usize>) -> (usize, usize) {
+        const MIB: usize = 1 << 20;
+        match shape {
+            Shape::Pageable => (16 * MIB, 4),
+            Shape::Items => (16 * MIB, 3),
+            Shape::Pinned => {
+                let chunk = total_bytes.map_or(64 * MIB, |t| (t / 8).clamp(4 * MIB, 64 * MIB));
+                (chunk, 3)
+            }
         }
     }
 }
@@ -288,15 +341,35 @@ impl<T: Element> PipelineStageManager<T> {
     }
 
     pub(crate) fn plan(&self, order: &[usize], n: usize) -> ChunkPlan {
+        let ramp = self.config.ramp && self.boundaries_free(order);
+        ChunkPlan::new(n, self.chunk_elems(), ramp)
+    }
+
+    /// True when no stage of `order` can tell where chunks begin
+    /// (elementwise, as many elements out as in): chunk sizes may then
+    /// change freely (ramps, the adaptive configuration).
+    fn boundaries_free(&self, order: &[usize]) -> bool {
         let c = self.chunk_elems();
-        // Ramped boundaries move with the chunk sizes: only where no stage
-        // can tell (elementwise, same length out as in).
-        let ramp = self.config.ramp
-            && order.iter().all(|&i| {
-                let s = &self.stages[i];
-                s.elementwise() && s.output_len(c) == c && s.output_len(1) == 1
-            });
-        ChunkPlan::new(n, c, ramp)
+        order.iter().all(|&i| {
+            let s = &self.stages[i];
+            s.elementwise() && s.output_len(c) == c && s.output_len(1) == 1
+        })
+    }
+
+    /// With the adaptive configuration, sets chunk size and ring depth for
+    /// a GPU run of `shape` over `total_bytes` (when known). The ring is
+    /// rebuilt (outside the timed part) only when they change.
+    pub(crate) fn adapt(&mut self, shape: Shape, total_bytes: Option<usize>) {
+        if !self.config.adaptive || self.backend != BackendKind::Gpu {
+            return;
+        }
+        if !self.boundaries_free(&self.order()) {
+            return;
+        }
+        let (chunk, slots) = PipelineConfig::choose(shape, total_bytes);
+        let elem = std::mem::size_of::<T>().max(1);
+        self.config.chunk_bytes = (chunk / elem).max(1) * elem;
+        self.config.slots = slots;
     }
 
     /// Output elements of a whole input of `n` elements cut into chunks.
@@ -419,6 +492,9 @@ impl<T: Element> PipelineStageManager<T> {
         }
         self.stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
         self.stats.host_copy_ms += self.copy_pool.take_ms();
+        self.stats.chunk_bytes = self.config.chunk_bytes;
+        self.stats.slots = self.config.slots;
+        self.stats.adaptive = self.config.adaptive;
         self.stats.timed = self.config.timing || self.backend == BackendKind::Host;
     }
 

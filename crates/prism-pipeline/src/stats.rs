@@ -60,6 +60,11 @@ pub struct PipelineStats {
     pub host_copy_ms: f64,
     /// Host time blocked waiting for the GPU to finish a chunk (GPU backend).
     pub host_wait_ms: f64,
+    /// Chunk size and ring depth of the last run, and whether the adaptive
+    /// configuration chose them.
+    pub chunk_bytes: usize,
+    pub slots: usize,
+    pub adaptive: bool,
 }
 
 impl PipelineStats {
@@ -133,6 +138,17 @@ impl fmt::Display for PipelineStats {
             self.bytes_out as f64 / 1048576.0,
             self.wall_ms,
             self.throughput_gbps()
+        )?;
+        writeln!(
+            f,
+            "  chunks of {:.2} MiB, {} slots{}",
+            self.chunk_bytes as f64 / 1048576.0,
+            self.slots,
+            if self.adaptive {
+                " (chosen by the adaptive configuration)"
+            } else {
+                ""
+            }
         )?;
         if !self.timed {
             return writeln!(f, "  (timing off: no per-step times)");

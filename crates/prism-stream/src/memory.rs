@@ -57,6 +57,23 @@ pub fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), len) }
 }
 
+/// Copies `src` into the front of `dst` (up to the shorter length) with
+/// non-temporal stores on x86_64 (`prism_copy_stream`): the destination's
+/// lines are not read into the cache first, so a large copy moves a third
+/// less memory traffic than `copy_from_slice`, and leaves the cache to
+/// others. Meant for copies larger than the cache (staging); small copies
+/// are better served by `copy_from_slice`.
+pub fn copy_streaming<T: Element>(dst: &mut [T], src: &[T]) {
+    let n = dst.len().min(src.len());
+    let bytes = std::mem::size_of_val(&src[..n]);
+    // SAFETY: `src` and `dst` are valid for `bytes` bytes (slices of at
+    // least n elements), cannot overlap (a shared and an exclusive borrow
+    // never alias), and every bit pattern copied is a valid T (Element).
+    unsafe {
+        prism_cuda_sys::prism_copy_stream(dst.as_mut_ptr().cast(), src.as_ptr().cast(), bytes)
+    };
+}
+
 /// A `Vec` of `len` zeroed elements (zero bits are a valid `Element`).
 pub fn zeroed_vec<T: Element>(len: usize) -> Vec<T> {
     let mut v = Vec::<T>::with_capacity(len);

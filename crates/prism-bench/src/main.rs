@@ -122,10 +122,6 @@ struct PageableResult {
     /// Repeated runs over the same vectors, registered in place once.
     #[serde(default)]
     repeated: Option<RepeatedResult>,
-    /// The same, with the vectors' memory collapsed into huge pages
-    /// (`madvise` HUGEPAGE + COLLAPSE) before registering.
-    #[serde(default)]
-    repeated_huge: Option<RepeatedResult>,
 }
 
 /// One configuration of the S4 one-shot sweep.
@@ -143,9 +139,6 @@ struct SweepRow {
 /// then `run_pinned` over them again and again, then `into_vec`.
 #[derive(Debug, Serialize, Deserialize)]
 struct RepeatedResult {
-    /// `madvise(MADV_COLLAPSE)` time (huge-page variant only).
-    #[serde(default)]
-    collapse_ms: f64,
     register_ms: f64,
     first_run_ms: f64,
     /// Median of the runs after the first.
@@ -368,7 +361,7 @@ fn run() -> Result<(), BoxError> {
             .iter()
             .map(|&mib| {
                 let sweep: &[(usize, usize)] = if mib > 1024 || args.quick {
-                    &[(16, 3), (64, 3)]
+                    &[(16, 4), (64, 3)]
                 } else {
                     &[(4, 3), (8, 3), (16, 3), (16, 4), (32, 3), (64, 3), (64, 4)]
                 };
@@ -392,7 +385,7 @@ fn run() -> Result<(), BoxError> {
     };
     let short = if wants("S9") {
         eprintln!("prism-bench: S9 (a short run, chunk ramp off and on) ...");
-        Some(bench_short(&gpu, args.reps)?)
+        Some(bench_short(&gpu, args.reps, &args.out)?)
     } else {
         None
     };
@@ -852,8 +845,25 @@ fn bench_pageable(
     let mut output = vec![f32::NAN; n];
     let mut rows = Vec::new();
     let mut threads = 0;
-    for &(chunk_mib, slots) in sweep {
-        let mut p = fma_pipeline(gpu, chunk_mib << 20, slots, false, 1)?;
+    // (0, 0): PipelineConfig::auto.
+    for &(chunk_mib, slots) in sweep.iter().chain(&[(0, 0)]) {
+        let mut p = if chunk_mib == 0 {
+            let mut p = PipelineStageManager::<f32>::with_gpu(
+                gpu,
+                PipelineConfig {
+                    timing: false,
+                    ..PipelineConfig::auto()
+                },
+            )?;
+            p.add_stage(Fma {
+                a: A,
+                b: B,
+                iters: 1,
+            });
+            p
+        } else {
+            fma_pipeline(gpu, chunk_mib << 20, slots, false, 1)?
+        };
         threads = p.config().host_threads;
         let mut times = Vec::new();
         for rep in 0..=reps {
@@ -879,7 +889,7 @@ fn bench_pageable(
     }
     let prism_ms = rows
         .iter()
-        .find(|r| (r.chunk_mib, r.slots) == (64, 3))
+        .find(|r| r.chunk_mib == 0)
         .map_or(f64::NAN, |r| r.ms);
     // The host alone: the same copies in and out through a ring of three
     // 64 MiB buffers, on as many threads.
@@ -968,8 +978,7 @@ fn bench_pageable(
     let t_bidir = median(&mut b) * n as f64 / pinned as f64;
     let bound = t_bidir.max(t_staging);
     // Repeated runs over the same vectors: register them in place once.
-    let (repeated, input, output) = bench_registered(gpu, input, output, reps, t_bidir, false)?;
-    let (repeated_huge, _, _) = bench_registered(gpu, input, output, reps, t_bidir, true)?;
+    let repeated = bench_registered(gpu, input, output, reps, t_bidir)?;
     Ok(PageableResult {
         mib,
         t_bidir_ms: t_bidir,
@@ -981,29 +990,20 @@ fn bench_pageable(
         t_staging_stream_ms: t_staging_stream,
         sweep: rows,
         repeated: Some(repeated),
-        repeated_huge: Some(repeated_huge),
     })
 }
 
-/// Registers `input` and `output` in place (after collapsing them into
-/// huge pages with `huge`), runs `run_pinned` over them `reps + 1` times,
-/// hands them back; checks the output.
+/// Registers `input` and `output` in place, runs `run_pinned` over them
+/// `reps + 1` times, hands them back unregistered; checks the output.
 fn bench_registered(
     gpu: &Gpu,
-    mut input: Vec<f32>,
+    input: Vec<f32>,
     mut output: Vec<f32>,
     reps: usize,
     t_bidir: f64,
-    huge: bool,
-) -> Result<(RepeatedResult, Vec<f32>, Vec<f32>), BoxError> {
+) -> Result<RepeatedResult, BoxError> {
     let mut p = fma_pipeline(gpu, 64 << 20, 3, false, 1)?;
     output.fill(f32::NAN);
-    let t = Instant::now();
-    if huge {
-        collapse(&mut input);
-        collapse(&mut output);
-    }
-    let collapse_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let reg_in = PinnedBuffer::register(gpu, input)?;
     let mut reg_out = PinnedBuffer::register(gpu, output)?;
@@ -1022,41 +1022,13 @@ fn bench_registered(
     let output = reg_out.into_vec()?;
     let unregister_ms = t.elapsed().as_secs_f64() * 1e3;
     check_fma(&input, &output, "S4 repeated")?;
-    Ok((
-        RepeatedResult {
-            collapse_ms,
-            register_ms,
-            first_run_ms,
-            run_ms,
-            unregister_ms,
-            run_over_bidir: t_bidir / run_ms,
-        },
-        input,
-        output,
-    ))
-}
-
-/// Asks the kernel to back `v` with transparent huge pages now (an
-/// experiment: does the GPU copy registered huge pages faster?).
-fn collapse(v: &mut [f32]) {
-    const MADV_COLLAPSE: libc::c_int = 25;
-    let page = 2usize << 20;
-    let start = (v.as_mut_ptr() as usize).div_ceil(page) * page;
-    let end = (v.as_mut_ptr() as usize + std::mem::size_of_val(v)) / page * page;
-    if end <= start {
-        return;
-    }
-    for advice in [libc::MADV_HUGEPAGE, MADV_COLLAPSE] {
-        // SAFETY: [start, end) lies inside `v`'s allocation, page-aligned;
-        // these advices move the pages' backing but keep their contents.
-        let r = unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
-        if r != 0 {
-            eprintln!(
-                "prism-bench: madvise({advice}) failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
+    Ok(RepeatedResult {
+        register_ms,
+        first_run_ms,
+        run_ms,
+        unregister_ms,
+        run_over_bidir: t_bidir / run_ms,
+    })
 }
 
 /// Samples every 7919th output against the CPU.
@@ -1071,7 +1043,7 @@ fn check_fma(input: &[f32], output: &[f32], what: &str) -> Result<(), BoxError> 
 
 /// A short run: 512 MiB pinned in 16 MiB chunks through two stages, with
 /// the chunk ramp off and on, against the link in the same process.
-fn bench_short(gpu: &Gpu, reps: usize) -> Result<ShortResult, BoxError> {
+fn bench_short(gpu: &Gpu, reps: usize, out: &str) -> Result<ShortResult, BoxError> {
     let (mib, chunk_mib) = (512usize, 16usize);
     let n = mib << 18;
     let mut input = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?;
@@ -1082,6 +1054,7 @@ fn bench_short(gpu: &Gpu, reps: usize) -> Result<ShortResult, BoxError> {
         let config = PipelineConfig {
             chunk_bytes: chunk_mib << 20,
             ramp,
+            trace: true,
             ..PipelineConfig::default()
         };
         let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
@@ -1115,6 +1088,11 @@ fn bench_short(gpu: &Gpu, reps: usize) -> Result<ShortResult, BoxError> {
                 return Err(format!("short run output {k} differs from the CPU").into());
             }
         }
+        std::fs::create_dir_all(out)?;
+        p.timeline().write_chrome_trace(format!(
+            "{out}/s9-ramp-{}.trace.json",
+            if ramp { "on" } else { "off" }
+        ))?;
         runs.push((ramp, median(&mut times), chunks, median(&mut eff)));
     }
     let chunk = 16usize << 20;
@@ -1215,30 +1193,35 @@ fn bench_auto(gpu: &Gpu, reps: usize, quick: bool) -> Result<Vec<AutoResult>, Bo
         let mut pin_out = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?;
         let vec_in = pin_in.as_slice()?.to_vec();
         let mut vec_out = vec![0f32; n];
-        let mut time = |config: PipelineConfig| -> Result<(f64, PipelineStageManager<f32>), BoxError> {
-            let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
-            p.add_stage(Fma { a: A, b: B, iters });
-            let mut times = Vec::new();
-            for rep in 0..=reps {
-                let t = Instant::now();
-                if pageable {
-                    p.run(&vec_in, &mut vec_out)?;
+        let mut time =
+            |config: PipelineConfig| -> Result<(f64, PipelineStageManager<f32>), BoxError> {
+                let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
+                p.add_stage(Fma { a: A, b: B, iters });
+                let mut times = Vec::new();
+                for rep in 0..=reps {
+                    let t = Instant::now();
+                    if pageable {
+                        p.run(&vec_in, &mut vec_out)?;
+                    } else {
+                        p.run_pinned(&pin_in, &mut pin_out)?;
+                        pin_out.wait_idle()?;
+                    }
+                    if rep > 0 {
+                        times.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                let got = if pageable {
+                    &vec_out[..]
                 } else {
-                    p.run_pinned(&pin_in, &mut pin_out)?;
-                    pin_out.wait_idle()?;
+                    pin_out.as_slice()?
+                };
+                for k in (0..n).step_by(7919) {
+                    if fma_chain_cpu(vec_in[k], A, B, iters).to_bits() != got[k].to_bits() {
+                        return Err(format!("auto sweep {name}: output {k} differs").into());
+                    }
                 }
-                if rep > 0 {
-                    times.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-            let got = if pageable { &vec_out[..] } else { pin_out.as_slice()? };
-            for k in (0..n).step_by(7919) {
-                if fma_chain_cpu(vec_in[k], A, B, iters).to_bits() != got[k].to_bits() {
-                    return Err(format!("auto sweep {name}: output {k} differs").into());
-                }
-            }
-            Ok((median(&mut times), p))
-        };
+                Ok((median(&mut times), p))
+            };
         let mut fixed = Vec::new();
         for (chunk_mib, slots) in [(4, 3), (16, 3), (16, 4), (64, 3), (64, 4)] {
             let config = PipelineConfig {
@@ -1255,7 +1238,10 @@ fn bench_auto(gpu: &Gpu, reps: usize, quick: bool) -> Result<Vec<AutoResult>, Bo
         })?;
         let best = fixed.iter().map(|f| f.2).fold(f64::INFINITY, f64::min);
         out.push(AutoResult {
-            workload: format!("{name}, {mib} MiB{}", if pageable { " pageable" } else { " pinned" }),
+            workload: format!(
+                "{name}, {mib} MiB{}",
+                if pageable { " pageable" } else { " pinned" }
+            ),
             fixed,
             auto_ms,
             auto_chunk_mib: p.get_stats().chunk_bytes as f64 / (1 << 20) as f64,
@@ -1324,7 +1310,9 @@ fn print_pageable(rows: &[PageableResult]) {
         return;
     }
     println!();
-    println!("S4: pageable Vecs in and out, one shot (run(&input, &mut output)), 64 MiB chunks");
+    println!(
+        "S4: pageable Vecs in and out, one shot (run(&input, &mut output)), PipelineConfig::auto"
+    );
     println!("| size | t_bidir ms | host staging alone ms (threads) | staging bound ms | prism ms | bound / measured | host alone, streaming copies ms |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for r in rows {
@@ -1348,11 +1336,14 @@ fn print_pageable(rows: &[PageableResult]) {
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for r in rows {
         for w in &r.sweep {
+            let (chunk, slots) = if w.chunk_mib == 0 {
+                ("auto".to_owned(), String::new())
+            } else {
+                (w.chunk_mib.to_string(), w.slots.to_string())
+            };
             println!(
-                "| {} MiB | {} | {} | {:.1} | {:.3} | {:.1} | {:.1} |",
+                "| {} MiB | {chunk} | {slots} | {:.1} | {:.3} | {:.1} | {:.1} |",
                 r.mib,
-                w.chunk_mib,
-                w.slots,
                 w.ms,
                 r.bound_ms / w.ms,
                 w.host_copy_ms,
@@ -1362,19 +1353,14 @@ fn print_pageable(rows: &[PageableResult]) {
     }
     println!();
     println!("S4 repeated: the same Vecs registered in place once (PinnedBuffer::register), run_pinned again and again, into_vec");
-    println!("| size | pages | t_bidir ms | collapse ms | register ms | first run ms | later runs ms (median) | t_bidir / later | unregister ms |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| size | t_bidir ms | register ms | first run ms | later runs ms (median) | t_bidir / later | unregister ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for r in rows {
-        for (pages, x) in [
-            ("as allocated", &r.repeated),
-            ("collapsed to 2 MiB", &r.repeated_huge),
-        ] {
-            let Some(x) = x else { continue };
+        if let Some(x) = &r.repeated {
             println!(
-                "| {} MiB | {pages} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} |",
+                "| {} MiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.1} |",
                 r.mib,
                 r.t_bidir_ms,
-                x.collapse_ms,
                 x.register_ms,
                 x.first_run_ms,
                 x.run_ms,

@@ -3,11 +3,12 @@
 //! stats table printed and a Chrome trace written.
 //!
 //! ```text
-//! cargo run --release -p prism-pipeline --example streaming [-- --mib 4096 --chunk-mib 64 --pageable --trace prism.trace.json]
+//! cargo run --release -p prism-pipeline --example streaming [-- --mib 4096 --chunk-mib 16 --pageable --trace prism.trace.json]
 //! ```
 //! On a GPU the default is 4 GiB from pinned memory (`--pageable`: from an
-//! ordinary Vec, staged by host threads). Without a GPU it says so and runs
-//! the host backend over 64 MiB in 4 MiB chunks (`--mib`, `--chunk-mib` change that).
+//! ordinary Vec, staged by host threads), chunk size and ring depth chosen
+//! by `PipelineConfig::auto`. Without a GPU it says so and runs the host
+//! backend over 64 MiB in 4 MiB chunks (`--mib`, `--chunk-mib` change that).
 
 use std::process::ExitCode;
 
@@ -79,14 +80,28 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         println!("prism streaming: no usable GPU (no CUDA driver or device), so this runs the host backend on CPU threads. On a machine with an NVIDIA GPU it streams 4 GiB through the GPU.");
     }
     let mib = args.mib.unwrap_or(if on_gpu { 4096 } else { 64 });
-    // 64 MiB chunks on the GPU; smaller ones on the host, so several are in flight.
-    let chunk_mib = args.chunk_mib.unwrap_or(if on_gpu { 64 } else { 4 });
-    p.set_config(PipelineConfig {
-        chunk_bytes: chunk_mib << 20,
-        ..p.config().clone()
-    })?;
+    // On the GPU the adaptive configuration picks chunk size and ring depth
+    // per run (unless --chunk-mib says); on the host, 4 MiB chunks, so that
+    // several are in flight.
+    let chunks = match args.chunk_mib {
+        None if on_gpu => {
+            p.set_config(PipelineConfig::auto().with_trace(true))?;
+            "chosen per run (PipelineConfig::auto)".to_owned()
+        }
+        chunk_mib => {
+            let chunk_mib = chunk_mib.unwrap_or(4);
+            p.set_config(PipelineConfig {
+                chunk_bytes: chunk_mib << 20,
+                ..p.config().clone()
+            })?;
+            format!("of {chunk_mib} MiB")
+        }
+    };
     let n = (mib << 20) / 4;
-    println!("prism streaming: {mib} MiB of random f32 ({n} elements), chunks of {chunk_mib} MiB, backend {}", p.backend());
+    println!(
+        "prism streaming: {mib} MiB of random f32 ({n} elements), chunks {chunks}, backend {}",
+        p.backend()
+    );
     let input = random_f32(0xC0FFEE, n);
     let output: Vec<f32> = if on_gpu && !args.pageable {
         let gpu = prism_stream::Gpu::open(0)?;

@@ -70,7 +70,7 @@ pub enum Backend {
 /// Tuning of a streaming run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PipelineConfig {
-    /// Bytes of input per chunk (default 64 MiB).
+    /// Bytes of input per chunk (default 16 MiB).
     pub chunk_bytes: usize,
     /// Slots in the ring: chunks in flight at once (2..=8, default 3).
     pub slots: usize,
@@ -95,7 +95,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
-            chunk_bytes: 64 << 20,
+            chunk_bytes: 16 << 20,
             slots: 3,
             timing: true,
             trace: false,
@@ -121,18 +121,18 @@ impl PipelineConfig {
     /// The default configuration with [`adaptive`](Self::adaptive) on: each
     /// GPU run whose stages are all elementwise (so chunk boundaries cannot
     /// change its output) picks its chunk size and ring depth by its input,
-    /// from sweeps measured on an H200 (PCIe Gen5, 16 cores, 2026-11-27;
-    /// docs/BENCHMARKS.md):
+    /// as sweeps measured on an H200 (PCIe Gen5, 16 cores, 2026-11-27;
+    /// docs/BENCHMARKS.md) found best:
     /// - pageable slices: 16 MiB chunks, 4 slots: staging copies of chunks
-    ///   that size run alongside the DMA with the least memory traffic
-    ///   (0.93 of the host-copy bound against 0.72 with 64 MiB chunks);
-    /// - pinned buffers and streams: 64 MiB chunks, 3 slots (the link's
-    ///   speed), but at least 8 chunks per run, down to 4 MiB, so that short
-    ///   runs still overlap;
-    /// - items: 16 MiB chunks, 3 slots.
+    ///   that size run beside the DMA with the least memory traffic (0.96 to
+    ///   0.98 of the host-copy bound, against 0.85 with 64 MiB chunks);
+    /// - pinned buffers, streams and items: 16 MiB chunks, 3 slots, and at
+    ///   least 8 chunks per run (down to 4 MiB), so that short runs overlap.
     ///
-    /// The choice shows in the stats (`chunk_bytes`, `slots`). Runs of
-    /// stages that are not elementwise keep `chunk_bytes` and `slots`.
+    /// The choice shows in the stats (`chunk_bytes`, `slots`). Runs whose
+    /// stages are not all elementwise keep `chunk_bytes` and `slots`. The
+    /// choice is made per kind of input before the run starts; it does not
+    /// yet adjust from the run's own measured copy and kernel times.
     pub fn auto() -> Self {
         Self {
             adaptive: true,
@@ -140,16 +140,18 @@ impl PipelineConfig {
         }
     }
 
+    /// The same with [`trace`](Self::trace) set.
+    pub fn with_trace(self, trace: bool) -> Self {
+        Self { trace, ..self }
+    }
+
     /// (chunk bytes, slots) the adaptive configuration picks.
     pub(crate) fn choose(shape: Shape, total_bytes: Option<usize>) -> (usize, usize) {
         const MIB: usize = 1 << 20;
+        let chunk = total_bytes.map_or(16 * MIB, |t| (t / 8).clamp(4 * MIB, 16 * MIB));
         match shape {
-            Shape::Pageable => (16 * MIB, 4),
-            Shape::Items => (16 * MIB, 3),
-            Shape::Pinned => {
-                let chunk = total_bytes.map_or(64 * MIB, |t| (t / 8).clamp(4 * MIB, 64 * MIB));
-                (chunk, 3)
-            }
+            Shape::Pageable => (chunk, 4),
+            Shape::Pinned | Shape::Items => (chunk, 3),
         }
     }
 }

@@ -183,10 +183,7 @@ impl<T: Element> PipelineStageManager<T> {
                 backend: "host",
             });
         }
-        self.adapt(
-            Shape::Pinned,
-            Some(input.len() * std::mem::size_of::<T>()),
-        );
+        self.adapt(Shape::Pinned, Some(input.len() * std::mem::size_of::<T>()));
         let order = self.begin_run(Some((input.len(), output.len())), false)?;
         let started = Instant::now();
         let plan = self.plan(&order, input.len());

@@ -357,3 +357,54 @@ fn gpu_pipeline_registered_vecs_run_repeatedly_and_come_back() {
     drop(again);
     lane.synchronize().unwrap();
 }
+
+#[test]
+fn gpu_pipeline_adaptive_configuration_picks_by_input_and_matches_cpu() {
+    let Some(ctx) =
+        gpu_or_skip("gpu_pipeline_adaptive_configuration_picks_by_input_and_matches_cpu")
+    else {
+        return;
+    };
+    let gpu = ctx.gpu();
+    let n = scaled(40 << 20, 1 << 16) + 3;
+    let mut p = ctx
+        .create_pipeline_manager::<f32>(PipelineConfig::auto())
+        .unwrap();
+    p.add_stage(Fma {
+        a: 1.25,
+        b: -0.5,
+        iters: 3,
+    });
+    p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
+    let input = random_f32(31, n);
+    let mut out = vec![f32::NAN; n];
+    p.run(&input, &mut out).unwrap();
+    expect_fma_clamp(&input, &out);
+    let s = p.get_stats();
+    assert!(s.adaptive);
+    let chunk = ((n * 4) / 8).clamp(4 << 20, 16 << 20) / 4 * 4;
+    assert_eq!((s.chunk_bytes, s.slots), (chunk, 4), "pageable choice");
+    // Pinned: 16 MiB at most, and at least 8 chunks of 4 MiB or more.
+    let pin_in = PinnedBuffer::from_slice(gpu, &input, HostAllocFlags::DEFAULT).unwrap();
+    let mut pin_out = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT).unwrap();
+    p.run_pinned(&pin_in, &mut pin_out).unwrap();
+    expect_fma_clamp(&input, pin_out.wait_slice().unwrap());
+    let s = p.get_stats();
+    assert_eq!(
+        s.chunk_bytes,
+        ((n * 4) / 8).clamp(4 << 20, 64 << 20) / 4 * 4
+    );
+    assert_eq!(s.slots, 3);
+    // A stage that is not elementwise keeps the configured sizes.
+    let config = PipelineConfig {
+        chunk_bytes: 1 << 20,
+        slots: 2,
+        ..PipelineConfig::auto()
+    };
+    let mut q = ctx.create_pipeline_manager::<f32>(config).unwrap();
+    q.add_stage(GroupSum { group: 4 });
+    let mut sums = vec![0f32; q.total_output_len(n)];
+    q.run(&input, &mut sums).unwrap();
+    let s = q.get_stats();
+    assert_eq!((s.chunk_bytes, s.slots), (1 << 20, 2));
+}

@@ -1,6 +1,7 @@
-//! Host-side copies split over threads: one thread cannot move bytes as
-//! fast as a PCIe Gen5 link, so pageable input/output and item gathering
-//! copy on a persistent pool of threads (rayon), sized to the machine.
+//! The manager's host threads: a persistent pool (rayon), sized by
+//! `PipelineConfig::host_threads`. On the GPU, pageable input/output and
+//! item gathering copy on it (one thread cannot move bytes as fast as a
+//! PCIe Gen5 link); on the host backend, the stages run on it.
 
 use rayon::prelude::*;
 
@@ -8,25 +9,29 @@ use rayon::prelude::*;
 /// over to a pool thread, small enough to balance the threads).
 const PIECE_BYTES: usize = 1 << 20;
 
-/// The host threads a manager copies with.
+/// The host threads of a manager.
 #[derive(Debug)]
 pub(crate) struct CopyPool {
+    /// `None` only if the threads could not be started: then everything
+    /// runs on the calling thread.
     pool: Option<rayon::ThreadPool>,
 }
 
 impl CopyPool {
-    /// `threads` threads (1: copies stay on the calling thread).
+    /// `threads` threads (with 1, copies stay on the calling thread, and
+    /// host stages run on the one pool thread).
     pub(crate) fn new(threads: usize) -> Self {
-        let pool = (threads > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("prism-copy-{i}"))
-                    .build()
-                    .ok()
-            })
-            .flatten();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("prism-host-{i}"))
+            .build()
+            .ok();
         Self { pool }
+    }
+
+    /// The pool, for the host backend's stages.
+    pub(crate) fn pool(&self) -> Option<&rayon::ThreadPool> {
+        self.pool.as_ref()
     }
 }
 
@@ -35,7 +40,11 @@ impl CopyPool {
 pub(crate) fn par_copy<T: Copy + Send + Sync>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
     let total: usize = pairs.iter().map(|(d, _)| d.len()).sum();
     let size = std::mem::size_of::<T>().max(1);
-    let Some(pool) = pool.pool.as_ref().filter(|_| total * size >= PIECE_BYTES) else {
+    let Some(pool) = pool
+        .pool
+        .as_ref()
+        .filter(|p| p.current_num_threads() > 1 && total * size >= PIECE_BYTES)
+    else {
         for (d, s) in pairs {
             d.copy_from_slice(s);
         }

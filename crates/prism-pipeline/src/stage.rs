@@ -9,7 +9,12 @@ use crate::error::StageError;
 /// of `launch` (prism's kernels, or your own through `launch.kernel`, which
 /// orders and tracks every buffer passed to it); the host
 /// form computes on slices. Implement the forms the stage supports.
-pub trait Stage<T: Element>: Send {
+///
+/// Stages are `Send + Sync`, and the host form takes `&self`: the host
+/// backend runs one stage on several chunks at once, on the manager's
+/// threads. A host stage that keeps state between chunks holds it in a
+/// `Mutex` or atomics (and must not rely on seeing chunks in order).
+pub trait Stage<T: Element>: Send + Sync {
     fn name(&self) -> &str;
 
     /// Elements produced from `input_len` elements (default: the same).
@@ -45,8 +50,10 @@ pub trait Stage<T: Element>: Send {
         Err(format!("stage {} has no GPU implementation", self.name()).into())
     }
 
-    /// Computes the stage on the host: `output.len() == output_len(input.len())`.
-    fn host(&mut self, input: &[T], output: &mut [T]) -> Result<(), StageError> {
+    /// Computes the stage on the host: `output.len() == output_len(input.len())`,
+    /// and the stage writes every element of `output`. Called on the
+    /// manager's threads, for several chunks at once.
+    fn host(&self, input: &[T], output: &mut [T]) -> Result<(), StageError> {
         let _ = (input, output);
         Err(format!("stage {} has no host implementation", self.name()).into())
     }
@@ -82,7 +89,7 @@ impl Stage<f32> for Fma {
     ) -> Result<(), StageError> {
         Ok(launch.fma_chain(input, output, len, self.a, self.b, self.iters)?)
     }
-    fn host(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
+    fn host(&self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
         for (o, x) in output.iter_mut().zip(input) {
             *o = fma_chain_cpu(*x, self.a, self.b, self.iters);
         }
@@ -119,7 +126,7 @@ impl Stage<f32> for Clamp {
     ) -> Result<(), StageError> {
         Ok(launch.clamp(input, output, len, self.lo, self.hi)?)
     }
-    fn host(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
+    fn host(&self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
         for (o, x) in output.iter_mut().zip(input) {
             *o = x.max(self.lo).min(self.hi);
         }
@@ -155,7 +162,7 @@ impl Stage<f32> for GroupSum {
     ) -> Result<(), StageError> {
         Ok(launch.group_sum(input, len, self.group, output)?)
     }
-    fn host(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
+    fn host(&self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
         if self.group == 0 {
             return Err("group_sum: group size 0".into());
         }
@@ -167,7 +174,8 @@ impl Stage<f32> for GroupSum {
     }
 }
 
-/// A host stage from a closure (same-length output).
+/// A host stage from a closure (same-length output). The closure is `Fn`
+/// and `Sync`: the host backend calls it for several chunks at once.
 pub struct HostFn<T, F> {
     name: String,
     elementwise: bool,
@@ -181,7 +189,7 @@ impl<T, F> std::fmt::Debug for HostFn<T, F> {
     }
 }
 
-impl<T: Element, F: FnMut(&[T], &mut [T]) -> Result<(), StageError> + Send> HostFn<T, F> {
+impl<T: Element, F: Fn(&[T], &mut [T]) -> Result<(), StageError> + Send + Sync> HostFn<T, F> {
     pub fn new(name: impl Into<String>, elementwise: bool, f: F) -> Self {
         Self {
             name: name.into(),
@@ -192,7 +200,7 @@ impl<T: Element, F: FnMut(&[T], &mut [T]) -> Result<(), StageError> + Send> Host
     }
 }
 
-impl<T: Element, F: FnMut(&[T], &mut [T]) -> Result<(), StageError> + Send> Stage<T>
+impl<T: Element, F: Fn(&[T], &mut [T]) -> Result<(), StageError> + Send + Sync> Stage<T>
     for HostFn<T, F>
 {
     fn name(&self) -> &str {
@@ -204,17 +212,20 @@ impl<T: Element, F: FnMut(&[T], &mut [T]) -> Result<(), StageError> + Send> Stag
     fn has_host(&self) -> bool {
         true
     }
-    fn host(&mut self, input: &[T], output: &mut [T]) -> Result<(), StageError> {
+    fn host(&self, input: &[T], output: &mut [T]) -> Result<(), StageError> {
         (self.f)(input, output)
     }
 }
 
 /// A GPU stage from a closure (same-length output): enqueue your own kernels,
-/// e.g. a module you loaded through cudarc, on `launch.stream()`.
+/// e.g. a module you loaded through cudarc, on `launch.stream()`. The
+/// closure is `FnMut + Send`; it need not be `Sync` (the GPU form takes
+/// `&mut self`, and the stage keeps the closure behind a `Mutex` it never
+/// has to lock).
 pub struct GpuFn<T, F> {
     name: String,
     elementwise: bool,
-    f: F,
+    f: std::sync::Mutex<F>,
     _t: std::marker::PhantomData<fn(T)>,
 }
 
@@ -238,7 +249,7 @@ where
         Self {
             name: name.into(),
             elementwise,
-            f,
+            f: std::sync::Mutex::new(f),
             _t: std::marker::PhantomData,
         }
     }
@@ -270,6 +281,12 @@ where
         output: &mut DeviceBuffer<T>,
         len: usize,
     ) -> Result<(), StageError> {
-        (self.f)(launch, input, output, len)
+        // `&mut self`: no lock needed. A panic in the closure (caught by
+        // the pipeline) poisons nothing, as the mutex is never locked.
+        let f = self
+            .f
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(launch, input, output, len)
     }
 }

@@ -280,8 +280,9 @@ impl AsyncPipelineCoordinator {
 }
 
 /// One run inside `scope` (`None`: every job runs on the calling thread).
-/// Returns once every job it spawned has sent its message or been skipped;
-/// the scope itself waits for jobs still running.
+/// Returns when the run is over (everything delivered, or stopped by an
+/// error); then chunks not started are skipped, and the scope waits for
+/// the jobs still running.
 fn drive<'scope, 'a: 'scope, 's: 'scope, T: Element>(
     scope: Option<&rayon::Scope<'scope>>,
     slots: usize,
@@ -327,7 +328,12 @@ fn feed_and_deliver<'a, T: Element>(
     let mut ready: VecDeque<Option<Result<Done<'a, T>>>> = VecDeque::with_capacity(slots);
     let mut buf: Vec<T> = Vec::new();
     loop {
-        while failed.is_none() && !ended && (sent - delivered) < slots as u64 {
+        // Once a chunk failed, pull nothing more: the run ends at it.
+        while failed.is_none()
+            && !ended
+            && (sent - delivered) < slots as u64
+            && shared.stop_from.load(Ordering::Acquire) == u64::MAX
+        {
             if buf.capacity() == 0 {
                 buf = shared.spares.take();
             }

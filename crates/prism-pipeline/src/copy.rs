@@ -1,6 +1,7 @@
-//! Host-side copies split over threads: one thread cannot move bytes as
-//! fast as a PCIe Gen5 link, so pageable input/output and item gathering
-//! copy on a persistent pool of threads (rayon), sized to the machine.
+//! The manager's host threads: a persistent pool (rayon), sized by
+//! `PipelineConfig::host_threads`. On the GPU, pageable input/output and
+//! item gathering copy on it (one thread cannot move bytes as fast as a
+//! PCIe Gen5 link); on the host backend, the stages run on it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -21,26 +22,25 @@ const MIN_PIECE_BYTES: usize = 64 << 10;
 /// thread, cached.
 const POOL_BYTES: usize = 1 << 20;
 
-/// The host threads a manager copies with.
+/// The host threads of a manager.
 #[derive(Debug)]
 pub(crate) struct CopyPool {
+    /// `None` only if the threads could not be started: then everything
+    /// runs on the calling thread.
     pool: Option<rayon::ThreadPool>,
     /// Wall time of the copies since the last `take_ms`, in ns.
     busy_ns: AtomicU64,
 }
 
 impl CopyPool {
-    /// `threads` threads (1: copies stay on the calling thread).
+    /// `threads` threads (with 1, copies stay on the calling thread, and
+    /// host stages run on the one pool thread).
     pub(crate) fn new(threads: usize) -> Self {
-        let pool = (threads > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("prism-copy-{i}"))
-                    .build()
-                    .ok()
-            })
-            .flatten();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("prism-host-{i}"))
+            .build()
+            .ok();
         Self {
             pool,
             busy_ns: AtomicU64::new(0),
@@ -50,6 +50,11 @@ impl CopyPool {
     /// The copies' wall time since the last call, in ms (and restarts it).
     pub(crate) fn take_ms(&self) -> f64 {
         self.busy_ns.swap(0, Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// The pool, for the host backend's stages.
+    pub(crate) fn pool(&self) -> Option<&rayon::ThreadPool> {
+        self.pool.as_ref()
     }
 }
 
@@ -65,7 +70,11 @@ pub(crate) fn par_copy<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool
 fn copy_pieces<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
     let total: usize = pairs.iter().map(|(d, _)| d.len()).sum();
     let size = std::mem::size_of::<T>().max(1);
-    let Some(pool) = pool.pool.as_ref().filter(|_| total * size >= POOL_BYTES) else {
+    let Some(pool) = pool
+        .pool
+        .as_ref()
+        .filter(|p| p.current_num_threads() > 1 && total * size >= POOL_BYTES)
+    else {
         for (d, s) in pairs {
             d.copy_from_slice(s);
         }

@@ -49,8 +49,8 @@ pub enum Error {
     /// A configuration value out of range.
     #[error("invalid configuration: {0}")]
     Config(&'static str),
-    /// The host backend's worker thread panicked outside a stage.
-    #[error("the host backend's worker thread panicked")]
+    /// A host-backend thread panicked outside a stage.
+    #[error("a host backend thread panicked")]
     WorkerPanicked,
     /// A stage panicked; the run stopped after in-flight chunks drained.
     #[error("stage {stage:?} panicked on chunk {chunk}: {message}")]

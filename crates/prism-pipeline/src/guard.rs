@@ -37,22 +37,42 @@ pub(crate) fn output_len<T: Element>(
     })
 }
 
-/// Runs `work` on `stage` (its `gpu` or `host` form): an error is
-/// `Error::Stage`, a panic `StagePanicked`, both naming the stage and chunk.
+/// Runs `work` on `stage` (its `gpu` form): an error is `Error::Stage`, a
+/// panic `StagePanicked`, both naming the stage and chunk.
 pub(crate) fn run_stage<T: Element>(
     stage: &mut dyn Stage<T>,
     chunk: u64,
     work: impl FnOnce(&mut dyn Stage<T>) -> std::result::Result<(), StageError>,
 ) -> Result<()> {
-    match catch_unwind(AssertUnwindSafe(|| work(&mut *stage))) {
+    let outcome = catch_unwind(AssertUnwindSafe(|| work(&mut *stage)));
+    stage_outcome(stage.name(), chunk, outcome)
+}
+
+/// Runs `work` on a shared `stage` (its `host` form), as [`run_stage`].
+pub(crate) fn run_host_stage<T: Element>(
+    stage: &dyn Stage<T>,
+    chunk: u64,
+    work: impl FnOnce(&dyn Stage<T>) -> std::result::Result<(), StageError>,
+) -> Result<()> {
+    let outcome = catch_unwind(AssertUnwindSafe(|| work(stage)));
+    stage_outcome(stage.name(), chunk, outcome)
+}
+
+/// A stage call's outcome as the pipeline reports it.
+fn stage_outcome(
+    stage: &str,
+    chunk: u64,
+    outcome: std::thread::Result<std::result::Result<(), StageError>>,
+) -> Result<()> {
+    match outcome {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(Error::Stage {
-            stage: stage.name().to_owned(),
+            stage: stage.to_owned(),
             chunk,
             source,
         }),
         Err(payload) => Err(Error::StagePanicked {
-            stage: stage.name().to_owned(),
+            stage: stage.to_owned(),
             chunk,
             message: panic_message(&*payload),
         }),

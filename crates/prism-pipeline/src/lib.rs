@@ -4,8 +4,8 @@
 //! through them in chunks: on the GPU, the upload of one chunk, the stages
 //! of another and the download of a third run at once on their own lanes,
 //! over prism-buffer's ring [`prism_buffer::Engine`] (slot states
-//! driven by CUDA events); on the host backend, a worker thread with
-//! bounded hand-over. Output order equals input order, memory stays bounded
+//! driven by CUDA events); on the host backend, the manager's host
+//! threads, several chunks at once, with bounded hand-over. Output order equals input order, memory stays bounded
 //! by the ring, and every run adds to [`PipelineStats`] (per-step times, the
 //! bound, overlap efficiency) and, with tracing on, a [`Timeline`] that
 //! exports as a Chrome trace.
@@ -78,8 +78,9 @@ pub struct PipelineConfig {
     pub timing: bool,
     /// Keep the last run's spans as a [`Timeline`] (needs timing; default off).
     pub trace: bool,
-    /// Host threads for copies between pageable memory and pinned staging
-    /// (a pool kept by the manager; default: every core).
+    /// Host threads (a pool kept by the manager; default: every core): on
+    /// the GPU they copy between pageable memory and pinned staging; on the
+    /// host backend they run the stages, several chunks at once.
     pub host_threads: usize,
     /// Ramp chunk sizes at both ends of a GPU run over a slice or pinned
     /// buffer (see [`ChunkPlan`]; only when every stage is elementwise:

@@ -150,20 +150,37 @@ impl<T: Element> PipelineStageManager<T> {
             }
             BackendKind::Host => {
                 let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
-                let mut next_out = 0;
-                let r = coordinator.run(
-                    &mut self.stages,
+                // Chunks are read in place and written straight into their
+                // part of `output`: no host copy.
+                let mut chunks = input.chunks(chunk);
+                let (full_out, last_out) =
+                    (self.output_len(chunk), self.output_len(input.len() % chunk));
+                let mut rest = output;
+                let (chunks_done, failed) = coordinator.run_pull(
+                    self.copy_pool.pool(),
+                    &self.stages,
                     &order,
-                    input.chunks(chunk),
-                    |_, out| {
-                        output[next_out..next_out + out.len()].copy_from_slice(out);
-                        next_out += out.len();
-                        Ok(())
+                    &mut |_, _| {
+                        let Some(c) = chunks.next() else {
+                            return Ok(Pull::End);
+                        };
+                        let n = if c.len() == chunk { full_out } else { last_out };
+                        let (dst, tail) = std::mem::take(&mut rest)
+                            .split_at_mut_checked(n)
+                            .ok_or(Error::Config("output shorter than the stages produce"))?;
+                        rest = tail;
+                        Ok(Pull::Borrowed {
+                            input: c,
+                            output: Some(dst),
+                        })
                     },
+                    &mut |_, _| Ok(()),
                     &mut self.stats,
-                );
-                let chunks = r?;
-                self.finish_run(started, chunks, 0, input.len() as u64, 0);
+                )?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                self.finish_run(started, chunks_done, 0, input.len() as u64, 0);
             }
         }
         Ok(())
@@ -237,13 +254,14 @@ impl<T: Element> PipelineStageManager<T> {
             BackendKind::Host => {
                 let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
                 let mut items = items.into_iter();
-                let outputs: std::cell::RefCell<std::collections::VecDeque<&mut [T]>> =
-                    Default::default();
                 let mut elems_in = 0u64;
+                // Each item is read in place and written straight into its
+                // output: no host copy.
                 let (n, failed) = coordinator.run_pull(
-                    &mut self.stages,
+                    self.copy_pool.pool(),
+                    &self.stages,
                     &order,
-                    &mut |buf, _| match items.next() {
+                    &mut |_, _| match items.next() {
                         Some((input, out)) => {
                             if input.len() != out.len() {
                                 return Err(Error::OutputLength {
@@ -251,22 +269,15 @@ impl<T: Element> PipelineStageManager<T> {
                                     actual: out.len(),
                                 });
                             }
-                            buf.clear();
-                            buf.extend_from_slice(input);
                             elems_in += input.len() as u64;
-                            outputs.borrow_mut().push_back(out);
-                            Ok(Pull::Chunk)
+                            Ok(Pull::Borrowed {
+                                input,
+                                output: Some(out),
+                            })
                         }
                         None => Ok(Pull::End),
                     },
-                    &mut |_, out| {
-                        let dst = outputs
-                            .borrow_mut()
-                            .pop_front()
-                            .ok_or(Error::Config("item outputs out of step"))?;
-                        dst.copy_from_slice(out);
-                        Ok(())
-                    },
+                    &mut |_, _| Ok(()),
                     &mut self.stats,
                 )?;
                 if let Some(e) = failed {
@@ -379,7 +390,8 @@ impl<T: Element> PipelineStageManager<T> {
                 let zero = zeroed_vec::<T>(1)[0];
                 let (mut elements_in, mut elements_out) = (0u64, 0u64);
                 let (chunks, failed) = coordinator.run_pull(
-                    &mut self.stages,
+                    self.copy_pool.pool(),
+                    &self.stages,
                     &order,
                     &mut |buf, index| {
                         buf.resize(chunk, zero);

@@ -1,6 +1,6 @@
 //! Stages: named steps with a GPU implementation, a host implementation, or both.
 
-use prism_stream::{fma_chain_cpu, DeviceBuffer, Element, Launch};
+use prism_stream::{DeviceBuffer, Element, Launch};
 
 use crate::error::StageError;
 
@@ -9,7 +9,12 @@ use crate::error::StageError;
 /// of `launch` (prism's kernels, or your own through `launch.kernel`, which
 /// orders and tracks every buffer passed to it); the host
 /// form computes on slices. Implement the forms the stage supports.
-pub trait Stage<T: Element>: Send {
+///
+/// Stages are `Send + Sync`, and the host form takes `&self`: the host
+/// backend runs one stage on several chunks at once, on the manager's
+/// threads. A host stage that keeps state between chunks holds it in a
+/// `Mutex` or atomics (and must not rely on seeing chunks in order).
+pub trait Stage<T: Element>: Send + Sync {
     fn name(&self) -> &str;
 
     /// Elements produced from `input_len` elements (default: the same).
@@ -45,8 +50,10 @@ pub trait Stage<T: Element>: Send {
         Err(format!("stage {} has no GPU implementation", self.name()).into())
     }
 
-    /// Computes the stage on the host: `output.len() == output_len(input.len())`.
-    fn host(&mut self, input: &[T], output: &mut [T]) -> Result<(), StageError> {
+    /// Computes the stage on the host: `output.len() == output_len(input.len())`,
+    /// and the stage writes every element of `output`. Called on the
+    /// manager's threads, for several chunks at once.
+    fn host(&self, input: &[T], output: &mut [T]) -> Result<(), StageError> {
         let _ = (input, output);
         Err(format!("stage {} has no host implementation", self.name()).into())
     }
@@ -82,10 +89,8 @@ impl Stage<f32> for Fma {
     ) -> Result<(), StageError> {
         Ok(launch.fma_chain(input, output, len, self.a, self.b, self.iters)?)
     }
-    fn host(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
-        for (o, x) in output.iter_mut().zip(input) {
-            *o = fma_chain_cpu(*x, self.a, self.b, self.iters);
-        }
+    fn host(&self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
+        fma_chain(input, output, self.a, self.b, self.iters);
         Ok(())
     }
 }
@@ -119,10 +124,8 @@ impl Stage<f32> for Clamp {
     ) -> Result<(), StageError> {
         Ok(launch.clamp(input, output, len, self.lo, self.hi)?)
     }
-    fn host(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
-        for (o, x) in output.iter_mut().zip(input) {
-            *o = x.max(self.lo).min(self.hi);
-        }
+    fn host(&self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
+        clamp(input, output, self.lo, self.hi);
         Ok(())
     }
 }
@@ -155,19 +158,17 @@ impl Stage<f32> for GroupSum {
     ) -> Result<(), StageError> {
         Ok(launch.group_sum(input, len, self.group, output)?)
     }
-    fn host(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
+    fn host(&self, input: &[f32], output: &mut [f32]) -> Result<(), StageError> {
         if self.group == 0 {
             return Err("group_sum: group size 0".into());
         }
-        for (o, g) in output.iter_mut().zip(input.chunks(self.group as usize)) {
-            // Sequential sum, the order the GPU kernel uses.
-            *o = g.iter().fold(0.0, |acc, v| acc + v);
-        }
+        group_sum(input, output, self.group as usize);
         Ok(())
     }
 }
 
-/// A host stage from a closure (same-length output).
+/// A host stage from a closure (same-length output). The closure is `Fn`
+/// and `Sync`: the host backend calls it for several chunks at once.
 pub struct HostFn<T, F> {
     name: String,
     elementwise: bool,
@@ -181,7 +182,7 @@ impl<T, F> std::fmt::Debug for HostFn<T, F> {
     }
 }
 
-impl<T: Element, F: FnMut(&[T], &mut [T]) -> Result<(), StageError> + Send> HostFn<T, F> {
+impl<T: Element, F: Fn(&[T], &mut [T]) -> Result<(), StageError> + Send + Sync> HostFn<T, F> {
     pub fn new(name: impl Into<String>, elementwise: bool, f: F) -> Self {
         Self {
             name: name.into(),
@@ -192,7 +193,7 @@ impl<T: Element, F: FnMut(&[T], &mut [T]) -> Result<(), StageError> + Send> Host
     }
 }
 
-impl<T: Element, F: FnMut(&[T], &mut [T]) -> Result<(), StageError> + Send> Stage<T>
+impl<T: Element, F: Fn(&[T], &mut [T]) -> Result<(), StageError> + Send + Sync> Stage<T>
     for HostFn<T, F>
 {
     fn name(&self) -> &str {
@@ -204,17 +205,20 @@ impl<T: Element, F: FnMut(&[T], &mut [T]) -> Result<(), StageError> + Send> Stag
     fn has_host(&self) -> bool {
         true
     }
-    fn host(&mut self, input: &[T], output: &mut [T]) -> Result<(), StageError> {
+    fn host(&self, input: &[T], output: &mut [T]) -> Result<(), StageError> {
         (self.f)(input, output)
     }
 }
 
 /// A GPU stage from a closure (same-length output): enqueue your own kernels,
-/// e.g. a module you loaded through cudarc, on `launch.stream()`.
+/// e.g. a module you loaded through cudarc, on `launch.stream()`. The
+/// closure is `FnMut + Send`; it need not be `Sync` (the GPU form takes
+/// `&mut self`, and the stage keeps the closure behind a `Mutex` it never
+/// has to lock).
 pub struct GpuFn<T, F> {
     name: String,
     elementwise: bool,
-    f: F,
+    f: std::sync::Mutex<F>,
     _t: std::marker::PhantomData<fn(T)>,
 }
 
@@ -238,7 +242,7 @@ where
         Self {
             name: name.into(),
             elementwise,
-            f,
+            f: std::sync::Mutex::new(f),
             _t: std::marker::PhantomData,
         }
     }
@@ -270,6 +274,210 @@ where
         output: &mut DeviceBuffer<T>,
         len: usize,
     ) -> Result<(), StageError> {
-        (self.f)(launch, input, output, len)
+        // `&mut self`: no lock needed. A panic in the closure (caught by
+        // the pipeline) poisons nothing, as the mutex is never locked.
+        let f = self
+            .f
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(launch, input, output, len)
+    }
+}
+
+/// Elements per block of [`fma_chain`]: small enough to stay in L1 while
+/// the `iters` steps run over it.
+const FMA_BLOCK: usize = 512;
+
+/// `output[i] = fma_chain_cpu(input[i], a, b, iters)`, bit for bit: each
+/// element gets the same `iters` fused multiply-adds in the same order,
+/// with the loop over `iters` outside the loop over elements (per block) so
+/// the element loop vectorises. On CPUs with FMA (detected at run time) it
+/// runs as vector FMA instructions; elsewhere `mul_add` is the correctly
+/// rounded software `fmaf`, so results are identical everywhere.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "x86_64+fma"))]
+pub(crate) fn fma_chain(input: &[f32], output: &mut [f32], a: f32, b: f32, iters: u32) {
+    for (o, x) in output.chunks_mut(FMA_BLOCK).zip(input.chunks(FMA_BLOCK)) {
+        o.copy_from_slice(x);
+        for _ in 0..iters {
+            for v in o.iter_mut() {
+                *v = v.mul_add(a, b);
+            }
+        }
+    }
+}
+
+/// `output[i] = input[i].max(lo).min(hi)` (`fminf(fmaxf(x, lo), hi)`, as
+/// the GPU kernel), wider vectors where the CPU has them.
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "x86_64+avx"))]
+pub(crate) fn clamp(input: &[f32], output: &mut [f32], lo: f32, hi: f32) {
+    for (o, x) in output.iter_mut().zip(input) {
+        *o = x.max(lo).min(hi);
+    }
+}
+
+/// Groups summed side by side by [`group_sum`].
+const SUM_LANES: usize = 8;
+
+/// `output[j]` = the sum of `input[j * group..][..group]`, each group summed
+/// from 0.0 one element after another (the GPU kernel's order). Groups are
+/// summed `SUM_LANES` at a time with one accumulator each: the order within
+/// a group does not change, but the adds of different groups overlap (and
+/// vectorise where the CPU can gather them).
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "x86_64+avx"))]
+pub(crate) fn group_sum(input: &[f32], output: &mut [f32], group: usize) {
+    let block = group * SUM_LANES;
+    let full = (input.len() / block).min(output.len() / SUM_LANES);
+    for (o, x) in output
+        .chunks_exact_mut(SUM_LANES)
+        .zip(input.chunks_exact(block))
+        .take(full)
+    {
+        let mut acc = [0.0f32; SUM_LANES];
+        for i in 0..group {
+            for (lane, a) in acc.iter_mut().enumerate() {
+                *a += x[lane * group + i];
+            }
+        }
+        o.copy_from_slice(&acc);
+    }
+    let done = full * SUM_LANES;
+    for (o, g) in output[done..]
+        .iter_mut()
+        .zip(input[done * group..].chunks(group))
+    {
+        *o = g.iter().fold(0.0, |acc, v| acc + v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prism_stream::fma_chain_cpu;
+
+    /// Random bit patterns (NaNs, infinities, subnormals, zeros of both
+    /// signs included), with the special values up front.
+    fn any_f32(seed: u64, n: usize) -> Vec<f32> {
+        let special = [
+            0.0,
+            -0.0,
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE / 3.0,
+            f32::MAX,
+            f32::MIN,
+            1.0,
+            -1.0,
+        ];
+        let mut state = seed;
+        special
+            .into_iter()
+            .chain(std::iter::repeat_with(move || {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                let bits = (z ^ (z >> 31)) as u32;
+                // Half raw bit patterns, half ordinary values near 1.
+                if bits & 1 == 0 {
+                    f32::from_bits(bits)
+                } else {
+                    (bits >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+                }
+            }))
+            .take(n)
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn fma_matches_fma_chain_cpu_bit_for_bit() {
+        for (seed, n) in [
+            (1u64, 0usize),
+            (2, 1),
+            (3, 7),
+            (4, 511),
+            (5, 513),
+            (6, 5000),
+        ] {
+            let input = any_f32(seed, n);
+            for (a, b) in [
+                (1.0001f32, 0.5f32),
+                (-3.7, 1e-30),
+                (0.1, -0.1),
+                (f32::MAX, 2.0),
+            ] {
+                for iters in 0..5 {
+                    let stage = Fma { a, b, iters };
+                    let mut out = vec![0.0; n];
+                    stage.host(&input, &mut out).unwrap();
+                    let want: Vec<f32> = input
+                        .iter()
+                        .map(|x| fma_chain_cpu(*x, a, b, iters))
+                        .collect();
+                    assert_eq!(bits(&out), bits(&want), "n {n} a {a} b {b} iters {iters}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn clamp_matches_the_scalar_form_bit_for_bit() {
+        let input = any_f32(7, 4099);
+        for (lo, hi) in [(-1.0f32, 1.0f32), (0.0, 0.0), (-0.0, 0.0), (2.0, 3.0)] {
+            let mut out = vec![0.0; input.len()];
+            Clamp { lo, hi }.host(&input, &mut out).unwrap();
+            let want: Vec<f32> = input.iter().map(|x| x.max(lo).min(hi)).collect();
+            assert_eq!(bits(&out), bits(&want), "lo {lo} hi {hi}");
+        }
+    }
+
+    #[test]
+    fn group_sum_adds_each_group_in_order_bit_for_bit() {
+        for (seed, n) in [
+            (8u64, 0usize),
+            (9, 1),
+            (10, 63),
+            (11, 64),
+            (12, 1000),
+            (13, 4097),
+        ] {
+            // Ordinary values of mixed magnitude: the order of the adds
+            // shows in the rounding.
+            let input: Vec<f32> = any_f32(seed, n)
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    if v.is_finite() {
+                        v * (1 << (i % 20)) as f32
+                    } else {
+                        1.5
+                    }
+                })
+                .collect();
+            for group in [1u32, 2, 3, 7, 8, 16, 33, 1000] {
+                let stage = GroupSum { group };
+                let mut out = vec![f32::NAN; stage.output_len(n)];
+                stage.host(&input, &mut out).unwrap();
+                let want: Vec<f32> = input
+                    .chunks(group as usize)
+                    .map(|g| {
+                        let mut acc = 0.0f32;
+                        for v in g {
+                            acc += v;
+                        }
+                        acc
+                    })
+                    .collect();
+                assert_eq!(bits(&out), bits(&want), "n {n} group {group}");
+            }
+        }
+        let mut out = [0.0];
+        assert!(GroupSum { group: 0 }.host(&[1.0], &mut out).is_err());
     }
 }

@@ -48,12 +48,15 @@ pub struct PipelineStats {
     pub timed: bool,
     pub upload_ms: f64,
     pub download_ms: f64,
-    /// Per stage, summed over chunks.
+    /// Per stage, summed over chunks (on the host, over the threads that
+    /// ran them).
     pub stages: Vec<StageTime>,
     /// Time at least one stage was running: on the GPU the union of the
     /// stage spans over both compute streams (kernels of two chunks may run
     /// at once, so this can be less than the sum of `stages`); on the host
-    /// the sum. The bound uses this.
+    /// the union over the host threads (chunks run on several threads at
+    /// once, so `stages`, summed over threads, can exceed the wall time).
+    /// The bound uses this.
     pub compute_busy_ms: f64,
     /// Host time spent copying between pageable memory and pinned staging
     /// (GPU backend, pageable inputs and outputs; measured with timing on or off).

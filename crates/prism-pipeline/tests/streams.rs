@@ -15,16 +15,12 @@ use prism_pipeline::{
 use prism_stream::testing::random_f32;
 
 mod common;
-use common::{host, reference_chunk, same_bits, stage_from, BoxedStage};
+use common::{host, host_threads, reference_chunk, same_bits, stage_from, BoxedStage};
 
 /// The stages over each chunk, one after another.
 fn reference(chunks: &[Vec<f32>], codes: &[(u8, f32)]) -> Vec<Vec<f32>> {
-    let mut stages: Vec<Box<dyn Stage<f32>>> =
-        codes.iter().map(|&(c, a)| stage_from(c, a)).collect();
-    chunks
-        .iter()
-        .map(|c| reference_chunk(&mut stages, c))
-        .collect()
+    let stages: Vec<Box<dyn Stage<f32>>> = codes.iter().map(|&(c, a)| stage_from(c, a)).collect();
+    chunks.iter().map(|c| reference_chunk(&stages, c)).collect()
 }
 
 /// Which source a case uses.
@@ -48,6 +44,7 @@ proptest! {
         slots in 2usize..=8,
         codes in prop::collection::vec((any::<u8>(), 0.1f32..2.0), 1..4),
         kind in prop_oneof![Just(Kind::Iter), Just(Kind::Fill), Just(Kind::Read)],
+        threads in 1usize..=6,
         seed in any::<u64>(),
     ) {
         let items: Vec<Vec<f32>> = lens.iter().enumerate().map(|(k, &n)| random_f32(seed ^ k as u64, n)).collect();
@@ -59,7 +56,7 @@ proptest! {
             Kind::Fill => items.iter().filter(|i| !i.is_empty()).flat_map(|i| i.chunks(chunk).map(|c| c.to_vec())).collect(),
         };
         let want = reference(&chunks, &codes);
-        let mut p = host(chunk, slots);
+        let mut p = host_threads(chunk, slots, threads);
         for &(c, a) in &codes {
             p.add_stage(BoxedStage(stage_from(c, a)));
         }
@@ -90,7 +87,7 @@ proptest! {
         prop_assert_eq!(got.len(), want.len());
         for (k, ((index, out), w)) in got.iter().zip(&want).enumerate() {
             prop_assert_eq!(*index, k as u64, "chunks out of order");
-            prop_assert!(same_bits(out, w), "chunk {} differs ({:?}, chunk {}, stages {:?})", k, kind, chunk, codes);
+            prop_assert!(same_bits(out, w), "chunk {} differs ({:?}, chunk {}, threads {}, stages {:?})", k, kind, chunk, threads, codes);
         }
     }
 }
@@ -395,7 +392,7 @@ impl Stage<f32> for DropShort {
     fn has_host(&self) -> bool {
         true
     }
-    fn host(&mut self, i: &[f32], o: &mut [f32]) -> Result<(), prism_pipeline::StageError> {
+    fn host(&self, i: &[f32], o: &mut [f32]) -> Result<(), prism_pipeline::StageError> {
         o.copy_from_slice(&i[..o.len()]);
         Ok(())
     }

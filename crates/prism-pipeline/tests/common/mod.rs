@@ -10,9 +10,16 @@ use prism_pipeline::{
 
 /// A host-backend manager with chunks of `chunk_elems` f32.
 pub fn host(chunk_elems: usize, slots: usize) -> PipelineStageManager<f32> {
+    host_threads(chunk_elems, slots, PipelineConfig::default().host_threads)
+}
+
+/// A host-backend manager with chunks of `chunk_elems` f32 whose stages
+/// run on `threads` host threads.
+pub fn host_threads(chunk_elems: usize, slots: usize, threads: usize) -> PipelineStageManager<f32> {
     let config = PipelineConfig {
         chunk_bytes: chunk_elems * 4,
         slots,
+        host_threads: threads,
         ..PipelineConfig::default()
     };
     PipelineStageManager::new(Backend::Host, config).unwrap()
@@ -37,9 +44,9 @@ pub fn stage_from(code: u8, a: f32) -> Box<dyn Stage<f32>> {
 }
 
 /// The stages over one chunk, one after another, on the calling thread.
-pub fn reference_chunk(stages: &mut [Box<dyn Stage<f32>>], chunk: &[f32]) -> Vec<f32> {
+pub fn reference_chunk(stages: &[Box<dyn Stage<f32>>], chunk: &[f32]) -> Vec<f32> {
     let mut cur = chunk.to_vec();
-    for s in stages.iter_mut() {
+    for s in stages {
         let mut next = vec![0.0; s.output_len(cur.len())];
         s.host(&cur, &mut next).unwrap();
         cur = next;
@@ -70,7 +77,7 @@ impl Stage<f32> for BoxedStage {
     fn has_host(&self) -> bool {
         self.0.has_host()
     }
-    fn host(&mut self, i: &[f32], o: &mut [f32]) -> Result<(), StageError> {
+    fn host(&self, i: &[f32], o: &mut [f32]) -> Result<(), StageError> {
         self.0.host(i, o)
     }
 }

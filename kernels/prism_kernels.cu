@@ -121,35 +121,18 @@ __global__ void clamp(const float *x, float *y, uint64_t n, float lo, float hi) 
     }
 }
 
-// Blocks per descriptor of a gather or scatter (blockIdx.y): more blocks
-// keep more reads of host memory in flight over the bus.
-constexpr unsigned int kCopySplits = 4;
-
-// Copies this block's share (blockIdx.y of gridDim.y) of `bytes` bytes from
-// src to dst: 16-byte accesses, four loads in flight per thread, when both
-// ends are 16-byte aligned; bytes otherwise.
-__device__ __forceinline__ void block_copy(unsigned char *__restrict__ dst,
-                                           const unsigned char *__restrict__ src, uint64_t bytes) {
-    const uint64_t part = blockIdx.y, parts = gridDim.y, step = blockDim.x;
+// Copies `bytes` bytes from src to dst within one block: 16-byte accesses
+// when both ends are 16-byte aligned, bytes otherwise.
+__device__ __forceinline__ void block_copy(unsigned char *dst, const unsigned char *src,
+                                           uint64_t bytes) {
     if ((reinterpret_cast<uintptr_t>(dst) % 16 == 0) && (reinterpret_cast<uintptr_t>(src) % 16 == 0)) {
-        const uint64_t n16 = bytes / 16;
-        const uint64_t w0 = n16 * part / parts, w1 = n16 * (part + 1) / parts;
-        const uint4 *__restrict__ s4 = reinterpret_cast<const uint4 *>(src);
-        uint4 *__restrict__ d4 = reinterpret_cast<uint4 *>(dst);
-        uint64_t i = w0 + threadIdx.x;
-        for (; i + 3 * step < w1; i += 4 * step) {
-            uint4 a = s4[i], b = s4[i + step], c = s4[i + 2 * step], e = s4[i + 3 * step];
-            d4[i] = a;
-            d4[i + step] = b;
-            d4[i + 2 * step] = c;
-            d4[i + 3 * step] = e;
-        }
-        for (; i < w1; i += step) d4[i] = s4[i];
-        if (part + 1 == parts)
-            for (uint64_t k = n16 * 16 + threadIdx.x; k < bytes; k += step) dst[k] = src[k];
+        uint64_t n16 = bytes / 16;
+        const uint4 *s4 = reinterpret_cast<const uint4 *>(src);
+        uint4 *d4 = reinterpret_cast<uint4 *>(dst);
+        for (uint64_t i = threadIdx.x; i < n16; i += blockDim.x) d4[i] = s4[i];
+        for (uint64_t i = n16 * 16 + threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
     } else {
-        const uint64_t b0 = bytes * part / parts, b1 = bytes * (part + 1) / parts;
-        for (uint64_t k = b0 + threadIdx.x; k < b1; k += step) dst[k] = src[k];
+        for (uint64_t i = threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
     }
 }
 
@@ -228,7 +211,7 @@ extern "C" int prism_gather_bytes(const uint64_t *desc, uint64_t count, unsigned
                                   prism_stream_t stream) {
     if (count == 0) return 0;
     if (count > 0x7fffffffull) return PRISM_ERR_INVALID_ARGUMENT;
-    gather_bytes<<<dim3(static_cast<unsigned int>(count), kCopySplits), kBlock, 0,
+    gather_bytes<<<static_cast<unsigned int>(count), kBlock, 0,
                    reinterpret_cast<cudaStream_t>(stream)>>>(desc, dst);
     return check_launch();
 }
@@ -237,7 +220,7 @@ extern "C" int prism_scatter_bytes(const unsigned char *src, const uint64_t *des
                                    prism_stream_t stream) {
     if (count == 0) return 0;
     if (count > 0x7fffffffull) return PRISM_ERR_INVALID_ARGUMENT;
-    scatter_bytes<<<dim3(static_cast<unsigned int>(count), kCopySplits), kBlock, 0,
+    scatter_bytes<<<static_cast<unsigned int>(count), kBlock, 0,
                     reinterpret_cast<cudaStream_t>(stream)>>>(src, desc);
     return check_launch();
 }

@@ -93,7 +93,7 @@ int prism_clamp_f32(const float *x, float *y, uint64_t n, float lo, float hi,
 /*
  * Zero-copy gather: for each of `count` descriptors (src, dst_offset, bytes),
  * three uint64 each, copies `bytes` bytes from device-accessible (mapped,
- * page-locked) host memory at `src` to dst + dst_offset, a few blocks per
+ * page-locked) host memory at `src` to dst + dst_offset, one block per
  * descriptor. `desc` itself must be device-accessible (device or mapped host
  * memory). The SMs read the host memory over the bus, so many small host
  * buffers move as one launch instead of one copy each.
@@ -102,7 +102,7 @@ int prism_gather_bytes(const uint64_t *desc, uint64_t count, unsigned char *dst,
                        prism_stream_t stream);
 
 /* Zero-copy scatter: descriptors (dst, src_offset, bytes); copies
- * src + src_offset to mapped host memory at dst, a few blocks per descriptor. */
+ * src + src_offset to mapped host memory at dst, one block per descriptor. */
 int prism_scatter_bytes(const unsigned char *src, const uint64_t *desc, uint64_t count,
                         prism_stream_t stream);
 

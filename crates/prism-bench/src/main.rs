@@ -157,6 +157,9 @@ struct ShortResult {
     t_bidir_ms: f64,
     /// (ramp, median wall ms, chunks per run, stats overlap efficiency)
     runs: Vec<(bool, f64, u64, f64)>,
+    /// (ramp, median wall ms) with timing events off (no per-step times).
+    #[serde(default)]
+    untimed: Vec<(bool, f64)>,
 }
 
 /// S6: a generated stream checked on the fly.
@@ -1095,6 +1098,35 @@ fn bench_short(gpu: &Gpu, reps: usize, out: &str) -> Result<ShortResult, BoxErro
         ))?;
         runs.push((ramp, median(&mut times), chunks, median(&mut eff)));
     }
+    let mut untimed = Vec::new();
+    for ramp in [false, true] {
+        let config = PipelineConfig {
+            chunk_bytes: chunk_mib << 20,
+            ramp,
+            timing: false,
+            ..PipelineConfig::default()
+        };
+        let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
+        p.add_stage(Fma {
+            a: A,
+            b: B,
+            iters: 1,
+        });
+        p.add_stage(Clamp {
+            lo: -1e30,
+            hi: 1e30,
+        });
+        let mut times = Vec::new();
+        for rep in 0..=reps {
+            let t = Instant::now();
+            p.run_pinned(&input, &mut output)?;
+            output.wait_idle()?;
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        untimed.push((ramp, median(&mut times)));
+    }
     let chunk = 16usize << 20;
     let mut data = Data {
         inputs: vec![input],
@@ -1117,6 +1149,7 @@ fn bench_short(gpu: &Gpu, reps: usize, out: &str) -> Result<ShortResult, BoxErro
         chunk_mib,
         t_bidir_ms: median(&mut b),
         runs,
+        untimed,
     })
 }
 
@@ -1299,6 +1332,13 @@ fn print_short(s: Option<&ShortResult>) {
     for (ramp, ms, chunks, eff) in &s.runs {
         println!(
             "| {} | {chunks} | {ms:.2} | {:.3} | {eff:.3} |",
+            if *ramp { "on" } else { "off" },
+            s.t_bidir_ms / ms
+        );
+    }
+    for (ramp, ms) in &s.untimed {
+        println!(
+            "| {} (timing off) | | {ms:.2} | {:.3} | |",
             if *ramp { "on" } else { "off" },
             s.t_bidir_ms / ms
         );

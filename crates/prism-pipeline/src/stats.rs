@@ -32,8 +32,9 @@ pub struct StageTime {
 ///
 /// GPU times come from CUDA events around each step (only with timing on);
 /// host-backend times from the host clock. `bound_ms` is the largest of
-/// total upload, total compute and total download time: a run can't beat it,
-/// and `overlap_efficiency` = bound / wall says how close it came.
+/// total upload, total compute, total download and host staging-copy time:
+/// a run can't beat it, and `overlap_efficiency` = bound / wall says how
+/// close it came.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PipelineStats {
     pub backend: Option<BackendKind>,
@@ -75,10 +76,13 @@ impl PipelineStats {
         self.stages.iter().map(|s| s.ms).sum()
     }
 
+    /// The busiest resource's time: the upload or download stream, the
+    /// stages, or (for pageable data) the host threads' staging copies.
     pub fn bound_ms(&self) -> f64 {
         self.upload_ms
             .max(self.download_ms)
             .max(self.compute_busy_ms)
+            .max(self.host_copy_ms)
     }
 
     /// bound / wall (1.0: perfect overlap); 0 when not timed.
@@ -99,10 +103,12 @@ impl PipelineStats {
         }
     }
 
-    /// What bounds the run: "upload", "compute" or "download".
+    /// What bounds the run: "upload", "compute", "download" or "host staging".
     pub fn bottleneck(&self) -> &'static str {
         let c = self.compute_busy_ms;
-        if self.upload_ms >= c && self.upload_ms >= self.download_ms {
+        if self.host_copy_ms > self.upload_ms.max(self.download_ms).max(c) {
+            "host staging"
+        } else if self.upload_ms >= c && self.upload_ms >= self.download_ms {
             "upload"
         } else if self.download_ms >= c {
             "download"

@@ -209,6 +209,15 @@ impl AsyncPipelineCoordinator {
     where
         C: Iterator<Item = &'a [T]>,
     {
+        if order.is_empty() {
+            return Err(Error::NoStages);
+        }
+        if let Some(&index) = order.iter().find(|&&i| i >= stages.len()) {
+            return Err(Error::UnknownStage {
+                index,
+                count: stages.len(),
+            });
+        }
         let mut chunks = chunks;
         self.run_pull(
             None,

@@ -169,6 +169,11 @@ impl PipelineConfig {
         if self.chunk_bytes < std::mem::size_of::<T>() {
             return Err(Error::Config("chunk_bytes must hold at least one element"));
         }
+        if self.chunk_bytes % std::mem::size_of::<T>() != 0 {
+            return Err(Error::Config(
+                "chunk_bytes must be a multiple of the element size",
+            ));
+        }
         if self.host_threads == 0 {
             return Err(Error::Config("host_threads must be at least 1"));
         }

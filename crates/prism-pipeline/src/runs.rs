@@ -253,8 +253,10 @@ impl<T: Element> PipelineStageManager<T> {
             }
             BackendKind::Host => {
                 let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
+                let chunk = self.chunk_elems();
                 let mut items = items.into_iter();
                 let mut elems_in = 0u64;
+                let mut next_item = 0usize;
                 // Each item is read in place and written straight into its
                 // output: no host copy.
                 let (n, failed) = coordinator.run_pull(
@@ -269,6 +271,15 @@ impl<T: Element> PipelineStageManager<T> {
                                     actual: out.len(),
                                 });
                             }
+                            // As on the GPU: an item is processed whole, in one chunk.
+                            if input.len() > chunk {
+                                return Err(Error::ItemTooLong {
+                                    item: next_item,
+                                    len: input.len(),
+                                    chunk,
+                                });
+                            }
+                            next_item += 1;
                             elems_in += input.len() as u64;
                             Ok(Pull::Borrowed {
                                 input,

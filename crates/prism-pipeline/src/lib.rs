@@ -169,7 +169,7 @@ impl PipelineConfig {
         if self.chunk_bytes < std::mem::size_of::<T>() {
             return Err(Error::Config("chunk_bytes must hold at least one element"));
         }
-        if self.chunk_bytes % std::mem::size_of::<T>() != 0 {
+        if !self.chunk_bytes.is_multiple_of(std::mem::size_of::<T>()) {
             return Err(Error::Config(
                 "chunk_bytes must be a multiple of the element size",
             ));

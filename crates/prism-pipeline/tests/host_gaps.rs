@@ -40,7 +40,7 @@ fn host_items_longer_than_a_chunk_are_refused_as_on_the_gpu() {
         iters: 1,
     });
     let long = random_f32(2, 17);
-    let mut out = vec![0.0; 17];
+    let mut out = [0.0; 17];
     let r = p.run_items([(&long[..], &mut out[..])]);
     assert!(
         matches!(

@@ -3,12 +3,26 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::CUdevice_attribute as Attr;
-use cudarc::driver::CudaContext;
+use cudarc::driver::sys::{self, CUdevice_attribute as Attr, CUresult};
+use cudarc::driver::{CudaContext, DriverError};
 
 use crate::error::DriverResultExt;
-use crate::event::EventPool;
+use crate::event::{is_sticky, EventPool};
 use crate::{Error, Result};
+
+/// Contexts a sticky error killed (a CUDA context runs nothing more after,
+/// e.g., an illegal address), by context address, with the first reason
+/// seen: every handle on such a context, including ones opened later,
+/// refuses work with that reason. An entry goes when `Gpu::open` finds the
+/// context at that address healthy again (the primary context was
+/// released and made anew).
+static DEAD: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
+/// Fast path: no context has died in this process.
+static ANY_DEAD: AtomicBool = AtomicBool::new(false);
+
+fn dead_list() -> std::sync::MutexGuard<'static, Vec<(usize, String)>> {
+    DEAD.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Facts about the device a user needs to size work.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +113,21 @@ impl Gpu {
             multiprocessors: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
         };
         let events = EventPool::new(Arc::clone(&ctx));
+        let key = ctx.cu_ctx() as usize;
+        ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        match sticky_error() {
+            Some(now) => {
+                // Dead: say so now instead of failing at the first call.
+                let reason = dead_list()
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map_or_else(|| now.clone(), |(_, r)| r.clone());
+                return Err(Error::ContextPoisoned {
+                    reason: format!("device {ordinal}'s context is unusable: {reason}"),
+                });
+            }
+            None => dead_list().retain(|(k, _)| *k != key),
+        }
         let gpu = Self(Arc::new(GpuInner {
             ctx,
             events,
@@ -132,10 +161,20 @@ impl Gpu {
         self.0.events.idle()
     }
 
-    /// Fails if an earlier GPU error made the context unusable.
+    /// Fails if an earlier GPU error made the context unusable (found
+    /// through this handle, or a sticky error found through any handle on
+    /// the same context).
     pub fn check_usable(&self) -> Result<()> {
         if !self.0.poisoned.load(Ordering::Acquire) {
-            return Ok(());
+            if !ANY_DEAD.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let key = self.0.ctx.cu_ctx() as usize;
+            let dead = dead_list().iter().find(|(k, _)| *k == key).cloned();
+            match dead {
+                None => return Ok(()),
+                Some((_, reason)) => self.mark(&reason),
+            }
         }
         match &*self.0.poison.lock().unwrap_or_else(|p| p.into_inner()) {
             None => Ok(()),
@@ -145,8 +184,23 @@ impl Gpu {
         }
     }
 
-    /// Marks the context unusable (CUDA errors such as illegal addresses are sticky).
+    /// Marks the context unusable (CUDA errors such as illegal addresses are
+    /// sticky). When the context itself reports a sticky error, every other
+    /// handle on it (and every later `Gpu::open` of it) learns it too.
     pub fn poison(&self, reason: &str) {
+        self.mark(reason);
+        if self.bind().is_ok() && sticky_error().is_some() {
+            let key = self.0.ctx.cu_ctx() as usize;
+            let mut dead = dead_list();
+            if !dead.iter().any(|(k, _)| *k == key) {
+                dead.push((key, reason.to_owned()));
+            }
+            ANY_DEAD.store(true, Ordering::Release);
+        }
+    }
+
+    /// This handle's flag only.
+    fn mark(&self, reason: &str) {
         let mut p = self.0.poison.lock().unwrap_or_else(|p| p.into_inner());
         if p.is_none() {
             tracing::error!(reason, "GPU context is now unusable");
@@ -168,5 +222,23 @@ impl Gpu {
 
     pub(crate) fn same(&self, other: &Gpu) -> bool {
         Arc::ptr_eq(&self.0, &other.0) || self.0.ctx.cu_ctx() == other.0.ctx.cu_ctx()
+    }
+}
+
+/// The sticky error of the context current on this thread, if it has one,
+/// without waiting for anything: a query of the legacy default stream
+/// (which prism never uses) returns at once, with the context's sticky
+/// error if it died.
+fn sticky_error() -> Option<String> {
+    // SAFETY: a null stream is the legacy default stream of the current
+    // context (the caller made one current); a query neither waits nor
+    // changes any state.
+    let r = unsafe { sys::cuStreamQuery(std::ptr::null_mut()) };
+    match r {
+        CUresult::CUDA_SUCCESS | CUresult::CUDA_ERROR_NOT_READY => None,
+        e => {
+            let e = DriverError(e);
+            is_sticky(&e).then(|| e.to_string())
+        }
     }
 }

@@ -10,6 +10,8 @@ fn gpu_fault_injection_is_reported_against_its_op() {
     let Some(mut ctx) = gpu_or_skip("gpu_fault_injection_is_reported_against_its_op") else {
         return;
     };
+    // A second handle on the same (primary) context, opened before the fault.
+    let other = prism_stream::Gpu::open(0).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     let mut d = c.zeroed::<u32>(1024).unwrap();
     let ok = c
@@ -43,4 +45,19 @@ fn gpu_fault_injection_is_reported_against_its_op() {
         Err(Error::ContextPoisoned { .. })
     ));
     eprintln!("fault reported as: {err}");
+    // Every handle on the context says why it is unusable, the one opened
+    // before the fault and one opened after it.
+    let illegal = |r: &str| r.to_lowercase().contains("illegal");
+    match other.check_usable() {
+        Err(Error::ContextPoisoned { reason }) => assert!(illegal(&reason), "{reason}"),
+        r => panic!("the other handle: expected ContextPoisoned, got {r:?}"),
+    }
+    match prism_stream::Gpu::open(0) {
+        Err(Error::ContextPoisoned { reason }) => assert!(illegal(&reason), "{reason}"),
+        r => panic!("a new open: expected ContextPoisoned, got {r:?}"),
+    }
+    assert!(matches!(
+        prism_stream::ManagedGpuContext::new(0, true),
+        Err(Error::ContextPoisoned { .. })
+    ));
 }

@@ -168,7 +168,12 @@ extern "C" int prism_preload_kernels(void) {
     for (const void *k : kernels) {
         cudaFuncAttributes attr;
         cudaError_t e = cudaFuncGetAttributes(&attr, k);
-        if (e != cudaSuccess) return static_cast<int>(e);
+        if (e != cudaSuccess) {
+            // Clear the runtime's last error, so that the next launch on this
+            // thread does not report it as its own.
+            (void)cudaGetLastError();
+            return static_cast<int>(e);
+        }
     }
     return 0;
 }

@@ -68,6 +68,7 @@ pub(crate) fn par_copy<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool
 }
 
 fn copy_pieces<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
+    debug_assert!(pairs.iter().all(|(d, s)| d.len() == s.len()));
     let total: usize = pairs.iter().map(|(d, _)| d.len()).sum();
     let size = std::mem::size_of::<T>().max(1);
     let Some(pool) = pool
@@ -83,7 +84,8 @@ fn copy_pieces<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
     // About four pieces per thread, each between 64 KiB and 1 MiB.
     let piece =
         (total * size / (4 * pool.current_num_threads())).clamp(MIN_PIECE_BYTES, PIECE_BYTES);
-    let per = (piece / size).max(1);
+    // Pieces a multiple of 4 KiB long: threads meet on few cache lines.
+    let per = (piece / 4096 * 4096 / size).max(1);
     let mut pieces: Vec<(&mut [T], &[T])> = Vec::with_capacity(total / per + pairs.len());
     for (d, s) in pairs {
         for (dp, sp) in d.chunks_mut(per).zip(s.chunks(per)) {

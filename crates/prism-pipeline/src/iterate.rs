@@ -121,6 +121,8 @@ impl<T: Element> PipelineStageManager<T> {
     /// is not reused); the chunks before it still come back, from the next
     /// call or `flush`.
     pub fn execute_iteration(&mut self, chunk: &[T]) -> Result<Vec<ChunkOutput<T>>> {
+        // A failed run's adaptive choice must not size this call.
+        self.effective = None;
         if chunk.len() > self.chunk_elems() {
             return Err(Error::Config(
                 "execute_iteration takes at most one chunk (PipelineConfig::chunk_bytes)",
@@ -147,6 +149,7 @@ impl<T: Element> PipelineStageManager<T> {
         output: &mut PinnedBuffer<T>,
         to: usize,
     ) -> Result<Vec<ChunkOutput<T>>> {
+        self.effective = None;
         if self.backend != BackendKind::Gpu {
             return Err(Error::Unsupported {
                 stage: "execute_iteration_pinned".into(),
@@ -393,6 +396,8 @@ impl<T: Element> PipelineStageManager<T> {
     /// thread; [`execute_iteration_blocking_pinned`](Self::execute_iteration_blocking_pinned)
     /// skips both. Needs no `execute_iteration` chunk in flight.
     pub fn execute_iteration_blocking(&mut self, chunk: &[T]) -> Result<Vec<T>> {
+        // A failed run's adaptive choice must not size this call.
+        self.effective = None;
         let _span = tracing::trace_span!("prism.pipeline.execute_iteration_blocking").entered();
         if chunk.len() > self.chunk_elems() {
             return Err(Error::Config(
@@ -400,7 +405,7 @@ impl<T: Element> PipelineStageManager<T> {
             ));
         }
         let started = Instant::now();
-        let order = self.begin_run(None, false)?;
+        let order = self.begin_run(None, false, None)?;
         if chunk.is_empty() {
             return Ok(Vec::new());
         }
@@ -440,6 +445,7 @@ impl<T: Element> PipelineStageManager<T> {
         output: &mut PinnedBuffer<T>,
         to: usize,
     ) -> Result<usize> {
+        self.effective = None;
         let _span =
             tracing::trace_span!("prism.pipeline.execute_iteration_blocking_pinned").entered();
         if self.backend != BackendKind::Gpu {
@@ -454,7 +460,7 @@ impl<T: Element> PipelineStageManager<T> {
             ));
         }
         let started = Instant::now();
-        let order = self.begin_run(None, false)?;
+        let order = self.begin_run(None, false, None)?;
         let len = range.len();
         let (run, _, _) = self.gpu_parts(&order)?;
         let out_len = round_trip(run, &order, input, range, output, to)?;

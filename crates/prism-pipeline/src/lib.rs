@@ -107,33 +107,23 @@ impl Default for PipelineConfig {
     }
 }
 
-/// The kind of input a run streams, for the adaptive configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Shape {
-    /// Pageable slices, staged through pinned memory by host threads.
-    Pageable,
-    /// Pinned buffers or a stream source: the link alone.
-    Pinned,
-    /// Many small items gathered into chunks.
-    Items,
-}
-
 impl PipelineConfig {
     /// The default configuration with [`adaptive`](Self::adaptive) on: each
     /// GPU run whose stages are all elementwise (so chunk boundaries cannot
-    /// change its output) picks its chunk size and ring depth by its input,
-    /// as sweeps measured on an H200 (PCIe Gen5, 16 cores, 2026-11-27;
-    /// docs/BENCHMARKS.md) found best:
-    /// - pageable slices: 16 MiB chunks, 4 slots: staging copies of chunks
-    ///   that size run beside the DMA with the least memory traffic (0.96 to
-    ///   0.98 of the host-copy bound, against 0.85 with 64 MiB chunks);
-    /// - pinned buffers, streams and items: 16 MiB chunks, 3 slots, and at
-    ///   least 8 chunks per run (down to 4 MiB), so that short runs overlap.
+    /// change its output) uses 16 MiB chunks, or an eighth of its input
+    /// when that is smaller (down to 4 MiB), and 4 slots, whatever
+    /// `chunk_bytes` and `slots` say. Sweeps on an H200 (PCIe Gen5, 16
+    /// cores, 2026-11-27; docs/BENCHMARKS.md) found that within 3 % of the
+    /// best fixed configuration on pinned, pageable and compute-bound runs
+    /// (pageable staging gains most: 0.91 to 0.97 of the host-copy bound,
+    /// against 0.79 to 0.85 with 64 MiB chunks).
     ///
-    /// The choice shows in the stats (`chunk_bytes`, `slots`). Runs whose
-    /// stages are not all elementwise keep `chunk_bytes` and `slots`. The
-    /// choice is made per kind of input before the run starts; it does not
-    /// yet adjust from the run's own measured copy and kernel times.
+    /// The choice holds for that run only (the configuration itself does
+    /// not change) and shows in the stats (`chunk_bytes`, `slots`,
+    /// `adaptive`). Runs whose stages are not all elementwise, and
+    /// `execute_iteration`, use `chunk_bytes` and `slots`. The choice is
+    /// made before the run starts; it does not yet adjust from the run's
+    /// own measured copy and kernel times.
     pub fn auto() -> Self {
         Self {
             adaptive: true,
@@ -146,14 +136,12 @@ impl PipelineConfig {
         Self { trace, ..self }
     }
 
-    /// (chunk bytes, slots) the adaptive configuration picks.
-    pub(crate) fn choose(shape: Shape, total_bytes: Option<usize>) -> (usize, usize) {
+    /// (chunk bytes, slots) the adaptive configuration picks for a run
+    /// over `total_bytes` (when known).
+    pub(crate) fn choose(total_bytes: Option<usize>) -> (usize, usize) {
         const MIB: usize = 1 << 20;
         let chunk = total_bytes.map_or(16 * MIB, |t| (t / 8).clamp(4 * MIB, 16 * MIB));
-        match shape {
-            Shape::Pageable => (chunk, 4),
-            Shape::Pinned | Shape::Items => (chunk, 3),
-        }
+        (chunk, 4)
     }
 }
 
@@ -197,6 +185,9 @@ pub struct PipelineStageManager<T: Element> {
     copy_pool: copy::CopyPool,
     /// An `execute_iteration` session with chunks in flight.
     iter: Option<iterate::Session<T>>,
+    /// (chunk elements, slots) the adaptive configuration chose for the
+    /// run in progress; `None`: the configuration's own.
+    effective: Option<(usize, usize)>,
     stats: PipelineStats,
     timeline: Timeline,
 }
@@ -259,6 +250,7 @@ impl<T: Element> PipelineStageManager<T> {
             engine: None,
             cache: StagingCache::default(),
             copy_pool,
+            effective: None,
             iter: None,
             stats,
             timeline: Timeline::default(),
@@ -339,7 +331,10 @@ impl<T: Element> PipelineStageManager<T> {
     }
 
     fn chunk_elems(&self) -> usize {
-        (self.config.chunk_bytes / std::mem::size_of::<T>().max(1)).max(1)
+        match self.effective {
+            Some((chunk, _)) => chunk,
+            None => (self.config.chunk_bytes / std::mem::size_of::<T>().max(1)).max(1),
+        }
     }
 
     /// How a GPU run over `n` elements (a slice or pinned buffer) is cut
@@ -364,20 +359,27 @@ impl<T: Element> PipelineStageManager<T> {
         })
     }
 
-    /// With the adaptive configuration, sets chunk size and ring depth for
-    /// a GPU run of `shape` over `total_bytes` (when known). The ring is
-    /// rebuilt (outside the timed part) only when they change.
-    pub(crate) fn adapt(&mut self, shape: Shape, total_bytes: Option<usize>) {
+    /// Ring depth of the run in progress.
+    fn slots(&self) -> usize {
+        self.effective.map_or(self.config.slots, |(_, slots)| slots)
+    }
+
+    /// What the adaptive configuration picks for a GPU run of `order` over
+    /// `total_bytes`: `None` when it is off, on the host backend, or when a
+    /// stage could tell where chunks begin.
+    fn adaptive_choice(
+        &self,
+        order: &[usize],
+        total_bytes: Option<usize>,
+    ) -> Option<(usize, usize)> {
         if !self.config.adaptive || self.backend != BackendKind::Gpu {
-            return;
+            return None;
         }
-        if !self.boundaries_free(&self.order()) {
-            return;
+        if !self.boundaries_free(order) {
+            return None;
         }
-        let (chunk, slots) = PipelineConfig::choose(shape, total_bytes);
-        let elem = std::mem::size_of::<T>().max(1);
-        self.config.chunk_bytes = (chunk / elem).max(1) * elem;
-        self.config.slots = slots;
+        let (chunk, slots) = PipelineConfig::choose(total_bytes);
+        Some(((chunk / std::mem::size_of::<T>().max(1)).max(1), slots))
     }
 
     /// Output elements of a whole input of `n` elements cut into chunks.
@@ -430,7 +432,7 @@ impl<T: Element> PipelineStageManager<T> {
         let rebuild = self
             .engine
             .as_ref()
-            .is_none_or(|e| e.capacity() != capacity || e.slot_count() != self.config.slots);
+            .is_none_or(|e| e.capacity() < capacity || e.slot_count() != self.slots());
         if rebuild {
             self.close_idle_session()?;
             self.engine = None; // free the old ring first
@@ -439,7 +441,7 @@ impl<T: Element> PipelineStageManager<T> {
                 .gpu
                 .as_ref()
                 .ok_or(Error::Config("no GPU on this manager"))?;
-            self.engine = Some(gpu::new_engine(gpu, self.config.slots, capacity)?);
+            self.engine = Some(gpu::new_engine(gpu, self.slots(), capacity)?);
         }
         Ok(())
     }
@@ -453,12 +455,16 @@ impl<T: Element> PipelineStageManager<T> {
         &mut self,
         lengths: Option<(usize, usize)>,
         batched_items: bool,
+        adaptive: Option<Option<usize>>,
     ) -> Result<Vec<usize>> {
+        self.effective = None;
         let order = self.order();
         self.check_stages(&order)?;
         self.close_idle_session()?;
         // Copies of an earlier failed run are not this run's.
         let _ = self.copy_pool.take_ms();
+        // For this run only (`finish_run` and the next run clear it).
+        self.effective = adaptive.and_then(|total| self.adaptive_choice(&order, total));
         if let Some((input, output)) = lengths {
             let expected = self.total_output_len(input);
             if output != expected {
@@ -500,9 +506,10 @@ impl<T: Element> PipelineStageManager<T> {
         }
         self.stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
         self.stats.host_copy_ms += self.copy_pool.take_ms();
-        self.stats.chunk_bytes = self.config.chunk_bytes;
-        self.stats.slots = self.config.slots;
-        self.stats.adaptive = self.config.adaptive;
+        self.stats.chunk_bytes = self.chunk_elems() * std::mem::size_of::<T>();
+        self.stats.slots = self.slots();
+        self.stats.adaptive = self.effective.is_some();
+        self.effective = None;
         self.stats.timed = self.config.timing || self.backend == BackendKind::Host;
     }
 

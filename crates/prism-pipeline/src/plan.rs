@@ -30,7 +30,7 @@ impl ChunkPlan {
             chunk,
             // Ramps only pay on runs of several chunks, and only with room
             // for aligned quarters.
-            ramp: ramp && chunk >= 4 * ALIGN && total >= 4 * chunk,
+            ramp: ramp && chunk / 4 >= ALIGN && total / 4 >= chunk,
             issued: 0,
         }
     }
@@ -94,6 +94,9 @@ mod tests {
         assert_eq!(flat[16], 3);
         // Short runs are not ramped.
         assert!(ChunkPlan::new(3 * c, c, true).all(|l| l == c));
+        // Sizes near the top of usize neither overflow nor loop.
+        assert_eq!(ChunkPlan::new(usize::MAX, usize::MAX / 2, true).count(), 3);
+        assert_eq!(ChunkPlan::new(10, usize::MAX, true).count(), 1);
     }
 
     proptest! {

@@ -16,7 +16,7 @@ use crate::io::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo, StreamIo};
 use crate::source::{Sink, Source};
 use crate::stage::Stage;
 use crate::stats::{BackendKind, PipelineStats, Timeline};
-use crate::{PipelineStageManager, Shape};
+use crate::PipelineStageManager;
 
 /// What a stream run moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -117,8 +117,8 @@ impl<T: Element> PipelineStageManager<T> {
     /// elements). Empty input is a valid run of zero chunks.
     pub fn run(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         let _span = tracing::debug_span!("prism.pipeline.run", n = input.len()).entered();
-        self.adapt(Shape::Pageable, Some(std::mem::size_of_val(input)));
-        let order = self.begin_run(Some((input.len(), output.len())), false)?;
+        let total = Some(std::mem::size_of_val(input));
+        let order = self.begin_run(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
         if input.is_empty() {
             self.finish_run(started, 0, 0, 0, 0);
@@ -200,8 +200,8 @@ impl<T: Element> PipelineStageManager<T> {
                 backend: "host",
             });
         }
-        self.adapt(Shape::Pinned, Some(input.len() * std::mem::size_of::<T>()));
-        let order = self.begin_run(Some((input.len(), output.len())), false)?;
+        let total = Some(input.len() * std::mem::size_of::<T>());
+        let order = self.begin_run(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
         let plan = self.plan(&order, input.len());
         let (run, _, _) = self.gpu_parts(&order)?;
@@ -227,8 +227,7 @@ impl<T: Element> PipelineStageManager<T> {
         I: IntoIterator<Item = (&'a [T], &'a mut [T])>,
     {
         let _span = tracing::debug_span!("prism.pipeline.run_items").entered();
-        self.adapt(Shape::Items, None);
-        let order = self.begin_run(None, true)?;
+        let order = self.begin_run(None, true, Some(None))?;
         let started = Instant::now();
         let chunk = self.chunk_elems();
         match self.backend {
@@ -317,8 +316,7 @@ impl<T: Element> PipelineStageManager<T> {
                 backend: "host",
             });
         }
-        self.adapt(Shape::Items, None);
-        let order = self.begin_run(None, true)?;
+        let order = self.begin_run(None, true, Some(None))?;
         let started = Instant::now();
         let chunk = self.chunk_elems();
         let (run, cache, _) = self.gpu_parts(&order)?;
@@ -362,8 +360,7 @@ impl<T: Element> PipelineStageManager<T> {
         sink: K,
     ) -> Result<StreamCounts> {
         let _span = tracing::debug_span!("prism.pipeline.run_stream").entered();
-        self.adapt(Shape::Pinned, None);
-        let order = self.begin_run(None, false)?;
+        let order = self.begin_run(None, false, Some(None))?;
         let started = Instant::now();
         let chunk = self.chunk_elems();
         match self.backend {

@@ -78,7 +78,11 @@ impl PipelineStats {
 
     /// The busiest resource's time: the upload or download stream, the
     /// stages, or (for pageable data) the host threads' staging copies.
+    /// 0 when timing was off (no per-step times to compare).
     pub fn bound_ms(&self) -> f64 {
+        if !self.timed {
+            return 0.0;
+        }
         self.upload_ms
             .max(self.download_ms)
             .max(self.compute_busy_ms)
@@ -103,10 +107,13 @@ impl PipelineStats {
         }
     }
 
-    /// What bounds the run: "upload", "compute", "download" or "host staging".
+    /// What bounds the run: "upload", "compute", "download", "host
+    /// staging", or "untimed" when timing was off.
     pub fn bottleneck(&self) -> &'static str {
         let c = self.compute_busy_ms;
-        if self.host_copy_ms > self.upload_ms.max(self.download_ms).max(c) {
+        if !self.timed {
+            "untimed"
+        } else if self.host_copy_ms > self.upload_ms.max(self.download_ms).max(c) {
             "host staging"
         } else if self.upload_ms >= c && self.upload_ms >= self.download_ms {
             "upload"

@@ -322,10 +322,24 @@ fn gpu_pipeline_registered_vecs_run_repeatedly_and_come_back() {
         iters: 3,
     });
     p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
-    assert!(matches!(
-        PinnedBuffer::<f32>::register(gpu, Vec::new()),
-        Err(prism_stream::Error::ZeroLength { .. })
-    ));
+    match PinnedBuffer::<f32>::register(gpu, Vec::new()) {
+        Err(e) => assert!(matches!(e.error, prism_stream::Error::ZeroLength { .. })),
+        Ok(_) => panic!("an empty vector registered"),
+    }
+    // A failed registration hands the vector back: two small vectors on one
+    // page make the driver refuse the second (when the allocator put them
+    // there), and its data must survive.
+    let first = PinnedBuffer::register(gpu, vec![1u8; 64]).unwrap();
+    match PinnedBuffer::register(gpu, vec![2u8; 64]) {
+        Ok(second) => drop(second),
+        Err(e) => {
+            assert_eq!(e.data, vec![2u8; 64], "{}", e.error);
+        }
+    }
+    drop(first);
+    // Debug shows the kind and length, not the contents.
+    let dbg = format!("{:?}", PinnedBuffer::register(gpu, vec![7u32; 3]).unwrap());
+    assert!(dbg.contains("registered") && !dbg.contains('7'), "{dbg}");
     let mut input = PinnedBuffer::register(gpu, random_f32(21, n)).unwrap();
     let mut output = PinnedBuffer::register(gpu, vec![f32::NAN; n]).unwrap();
     assert!(input.is_registered() && output.is_registered());
@@ -390,7 +404,12 @@ fn gpu_pipeline_adaptive_configuration_picks_by_input_and_matches_cpu() {
     p.run_pinned(&pin_in, &mut pin_out).unwrap();
     expect_fma_clamp(&input, pin_out.wait_slice().unwrap());
     let s = p.get_stats();
-    assert_eq!((s.chunk_bytes, s.slots), (chunk, 3), "pinned choice");
+    assert_eq!((s.chunk_bytes, s.slots), (chunk, 4), "pinned choice");
+    // The choice was for those runs only: the configuration is unchanged.
+    assert_eq!(
+        p.config().chunk_bytes,
+        PipelineConfig::default().chunk_bytes
+    );
     // A stage that is not elementwise keeps the configured sizes.
     let config = PipelineConfig {
         chunk_bytes: 1 << 20,
@@ -403,4 +422,8 @@ fn gpu_pipeline_adaptive_configuration_picks_by_input_and_matches_cpu() {
     q.run(&input, &mut sums).unwrap();
     let s = q.get_stats();
     assert_eq!((s.chunk_bytes, s.slots), (1 << 20, 2));
+    assert!(
+        !s.adaptive,
+        "nothing was chosen for a chain that is not elementwise"
+    );
 }

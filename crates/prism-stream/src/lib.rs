@@ -51,7 +51,7 @@ pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, Launch, Module};
 pub use managed::ManagedGpuContext;
 pub use memory::{
     as_bytes, as_bytes_mut, copy_streaming, zeroed_vec, DeviceBuffer, Element, HostAllocFlags,
-    PinnedBuffer,
+    PinnedBuffer, RegisterError,
 };
 pub use order::{Lane, StreamId};
 pub use stream::{ManagedStream, StreamPool, StreamPurpose};

@@ -370,7 +370,6 @@ impl HostAllocFlags {
 }
 
 /// Where a pinned buffer's memory came from.
-#[derive(Debug)]
 enum Backing<T> {
     /// `cuMemHostAlloc`: freed with `cuMemFreeHost`.
     Allocated,
@@ -385,8 +384,8 @@ enum Backing<T> {
 /// Page-locked host memory: the only host memory the GPU copies from and to
 /// asynchronously. Either allocated page-locked ([`new`](Self::new), not
 /// write-combined unless asked for) or a `Vec` page-locked in place
-/// ([`register`](Self::register)).
-#[derive(Debug)]
+/// ([`register`](Self::register)). Its `Debug` shows where it came from and
+/// its length, never its contents (which the GPU may be writing).
 pub struct PinnedBuffer<T: Element> {
     gpu: Gpu,
     ptr: *mut T,
@@ -396,6 +395,53 @@ pub struct PinnedBuffer<T: Element> {
     mapped: sys::CUdeviceptr,
     backing: Backing<T>,
     pub(crate) uses: UseCell,
+}
+
+impl<T: Element> std::fmt::Debug for PinnedBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let backing = match self.backing {
+            Backing::Allocated => "allocated",
+            Backing::Registered(_) => "registered",
+            Backing::Released => "released",
+        };
+        f.debug_struct("PinnedBuffer")
+            .field("backing", &backing)
+            .field("len", &self.len)
+            .field("flags", &self.flags)
+            .field("device", &self.gpu.info().ordinal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failed [`PinnedBuffer::register`]: why, and the vector, unchanged.
+#[derive(Debug)]
+pub struct RegisterError<T> {
+    pub error: Error,
+    pub data: Vec<T>,
+}
+
+impl<T> std::fmt::Display for RegisterError<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "registering {} elements failed: {}",
+            self.data.len(),
+            self.error
+        )
+    }
+}
+
+impl<T: std::fmt::Debug> std::error::Error for RegisterError<T> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl<T> From<RegisterError<T>> for Error {
+    /// The error alone (the vector is dropped).
+    fn from(e: RegisterError<T>) -> Self {
+        e.error
+    }
 }
 
 // SAFETY: the buffer owns its allocation; host access goes through &self/&mut
@@ -446,9 +492,22 @@ impl<T: Element> PinnedBuffer<T> {
     /// stages through a small pinned ring). `data` must not be empty, and
     /// its memory must not share pages with memory registered already
     /// (the driver then refuses with `CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED`).
-    pub fn register(gpu: &Gpu, mut data: Vec<T>) -> Result<Self> {
-        let bytes = byte_len::<T>(data.len(), "registered host buffer")?;
-        gpu.bind()?;
+    /// On failure the vector comes back in the error, unchanged.
+    pub fn register(gpu: &Gpu, data: Vec<T>) -> std::result::Result<Self, RegisterError<T>> {
+        match Self::try_register(gpu, data) {
+            Ok(b) => Ok(b),
+            Err((error, data)) => Err(RegisterError { error, data }),
+        }
+    }
+
+    fn try_register(gpu: &Gpu, mut data: Vec<T>) -> std::result::Result<Self, (Error, Vec<T>)> {
+        let bytes = match byte_len::<T>(data.len(), "registered host buffer") {
+            Ok(b) => b,
+            Err(e) => return Err((e, data)),
+        };
+        if let Err(e) = gpu.check_usable().and_then(|()| gpu.bind()) {
+            return Err((e, data));
+        }
         let ptr = data.as_mut_ptr();
         // SAFETY: `ptr` and `bytes` describe the vector's initialised heap
         // memory, owned here. The vector moves into the returned buffer and
@@ -458,13 +517,14 @@ impl<T: Element> PinnedBuffer<T> {
             sys::cuMemHostRegister_v2(ptr.cast(), bytes, sys::CU_MEMHOSTREGISTER_DEVICEMAP)
         };
         if r != CUresult::CUDA_SUCCESS {
-            return Err(alloc_error(
+            let e = alloc_error(
                 DriverError(r),
                 "page-locked host",
                 bytes,
                 "registered host buffer",
                 "cuMemHostRegister",
-            ));
+            );
+            return Err((e, data));
         }
         let len = data.len();
         Ok(Self {
@@ -490,7 +550,9 @@ impl<T: Element> PinnedBuffer<T> {
         self.wait_idle()?;
         match std::mem::replace(&mut self.backing, Backing::Released) {
             Backing::Registered(data) => {
-                unregister(&self.gpu, self.ptr);
+                // A failed unregister is logged; the vector stays valid
+                // memory either way.
+                let _ = unregister(&self.gpu, self.ptr);
                 Ok(data)
             }
             other => {
@@ -613,8 +675,18 @@ impl<T: Element> Drop for PinnedBuffer<T> {
                     let _ = unsafe { result::free_host(self.ptr.cast()) };
                 }
             }
-            // The vector itself is freed after this, as the field drops.
-            Backing::Registered(_) => unregister(&self.gpu, self.ptr),
+            Backing::Registered(_) => {
+                if !unregister(&self.gpu, self.ptr) {
+                    // Still registered: freeing it could leave the driver a
+                    // stale registration of memory the allocator reuses.
+                    if let Backing::Registered(data) =
+                        std::mem::replace(&mut self.backing, Backing::Released)
+                    {
+                        std::mem::forget(data);
+                    }
+                }
+                // Otherwise the vector is freed after this, as the field drops.
+            }
             Backing::Released => {}
         }
     }
@@ -634,12 +706,11 @@ fn mapped_address(host: *mut std::ffi::c_void) -> sys::CUdeviceptr {
 }
 
 /// Unregisters memory registered by `PinnedBuffer::register` once no GPU
-/// operation uses it. A failure leaves the pages locked (they stay valid
-/// memory; prism never hands their address to the GPU again).
-fn unregister<T>(gpu: &Gpu, ptr: *mut T) {
+/// operation uses it; false if that failed (the pages stay locked).
+fn unregister<T>(gpu: &Gpu, ptr: *mut T) -> bool {
     if gpu.bind().is_err() {
         tracing::warn!("could not bind the context to unregister host memory");
-        return;
+        return false;
     }
     // SAFETY: `ptr` is the start of a range registered in this context by
     // `PinnedBuffer::register`, unregistered only here, after every queued
@@ -647,5 +718,7 @@ fn unregister<T>(gpu: &Gpu, ptr: *mut T) {
     let r = unsafe { sys::cuMemHostUnregister(ptr.cast()) };
     if r != CUresult::CUDA_SUCCESS {
         tracing::warn!(?r, "cuMemHostUnregister failed; the pages stay locked");
+        return false;
     }
+    true
 }

@@ -86,9 +86,9 @@ pub struct PipelineConfig {
     /// buffer (see [`ChunkPlan`]; only when every stage is elementwise:
     /// chunk boundaries then do not change the output). Default on.
     pub ramp: bool,
-    /// Let each GPU run pick `chunk_bytes` and `slots` for its kind of
-    /// input (see [`PipelineConfig::auto`]); off by default, so that sizes
-    /// set by hand are kept.
+    /// Let each GPU run of elementwise stages pick its own chunk size and
+    /// ring depth (see [`PipelineConfig::auto`]); off by default, so that
+    /// sizes set by hand are kept.
     pub adaptive: bool,
 }
 

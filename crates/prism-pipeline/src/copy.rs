@@ -58,8 +58,10 @@ impl CopyPool {
     }
 }
 
-/// Copies each `(dst, src)` pair (equal lengths), cut into pieces of about
-/// 1 MiB spread over the pool. Totals under 1 MiB stay on this thread.
+/// Copies each `(dst, src)` pair (equal lengths), cut into pieces of 64 KiB
+/// to 1 MiB spread over the pool, with streaming stores. Totals under
+/// 1 MiB stay on this thread (`copy_from_slice`). Adds its wall time to the
+/// pool's clock (`take_ms`).
 pub(crate) fn par_copy<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
     let started = Instant::now();
     copy_pieces(pairs, pool);

@@ -250,9 +250,14 @@ struct EngineSlot<T: Element> {
 #[derive(Debug)]
 struct Timing {
     origin: GpuFence,
+    /// The host clock when `origin` was recorded (the GPU reaches an idle
+    /// lane's event within microseconds: host and GPU spans line up to that).
+    host_origin: std::time::Instant,
     busy: BusyUnion,
     /// Compute end of the last `slots` retired chunks (see `retire`).
     recent_ends: VecDeque<f64>,
+    /// Host waits for the GPU: (oldest chunk, start ms, end ms) since `host_origin`.
+    waits: Vec<(ChunkId, f64, f64)>,
 }
 
 /// One GPU slot ring (see the [module docs](self)).
@@ -398,10 +403,25 @@ impl<T: Element> Engine<T> {
         let origin = self.lanes[UPLOAD_LANE].timed_fence()?;
         self.timing = Some(Timing {
             origin,
+            host_origin: std::time::Instant::now(),
             busy: BusyUnion::default(),
             recent_ends: VecDeque::new(),
+            waits: Vec::new(),
         });
         Ok(())
+    }
+
+    /// The host clock at the timing origin (GPU span times count from it).
+    pub fn host_origin(&self) -> Option<std::time::Instant> {
+        self.timing.as_ref().map(|t| t.host_origin)
+    }
+
+    /// The host's waits for the GPU since timing started: (oldest chunk,
+    /// start ms, end ms), on the clock of the GPU spans.
+    pub fn take_waits(&mut self) -> Vec<(ChunkId, f64, f64)> {
+        self.timing
+            .as_mut()
+            .map_or_else(Vec::new, |t| std::mem::take(&mut t.waits))
     }
 
     /// Stops timing; returns the GPU time during which at least one chunk's
@@ -628,9 +648,22 @@ impl<T: Element> Engine<T> {
             .into_iter()
             .filter_map(|s| s.chunk.map(|c| (c, s.slot)))
             .min();
-        let Some((_, slot)) = oldest else {
+        let Some((chunk, slot)) = oldest else {
             return Ok(false);
         };
+        let started = std::time::Instant::now();
+        let r = self.wait_slot(slot);
+        if let Some(t) = &mut self.timing {
+            let ms = |i: std::time::Instant| {
+                i.saturating_duration_since(t.host_origin).as_secs_f64() * 1e3
+            };
+            t.waits
+                .push((chunk, ms(started), ms(std::time::Instant::now())));
+        }
+        r.map(|()| true)
+    }
+
+    fn wait_slot(&mut self, slot: SlotId) -> Result<(), Error> {
         let fence = [Step::Download, Step::Process, Step::Upload]
             .into_iter()
             .find_map(|step| self.ring.fence(slot, step))
@@ -641,7 +674,7 @@ impl<T: Element> Engine<T> {
                 return Err(prism_stream::Error::ContextPoisoned { reason }.into());
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// After an error: waits for every lane, then forgets the chunks in

@@ -4,6 +4,7 @@
 //! PCIe Gen5 link); on the host backend, the stages run on it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use prism_stream::{copy_streaming, Element};
@@ -30,6 +31,15 @@ pub(crate) struct CopyPool {
     pool: Option<rayon::ThreadPool>,
     /// Wall time of the copies since the last `take_ms`, in ns.
     busy_ns: AtomicU64,
+    /// With a trace on: each copy's (chunk, what, start, end).
+    recorder: Mutex<Option<Recorder>>,
+}
+
+/// Copies seen while a trace records (see [`CopyPool::record`]).
+#[derive(Debug)]
+struct Recorder {
+    label: (u64, &'static str),
+    spans: Vec<(u64, &'static str, Instant, Instant)>,
 }
 
 impl CopyPool {
@@ -44,7 +54,32 @@ impl CopyPool {
         Self {
             pool,
             busy_ns: AtomicU64::new(0),
+            recorder: Mutex::new(None),
         }
+    }
+
+    fn recorder(&self) -> MutexGuard<'_, Option<Recorder>> {
+        self.recorder.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts (or, with `false`, stops and clears) keeping every copy's span.
+    pub(crate) fn record(&self, on: bool) {
+        *self.recorder() = on.then(|| Recorder {
+            label: (0, ""),
+            spans: Vec::new(),
+        });
+    }
+
+    /// Names the copies that follow (chunk and what), while recording.
+    pub(crate) fn label(&self, chunk: u64, what: &'static str) {
+        if let Some(r) = self.recorder().as_mut() {
+            r.label = (chunk, what);
+        }
+    }
+
+    /// The recorded spans, and recording stops.
+    pub(crate) fn take_spans(&self) -> Vec<(u64, &'static str, Instant, Instant)> {
+        self.recorder().take().map_or_else(Vec::new, |r| r.spans)
     }
 
     /// The copies' wall time since the last call, in ms (and restarts it).
@@ -65,8 +100,13 @@ impl CopyPool {
 pub(crate) fn par_copy<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {
     let started = Instant::now();
     copy_pieces(pairs, pool);
-    let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let ended = Instant::now();
+    let ns = u64::try_from((ended - started).as_nanos()).unwrap_or(u64::MAX);
     pool.busy_ns.fetch_add(ns, Ordering::Relaxed);
+    if let Some(r) = pool.recorder().as_mut() {
+        let (chunk, what) = r.label;
+        r.spans.push((chunk, what, started, ended));
+    }
 }
 
 fn copy_pieces<T: Element>(pairs: Vec<(&mut [T], &[T])>, pool: &CopyPool) {

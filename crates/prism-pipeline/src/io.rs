@@ -78,11 +78,12 @@ impl<T: Element> ChunkIo<T> for SliceIo<'_, T> {
         timed: bool,
         slot: &mut Staged<T>,
         dev: &mut DeviceBuffer<T>,
-        _chunk: ChunkId,
+        chunk: ChunkId,
     ) -> Result<Option<(usize, Recorded)>> {
         let Some(len) = self.plan.next() else {
             return Ok(None);
         };
+        self.pool.label(chunk.0, "staging copy in");
         // The slot was released, so the previous upload from it completed.
         par_copy_one(
             &mut slot.input.as_mut_slice()?[..len],
@@ -105,7 +106,8 @@ impl<T: Element> ChunkIo<T> for SliceIo<'_, T> {
         download_staged(lane, timed, &mut slot.output, dev, len)
     }
 
-    fn retire(&mut self, slot: &mut Staged<T>, _chunk: ChunkId, len: usize) -> Result<()> {
+    fn retire(&mut self, slot: &mut Staged<T>, chunk: ChunkId, len: usize) -> Result<()> {
+        self.pool.label(chunk.0, "staging copy out");
         par_copy_one(
             &mut self.output[self.next_out..self.next_out + len],
             &slot.output.as_slice()?[..len],

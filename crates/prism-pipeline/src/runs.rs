@@ -15,7 +15,7 @@ use crate::host::{AsyncPipelineCoordinator, Pull};
 use crate::io::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo, StreamIo};
 use crate::source::{Sink, Source};
 use crate::stage::Stage;
-use crate::stats::{BackendKind, PipelineStats, Timeline};
+use crate::stats::{BackendKind, Lane as SpanLane, PipelineStats, Span, Timeline};
 use crate::PipelineStageManager;
 
 /// What a stream run moved.
@@ -39,6 +39,8 @@ pub(crate) struct GpuRun<'a, T: Element> {
     pub(crate) trace: bool,
     pub(crate) stats: &'a mut PipelineStats,
     pub(crate) timeline: &'a mut Timeline,
+    /// The host threads (their staging copies go into the trace).
+    pub(crate) pool: &'a crate::copy::CopyPool,
 }
 
 impl<T: Element> GpuRun<'_, T> {
@@ -54,8 +56,12 @@ impl<T: Element> GpuRun<'_, T> {
                 return (Err(e.into()), slots);
             }
         }
-        let mut fresh = Timeline::default();
+        let mut fresh = Timeline {
+            device: self.engine.gpu().info().name.clone(),
+            ..Timeline::default()
+        };
         let (stats, trace) = (self.stats, self.trace);
+        self.pool.record(trace);
         let mut chain = StageChain {
             stages: self.stages,
             order: self.order,
@@ -69,6 +75,10 @@ impl<T: Element> GpuRun<'_, T> {
             };
             self.engine.run(io, &mut slots, &mut chain, &mut spans)
         };
+        let copies = self.pool.take_spans();
+        if trace {
+            add_host_spans(&mut fresh, self.engine, copies);
+        }
         if self.timing {
             stats.compute_busy_ms += self.engine.stop_timing();
         }
@@ -79,6 +89,38 @@ impl<T: Element> GpuRun<'_, T> {
             *self.timeline = fresh;
         }
         (result, slots)
+    }
+}
+
+/// The host's staging copies and waits as spans on the GPU spans' clock.
+fn add_host_spans<T: Element>(
+    timeline: &mut Timeline,
+    engine: &mut Engine<T>,
+    copies: Vec<(u64, &'static str, std::time::Instant, std::time::Instant)>,
+) {
+    let Some(origin) = engine.host_origin() else {
+        return;
+    };
+    let ms = |i: std::time::Instant| i.saturating_duration_since(origin).as_secs_f64() * 1e3;
+    for (chunk, what, start, end) in copies {
+        timeline.spans.push(Span {
+            chunk,
+            stream: 4,
+            lane: SpanLane::HostCopy,
+            name: what.to_owned(),
+            start_ms: ms(start),
+            end_ms: ms(end),
+        });
+    }
+    for (chunk, start_ms, end_ms) in engine.take_waits() {
+        timeline.spans.push(Span {
+            chunk: chunk.0,
+            stream: 5,
+            lane: SpanLane::HostWait,
+            name: "wait for the GPU".to_owned(),
+            start_ms,
+            end_ms,
+        });
     }
 }
 
@@ -106,6 +148,7 @@ impl<T: Element> PipelineStageManager<T> {
                 trace,
                 stats: &mut self.stats,
                 timeline: &mut self.timeline,
+                pool: &self.copy_pool,
             },
             &mut self.cache,
             &self.copy_pool,

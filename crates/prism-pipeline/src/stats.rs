@@ -200,19 +200,24 @@ impl fmt::Display for PipelineStats {
     }
 }
 
-/// The stream (or host thread) a span ran on.
+/// The stream (or host threads) a span ran on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Lane {
     Upload,
     Compute,
     Download,
+    /// Host threads copying between pageable memory and pinned staging.
+    HostCopy,
+    /// The host blocked until the GPU finished a chunk.
+    HostWait,
 }
 
 /// One step of one chunk: what ran, on which lane, when (ms since the run began).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Span {
     pub chunk: u64,
-    /// Which stream (0 upload, 1 and 3 compute, 2 download).
+    /// Which stream (0 upload, 1 and 3 compute, 2 download) or host lane
+    /// (4 staging copies, 5 waits for the GPU).
     pub stream: usize,
     pub lane: Lane,
     pub name: String,
@@ -220,20 +225,45 @@ pub struct Span {
     pub end_ms: f64,
 }
 
-/// The spans of the last timed run with tracing on.
+/// The spans of the last timed run with tracing on: the GPU's streams
+/// (CUDA event times) and the host's staging copies and waits (host clock,
+/// from the same origin, to within microseconds).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Timeline {
     pub spans: Vec<Span>,
+    /// What ran it (the GPU's name), for the trace's process name.
+    pub device: String,
 }
 
 impl Timeline {
     /// Chrome trace-event JSON (opens in Perfetto or chrome://tracing): one
-    /// thread per stream, one complete event per step.
+    /// process (the device), one thread per stream and per host lane, in a
+    /// fixed order, one complete event per step.
     pub fn to_chrome_trace(&self) -> serde_json::Value {
-        let mut events: Vec<serde_json::Value> = [(1, "upload stream (H2D)"), (2, "compute stream 1"), (3, "download stream (D2H)"), (4, "compute stream 2")]
-            .iter()
-            .map(|(tid, name)| serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}))
-            .collect();
+        const THREADS: [(usize, &str); 6] = [
+            (1, "upload stream (H2D)"),
+            (2, "compute stream 1"),
+            (4, "compute stream 2"),
+            (3, "download stream (D2H)"),
+            (5, "host: staging copies"),
+            (6, "host: waits for the GPU"),
+        ];
+        let process = if self.device.is_empty() {
+            "prism".to_owned()
+        } else {
+            format!("prism on {}", self.device)
+        };
+        let mut events = vec![serde_json::json!(
+            {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": process}}
+        )];
+        for (order, (tid, name)) in THREADS.iter().enumerate() {
+            events.push(serde_json::json!(
+                {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}
+            ));
+            events.push(serde_json::json!(
+                {"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": order}}
+            ));
+        }
         events.extend(self.spans.iter().map(|s| {
             serde_json::json!({
                 "name": s.name,

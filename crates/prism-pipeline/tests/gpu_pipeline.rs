@@ -63,10 +63,40 @@ fn gpu_pipeline_pageable_run_matches_cpu_and_traces() {
         stats.compute_ms()
     );
     let spans = &p.timeline().spans;
+    let gpu = |l: Lane| matches!(l, Lane::Upload | Lane::Compute | Lane::Download);
     assert_eq!(
-        spans.len() as u64,
+        spans.iter().filter(|s| gpu(s.lane)).count() as u64,
         chunks * 4,
         "one span per upload, stage and download"
+    );
+    // The host lanes: each chunk's staging copy in and out, named by chunk,
+    // inside the run.
+    let copies: Vec<_> = spans.iter().filter(|s| s.lane == Lane::HostCopy).collect();
+    assert_eq!(
+        copies.len() as u64,
+        chunks * 2,
+        "one copy in and one out per chunk"
+    );
+    for c in 0..chunks {
+        assert_eq!(
+            copies.iter().filter(|s| s.chunk == c).count(),
+            2,
+            "chunk {c}"
+        );
+    }
+    let last_gpu_end = spans
+        .iter()
+        .filter(|s| gpu(s.lane))
+        .map(|s| s.end_ms)
+        .fold(0.0, f64::max);
+    let first_copy_out = copies
+        .iter()
+        .filter(|s| s.name.contains("out"))
+        .map(|s| s.start_ms)
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        first_copy_out < last_gpu_end,
+        "copies out overlap the GPU work ({first_copy_out} vs {last_gpu_end})"
     );
     assert!(spans
         .iter()
@@ -78,9 +108,13 @@ fn gpu_pipeline_pageable_run_matches_cpu_and_traces() {
     let trace = p.timeline().to_chrome_trace();
     let events = trace["traceEvents"].as_array().unwrap();
     assert_eq!(
-        events.iter().filter(|e| e["ph"] == "X").count() as u64,
-        chunks * 4
+        events.iter().filter(|e| e["ph"] == "X").count(),
+        spans.len()
     );
+    assert!(events.iter().any(|e| e["name"] == "process_name"
+        && e["args"]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("prism on "))));
     let path = std::env::temp_dir().join("prism-gpu-test.trace.json");
     p.timeline().write_chrome_trace(&path).unwrap();
     let back: serde_json::Value =

@@ -68,10 +68,13 @@ impl<T: Element> GpuRun<'_, T> {
             capacity: self.capacity,
             base: 0,
         };
+        // This run's step times, added to the stats only if it succeeds (a
+        // failed run adds nothing, as it adds no wall time).
+        let mut steps = PipelineStats::default();
         let result = {
             let mut spans = |s: ChunkSpan| {
                 let tl = if trace { Some(&mut fresh) } else { None };
-                record_span(stats, tl, s);
+                record_span(&mut steps, tl, s);
             };
             self.engine.run(io, &mut slots, &mut chain, &mut spans)
         };
@@ -79,10 +82,18 @@ impl<T: Element> GpuRun<'_, T> {
         if trace {
             add_host_spans(&mut fresh, self.engine, copies);
         }
-        if self.timing {
-            stats.compute_busy_ms += self.engine.stop_timing();
-        }
+        let busy = if self.timing {
+            self.engine.stop_timing()
+        } else {
+            0.0
+        };
         if let Ok(c) = &result {
+            stats.upload_ms += steps.upload_ms;
+            stats.download_ms += steps.download_ms;
+            for st in &steps.stages {
+                stats.add_stage_time(&st.name, st.ms);
+            }
+            stats.compute_busy_ms += busy;
             stats.host_wait_ms += c.wait_ms;
         }
         if trace && result.is_ok() {

@@ -254,9 +254,22 @@ fn gpu_pipeline_failing_stage_drains_and_pipeline_is_reusable() {
         Err(Error::Stage { stage, chunk, .. }) => assert_eq!((stage.as_str(), chunk), ("flaky", 2)),
         other => panic!("expected a stage error, got {other:?}"),
     }
+    // The failed run added nothing to the stats: no run, no step times.
+    let s = p.get_stats();
+    assert_eq!((s.runs, s.bytes_in), (0, 0));
+    assert!(
+        s.upload_ms == 0.0 && s.download_ms == 0.0 && s.compute_ms() == 0.0,
+        "{s:?}"
+    );
     p.set_order(&[fma, clamp]).unwrap();
     p.run(&input, &mut out).unwrap();
     expect_fma_clamp(&input, &out);
+    let s = p.get_stats();
+    assert_eq!(s.runs, 1);
+    assert!(
+        s.upload_ms > 0.0 && s.bound_ms() <= s.wall_ms * 1.05,
+        "{s:?}"
+    );
 }
 
 #[test]

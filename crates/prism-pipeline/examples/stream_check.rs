@@ -9,6 +9,7 @@
 //! ```
 //! Without a GPU it says so and streams 256 MiB through the host backend.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -17,6 +18,8 @@ use prism_pipeline::{
 };
 use prism_stream::{fma_chain_cpu, pattern};
 use rayon::prelude::*;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::format::FmtSpan;
 
 const STAGE: Fma = Fma {
     a: 1.0001,
@@ -72,6 +75,18 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() -> ExitCode {
+    // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
+    // shows prism's spans as they close, with their busy and idle time).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -10,11 +10,14 @@
 //! by `PipelineConfig::auto`. Without a GPU it says so and runs the host
 //! backend over 64 MiB in 4 MiB chunks (`--mib`, `--chunk-mib` change that).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use prism_pipeline::{Backend, BackendKind, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::testing::random_f32;
 use prism_stream::{fma_chain_cpu, HostAllocFlags, PinnedBuffer};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::format::FmtSpan;
 
 const STAGE: Fma = Fma {
     a: 1.0001,
@@ -53,6 +56,18 @@ fn args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
+    // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
+    // shows prism's spans as they close, with their busy and idle time).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

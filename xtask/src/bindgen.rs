@@ -28,11 +28,11 @@ fn header_fingerprint() -> Result<String> {
     ))
 }
 
-pub fn run(args: &[String]) -> Result {
-    match args {
-        [] => regenerate(),
-        [flag] if flag == "--check" => check(),
-        _ => Err(format!("unexpected arguments {args:?} (only --check)")),
+pub fn run(check_only: bool) -> Result {
+    if check_only {
+        check()
+    } else {
+        regenerate()
     }
 }
 

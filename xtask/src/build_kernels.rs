@@ -10,12 +10,7 @@ use crate::util::{self, Result};
 
 const DEFAULT_ARCHS: &[&str] = &["80", "90"];
 
-pub fn run(args: &[String]) -> Result {
-    let check = match args {
-        [] => false,
-        [flag] if flag == "--check" => true,
-        _ => return Err(format!("unexpected arguments {args:?} (only --check)")),
-    };
+pub fn run(check: bool) -> Result {
     if check {
         crate::bindgen::check()?;
         check_stubs()?;

@@ -65,13 +65,10 @@ pub const THREADS_TEST_MARK: &str = "_threads_";
 /// never under compute-sanitizer (which would rightly report the fault).
 pub const FAULT_TEST_MARK: &str = "fault_injection";
 
-pub fn run(args: &[String]) -> Result {
-    match args {
-        [] => run_here(),
-        [flag, dir] if flag == "--bundle" => bundle(Path::new(dir)),
-        _ => Err(format!(
-            "unexpected arguments {args:?} (expected nothing or --bundle DIR)"
-        )),
+pub fn run(bundle_dir: Option<&Path>) -> Result {
+    match bundle_dir {
+        None => run_here(),
+        Some(dir) => bundle(dir),
     }
 }
 

@@ -14,10 +14,7 @@ pub const PINS: &[&str] = &[
     "nvidia-cuda-crt==13.0.88",
 ];
 
-pub fn run(args: &[String]) -> Result {
-    if let Some(a) = args.first() {
-        return Err(format!("unexpected argument `{a}`"));
-    }
+pub fn run() -> Result {
     let venv = util::root().join(util::LOCAL_CUDA_DIR);
     let python = venv.join("bin/python3");
     if !python.is_file() {

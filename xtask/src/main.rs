@@ -1,6 +1,7 @@
 //! prism's developer tasks. `cargo xtask <command>`; one module per command.
 //!
-//! Few dependencies on purpose: std only, so `cargo xtask` builds fast in CI.
+//! Few dependencies on purpose: std and clap only, so `cargo xtask` builds
+//! fast in CI.
 
 mod bindgen;
 mod build_kernels;
@@ -8,44 +9,73 @@ mod gpu_test;
 mod install_nvcc;
 mod util;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-usage: cargo xtask <command> [options]
+use clap::{Parser, Subcommand};
 
-commands:
-  install-nvcc            install nvcc 13.0 from PyPI into ./.cuda (what CI uses)
-  build-kernels [--check] compile kernels/*.cu to PTX and cubin under target/kernels/,
-                          print ptxas' resource report, fail on spills or warnings;
-                          --check also verifies committed generated files are fresh
-  bindgen [--check]       regenerate crates/prism-cuda-sys/src/bindings.rs (needs libclang);
-                          --check only verifies it matches kernels/prism_kernels.h
-  gpu-test [--bundle DIR] run every GPU test on this machine's GPU (fails without one);
-                          --bundle DIR builds them, stripped, into DIR with a run.sh
-                          for a machine with a driver but no Rust
-";
+/// prism's developer tasks.
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    version,
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install nvcc 13.0 from PyPI into ./.cuda (what CI uses)
+    InstallNvcc,
+    /// Compile kernels/*.cu to PTX and cubin under target/kernels/, print
+    /// ptxas' resource report, fail on spills or warnings
+    BuildKernels {
+        /// Also verify that the committed generated files are fresh
+        #[arg(long)]
+        check: bool,
+    },
+    /// Regenerate crates/prism-cuda-sys/src/bindings.rs (needs libclang)
+    Bindgen {
+        /// Only verify that it matches kernels/prism_kernels.h (no libclang)
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run every GPU test on this machine's GPU (fails without one)
+    GpuTest {
+        /// Build them, stripped, into DIR with a run.sh for a machine with a
+        /// driver but no Rust
+        #[arg(long, value_name = "DIR")]
+        bundle: Option<PathBuf>,
+    },
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::InstallNvcc => "install-nvcc",
+            Command::BuildKernels { .. } => "build-kernels",
+            Command::Bindgen { .. } => "bindgen",
+            Command::GpuTest { .. } => "gpu-test",
+        }
+    }
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((cmd, rest)) = args.split_first() else {
-        eprint!("{USAGE}");
-        return ExitCode::FAILURE;
-    };
-    let result = match cmd.as_str() {
-        "install-nvcc" => install_nvcc::run(rest),
-        "build-kernels" => build_kernels::run(rest),
-        "bindgen" => bindgen::run(rest),
-        "gpu-test" => gpu_test::run(rest),
-        "help" | "--help" | "-h" => {
-            print!("{USAGE}");
-            Ok(())
-        }
-        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::InstallNvcc => install_nvcc::run(),
+        Command::BuildKernels { check } => build_kernels::run(*check),
+        Command::Bindgen { check } => bindgen::run(*check),
+        Command::GpuTest { bundle } => gpu_test::run(bundle.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            eprintln!("xtask {cmd}: error: {msg}");
+            eprintln!("xtask {}: error: {msg}", cli.command.name());
             ExitCode::FAILURE
         }
     }

@@ -22,6 +22,7 @@ use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
 use prism_pipeline::{fill_with, sink_fn, Clamp, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 use prism_stream::testing::random_f32;
@@ -199,47 +200,45 @@ struct Report {
     auto: Vec<AutoResult>,
 }
 
+/// The names `--only` accepts: the workloads of the main table, then the
+/// sections with tables of their own.
+const ONLY: [&str; 10] = [
+    "S1", "S1c", "S2", "S3", "S4", "S5", "S6", "S8", "S9", "auto",
+];
+
+/// prism against hand-written CUDA C++, plain cudarc and the hardware bound
+/// (the workloads of shared/BENCH-SPEC.md). Needs a GPU and a build with
+/// nvcc, except for --replot.
+#[derive(Debug, Parser)]
+#[command(name = "prism-bench", version)]
 struct Args {
+    /// Every size 16x smaller, and at most 3 repetitions
+    #[arg(long)]
     quick: bool,
+    /// Timed repetitions after a warm-up
+    #[arg(long, value_name = "N", default_value_t = 5)]
     reps: usize,
+    /// Where results.json and chart.svg go
+    #[arg(long, value_name = "DIR", default_value = "bench-results")]
     out: String,
+    /// Run only this workload or section
+    #[arg(long, value_name = "NAME", value_parser = ONLY)]
     only: Option<String>,
+    /// Print the tables and redraw the chart (under --out) from a saved
+    /// results.json, without a GPU
+    #[arg(long, value_name = "FILE")]
     replot: Option<String>,
-    /// Diagnostic: run prism with its timing events on and print its stats.
+    /// Diagnostic: run prism with its timing events on and print its stats
+    #[arg(long)]
     prism_timing: bool,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        quick: false,
-        reps: 5,
-        out: "bench-results".into(),
-        only: None,
-        replot: None,
-        prism_timing: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(f) = it.next() {
-        match f.as_str() {
-            "--quick" => a.quick = true,
-            "--reps" => {
-                a.reps = it
-                    .next()
-                    .ok_or("--reps needs a value")?
-                    .parse()
-                    .map_err(|e| format!("--reps: {e}"))?
-            }
-            "--out" => a.out = it.next().ok_or("--out needs a value")?,
-            "--only" => a.only = Some(it.next().ok_or("--only needs a value")?),
-            "--replot" => a.replot = Some(it.next().ok_or("--replot needs a results.json")?),
-            "--prism-timing" => a.prism_timing = true,
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
+fn parse_args() -> Args {
+    let mut a = Args::parse();
     if a.quick {
         a.reps = a.reps.min(3);
     }
-    Ok(a)
+    a
 }
 
 fn main() {
@@ -252,7 +251,7 @@ fn main() {
 type BoxError = Box<dyn std::error::Error>;
 
 fn run() -> Result<(), BoxError> {
-    let args = parse_args()?;
+    let args = parse_args();
     if let Some(path) = &args.replot {
         // Table and chart again from a saved results.json (no GPU needed).
         let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;

@@ -9,8 +9,23 @@
 use prism_pipeline::{Backend, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::fma_chain_cpu;
 use prism_stream::testing::{random_f32, scaled};
+use std::io::IsTerminal;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::format::FmtSpan;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
+    // shows prism's spans as they close, with their busy and idle time).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let chunk = scaled(4 << 20, 1 << 12); // 16 MiB of f32 per call
     let config = PipelineConfig {
         chunk_bytes: chunk * 4,

@@ -9,14 +9,18 @@
 //! ```
 //! Without a GPU it says so and streams 256 MiB through the host backend.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use clap::Parser;
 use prism_pipeline::{
     fill_with, sink_fn, Backend, BackendKind, BoxError, Fma, PipelineConfig, PipelineStageManager,
 };
 use prism_stream::{fma_chain_cpu, pattern};
 use rayon::prelude::*;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::format::FmtSpan;
 
 const STAGE: Fma = Fma {
     a: 1.0001,
@@ -71,8 +75,35 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Streams f32 generated on the fly through an FMA stage, checking every
+/// output on the fly, with host memory bounded by the ring.
+#[derive(Debug, Parser)]
+#[command(name = "stream_check", version)]
+struct Args {
+    /// GiB of f32 to stream (fractions allowed) [default: 64 on a GPU, 0.25
+    /// on the host backend]
+    #[arg(long, value_name = "GIB")]
+    gib: Option<f64>,
+    /// Chunk size in MiB
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    chunk_mib: usize,
+}
+
 fn main() -> ExitCode {
-    match run() {
+    // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
+    // shows prism's spans as they close, with their busy and idle time).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let args = Args::parse();
+    match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("prism stream_check: FAILED: {e}");
@@ -81,17 +112,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let (mut gib, mut chunk_mib): (Option<f64>, usize) = (None, 64);
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--gib" => gib = Some(value.parse().map_err(|e| format!("--gib: {e}"))?),
-            "--chunk-mib" => chunk_mib = value.parse().map_err(|e| format!("--chunk-mib: {e}"))?,
-            other => return Err(format!("unknown argument {other}").into()),
-        }
-    }
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let (gib, chunk_mib) = (args.gib, args.chunk_mib);
     let config = PipelineConfig {
         chunk_bytes: chunk_mib << 20,
         timing: false,

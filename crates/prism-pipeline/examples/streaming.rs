@@ -10,11 +10,15 @@
 //! by `PipelineConfig::auto`. Without a GPU it says so and runs the host
 //! backend over 64 MiB in 4 MiB chunks (`--mib`, `--chunk-mib` change that).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use clap::Parser;
 use prism_pipeline::{Backend, BackendKind, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::testing::random_f32;
 use prism_stream::{fma_chain_cpu, HostAllocFlags, PinnedBuffer};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::format::FmtSpan;
 
 const STAGE: Fma = Fma {
     a: 1.0001,
@@ -22,38 +26,43 @@ const STAGE: Fma = Fma {
     iters: 1,
 };
 
+/// Streams random f32 through an FMA stage with copies and kernels
+/// overlapping, checks every output against the CPU, prints the stats and
+/// writes a Chrome trace of the measured run.
+#[derive(Debug, Parser)]
+#[command(name = "streaming", version)]
 struct Args {
+    /// MiB of f32 to stream [default: 4096 on a GPU, 64 on the host backend]
+    #[arg(long, value_name = "N")]
     mib: Option<usize>,
+    /// Chunk size in MiB [default: chosen per run by PipelineConfig::auto on
+    /// a GPU, 4 on the host backend]
+    #[arg(long, value_name = "N")]
     chunk_mib: Option<usize>,
+    /// Input from an ordinary Vec, staged by host threads, instead of pinned
+    /// memory (GPU only)
+    #[arg(long)]
     pageable: bool,
+    /// Where the Chrome trace of the measured run is written (GPU only)
+    #[arg(long, value_name = "PATH", default_value = "prism.trace.json")]
     trace: String,
 }
 
-fn args() -> Result<Args, String> {
-    let mut a = Args {
-        mib: None,
-        chunk_mib: None,
-        pageable: false,
-        trace: "prism.trace.json".into(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--mib" => a.mib = Some(value()?.parse().map_err(|e| format!("--mib: {e}"))?),
-            "--chunk-mib" => {
-                a.chunk_mib = Some(value()?.parse().map_err(|e| format!("--chunk-mib: {e}"))?)
-            }
-            "--trace" => a.trace = value()?,
-            "--pageable" => a.pageable = true,
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    Ok(a)
-}
-
 fn main() -> ExitCode {
-    match run() {
+    // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
+    // shows prism's spans as they close, with their busy and idle time).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let args = Args::parse();
+    match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("prism streaming: FAILED: {e}");
@@ -62,8 +71,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let args = args()?;
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let config = PipelineConfig {
         trace: true,
         ..PipelineConfig::default()

@@ -6,8 +6,23 @@
 
 use prism_stream::testing::{gpu_required, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, Error, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
+use std::io::IsTerminal;
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::format::FmtSpan;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
+    // shows prism's spans as they close, with their busy and idle time).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let mut ctx = match ManagedGpuContext::new(0, true) {
         Ok(ctx) => ctx,
         Err(e @ (Error::DriverNotFound | Error::NoDevice)) if !gpu_required() => {

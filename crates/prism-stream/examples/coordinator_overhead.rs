@@ -32,6 +32,7 @@
 //!
 //! `cargo run --release -p prism-stream --example coordinator_overhead`
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,6 +42,8 @@ use prism_stream::testing::{gpu_required, random_f32};
 use prism_stream::{
     AsyncCoordinator, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer, StreamPurpose,
 };
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::format::FmtSpan;
 
 /// Iterations (3 ops each) per timed round.
 const ITERS: usize = 1000;
@@ -69,6 +72,18 @@ struct Round {
 type Variant = fn(&Gpu, Regime) -> Result<Round, Error>;
 
 fn main() {
+    // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
+    // shows prism's spans as they close, with their busy and idle time).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let gpu = match Gpu::open(0) {
         Ok(g) => g,
         Err(e @ (Error::DriverNotFound | Error::NoDevice)) if !gpu_required() => {
@@ -540,11 +555,13 @@ fn micro(gpu: &Gpu) -> Result<(), Error> {
         "cuEventQuery, pending (raw)",
         t.elapsed().as_secs_f64() * 1e9 / CALLS as f64,
     ));
+    // A trace span that the subscriber's filter leaves out (as it does unless
+    // RUST_LOG enables trace for this example): the cost of a disabled span.
     let span = per_call(&mut || {
         let _g = tracing::trace_span!("prism.bench").entered();
         Ok(())
     })?;
-    rows.push(("tracing span, no subscriber", span));
+    rows.push(("tracing span, filtered out", span));
     gpu.synchronize()?;
     drop(hold_stream);
     release(hold_ev);

@@ -4,12 +4,27 @@
 //!
 //! `cargo run --release -p prism-stream --example smoke`
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use prism_stream::testing::{gpu_required, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::format::FmtSpan;
 
 fn main() -> ExitCode {
+    // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
+    // shows prism's spans as they close, with their busy and idle time).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::WARN.into())
+                .from_env_lossy(),
+        )
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ (Error::DriverNotFound | Error::NoDevice)) if !gpu_required() => {

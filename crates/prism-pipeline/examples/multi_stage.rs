@@ -8,21 +8,24 @@
 use prism_pipeline::{Backend, Clamp, Fma, GroupSum, PipelineConfig, PipelineStageManager};
 use prism_stream::testing::{random_f32, scaled};
 use std::io::IsTerminal;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::prelude::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
     // shows prism's spans as they close, with their busy and idle time).
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::WARN));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::builder()
-                .with_default_directive(LevelFilter::WARN.into())
-                .from_env_lossy(),
-        )
+        .with_max_level(LevelFilter::TRACE)
         .with_span_events(FmtSpan::CLOSE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(filter)
         .init();
     let config = PipelineConfig {
         chunk_bytes: scaled(4 << 20, 16 << 10),

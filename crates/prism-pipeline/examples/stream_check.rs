@@ -19,8 +19,9 @@ use prism_pipeline::{
 };
 use prism_stream::{fma_chain_cpu, pattern};
 use rayon::prelude::*;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::prelude::*;
 
 const STAGE: Fma = Fma {
     a: 1.0001,
@@ -92,15 +93,17 @@ struct Args {
 fn main() -> ExitCode {
     // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
     // shows prism's spans as they close, with their busy and idle time).
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::WARN));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::builder()
-                .with_default_directive(LevelFilter::WARN.into())
-                .from_env_lossy(),
-        )
+        .with_max_level(LevelFilter::TRACE)
         .with_span_events(FmtSpan::CLOSE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(filter)
         .init();
     let args = Args::parse();
     match run(&args) {

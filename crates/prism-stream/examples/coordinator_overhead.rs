@@ -42,8 +42,9 @@ use prism_stream::testing::{gpu_required, random_f32};
 use prism_stream::{
     AsyncCoordinator, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer, StreamPurpose,
 };
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::prelude::*;
 
 /// Iterations (3 ops each) per timed round.
 const ITERS: usize = 1000;
@@ -74,15 +75,17 @@ type Variant = fn(&Gpu, Regime) -> Result<Round, Error>;
 fn main() {
     // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
     // shows prism's spans as they close, with their busy and idle time).
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::WARN));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::builder()
-                .with_default_directive(LevelFilter::WARN.into())
-                .from_env_lossy(),
-        )
+        .with_max_level(LevelFilter::TRACE)
         .with_span_events(FmtSpan::CLOSE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(filter)
         .init();
     let gpu = match Gpu::open(0) {
         Ok(g) => g,

@@ -850,19 +850,14 @@ fn bench_pageable(
     // (0, 0): PipelineConfig::auto.
     for &(chunk_mib, slots) in sweep.iter().chain(&[(0, 0)]) {
         let mut p = if chunk_mib == 0 {
-            let mut p = PipelineStageManager::<f32>::with_gpu(
+            fma_manager(
                 gpu,
                 PipelineConfig {
                     timing: false,
                     ..PipelineConfig::auto()
                 },
-            )?;
-            p.add_stage(Fma {
-                a: A,
-                b: B,
-                iters: 1,
-            });
-            p
+                1,
+            )?
         } else {
             fma_pipeline(gpu, chunk_mib << 20, slots, false, 1)?
         };
@@ -964,20 +959,8 @@ fn bench_pageable(
         )?],
     };
     fill_random(data.inputs[0].as_mut_slice()?, 0x55);
-    let mut b: Vec<f64> = (0..4)
-        .map(|_| {
-            cxx(
-                &mut data,
-                chunk.min(pinned),
-                1,
-                prism_cuda_sys::PRISM_BENCH_BIDIR as i32,
-                2,
-            )
-        })
-        .collect::<Result<_, _>>()?;
+    let t_bidir = bidir_ms(&mut data, chunk.min(pinned), 3)? * n as f64 / pinned as f64;
     drop(data);
-    b.remove(0);
-    let t_bidir = median(&mut b) * n as f64 / pinned as f64;
     let bound = t_bidir.max(t_staging);
     // Repeated runs over the same vectors: register them in place once.
     let repeated = bench_registered(gpu, input, output, reps, t_bidir)?;
@@ -1051,12 +1034,13 @@ fn bench_short(gpu: &Gpu, reps: usize, out: &str) -> Result<ShortResult, BoxErro
     let mut input = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?;
     fill_random(input.as_mut_slice()?, 0x59);
     let mut output = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?;
-    let mut runs = Vec::new();
-    for ramp in [false, true] {
+    let (mut runs, mut untimed) = (Vec::new(), Vec::new());
+    for (timing, ramp) in [(true, false), (true, true), (false, false), (false, true)] {
         let config = PipelineConfig {
             chunk_bytes: chunk_mib << 20,
             ramp,
-            trace: true,
+            timing,
+            trace: timing,
             ..PipelineConfig::default()
         };
         let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
@@ -1090,6 +1074,10 @@ fn bench_short(gpu: &Gpu, reps: usize, out: &str) -> Result<ShortResult, BoxErro
                 return Err(format!("short run output {k} differs from the CPU").into());
             }
         }
+        if !timing {
+            untimed.push((ramp, median(&mut times)));
+            continue;
+        }
         std::fs::create_dir_all(out)?;
         p.timeline().write_chrome_trace(format!(
             "{out}/s9-ramp-{}.trace.json",
@@ -1097,56 +1085,16 @@ fn bench_short(gpu: &Gpu, reps: usize, out: &str) -> Result<ShortResult, BoxErro
         ))?;
         runs.push((ramp, median(&mut times), chunks, median(&mut eff)));
     }
-    let mut untimed = Vec::new();
-    for ramp in [false, true] {
-        let config = PipelineConfig {
-            chunk_bytes: chunk_mib << 20,
-            ramp,
-            timing: false,
-            ..PipelineConfig::default()
-        };
-        let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
-        p.add_stage(Fma {
-            a: A,
-            b: B,
-            iters: 1,
-        });
-        p.add_stage(Clamp {
-            lo: -1e30,
-            hi: 1e30,
-        });
-        let mut times = Vec::new();
-        for rep in 0..=reps {
-            let t = Instant::now();
-            p.run_pinned(&input, &mut output)?;
-            output.wait_idle()?;
-            if rep > 0 {
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        untimed.push((ramp, median(&mut times)));
-    }
     let chunk = 16usize << 20;
     let mut data = Data {
         inputs: vec![input],
         outputs: vec![output],
     };
-    let mut b: Vec<f64> = (0..4)
-        .map(|_| {
-            cxx(
-                &mut data,
-                chunk,
-                1,
-                prism_cuda_sys::PRISM_BENCH_BIDIR as i32,
-                2,
-            )
-        })
-        .collect::<Result<_, _>>()?;
-    b.remove(0);
+    let t_bidir_ms = bidir_ms(&mut data, chunk, 3)?;
     Ok(ShortResult {
         mib,
         chunk_mib,
-        t_bidir_ms: median(&mut b),
+        t_bidir_ms,
         runs,
         untimed,
     })
@@ -1227,8 +1175,7 @@ fn bench_auto(gpu: &Gpu, reps: usize, quick: bool) -> Result<Vec<AutoResult>, Bo
         let mut vec_out = vec![0f32; n];
         let mut time =
             |config: PipelineConfig| -> Result<(f64, PipelineStageManager<f32>), BoxError> {
-                let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
-                p.add_stage(Fma { a: A, b: B, iters });
+                let mut p = fma_manager(gpu, config, iters)?;
                 let mut times = Vec::new();
                 for rep in 0..=reps {
                     let t = Instant::now();
@@ -1425,6 +1372,15 @@ fn fma_pipeline(
         timing,
         ..PipelineConfig::default()
     };
+    fma_manager(gpu, config, iters)
+}
+
+/// A GPU manager with `config` and one fma stage of `iters` steps.
+fn fma_manager(
+    gpu: &Gpu,
+    config: PipelineConfig,
+    iters: u32,
+) -> Result<PipelineStageManager<f32>, BoxError> {
     let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
     p.add_stage(Fma { a: A, b: B, iters });
     Ok(p)
@@ -1546,19 +1502,7 @@ fn bench_stream(gpu: &Gpu, quick: bool) -> Result<StreamResult, BoxError> {
         outputs: vec![PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?],
     };
     fill_random(data.inputs[0].as_mut_slice()?, 0x66);
-    let mut b: Vec<f64> = (0..4)
-        .map(|_| {
-            cxx(
-                &mut data,
-                piece,
-                1,
-                prism_cuda_sys::PRISM_BENCH_BIDIR as i32,
-                2,
-            )
-        })
-        .collect::<Result<_, _>>()?;
-    b.remove(0);
-    let t_bidir = median(&mut b) * total as f64 / n as f64;
+    let t_bidir = bidir_ms(&mut data, piece, 3)? * total as f64 / n as f64;
     let bound = t_bidir.max(t_host);
     Ok(StreamResult {
         gib: (total * 4) as f64 / (1u64 << 30) as f64,
@@ -1591,6 +1535,17 @@ fn print_stream(s: Option<&StreamResult>) {
     );
 }
 
+/// The link alone: every piece of `data` copied both ways at once (CUDA
+/// C++, two streams, no kernel): one warm-up, then the median of `timed`
+/// repetitions, in ms.
+fn bidir_ms(data: &mut Data, piece: usize, timed: usize) -> Result<f64, BoxError> {
+    let mut t: Vec<f64> = (0..=timed)
+        .map(|_| cxx(data, piece, 1, prism_cuda_sys::PRISM_BENCH_BIDIR as i32, 2))
+        .collect::<Result<_, _>>()?;
+    t.remove(0);
+    Ok(median(&mut t))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -1607,19 +1562,7 @@ fn bench_workload(
     let sample = Sample::new(&data, w.piece);
     let bytes = (w.total * 4) as f64;
     // The bound, measured here: copies both ways at once, and kernels alone.
-    let mut bidir: Vec<f64> = (0..=reps)
-        .map(|_| {
-            cxx(
-                &mut data,
-                w.piece,
-                1,
-                prism_cuda_sys::PRISM_BENCH_BIDIR as i32,
-                2,
-            )
-        })
-        .collect::<Result<_, _>>()?;
-    bidir.remove(0);
-    let t_bidir = median(&mut bidir);
+    let t_bidir = bidir_ms(&mut data, w.piece, reps)?;
     if w.iters == 0 {
         // S1c: an fma chain long enough that t_kernel is about 1.5 x t_bidir.
         let k1 = cxx(

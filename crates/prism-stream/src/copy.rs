@@ -92,8 +92,18 @@ impl Lane {
         let host = src.raw().wrapping_add(src_at) as *const u8;
         let device = dst.device_ptr() + (dst_at * size) as u64;
         let uses = [
-            src.used(Access::Read, "pinned source buffer"),
-            dst.used(Access::Write, "device destination buffer"),
+            src.used_range(
+                Access::Read,
+                "pinned source buffer",
+                src_at * size,
+                (src_at + n) * size,
+            ),
+            dst.used_range(
+                Access::Write,
+                "device destination buffer",
+                dst_at * size,
+                (dst_at + n) * size,
+            ),
         ];
         let (start, end, ()) = self.enqueue(&uses, timed, |stream| {
             // SAFETY: host points to n initialised elements inside src (bounds
@@ -128,8 +138,18 @@ impl Lane {
         let host = dst.raw().wrapping_add(dst_at).cast::<u8>();
         let device = src.device_ptr() + (src_at * size) as u64;
         let uses = [
-            src.used(Access::Read, "device source buffer"),
-            dst.used(Access::Write, "pinned destination buffer"),
+            src.used_range(
+                Access::Read,
+                "device source buffer",
+                src_at * size,
+                (src_at + n) * size,
+            ),
+            dst.used_range(
+                Access::Write,
+                "pinned destination buffer",
+                dst_at * size,
+                (dst_at + n) * size,
+            ),
         ];
         let (start, end, ()) = self.enqueue(&uses, timed, |stream| {
             // SAFETY: as in htod with the roles swapped: host is n elements

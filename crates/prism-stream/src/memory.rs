@@ -17,7 +17,7 @@ use cudarc::driver::{result, DriverError};
 use crate::context::Gpu;
 use crate::event::{is_sticky, Fence};
 use crate::graph::Probe;
-use crate::order::{lock, Access, Lane, UseCell, Used, Uses};
+use crate::order::{lock, Access, Extent, Lane, UseCell, Used, Uses};
 use crate::{Error, Result};
 
 /// Plain data that can live on the GPU and be viewed as bytes.
@@ -90,11 +90,32 @@ pub fn zeroed_vec<T: Element>(len: usize) -> Vec<T> {
 pub(crate) trait Tracked {
     fn cell(&self) -> &UseCell;
     fn owner(&self) -> &Gpu;
+    /// Size in bytes.
+    fn byte_len(&self) -> usize;
+    /// May lanes of other contexts copy to and from it?
+    fn portable(&self) -> bool {
+        false
+    }
+    /// A use of the whole buffer, by this context's lanes only.
     fn used(&self, access: Access, what: &'static str) -> Used<'_> {
         Used {
             cell: self.cell(),
             gpu: self.owner(),
             access,
+            extent: Extent::whole(self.byte_len()),
+            portable: false,
+            what,
+        }
+    }
+    /// A copy's use of the bytes `start..end` (by a lane of any context
+    /// when the buffer is portable).
+    fn used_range(&self, access: Access, what: &'static str, start: usize, end: usize) -> Used<'_> {
+        Used {
+            cell: self.cell(),
+            gpu: self.owner(),
+            access,
+            extent: Extent::range(start, end),
+            portable: self.portable(),
             what,
         }
     }
@@ -113,17 +134,19 @@ impl Uses<Fence> {
 
     fn writer_pending(&self) -> Result<bool> {
         self.check_stuck()?;
-        match &self.last_write {
-            None => Ok(false),
-            Some(w) => w.is_complete().map(|done| !done),
+        for (_, w) in &self.writes {
+            if !w.is_complete()? {
+                return Ok(true);
+            }
         }
+        Ok(false)
     }
 
     fn any_pending(&self) -> Result<bool> {
         if self.writer_pending()? {
             return Ok(true);
         }
-        for r in &self.reads {
+        for (_, r) in &self.reads {
             if !r.is_complete()? {
                 return Ok(true);
             }
@@ -150,7 +173,7 @@ impl Uses<Fence> {
             ));
         }
         let mut failure = None;
-        for f in self.last_write.iter().chain(self.reads.iter()) {
+        for f in self.all() {
             if let Err(e) = f.synchronize_raw() {
                 let maybe_running = !is_sticky(&e);
                 match &mut failure {
@@ -161,7 +184,7 @@ impl Uses<Fence> {
         }
         match failure {
             None => {
-                self.last_write = None;
+                self.writes.clear();
                 self.reads.clear();
                 Ok(())
             }
@@ -315,6 +338,9 @@ impl<T: Element> Tracked for DeviceBuffer<T> {
     }
     fn owner(&self) -> &Gpu {
         &self.gpu
+    }
+    fn byte_len(&self) -> usize {
+        self.num_bytes()
     }
 }
 
@@ -651,6 +677,12 @@ impl<T: Element> Tracked for PinnedBuffer<T> {
     }
     fn owner(&self) -> &Gpu {
         &self.gpu
+    }
+    fn byte_len(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+    fn portable(&self) -> bool {
+        self.flags.portable
     }
 }
 

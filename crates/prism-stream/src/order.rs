@@ -24,7 +24,14 @@
 //!    threads keep it): a wait on a fence implies every earlier fence of its
 //!    stream.
 //! 5. **One context.** The lane's stream and every buffer of an op belong to
-//!    one CUDA context, checked before anything is enqueued.
+//!    one CUDA context, checked before anything is enqueued; the one
+//!    exception is a portable pinned buffer in a copy, which lanes of every
+//!    context may use (their fences are waited for across contexts with
+//!    `cuStreamWaitEvent`, which accepts another context's event).
+//!
+//! Hazards are tracked per byte range ([`Extent`]): copies of disjoint
+//! parts of one buffer (chunks of a run, on several streams or GPUs) do not
+//! wait for each other.
 //!
 //! The rule functions ([`order_after`], [`Uses`], [`WaitClock`]) are generic
 //! over the fence ([`Mark`]), so the unit tests below check them against a
@@ -130,9 +137,10 @@ pub(crate) trait Mark {
     fn query_done(&self) -> bool;
 }
 
-/// Read fences a buffer keeps before it drops those that completed (so
-/// reads from ever new streams do not grow the list without bound).
-const READS_BEFORE_PRUNE: usize = 8;
+/// Entries a buffer's read or write list holds before it drops those that
+/// completed (so uses from ever new streams, or of ever new parts of the
+/// buffer, do not grow the list without bound).
+const USES_BEFORE_PRUNE: usize = 8;
 
 /// How an op uses a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,13 +149,65 @@ pub(crate) enum Access {
     Write,
 }
 
-/// The GPU operations that use one buffer: the last writer's fence and,
-/// since that write, at most one read fence per stream (the latest one by
-/// stream order, which implies the others of that stream).
+/// The bytes of a buffer an op uses: `start..end`, never empty. Ops that
+/// use a whole buffer (kernels) use `0..len`; copies use the range they copy,
+/// so copies into disjoint parts of one buffer (chunks of a run, on several
+/// streams or GPUs) do not wait for each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Extent {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+}
+
+impl Extent {
+    /// Every byte of a buffer of `bytes` bytes (an empty buffer has one
+    /// byte of extent, so that its uses still conflict).
+    pub(crate) fn whole(bytes: usize) -> Self {
+        Self {
+            start: 0,
+            end: bytes.max(1),
+        }
+    }
+
+    /// `start..end`, widened to one byte when empty.
+    pub(crate) fn range(start: usize, end: usize) -> Self {
+        Self {
+            start,
+            end: end.max(start.saturating_add(1)),
+        }
+    }
+
+    fn overlaps(&self, o: &Extent) -> bool {
+        self.start < o.end && o.start < self.end
+    }
+
+    fn within(&self, o: &Extent) -> bool {
+        o.start <= self.start && self.end <= o.end
+    }
+
+    /// Overlapping or adjacent: the union is one extent.
+    fn touches(&self, o: &Extent) -> bool {
+        self.start <= o.end && o.start <= self.end
+    }
+
+    fn hull(&self, o: &Extent) -> Extent {
+        Extent {
+            start: self.start.min(o.start),
+            end: self.end.max(o.end),
+        }
+    }
+}
+
+/// The GPU operations that use one buffer: the writes whose bytes no later
+/// write covered, and the reads since, each with the extent it used.
+/// Entries of one stream whose extents touch are merged (the later fence
+/// implies the earlier by stream order), and entries already observed
+/// complete are dropped once a list grows, so the lists stay as long as
+/// the work really in flight on distinct parts of the buffer.
 #[derive(Debug)]
 pub(crate) struct Uses<M> {
-    pub(crate) last_write: Option<M>,
-    pub(crate) reads: Vec<M>,
+    pub(crate) writes: Vec<(Extent, M)>,
+    pub(crate) reads: Vec<(Extent, M)>,
     /// An op was queued on the buffer whose end could not be fenced nor
     /// waited for (the driver refused both): the GPU may use the buffer at
     /// any time, so it is never used, read or freed again.
@@ -157,7 +217,7 @@ pub(crate) struct Uses<M> {
 impl<M> Default for Uses<M> {
     fn default() -> Self {
         Self {
-            last_write: None,
+            writes: Vec::new(),
             reads: Vec::new(),
             stuck: false,
         }
@@ -165,38 +225,58 @@ impl<M> Default for Uses<M> {
 }
 
 impl<M: Mark + Clone> Uses<M> {
-    /// The fences an op with `access` must be ordered after (rule 1).
-    pub(crate) fn deps(&self, access: Access) -> impl Iterator<Item = &M> {
-        let reads: &[M] = match access {
+    /// The fences an op with `access` over `extent` must be ordered after
+    /// (rule 1): the writes it overlaps and, for a write, the reads too.
+    pub(crate) fn deps(&self, access: Access, extent: Extent) -> impl Iterator<Item = &M> {
+        let reads: &[(Extent, M)] = match access {
             Access::Read => &[],
             Access::Write => &self.reads,
         };
-        self.last_write.iter().chain(reads)
+        self.writes
+            .iter()
+            .chain(reads)
+            .filter(move |(x, _)| x.overlaps(&extent))
+            .map(|(_, m)| m)
     }
 
-    /// Records that an op with `access` ended at `fence`.
-    pub(crate) fn note(&mut self, access: Access, fence: &M) {
-        match access {
-            Access::Write => {
-                self.reads.clear();
-                self.last_write = Some(fence.clone());
-            }
-            Access::Read => {
-                // Lanes sharing a stream may note their reads out of order
-                // (record, then note, on two threads): keep the later fence.
-                let key = fence.stream();
-                match self.reads.iter_mut().find(|r| r.stream() == key) {
-                    Some(r) if r.seq() >= fence.seq() => {}
-                    Some(r) => *r = fence.clone(),
-                    None => {
-                        if self.reads.len() >= READS_BEFORE_PRUNE {
-                            self.reads.retain(|r| !r.query_done());
-                        }
-                        self.reads.push(fence.clone());
-                    }
-                }
-            }
+    /// Every fence on the list (what the host waits for before it touches
+    /// or frees the buffer).
+    pub(crate) fn all(&self) -> impl Iterator<Item = &M> {
+        self.writes.iter().chain(&self.reads).map(|(_, m)| m)
+    }
+
+    /// Records that an op with `access` over `extent` ended at `fence`.
+    /// The op was ordered after [`deps`](Self::deps), so a write replaces
+    /// every entry inside its extent.
+    pub(crate) fn note(&mut self, access: Access, extent: Extent, fence: &M) {
+        if access == Access::Write {
+            self.writes.retain(|(x, _)| !x.within(&extent));
+            self.reads.retain(|(x, _)| !x.within(&extent));
         }
+        let list = match access {
+            Access::Write => &mut self.writes,
+            Access::Read => &mut self.reads,
+        };
+        // Merge with this stream's entries that touch it, keeping the later
+        // fence (lanes sharing a stream may note out of order, as a read
+        // recorded on one thread and noted after another's).
+        let (mut merged, mut latest) = (extent, fence.clone());
+        let key = fence.stream();
+        list.retain(|(x, m)| {
+            if m.stream() == key && x.touches(&merged) {
+                merged = merged.hull(x);
+                if m.seq() > latest.seq() {
+                    latest = m.clone();
+                }
+                false
+            } else {
+                true
+            }
+        });
+        if list.len() >= USES_BEFORE_PRUNE {
+            list.retain(|(_, m)| !m.query_done());
+        }
+        list.push((merged, latest));
     }
 }
 
@@ -230,6 +310,11 @@ pub(crate) struct Used<'a> {
     pub(crate) cell: &'a UseCell,
     pub(crate) gpu: &'a Gpu,
     pub(crate) access: Access,
+    /// The bytes it uses.
+    pub(crate) extent: Extent,
+    /// A portable pinned buffer, usable by a lane of any context (copies
+    /// only; every other buffer belongs to its own context).
+    pub(crate) portable: bool,
     /// Names the buffer in a `WrongContext` error.
     pub(crate) what: &'static str,
 }
@@ -402,7 +487,7 @@ impl Lane {
                     reason: format!("{} is in an unknown state after a failed GPU call", u.what),
                 });
             }
-            for dep in cell.deps(u.access) {
+            for dep in cell.deps(u.access, u.extent) {
                 order_after(&mut self.clock, id, dep, |f| f.gpu_wait(raw))?;
             }
         }
@@ -410,7 +495,10 @@ impl Lane {
     }
 
     fn check_context(&self, uses: &[Used<'_>]) -> Result<()> {
-        match uses.iter().find(|u| !u.gpu.same(&self.core.gpu)) {
+        match uses
+            .iter()
+            .find(|u| !u.portable && !u.gpu.same(&self.core.gpu))
+        {
             Some(u) => Err(Error::WrongContext { what: u.what }),
             None => Ok(()),
         }
@@ -453,7 +541,7 @@ impl Lane {
             }
         };
         for u in uses {
-            lock(u.cell).note(u.access, &end);
+            lock(u.cell).note(u.access, u.extent, &end);
         }
         outcome.map(|r| (start, end, r))
     }
@@ -515,9 +603,9 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Step {
-        /// Lane, (buffer, is write) uses, and for read-only ops whether the
-        /// fence is noted late.
-        Op(usize, Vec<(usize, bool)>, bool),
+        /// Lane, (buffer, is write, first unit, units) uses, and for
+        /// read-only ops whether the fence is noted late.
+        Op(usize, Vec<(usize, bool, usize, usize)>, bool),
         /// The GPU runs the oldest op of a stream, if all it waits for ran.
         Run(usize),
         /// The host observes an op's fence (marks it done if it ran).
@@ -528,7 +616,7 @@ mod tests {
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
-            5 => (0usize..LANE_STREAM.len(), prop::collection::vec((0usize..4, prop::bool::weighted(0.4)), 1..4), any::<bool>())
+            5 => (0usize..LANE_STREAM.len(), prop::collection::vec((0usize..4, prop::bool::weighted(0.4), 0usize..UNITS, 1usize..=UNITS), 1..4), any::<bool>())
                 .prop_map(|(l, u, late)| Step::Op(l, u, late)),
             3 => (0usize..STREAMS).prop_map(Step::Run),
             2 => (0usize..64).prop_map(Step::Observe),
@@ -540,6 +628,18 @@ mod tests {
     /// more streams than a wait clock has entries (its eviction path runs).
     const LANE_STREAM: [u64; 13] = [1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
     const STREAMS: usize = 12;
+    /// Units of a buffer: ops use random ranges of them (a fifth of the
+    /// ranges cover it whole).
+    const UNITS: usize = 6;
+
+    fn extent(first: usize, units: usize) -> Extent {
+        let end = (first + units).min(UNITS);
+        if units == UNITS {
+            Extent::whole(UNITS * 10)
+        } else {
+            Extent::range(first * 10, end * 10)
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
@@ -553,21 +653,21 @@ mod tests {
             let mut stream_of: Vec<u64> = Vec::new();
             let mut fences: Vec<FakeFence> = Vec::new();
             let mut last_on_stream: [Option<usize>; STREAMS + 1] = [None; STREAMS + 1];
-            // Per buffer: (node, is write, observed flags when it was queued).
-            let mut history: Vec<Vec<(usize, bool, Vec<bool>)>> = vec![Vec::new(); 4];
-            // Reads recorded but not noted yet: (buffer, fence).
-            let mut late: Vec<(usize, FakeFence)> = Vec::new();
+            // Per buffer: (node, is write, extent, observed flags when it was queued).
+            let mut history: Vec<Vec<(usize, bool, Extent, Vec<bool>)>> = vec![Vec::new(); 4];
+            // Reads recorded but not noted yet: (buffer, extent, fence).
+            let mut late: Vec<(usize, Extent, FakeFence)> = Vec::new();
             for s in steps {
                 match s {
                     Step::Op(lane, uses, delay) => {
                         // A write needs the buffer exclusively: every late
                         // note on it lands first (in the worst order).
-                        for &(b, write) in &uses {
+                        for &(b, write, _, _) in &uses {
                             if write {
-                                let (now, keep): (Vec<_>, Vec<_>) = late.drain(..).partition(|(lb, _)| *lb == b);
+                                let (now, keep): (Vec<_>, Vec<_>) = late.drain(..).partition(|(lb, _, _)| *lb == b);
                                 late = keep;
-                                for (lb, f) in now.into_iter().rev() {
-                                    bufs[lb].note(Access::Read, &f);
+                                for (lb, e, f) in now.into_iter().rev() {
+                                    bufs[lb].note(Access::Read, e, &f);
                                 }
                             }
                         }
@@ -579,9 +679,9 @@ mod tests {
                         if let Some(prev) = last_on_stream[s_id as usize] {
                             p.push(prev);
                         }
-                        for &(b, write) in &uses {
+                        for &(b, write, first, units) in &uses {
                             let access = if write { Access::Write } else { Access::Read };
-                            let deps: Vec<FakeFence> = bufs[b].deps(access).cloned().collect();
+                            let deps: Vec<FakeFence> = bufs[b].deps(access, extent(first, units)).cloned().collect();
                             for d in &deps {
                                 order_after(&mut clocks[lane], stream, d, |f| {
                                     p.push(f.0.node);
@@ -598,15 +698,16 @@ mod tests {
                             ran: Cell::new(false),
                             observed: Cell::new(false),
                         }));
-                        let read_only = uses.iter().all(|(_, w)| !*w);
-                        for &(b, write) in &uses {
+                        let read_only = uses.iter().all(|(_, w, _, _)| !*w);
+                        for &(b, write, first, units) in &uses {
                             let access = if write { Access::Write } else { Access::Read };
+                            let e = extent(first, units);
                             if delay && read_only {
-                                late.push((b, fence.clone()));
+                                late.push((b, e, fence.clone()));
                             } else {
-                                bufs[b].note(access, &fence);
+                                bufs[b].note(access, e, &fence);
                             }
-                            history[b].push((node, write, seen.clone()));
+                            history[b].push((node, write, e, seen.clone()));
                         }
                         preds.push(p);
                         stream_of.push(s_id);
@@ -627,8 +728,8 @@ mod tests {
                         }
                     }
                     Step::Flush => {
-                        for (b, f) in late.drain(..).rev() {
-                            bufs[b].note(Access::Read, &f);
+                        for (b, e, f) in late.drain(..).rev() {
+                            bufs[b].note(Access::Read, e, &f);
                         }
                     }
                 }
@@ -651,9 +752,9 @@ mod tests {
                 (0..seen.len()).any(|o| seen[o] && (o == e || before[o][e]))
             };
             for uses in &history {
-                for (j, (later, w2, seen)) in uses.iter().enumerate() {
-                    for (earlier, w1, _) in &uses[..j] {
-                        if earlier == later || !(*w1 || *w2) {
+                for (j, (later, w2, e2, seen)) in uses.iter().enumerate() {
+                    for (earlier, w1, e1, _) in &uses[..j] {
+                        if earlier == later || !(*w1 || *w2) || !e1.overlaps(e2) {
                             continue;
                         }
                         prop_assert!(
@@ -680,9 +781,49 @@ mod tests {
                 ran: Cell::new(true),
                 observed: Cell::new(false),
             }));
-            u.note(Access::Read, &f);
-            assert!(u.reads.len() <= READS_BEFORE_PRUNE + 1);
+            u.note(Access::Read, Extent::whole(8), &f);
+            assert!(u.reads.len() <= USES_BEFORE_PRUNE + 1);
         }
+    }
+
+    fn fence(node: usize, stream: u64, seq: u64) -> FakeFence {
+        FakeFence(Rc::new(FakeInner {
+            node,
+            stream: StreamId::for_test(stream),
+            seq,
+            implied: WaitClock::default(),
+            ran: Cell::new(false),
+            observed: Cell::new(false),
+        }))
+    }
+
+    #[test]
+    fn disjoint_copies_into_one_buffer_do_not_wait_for_each_other() {
+        let mut u: Uses<FakeFence> = Uses::default();
+        // Two streams (two GPUs) write alternate chunks of one output.
+        for k in 0..6usize {
+            let f = fence(k, 1 + (k % 2) as u64, 1 + k as u64 / 2);
+            let e = Extent::range(k * 100, (k + 1) * 100);
+            assert_eq!(u.deps(Access::Write, e).count(), 0, "chunk {k} waits");
+            u.note(Access::Write, e, &f);
+        }
+        // A read of the whole buffer waits for every stream's writes.
+        let streams: Vec<u64> = u.deps(Access::Read, Extent::whole(600)).map(|f| f.stream().get()).collect();
+        assert!(streams.contains(&1) && streams.contains(&2));
+        // Chunks of one stream merged where they touch: chunks 0 and 2 do
+        // not touch (1 lies between), so stream 1 keeps them apart.
+        assert!(u.writes.len() <= 6);
+    }
+
+    #[test]
+    fn touching_writes_of_one_stream_merge_into_one_entry() {
+        let mut u: Uses<FakeFence> = Uses::default();
+        for k in 0..100usize {
+            u.note(Access::Write, Extent::range(k * 10, (k + 1) * 10), &fence(k, 1, 1 + k as u64));
+        }
+        assert_eq!(u.writes.len(), 1);
+        assert_eq!(u.writes[0].0, Extent::range(0, 1000));
+        assert_eq!(u.writes[0].1.seq(), 100, "the latest fence is kept");
     }
 
     #[test]

@@ -38,6 +38,7 @@ mod io;
 mod iterate;
 mod plan;
 mod runs;
+mod sched;
 pub mod source;
 pub mod stage;
 mod stats;

@@ -35,6 +35,10 @@ pub struct DeviceInfo {
     /// Copy engines: 2 or more lets H2D and D2H copies run at the same time.
     pub copy_engines: i32,
     pub multiprocessors: i32,
+    /// The host NUMA node closest to the device, where the driver reports
+    /// one (`CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID`; `None` on single-node hosts
+    /// and older drivers).
+    pub host_numa_node: Option<i32>,
 }
 
 /// Is a CUDA driver present? Never panics (cudarc's dynamic loader panics
@@ -111,6 +115,10 @@ impl Gpu {
             total_memory: ctx.total_mem().call("cuDeviceTotalMem")?,
             copy_engines: attr(Attr::CU_DEVICE_ATTRIBUTE_ASYNC_ENGINE_COUNT)?,
             multiprocessors: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            // Not every driver knows the attribute; -1 means no node.
+            host_numa_node: attr(Attr::CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID)
+                .ok()
+                .filter(|&n| n >= 0),
         };
         let events = EventPool::new(Arc::clone(&ctx));
         let key = ctx.cu_ctx() as usize;

@@ -17,6 +17,7 @@
 //! figures include host issue latency the C++ ones do not.
 
 mod chart;
+mod multi;
 
 use std::ffi::CStr;
 use std::sync::Arc;
@@ -198,12 +199,14 @@ struct Report {
     items_sweep: Vec<SweepRow>,
     #[serde(default)]
     auto: Vec<AutoResult>,
+    #[serde(default)]
+    multi: Option<multi::MultiResult>,
 }
 
 /// The names `--only` accepts: the workloads of the main table, then the
 /// sections with tables of their own.
-const ONLY: [&str; 10] = [
-    "S1", "S1c", "S2", "S3", "S4", "S5", "S6", "S8", "S9", "auto",
+const ONLY: [&str; 11] = [
+    "S1", "S1c", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "auto",
 ];
 
 /// prism against hand-written CUDA C++, plain cudarc and the hardware bound
@@ -262,6 +265,7 @@ fn run() -> Result<(), BoxError> {
         print_auto(&report.auto);
         print_steps(&report.steps);
         print_stream(report.stream.as_ref());
+        multi::print_multi(report.multi.as_ref());
         std::fs::create_dir_all(&args.out)?;
         write_chart(&report, &args.out)?;
         return Ok(());
@@ -391,6 +395,12 @@ fn run() -> Result<(), BoxError> {
     } else {
         None
     };
+    let multi = if wants("S7") {
+        eprintln!("prism-bench: S7 (S1 over every GPU) ...");
+        Some(multi::bench_multi(args.reps, args.quick)?)
+    } else {
+        None
+    };
     let steps = if wants("S8") {
         eprintln!("prism-bench: S8 (small synchronous steps) ...");
         bench_steps(&gpu, args.quick)?
@@ -404,6 +414,7 @@ fn run() -> Result<(), BoxError> {
     print_auto(&auto);
     print_steps(&steps);
     print_stream(stream.as_ref());
+    multi::print_multi(multi.as_ref());
     std::fs::create_dir_all(&args.out)?;
     let report = Report {
         device,
@@ -417,6 +428,7 @@ fn run() -> Result<(), BoxError> {
         short,
         items_sweep,
         auto,
+        multi,
     };
     std::fs::write(
         format!("{}/results.json", args.out),
@@ -594,10 +606,48 @@ fn cxx(
     streams: i32,
 ) -> Result<f64, BoxError> {
     let (ins, outs, lens) = data.pieces(piece)?;
+    // SAFETY: ins/outs point into pinned buffers owned by `data`, borrowed
+    // mutably here for the whole (synchronous) call.
+    unsafe { cxx_pieces(&ins, &outs, &lens, piece, iters, mode, streams) }
+}
+
+/// The CUDA C++ baseline over one input and output slice of pinned memory,
+/// cut into pieces (on the GPU whose context is current on this thread).
+fn cxx_slices(
+    input: &[f32],
+    output: &mut [f32],
+    piece: usize,
+    iters: u32,
+    mode: i32,
+    streams: i32,
+) -> Result<f64, BoxError> {
+    let (mut ins, mut outs, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+    for (ci, co) in input.chunks(piece).zip(output.chunks_mut(piece)) {
+        ins.push(ci.as_ptr());
+        outs.push(co.as_mut_ptr());
+        lens.push(ci.len() as u64);
+    }
+    // SAFETY: the pointers come from `input` and `output`, borrowed for the
+    // whole (synchronous) call.
+    unsafe { cxx_pieces(&ins, &outs, &lens, piece, iters, mode, streams) }
+}
+
+/// # Safety
+/// `ins[i]` and `outs[i]` point to `lens[i]` floats of page-locked memory,
+/// readable and writable (outputs) for the whole call, not used by anything
+/// else meanwhile.
+unsafe fn cxx_pieces(
+    ins: &[*const f32],
+    outs: &[*mut f32],
+    lens: &[u64],
+    piece: usize,
+    iters: u32,
+    mode: i32,
+    streams: i32,
+) -> Result<f64, BoxError> {
     let mut ms = 0f32;
-    // SAFETY: ins/outs point into pinned buffers owned by `data` (alive and not
-    // otherwise borrowed during the call), each with lens[i] floats; the call is
-    // synchronous (it waits for its own work before returning).
+    // SAFETY: the caller's contract; the call is synchronous (it waits for
+    // its own work before returning).
     let code = unsafe {
         prism_cuda_sys::prism_bench_pieces(
             ins.as_ptr(),

@@ -81,10 +81,45 @@ pub enum Error {
     /// A stream's sink panicked (as [`Error::Sink`]).
     #[error("the sink panicked on chunk {chunk}: {message}")]
     SinkPanicked { chunk: u64, message: String },
+    /// A multi-GPU run failed on one GPU (the others drained what they had
+    /// in flight and stopped).
+    #[error("GPU {ordinal}{}: {source}", chunk.map(|c| format!(", chunk {c}")).unwrap_or_default())]
+    Device {
+        /// The failing GPU's ordinal.
+        ordinal: usize,
+        /// The chunk it failed on (the run's numbering), when known: the
+        /// one named by the error, else the oldest the GPU had in flight.
+        chunk: Option<u64>,
+        #[source]
+        source: Box<Error>,
+    },
+    /// The same GPU was given twice to a multi-GPU pipeline.
+    #[error("GPU {ordinal} is listed twice")]
+    DuplicateGpu { ordinal: usize },
+    /// A pinned buffer that other GPUs must copy from or to was not
+    /// allocated portable (`HostAllocFlags { portable: true, .. }`).
+    #[error("the pinned {what} belongs to GPU {owner} and is not portable: allocate it with HostAllocFlags::PORTABLE for a multi-GPU run")]
+    NotPortable { what: &'static str, owner: usize },
     /// `execute_iteration` chunks are still in flight: `flush` them before
     /// a whole run or a configuration change.
     #[error("{pending} execute_iteration chunk(s) are still in flight: call flush() first")]
     IterationPending { pending: usize },
+}
+
+impl Error {
+    /// The chunk this error names, if any.
+    pub fn chunk(&self) -> Option<u64> {
+        match self {
+            Error::Stage { chunk, .. }
+            | Error::StagePanicked { chunk, .. }
+            | Error::Source { chunk, .. }
+            | Error::SourcePanicked { chunk, .. }
+            | Error::Sink { chunk, .. }
+            | Error::SinkPanicked { chunk, .. } => Some(*chunk),
+            Error::Device { chunk, .. } => *chunk,
+            _ => None,
+        }
+    }
 }
 
 /// Result alias of prism-pipeline.

@@ -43,6 +43,56 @@ pub(crate) struct StageChain<'a, T: Element> {
     /// `execute_iteration` session's ring restarts after a failure while
     /// its indices go on).
     pub(crate) base: u64,
+    /// A multi-GPU run's numbering of this GPU's chunks (errors name it).
+    pub(crate) global: Option<&'a GlobalIndex>,
+}
+
+/// The run's numbers of one GPU's chunks in a multi-GPU run (its engine
+/// numbers them 0, 1, 2, ...): set when a chunk is uploaded, kept for the
+/// last few hundred chunks (far more than a ring holds).
+#[derive(Debug, Default)]
+pub(crate) struct GlobalIndex {
+    /// (engine's number, run's number), newest last.
+    known: std::cell::RefCell<std::collections::VecDeque<(u64, u64)>>,
+    /// The run's numbers of chunks uploaded and not yet retired.
+    in_flight: std::cell::RefCell<Vec<(u64, u64)>>,
+}
+
+impl GlobalIndex {
+    const KEEP: usize = 512;
+
+    pub(crate) fn set(&self, local: ChunkId, global: u64) {
+        let mut m = self.known.borrow_mut();
+        if m.len() >= Self::KEEP {
+            m.pop_front();
+        }
+        m.push_back((local.0, global));
+        self.in_flight.borrow_mut().push((local.0, global));
+    }
+
+    pub(crate) fn get(&self, local: ChunkId) -> Option<u64> {
+        self.known
+            .borrow()
+            .iter()
+            .rev()
+            .find(|(l, _)| *l == local.0)
+            .map(|&(_, g)| g)
+    }
+
+    /// The chunk left the ring.
+    pub(crate) fn retired(&self, local: ChunkId) {
+        self.in_flight.borrow_mut().retain(|(l, _)| *l != local.0);
+    }
+
+    /// The oldest chunk (the run's number) still in the ring.
+    pub(crate) fn oldest(&self) -> Option<u64> {
+        self.in_flight.borrow().iter().map(|&(_, g)| g).min()
+    }
+
+    /// The run's number of `local`, or `local` offset by `base` when unknown.
+    pub(crate) fn or(this: Option<&Self>, local: ChunkId, base: u64) -> u64 {
+        this.and_then(|g| g.get(local)).unwrap_or(base + local.0)
+    }
 }
 
 impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
@@ -63,7 +113,7 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
                 break;
             }
             let stage = &mut *self.stages[i];
-            let index = self.base + chunk.0;
+            let index = GlobalIndex::or(self.global, chunk, self.base);
             let out_len = guard::output_len(stage, len, index)?;
             if out_len > self.capacity {
                 return Err(Error::Config(

@@ -25,7 +25,12 @@ pub(crate) struct Staged<T: Element> {
 }
 
 impl<T: Element> Staged<T> {
-    fn make(cache: &mut StagingCache<T>, gpu: &Gpu, input: usize, output: usize) -> Result<Self> {
+    pub(crate) fn make(
+        cache: &mut StagingCache<T>,
+        gpu: &Gpu,
+        input: usize,
+        output: usize,
+    ) -> Result<Self> {
         Ok(Self {
             input: cache.input(gpu, input)?,
             output: cache.output(gpu, output)?,
@@ -38,7 +43,7 @@ impl<T: Element> Staged<T> {
     }
 }
 
-fn download_staged<T: Element>(
+pub(crate) fn download_staged<T: Element>(
     lane: &mut Lane,
     timed: bool,
     out: &mut PinnedBuffer<T>,

@@ -280,6 +280,7 @@ impl<T: Element> PipelineStageManager<T> {
                 order: &order,
                 capacity,
                 base: session.base,
+                global: None,
             };
             let slots = &mut session.slots;
             catch_unwind(AssertUnwindSafe(|| {
@@ -493,6 +494,7 @@ fn round_trip<T: Element>(
         order,
         capacity,
         base: 0,
+        global: None,
     };
     let (out_len, out_buf) = {
         let mut launch = lane.launch();

@@ -36,6 +36,7 @@ mod guard;
 mod host;
 mod io;
 mod iterate;
+mod multi;
 mod plan;
 mod runs;
 mod sched;
@@ -49,11 +50,12 @@ use prism_stream::{Element, Gpu, ManagedGpuContext};
 pub use error::{Error, Result, StageError};
 pub use host::AsyncPipelineCoordinator;
 pub use iterate::ChunkOutput;
+pub use multi::MultiGpuPipeline;
 pub use plan::ChunkPlan;
 pub use runs::StreamCounts;
 pub use source::{fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source};
 pub use stage::{Clamp, Fma, GpuFn, GroupSum, HostFn, Stage};
-pub use stats::{BackendKind, Lane, PipelineStats, Span, StageTime, Timeline};
+pub use stats::{BackendKind, Lane, MultiGpuStats, PipelineStats, Span, StageTime, Timeline};
 
 use gpu::StagingCache;
 
@@ -66,6 +68,9 @@ pub enum Backend {
     Host,
     /// GPU 0 if a driver and device are present, else the host.
     Auto,
+    /// Every GPU of the host, for a [`MultiGpuPipeline`] (a
+    /// `PipelineStageManager` runs on one GPU and refuses it).
+    AllGpus,
 }
 
 /// Tuning of a streaming run.
@@ -211,6 +216,9 @@ impl<T: Element> PipelineStageManager<T> {
         config.check::<T>()?;
         let gpu = match backend {
             Backend::Host => None,
+            Backend::AllGpus => return Err(Error::Config(
+                "Backend::AllGpus is for MultiGpuPipeline; a PipelineStageManager runs on one GPU",
+            )),
             Backend::Gpu => Some(Gpu::open(0)?),
             Backend::Auto => match Gpu::open(0) {
                 Ok(g) => Some(g),

@@ -9,7 +9,7 @@ use prism_buffer::{ChunkIo, Engine};
 use prism_stream::{zeroed_vec, Element, PinnedBuffer};
 
 use crate::error::{Error, Result};
-use crate::gpu::{record_span, StageChain};
+use crate::gpu::{record_span, GlobalIndex, StageChain};
 use crate::guard;
 use crate::host::{AsyncPipelineCoordinator, Pull};
 use crate::io::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo, StreamIo};
@@ -41,6 +41,8 @@ pub(crate) struct GpuRun<'a, T: Element> {
     pub(crate) timeline: &'a mut Timeline,
     /// The host threads (their staging copies go into the trace).
     pub(crate) pool: &'a crate::copy::CopyPool,
+    /// A multi-GPU run's numbering of this GPU's chunks.
+    pub(crate) global: Option<&'a GlobalIndex>,
 }
 
 impl<T: Element> GpuRun<'_, T> {
@@ -60,19 +62,21 @@ impl<T: Element> GpuRun<'_, T> {
             device: self.engine.gpu().info().name.clone(),
             ..Timeline::default()
         };
-        let (stats, trace) = (self.stats, self.trace);
+        let (stats, trace, global) = (self.stats, self.trace, self.global);
         self.pool.record(trace);
         let mut chain = StageChain {
             stages: self.stages,
             order: self.order,
             capacity: self.capacity,
             base: 0,
+            global: self.global,
         };
         // This run's step times, added to the stats only if it succeeds (a
         // failed run adds nothing, as it adds no wall time).
         let mut steps = PipelineStats::default();
         let result = {
-            let mut spans = |s: ChunkSpan| {
+            let mut spans = |mut s: ChunkSpan| {
+                s.chunk.0 = GlobalIndex::or(global, s.chunk, 0);
                 let tl = if trace { Some(&mut fresh) } else { None };
                 record_span(&mut steps, tl, s);
             };
@@ -81,6 +85,7 @@ impl<T: Element> GpuRun<'_, T> {
         let copies = self.pool.take_spans();
         if trace {
             add_host_spans(&mut fresh, self.engine, copies);
+            fresh.origin = self.engine.host_origin();
         }
         let busy = if self.timing {
             self.engine.stop_timing()
@@ -160,6 +165,7 @@ impl<T: Element> PipelineStageManager<T> {
                 stats: &mut self.stats,
                 timeline: &mut self.timeline,
                 pool: &self.copy_pool,
+                global: None,
             },
             &mut self.cache,
             &self.copy_pool,

@@ -81,6 +81,7 @@ impl<S> Feed<S> {
     }
 
     /// Chunks handed out so far.
+    #[cfg(test)]
     pub(crate) fn pulled(&self) -> u64 {
         lock(&self.state).1
     }
@@ -196,8 +197,12 @@ impl<K, P> InOrder<K, P> {
         lock(&self.state).next
     }
 
+    #[cfg(test)]
     pub(crate) fn into_inner(self) -> K {
-        self.state.into_inner().unwrap_or_else(|p| p.into_inner()).sink
+        self.state
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .sink
     }
 }
 
@@ -220,9 +225,7 @@ pub(crate) fn on_devices<D: Send, R: Send, E: Send>(
     std::thread::scope(|s| {
         let mut iter = devices.iter_mut().enumerate();
         let first = iter.next();
-        let handles: Vec<_> = iter
-            .map(|(i, d)| s.spawn(move || run(i, d)))
-            .collect();
+        let handles: Vec<_> = iter.map(|(i, d)| s.spawn(move || run(i, d))).collect();
         let mut out = Vec::with_capacity(handles.len() + 1);
         if let Some((i, d)) = first {
             out.push(run(i, d));
@@ -340,7 +343,10 @@ mod tests {
                     *taken += 1;
                     if d.fail_at == Some(*taken) {
                         order.push(i);
-                        return Err(Failed { device: i, chunk: k });
+                        return Err(Failed {
+                            device: i,
+                            chunk: k,
+                        });
                     }
                     let end = Instant::now() + Duration::from_micros(d.micros);
                     while Instant::now() < end {
@@ -376,13 +382,16 @@ mod tests {
     }
 
     fn device() -> impl Strategy<Value = Device> {
-        (0u64..200, prop::option::weighted(0.2, 1usize..20), 1usize..5).prop_map(
-            |(micros, fail_at, slots)| Device {
+        (
+            0u64..200,
+            prop::option::weighted(0.2, 1usize..20),
+            1usize..5,
+        )
+            .prop_map(|(micros, fail_at, slots)| Device {
                 micros,
                 fail_at,
                 slots,
-            },
-        )
+            })
     }
 
     proptest! {
@@ -456,4 +465,3 @@ mod tests {
         assert_eq!(feed.pulled(), 1);
     }
 }
-

@@ -233,6 +233,9 @@ pub struct Timeline {
     pub spans: Vec<Span>,
     /// What ran it (the GPU's name), for the trace's process name.
     pub device: String,
+    /// The host instant of time 0 (lines up several GPUs' timelines).
+    #[serde(skip)]
+    pub(crate) origin: Option<std::time::Instant>,
 }
 
 impl Timeline {
@@ -240,6 +243,25 @@ impl Timeline {
     /// process (the device), one thread per stream and per host lane, in a
     /// fixed order, one complete event per step.
     pub fn to_chrome_trace(&self) -> serde_json::Value {
+        Self::merged_chrome_trace(&[self])
+    }
+
+    /// Several GPUs' timelines as one Chrome trace: one process per GPU
+    /// (in the order given), lined up on one host clock.
+    pub fn merged_chrome_trace(timelines: &[&Timeline]) -> serde_json::Value {
+        let first = timelines.iter().filter_map(|t| t.origin).min();
+        let mut events = Vec::new();
+        for (i, t) in timelines.iter().enumerate() {
+            let shift_ms = match (first, t.origin) {
+                (Some(f), Some(o)) => o.saturating_duration_since(f).as_secs_f64() * 1e3,
+                _ => 0.0,
+            };
+            t.chrome_events(i + 1, shift_ms, &mut events);
+        }
+        serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+    }
+
+    fn chrome_events(&self, pid: usize, shift_ms: f64, events: &mut Vec<serde_json::Value>) {
         const THREADS: [(usize, &str); 6] = [
             (1, "upload stream (H2D)"),
             (2, "compute stream 1"),
@@ -253,15 +275,18 @@ impl Timeline {
         } else {
             format!("prism on {}", self.device)
         };
-        let mut events = vec![serde_json::json!(
-            {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": process}}
-        )];
+        events.push(serde_json::json!(
+            {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": process}}
+        ));
+        events.push(serde_json::json!(
+            {"name": "process_sort_index", "ph": "M", "pid": pid, "args": {"sort_index": pid}}
+        ));
         for (order, (tid, name)) in THREADS.iter().enumerate() {
             events.push(serde_json::json!(
-                {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}
+                {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}}
             ));
             events.push(serde_json::json!(
-                {"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": order}}
+                {"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": order}}
             ));
         }
         events.extend(self.spans.iter().map(|s| {
@@ -269,19 +294,110 @@ impl Timeline {
                 "name": s.name,
                 "cat": "prism",
                 "ph": "X",
-                "pid": 1,
+                "pid": pid,
                 "tid": s.stream + 1,
-                "ts": s.start_ms * 1000.0,
+                "ts": (s.start_ms + shift_ms) * 1000.0,
                 "dur": (s.end_ms - s.start_ms) * 1000.0,
                 "args": {"chunk": s.chunk},
             })
         }));
-        serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
     }
 
     /// Writes [`to_chrome_trace`](Self::to_chrome_trace) to `path`.
     pub fn write_chrome_trace(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
         let text = serde_json::to_string(&self.to_chrome_trace()).map_err(std::io::Error::other)?;
         std::fs::write(path, text)
+    }
+}
+
+/// A multi-GPU pipeline's statistics: combined, and each GPU's own
+/// (since creation or the last reset).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MultiGpuStats {
+    /// Each GPU's statistics, in the pipeline's GPU order (its `device`
+    /// names it; `chunks`, `bytes_in`/`bytes_out` say how much it took).
+    pub devices: Vec<PipelineStats>,
+    pub runs: u64,
+    /// Chunks over all GPUs.
+    pub chunks: u64,
+    pub items: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Wall time of the runs (all GPUs together).
+    pub wall_ms: f64,
+    pub timed: bool,
+}
+
+impl MultiGpuStats {
+    /// The joint bound: the busiest GPU's bound (each GPU's steps timed
+    /// while all ran, so a host or link they share shows in each). 0 when
+    /// timing was off.
+    pub fn joint_bound_ms(&self) -> f64 {
+        if !self.timed {
+            return 0.0;
+        }
+        self.devices
+            .iter()
+            .map(PipelineStats::bound_ms)
+            .fold(0.0, f64::max)
+    }
+
+    /// Joint bound / wall (1.0: every GPU's busiest step ran all the time).
+    pub fn overlap_efficiency(&self) -> f64 {
+        if self.wall_ms > 0.0 {
+            self.joint_bound_ms() / self.wall_ms
+        } else {
+            0.0
+        }
+    }
+
+    /// Bytes moved both ways per second of wall time, over all GPUs, GB/s.
+    pub fn throughput_gbps(&self) -> f64 {
+        if self.wall_ms > 0.0 {
+            (self.bytes_in + self.bytes_out) as f64 / (self.wall_ms * 1e6)
+        } else {
+            0.0
+        }
+    }
+
+    /// Chunks each GPU took, in GPU order.
+    pub fn chunks_per_gpu(&self) -> Vec<u64> {
+        self.devices.iter().map(|d| d.chunks).collect()
+    }
+}
+
+impl fmt::Display for MultiGpuStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} GPU(s): {} run(s), {} chunks, {:.1} MB in, {:.1} MB out, {:.2} ms wall, {:.2} GB/s",
+            self.devices.len(),
+            self.runs,
+            self.chunks,
+            self.bytes_in as f64 / 1e6,
+            self.bytes_out as f64 / 1e6,
+            self.wall_ms,
+            self.throughput_gbps()
+        )?;
+        if self.timed {
+            writeln!(
+                f,
+                "  joint bound {:.2} ms, overlap efficiency {:.2}",
+                self.joint_bound_ms(),
+                self.overlap_efficiency()
+            )?;
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            writeln!(
+                f,
+                "  GPU #{i} ({}): {} chunks, {:.1} MB in, bound {:.2} ms ({})",
+                d.device,
+                d.chunks,
+                d.bytes_in as f64 / 1e6,
+                d.bound_ms(),
+                d.bottleneck()
+            )?;
+        }
+        Ok(())
     }
 }

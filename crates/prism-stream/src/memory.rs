@@ -380,6 +380,12 @@ impl HostAllocFlags {
         portable: false,
         write_combined: true,
     };
+    /// Host-readable and usable by every GPU's copies (a multi-GPU run's
+    /// pinned input and output).
+    pub const PORTABLE: Self = Self {
+        portable: true,
+        write_combined: false,
+    };
 
     fn bits(self) -> u32 {
         // Always mapped: kernels can then read and write the buffer directly

@@ -628,6 +628,8 @@ mod tests {
     /// more streams than a wait clock has entries (its eviction path runs).
     const LANE_STREAM: [u64; 13] = [1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
     const STREAMS: usize = 12;
+    /// A use in the history: (node, is write, extent, fences observed when queued).
+    type Use = (usize, bool, Extent, Vec<bool>);
     /// Units of a buffer: ops use random ranges of them (a fifth of the
     /// ranges cover it whole).
     const UNITS: usize = 6;
@@ -654,7 +656,7 @@ mod tests {
             let mut fences: Vec<FakeFence> = Vec::new();
             let mut last_on_stream: [Option<usize>; STREAMS + 1] = [None; STREAMS + 1];
             // Per buffer: (node, is write, extent, observed flags when it was queued).
-            let mut history: Vec<Vec<(usize, bool, Extent, Vec<bool>)>> = vec![Vec::new(); 4];
+            let mut history: Vec<Vec<Use>> = vec![Vec::new(); 4];
             // Reads recorded but not noted yet: (buffer, extent, fence).
             let mut late: Vec<(usize, Extent, FakeFence)> = Vec::new();
             for s in steps {
@@ -808,7 +810,10 @@ mod tests {
             u.note(Access::Write, e, &f);
         }
         // A read of the whole buffer waits for every stream's writes.
-        let streams: Vec<u64> = u.deps(Access::Read, Extent::whole(600)).map(|f| f.stream().get()).collect();
+        let streams: Vec<u64> = u
+            .deps(Access::Read, Extent::whole(600))
+            .map(|f| f.stream().get())
+            .collect();
         assert!(streams.contains(&1) && streams.contains(&2));
         // Chunks of one stream merged where they touch: chunks 0 and 2 do
         // not touch (1 lies between), so stream 1 keeps them apart.
@@ -819,7 +824,11 @@ mod tests {
     fn touching_writes_of_one_stream_merge_into_one_entry() {
         let mut u: Uses<FakeFence> = Uses::default();
         for k in 0..100usize {
-            u.note(Access::Write, Extent::range(k * 10, (k + 1) * 10), &fence(k, 1, 1 + k as u64));
+            u.note(
+                Access::Write,
+                Extent::range(k * 10, (k + 1) * 10),
+                &fence(k, 1, 1 + k as u64),
+            );
         }
         assert_eq!(u.writes.len(), 1);
         assert_eq!(u.writes[0].0, Extent::range(0, 1000));

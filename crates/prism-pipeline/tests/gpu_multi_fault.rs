@@ -1,0 +1,78 @@
+//! A kernel fault on one GPU of a multi-GPU run (its own test binary: the
+//! fault kills that GPU's primary context for the rest of the process).
+
+use prism_pipeline::{Error, Fma, GpuFn, MultiGpuPipeline, PipelineConfig};
+use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
+use prism_stream::{fma_chain_cpu, Gpu};
+
+#[test]
+fn gpu_multi_fault_injection_on_one_gpu_names_it_and_the_others_go_on() {
+    let test = "gpu_multi_fault_injection_on_one_gpu_names_it_and_the_others_go_on";
+    if gpu_or_skip(test).is_none() {
+        return;
+    }
+    let count = prism_stream::device_count().unwrap();
+    if count < 2 {
+        eprintln!("SKIPPED {test}: needs 2 GPUs, this machine has {count}");
+        return;
+    }
+    let last = count - 1;
+    let config = PipelineConfig {
+        chunk_bytes: scaled(1 << 20, 1 << 12),
+        ..PipelineConfig::default()
+    };
+    let n = scaled(16 << 20, 1 << 15);
+    let input = random_f32(31, n);
+    let mut p =
+        MultiGpuPipeline::<f32>::new(prism_pipeline::Backend::AllGpus, config.clone()).unwrap();
+    p.add_stage_with(|gpu| {
+        let faults = gpu.info().ordinal == last;
+        let mut calls = 0u32;
+        GpuFn::new(
+            "faults on its third chunk",
+            true,
+            move |launch, x, y, len| {
+                calls += 1;
+                if faults && calls == 3 {
+                    launch.fault_injection()?;
+                }
+                launch.fma_chain(x, y, len, 1.5, 0.25, 2)?;
+                Ok(())
+            },
+        )
+    });
+    let mut out = vec![0f32; n];
+    let started = std::time::Instant::now();
+    let e = p.run(&input, &mut out).unwrap_err();
+    println!("{e}");
+    assert!(
+        started.elapsed().as_secs() < 60,
+        "the run took too long to stop"
+    );
+    match &e {
+        Error::Device { ordinal, chunk, .. } => {
+            assert_eq!(*ordinal, last);
+            assert!(chunk.is_some(), "the error names no chunk: {e}");
+        }
+        other => panic!("expected a Device error, got {other:?}"),
+    }
+    drop(p);
+    // The faulted GPU says it is unusable; the others still work.
+    assert!(matches!(
+        Gpu::open(last),
+        Err(prism_stream::Error::ContextPoisoned { .. })
+    ));
+    let others: Vec<usize> = (0..last).collect();
+    let mut q = MultiGpuPipeline::<f32>::with_ordinals(&others, config).unwrap();
+    q.add_stage(Fma {
+        a: 1.5,
+        b: 0.25,
+        iters: 2,
+    });
+    q.run(&input, &mut out).unwrap();
+    let bad = input
+        .iter()
+        .zip(&out)
+        .position(|(x, y)| fma_chain_cpu(*x, 1.5, 0.25, 2).to_bits() != y.to_bits());
+    assert!(bad.is_none(), "element {} differs", bad.unwrap_or(0));
+}

@@ -40,7 +40,7 @@ use crate::{Backend, PipelineConfig, PipelineStageManager};
 /// use prism_pipeline::{Backend, Fma, MultiGpuPipeline, PipelineConfig};
 /// # fn main() -> prism_pipeline::Result<()> {
 /// let mut p = MultiGpuPipeline::<f32>::new(Backend::AllGpus, PipelineConfig::auto())?;
-/// p.add_stage(Fma::new(1.0001, 0.5, 16)); // cloned for every GPU
+/// p.add_stage(Fma { a: 1.0001, b: 0.5, iters: 16 }); // cloned for every GPU
 /// let input = vec![1.0f32; 1 << 24];
 /// let mut output = vec![0.0f32; input.len()];
 /// p.run(&input, &mut output)?;

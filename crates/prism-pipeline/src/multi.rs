@@ -65,7 +65,7 @@ impl<T: Element> std::fmt::Debug for MultiGpuPipeline<T> {
 
 /// What one GPU's part of a run reports: its counts, or its error and the
 /// oldest chunk (the run's numbering) it had in flight.
-type DeviceResult = std::result::Result<RunCounts, (Error, Option<u64>)>;
+type DeviceResult = std::result::Result<(RunCounts, u64), (Error, Option<u64>)>;
 
 impl<T: Element> MultiGpuPipeline<T> {
     /// A pipeline over `Backend::AllGpus` (or `Auto`): every GPU of the
@@ -234,15 +234,16 @@ impl<T: Element> MultiGpuPipeline<T> {
     }
 
     /// Runs `work` on every GPU at once (the first on this thread); `stop`
-    /// ends the run for all when one fails. On success every GPU adds its
-    /// part to its stats and the combined stats; a failed run adds nothing
-    /// anywhere and returns the first failure, naming the GPU and chunk.
+    /// ends the run for all when one fails. Returns each GPU's counts (and
+    /// items) and the stats from before the run, for [`finish`](Self::finish)
+    /// or [`restore`](Self::restore); a failed run has restored them
+    /// already (it adds nothing anywhere) and returns the first failure,
+    /// naming the GPU and chunk.
     fn drive_all(
         &mut self,
-        started: Instant,
         stop: &(dyn Fn() + Sync),
         work: &(dyn Fn(&mut PipelineStageManager<T>, &GlobalIndex) -> DeviceResult + Sync),
-    ) -> Result<Vec<RunCounts>> {
+    ) -> Result<(Vec<(RunCounts, u64)>, Vec<PipelineStats>)> {
         let saved: Vec<PipelineStats> =
             self.devices.iter().map(|d| d.get_stats().clone()).collect();
         let failed = FailOrder::default();
@@ -257,16 +258,13 @@ impl<T: Element> MultiGpuPipeline<T> {
             r
         });
         match first_failure(results, &failed.take()) {
-            Ok(counts) => {
-                for (d, c) in self.devices.iter_mut().zip(&counts) {
-                    d.finish_run(started, c.chunks, 0, c.elems_in, c.elems_out);
-                }
-                Ok(counts)
-            }
+            Ok(counts) => Ok((counts, saved)),
             Err((i, (e, oldest))) => {
-                for (d, s) in self.devices.iter_mut().zip(saved) {
-                    d.stats = s;
-                    d.effective = None;
+                self.restore(saved);
+                // A sink's failure is the caller's, not a GPU's (and the
+                // GPU that delivered it may not be the one that made it).
+                if matches!(e, Error::Sink { .. } | Error::SinkPanicked { .. }) {
+                    return Err(e);
                 }
                 let chunk = e.chunk().or(oldest);
                 Err(Error::Device {
@@ -278,15 +276,26 @@ impl<T: Element> MultiGpuPipeline<T> {
         }
     }
 
-    /// Adds a successful run to the combined stats.
-    fn finish(&mut self, started: Instant, counts: &[RunCounts], items: u64) {
+    /// Puts back the stats from before a run that is not to count.
+    fn restore(&mut self, saved: Vec<PipelineStats>) {
+        for (d, s) in self.devices.iter_mut().zip(saved) {
+            d.stats = s;
+            d.effective = None;
+        }
+    }
+
+    /// Adds a successful run to every GPU's stats and the combined stats.
+    fn finish(&mut self, started: Instant, counts: &[(RunCounts, u64)]) {
+        for (d, (c, items)) in self.devices.iter_mut().zip(counts) {
+            d.finish_run(started, c.chunks, *items, c.elems_in, c.elems_out);
+        }
         let elem = std::mem::size_of::<T>() as u64;
         let s = &mut self.stats;
         s.runs += 1;
         s.wall_ms += started.elapsed().as_secs_f64() * 1e3;
-        s.items += items;
-        for c in counts {
+        for (c, items) in counts {
             s.chunks += c.chunks;
+            s.items += items;
             s.bytes_in += c.elems_in * elem;
             s.bytes_out += c.elems_out * elem;
         }
@@ -315,7 +324,7 @@ impl<T: Element> MultiGpuPipeline<T> {
             pieces.push((c, dst));
         }
         let feed = Feed::new(pieces.into_iter());
-        let counts = self.drive_all(started, &|| feed.stop(), &|d, global| {
+        let (counts, _) = self.drive_all(&|| feed.stop(), &|d, global| {
             let capacity = d.output_len(chunk).max(chunk);
             let (mut run, cache, pool) = d.gpu_parts(&order).map_err(|e| (e, None))?;
             run.global = Some(global);
@@ -332,9 +341,9 @@ impl<T: Element> MultiGpuPipeline<T> {
             for s in slots.into_made() {
                 s.recycle(io.cache);
             }
-            r.map_err(|e| (e, global.oldest()))
+            r.map(|c| (c, 0)).map_err(|e| (e, global.oldest()))
         })?;
-        self.finish(started, &counts, 0);
+        self.finish(started, &counts);
         Ok(())
     }
 
@@ -385,7 +394,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         }
         let feed = Feed::new(pieces.into_iter());
         let output = Mutex::new(output);
-        let counts = self.drive_all(started, &|| feed.stop(), &|d, global| {
+        let (counts, _) = self.drive_all(&|| feed.stop(), &|d, global| {
             let (mut run, _, _) = d.gpu_parts(&order).map_err(|e| (e, None))?;
             run.global = Some(global);
             let mut io = FedPinnedIo {
@@ -395,9 +404,12 @@ impl<T: Element> MultiGpuPipeline<T> {
                 global,
                 to_download: VecDeque::new(),
             };
-            run.drive(&mut io).0.map_err(|e| (e, global.oldest()))
+            run.drive(&mut io)
+                .0
+                .map(|c| (c, 0))
+                .map_err(|e| (e, global.oldest()))
         })?;
-        self.finish(started, &counts, 0);
+        self.finish(started, &counts);
         Ok(())
     }
 
@@ -421,7 +433,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         let input_error: Mutex<Option<Error>> = Mutex::new(None);
         let batches = AtomicU64::new(0);
         let taken = AtomicU64::new(0);
-        let counts = self.drive_all(started, &|| feed.stop(), &|d, global| {
+        let (counts, saved) = self.drive_all(&|| feed.stop(), &|d, global| {
             let (mut run, cache, pool) = d.gpu_parts(&order).map_err(|e| (e, None))?;
             run.global = Some(global);
             let fed = FedItems {
@@ -446,14 +458,17 @@ impl<T: Element> MultiGpuPipeline<T> {
             for s in slots.into_made() {
                 s.staged.recycle(io.inner.cache);
             }
-            r.map_err(|e| (e, global.oldest()))
+            let items = io.inner.next_item as u64;
+            r.map(|c| (c, items)).map_err(|e| (e, global.oldest()))
         })?;
-        let n = taken.load(Ordering::Relaxed);
-        self.finish(started, &counts, n);
         if let Some(e) = into_inner(input_error) {
+            // As a single-GPU run: an item it refuses fails the run, which
+            // adds nothing to the stats (the items before it were processed).
+            self.restore(saved);
             return Err(e);
         }
-        Ok(n)
+        self.finish(started, &counts);
+        Ok(taken.load(Ordering::Relaxed))
     }
 
     /// Streams everything `source` gives through the stages into `sink`,
@@ -478,7 +493,7 @@ impl<T: Element> MultiGpuPipeline<T> {
             feed.stop();
             out.stop();
         };
-        let counts = self.drive_all(started, &stop, &|d, global| {
+        let (counts, _) = self.drive_all(&stop, &|d, global| {
             let capacity = d.capacity(&order);
             let (mut run, cache, _) = d.gpu_parts(&order).map_err(|e| (e, None))?;
             run.global = Some(global);
@@ -496,17 +511,17 @@ impl<T: Element> MultiGpuPipeline<T> {
                 io.cache.give_output(s.input);
                 io.cache.give_output(s.output);
             }
-            r.map_err(|e| (e, global.oldest()))
+            r.map(|c| (c, 0)).map_err(|e| (e, global.oldest()))
         })?;
-        self.finish(started, &counts, 0);
+        self.finish(started, &counts);
         let delivered = out.delivered();
         if let Some(e) = into_inner(source_error) {
             return Err(e);
         }
         Ok(StreamCounts {
             chunks: delivered,
-            elements_in: counts.iter().map(|c| c.elems_in).sum(),
-            elements_out: counts.iter().map(|c| c.elems_out).sum(),
+            elements_in: counts.iter().map(|(c, _)| c.elems_in).sum(),
+            elements_out: counts.iter().map(|(c, _)| c.elems_out).sum(),
         })
     }
 }
@@ -600,9 +615,9 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> ChunkIo<T>
             ));
         }
         let k = GlobalIndex::or(Some(self.global), chunk, 0);
-        self.global.retired(chunk);
         self.pool.label(k, "staging copy out");
         par_copy_one(out, &slot.output.as_slice()?[..len], self.pool);
+        self.global.retired(chunk);
         Ok(())
     }
 }
@@ -774,8 +789,9 @@ impl<T: Element, Io: ChunkIo<T, Error = Error>> ChunkIo<T> for Numbered<'_, Io> 
     }
 
     fn retire(&mut self, slot: &mut Io::Slot, chunk: ChunkId, len: usize) -> Result<()> {
+        self.inner.retire(slot, chunk, len)?;
         self.global.retired(chunk);
-        self.inner.retire(slot, chunk, len)
+        Ok(())
     }
 }
 
@@ -847,7 +863,6 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for FedStreamIo<'_, T, S, 
             .global
             .get(chunk)
             .ok_or(Error::Config("a chunk's number was lost"))?;
-        self.global.retired(chunk);
         let data = &slot.output.as_slice()?[..len];
         let delivered = self.out.deliver(
             k,
@@ -857,6 +872,8 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for FedStreamIo<'_, T, S, 
         );
         // `None`: another GPU failed and the run stopped; this chunk is
         // not delivered.
-        delivered.unwrap_or(Ok(()))
+        delivered.unwrap_or(Ok(()))?;
+        self.global.retired(chunk);
+        Ok(())
     }
 }

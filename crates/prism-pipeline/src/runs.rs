@@ -84,7 +84,7 @@ impl<T: Element> GpuRun<'_, T> {
         };
         let copies = self.pool.take_spans();
         if trace {
-            add_host_spans(&mut fresh, self.engine, copies);
+            add_host_spans(&mut fresh, self.engine, copies, global);
             fresh.origin = self.engine.host_origin();
         }
         let busy = if self.timing {
@@ -113,6 +113,7 @@ fn add_host_spans<T: Element>(
     timeline: &mut Timeline,
     engine: &mut Engine<T>,
     copies: Vec<(u64, &'static str, std::time::Instant, std::time::Instant)>,
+    global: Option<&GlobalIndex>,
 ) {
     let Some(origin) = engine.host_origin() else {
         return;
@@ -130,7 +131,7 @@ fn add_host_spans<T: Element>(
     }
     for (chunk, start_ms, end_ms) in engine.take_waits() {
         timeline.spans.push(Span {
-            chunk: chunk.0,
+            chunk: GlobalIndex::or(global, chunk, 0),
             stream: 5,
             lane: SpanLane::HostWait,
             name: "wait for the GPU".to_owned(),

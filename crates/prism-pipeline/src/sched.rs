@@ -216,7 +216,11 @@ pub(crate) fn on_devices<D: Send, R: Send, E: Send>(
     work: &(dyn Fn(usize, &mut D) -> Result<R, E> + Sync),
 ) -> Vec<Result<R, E>> {
     let run = |i: usize, d: &mut D| {
+        // A panic (a bug: user code is caught inside `work`) stops the
+        // others too, so none waits for this device for ever.
+        let guard = StopOnUnwind(stop);
         let r = work(i, d);
+        std::mem::forget(guard);
         if r.is_err() {
             stop();
         }
@@ -240,6 +244,15 @@ pub(crate) fn on_devices<D: Send, R: Send, E: Send>(
         }
         out
     })
+}
+
+/// Calls `stop` when dropped during a panic.
+struct StopOnUnwind<'a>(&'a (dyn Fn() + Sync));
+
+impl Drop for StopOnUnwind<'_> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
 }
 
 /// The failure a run reports: the first device (in time) that failed with
@@ -274,7 +287,8 @@ pub(crate) fn first_failure<R, E>(
     Ok(oks)
 }
 
-/// Devices in the order they failed (each device appends itself once).
+/// Devices in the order their failures came back (each device appends
+/// itself once).
 #[derive(Debug, Default)]
 pub(crate) struct FailOrder(Mutex<Vec<usize>>);
 

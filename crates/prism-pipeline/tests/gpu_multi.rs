@@ -273,6 +273,11 @@ fn gpu_multi_a_failing_stage_names_its_gpu_and_chunk() {
                 matches!(&**source, Error::Stage { chunk, .. } if chunk == c),
                 "inner error {source}"
             );
+            if gpus.len() == 1 {
+                assert_eq!(*c, 2, "the third chunk of a one-GPU run");
+            } else {
+                assert!(*c < n.div_ceil(chunk) as u64);
+            }
         }
         other => panic!("expected a Device error, got {other:?}"),
     }
@@ -333,10 +338,8 @@ fn gpu_multi_stream_source_and_sink_failures() {
     });
     let e = p.run_stream(source, sink).unwrap_err();
     println!("{e}");
-    assert!(
-        matches!(&e, Error::Device { chunk: Some(3), source, .. } if matches!(**source, Error::Sink { chunk: 3, .. })),
-        "{e}"
-    );
+    // The sink's failure is the caller's, not a GPU's: not wrapped.
+    assert!(matches!(e, Error::Sink { chunk: 3, .. }), "{e}");
 }
 
 #[test]
@@ -370,6 +373,25 @@ fn gpu_multi_typed_errors_for_bad_gpu_lists() {
     ));
     let p = MultiGpuPipeline::<f32>::new(Backend::AllGpus, PipelineConfig::default()).unwrap();
     assert_eq!(p.gpus().len(), count);
+    // Empty input, and fewer chunks than GPUs.
+    let mut q = multi(&gpus, 1 << 12);
+    q.run(&[], &mut []).unwrap();
+    let input = random_f32(27, 100);
+    let mut out = vec![f32::NAN; 100];
+    q.run(&input, &mut out).unwrap();
+    let want: Vec<f32> = input.iter().map(|&x| reference(x)).collect();
+    expect_bits("one short chunk", &out, &want);
+    assert_eq!(q.get_stats().chunks, 1);
+    let mut none: Vec<(&[f32], &mut [f32])> = Vec::new();
+    assert_eq!(q.run_items(none.drain(..)).unwrap(), 0);
+    let too_long = vec![0f32; (1 << 12) + 1];
+    let mut too_long_out = vec![0f32; too_long.len()];
+    let runs = q.get_stats().runs;
+    assert!(matches!(
+        q.run_items([(&too_long[..], &mut too_long_out[..])]),
+        Err(Error::ItemTooLong { item: 0, .. })
+    ));
+    assert_eq!(q.get_stats().runs, runs, "a refused run adds nothing");
     if count > 1 {
         // A buffer of GPU 0 that is not portable cannot be copied by GPU 1.
         let mut p = multi(&gpus, 1 << 12);
@@ -383,6 +405,26 @@ fn gpu_multi_typed_errors_for_bad_gpu_lists() {
                 owner: 0
             })
         ));
+        let src = PinnedBuffer::<f32>::new(&gpus[0], 1 << 14, HostAllocFlags::PORTABLE).unwrap();
+        let mut dst = PinnedBuffer::<f32>::new(&gpus[0], 1 << 14, HostAllocFlags::DEFAULT).unwrap();
+        assert!(matches!(
+            p.run_pinned(&src, &mut dst),
+            Err(Error::NotPortable {
+                what: "output",
+                owner: 0
+            })
+        ));
+        // A registered Vec may be portable too.
+        let v = PinnedBuffer::register_portable(&gpus[0], random_f32(28, 1 << 14)).unwrap();
+        let mut w = PinnedBuffer::register_portable(&gpus[0], vec![0f32; 1 << 14]).unwrap();
+        p.run_pinned(&v, &mut w).unwrap();
+        let want: Vec<f32> = v
+            .wait_slice()
+            .unwrap()
+            .iter()
+            .map(|&x| reference(x))
+            .collect();
+        expect_bits("registered portable", w.wait_slice().unwrap(), &want);
     }
 }
 
@@ -452,6 +494,18 @@ fn gpu_multi_trace_has_one_process_per_gpu() {
     assert_eq!(names.len(), gpus.len(), "{names:?}");
     let spans = events.iter().filter(|e| e["ph"] == "X").count() as u64;
     assert!(spans >= 3 * n.div_ceil(chunk) as u64, "{spans} spans");
+    // Spans carry the run's chunk numbers: each chunk uploaded once, on
+    // one GPU (one process), whatever GPU took it.
+    let chunks = n.div_ceil(chunk);
+    let mut uploads = vec![Vec::new(); chunks];
+    for e in events.iter().filter(|e| e["ph"] == "X" && e["tid"] == 1) {
+        let c = e["args"]["chunk"].as_u64().unwrap() as usize;
+        uploads[c].push(e["pid"].as_u64().unwrap());
+    }
+    assert!(
+        uploads.iter().all(|u| u.len() == 1),
+        "uploads per chunk: {uploads:?}"
+    );
     if let Ok(dir) = std::env::var("PRISM_TRACE_DIR") {
         p.write_chrome_trace(format!("{dir}/multi-gpu-trace.json"))
             .unwrap();

@@ -228,6 +228,11 @@ impl Gpu {
         self.same(other)
     }
 
+    /// The context's driver handle, as a key.
+    pub(crate) fn key(&self) -> usize {
+        self.0.ctx.cu_ctx() as usize
+    }
+
     pub(crate) fn same(&self, other: &Gpu) -> bool {
         Arc::ptr_eq(&self.0, &other.0) || self.0.ctx.cu_ctx() == other.0.ctx.cu_ctx()
     }

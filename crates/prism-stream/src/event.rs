@@ -214,6 +214,26 @@ impl Fence {
         Ok(())
     }
 
+    /// The context it was recorded in (its driver handle, as a key).
+    pub(crate) fn context_key(&self) -> usize {
+        self.0.pool.ctx.cu_ctx() as usize
+    }
+
+    /// True when this fence belongs to another context than `own` and that
+    /// context died (a sticky error): nothing queued there runs any more,
+    /// so the fence no longer guards anything (a portable buffer shared with
+    /// a GPU that faulted stays usable by the others).
+    pub(crate) fn dead_elsewhere(&self, own: usize) -> bool {
+        if self.context_key() == own || self.0.done.load(Ordering::Acquire) {
+            return false;
+        }
+        // SAFETY: the event is alive while `self` holds the Arc.
+        match unsafe { result::event::query(self.0.event.0) } {
+            Err(e) => is_sticky(&e),
+            Ok(()) => false,
+        }
+    }
+
     /// Makes the stream `raw` wait on the GPU for this fence
     /// (`cuStreamWaitEvent`). Only `order.rs` calls it, after deciding the
     /// wait is needed.

@@ -132,8 +132,16 @@ impl Uses<Fence> {
         Ok(())
     }
 
-    fn writer_pending(&self) -> Result<bool> {
+    /// Forgets fences of other contexts that died (see
+    /// [`Fence::dead_elsewhere`]); `own` is the buffer's context.
+    fn forget_dead_elsewhere(&mut self, own: usize) {
+        self.writes.retain(|(_, f)| !f.dead_elsewhere(own));
+        self.reads.retain(|(_, f)| !f.dead_elsewhere(own));
+    }
+
+    fn writer_pending(&mut self, own: usize) -> Result<bool> {
         self.check_stuck()?;
+        self.forget_dead_elsewhere(own);
         for (_, w) in &self.writes {
             if !w.is_complete()? {
                 return Ok(true);
@@ -142,8 +150,8 @@ impl Uses<Fence> {
         Ok(false)
     }
 
-    fn any_pending(&self) -> Result<bool> {
-        if self.writer_pending()? {
+    fn any_pending(&mut self, own: usize) -> Result<bool> {
+        if self.writer_pending(own)? {
             return Ok(true);
         }
         for (_, r) in &self.reads {
@@ -155,8 +163,8 @@ impl Uses<Fence> {
     }
 
     /// Blocks until every recorded use has completed.
-    fn wait_all(&mut self) -> Probe {
-        match self.wait_all_raw() {
+    fn wait_all(&mut self, own: usize) -> Probe {
+        match self.wait_all_raw(own) {
             Ok(()) => Probe::Complete,
             Err((reason, _)) => Probe::Failed(reason),
         }
@@ -164,8 +172,10 @@ impl Uses<Fence> {
 
     /// [`wait_all`](Self::wait_all); an error says whether the GPU may still
     /// be using the buffer (`true`: a failure that is not sticky, or a use
-    /// that could not be tracked).
-    fn wait_all_raw(&mut self) -> std::result::Result<(), (String, bool)> {
+    /// that could not be tracked). A sticky failure of another context
+    /// (a GPU that shared this portable buffer and died) is no failure of
+    /// this buffer: nothing runs there any more.
+    fn wait_all_raw(&mut self, own: usize) -> std::result::Result<(), (String, bool)> {
         if self.stuck {
             return Err((
                 "a GPU operation on this buffer could not be tracked".into(),
@@ -175,6 +185,9 @@ impl Uses<Fence> {
         let mut failure = None;
         for f in self.all() {
             if let Err(e) = f.synchronize_raw() {
+                if f.context_key() != own && is_sticky(&e) {
+                    continue;
+                }
                 let maybe_running = !is_sticky(&e);
                 match &mut failure {
                     Some((_, running)) => *running |= maybe_running,
@@ -194,8 +207,8 @@ impl Uses<Fence> {
 
     /// For `Drop`: may the allocation be freed? Waits for every use; after
     /// a failure, only if the GPU can no longer be using it.
-    fn release(&mut self, what: &'static str) -> bool {
-        match self.wait_all_raw() {
+    fn release(&mut self, own: usize, what: &'static str) -> bool {
+        match self.wait_all_raw(own) {
             Ok(()) => true,
             Err((reason, false)) => {
                 tracing::warn!(reason, "freeing a {what} after a sticky GPU error");
@@ -320,12 +333,12 @@ impl<T: Element> DeviceBuffer<T> {
 
     /// True when no queued operation uses this buffer.
     pub fn is_idle(&self) -> Result<bool> {
-        lock(&self.uses).any_pending().map(|p| !p)
+        lock(&self.uses).any_pending(self.gpu.key()).map(|p| !p)
     }
 
     /// Blocks until no queued operation uses this buffer.
     pub fn wait_idle(&self) -> Result<()> {
-        match lock(&self.uses).wait_all() {
+        match lock(&self.uses).wait_all(self.gpu.key()) {
             Probe::Failed(reason) => Err(Error::ContextPoisoned { reason }),
             _ => Ok(()),
         }
@@ -348,7 +361,7 @@ impl<T: Element> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         // Wait for every queued use first: freeing memory a kernel or copy still
         // touches would corrupt whatever is allocated there next.
-        if !lock(&self.uses).release("device buffer") {
+        if !lock(&self.uses).release(self.gpu.key(), "device buffer") {
             return;
         }
         if self.gpu.bind().is_ok() {
@@ -526,13 +539,29 @@ impl<T: Element> PinnedBuffer<T> {
     /// (the driver then refuses with `CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED`).
     /// On failure the vector comes back in the error, unchanged.
     pub fn register(gpu: &Gpu, data: Vec<T>) -> std::result::Result<Self, RegisterError<T>> {
-        match Self::try_register(gpu, data) {
+        match Self::try_register(gpu, data, false) {
             Ok(b) => Ok(b),
             Err((error, data)) => Err(RegisterError { error, data }),
         }
     }
 
-    fn try_register(gpu: &Gpu, mut data: Vec<T>) -> std::result::Result<Self, (Error, Vec<T>)> {
+    /// [`register`](Self::register), portable: every GPU's copies may use
+    /// it (a multi-GPU run's input or output).
+    pub fn register_portable(
+        gpu: &Gpu,
+        data: Vec<T>,
+    ) -> std::result::Result<Self, RegisterError<T>> {
+        match Self::try_register(gpu, data, true) {
+            Ok(b) => Ok(b),
+            Err((error, data)) => Err(RegisterError { error, data }),
+        }
+    }
+
+    fn try_register(
+        gpu: &Gpu,
+        mut data: Vec<T>,
+        portable: bool,
+    ) -> std::result::Result<Self, (Error, Vec<T>)> {
         let bytes = match byte_len::<T>(data.len(), "registered host buffer") {
             Ok(b) => b,
             Err(e) => return Err((e, data)),
@@ -545,9 +574,12 @@ impl<T: Element> PinnedBuffer<T> {
         // memory, owned here. The vector moves into the returned buffer and
         // is neither touched, resized nor freed until the memory is
         // unregistered (Drop or into_vec), after every GPU use completed.
-        let r = unsafe {
-            sys::cuMemHostRegister_v2(ptr.cast(), bytes, sys::CU_MEMHOSTREGISTER_DEVICEMAP)
+        let flags = if portable {
+            sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE
+        } else {
+            sys::CU_MEMHOSTREGISTER_DEVICEMAP
         };
+        let r = unsafe { sys::cuMemHostRegister_v2(ptr.cast(), bytes, flags) };
         if r != CUresult::CUDA_SUCCESS {
             let e = alloc_error(
                 DriverError(r),
@@ -563,7 +595,10 @@ impl<T: Element> PinnedBuffer<T> {
             gpu: gpu.clone(),
             ptr,
             len,
-            flags: HostAllocFlags::DEFAULT,
+            flags: HostAllocFlags {
+                portable,
+                write_combined: false,
+            },
             mapped: mapped_address(ptr.cast()),
             backing: Backing::Registered(data),
             uses: UseCell::default(),
@@ -619,7 +654,7 @@ impl<T: Element> PinnedBuffer<T> {
 
     /// Reads the contents. `BufferInFlight` while a queued download still writes it.
     pub fn as_slice(&self) -> Result<&[T]> {
-        if lock(&self.uses).writer_pending()? {
+        if lock(&self.uses).writer_pending(self.gpu.key())? {
             return Err(Error::BufferInFlight {
                 what: "pinned host buffer (a download into it is pending)",
             });
@@ -631,7 +666,7 @@ impl<T: Element> PinnedBuffer<T> {
 
     /// Writes the contents. `BufferInFlight` while any queued copy uses it.
     pub fn as_mut_slice(&mut self) -> Result<&mut [T]> {
-        if lock(&self.uses).any_pending()? {
+        if lock(&self.uses).any_pending(self.gpu.key())? {
             return Err(Error::BufferInFlight {
                 what: "pinned host buffer (a queued copy still uses it)",
             });
@@ -643,12 +678,12 @@ impl<T: Element> PinnedBuffer<T> {
 
     /// True when no queued operation uses the buffer.
     pub fn is_idle(&self) -> Result<bool> {
-        lock(&self.uses).any_pending().map(|p| !p)
+        lock(&self.uses).any_pending(self.gpu.key()).map(|p| !p)
     }
 
     /// Blocks until no queued operation uses the buffer.
     pub fn wait_idle(&self) -> Result<()> {
-        match lock(&self.uses).wait_all() {
+        match lock(&self.uses).wait_all(self.gpu.key()) {
             Probe::Failed(reason) => Err(Error::ContextPoisoned { reason }),
             _ => Ok(()),
         }
@@ -694,7 +729,7 @@ impl<T: Element> Tracked for PinnedBuffer<T> {
 
 impl<T: Element> Drop for PinnedBuffer<T> {
     fn drop(&mut self) {
-        if !lock(&self.uses).release("pinned buffer") {
+        if !lock(&self.uses).release(self.gpu.key(), "pinned buffer") {
             // The GPU may still use the memory: a registered vector must
             // not be freed either.
             if let Backing::Registered(data) =

@@ -570,15 +570,15 @@ impl<T: Element> PinnedBuffer<T> {
             return Err((e, data));
         }
         let ptr = data.as_mut_ptr();
-        // SAFETY: `ptr` and `bytes` describe the vector's initialised heap
-        // memory, owned here. The vector moves into the returned buffer and
-        // is neither touched, resized nor freed until the memory is
-        // unregistered (Drop or into_vec), after every GPU use completed.
         let flags = if portable {
             sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE
         } else {
             sys::CU_MEMHOSTREGISTER_DEVICEMAP
         };
+        // SAFETY: `ptr` and `bytes` describe the vector's initialised heap
+        // memory, owned here. The vector moves into the returned buffer and
+        // is neither touched, resized nor freed until the memory is
+        // unregistered (Drop or into_vec), after every GPU use completed.
         let r = unsafe { sys::cuMemHostRegister_v2(ptr.cast(), bytes, flags) };
         if r != CUresult::CUDA_SUCCESS {
             let e = alloc_error(

@@ -214,11 +214,17 @@ fn bundle(dir: &Path) -> Result {
     )?;
     let mut bytes = 0;
     let mut test_names = Vec::new();
-    // Compile-fail tests run rustc (through trybuild): CPU-only, not for the GPU machine.
-    let tests: Vec<_> = tests
-        .into_iter()
-        .filter(|(name, _)| !name.ends_with("--compile_fail"))
-        .collect();
+    // Only binaries with GPU tests (named `gpu_*`) go to the GPU machine:
+    // CPU-only tests (proptests, the host backend, compile-fail through
+    // rustc) run in CI, and the bundle stays within its budget.
+    let mut kept = Vec::new();
+    for (name, path) in tests {
+        let (ok, list, _) = util::output(std::process::Command::new(&path).arg("--list"))?;
+        if ok && list.lines().any(|l| l.starts_with("gpu_") || l.contains("::gpu_")) {
+            kept.push((name, path));
+        }
+    }
+    let tests = kept;
     for (name, path) in &tests {
         bytes += copy_into(&dir.join("tests"), name, path)?;
         test_names.push(name.clone());

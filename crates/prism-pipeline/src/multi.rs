@@ -67,6 +67,9 @@ impl<T: Element> std::fmt::Debug for MultiGpuPipeline<T> {
 /// oldest chunk (the run's numbering) it had in flight.
 type DeviceResult = std::result::Result<(RunCounts, u64), (Error, Option<u64>)>;
 
+/// Every GPU's stats from before a run.
+type Saved = Vec<PipelineStats>;
+
 impl<T: Element> MultiGpuPipeline<T> {
     /// A pipeline over `Backend::AllGpus` (or `Auto`): every GPU of the
     /// host; `Backend::Gpu`: GPU 0 alone. `Backend::Host` is not a GPU
@@ -243,7 +246,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         &mut self,
         stop: &(dyn Fn() + Sync),
         work: &(dyn Fn(&mut PipelineStageManager<T>, &GlobalIndex) -> DeviceResult + Sync),
-    ) -> Result<(Vec<(RunCounts, u64)>, Vec<PipelineStats>)> {
+    ) -> Result<(Vec<(RunCounts, u64)>, Saved)> {
         let saved: Vec<PipelineStats> =
             self.devices.iter().map(|d| d.get_stats().clone()).collect();
         let failed = FailOrder::default();
@@ -277,7 +280,7 @@ impl<T: Element> MultiGpuPipeline<T> {
     }
 
     /// Puts back the stats from before a run that is not to count.
-    fn restore(&mut self, saved: Vec<PipelineStats>) {
+    fn restore(&mut self, saved: Saved) {
         for (d, s) in self.devices.iter_mut().zip(saved) {
             d.stats = s;
             d.effective = None;

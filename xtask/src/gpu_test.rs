@@ -220,7 +220,11 @@ fn bundle(dir: &Path) -> Result {
     let mut kept = Vec::new();
     for (name, path) in tests {
         let (ok, list, _) = util::output(std::process::Command::new(&path).arg("--list"))?;
-        if ok && list.lines().any(|l| l.starts_with("gpu_") || l.contains("::gpu_")) {
+        if ok
+            && list
+                .lines()
+                .any(|l| l.starts_with("gpu_") || l.contains("::gpu_"))
+        {
             kept.push((name, path));
         }
     }

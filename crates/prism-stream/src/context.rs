@@ -80,7 +80,8 @@ impl Gpu {
     pub fn open(ordinal: usize) -> Result<Self> {
         let _span = tracing::debug_span!("prism.gpu.open", ordinal).entered();
         Self::check_ordinal(ordinal)?;
-        let ctx = CudaContext::new(ordinal).call("cuDevicePrimaryCtxRetain")?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| open_error(e, ordinal, "cuDevicePrimaryCtxRetain"))?;
         Self::wrap(ctx, ordinal)
     }
 
@@ -91,7 +92,8 @@ impl Gpu {
     pub fn open_private(ordinal: usize) -> Result<Self> {
         let _span = tracing::debug_span!("prism.gpu.open_private", ordinal).entered();
         Self::check_ordinal(ordinal)?;
-        let ctx = CudaContext::new_non_primary(ordinal, 0).call("cuCtxCreate")?;
+        let ctx = CudaContext::new_non_primary(ordinal, 0)
+            .map_err(|e| open_error(e, ordinal, "cuCtxCreate"))?;
         Self::wrap(ctx, ordinal)
     }
 
@@ -235,6 +237,21 @@ impl Gpu {
 
     pub(crate) fn same(&self, other: &Gpu) -> bool {
         Arc::ptr_eq(&self.0, &other.0) || self.0.ctx.cu_ctx() == other.0.ctx.cu_ctx()
+    }
+}
+
+/// A failed context creation: a sticky error means a fault earlier in this
+/// process left the driver refusing work (on some drivers a fault on one
+/// GPU does so on every GPU of the process).
+fn open_error(e: DriverError, ordinal: usize, call: &'static str) -> Error {
+    if crate::event::is_sticky(&e) {
+        Error::ContextPoisoned {
+            reason: format!(
+                "device {ordinal}: the CUDA driver refuses new contexts after a fault earlier in this process ({call}: {e})"
+            ),
+        }
+    } else {
+        Error::Driver { call, source: e }
     }
 }
 

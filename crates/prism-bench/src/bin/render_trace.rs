@@ -1,6 +1,7 @@
 //! Draws a prism Chrome trace (`Timeline::write_chrome_trace`) as an SVG
 //! timeline: one row per thread of the trace (the GPU's streams, the host's
-//! staging copies and waits), one bar per span, in the trace's own order.
+//! staging copies and waits), one bar per span, in the trace's own order;
+//! a multi-GPU trace (one process per GPU) gets each GPU's rows in turn.
 //!
 //! ```text
 //! cargo run --release -p prism-bench --bin render_trace -- TRACE.json OUT.svg
@@ -32,29 +33,32 @@ fn main() -> ExitCode {
     }
 }
 
-/// A row of the picture: (sort index, name).
-type Row = (i64, String);
+/// A row of the picture: (process, sort index, name).
+type Row = (i64, i64, String);
+/// A thread of the trace: (pid, tid).
+type Thread = (i64, i64);
 
 fn render(input: &str, output: &str) -> Result<usize, BoxError> {
     let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(input)?)?;
     let events = trace["traceEvents"]
         .as_array()
         .ok_or("no traceEvents array")?;
-    let mut names: BTreeMap<i64, String> = BTreeMap::new();
-    let mut order: BTreeMap<i64, i64> = BTreeMap::new();
-    let mut title = "prism".to_owned();
+    let mut names: BTreeMap<Thread, String> = BTreeMap::new();
+    let mut order: BTreeMap<Thread, i64> = BTreeMap::new();
+    let mut processes: BTreeMap<i64, String> = BTreeMap::new();
     let mut spans = Vec::new();
     for e in events {
-        let tid = e["tid"].as_i64().unwrap_or(0);
+        let tid = (e["pid"].as_i64().unwrap_or(1), e["tid"].as_i64().unwrap_or(0));
         match (e["ph"].as_str(), e["name"].as_str()) {
             (Some("M"), Some("thread_name")) => {
                 names.insert(tid, e["args"]["name"].as_str().unwrap_or("").to_owned());
             }
             (Some("M"), Some("thread_sort_index")) => {
-                order.insert(tid, e["args"]["sort_index"].as_i64().unwrap_or(tid));
+                order.insert(tid, e["args"]["sort_index"].as_i64().unwrap_or(tid.1));
             }
             (Some("M"), Some("process_name")) => {
-                title = e["args"]["name"].as_str().unwrap_or("prism").to_owned();
+                let name = e["args"]["name"].as_str().unwrap_or("prism").to_owned();
+                processes.insert(tid.0, name);
             }
             (Some("X"), Some(name)) => {
                 let start = e["ts"].as_f64().unwrap_or(0.0) / 1000.0;
@@ -68,18 +72,32 @@ fn render(input: &str, output: &str) -> Result<usize, BoxError> {
         return Err("the trace has no spans".into());
     }
     // Rows in the trace's sort order; only threads that have spans.
-    let mut rows: Vec<(Row, i64)> = names
+    let several = processes.len() > 1;
+    let mut rows: Vec<(Row, Thread)> = names
         .iter()
         .filter(|(tid, _)| spans.iter().any(|s| s.0 == **tid))
         .map(|(tid, name)| {
+            let label = match processes.get(&tid.0) {
+                Some(p) if several => format!("{}: {name}", p.trim_start_matches("prism on ")),
+                _ => name.clone(),
+            };
             (
-                (order.get(tid).copied().unwrap_or(*tid), name.clone()),
+                (tid.0, order.get(tid).copied().unwrap_or(tid.1), label),
                 *tid,
             )
         })
         .collect();
     rows.sort();
-    let row_of = |tid: i64| rows.iter().position(|(_, t)| *t == tid);
+    let row_of = |tid: Thread| rows.iter().position(|(_, t)| *t == tid);
+    let title = if several {
+        format!("prism on {} GPUs", processes.len())
+    } else {
+        processes
+            .values()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| "prism".to_owned())
+    };
     let t_end = spans.iter().map(|s| s.3).fold(0.0, f64::max);
     let root = SVGBackend::new(output, (1400, 80 + 56 * rows.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -90,9 +108,9 @@ fn render(input: &str, output: &str) -> Result<usize, BoxError> {
         )
         .margin(12)
         .x_label_area_size(36)
-        .y_label_area_size(190)
+        .y_label_area_size(if several { 330 } else { 190 })
         .build_cartesian_2d(0f64..t_end, 0f64..rows.len() as f64)?;
-    let labels: Vec<String> = rows.iter().map(|((_, n), _)| n.clone()).collect();
+    let labels: Vec<String> = rows.iter().map(|((_, _, n), _)| n.clone()).collect();
     chart
         .configure_mesh()
         .disable_y_mesh()

@@ -1753,6 +1753,9 @@ fn bench_workload(
 
 fn print_table(device: &str, results: &[WorkloadResult]) {
     println!("prism-bench on {device}");
+    if results.is_empty() {
+        return;
+    }
     println!("| workload | implementation | median ms | min..max ms | GB/s (both ways) | bound / measured | speed vs CUDA C++ |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for w in results {

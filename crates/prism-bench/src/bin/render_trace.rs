@@ -48,7 +48,10 @@ fn render(input: &str, output: &str) -> Result<usize, BoxError> {
     let mut processes: BTreeMap<i64, String> = BTreeMap::new();
     let mut spans = Vec::new();
     for e in events {
-        let tid = (e["pid"].as_i64().unwrap_or(1), e["tid"].as_i64().unwrap_or(0));
+        let tid = (
+            e["pid"].as_i64().unwrap_or(1),
+            e["tid"].as_i64().unwrap_or(0),
+        );
         match (e["ph"].as_str(), e["name"].as_str()) {
             (Some("M"), Some("thread_name")) => {
                 names.insert(tid, e["args"]["name"].as_str().unwrap_or("").to_owned());

@@ -146,6 +146,21 @@ impl<T: Element> MultiGpuPipeline<T> {
         &self.config
     }
 
+    /// Changes the configuration on every GPU (checked as `new` checks
+    /// it; `host_threads` shared out as in `with_gpus`).
+    pub fn set_config(&mut self, config: PipelineConfig) -> Result<()> {
+        config.check::<T>()?;
+        let per_gpu = PipelineConfig {
+            host_threads: (config.host_threads / self.devices.len()).max(1),
+            ..config.clone()
+        };
+        for d in &mut self.devices {
+            d.set_config(per_gpu.clone())?;
+        }
+        self.config = config;
+        Ok(())
+    }
+
     /// Adds a stage, cloned for every GPU; returns its index.
     pub fn add_stage<S: Stage<T> + Clone + 'static>(&mut self, stage: S) -> usize {
         let mut index = 0;

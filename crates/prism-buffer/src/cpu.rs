@@ -28,51 +28,29 @@
 //!
 //! # Synchronisation
 //!
-//! The ready index and the fresh flag live together in one [`AtomicU8`]; the
-//! write and read indices are private to their half. The three indices are
-//! always a permutation of `{0, 1, 2}`: each side only ever exchanges *its own*
-//! index for the ready one with a single atomic `swap`, so no buffer ever has
-//! two owners. The buffers themselves sit in [`Mutex`]es so that no `unsafe`
-//! is needed; a mutex is only locked by the half that currently owns its
-//! index, so the locks are uncontended (the only exception: several threads
-//! sharing one `&Reader` may briefly contend on the read buffer).
-//!
-//! Memory ordering (all buffer accesses happen while the owner holds the
-//! buffer's lock, before it gives the index away or after it received it):
-//!
-//! * `publish` swaps with **`AcqRel`**. *Release*: everything the writer wrote
-//!   into the buffer happens-before any reader that acquires that index (the
-//!   reader's later swaps are read-modify-writes, so they extend the release
-//!   sequence and a value published earlier stays visible even after several
-//!   hand-overs). *Acquire*: the buffer the writer gets back may have been the
-//!   reader's; the reader's release swap makes all of its reads (and its
-//!   unlock) happen-before the writer's next writes (and its lock).
-//! * `update` first checks the fresh flag with a `Relaxed` load. That load is
-//!   only a hint: if it reads "not fresh" nothing is touched (a stale answer
-//!   just means the new value is picked up by the next `update`; after e.g. a
-//!   thread join the load is ordered after the publish and cannot be stale).
-//!   If it reads "fresh", the flag is still set at the swap because only the
-//!   reader clears it. The swap itself is **`AcqRel`** for the mirror-image
-//!   reasons of `publish`: *Acquire* to see the writer's data, *Release* so
-//!   the reader's use of its old buffer happens-before the writer reuses it.
-//! * `Reader::has_update` is a `Relaxed` peek that hands out no buffer.
+//! Each half *owns* its buffer (a `Box<T>`): [`Writer::write`] and
+//! [`Reader::read`] hand out plain references, so there is no guard to hold,
+//! leak or forget. The ready buffer and its fresh flag sit behind one
+//! [`Mutex`] that only [`publish`](Writer::publish) and
+//! [`update`](Reader::update) lock, for the time of a pointer swap (no user
+//! code ever runs under it): neither side waits for the other beyond that
+//! swap, and nothing a caller does (a forgotten or leaked reference, a
+//! panic) can keep it locked. The mutex's acquire/release orders the
+//! writer's writes before the reader's reads of the same buffer, and the
+//! reader's reads before the writer reuses it. `has_update` peeks at an
+//! atomic copy of the fresh flag (a hint) without locking.
 
 use std::fmt;
-use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-/// Bits of the state word that hold the ready index.
-const INDEX_MASK: u8 = 0b011;
-/// Set when the ready buffer holds a value the reader has not taken yet.
-const FRESH: u8 = 0b100;
-
-/// The buffers shared by a [`Writer`] and a [`Reader`]; create both with
-/// [`TripleBuffer::new`].
+/// The ready buffer a [`Writer`] and a [`Reader`] exchange theirs with;
+/// create both with [`TripleBuffer::new`].
 pub struct TripleBuffer<T> {
-    buffers: [Mutex<T>; 3],
-    /// Ready index (`INDEX_MASK`) and fresh flag (`FRESH`).
-    state: AtomicU8,
+    /// The ready buffer and whether the reader has not taken it yet.
+    ready: Mutex<(Box<T>, bool)>,
+    /// A copy of the fresh flag, for [`Reader::has_update`].
+    fresh: AtomicBool,
 }
 
 impl<T> TripleBuffer<T> {
@@ -83,39 +61,32 @@ impl<T> TripleBuffer<T> {
     where
         T: Clone,
     {
-        // write = 0, ready = 1 (not fresh), read = 2.
         let shared = Arc::new(TripleBuffer {
-            buffers: [
-                Mutex::new(init.clone()),
-                Mutex::new(init.clone()),
-                Mutex::new(init),
-            ],
-            state: AtomicU8::new(1),
+            ready: Mutex::new((Box::new(init.clone()), false)),
+            fresh: AtomicBool::new(false),
         });
         (
             Writer {
                 shared: Arc::clone(&shared),
-                index: 0,
+                buffer: Box::new(init.clone()),
             },
-            Reader { shared, index: 2 },
+            Reader {
+                shared,
+                buffer: Box::new(init),
+            },
         )
     }
 
-    fn lock(&self, index: usize) -> MutexGuard<'_, T> {
-        // A poisoned lock means user code panicked while holding a guard; the
-        // buffer is still a valid `T`, so keep going like `RefCell` would.
-        self.buffers[index]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, (Box<T>, bool)> {
+        // Nothing panics while the lock is held (two swaps), but stay safe.
+        self.ready.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl<T> fmt::Debug for TripleBuffer<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.state.load(Ordering::Relaxed);
         f.debug_struct("TripleBuffer")
-            .field("ready", &(state & INDEX_MASK))
-            .field("fresh", &(state & FRESH != 0))
+            .field("fresh", &self.fresh.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -123,28 +94,29 @@ impl<T> fmt::Debug for TripleBuffer<T> {
 /// The producer half of a [`TripleBuffer`].
 pub struct Writer<T> {
     shared: Arc<TripleBuffer<T>>,
-    /// Index of the write buffer; owned by this half.
-    index: usize,
+    /// The write buffer, owned by this half.
+    buffer: Box<T>,
 }
 
 impl<T> Writer<T> {
-    /// Access to the write buffer, to fill in the next value.
+    /// The write buffer, to fill in the next value.
     ///
     /// Right after a [`publish`](Self::publish) the write buffer holds an
     /// *older* value (whichever buffer came back from the ready role), not
     /// the one just published: overwrite it completely, or keep your own copy
     /// of what you need.
-    pub fn write(&mut self) -> WriteGuard<'_, T> {
-        WriteGuard(self.shared.lock(self.index))
+    pub fn write(&mut self) -> &mut T {
+        &mut self.buffer
     }
 
     /// Makes the write buffer the new ready value and takes the old ready
-    /// buffer as the next write buffer. Never waits for the reader.
+    /// buffer as the next write buffer. Never waits for the reader (beyond
+    /// the swap itself).
     pub fn publish(&mut self) {
-        let index = u8::try_from(self.index).expect("buffer indices are 0..3");
-        // AcqRel: see the module docs.
-        let previous = self.shared.state.swap(index | FRESH, Ordering::AcqRel);
-        self.index = usize::from(previous & INDEX_MASK);
+        let mut ready = self.shared.lock();
+        std::mem::swap(&mut self.buffer, &mut ready.0);
+        ready.1 = true;
+        self.shared.fresh.store(true, Ordering::Relaxed);
     }
 
     /// Overwrites the write buffer with `value` and publishes it.
@@ -157,50 +129,48 @@ impl<T> Writer<T> {
 impl<T> fmt::Debug for Writer<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Writer")
-            .field("write", &self.index)
             .field("shared", &self.shared)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 /// The consumer half of a [`TripleBuffer`].
 pub struct Reader<T> {
     shared: Arc<TripleBuffer<T>>,
-    /// Index of the read buffer; owned by this half.
-    index: usize,
+    /// The read buffer, owned by this half.
+    buffer: Box<T>,
 }
 
 impl<T> Reader<T> {
     /// Whether a value was published that [`update`](Self::update) would pick
     /// up. A hint only: the writer may publish right after this returns.
     pub fn has_update(&self) -> bool {
-        self.shared.state.load(Ordering::Relaxed) & FRESH != 0
+        self.shared.fresh.load(Ordering::Relaxed)
     }
 
     /// Picks up the newest published value if there is one the reader has not
-    /// seen yet; returns whether it did. Never waits for the writer.
+    /// seen yet; returns whether it did. Never waits for the writer (beyond
+    /// the swap itself).
     pub fn update(&mut self) -> bool {
-        if !self.has_update() {
+        let mut ready = self.shared.lock();
+        if !ready.1 {
             return false;
         }
-        let index = u8::try_from(self.index).expect("buffer indices are 0..3");
-        // Only the reader clears FRESH, so the flag is still set here.
-        // AcqRel: see the module docs.
-        let previous = self.shared.state.swap(index, Ordering::AcqRel);
-        debug_assert!(previous & FRESH != 0);
-        self.index = usize::from(previous & INDEX_MASK);
+        std::mem::swap(&mut self.buffer, &mut ready.0);
+        ready.1 = false;
+        self.shared.fresh.store(false, Ordering::Relaxed);
         true
     }
 
     /// The value the reader currently holds: the one picked up by the last
     /// [`update`](Self::update) (or the initial value).
-    pub fn read(&self) -> ReadGuard<'_, T> {
-        ReadGuard(self.shared.lock(self.index))
+    pub fn read(&self) -> &T {
+        &self.buffer
     }
 
     /// [`update`](Self::update), then [`read`](Self::read): the newest
     /// complete value.
-    pub fn latest(&mut self) -> ReadGuard<'_, T> {
+    pub fn latest(&mut self) -> &T {
         self.update();
         self.read()
     }
@@ -209,49 +179,8 @@ impl<T> Reader<T> {
 impl<T> fmt::Debug for Reader<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reader")
-            .field("read", &self.index)
             .field("shared", &self.shared)
-            .finish()
-    }
-}
-
-/// Mutable access to the [`Writer`]'s buffer; see [`Writer::write`].
-pub struct WriteGuard<'a, T>(MutexGuard<'a, T>);
-
-impl<T> Deref for WriteGuard<'_, T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T> DerefMut for WriteGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        &mut self.0
-    }
-}
-
-impl<T: fmt::Debug> fmt::Debug for WriteGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
-    }
-}
-
-/// Shared access to the [`Reader`]'s buffer; see [`Reader::read`].
-pub struct ReadGuard<'a, T>(MutexGuard<'a, T>);
-
-impl<T> Deref for ReadGuard<'_, T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T: fmt::Debug> fmt::Debug for ReadGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
+            .finish_non_exhaustive()
     }
 }
 
@@ -265,6 +194,22 @@ mod tests {
     fn halves_are_send() {
         assert_send::<Writer<Vec<u8>>>();
         assert_send::<Reader<Vec<u8>>>();
+    }
+
+    /// Issue #15: a read guard that was forgotten (`mem::forget`) kept a
+    /// buffer's mutex locked, and the writer hung on its next `write`
+    /// once that buffer came round. The halves now own their buffers and
+    /// hand out references: nothing a caller forgets holds a lock.
+    #[test]
+    fn forgetting_what_read_and_write_return_hangs_nothing() {
+        let (mut w, mut r) = TripleBuffer::new(0u64);
+        for k in 1..=10u64 {
+            std::mem::forget(r.read());
+            std::mem::forget(w.write());
+            w.publish_value(k);
+            assert!(r.update());
+            assert_eq!(*r.read(), k);
+        }
     }
 
     #[test]

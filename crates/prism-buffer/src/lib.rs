@@ -19,8 +19,8 @@
 //!
 //! * **The host triple buffer** ([`cpu::TripleBuffer`]) hands values from one
 //!   producer thread to one consumer thread with latest-value semantics:
-//!   neither side ever blocks the other and the consumer always sees the
-//!   newest completely written value.
+//!   neither side waits for the other beyond a pointer swap, and the
+//!   consumer always sees the newest completely written value.
 //!
 //! The crate contains no `unsafe` code.
 

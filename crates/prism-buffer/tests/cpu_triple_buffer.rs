@@ -142,7 +142,7 @@ fn concurrent_reads_are_consistent_and_monotonic() {
     let writer_thread = thread::spawn(move || {
         for seq in 0..N {
             {
-                let mut buf = writer.write();
+                let buf = writer.write();
                 // Element by element, so an unsynchronised reader could see
                 // a mix of old and new elements.
                 buf.resize(LEN, seq);

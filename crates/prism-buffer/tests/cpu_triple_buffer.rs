@@ -102,18 +102,18 @@ proptest! {
                     let got = reader.update();
                     prop_assert_eq!(got, model.update());
                     if got {
-                        prop_assert_eq!(&*reader.read(), &last_published);
+                        prop_assert_eq!(reader.read(), &last_published);
                     }
                 }
                 Op::Latest => {
                     model.update();
-                    prop_assert_eq!(&*reader.latest(), &last_published);
+                    prop_assert_eq!(reader.latest(), &last_published);
                 }
-                Op::Read => prop_assert_eq!(&*reader.read(), &model.read),
+                Op::Read => prop_assert_eq!(reader.read(), &model.read),
                 Op::HasUpdate => prop_assert_eq!(reader.has_update(), model.fresh),
             }
             // After every operation: both sides see what the model says.
-            prop_assert_eq!(&*reader.read(), &model.read);
+            prop_assert_eq!(reader.read(), &model.read);
             prop_assert_eq!(&*writer.write(), &model.write);
             prop_assert_eq!(reader.has_update(), model.fresh);
             // The reader's value was published (or is the initial value).
@@ -121,7 +121,7 @@ proptest! {
         }
         // A final update always lands on the last published value.
         reader.update();
-        prop_assert_eq!(&*reader.read(), &last_published);
+        prop_assert_eq!(reader.read(), &last_published);
     }
 }
 

@@ -300,6 +300,7 @@ fn run_script(tests: &[String], examples: &[String], sanitized: &[String]) -> St
 #   SANITIZE=0 skips the compute-sanitizer pass.   ONLY=regex runs matching tests only.
 #   TOOLS="memcheck initcheck" picks the sanitizer tools (default: all four).
 #   EXAMPLES=0 skips the examples and the benchmark.
+#   SOAK=1 adds the soak run (SOAK_ITERATIONS, default 100000; SOAK_TIMEOUT s).
 set -u
 cd "$(dirname "$0")"
 LOGS=${{LOGS:-./logs}}
@@ -331,6 +332,9 @@ if [ "${{EXAMPLES:-1}}" = 1 ]; then
         echo "torch-s4: SKIPPED (no python3 with torch here)"
     fi
 fi
+if [ "${{SOAK:-0}}" = 1 ]; then
+    STEP_TIMEOUT=${{SOAK_TIMEOUT:-540}} step soak ./bin/soak --iterations "${{SOAK_ITERATIONS:-100000}}" --out "$LOGS/soak"
+fi
 if [ "${{SANITIZE:-1}}" = 1 ]; then
     export PRISM_TEST_SCALE=small PRISM_UNDER_SANITIZER=1
     for tool in ${{TOOLS:-{SANITIZER_TOOLS}}}; do
@@ -353,7 +357,7 @@ if [ "${{SANITIZE:-1}}" = 1 ]; then
 fi
 if [ -n "${{OUT:-}}" ]; then
     for f in "$LOGS"/*.log; do echo "==== $f"; cat "$f"; done > "$OUT/all-logs.txt" 2>/dev/null
-    cp "$LOGS"/*.trace.json "$LOGS"/bench/results.json "$LOGS"/bench/torch-s4.json "$LOGS"/bench/chart.svg "$OUT"/ 2>/dev/null
+    cp "$LOGS"/*.trace.json "$LOGS"/bench/results.json "$LOGS"/bench/torch-s4.json "$LOGS"/bench/chart.svg "$LOGS"/soak/soak.csv "$LOGS"/soak/soak.png "$OUT"/ 2>/dev/null
 fi
 if [ ${{#failed[@]}} -eq 0 ]; then echo "ALL STEPS PASSED"; else echo "FAILED STEPS: ${{failed[*]}}"; exit 1; fi
 "#

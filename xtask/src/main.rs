@@ -51,6 +51,19 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         bundle: Option<PathBuf>,
     },
+    /// Soak prism: mixed iterations (pipeline runs in every input mode,
+    /// coordinator op chains, triple-buffer steps) with the process's
+    /// resources sampled into DIR/soak.csv and soak.png; fails if any rises
+    /// more than 1 % after the warm-up (the GPU if there is one, else the
+    /// host backend)
+    Soak {
+        /// Iterations
+        #[arg(long, default_value_t = 100_000)]
+        iterations: u64,
+        /// Where soak.csv and soak.png go
+        #[arg(long, value_name = "DIR", default_value = "target/soak")]
+        out: PathBuf,
+    },
 }
 
 impl Command {
@@ -60,8 +73,31 @@ impl Command {
             Command::BuildKernels { .. } => "build-kernels",
             Command::Bindgen { .. } => "bindgen",
             Command::GpuTest { .. } => "gpu-test",
+            Command::Soak { .. } => "soak",
         }
     }
+}
+
+/// Runs prism-pipeline's `soak` example (release build).
+fn soak(iterations: u64, out: &std::path::Path) -> util::Result {
+    let iterations = iterations.to_string();
+    let out = out.to_string_lossy().into_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(util::root());
+    util::run(cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "prism-pipeline",
+        "--example",
+        "soak",
+        "--",
+        "--iterations",
+        &iterations,
+        "--out",
+        &out,
+    ]))
 }
 
 fn main() -> ExitCode {
@@ -71,6 +107,7 @@ fn main() -> ExitCode {
         Command::BuildKernels { check } => build_kernels::run(*check),
         Command::Bindgen { check } => bindgen::run(*check),
         Command::GpuTest { bundle } => gpu_test::run(bundle.as_deref()),
+        Command::Soak { iterations, out } => soak(*iterations, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

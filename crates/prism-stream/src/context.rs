@@ -171,6 +171,18 @@ impl Gpu {
         self.0.events.idle()
     }
 
+    /// CUDA events this context's pool created so far (diagnostics: in a
+    /// steady state the pool recycles them and this stops growing).
+    pub fn events_created(&self) -> usize {
+        self.0.events.created()
+    }
+
+    /// (free, total) device memory in bytes (`cuMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        cudarc::driver::result::mem_get_info().call("cuMemGetInfo")
+    }
+
     /// Fails if an earlier GPU error made the context unusable (found
     /// through this handle, or a sticky error found through any handle on
     /// the same context).

@@ -30,6 +30,8 @@ pub(crate) struct EventPool {
     ctx: Arc<CudaContext>,
     plain: Mutex<Vec<RawEvent>>,
     timed: Mutex<Vec<RawEvent>>,
+    /// Events created so far (pooled or held by fences).
+    created: std::sync::atomic::AtomicUsize,
 }
 
 impl EventPool {
@@ -38,6 +40,7 @@ impl EventPool {
             ctx,
             plain: Mutex::new(Vec::new()),
             timed: Mutex::new(Vec::new()),
+            created: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -52,9 +55,15 @@ impl EventPool {
         } else {
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
         };
-        Ok(RawEvent(
-            result::event::create(flags).call("cuEventCreate")?,
-        ))
+        let e = RawEvent(result::event::create(flags).call("cuEventCreate")?);
+        self.created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(e)
+    }
+
+    /// Events this pool created (every one is pooled or held by a fence).
+    pub(crate) fn created(&self) -> usize {
+        self.created.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn put(&self, event: RawEvent, timed: bool) {

@@ -50,8 +50,8 @@ pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, Launch, Module};
 pub use managed::ManagedGpuContext;
 pub use memory::{
-    as_bytes, as_bytes_mut, copy_streaming, zeroed_vec, DeviceBuffer, Element, HostAllocFlags,
-    PinnedBuffer, RegisterError,
+    as_bytes, as_bytes_mut, copy_streaming, pinned_bytes, zeroed_vec, DeviceBuffer, Element,
+    HostAllocFlags, PinnedBuffer, RegisterError,
 };
 pub use order::{Lane, StreamId};
 pub use stream::{ManagedStream, StreamPool, StreamPurpose};

@@ -86,6 +86,25 @@ pub fn zeroed_vec<T: Element>(len: usize) -> Vec<T> {
     v
 }
 
+/// Page-locked bytes prism holds right now (allocated or registered by
+/// `PinnedBuffer`s, not yet freed or unregistered).
+static PAGE_LOCKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Page-locked host bytes held by prism's `PinnedBuffer`s in this process
+/// (diagnostics: a long run's pinned memory should stay flat).
+pub fn pinned_bytes() -> u64 {
+    PAGE_LOCKED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count_pinned(bytes: usize, add: bool) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if add {
+        PAGE_LOCKED.fetch_add(bytes as u64, Relaxed);
+    } else {
+        PAGE_LOCKED.fetch_sub(bytes as u64, Relaxed);
+    }
+}
+
 /// How a buffer names itself in errors.
 pub(crate) trait Tracked {
     fn cell(&self) -> &UseCell;
@@ -517,6 +536,7 @@ impl<T: Element> PinnedBuffer<T> {
         // bits are a valid T (Element's contract: every bit pattern is), so
         // the buffer is initialised before any slice of it is made.
         unsafe { std::ptr::write_bytes(raw.cast::<u8>(), 0, bytes) };
+        count_pinned(bytes, true);
         Ok(Self {
             gpu: gpu.clone(),
             ptr,
@@ -591,6 +611,7 @@ impl<T: Element> PinnedBuffer<T> {
             return Err((e, data));
         }
         let len = data.len();
+        count_pinned(bytes, true);
         Ok(Self {
             gpu: gpu.clone(),
             ptr,
@@ -619,7 +640,7 @@ impl<T: Element> PinnedBuffer<T> {
             Backing::Registered(data) => {
                 // A failed unregister is logged; the vector stays valid
                 // memory either way.
-                let _ = unregister(&self.gpu, self.ptr);
+                let _ = unregister(&self.gpu, self.ptr, self.len);
                 Ok(data)
             }
             other => {
@@ -745,11 +766,13 @@ impl<T: Element> Drop for PinnedBuffer<T> {
                     // SAFETY: allocated by cuMemHostAlloc in this context, every
                     // queued copy using it has completed (waited above), freed
                     // only here.
-                    let _ = unsafe { result::free_host(self.ptr.cast()) };
+                    if unsafe { result::free_host(self.ptr.cast()) }.is_ok() {
+                        count_pinned(self.len * std::mem::size_of::<T>(), false);
+                    }
                 }
             }
             Backing::Registered(_) => {
-                if !unregister(&self.gpu, self.ptr) {
+                if !unregister(&self.gpu, self.ptr, self.len) {
                     // Still registered: freeing it could leave the driver a
                     // stale registration of memory the allocator reuses.
                     if let Backing::Registered(data) =
@@ -780,7 +803,7 @@ fn mapped_address(host: *mut std::ffi::c_void) -> sys::CUdeviceptr {
 
 /// Unregisters memory registered by `PinnedBuffer::register` once no GPU
 /// operation uses it; false if that failed (the pages stay locked).
-fn unregister<T>(gpu: &Gpu, ptr: *mut T) -> bool {
+fn unregister<T>(gpu: &Gpu, ptr: *mut T, len: usize) -> bool {
     if gpu.bind().is_err() {
         tracing::warn!("could not bind the context to unregister host memory");
         return false;
@@ -793,5 +816,6 @@ fn unregister<T>(gpu: &Gpu, ptr: *mut T) -> bool {
         tracing::warn!(?r, "cuMemHostUnregister failed; the pages stay locked");
         return false;
     }
+    count_pinned(len * std::mem::size_of::<T>(), false);
     true
 }

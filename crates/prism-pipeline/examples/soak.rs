@@ -8,7 +8,8 @@
 //! element are checked against the CPU. Every `--sample-every` iterations
 //! it samples the process's resident memory, the device's used memory,
 //! prism's page-locked bytes, the CUDA events prism created, and the
-//! coordinator's op table. None may end (the peak of the last fifth of the
+//! coordinator's op table (after a `poll`, which hands out the completions
+//! `wait` kept for it). None may end (the peak of the last fifth of the
 //! samples) more than `--max-drift` (1 %) above its peak in the warm-up
 //! (the first half). The samples go to `soak.csv`; `soak.png` plots them (or
 //! `--plot CSV` redraws one from a saved CSV, on a machine with fonts).
@@ -276,13 +277,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         if it % every == 0 || it + 1 == args.iterations {
-            let (device_used, events, ops) = match &gpu {
+            let (device_used, events, ops) = match &mut gpu {
                 Some(g) => {
                     let (free, total) = g.ctx.gpu().memory_info()?;
-                    let ops = g
-                        .ctx
-                        .async_coordinator()
-                        .map_or(0, |c| c.pending() + c.retained_ops());
+                    // After a poll (which hands out the completions `wait`
+                    // kept for it), the table holds only what was never
+                    // settled: in a steady state, nothing.
+                    let ops = g.ctx.async_coordinator_mut().map_or(0, |c| {
+                        c.poll();
+                        c.pending() + c.retained_ops()
+                    });
                     (
                         (total - free) as f64,
                         g.ctx.gpu().events_created() as f64,

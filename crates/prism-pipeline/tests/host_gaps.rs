@@ -90,3 +90,37 @@ fn a_failed_run_adds_nothing_to_the_stats() {
     assert_eq!(after.runs, before.runs, "a failed run is not a run");
     assert_eq!(after.bytes_in, before.bytes_in);
 }
+
+#[test]
+fn set_config_makes_the_checks_new_makes_and_keeps_the_old_one_on_error() {
+    let mut p = host(16, 3);
+    let before = p.config().clone();
+    for bad in [
+        PipelineConfig {
+            slots: 1,
+            ..before.clone()
+        },
+        PipelineConfig {
+            slots: 9,
+            ..before.clone()
+        },
+        PipelineConfig {
+            chunk_bytes: 6, // not a multiple of 4
+            ..before.clone()
+        },
+        PipelineConfig {
+            chunk_bytes: 2, // less than one element
+            ..before.clone()
+        },
+        PipelineConfig {
+            host_threads: 0,
+            ..before.clone()
+        },
+    ] {
+        assert!(
+            matches!(p.set_config(bad.clone()), Err(Error::Config(_))),
+            "{bad:?} was accepted"
+        );
+        assert_eq!(p.config(), &before, "a refused configuration changed it");
+    }
+}

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use prism_pipeline::{fill_with, sink_fn, Clamp, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 use prism_stream::{copy_streaming, fma_chain_cpu, pattern, Gpu, HostAllocFlags, PinnedBuffer};
@@ -529,6 +530,20 @@ fn make_data(gpu: &Gpu, w: &Workload) -> Result<Data, BoxError> {
         outputs.push(PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?);
     }
     Ok(Data { inputs, outputs })
+}
+
+/// A bar on stderr over the runs of one implementation. It draws nothing
+/// when stderr is not a terminal, so logs get no progress lines, and it
+/// clears itself when finished or dropped (an error returned early), so
+/// the lines printed after it start on a line of their own.
+fn runs_bar(name: &str, runs: usize) -> Result<ProgressBar, BoxError> {
+    let style = ProgressStyle::with_template(
+        "prism-bench:   {prefix}: run {pos}/{len} (the first a warm-up) {wide_bar} {elapsed}",
+    )?;
+    Ok(ProgressBar::new(runs as u64)
+        .with_style(style)
+        .with_prefix(name.to_owned())
+        .with_finish(ProgressFinish::AndClear))
 }
 
 /// Random f32 in [-1, 1) on every core, as `prism_stream::testing::random_f32`
@@ -1681,8 +1696,9 @@ fn bench_workload(
     for name in IMPLS.iter().chain(extra).copied() {
         let mut times = Vec::new();
         let mut checked = 0;
+        // The first run is a warm-up, not counted.
+        let bar = runs_bar(name, reps + 1)?;
         for rep in 0..=reps {
-            eprint!("\rprism-bench:   {name}: run {rep}/{reps}   ");
             sample.poison(&mut data)?;
             let ms = match name {
                 "sequential" => cxx(
@@ -1717,8 +1733,9 @@ fn bench_workload(
             if rep > 0 {
                 times.push(ms);
             }
+            bar.inc(1);
         }
-        eprintln!();
+        bar.finish_and_clear();
         if prism_timing && name == "prism" {
             eprintln!("{}", pipeline.get_stats());
         }

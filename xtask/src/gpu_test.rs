@@ -1,14 +1,23 @@
 //! `cargo xtask gpu-test [--bundle DIR]`.
 //!
-//! Without `--bundle`: prints the GPU it found, then runs every test and the
-//! examples' smoke runs with `PRISM_REQUIRE_GPU=1`, which turns a GPU test's
-//! "skipped: no GPU" into a failure. Fails at once when no GPU is present.
+//! With `--bundle DIR`: builds every test binary that has GPU tests (named
+//! `gpu_*`), the examples and `prism-bench` in the `bundle` profile
+//! (release, stripped) and writes DIR with the binaries and `run.sh`, which
+//! runs them on an x86_64 machine that has a driver but no Rust: the tests
+//! with `PRISM_REQUIRE_GPU=1` (a GPU test's "skipped: no GPU" becomes a
+//! failure), the examples and the benchmark, then the GPU tests and the
+//! examples (small sizes) under compute-sanitizer (memcheck, racecheck,
+//! synccheck, initcheck).
 //!
-//! With `--bundle DIR`: builds the same tests and examples in the `bundle`
-//! profile (release, stripped) and writes DIR with the binaries and `run.sh`,
-//! which runs them on an x86_64 machine that has a driver but no Rust, then
-//! repeats the GPU tests and the examples (small sizes) under compute-sanitizer
-//! (memcheck, racecheck, synccheck, initcheck).
+//! Without `--bundle`, on a machine with a GPU and Rust: the same steps,
+//! here. It prints the GPU `nvidia-smi` finds (and fails at once without
+//! one), fails without nvcc (a build without it has no kernels), builds the
+//! same bundle into `target/gpu-test/` (no size budget) and runs its
+//! `run.sh`, so both paths run one script. compute-sanitizer is looked for
+//! on `PATH`, in `$CUDA_HOME/bin`, `$CUDA_PATH/bin` and
+//! `/usr/local/cuda/bin`; without it the sanitizer pass is skipped
+//! (`SANITIZE=0`) with a note. run.sh's variables (`SANITIZE`, `TOOLS`,
+//! `EXAMPLES`, `ONLY`, `STEP_TIMEOUT`, `LOGS`, `OUT`) pass through.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,7 +77,7 @@ pub const FAULT_TEST_MARK: &str = "fault_injection";
 pub fn run(bundle_dir: Option<&Path>) -> Result {
     match bundle_dir {
         None => run_here(),
-        Some(dir) => bundle(dir),
+        Some(dir) => bundle(dir, Some(BUNDLE_BUDGET)),
     }
 }
 
@@ -77,6 +86,13 @@ fn cargo() -> Command {
     cmd.current_dir(util::root());
     cmd
 }
+
+/// Where `cargo xtask gpu-test` (without `--bundle`) builds and runs the
+/// bundle, under the workspace root.
+const LOCAL_BUNDLE: &str = "target/gpu-test";
+
+/// The bundle's size budget: what a GPU machine without Rust is sent.
+const BUNDLE_BUDGET: u64 = 60 * 1024 * 1024;
 
 fn run_here() -> Result {
     let (ok, out, err) = util::output(Command::new("nvidia-smi").args([
@@ -93,37 +109,67 @@ fn run_here() -> Result {
         ));
     }
     eprintln!("GPU found: {}", out.trim());
-    util::run(
-        cargo()
-            .env("PRISM_REQUIRE_GPU", "1")
-            .args(["test", "--workspace", "--release"]),
-    )?;
-    for (package, example, args) in EXAMPLE_SMOKE_RUNS {
-        util::run(
-            cargo()
-                .env("PRISM_REQUIRE_GPU", "1")
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    package,
-                    // A package's own binary (prism-bench) is a --bin, the rest examples.
-                    if package == example {
-                        "--bin"
-                    } else {
-                        "--example"
-                    },
-                    example,
-                    "--",
-                ])
-                .args(
-                    args.replace("$LOGS", "target")
-                        .replace('"', "")
-                        .split_whitespace(),
-                ),
-        )?;
+    if !prism_kernels_built()? {
+        return Err(
+            "nvcc not found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, ./.cuda, PATH), or \
+             PRISM_NO_NVCC=1: a build without nvcc has no kernels, and every GPU test would \
+             fail with KernelsNotBuilt. Install the CUDA toolkit, set NVCC or CUDA_HOME, or \
+             run `cargo xtask install-nvcc`."
+                .into(),
+        );
     }
-    Ok(())
+    let dir = util::root().join(LOCAL_BUNDLE);
+    bundle(&dir, None)?;
+    let mut script = Command::new("bash");
+    script.arg(dir.join("run.sh"));
+    match find_sanitizer() {
+        Sanitizer::In(bin) => {
+            // Found outside PATH: run.sh calls it by name.
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let dirs = std::iter::once(bin).chain(std::env::split_paths(&path));
+            let joined = std::env::join_paths(dirs)
+                .map_err(|e| format!("PATH with the sanitizer's folder: {e}"))?;
+            script.env("PATH", joined);
+        }
+        Sanitizer::OnPath => {}
+        Sanitizer::Missing if std::env::var_os("SANITIZE").is_none() => {
+            eprintln!(
+                "compute-sanitizer not found (PATH, $CUDA_HOME/bin, $CUDA_PATH/bin, \
+                 /usr/local/cuda/bin): the sanitizer pass is skipped (SANITIZE=0)"
+            );
+            script.env("SANITIZE", "0");
+        }
+        Sanitizer::Missing => {}
+    }
+    let result = util::run(&mut script);
+    eprintln!("logs: {}", dir.join("logs").display());
+    result
+}
+
+/// Where compute-sanitizer is.
+enum Sanitizer {
+    OnPath,
+    /// In this CUDA `bin` folder, outside `PATH`.
+    In(PathBuf),
+    Missing,
+}
+
+fn find_sanitizer() -> Sanitizer {
+    let runs = |program: &Path| {
+        Command::new(program)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if runs(Path::new("compute-sanitizer")) {
+        return Sanitizer::OnPath;
+    }
+    ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| std::env::var_os(v).map(|d| PathBuf::from(d).join("bin")))
+        .chain(std::iter::once(PathBuf::from("/usr/local/cuda/bin")))
+        .find(|bin| runs(&bin.join("compute-sanitizer")))
+        .map_or(Sanitizer::Missing, Sanitizer::In)
 }
 
 /// Executables cargo reports for a build, as (unique name, path).
@@ -175,7 +221,8 @@ fn copy_into(dir: &Path, name: &str, from: &Path) -> Result<u64> {
         .map_err(|e| format!("copy {} to {}: {e}", from.display(), to.display()))
 }
 
-fn bundle(dir: &Path) -> Result {
+/// Builds the bundle into `dir`; with a `budget`, fails when it is larger.
+fn bundle(dir: &Path, budget: Option<u64>) -> Result {
     let dir = if dir.is_absolute() {
         dir.to_path_buf()
     } else {
@@ -264,8 +311,11 @@ fn bundle(dir: &Path) -> Result {
         examples.len(),
         bytes as f64 / (1024.0 * 1024.0)
     );
-    if bytes > 60 * 1024 * 1024 {
-        return Err(format!("bundle is {bytes} bytes, over the 60 MiB budget"));
+    if let Some(budget) = budget.filter(|&b| bytes > b) {
+        return Err(format!(
+            "bundle is {bytes} bytes, over the {} MiB budget",
+            budget >> 20
+        ));
     }
     Ok(())
 }

@@ -44,7 +44,10 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Run every GPU test on this machine's GPU (fails without one)
+    /// Run the GPU bundle's steps on this machine's GPU: GPU tests,
+    /// examples, benchmark, then compute-sanitizer when present (builds the
+    /// bundle into target/gpu-test and runs its run.sh; fails without a GPU
+    /// or nvcc)
     GpuTest {
         /// Build them, stripped, into DIR with a run.sh for a machine with a
         /// driver but no Rust

@@ -24,10 +24,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
 use prism_pipeline::{fill_with, sink_fn, Clamp, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
-use prism_stream::testing::random_f32;
 use prism_stream::{copy_streaming, fma_chain_cpu, pattern, Gpu, HostAllocFlags, PinnedBuffer};
+use rand::{RngExt, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -530,18 +532,41 @@ fn make_data(gpu: &Gpu, w: &Workload) -> Result<Data, BoxError> {
     Ok(Data { inputs, outputs })
 }
 
-/// Random data in parallel, 1 Mi elements per seed.
+/// A bar on stderr over the runs of one implementation. It draws nothing
+/// when stderr is not a terminal, so logs get no progress lines, and it
+/// clears itself when finished or dropped (an error returned early), so
+/// the lines printed after it start on a line of their own.
+fn runs_bar(name: &str, runs: usize) -> Result<ProgressBar, BoxError> {
+    let style = ProgressStyle::with_template(
+        "prism-bench:   {prefix}: run {pos}/{len} (the first a warm-up) {wide_bar} {elapsed}",
+    )?;
+    Ok(ProgressBar::new(runs as u64)
+        .with_style(style)
+        .with_prefix(name.to_owned())
+        .with_finish(ProgressFinish::AndClear))
+}
+
+/// Random f32 in [-1, 1) on every core, as `prism_stream::testing::random_f32`
+/// makes them: block b of 1 Mi elements comes from the seed's generator
+/// after b jumps (2^128 steps each), so the data does not depend on the
+/// number of threads.
 fn fill_random(dst: &mut [f32], seed: u64) {
+    const BLOCK: usize = 1 << 20;
     std::thread::scope(|s| {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = dst.len().div_ceil(threads).div_ceil(1 << 20).max(1) << 20;
+        let per = dst.len().div_ceil(threads).div_ceil(BLOCK).max(1) * BLOCK;
         for (t, part) in dst.chunks_mut(per).enumerate() {
             s.spawn(move || {
-                for (b, block) in part.chunks_mut(1 << 20).enumerate() {
-                    block.copy_from_slice(&random_f32(
-                        seed ^ ((t * 4096 + b) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                        block.len(),
-                    ));
+                let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+                for _ in 0..t * (per / BLOCK) {
+                    rng.jump();
+                }
+                for block in part.chunks_mut(BLOCK) {
+                    let mut r = rng.clone();
+                    for v in block {
+                        *v = r.random::<f32>() * 2.0 - 1.0;
+                    }
+                    rng.jump();
                 }
             });
         }
@@ -557,7 +582,7 @@ struct Sample {
 impl Sample {
     fn new(data: &Data, piece: usize) -> Self {
         let mut at = Vec::new();
-        let mut state = 0x5A17u64;
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(0x5A17);
         for (b, buf) in data.inputs.iter().enumerate() {
             let n = buf.len();
             // Both ends of every piece, plus random positions.
@@ -566,10 +591,7 @@ impl Sample {
                 at.push((b, (start + piece).min(n) - 1));
             }
             for _ in 0..(4096 / data.inputs.len()).max(2) {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                at.push((b, (state >> 33) as usize % n));
+                at.push((b, rng.random_range(0..n)));
             }
         }
         Self { at }
@@ -1674,8 +1696,9 @@ fn bench_workload(
     for name in IMPLS.iter().chain(extra).copied() {
         let mut times = Vec::new();
         let mut checked = 0;
+        // The first run is a warm-up, not counted.
+        let bar = runs_bar(name, reps + 1)?;
         for rep in 0..=reps {
-            eprint!("\rprism-bench:   {name}: run {rep}/{reps}   ");
             sample.poison(&mut data)?;
             let ms = match name {
                 "sequential" => cxx(
@@ -1710,8 +1733,9 @@ fn bench_workload(
             if rep > 0 {
                 times.push(ms);
             }
+            bar.inc(1);
         }
-        eprintln!();
+        bar.finish_and_clear();
         if prism_timing && name == "prism" {
             eprintln!("{}", pipeline.get_stats());
         }
@@ -1783,5 +1807,28 @@ fn print_table(device: &str, results: &[WorkloadResult]) {
                 c.speed_vs_cxx.map_or("-".into(), |s| format!("{s:.2}x"))
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill_random;
+    use prism_stream::testing::random_f32;
+    use rand::{RngExt, SeedableRng};
+    use rand_xoshiro::Xoshiro256PlusPlus;
+
+    #[test]
+    fn fill_random_blocks_are_jumped_streams_of_the_seed() {
+        const BLOCK: usize = 1 << 20;
+        let mut v = vec![f32::NAN; 2 * BLOCK + 5];
+        fill_random(&mut v, 0xB3);
+        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+        // Block 0 is random_f32's data; block 2 starts after two jumps.
+        assert_eq!(v[..BLOCK], random_f32(0xB3, BLOCK)[..]);
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(0xB3);
+        rng.jump();
+        rng.jump();
+        let tail: Vec<f32> = (0..5).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        assert_eq!(v[2 * BLOCK..], tail[..]);
     }
 }

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 use prism_pipeline::{
     fill_with, sink_fn, Backend, BackendKind, BoxError, Fma, PipelineConfig, PipelineStageManager,
 };
@@ -141,6 +142,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         p.backend()
     );
     let (mut next, mut checked, mut wrong) = (0u64, 0u64, 0u64);
+    // Bytes checked so far, on stderr; nothing is drawn when stderr is not
+    // a terminal, and the bar is cleared before the results are printed.
+    let bar = ProgressBar::new(total * 4).with_style(ProgressStyle::with_template(
+        "prism stream_check: {binary_bytes}/{binary_total_bytes} checked {wide_bar} {binary_bytes_per_sec}, {eta} left",
+    )?);
     let t = Instant::now();
     let counts = p.run_stream(
         fill_with(|dst: &mut [f32]| {
@@ -152,9 +158,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         sink_fn(|k, out: &[f32]| {
             wrong += check(out, k * chunk as u64);
             checked += out.len() as u64;
+            bar.inc(out.len() as u64 * 4);
             Ok::<_, BoxError>(())
         }),
-    )?;
+    );
+    bar.finish_and_clear();
+    let counts = counts?;
     let secs = t.elapsed().as_secs_f64();
     println!(
         "prism stream_check: {} chunks, {checked} outputs checked, {wrong} differ from the CPU; {secs:.2} s, {:.2} GB/s each way; peak RSS {:.0} MiB",

@@ -353,6 +353,8 @@ pub(crate) fn group_sum(input: &[f32], output: &mut [f32], group: usize) {
 mod tests {
     use super::*;
     use prism_stream::fma_chain_cpu;
+    use rand::{RngExt, SeedableRng};
+    use rand_xoshiro::Xoshiro256PlusPlus;
 
     /// Random bit patterns (NaNs, infinities, subnormals, zeros of both
     /// signs included), with the special values up front.
@@ -371,20 +373,15 @@ mod tests {
             1.0,
             -1.0,
         ];
-        let mut state = seed;
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         special
             .into_iter()
             .chain(std::iter::repeat_with(move || {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                let bits = (z ^ (z >> 31)) as u32;
-                // Half raw bit patterns, half ordinary values near 1.
-                if bits & 1 == 0 {
-                    f32::from_bits(bits)
+                // Half raw bit patterns, half ordinary values in [-1, 1).
+                if rng.random::<bool>() {
+                    f32::from_bits(rng.random())
                 } else {
-                    (bits >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+                    rng.random_range(-1.0..1.0)
                 }
             }))
             .take(n)

@@ -7,6 +7,9 @@
 //! `cargo xtask gpu-test` and the bundle's run.sh) a missing GPU is a failure
 //! instead, so a GPU run cannot pass by skipping.
 
+use rand::{RngExt, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
+
 use crate::{Error, ManagedGpuContext};
 
 /// Environment variable that turns skips into failures.
@@ -43,19 +46,15 @@ pub fn scaled(full: usize, small: usize) -> usize {
     }
 }
 
-/// Deterministic random f32 in [-1, 1) from a seed (SplitMix64), for test data.
+/// Deterministic random f32 in [-1, 1) from a seed, for test data: `rand`'s
+/// uniform f32 in [0, 1) (24 random bits) scaled to [-1, 1), from a
+/// `Xoshiro256PlusPlus` seeded with `seed` (`rand_xoshiro`, whose output
+/// for a seed is fixed across releases), so a seed gives the same data on
+/// every machine and every run.
 pub fn random_f32(seed: u64, n: usize) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    // Exact: x is a multiple of 2^-24 below 1, so 2x - 1 is representable.
+    (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
 }
 
 /// True under compute-sanitizer (the bundle sets `PRISM_UNDER_SANITIZER=1`),
@@ -63,4 +62,21 @@ pub fn random_f32(seed: u64, n: usize) -> Vec<f32> {
 /// and check only correctness.
 pub fn under_sanitizer() -> bool {
     std::env::var("PRISM_UNDER_SANITIZER").is_ok_and(|v| v == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random_f32;
+
+    #[test]
+    fn random_f32_is_deterministic_and_in_range() {
+        let a = random_f32(7, 10_000);
+        assert_eq!(a, random_f32(7, 10_000));
+        assert_ne!(a, random_f32(8, 10_000));
+        assert!(a.iter().all(|x| (-1.0..1.0).contains(x)));
+        // Both halves of the range are used.
+        assert!(a.iter().any(|&x| x < -0.9) && a.iter().any(|&x| x > 0.9));
+        // A prefix does not depend on the length asked for.
+        assert_eq!(random_f32(7, 10)[..], a[..10]);
+    }
 }

@@ -11,8 +11,9 @@
 //! coordinator's op table (after a `poll`, which hands out the completions
 //! `wait` kept for it). None may end (the peak of the last fifth of the
 //! samples) more than `--max-drift` (1 %) above its peak in the warm-up
-//! (the first half). The samples go to `soak.csv`; `soak.png` plots them (or
-//! `--plot CSV` redraws one from a saved CSV, on a machine with fonts).
+//! (the first half). The samples go to `soak.csv`; `soak.svg` plots them,
+//! and `soak.png` draws the same lines without text (`--plot CSV` redraws
+//! both from a saved CSV).
 //!
 //! `cargo xtask soak` runs it; on the GPU machine:
 //! `./bundle/bin/soak --iterations 100000 --out DIR`. Without a GPU it
@@ -46,7 +47,7 @@ struct Args {
     /// Largest input of one iteration, in elements
     #[arg(long, default_value_t = 1 << 16)]
     max_elems: usize,
-    /// Where soak.csv and soak.png go
+    /// Where soak.csv, soak.svg and soak.png go
     #[arg(long, default_value = "soak-results")]
     out: PathBuf,
     /// Largest allowed rise after the warm-up (0.01 = 1 %)
@@ -55,7 +56,7 @@ struct Args {
     /// Random seed
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Redraw soak.png (next to it) from a saved soak.csv and exit
+    /// Redraw soak.svg and soak.png (next to it) from a saved soak.csv and exit
     #[arg(long, value_name = "CSV")]
     plot: Option<PathBuf>,
 }
@@ -111,7 +112,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let samples = read_csv(csv)?;
         let png = csv.with_extension("png");
         plot(&samples, &png)?;
-        println!("soak: drew {}", png.display());
+        println!(
+            "soak: drew {} and {}",
+            png.display(),
+            png.with_extension("svg").display()
+        );
         return Ok(());
     }
     std::fs::create_dir_all(&args.out)?;
@@ -333,7 +338,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("soak: CUDA events created in all (the pool's high-water mark): {created_events}");
     }
     match plot(&samples, &args.out.join("soak.png")) {
-        Ok(()) => println!("soak: plotted {}", args.out.join("soak.png").display()),
+        Ok(()) => println!(
+            "soak: plotted {} and soak.svg",
+            args.out.join("soak.png").display()
+        ),
         Err(e) => println!(
             "soak: no plot here ({e}); redraw with --plot {}",
             csv.display()
@@ -418,44 +426,64 @@ fn read_csv(path: &Path) -> Result<Vec<Sample>, Box<dyn std::error::Error>> {
     Ok(out)
 }
 
-/// Registers a TrueType font for the PNG's text (plotters draws text with
-/// ab_glyph, from font bytes): the first DejaVu Sans found.
-fn register_font() -> Result<(), String> {
-    let candidates = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/TTF/DejaVuSans.ttf",
-        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    ];
-    let bytes = candidates
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .ok_or("no DejaVu Sans font found")?;
-    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| "the font did not load".to_owned())
+/// The samples as `soak.svg` (labelled) and `soak.png` (the same lines
+/// without text: plotters draws text into bitmaps only with a font
+/// backend, and the GPU machine has no fonts), each resource relative to
+/// its warm-up peak.
+fn plot(samples: &[Sample], png: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let svg = png.with_extension("svg");
+    draw(
+        SVGBackend::new(&svg, (1200, 700)).into_drawing_area(),
+        samples,
+        true,
+    )?;
+    draw(
+        BitMapBackend::new(png, (1200, 700)).into_drawing_area(),
+        samples,
+        false,
+    )?;
+    Ok(())
 }
 
-/// Each resource over the iterations, as a fraction of its warm-up peak.
-fn plot(samples: &[Sample], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    register_font()?;
-    let root = BitMapBackend::new(path, (1200, 700)).into_drawing_area();
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    samples: &[Sample],
+    text: bool,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
     root.fill(&WHITE)?;
     let last = samples.last().map_or(1, |s| s.iteration).max(1);
     let warm = (samples.len() / 2).max(1).min(samples.len());
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "prism soak: resources relative to their warm-up peak",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0u64..last, 0.9f64..1.1f64)?;
-    chart
-        .configure_mesh()
-        .x_desc("iteration")
-        .y_desc("value / warm-up peak")
-        .draw()?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(16);
+    if text {
+        builder
+            .caption(
+                "prism soak: each resource / its warm-up peak (clamped to 0.9..1.1)",
+                ("sans-serif", 22),
+            )
+            .x_label_area_size(40)
+            .y_label_area_size(60);
+    }
+    let mut chart = builder.build_cartesian_2d(0u64..last, 0.9f64..1.1f64)?;
+    if text {
+        chart
+            .configure_mesh()
+            .x_desc("iteration")
+            .y_desc("value / warm-up peak")
+            .draw()?;
+    } else {
+        // No mesh (its labels are text): the 1.0 line and the 1 % band.
+        for (y, c) in [
+            (1.0, BLACK),
+            (1.01, RGBColor(180, 180, 180)),
+            (0.99, RGBColor(180, 180, 180)),
+        ] {
+            chart.draw_series(LineSeries::new([(0u64, y), (last, y)], c))?;
+        }
+    }
     let colours = [RED, BLUE, GREEN, MAGENTA, BLACK];
     for (k, name) in COLUMNS.iter().enumerate() {
         let base = samples[..warm]
@@ -466,21 +494,25 @@ fn plot(samples: &[Sample], path: &Path) -> Result<(), Box<dyn std::error::Error
             continue;
         }
         let c = colours[k];
-        chart
-            .draw_series(LineSeries::new(
-                samples
-                    .iter()
-                    .map(|s| (s.iteration, (s.values[k] / base).clamp(0.9, 1.1))),
-                c.stroke_width(2),
-            ))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        let series = chart.draw_series(LineSeries::new(
+            samples
+                .iter()
+                .map(|s| (s.iteration, (s.values[k] / base).clamp(0.9, 1.1))),
+            c.stroke_width(2),
+        ))?;
+        if text {
+            series.label(*name).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+            });
+        }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
     root.present()?;
     Ok(())
 }

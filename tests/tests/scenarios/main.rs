@@ -6,7 +6,7 @@
 //!   true)`, its `AsyncCoordinator` (uploads, computes with dependencies,
 //!   downloads, `poll` and `wait`), `create_triple_buffer`, then
 //!   `create_pipeline_manager`.
-//! - `readme`: README.md's "Using prism-pipeline" example on
+//! - `readme`: README.md's "Example" on
 //!   `Backend::Host` and on `Backend::Auto`.
 //! - `custom_stage`: a user's own `Stage` with both forms, on the host
 //!   backend and on the GPU.

@@ -1,4 +1,4 @@
-//! README.md's "Using prism-pipeline" example, as written there, on random
+//! README.md's "Example", as written there, on random
 //! data (a quarter of the README's 1 << 24 elements, plus an odd tail), on
 //! `Backend::Host` and on `Backend::Auto`. Both run anywhere: `Auto` takes
 //! GPU 0 where there is one (and must, under `PRISM_REQUIRE_GPU=1`), else

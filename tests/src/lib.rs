@@ -122,3 +122,14 @@ mod tests {
         assert_eq!(out, want[..2]);
     }
 }
+
+/// The README's code blocks, compiled and run as doctests
+/// (`cargo test -p prism-tests --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
+/// The guide's code blocks, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/guide.md")]
+pub struct GuideDoctests;

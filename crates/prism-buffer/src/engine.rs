@@ -51,20 +51,26 @@ pub struct EngineConfig {
 /// What the GPU did for one step of one chunk, in ms since timing began.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChunkSpan {
+    /// The chunk.
     pub chunk: ChunkId,
+    /// Which step.
     pub step: Step,
     /// Engine lane it ran on ([`UPLOAD_LANE`], [`DOWNLOAD_LANE`], or a compute lane).
     pub lane: usize,
     /// "upload", "download", or the name a processor gave its kernels.
     pub name: Cow<'static, str>,
+    /// Start, in ms since timing began.
     pub start_ms: f64,
+    /// End, in ms since timing began.
     pub end_ms: f64,
 }
 
 /// The fences one step recorded: a timed start (with timing on) and its end.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// The timed start fence (with timing on).
     pub start: Option<GpuFence>,
+    /// The fence that marks the step's end.
     pub end: GpuFence,
 }
 
@@ -222,8 +228,11 @@ pub enum Upload {
 /// Counts of one [`Engine::run`].
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct RunCounts {
+    /// Chunks that went through.
     pub chunks: u64,
+    /// Input elements uploaded.
     pub elems_in: u64,
+    /// Output elements downloaded.
     pub elems_out: u64,
     /// Host time blocked waiting for the GPU (the oldest chunk's fence), ms.
     pub wait_ms: f64,
@@ -325,10 +334,12 @@ impl<T: Element> Engine<T> {
         })
     }
 
+    /// The GPU the engine runs on.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
 
+    /// The configuration it was made with.
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
@@ -434,6 +445,7 @@ impl<T: Element> Engine<T> {
         self.timing.take().map_or(0.0, |t| t.busy.total())
     }
 
+    /// Whether spans are being timed.
     pub fn timed(&self) -> bool {
         self.timing.is_some()
     }
@@ -813,6 +825,7 @@ pub struct BusyUnion {
 }
 
 impl BusyUnion {
+    /// Adds the interval `start..end` (ms) to the union.
     pub fn add(&mut self, start: f64, end: f64) {
         let (mut s, mut e) = (start, end.max(start));
         self.open.retain(|&(os, oe)| {
@@ -840,6 +853,7 @@ impl BusyUnion {
         self.open.len()
     }
 
+    /// Total ms covered by the intervals added.
     pub fn total(&self) -> f64 {
         self.settled + self.open.iter().map(|(s, e)| e - s).sum::<f64>()
     }

@@ -173,9 +173,13 @@ where
 /// One step's GPU execution, in ms since timing was enabled.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepSpan {
+    /// The chunk.
     pub chunk: ChunkId,
+    /// Which step.
     pub step: Step,
+    /// Start, in ms since timing was enabled.
     pub start_ms: f64,
+    /// End, in ms since timing was enabled.
     pub end_ms: f64,
 }
 
@@ -259,6 +263,7 @@ impl<T: Element> TripleBuffer<T> {
         self.engine.in_flight()
     }
 
+    /// The GPU the ring runs on.
     pub fn gpu(&self) -> &Gpu {
         self.engine.gpu()
     }
@@ -416,6 +421,7 @@ impl<T: Element> TripleBuffer<T> {
 /// `ManagedGpuContext::create_triple_buffer::<T>(len)`, as an extension trait
 /// (prism-stream sits below this crate and cannot name it).
 pub trait GpuTripleBufferExt {
+    /// A triple buffer of `len_per_slot` elements per slot on this context; fails when streams are disabled.
     fn create_triple_buffer<T: Element>(
         &self,
         len_per_slot: usize,

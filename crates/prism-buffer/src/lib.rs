@@ -24,6 +24,7 @@
 //!
 //! The crate contains no `unsafe` code.
 
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod cpu;

@@ -16,34 +16,55 @@ pub enum Error {
     /// A stage failed; the run stopped after in-flight chunks drained.
     #[error("stage {stage:?} failed on chunk {chunk}: {source}")]
     Stage {
+        /// The failing stage.
         stage: String,
+        /// The chunk it failed on.
         chunk: u64,
         #[source]
+        /// The stage's error.
         source: StageError,
     },
     /// A stage has no implementation for the backend in use.
     #[error("stage {stage:?} has no {backend} implementation")]
     Unsupported {
+        /// The stage.
         stage: String,
+        /// The backend it lacks.
         backend: &'static str,
     },
     /// `set_order` with an index past the stages.
     #[error("stage order names stage {index}, but only {count} stage(s) were added")]
-    UnknownStage { index: usize, count: usize },
+    UnknownStage {
+        /// The index given.
+        index: usize,
+        /// Stages added.
+        count: usize,
+    },
     /// `set_order` naming one stage twice.
     #[error("stage order names stage {index} twice")]
-    RepeatedStage { index: usize },
+    RepeatedStage {
+        /// The index given twice.
+        index: usize,
+    },
     /// `set_order` with no stage, or a run with no stage.
     #[error("the pipeline has no stage to run")]
     NoStages,
     /// The output sink does not match the output the stages produce.
     #[error("output holds {actual} elements, but the stages produce {expected}")]
-    OutputLength { expected: usize, actual: usize },
+    OutputLength {
+        /// Elements the stages produce.
+        expected: usize,
+        /// Elements the output holds.
+        actual: usize,
+    },
     /// Items of the streaming run must fit one chunk each.
     #[error("item {item} has {len} elements, more than a chunk ({chunk})")]
     ItemTooLong {
+        /// Its index among the items.
         item: usize,
+        /// Its length.
         len: usize,
+        /// Elements per chunk.
         chunk: usize,
     },
     /// A configuration value out of range.
@@ -55,32 +76,49 @@ pub enum Error {
     /// A stage panicked; the run stopped after in-flight chunks drained.
     #[error("stage {stage:?} panicked on chunk {chunk}: {message}")]
     StagePanicked {
+        /// The stage.
         stage: String,
+        /// The chunk.
         chunk: u64,
+        /// The panic's message.
         message: String,
     },
     /// A stream's source failed; the chunks before it were delivered,
     /// nothing after it was.
     #[error("the source failed at chunk {chunk}: {source}")]
     Source {
+        /// The chunk the source was filling.
         chunk: u64,
         #[source]
+        /// The source's error.
         source: crate::source::BoxError,
     },
     /// A stream's source panicked (as [`Error::Source`]).
     #[error("the source panicked at chunk {chunk}: {message}")]
-    SourcePanicked { chunk: u64, message: String },
+    SourcePanicked {
+        /// The chunk.
+        chunk: u64,
+        /// The panic's message.
+        message: String,
+    },
     /// A stream's sink failed on a chunk; the run stopped, in-flight chunks
     /// drained without being delivered.
     #[error("the sink failed on chunk {chunk}: {source}")]
     Sink {
+        /// The chunk.
         chunk: u64,
         #[source]
+        /// The sink's error.
         source: crate::source::BoxError,
     },
     /// A stream's sink panicked (as [`Error::Sink`]).
     #[error("the sink panicked on chunk {chunk}: {message}")]
-    SinkPanicked { chunk: u64, message: String },
+    SinkPanicked {
+        /// The chunk.
+        chunk: u64,
+        /// The panic's message.
+        message: String,
+    },
     /// A multi-GPU run failed on one GPU (the others drained what they had
     /// in flight and stopped).
     #[error("GPU {ordinal}{}: {source}", chunk.map(|c| format!(", chunk {c}")).unwrap_or_default())]
@@ -91,19 +129,31 @@ pub enum Error {
         /// one named by the error, else the oldest the GPU had in flight.
         chunk: Option<u64>,
         #[source]
+        /// The GPU's error.
         source: Box<Error>,
     },
     /// The same GPU was given twice to a multi-GPU pipeline.
     #[error("GPU {ordinal} is listed twice")]
-    DuplicateGpu { ordinal: usize },
+    DuplicateGpu {
+        /// The ordinal listed twice.
+        ordinal: usize,
+    },
     /// A pinned buffer that other GPUs must copy from or to was not
     /// allocated portable (`HostAllocFlags { portable: true, .. }`).
     #[error("the pinned {what} belongs to GPU {owner} and is not portable: allocate it with HostAllocFlags::PORTABLE for a multi-GPU run")]
-    NotPortable { what: &'static str, owner: usize },
+    NotPortable {
+        /// "input" or "output".
+        what: &'static str,
+        /// The GPU whose context allocated it.
+        owner: usize,
+    },
     /// `execute_iteration` chunks are still in flight: `flush` them before
     /// a whole run or a configuration change.
     #[error("{pending} execute_iteration chunk(s) are still in flight: call flush() first")]
-    IterationPending { pending: usize },
+    IterationPending {
+        /// Chunks in flight.
+        pending: usize,
+    },
 }
 
 impl Error {

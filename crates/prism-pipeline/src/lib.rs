@@ -27,6 +27,7 @@
 //!   rest; [`execute_iteration_blocking`](PipelineStageManager::execute_iteration_blocking)
 //!   is one synchronous round trip.
 
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod copy;
@@ -276,6 +277,7 @@ impl<T: Element> PipelineStageManager<T> {
         self.backend
     }
 
+    /// The configuration.
     pub fn config(&self) -> &PipelineConfig {
         &self.config
     }
@@ -527,6 +529,7 @@ impl<T: Element> PipelineStageManager<T> {
         &self.stats
     }
 
+    /// Clears the statistics (keeping the backend and device).
     pub fn reset_stats(&mut self) {
         let PipelineStats {
             backend, device, ..

@@ -142,6 +142,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         &self.devices
     }
 
+    /// The configuration (before the host threads are shared out).
     pub fn config(&self) -> &PipelineConfig {
         &self.config
     }
@@ -209,6 +210,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         &self.stats
     }
 
+    /// Clears every GPU's statistics and the combined ones.
     pub fn reset_stats(&mut self) {
         for d in &mut self.devices {
             d.reset_stats();

@@ -15,6 +15,7 @@ use crate::error::StageError;
 /// threads. A host stage that keeps state between chunks holds it in a
 /// `Mutex` or atomics (and must not rely on seeing chunks in order).
 pub trait Stage<T: Element>: Send + Sync {
+    /// The name in stats, traces and errors.
     fn name(&self) -> &str;
 
     /// Elements produced from `input_len` elements (default: the same).
@@ -62,8 +63,11 @@ pub trait Stage<T: Element>: Send + Sync {
 /// `y = x` after `iters` steps of `y = fma(y, a, b)`: prism's FMA chain kernel.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Fma {
+    /// The multiplier.
     pub a: f32,
+    /// The addend.
     pub b: f32,
+    /// Steps of `v = fma(v, a, b)`.
     pub iters: u32,
 }
 
@@ -98,7 +102,9 @@ impl Stage<f32> for Fma {
 /// `y = clamp(x, lo, hi)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Clamp {
+    /// Lower bound.
     pub lo: f32,
+    /// Upper bound.
     pub hi: f32,
 }
 
@@ -133,6 +139,7 @@ impl Stage<f32> for Clamp {
 /// Sums of consecutive groups of `group` elements: shrinks the data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupSum {
+    /// Elements per group (the last group of a chunk may be shorter).
     pub group: u32,
 }
 
@@ -183,6 +190,7 @@ impl<T, F> std::fmt::Debug for HostFn<T, F> {
 }
 
 impl<T: Element, F: Fn(&[T], &mut [T]) -> Result<(), StageError> + Send + Sync> HostFn<T, F> {
+    /// A stage named `name` running `f`; `elementwise` says whether output i depends on input i only.
     pub fn new(name: impl Into<String>, elementwise: bool, f: F) -> Self {
         Self {
             name: name.into(),
@@ -238,6 +246,7 @@ where
         ) -> Result<(), StageError>
         + Send,
 {
+    /// A stage named `name` running `f`; `elementwise` says whether output i depends on input i only.
     pub fn new(name: impl Into<String>, elementwise: bool, f: F) -> Self {
         Self {
             name: name.into(),

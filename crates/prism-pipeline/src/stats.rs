@@ -8,7 +8,9 @@ use serde::Serialize;
 /// Which backend ran the work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum BackendKind {
+    /// A GPU.
     Gpu,
+    /// Host threads.
     Host,
 }
 
@@ -24,7 +26,9 @@ impl fmt::Display for BackendKind {
 /// Time spent in one stage, summed over chunks.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StageTime {
+    /// The stage.
     pub name: String,
+    /// Its time, ms (summed over chunks).
     pub ms: f64,
 }
 
@@ -37,17 +41,27 @@ pub struct StageTime {
 /// close it came.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PipelineStats {
+    /// Which backend ran.
     pub backend: Option<BackendKind>,
+    /// The GPU's name (empty on the host).
     pub device: String,
+    /// Runs.
     pub runs: u64,
+    /// Chunks.
     pub chunks: u64,
+    /// Items (items modes).
     pub items: u64,
+    /// Bytes in.
     pub bytes_in: u64,
+    /// Bytes out.
     pub bytes_out: u64,
+    /// Wall time of the runs, ms.
     pub wall_ms: f64,
     /// False when timing was off: the per-step times below are then zero.
     pub timed: bool,
+    /// GPU time of the uploads, ms.
     pub upload_ms: f64,
+    /// GPU time of the downloads, ms.
     pub download_ms: f64,
     /// Per stage, summed over chunks (on the host, over the threads that
     /// ran them).
@@ -67,11 +81,14 @@ pub struct PipelineStats {
     /// Chunk size and ring depth of the last run, and whether the adaptive
     /// configuration chose them.
     pub chunk_bytes: usize,
+    /// Ring depth of the last run.
     pub slots: usize,
+    /// Whether the last run chose its own chunk size and ring depth.
     pub adaptive: bool,
 }
 
 impl PipelineStats {
+    /// The stages' summed GPU (or host-thread) time, ms.
     pub fn compute_ms(&self) -> f64 {
         self.stages.iter().map(|s| s.ms).sum()
     }
@@ -203,8 +220,11 @@ impl fmt::Display for PipelineStats {
 /// The stream (or host threads) a span ran on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Lane {
+    /// Host-to-device copies.
     Upload,
+    /// Kernels.
     Compute,
+    /// Device-to-host copies.
     Download,
     /// Host threads copying between pageable memory and pinned staging.
     HostCopy,
@@ -215,13 +235,18 @@ pub enum Lane {
 /// One step of one chunk: what ran, on which lane, when (ms since the run began).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Span {
+    /// The chunk (the run's numbering).
     pub chunk: u64,
     /// Which stream (0 upload, 1 and 3 compute, 2 download) or host lane
     /// (4 staging copies, 5 waits for the GPU).
     pub stream: usize,
+    /// What kind of step.
     pub lane: Lane,
+    /// Its name (the stage's, or upload / download).
     pub name: String,
+    /// Start, ms.
     pub start_ms: f64,
+    /// End, ms.
     pub end_ms: f64,
 }
 
@@ -230,6 +255,7 @@ pub struct Span {
 /// from the same origin, to within microseconds).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Timeline {
+    /// Every span.
     pub spans: Vec<Span>,
     /// What ran it (the GPU's name), for the trace's process name.
     pub device: String,
@@ -317,14 +343,19 @@ pub struct MultiGpuStats {
     /// Each GPU's statistics, in the pipeline's GPU order (its `device`
     /// names it; `chunks`, `bytes_in`/`bytes_out` say how much it took).
     pub devices: Vec<PipelineStats>,
+    /// Runs.
     pub runs: u64,
     /// Chunks over all GPUs.
     pub chunks: u64,
+    /// Items (items modes).
     pub items: u64,
+    /// Bytes in, over all GPUs.
     pub bytes_in: u64,
+    /// Bytes out, over all GPUs.
     pub bytes_out: u64,
     /// Wall time of the runs (all GPUs together).
     pub wall_ms: f64,
+    /// Whether the runs were timed.
     pub timed: bool,
 }
 

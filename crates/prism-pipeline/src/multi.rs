@@ -26,7 +26,7 @@ use crate::gpu::{GlobalIndex, StagingCache};
 use crate::guard;
 use crate::io::{download_staged, ItemsIo, Staged};
 use crate::runs::StreamCounts;
-use crate::sched::{first_failure, on_devices, FailOrder, Feed, InOrder};
+use crate::sched::{first_failure, lock, on_devices, FailOrder, Feed, InOrder};
 use crate::source::{Sink, Source};
 use crate::stage::Stage;
 use crate::stats::{MultiGpuStats, PipelineStats, Timeline};
@@ -63,9 +63,8 @@ impl<T: Element> std::fmt::Debug for MultiGpuPipeline<T> {
     }
 }
 
-/// What one GPU's part of a run reports: its counts, or its error and the
-/// oldest chunk (the run's numbering) it had in flight.
-type DeviceResult = std::result::Result<(RunCounts, u64), (Error, Option<u64>)>;
+/// What one GPU's part of a run reports: its counts and items.
+type DeviceResult = Result<(RunCounts, u64)>;
 
 /// Every GPU's stats from before a run.
 type Saved = Vec<PipelineStats>;
@@ -109,10 +108,7 @@ impl<T: Element> MultiGpuPipeline<T> {
             return Err(Error::Config("a multi-GPU pipeline needs at least one GPU"));
         }
         check_distinct(gpus.iter().map(|g| g.info().ordinal))?;
-        let per_gpu = PipelineConfig {
-            host_threads: (config.host_threads / gpus.len()).max(1),
-            ..config.clone()
-        };
+        let per_gpu = per_gpu(&config, gpus.len());
         let devices = gpus
             .iter()
             .map(|g| PipelineStageManager::with_gpu(g, per_gpu.clone()))
@@ -151,10 +147,7 @@ impl<T: Element> MultiGpuPipeline<T> {
     /// it; `host_threads` shared out as in `with_gpus`).
     pub fn set_config(&mut self, config: PipelineConfig) -> Result<()> {
         config.check::<T>()?;
-        let per_gpu = PipelineConfig {
-            host_threads: (config.host_threads / self.devices.len()).max(1),
-            ..config.clone()
-        };
+        let per_gpu = per_gpu(&config, self.devices.len());
         for d in &mut self.devices {
             d.set_config(per_gpu.clone())?;
         }
@@ -271,7 +264,9 @@ impl<T: Element> MultiGpuPipeline<T> {
         let results = on_devices(&mut self.devices, stop, &|i, d| {
             let _span = tracing::debug_span!("prism.multi.gpu", gpu = i).entered();
             let global = GlobalIndex::default();
-            let r = work(d, &global);
+            // An error is reported with the oldest chunk this GPU had in
+            // flight (the run's numbering), for errors that name none.
+            let r = work(d, &global).map_err(|e| (e, global.oldest()));
             if r.is_err() {
                 failed.push(i);
             }
@@ -346,7 +341,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         let feed = Feed::new(pieces.into_iter());
         let (counts, _) = self.drive_all(&|| feed.stop(), &|d, global| {
             let capacity = d.output_len(chunk).max(chunk);
-            let (mut run, cache, pool) = d.gpu_parts(&order).map_err(|e| (e, None))?;
+            let (mut run, cache, pool) = d.gpu_parts(&order)?;
             run.global = Some(global);
             let mut io = FedSliceIo {
                 feed: &feed,
@@ -361,7 +356,7 @@ impl<T: Element> MultiGpuPipeline<T> {
             for s in slots.into_made() {
                 s.recycle(io.cache);
             }
-            r.map(|c| (c, 0)).map_err(|e| (e, global.oldest()))
+            r.map(|c| (c, 0))
         })?;
         self.finish(started, &counts);
         Ok(())
@@ -378,18 +373,15 @@ impl<T: Element> MultiGpuPipeline<T> {
         output: &mut PinnedBuffer<T>,
     ) -> Result<()> {
         let _span = tracing::debug_span!("prism.multi.run_pinned", n = input.len()).entered();
-        for d in &self.devices {
-            let Some(g) = d.gpu() else { continue };
-            for (what, b) in [("input", input.gpu()), ("output", output.gpu())] {
-                let portable = if what == "input" {
-                    input.flags().portable
-                } else {
-                    output.flags().portable
-                };
-                if !portable && !b.same_context(g) {
+        for g in self.gpus() {
+            for (what, owner, portable) in [
+                ("input", input.gpu(), input.flags().portable),
+                ("output", output.gpu(), output.flags().portable),
+            ] {
+                if !portable && !owner.same_context(g) {
                     return Err(Error::NotPortable {
                         what,
-                        owner: b.info().ordinal,
+                        owner: owner.info().ordinal,
                     });
                 }
             }
@@ -415,7 +407,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         let feed = Feed::new(pieces.into_iter());
         let output = Mutex::new(output);
         let (counts, _) = self.drive_all(&|| feed.stop(), &|d, global| {
-            let (mut run, _, _) = d.gpu_parts(&order).map_err(|e| (e, None))?;
+            let (mut run, _, _) = d.gpu_parts(&order)?;
             run.global = Some(global);
             let mut io = FedPinnedIo {
                 feed: &feed,
@@ -424,10 +416,7 @@ impl<T: Element> MultiGpuPipeline<T> {
                 global,
                 to_download: VecDeque::new(),
             };
-            run.drive(&mut io)
-                .0
-                .map(|c| (c, 0))
-                .map_err(|e| (e, global.oldest()))
+            run.drive(&mut io).0.map(|c| (c, 0))
         })?;
         self.finish(started, &counts);
         Ok(())
@@ -454,7 +443,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         let batches = AtomicU64::new(0);
         let taken = AtomicU64::new(0);
         let (counts, saved) = self.drive_all(&|| feed.stop(), &|d, global| {
-            let (mut run, cache, pool) = d.gpu_parts(&order).map_err(|e| (e, None))?;
+            let (mut run, cache, pool) = d.gpu_parts(&order)?;
             run.global = Some(global);
             let fed = FedItems {
                 feed: &feed,
@@ -479,7 +468,7 @@ impl<T: Element> MultiGpuPipeline<T> {
                 s.staged.recycle(io.inner.cache);
             }
             let items = io.inner.next_item as u64;
-            r.map(|c| (c, items)).map_err(|e| (e, global.oldest()))
+            r.map(|c| (c, items))
         })?;
         if let Some(e) = into_inner(input_error) {
             // As a single-GPU run: an item it refuses fails the run, which
@@ -515,7 +504,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         };
         let (counts, _) = self.drive_all(&stop, &|d, global| {
             let capacity = d.capacity(&order);
-            let (mut run, cache, _) = d.gpu_parts(&order).map_err(|e| (e, None))?;
+            let (mut run, cache, _) = d.gpu_parts(&order)?;
             run.global = Some(global);
             let mut io = FedStreamIo {
                 feed: &feed,
@@ -531,7 +520,7 @@ impl<T: Element> MultiGpuPipeline<T> {
                 io.cache.give_output(s.input);
                 io.cache.give_output(s.output);
             }
-            r.map(|c| (c, 0)).map_err(|e| (e, global.oldest()))
+            r.map(|c| (c, 0))
         })?;
         self.finish(started, &counts);
         let delivered = out.delivered();
@@ -550,8 +539,12 @@ fn into_inner<X>(m: Mutex<X>) -> X {
     m.into_inner().unwrap_or_else(|p| p.into_inner())
 }
 
-fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// `config` for each of `gpus` GPUs: the host threads shared out.
+fn per_gpu(config: &PipelineConfig, gpus: usize) -> PipelineConfig {
+    PipelineConfig {
+        host_threads: (config.host_threads / gpus.max(1)).max(1),
+        ..config.clone()
+    }
 }
 
 /// Each device once: `DuplicateGpu` names the first repeated ordinal.

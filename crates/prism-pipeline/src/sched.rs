@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-fn lock<S>(m: &Mutex<S>) -> MutexGuard<'_, S> {
+/// Locks `m`, through a poisoned lock too (the state is valid either way).
+pub(crate) fn lock<S>(m: &Mutex<S>) -> MutexGuard<'_, S> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

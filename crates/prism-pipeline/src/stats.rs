@@ -108,20 +108,12 @@ impl PipelineStats {
 
     /// bound / wall (1.0: perfect overlap); 0 when not timed.
     pub fn overlap_efficiency(&self) -> f64 {
-        if self.wall_ms > 0.0 {
-            self.bound_ms() / self.wall_ms
-        } else {
-            0.0
-        }
+        per_wall_ms(self.bound_ms(), self.wall_ms)
     }
 
     /// Bytes moved both ways per second of wall time, in GB/s.
     pub fn throughput_gbps(&self) -> f64 {
-        if self.wall_ms > 0.0 {
-            (self.bytes_in + self.bytes_out) as f64 / (self.wall_ms * 1e6)
-        } else {
-            0.0
-        }
+        per_wall_ms((self.bytes_in + self.bytes_out) as f64 / 1e6, self.wall_ms)
     }
 
     /// What bounds the run: "upload", "compute", "download", "host
@@ -375,20 +367,12 @@ impl MultiGpuStats {
 
     /// Joint bound / wall (1.0: every GPU's busiest step ran all the time).
     pub fn overlap_efficiency(&self) -> f64 {
-        if self.wall_ms > 0.0 {
-            self.joint_bound_ms() / self.wall_ms
-        } else {
-            0.0
-        }
+        per_wall_ms(self.joint_bound_ms(), self.wall_ms)
     }
 
     /// Bytes moved both ways per second of wall time, over all GPUs, GB/s.
     pub fn throughput_gbps(&self) -> f64 {
-        if self.wall_ms > 0.0 {
-            (self.bytes_in + self.bytes_out) as f64 / (self.wall_ms * 1e6)
-        } else {
-            0.0
-        }
+        per_wall_ms((self.bytes_in + self.bytes_out) as f64 / 1e6, self.wall_ms)
     }
 
     /// Chunks each GPU took, in GPU order.
@@ -430,5 +414,14 @@ impl fmt::Display for MultiGpuStats {
             )?;
         }
         Ok(())
+    }
+}
+
+/// `x / wall_ms`, 0 for a run of no wall time.
+fn per_wall_ms(x: f64, wall_ms: f64) -> f64 {
+    if wall_ms > 0.0 {
+        x / wall_ms
+    } else {
+        0.0
     }
 }

@@ -71,11 +71,3 @@ int prism_clamp_f32(const float *x, float *y, uint64_t n, float lo, float hi,
     (void)x; (void)y; (void)n; (void)lo; (void)hi; (void)stream;
     return PRISM_ERR_KERNELS_NOT_BUILT;
 }
-
-int prism_bench_pieces(const float *const *in, float *const *out, const uint64_t *lens,
-                       uint64_t count, uint64_t max_len, float a, float b, int32_t iters,
-                       int32_t mode, int32_t nstreams, float *ms) {
-    (void)in; (void)out; (void)lens; (void)count; (void)max_len; (void)a; (void)b; (void)iters;
-    (void)mode; (void)nstreams; (void)ms;
-    return PRISM_ERR_KERNELS_NOT_BUILT;
-}

@@ -1,5 +1,10 @@
-//! Compiles `kernels/*.cu` with nvcc through `cc`, or, without nvcc, a C stub
-//! whose launchers all return `PRISM_ERR_KERNELS_NOT_BUILT`.
+//! Compiles `kernels/prism_kernels.cu` with nvcc through `cc`, or, without
+//! nvcc (or with the `ptx-only` feature), a C stub whose launchers all return
+//! `PRISM_ERR_KERNELS_NOT_BUILT`; prism-stream then launches the same kernels
+//! from the committed `kernels/prism_kernels.ptx` through the driver API.
+//!
+//! `kernels/` is the crate's own folder (in the workspace, a link to the
+//! top-level `kernels/`; `cargo package` copies the files).
 //!
 //! nvcc is looked up in this order: `$NVCC`, `$CUDA_HOME/bin/nvcc`,
 //! `$CUDA_PATH/bin/nvcc`, the workspace's `.cuda` folder made by
@@ -14,9 +19,14 @@ use std::path::{Path, PathBuf};
 mod find_nvcc;
 use find_nvcc::find_nvcc;
 
-/// Default targets: sm_80 and sm_90 machine code plus compute_90 PTX for newer GPUs.
+/// Default targets: machine code for Turing (sm_75: T4), Ampere (sm_80: A100,
+/// sm_86: A10/RTX 30), Ada (sm_89: L4/L40/RTX 40) and Hopper (sm_90: H100/H200),
+/// plus compute_90 PTX that the driver compiles for newer GPUs.
 const DEFAULT_GENCODE: &[&str] = &[
+    "arch=compute_75,code=sm_75",
     "arch=compute_80,code=sm_80",
+    "arch=compute_86,code=sm_86",
+    "arch=compute_89,code=sm_89",
     "arch=compute_90,code=sm_90",
     "arch=compute_90,code=compute_90",
 ];
@@ -34,23 +44,23 @@ fn main() {
     }
     let manifest =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    // Only used to find the workspace's `.cuda` (cargo xtask install-nvcc).
     let workspace = manifest.join("../..");
-    let kernels = workspace.join("kernels");
+    let kernels = manifest.join("kernels");
     println!("cargo:rerun-if-changed={}", kernels.display());
     println!("cargo:rustc-check-cfg=cfg(prism_kernels)");
+    // For dependents with their own CUDA code (prism-bench): DEP_PRISM_KERNELS_INCLUDE.
+    println!("cargo:include={}", kernels.display());
 
     #[cfg(feature = "bindgen")]
     generate_bindings(&kernels);
 
-    let nvcc = if env::var_os("PRISM_NO_NVCC").is_some_and(|v| v == "1") {
+    let ptx_only = env::var_os("CARGO_FEATURE_PTX_ONLY").is_some();
+    let nvcc = if ptx_only || env::var_os("PRISM_NO_NVCC").is_some_and(|v| v == "1") {
         None
     } else {
         find_nvcc(&workspace, |var| env::var_os(var))
     };
-    let user_ptx =
-        PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("user_scale_add.ptx");
-    // Empty unless nvcc builds it below: the crate embeds it either way.
-    std::fs::write(&user_ptx, "").expect("write OUT_DIR/user_scale_add.ptx");
     // Host helpers: plain C, in every build.
     cc::Build::new()
         .file(kernels.join("host_copy.c"))
@@ -61,37 +71,23 @@ fn main() {
     match nvcc {
         Some(nvcc) => {
             build_cuda(&nvcc, &kernels);
-            build_user_ptx(&nvcc, &kernels.join("user/scale_add.cu"), &user_ptx);
+            println!("cargo:kernels_built=1");
         }
         None => {
-            println!(
-                "cargo:warning=prism-cuda-sys: nvcc not found, so no CUDA kernels were compiled; \
-                 every kernel launcher will return PRISM_ERR_KERNELS_NOT_BUILT. \
-                 Get nvcc with `cargo xtask install-nvcc` (CUDA 13.0 from PyPI, into ./.cuda), \
-                 or set NVCC / CUDA_HOME, then rebuild."
-            );
+            if !ptx_only {
+                println!(
+                    "cargo:warning=prism-cuda-sys: nvcc not found, so the kernel launchers were not \
+                     compiled; prism will load its kernels from the bundled PTX through the CUDA \
+                     driver instead. For the nvcc launchers get nvcc with `cargo xtask install-nvcc` \
+                     (CUDA 13.0 from PyPI, into ./.cuda), or set NVCC / CUDA_HOME, then rebuild."
+                );
+            }
             cc::Build::new()
                 .file(kernels.join("stub.c"))
                 .include(&kernels)
                 .warnings_into_errors(true)
                 .compile("prism_kernels");
-        }
-    }
-}
-
-/// The example "user" kernel, as PTX for compute_80 (the driver JIT-compiles
-/// it for the GPU it runs on), embedded as `EXAMPLE_USER_PTX`.
-fn build_user_ptx(nvcc: &Path, src: &Path, out: &Path) {
-    let status = std::process::Command::new(nvcc)
-        .args(["-ptx", "-arch=compute_80", "-O3", "-o"])
-        .arg(out)
-        .arg(src)
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        other => {
-            println!("cargo:warning=prism-cuda-sys: could not build the example user PTX ({other:?}); EXAMPLE_USER_PTX stays empty");
-            let _ = std::fs::write(out, "");
+            println!("cargo:kernels_built=0");
         }
     }
 }
@@ -131,14 +127,9 @@ fn build_cuda(nvcc: &Path, kernels: &Path) {
     for gencode in gencodes() {
         build.flag(format!("-gencode={gencode}"));
     }
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(kernels)
-        .expect("kernels/ exists in the workspace")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
-    sources.sort();
-    build.files(&sources).compile("prism_kernels");
+    build
+        .file(kernels.join("prism_kernels.cu"))
+        .compile("prism_kernels");
 
     // The PyPI layout keeps libcudart_static.a in bin/../lib; a toolkit install in lib64.
     if let Some(root) = nvcc.parent().and_then(Path::parent) {

@@ -1,14 +1,44 @@
-//! `cargo xtask build-kernels [--check]`: every `kernels/*.cu` to PTX and cubin
-//! for each configured architecture under `target/kernels/<arch>/`, with
-//! ptxas' resource report per kernel. Fails on any spill or compiler warning.
-//! `--check` also verifies the committed generated files are fresh.
+//! `cargo xtask build-kernels [--check]`:
+//! - the committed PTX: `kernels/prism_kernels.ptx` (prism's kernels, which a
+//!   build without nvcc launches through the driver API) and
+//!   `crates/prism-pipeline/examples/kernels/scale_add.ptx` (the example's
+//!   "user" kernel), for compute_75 with the `.version` directive lowered to
+//!   PTX ISA 8.0 (CUDA 12.0), so drivers from CUDA 12.0 on load them;
+//! - every kernel source to PTX and cubin for each configured architecture
+//!   under `target/kernels/sm_XX/`, with ptxas' resource report per kernel.
+//!   Fails on any spill or compiler warning.
+//!
+//! `--check` writes nothing into the tree: it fails when a committed file is
+//! stale (PTX, bindings, stubs) and when CUDA 12.0's ptxas (installed by
+//! `cargo xtask install-nvcc`) rejects the committed PTX for any target.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::util::{self, Result};
 
-const DEFAULT_ARCHS: &[&str] = &["80", "90"];
+const DEFAULT_ARCHS: &[&str] = &["75", "80", "86", "89", "90"];
+
+/// The virtual architecture of the committed PTX: the oldest GPU prism supports.
+const PTX_ARCH: &str = "compute_75";
+/// The PTX ISA the committed PTX declares: CUDA 12.0's, the oldest driver prism supports.
+pub const PTX_ISA: (u32, u32) = (8, 0);
+
+/// Committed PTX files: (source, generated), relative to the workspace root.
+const COMMITTED_PTX: &[(&str, &str)] = &[
+    ("kernels/prism_kernels.cu", "kernels/prism_kernels.ptx"),
+    (
+        "crates/prism-pipeline/examples/kernels/scale_add.cu",
+        "crates/prism-pipeline/examples/kernels/scale_add.ptx",
+    ),
+];
+
+/// Sources compiled to cubin per architecture (resource report).
+const SOURCES: &[&str] = &[
+    "kernels/prism_kernels.cu",
+    "crates/prism-bench/cuda/baselines.cu",
+    "crates/prism-pipeline/examples/kernels/scale_add.cu",
+];
 
 pub fn run(check: bool) -> Result {
     if check {
@@ -19,15 +49,10 @@ pub fn run(check: bool) -> Result {
         "nvcc not found (looked at $NVCC, $CUDA_HOME, $CUDA_PATH, ./.cuda and PATH); \
          run `cargo xtask install-nvcc` first",
     )?;
+    committed_ptx(&nvcc, check)?;
     let archs = archs();
-    let kernels = util::root().join("kernels");
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
-        .map_err(|e| format!("read {}: {e}", kernels.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
-    sources.sort();
+    let root = util::root();
+    let include = root.join("kernels");
 
     let mut problems = Vec::new();
     println!(
@@ -35,11 +60,9 @@ pub fn run(check: bool) -> Result {
         "arch", "kernel", "regs", "stack", "spill-s", "spill-l", "smem"
     );
     for arch in &archs {
-        let out = util::root()
-            .join("target/kernels")
-            .join(format!("sm_{arch}"));
+        let out = root.join("target/kernels").join(format!("sm_{arch}"));
         std::fs::create_dir_all(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
-        for src in &sources {
+        for src in SOURCES.iter().map(|s| root.join(s)) {
             let stem = src
                 .file_stem()
                 .unwrap_or_default()
@@ -47,16 +70,16 @@ pub fn run(check: bool) -> Result {
                 .into_owned();
             nvcc_step(
                 &nvcc,
-                src,
-                &kernels,
+                &src,
+                &include,
                 arch,
                 "-ptx",
                 &out.join(format!("{stem}.ptx")),
             )?;
             let (_, report) = nvcc_step(
                 &nvcc,
-                src,
-                &kernels,
+                &src,
+                &include,
                 arch,
                 "-cubin",
                 &out.join(format!("{stem}.cubin")),
@@ -81,7 +104,7 @@ pub fn run(check: bool) -> Result {
     }
     println!(
         "PTX and cubin written under {}",
-        util::root().join("target/kernels").display()
+        root.join("target/kernels").display()
     );
     if problems.is_empty() {
         Ok(())
@@ -91,6 +114,136 @@ pub fn run(check: bool) -> Result {
             problems.join("\n  ")
         ))
     }
+}
+
+/// Makes (or, with `check`, compares) every committed PTX file, then has
+/// CUDA 12.0's ptxas assemble it for every default target.
+fn committed_ptx(nvcc: &Path, check: bool) -> Result {
+    let root = util::root();
+    let tmp = root.join("target/kernels/committed");
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+    let mut stale = Vec::new();
+    for (src, dst) in COMMITTED_PTX {
+        let raw = tmp.join(
+            Path::new(dst)
+                .file_name()
+                .expect("committed PTX paths name files"),
+        );
+        let mut cmd = Command::new(nvcc);
+        cmd.args(["-ptx", &format!("-arch={PTX_ARCH}"), "-std=c++17", "-O3"])
+            .args(["-Werror", "all-warnings", "-I"])
+            .arg(root.join("kernels"))
+            .arg("-o")
+            .arg(&raw)
+            .arg(root.join(src));
+        let (ok, out, err) = util::output(&mut cmd)?;
+        if !ok {
+            return Err(format!("`{}` failed:\n{out}{err}", util::show(&cmd)));
+        }
+        let text = committed_text(src, &util::read(&raw)?)?;
+        let path = root.join(dst);
+        if check {
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            if committed != text {
+                stale.push(*dst);
+            }
+        } else {
+            std::fs::write(&path, &text).map_err(|e| format!("write {}: {e}", path.display()))?;
+            eprintln!("wrote {dst}");
+        }
+        std::fs::write(&raw, &text).map_err(|e| format!("write {}: {e}", raw.display()))?;
+        ptxas12_check(&raw, dst, check)?;
+    }
+    if stale.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "stale committed PTX: {stale:?} no longer matches its source; run `cargo xtask build-kernels` and commit the result"
+        ))
+    }
+}
+
+/// nvcc's PTX with a header saying where it came from, and its `.version`
+/// lowered to [`PTX_ISA`]. Fails if nvcc declared an older ISA than that (the
+/// floor would be wrong) or no version at all.
+fn committed_text(src: &str, ptx: &str) -> Result<String> {
+    let (major, minor) = PTX_ISA;
+    let mut found = None;
+    let body: Vec<String> = ptx
+        .lines()
+        .map(|line| match line.strip_prefix(".version ") {
+            Some(v) => {
+                found = Some(v.trim().to_owned());
+                format!(".version {major}.{minor}")
+            }
+            None => line.to_owned(),
+        })
+        .collect();
+    let declared = found.ok_or(format!("nvcc's PTX of {src} has no .version line"))?;
+    let parsed: Option<(u32, u32)> = declared
+        .split_once('.')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+    match parsed {
+        Some(v) if v >= PTX_ISA => {}
+        _ => {
+            return Err(format!(
+            "nvcc's PTX of {src} declares .version {declared}, expected {major}.{minor} or newer"
+        ))
+        }
+    }
+    Ok(format!(
+        "//\n// {src} as PTX, made by `cargo xtask build-kernels` (nvcc -ptx \
+         -arch={PTX_ARCH} -O3). Do not edit.\n// nvcc declared .version {declared}; it is \
+         lowered to {major}.{minor} (CUDA 12.0) so that drivers from CUDA 12.0 on\n// load it, \
+         and `cargo xtask build-kernels --check` has CUDA 12.0's ptxas\n// assemble it for \
+         sm_{} to prove the code needs nothing newer.\n{}\n",
+        DEFAULT_ARCHS.join(", sm_"),
+        body.join("\n")
+    ))
+}
+
+/// CUDA 12.0's ptxas (from `cargo xtask install-nvcc`), which refuses PTX
+/// newer than ISA 8.0 or instructions CUDA 12.0 did not have.
+fn ptxas12() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PRISM_PTXAS_12") {
+        return Some(PathBuf::from(p));
+    }
+    let lib = util::root().join(util::LOCAL_CUDA_DIR).join("lib");
+    std::fs::read_dir(lib).ok()?.flatten().find_map(|e| {
+        let p = e.path().join("site-packages/nvidia/cuda_nvcc/bin/ptxas");
+        p.is_file().then_some(p)
+    })
+}
+
+fn ptxas12_check(ptx: &Path, name: &str, required: bool) -> Result {
+    let Some(ptxas) = ptxas12() else {
+        let msg =
+            "CUDA 12.0's ptxas not found (run `cargo xtask install-nvcc`, or set PRISM_PTXAS_12)";
+        return if required {
+            Err(msg.to_owned())
+        } else {
+            eprintln!("note: {msg}; the committed PTX was not assembled with it");
+            Ok(())
+        };
+    };
+    for arch in DEFAULT_ARCHS {
+        let mut cmd = Command::new(&ptxas);
+        cmd.arg(format!("-arch=sm_{arch}"))
+            .arg(ptx)
+            .arg("-o")
+            .arg("/dev/null");
+        let (ok, out, err) = util::output(&mut cmd)?;
+        if !ok {
+            return Err(format!(
+                "CUDA 12.0's ptxas rejects {name} for sm_{arch}: drivers of CUDA 12.x could not load it\n{out}{err}"
+            ));
+        }
+    }
+    eprintln!(
+        "{name}: CUDA 12.0's ptxas assembles it for sm_{}",
+        DEFAULT_ARCHS.join(", sm_")
+    );
+    Ok(())
 }
 
 fn archs() -> Vec<String> {
@@ -208,22 +361,29 @@ fn number_before(line: &str, label: &str) -> u32 {
         .unwrap_or(0)
 }
 
-/// Every launcher the header declares must have a stub in `kernels/stub.c`.
+/// Every launcher a header declares must have a stub: `kernels/stub.c` for
+/// `kernels/prism_kernels.h`, and the benchmark's for its baselines.
 fn check_stubs() -> Result {
-    let header = util::read(&crate::bindgen::header_path())?;
-    let stub = util::read(&util::root().join("kernels/stub.c"))?;
-    let declared = launcher_names(&header, ';');
-    let defined = launcher_names(&stub, '{');
-    let missing: Vec<_> = declared.iter().filter(|n| !defined.contains(n)).collect();
-    if missing.is_empty() {
+    let root = util::root();
+    for (header, stub) in [
+        ("kernels/prism_kernels.h", "kernels/stub.c"),
+        (
+            "crates/prism-bench/cuda/baselines.h",
+            "crates/prism-bench/cuda/baselines_stub.c",
+        ),
+    ] {
+        let declared = launcher_names(&util::read(&root.join(header))?, ';');
+        let defined = launcher_names(&util::read(&root.join(stub))?, '{');
+        let missing: Vec<_> = declared.iter().filter(|n| !defined.contains(n)).collect();
+        if !missing.is_empty() {
+            return Err(format!("{stub} lacks stubs for {missing:?}: add one per launcher declared in {header}, returning PRISM_ERR_KERNELS_NOT_BUILT"));
+        }
         eprintln!(
-            "stubs complete: kernels/stub.c defines all {} launchers",
+            "stubs complete: {stub} defines all {} launchers of {header}",
             declared.len()
         );
-        Ok(())
-    } else {
-        Err(format!("kernels/stub.c lacks stubs for {missing:?}: add one per launcher returning PRISM_ERR_KERNELS_NOT_BUILT"))
     }
+    Ok(())
 }
 
 /// Names of `int prism_*(...)` functions whose parameter list ends with `end`.

@@ -11,9 +11,13 @@
 //!
 //! Without `--bundle`, on a machine with a GPU and Rust: the same steps,
 //! here. It prints the GPU `nvidia-smi` finds (and fails at once without
-//! one), fails without nvcc (a build without it has no kernels), builds the
-//! same bundle into `target/gpu-test/` (no size budget) and runs its
-//! `run.sh`, so both paths run one script. compute-sanitizer is looked for
+//! one), builds the same bundle into `target/gpu-test/` (no size budget) and
+//! runs its `run.sh`, so both paths run one script.
+//!
+//! Without nvcc (or with `PRISM_NO_NVCC=1`) the bundle's prism kernels load
+//! from the bundled PTX through the driver; `--cuda-12` builds with the
+//! `cuda-12` features (CUDA 12.0 driver bindings, PTX kernels, no
+//! prism-bench). compute-sanitizer is looked for
 //! on `PATH`, in `$CUDA_HOME/bin`, `$CUDA_PATH/bin` and
 //! `/usr/local/cuda/bin`; without it the sanitizer pass is skipped
 //! (`SANITIZE=0`) with a note. run.sh's variables (`SANITIZE`, `TOOLS`,
@@ -74,10 +78,12 @@ pub const THREADS_TEST_MARK: &str = "_threads_";
 /// never under compute-sanitizer (which would rightly report the fault).
 pub const FAULT_TEST_MARK: &str = "fault_injection";
 
-pub fn run(bundle_dir: Option<&Path>) -> Result {
+/// `cuda12`: build with the `cuda-12` features (CUDA 12.0 driver bindings,
+/// kernels from the PTX) instead of the default.
+pub fn run(bundle_dir: Option<&Path>, cuda12: bool) -> Result {
     match bundle_dir {
-        None => run_here(),
-        Some(dir) => bundle(dir, Some(BUNDLE_BUDGET)),
+        None => run_here(cuda12),
+        Some(dir) => bundle(dir, Some(BUNDLE_BUDGET), cuda12),
     }
 }
 
@@ -94,7 +100,7 @@ const LOCAL_BUNDLE: &str = "target/gpu-test";
 /// The bundle's size budget: what a GPU machine without Rust is sent.
 const BUNDLE_BUDGET: u64 = 60 * 1024 * 1024;
 
-fn run_here() -> Result {
+fn run_here(cuda12: bool) -> Result {
     let (ok, out, err) = util::output(Command::new("nvidia-smi").args([
         "--query-gpu=name,driver_version,memory.total",
         "--format=csv,noheader",
@@ -109,17 +115,8 @@ fn run_here() -> Result {
         ));
     }
     eprintln!("GPU found: {}", out.trim());
-    if !prism_kernels_built()? {
-        return Err(
-            "nvcc not found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, ./.cuda, PATH), or \
-             PRISM_NO_NVCC=1: a build without nvcc has no kernels, and every GPU test would \
-             fail with KernelsNotBuilt. Install the CUDA toolkit, set NVCC or CUDA_HOME, or \
-             run `cargo xtask install-nvcc`."
-                .into(),
-        );
-    }
     let dir = util::root().join(LOCAL_BUNDLE);
-    bundle(&dir, None)?;
+    bundle(&dir, None, cuda12)?;
     let mut script = Command::new("bash");
     script.arg(dir.join("run.sh"));
     match find_sanitizer() {
@@ -222,7 +219,7 @@ fn copy_into(dir: &Path, name: &str, from: &Path) -> Result<u64> {
 }
 
 /// Builds the bundle into `dir`; with a `budget`, fails when it is larger.
-fn bundle(dir: &Path, budget: Option<u64>) -> Result {
+fn bundle(dir: &Path, budget: Option<u64>, cuda12: bool) -> Result {
     let dir = if dir.is_absolute() {
         dir.to_path_buf()
     } else {
@@ -231,32 +228,30 @@ fn bundle(dir: &Path, budget: Option<u64>) -> Result {
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| format!("clear {}: {e}", dir.display()))?;
     }
-    if !prism_kernels_built()? {
-        return Err("nvcc not found, so a bundle would hold no kernels: run `cargo xtask install-nvcc` first".into());
+    if cuda12 {
+        eprintln!(
+            "CUDA 12 build: CUDA 12.0 driver bindings, kernels from the bundled PTX \
+             (prism-bench, which needs nvcc 13's runtime, is left out)"
+        );
+    } else if !prism_kernels_built() {
+        eprintln!(
+            "no nvcc (or PRISM_NO_NVCC=1): the bundle's kernels load from the bundled PTX \
+             through the driver, and prism-bench runs without its CUDA C++ baselines"
+        );
     }
-    let tests = built_executables(
-        &[
-            "test",
-            "--workspace",
+    let mut select = vec!["--workspace", "--exclude", "xtask", "--profile", "bundle"];
+    if cuda12 {
+        select.extend([
             "--exclude",
-            "xtask",
-            "--profile",
-            "bundle",
-            "--no-run",
-        ],
-        true,
-    )?;
+            "prism-bench",
+            "--no-default-features",
+            "--features",
+            "prism-stream/cuda-12,prism-buffer/cuda-12,prism-pipeline/cuda-12,prism-tests/cuda-12",
+        ]);
+    }
+    let tests = built_executables(&[&["test", "--no-run"][..], &select].concat(), true)?;
     let examples = built_executables(
-        &[
-            "build",
-            "--workspace",
-            "--exclude",
-            "xtask",
-            "--profile",
-            "bundle",
-            "--examples",
-            "--bins",
-        ],
+        &[&["build", "--examples", "--bins"][..], &select].concat(),
         false,
     )?;
     let mut bytes = 0;
@@ -320,8 +315,9 @@ fn bundle(dir: &Path, budget: Option<u64>) -> Result {
     Ok(())
 }
 
-fn prism_kernels_built() -> Result<bool> {
-    Ok(util::find_nvcc().is_some() && std::env::var_os("PRISM_NO_NVCC").is_none_or(|v| v != "1"))
+/// Will prism-cuda-sys compile its launchers (nvcc found, not turned off)?
+fn prism_kernels_built() -> bool {
+    util::find_nvcc().is_some() && std::env::var_os("PRISM_NO_NVCC").is_none_or(|v| v != "1")
 }
 
 #[cfg(unix)]

@@ -1,7 +1,11 @@
-//! `cargo xtask install-nvcc`: NVIDIA's CUDA 13.0 compiler from PyPI into `./.cuda`.
+//! `cargo xtask install-nvcc`: NVIDIA's CUDA 13.0 compiler from PyPI into
+//! `./.cuda`, and CUDA 12.0's ptxas beside it.
 //!
 //! The pins match the GPU machine's driver (PTX ISA up to 9.0): nvcc and nvvm
 //! must be pinned together, or cicc emits PTX newer than ptxas accepts.
+//! CUDA 12.0's ptxas (PyPI has no CUDA 12 nvcc, only its ptxas) checks that
+//! the committed PTX needs nothing newer than CUDA 12.0 drivers have
+//! (`cargo xtask build-kernels --check`).
 
 use std::process::Command;
 
@@ -12,6 +16,8 @@ pub const PINS: &[&str] = &[
     "nvidia-nvvm==13.0.88",
     "nvidia-cuda-runtime==13.0.96",
     "nvidia-cuda-crt==13.0.88",
+    // ptxas only: site-packages/nvidia/cuda_nvcc/bin/ptxas.
+    "nvidia-cuda-nvcc-cu12==12.0.140",
 ];
 
 pub fn run() -> Result {

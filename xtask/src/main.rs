@@ -29,12 +29,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install nvcc 13.0 from PyPI into ./.cuda (what CI uses)
+    /// Install nvcc 13.0 and CUDA 12.0's ptxas from PyPI into ./.cuda (what CI uses)
     InstallNvcc,
-    /// Compile kernels/*.cu to PTX and cubin under target/kernels/, print
-    /// ptxas' resource report, fail on spills or warnings
+    /// Make the committed PTX (kernels/prism_kernels.ptx, the example's
+    /// scale_add.ptx), compile every kernel source to PTX and cubin under
+    /// target/kernels/, print ptxas' resource report, fail on spills or
+    /// warnings
     BuildKernels {
-        /// Also verify that the committed generated files are fresh
+        /// Write nothing: fail when a committed file (PTX, bindings, stubs)
+        /// is stale or CUDA 12.0's ptxas rejects the committed PTX
         #[arg(long)]
         check: bool,
     },
@@ -53,6 +56,10 @@ enum Command {
         /// driver but no Rust
         #[arg(long, value_name = "DIR")]
         bundle: Option<PathBuf>,
+        /// Build for CUDA 12 drivers: the `cuda-12` features (CUDA 12.0
+        /// driver bindings, kernels from the bundled PTX), without prism-bench
+        #[arg(long)]
+        cuda_12: bool,
     },
     /// Soak prism: mixed iterations (pipeline runs in every input mode,
     /// coordinator op chains, triple-buffer steps) with the process's
@@ -109,7 +116,7 @@ fn main() -> ExitCode {
         Command::InstallNvcc => install_nvcc::run(),
         Command::BuildKernels { check } => build_kernels::run(*check),
         Command::Bindgen { check } => bindgen::run(*check),
-        Command::GpuTest { bundle } => gpu_test::run(bundle.as_deref()),
+        Command::GpuTest { bundle, cuda_12 } => gpu_test::run(bundle.as_deref(), *cuda_12),
         Command::Soak { iterations, out } => soak(*iterations, out),
     };
     match result {

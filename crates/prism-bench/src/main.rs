@@ -16,6 +16,7 @@
 //! on the host from the first call to the end of the last copy, so their
 //! figures include host issue latency the C++ ones do not.
 
+mod baselines;
 mod chart;
 mod multi;
 
@@ -671,7 +672,7 @@ unsafe fn cxx_pieces(
     // SAFETY: the caller's contract; the call is synchronous (it waits for
     // its own work before returning).
     let code = unsafe {
-        prism_cuda_sys::prism_bench_pieces(
+        baselines::prism_bench_pieces(
             ins.as_ptr(),
             outs.as_ptr(),
             lens.as_ptr(),
@@ -838,8 +839,8 @@ fn bench_steps(gpu: &Gpu, quick: bool) -> Result<Vec<StepResult>, BoxError> {
             }
             Ok(us)
         };
-        let step_mode = prism_cuda_sys::PRISM_BENCH_STEP as i32;
-        let graph_mode = prism_cuda_sys::PRISM_BENCH_STEP_GRAPH as i32;
+        let step_mode = baselines::STEP;
+        let graph_mode = baselines::STEP_GRAPH;
         // Warm-ups, then three interleaved rounds; the median of each.
         prism(&mut p)?;
         pinned(&mut p, &mut data)?;
@@ -1612,7 +1613,7 @@ fn print_stream(s: Option<&StreamResult>) {
 /// repetitions, in ms.
 fn bidir_ms(data: &mut Data, piece: usize, timed: usize) -> Result<f64, BoxError> {
     let mut t: Vec<f64> = (0..=timed)
-        .map(|_| cxx(data, piece, 1, prism_cuda_sys::PRISM_BENCH_BIDIR as i32, 2))
+        .map(|_| cxx(data, piece, 1, baselines::BIDIR, 2))
         .collect::<Result<_, _>>()?;
     t.remove(0);
     Ok(median(&mut t))
@@ -1637,42 +1638,15 @@ fn bench_workload(
     let t_bidir = bidir_ms(&mut data, w.piece, reps)?;
     if w.iters == 0 {
         // S1c: an fma chain long enough that t_kernel is about 1.5 x t_bidir.
-        let k1 = cxx(
-            &mut data,
-            w.piece,
-            1,
-            prism_cuda_sys::PRISM_BENCH_KERNEL_ONLY as i32,
-            1,
-        )?;
-        let k2 = cxx(
-            &mut data,
-            w.piece,
-            1,
-            prism_cuda_sys::PRISM_BENCH_KERNEL_ONLY as i32,
-            1,
-        )?
-        .min(k1);
-        let k64 = cxx(
-            &mut data,
-            w.piece,
-            257,
-            prism_cuda_sys::PRISM_BENCH_KERNEL_ONLY as i32,
-            1,
-        )?;
+        let k1 = cxx(&mut data, w.piece, 1, baselines::KERNEL_ONLY, 1)?;
+        let k2 = cxx(&mut data, w.piece, 1, baselines::KERNEL_ONLY, 1)?.min(k1);
+        let k64 = cxx(&mut data, w.piece, 257, baselines::KERNEL_ONLY, 1)?;
         let slope = ((k64 - k2) / 256.0).max(1e-6);
         w.iters = (((1.5 * t_bidir - k2) / slope).round() as i64).clamp(2, 1 << 20) as u32;
         eprintln!("prism-bench:   S1c calibration: kernel {k2:.2} ms at 1 step, {k64:.2} ms at 257 steps -> {} steps", w.iters);
     }
     let mut kernel: Vec<f64> = (0..=reps)
-        .map(|_| {
-            cxx(
-                &mut data,
-                w.piece,
-                w.iters,
-                prism_cuda_sys::PRISM_BENCH_KERNEL_ONLY as i32,
-                1,
-            )
-        })
+        .map(|_| cxx(&mut data, w.piece, w.iters, baselines::KERNEL_ONLY, 1))
         .collect::<Result<_, _>>()?;
     kernel.remove(0);
     let t_kernel = median(&mut kernel);
@@ -1701,28 +1675,12 @@ fn bench_workload(
         for rep in 0..=reps {
             sample.poison(&mut data)?;
             let ms = match name {
-                "sequential" => cxx(
-                    &mut data,
-                    w.piece,
-                    w.iters,
-                    prism_cuda_sys::PRISM_BENCH_SEQUENTIAL as i32,
-                    1,
-                )?,
-                "CUDA C++ 3 streams" => cxx(
-                    &mut data,
-                    w.piece,
-                    w.iters,
-                    prism_cuda_sys::PRISM_BENCH_MULTISTREAM as i32,
-                    3,
-                )?,
+                "sequential" => cxx(&mut data, w.piece, w.iters, baselines::SEQUENTIAL, 1)?,
+                "CUDA C++ 3 streams" => {
+                    cxx(&mut data, w.piece, w.iters, baselines::MULTISTREAM, 3)?
+                }
                 "cudarc 3 streams" => cudarc_loop(ctx, &mut data, w.piece, w.iters)?,
-                BATCHED => cxx(
-                    &mut data,
-                    w.piece,
-                    w.iters,
-                    prism_cuda_sys::PRISM_BENCH_BATCHED as i32,
-                    3,
-                )?,
+                BATCHED => cxx(&mut data, w.piece, w.iters, baselines::BATCHED, 3)?,
                 _ => {
                     // With --prism-timing, the stats of the last repetition only.
                     pipeline.reset_stats();

@@ -10,7 +10,7 @@ use prism_pipeline::{Fma, MultiGpuPipeline, PipelineConfig, PipelineStageManager
 use prism_stream::{Gpu, HostAllocFlags, PinnedBuffer};
 use serde::{Deserialize, Serialize};
 
-use crate::{check_fma, cxx_slices, fill_random, median, BoxError, A, B};
+use crate::{baselines, check_fma, cxx_slices, fill_random, median, BoxError, A, B};
 
 /// One line of the S7 table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,7 +112,7 @@ pub(crate) fn bench_multi(reps: usize, quick: bool) -> Result<MultiResult, BoxEr
     let mut input = PinnedBuffer::<f32>::new(&gpus[0], n, HostAllocFlags::PORTABLE)?;
     fill_random(input.as_mut_slice()?, 0x57);
     let mut output = PinnedBuffer::<f32>::new(&gpus[0], n, HostAllocFlags::PORTABLE)?;
-    let bidir = prism_cuda_sys::PRISM_BENCH_BIDIR as i32;
+    let bidir = baselines::BIDIR;
 
     // The bounds: GPU 0 alone, then every GPU at once (a warm-up each).
     let mut single = Vec::new();
@@ -214,7 +214,7 @@ pub(crate) fn bench_multi(reps: usize, quick: bool) -> Result<MultiResult, BoxEr
             input.as_slice()?,
             output.as_mut_slice()?,
             1,
-            prism_cuda_sys::PRISM_BENCH_MULTISTREAM as i32,
+            baselines::MULTISTREAM,
             3,
         )?;
         if rep > 0 {

@@ -5,8 +5,11 @@
 //! It holds no safe wrappers and no policy; `prism-stream` validates arguments
 //! and turns status codes into typed errors.
 //!
-//! Without nvcc at build time the launchers still link, and each returns
-//! [`PRISM_ERR_KERNELS_NOT_BUILT`]; [`KERNELS_BUILT`] tells which build this is.
+//! Without nvcc at build time (or with the `ptx-only` feature) the launchers
+//! still link, and each returns [`PRISM_ERR_KERNELS_NOT_BUILT`];
+//! [`KERNELS_BUILT`] tells which build this is. Either way the crate carries
+//! the same kernels as PTX ([`KERNELS_PTX`]), which prism-stream launches
+//! through the driver API when the launchers are missing.
 //!
 //! # Safety contract of every launcher
 //! - device pointers are valid allocations of the CUDA context current on the
@@ -33,11 +36,15 @@ mod bindings {
 
 pub use bindings::*;
 
-/// True when this build compiled the CUDA kernels with nvcc; false for the stub build.
+/// True when this build compiled the kernel launchers with nvcc; false for
+/// the stub build (no nvcc, or the `ptx-only` feature).
 pub const KERNELS_BUILT: bool = cfg!(prism_kernels);
 
-/// PTX (compute_80) of `kernels/user/scale_add.cu`, a stand-in for a user's
-/// own kernel that examples load at run time through cudarc
-/// (`extern "C" scale_add(const float *x, float *y, u64 n, float a, float b)`:
-/// `y[i] = fmaf(a, x[i], b)`). Empty in a build without nvcc.
-pub const EXAMPLE_USER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/user_scale_add.ptx"));
+/// PTX of every kernel in `kernels/prism_device.cuh` (for compute_75, PTX
+/// ISA 8.0: any GPU from Turing on, any driver from CUDA 12.0 on), made from
+/// `kernels/prism_kernels.cu` by `cargo xtask build-kernels` and committed.
+/// Each kernel is `extern "C"` (`prism_k_fma_chain_vec4`, ...). prism-stream
+/// loads it through the driver API and launches these kernels when this
+/// build has no launchers ([`KERNELS_BUILT`] is false), so a build made
+/// without nvcc runs on any machine with an NVIDIA driver.
+pub const KERNELS_PTX: &str = include_str!("../kernels/prism_kernels.ptx");

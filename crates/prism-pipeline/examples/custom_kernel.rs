@@ -1,8 +1,9 @@
 //! A stage running the user's own kernel, loaded from PTX at run time, next
-//! to one of prism's kernels. The PTX here is `kernels/user/scale_add.cu`,
-//! which prism-cuda-sys's build compiles as a stand-in for "your kernel"
-//! (`prism_cuda_sys::EXAMPLE_USER_PTX`); with your own, use
-//! `Ptx::from_file("my.ptx")` or `Ptx::from_src(text)`. The buffers are
+//! to one of prism's kernels. The PTX here, `kernels/scale_add.ptx` beside
+//! this file, is `kernels/scale_add.cu` compiled by `cargo xtask
+//! build-kernels` (committed, so the example needs no nvcc), a stand-in for
+//! "your kernel"; with your own, use `Ptx::from_file("my.ptx")` or
+//! `Ptx::from_src(text)`. The buffers are
 //! passed as arguments, so prism orders the kernel after their earlier uses
 //! and keeps them alive until it has run; only the launch itself is unsafe.
 //!
@@ -17,6 +18,10 @@ use std::io::IsTerminal;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::prelude::*;
+
+/// `extern "C" scale_add(const float *x, float *y, u64 n, float a, float b)`:
+/// `y[i] = fmaf(a, x[i], b)`.
+const SCALE_ADD_PTX: &str = include_str!("kernels/scale_add.ptx");
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Logs to stderr, warnings only unless RUST_LOG says (`RUST_LOG=prism=debug`
@@ -44,13 +49,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("prism custom_kernel: no GPU here; this example loads a kernel onto one.");
         return Ok(());
     };
-    if prism_cuda_sys::EXAMPLE_USER_PTX.is_empty() {
-        println!("prism custom_kernel: this build has no example PTX (no nvcc at build time).");
-        return Ok(());
-    }
     // Your kernel, loaded into the pipeline's GPU context.
     let scale_add = gpu
-        .load_module(Ptx::from_src(prism_cuda_sys::EXAMPLE_USER_PTX))?
+        .load_module(Ptx::from_src(SCALE_ADD_PTX))?
         .kernel("scale_add")?;
     p.add_stage(GpuFn::new(
         "user scale_add",

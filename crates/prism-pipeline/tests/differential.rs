@@ -271,7 +271,9 @@ enum Pipe {
 
 fn user_ptx_stage(gpu: &Gpu, a: f32, b: f32) -> impl prism_pipeline::Stage<f32> {
     let kernel = gpu
-        .load_module(Ptx::from_src(prism_cuda_sys::EXAMPLE_USER_PTX))
+        .load_module(Ptx::from_src(include_str!(
+            "../examples/kernels/scale_add.ptx"
+        )))
         .and_then(|m| m.kernel("scale_add"))
         .expect("the example PTX loads");
     GpuFn::new(
@@ -594,7 +596,7 @@ fn env_u64(name: &str) -> Option<u64> {
 /// Runs `count` configurations from `base` (or the one `PRISM_DIFF_SEED`);
 /// returns how many ran, and panics with every failing seed.
 fn differential(test: &str, gpus: &[Gpu], count: u64, small: bool) -> u64 {
-    let user_ptx = !gpus.is_empty() && !prism_cuda_sys::EXAMPLE_USER_PTX.is_empty();
+    let user_ptx = !gpus.is_empty();
     let seeds: Vec<u64> = match env_u64("PRISM_DIFF_SEED") {
         Some(s) => vec![s],
         None => {

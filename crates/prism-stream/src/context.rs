@@ -70,6 +70,8 @@ pub(crate) struct GpuInner {
     poison: Mutex<Option<String>>,
     /// Fast path of `check_usable`: set once `poison` holds a reason.
     poisoned: AtomicBool,
+    /// Where prism's own kernels come from, and the loaded PTX.
+    pub(crate) kernels: crate::kernels::KernelState,
 }
 
 impl Gpu {
@@ -117,10 +119,7 @@ impl Gpu {
             total_memory: ctx.total_mem().call("cuDeviceTotalMem")?,
             copy_engines: attr(Attr::CU_DEVICE_ATTRIBUTE_ASYNC_ENGINE_COUNT)?,
             multiprocessors: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
-            // Not every driver knows the attribute; -1 means no node.
-            host_numa_node: attr(Attr::CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID)
-                .ok()
-                .filter(|&n| n >= 0),
+            host_numa_node: host_numa_node(&ctx),
         };
         let events = EventPool::new(Arc::clone(&ctx));
         let key = ctx.cu_ctx() as usize;
@@ -144,6 +143,7 @@ impl Gpu {
             info,
             poison: Mutex::new(None),
             poisoned: AtomicBool::new(false),
+            kernels: crate::kernels::KernelState::new(),
         }));
         gpu.bind()?;
         crate::kernels::preload(&gpu);
@@ -283,4 +283,19 @@ fn sticky_error() -> Option<String> {
             is_sticky(&e).then(|| e.to_string())
         }
     }
+}
+
+/// The host NUMA node nearest the device, where the driver knows it (the
+/// attribute exists from CUDA 12.2 on; -1 means no node).
+#[cfg(feature = "cuda-13")]
+fn host_numa_node(ctx: &CudaContext) -> Option<i32> {
+    ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID)
+        .ok()
+        .filter(|&n| n >= 0)
+}
+
+/// CUDA 12.0's bindings have no host NUMA attribute.
+#[cfg(not(feature = "cuda-13"))]
+fn host_numa_node(_ctx: &CudaContext) -> Option<i32> {
+    None
 }

@@ -43,9 +43,16 @@ pub enum Error {
         code: i32,
         message: String,
     },
-    /// This binary was built without nvcc, so it holds no kernels.
-    #[error("kernel {kernel} is not available: prism-cuda-sys was built without nvcc (run `cargo xtask install-nvcc` or set NVCC, then rebuild)")]
+    /// The nvcc launchers were asked for in a build that has none (built
+    /// without nvcc, or with the `cuda-12` feature).
+    #[error("kernel {kernel} has no nvcc launcher in this build: prism-cuda-sys was built without nvcc or with `ptx-only` (use KernelSource::Ptx, or run `cargo xtask install-nvcc` / set NVCC and rebuild)")]
     KernelsNotBuilt { kernel: &'static str },
+    /// The driver could not load prism's bundled PTX into the context.
+    #[error("prism's kernels could not be loaded from their PTX: {source} (the PTX needs a driver for CUDA 12.0 or newer and a GPU of compute capability 7.5 or newer)")]
+    PtxLoad {
+        #[source]
+        source: DriverError,
+    },
     /// The context was made with `enable_streams = false`.
     #[error("streams are disabled on this context (it was created with enable_streams = false), so it has no {what}")]
     StreamsDisabled { what: &'static str },

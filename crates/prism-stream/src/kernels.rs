@@ -4,11 +4,20 @@
 //! [`Lane::enqueue`] (order.rs): it is ordered after the buffers' earlier
 //! uses and its fence is noted on every buffer before the call returns, so
 //! a scope that is dropped, forgotten or left with `?` loses nothing.
+//!
+//! prism's own kernels come from one of two [`KernelSource`]s: the launchers
+//! nvcc compiled into prism-cuda-sys, or prism-cuda-sys's bundled PTX,
+//! loaded into the context and launched by name through the driver API
+//! (`cuLaunchKernel`) with the same grids the launchers compute
+//! ([`ptx_grid`] and the methods below mirror `kernels/prism_kernels.cu`).
 
 use std::ffi::{c_void, CStr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{result, sys as cu, CudaFunction, CudaModule, DeviceRepr, LaunchConfig};
+use cudarc::driver::{
+    result, sys as cu, CudaContext, CudaFunction, CudaModule, DeviceRepr, DriverError, LaunchConfig,
+};
 use cudarc::nvrtc::Ptx;
 use prism_cuda_sys as sys;
 
@@ -48,21 +57,232 @@ fn check_code(gpu: &Gpu, kernel: &'static str, code: i32) -> Result<()> {
     }
 }
 
+/// Where prism's own kernels come from on a [`Gpu`] (see
+/// [`Gpu::set_kernel_source`]). Both give bit-identical results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The C launchers nvcc compiled into prism-cuda-sys (the CUDA runtime's
+    /// `<<<>>>`): the default when the build had nvcc.
+    Launchers,
+    /// prism-cuda-sys's bundled PTX ([`prism_cuda_sys::KERNELS_PTX`]),
+    /// compiled by the driver for this GPU when the context loads it, and
+    /// launched through the driver API: the default in a build without
+    /// nvcc, and the only source of the `cuda-12` build.
+    Ptx,
+}
+
+impl KernelSource {
+    /// What a new context uses: the launchers where this build has them.
+    pub fn default_for_build() -> Self {
+        if sys::KERNELS_BUILT {
+            Self::Launchers
+        } else {
+            Self::Ptx
+        }
+    }
+}
+
+/// Per-context kernel state: the source in use and, once loaded, the PTX module.
+#[derive(Debug)]
+pub(crate) struct KernelState {
+    /// 0: launchers, 1: PTX.
+    source: AtomicU8,
+    ptx: OnceLock<std::result::Result<Arc<PtxKernels>, DriverError>>,
+}
+
+impl KernelState {
+    pub(crate) fn new() -> Self {
+        Self {
+            source: AtomicU8::new(match KernelSource::default_for_build() {
+                KernelSource::Launchers => 0,
+                KernelSource::Ptx => 1,
+            }),
+            ptx: OnceLock::new(),
+        }
+    }
+}
+
+/// The kernels of the bundled PTX, loaded into one context.
+#[derive(Debug)]
+pub(crate) struct PtxKernels {
+    _module: Arc<CudaModule>,
+    fma_chain_vec4: CudaFunction,
+    fma_chain_scalar: CudaFunction,
+    fill_pattern: CudaFunction,
+    check_pattern: CudaFunction,
+    spin_ns: CudaFunction,
+    fault: CudaFunction,
+    group_sum: CudaFunction,
+    clamp: CudaFunction,
+    gather_bytes: CudaFunction,
+    scatter_bytes: CudaFunction,
+}
+
+/// Every kernel the PTX must hold, by its `extern "C"` name.
+pub const PTX_KERNEL_NAMES: [&str; 10] = [
+    "prism_k_fma_chain_vec4",
+    "prism_k_fma_chain_scalar",
+    "prism_k_fill_pattern",
+    "prism_k_check_pattern",
+    "prism_k_spin_ns",
+    "prism_k_fault",
+    "prism_k_group_sum",
+    "prism_k_clamp",
+    "prism_k_gather_bytes",
+    "prism_k_scatter_bytes",
+];
+
+impl PtxKernels {
+    /// `cuModuleLoadData` of the bundled PTX (the driver compiles it for
+    /// this GPU here), then every kernel by name.
+    fn load(ctx: &Arc<CudaContext>) -> std::result::Result<Self, DriverError> {
+        let module = ctx.load_module(Ptx::from_src(sys::KERNELS_PTX))?;
+        let [v4, sc, fill, check, spin, fault, gs, clamp, gather, scatter] =
+            PTX_KERNEL_NAMES.map(|name| module.load_function(name));
+        Ok(Self {
+            fma_chain_vec4: v4?,
+            fma_chain_scalar: sc?,
+            fill_pattern: fill?,
+            check_pattern: check?,
+            spin_ns: spin?,
+            fault: fault?,
+            group_sum: gs?,
+            clamp: clamp?,
+            gather_bytes: gather?,
+            scatter_bytes: scatter?,
+            _module: module,
+        })
+    }
+}
+
+impl Gpu {
+    /// Where prism's own kernels come from on this handle.
+    pub fn kernel_source(&self) -> KernelSource {
+        match self.0.kernels.source.load(Ordering::Acquire) {
+            0 => KernelSource::Launchers,
+            _ => KernelSource::Ptx,
+        }
+    }
+
+    /// Chooses where prism's own kernels come from for later launches
+    /// through this handle. [`KernelSource::Ptx`] loads the PTX now (once
+    /// per handle) and reports a driver that cannot compile it;
+    /// [`KernelSource::Launchers`] fails with [`Error::KernelsNotBuilt`] in
+    /// a build without them. Switching is safe at any time: launches from
+    /// either source are ordered by the same lanes.
+    pub fn set_kernel_source(&self, source: KernelSource) -> Result<()> {
+        match source {
+            KernelSource::Launchers if !sys::KERNELS_BUILT => {
+                return Err(Error::KernelsNotBuilt {
+                    kernel: "(every launcher)",
+                })
+            }
+            KernelSource::Launchers => {}
+            KernelSource::Ptx => {
+                self.ptx_kernels()?;
+            }
+        }
+        let code = match source {
+            KernelSource::Launchers => 0,
+            KernelSource::Ptx => 1,
+        };
+        self.0.kernels.source.store(code, Ordering::Release);
+        Ok(())
+    }
+
+    /// The PTX kernels of this handle, loaded on first use.
+    fn ptx_kernels(&self) -> Result<Arc<PtxKernels>> {
+        self.check_usable()?;
+        let loaded = self.0.kernels.ptx.get_or_init(|| {
+            let _span = tracing::debug_span!("prism.kernels.load_ptx").entered();
+            PtxKernels::load(self.cuda_context()).map(Arc::new)
+        });
+        loaded.clone().map_err(|source| Error::PtxLoad { source })
+    }
+}
+
 /// Loads prism's kernels into `gpu`'s context (bound by the caller) so the
-/// first launch of each does not stall the host while CUDA loads its
-/// module. A build without kernels has nothing to load; any other failure
-/// is left for the first launch to report (as a typed error there).
+/// first launch of each does not stall the host while CUDA loads its module
+/// (or, for PTX, while the driver compiles it). Any failure is left for
+/// the first launch to report (as a typed error there).
 pub(crate) fn preload(gpu: &Gpu) {
-    // SAFETY: no arguments; the caller made `gpu`'s context current, which
-    // is all the runtime needs to load the module into it.
-    let code = unsafe { sys::prism_preload_kernels() };
-    if code != 0 && code != sys::PRISM_ERR_KERNELS_NOT_BUILT as i32 {
+    let failure = match gpu.kernel_source() {
+        KernelSource::Launchers => {
+            // SAFETY: no arguments; the caller made `gpu`'s context current,
+            // which is all the runtime needs to load the module into it.
+            let code = unsafe { sys::prism_preload_kernels() };
+            (code != 0).then(|| code_message(code))
+        }
+        KernelSource::Ptx => gpu.ptx_kernels().err().map(|e| e.to_string()),
+    };
+    if let Some(why) = failure {
         tracing::warn!(
             device = gpu.info().ordinal,
-            "loading prism's kernels failed ({}); the first launch will say why",
-            code_message(code)
+            "loading prism's kernels failed ({why}); the first launch will say why"
         );
     }
+}
+
+/// Threads per block of every grid-stride kernel (`kBlock` in the .cu file).
+const BLOCK: u32 = 256;
+/// Grid cap of grid-stride kernels (`kMaxBlocks`).
+const MAX_BLOCKS: u64 = 65535 * 8;
+
+/// Blocks for `work` items: `blocks_for` of `kernels/prism_kernels.cu`.
+pub fn ptx_grid(work: u64) -> u32 {
+    work.div_ceil(u64::from(BLOCK)).clamp(1, MAX_BLOCKS) as u32
+}
+
+/// Launches `f` with `grid` x `block` threads on `stream`.
+///
+/// # Safety
+///
+/// `params` must point at live values matching `f`'s parameters in number,
+/// order and type; every buffer they name must be valid for what the
+/// kernel does with it and ordered on `stream` (the caller's lane).
+unsafe fn launch_ptx(
+    f: &CudaFunction,
+    grid: u32,
+    block: u32,
+    stream: cu::CUstream,
+    params: &mut [*mut c_void],
+) -> std::result::Result<(), DriverError> {
+    // SAFETY: forwarded from the caller; `f` belongs to the lane's context
+    // (the module was loaded into the lane's Gpu).
+    unsafe {
+        result::launch_kernel(
+            f.cu_function(),
+            (grid, 1, 1),
+            (block, 1, 1),
+            0,
+            stream,
+            params,
+        )
+    }
+}
+
+/// A pointer to a launch parameter, as `cuLaunchKernel` takes it.
+fn param<T>(v: &mut T) -> *mut c_void {
+    (v as *mut T).cast()
+}
+
+/// Turns a failed driver launch into the launcher path's error: anything
+/// but a rejected argument leaves the context unusable.
+fn check_driver_launch(
+    gpu: &Gpu,
+    kernel: &'static str,
+    outcome: std::result::Result<(), DriverError>,
+) -> Result<()> {
+    let Err(e) = outcome else { return Ok(()) };
+    let message = e.to_string();
+    if e.0 != cu::CUresult::CUDA_ERROR_INVALID_VALUE {
+        gpu.poison(&format!("kernel {kernel}: {message}"));
+    }
+    Err(Error::Kernel {
+        kernel,
+        code: e.0 as i32,
+        message,
+    })
 }
 
 /// A kernel launch scope on one [`Lane`] (see [`Lane::launch`]; inside
@@ -120,20 +340,36 @@ impl<'l> Launch<'l> {
         self.lane.timed_fence()
     }
 
-    /// Runs one of prism's launchers through the lane.
+    /// Runs one of prism's kernels through the lane, from the GPU's
+    /// [`KernelSource`]: `launcher` calls the nvcc launcher, `ptx` launches
+    /// the same kernel(s) from the PTX with the same grid.
     fn run(
         &mut self,
         kernel: &'static str,
         uses: &[Used<'_>],
-        launch: impl FnOnce(sys::prism_stream_t) -> i32,
+        launcher: impl FnOnce(sys::prism_stream_t) -> i32,
+        ptx: impl FnOnce(&PtxKernels, cu::CUstream) -> std::result::Result<(), DriverError>,
     ) -> Result<()> {
-        // The launcher's status is checked once the fence is noted: a failed
-        // launch is fenced like any other (enqueue fences every path).
-        let (_, end, code) = self
-            .lane
-            .enqueue(uses, false, |stream| Ok(launch(stream.cast())))?;
-        self.last = Some(end);
-        check_code(self.lane.gpu(), kernel, code)
+        let gpu = self.lane.gpu().clone();
+        // The status is checked once the fence is noted: a failed launch is
+        // fenced like any other (enqueue fences every path).
+        match gpu.kernel_source() {
+            KernelSource::Launchers => {
+                let (_, end, code) = self
+                    .lane
+                    .enqueue(uses, false, |stream| Ok(launcher(stream.cast())))?;
+                self.last = Some(end);
+                check_code(&gpu, kernel, code)
+            }
+            KernelSource::Ptx => {
+                let kernels = gpu.ptx_kernels()?;
+                let (_, end, outcome) = self
+                    .lane
+                    .enqueue(uses, false, |stream| Ok(ptx(&kernels, stream)))?;
+                self.last = Some(end);
+                check_driver_launch(&gpu, kernel, outcome)
+            }
+        }
     }
 
     /// `y[..n] = x[..n]` after `iters` steps of `v = fma(v, a, b)`.
@@ -154,22 +390,27 @@ impl<'l> Launch<'l> {
             x.used(Access::Read, "fma_chain input"),
             y.used(Access::Write, "fma_chain output"),
         ];
-        self.run("fma_chain", &uses, |stream| {
-            // SAFETY: x and y are allocations of the lane's context (checked by
-            // enqueue) with at least n elements (checked above), ordered after
-            // their earlier uses and fenced before this call returns.
-            unsafe {
-                sys::prism_fma_chain_f32(
-                    xp as *const f32,
-                    yp as *mut f32,
-                    n as u64,
-                    a,
-                    b,
-                    iters,
-                    stream,
-                )
-            }
-        })
+        self.run(
+            "fma_chain",
+            &uses,
+            |stream| {
+                // SAFETY: x and y are allocations of the lane's context (checked by
+                // enqueue) with at least n elements (checked above), ordered after
+                // their earlier uses and fenced before this call returns.
+                unsafe {
+                    sys::prism_fma_chain_f32(
+                        xp as *const f32,
+                        yp as *mut f32,
+                        n as u64,
+                        a,
+                        b,
+                        iters,
+                        stream,
+                    )
+                }
+            },
+            |k, stream| ptx_fma_chain(k, stream, xp, yp, n as u64, a, b, iters),
+        )
     }
 
     /// In place: `y[..n] = fma^iters(y[..n])`.
@@ -185,20 +426,25 @@ impl<'l> Launch<'l> {
         let iters = iters_i32(iters)?;
         let p = y.device_ptr();
         let uses = [y.used(Access::Write, "fma_chain buffer")];
-        self.run("fma_chain", &uses, |stream| {
-            // SAFETY: as in fma_chain; the launcher allows x == y (elementwise).
-            unsafe {
-                sys::prism_fma_chain_f32(
-                    p as *const f32,
-                    p as *mut f32,
-                    n as u64,
-                    a,
-                    b,
-                    iters,
-                    stream,
-                )
-            }
-        })
+        self.run(
+            "fma_chain",
+            &uses,
+            |stream| {
+                // SAFETY: as in fma_chain; the launcher allows x == y (elementwise).
+                unsafe {
+                    sys::prism_fma_chain_f32(
+                        p as *const f32,
+                        p as *mut f32,
+                        n as u64,
+                        a,
+                        b,
+                        iters,
+                        stream,
+                    )
+                }
+            },
+            |k, stream| ptx_fma_chain(k, stream, p, p, n as u64, a, b, iters),
+        )
     }
 
     /// `buf[i] = pattern(seed, i)` for `i < n` (see [`pattern`]).
@@ -206,10 +452,21 @@ impl<'l> Launch<'l> {
         check_len("fill_pattern buffer", n, buf.len())?;
         let p = buf.device_ptr();
         let uses = [buf.used(Access::Write, "fill_pattern buffer")];
-        self.run("fill_pattern", &uses, |stream| {
-            // SAFETY: buf has at least n elements; ordered and fenced by enqueue.
-            unsafe { sys::prism_fill_pattern_u32(p as *mut u32, n as u64, seed, stream) }
-        })
+        self.run(
+            "fill_pattern",
+            &uses,
+            |stream| {
+                // SAFETY: buf has at least n elements; ordered and fenced by enqueue.
+                unsafe { sys::prism_fill_pattern_u32(p as *mut u32, n as u64, seed, stream) }
+            },
+            |k, stream| {
+                let (mut p, mut n, mut seed) = (p, n as u64, seed);
+                let mut params = [param(&mut p), param(&mut n), param(&mut seed)];
+                // SAFETY: (u32*, u64, u32) as the kernel declares; buf has n
+                // elements, ordered and fenced by enqueue.
+                unsafe { launch_ptx(&k.fill_pattern, ptx_grid(n), BLOCK, stream, &mut params) }
+            },
+        )
     }
 
     /// Counts mismatches of `buf[..n]` against the pattern into
@@ -236,18 +493,40 @@ impl<'l> Launch<'l> {
                 result::memset_d8_async(c, 0, 8, stream).call("cuMemsetD8Async")?;
                 result::memset_d8_async(c + 8, 0xFF, 8, stream).call("cuMemsetD8Async")?;
             }
-            // SAFETY: buf has n elements, counters 2; ordered and fenced by enqueue.
-            let code = unsafe {
-                sys::prism_check_pattern_u32(
-                    p as *const u32,
-                    n as u64,
-                    seed,
-                    c as *mut _,
-                    (c + 8) as *mut _,
-                    stream.cast(),
-                )
-            };
-            check_code(&gpu, "check_pattern", code)
+            match gpu.kernel_source() {
+                KernelSource::Launchers => {
+                    // SAFETY: buf has n elements, counters 2; ordered and fenced by enqueue.
+                    let code = unsafe {
+                        sys::prism_check_pattern_u32(
+                            p as *const u32,
+                            n as u64,
+                            seed,
+                            c as *mut _,
+                            (c + 8) as *mut _,
+                            stream.cast(),
+                        )
+                    };
+                    check_code(&gpu, "check_pattern", code)
+                }
+                KernelSource::Ptx => {
+                    let k = gpu.ptx_kernels()?;
+                    let (mut p, mut n, mut seed, mut m, mut first) = (p, n as u64, seed, c, c + 8);
+                    let mut params = [
+                        param(&mut p),
+                        param(&mut n),
+                        param(&mut seed),
+                        param(&mut m),
+                        param(&mut first),
+                    ];
+                    // SAFETY: (u32*, u64, u32, u64*, u64*) as the kernel
+                    // declares; buf has n elements and counters 2, ordered
+                    // and fenced by enqueue.
+                    let outcome = unsafe {
+                        launch_ptx(&k.check_pattern, ptx_grid(n), BLOCK, stream, &mut params)
+                    };
+                    check_driver_launch(&gpu, "check_pattern", outcome)
+                }
+            }
         })?;
         self.last = Some(end);
         Ok(())
@@ -255,10 +534,17 @@ impl<'l> Launch<'l> {
 
     /// A kernel that keeps the stream busy for `ns` nanoseconds (tests, demos).
     pub fn spin(&mut self, ns: u64) -> Result<()> {
-        // SAFETY: touches no memory; the stream is live (held by the lane).
-        self.run("spin_ns", &[], |stream| unsafe {
-            sys::prism_spin_ns(ns, stream)
-        })
+        self.run(
+            "spin_ns",
+            &[],
+            // SAFETY: touches no memory; the stream is live (held by the lane).
+            |stream| unsafe { sys::prism_spin_ns(ns, stream) },
+            |k, stream| {
+                let mut ns = ns;
+                // SAFETY: (u64) as the kernel declares; touches no memory.
+                unsafe { launch_ptx(&k.spin_ns, 1, 1, stream, &mut [param(&mut ns)]) }
+            },
+        )
     }
 
     /// A kernel that writes through an invalid address: the GPU faults and the
@@ -267,9 +553,19 @@ impl<'l> Launch<'l> {
     /// on a context of its own ([`Gpu::open_private`]).
     #[doc(hidden)]
     pub fn fault_injection(&mut self) -> Result<()> {
-        // SAFETY: the kernel faults on the GPU by design; no host memory and no
-        // prism buffer is involved, and the fault is reported as a CUDA error.
-        self.run("fault", &[], |stream| unsafe { sys::prism_fault(stream) })
+        self.run(
+            "fault",
+            &[],
+            // SAFETY: the kernel faults on the GPU by design; no host memory and no
+            // prism buffer is involved, and the fault is reported as a CUDA error.
+            |stream| unsafe { sys::prism_fault(stream) },
+            |k, stream| {
+                // The launcher's address: one no allocation can have.
+                let mut bad: u64 = 0x10;
+                // SAFETY: as above: the store faults on the GPU, touching nothing.
+                unsafe { launch_ptx(&k.fault, 1, 1, stream, &mut [param(&mut bad)]) }
+            },
+        )
     }
 
     /// `out[j] = sum(x[j*group .. min((j+1)*group, n)])`; `out` needs `ceil(n/group)` elements.
@@ -292,12 +588,37 @@ impl<'l> Launch<'l> {
             x.used(Access::Read, "group_sum input"),
             out.used(Access::Write, "group_sum output"),
         ];
-        self.run("group_sum", &uses, |stream| {
-            // SAFETY: sizes checked above; ordered and fenced by enqueue.
-            unsafe {
-                sys::prism_group_sum_f32(xp as *const f32, n as u64, group, op as *mut f32, stream)
-            }
-        })
+        self.run(
+            "group_sum",
+            &uses,
+            |stream| {
+                // SAFETY: sizes checked above; ordered and fenced by enqueue.
+                unsafe {
+                    sys::prism_group_sum_f32(
+                        xp as *const f32,
+                        n as u64,
+                        group,
+                        op as *mut f32,
+                        stream,
+                    )
+                }
+            },
+            |k, stream| {
+                let (mut xp, mut n, mut group, mut op) = (xp, n as u64, group, op);
+                let mut groups = n.div_ceil(u64::from(group));
+                let grid = ptx_grid(groups);
+                let mut params = [
+                    param(&mut xp),
+                    param(&mut n),
+                    param(&mut group),
+                    param(&mut op),
+                    param(&mut groups),
+                ];
+                // SAFETY: (f32*, u64, u32, f32*, u64) as the kernel declares;
+                // sizes checked above; ordered and fenced by enqueue.
+                unsafe { launch_ptx(&k.group_sum, grid, BLOCK, stream, &mut params) }
+            },
+        )
     }
 
     /// Gathers `items` back to back into the front of `dst` with one kernel
@@ -325,13 +646,27 @@ impl<'l> Launch<'l> {
         let d = dst.device_ptr();
         uses.push(dst.used(Access::Write, "gather destination"));
         let count = items.len() as u64;
-        self.run("gather_bytes", &uses, |stream| {
-            // SAFETY: desc holds 3 * count initialised descriptors in mapped
-            // pinned memory; each names a live mapped pinned buffer of this
-            // context and its size, all fenced by enqueue before this returns;
-            // the offsets stay within dst (total <= dst.len(), checked above).
-            unsafe { sys::prism_gather_bytes(desc_ptr as *const u64, count, d as *mut u8, stream) }
-        })?;
+        let grid = zero_copy_grid(count)?;
+        self.run(
+            "gather_bytes",
+            &uses,
+            |stream| {
+                // SAFETY: desc holds 3 * count initialised descriptors in mapped
+                // pinned memory; each names a live mapped pinned buffer of this
+                // context and its size, all fenced by enqueue before this returns;
+                // the offsets stay within dst (total <= dst.len(), checked above).
+                unsafe {
+                    sys::prism_gather_bytes(desc_ptr as *const u64, count, d as *mut u8, stream)
+                }
+            },
+            |k, stream| {
+                let (mut desc, mut d) = (desc_ptr, d);
+                let mut params = [param(&mut desc), param(&mut d)];
+                // SAFETY: (u64*, u8*) as the kernel declares, one block per
+                // descriptor; as for the launcher above.
+                unsafe { launch_ptx(&k.gather_bytes, grid, BLOCK, stream, &mut params) }
+            },
+        )?;
         Ok(total)
     }
 
@@ -358,14 +693,26 @@ impl<'l> Launch<'l> {
                 .map(|b| b.used(Access::Write, "scattered pinned buffer")),
         );
         let count = items.len() as u64;
-        self.run("scatter_bytes", &uses, |stream| {
-            // SAFETY: as in gather_pinned, with the roles swapped: every
-            // descriptor names a live mapped pinned buffer that host code cannot
-            // touch until the write fence noted by enqueue completes.
-            unsafe {
-                sys::prism_scatter_bytes(s as *const u8, desc_ptr as *const u64, count, stream)
-            }
-        })?;
+        let grid = zero_copy_grid(count)?;
+        self.run(
+            "scatter_bytes",
+            &uses,
+            |stream| {
+                // SAFETY: as in gather_pinned, with the roles swapped: every
+                // descriptor names a live mapped pinned buffer that host code cannot
+                // touch until the write fence noted by enqueue completes.
+                unsafe {
+                    sys::prism_scatter_bytes(s as *const u8, desc_ptr as *const u64, count, stream)
+                }
+            },
+            |k, stream| {
+                let (mut s, mut desc) = (s, desc_ptr);
+                let mut params = [param(&mut s), param(&mut desc)];
+                // SAFETY: (u8*, u64*) as the kernel declares, one block per
+                // descriptor; as for the launcher above.
+                unsafe { launch_ptx(&k.scatter_bytes, grid, BLOCK, stream, &mut params) }
+            },
+        )?;
         Ok(total)
     }
 
@@ -421,12 +768,17 @@ impl<'l> Launch<'l> {
             x.used(Access::Read, "clamp input"),
             y.used(Access::Write, "clamp output"),
         ];
-        self.run("clamp", &uses, |stream| {
-            // SAFETY: x and y have >= n elements (checked), ordered and fenced by enqueue.
-            unsafe {
-                sys::prism_clamp_f32(xp as *const f32, yp as *mut f32, n as u64, lo, hi, stream)
-            }
-        })
+        self.run(
+            "clamp",
+            &uses,
+            |stream| {
+                // SAFETY: x and y have >= n elements (checked), ordered and fenced by enqueue.
+                unsafe {
+                    sys::prism_clamp_f32(xp as *const f32, yp as *mut f32, n as u64, lo, hi, stream)
+                }
+            },
+            |k, stream| ptx_clamp(k, stream, xp, yp, n as u64, lo, hi),
+        )
     }
 
     /// In place: `y[i] = clamp(y[i], lo, hi)` for `i < n`.
@@ -440,12 +792,17 @@ impl<'l> Launch<'l> {
         check_len("clamp buffer", n, y.len())?;
         let p = y.device_ptr();
         let uses = [y.used(Access::Write, "clamp buffer")];
-        self.run("clamp", &uses, |stream| {
-            // SAFETY: y has n elements; the launcher allows x == y; ordered and fenced.
-            unsafe {
-                sys::prism_clamp_f32(p as *const f32, p as *mut f32, n as u64, lo, hi, stream)
-            }
-        })
+        self.run(
+            "clamp",
+            &uses,
+            |stream| {
+                // SAFETY: y has n elements; the launcher allows x == y; ordered and fenced.
+                unsafe {
+                    sys::prism_clamp_f32(p as *const f32, p as *mut f32, n as u64, lo, hi, stream)
+                }
+            },
+            |k, stream| ptx_clamp(k, stream, p, p, n as u64, lo, hi),
+        )
     }
 
     /// Starts a launch of the user's own `kernel` (loaded with
@@ -635,6 +992,96 @@ impl<'a> KernelCall<'a> {
     }
 }
 
+/// `prism_fma_chain_f32` through the PTX: the float4 kernel over the
+/// aligned body, the scalar kernel over the rest.
+#[allow(clippy::too_many_arguments)]
+fn ptx_fma_chain(
+    k: &PtxKernels,
+    stream: cu::CUstream,
+    x: u64,
+    y: u64,
+    n: u64,
+    a: f32,
+    b: f32,
+    iters: i32,
+) -> std::result::Result<(), DriverError> {
+    let (mut a, mut b, mut iters) = (a, b, iters);
+    let mut head = 0u64;
+    if x.is_multiple_of(16) && y.is_multiple_of(16) {
+        let mut n4 = n / 4;
+        if n4 != 0 {
+            let (mut x, mut y) = (x, y);
+            let grid = ptx_grid(n4);
+            let mut params = [
+                param(&mut x),
+                param(&mut y),
+                param(&mut n4),
+                param(&mut a),
+                param(&mut b),
+                param(&mut iters),
+            ];
+            // SAFETY: (float4*, float4*, u64, f32, f32, i32) as the kernel
+            // declares; x and y are 16-byte aligned and hold n >= 4 * n4
+            // floats (the caller's checks), ordered by the caller's lane.
+            unsafe { launch_ptx(&k.fma_chain_vec4, grid, BLOCK, stream, &mut params) }?;
+        }
+        head = n4 * 4;
+    }
+    if head < n {
+        let (mut x, mut y, mut head, mut n) = (x, y, head, n);
+        let grid = ptx_grid(n - head);
+        let mut params = [
+            param(&mut x),
+            param(&mut y),
+            param(&mut head),
+            param(&mut n),
+            param(&mut a),
+            param(&mut b),
+            param(&mut iters),
+        ];
+        // SAFETY: (f32*, f32*, u64, u64, f32, f32, i32) as the kernel
+        // declares; x and y hold n floats, ordered by the caller's lane.
+        unsafe { launch_ptx(&k.fma_chain_scalar, grid, BLOCK, stream, &mut params) }?;
+    }
+    Ok(())
+}
+
+/// `prism_clamp_f32` through the PTX.
+fn ptx_clamp(
+    k: &PtxKernels,
+    stream: cu::CUstream,
+    x: u64,
+    y: u64,
+    n: u64,
+    lo: f32,
+    hi: f32,
+) -> std::result::Result<(), DriverError> {
+    let (mut x, mut y, mut n2, mut lo, mut hi) = (x, y, n, lo, hi);
+    let mut params = [
+        param(&mut x),
+        param(&mut y),
+        param(&mut n2),
+        param(&mut lo),
+        param(&mut hi),
+    ];
+    // SAFETY: (f32*, f32*, u64, f32, f32) as the kernel declares; x and y
+    // hold n floats (the caller's checks), ordered by the caller's lane.
+    unsafe { launch_ptx(&k.clamp, ptx_grid(n), BLOCK, stream, &mut params) }
+}
+
+/// One block per zero-copy descriptor: the launchers refuse more than
+/// `i32::MAX` of them.
+fn zero_copy_grid(count: u64) -> Result<u32> {
+    u32::try_from(count)
+        .ok()
+        .filter(|&c| c <= i32::MAX as u32)
+        .ok_or(Error::LengthMismatch {
+            what: "zero-copy items (max i32::MAX)",
+            expected: i32::MAX as usize,
+            actual: count as usize,
+        })
+}
+
 /// The launcher takes `iters` as an `int32_t`.
 fn iters_i32(iters: u32) -> Result<i32> {
     i32::try_from(iters).map_err(|_| Error::LengthMismatch {
@@ -662,4 +1109,52 @@ pub fn fma_chain_cpu(x: f32, a: f32, b: f32, iters: u32) -> f32 {
         v = v.mul_add(a, b);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundled PTX holds every kernel the driver path launches, for the
+    /// oldest target and ISA prism promises (compute_75, PTX ISA 8.0).
+    #[test]
+    fn bundled_ptx_has_every_kernel_at_the_promised_isa() {
+        let ptx = sys::KERNELS_PTX;
+        assert!(ptx.lines().any(|l| l == ".version 8.0"), "PTX ISA 8.0");
+        assert!(ptx.lines().any(|l| l == ".target sm_75"), "compute_75");
+        for name in PTX_KERNEL_NAMES {
+            assert!(
+                ptx.contains(&format!(".visible .entry {name}(")),
+                "{name} missing from kernels/prism_kernels.ptx"
+            );
+        }
+        let entries = ptx.matches(".visible .entry ").count();
+        assert_eq!(
+            entries,
+            PTX_KERNEL_NAMES.len(),
+            "an entry without a launcher"
+        );
+    }
+
+    /// `ptx_grid` is the .cu file's `blocks_for`.
+    #[test]
+    fn ptx_grid_matches_the_launchers() {
+        assert_eq!(ptx_grid(0), 1);
+        assert_eq!(ptx_grid(1), 1);
+        assert_eq!(ptx_grid(256), 1);
+        assert_eq!(ptx_grid(257), 2);
+        assert_eq!(ptx_grid(u64::MAX), (65535 * 8) as u32);
+        assert_eq!(zero_copy_grid(7).unwrap(), 7);
+        assert!(zero_copy_grid(1 << 31).is_err());
+    }
+
+    #[test]
+    fn default_source_follows_the_build() {
+        let expected = if sys::KERNELS_BUILT {
+            KernelSource::Launchers
+        } else {
+            KernelSource::Ptx
+        };
+        assert_eq!(KernelSource::default_for_build(), expected);
+    }
 }

@@ -28,6 +28,26 @@
 //!
 //! This crate and prism-cuda-sys are the only ones with `unsafe` code; every
 //! block carries a `// SAFETY:` comment.
+//!
+//! # Kernels with or without nvcc, and CUDA 12 drivers
+//!
+//! prism's own kernels run through the launchers nvcc compiled into
+//! prism-cuda-sys when the build had nvcc, and otherwise from the PTX that
+//! crate carries, loaded and launched through the driver API
+//! ([`KernelSource`]; both give bit-identical results). Feature `cuda-13`
+//! (default) binds the CUDA 13 driver API (R580 or newer); `cuda-12`, with
+//! `default-features = false`, binds CUDA 12.0's (R525 or newer) and always
+//! uses the PTX.
+
+#[cfg(all(feature = "cuda-12", feature = "cuda-13"))]
+compile_error!(
+    "prism-stream: features `cuda-12` and `cuda-13` exclude each other; \
+     for CUDA 12 drivers depend on prism with `default-features = false, features = [\"cuda-12\"]`"
+);
+#[cfg(not(any(feature = "cuda-12", feature = "cuda-13")))]
+compile_error!(
+    "prism-stream: enable feature `cuda-13` (the default, CUDA 13 drivers) or `cuda-12` (CUDA 12 drivers)"
+);
 
 mod context;
 mod coordinator;
@@ -47,7 +67,7 @@ pub use coordinator::AsyncCoordinator;
 pub use error::{Error, Result};
 pub use event::Fence;
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
-pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, Launch, Module};
+pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, KernelSource, Launch, Module};
 pub use managed::ManagedGpuContext;
 pub use memory::{
     as_bytes, as_bytes_mut, copy_streaming, pinned_bytes, zeroed_vec, DeviceBuffer, Element,

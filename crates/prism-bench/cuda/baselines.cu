@@ -5,7 +5,7 @@
 
 #include <chrono>
 
-#include "prism_kernels.h"
+#include "baselines.h"
 
 namespace {
 

@@ -278,6 +278,10 @@ fn bundle(dir: &Path, budget: Option<u64>, cuda12: bool) -> Result {
     let mut example_lines = Vec::new();
     for (name, path) in &examples {
         let short = name.split("--").nth(1).unwrap_or(name).to_owned();
+        if short == "prism-bench" && !prism_kernels_built() {
+            // Its CUDA C++ baselines need nvcc; it would only say so.
+            continue;
+        }
         bytes += copy_into(&dir.join("bin"), &short, path)?;
         for (k, (_, _, args)) in EXAMPLE_SMOKE_RUNS
             .iter()

@@ -274,7 +274,7 @@ fn run() -> Result<(), BoxError> {
         return Ok(());
     }
     if !prism_cuda_sys::KERNELS_BUILT {
-        return Err("this build has no CUDA kernels (no nvcc at build time): run `cargo xtask install-nvcc` and rebuild".into());
+        return Err("prism-bench compares prism with CUDA C++ baselines that nvcc compiles, and this build had no nvcc: run `cargo xtask install-nvcc` and rebuild".into());
     }
     let gpu = Gpu::open(0).map_err(|e| format!("prism-bench needs a GPU: {e}"))?;
     // The plain-cudarc baseline gets a context handle of its own with event

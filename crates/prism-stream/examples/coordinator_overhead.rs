@@ -37,7 +37,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use prism_stream::cudarc::driver::sys::{self, CUresult};
-use prism_stream::cudarc::driver::{result, CudaContext, CudaStream, DevicePtr};
+use prism_stream::cudarc::driver::{
+    result, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr,
+};
+use prism_stream::cudarc::nvrtc::Ptx;
 use prism_stream::testing::{gpu_required, random_f32};
 use prism_stream::{
     AsyncCoordinator, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer, StreamPurpose,
@@ -180,7 +183,22 @@ fn hold(
     let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(drv)?;
     // SAFETY: `s` is a live stream of the current context; the spin kernel
     // touches no memory.
-    let code = unsafe { prism_cuda_sys::prism_spin_ns(HOLD_NS, s.cu_stream().cast()) };
+    let code = if prism_cuda_sys::KERNELS_BUILT {
+        // SAFETY: as above.
+        unsafe { prism_cuda_sys::prism_spin_ns(HOLD_NS, s.cu_stream().cast()) }
+    } else {
+        let mut ns = HOLD_NS;
+        // SAFETY: `prism_k_spin_ns(u64)` takes one u64 and touches no memory.
+        unsafe {
+            ptx_launch(
+                &s,
+                "prism_k_spin_ns",
+                1,
+                1,
+                &mut [(&mut ns as *mut u64).cast()],
+            )
+        }?
+    };
     if code != 0 {
         return Err(Error::Kernel {
             kernel: "spin_ns",
@@ -404,6 +422,26 @@ unsafe fn launch_fma(
     y: sys::CUdeviceptr,
     stream: &CudaStream,
 ) -> Result<(), Error> {
+    if !prism_cuda_sys::KERNELS_BUILT {
+        let (mut x, mut y, mut begin, mut n) = (x, y, 0u64, N as u64);
+        let (mut a, mut b, mut iters) = (1.0f32, 0.5f32, 1i32);
+        let mut params: [*mut std::ffi::c_void; 7] = [
+            (&mut x as *mut u64).cast(),
+            (&mut y as *mut u64).cast(),
+            (&mut begin as *mut u64).cast(),
+            (&mut n as *mut u64).cast(),
+            (&mut a as *mut f32).cast(),
+            (&mut b as *mut f32).cast(),
+            (&mut iters as *mut i32).cast(),
+        ];
+        let grid = (N as u32).div_ceil(256);
+        // SAFETY: the scalar fma kernel's parameters (x, y, begin, n, a, b,
+        // iters); the caller guarantees both allocations of N floats.
+        let code =
+            unsafe { ptx_launch(stream, "prism_k_fma_chain_scalar", grid, 256, &mut params) }?;
+        debug_assert_eq!(code, 0);
+        return Ok(());
+    }
     // SAFETY: the caller guarantees both allocations; the stream is live (borrowed).
     let code = unsafe {
         prism_cuda_sys::prism_fma_chain_f32(
@@ -424,6 +462,55 @@ unsafe fn launch_fma(
         });
     }
     Ok(())
+}
+
+/// A build without nvcc has no launchers: the plain-cudarc side then
+/// launches prism's kernels from prism-cuda-sys's PTX itself, as a cudarc
+/// program would (the module is loaded once into the stream's context).
+///
+/// # Safety
+///
+/// `params` must match the kernel's parameters, and every buffer they name
+/// must stay valid until the launch completes.
+unsafe fn ptx_launch(
+    stream: &CudaStream,
+    name: &str,
+    grid: u32,
+    block: u32,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<i32, Error> {
+    const NAMES: [&str; 2] = ["prism_k_spin_ns", "prism_k_fma_chain_scalar"];
+    static KERNELS: std::sync::OnceLock<(Arc<CudaModule>, [CudaFunction; 2])> =
+        std::sync::OnceLock::new();
+    let (_, functions) = match KERNELS.get() {
+        Some(k) => k,
+        None => {
+            let m = stream
+                .context()
+                .load_module(Ptx::from_src(prism_cuda_sys::KERNELS_PTX))
+                .map_err(drv)?;
+            let spin = m.load_function(NAMES[0]).map_err(drv)?;
+            let fma = m.load_function(NAMES[1]).map_err(drv)?;
+            KERNELS.get_or_init(|| (m, [spin, fma]))
+        }
+    };
+    let f = &functions[NAMES
+        .iter()
+        .position(|n| *n == name)
+        .expect("a kernel of NAMES")];
+    // SAFETY: forwarded from the caller; `f` is of the stream's context.
+    unsafe {
+        result::launch_kernel(
+            f.cu_function(),
+            (grid, 1, 1),
+            (block, 1, 1),
+            0,
+            stream.cu_stream(),
+            params,
+        )
+    }
+    .map_err(drv)?;
+    Ok(0)
 }
 
 /// The floor: the nine driver calls per iteration and nothing else.

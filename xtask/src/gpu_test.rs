@@ -375,11 +375,11 @@ for t in {test_list}; do
 done
 if [ "${{EXAMPLES:-1}}" = 1 ]; then
 {example_steps}
-    if python3 -c "import torch" 2>/dev/null; then
+    if [ -x ./bin/prism-bench ] && python3 -c "import torch" 2>/dev/null; then
         mkdir -p "$LOGS/bench"
         step torch-s4 python3 ./py/s4_torch.py --out "$LOGS/bench/torch-s4.json"
     else
-        echo "torch-s4: SKIPPED (no python3 with torch here)"
+        echo "torch-s4: SKIPPED (no prism-bench in this bundle, or no python3 with torch here)"
     fi
 fi
 if [ "${{SOAK:-0}}" = 1 ]; then

@@ -12,6 +12,11 @@
 //! - [`AsyncCoordinator`]: upload / compute / download lanes and op ids.
 //! - [`Launch`]: launches of prism's kernels and, through
 //!   [`Launch::kernel`], of your own ([`Gpu::load_module`]).
+//! - cudarc interop: [`DeviceBuffer::from_cuda_slice`] /
+//!   [`DeviceBuffer::into_cuda_slice`] move an allocation between a cudarc
+//!   `CudaSlice` and a prism buffer, [`Lane::from_cuda_stream`] /
+//!   [`Lane::into_cuda_stream`] a stream between cudarc and a lane; each
+//!   orders the new owner after the old one's pending work.
 //!
 //! # Soundness
 //!
@@ -35,6 +40,7 @@ mod copy;
 mod error;
 mod event;
 pub mod graph;
+mod interop;
 mod kernels;
 mod managed;
 mod memory;
@@ -47,6 +53,7 @@ pub use coordinator::AsyncCoordinator;
 pub use error::{Error, Result};
 pub use event::Fence;
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
+pub use interop::InteropError;
 pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, Launch, Module};
 pub use managed::ManagedGpuContext;
 pub use memory::{

@@ -26,7 +26,8 @@
 //! orders it and records its fence before returning (module `order`); host
 //! access checks those fences; `Drop` waits for them; [`Element`] admits
 //! only plain data; the safe constructors never hand out uninitialised
-//! device memory.
+//! device memory. Memory and streams that change hands with cudarc are
+//! ordered after their old owner's pending work (module `interop`).
 //!
 //! Built on cudarc's driver API with `dynamic-loading`: a binary runs (and
 //! reports [`Error::DriverNotFound`]) on machines without a driver.

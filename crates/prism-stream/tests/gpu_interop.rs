@@ -334,9 +334,11 @@ fn gpu_interop_refusals_hand_the_object_back() {
     let buf = e.value;
     assert_eq!(download(&gpu, &buf), data, "the refused buffer changed");
 
-    // An empty slice.
-    let e = DeviceBuffer::from_cuda_slice(&gpu, stream.null::<f32>().unwrap()).unwrap_err();
-    assert!(matches!(e.error, Error::ZeroLength { .. }), "{}", e.error);
+    // An empty slice (where the driver makes one: some refuse 0 bytes).
+    if let Ok(empty) = stream.null::<f32>() {
+        let e = DeviceBuffer::from_cuda_slice(&gpu, empty).unwrap_err();
+        assert!(matches!(e.error, Error::ZeroLength { .. }), "{}", e.error);
+    }
 
     // Streams a lane does not take: another context's, the default ones, a shared one.
     let e = Lane::from_cuda_stream(&gpu, Arc::clone(&foreign)).unwrap_err();

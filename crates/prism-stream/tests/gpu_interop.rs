@@ -362,6 +362,7 @@ fn gpu_interop_refusals_hand_the_object_back() {
         "{}",
         e.error
     );
+    drop(e); // the refused clone of `shared`
     let on_it = shared.clone_htod(&data).unwrap(); // a slice holds a handle too
     let e = Lane::from_cuda_stream(&gpu, shared).unwrap_err();
     assert!(

@@ -106,6 +106,16 @@ pub enum Error {
     /// lane the work was queued on (nothing was queued).
     #[error("{what} belongs to another GPU context than the stream the work was queued on; nothing was queued")]
     WrongContext { what: &'static str },
+    /// A cudarc object (a `CudaSlice`, a `CudaStream`) of another CUDA
+    /// context than the GPU handle it was converted with.
+    #[error("{what} belongs to another CUDA context than the GPU handle it was given with (compare `Gpu::cuda_context().cu_ctx()`); nothing changed hands")]
+    ForeignContext { what: &'static str },
+    /// A CUDA stream that prism will not take over or hand back.
+    #[error("the CUDA stream cannot change hands: {reason}")]
+    StreamRefused { reason: &'static str },
+    /// The stream of a conversion is being captured into a CUDA graph.
+    #[error("{what} is being captured into a CUDA graph (cuStreamBeginCapture); end the capture first; nothing changed hands")]
+    StreamCapturing { what: &'static str },
 }
 
 /// Result alias of prism-stream.

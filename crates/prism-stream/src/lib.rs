@@ -12,6 +12,11 @@
 //! - [`AsyncCoordinator`]: upload / compute / download lanes and op ids.
 //! - [`Launch`]: launches of prism's kernels and, through
 //!   [`Launch::kernel`], of your own ([`Gpu::load_module`]).
+//! - cudarc interop: [`DeviceBuffer::from_cuda_slice`] /
+//!   [`DeviceBuffer::into_cuda_slice`] move an allocation between a cudarc
+//!   `CudaSlice` and a prism buffer, [`Lane::from_cuda_stream`] /
+//!   [`Lane::into_cuda_stream`] a stream between cudarc and a lane; each
+//!   orders the new owner after the old one's pending work.
 //!
 //! # Soundness
 //!
@@ -21,7 +26,8 @@
 //! orders it and records its fence before returning (module `order`); host
 //! access checks those fences; `Drop` waits for them; [`Element`] admits
 //! only plain data; the safe constructors never hand out uninitialised
-//! device memory.
+//! device memory. Memory and streams that change hands with cudarc are
+//! ordered after their old owner's pending work (module `interop`).
 //!
 //! Built on cudarc's driver API with `dynamic-loading`: a binary runs (and
 //! reports [`Error::DriverNotFound`]) on machines without a driver.
@@ -55,6 +61,7 @@ mod copy;
 mod error;
 mod event;
 pub mod graph;
+mod interop;
 mod kernels;
 mod managed;
 mod memory;
@@ -67,6 +74,7 @@ pub use coordinator::AsyncCoordinator;
 pub use error::{Error, Result};
 pub use event::Fence;
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
+pub use interop::InteropError;
 pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, KernelSource, Launch, Module};
 pub use managed::ManagedGpuContext;
 pub use memory::{

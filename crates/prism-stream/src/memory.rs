@@ -326,6 +326,27 @@ impl<T: Element> DeviceBuffer<T> {
         })
     }
 
+    /// Takes over `len` elements at `ptr`, an allocation of `gpu`'s context
+    /// that cudarc gave up (`interop.rs`). The caller notes the fence after
+    /// which its contents are ready, or has waited for every earlier use.
+    pub(crate) fn adopt(gpu: &Gpu, ptr: sys::CUdeviceptr, len: usize) -> Self {
+        Self {
+            gpu: gpu.clone(),
+            ptr,
+            len,
+            uses: UseCell::default(),
+            _t: PhantomData,
+        }
+    }
+
+    /// Gives the allocation up without freeing it (to cudarc,
+    /// `interop.rs`): `Drop` then neither waits nor frees, and the use list
+    /// goes (its fences back to the pool). The caller made the new owner's
+    /// stream wait for every use, or waited for them.
+    pub(crate) fn disown(mut self) -> sys::CUdeviceptr {
+        std::mem::replace(&mut self.ptr, 0)
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -378,14 +399,21 @@ impl<T: Element> Tracked for DeviceBuffer<T> {
 
 impl<T: Element> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
+        if self.ptr == 0 {
+            // Handed to cudarc (`disown`): its new owner frees it.
+            return;
+        }
         // Wait for every queued use first: freeing memory a kernel or copy still
         // touches would corrupt whatever is allocated there next.
         if !lock(&self.uses).release(self.gpu.key(), "device buffer") {
             return;
         }
         if self.gpu.bind().is_ok() {
-            // SAFETY: `ptr` came from cuMemAlloc in this context, every recorded
-            // use has completed (waited above; after a sticky error the context
+            // SAFETY: `ptr` is an allocation of this context, owned by this
+            // buffer alone: from cuMemAlloc, or adopted from a cudarc slice
+            // (cuMemAllocAsync or cuMemAlloc; cuMemFree frees either once every
+            // access has completed, and cudarc gave it up). Every recorded use
+            // has completed (waited above; after a sticky error the context
             // runs nothing more), and it is freed only here.
             let _ = unsafe { result::free_sync(self.ptr) };
         }

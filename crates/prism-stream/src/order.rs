@@ -29,6 +29,16 @@
 //!    context may use (their fences are waited for across contexts with
 //!    `cuStreamWaitEvent`, which accepts another context's event).
 //!
+//! 6. **Streams prism does not own.** Memory and streams that change hands
+//!    with cudarc (`interop.rs`) are ordered here too: an adopted
+//!    allocation's first fence is recorded on its cudarc stream
+//!    ([`fence_foreign`]) and noted as the write that made it
+//!    ([`note_made_by`]); a buffer handed to cudarc makes the receiving
+//!    stream wait for every use ([`order_foreign_after_all`]). A fence is
+//!    never taken from a record that a CUDA graph capture swallowed, so no
+//!    stream of prism's ever waits on a captured event (which would pull it
+//!    into the capture).
+//!
 //! Hazards are tracked per byte range ([`Extent`]): copies of disjoint
 //! parts of one buffer (chunks of a run, on several streams or GPUs) do not
 //! wait for each other.
@@ -42,7 +52,7 @@ use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{result, sys, CudaStream};
+use cudarc::driver::{result, sys, CudaStream, DriverError};
 
 use crate::context::Gpu;
 use crate::error::DriverResultExt;
@@ -50,8 +60,11 @@ use crate::event::Fence;
 use crate::stream::StreamPurpose;
 use crate::{Error, Result};
 
-/// Identifies one CUDA stream made by prism, unique for the life of the
-/// process (never reused, unlike the driver's stream handles).
+/// Identifies one CUDA stream prism queues on (made by prism, or taken over
+/// from cudarc by [`Lane::from_cuda_stream`]), unique for the life of the
+/// process (never reused, unlike the driver's stream handles). An id never
+/// names two streams; one stream may get two ids (taken over twice), which
+/// costs at most a redundant wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(NonZeroU64);
 
@@ -319,7 +332,8 @@ pub(crate) struct Used<'a> {
     pub(crate) what: &'static str,
 }
 
-/// One CUDA stream made by prism, shared by every lane on it.
+/// One CUDA stream prism queues on (made by prism, or adopted from a cudarc
+/// user, who gave up every other handle to it), shared by every lane on it.
 #[derive(Debug)]
 pub(crate) struct StreamCore {
     pub(crate) id: StreamId,
@@ -344,6 +358,18 @@ impl StreamCore {
             cu,
             last_seq: Mutex::new(0),
         }))
+    }
+
+    /// A stream made by someone else (a cudarc user's) that prism now holds
+    /// alone (the caller checked that no other handle to it exists). Its id
+    /// is fresh, as for a stream prism made.
+    pub(crate) fn adopt(gpu: &Gpu, cu: Arc<CudaStream>) -> Arc<Self> {
+        Arc::new(Self {
+            id: StreamId::fresh(),
+            gpu: gpu.clone(),
+            cu,
+            last_seq: Mutex::new(0),
+        })
     }
 
     /// The priority prism gives streams of `purpose`: copies highest (so
@@ -394,6 +420,22 @@ impl Lane {
         Self {
             core,
             clock: WaitClock::default(),
+        }
+    }
+
+    /// A lane on a stream prism now holds alone (see [`StreamCore::adopt`]).
+    pub(crate) fn adopt(gpu: &Gpu, cu: Arc<CudaStream>) -> Self {
+        Self::on(StreamCore::adopt(gpu, cu))
+    }
+
+    /// The lane's stream, if no other lane shares it; the lane is consumed,
+    /// so prism queues nothing more there (fences already recorded on it
+    /// keep their meaning). Otherwise the lane comes back.
+    pub(crate) fn into_stream(self) -> std::result::Result<Arc<CudaStream>, Box<Self>> {
+        let clock = self.clock;
+        match Arc::try_unwrap(self.core) {
+            Ok(core) => Ok(core.cu),
+            Err(core) => Err(Box::new(Self { core, clock })),
         }
     }
 
@@ -552,6 +594,81 @@ impl Lane {
         }
         outcome.map(|r| (start, end, r))
     }
+}
+
+/// Records a fence on `stream`, a stream of `gpu`'s context that prism does
+/// not own (a cudarc user's), after everything queued there so far (rule 6).
+/// Its stream id is fresh and it is the only fence of that id, so no wait
+/// is ever skipped on its account (rules 2 and 4). A record that a graph
+/// capture of the stream swallowed (`CUDA_ERROR_CAPTURED_EVENT` on query)
+/// marks no work that runs now: it is refused with `StreamCapturing`.
+pub(crate) fn fence_foreign(gpu: &Gpu, stream: &CudaStream) -> Result<Fence> {
+    gpu.bind()?;
+    let events = &gpu.0.events;
+    let event = events.take(false)?;
+    // SAFETY: `event` is a live event of this context (fresh or pooled) and
+    // `stream` a live stream of the same context (the caller checked and
+    // holds it).
+    if let Err(e) = unsafe { result::event::record(event.0, stream.cu_stream()) } {
+        events.put(event, false);
+        return Err(e).call("cuEventRecord");
+    }
+    // SAFETY: the event is alive (held here).
+    match unsafe { result::event::query(event.0) } {
+        Ok(()) | Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => {}
+        Err(e) => {
+            // A captured record may still be referenced by the capture: the
+            // event is destroyed rather than pooled (cuEventDestroy defers
+            // the release until nothing uses it).
+            // SAFETY: nothing else holds this event.
+            let _ = unsafe { result::event::destroy(event.0) };
+            return Err(if e.0 == sys::CUresult::CUDA_ERROR_CAPTURED_EVENT {
+                Error::StreamCapturing {
+                    what: "the CudaSlice's stream",
+                }
+            } else {
+                Error::Driver {
+                    call: "cuEventQuery",
+                    source: e,
+                }
+            });
+        }
+    }
+    Ok(Fence::new(
+        event,
+        false,
+        1,
+        StreamId::fresh(),
+        WaitClock::default(),
+        Arc::clone(events),
+    ))
+}
+
+/// Notes `fence` as the write that made all `bytes` of a buffer (an
+/// allocation adopted from cudarc): every later use waits for it, and
+/// `Drop` waits for it (or for a later write ordered after it) before freeing.
+pub(crate) fn note_made_by(cell: &UseCell, bytes: usize, fence: &Fence) {
+    lock(cell).note(Access::Write, Extent::whole(bytes), fence);
+}
+
+/// Makes `stream`, a stream of the buffer's context that prism does not
+/// own, wait on the GPU for every recorded use of the buffer, reads and
+/// writes (rule 6): whatever its new owner queues there next (a write, a
+/// free) comes after them. Fences already seen complete need no wait.
+pub(crate) fn order_foreign_after_all(cell: &UseCell, stream: &CudaStream) -> Result<()> {
+    let uses = lock(cell);
+    if uses.stuck {
+        return Err(Error::ContextPoisoned {
+            reason: "a GPU operation on this buffer could not be tracked; it stays locked".into(),
+        });
+    }
+    let raw = stream.cu_stream();
+    for f in uses.all() {
+        if !f.known_done() {
+            f.gpu_wait(raw)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,11 +11,14 @@
 //! - `custom_stage`: a user's own `Stage` with both forms, on the host
 //!   backend and on the GPU.
 //! - `multi_gpu`: `MultiGpuPipeline` over every GPU.
+//! - `cudarc_interop`: a user's cudarc slice and stream through their own
+//!   stage's GPU form and back, no copy through the host.
 //!
 //! Tests named `gpu_*` start with `prism_stream::testing::gpu_or_skip`:
 //! without a GPU they print `SKIPPED` and pass (`PRISM_REQUIRE_GPU=1` makes
 //! that a failure). The others run anywhere.
 
+mod cudarc_interop;
 mod custom_stage;
 mod end_to_end;
 mod multi_gpu;

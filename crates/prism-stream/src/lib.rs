@@ -12,6 +12,7 @@
 //! - [`AsyncCoordinator`]: upload / compute / download lanes and op ids.
 //! - [`Launch`]: launches of prism's kernels and, through
 //!   [`Launch::kernel`], of your own ([`Gpu::load_module`]).
+//! - [`nvtx`]: NVTX ranges for Nsight Systems (free when no tool listens).
 //!
 //! # Soundness
 //!
@@ -27,7 +28,8 @@
 //! reports [`Error::DriverNotFound`]) on machines without a driver.
 //!
 //! This crate and prism-cuda-sys are the only ones with `unsafe` code; every
-//! block carries a `// SAFETY:` comment.
+//! block carries a `// SAFETY:` comment. Besides cudarc's driver API, its
+//! only foreign calls are the three of the NVTX shim ([`nvtx`]).
 
 mod context;
 mod coordinator;
@@ -38,6 +40,7 @@ pub mod graph;
 mod kernels;
 mod managed;
 mod memory;
+pub mod nvtx;
 mod order;
 mod stream;
 pub mod testing;

@@ -547,6 +547,9 @@ impl<T: Element> Engine<T> {
         let Some((slot, chunk)) = self.ring.next(Step::Download) else {
             return Ok(None);
         };
+        // One per chunk: the download step of a chunk that made no output
+        // (no copy) included.
+        let _nvtx = prism_stream::nvtx::Range::new("download");
         let timed = self.timing.is_some();
         let state = io_slots.get(slot.0, io, &self.gpu)?;
         let s = &mut self.slots[slot.0];
@@ -663,6 +666,7 @@ impl<T: Element> Engine<T> {
         let Some((chunk, slot)) = oldest else {
             return Ok(false);
         };
+        let _nvtx = prism_stream::nvtx::Range::new("wait for the GPU");
         let started = std::time::Instant::now();
         let r = self.wait_slot(slot);
         if let Some(t) = &mut self.timing {

@@ -57,6 +57,7 @@ static int n_domains;
 static struct entry entries[MAX_NAMES];
 static int n_entries;
 static unsigned long long pushes, pops, bad_pops, threads, dropped_names;
+static int report_registered;
 /* Per thread: open ranges of each domain slot. */
 static __thread long depth[DEPTH_SLOTS];
 static __thread int thread_seen;
@@ -290,6 +291,13 @@ __attribute__((visibility("default"))) int InitializeInjectionNvtx2(NvtxGetExpor
              (NvtxFunctionPointer)domain_register_string_a);
     set_slot(core2, core2_size, NVTX_CBID_CORE2_DomainRangePushEx, (NvtxFunctionPointer)domain_push_ex);
     set_slot(core2, core2_size, NVTX_CBID_CORE2_DomainRangePop, (NvtxFunctionPointer)domain_pop);
-    atexit(report);
+    /* Another NVTX instance in the process (a library with NVTX of its own)
+     * initialises this library again: one report is enough. */
+    pthread_mutex_lock(&lock);
+    if (!report_registered) {
+        report_registered = 1;
+        atexit(report);
+    }
+    pthread_mutex_unlock(&lock);
     return 1;
 }

@@ -32,6 +32,10 @@ const STAGING_KEPT_BYTES: usize = 256 << 20;
 /// that reads it for its last writer. `poll` never blocks; `wait` blocks on
 /// one op's event only. Memory stays bounded by the work in flight: finished
 /// ops leave the table (also when they are never polled).
+///
+/// Each call that queues or waits is an NVTX range ([`crate::nvtx`]):
+/// `queue_upload`, `queue_upload_slice`, `queue_compute: <op name>`,
+/// `queue_download`, `wait`, `wait_timeout`, `synchronize_all`.
 #[derive(Debug)]
 pub struct AsyncCoordinator {
     gpu: Gpu,

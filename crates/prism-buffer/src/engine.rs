@@ -16,6 +16,12 @@
 //! nothing else to do. With timing on, a chunk's timed fences become
 //! [`ChunkSpan`]s when it retires, so the events held are those of the
 //! chunks in flight, whatever the run's length.
+//!
+//! NVTX (prism-stream's `nvtx`): the engine marks each chunk's `download`
+//! step and each host `wait for the GPU` with a range; a [`ChunkIo`] marks
+//! its `upload` once it has the chunk's input (only it knows whether there
+//! is one), a [`ChunkProcessor`] its own kernels, so each name counts
+//! chunks exactly.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -83,6 +89,9 @@ impl From<(Option<GpuFence>, GpuFence)> for Recorded {
 /// Where chunks come from and where they go. The engine calls `upload` for
 /// the next chunk when a slot is free, `download` once the chunk was
 /// processed, and `retire` once its download was observed complete.
+/// An implementation marks a chunk's upload with an NVTX range named
+/// `upload` (`prism_stream::nvtx::Range`) from the moment it knows there is
+/// a chunk; the engine marks the download.
 pub trait ChunkIo<T: Element> {
     /// What this way in and out keeps per slot (staging, item lists, ...).
     type Slot;
@@ -547,6 +556,9 @@ impl<T: Element> Engine<T> {
         let Some((slot, chunk)) = self.ring.next(Step::Download) else {
             return Ok(None);
         };
+        // One per chunk: the download step of a chunk that made no output
+        // (no copy) included.
+        let _nvtx = prism_stream::nvtx::Range::new("download");
         let timed = self.timing.is_some();
         let state = io_slots.get(slot.0, io, &self.gpu)?;
         let s = &mut self.slots[slot.0];
@@ -663,6 +675,7 @@ impl<T: Element> Engine<T> {
         let Some((chunk, slot)) = oldest else {
             return Ok(false);
         };
+        let _nvtx = prism_stream::nvtx::Range::new("wait for the GPU");
         let started = std::time::Instant::now();
         let r = self.wait_slot(slot);
         if let Some(t) = &mut self.timing {

@@ -71,6 +71,7 @@ impl<T: Element, F: FnOnce(&mut [T])> ChunkIo<T> for FillIo<F> {
         dev: &mut DeviceBuffer<T>,
         _chunk: ChunkId,
     ) -> Result<Option<(usize, Recorded)>, Error> {
+        let _nvtx = prism_stream::nvtx::Range::new("upload");
         // The slot was released, so its last upload's read of host_in
         // completed: as_mut_slice cannot report BufferInFlight here.
         if let Some(fill) = self.fill.take() {
@@ -154,6 +155,7 @@ where
         let Some(f) = self.f.take() else {
             return Ok((len, 0));
         };
+        let _nvtx = prism_stream::nvtx::Range::new("process");
         let start = if spans.timed() {
             // Order the kernels after the upload now, so the span excludes the wait.
             launch.prepare_write(&mut bufs[0])?;

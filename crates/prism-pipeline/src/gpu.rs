@@ -113,6 +113,7 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
                 break;
             }
             let stage = &mut *self.stages[i];
+            let _nvtx = prism_stream::nvtx::Range::new(stage.name());
             let index = GlobalIndex::or(self.global, chunk, self.base);
             let out_len = guard::output_len(stage, len, index)?;
             if out_len > self.capacity {

@@ -443,6 +443,7 @@ fn run_stages<'d, T: Element>(
             break;
         };
         let stage = &*stages[i];
+        let _nvtx = prism_stream::nvtx::Range::new(stage.name());
         let out_len = guard::output_len(stage, src.len(), index)?;
         let last = k + 1 == order.len();
         if let Some(d) = dst.take_if(|d| last && d.len() == out_len) {

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use prism_buffer::engine::Recorded;
 use prism_buffer::ring::ChunkId;
 use prism_buffer::ChunkIo;
+use prism_stream::nvtx::Range;
 use prism_stream::{DeviceBuffer, Element, Gpu, Lane, Launch, PinnedBuffer};
 
 use crate::copy::{par_copy, par_copy_one, CopyPool};
@@ -88,13 +89,17 @@ impl<T: Element> ChunkIo<T> for SliceIo<'_, T> {
         let Some(len) = self.plan.next() else {
             return Ok(None);
         };
+        let _nvtx = Range::new("upload");
         self.pool.label(chunk.0, "staging copy in");
         // The slot was released, so the previous upload from it completed.
-        par_copy_one(
-            &mut slot.input.as_mut_slice()?[..len],
-            &self.input[self.next_in..self.next_in + len],
-            self.pool,
-        );
+        {
+            let _nvtx = Range::new("staging copy in");
+            par_copy_one(
+                &mut slot.input.as_mut_slice()?[..len],
+                &self.input[self.next_in..self.next_in + len],
+                self.pool,
+            );
+        }
         self.next_in += len;
         let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
         Ok(Some((len, rec.into())))
@@ -112,6 +117,7 @@ impl<T: Element> ChunkIo<T> for SliceIo<'_, T> {
     }
 
     fn retire(&mut self, slot: &mut Staged<T>, chunk: ChunkId, len: usize) -> Result<()> {
+        let _nvtx = Range::new("staging copy out");
         self.pool.label(chunk.0, "staging copy out");
         par_copy_one(
             &mut self.output[self.next_out..self.next_out + len],
@@ -152,6 +158,7 @@ impl<T: Element> ChunkIo<T> for PinnedIo<'_, T> {
         let Some(len) = self.plan.next() else {
             return Ok(None);
         };
+        let _nvtx = Range::new("upload");
         let rec = lane.copy_htod_timed(self.input, self.next_in, dev, 0, len, timed)?;
         self.next_in += len;
         Ok(Some((len, rec.into())))
@@ -267,6 +274,7 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> ChunkIo<T>
         if taken.is_empty() {
             return Ok(None);
         }
+        let _nvtx = Range::new("upload");
         slot.items.clear();
         let mut batch: Vec<&[T]> = Vec::with_capacity(taken.len());
         let mut offset = 0;
@@ -286,7 +294,10 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> ChunkIo<T>
             pairs.push((head, item));
             rest = tail;
         }
-        par_copy(pairs, self.pool);
+        {
+            let _nvtx = Range::new("staging copy in");
+            par_copy(pairs, self.pool);
+        }
         let rec = lane.copy_htod_timed(&slot.staged.input, 0, dev, 0, len, timed)?;
         Ok(Some((len, rec.into())))
     }
@@ -303,6 +314,7 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> ChunkIo<T>
     }
 
     fn retire(&mut self, slot: &mut ItemsSlot<T>, _chunk: ChunkId, _len: usize) -> Result<()> {
+        let _nvtx = Range::new("staging copy out");
         let data = slot.staged.output.as_slice()?;
         let mut pairs = Vec::with_capacity(slot.items.len());
         for &(off, len) in &slot.items {
@@ -402,6 +414,7 @@ impl<'a, T: Element, I: Iterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuff
         if batch.is_empty() {
             return Ok(None);
         }
+        let _nvtx = Range::new("upload");
         let gpu = lane.gpu().clone();
         let desc = descriptors(&mut slot.gather, self.cache, &gpu, batch.len())?;
         let mut launch = lane.launch();
@@ -496,6 +509,8 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for StreamIo<'_, T, S, K> 
         if len == 0 {
             return Ok(None);
         }
+        // After the source's fill: only now is it known that there is a chunk.
+        let _nvtx = Range::new("upload");
         let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
         Ok(Some((len, rec.into())))
     }
@@ -578,6 +593,7 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
         match std::mem::replace(&mut self.data, IterData::None) {
             IterData::None => Ok(None),
             IterData::Pageable(input) => {
+                let _nvtx = Range::new("upload");
                 if slot.staged.is_none() {
                     let gpu = lane.gpu().clone();
                     slot.staged = Some(Staged::make(self.cache, &gpu, self.chunk, self.capacity)?);
@@ -586,11 +602,14 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
                     .staged
                     .as_mut()
                     .ok_or(Error::Config("staging missing"))?;
-                par_copy_one(
-                    &mut staged.input.as_mut_slice()?[..input.len()],
-                    input,
-                    self.pool,
-                );
+                {
+                    let _nvtx = Range::new("staging copy in");
+                    par_copy_one(
+                        &mut staged.input.as_mut_slice()?[..input.len()],
+                        input,
+                        self.pool,
+                    );
+                }
                 let rec = lane.copy_htod_timed(&staged.input, 0, dev, 0, input.len(), timed)?;
                 slot.pinned = false;
                 Ok(Some((input.len(), rec.into())))
@@ -602,6 +621,7 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
                 output,
                 to,
             } => {
+                let _nvtx = Range::new("upload");
                 let rec = lane.copy_htod_timed(input, from, dev, 0, len, timed)?;
                 // Kept for this chunk's download, queued in the same call.
                 self.data = IterData::Pinned {
@@ -652,7 +672,10 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
             .staged
             .as_ref()
             .ok_or(Error::Config("staging missing"))?;
-        let data = staged.output.as_slice()?[..len].to_vec();
+        let data = {
+            let _nvtx = Range::new("staging copy out");
+            staged.output.as_slice()?[..len].to_vec()
+        };
         self.done.push(crate::ChunkOutput {
             index,
             data: Some(data),

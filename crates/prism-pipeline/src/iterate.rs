@@ -14,6 +14,7 @@ use std::time::Instant;
 use prism_buffer::engine::{ChunkSpan, ComputeSpans, IoSlots, Upload};
 use prism_buffer::ring::ChunkId;
 use prism_buffer::{ChunkProcessor, Engine};
+use prism_stream::nvtx::Range as NvtxRange;
 use prism_stream::{Element, PinnedBuffer, Probe};
 
 use crate::copy::par_copy_one;
@@ -121,6 +122,7 @@ impl<T: Element> PipelineStageManager<T> {
     /// is not reused); the chunks before it still come back, from the next
     /// call or `flush`.
     pub fn execute_iteration(&mut self, chunk: &[T]) -> Result<Vec<ChunkOutput<T>>> {
+        let _nvtx = NvtxRange::new("execute_iteration");
         // A failed run's adaptive choice must not size this call.
         self.effective = None;
         if chunk.len() > self.chunk_elems() {
@@ -149,6 +151,7 @@ impl<T: Element> PipelineStageManager<T> {
         output: &mut PinnedBuffer<T>,
         to: usize,
     ) -> Result<Vec<ChunkOutput<T>>> {
+        let _nvtx = NvtxRange::new("execute_iteration_pinned");
         self.effective = None;
         if self.backend != BackendKind::Gpu {
             return Err(Error::Unsupported {
@@ -342,6 +345,7 @@ impl<T: Element> PipelineStageManager<T> {
     /// The next submission starts a new session (indices from 0).
     pub fn flush(&mut self) -> Result<Vec<ChunkOutput<T>>> {
         let _span = tracing::trace_span!("prism.pipeline.flush").entered();
+        let _nvtx = NvtxRange::new("flush");
         let started = Instant::now();
         let chunk = self.chunk_elems();
         let order = self.order();
@@ -400,6 +404,7 @@ impl<T: Element> PipelineStageManager<T> {
         // A failed run's adaptive choice must not size this call.
         self.effective = None;
         let _span = tracing::trace_span!("prism.pipeline.execute_iteration_blocking").entered();
+        let _nvtx = NvtxRange::new("execute_iteration_blocking");
         if chunk.len() > self.chunk_elems() {
             return Err(Error::Config(
                 "execute_iteration takes at most one chunk (PipelineConfig::chunk_bytes)",
@@ -427,9 +432,15 @@ impl<T: Element> PipelineStageManager<T> {
         let gpu = run.engine.gpu().clone();
         let mut input = cache.input(&gpu, chunk.len())?;
         let mut output = cache.output(&gpu, capacity)?;
-        par_copy_one(&mut input.as_mut_slice()?[..chunk.len()], chunk, pool);
+        {
+            let _nvtx = NvtxRange::new("staging copy in");
+            par_copy_one(&mut input.as_mut_slice()?[..chunk.len()], chunk, pool);
+        }
         let out_len = round_trip(run, &order, &input, 0..chunk.len(), &mut output, 0)?;
-        let out = output.as_slice()?[..out_len].to_vec();
+        let out = {
+            let _nvtx = NvtxRange::new("staging copy out");
+            output.as_slice()?[..out_len].to_vec()
+        };
         cache.give_input(input);
         cache.give_output(output);
         self.finish_run(started, 1, 0, chunk.len() as u64, out_len as u64);
@@ -449,6 +460,7 @@ impl<T: Element> PipelineStageManager<T> {
         self.effective = None;
         let _span =
             tracing::trace_span!("prism.pipeline.execute_iteration_blocking_pinned").entered();
+        let _nvtx = NvtxRange::new("execute_iteration_blocking_pinned");
         if self.backend != BackendKind::Gpu {
             return Err(Error::Unsupported {
                 stage: "execute_iteration_blocking_pinned".into(),
@@ -488,7 +500,10 @@ fn round_trip<T: Element>(
         .idle_parts()
         .ok_or(Error::Config("the ring is busy"))?;
     let len = range.len();
-    lane.copy_htod(input, range.start, &mut bufs[0], 0, len)?;
+    {
+        let _nvtx = NvtxRange::new("upload");
+        lane.copy_htod(input, range.start, &mut bufs[0], 0, len)?;
+    }
     let mut chain = StageChain {
         stages: run.stages,
         order,
@@ -506,7 +521,11 @@ fn round_trip<T: Element>(
             &mut ComputeSpans::default(),
         )?
     };
-    let done = lane.copy_dtoh(&bufs[out_buf], 0, output, to, out_len)?;
+    let done = {
+        let _nvtx = NvtxRange::new("download");
+        lane.copy_dtoh(&bufs[out_buf], 0, output, to, out_len)?
+    };
+    let _nvtx = NvtxRange::new("wait for the GPU");
     if let Probe::Failed(reason) = done.synchronize() {
         gpu.poison(&reason);
         return Err(prism_stream::Error::ContextPoisoned { reason }.into());

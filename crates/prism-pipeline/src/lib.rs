@@ -8,7 +8,10 @@
 //! threads, several chunks at once, with bounded hand-over. Output order equals input order, memory stays bounded
 //! by the ring, and every run adds to [`PipelineStats`] (per-step times, the
 //! bound, overlap efficiency) and, with tracing on, a [`Timeline`] that
-//! exports as a Chrome trace.
+//! exports as a Chrome trace. For Nsight Systems, every run and every
+//! chunk's steps (`upload`, each stage by name, `download`, staging copies,
+//! waits) are NVTX ranges in the domain `prism` ([`prism_stream::nvtx`];
+//! free when no tool listens).
 //!
 //! Inputs:
 //! - a pageable slice ([`run`](PipelineStageManager::run), staged through

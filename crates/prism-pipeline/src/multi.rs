@@ -18,6 +18,7 @@ use std::time::Instant;
 use prism_buffer::engine::{Recorded, RunCounts};
 use prism_buffer::ring::ChunkId;
 use prism_buffer::ChunkIo;
+use prism_stream::nvtx::Range;
 use prism_stream::{DeviceBuffer, Element, Gpu, Lane, PinnedBuffer};
 
 use crate::copy::{par_copy_one, CopyPool};
@@ -263,6 +264,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         let ordinals = self.ordinals();
         let results = on_devices(&mut self.devices, stop, &|i, d| {
             let _span = tracing::debug_span!("prism.multi.gpu", gpu = i).entered();
+            let _nvtx = Range::fmt(format_args!("multi.gpu {i}"));
             let global = GlobalIndex::default();
             // An error is reported with the oldest chunk this GPU had in
             // flight (the run's numbering), for errors that name none.
@@ -324,6 +326,7 @@ impl<T: Element> MultiGpuPipeline<T> {
     /// through its own pinned memory with its share of the host threads.
     pub fn run(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         let _span = tracing::debug_span!("prism.multi.run", n = input.len()).entered();
+        let _nvtx = Range::new("multi.run");
         let total = Some(std::mem::size_of_val(input));
         let order = self.begin(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
@@ -373,6 +376,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         output: &mut PinnedBuffer<T>,
     ) -> Result<()> {
         let _span = tracing::debug_span!("prism.multi.run_pinned", n = input.len()).entered();
+        let _nvtx = Range::new("multi.run_pinned");
         for g in self.gpus() {
             for (what, owner, portable) in [
                 ("input", input.gpu(), input.flags().portable),
@@ -434,6 +438,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         I::IntoIter: Send,
     {
         let _span = tracing::debug_span!("prism.multi.run_items").entered();
+        let _nvtx = Range::new("multi.run_items");
         self.begin(None, true, Some(None))?;
         let order = self.devices[0].order();
         let started = Instant::now();
@@ -491,6 +496,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         K: Sink<T> + Send,
     {
         let _span = tracing::debug_span!("prism.multi.run_stream").entered();
+        let _nvtx = Range::new("multi.run_stream");
         let order = self.begin(None, false, Some(None))?;
         let started = Instant::now();
         let chunk = self.devices[0].chunk_elems();
@@ -593,15 +599,19 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> ChunkIo<T>
         let Some((k, (input, out))) = self.feed.pull(|it, _| Ok::<_, Error>(it.next()))? else {
             return Ok(None);
         };
+        let _nvtx = Range::new("upload");
         self.global.set(chunk, k);
         self.outputs.push_back(out);
         self.pool.label(k, "staging copy in");
         // The slot was released, so the previous upload from it completed.
-        par_copy_one(
-            &mut slot.input.as_mut_slice()?[..input.len()],
-            input,
-            self.pool,
-        );
+        {
+            let _nvtx = Range::new("staging copy in");
+            par_copy_one(
+                &mut slot.input.as_mut_slice()?[..input.len()],
+                input,
+                self.pool,
+            );
+        }
         let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, input.len(), timed)?;
         Ok(Some((input.len(), rec.into())))
     }
@@ -629,7 +639,10 @@ impl<'a, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> ChunkIo<T>
         }
         let k = GlobalIndex::or(Some(self.global), chunk, 0);
         self.pool.label(k, "staging copy out");
-        par_copy_one(out, &slot.output.as_slice()?[..len], self.pool);
+        {
+            let _nvtx = Range::new("staging copy out");
+            par_copy_one(out, &slot.output.as_slice()?[..len], self.pool);
+        }
         self.global.retired(chunk);
         Ok(())
     }
@@ -676,6 +689,7 @@ impl<T: Element> ChunkIo<T> for FedPinnedIo<'_, '_, T> {
         let Some((k, p)) = self.feed.pull(|it, _| Ok::<_, Error>(it.next()))? else {
             return Ok(None);
         };
+        let _nvtx = Range::new("upload");
         self.global.set(chunk, k);
         self.to_download.push_back(p);
         let rec = lane.copy_htod_timed(self.input, p.at, dev, 0, p.len, timed)?;
@@ -855,6 +869,7 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for FedStreamIo<'_, T, S, 
                 return Ok(None);
             }
         };
+        let _nvtx = Range::new("upload");
         self.global.set(chunk, k);
         let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
         Ok(Some((len, rec.into())))

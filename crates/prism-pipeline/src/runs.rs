@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use prism_buffer::engine::{ChunkSpan, IoSlots, RunCounts};
 use prism_buffer::{ChunkIo, Engine};
+use prism_stream::nvtx::Range;
 use prism_stream::{zeroed_vec, Element, PinnedBuffer};
 
 use crate::error::{Error, Result};
@@ -178,6 +179,7 @@ impl<T: Element> PipelineStageManager<T> {
     /// elements). Empty input is a valid run of zero chunks.
     pub fn run(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         let _span = tracing::debug_span!("prism.pipeline.run", n = input.len()).entered();
+        let _nvtx = Range::new("run");
         let total = Some(std::mem::size_of_val(input));
         let order = self.begin_run(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
@@ -255,6 +257,7 @@ impl<T: Element> PipelineStageManager<T> {
         output: &mut PinnedBuffer<T>,
     ) -> Result<()> {
         let _span = tracing::debug_span!("prism.pipeline.run_pinned", n = input.len()).entered();
+        let _nvtx = Range::new("run_pinned");
         if self.backend != BackendKind::Gpu {
             return Err(Error::Unsupported {
                 stage: "run_pinned".into(),
@@ -288,6 +291,7 @@ impl<T: Element> PipelineStageManager<T> {
         I: IntoIterator<Item = (&'a [T], &'a mut [T])>,
     {
         let _span = tracing::debug_span!("prism.pipeline.run_items").entered();
+        let _nvtx = Range::new("run_items");
         let order = self.begin_run(None, true, Some(None))?;
         let started = Instant::now();
         let chunk = self.chunk_elems();
@@ -371,6 +375,7 @@ impl<T: Element> PipelineStageManager<T> {
         I: IntoIterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuffer<T>)>,
     {
         let _span = tracing::debug_span!("prism.pipeline.run_items_pinned").entered();
+        let _nvtx = Range::new("run_items_pinned");
         if self.backend != BackendKind::Gpu {
             return Err(Error::Unsupported {
                 stage: "run_items_pinned".into(),
@@ -421,6 +426,7 @@ impl<T: Element> PipelineStageManager<T> {
         sink: K,
     ) -> Result<StreamCounts> {
         let _span = tracing::debug_span!("prism.pipeline.run_stream").entered();
+        let _nvtx = Range::new("run_stream");
         let order = self.begin_run(None, false, Some(None))?;
         let started = Instant::now();
         let chunk = self.chunk_elems();

@@ -32,6 +32,10 @@ const STAGING_KEPT_BYTES: usize = 256 << 20;
 /// that reads it for its last writer. `poll` never blocks; `wait` blocks on
 /// one op's event only. Memory stays bounded by the work in flight: finished
 /// ops leave the table (also when they are never polled).
+///
+/// Each call that queues or waits is an NVTX range ([`crate::nvtx`]):
+/// `queue_upload`, `queue_upload_slice`, `queue_compute: <op name>`,
+/// `queue_download`, `wait`, `wait_timeout`, `synchronize_all`.
 #[derive(Debug)]
 pub struct AsyncCoordinator {
     gpu: Gpu,
@@ -121,6 +125,7 @@ impl AsyncCoordinator {
         deps: &[OpId],
     ) -> Result<OpId> {
         let _span = tracing::trace_span!("prism.queue_upload", n).entered();
+        let _nvtx = crate::nvtx::Range::new("queue_upload");
         self.begin(deps, UP)?;
         let fence = self.lanes[UP].copy_htod(src, 0, dst, 0, n)?;
         Ok(self.insert(UP, Cow::Borrowed("upload"), fence))
@@ -135,6 +140,7 @@ impl AsyncCoordinator {
         dst: &mut DeviceBuffer<T>,
         deps: &[OpId],
     ) -> Result<OpId> {
+        let _nvtx = crate::nvtx::Range::new("queue_upload_slice");
         check_len("upload source", src.len(), usize::MAX)?;
         check_len("upload destination", src.len(), dst.len())?;
         let bytes = std::mem::size_of_val(src);
@@ -223,6 +229,7 @@ impl AsyncCoordinator {
     {
         let name = name.into();
         let _span = tracing::trace_span!("prism.queue_compute", name = &*name).entered();
+        let _nvtx = crate::nvtx::Range::fmt(format_args!("queue_compute: {name}"));
         self.begin(deps, COMPUTE)?;
         let own = self.lanes[COMPUTE].stream_id();
         let mut scope = self.lanes[COMPUTE].launch();
@@ -260,6 +267,7 @@ impl AsyncCoordinator {
         deps: &[OpId],
     ) -> Result<OpId> {
         let _span = tracing::trace_span!("prism.queue_download", n).entered();
+        let _nvtx = crate::nvtx::Range::new("queue_download");
         self.begin(deps, DOWN)?;
         let fence = self.lanes[DOWN].copy_dtoh(src, 0, dst, 0, n)?;
         Ok(self.insert(DOWN, Cow::Borrowed("download"), fence))
@@ -295,6 +303,7 @@ impl AsyncCoordinator {
     /// Blocks until `op` completes (waits on its event only). Earlier ops
     /// of the same lane are settled with it.
     pub fn wait(&mut self, op: OpId) -> Result<()> {
+        let _nvtx = crate::nvtx::Range::new("wait");
         if let Some(f) = self.graph.fence(op).cloned() {
             let outcome = f.synchronize();
             self.graph
@@ -305,6 +314,7 @@ impl AsyncCoordinator {
 
     /// Like [`wait`](Self::wait), giving up after `timeout` with `Error::Timeout`.
     pub fn wait_timeout(&mut self, op: OpId, timeout: Duration) -> Result<()> {
+        let _nvtx = crate::nvtx::Range::new("wait_timeout");
         let start = Instant::now();
         let mut nap = Duration::from_micros(10);
         while let Some(f) = self.graph.fence(op).cloned() {
@@ -342,6 +352,7 @@ impl AsyncCoordinator {
 
     /// Blocks until every queued op has finished; the first failure is the error.
     pub fn synchronize_all(&mut self) -> Result<()> {
+        let _nvtx = crate::nvtx::Range::new("synchronize_all");
         let pending: Vec<(OpId, Fence)> = self
             .graph
             .pending_fences()

@@ -17,6 +17,7 @@
 //!   `CudaSlice` and a prism buffer, [`Lane::from_cuda_stream`] /
 //!   [`Lane::into_cuda_stream`] a stream between cudarc and a lane; each
 //!   orders the new owner after the old one's pending work.
+//! - [`nvtx`]: NVTX ranges for Nsight Systems (free when no tool listens).
 //!
 //! # Soundness
 //!
@@ -33,7 +34,9 @@
 //! reports [`Error::DriverNotFound`]) on machines without a driver.
 //!
 //! This crate and prism-cuda-sys are the only ones with `unsafe` code; every
-//! block carries a `// SAFETY:` comment.
+//! block carries a `// SAFETY:` comment. Besides cudarc's driver API, its
+//! only foreign calls are prism-cuda-sys's and the three of the NVTX shim
+//! ([`nvtx`]).
 //!
 //! # Kernels with or without nvcc, and CUDA 12 drivers
 //!
@@ -65,6 +68,7 @@ mod interop;
 mod kernels;
 mod managed;
 mod memory;
+pub mod nvtx;
 mod order;
 mod stream;
 pub mod testing;

@@ -140,7 +140,9 @@ fn committed_ptx(nvcc: &Path, check: bool) -> Result {
         if !ok {
             return Err(format!("`{}` failed:\n{out}{err}", util::show(&cmd)));
         }
-        let text = committed_text(src, &util::read(&raw)?)?;
+        let nvcc_ptx = util::read(&raw)?;
+        let text = committed_text(src, &nvcc_ptx)?;
+        same_code_after_lowering(nvcc, &tmp, dst, &nvcc_ptx, &text)?;
         let path = root.join(dst);
         if check {
             let committed = std::fs::read_to_string(&path).unwrap_or_default();
@@ -200,6 +202,52 @@ fn committed_text(src: &str, ptx: &str) -> Result<String> {
         DEFAULT_ARCHS.join(", sm_"),
         body.join("\n")
     ))
+}
+
+/// The lowered `.version` must not change what the code means: nvcc's own
+/// ptxas assembles nvcc's PTX and the lowered text to the same machine code
+/// (compared for sm_75 and sm_90), or the check fails.
+fn same_code_after_lowering(
+    nvcc: &Path,
+    tmp: &Path,
+    name: &str,
+    original: &str,
+    lowered: &str,
+) -> Result {
+    let ptxas = nvcc.with_file_name("ptxas");
+    let stem = Path::new(name)
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    for arch in ["75", "90"] {
+        let mut cubins = Vec::new();
+        for (tag, text) in [("nvcc", original), ("lowered", lowered)] {
+            let ptx = tmp.join(format!("{stem}.{tag}.ptx"));
+            let cubin = tmp.join(format!("{stem}.{tag}.sm_{arch}.cubin"));
+            std::fs::write(&ptx, text).map_err(|e| format!("write {}: {e}", ptx.display()))?;
+            let mut cmd = Command::new(&ptxas);
+            cmd.arg(format!("-arch=sm_{arch}"))
+                .arg(&ptx)
+                .arg("-o")
+                .arg(&cubin);
+            let (ok, out, err) = util::output(&mut cmd)?;
+            if !ok {
+                return Err(format!("`{}` failed:\n{out}{err}", util::show(&cmd)));
+            }
+            cubins
+                .push(std::fs::read(&cubin).map_err(|e| format!("read {}: {e}", cubin.display()))?);
+        }
+        if cubins[0] != cubins[1] {
+            return Err(format!(
+                "{name}: lowering .version changes the sm_{arch} machine code ptxas makes; \
+                 the kernels now need a newer PTX ISA than {}.{}",
+                PTX_ISA.0, PTX_ISA.1
+            ));
+        }
+    }
+    eprintln!("{name}: the lowered .version gives the same sm_75 and sm_90 code as nvcc's");
+    Ok(())
 }
 
 /// CUDA 12.0's ptxas (from `cargo xtask install-nvcc`), which refuses PTX

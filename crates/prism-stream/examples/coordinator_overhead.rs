@@ -480,9 +480,10 @@ unsafe fn ptx_launch(
     params: &mut [*mut std::ffi::c_void],
 ) -> Result<i32, Error> {
     const NAMES: [&str; 2] = ["prism_k_spin_ns", "prism_k_fma_chain_scalar"];
-    static KERNELS: std::sync::OnceLock<(Arc<CudaModule>, [CudaFunction; 2])> =
-        std::sync::OnceLock::new();
-    let (_, functions) = match KERNELS.get() {
+    /// (the context loaded into, the module, its two kernels)
+    type Loaded = (usize, Arc<CudaModule>, [CudaFunction; 2]);
+    static KERNELS: std::sync::OnceLock<Loaded> = std::sync::OnceLock::new();
+    let (ctx, _, functions) = match KERNELS.get() {
         Some(k) => k,
         None => {
             let m = stream
@@ -491,13 +492,20 @@ unsafe fn ptx_launch(
                 .map_err(drv)?;
             let spin = m.load_function(NAMES[0]).map_err(drv)?;
             let fma = m.load_function(NAMES[1]).map_err(drv)?;
-            KERNELS.get_or_init(|| (m, [spin, fma]))
+            let ctx = stream.context().cu_ctx() as usize;
+            KERNELS.get_or_init(|| (ctx, m, [spin, fma]))
         }
     };
     let f = &functions[NAMES
         .iter()
         .position(|n| *n == name)
         .expect("a kernel of NAMES")];
+    if *ctx != stream.context().cu_ctx() as usize {
+        // The example has one context; the module was loaded into it.
+        return Err(Error::WrongContext {
+            what: "example kernel (loaded into another context)",
+        });
+    }
     // SAFETY: forwarded from the caller; `f` is of the stream's context.
     unsafe {
         result::launch_kernel(

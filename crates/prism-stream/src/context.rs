@@ -161,9 +161,19 @@ impl Gpu {
         &self.0.ctx
     }
 
-    /// Makes this context current on the calling thread (cheap when it already is).
+    /// Makes this context current on the calling thread (cheap when it
+    /// already is). Unlike cudarc's `bind_to_thread` it leaves an error
+    /// cudarc stashed in the context object alone, for cudarc to report to
+    /// its own caller: prism's calls report their own errors.
     pub fn bind(&self) -> Result<()> {
-        self.0.ctx.bind_to_thread().call("cuCtxSetCurrent")
+        let ctx = self.0.ctx.cu_ctx();
+        let current = cudarc::driver::result::ctx::get_current().call("cuCtxGetCurrent")?;
+        if current != Some(ctx) {
+            // SAFETY: `ctx` is a live context: `self` holds the cudarc
+            // context object that owns (or retains) it.
+            unsafe { cudarc::driver::result::ctx::set_current(ctx) }.call("cuCtxSetCurrent")?;
+        }
+        Ok(())
     }
 
     /// Idle events in the pool (diagnostics: steady state should stop growing it).

@@ -102,6 +102,9 @@ pub enum Error {
     /// A pinned buffer the device cannot access directly.
     #[error("{what} is not mapped into the device's address space (zero-copy access needs a device that can map host memory)")]
     NotMapped { what: &'static str },
+    /// A name the driver cannot take (it holds a NUL byte).
+    #[error("{what} {name:?} contains a NUL byte, which a C string cannot hold")]
+    InvalidName { what: &'static str, name: String },
     /// A buffer, kernel or stream belongs to another GPU context than the
     /// lane the work was queued on (nothing was queued).
     #[error("{what} belongs to another GPU context than the stream the work was queued on; nothing was queued")]

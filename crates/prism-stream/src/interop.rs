@@ -305,6 +305,7 @@ impl<T: Element> DeviceBuffer<T> {
                 source,
             });
         }
+        let (ptr, len) = (self.device_ptr(), self.len());
         // SAFETY: `ptr` is a live allocation of `len` elements of T (a
         // DeviceBuffer's contents are initialised, and every bit pattern is a
         // valid T) in `stream`'s context (checked above). The buffer gives it
@@ -314,7 +315,27 @@ impl<T: Element> DeviceBuffer<T> {
         // accept cuMemAlloc's memory. Every earlier use is complete or ordered
         // before `stream`'s next work (the waits above). On error the slice
         // gives the pointer up (`leak`) and the buffer keeps it.
-        let mut slice = unsafe { stream.upgrade_device_ptr::<T>(self.device_ptr(), self.len()) };
+        //
+        // cudarc unwraps the creation of the slice's two events inside
+        // `upgrade_device_ptr`; an error arriving between the clear above
+        // and that call (another thread's, or an asynchronous fault) would
+        // panic there. Nothing has changed hands yet, so the panic is caught
+        // and reported as the driver error it stands for.
+        let upgraded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            stream.upgrade_device_ptr::<T>(ptr, len)
+        }));
+        let mut slice = match upgraded {
+            Ok(slice) => slice,
+            Err(_) => {
+                // cudarc consumed the error it panicked on; the buffer is
+                // untouched and stays the caller's.
+                restash(ctx, stale);
+                return Err(Error::Driver {
+                    call: "cuEventCreate (in cudarc's upgrade_device_ptr, which panicked)",
+                    source: DriverError(sys::CUresult::CUDA_ERROR_UNKNOWN),
+                });
+            }
+        };
         let mut outcome = Ok(());
         if on_gpu {
             // Records the slice's write event on `stream`, after the waits:

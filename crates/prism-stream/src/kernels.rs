@@ -87,7 +87,10 @@ impl KernelSource {
 pub(crate) struct KernelState {
     /// 0: launchers, 1: PTX.
     source: AtomicU8,
-    ptx: OnceLock<std::result::Result<Arc<PtxKernels>, DriverError>>,
+    /// Set once a load succeeds (a failed load is tried again next time).
+    ptx: OnceLock<Arc<PtxKernels>>,
+    /// Serialises loads, so a context loads the PTX once.
+    loading: std::sync::Mutex<()>,
 }
 
 impl KernelState {
@@ -98,6 +101,30 @@ impl KernelState {
                 KernelSource::Ptx => 1,
             }),
             ptx: OnceLock::new(),
+            loading: std::sync::Mutex::new(()),
+        }
+    }
+}
+
+/// A loaded module, unloaded only once its context has finished its work:
+/// kernels such as `spin` use no buffer whose drop would wait for them, and
+/// `cuModuleUnload` under a running kernel is not documented as safe. Its
+/// holders declare it after their `CudaFunction`s, so it drops last.
+#[derive(Debug)]
+struct ModuleHold {
+    ctx: Arc<CudaContext>,
+    module: Arc<CudaModule>,
+}
+
+impl Drop for ModuleHold {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.module) == 1 {
+            // The module is unloaded right after this (the field drops):
+            // wait for the context first. An error means the context is
+            // dead, and nothing of it runs any more.
+            if let Err(e) = self.ctx.synchronize() {
+                tracing::debug!("synchronising before a module unload: {e}");
+            }
         }
     }
 }
@@ -105,7 +132,6 @@ impl KernelState {
 /// The kernels of the bundled PTX, loaded into one context.
 #[derive(Debug)]
 pub(crate) struct PtxKernels {
-    _module: Arc<CudaModule>,
     fma_chain_vec4: CudaFunction,
     fma_chain_scalar: CudaFunction,
     fill_pattern: CudaFunction,
@@ -116,6 +142,8 @@ pub(crate) struct PtxKernels {
     clamp: CudaFunction,
     gather_bytes: CudaFunction,
     scatter_bytes: CudaFunction,
+    /// Last: dropped after the functions.
+    _hold: ModuleHold,
 }
 
 /// Every kernel the PTX must hold, by its `extern "C"` name.
@@ -150,7 +178,10 @@ impl PtxKernels {
             clamp: clamp?,
             gather_bytes: gather?,
             scatter_bytes: scatter?,
-            _module: module,
+            _hold: ModuleHold {
+                ctx: Arc::clone(ctx),
+                module,
+            },
         })
     }
 }
@@ -190,14 +221,23 @@ impl Gpu {
         Ok(())
     }
 
-    /// The PTX kernels of this handle, loaded on first use.
+    /// The PTX kernels of this handle, loaded on first use (a failed load,
+    /// out of memory say, is reported and tried again at the next use).
     fn ptx_kernels(&self) -> Result<Arc<PtxKernels>> {
+        let state = &self.0.kernels;
+        if let Some(k) = state.ptx.get() {
+            return Ok(Arc::clone(k));
+        }
         self.check_usable()?;
-        let loaded = self.0.kernels.ptx.get_or_init(|| {
-            let _span = tracing::debug_span!("prism.kernels.load_ptx").entered();
-            PtxKernels::load(self.cuda_context()).map(Arc::new)
-        });
-        loaded.clone().map_err(|source| Error::PtxLoad { source })
+        let _loading = state.loading.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = state.ptx.get() {
+            return Ok(Arc::clone(k));
+        }
+        let _span = tracing::debug_span!("prism.kernels.load_ptx").entered();
+        let k = Arc::new(
+            PtxKernels::load(self.cuda_context()).map_err(|source| Error::PtxLoad { source })?,
+        );
+        Ok(Arc::clone(state.ptx.get_or_init(|| k)))
     }
 }
 
@@ -828,7 +868,7 @@ impl<'l> Launch<'l> {
 #[derive(Debug, Clone)]
 pub struct Module {
     gpu: Gpu,
-    module: Arc<CudaModule>,
+    hold: Arc<ModuleHold>,
 }
 
 /// One kernel of a [`Module`], launched with [`Launch::kernel`].
@@ -837,6 +877,8 @@ pub struct Kernel {
     gpu: Gpu,
     name: String,
     function: CudaFunction,
+    /// Declared after `function`, so the module outlives it.
+    _hold: Arc<ModuleHold>,
 }
 
 impl Gpu {
@@ -850,7 +892,10 @@ impl Gpu {
             .call("cuModuleLoadData")?;
         Ok(Module {
             gpu: self.clone(),
-            module,
+            hold: Arc::new(ModuleHold {
+                ctx: Arc::clone(self.cuda_context()),
+                module,
+            }),
         })
     }
 }
@@ -858,7 +903,15 @@ impl Gpu {
 impl Module {
     /// The kernel called `name` (its `extern "C"` name).
     pub fn kernel(&self, name: &str) -> Result<Kernel> {
+        if name.contains('\0') {
+            // cudarc would panic making a C string of it.
+            return Err(Error::InvalidName {
+                what: "kernel name",
+                name: name.to_owned(),
+            });
+        }
         let function = self
+            .hold
             .module
             .load_function(name)
             .call("cuModuleGetFunction")?;
@@ -866,6 +919,7 @@ impl Module {
             gpu: self.gpu.clone(),
             name: name.to_owned(),
             function,
+            _hold: Arc::clone(&self.hold),
         })
     }
 }
@@ -1134,6 +1188,51 @@ mod tests {
             PTX_KERNEL_NAMES.len(),
             "an entry without a launcher"
         );
+    }
+
+    /// The parameter lists of the PTX entries are the ones this file's
+    /// driver-API launches pass (pointers and u64 as `.u64`, u32 and the
+    /// `int` iteration count as `.u32`, floats as `.f32`): a kernel whose
+    /// signature changes fails here, on the host, before the GPU test.
+    #[test]
+    fn bundled_ptx_parameters_match_the_driver_launches() {
+        let expected: [(&str, &[&str]); 10] = [
+            (
+                "prism_k_fma_chain_vec4",
+                &["u64", "u64", "u64", "f32", "f32", "u32"],
+            ),
+            (
+                "prism_k_fma_chain_scalar",
+                &["u64", "u64", "u64", "u64", "f32", "f32", "u32"],
+            ),
+            ("prism_k_fill_pattern", &["u64", "u64", "u32"]),
+            (
+                "prism_k_check_pattern",
+                &["u64", "u64", "u32", "u64", "u64"],
+            ),
+            ("prism_k_spin_ns", &["u64"]),
+            ("prism_k_fault", &["u64"]),
+            ("prism_k_group_sum", &["u64", "u64", "u32", "u64", "u64"]),
+            ("prism_k_clamp", &["u64", "u64", "u64", "f32", "f32"]),
+            ("prism_k_gather_bytes", &["u64", "u64"]),
+            ("prism_k_scatter_bytes", &["u64", "u64"]),
+        ];
+        for (name, params) in expected {
+            let start = sys::KERNELS_PTX
+                .find(&format!(".visible .entry {name}("))
+                .unwrap_or_else(|| panic!("{name} missing"));
+            let body = &sys::KERNELS_PTX[start..];
+            let list = &body[..body.find(')').expect("a closing parenthesis")];
+            let found: Vec<&str> = list
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix(".param ."))
+                .map(|l| l.split_whitespace().next().unwrap_or(""))
+                .collect();
+            assert_eq!(
+                found, params,
+                "{name}: PTX parameters vs the launch in kernels.rs"
+            );
+        }
     }
 
     /// `ptx_grid` is the .cu file's `blocks_for`.

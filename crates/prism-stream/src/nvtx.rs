@@ -22,7 +22,9 @@
 //! when dropped, so early returns, `?` and panics (unwinding) keep pushes
 //! and pops paired. NVTX ranges belong to the thread that pushed them:
 //! `Range` is neither `Send` nor `Sync`, so it is popped where it was
-//! pushed.
+//! pushed. Nesting is right when ranges are scoped, as prism's are; a
+//! caller that drops its own ranges out of order, or forgets one, gets
+//! mislabelled or unclosed ranges in the profile, nothing worse.
 //!
 //! ```
 //! let _run = prism_stream::nvtx::Range::new("my phase");
@@ -152,11 +154,12 @@ impl Drop for Range {
     #[inline]
     fn drop(&mut self) {
         if self.pushed {
-            // SAFETY: this thread pushed a prism range (`Range` cannot change
-            // threads) and every range made after it on this thread was
-            // dropped before it (Rust drops in reverse order of creation,
-            // and a `Range` cannot be moved to another thread), so the
-            // innermost prism range of this thread is this one.
+            // SAFETY: the shim's pop has no precondition: NVTX and its tools
+            // accept a pop with nothing pushed. This thread pushed a range
+            // (`Range` cannot change threads); in scoped use, as prism's
+            // own, the innermost range is this one. Safe code can still
+            // drop ranges out of order or `mem::forget` one: that only
+            // mislabels or leaves open a range in the profile.
             unsafe { ffi::prism_nvtx_pop() };
         }
     }

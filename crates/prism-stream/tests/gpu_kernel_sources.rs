@@ -239,3 +239,31 @@ fn gpu_ptx_load_time_is_reported() {
         KernelSource::default_for_build()
     );
 }
+
+/// A kernel that uses no buffer (`spin`) may still run when the last handle
+/// that loaded the PTX goes: its module is unloaded only after the context
+/// is idle, so dropping the handle waits for the kernel.
+#[test]
+fn gpu_ptx_module_outlives_a_running_kernel() {
+    let Some(ctx) = gpu_or_skip("gpu_ptx_module_outlives_a_running_kernel") else {
+        return;
+    };
+    // Another handle keeps the (primary) context alive; this one has a
+    // module of its own.
+    let _keep = ctx.gpu().clone();
+    let gpu = Gpu::open(0).unwrap();
+    gpu.set_kernel_source(KernelSource::Ptx).unwrap();
+    let mut lane = Lane::new(&gpu).unwrap();
+    lane.launch().spin(300_000_000).unwrap();
+    let t = Instant::now();
+    drop(lane);
+    drop(gpu);
+    let waited = t.elapsed();
+    eprintln!("dropping the last handle of the module took {waited:?}");
+    if !prism_stream::testing::under_sanitizer() {
+        assert!(
+            waited.as_millis() >= 200,
+            "the module was unloaded while its kernel ran ({waited:?})"
+        );
+    }
+}

@@ -239,7 +239,7 @@ fn bundle(dir: &Path, budget: Option<u64>, cuda12: bool) -> Result {
     } else if !prism_kernels_built() {
         eprintln!(
             "no nvcc (or PRISM_NO_NVCC=1): the bundle's kernels load from the bundled PTX \
-             through the driver, and prism-bench runs without its CUDA C++ baselines"
+             through the driver, and it leaves out prism-bench (its CUDA C++ baselines need nvcc)"
         );
     }
     let mut select = vec!["--workspace", "--exclude", "xtask", "--profile", "bundle"];

@@ -12,7 +12,7 @@
 //! ([`ptx_grid`] and the methods below mirror `kernels/prism_kernels.cu`).
 
 use std::ffi::{c_void, CStr};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{
@@ -85,8 +85,8 @@ impl KernelSource {
 /// Per-context kernel state: the source in use and, once loaded, the PTX module.
 #[derive(Debug)]
 pub(crate) struct KernelState {
-    /// 0: launchers, 1: PTX.
-    source: AtomicU8,
+    /// True when prism's kernels come from the PTX.
+    ptx_source: AtomicBool,
     /// Set once a load succeeds (a failed load is tried again next time).
     ptx: OnceLock<Arc<PtxKernels>>,
     /// Serialises loads, so a context loads the PTX once.
@@ -96,10 +96,7 @@ pub(crate) struct KernelState {
 impl KernelState {
     pub(crate) fn new() -> Self {
         Self {
-            source: AtomicU8::new(match KernelSource::default_for_build() {
-                KernelSource::Launchers => 0,
-                KernelSource::Ptx => 1,
-            }),
+            ptx_source: AtomicBool::new(KernelSource::default_for_build() == KernelSource::Ptx),
             ptx: OnceLock::new(),
             loading: std::sync::Mutex::new(()),
         }
@@ -189,9 +186,10 @@ impl PtxKernels {
 impl Gpu {
     /// Where prism's own kernels come from on this handle.
     pub fn kernel_source(&self) -> KernelSource {
-        match self.0.kernels.source.load(Ordering::Acquire) {
-            0 => KernelSource::Launchers,
-            _ => KernelSource::Ptx,
+        if self.0.kernels.ptx_source.load(Ordering::Acquire) {
+            KernelSource::Ptx
+        } else {
+            KernelSource::Launchers
         }
     }
 
@@ -213,11 +211,10 @@ impl Gpu {
                 self.ptx_kernels()?;
             }
         }
-        let code = match source {
-            KernelSource::Launchers => 0,
-            KernelSource::Ptx => 1,
-        };
-        self.0.kernels.source.store(code, Ordering::Release);
+        self.0
+            .kernels
+            .ptx_source
+            .store(source == KernelSource::Ptx, Ordering::Release);
         Ok(())
     }
 

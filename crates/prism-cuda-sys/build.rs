@@ -131,14 +131,8 @@ fn build_cuda(nvcc: &Path, kernels: &Path) {
         .file(kernels.join("prism_kernels.cu"))
         .compile("prism_kernels");
 
-    // The PyPI layout keeps libcudart_static.a in bin/../lib; a toolkit install in lib64.
-    if let Some(root) = nvcc.parent().and_then(Path::parent) {
-        for lib in ["lib", "lib64", "targets/x86_64-linux/lib"] {
-            let dir = root.join(lib);
-            if dir.join("libcudart_static.a").is_file() {
-                println!("cargo:rustc-link-search=native={}", dir.display());
-            }
-        }
+    for dir in find_nvcc::cudart_static_dirs(nvcc) {
+        println!("cargo:rustc-link-search=native={}", dir.display());
     }
     println!("cargo:rustc-cfg=prism_kernels");
 }

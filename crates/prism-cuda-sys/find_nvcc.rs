@@ -1,5 +1,6 @@
-//! How prism finds nvcc. Shared by `build.rs` and `xtask` (included by path),
-//! so the build and the tools agree on which compiler is used.
+//! How prism finds nvcc and its static CUDA runtime. Shared by prism-cuda-sys's
+//! and prism-bench's `build.rs` and by `xtask` (included by path), so the
+//! builds and the tools agree on which compiler is used.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -38,4 +39,19 @@ pub fn find_nvcc(workspace: &Path, var: impl Fn(&str) -> Option<OsString>) -> Op
     std::env::split_paths(&path)
         .map(|dir| dir.join("nvcc"))
         .find(|nvcc| nvcc.is_file())
+}
+
+/// The folders beside `nvcc` that hold `libcudart_static.a`, for
+/// `cargo:rustc-link-search` (cc does not find it by itself): the PyPI
+/// layout keeps it in `bin/../lib`, a toolkit install in `lib64`.
+#[allow(dead_code)]
+pub fn cudart_static_dirs(nvcc: &Path) -> Vec<PathBuf> {
+    let Some(root) = nvcc.parent().and_then(Path::parent) else {
+        return Vec::new();
+    };
+    ["lib", "lib64", "targets/x86_64-linux/lib"]
+        .iter()
+        .map(|lib| root.join(lib))
+        .filter(|dir| dir.join("libcudart_static.a").is_file())
+        .collect()
 }

@@ -57,18 +57,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "user scale_add",
         true,
         move |l: &mut Launch<'_>, input: &DeviceBuffer<f32>, output: &mut DeviceBuffer<f32>, n| {
-            let (len, a, b) = (n as u64, 2.0f32, -1.0f32);
-            let mut call = l.kernel(&scale_add);
-            call.arg(input)
-                .arg_mut(output)
-                .value(&len)
-                .value(&a)
-                .value(&b);
             // SAFETY: the arguments match the kernel's signature
             // (const float*, float*, unsigned long long n, float a, float b),
             // both buffers hold >= n elements, and the grid covers n with the
             // kernel's bounds check.
-            unsafe { call.launch(LaunchConfig::for_num_elems(n as u32)) }?;
+            unsafe {
+                l.kernel(&scale_add)
+                    .arg(input)
+                    .arg_mut(output)
+                    .value(n as u64)
+                    .value(2.0f32)
+                    .value(-1.0f32)
+                    .launch(LaunchConfig::for_num_elems(n as u32))
+            }?;
             Ok(())
         },
     ));

@@ -280,9 +280,8 @@ fn user_ptx_stage(gpu: &Gpu, a: f32, b: f32) -> impl prism_pipeline::Stage<f32> 
         "user scale_add",
         true,
         move |l: &mut Launch<'_>, x: &DeviceBuffer<f32>, y: &mut DeviceBuffer<f32>, n| {
-            let len = n as u64;
-            let mut call = l.kernel(&kernel);
-            call.arg(x).arg_mut(y).value(&len).value(&a).value(&b);
+            let call = l.kernel(&kernel).arg(x).arg_mut(y);
+            let call = call.value(n as u64).value(a).value(b);
             // SAFETY: the arguments match scale_add(const float*, float*,
             // unsigned long long, float, float); both buffers hold >= n
             // elements and the kernel checks its index against n.

@@ -548,7 +548,9 @@ fn raw_round(gpu: &Gpu, regime: Regime) -> Result<Round, Error> {
     }
     let host_src = src.as_slice()?.as_ptr();
     let host_dst = dst.as_mut_slice()?.as_mut_ptr();
-    let (xp, yp) = (x.device_ptr(), y.device_ptr());
+    // SAFETY: the raw driver loop below is this floor's whole point: x and
+    // y are idle (synchronised above), used only by it, and outlive it.
+    let (xp, yp) = unsafe { (x.device_ptr(), y.device_ptr()) };
     let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
     let round = timed(gpu, regime, &[&up, &comp, &down], || {
         for (i, ev) in events.chunks_exact(3).enumerate() {

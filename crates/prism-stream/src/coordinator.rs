@@ -215,9 +215,12 @@ impl AsyncCoordinator {
     }
 
     /// Runs `launch` to enqueue kernels on the compute lane after `deps`.
-    /// Each kernel launched through [`Launch`] orders and fences the buffers
-    /// it uses as it is queued, so an error from `launch` (or a panic)
-    /// leaves no use unrecorded; the op is then not created.
+    /// Each kernel launched through [`Launch`] (and each outside-work block,
+    /// [`Launch::outside`]) orders and fences the buffers it uses as it is
+    /// queued, so an error from `launch` (or a panic) leaves no use
+    /// unrecorded; the op is then not created. The closure's own errors
+    /// go through [`Error::user`] and come back as `Error::User` naming
+    /// the op.
     pub fn queue_compute<F>(
         &mut self,
         name: impl Into<Cow<'static, str>>,
@@ -233,7 +236,14 @@ impl AsyncCoordinator {
         self.begin(deps, COMPUTE)?;
         let own = self.lanes[COMPUTE].stream_id();
         let mut scope = self.lanes[COMPUTE].launch();
-        launch(&mut scope)?;
+        launch(&mut scope).map_err(|e| match e {
+            // The user's own error (`Error::user`), named after the op.
+            Error::User { op, source } if op.is_empty() => Error::User {
+                op: format!("queue_compute: {name}"),
+                source,
+            },
+            e => e,
+        })?;
         let last = scope.last_fence().cloned();
         // The last launch's fence is after the dependency waits and every
         // kernel of the scope. A scope that launched nothing records one, and
@@ -245,6 +255,53 @@ impl AsyncCoordinator {
             None => self.lanes[COMPUTE].fence()?,
         };
         Ok(self.insert(COMPUTE, name, fence))
+    }
+
+    /// Sets all of `buf` to `value` on the compute lane (a memset; see
+    /// [`Lane::fill`] for the values a memset can write).
+    pub fn queue_fill<T: Element>(
+        &mut self,
+        buf: &mut DeviceBuffer<T>,
+        value: T,
+        deps: &[OpId],
+    ) -> Result<OpId> {
+        let _nvtx = crate::nvtx::Range::new("queue_fill");
+        self.begin(deps, COMPUTE)?;
+        let n = buf.len();
+        let fence = self.lanes[COMPUTE].fill(buf, 0, n, value)?;
+        Ok(self.insert(COMPUTE, Cow::Borrowed("fill"), fence))
+    }
+
+    /// Copies `src[..n]` into `dst[..n]` on the GPU (device to device), on
+    /// the compute lane.
+    pub fn queue_copy<T: Element>(
+        &mut self,
+        src: &DeviceBuffer<T>,
+        dst: &mut DeviceBuffer<T>,
+        n: usize,
+        deps: &[OpId],
+    ) -> Result<OpId> {
+        let _nvtx = crate::nvtx::Range::new("queue_copy");
+        self.begin(deps, COMPUTE)?;
+        let fence = self.lanes[COMPUTE].copy_dtod(src, 0, dst, 0, n)?;
+        Ok(self.insert(COMPUTE, Cow::Borrowed("device copy"), fence))
+    }
+
+    /// Reads `src[at..at + n]` back on the download lane, after `deps`,
+    /// without blocking: the [`Readback`](crate::Readback) waits for this
+    /// copy only. The op's id orders later ops after the copy.
+    pub fn queue_read<T: Element>(
+        &mut self,
+        src: &DeviceBuffer<T>,
+        at: usize,
+        n: usize,
+        deps: &[OpId],
+    ) -> Result<(OpId, crate::Readback<T>)> {
+        let _nvtx = crate::nvtx::Range::new("queue_read");
+        self.begin(deps, DOWN)?;
+        let read = self.lanes[DOWN].read_async(src, at, n)?;
+        let id = self.insert(DOWN, Cow::Borrowed("read-back"), read.fence().clone());
+        Ok((id, read))
     }
 
     /// Fills all of `dst` from the front of `src` on the download lane.

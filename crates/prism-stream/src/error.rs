@@ -119,6 +119,54 @@ pub enum Error {
     /// The stream of a conversion is being captured into a CUDA graph.
     #[error("{what} is being captured into a CUDA graph (cuStreamBeginCapture); end the capture first; nothing changed hands")]
     StreamCapturing { what: &'static str },
+    /// A buffer that a captured CUDA graph still holds cannot leave prism.
+    #[error("{what} is held by a captured CUDA graph (CapturedGraph); drop the graph first")]
+    InGraph { what: &'static str },
+    /// Something a CUDA graph capture cannot hold (nothing was captured).
+    #[error("cannot capture {what} into a CUDA graph: {reason}")]
+    NotCapturable {
+        what: &'static str,
+        reason: &'static str,
+    },
+    /// A handle (an outside-work argument, a graph's read-back) used with
+    /// another scope or graph than the one that made it.
+    #[error("{what} belongs to another {scope}: use it only with the one that made it")]
+    WrongScope {
+        what: &'static str,
+        scope: &'static str,
+    },
+    /// A request prism cannot serve as asked (says what instead).
+    #[error("{what} is not supported: {instead}")]
+    Unsupported {
+        what: &'static str,
+        instead: &'static str,
+    },
+    /// A library call (cuBLAS, cuFFT) failed.
+    #[error("{library} failed: {message}")]
+    Library {
+        library: &'static str,
+        message: String,
+    },
+    /// A user's closure (a coordinator op, a stage) returned its own error.
+    #[error("{} failed: {source}", if op.is_empty() { "a user closure" } else { op.as_str() })]
+    User {
+        op: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    /// Wraps the user's own error, for a closure that prism calls (a
+    /// coordinator op, outside work): `my_call().map_err(Error::user)?`.
+    /// The coordinator names the op in it; `source()` (or matching
+    /// `Error::User { source, .. }` and `downcast_ref`) gives it back.
+    pub fn user(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::User {
+            op: String::new(),
+            source: error.into(),
+        }
+    }
 }
 
 /// Result alias of prism-stream.

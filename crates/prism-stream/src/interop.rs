@@ -201,7 +201,7 @@ impl<T: Element> DeviceBuffer<T> {
         let ptr = slice.leak();
         let buf = Self::adopt(gpu, ptr, len);
         if let Some(fence) = fence {
-            note_made_by(&buf.uses, bytes, &fence);
+            note_made_by(buf.uses(), bytes, &fence);
         }
         Ok(buf)
     }
@@ -266,10 +266,23 @@ impl<T: Element> DeviceBuffer<T> {
     ) -> std::result::Result<CudaSlice<T>, Box<InteropError<Self>>> {
         let _span =
             tracing::debug_span!("prism.interop.into_cuda_slice", len = self.len()).entered();
+        if self.is_shared() {
+            return Err(Box::new(InteropError {
+                error: Error::InGraph {
+                    what: "device buffer handed to cudarc",
+                },
+                value: self,
+            }));
+        }
         match self.hand_over(stream) {
             Ok(slice) => {
-                // The slice owns the memory now.
-                let _ = self.disown();
+                // The slice owns the memory now. No graph holds the
+                // allocation (checked above, and nothing can capture one
+                // from a buffer moved in here), so `disown` gives it up; were
+                // it still shared, leaking it beats a double free.
+                if let Err(still) = self.disown() {
+                    std::mem::forget(still);
+                }
                 Ok(slice)
             }
             Err(error) => Err(Box::new(InteropError { error, value: self })),
@@ -289,7 +302,7 @@ impl<T: Element> DeviceBuffer<T> {
         gpu.check_usable()?;
         gpu.bind()?;
         check_not_capturing(stream, "the CUDA stream")?;
-        let on_gpu = cudarc_tracks(stream) && order_foreign_after_all(&self.uses, stream).is_ok();
+        let on_gpu = cudarc_tracks(stream) && order_foreign_after_all(self.uses(), stream).is_ok();
         if !on_gpu {
             self.wait_idle()?;
         }
@@ -305,7 +318,7 @@ impl<T: Element> DeviceBuffer<T> {
                 source,
             });
         }
-        let (ptr, len) = (self.device_ptr(), self.len());
+        let (ptr, len) = (self.addr(), self.len());
         // SAFETY: `ptr` is a live allocation of `len` elements of T (a
         // DeviceBuffer's contents are initialised, and every bit pattern is a
         // valid T) in `stream`'s context (checked above). The buffer gives it

@@ -361,15 +361,63 @@ impl<'l> Launch<'l> {
 
     /// Issues the waits a kernel reading `buf` needs, now. Optional (every
     /// launch orders itself); useful before a timed fence, so the time
-    /// measured excludes the wait.
+    /// measured excludes the wait. Nothing while capturing a graph (its
+    /// launches order themselves).
     pub fn prepare_read<T: Element>(&mut self, buf: &DeviceBuffer<T>) -> Result<()> {
+        if self.is_capturing() {
+            return Ok(());
+        }
         self.lane.order(&[buf.used(Access::Read, "device buffer")])
     }
 
     /// Issues the waits a kernel writing `buf` needs, now (see
     /// [`prepare_read`](Self::prepare_read)).
     pub fn prepare_write<T: Element>(&mut self, buf: &mut DeviceBuffer<T>) -> Result<()> {
+        if self.is_capturing() {
+            return Ok(());
+        }
         self.lane.order(&[buf.used(Access::Write, "device buffer")])
+    }
+
+    /// True inside [`Lane::capture`]: the scope's work is recorded into a
+    /// CUDA graph, and fences and waits are refused (the graph's launches
+    /// are ordered and fenced as a whole).
+    pub fn is_capturing(&self) -> bool {
+        self.lane.capture.is_some()
+    }
+
+    /// Queues one op of this scope through the lane (ordered and fenced,
+    /// or captured: [`Lane::enqueue_scoped`]) and keeps its fence as the
+    /// scope's last.
+    pub(crate) fn enqueue<R>(
+        &mut self,
+        uses: &[Used<'_>],
+        op: impl FnOnce(cu::CUstream) -> Result<R>,
+    ) -> Result<R> {
+        let (end, r) = self.lane.enqueue_scoped(uses, op)?;
+        if let Some(end) = end {
+            self.last = Some(end);
+        }
+        Ok(r)
+    }
+
+    /// The fence after the scope's last op (one recorded now if it queued
+    /// none), for the `Lane` methods built on a scope.
+    pub(crate) fn finish(self) -> Result<Fence> {
+        match self.last {
+            Some(f) => Ok(f),
+            None => self.lane.fence(),
+        }
+    }
+
+    /// The scope's lane, for the modules that build ops on it.
+    pub(crate) fn lane_mut(&mut self) -> &mut Lane {
+        self.lane
+    }
+
+    /// The lane and the scope's last fence, for outside work.
+    pub(crate) fn parts(&mut self) -> (&mut Lane, &mut Option<Fence>) {
+        (self.lane, &mut self.last)
     }
 
     /// Records a timed fence on the scope's lane (for per-stage GPU times).
@@ -392,18 +440,12 @@ impl<'l> Launch<'l> {
         // fenced like any other (enqueue fences every path).
         match gpu.kernel_source() {
             KernelSource::Launchers => {
-                let (_, end, code) = self
-                    .lane
-                    .enqueue(uses, false, |stream| Ok(launcher(stream.cast())))?;
-                self.last = Some(end);
+                let code = self.enqueue(uses, |stream| Ok(launcher(stream.cast())))?;
                 check_code(&gpu, kernel, code)
             }
             KernelSource::Ptx => {
                 let kernels = gpu.ptx_kernels()?;
-                let (_, end, outcome) = self
-                    .lane
-                    .enqueue(uses, false, |stream| Ok(ptx(&kernels, stream)))?;
-                self.last = Some(end);
+                let outcome = self.enqueue(uses, |stream| Ok(ptx(&kernels, stream)))?;
                 check_driver_launch(&gpu, kernel, outcome)
             }
         }
@@ -422,7 +464,7 @@ impl<'l> Launch<'l> {
         check_len("fma_chain input", n, x.len())?;
         check_len("fma_chain output", n, y.len())?;
         let iters = iters_i32(iters)?;
-        let (xp, yp) = (x.device_ptr(), y.device_ptr());
+        let (xp, yp) = (x.addr(), y.addr());
         let uses = [
             x.used(Access::Read, "fma_chain input"),
             y.used(Access::Write, "fma_chain output"),
@@ -461,7 +503,7 @@ impl<'l> Launch<'l> {
     ) -> Result<()> {
         check_len("fma_chain buffer", n, y.len())?;
         let iters = iters_i32(iters)?;
-        let p = y.device_ptr();
+        let p = y.addr();
         let uses = [y.used(Access::Write, "fma_chain buffer")];
         self.run(
             "fma_chain",
@@ -487,7 +529,7 @@ impl<'l> Launch<'l> {
     /// `buf[i] = pattern(seed, i)` for `i < n` (see [`pattern`]).
     pub fn fill_pattern(&mut self, buf: &mut DeviceBuffer<u32>, n: usize, seed: u32) -> Result<()> {
         check_len("fill_pattern buffer", n, buf.len())?;
-        let p = buf.device_ptr();
+        let p = buf.addr();
         let uses = [buf.used(Access::Write, "fill_pattern buffer")];
         self.run(
             "fill_pattern",
@@ -517,13 +559,13 @@ impl<'l> Launch<'l> {
     ) -> Result<()> {
         check_len("check_pattern buffer", n, buf.len())?;
         check_len("check_pattern counters", 2, counters.len())?;
-        let (p, c) = (buf.device_ptr(), counters.device_ptr());
+        let (p, c) = (buf.addr(), counters.addr());
         let uses = [
             buf.used(Access::Read, "check_pattern buffer"),
             counters.used(Access::Write, "check_pattern counters"),
         ];
         let gpu = self.lane.gpu().clone();
-        let (_, end, ()) = self.lane.enqueue(&uses, false, |stream| {
+        self.enqueue(&uses, |stream| {
             // SAFETY: counters has at least 2 u64 (16 bytes); both memsets stay
             // inside it and run on this stream before the kernel.
             unsafe {
@@ -564,9 +606,7 @@ impl<'l> Launch<'l> {
                     check_driver_launch(&gpu, "check_pattern", outcome)
                 }
             }
-        })?;
-        self.last = Some(end);
-        Ok(())
+        })
     }
 
     /// A kernel that keeps the stream busy for `ns` nanoseconds (tests, demos).
@@ -620,7 +660,7 @@ impl<'l> Launch<'l> {
         }
         check_len("group_sum input", n, x.len())?;
         check_len("group_sum output", n.div_ceil(group as usize), out.len())?;
-        let (xp, op) = (x.device_ptr(), out.device_ptr());
+        let (xp, op) = (x.addr(), out.addr());
         let uses = [
             x.used(Access::Read, "group_sum input"),
             out.used(Access::Write, "group_sum output"),
@@ -680,7 +720,7 @@ impl<'l> Launch<'l> {
                 .map(|b| b.used(Access::Read, "gathered pinned buffer")),
         );
         uses.push(desc.used(Access::Read, "zero-copy descriptors"));
-        let d = dst.device_ptr();
+        let d = dst.addr();
         uses.push(dst.used(Access::Write, "gather destination"));
         let count = items.len() as u64;
         let grid = zero_copy_grid(count)?;
@@ -721,7 +761,7 @@ impl<'l> Launch<'l> {
         let desc_ptr =
             self.write_descriptors(items.iter().map(|b| &**b), desc, "scattered pinned buffer")?;
         let mut uses: Vec<Used<'_>> = Vec::with_capacity(items.len() + 2);
-        let s = src.device_ptr();
+        let s = src.addr();
         uses.push(src.used(Access::Read, "scatter source"));
         uses.push(desc.used(Access::Read, "zero-copy descriptors"));
         uses.extend(
@@ -768,20 +808,20 @@ impl<'l> Launch<'l> {
                 what: "zero-copy descriptors",
             });
         }
-        let desc_ptr = desc.mapped_ptr().ok_or(Error::NotMapped {
+        let desc_ptr = desc.mapped().ok_or(Error::NotMapped {
             what: "zero-copy descriptors",
         })?;
         for item in items.clone() {
             if !item.gpu().same(self.lane.gpu()) {
                 return Err(Error::WrongContext { what });
             }
-            item.mapped_ptr().ok_or(Error::NotMapped { what })?;
+            item.mapped().ok_or(Error::NotMapped { what })?;
         }
         let size = std::mem::size_of::<T>() as u64;
         let d = desc.as_mut_slice()?;
         let mut offset = 0u64;
         for (k, item) in items.enumerate() {
-            d[3 * k] = item.mapped_ptr().unwrap_or(0);
+            d[3 * k] = item.mapped().unwrap_or(0);
             d[3 * k + 1] = offset;
             d[3 * k + 2] = item.len() as u64 * size;
             offset += item.len() as u64 * size;
@@ -800,7 +840,7 @@ impl<'l> Launch<'l> {
     ) -> Result<()> {
         check_len("clamp input", n, x.len())?;
         check_len("clamp output", n, y.len())?;
-        let (xp, yp) = (x.device_ptr(), y.device_ptr());
+        let (xp, yp) = (x.addr(), y.addr());
         let uses = [
             x.used(Access::Read, "clamp input"),
             y.used(Access::Write, "clamp output"),
@@ -827,7 +867,7 @@ impl<'l> Launch<'l> {
         hi: f32,
     ) -> Result<()> {
         check_len("clamp buffer", n, y.len())?;
-        let p = y.device_ptr();
+        let p = y.addr();
         let uses = [y.used(Access::Write, "clamp buffer")];
         self.run(
             "clamp",
@@ -927,16 +967,48 @@ impl Kernel {
     }
 }
 
-/// One kernel parameter: a buffer address (stored here) or a value the
-/// caller keeps alive for the call.
+/// One kernel parameter's bytes, kept by the call until the launch: a
+/// buffer address or a value passed by value. 16-byte aligned storage, so
+/// the driver may read any parameter type from it.
 #[derive(Debug)]
-enum Param {
-    Address(u64),
-    Value(*const c_void),
+struct Param(Box<[u128]>);
+
+impl Param {
+    fn of<V: DeviceRepr>(v: &V) -> Self {
+        let size = std::mem::size_of::<V>();
+        let mut words = vec![0u128; size.div_ceil(16).max(1)].into_boxed_slice();
+        // SAFETY: `words` holds at least `size` bytes and does not overlap
+        // `v`; copying the value's bytes moves no ownership (DeviceRepr
+        // values are plain data the driver copies byte for byte).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (v as *const V).cast::<u8>(),
+                words.as_mut_ptr().cast::<u8>(),
+                size,
+            );
+        }
+        Self(words)
+    }
 }
 
 /// A launch of the user's own kernel being assembled: arguments in the
-/// kernel's parameter order. Made by [`Launch::kernel`].
+/// kernel's parameter order, each method taking and returning the call, so
+/// a launch is one expression:
+///
+/// ```no_run
+/// # use prism_stream::{cudarc::driver::LaunchConfig, DeviceBuffer, Kernel, Launch};
+/// # fn f(launch: &mut Launch<'_>, k: &Kernel, x: &DeviceBuffer<f32>, y: &mut DeviceBuffer<f32>) -> prism_stream::Result<()> {
+/// let n = x.len();
+/// // SAFETY: `scale(const float* x, float* y, unsigned long long n, float a)`
+/// // reads x[..n] and writes y[..n], and y holds n elements.
+/// unsafe {
+///     launch.kernel(k).arg(x).arg_mut(y).value(n as u64).value(2.0f32)
+///         .launch(LaunchConfig::for_num_elems(n as u32))
+/// }
+/// # }
+/// ```
+///
+/// Made by [`Launch::kernel`].
 #[derive(Debug)]
 pub struct KernelCall<'a> {
     lane: &'a mut Lane,
@@ -950,35 +1022,35 @@ pub struct KernelCall<'a> {
 
 impl<'a> KernelCall<'a> {
     /// A device buffer the kernel reads (passed as its device address).
-    pub fn arg<T: Element>(&mut self, buf: &'a DeviceBuffer<T>) -> &mut Self {
-        self.params.push(Param::Address(buf.device_ptr()));
+    pub fn arg<T: Element>(mut self, buf: &'a DeviceBuffer<T>) -> Self {
+        self.params.push(Param::of(&buf.addr()));
         self.uses.push(buf.used(Access::Read, "kernel argument"));
         self
     }
 
     /// A device buffer the kernel writes (and may read).
-    pub fn arg_mut<T: Element>(&mut self, buf: &'a mut DeviceBuffer<T>) -> &mut Self {
-        self.params.push(Param::Address(buf.device_ptr()));
+    pub fn arg_mut<T: Element>(mut self, buf: &'a mut DeviceBuffer<T>) -> Self {
+        self.params.push(Param::of(&buf.addr()));
         self.uses.push(buf.used(Access::Write, "kernel argument"));
         self
     }
 
     /// A pinned host buffer the kernel reads over the bus (its mapped address).
-    pub fn arg_pinned<T: Element>(&mut self, buf: &'a PinnedBuffer<T>) -> &mut Self {
+    pub fn arg_pinned<T: Element>(self, buf: &'a PinnedBuffer<T>) -> Self {
         self.pinned(buf, Access::Read)
     }
 
     /// A pinned host buffer the kernel writes over the bus; host reads of it
     /// fail with `BufferInFlight` until the kernel completes.
-    pub fn arg_pinned_mut<T: Element>(&mut self, buf: &'a mut PinnedBuffer<T>) -> &mut Self {
+    pub fn arg_pinned_mut<T: Element>(self, buf: &'a mut PinnedBuffer<T>) -> Self {
         self.pinned(buf, Access::Write)
     }
 
-    fn pinned<T: Element>(&mut self, buf: &'a PinnedBuffer<T>, access: Access) -> &mut Self {
-        match buf.mapped_ptr() {
-            Some(p) => self.params.push(Param::Address(p)),
+    fn pinned<T: Element>(mut self, buf: &'a PinnedBuffer<T>, access: Access) -> Self {
+        match buf.mapped() {
+            Some(p) => self.params.push(Param::of(&p)),
             None => {
-                self.params.push(Param::Address(0));
+                self.params.push(Param::of(&0u64));
                 self.error.get_or_insert(Error::NotMapped {
                     what: "pinned kernel argument",
                 });
@@ -988,14 +1060,16 @@ impl<'a> KernelCall<'a> {
         self
     }
 
-    /// A value passed by value (a length, a scale factor, a `#[repr(C)]` struct).
-    pub fn value<V: DeviceRepr>(&mut self, v: &'a V) -> &mut Self {
-        self.params.push(Param::Value((v as *const V).cast()));
+    /// A value passed by value (a length, a scale factor, a `#[repr(C)]`
+    /// struct): copied into the call, so temporaries are fine.
+    pub fn value<V: DeviceRepr>(mut self, v: V) -> Self {
+        self.params.push(Param::of(&v));
         self
     }
 
-    /// Launches the kernel on the lane, ordered after the earlier uses of
-    /// every buffer argument; their fences are noted before this returns.
+    /// Launches the kernel on the scope's lane, ordered after the earlier
+    /// uses of every buffer argument; their fences are noted before this
+    /// returns (inside [`Lane::capture`], it is recorded into the graph).
     ///
     /// # Safety
     ///
@@ -1012,20 +1086,17 @@ impl<'a> KernelCall<'a> {
                 what: "kernel (loaded into another context)",
             });
         }
-        let mut params = std::mem::take(&mut self.params);
-        let mut ptrs: Vec<*mut c_void> = params
+        let mut ptrs: Vec<*mut c_void> = self
+            .params
             .iter_mut()
-            .map(|p| match p {
-                Param::Address(a) => (a as *mut u64).cast(),
-                Param::Value(v) => v.cast_mut(),
-            })
+            .map(|p| p.0.as_mut_ptr().cast())
             .collect();
         let f = self.kernel.function.cu_function();
-        let (_, end, ()) = self.lane.enqueue(&self.uses, false, |stream| {
+        let (end, ()) = self.lane.enqueue_scoped(&self.uses, |stream| {
             // SAFETY: the caller guarantees the arguments match the kernel and
             // the kernel touches only the buffers named (all of this context,
-            // ordered and fenced by enqueue); `ptrs` points at the addresses in
-            // `params` and at values borrowed for 'a, all alive for the call.
+            // ordered and fenced, or captured, by the scope); `ptrs` points at
+            // the parameter bytes in `params`, alive for the call.
             unsafe {
                 result::launch_kernel(
                     f,
@@ -1038,7 +1109,9 @@ impl<'a> KernelCall<'a> {
             }
             .call("cuLaunchKernel")
         })?;
-        *self.last = Some(end);
+        if let Some(end) = end {
+            *self.last = Some(end);
+        }
         Ok(())
     }
 }

@@ -58,6 +58,7 @@ compile_error!(
     "prism-stream: enable feature `cuda-13` (the default, CUDA 13 drivers) or `cuda-12` (CUDA 12 drivers)"
 );
 
+mod capture;
 mod context;
 mod coordinator;
 mod copy;
@@ -66,13 +67,18 @@ mod event;
 pub mod graph;
 mod interop;
 mod kernels;
+mod libs;
 mod managed;
 mod memory;
 pub mod nvtx;
+mod ops;
 mod order;
+mod outside;
+mod readback;
 mod stream;
 pub mod testing;
 
+pub use capture::{Capture, CapturedGraph, GraphLaunch, ReadbackKey};
 pub use context::{device_count, driver_available, DeviceInfo, Gpu};
 pub use coordinator::AsyncCoordinator;
 pub use error::{Error, Result};
@@ -80,12 +86,18 @@ pub use event::Fence;
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 pub use interop::InteropError;
 pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, KernelSource, Launch, Module};
+#[cfg(feature = "cublas")]
+pub use libs::Blas;
+#[cfg(feature = "cufft")]
+pub use libs::FftPlan;
 pub use managed::ManagedGpuContext;
 pub use memory::{
     as_bytes, as_bytes_mut, copy_streaming, pinned_bytes, zeroed_vec, DeviceBuffer, Element,
     HostAllocFlags, PinnedBuffer, RegisterError,
 };
 pub use order::{Lane, StreamId};
+pub use outside::{Arg, ArgMut, DeviceView, DeviceViewMut, Outside, Work};
+pub use readback::Readback;
 pub use stream::{ManagedStream, StreamPool, StreamPurpose};
 
 /// Re-export of the cudarc version prism is built on (for `Ptx`,

@@ -10,6 +10,7 @@
 //! recorded use before freeing, so nothing is freed while the GPU may touch it.
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, DriverError};
@@ -115,6 +116,11 @@ pub(crate) trait Tracked {
     fn portable(&self) -> bool {
         false
     }
+    /// The shared allocation of a device buffer (kept alive by CUDA graphs
+    /// captured over it); `None` for host memory, which graphs may not use.
+    fn keep(&self) -> Option<&Arc<DeviceAlloc>> {
+        None
+    }
     /// A use of the whole buffer, by this context's lanes only.
     fn used(&self, access: Access, what: &'static str) -> Used<'_> {
         Used {
@@ -124,6 +130,7 @@ pub(crate) trait Tracked {
             extent: Extent::whole(self.byte_len()),
             portable: false,
             what,
+            keep: self.keep(),
         }
     }
     /// A copy's use of the bytes `start..end` (by a lane of any context
@@ -136,6 +143,7 @@ pub(crate) trait Tracked {
             extent: Extent::range(start, end),
             portable: self.portable(),
             what,
+            keep: self.keep(),
         }
     }
 }
@@ -274,17 +282,59 @@ fn byte_len<T>(len: usize, what: &'static str) -> Result<usize> {
         })
 }
 
+/// The allocation behind a [`DeviceBuffer`]: the device memory and its use
+/// list. Shared (`Arc`) between the buffer and the CUDA graphs captured
+/// over it ([`CapturedGraph`](crate::CapturedGraph)), so memory a graph may
+/// still write is never freed under it; freed when the last holder drops,
+/// after every recorded use completed.
+#[derive(Debug)]
+pub(crate) struct DeviceAlloc {
+    pub(crate) gpu: Gpu,
+    /// 0 once handed to cudarc (`disown`): nothing to free.
+    ptr: sys::CUdeviceptr,
+    pub(crate) uses: UseCell,
+}
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        if self.ptr == 0 {
+            // Handed to cudarc (`disown`): its new owner frees it.
+            return;
+        }
+        // Wait for every queued use first: freeing memory a kernel or copy still
+        // touches would corrupt whatever is allocated there next.
+        if !lock(&self.uses).release(self.gpu.key(), "device buffer") {
+            return;
+        }
+        if self.gpu.bind().is_ok() {
+            // SAFETY: `ptr` is an allocation of this context, owned by this
+            // allocation alone: from cuMemAlloc, or adopted from a cudarc slice
+            // (cuMemAllocAsync or cuMemAlloc; cuMemFree frees either once every
+            // access has completed, and cudarc gave it up). Every recorded use
+            // has completed (waited above; after a sticky error the context
+            // runs nothing more), and it is freed only here, when the last
+            // holder (the buffer or a captured graph) lets go.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
 /// A device allocation of `len` elements of `T`, always initialised: the
-/// safe constructor zeroes it on a lane (a queued memset, not a blocking
-/// one). It remembers the fences of the queued operations that use it:
-/// later operations on other streams wait for them on the GPU, and `Drop`
-/// waits for all of them before freeing.
+/// safe constructors zero it ([`zeroed`](Self::zeroed), a queued memset) or
+/// fill it from host data ([`from_slice`](Self::from_slice), a queued
+/// copy). It remembers the fences of the queued operations that use it:
+/// later operations on other streams wait for them on the GPU, and the
+/// memory is freed only after all of them (and after every CUDA graph
+/// captured over it is gone).
+///
+/// Its device address is reachable only through `unsafe`
+/// ([`device_ptr`](Self::device_ptr)) or inside an outside-work block
+/// ([`Lane::outside`]), so safe code cannot hand it to
+/// work prism does not order.
 #[derive(Debug)]
 pub struct DeviceBuffer<T: Element> {
-    gpu: Gpu,
-    ptr: sys::CUdeviceptr,
+    alloc: Arc<DeviceAlloc>,
     len: usize,
-    pub(crate) uses: UseCell,
     _t: PhantomData<T>,
 }
 
@@ -295,9 +345,27 @@ impl<T: Element> DeviceBuffer<T> {
     pub fn zeroed(lane: &mut Lane, len: usize) -> Result<Self> {
         // SAFETY: the memset queued below writes every byte before any other
         // use can be queued (the buffer is not yet shared), and every later
-        // use is ordered after it through the write fence it records.
+        // use is ordered after it through the write fence it records. If
+        // queueing fails, the buffer is dropped unread.
         let mut buf = unsafe { Self::uninit(lane.gpu(), len)? };
         lane.zero(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Allocates `data.len()` elements and queues their upload from `data`
+    /// on `lane`, without zeroing them first. `data` is ordinary (pageable)
+    /// memory: the driver copies it into its own staging before this
+    /// returns, so `data` is free again at once; the transfer to the device
+    /// runs in stream order on the lane (later uses on any stream wait for
+    /// it). For large or repeated uploads, copy from a
+    /// [`PinnedBuffer`] with [`Lane::copy_htod`] instead.
+    pub fn from_slice(lane: &mut Lane, data: &[T]) -> Result<Self> {
+        // SAFETY: the upload queued below writes every element before any
+        // other use can be queued (the buffer is not yet shared); later uses
+        // are ordered after its write fence. If it fails, the buffer is
+        // dropped unread.
+        let mut buf = unsafe { Self::uninit(lane.gpu(), data.len())? };
+        lane.upload_slice(data, &mut buf, 0)?;
         Ok(buf)
     }
 
@@ -314,16 +382,11 @@ impl<T: Element> DeviceBuffer<T> {
         gpu.check_usable()?;
         gpu.bind()?;
         // SAFETY: the context is current on this thread (bind above); cuMemAlloc
-        // has no other precondition. The pointer is freed exactly once, in Drop.
+        // has no other precondition. The pointer is freed exactly once, when
+        // the allocation drops.
         let ptr = unsafe { result::malloc_sync(bytes) }
             .map_err(|e| alloc_error(e, "device", bytes, "device buffer", "cuMemAlloc"))?;
-        Ok(Self {
-            gpu: gpu.clone(),
-            ptr,
-            len,
-            uses: UseCell::default(),
-            _t: PhantomData,
-        })
+        Ok(Self::adopt(gpu, ptr, len))
     }
 
     /// Takes over `len` elements at `ptr`, an allocation of `gpu`'s context
@@ -331,20 +394,39 @@ impl<T: Element> DeviceBuffer<T> {
     /// which its contents are ready, or has waited for every earlier use.
     pub(crate) fn adopt(gpu: &Gpu, ptr: sys::CUdeviceptr, len: usize) -> Self {
         Self {
-            gpu: gpu.clone(),
-            ptr,
+            alloc: Arc::new(DeviceAlloc {
+                gpu: gpu.clone(),
+                ptr,
+                uses: UseCell::default(),
+            }),
             len,
-            uses: UseCell::default(),
             _t: PhantomData,
         }
     }
 
     /// Gives the allocation up without freeing it (to cudarc,
-    /// `interop.rs`): `Drop` then neither waits nor frees, and the use list
-    /// goes (its fences back to the pool). The caller made the new owner's
-    /// stream wait for every use, or waited for them.
-    pub(crate) fn disown(mut self) -> sys::CUdeviceptr {
-        std::mem::replace(&mut self.ptr, 0)
+    /// `interop.rs`): the use list goes (its fences back to the pool) and
+    /// nothing is freed. The caller made the new owner's stream wait for
+    /// every use, or waited for them, and checked [`is_shared`](Self::is_shared)
+    /// is false (otherwise the buffer comes back).
+    pub(crate) fn disown(self) -> std::result::Result<sys::CUdeviceptr, Self> {
+        match Arc::try_unwrap(self.alloc) {
+            Ok(mut alloc) => Ok(std::mem::replace(&mut alloc.ptr, 0)),
+            Err(alloc) => Err(Self {
+                alloc,
+                len: self.len,
+                _t: PhantomData,
+            }),
+        }
+    }
+
+    /// True while a captured CUDA graph also holds the allocation.
+    pub(crate) fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.alloc) > 1
+    }
+
+    pub(crate) fn uses(&self) -> &UseCell {
+        &self.alloc.uses
     }
 
     pub fn len(&self) -> usize {
@@ -359,26 +441,41 @@ impl<T: Element> DeviceBuffer<T> {
         self.len * std::mem::size_of::<T>()
     }
 
-    /// The raw device address. Using it in a kernel is the caller's unsafe
-    /// business; pass the buffer itself to
-    /// [`KernelCall::arg`](crate::KernelCall::arg) so prism orders the
-    /// kernel and keeps the buffer alive until it has run.
-    pub fn device_ptr(&self) -> sys::CUdeviceptr {
-        self.ptr
+    /// The device address, for prism's own ordered ops.
+    pub(crate) fn addr(&self) -> sys::CUdeviceptr {
+        self.alloc.ptr
+    }
+
+    /// The raw device address.
+    ///
+    /// # Safety
+    ///
+    /// The address carries no ordering and no lifetime: the caller must not
+    /// let any work read or write it unless that work is ordered after every
+    /// conflicting use prism queued and prism's later uses are ordered after
+    /// it, and must not use it after the buffer (and every graph captured
+    /// over it) is gone. The safe ways to hand a buffer to GPU work are
+    /// [`KernelCall::arg`](crate::KernelCall::arg) (your kernels) and
+    /// [`Outside::read`](crate::Outside::read) / [`write`](crate::Outside::write)
+    /// (library calls and other work prism does not enqueue), which order it.
+    pub unsafe fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.alloc.ptr
     }
 
     pub fn gpu(&self) -> &Gpu {
-        &self.gpu
+        &self.alloc.gpu
     }
 
     /// True when no queued operation uses this buffer.
     pub fn is_idle(&self) -> Result<bool> {
-        lock(&self.uses).any_pending(self.gpu.key()).map(|p| !p)
+        lock(&self.alloc.uses)
+            .any_pending(self.alloc.gpu.key())
+            .map(|p| !p)
     }
 
     /// Blocks until no queued operation uses this buffer.
     pub fn wait_idle(&self) -> Result<()> {
-        match lock(&self.uses).wait_all(self.gpu.key()) {
+        match lock(&self.alloc.uses).wait_all(self.alloc.gpu.key()) {
             Probe::Failed(reason) => Err(Error::ContextPoisoned { reason }),
             _ => Ok(()),
         }
@@ -387,36 +484,16 @@ impl<T: Element> DeviceBuffer<T> {
 
 impl<T: Element> Tracked for DeviceBuffer<T> {
     fn cell(&self) -> &UseCell {
-        &self.uses
+        &self.alloc.uses
     }
     fn owner(&self) -> &Gpu {
-        &self.gpu
+        &self.alloc.gpu
     }
     fn byte_len(&self) -> usize {
         self.num_bytes()
     }
-}
-
-impl<T: Element> Drop for DeviceBuffer<T> {
-    fn drop(&mut self) {
-        if self.ptr == 0 {
-            // Handed to cudarc (`disown`): its new owner frees it.
-            return;
-        }
-        // Wait for every queued use first: freeing memory a kernel or copy still
-        // touches would corrupt whatever is allocated there next.
-        if !lock(&self.uses).release(self.gpu.key(), "device buffer") {
-            return;
-        }
-        if self.gpu.bind().is_ok() {
-            // SAFETY: `ptr` is an allocation of this context, owned by this
-            // buffer alone: from cuMemAlloc, or adopted from a cudarc slice
-            // (cuMemAllocAsync or cuMemAlloc; cuMemFree frees either once every
-            // access has completed, and cudarc gave it up). Every recorded use
-            // has completed (waited above; after a sticky error the context
-            // runs nothing more), and it is freed only here.
-            let _ = unsafe { result::free_sync(self.ptr) };
-        }
+    fn keep(&self) -> Option<&Arc<DeviceAlloc>> {
+        Some(&self.alloc)
     }
 }
 
@@ -752,7 +829,21 @@ impl<T: Element> PinnedBuffer<T> {
 
     /// The address kernels use to read or write this buffer directly over the
     /// bus (zero-copy), or `None` if the driver could not map it.
-    pub fn mapped_ptr(&self) -> Option<sys::CUdeviceptr> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`DeviceBuffer::device_ptr`]: work that uses the address must
+    /// be ordered against every conflicting use prism queued (and the
+    /// host's reads and writes through [`as_slice`](Self::as_slice) /
+    /// [`as_mut_slice`](Self::as_mut_slice)), and must not outlive the
+    /// buffer. Pass the buffer to [`KernelCall::arg_pinned`](crate::KernelCall::arg_pinned)
+    /// instead, which orders the kernel and fences it.
+    pub unsafe fn mapped_ptr(&self) -> Option<sys::CUdeviceptr> {
+        self.mapped()
+    }
+
+    /// The mapped device address, for prism's own ordered ops.
+    pub(crate) fn mapped(&self) -> Option<sys::CUdeviceptr> {
         (self.mapped != 0).then_some(self.mapped)
     }
 

@@ -57,6 +57,7 @@ use cudarc::driver::{result, sys, CudaStream, DriverError};
 use crate::context::Gpu;
 use crate::error::DriverResultExt;
 use crate::event::Fence;
+use crate::memory::DeviceAlloc;
 use crate::stream::StreamPurpose;
 use crate::{Error, Result};
 
@@ -203,7 +204,7 @@ impl Extent {
         self.start <= o.end && o.start <= self.end
     }
 
-    fn hull(&self, o: &Extent) -> Extent {
+    pub(crate) fn hull(&self, o: &Extent) -> Extent {
         Extent {
             start: self.start.min(o.start),
             end: self.end.max(o.end),
@@ -330,6 +331,9 @@ pub(crate) struct Used<'a> {
     pub(crate) portable: bool,
     /// Names the buffer in a `WrongContext` error.
     pub(crate) what: &'static str,
+    /// A device buffer's shared allocation, which a CUDA graph captured
+    /// over the op keeps alive (`None`: host memory, refused in a capture).
+    pub(crate) keep: Option<&'a Arc<DeviceAlloc>>,
 }
 
 /// One CUDA stream prism queues on (made by prism, or adopted from a cudarc
@@ -400,6 +404,12 @@ impl StreamCore {
 pub struct Lane {
     core: Arc<StreamCore>,
     clock: WaitClock,
+    /// Set while [`Lane::capture`] records the lane's work into a CUDA
+    /// graph: ops are then captured, not run, and neither ordered nor
+    /// fenced here (the graph's launches are).
+    pub(crate) capture: Option<Box<crate::capture::CaptureState>>,
+    /// Pinned slots for small read-backs (`read_async`), made on first use.
+    pub(crate) slots: Option<Arc<crate::readback::SlotPool>>,
 }
 
 impl Lane {
@@ -420,6 +430,8 @@ impl Lane {
         Self {
             core,
             clock: WaitClock::default(),
+            capture: None,
+            slots: None,
         }
     }
 
@@ -432,10 +444,20 @@ impl Lane {
     /// so prism queues nothing more there (fences already recorded on it
     /// keep their meaning). Otherwise the lane comes back.
     pub(crate) fn into_stream(self) -> std::result::Result<Arc<CudaStream>, Box<Self>> {
-        let clock = self.clock;
-        match Arc::try_unwrap(self.core) {
+        let Self {
+            core,
+            clock,
+            capture,
+            slots,
+        } = self;
+        match Arc::try_unwrap(core) {
             Ok(core) => Ok(core.cu),
-            Err(core) => Err(Box::new(Self { core, clock })),
+            Err(core) => Err(Box::new(Self {
+                core,
+                clock,
+                capture,
+                slots,
+            })),
         }
     }
 
@@ -467,20 +489,35 @@ impl Lane {
     /// Records a fence (timing disabled) after everything queued so far.
     pub fn fence(&mut self) -> Result<Fence> {
         self.core.gpu.check_usable()?;
+        self.not_capturing("a fence")?;
         self.record(false)
     }
 
     /// Records a timed fence (for [`Fence::elapsed_ms_since`]).
     pub fn timed_fence(&mut self) -> Result<Fence> {
         self.core.gpu.check_usable()?;
+        self.not_capturing("a timed fence")?;
         self.record(true)
     }
 
     /// Makes this lane's later work wait (on the GPU) for `fence`, unless
     /// that is implied already. Fences of other devices are allowed.
     pub fn wait_for(&mut self, fence: &Fence) -> Result<()> {
+        self.not_capturing("a wait for a fence")?;
         let raw = self.core.raw();
         order_after(&mut self.clock, self.core.id, fence, |f| f.gpu_wait(raw))
+    }
+
+    /// Refuses what a capture cannot hold: fences are recorded and waits
+    /// issued by the graph's launches, not inside it.
+    fn not_capturing(&self, what: &'static str) -> Result<()> {
+        if self.capture.is_some() {
+            return Err(Error::NotCapturable {
+                what,
+                reason: "the graph's launches are ordered and fenced as a whole; queue it outside the capture",
+            });
+        }
+        Ok(())
     }
 
     /// Blocks the calling thread until everything queued on the stream is done.
@@ -520,6 +557,7 @@ impl Lane {
     /// else. Harmless to call early: a timed start fence recorded after it
     /// then measures the op, not the time it spent waiting.
     pub(crate) fn order(&mut self, uses: &[Used<'_>]) -> Result<()> {
+        self.not_capturing("an ordering wait")?;
         self.check_context(uses)?;
         let (id, raw) = (self.core.id, self.core.raw());
         let own = self.core.gpu.key();
@@ -565,6 +603,7 @@ impl Lane {
         op: impl FnOnce(sys::CUstream) -> Result<R>,
     ) -> Result<(Option<Fence>, Fence, R)> {
         self.core.gpu.check_usable()?;
+        self.not_capturing("an op with its own fence")?;
         self.core.gpu.bind()?;
         self.order(uses)?;
         let start = if timed {
@@ -593,6 +632,62 @@ impl Lane {
             lock(u.cell).note(u.access, u.extent, &end);
         }
         outcome.map(|r| (start, end, r))
+    }
+}
+
+impl Lane {
+    /// [`enqueue`](Self::enqueue) for the ops of a launch scope: outside a
+    /// capture, exactly that (the end fence comes back); while the lane is
+    /// capturing a CUDA graph ([`Lane::capture`]), the op is recorded into
+    /// the graph instead of running: its context and buffers are checked
+    /// as for any op, no wait is issued and no fence recorded, and the
+    /// buffers' allocations go into the graph, which orders and fences all
+    /// of them at every launch (rule 1 holds per launch; stream order holds
+    /// inside the graph, which is one stream's work). Host memory cannot be
+    /// captured: the graph's launches would write it while safe code reads
+    /// it (`NotCapturable`).
+    pub(crate) fn enqueue_scoped<R>(
+        &mut self,
+        uses: &[Used<'_>],
+        op: impl FnOnce(sys::CUstream) -> Result<R>,
+    ) -> Result<(Option<Fence>, R)> {
+        if self.capture.is_none() {
+            let (_, end, r) = self.enqueue(uses, false, op)?;
+            return Ok((Some(end), r));
+        }
+        self.core.gpu.check_usable()?;
+        self.check_context(uses)?;
+        for u in uses {
+            if u.keep.is_none() {
+                return Err(Error::NotCapturable {
+                    what: u.what,
+                    reason: "host memory in a graph would be written by its launches while safe code reads it; read device results back with Capture::read_back",
+                });
+            }
+            if lock(u.cell).stuck {
+                return Err(Error::ContextPoisoned {
+                    reason: format!("{} is in an unknown state after a failed GPU call", u.what),
+                });
+            }
+        }
+        self.core.gpu.bind()?;
+        let r = op(self.core.raw());
+        if let Some(cap) = self.capture.as_mut() {
+            // Noted even when the op failed: the capture may hold part of it.
+            cap.note(uses);
+        }
+        r.map(|r| (None, r))
+    }
+
+    /// The raw stream, for the capture and outside-work modules (which
+    /// order their work through this lane).
+    pub(crate) fn raw_stream(&self) -> sys::CUstream {
+        self.core.raw()
+    }
+
+    /// The cudarc stream, for the capture and outside-work modules.
+    pub(crate) fn core_stream(&self) -> &Arc<CudaStream> {
+        &self.core.cu
     }
 }
 

@@ -9,7 +9,6 @@ fn main() {
     let mut lane = Lane::new(&gpu).unwrap();
     let mut buf = DeviceBuffer::<f32>::zeroed(&mut lane, 16).unwrap();
     let mut scope = lane.launch();
-    let mut call = scope.kernel(&kernel);
-    call.arg_mut(&mut buf);
+    let call = scope.kernel(&kernel).arg_mut(&mut buf);
     call.launch(LaunchConfig::for_num_elems(16)).unwrap();
 }

@@ -1,0 +1,206 @@
+//! Small read-backs: a device range copied into a pooled pinned slot, read
+//! by the host once that copy's fence completed, without waiting for
+//! anything else. The slot is host memory the GPU writes, so the host sees
+//! it only through [`Readback`], after the fence, and a slot goes back to
+//! its pool only when no `Readback` holds it; a slot is handed out again
+//! only once its last copy completed (its use list says so).
+
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use crate::context::Gpu;
+use crate::event::Fence;
+use crate::graph::Probe;
+use crate::memory::{as_bytes_mut, zeroed_vec, Element, HostAllocFlags, PinnedBuffer};
+use crate::{Error, Result};
+
+/// Idle slots a pool keeps; more are freed (which synchronises the device,
+/// so the bound is generous).
+const SLOTS_KEPT: usize = 64;
+/// The smallest slot (a read of one value still gets a cache line or more).
+const SLOT_MIN: usize = 256;
+
+/// Pinned slots for read-backs, shared by a lane (or a captured graph) and
+/// the [`Readback`]s it handed out.
+#[derive(Debug, Default)]
+pub(crate) struct SlotPool {
+    idle: Mutex<Vec<PinnedBuffer<u8>>>,
+}
+
+impl SlotPool {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// An idle slot of at least `bytes` bytes (the smallest that fits and
+    /// whose last copy completed), or a new one.
+    pub(crate) fn take(&self, gpu: &Gpu, bytes: usize) -> Result<PinnedBuffer<u8>> {
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pick: Option<usize> = None;
+            for (i, s) in idle.iter().enumerate() {
+                if s.len() >= bytes
+                    && s.gpu().same_context(gpu)
+                    && pick.is_none_or(|p| s.len() < idle[p].len())
+                    && s.is_idle().unwrap_or(false)
+                {
+                    pick = Some(i);
+                }
+            }
+            if let Some(p) = pick {
+                return Ok(idle.swap_remove(p));
+            }
+        }
+        PinnedBuffer::new(
+            gpu,
+            bytes.max(SLOT_MIN).next_power_of_two(),
+            HostAllocFlags::DEFAULT,
+        )
+    }
+
+    /// The idle slot at host address `at`, if it is in the pool and its
+    /// last copy completed (a graph prefers the slot its node points at).
+    pub(crate) fn take_at(&self, at: *mut u8) -> Option<PinnedBuffer<u8>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let i = idle
+            .iter()
+            .position(|s| s.raw() == at && s.is_idle().unwrap_or(false))?;
+        Some(idle.swap_remove(i))
+    }
+
+    /// Returns a slot (its pending copy, if any, keeps it from being handed
+    /// out until it completes).
+    pub(crate) fn put(&self, slot: PinnedBuffer<u8>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < SLOTS_KEPT {
+            idle.push(slot);
+        }
+        // Else it drops here (after its uses, as every PinnedBuffer does).
+    }
+}
+
+/// Values being copied back from the GPU: made by
+/// [`Lane::read_async`](crate::Lane::read_async),
+/// [`Launch::read_async`](crate::Launch::read_async) and
+/// [`GraphLaunch::read_back`](crate::GraphLaunch::read_back). Waiting for
+/// it waits for its own copy only (and the work that copy was ordered
+/// after), never for later work on any lane.
+#[derive(Debug)]
+pub struct Readback<T: Element> {
+    slot: Option<PinnedBuffer<u8>>,
+    fence: Fence,
+    n: usize,
+    pool: Arc<SlotPool>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: Element> Readback<T> {
+    /// `n` elements of `T` that `fence` finishes copying into `slot`.
+    pub(crate) fn new(slot: PinnedBuffer<u8>, fence: Fence, n: usize, pool: Arc<SlotPool>) -> Self {
+        Self {
+            slot: Some(slot),
+            fence,
+            n,
+            pool,
+            _t: PhantomData,
+        }
+    }
+
+    /// Elements read.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Never empty (a read of nothing is refused).
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The fence after the copy (to await it, or to order other work after it).
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// True once the values have arrived (one `cuEventQuery`; never blocks).
+    pub fn is_ready(&self) -> Result<bool> {
+        self.fence.is_complete()
+    }
+
+    /// The values if they have arrived, without blocking.
+    pub fn try_get(&self) -> Result<Option<Vec<T>>> {
+        if !self.is_ready()? {
+            return Ok(None);
+        }
+        self.values().map(Some)
+    }
+
+    /// Blocks until the values have arrived (waits for this copy's fence
+    /// only) and returns them.
+    pub fn wait(self) -> Result<Vec<T>> {
+        match self.fence.synchronize() {
+            Probe::Failed(reason) => Err(Error::ContextPoisoned { reason }),
+            _ => self.values(),
+        }
+    }
+
+    /// [`wait`](Self::wait) for a read of one value.
+    pub fn wait_value(self) -> Result<T> {
+        let v = self.wait()?;
+        v.first()
+            .copied()
+            .ok_or(Error::ZeroLength { what: "read-back" })
+    }
+
+    fn values(&self) -> Result<Vec<T>> {
+        let slot = self
+            .slot
+            .as_ref()
+            .ok_or(Error::ZeroLength { what: "read-back" })?;
+        // The slot's own use list says whether its copy completed; it
+        // refuses (BufferInFlight) otherwise.
+        let bytes = slot.as_slice()?;
+        let mut out = zeroed_vec::<T>(self.n);
+        let dst = as_bytes_mut(&mut out);
+        let len = dst.len();
+        dst.copy_from_slice(&bytes[..len]);
+        Ok(out)
+    }
+}
+
+impl<T: Element> Drop for Readback<T> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.pool.put(slot);
+        }
+    }
+}
+
+impl crate::order::Lane {
+    /// The lane's read-back slots (made on first use).
+    pub(crate) fn slot_pool(&mut self) -> Arc<SlotPool> {
+        Arc::clone(self.slots.get_or_insert_with(SlotPool::new))
+    }
+
+    /// Reads `buf[at..at + n]` back without blocking (see
+    /// [`Launch::read_async`](crate::Launch::read_async)).
+    pub fn read_async<T: Element>(
+        &mut self,
+        buf: &crate::DeviceBuffer<T>,
+        at: usize,
+        n: usize,
+    ) -> Result<Readback<T>> {
+        self.launch().read_async(buf, at, n)
+    }
+
+    /// Reads the one value `buf[index]`, blocking until it has arrived: the
+    /// copy waits for the value's last writer only, and the host waits for
+    /// the copy only, so work queued on other lanes (or after it on this
+    /// one) keeps running.
+    pub fn read_value<T: Element>(
+        &mut self,
+        buf: &crate::DeviceBuffer<T>,
+        index: usize,
+    ) -> Result<T> {
+        self.read_async(buf, index, 1)?.wait_value()
+    }
+}

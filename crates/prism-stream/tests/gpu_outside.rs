@@ -342,7 +342,8 @@ fn gpu_coordinator_fill_copy_read_and_user_errors() {
     assert_eq!(bits(&ry.wait().unwrap()), bits(&data));
     assert_eq!(rx.wait().unwrap(), vec![0.5, 0.5]);
     // The user's own error comes back named after the op, downcastable.
-    let r = c.queue_compute("my op", &[], |_l| Err(MyError(7)).map_err(Error::user));
+    let fallible = |k: u32| -> Result<(), MyError> { Err(MyError(k)) };
+    let r = c.queue_compute("my op", &[], |_l| fallible(7).map_err(Error::user));
     match r {
         Err(Error::User { op, source }) => {
             assert_eq!(op, "queue_compute: my op");

@@ -48,8 +48,9 @@
 //! fence is recorded, for every fence, awaited or not (a fence is only known
 //! to be awaited long after, when the stream has moved on), or it would
 //! order after work queued later than the fence. Callbacks also run
-//! serialised on the driver's thread, may make no CUDA call, and a failed
-//! context never runs them, so a failure would still need polling. Pooled
+//! serialised on a driver thread, may make no CUDA call, and are not
+//! promised to run once the context faulted, so a failure would still need
+//! polling. Pooled
 //! events and one polling thread keep a wait free until it is awaited.
 
 use std::fmt;

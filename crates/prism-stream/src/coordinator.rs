@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use crate::context::Gpu;
 use crate::error::check_len;
 use crate::event::Fence;
+use crate::future::OpFuture;
 use crate::graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 use crate::kernels::Launch;
 use crate::memory::{DeviceBuffer, Element, HostAllocFlags, PinnedBuffer};
@@ -355,6 +356,30 @@ impl AsyncCoordinator {
     /// Status of `op` as last observed (call `poll` to refresh).
     pub fn status(&self, op: OpId) -> Result<OpStatus> {
         self.graph.status(op).cloned()
+    }
+
+    /// A future that resolves when `op` completes: `Ok(())`, or
+    /// [`Error::OpFailed`] when it failed on the GPU (marking the context
+    /// unusable, as [`wait`](Self::wait) does). An op already finished
+    /// gives a future that resolves at once with its recorded outcome. The
+    /// future holds the op's fence, not the coordinator (`Send + 'static`),
+    /// and blocks no thread: one shared thread polls every awaited fence
+    /// (see [`OpFuture`]). It does not update the op table; the next
+    /// [`poll`](Self::poll) reports the op without another driver query.
+    ///
+    /// Fails with [`Error::UnknownOp`] or [`Error::ForeignOp`] for an id
+    /// this coordinator did not hand out.
+    pub fn op_future(&self, op: OpId) -> Result<OpFuture> {
+        let status = self.graph.status(op)?;
+        let name = self.graph.name(op).unwrap_or_default().to_owned();
+        if let Some(fence) = self.graph.fence(op) {
+            return Ok(OpFuture::pending(op, name, self.gpu.clone(), fence.clone()));
+        }
+        let outcome = match status {
+            OpStatus::Failed(reason) => Err(reason.clone()),
+            _ => Ok(()),
+        };
+        Ok(OpFuture::finished(op, name, self.gpu.clone(), outcome))
     }
 
     /// Blocks until `op` completes (waits on its event only). Earlier ops

@@ -10,6 +10,10 @@
 //! - [`DeviceBuffer`] / [`PinnedBuffer`]: memory that remembers which queued
 //!   operations use it; the GPU orders hazards, `Drop` waits before freeing.
 //! - [`AsyncCoordinator`]: upload / compute / download lanes and op ids.
+//! - [`FenceFuture`] / [`OpFuture`]: GPU completion as futures, for any
+//!   executor ([`Fence::completion`], `fence.await`,
+//!   [`AsyncCoordinator::op_future`]); one shared thread polls every
+//!   awaited fence, none blocks per wait ([`future`]).
 //! - [`Launch`]: launches of prism's kernels and, through
 //!   [`Launch::kernel`], of your own ([`Gpu::load_module`]).
 //! - cudarc interop: [`DeviceBuffer::from_cuda_slice`] /
@@ -64,6 +68,7 @@ mod coordinator;
 mod copy;
 mod error;
 mod event;
+pub mod future;
 pub mod graph;
 mod interop;
 mod kernels;
@@ -83,6 +88,7 @@ pub use context::{device_count, driver_available, DeviceInfo, Gpu};
 pub use coordinator::AsyncCoordinator;
 pub use error::{Error, Result};
 pub use event::Fence;
+pub use future::{FenceFuture, OpFuture};
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 pub use interop::InteropError;
 pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, KernelSource, Launch, Module};

@@ -1,6 +1,8 @@
 //! A kernel fault is reported against its op and poisons the context.
 //! Its own test binary: a fault leaves the CUDA context unusable for the
 //! process. The bundle runs it outside compute-sanitizer (name: fault_injection).
+//! Awaited (module `future`), the fault is the op's error too, and a fence
+//! of another stream of the dead context fails with `ContextPoisoned`.
 
 use prism_stream::testing::gpu_or_skip;
 use prism_stream::{Error, OpStatus};
@@ -12,6 +14,7 @@ fn gpu_fault_injection_is_reported_against_its_op() {
     };
     // A second handle on the same (primary) context, opened before the fault.
     let other = prism_stream::Gpu::open(0).unwrap();
+    let mut lane = prism_stream::Lane::new(ctx.gpu()).unwrap();
     let c = ctx.async_coordinator_mut().unwrap();
     let mut d = c.zeroed::<u32>(1024).unwrap();
     let ok = c
@@ -21,6 +24,27 @@ fn gpu_fault_injection_is_reported_against_its_op() {
     let bad = c
         .queue_compute("deliberate fault", &[ok], |l| l.fault_injection())
         .unwrap();
+    // Still running on another stream when the fault kills the context.
+    let mut scope = lane.launch();
+    scope.spin(2_000_000_000).unwrap();
+    let spinning = scope.last_fence().unwrap().clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    match rt.block_on(c.op_future(bad).unwrap()) {
+        Err(Error::OpFailed { op, name, .. }) => {
+            assert_eq!(op, bad);
+            assert_eq!(name, "deliberate fault");
+        }
+        r => panic!("awaiting the faulting op: expected OpFailed, got {r:?}"),
+    }
+    assert!(
+        matches!(
+            rt.block_on(spinning.completion()),
+            Err(Error::ContextPoisoned { .. })
+        ),
+        "a fence of the dead context resolved without an error"
+    );
     let err = c.wait(bad).unwrap_err();
     match &err {
         Error::OpFailed { op, name, reason } => {

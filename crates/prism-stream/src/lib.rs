@@ -103,7 +103,7 @@ pub use memory::{
 };
 pub use order::{Lane, StreamId};
 pub use outside::{Arg, ArgMut, DeviceView, DeviceViewMut, Outside, Work};
-pub use readback::Readback;
+pub use readback::{Readback, ReadbackFuture};
 pub use stream::{ManagedStream, StreamPool, StreamPurpose};
 
 /// Re-export of the cudarc version prism is built on (for `Ptx`,

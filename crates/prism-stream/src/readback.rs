@@ -204,3 +204,47 @@ impl crate::order::Lane {
         self.read_async(buf, index, 1)?.wait_value()
     }
 }
+
+/// A [`Readback`] being awaited: resolves to its values once its copy
+/// completed, without a thread blocked for it (the fence's
+/// [`FenceFuture`](crate::FenceFuture) on prism's one completion thread).
+#[derive(Debug)]
+#[must_use = "futures do nothing unless awaited"]
+pub struct ReadbackFuture<T: Element> {
+    read: Option<Readback<T>>,
+    done: crate::FenceFuture,
+}
+
+impl<T: Element> std::future::Future for ReadbackFuture<T> {
+    type Output = Result<Vec<T>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match std::pin::Pin::new(&mut self.done).poll(cx) {
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Ready(Ok(())) => match self.read.take() {
+                Some(r) => std::task::Poll::Ready(r.values()),
+                None => std::task::Poll::Ready(Err(Error::ZeroLength {
+                    what: "read-back (already taken)",
+                })),
+            },
+        }
+    }
+}
+
+impl<T: Element> std::future::IntoFuture for Readback<T> {
+    type Output = Result<Vec<T>>;
+    type IntoFuture = ReadbackFuture<T>;
+
+    /// `readback.await` gives the values once they arrived.
+    fn into_future(self) -> ReadbackFuture<T> {
+        let done = self.fence.completion();
+        ReadbackFuture {
+            read: Some(self),
+            done,
+        }
+    }
+}

@@ -353,3 +353,38 @@ fn gpu_coordinator_fill_copy_read_and_user_errors() {
     }
     c.synchronize_all().unwrap();
 }
+
+#[test]
+fn gpu_readbacks_can_be_awaited() {
+    let Some(ctx) = gpu_or_skip("gpu_readbacks_can_be_awaited") else {
+        return;
+    };
+    let gpu = ctx.gpu();
+    let n = scaled(1 << 16, 256);
+    let data = random_f32(7, n);
+    let mut lane = Lane::new(gpu).unwrap();
+    let x = DeviceBuffer::from_slice(&mut lane, &data).unwrap();
+    lane.launch().spin(spin_ns()).unwrap();
+    let reads: Vec<_> = (0..32)
+        .map(|k| lane.read_async(&x, k, n - k).unwrap())
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let got = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for (k, r) in reads.into_iter().enumerate() {
+            set.spawn(async move { (k, r.await) });
+        }
+        let mut out = Vec::new();
+        while let Some(j) = set.join_next().await {
+            out.push(j.unwrap());
+        }
+        out
+    });
+    assert_eq!(got.len(), 32);
+    for (k, v) in got {
+        assert_eq!(bits(&v.unwrap()), bits(&data[k..]), "read {k}");
+    }
+}

@@ -210,6 +210,14 @@ impl Lane {
                 reason: "this lane is capturing already",
             });
         }
+        if !self.holds_stream_alone() {
+            // Another lane's ops on the shared stream would be captured
+            // instead of run, behind that lane's back.
+            return Err(Error::NotCapturable {
+                what: "a capture on a stream other lanes share (a pooled stream)",
+                reason: "their work would be recorded into this graph instead of running; capture on a lane of its own (Lane::new)",
+            });
+        }
         self.gpu().bind()?;
         let raw = self.raw_stream();
         // SAFETY: `raw` is this lane's live stream, of the bound context;

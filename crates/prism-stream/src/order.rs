@@ -679,6 +679,11 @@ impl Lane {
         r.map(|r| (None, r))
     }
 
+    /// True when no other lane queues on this lane's stream.
+    pub(crate) fn holds_stream_alone(&self) -> bool {
+        Arc::strong_count(&self.core) == 1
+    }
+
     /// The raw stream, for the capture and outside-work modules (which
     /// order their work through this lane).
     pub(crate) fn raw_stream(&self) -> sys::CUstream {

@@ -222,9 +222,15 @@ fn gpu_capture_refuses_what_a_graph_cannot_hold_and_the_lane_recovers() {
     for e in &refusals {
         assert!(matches!(e, Error::NotCapturable { .. }), "{e}");
     }
-    // Host memory through a user kernel's argument: build a kernel from
-    // prism's own PTX? Not needed: the pinned copy ops are not on a scope.
-    let _ = &mut pinned;
+    // A pooled stream other lanes may share would capture their work.
+    let pool = prism_stream::StreamPool::new(gpu, 1).unwrap();
+    let mut pooled = pool.acquire(prism_stream::StreamPurpose::Compute).unwrap();
+    let r = pooled.capture(|c| c.fill(&mut x, 0, 1, 1.0f32));
+    assert!(matches!(r, Err(Error::NotCapturable { .. })), "{r:?}");
+    // Host memory (a pinned buffer through prism's zero-copy kernels).
+    let mut desc = PinnedBuffer::<u64>::new(gpu, 3, HostAllocFlags::DEFAULT).unwrap();
+    let r = lane.capture(|c| c.scatter_pinned(&x, &mut [&mut pinned], &mut desc));
+    assert!(matches!(r, Err(Error::NotCapturable { .. })), "{r:?}");
     // A panic inside the capture ends it and leaves the lane usable.
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let _ = lane.capture(|c| -> prism_stream::Result<()> {

@@ -93,6 +93,10 @@ pub enum Error {
         expected: usize,
         actual: usize,
     },
+    /// Lengths that must be added up (the items of a zero-copy gather, say)
+    /// add up to more than a `usize` holds: no buffer can be that long.
+    #[error("the lengths of {what} add up to more than {max} elements, more than any buffer can hold; pass fewer items", max = usize::MAX)]
+    LengthOverflow { what: &'static str },
     /// A zero-sized buffer or copy where data is required.
     #[error("{what} has zero length")]
     ZeroLength { what: &'static str },

@@ -669,8 +669,14 @@ impl<'l> Launch<'l> {
         desc: &mut PinnedBuffer<u64>,
         dst: &mut DeviceBuffer<T>,
     ) -> Result<usize> {
-        let total = items.iter().map(|b| b.len()).sum();
-        check_len("gather destination", total, dst.len())?;
+        let total = zero_copy_total(
+            items.iter().map(|b| b.len()),
+            "gathered pinned buffers",
+            "gather destination",
+            dst.len(),
+        )?;
+        let count = items.len() as u64;
+        let grid = zero_copy_grid(count)?;
         let desc_ptr =
             self.write_descriptors(items.iter().copied(), desc, "gathered pinned buffer")?;
         let mut uses: Vec<Used<'_>> = Vec::with_capacity(items.len() + 2);
@@ -682,8 +688,6 @@ impl<'l> Launch<'l> {
         uses.push(desc.used(Access::Read, "zero-copy descriptors"));
         let d = dst.device_ptr();
         uses.push(dst.used(Access::Write, "gather destination"));
-        let count = items.len() as u64;
-        let grid = zero_copy_grid(count)?;
         self.run(
             "gather_bytes",
             &uses,
@@ -716,8 +720,14 @@ impl<'l> Launch<'l> {
         items: &mut [&mut PinnedBuffer<T>],
         desc: &mut PinnedBuffer<u64>,
     ) -> Result<usize> {
-        let total = items.iter().map(|b| b.len()).sum();
-        check_len("scatter source", total, src.len())?;
+        let total = zero_copy_total(
+            items.iter().map(|b| b.len()),
+            "scattered pinned buffers",
+            "scatter source",
+            src.len(),
+        )?;
+        let count = items.len() as u64;
+        let grid = zero_copy_grid(count)?;
         let desc_ptr =
             self.write_descriptors(items.iter().map(|b| &**b), desc, "scattered pinned buffer")?;
         let mut uses: Vec<Used<'_>> = Vec::with_capacity(items.len() + 2);
@@ -729,8 +739,6 @@ impl<'l> Launch<'l> {
                 .iter()
                 .map(|b| b.used(Access::Write, "scattered pinned buffer")),
         );
-        let count = items.len() as u64;
-        let grid = zero_copy_grid(count)?;
         self.run(
             "scatter_bytes",
             &uses,
@@ -771,20 +779,36 @@ impl<'l> Launch<'l> {
         let desc_ptr = desc.mapped_ptr().ok_or(Error::NotMapped {
             what: "zero-copy descriptors",
         })?;
+        let size = std::mem::size_of::<T>() as u64;
+        let overflow = || Error::LengthOverflow {
+            what: "zero-copy descriptor bytes",
+        };
+        // Every item's bytes and their running sum, checked here, before
+        // anything is written: the loop below then repeats sums that fit.
+        let mut end = 0u64;
         for item in items.clone() {
             if !item.gpu().same(self.lane.gpu()) {
                 return Err(Error::WrongContext { what });
             }
             item.mapped_ptr().ok_or(Error::NotMapped { what })?;
+            let bytes = u64::try_from(item.len())
+                .ok()
+                .and_then(|n| n.checked_mul(size))
+                .ok_or_else(overflow)?;
+            end = end
+                .checked_add(bytes)
+                .ok_or_else(overflow)?;
         }
-        let size = std::mem::size_of::<T>() as u64;
         let d = desc.as_mut_slice()?;
         let mut offset = 0u64;
         for (k, item) in items.enumerate() {
+            // Cannot wrap: every partial sum is at most `end`, computed
+            // with checked arithmetic above.
+            let bytes = item.len() as u64 * size;
             d[3 * k] = item.mapped_ptr().unwrap_or(0);
             d[3 * k + 1] = offset;
-            d[3 * k + 2] = item.len() as u64 * size;
-            offset += item.len() as u64 * size;
+            d[3 * k + 2] = bytes;
+            offset += bytes;
         }
         Ok(desc_ptr)
     }
@@ -1133,6 +1157,29 @@ fn zero_copy_grid(count: u64) -> Result<u32> {
         })
 }
 
+/// The elements a zero-copy gather or scatter moves: the sum of the items'
+/// lengths, which must fit `capacity` (the device buffer's length). The sum
+/// is checked, never wrapped: one pinned buffer listed many times must not
+/// add up, modulo 2^64, to a small total that passes the capacity check, or
+/// the kernel would copy every item's real bytes past the end of the device
+/// buffer. `items` names the items in the overflow error, `what` the device
+/// buffer in the capacity error.
+fn zero_copy_total(
+    lens: impl Iterator<Item = usize>,
+    items: &'static str,
+    what: &'static str,
+    capacity: usize,
+) -> Result<usize> {
+    let mut total = 0usize;
+    for len in lens {
+        total = total
+            .checked_add(len)
+            .ok_or(Error::LengthOverflow { what: items })?;
+    }
+    check_len(what, total, capacity)?;
+    Ok(total)
+}
+
 /// The launcher takes `iters` as an `int32_t`.
 fn iters_i32(iters: u32) -> Result<i32> {
     i32::try_from(iters).map_err(|_| Error::LengthMismatch {
@@ -1242,6 +1289,47 @@ mod tests {
         assert_eq!(ptx_grid(u64::MAX), (65535 * 8) as u32);
         assert_eq!(zero_copy_grid(7).unwrap(), 7);
         assert!(zero_copy_grid(1 << 31).is_err());
+    }
+
+    /// One item listed `usize::MAX / len + 2` times: the plain sum wraps to
+    /// `len` (in a release build), which fits the capacity. The checked sum
+    /// reports the overflow instead, without collecting the items.
+    #[test]
+    fn zero_copy_total_never_wraps() {
+        let len = 1usize << 40;
+        let n = usize::MAX / len + 2;
+        let wrapped = (0..n).fold(0usize, |s, _| s.wrapping_add(len));
+        assert!(wrapped <= len, "the unchecked sum wraps to {wrapped}");
+        let lens = std::iter::repeat_n(len, n);
+        assert!(matches!(
+            zero_copy_total(lens, "items", "destination", len),
+            Err(Error::LengthOverflow { what: "items" })
+        ));
+        // Fine sums: checked against the capacity as before.
+        assert_eq!(
+            zero_copy_total([3, 4].into_iter(), "items", "destination", 7).unwrap(),
+            7
+        );
+        assert!(matches!(
+            zero_copy_total([3, 5].into_iter(), "items", "destination", 7),
+            Err(Error::LengthMismatch {
+                what: "destination",
+                expected: 7,
+                actual: 8
+            })
+        ));
+        assert!(matches!(
+            zero_copy_total(std::iter::empty(), "items", "destination", 7),
+            Err(Error::ZeroLength { .. })
+        ));
+        // The largest sum that fits is not an overflow (only too long).
+        assert!(matches!(
+            zero_copy_total([usize::MAX - 1, 1].into_iter(), "items", "d", 7),
+            Err(Error::LengthMismatch {
+                actual: usize::MAX,
+                ..
+            })
+        ));
     }
 
     #[test]

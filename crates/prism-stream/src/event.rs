@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaContext, DriverError};
 
+use crate::context::current_for_now;
 use crate::error::DriverResultExt;
 use crate::graph::Probe;
 use crate::order::{Mark, StreamId, WaitClock};
@@ -170,18 +171,37 @@ impl Fence {
         }))
     }
 
-    /// Non-blocking: has the GPU passed this point? (`cuEventQuery`)
-    pub fn probe(&self) -> Probe {
-        if self.0.done.load(Ordering::Acquire) {
-            return Probe::Complete;
-        }
+    /// The context the fence was recorded in.
+    fn ctx(&self) -> &CudaContext {
+        &self.0.pool.ctx
+    }
+
+    /// One `cuEventQuery`, made with the fence's own context current (and
+    /// the caller's made current again after): a sticky error of whatever
+    /// context the calling thread has current would otherwise answer for
+    /// this fence's context. `Ok(true)` once complete (cached).
+    fn query(&self) -> std::result::Result<bool, DriverError> {
+        let _current = current_for_now(self.ctx().cu_ctx())?;
         // SAFETY: the event is alive while `self` holds the Arc.
         match unsafe { result::event::query(self.0.event.0) } {
             Ok(()) => {
                 self.0.done.store(true, Ordering::Release);
-                Probe::Complete
+                Ok(true)
             }
-            Err(DriverError(CUresult::CUDA_ERROR_NOT_READY)) => Probe::NotReady,
+            Err(DriverError(CUresult::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Non-blocking: has the GPU passed this point? (`cuEventQuery`, with
+    /// the fence's own context current.)
+    pub fn probe(&self) -> Probe {
+        if self.0.done.load(Ordering::Acquire) {
+            return Probe::Complete;
+        }
+        match self.query() {
+            Ok(true) => Probe::Complete,
+            Ok(false) => Probe::NotReady,
             Err(e) => Probe::Failed(describe(e)),
         }
     }
@@ -213,10 +233,14 @@ impl Fence {
 
     /// [`synchronize`](Self::synchronize) with the driver's error, so
     /// callers can tell a sticky failure (see [`is_sticky`]) from others.
+    /// The wait is made with the fence's own context current, as in
+    /// [`probe`](Self::probe), so a sticky error it reports is that
+    /// context's, not the calling thread's.
     pub(crate) fn synchronize_raw(&self) -> std::result::Result<(), DriverError> {
         if self.0.done.load(Ordering::Acquire) {
             return Ok(());
         }
+        let _current = current_for_now(self.ctx().cu_ctx())?;
         // SAFETY: the event is alive while `self` holds the Arc.
         unsafe { result::event::synchronize(self.0.event.0) }?;
         self.0.done.store(true, Ordering::Release);
@@ -228,18 +252,31 @@ impl Fence {
         self.0.pool.ctx.cu_ctx() as usize
     }
 
-    /// True when this fence belongs to another context than `own` and that
-    /// context died (a sticky error): nothing queued there runs any more,
-    /// so the fence no longer guards anything (a portable buffer shared with
-    /// a GPU that faulted stays usable by the others).
+    /// True when this fence belongs to another context than `own` and *its
+    /// own* context died (a sticky error): nothing queued there runs any
+    /// more, so the fence no longer guards anything (a portable buffer
+    /// shared with a GPU that faulted stays usable by the others).
+    ///
+    /// Only the fence's context counts: it is known dead from the
+    /// process-wide list (a sticky error seen through any handle of it), or
+    /// its event query fails with a sticky error while that context is
+    /// current (then it joins the list). A sticky error of the context the
+    /// calling thread has current, a third one that faulted, says nothing
+    /// about this fence: its copy may still be queued.
     pub(crate) fn dead_elsewhere(&self, own: usize) -> bool {
-        if self.context_key() == own || self.0.done.load(Ordering::Acquire) {
+        let key = self.context_key();
+        if key == own || self.0.done.load(Ordering::Acquire) {
             return false;
         }
-        // SAFETY: the event is alive while `self` holds the Arc.
-        match unsafe { result::event::query(self.0.event.0) } {
-            Err(e) => is_sticky(&e),
-            Ok(()) => false,
+        if crate::context::dead_reason(key).is_some() {
+            return true;
+        }
+        match self.query() {
+            Err(e) if is_sticky(&e) => {
+                crate::context::note_dead(key, &format!("a fence of this context failed: {e}"));
+                true
+            }
+            _ => false,
         }
     }
 

@@ -191,9 +191,10 @@ impl Uses<Fence> {
 
     /// [`wait_all`](Self::wait_all); an error says whether the GPU may still
     /// be using the buffer (`true`: a failure that is not sticky, or a use
-    /// that could not be tracked). A sticky failure of another context
-    /// (a GPU that shared this portable buffer and died) is no failure of
-    /// this buffer: nothing runs there any more.
+    /// that could not be tracked). A fence of another context that died
+    /// (a GPU that shared this portable buffer and faulted: its own context
+    /// reports it, see [`Fence::dead_elsewhere`]) is no failure of this
+    /// buffer: nothing runs there any more.
     fn wait_all_raw(&mut self, own: usize) -> std::result::Result<(), (String, bool)> {
         if self.stuck {
             return Err((
@@ -203,11 +204,13 @@ impl Uses<Fence> {
         }
         let mut failure = None;
         for f in self.all() {
+            // The wait is made with the fence's own context current, so a
+            // sticky error is that context's (not the calling thread's).
             if let Err(e) = f.synchronize_raw() {
-                if f.context_key() != own && is_sticky(&e) {
+                if f.dead_elsewhere(own) {
                     continue;
                 }
-                let maybe_running = !is_sticky(&e);
+                let maybe_running = !(is_sticky(&e) && f.context_key() == own);
                 match &mut failure {
                     Some((_, running)) => *running |= maybe_running,
                     None => failure = Some((e.to_string(), maybe_running)),

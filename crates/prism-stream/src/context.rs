@@ -298,9 +298,16 @@ impl Gpu {
         }
     }
 
-    /// Blocks until all work on the device is done.
+    /// Blocks until all work in the context is done (`cuCtxSynchronize`,
+    /// called directly: cudarc's `synchronize` returns an error cudarc
+    /// stashed in its context object without waiting). A wait refused
+    /// because a stream capture is in progress elsewhere is made again in
+    /// relaxed capture mode; one that conflicts with a capture in this
+    /// context fails with `CaptureInProgress`.
     pub fn synchronize(&self) -> Result<()> {
-        self.0.ctx.synchronize().call("cuCtxSynchronize")
+        self.bind()?;
+        crate::event::relaxed_on_capture(cudarc::driver::result::ctx::synchronize)
+            .call("cuCtxSynchronize")
     }
 
     /// True when both handles use the same CUDA context (two `Gpu::open(0)`

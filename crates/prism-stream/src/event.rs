@@ -150,6 +150,74 @@ pub(crate) fn is_sticky(e: &DriverError) -> bool {
     )
 }
 
+/// The driver's refusals of a call because a stream capture is in
+/// progress (in global mode on any thread of the process, or on the calling
+/// thread). Not sticky: nothing failed on the GPU, and the same call
+/// succeeds once the capture ended. The CUDA runtime's `cudaError_t` has
+/// the same codes (900 to 908) for the same refusals.
+const CAPTURE_ERRORS: [CUresult; 9] = [
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_MERGE,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_UNMATCHED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_UNJOINED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_ISOLATION,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT,
+    CUresult::CUDA_ERROR_CAPTURED_EVENT,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD,
+];
+
+/// Is `e` a refusal because of a stream capture (see [`CAPTURE_ERRORS`])?
+/// Such an error says nothing about the work a fence marks: it is neither
+/// complete nor failed, and the context is not poisoned.
+pub(crate) fn is_capture_error(e: &DriverError) -> bool {
+    CAPTURE_ERRORS.contains(&e.0)
+}
+
+/// The capture refusal a launcher's status code (a `cudaError_t`) stands
+/// for, if it is one.
+pub(crate) fn capture_error_of_code(code: i32) -> Option<DriverError> {
+    CAPTURE_ERRORS
+        .iter()
+        .find(|&&c| c as i32 == code)
+        .map(|&c| DriverError(c))
+}
+
+/// Runs `wait` (a blocking wait for prism's own work); if the driver
+/// refuses it because a stream capture is in progress, runs it once more
+/// with the calling thread's capture mode relaxed
+/// (`cuThreadExchangeStreamCaptureMode`), then restores the mode. In
+/// global mode a capture on any thread makes the driver refuse "potentially
+/// unsafe" calls such as event and stream waits everywhere; a relaxed
+/// thread may make them. prism's waits are safe ones: they wait for events
+/// prism recorded outside any capture (a record a capture swallowed is
+/// refused, rule 6 of `order.rs`) or for prism's own streams, which are
+/// never captured. A wait that conflicts with a capture in substance (a
+/// context synchronisation while a stream of that context is captured) is
+/// still refused, and the error comes back.
+pub(crate) fn relaxed_on_capture(
+    mut wait: impl FnMut() -> std::result::Result<(), DriverError>,
+) -> std::result::Result<(), DriverError> {
+    match wait() {
+        Err(e) if is_capture_error(&e) => {
+            let mut mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+            // SAFETY: sets this thread's capture mode and writes the
+            // previous one into `mode`, a valid out-parameter.
+            if unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) }
+                != CUresult::CUDA_SUCCESS
+            {
+                return Err(e);
+            }
+            tracing::debug!("a stream capture refused a wait ({e}); waiting in relaxed mode");
+            let again = wait();
+            // SAFETY: as above; puts the thread's previous mode back.
+            let _ = unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) };
+            again
+        }
+        other => other,
+    }
+}
+
 impl Fence {
     /// Wraps an event just recorded on `stream` (only `order.rs` records).
     pub(crate) fn new(
@@ -194,7 +262,9 @@ impl Fence {
     }
 
     /// Non-blocking: has the GPU passed this point? (`cuEventQuery`, with
-    /// the fence's own context current.)
+    /// the fence's own context current.) A query the driver refuses because
+    /// a stream capture is in progress is `NotReady`: nothing is known, and
+    /// a later probe asks again.
     pub fn probe(&self) -> Probe {
         if self.0.done.load(Ordering::Acquire) {
             return Probe::Complete;
@@ -202,6 +272,10 @@ impl Fence {
         match self.query() {
             Ok(true) => Probe::Complete,
             Ok(false) => Probe::NotReady,
+            Err(e) if is_capture_error(&e) => {
+                tracing::debug!("a stream capture refused a fence query ({e}): not ready");
+                Probe::NotReady
+            }
             Err(e) => Probe::Failed(describe(e)),
         }
     }
@@ -214,20 +288,48 @@ impl Fence {
         self.0.done.store(true, Ordering::Release);
     }
 
-    /// Non-blocking completion check; a GPU error becomes `Err`.
+    /// Non-blocking completion check; a GPU error becomes `Err`
+    /// (`ContextPoisoned`), and so does a query refused because a stream
+    /// capture is in progress (`CaptureInProgress`: ask again later).
     pub fn is_complete(&self) -> Result<bool> {
-        match self.probe() {
-            Probe::Complete => Ok(true),
-            Probe::NotReady => Ok(false),
-            Probe::Failed(reason) => Err(crate::Error::ContextPoisoned { reason }),
+        if self.0.done.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        match self.query() {
+            Ok(done) => Ok(done),
+            Err(e) if is_capture_error(&e) => Err(crate::Error::CaptureInProgress {
+                call: "cuEventQuery",
+                source: e,
+            }),
+            Err(e) => Err(crate::Error::ContextPoisoned {
+                reason: describe(e),
+            }),
         }
     }
 
-    /// Blocks the calling thread until the GPU passes this point.
+    /// Blocks the calling thread until the GPU passes this point. A wait
+    /// refused because a stream capture is in progress is made again in
+    /// relaxed capture mode (prism's fences are never captured), so it
+    /// waits rather than fail; a refusal even then is `Failed`.
     pub fn synchronize(&self) -> Probe {
         match self.synchronize_raw() {
             Ok(()) => Probe::Complete,
             Err(e) => Probe::Failed(describe(e)),
+        }
+    }
+
+    /// [`synchronize`](Self::synchronize) for callers that record the
+    /// outcome (an op's status): a refusal because of a stream capture is
+    /// `Err(CaptureInProgress)`, which settles nothing, and a GPU failure
+    /// is `Ok(Probe::Failed)`.
+    pub(crate) fn wait_checked(&self) -> Result<Probe> {
+        match self.synchronize_raw() {
+            Ok(()) => Ok(Probe::Complete),
+            Err(e) if is_capture_error(&e) => Err(crate::Error::CaptureInProgress {
+                call: "cuEventSynchronize",
+                source: e,
+            }),
+            Err(e) => Ok(Probe::Failed(describe(e))),
         }
     }
 
@@ -241,8 +343,9 @@ impl Fence {
             return Ok(());
         }
         let _current = current_for_now(self.ctx().cu_ctx())?;
+        let event = self.0.event.0;
         // SAFETY: the event is alive while `self` holds the Arc.
-        unsafe { result::event::synchronize(self.0.event.0) }?;
+        relaxed_on_capture(|| unsafe { result::event::synchronize(event) })?;
         self.0.done.store(true, Ordering::Release);
         Ok(())
     }
@@ -331,5 +434,56 @@ impl Mark for Fence {
     }
     fn query_done(&self) -> bool {
         self.probe() == Probe::Complete
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A capture's refusal is never taken for a dead context (which would
+    /// let a buffer be freed or read while its work may still run), and
+    /// the launchers' runtime codes for the same refusals map to it.
+    #[test]
+    fn capture_refusals_are_not_sticky() {
+        for c in CAPTURE_ERRORS {
+            let e = DriverError(c);
+            assert!(is_capture_error(&e), "{c:?}");
+            assert!(!is_sticky(&e), "{c:?} taken for a dead context");
+            assert_eq!(capture_error_of_code(c as i32).map(|e| e.0), Some(c));
+        }
+        // cudaErrorStreamCaptureUnsupported .. cudaErrorStreamCaptureWrongThread.
+        for code in 900..=908 {
+            assert!(capture_error_of_code(code).is_some(), "{code}");
+        }
+        for code in [0, 1, 700, 719, 909, 100_001, -1] {
+            assert!(capture_error_of_code(code).is_none(), "{code}");
+        }
+        for sticky in [
+            CUresult::CUDA_ERROR_ILLEGAL_ADDRESS,
+            CUresult::CUDA_ERROR_LAUNCH_FAILED,
+        ] {
+            assert!(!is_capture_error(&DriverError(sticky)));
+        }
+    }
+
+    /// Driver errors of a capture become `CaptureInProgress`, others `Driver`.
+    #[test]
+    fn capture_refusals_are_typed() {
+        let refused: std::result::Result<(), DriverError> =
+            Err(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
+        assert!(matches!(
+            refused.call("cuEventQuery"),
+            Err(crate::Error::CaptureInProgress {
+                call: "cuEventQuery",
+                ..
+            })
+        ));
+        let other: std::result::Result<(), DriverError> =
+            Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+        assert!(matches!(
+            other.call("cuEventQuery"),
+            Err(crate::Error::Driver { .. })
+        ));
     }
 }

@@ -23,7 +23,7 @@ use prism_cuda_sys as sys;
 
 use crate::context::Gpu;
 use crate::error::{check_len, DriverResultExt};
-use crate::event::Fence;
+use crate::event::{capture_error_of_code, is_capture_error, Fence};
 use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
 use crate::order::{Access, Lane, Used};
 use crate::{Error, Result};
@@ -38,12 +38,19 @@ fn code_message(code: i32) -> String {
 }
 
 /// Turns a launcher status code into an error; a launch failure other than
-/// a rejected argument makes the context unusable.
+/// a rejected argument or a refusal during a stream capture (not a GPU
+/// failure: `CaptureInProgress`) makes the context unusable.
 fn check_code(gpu: &Gpu, kernel: &'static str, code: i32) -> Result<()> {
     match code {
         0 => Ok(()),
         c if c == sys::PRISM_ERR_KERNELS_NOT_BUILT as i32 => Err(Error::KernelsNotBuilt { kernel }),
         c => {
+            if let Some(source) = capture_error_of_code(c) {
+                return Err(Error::CaptureInProgress {
+                    call: kernel,
+                    source,
+                });
+            }
             let message = code_message(c);
             if c != sys::PRISM_ERR_INVALID_ARGUMENT as i32 {
                 gpu.poison(&format!("kernel {kernel}: {message}"));
@@ -304,13 +311,20 @@ fn param<T>(v: &mut T) -> *mut c_void {
 }
 
 /// Turns a failed driver launch into the launcher path's error: anything
-/// but a rejected argument leaves the context unusable.
+/// but a rejected argument or a refusal during a stream capture
+/// (`CaptureInProgress`) leaves the context unusable.
 fn check_driver_launch(
     gpu: &Gpu,
     kernel: &'static str,
     outcome: std::result::Result<(), DriverError>,
 ) -> Result<()> {
     let Err(e) = outcome else { return Ok(()) };
+    if is_capture_error(&e) {
+        return Err(Error::CaptureInProgress {
+            call: kernel,
+            source: e,
+        });
+    }
     let message = e.to_string();
     if e.0 != cu::CUresult::CUDA_ERROR_INVALID_VALUE {
         gpu.poison(&format!("kernel {kernel}: {message}"));
@@ -795,9 +809,7 @@ impl<'l> Launch<'l> {
                 .ok()
                 .and_then(|n| n.checked_mul(size))
                 .ok_or_else(overflow)?;
-            end = end
-                .checked_add(bytes)
-                .ok_or_else(overflow)?;
+            end = end.checked_add(bytes).ok_or_else(overflow)?;
         }
         let d = desc.as_mut_slice()?;
         let mut offset = 0u64;

@@ -46,6 +46,19 @@ pub(crate) fn note_dead(key: usize, reason: &str) {
     ANY_DEAD.store(true, Ordering::Release);
 }
 
+/// Makes `ctx` current on the calling thread (cheap when it already is),
+/// through the driver: not cudarc's `bind_to_thread`, which first takes an
+/// error cudarc stashed in its context object and returns it without
+/// binding anything.
+pub(crate) fn make_current(ctx: sys::CUcontext) -> std::result::Result<(), DriverError> {
+    if cudarc::driver::result::ctx::get_current()? != Some(ctx) {
+        // SAFETY: callers pass the handle of a live context (held through
+        // the cudarc context object that created or retained it).
+        unsafe { cudarc::driver::result::ctx::set_current(ctx) }?;
+    }
+    Ok(())
+}
+
 /// Makes `ctx` current on the calling thread until the guard drops, then
 /// makes current again whatever was current before (no context, or
 /// another one). Driver calls that report a context's sticky error report

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaContext, DriverError};
 
-use crate::context::current_for_now;
+use crate::context::{current_for_now, make_current};
 use crate::error::DriverResultExt;
 use crate::graph::Probe;
 use crate::order::{Mark, StreamId, WaitClock};
@@ -50,7 +50,9 @@ impl EventPool {
         if let Some(e) = pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(e);
         }
-        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // Not cudarc's `bind_to_thread`: it would take (and fail with) an
+        // error cudarc stashed for its own caller.
+        make_current(self.ctx.cu_ctx()).call("cuCtxSetCurrent")?;
         let flags = if timed {
             sys::CUevent_flags::CU_EVENT_DEFAULT
         } else {
@@ -81,7 +83,7 @@ impl EventPool {
 
 impl Drop for EventPool {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_err() {
+        if make_current(self.ctx.cu_ctx()).is_err() {
             return;
         }
         for pool in [&mut self.plain, &mut self.timed] {

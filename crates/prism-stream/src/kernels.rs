@@ -23,7 +23,7 @@ use prism_cuda_sys as sys;
 
 use crate::context::Gpu;
 use crate::error::{check_len, DriverResultExt};
-use crate::event::{capture_error_of_code, is_capture_error, Fence};
+use crate::event::{capture_error_of_code, is_capture_error, is_sticky, relaxed_on_capture, Fence};
 use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
 use crate::order::{Access, Lane, Used};
 use crate::{Error, Result};
@@ -114,6 +114,18 @@ impl KernelState {
 /// kernels such as `spin` use no buffer whose drop would wait for them, and
 /// `cuModuleUnload` under a running kernel is not documented as safe. Its
 /// holders declare it after their `CudaFunction`s, so it drops last.
+///
+/// The wait is `cuCtxSynchronize` called directly, never cudarc's
+/// `CudaContext::synchronize`: that one starts with `bind_to_thread`, which
+/// starts with `check_err`, which takes any error cudarc stashed in the
+/// context object (`record_err`: a failed free or event destroy in one of
+/// cudarc's `Drop`s, or the user's own) and returns it before anything is
+/// waited for, so one stashed error made the module unload under its
+/// running kernel (and swallowed the error meant for the user's next
+/// cudarc call). The module is unloaded after the wait succeeded, or after
+/// a sticky error (the context runs nothing more); after any other failure
+/// (a stream capture in this context, say) it is leaked rather than
+/// unloaded early.
 #[derive(Debug)]
 struct ModuleHold {
     ctx: Arc<CudaContext>,
@@ -122,12 +134,23 @@ struct ModuleHold {
 
 impl Drop for ModuleHold {
     fn drop(&mut self) {
-        if Arc::strong_count(&self.module) == 1 {
-            // The module is unloaded right after this (the field drops):
-            // wait for the context first. An error means the context is
-            // dead, and nothing of it runs any more.
-            if let Err(e) = self.ctx.synchronize() {
-                tracing::debug!("synchronising before a module unload: {e}");
+        if Arc::strong_count(&self.module) != 1 {
+            return;
+        }
+        // The module is unloaded right after this (the field drops, and
+        // cudarc's unload runs in the context left current here).
+        let waited = crate::context::make_current(self.ctx.cu_ctx())
+            .and_then(|()| relaxed_on_capture(result::ctx::synchronize));
+        match waited {
+            Ok(()) => {}
+            Err(e) if is_sticky(&e) => {
+                tracing::debug!("unloading a module of a dead context ({e})");
+            }
+            Err(e) => {
+                tracing::error!(
+                    "leaking a module: waiting for its context failed ({e}), so a kernel of it may still run"
+                );
+                std::mem::forget(Arc::clone(&self.module));
             }
         }
     }

@@ -6,9 +6,13 @@
 
 use std::sync::Mutex;
 
+use std::time::Instant;
+
 use prism_stream::cudarc::driver::sys::{
-    CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus,
+    CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode, CUstreamCaptureStatus,
 };
+use prism_stream::cudarc::driver::{DriverError, LaunchConfig};
+use prism_stream::cudarc::nvrtc::Ptx;
 use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{
     fma_chain_cpu, pattern, DeviceBuffer, Error, HostAllocFlags, Lane, PinnedBuffer, Probe,
@@ -235,4 +239,65 @@ fn gpu_capture_elsewhere_does_not_poison_the_context() {
         "the second download differs"
     );
     gpu.check_usable().unwrap();
+}
+
+/// Hole 5: dropping the last handle of a module waited for its context
+/// with cudarc's `CudaContext::synchronize`, which returns an error cudarc
+/// stashed in the context object (`record_err`, public, and what cudarc's
+/// own `Drop`s do when a call fails) before waiting for anything. With an
+/// error stashed, the module was unloaded at once, under its running
+/// kernel: right after the drop the kernel's fence was still pending, and
+/// the stashed error, meant for the user's next cudarc call, was gone.
+/// Now the drop waits through `cuCtxSynchronize` itself: the kernel has
+/// completed when it returns, and the stashed error is still there.
+#[test]
+fn gpu_module_drop_waits_for_its_kernel_despite_a_stashed_cudarc_error() {
+    let test = "gpu_module_drop_waits_for_its_kernel_despite_a_stashed_cudarc_error";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let _serial = serial();
+    let gpu = ctx.gpu().clone();
+    let mut lane = Lane::new(&gpu).unwrap();
+    // prism's own PTX, loaded as a user module: its spin kernel uses no
+    // buffer, so no buffer's drop waits for it.
+    let module = gpu
+        .load_module(Ptx::from_src(prism_cuda_sys::KERNELS_PTX))
+        .unwrap();
+    let spin = module.kernel("prism_k_spin_ns").unwrap();
+    let ns: u64 = 500_000_000;
+    let mut scope = lane.launch();
+    let mut call = scope.kernel(&spin);
+    call.value(&ns);
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: prism_k_spin_ns takes one u64 (`.param .u64` in the PTX),
+    // passed by value, and touches no memory.
+    unsafe { call.launch(one) }.unwrap();
+    let running = scope.last_fence().cloned().unwrap();
+    drop(scope);
+
+    let cu = gpu.cuda_context();
+    cu.record_err::<()>(Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE)));
+    let t = Instant::now();
+    drop(spin);
+    drop(module);
+    let took = t.elapsed();
+    let complete = running.is_complete();
+    let stashed = cu.check_err();
+    println!(
+        "dropping the module took {took:?}; its kernel complete: {complete:?}; stash {stashed:?}"
+    );
+    assert!(
+        matches!(complete, Ok(true)),
+        "the module was unloaded after {took:?}, while its kernel still ran ({complete:?})"
+    );
+    assert_eq!(
+        stashed.err().map(|e| e.0),
+        Some(CUresult::CUDA_ERROR_INVALID_VALUE),
+        "the error cudarc stashed for its caller was taken"
+    );
 }

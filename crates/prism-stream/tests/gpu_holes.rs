@@ -5,7 +5,6 @@
 //! binary, `fault_injection_holes.rs`.
 
 use std::sync::Mutex;
-
 use std::time::Instant;
 
 use prism_stream::cudarc::driver::sys::{

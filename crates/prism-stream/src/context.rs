@@ -24,6 +24,81 @@ fn dead_list() -> std::sync::MutexGuard<'static, Vec<(usize, String)>> {
     DEAD.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Why the context with driver handle `key` died, if a sticky error was
+/// seen in it (through any handle or fence of it).
+pub(crate) fn dead_reason(key: usize) -> Option<String> {
+    if !ANY_DEAD.load(Ordering::Acquire) {
+        return None;
+    }
+    dead_list()
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, r)| r.clone())
+}
+
+/// Records that the context with driver handle `key` reported a sticky
+/// error (seen with that context current): every handle on it refuses work.
+pub(crate) fn note_dead(key: usize, reason: &str) {
+    let mut dead = dead_list();
+    if !dead.iter().any(|(k, _)| *k == key) {
+        dead.push((key, reason.to_owned()));
+    }
+    ANY_DEAD.store(true, Ordering::Release);
+}
+
+/// Makes `ctx` current on the calling thread (cheap when it already is),
+/// through the driver: not cudarc's `bind_to_thread`, which first takes an
+/// error cudarc stashed in its context object and returns it without
+/// binding anything.
+pub(crate) fn make_current(ctx: sys::CUcontext) -> std::result::Result<(), DriverError> {
+    if cudarc::driver::result::ctx::get_current()? != Some(ctx) {
+        // SAFETY: callers pass the handle of a live context (held through
+        // the cudarc context object that created or retained it).
+        unsafe { cudarc::driver::result::ctx::set_current(ctx) }?;
+    }
+    Ok(())
+}
+
+/// Makes `ctx` current on the calling thread until the guard drops, then
+/// makes current again whatever was current before (no context, or
+/// another one). Driver calls that report a context's sticky error report
+/// the *current* context's: a query of one context's event made while a
+/// dead context is current fails with the dead one's error. Uses the
+/// driver directly, not cudarc's `bind_to_thread`, which would first take
+/// (and return) an error cudarc stashed in its context object.
+pub(crate) fn current_for_now(
+    ctx: sys::CUcontext,
+) -> std::result::Result<CurrentGuard, DriverError> {
+    let before = cudarc::driver::result::ctx::get_current()?;
+    if before == Some(ctx) {
+        return Ok(CurrentGuard { restore: None });
+    }
+    // SAFETY: callers pass the handle of a live context (held through the
+    // cudarc context object that created or retained it).
+    unsafe { cudarc::driver::result::ctx::set_current(ctx) }?;
+    Ok(CurrentGuard {
+        restore: Some(before.unwrap_or(std::ptr::null_mut())),
+    })
+}
+
+/// See [`current_for_now`].
+#[must_use]
+pub(crate) struct CurrentGuard {
+    /// The context to make current again (null: none), if it changed.
+    restore: Option<sys::CUcontext>,
+}
+
+impl Drop for CurrentGuard {
+    fn drop(&mut self) {
+        if let Some(before) = self.restore {
+            // SAFETY: `before` was current on this thread when the guard
+            // was made (a context a thread has current is not destroyed
+            // under it), or null, which leaves no context current.
+            let _ = unsafe { cudarc::driver::result::ctx::set_current(before) };
+        }
+    }
+}
+
 /// Facts about the device a user needs to size work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
@@ -222,12 +297,7 @@ impl Gpu {
     pub fn poison(&self, reason: &str) {
         self.mark(reason);
         if self.bind().is_ok() && sticky_error().is_some() {
-            let key = self.0.ctx.cu_ctx() as usize;
-            let mut dead = dead_list();
-            if !dead.iter().any(|(k, _)| *k == key) {
-                dead.push((key, reason.to_owned()));
-            }
-            ANY_DEAD.store(true, Ordering::Release);
+            note_dead(self.key(), reason);
         }
     }
 
@@ -241,9 +311,16 @@ impl Gpu {
         }
     }
 
-    /// Blocks until all work on the device is done.
+    /// Blocks until all work in the context is done (`cuCtxSynchronize`,
+    /// called directly: cudarc's `synchronize` returns an error cudarc
+    /// stashed in its context object without waiting). A wait refused
+    /// because a stream capture is in progress elsewhere is made again in
+    /// relaxed capture mode; one that conflicts with a capture in this
+    /// context fails with `CaptureInProgress`.
     pub fn synchronize(&self) -> Result<()> {
-        self.0.ctx.synchronize().call("cuCtxSynchronize")
+        self.bind()?;
+        crate::event::relaxed_on_capture(cudarc::driver::result::ctx::synchronize)
+            .call("cuCtxSynchronize")
     }
 
     /// True when both handles use the same CUDA context (two `Gpu::open(0)`

@@ -338,7 +338,9 @@ impl AsyncCoordinator {
     /// stream with pending ops, plus one per bisection step on a stream that
     /// is part-way through (see [`OpGraph::poll`]). A failed op (kernel
     /// fault, failed copy) comes back with `result: Err` and makes the
-    /// context unusable for further queueing.
+    /// context unusable for further queueing. A query the driver refuses
+    /// while a stream capture is in progress is no failure: the op stays
+    /// pending ([`Fence::probe`]).
     pub fn poll(&mut self) -> Vec<Completion> {
         // Ops settled by stream order (a later op of their stream finished)
         // have their fences marked done, so later checks skip the driver.
@@ -383,11 +385,13 @@ impl AsyncCoordinator {
     }
 
     /// Blocks until `op` completes (waits on its event only). Earlier ops
-    /// of the same lane are settled with it.
+    /// of the same lane are settled with it. A wait the driver refuses
+    /// because a stream capture is in progress (see [`Fence::synchronize`])
+    /// is `CaptureInProgress` and leaves the op pending.
     pub fn wait(&mut self, op: OpId) -> Result<()> {
         let _nvtx = crate::nvtx::Range::new("wait");
         if let Some(f) = self.graph.fence(op).cloned() {
-            let outcome = f.synchronize();
+            let outcome = f.wait_checked()?;
             self.graph
                 .finish_with(op, outcome, Fence::assume_complete)?;
         }
@@ -432,7 +436,10 @@ impl AsyncCoordinator {
         }
     }
 
-    /// Blocks until every queued op has finished; the first failure is the error.
+    /// Blocks until every queued op has finished; the first failure is the
+    /// error. A wait refused because a stream capture is in progress ends
+    /// the call with `CaptureInProgress`, leaving that op and the later
+    /// ones pending.
     pub fn synchronize_all(&mut self) -> Result<()> {
         let _nvtx = crate::nvtx::Range::new("synchronize_all");
         let pending: Vec<(OpId, Fence)> = self
@@ -442,7 +449,7 @@ impl AsyncCoordinator {
             .collect();
         let mut first_err = None;
         for (id, f) in pending {
-            let outcome = f.synchronize();
+            let outcome = f.wait_checked()?;
             self.graph.finish(id, outcome)?;
             if let Err(e) = self.outcome(id) {
                 first_err.get_or_insert(e);

@@ -80,6 +80,17 @@ pub enum Error {
         name: String,
         reason: String,
     },
+    /// The driver refused a call because a CUDA stream capture is in
+    /// progress (`cuStreamBeginCapture`, in global mode on any thread, or
+    /// on this thread). Not a GPU failure: the context stays usable, every
+    /// buffer stays tracked (a fence whose query was refused is not taken
+    /// as complete), and the call can be made again once the capture ended.
+    #[error("CUDA call {call} was refused while a CUDA graph capture is in progress ({source}); the context stays usable: try again once the capture has ended (or capture in relaxed or thread-local mode)")]
+    CaptureInProgress {
+        call: &'static str,
+        #[source]
+        source: DriverError,
+    },
     /// An earlier GPU error left the context unusable (CUDA errors are sticky).
     #[error("the GPU context is unusable after an earlier error: {reason}")]
     ContextPoisoned { reason: String },
@@ -97,6 +108,10 @@ pub enum Error {
         expected: usize,
         actual: usize,
     },
+    /// Lengths that must be added up (the items of a zero-copy gather, say)
+    /// add up to more than a `usize` holds: no buffer can be that long.
+    #[error("the lengths of {what} add up to more than {max} elements, more than any buffer can hold; pass fewer items", max = usize::MAX)]
+    LengthOverflow { what: &'static str },
     /// A zero-sized buffer or copy where data is required.
     #[error("{what} has zero length")]
     ZeroLength { what: &'static str },
@@ -181,8 +196,16 @@ pub(crate) trait DriverResultExt<T> {
 }
 
 impl<T> DriverResultExt<T> for std::result::Result<T, DriverError> {
+    /// A refusal because of a stream capture is `CaptureInProgress` (not a
+    /// failure of the GPU), anything else `Driver`.
     fn call(self, call: &'static str) -> Result<T> {
-        self.map_err(|source| Error::Driver { call, source })
+        self.map_err(|source| {
+            if crate::event::is_capture_error(&source) {
+                Error::CaptureInProgress { call, source }
+            } else {
+                Error::Driver { call, source }
+            }
+        })
     }
 }
 

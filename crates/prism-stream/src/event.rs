@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaContext, DriverError};
 
+use crate::context::{current_for_now, make_current};
 use crate::error::DriverResultExt;
 use crate::graph::Probe;
 use crate::order::{Mark, StreamId, WaitClock};
@@ -49,7 +50,9 @@ impl EventPool {
         if let Some(e) = pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(e);
         }
-        self.ctx.bind_to_thread().call("cuCtxSetCurrent")?;
+        // Not cudarc's `bind_to_thread`: it would take (and fail with) an
+        // error cudarc stashed for its own caller.
+        make_current(self.ctx.cu_ctx()).call("cuCtxSetCurrent")?;
         let flags = if timed {
             sys::CUevent_flags::CU_EVENT_DEFAULT
         } else {
@@ -80,7 +83,7 @@ impl EventPool {
 
 impl Drop for EventPool {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_err() {
+        if make_current(self.ctx.cu_ctx()).is_err() {
             return;
         }
         for pool in [&mut self.plain, &mut self.timed] {
@@ -149,6 +152,74 @@ pub(crate) fn is_sticky(e: &DriverError) -> bool {
     )
 }
 
+/// The driver's refusals of a call because a stream capture is in
+/// progress (in global mode on any thread of the process, or on the calling
+/// thread). Not sticky: nothing failed on the GPU, and the same call
+/// succeeds once the capture ended. The CUDA runtime's `cudaError_t` has
+/// the same codes (900 to 908) for the same refusals.
+const CAPTURE_ERRORS: [CUresult; 9] = [
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_MERGE,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_UNMATCHED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_UNJOINED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_ISOLATION,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT,
+    CUresult::CUDA_ERROR_CAPTURED_EVENT,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD,
+];
+
+/// Is `e` a refusal because of a stream capture (see [`CAPTURE_ERRORS`])?
+/// Such an error says nothing about the work a fence marks: it is neither
+/// complete nor failed, and the context is not poisoned.
+pub(crate) fn is_capture_error(e: &DriverError) -> bool {
+    CAPTURE_ERRORS.contains(&e.0)
+}
+
+/// The capture refusal a launcher's status code (a `cudaError_t`) stands
+/// for, if it is one.
+pub(crate) fn capture_error_of_code(code: i32) -> Option<DriverError> {
+    CAPTURE_ERRORS
+        .iter()
+        .find(|&&c| c as i32 == code)
+        .map(|&c| DriverError(c))
+}
+
+/// Runs `wait` (a blocking wait for prism's own work); if the driver
+/// refuses it because a stream capture is in progress, runs it once more
+/// with the calling thread's capture mode relaxed
+/// (`cuThreadExchangeStreamCaptureMode`), then restores the mode. In
+/// global mode a capture on any thread makes the driver refuse "potentially
+/// unsafe" calls such as event and stream waits everywhere; a relaxed
+/// thread may make them. prism's waits are safe ones: they wait for events
+/// prism recorded outside any capture (a record a capture swallowed is
+/// refused, rule 6 of `order.rs`) or for prism's own streams, which are
+/// never captured. A wait that conflicts with a capture in substance (a
+/// context synchronisation while a stream of that context is captured) is
+/// still refused, and the error comes back.
+pub(crate) fn relaxed_on_capture(
+    mut wait: impl FnMut() -> std::result::Result<(), DriverError>,
+) -> std::result::Result<(), DriverError> {
+    match wait() {
+        Err(e) if is_capture_error(&e) => {
+            let mut mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+            // SAFETY: sets this thread's capture mode and writes the
+            // previous one into `mode`, a valid out-parameter.
+            if unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) }
+                != CUresult::CUDA_SUCCESS
+            {
+                return Err(e);
+            }
+            tracing::debug!("a stream capture refused a wait ({e}); waiting in relaxed mode");
+            let again = wait();
+            // SAFETY: as above; puts the thread's previous mode back.
+            let _ = unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) };
+            again
+        }
+        other => other,
+    }
+}
+
 impl Fence {
     /// Wraps an event just recorded on `stream` (only `order.rs` records).
     pub(crate) fn new(
@@ -170,18 +241,43 @@ impl Fence {
         }))
     }
 
-    /// Non-blocking: has the GPU passed this point? (`cuEventQuery`)
-    pub fn probe(&self) -> Probe {
-        if self.0.done.load(Ordering::Acquire) {
-            return Probe::Complete;
-        }
+    /// The context the fence was recorded in.
+    fn ctx(&self) -> &CudaContext {
+        &self.0.pool.ctx
+    }
+
+    /// One `cuEventQuery`, made with the fence's own context current (and
+    /// the caller's made current again after): a sticky error of whatever
+    /// context the calling thread has current would otherwise answer for
+    /// this fence's context. `Ok(true)` once complete (cached).
+    fn query(&self) -> std::result::Result<bool, DriverError> {
+        let _current = current_for_now(self.ctx().cu_ctx())?;
         // SAFETY: the event is alive while `self` holds the Arc.
         match unsafe { result::event::query(self.0.event.0) } {
             Ok(()) => {
                 self.0.done.store(true, Ordering::Release);
-                Probe::Complete
+                Ok(true)
             }
-            Err(DriverError(CUresult::CUDA_ERROR_NOT_READY)) => Probe::NotReady,
+            Err(DriverError(CUresult::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Non-blocking: has the GPU passed this point? (`cuEventQuery`, with
+    /// the fence's own context current.) A query the driver refuses because
+    /// a stream capture is in progress is `NotReady`: nothing is known, and
+    /// a later probe asks again.
+    pub fn probe(&self) -> Probe {
+        if self.0.done.load(Ordering::Acquire) {
+            return Probe::Complete;
+        }
+        match self.query() {
+            Ok(true) => Probe::Complete,
+            Ok(false) => Probe::NotReady,
+            Err(e) if is_capture_error(&e) => {
+                tracing::debug!("a stream capture refused a fence query ({e}): not ready");
+                Probe::NotReady
+            }
             Err(e) => Probe::Failed(describe(e)),
         }
     }
@@ -194,16 +290,29 @@ impl Fence {
         self.0.done.store(true, Ordering::Release);
     }
 
-    /// Non-blocking completion check; a GPU error becomes `Err`.
+    /// Non-blocking completion check; a GPU error becomes `Err`
+    /// (`ContextPoisoned`), and so does a query refused because a stream
+    /// capture is in progress (`CaptureInProgress`: ask again later).
     pub fn is_complete(&self) -> Result<bool> {
-        match self.probe() {
-            Probe::Complete => Ok(true),
-            Probe::NotReady => Ok(false),
-            Probe::Failed(reason) => Err(crate::Error::ContextPoisoned { reason }),
+        if self.0.done.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        match self.query() {
+            Ok(done) => Ok(done),
+            Err(e) if is_capture_error(&e) => Err(crate::Error::CaptureInProgress {
+                call: "cuEventQuery",
+                source: e,
+            }),
+            Err(e) => Err(crate::Error::ContextPoisoned {
+                reason: describe(e),
+            }),
         }
     }
 
-    /// Blocks the calling thread until the GPU passes this point.
+    /// Blocks the calling thread until the GPU passes this point. A wait
+    /// refused because a stream capture is in progress is made again in
+    /// relaxed capture mode (prism's fences are never captured), so it
+    /// waits rather than fail; a refusal even then is `Failed`.
     pub fn synchronize(&self) -> Probe {
         match self.synchronize_raw() {
             Ok(()) => Probe::Complete,
@@ -211,14 +320,34 @@ impl Fence {
         }
     }
 
+    /// [`synchronize`](Self::synchronize) for callers that record the
+    /// outcome (an op's status): a refusal because of a stream capture is
+    /// `Err(CaptureInProgress)`, which settles nothing, and a GPU failure
+    /// is `Ok(Probe::Failed)`.
+    pub(crate) fn wait_checked(&self) -> Result<Probe> {
+        match self.synchronize_raw() {
+            Ok(()) => Ok(Probe::Complete),
+            Err(e) if is_capture_error(&e) => Err(crate::Error::CaptureInProgress {
+                call: "cuEventSynchronize",
+                source: e,
+            }),
+            Err(e) => Ok(Probe::Failed(describe(e))),
+        }
+    }
+
     /// [`synchronize`](Self::synchronize) with the driver's error, so
     /// callers can tell a sticky failure (see [`is_sticky`]) from others.
+    /// The wait is made with the fence's own context current, as in
+    /// [`probe`](Self::probe), so a sticky error it reports is that
+    /// context's, not the calling thread's.
     pub(crate) fn synchronize_raw(&self) -> std::result::Result<(), DriverError> {
         if self.0.done.load(Ordering::Acquire) {
             return Ok(());
         }
+        let _current = current_for_now(self.ctx().cu_ctx())?;
+        let event = self.0.event.0;
         // SAFETY: the event is alive while `self` holds the Arc.
-        unsafe { result::event::synchronize(self.0.event.0) }?;
+        relaxed_on_capture(|| unsafe { result::event::synchronize(event) })?;
         self.0.done.store(true, Ordering::Release);
         Ok(())
     }
@@ -228,18 +357,31 @@ impl Fence {
         self.0.pool.ctx.cu_ctx() as usize
     }
 
-    /// True when this fence belongs to another context than `own` and that
-    /// context died (a sticky error): nothing queued there runs any more,
-    /// so the fence no longer guards anything (a portable buffer shared with
-    /// a GPU that faulted stays usable by the others).
+    /// True when this fence belongs to another context than `own` and *its
+    /// own* context died (a sticky error): nothing queued there runs any
+    /// more, so the fence no longer guards anything (a portable buffer
+    /// shared with a GPU that faulted stays usable by the others).
+    ///
+    /// Only the fence's context counts: it is known dead from the
+    /// process-wide list (a sticky error seen through any handle of it), or
+    /// its event query fails with a sticky error while that context is
+    /// current (then it joins the list). A sticky error of the context the
+    /// calling thread has current, a third one that faulted, says nothing
+    /// about this fence: its copy may still be queued.
     pub(crate) fn dead_elsewhere(&self, own: usize) -> bool {
-        if self.context_key() == own || self.0.done.load(Ordering::Acquire) {
+        let key = self.context_key();
+        if key == own || self.0.done.load(Ordering::Acquire) {
             return false;
         }
-        // SAFETY: the event is alive while `self` holds the Arc.
-        match unsafe { result::event::query(self.0.event.0) } {
-            Err(e) => is_sticky(&e),
-            Ok(()) => false,
+        if crate::context::dead_reason(key).is_some() {
+            return true;
+        }
+        match self.query() {
+            Err(e) if is_sticky(&e) => {
+                crate::context::note_dead(key, &format!("a fence of this context failed: {e}"));
+                true
+            }
+            _ => false,
         }
     }
 
@@ -294,5 +436,56 @@ impl Mark for Fence {
     }
     fn query_done(&self) -> bool {
         self.probe() == Probe::Complete
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A capture's refusal is never taken for a dead context (which would
+    /// let a buffer be freed or read while its work may still run), and
+    /// the launchers' runtime codes for the same refusals map to it.
+    #[test]
+    fn capture_refusals_are_not_sticky() {
+        for c in CAPTURE_ERRORS {
+            let e = DriverError(c);
+            assert!(is_capture_error(&e), "{c:?}");
+            assert!(!is_sticky(&e), "{c:?} taken for a dead context");
+            assert_eq!(capture_error_of_code(c as i32).map(|e| e.0), Some(c));
+        }
+        // cudaErrorStreamCaptureUnsupported .. cudaErrorStreamCaptureWrongThread.
+        for code in 900..=908 {
+            assert!(capture_error_of_code(code).is_some(), "{code}");
+        }
+        for code in [0, 1, 700, 719, 909, 100_001, -1] {
+            assert!(capture_error_of_code(code).is_none(), "{code}");
+        }
+        for sticky in [
+            CUresult::CUDA_ERROR_ILLEGAL_ADDRESS,
+            CUresult::CUDA_ERROR_LAUNCH_FAILED,
+        ] {
+            assert!(!is_capture_error(&DriverError(sticky)));
+        }
+    }
+
+    /// Driver errors of a capture become `CaptureInProgress`, others `Driver`.
+    #[test]
+    fn capture_refusals_are_typed() {
+        let refused: std::result::Result<(), DriverError> =
+            Err(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
+        assert!(matches!(
+            refused.call("cuEventQuery"),
+            Err(crate::Error::CaptureInProgress {
+                call: "cuEventQuery",
+                ..
+            })
+        ));
+        let other: std::result::Result<(), DriverError> =
+            Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+        assert!(matches!(
+            other.call("cuEventQuery"),
+            Err(crate::Error::Driver { .. })
+        ));
     }
 }

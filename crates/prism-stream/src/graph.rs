@@ -254,7 +254,11 @@ impl<F> OpGraph<F> {
     /// complete in the order their ops were inserted (ops on one CUDA stream
     /// do), and a failure is sticky (once a fence reports `Failed`, every
     /// fence probed later does too, as CUDA's errors after a fault are).
-    /// `poll` relies on both to settle a lane with O(log n) probes.
+    /// `poll` relies on both to settle a lane with O(log n) probes. So a
+    /// probe reports `Failed` only for a failure of the GPU work: one the
+    /// driver refused for a passing reason (a stream capture in progress)
+    /// must report `NotReady`, as [`Fence::probe`](crate::Fence::probe)
+    /// does, since a `Failed` status is final.
     pub fn insert_on(&mut self, lane: usize, name: impl Into<Cow<'static, str>>, fence: F) -> OpId {
         if lane != NO_LANE && self.lanes < MAX_LANES && !self.lane_ids[..self.lanes].contains(&lane)
         {

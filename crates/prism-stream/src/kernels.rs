@@ -23,7 +23,7 @@ use prism_cuda_sys as sys;
 
 use crate::context::Gpu;
 use crate::error::{check_len, DriverResultExt};
-use crate::event::Fence;
+use crate::event::{capture_error_of_code, is_capture_error, is_sticky, relaxed_on_capture, Fence};
 use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
 use crate::order::{Access, Lane, Used};
 use crate::{Error, Result};
@@ -38,12 +38,19 @@ fn code_message(code: i32) -> String {
 }
 
 /// Turns a launcher status code into an error; a launch failure other than
-/// a rejected argument makes the context unusable.
+/// a rejected argument or a refusal during a stream capture (not a GPU
+/// failure: `CaptureInProgress`) makes the context unusable.
 fn check_code(gpu: &Gpu, kernel: &'static str, code: i32) -> Result<()> {
     match code {
         0 => Ok(()),
         c if c == sys::PRISM_ERR_KERNELS_NOT_BUILT as i32 => Err(Error::KernelsNotBuilt { kernel }),
         c => {
+            if let Some(source) = capture_error_of_code(c) {
+                return Err(Error::CaptureInProgress {
+                    call: kernel,
+                    source,
+                });
+            }
             let message = code_message(c);
             if c != sys::PRISM_ERR_INVALID_ARGUMENT as i32 {
                 gpu.poison(&format!("kernel {kernel}: {message}"));
@@ -107,6 +114,18 @@ impl KernelState {
 /// kernels such as `spin` use no buffer whose drop would wait for them, and
 /// `cuModuleUnload` under a running kernel is not documented as safe. Its
 /// holders declare it after their `CudaFunction`s, so it drops last.
+///
+/// The wait is `cuCtxSynchronize` called directly, never cudarc's
+/// `CudaContext::synchronize`: that one starts with `bind_to_thread`, which
+/// starts with `check_err`, which takes any error cudarc stashed in the
+/// context object (`record_err`: a failed free or event destroy in one of
+/// cudarc's `Drop`s, or the user's own) and returns it before anything is
+/// waited for, so one stashed error made the module unload under its
+/// running kernel (and swallowed the error meant for the user's next
+/// cudarc call). The module is unloaded after the wait succeeded, or after
+/// a sticky error (the context runs nothing more); after any other failure
+/// (a stream capture in this context, say) it is leaked rather than
+/// unloaded early.
 #[derive(Debug)]
 struct ModuleHold {
     ctx: Arc<CudaContext>,
@@ -115,12 +134,23 @@ struct ModuleHold {
 
 impl Drop for ModuleHold {
     fn drop(&mut self) {
-        if Arc::strong_count(&self.module) == 1 {
-            // The module is unloaded right after this (the field drops):
-            // wait for the context first. An error means the context is
-            // dead, and nothing of it runs any more.
-            if let Err(e) = self.ctx.synchronize() {
-                tracing::debug!("synchronising before a module unload: {e}");
+        if Arc::strong_count(&self.module) != 1 {
+            return;
+        }
+        // The module is unloaded right after this (the field drops, and
+        // cudarc's unload runs in the context left current here).
+        let waited = crate::context::make_current(self.ctx.cu_ctx())
+            .and_then(|()| relaxed_on_capture(result::ctx::synchronize));
+        match waited {
+            Ok(()) => {}
+            Err(e) if is_sticky(&e) => {
+                tracing::debug!("unloading a module of a dead context ({e})");
+            }
+            Err(e) => {
+                tracing::error!(
+                    "leaking a module: waiting for its context failed ({e}), so a kernel of it may still run"
+                );
+                std::mem::forget(Arc::clone(&self.module));
             }
         }
     }
@@ -304,13 +334,20 @@ fn param<T>(v: &mut T) -> *mut c_void {
 }
 
 /// Turns a failed driver launch into the launcher path's error: anything
-/// but a rejected argument leaves the context unusable.
+/// but a rejected argument or a refusal during a stream capture
+/// (`CaptureInProgress`) leaves the context unusable.
 fn check_driver_launch(
     gpu: &Gpu,
     kernel: &'static str,
     outcome: std::result::Result<(), DriverError>,
 ) -> Result<()> {
     let Err(e) = outcome else { return Ok(()) };
+    if is_capture_error(&e) {
+        return Err(Error::CaptureInProgress {
+            call: kernel,
+            source: e,
+        });
+    }
     let message = e.to_string();
     if e.0 != cu::CUresult::CUDA_ERROR_INVALID_VALUE {
         gpu.poison(&format!("kernel {kernel}: {message}"));
@@ -709,8 +746,14 @@ impl<'l> Launch<'l> {
         desc: &mut PinnedBuffer<u64>,
         dst: &mut DeviceBuffer<T>,
     ) -> Result<usize> {
-        let total = items.iter().map(|b| b.len()).sum();
-        check_len("gather destination", total, dst.len())?;
+        let total = zero_copy_total(
+            items.iter().map(|b| b.len()),
+            "gathered pinned buffers",
+            "gather destination",
+            dst.len(),
+        )?;
+        let count = items.len() as u64;
+        let grid = zero_copy_grid(count)?;
         let desc_ptr =
             self.write_descriptors(items.iter().copied(), desc, "gathered pinned buffer")?;
         let mut uses: Vec<Used<'_>> = Vec::with_capacity(items.len() + 2);
@@ -722,8 +765,6 @@ impl<'l> Launch<'l> {
         uses.push(desc.used(Access::Read, "zero-copy descriptors"));
         let d = dst.addr();
         uses.push(dst.used(Access::Write, "gather destination"));
-        let count = items.len() as u64;
-        let grid = zero_copy_grid(count)?;
         self.run(
             "gather_bytes",
             &uses,
@@ -756,8 +797,14 @@ impl<'l> Launch<'l> {
         items: &mut [&mut PinnedBuffer<T>],
         desc: &mut PinnedBuffer<u64>,
     ) -> Result<usize> {
-        let total = items.iter().map(|b| b.len()).sum();
-        check_len("scatter source", total, src.len())?;
+        let total = zero_copy_total(
+            items.iter().map(|b| b.len()),
+            "scattered pinned buffers",
+            "scatter source",
+            src.len(),
+        )?;
+        let count = items.len() as u64;
+        let grid = zero_copy_grid(count)?;
         let desc_ptr =
             self.write_descriptors(items.iter().map(|b| &**b), desc, "scattered pinned buffer")?;
         let mut uses: Vec<Used<'_>> = Vec::with_capacity(items.len() + 2);
@@ -769,8 +816,6 @@ impl<'l> Launch<'l> {
                 .iter()
                 .map(|b| b.used(Access::Write, "scattered pinned buffer")),
         );
-        let count = items.len() as u64;
-        let grid = zero_copy_grid(count)?;
         self.run(
             "scatter_bytes",
             &uses,
@@ -811,20 +856,34 @@ impl<'l> Launch<'l> {
         let desc_ptr = desc.mapped().ok_or(Error::NotMapped {
             what: "zero-copy descriptors",
         })?;
+        let size = std::mem::size_of::<T>() as u64;
+        let overflow = || Error::LengthOverflow {
+            what: "zero-copy descriptor bytes",
+        };
+        // Every item's bytes and their running sum, checked here, before
+        // anything is written: the loop below then repeats sums that fit.
+        let mut end = 0u64;
         for item in items.clone() {
             if !item.gpu().same(self.lane.gpu()) {
                 return Err(Error::WrongContext { what });
             }
             item.mapped().ok_or(Error::NotMapped { what })?;
+            let bytes = u64::try_from(item.len())
+                .ok()
+                .and_then(|n| n.checked_mul(size))
+                .ok_or_else(overflow)?;
+            end = end.checked_add(bytes).ok_or_else(overflow)?;
         }
-        let size = std::mem::size_of::<T>() as u64;
         let d = desc.as_mut_slice()?;
         let mut offset = 0u64;
         for (k, item) in items.enumerate() {
+            // Cannot wrap: every partial sum is at most `end`, computed
+            // with checked arithmetic above.
+            let bytes = item.len() as u64 * size;
             d[3 * k] = item.mapped().unwrap_or(0);
             d[3 * k + 1] = offset;
-            d[3 * k + 2] = item.len() as u64 * size;
-            offset += item.len() as u64 * size;
+            d[3 * k + 2] = bytes;
+            offset += bytes;
         }
         Ok(desc_ptr)
     }
@@ -1206,6 +1265,29 @@ fn zero_copy_grid(count: u64) -> Result<u32> {
         })
 }
 
+/// The elements a zero-copy gather or scatter moves: the sum of the items'
+/// lengths, which must fit `capacity` (the device buffer's length). The sum
+/// is checked, never wrapped: one pinned buffer listed many times must not
+/// add up, modulo 2^64, to a small total that passes the capacity check, or
+/// the kernel would copy every item's real bytes past the end of the device
+/// buffer. `items` names the items in the overflow error, `what` the device
+/// buffer in the capacity error.
+fn zero_copy_total(
+    lens: impl Iterator<Item = usize>,
+    items: &'static str,
+    what: &'static str,
+    capacity: usize,
+) -> Result<usize> {
+    let mut total = 0usize;
+    for len in lens {
+        total = total
+            .checked_add(len)
+            .ok_or(Error::LengthOverflow { what: items })?;
+    }
+    check_len(what, total, capacity)?;
+    Ok(total)
+}
+
 /// The launcher takes `iters` as an `int32_t`.
 fn iters_i32(iters: u32) -> Result<i32> {
     i32::try_from(iters).map_err(|_| Error::LengthMismatch {
@@ -1315,6 +1397,47 @@ mod tests {
         assert_eq!(ptx_grid(u64::MAX), (65535 * 8) as u32);
         assert_eq!(zero_copy_grid(7).unwrap(), 7);
         assert!(zero_copy_grid(1 << 31).is_err());
+    }
+
+    /// One item listed `usize::MAX / len + 2` times: the plain sum wraps to
+    /// `len` (in a release build), which fits the capacity. The checked sum
+    /// reports the overflow instead, without collecting the items.
+    #[test]
+    fn zero_copy_total_never_wraps() {
+        let len = 1usize << 40;
+        let n = usize::MAX / len + 2;
+        let wrapped = (0..n).fold(0usize, |s, _| s.wrapping_add(len));
+        assert!(wrapped <= len, "the unchecked sum wraps to {wrapped}");
+        let lens = std::iter::repeat_n(len, n);
+        assert!(matches!(
+            zero_copy_total(lens, "items", "destination", len),
+            Err(Error::LengthOverflow { what: "items" })
+        ));
+        // Fine sums: checked against the capacity as before.
+        assert_eq!(
+            zero_copy_total([3, 4].into_iter(), "items", "destination", 7).unwrap(),
+            7
+        );
+        assert!(matches!(
+            zero_copy_total([3, 5].into_iter(), "items", "destination", 7),
+            Err(Error::LengthMismatch {
+                what: "destination",
+                expected: 7,
+                actual: 8
+            })
+        ));
+        assert!(matches!(
+            zero_copy_total(std::iter::empty(), "items", "destination", 7),
+            Err(Error::ZeroLength { .. })
+        ));
+        // The largest sum that fits is not an overflow (only too long).
+        assert!(matches!(
+            zero_copy_total([usize::MAX - 1, 1].into_iter(), "items", "d", 7),
+            Err(Error::LengthMismatch {
+                actual: usize::MAX,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -16,8 +16,7 @@ use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, DriverError};
 
 use crate::context::Gpu;
-use crate::event::{is_sticky, Fence};
-use crate::graph::Probe;
+use crate::event::{is_capture_error, is_sticky, Fence};
 use crate::order::{lock, Access, Extent, Lane, UseCell, Used, Uses};
 use crate::{Error, Result};
 
@@ -189,36 +188,60 @@ impl Uses<Fence> {
         Ok(false)
     }
 
-    /// Blocks until every recorded use has completed.
-    fn wait_all(&mut self, own: usize) -> Probe {
+    /// Blocks until every recorded use has completed. A wait that a stream
+    /// capture refused (see [`Fence::synchronize`]) is `CaptureInProgress`,
+    /// and every use stays recorded.
+    fn wait_all(&mut self, own: usize) -> Result<()> {
         match self.wait_all_raw(own) {
-            Ok(()) => Probe::Complete,
-            Err((reason, _)) => Probe::Failed(reason),
+            Ok(()) => Ok(()),
+            Err((_, _, Some(source))) => Err(Error::CaptureInProgress {
+                call: "cuEventSynchronize",
+                source,
+            }),
+            Err((reason, _, None)) => Err(Error::ContextPoisoned { reason }),
         }
     }
 
     /// [`wait_all`](Self::wait_all); an error says whether the GPU may still
-    /// be using the buffer (`true`: a failure that is not sticky, or a use
-    /// that could not be tracked). A sticky failure of another context
-    /// (a GPU that shared this portable buffer and died) is no failure of
-    /// this buffer: nothing runs there any more.
-    fn wait_all_raw(&mut self, own: usize) -> std::result::Result<(), (String, bool)> {
+    /// be using the buffer (`true`: a failure that is not sticky, a wait a
+    /// stream capture refused, or a use that could not be tracked), and
+    /// holds the capture's refusal when that was the only failure. A fence
+    /// of another context that died (a GPU that shared this portable buffer
+    /// and faulted: its own context reports it, see
+    /// [`Fence::dead_elsewhere`]) is no failure of this buffer: nothing runs
+    /// there any more. Nothing is forgotten unless every wait succeeded.
+    #[allow(clippy::type_complexity)]
+    fn wait_all_raw(
+        &mut self,
+        own: usize,
+    ) -> std::result::Result<(), (String, bool, Option<DriverError>)> {
         if self.stuck {
             return Err((
                 "a GPU operation on this buffer could not be tracked".into(),
                 true,
+                None,
             ));
         }
-        let mut failure = None;
+        let mut failure: Option<(String, bool, Option<DriverError>)> = None;
         for f in self.all() {
+            // The wait is made with the fence's own context current, so a
+            // sticky error is that context's (not the calling thread's).
             if let Err(e) = f.synchronize_raw() {
-                if f.context_key() != own && is_sticky(&e) {
+                let capture = is_capture_error(&e).then_some(e);
+                if capture.is_none() && f.dead_elsewhere(own) {
                     continue;
                 }
-                let maybe_running = !is_sticky(&e);
+                let maybe_running = !(is_sticky(&e) && f.context_key() == own);
                 match &mut failure {
-                    Some((_, running)) => *running |= maybe_running,
-                    None => failure = Some((e.to_string(), maybe_running)),
+                    Some((reason, running, refused)) => {
+                        *running |= maybe_running;
+                        if capture.is_none() && refused.is_some() {
+                            // A real failure outranks a capture's refusal.
+                            *reason = e.to_string();
+                            *refused = None;
+                        }
+                    }
+                    None => failure = Some((e.to_string(), maybe_running, capture)),
                 }
             }
         }
@@ -237,11 +260,11 @@ impl Uses<Fence> {
     fn release(&mut self, own: usize, what: &'static str) -> bool {
         match self.wait_all_raw(own) {
             Ok(()) => true,
-            Err((reason, false)) => {
+            Err((reason, false, _)) => {
                 tracing::warn!(reason, "freeing a {what} after a sticky GPU error");
                 true
             }
-            Err((reason, true)) => {
+            Err((reason, true, _)) => {
                 tracing::error!(
                     reason,
                     "leaking a {what}: the GPU may still be using it and waiting for it failed"
@@ -475,10 +498,7 @@ impl<T: Element> DeviceBuffer<T> {
 
     /// Blocks until no queued operation uses this buffer.
     pub fn wait_idle(&self) -> Result<()> {
-        match lock(&self.alloc.uses).wait_all(self.alloc.gpu.key()) {
-            Probe::Failed(reason) => Err(Error::ContextPoisoned { reason }),
-            _ => Ok(()),
-        }
+        lock(&self.alloc.uses).wait_all(self.alloc.gpu.key())
     }
 }
 
@@ -809,10 +829,7 @@ impl<T: Element> PinnedBuffer<T> {
 
     /// Blocks until no queued operation uses the buffer.
     pub fn wait_idle(&self) -> Result<()> {
-        match lock(&self.uses).wait_all(self.gpu.key()) {
-            Probe::Failed(reason) => Err(Error::ContextPoisoned { reason }),
-            _ => Ok(()),
-        }
+        lock(&self.uses).wait_all(self.gpu.key())
     }
 
     /// Waits for pending GPU use, then gives the contents.

@@ -56,7 +56,7 @@ use cudarc::driver::{result, sys, CudaStream, DriverError};
 
 use crate::context::Gpu;
 use crate::error::DriverResultExt;
-use crate::event::Fence;
+use crate::event::{relaxed_on_capture, Fence};
 use crate::memory::DeviceAlloc;
 use crate::stream::StreamPurpose;
 use crate::{Error, Result};
@@ -520,9 +520,19 @@ impl Lane {
         Ok(())
     }
 
-    /// Blocks the calling thread until everything queued on the stream is done.
+    /// Blocks the calling thread until everything queued on the stream is
+    /// done. Waits through the driver (`cuStreamSynchronize`), not
+    /// cudarc's `synchronize`, which returns an error cudarc stashed in the
+    /// context object without waiting; a wait refused because a stream
+    /// capture elsewhere is in progress is made again in relaxed capture
+    /// mode (a lane never waits for its own stream while capturing it: the
+    /// capture holds the lane).
     pub fn synchronize(&self) -> Result<()> {
-        self.core.cu.synchronize().call("cuStreamSynchronize")
+        self.core.gpu.bind()?;
+        let raw = self.core.raw();
+        // SAFETY: `raw` is a live stream of the bound context (held by `core`).
+        relaxed_on_capture(|| unsafe { result::stream::synchronize(raw) })
+            .call("cuStreamSynchronize")
     }
 
     /// Records a fence with this lane's clock (rule 4). The caller checked
@@ -620,7 +630,11 @@ impl Lane {
                 // If even that fails, nobody can tell when the GPU is done
                 // with the buffers: they are never touched or freed again.
                 if let Err(sync) = self.synchronize() {
-                    self.core.gpu.poison(&format!("{sync} (after {e})"));
+                    // A stream capture's refusal is no GPU failure: the
+                    // context stays usable, the buffers are locked.
+                    if !matches!(sync, Error::CaptureInProgress { .. }) {
+                        self.core.gpu.poison(&format!("{sync} (after {e})"));
+                    }
                     for u in uses {
                         lock(u.cell).stuck = true;
                     }

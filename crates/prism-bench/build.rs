@@ -1,4 +1,5 @@
-//! Compiles the benchmark's CUDA C++ baselines (`cuda/baselines.cu`) with
+//! Compiles the benchmark's CUDA C++ baselines (`cuda/baselines.cu`, and
+//! `cuda/s10.cu`: S10's kernels, launchers and baseline) with
 //! nvcc, or, where prism-cuda-sys compiled no launchers (no nvcc, or its
 //! `ptx-only` feature), a stub that returns `PRISM_ERR_KERNELS_NOT_BUILT`.
 //! The baselines call prism-cuda-sys's `prism_fma_chain_f32` launcher and
@@ -67,6 +68,7 @@ fn build_baselines(nvcc: &Path, cuda: &Path, include: &Path) {
     }
     build
         .file(cuda.join("baselines.cu"))
+        .file(cuda.join("s10.cu"))
         .compile("prism_baselines");
     for dir in find_nvcc::cudart_static_dirs(nvcc) {
         println!("cargo:rustc-link-search=native={}", dir.display());

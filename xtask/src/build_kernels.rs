@@ -37,6 +37,7 @@ const COMMITTED_PTX: &[(&str, &str)] = &[
 const SOURCES: &[&str] = &[
     "kernels/prism_kernels.cu",
     "crates/prism-bench/cuda/baselines.cu",
+    "crates/prism-bench/cuda/s10.cu",
     "crates/prism-pipeline/examples/kernels/scale_add.cu",
 ];
 

@@ -35,3 +35,83 @@ extern "C" {
         ms: *mut f32,
     ) -> i32;
 }
+
+/// S10, one stream: per iteration k1, k2, k3, a 4-byte copy to pinned host
+/// memory, `cudaStreamSynchronize`, a host read.
+pub const S10_STREAMS: i32 = 0;
+/// S10 as a CUDA graph: the iteration's four steps captured once, replayed
+/// with `cudaGraphLaunch`, then `cudaStreamSynchronize` and a host read.
+pub const S10_GRAPH: i32 = 1;
+/// k1's factor (`PRISM_S10_A`).
+pub const S10_A: f32 = 0.999;
+/// k1's addend (`PRISM_S10_B`).
+pub const S10_B: f32 = 0.001;
+/// k2's addend before the wrap into [0, 1) (`PRISM_S10_C`).
+pub const S10_C: f32 = 0.381966;
+/// Threads of k3's single block (`PRISM_S10_SUM_THREADS`): its summation
+/// order depends on it.
+pub const S10_SUM_THREADS: usize = 1024;
+
+// S10 (cuda/s10.cu; the contract is in cuda/baselines.h). The launchers
+// only enqueue work on `stream` and return 0 or a CUDA error code
+// (`PRISM_ERR_KERNELS_NOT_BUILT` without nvcc); `x` is a device array of at
+// least `off + w` floats, the window is `x[off .. off + w)`. They are for
+// prism's side of S10 (`s10::s10_prism`, which lands with prism's "outside
+// work" API); `prism_s10_initial` is for the tests (the CPU reference has
+// its own copy of the formula, `s10::initial`).
+#[allow(dead_code)]
+extern "C" {
+    /// k1: `x[off + j] = fmaf(x[off + j], a, b)` for `j < w`.
+    pub fn prism_s10_k1(
+        x: *mut f32,
+        off: u64,
+        w: u64,
+        a: f32,
+        b: f32,
+        stream: prism_cuda_sys::prism_stream_t,
+    ) -> i32;
+    /// k2: `y = fmaxf(x[off + j], 0) + c; x[off + j] = y - floorf(y)`.
+    pub fn prism_s10_k2(
+        x: *mut f32,
+        off: u64,
+        w: u64,
+        c: f32,
+        stream: prism_cuda_sys::prism_stream_t,
+    ) -> i32;
+    /// k3: `*acc` = the sum of the window (one device float, overwritten),
+    /// in the fixed order of [`S10_SUM_THREADS`] strided partial sums
+    /// combined by a tree.
+    pub fn prism_s10_k3(
+        x: *const f32,
+        off: u64,
+        w: u64,
+        acc: *mut f32,
+        stream: prism_cuda_sys::prism_stream_t,
+    ) -> i32;
+    /// `x[i] = prism_s10_initial(i)` for `i < n`: S10's initial data.
+    pub fn prism_s10_fill(x: *mut f32, n: u64, stream: prism_cuda_sys::prism_stream_t) -> i32;
+    /// S10's initial value at index `i`, in [-1, 1) (host arithmetic,
+    /// compiled in every build).
+    pub fn prism_s10_initial(i: u64) -> f32;
+}
+
+extern "C" {
+    /// The CUDA C++ baseline of S10 in `mode` ([`S10_STREAMS`] or
+    /// [`S10_GRAPH`]) on the current device: `n` floats filled by
+    /// `prism_s10_fill`, `warmup` untimed then `iters` timed iterations
+    /// over the window `[off, off + w)`. Writes the wall time per timed
+    /// iteration (µs), the value read back after the last iteration, and,
+    /// if `window_out` is not null, the final window (`w` floats). 0 or an
+    /// error code (`prism_error_string`). Synchronous; frees what it made.
+    pub fn prism_bench_s10(
+        mode: i32,
+        n: u64,
+        off: u64,
+        w: u64,
+        warmup: u64,
+        iters: u64,
+        window_out: *mut f32,
+        us_per_iter: *mut f64,
+        final_acc: *mut f32,
+    ) -> i32;
+}

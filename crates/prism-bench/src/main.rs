@@ -1,7 +1,8 @@
 //! prism-bench: the workloads of shared/BENCH-SPEC.md, prism against the
 //! baselines it lists, all in one process on one GPU: S1, S1c, S2, S3 and
-//! S5 (the step loop) in the main table, S8 (one small synchronous step)
-//! and S6 (a 64 GiB stream generated and checked on the fly) in their own.
+//! S5 (the step loop) in the main table, S8 (one small synchronous step),
+//! S10 (many small iterations over resident data, `s10.rs`) and S6 (a
+//! 64 GiB stream generated and checked on the fly) in their own.
 //!
 //! ```text
 //! cargo run --release -p prism-bench [-- --quick] [--reps 5] [--out bench-results]
@@ -19,6 +20,7 @@
 mod baselines;
 mod chart;
 mod multi;
+mod s10;
 
 use std::ffi::CStr;
 use std::sync::Arc;
@@ -204,12 +206,15 @@ struct Report {
     auto: Vec<AutoResult>,
     #[serde(default)]
     multi: Option<multi::MultiResult>,
+    /// S10: µs per iteration over resident data.
+    #[serde(default)]
+    iterations: Option<s10::S10Result>,
 }
 
 /// The names `--only` accepts: the workloads of the main table, then the
 /// sections with tables of their own.
-const ONLY: [&str; 11] = [
-    "S1", "S1c", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "auto",
+const ONLY: [&str; 12] = [
+    "S1", "S1c", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10", "auto",
 ];
 
 /// prism against hand-written CUDA C++, plain cudarc and the hardware bound
@@ -267,6 +272,7 @@ fn run() -> Result<(), BoxError> {
         print_items_sweep(&report.items_sweep);
         print_auto(&report.auto);
         print_steps(&report.steps);
+        s10::print_iterations(report.iterations.as_ref());
         print_stream(report.stream.as_ref());
         multi::print_multi(report.multi.as_ref());
         std::fs::create_dir_all(&args.out)?;
@@ -410,12 +416,19 @@ fn run() -> Result<(), BoxError> {
     } else {
         Vec::new()
     };
+    let iterations = if wants("S10") {
+        eprintln!("prism-bench: S10 (small iterations over resident data) ...");
+        Some(s10::bench_iterations(&gpu, args.quick)?)
+    } else {
+        None
+    };
     print_table(&device, &results);
     print_pageable(&pageable);
     print_short(short.as_ref());
     print_items_sweep(&items_sweep);
     print_auto(&auto);
     print_steps(&steps);
+    s10::print_iterations(iterations.as_ref());
     print_stream(stream.as_ref());
     multi::print_multi(multi.as_ref());
     std::fs::create_dir_all(&args.out)?;
@@ -432,6 +445,7 @@ fn run() -> Result<(), BoxError> {
         items_sweep,
         auto,
         multi,
+        iterations,
     };
     std::fs::write(
         format!("{}/results.json", args.out),

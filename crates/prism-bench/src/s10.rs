@@ -23,7 +23,9 @@
 
 use std::ffi::CStr;
 
-use prism_stream::Gpu;
+use std::time::Instant;
+
+use prism_stream::{CapturedGraph, DeviceBuffer, Gpu, Lane, Launch, ReadbackKey};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -146,8 +148,155 @@ pub(crate) fn s10_prism(
     cfg: &S10Config,
     graph: bool,
 ) -> Result<Option<S10Run>, BoxError> {
-    let _ = (gpu, cfg, graph);
-    Ok(None)
+    let mut lane = Lane::new(gpu)?;
+    // SAFETY: the buffer is written whole by `prism_s10_fill` (below, in an
+    // outside-work block that names it) before anything reads it.
+    let mut x = unsafe { DeviceBuffer::<f32>::uninit(gpu, cfg.n)? };
+    let mut acc = DeviceBuffer::<f32>::zeroed(&mut lane, 1)?;
+    {
+        let mut o = lane.outside();
+        let xi = o.write(&mut x);
+        // SAFETY: the launcher writes x[..n] (named, n floats) on the
+        // block's stream and only enqueues.
+        let code = unsafe {
+            o.run(|w| -> prism_stream::Result<i32> {
+                let (p, n) = w.ptr_mut(&xi)?;
+                Ok(baselines::prism_s10_fill(
+                    p as *mut f32,
+                    n as u64,
+                    w.stream().cu_stream().cast(),
+                ))
+            })
+        }??;
+        launched("prism_s10_fill", code)?;
+    }
+    let (off, w) = (cfg.off as u64, cfg.w as u64);
+    let run = |lane: &mut Lane,
+               graph: &mut Option<(CapturedGraph, ReadbackKey<f32>)>,
+               x: &mut DeviceBuffer<f32>,
+               acc: &mut DeviceBuffer<f32>|
+     -> Result<f32, BoxError> {
+        match graph {
+            Some((g, key)) => Ok(g.launch(lane)?.read_back(*key)?.wait_value()?),
+            None => {
+                let mut l = lane.launch();
+                iteration(&mut l, x, acc, off, w)?;
+                drop(l);
+                Ok(lane.read_value(acc, 0)?)
+            }
+        }
+    };
+    let mut captured = if graph {
+        let (g, key) = lane.capture(|c| {
+            iteration(c, &mut x, &mut acc, off, w)?;
+            c.read_back(&acc, 0, 1)
+        })?;
+        Some((g, key))
+    } else {
+        None
+    };
+    for _ in 0..cfg.warmup {
+        run(&mut lane, &mut captured, &mut x, &mut acc)?;
+    }
+    let t = Instant::now();
+    let mut last = f32::NAN;
+    for _ in 0..cfg.iters {
+        last = std::hint::black_box(run(&mut lane, &mut captured, &mut x, &mut acc)?);
+    }
+    let us_per_iter = t.elapsed().as_secs_f64() * 1e6 / cfg.iters as f64;
+    drop(captured);
+    let window = lane.read_async(&x, cfg.off, cfg.w)?.wait()?;
+    Ok(Some(S10Run {
+        us_per_iter,
+        final_acc: last,
+        window,
+    }))
+}
+
+/// One S10 iteration as a user with three stages writes it: each kernel
+/// an outside-work block naming what it reads and writes, on `l`'s lane.
+fn iteration(
+    l: &mut Launch<'_>,
+    x: &mut DeviceBuffer<f32>,
+    acc: &mut DeviceBuffer<f32>,
+    off: u64,
+    w: u64,
+) -> prism_stream::Result<()> {
+    {
+        let mut o = l.outside();
+        let xi = o.write(&mut *x);
+        // SAFETY: k1 reads and writes x[off..off + w], inside x (the
+        // harness's configuration), on the block's stream.
+        let code = unsafe {
+            o.run(|wk| -> prism_stream::Result<i32> {
+                let (p, _) = wk.ptr_mut(&xi)?;
+                Ok(baselines::prism_s10_k1(
+                    p as *mut f32,
+                    off,
+                    w,
+                    S10_A,
+                    S10_B,
+                    wk.stream().cu_stream().cast(),
+                ))
+            })
+        }??;
+        launched_stream("prism_s10_k1", code)?;
+    }
+    {
+        let mut o = l.outside();
+        let xi = o.write(&mut *x);
+        // SAFETY: k2 reads and writes x[off..off + w] on the block's stream.
+        let code = unsafe {
+            o.run(|wk| -> prism_stream::Result<i32> {
+                let (p, _) = wk.ptr_mut(&xi)?;
+                Ok(baselines::prism_s10_k2(
+                    p as *mut f32,
+                    off,
+                    w,
+                    S10_C,
+                    wk.stream().cu_stream().cast(),
+                ))
+            })
+        }??;
+        launched_stream("prism_s10_k2", code)?;
+    }
+    let mut o = l.outside();
+    let (xi, ai) = (o.read(&*x), o.write(&mut *acc));
+    // SAFETY: k3 reads x[off..off + w] and writes acc[0] (one float), on the
+    // block's stream.
+    let code = unsafe {
+        o.run(|wk| -> prism_stream::Result<i32> {
+            let (p, _) = wk.ptr(xi)?;
+            let (a, _) = wk.ptr_mut(&ai)?;
+            Ok(baselines::prism_s10_k3(
+                p as *const f32,
+                off,
+                w,
+                a as *mut f32,
+                wk.stream().cu_stream().cast(),
+            ))
+        })
+    }??;
+    launched_stream("prism_s10_k3", code)
+}
+
+/// A launcher's status as the benchmark's error.
+fn launched(what: &str, code: i32) -> Result<(), BoxError> {
+    launched_stream(what, code).map_err(Into::into)
+}
+
+/// A launcher's status as prism's error (a user error inside outside work).
+fn launched_stream(what: &str, code: i32) -> prism_stream::Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: prism_error_string returns a static C string for any code.
+    let message = unsafe { CStr::from_ptr(prism_cuda_sys::prism_error_string(code)) }
+        .to_string_lossy()
+        .into_owned();
+    Err(prism_stream::Error::user(format!(
+        "{what}: {message} (code {code})"
+    )))
 }
 
 /// The CUDA C++ baseline in `mode` (one run: allocation, fill, warm-up,

@@ -38,7 +38,6 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::Parser;
 use prism_pipeline::{PipelineConfig, PipelineStageManager, PipelineStats, Stage, StageError};
@@ -252,7 +251,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fft_stage: FAILED: {e}");
+            eprintln!("prism fft_stage: FAILED: {e}");
             ExitCode::FAILURE
         }
     }
@@ -267,7 +266,7 @@ fn cannot_run(why: String) -> Result<(), Box<dyn std::error::Error>> {
     if gpu_required() {
         return Err(format!("{why}; {what}").into());
     }
-    println!("fft_stage: {why}; {what}. Nothing to do here.");
+    println!("prism fft_stage: {why}; {what}. Nothing to do here.");
     Ok(())
 }
 
@@ -300,7 +299,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let n = (args.mib << 20) / 4;
     let signals = n / SIGNAL;
     println!(
-        "fft_stage: {} MiB = {signals} complex f32 signals of {POINTS} points, forward C2C FFT \
+        "prism fft_stage: {} MiB = {signals} complex f32 signals of {POINTS} points, forward C2C FFT \
          by cuFFT (in place, on a copy), {} MiB chunks ({} signals each), {} slots, on {}",
         args.mib,
         args.chunk_mib,
@@ -320,14 +319,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     .enumerate()
     {
         p.reset_stats();
-        let t0 = Instant::now();
         p.run_pinned(&src, &mut dst)?;
-        let wall = t0.elapsed().as_secs_f64() * 1e3;
         let stats = p.get_stats().clone();
         let check = check(src.as_slice()?, dst.wait_slice()?);
-        report(label, wall, &stats);
+        report(label, &stats);
         println!(
-            "fft_stage:   checked all {signals} output signals against an f64 CPU FFT (rustfft): \
+            "prism fft_stage:   checked all {signals} output signals against an f64 CPU FFT (rustfft): \
              max error {:.3e} (||X_gpu - X_ref|| / ||X_ref|| per signal; tolerance \
              {TOLERANCE:.0e}), {} over{}",
             check.max_err,
@@ -341,7 +338,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         if k == 1 {
             println!("{stats}");
             println!(
-                "fft_stage: warm run at {:.3} of the bound",
+                "prism fft_stage: warm run at {:.3} of the bound",
                 stats.overlap_efficiency()
             );
         }
@@ -349,17 +346,18 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if failed {
         return Err("outputs differ from the CPU reference beyond the tolerance".into());
     }
-    println!("fft_stage: OK");
+    println!("prism fft_stage: OK");
     Ok(())
 }
 
 /// One run's line: wall time, the bound and what set it.
-fn report(label: &str, wall_ms: f64, s: &PipelineStats) {
-    let gbps = (s.bytes_in + s.bytes_out) as f64 / 1e6 / wall_ms;
+fn report(label: &str, s: &PipelineStats) {
     println!(
-        "fft_stage: {label} run: wall {wall_ms:.1} ms ({gbps:.1} GB/s both ways), bound {:.1} ms \
-         (busiest of upload {:.1}, compute {:.1}, download {:.1} ms, CUDA events of this run: \
-         {}), overlap efficiency {:.3}",
+        "prism fft_stage: {label} run: wall {:.1} ms ({:.1} GB/s both ways), bound {:.1} ms \
+         (the busiest of upload {:.1}, compute {:.1} and download {:.1} ms, timed by CUDA \
+         events in this run: {}), overlap efficiency (bound / wall) {:.3}",
+        s.wall_ms,
+        s.throughput_gbps(),
         s.bound_ms(),
         s.upload_ms,
         s.compute_busy_ms,

@@ -45,7 +45,6 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::Parser;
 use prism_pipeline::{PipelineConfig, PipelineStageManager, PipelineStats, Stage, StageError};
@@ -253,7 +252,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gemm_stage: FAILED: {e}");
+            eprintln!("prism gemm_stage: FAILED: {e}");
             ExitCode::FAILURE
         }
     }
@@ -268,7 +267,7 @@ fn cannot_run(why: String) -> Result<(), Box<dyn std::error::Error>> {
     if gpu_required() {
         return Err(format!("{why}; {what}").into());
     }
-    println!("gemm_stage: {why}; {what}. Nothing to do here.");
+    println!("prism gemm_stage: {why}; {what}. Nothing to do here.");
     Ok(())
 }
 
@@ -309,7 +308,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let n = (args.mib << 20) / 4;
     let matrices = n / A_LEN;
     println!(
-        "gemm_stage: {} MiB = {matrices} matrices of {M}x{K} f32, C_i = A_i * W ({K}x{N}) by \
+        "prism gemm_stage: {} MiB = {matrices} matrices of {M}x{K} f32, C_i = A_i * W ({K}x{N}) by \
          cublasSgemmStridedBatched, {} MiB chunks ({} matrices each), {} slots, on {}",
         args.mib,
         args.chunk_mib,
@@ -327,14 +326,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .enumerate()
     {
         p.reset_stats();
-        let t0 = Instant::now();
         p.run_pinned(&src, &mut dst)?;
-        let wall = t0.elapsed().as_secs_f64() * 1e3;
         let stats = p.get_stats().clone();
         let check = check(src.as_slice()?, dst.wait_slice()?, &w64);
-        report(label, wall, &stats);
+        report(label, &stats);
         println!(
-            "gemm_stage:   checked all {} outputs against the f64 CPU reference: max error {:.3e} \
+            "prism gemm_stage:   checked all {} outputs against the f64 CPU reference: max error {:.3e} \
              (|C_gpu - C_ref| / sum_k |A_rk W_kc|; tolerance {TOLERANCE:.0e}), {} over{}",
             n,
             check.max_err,
@@ -349,7 +346,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             println!("{stats}");
             let eff = stats.overlap_efficiency();
             println!(
-                "gemm_stage: warm run at {eff:.3} of the bound (issue #21's target: >= 0.95): {}",
+                "prism gemm_stage: warm run at {eff:.3} of the bound (issue #21's target: >= 0.95): {}",
                 if eff >= 0.95 { "met" } else { "NOT met" }
             );
         }
@@ -357,17 +354,18 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if failed {
         return Err("outputs differ from the CPU reference beyond the tolerance".into());
     }
-    println!("gemm_stage: OK");
+    println!("prism gemm_stage: OK");
     Ok(())
 }
 
 /// One run's line: wall time, the bound and what set it.
-fn report(label: &str, wall_ms: f64, s: &PipelineStats) {
-    let gbps = (s.bytes_in + s.bytes_out) as f64 / 1e6 / wall_ms;
+fn report(label: &str, s: &PipelineStats) {
     println!(
-        "gemm_stage: {label} run: wall {wall_ms:.1} ms ({gbps:.1} GB/s both ways), bound {:.1} ms \
-         (busiest of upload {:.1}, compute {:.1}, download {:.1} ms, CUDA events of this run: \
-         {}), overlap efficiency {:.3}",
+        "prism gemm_stage: {label} run: wall {:.1} ms ({:.1} GB/s both ways), bound {:.1} ms \
+         (the busiest of upload {:.1}, compute {:.1} and download {:.1} ms, timed by CUDA \
+         events in this run: {}), overlap efficiency (bound / wall) {:.3}",
+        s.wall_ms,
+        s.throughput_gbps(),
         s.bound_ms(),
         s.upload_ms,
         s.compute_busy_ms,

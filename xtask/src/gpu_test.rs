@@ -41,6 +41,10 @@ pub const EXAMPLE_SMOKE_RUNS: &[(&str, &str, &str)] = &[
     ("prism-pipeline", "custom_kernel", ""),
     ("prism-pipeline", "step_loop", ""),
     ("prism-pipeline", "stream_check", ""),
+    // A cuBLAS stage (1 GiB, cold and warm run) and a cuFFT stage (256 MiB):
+    // need the `cublas`/`cufft` features (BUNDLE_FEATURES) and the libraries.
+    ("prism-pipeline", "gemm_stage", ""),
+    ("prism-pipeline", "fft_stage", ""),
     (
         "prism-pipeline",
         "streaming",
@@ -66,7 +70,15 @@ pub const EXAMPLE_SANITIZER_RUNS: &[(&str, &str)] = &[
     ("stream_check", "--gib 0.004 --chunk-mib 1"),
     ("streaming", "--mib 16 --chunk-mib 4"),
     ("streaming", "--pageable --mib 16 --chunk-mib 4"),
+    ("gemm_stage", "--mib 16 --chunk-mib 4"),
+    ("fft_stage", "--mib 16 --chunk-mib 4"),
 ];
+
+/// Features the bundle builds with, beside the CUDA version's: the
+/// examples that call cuBLAS and cuFFT from a stage (`gemm_stage`,
+/// `fft_stage`) need them (`required-features`). Tests and examples are
+/// built with the same features, so prism-stream is compiled once.
+pub const BUNDLE_FEATURES: &str = "prism-pipeline/cublas,prism-pipeline/cufft";
 
 /// The compute-sanitizer tools a GPU run uses.
 pub const SANITIZER_TOOLS: &str = "memcheck racecheck synccheck initcheck";
@@ -244,14 +256,19 @@ fn bundle(dir: &Path, budget: Option<u64>, cuda12: bool) -> Result {
         );
     }
     let mut select = vec!["--workspace", "--exclude", "xtask", "--profile", "bundle"];
+    let cuda12_features = format!(
+        "prism-stream/cuda-12,prism-buffer/cuda-12,prism-pipeline/cuda-12,prism-tests/cuda-12,{BUNDLE_FEATURES}"
+    );
     if cuda12 {
         select.extend([
             "--exclude",
             "prism-bench",
             "--no-default-features",
             "--features",
-            "prism-stream/cuda-12,prism-buffer/cuda-12,prism-pipeline/cuda-12,prism-tests/cuda-12",
+            &cuda12_features,
         ]);
+    } else {
+        select.extend(["--features", BUNDLE_FEATURES]);
     }
     let tests = built_executables(&[&["test", "--no-run"][..], &select].concat(), true)?;
     let examples = built_executables(

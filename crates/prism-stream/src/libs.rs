@@ -3,8 +3,10 @@
 //! on a lane without `unsafe` and lent to a [`Work`] block, which binds
 //! them to the block's stream at every use. The libraries load at run time
 //! (`libcublas.so`, `libcufft.so`, from the CUDA toolkit or the `nvidia-*`
-//! wheels); a missing one is a cudarc panic at the first call, so check
-//! with [`Blas::new`] / [`FftPlan`]'s constructors early.
+//! wheels, found through the loader's path, e.g. `LD_LIBRARY_PATH`).
+//! [`Blas::available`] / [`FftPlan::available`] say whether one loads, and
+//! [`Blas::new`] / [`FftPlan::plan_1d`] report a missing one as
+//! [`Error::Library`] (cudarc itself would panic at its first call).
 //!
 //! Only the binding is prism's: the calls themselves (`gemm`, `exec_c2c`)
 //! are cudarc's, made on [`Work::view`] / [`Work::view_mut`] views inside
@@ -27,9 +29,20 @@ pub struct Blas {
 
 #[cfg(feature = "cublas")]
 impl Blas {
+    /// Can libcublas be loaded? Never panics, and calls no cuBLAS function.
+    pub fn available() -> bool {
+        // SAFETY: is_culib_present only tries to dlopen libcublas (under the
+        // names cudarc would load) and reports success; it calls nothing in it.
+        unsafe { cudarc::cublas::sys::is_culib_present() }
+    }
+
     /// A handle of `lane`'s context (bound to `lane`'s stream until a
-    /// [`Work`] block rebinds it to its own).
+    /// [`Work`] block rebinds it to its own). [`Error::Library`] when
+    /// libcublas cannot be loaded ([`available`](Self::available)).
     pub fn new(lane: &Lane) -> Result<Self> {
+        if !Self::available() {
+            return Err(not_found("cuBLAS", "cublas"));
+        }
         lane.gpu().check_usable()?;
         lane.gpu().bind()?;
         let handle =
@@ -65,14 +78,26 @@ impl std::fmt::Debug for FftPlan {
 
 #[cfg(feature = "cufft")]
 impl FftPlan {
+    /// Can libcufft be loaded? Never panics, and calls no cuFFT function.
+    pub fn available() -> bool {
+        // SAFETY: is_culib_present only tries to dlopen libcufft (under the
+        // names cudarc would load) and reports success; it calls nothing in it.
+        unsafe { cudarc::cufft::sys::is_culib_present() }
+    }
+
     /// A 1-D plan: `batch` transforms of `nx` points each, of type `ty`
     /// (`CUFFT_C2C`, `CUFFT_R2C`, ...), on `lane`'s context.
+    /// [`Error::Library`] when libcufft cannot be loaded
+    /// ([`available`](Self::available)).
     pub fn plan_1d(
         lane: &Lane,
         nx: i32,
         ty: cudarc::cufft::sys::cufftType,
         batch: i32,
     ) -> Result<Self> {
+        if !Self::available() {
+            return Err(not_found("cuFFT", "cufft"));
+        }
         lane.gpu().check_usable()?;
         lane.gpu().bind()?;
         let plan = cudarc::cufft::CudaFft::plan_1d(nx, ty, batch, Arc::clone(lane.core_stream()))
@@ -84,6 +109,27 @@ impl FftPlan {
             plan,
             gpu: lane.gpu().clone(),
         })
+    }
+}
+
+/// The error for a library that cannot be loaded, with the file names
+/// cudarc looks for.
+#[cfg(any(feature = "cublas", feature = "cufft"))]
+fn not_found(library: &'static str, name: &str) -> Error {
+    use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+    let plain = format!("{DLL_PREFIX}{name}{DLL_SUFFIX}");
+    let names: Vec<String> = cudarc::get_lib_name_candidates(name)
+        .into_iter()
+        .filter(|n| n.starts_with(&plain))
+        .collect();
+    Error::Library {
+        library,
+        message: format!(
+            "{plain} could not be loaded (looked for {} and cudarc's other names): install \
+             the CUDA toolkit's library or the matching nvidia-* wheel, and put its folder \
+             on the loader's path (e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64)",
+            names.join(", ")
+        ),
     }
 }
 
@@ -127,5 +173,30 @@ impl Work<'_> {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(all(test, any(feature = "cublas", feature = "cufft")))]
+mod tests {
+    use super::*;
+
+    /// Without the library (as on CI) the checks answer false instead of
+    /// cudarc's panic; with it, true. Either way they return.
+    #[test]
+    fn library_checks_never_panic() {
+        #[cfg(feature = "cublas")]
+        let _ = Blas::available();
+        #[cfg(feature = "cufft")]
+        let _ = FftPlan::available();
+    }
+
+    #[test]
+    fn a_missing_library_is_named_with_where_to_put_it() {
+        let msg = not_found("cuFFT", "cufft").to_string();
+        assert!(msg.starts_with("cuFFT failed: "), "{msg}");
+        assert!(
+            msg.contains("cufft") && msg.contains("LD_LIBRARY_PATH"),
+            "{msg}"
+        );
     }
 }

@@ -119,30 +119,20 @@ enum FftStageError {
 #[derive(Debug)]
 struct FftStage {
     lane: Lane,
-    /// One byte no kernel touches, named as written by every transform:
-    /// prism then orders each transform after the previous one. The
-    /// pipeline alternates chunks between two compute streams, and a
-    /// plan's work area is memory prism cannot see, shared by every
-    /// transform made with the plan (cuFFT is thread safe only for
-    /// different plans); without this, two chunks' transforms with one
-    /// plan could run at once on the two streams. (The FFT is short next
-    /// to the copies, so the order costs nothing measurable.)
-    serial: DeviceBuffer<u8>,
     /// (signals per transform batch, its plan). A run over one input needs
     /// at most two (full chunks and the last one); they live as long as the
-    /// stage. (Dropping a plan frees its work area, which transforms still
-    /// in flight may use: a stage that saw many sizes would have to wait
-    /// for its last transform before evicting one.)
+    /// stage. Each is named in its transforms' blocks (`o.fft`), so prism
+    /// orders its work area between transforms (the pipeline alternates
+    /// chunks between two compute streams), and a plan dropped waits for
+    /// its last transform before freeing its work area.
     plans: Vec<(usize, FftPlan)>,
 }
 
 impl FftStage {
     fn new(gpu: &Gpu) -> Result<Self, prism_stream::Error> {
-        let mut lane = Lane::new(gpu)?;
-        let serial = DeviceBuffer::zeroed(&mut lane, 1)?;
+        let lane = Lane::new(gpu)?;
         Ok(Self {
             lane,
-            serial,
             plans: Vec::new(),
         })
     }
@@ -202,10 +192,9 @@ impl Stage<f32> for FftStage {
         launch.copy_dtod(input, 0, output, 0, len)?;
         let mut o = launch.outside();
         let x = o.write(output);
-        let _serial = o.write(&mut self.serial);
+        o.fft(plan);
         // SAFETY: the work touches prism's memory only through `output`,
-        // named with `write` (`serial` is named and never touched), and
-        // stays within it: the plan transforms `len / SIGNAL` signals of
+        // named with `write`, and stays within it: the plan transforms `len / SIGNAL` signals of
         // POINTS complex f32 (2 floats each), exactly the first `len`
         // floats, which were checked above to fit the buffer; input and
         // output are the same address, an in-place transform, which cuFFT
@@ -213,11 +202,10 @@ impl Stage<f32> for FftStage {
         // `work.fft`, so the transform is enqueued there only; the address
         // is used for this one call and kept nowhere; nothing here
         // synchronises or records events on the stream. cuFFT's work area
-        // is the plan's own memory, used by one transform at a time
-        // (`serial`).
+        // is the plan's own memory, ordered between blocks by `o.fft`.
         unsafe {
             o.run(|work| -> Result<(), FftStageError> {
-                let fft = work.fft(plan)?;
+                let fft = work.fft()?;
                 let (at, _) = work.ptr_mut(&x)?;
                 let data = at as *mut cufftComplex;
                 prism_stream::cudarc::cufft::result::exec_c2c(

@@ -15,11 +15,11 @@
 //! - in `gpu()`, one outside-work block names every buffer the library call
 //!   touches (`read(input)`, `read(&self.w)`, `write(output)`): prism orders
 //!   the call after their earlier uses and fences it for their later ones;
-//!   it also names a one-byte `serial` buffer as written, so that calls
-//!   through the one handle (whose workspace prism cannot see) never run
-//!   at once on the pipeline's two compute streams;
+//!   it also names the cuBLAS handle (`o.blas(..)`), whose workspace prism
+//!   then orders like a buffer the call writes, so calls through the one
+//!   handle never run at once on the pipeline's two compute streams;
 //! - the call runs inside `unsafe { o.run(..) }` on views of those buffers,
-//!   with the handle bound to the block's stream (`work.blas(..)`). That block
+//!   with the handle bound to the block's stream (`work.blas()`). That block
 //!   is the only `unsafe` here; its `// SAFETY:` comment says why the shapes
 //!   stay within the buffers.
 //!
@@ -137,15 +137,9 @@ enum GemmStageError {
 struct GemmStage {
     /// W, K×N row-major, resident on the GPU.
     w: DeviceBuffer<f32>,
+    /// Named in every GEMM's block: prism orders its workspace between
+    /// calls (the pipeline alternates chunks between two compute streams).
     blas: Blas,
-    /// One byte no kernel touches, named as written by every GEMM: prism
-    /// then orders each call after the previous one. The pipeline
-    /// alternates chunks between two compute streams, and the handle's
-    /// workspace is memory prism cannot see, shared by every call made
-    /// through the handle; without this, two chunks' GEMMs could run at
-    /// once on the two streams. (The GEMM is tiny next to the copies, so
-    /// the order costs nothing measurable.)
-    serial: DeviceBuffer<u8>,
 }
 
 impl Stage<f32> for GemmStage {
@@ -186,23 +180,21 @@ impl Stage<f32> for GemmStage {
         let cfg = gemm_config(batch);
         let mut o = launch.outside();
         let (a, w, c) = (o.read(input), o.read(&self.w), o.write(output));
-        let _serial = o.write(&mut self.serial);
-        let blas = &mut self.blas;
+        o.blas(&mut self.blas);
         // SAFETY: the work touches prism's memory only through the named
-        // buffers, writes only `output` (`serial` is named and never
-        // touched), and stays within them: cuBLAS reads W's K×N floats
+        // buffers, writes only `output`, and stays within them: cuBLAS reads W's K×N floats
         // (stride 0) and `batch` matrices of M×K floats from `input`, and
         // writes `batch` matrices of M×N floats to `output`, with leading
         // dimensions equal to the row lengths; the lengths were checked
         // above. The handle is bound to the block's stream by `work.blas`,
         // so the GEMM is enqueued there only (through cudarc's views,
         // which keep no address), and nothing here synchronises or records
-        // events on that stream. cuBLAS's workspace is its own memory, used
-        // by one call at a time (`serial`).
+        // events on that stream. cuBLAS's workspace is its own memory,
+        // ordered between blocks by `o.blas`.
         unsafe {
             o.run(|work| -> Result<(), GemmStageError> {
                 let (a, w, mut c) = (work.view(a)?, work.view(w)?, work.view_mut(c)?);
-                work.blas(blas)?.gemm_strided_batched(cfg, &w, &a, &mut c)?;
+                work.blas()?.gemm_strided_batched(cfg, &w, &a, &mut c)?;
                 Ok(())
             })
         }??;
@@ -290,7 +282,6 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let w_host = random_f32(0x5EED_0057, K * N);
     let w = DeviceBuffer::from_slice(&mut lane, &w_host)?;
     let blas = Blas::new(&lane)?;
-    let serial = DeviceBuffer::<u8>::zeroed(&mut lane, 1)?;
 
     // Every chunk a whole number of matrices: whole MiB chunks are (1 MiB
     // is 64 matrices), and no ramp (the stage is not elementwise, so the
@@ -303,7 +294,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ..PipelineConfig::default()
     };
     let mut p = PipelineStageManager::<f32>::with_gpu(&gpu, config)?;
-    p.add_stage(GemmStage { w, blas, serial });
+    p.add_stage(GemmStage { w, blas });
 
     let n = (args.mib << 20) / 4;
     let matrices = n / A_LEN;

@@ -17,14 +17,25 @@
 use std::sync::Arc;
 
 #[cfg(any(feature = "cublas", feature = "cufft"))]
-use crate::{context::Gpu, order::Lane, outside::Work, Error, Result};
+use crate::{
+    context::Gpu,
+    order::{lock, Access, Extent, Lane, UseCell, Used},
+    Error, Result,
+};
 
-/// A cuBLAS handle for outside work on this GPU (feature `cublas`).
+/// A cuBLAS handle for outside work on this GPU (feature `cublas`). Name
+/// it in a block ([`Outside::blas`](crate::Outside::blas)) and take it
+/// there with [`Work::blas`]: like a buffer it writes, the handle's
+/// workspace is ordered between blocks (two blocks on different lanes do
+/// not use it at once), and the handle is destroyed only after its last
+/// block's work completed.
 #[cfg(feature = "cublas")]
 #[derive(Debug)]
 pub struct Blas {
-    handle: cudarc::cublas::CudaBlas,
+    /// `None` only once leaked in `Drop` (a wait for its work failed).
+    handle: Option<cudarc::cublas::CudaBlas>,
     gpu: Gpu,
+    uses: UseCell,
 }
 
 #[cfg(feature = "cublas")]
@@ -53,24 +64,94 @@ impl Blas {
                 }
             })?;
         Ok(Self {
-            handle,
+            handle: Some(handle),
             gpu: lane.gpu().clone(),
+            uses: UseCell::default(),
         })
+    }
+
+    /// The handle as an op's use (written: its workspace, whole) and the
+    /// handle itself, for an outside-work block.
+    pub(crate) fn split(&mut self) -> (Used<'_>, Lent<'_, cudarc::cublas::CudaBlas>) {
+        let Self { handle, gpu, uses } = self;
+        let (gpu, uses): (&Gpu, &UseCell) = (gpu, uses);
+        (
+            handle_use(uses, gpu, "cuBLAS handle (its workspace)"),
+            Lent { handle, gpu },
+        )
     }
 }
 
-/// A cuFFT plan for outside work on this GPU (feature `cufft`).
+/// A library handle lent to one outside-work block (the part of a [`Blas`]
+/// or [`FftPlan`] the block binds to its stream).
+#[cfg(any(feature = "cublas", feature = "cufft"))]
+pub(crate) struct Lent<'a, H> {
+    handle: &'a mut Option<H>,
+    gpu: &'a Gpu,
+}
+
+#[cfg(any(feature = "cublas", feature = "cufft"))]
+impl<H> std::fmt::Debug for Lent<'_, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lent")
+            .field("device", &self.gpu.info().ordinal)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "cublas")]
+impl<'a> Lent<'a, cudarc::cublas::CudaBlas> {
+    /// Binds the handle to `stream` (the block's) and gives it for the block.
+    pub(crate) fn bind(
+        self,
+        stream: &Arc<cudarc::driver::CudaStream>,
+    ) -> Result<&'a cudarc::cublas::CudaBlas> {
+        same_context(stream, self.gpu)?;
+        let handle = self.handle.as_mut().ok_or(Error::Library {
+            library: "cuBLAS",
+            message: "the handle was released".into(),
+        })?;
+        // SAFETY: the handle is borrowed exclusively and bound to the
+        // stream of the outside-work block it was named in, which orders it
+        // after the handle's earlier blocks and fences it; every block
+        // rebinds it.
+        unsafe { handle.set_stream(Arc::clone(stream)) }.map_err(|e| Error::Library {
+            library: "cuBLAS",
+            message: format!("cublasSetStream: {e:?}"),
+        })?;
+        Ok(handle)
+    }
+}
+
+#[cfg(feature = "cublas")]
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // The workspace may still be in use: wait for the handle's blocks
+        // first; if that cannot be known, leak the handle.
+        if !lock(&self.uses).release(self.gpu.key(), "cuBLAS handle") {
+            std::mem::forget(self.handle.take());
+        }
+    }
+}
+
+/// A cuFFT plan for outside work on this GPU (feature `cufft`). Name it in
+/// a block ([`Outside::fft`](crate::Outside::fft)) and take it there with
+/// [`Work::fft`]: its work area is ordered between blocks like a buffer
+/// the block writes, and the plan is destroyed only after its last
+/// block's work completed.
 #[cfg(feature = "cufft")]
 pub struct FftPlan {
-    plan: cudarc::cufft::CudaFft,
+    /// `None` only once leaked in `Drop`.
+    plan: Option<cudarc::cufft::CudaFft>,
     gpu: Gpu,
+    uses: UseCell,
 }
 
 #[cfg(feature = "cufft")]
 impl std::fmt::Debug for FftPlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FftPlan")
-            .field("handle", &self.plan.handle())
+            .field("handle", &self.plan.as_ref().map(|p| p.handle()))
             .field("device", &self.gpu.info().ordinal)
             .finish()
     }
@@ -106,10 +187,78 @@ impl FftPlan {
             message: format!("cufftPlan1d({nx}, {ty:?}, {batch}): {e:?}"),
         })?;
         Ok(Self {
-            plan,
+            plan: Some(plan),
             gpu: lane.gpu().clone(),
+            uses: UseCell::default(),
         })
     }
+
+    /// The plan as an op's use (written: its work area, whole) and the
+    /// plan itself, for an outside-work block.
+    pub(crate) fn split(&mut self) -> (Used<'_>, Lent<'_, cudarc::cufft::CudaFft>) {
+        let Self { plan, gpu, uses } = self;
+        let (gpu, uses): (&Gpu, &UseCell) = (gpu, uses);
+        (
+            handle_use(uses, gpu, "cuFFT plan (its work area)"),
+            Lent { handle: plan, gpu },
+        )
+    }
+}
+
+#[cfg(feature = "cufft")]
+impl<'a> Lent<'a, cudarc::cufft::CudaFft> {
+    /// Binds the plan to `stream` (the block's) and gives it for the block.
+    pub(crate) fn bind(
+        self,
+        stream: &Arc<cudarc::driver::CudaStream>,
+    ) -> Result<&'a cudarc::cufft::CudaFft> {
+        same_context(stream, self.gpu)?;
+        let plan = self.handle.as_mut().ok_or(Error::Library {
+            library: "cuFFT",
+            message: "the plan was released".into(),
+        })?;
+        // SAFETY: as for `Blas::bind`: exclusive borrow, the stream of the
+        // block that ordered it.
+        unsafe { plan.set_stream(Arc::clone(stream)) }.map_err(|e| Error::Library {
+            library: "cuFFT",
+            message: format!("cufftSetStream: {e:?}"),
+        })?;
+        Ok(plan)
+    }
+}
+
+#[cfg(feature = "cufft")]
+impl Drop for FftPlan {
+    fn drop(&mut self) {
+        if !lock(&self.uses).release(self.gpu.key(), "cuFFT plan") {
+            std::mem::forget(self.plan.take());
+        }
+    }
+}
+
+/// A library handle as an op's use: written whole (its scratch memory),
+/// never captured into a graph (the graph would outlive its workspace).
+#[cfg(any(feature = "cublas", feature = "cufft"))]
+fn handle_use<'a>(cell: &'a UseCell, gpu: &'a Gpu, what: &'static str) -> Used<'a> {
+    Used {
+        cell,
+        gpu,
+        access: Access::Write,
+        extent: Extent::whole(1),
+        portable: false,
+        what,
+        keep: None,
+    }
+}
+
+#[cfg(any(feature = "cublas", feature = "cufft"))]
+fn same_context(stream: &Arc<cudarc::driver::CudaStream>, gpu: &Gpu) -> Result<()> {
+    if stream.context().cu_ctx() != gpu.cuda_context().cu_ctx() {
+        return Err(Error::WrongContext {
+            what: "library handle (made on another context)",
+        });
+    }
+    Ok(())
 }
 
 /// The error for a library that cannot be loaded, with the file names
@@ -130,49 +279,6 @@ fn not_found(library: &'static str, name: &str) -> Error {
              on the loader's path (e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64)",
             names.join(", ")
         ),
-    }
-}
-
-#[cfg(any(feature = "cublas", feature = "cufft"))]
-impl Work<'_> {
-    /// `blas`, bound to this block's stream, for cudarc's cuBLAS calls on
-    /// this block's views.
-    #[cfg(feature = "cublas")]
-    pub fn blas<'b>(&self, blas: &'b mut Blas) -> Result<&'b cudarc::cublas::CudaBlas> {
-        self.same_context(&blas.gpu)?;
-        // SAFETY: the handle is borrowed exclusively and bound to the
-        // stream of this outside-work block, whose ordering covers what
-        // is queued on it until the block's fence; every block rebinds it.
-        unsafe { blas.handle.set_stream(Arc::clone(self.stream())) }.map_err(|e| {
-            Error::Library {
-                library: "cuBLAS",
-                message: format!("cublasSetStream: {e:?}"),
-            }
-        })?;
-        Ok(&blas.handle)
-    }
-
-    /// `plan`, bound to this block's stream, for cudarc's cuFFT calls on
-    /// this block's views.
-    #[cfg(feature = "cufft")]
-    pub fn fft<'b>(&self, plan: &'b mut FftPlan) -> Result<&'b cudarc::cufft::CudaFft> {
-        self.same_context(&plan.gpu)?;
-        // SAFETY: as for `blas`: exclusive borrow, this block's stream.
-        unsafe { plan.plan.set_stream(Arc::clone(self.stream())) }.map_err(|e| Error::Library {
-            library: "cuFFT",
-            message: format!("cufftSetStream: {e:?}"),
-        })?;
-        Ok(&plan.plan)
-    }
-
-    #[cfg(any(feature = "cublas", feature = "cufft"))]
-    fn same_context(&self, gpu: &Gpu) -> Result<()> {
-        if self.stream().context().cu_ctx() != gpu.cuda_context().cu_ctx() {
-            return Err(Error::WrongContext {
-                what: "library handle (made on another context)",
-            });
-        }
-        Ok(())
     }
 }
 

@@ -257,7 +257,7 @@ impl Uses<Fence> {
 
     /// For `Drop`: may the allocation be freed? Waits for every use; after
     /// a failure, only if the GPU can no longer be using it.
-    fn release(&mut self, own: usize, what: &'static str) -> bool {
+    pub(crate) fn release(&mut self, own: usize, what: &'static str) -> bool {
         match self.wait_all_raw(own) {
             Ok(()) => true,
             Err((reason, false, _)) => {

@@ -675,7 +675,7 @@ impl Lane {
             if u.keep.is_none() {
                 return Err(Error::NotCapturable {
                     what: u.what,
-                    reason: "host memory in a graph would be written by its launches while safe code reads it; read device results back with Capture::read_back",
+                    reason: "host memory in a graph would be written by its launches while safe code reads it (read device results back with Capture::read_back), and a library handle's workspace would be used by the graph after the handle is gone",
                 });
             }
             if lock(u.cell).stuck {

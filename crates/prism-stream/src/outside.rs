@@ -43,6 +43,10 @@ pub struct Outside<'a> {
     /// (address, elements) of each named buffer, in naming order.
     bufs: Vec<(sys::CUdeviceptr, usize)>,
     id: u64,
+    #[cfg(feature = "cublas")]
+    blas: Option<crate::libs::Lent<'a, cudarc::cublas::CudaBlas>>,
+    #[cfg(feature = "cufft")]
+    fft: Option<crate::libs::Lent<'a, cudarc::cufft::CudaFft>>,
 }
 
 /// A buffer named for reading in an [`Outside`] block; turned into a view
@@ -105,7 +109,34 @@ impl<'a> Outside<'a> {
             uses: Vec::new(),
             bufs: Vec::new(),
             id: NEXT_SCOPE.fetch_add(1, Ordering::Relaxed),
+            #[cfg(feature = "cublas")]
+            blas: None,
+            #[cfg(feature = "cufft")]
+            fft: None,
         }
+    }
+
+    /// Names the cuBLAS handle the work uses (feature `cublas`; one per
+    /// block, the last named wins): its workspace is ordered like a buffer
+    /// the block writes, and [`Work::blas`] gives it bound to the block's
+    /// stream. Not inside a capture (the graph would outlive its
+    /// workspace).
+    #[cfg(feature = "cublas")]
+    pub fn blas(&mut self, blas: &'a mut crate::libs::Blas) {
+        let (used, lent) = blas.split();
+        self.uses.push(used);
+        self.blas = Some(lent);
+    }
+
+    /// Names the cuFFT plan the work uses (feature `cufft`; one per block):
+    /// its work area is ordered like a buffer the block writes, and
+    /// [`Work::fft`] gives it bound to the block's stream. Not inside a
+    /// capture.
+    #[cfg(feature = "cufft")]
+    pub fn fft(&mut self, plan: &'a mut crate::libs::FftPlan) {
+        let (used, lent) = plan.split();
+        self.uses.push(used);
+        self.fft = Some(lent);
     }
 
     /// Names a device buffer the work reads (all of it).
@@ -156,6 +187,10 @@ impl<'a> Outside<'a> {
         let capturing = self.lane.capture.is_some();
         let stream = Arc::clone(self.lane.core_stream());
         let (bufs, id) = (std::mem::take(&mut self.bufs), self.id);
+        #[cfg(feature = "cublas")]
+        let blas = self.blas.take();
+        #[cfg(feature = "cufft")]
+        let fft = self.fft.take();
         let (end, outcome) = self.lane.enqueue_scoped(&self.uses, |_raw| {
             let mut w = Work {
                 stream: &stream,
@@ -163,6 +198,16 @@ impl<'a> Outside<'a> {
                 scope: id,
                 capturing,
                 foreign: std::cell::Cell::new(false),
+                #[cfg(feature = "cublas")]
+                blas: match blas {
+                    Some(b) => Some(b.bind(&stream)?),
+                    None => None,
+                },
+                #[cfg(feature = "cufft")]
+                fft: match fft {
+                    Some(p) => Some(p.bind(&stream)?),
+                    None => None,
+                },
             };
             let r = catch_unwind(AssertUnwindSafe(|| work(&mut w)));
             if capturing && w.foreign.get() {
@@ -185,16 +230,49 @@ impl<'a> Outside<'a> {
 
 /// What the closure of [`Outside::run`] gets: the lane's stream and views
 /// of the named buffers, valid for the closure only.
-#[derive(Debug)]
 pub struct Work<'w> {
     stream: &'w Arc<CudaStream>,
     bufs: &'w [(sys::CUdeviceptr, usize)],
     scope: u64,
     capturing: bool,
     foreign: std::cell::Cell<bool>,
+    #[cfg(feature = "cublas")]
+    blas: Option<&'w cudarc::cublas::CudaBlas>,
+    #[cfg(feature = "cufft")]
+    fft: Option<&'w cudarc::cufft::CudaFft>,
+}
+
+impl std::fmt::Debug for Work<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Work")
+            .field("stream", &self.stream.cu_stream())
+            .field("buffers", &self.bufs.len())
+            .field("capturing", &self.capturing)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'w> Work<'w> {
+    /// The cuBLAS handle named with [`Outside::blas`], bound to this
+    /// block's stream, for cudarc's cuBLAS calls on this block's views.
+    #[cfg(feature = "cublas")]
+    pub fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
+        self.blas.ok_or(Error::WrongScope {
+            what: "cuBLAS handle (not named with Outside::blas)",
+            scope: "outside-work block",
+        })
+    }
+
+    /// The cuFFT plan named with [`Outside::fft`], bound to this block's
+    /// stream.
+    #[cfg(feature = "cufft")]
+    pub fn fft(&self) -> Result<&cudarc::cufft::CudaFft> {
+        self.fft.ok_or(Error::WrongScope {
+            what: "cuFFT plan (not named with Outside::fft)",
+            scope: "outside-work block",
+        })
+    }
+
     /// The lane's stream: enqueue the work here (library handles bound to
     /// it, cudarc launches, a C launcher taking `cu_stream()`).
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -181,7 +181,7 @@ impl PipelineConfig {
 
 /// Stages in an order, and the machinery to stream data through them.
 pub struct PipelineStageManager<T: Element> {
-    stages: Vec<Box<dyn Stage<T>>>,
+    stages: Vec<Box<dyn stage::AnyStage<T>>>,
     /// Indices into `stages`; empty means insertion order.
     order: Vec<usize>,
     config: PipelineConfig,
@@ -311,22 +311,25 @@ impl<T: Element> PipelineStageManager<T> {
     /// Runs only `order`'s stages, in that order. Unknown or repeated indices
     /// and an empty order are errors.
     pub fn set_order(&mut self, order: &[usize]) -> Result<()> {
-        if order.is_empty() {
-            return Err(Error::NoStages);
-        }
-        for (k, &i) in order.iter().enumerate() {
-            if i >= self.stages.len() {
-                return Err(Error::UnknownStage {
-                    index: i,
-                    count: self.stages.len(),
-                });
-            }
-            if order[..k].contains(&i) {
-                return Err(Error::RepeatedStage { index: i });
-            }
-        }
+        check_order(order, self.stages.len())?;
         self.order = order.to_vec();
         Ok(())
+    }
+
+    /// The stage at `index` (as `add_stage` returned it), if it is an `S`:
+    /// to read what a stage keeps, such as device buffers it owns (see
+    /// [`Stage`]'s "Resident state"). `None` for an unknown index or another
+    /// type.
+    pub fn stage<S: Stage<T> + 'static>(&self, index: usize) -> Option<&S> {
+        self.stages.get(index)?.as_any().downcast_ref()
+    }
+
+    /// The stage at `index`, mutably, if it is an `S`: to change its
+    /// parameters or its buffers between runs (a read of its buffers needs
+    /// only [`stage`](Self::stage) and a lane). `None` for an unknown index
+    /// or another type.
+    pub fn stage_mut<S: Stage<T> + 'static>(&mut self, index: usize) -> Option<&mut S> {
+        self.stages.get_mut(index)?.as_any_mut().downcast_mut()
     }
 
     fn order(&self) -> Vec<usize> {
@@ -548,6 +551,23 @@ impl<T: Element> PipelineStageManager<T> {
     pub fn timeline(&self) -> &Timeline {
         &self.timeline
     }
+}
+
+/// The checks of a stage order over `count` stages: not empty, every index
+/// known, none twice (`set_order` of every pipeline).
+pub(crate) fn check_order(order: &[usize], count: usize) -> Result<()> {
+    if order.is_empty() {
+        return Err(Error::NoStages);
+    }
+    for (k, &i) in order.iter().enumerate() {
+        if i >= count {
+            return Err(Error::UnknownStage { index: i, count });
+        }
+        if order[..k].contains(&i) {
+            return Err(Error::RepeatedStage { index: i });
+        }
+    }
+    Ok(())
 }
 
 /// `ManagedGpuContext::create_pipeline_manager()`, as an extension trait

@@ -29,6 +29,14 @@
 //!   waiting for its own; [`flush`](PipelineStageManager::flush) drains the
 //!   rest; [`execute_iteration_blocking`](PipelineStageManager::execute_iteration_blocking)
 //!   is one synchronous round trip.
+//!
+//! And data that stays on the GPU: a [`ResidentPipeline`] runs a few
+//! stages again and again over state kept in device memory (the design's
+//! iteration mode), each iteration captured once into a CUDA graph and
+//! replayed, with a small read-back (a residual) per iteration that the
+//! host may wait for or not. A streamed [`Stage`] may own device buffers
+//! too (weights, an accumulator), found again after a run with
+//! [`PipelineStageManager::stage`].
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
@@ -42,6 +50,7 @@ mod io;
 mod iterate;
 mod multi;
 mod plan;
+mod resident;
 mod runs;
 mod sched;
 pub mod source;
@@ -56,10 +65,13 @@ pub use host::AsyncPipelineCoordinator;
 pub use iterate::ChunkOutput;
 pub use multi::MultiGpuPipeline;
 pub use plan::ChunkPlan;
+pub use resident::{Iteration, ResidentConfig, ResidentPipeline};
 pub use runs::StreamCounts;
 pub use source::{fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source};
 pub use stage::{Clamp, Fma, GpuFn, GroupSum, HostFn, Stage};
-pub use stats::{BackendKind, Lane, MultiGpuStats, PipelineStats, Span, StageTime, Timeline};
+pub use stats::{
+    BackendKind, Lane, MultiGpuStats, PipelineStats, ResidentStats, Span, StageTime, Timeline,
+};
 
 use gpu::StagingCache;
 
@@ -570,14 +582,23 @@ pub(crate) fn check_order(order: &[usize], count: usize) -> Result<()> {
     Ok(())
 }
 
-/// `ManagedGpuContext::create_pipeline_manager()`, as an extension trait
-/// (prism-stream sits below this crate).
+/// `ManagedGpuContext::create_pipeline_manager()` and
+/// `create_resident_pipeline()`, as an extension trait (prism-stream sits
+/// below this crate).
 pub trait GpuPipelineExt {
     /// A GPU manager on this context's device; fails when streams are disabled.
     fn create_pipeline_manager<T: Element>(
         &self,
         config: PipelineConfig,
     ) -> Result<PipelineStageManager<T>>;
+
+    /// A [`ResidentPipeline`] on this context's device, its state built by
+    /// `init` ([`ResidentPipeline::new`]); fails when streams are disabled.
+    fn create_resident_pipeline<S, R: Element>(
+        &self,
+        config: ResidentConfig,
+        init: impl FnOnce(&mut prism_stream::Lane) -> std::result::Result<S, StageError>,
+    ) -> Result<ResidentPipeline<S, R>>;
 }
 
 impl GpuPipelineExt for ManagedGpuContext {
@@ -592,5 +613,19 @@ impl GpuPipelineExt for ManagedGpuContext {
             .into());
         }
         PipelineStageManager::with_gpu(self.gpu(), config)
+    }
+
+    fn create_resident_pipeline<S, R: Element>(
+        &self,
+        config: ResidentConfig,
+        init: impl FnOnce(&mut prism_stream::Lane) -> std::result::Result<S, StageError>,
+    ) -> Result<ResidentPipeline<S, R>> {
+        if !self.streams_enabled() {
+            return Err(prism_stream::Error::StreamsDisabled {
+                what: "resident pipeline",
+            }
+            .into());
+        }
+        ResidentPipeline::new(self.gpu(), config, init)
     }
 }

@@ -41,6 +41,7 @@ pub const EXAMPLE_SMOKE_RUNS: &[(&str, &str, &str)] = &[
     ("prism-pipeline", "custom_kernel", ""),
     ("prism-pipeline", "step_loop", ""),
     ("prism-pipeline", "stream_check", ""),
+    ("prism-pipeline", "pagerank", ""),
     (
         "prism-pipeline",
         "streaming",
@@ -64,6 +65,7 @@ pub const EXAMPLE_SANITIZER_RUNS: &[(&str, &str)] = &[
     ("custom_kernel", ""),
     ("step_loop", ""),
     ("stream_check", "--gib 0.004 --chunk-mib 1"),
+    ("pagerank", "--vertices 4096"),
     ("streaming", "--mib 16 --chunk-mib 4"),
     ("streaming", "--pageable --mib 16 --chunk-mib 4"),
 ];

@@ -392,8 +392,9 @@ impl<S, R: Element> ResidentPipeline<S, R> {
         &self.config
     }
 
-    /// Adds a stage named `name` (run after the earlier ones unless
-    /// `set_order` says otherwise); returns its index. `f` queues the
+    /// Adds a stage named `name`, run after the earlier ones (once
+    /// `set_order` chose an order, only an order that names it runs it);
+    /// returns its index. `f` queues the
     /// stage's work on the launch scope it is given, with the state; with
     /// graphs on it is called when the iteration is captured, not at every
     /// iteration (see [Graphs](Self#graphs)). The next iteration captures
@@ -921,6 +922,13 @@ mod tests {
                 prop_assert_eq!(captures + replays, 0);
             }
         }
+    }
+
+    #[test]
+    fn a_pipeline_and_its_iterations_can_move_to_another_thread() {
+        fn send<T: Send>() {}
+        send::<ResidentPipeline<prism_stream::DeviceBuffer<f32>, u32>>();
+        send::<Iteration<f32>>();
     }
 
     #[test]

@@ -22,12 +22,12 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 // The iteration: x -> y = fma(x, A, B) -> y = clamp(y) -> x = y, and
-// r = the sums of y's four quarters (read back).
+// r = the sums of 64 equal parts of y (read back).
 const A: f32 = -1.3;
 const B: f32 = 0.1;
 const LO: f32 = -1.0;
 const HI: f32 = 1.0;
-const PARTS: usize = 4;
+const PARTS: usize = 64;
 
 /// The resident state of the test iteration.
 struct State {
@@ -364,7 +364,7 @@ fn gpu_resident_errors_are_typed_and_name_the_stage() {
             Err(Error::NoReadback)
         ));
         // A read-back range past the buffer is prism-stream's error.
-        q.set_readback(|s: &State| (&s.r, 2..9));
+        q.set_readback(|s: &State| (&s.r, PARTS - 2..PARTS + 5));
         assert!(matches!(
             q.execute_iteration(),
             Err(Error::Stream(prism_stream::Error::LengthMismatch { .. }))

@@ -117,8 +117,15 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    if args.vertices == 0 || args.degree == 0 || !(0.0..1.0).contains(&args.damping) {
-        return Err("--vertices and --degree must be positive, --damping in [0, 1)".into());
+    if args.vertices == 0
+        || args.degree == 0
+        || args.max_iterations == 0
+        || !(0.0..1.0).contains(&args.damping)
+    {
+        return Err(
+            "--vertices, --degree and --max-iterations must be positive, --damping in [0, 1)"
+                .into(),
+        );
     }
     let gpu = match Gpu::open(0) {
         Ok(g) => g,
@@ -155,6 +162,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             s.replayed,
             s.captures
         );
+        let trail: Vec<String> = r.residuals.iter().map(|x| format!("{x:.1e}")).collect();
+        println!("  residuals: {}", trail.join(" "));
         print!("{}", indent(&s.to_string()));
         runs.push((graphs, r));
     }

@@ -1,9 +1,10 @@
 //! `cargo xtask build-kernels [--check]`:
 //! - the committed PTX: `kernels/prism_kernels.ptx` (prism's kernels, which a
 //!   build without nvcc launches through the driver API) and
-//!   `crates/prism-pipeline/examples/kernels/scale_add.ptx` (the example's
-//!   "user" kernel), for compute_75 with the `.version` directive lowered to
-//!   PTX ISA 8.0 (CUDA 12.0), so drivers from CUDA 12.0 on load them;
+//!   `crates/prism-pipeline/examples/kernels/*.ptx` (the examples' and
+//!   tests' "user" kernels: `scale_add`, `pagerank`, `table_acc`), for
+//!   compute_75 with the `.version` directive lowered to PTX ISA 8.0
+//!   (CUDA 12.0), so drivers from CUDA 12.0 on load them;
 //! - every kernel source to PTX and cubin for each configured architecture
 //!   under `target/kernels/sm_XX/`, with ptxas' resource report per kernel.
 //!   Fails on any spill or compiler warning.
@@ -31,6 +32,14 @@ const COMMITTED_PTX: &[(&str, &str)] = &[
         "crates/prism-pipeline/examples/kernels/scale_add.cu",
         "crates/prism-pipeline/examples/kernels/scale_add.ptx",
     ),
+    (
+        "crates/prism-pipeline/examples/kernels/pagerank.cu",
+        "crates/prism-pipeline/examples/kernels/pagerank.ptx",
+    ),
+    (
+        "crates/prism-pipeline/examples/kernels/table_acc.cu",
+        "crates/prism-pipeline/examples/kernels/table_acc.ptx",
+    ),
 ];
 
 /// Sources compiled to cubin per architecture (resource report).
@@ -39,6 +48,8 @@ const SOURCES: &[&str] = &[
     "crates/prism-bench/cuda/baselines.cu",
     "crates/prism-bench/cuda/s10.cu",
     "crates/prism-pipeline/examples/kernels/scale_add.cu",
+    "crates/prism-pipeline/examples/kernels/pagerank.cu",
+    "crates/prism-pipeline/examples/kernels/table_acc.cu",
 ];
 
 pub fn run(check: bool) -> Result {

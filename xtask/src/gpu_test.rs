@@ -45,6 +45,7 @@ pub const EXAMPLE_SMOKE_RUNS: &[(&str, &str, &str)] = &[
     // need the `cublas`/`cufft` features (BUNDLE_FEATURES) and the libraries.
     ("prism-pipeline", "gemm_stage", ""),
     ("prism-pipeline", "fft_stage", ""),
+    ("prism-pipeline", "pagerank", ""),
     (
         "prism-pipeline",
         "streaming",
@@ -68,6 +69,7 @@ pub const EXAMPLE_SANITIZER_RUNS: &[(&str, &str)] = &[
     ("custom_kernel", ""),
     ("step_loop", ""),
     ("stream_check", "--gib 0.004 --chunk-mib 1"),
+    ("pagerank", "--vertices 4096"),
     ("streaming", "--mib 16 --chunk-mib 4"),
     ("streaming", "--pageable --mib 16 --chunk-mib 4"),
     ("gemm_stage", "--mib 16 --chunk-mib 4"),

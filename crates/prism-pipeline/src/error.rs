@@ -154,6 +154,31 @@ pub enum Error {
         /// Chunks in flight.
         pending: usize,
     },
+    /// A stage of a [`ResidentPipeline`](crate::ResidentPipeline) failed or
+    /// panicked (a panic's message is the source). Without a graph the
+    /// stages before it were queued and run; while capturing a graph,
+    /// nothing ran.
+    #[error("resident stage {stage:?} failed in iteration {iteration}: {source}")]
+    ResidentStage {
+        /// The failing stage.
+        stage: String,
+        /// The iteration it failed in (counted from 0, failed ones included).
+        iteration: u64,
+        #[source]
+        /// The stage's error.
+        source: StageError,
+    },
+    /// The closure that builds a [`ResidentPipeline`](crate::ResidentPipeline)'s
+    /// state failed (its error is the source).
+    #[error("the resident pipeline's state could not be built: {source}")]
+    ResidentInit {
+        #[source]
+        /// The closure's error.
+        source: StageError,
+    },
+    /// A value was asked of an iteration that reads nothing back.
+    #[error("the iteration reads nothing back: call ResidentPipeline::set_readback before execute_iteration")]
+    NoReadback,
 }
 
 impl Error {

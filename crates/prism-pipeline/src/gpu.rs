@@ -12,7 +12,7 @@ use prism_stream::{DeviceBuffer, Element, Gpu, Launch, PinnedBuffer};
 
 use crate::error::{Error, Result};
 use crate::guard;
-use crate::stage::Stage;
+use crate::stage::AnyStage;
 use crate::stats::{Lane as SpanLane, PipelineStats, Span, Timeline};
 
 /// A new engine for the pipeline: `slots` slots of two `capacity`-element
@@ -36,7 +36,7 @@ pub(crate) fn new_engine<T: Element>(
 
 /// The stages in `order`, run over one chunk (the engine's processor).
 pub(crate) struct StageChain<'a, T: Element> {
-    pub(crate) stages: &'a mut [Box<dyn Stage<T>>],
+    pub(crate) stages: &'a mut [Box<dyn AnyStage<T>>],
     pub(crate) order: &'a [usize],
     pub(crate) capacity: usize,
     /// Added to the engine's chunk ids in error reports (an

@@ -130,7 +130,7 @@ impl Drop for BusyGuard<'_> {
 
 /// What every chunk of one run shares.
 struct Shared<'s, T: Element> {
-    stages: &'s [Box<dyn Stage<T>>],
+    stages: &'s [&'s dyn Stage<T>],
     order: &'s [usize],
     spares: Spares<T>,
     busy: Busy,
@@ -219,9 +219,10 @@ impl AsyncPipelineCoordinator {
             });
         }
         let mut chunks = chunks;
+        let stages: Vec<&dyn Stage<T>> = stages.iter().map(|s| &**s).collect();
         self.run_pull(
             None,
-            stages,
+            &stages,
             order,
             &mut |_, _| {
                 Ok(match chunks.next() {
@@ -254,7 +255,7 @@ impl AsyncPipelineCoordinator {
     pub(crate) fn run_pull<'a, T: Element>(
         &self,
         pool: Option<&rayon::ThreadPool>,
-        stages: &[Box<dyn Stage<T>>],
+        stages: &[&dyn Stage<T>],
         order: &[usize],
         pull: PullFn<'_, 'a, T>,
         sink: &mut dyn FnMut(u64, &[T]) -> Result<()>,
@@ -409,7 +410,7 @@ fn feed_and_deliver<'a, T: Element>(
 /// Runs the stages over one chunk on the calling thread; returns the
 /// output and each stage's host time in ms.
 pub(crate) fn run_chunk<T: Element>(
-    stages: &[Box<dyn Stage<T>>],
+    stages: &[&dyn Stage<T>],
     order: &[usize],
     index: u64,
     input: &[T],
@@ -426,7 +427,7 @@ pub(crate) fn run_chunk<T: Element>(
 /// output's length), the others into buffers from `spares`. Returns the
 /// output and each stage's host time in ms.
 fn run_stages<'d, T: Element>(
-    stages: &[Box<dyn Stage<T>>],
+    stages: &[&dyn Stage<T>],
     order: &[usize],
     index: u64,
     input: &[T],
@@ -442,7 +443,7 @@ fn run_stages<'d, T: Element>(
             // A stage made no output: nothing is left to process (as on the GPU).
             break;
         };
-        let stage = &*stages[i];
+        let stage = stages[i];
         let _nvtx = prism_stream::nvtx::Range::new(stage.name());
         let out_len = guard::output_len(stage, src.len(), index)?;
         let last = k + 1 == order.len();

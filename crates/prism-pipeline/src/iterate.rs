@@ -324,7 +324,8 @@ impl<T: Element> PipelineStageManager<T> {
         let index = session.submitted;
         session.submitted += 1;
         session.returned += 1;
-        let (out, times) = crate::host::run_chunk(&self.stages, order, index, chunk)?;
+        let (out, times) =
+            crate::host::run_chunk(&crate::stage::refs(&self.stages), order, index, chunk)?;
         for (&i, ms) in order.iter().zip(times) {
             let name = self.stages[i].name().to_owned();
             self.stats.add_stage_time(&name, ms);
@@ -416,7 +417,8 @@ impl<T: Element> PipelineStageManager<T> {
             return Ok(Vec::new());
         }
         if self.backend == BackendKind::Host {
-            let (out, times) = crate::host::run_chunk(&self.stages, &order, 0, chunk)?;
+            let (out, times) =
+                crate::host::run_chunk(&crate::stage::refs(&self.stages), &order, 0, chunk)?;
             for (&i, ms) in order.iter().zip(times) {
                 let name = self.stages[i].name().to_owned();
                 self.stats.add_stage_time(&name, ms);

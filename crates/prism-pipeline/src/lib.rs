@@ -29,6 +29,14 @@
 //!   waiting for its own; [`flush`](PipelineStageManager::flush) drains the
 //!   rest; [`execute_iteration_blocking`](PipelineStageManager::execute_iteration_blocking)
 //!   is one synchronous round trip.
+//!
+//! And data that stays on the GPU: a [`ResidentPipeline`] runs a few
+//! stages again and again over state kept in device memory (the design's
+//! iteration mode), each iteration captured once into a CUDA graph and
+//! replayed, with a small read-back (a residual) per iteration that the
+//! host may wait for or not. A streamed [`Stage`] may own device buffers
+//! too (weights, an accumulator), found again after a run with
+//! [`PipelineStageManager::stage`].
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
@@ -42,6 +50,7 @@ mod io;
 mod iterate;
 mod multi;
 mod plan;
+mod resident;
 mod runs;
 mod sched;
 pub mod source;
@@ -56,10 +65,13 @@ pub use host::AsyncPipelineCoordinator;
 pub use iterate::ChunkOutput;
 pub use multi::MultiGpuPipeline;
 pub use plan::ChunkPlan;
+pub use resident::{Iteration, ResidentConfig, ResidentPipeline};
 pub use runs::StreamCounts;
 pub use source::{fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source};
 pub use stage::{Clamp, Fma, GpuFn, GroupSum, HostFn, Stage};
-pub use stats::{BackendKind, Lane, MultiGpuStats, PipelineStats, Span, StageTime, Timeline};
+pub use stats::{
+    BackendKind, Lane, MultiGpuStats, PipelineStats, ResidentStats, Span, StageTime, Timeline,
+};
 
 use gpu::StagingCache;
 
@@ -181,7 +193,7 @@ impl PipelineConfig {
 
 /// Stages in an order, and the machinery to stream data through them.
 pub struct PipelineStageManager<T: Element> {
-    stages: Vec<Box<dyn Stage<T>>>,
+    stages: Vec<Box<dyn stage::AnyStage<T>>>,
     /// Indices into `stages`; empty means insertion order.
     order: Vec<usize>,
     config: PipelineConfig,
@@ -311,22 +323,25 @@ impl<T: Element> PipelineStageManager<T> {
     /// Runs only `order`'s stages, in that order. Unknown or repeated indices
     /// and an empty order are errors.
     pub fn set_order(&mut self, order: &[usize]) -> Result<()> {
-        if order.is_empty() {
-            return Err(Error::NoStages);
-        }
-        for (k, &i) in order.iter().enumerate() {
-            if i >= self.stages.len() {
-                return Err(Error::UnknownStage {
-                    index: i,
-                    count: self.stages.len(),
-                });
-            }
-            if order[..k].contains(&i) {
-                return Err(Error::RepeatedStage { index: i });
-            }
-        }
+        check_order(order, self.stages.len())?;
         self.order = order.to_vec();
         Ok(())
+    }
+
+    /// The stage at `index` (as `add_stage` returned it), if it is an `S`:
+    /// to read what a stage keeps, such as device buffers it owns (see
+    /// [`Stage`]'s "Resident state"). `None` for an unknown index or another
+    /// type.
+    pub fn stage<S: Stage<T> + 'static>(&self, index: usize) -> Option<&S> {
+        self.stages.get(index)?.as_any().downcast_ref()
+    }
+
+    /// The stage at `index`, mutably, if it is an `S`: to change its
+    /// parameters or its buffers between runs (a read of its buffers needs
+    /// only [`stage`](Self::stage) and a lane). `None` for an unknown index
+    /// or another type.
+    pub fn stage_mut<S: Stage<T> + 'static>(&mut self, index: usize) -> Option<&mut S> {
+        self.stages.get_mut(index)?.as_any_mut().downcast_mut()
     }
 
     fn order(&self) -> Vec<usize> {
@@ -550,14 +565,40 @@ impl<T: Element> PipelineStageManager<T> {
     }
 }
 
-/// `ManagedGpuContext::create_pipeline_manager()`, as an extension trait
-/// (prism-stream sits below this crate).
+/// The checks of a stage order over `count` stages: not empty, every index
+/// known, none twice (`set_order` of every pipeline).
+pub(crate) fn check_order(order: &[usize], count: usize) -> Result<()> {
+    if order.is_empty() {
+        return Err(Error::NoStages);
+    }
+    for (k, &i) in order.iter().enumerate() {
+        if i >= count {
+            return Err(Error::UnknownStage { index: i, count });
+        }
+        if order[..k].contains(&i) {
+            return Err(Error::RepeatedStage { index: i });
+        }
+    }
+    Ok(())
+}
+
+/// `ManagedGpuContext::create_pipeline_manager()` and
+/// `create_resident_pipeline()`, as an extension trait (prism-stream sits
+/// below this crate).
 pub trait GpuPipelineExt {
     /// A GPU manager on this context's device; fails when streams are disabled.
     fn create_pipeline_manager<T: Element>(
         &self,
         config: PipelineConfig,
     ) -> Result<PipelineStageManager<T>>;
+
+    /// A [`ResidentPipeline`] on this context's device, its state built by
+    /// `init` ([`ResidentPipeline::new`]); fails when streams are disabled.
+    fn create_resident_pipeline<S, R: Element>(
+        &self,
+        config: ResidentConfig,
+        init: impl FnOnce(&mut prism_stream::Lane) -> std::result::Result<S, StageError>,
+    ) -> Result<ResidentPipeline<S, R>>;
 }
 
 impl GpuPipelineExt for ManagedGpuContext {
@@ -572,5 +613,19 @@ impl GpuPipelineExt for ManagedGpuContext {
             .into());
         }
         PipelineStageManager::with_gpu(self.gpu(), config)
+    }
+
+    fn create_resident_pipeline<S, R: Element>(
+        &self,
+        config: ResidentConfig,
+        init: impl FnOnce(&mut prism_stream::Lane) -> std::result::Result<S, StageError>,
+    ) -> Result<ResidentPipeline<S, R>> {
+        if !self.streams_enabled() {
+            return Err(prism_stream::Error::StreamsDisabled {
+                what: "resident pipeline",
+            }
+            .into());
+        }
+        ResidentPipeline::new(self.gpu(), config, init)
     }
 }

@@ -185,6 +185,18 @@ impl<T: Element> MultiGpuPipeline<T> {
         index
     }
 
+    /// The stage at `index` on the GPU at position `gpu` (in
+    /// [`gpus`](Self::gpus) order), if it is an `S`: each GPU has its own
+    /// instance (see [`PipelineStageManager::stage`]).
+    pub fn stage<S: Stage<T> + 'static>(&self, gpu: usize, index: usize) -> Option<&S> {
+        self.devices.get(gpu)?.stage(index)
+    }
+
+    /// [`stage`](Self::stage), mutably.
+    pub fn stage_mut<S: Stage<T> + 'static>(&mut self, gpu: usize, index: usize) -> Option<&mut S> {
+        self.devices.get_mut(gpu)?.stage_mut(index)
+    }
+
     /// As [`PipelineStageManager::set_order`], on every GPU.
     pub fn set_order(&mut self, order: &[usize]) -> Result<()> {
         for d in &mut self.devices {

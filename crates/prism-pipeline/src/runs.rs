@@ -15,7 +15,7 @@ use crate::guard;
 use crate::host::{AsyncPipelineCoordinator, Pull};
 use crate::io::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo, StreamIo};
 use crate::source::{Sink, Source};
-use crate::stage::Stage;
+use crate::stage::AnyStage;
 use crate::stats::{BackendKind, Lane as SpanLane, PipelineStats, Span, Timeline};
 use crate::PipelineStageManager;
 
@@ -33,7 +33,7 @@ pub struct StreamCounts {
 /// Everything one GPU run needs, borrowed from the manager field by field.
 pub(crate) struct GpuRun<'a, T: Element> {
     pub(crate) engine: &'a mut Engine<T>,
-    pub(crate) stages: &'a mut [Box<dyn Stage<T>>],
+    pub(crate) stages: &'a mut [Box<dyn AnyStage<T>>],
     pub(crate) order: &'a [usize],
     pub(crate) capacity: usize,
     pub(crate) timing: bool,
@@ -221,7 +221,7 @@ impl<T: Element> PipelineStageManager<T> {
                 let mut rest = output;
                 let (chunks_done, failed) = coordinator.run_pull(
                     self.copy_pool.pool(),
-                    &self.stages,
+                    &crate::stage::refs(&self.stages),
                     &order,
                     &mut |_, _| {
                         let Some(c) = chunks.next() else {
@@ -325,7 +325,7 @@ impl<T: Element> PipelineStageManager<T> {
                 // output: no host copy.
                 let (n, failed) = coordinator.run_pull(
                     self.copy_pool.pool(),
-                    &self.stages,
+                    &crate::stage::refs(&self.stages),
                     &order,
                     &mut |_, _| match items.next() {
                         Some((input, out)) => {
@@ -466,7 +466,7 @@ impl<T: Element> PipelineStageManager<T> {
                 let (mut elements_in, mut elements_out) = (0u64, 0u64);
                 let (chunks, failed) = coordinator.run_pull(
                     self.copy_pool.pool(),
-                    &self.stages,
+                    &crate::stage::refs(&self.stages),
                     &order,
                     &mut |buf, index| {
                         buf.resize(chunk, zero);

@@ -1,5 +1,7 @@
 //! Stages: named steps with a GPU implementation, a host implementation, or both.
 
+use std::any::Any;
+
 use prism_stream::{DeviceBuffer, Element, Launch};
 
 use crate::error::StageError;
@@ -14,6 +16,25 @@ use crate::error::StageError;
 /// backend runs one stage on several chunks at once, on the manager's
 /// threads. A host stage that keeps state between chunks holds it in a
 /// `Mutex` or atomics (and must not rely on seeing chunks in order).
+///
+/// # Resident state
+///
+/// A GPU stage may own device memory that outlives chunks: weights or a
+/// lookup table uploaded once, an accumulator its kernels update chunk
+/// after chunk. Make the buffers before [`add_stage`](crate::PipelineStageManager::add_stage)
+/// (`DeviceBuffer::from_slice(&mut lane, &weights)` on a `Lane` of the
+/// manager's GPU, [`gpu`](crate::PipelineStageManager::gpu)), or, over
+/// several GPUs, in the factory of
+/// [`MultiGpuPipeline::add_stage_with`](crate::MultiGpuPipeline::add_stage_with),
+/// which gets each GPU in turn (every GPU needs its own copy). Pass them to
+/// your kernels like the chunk's buffers (`arg` for the table, `arg_mut`
+/// for the accumulator): prism orders every use, so they persist across
+/// chunks and across runs, and `Drop` waits for the GPU. To read them back
+/// after a run, get the stage with
+/// [`stage_mut::<MyStage>(index)`](crate::PipelineStageManager::stage_mut)
+/// (or [`stage`](crate::PipelineStageManager::stage)) and read through any
+/// lane of the GPU (`lane.read_async(&stage.acc, 0, n)?.wait()?`): the read
+/// waits for the last kernel that wrote the buffer, nothing more.
 pub trait Stage<T: Element>: Send + Sync {
     /// The name in stats, traces and errors.
     fn name(&self) -> &str;
@@ -57,6 +78,32 @@ pub trait Stage<T: Element>: Send + Sync {
     fn host(&self, input: &[T], output: &mut [T]) -> Result<(), StageError> {
         let _ = (input, output);
         Err(format!("stage {} has no host implementation", self.name()).into())
+    }
+}
+
+/// A stage as the managers store it: the [`Stage`] and, for
+/// [`PipelineStageManager::stage`](crate::PipelineStageManager::stage), the
+/// `Any` it is, to be found again by type. Implemented for every `'static`
+/// stage (which `add_stage` requires anyway), so a user's `Stage` needs
+/// nothing for it.
+pub(crate) trait AnyStage<T: Element>: Stage<T> {
+    /// The stage as `Any`.
+    fn as_any(&self) -> &dyn Any;
+    /// The stage as `Any`, mutably.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// The stages as plain `Stage`s (for the host backend's threads).
+pub(crate) fn refs<T: Element>(stages: &[Box<dyn AnyStage<T>>]) -> Vec<&dyn Stage<T>> {
+    stages.iter().map(|s| &**s as &dyn Stage<T>).collect()
+}
+
+impl<T: Element, S: Stage<T> + 'static> AnyStage<T> for S {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
     }
 }
 

@@ -417,6 +417,104 @@ impl fmt::Display for MultiGpuStats {
     }
 }
 
+/// A [`ResidentPipeline`](crate::ResidentPipeline)'s statistics (since
+/// creation or the last `reset_stats`).
+///
+/// Host times come from the host clock; GPU times from timed fences
+/// (only with `ResidentConfig::timing`), counted once the iteration has
+/// completed on the GPU. A graph launch is timed as a whole (timed fences
+/// cannot be recorded inside a CUDA graph), so per-stage times exist only
+/// for iterations run without a graph.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ResidentStats {
+    /// The GPU's name.
+    pub device: String,
+    /// Iterations queued (failed calls not counted).
+    pub iterations: u64,
+    /// Iterations launched from a graph captured by an earlier iteration
+    /// (with graphs on and nothing changed: all but the first).
+    pub replayed: u64,
+    /// Graphs captured (the first iteration, and each after a change).
+    pub captures: u64,
+    /// Captures refused because a stage did something a graph cannot hold
+    /// (the iterations then run without a graph).
+    pub capture_refusals: u64,
+    /// Why the last capture was refused.
+    pub refusal: Option<String>,
+    /// Host time spent capturing and instantiating graphs, ms.
+    pub capture_ms: f64,
+    /// Host time spent issuing the iterations (captures excluded), ms.
+    pub host_ms: f64,
+    /// Whether iterations were timed on the GPU.
+    pub timed: bool,
+    /// Timed iterations whose GPU time is counted (completed ones).
+    pub timed_iterations: u64,
+    /// GPU time of those iterations, ms (first op to read-back).
+    pub gpu_ms: f64,
+    /// GPU time per stage, summed over the timed iterations that ran
+    /// without a graph.
+    pub stages: Vec<StageTime>,
+}
+
+impl ResidentStats {
+    /// Mean host time to issue one iteration, µs (captures excluded).
+    pub fn host_us_per_iteration(&self) -> f64 {
+        if self.iterations == 0 {
+            0.0
+        } else {
+            self.host_ms * 1e3 / self.iterations as f64
+        }
+    }
+
+    /// Mean GPU time of one iteration, µs; `None` before a timed iteration
+    /// completed.
+    pub fn gpu_us_per_iteration(&self) -> Option<f64> {
+        (self.timed_iterations > 0).then(|| self.gpu_ms * 1e3 / self.timed_iterations as f64)
+    }
+
+    pub(crate) fn add_stage_time(&mut self, name: &str, ms: f64) {
+        match self.stages.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.ms += ms,
+            None => self.stages.push(StageTime {
+                name: name.to_owned(),
+                ms,
+            }),
+        }
+    }
+}
+
+impl fmt::Display for ResidentStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "prism resident pipeline stats ({})", self.device)?;
+        writeln!(
+            f,
+            "  iterations {}  replayed from a graph {}  captures {} ({:.3} ms)  refused {}",
+            self.iterations, self.replayed, self.captures, self.capture_ms, self.capture_refusals
+        )?;
+        if let Some(r) = &self.refusal {
+            writeln!(f, "  last refusal: {r}")?;
+        }
+        write!(
+            f,
+            "  host {:.2} us per iteration",
+            self.host_us_per_iteration()
+        )?;
+        match self.gpu_us_per_iteration() {
+            Some(g) => writeln!(
+                f,
+                "  GPU {g:.2} us per iteration ({} timed)",
+                self.timed_iterations
+            )?,
+            None if self.timed => writeln!(f, "  GPU: no timed iteration completed yet")?,
+            None => writeln!(f, "  GPU: untimed")?,
+        }
+        for s in &self.stages {
+            writeln!(f, "  {:<24} {:>10.3} ms", s.name, s.ms)?;
+        }
+        Ok(())
+    }
+}
+
 /// `x / wall_ms`, 0 for a run of no wall time.
 fn per_wall_ms(x: f64, wall_ms: f64) -> f64 {
     if wall_ms > 0.0 {

@@ -490,3 +490,57 @@ fn a_coordinator_called_from_a_pool_thread_runs_there_instead_of_waiting_on_it()
     });
     assert_eq!(n, 16);
 }
+
+/// A stage that keeps state across chunks and runs: the chunks it saw.
+struct Counting {
+    seen: AtomicUsize,
+}
+
+impl Stage<f32> for Counting {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    fn has_host(&self) -> bool {
+        true
+    }
+    fn host(&self, input: &[f32], output: &mut [f32]) -> Result<(), prism_pipeline::StageError> {
+        self.seen.fetch_add(1, Ordering::Relaxed);
+        output.copy_from_slice(input);
+        Ok(())
+    }
+}
+
+#[test]
+fn stages_are_found_again_by_index_and_type() {
+    let mut p = host(100, 3);
+    let fma = p.add_stage(Fma {
+        a: 2.0,
+        b: 0.0,
+        iters: 1,
+    });
+    let counting = p.add_stage(Counting {
+        seen: AtomicUsize::new(0),
+    });
+    // The right type at the right index, nothing else.
+    assert_eq!(p.stage::<Fma>(fma).map(|s| s.a), Some(2.0));
+    assert!(p.stage::<Clamp>(fma).is_none(), "another type");
+    assert!(p.stage::<Fma>(counting).is_none(), "another stage");
+    assert!(p.stage::<Fma>(7).is_none(), "an unknown index");
+    // State kept by a stage persists across chunks and runs.
+    let input = random_f32(3, 1000);
+    let mut out = vec![0.0; 1000];
+    p.run(&input, &mut out).unwrap();
+    p.run(&input, &mut out).unwrap();
+    let seen = p
+        .stage::<Counting>(counting)
+        .unwrap()
+        .seen
+        .load(Ordering::Relaxed);
+    assert_eq!(seen, 20, "10 chunks per run, two runs");
+    // A change through stage_mut is what the next run uses.
+    p.stage_mut::<Fma>(fma).unwrap().a = 3.0;
+    p.run(&input, &mut out).unwrap();
+    let want: Vec<f32> = input.iter().map(|x| x.mul_add(3.0, 0.0)).collect();
+    assert!(same_bits(&out, &want));
+    assert!(p.stage_mut::<Counting>(fma).is_none());
+}

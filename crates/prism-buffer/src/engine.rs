@@ -158,6 +158,15 @@ pub struct ComputeSpans {
 }
 
 impl ComputeSpans {
+    /// Spans of an untimed step (a processor's work that records no fence,
+    /// such as a chain being captured into a CUDA graph).
+    pub fn untimed() -> Self {
+        Self {
+            timed: false,
+            spans: Vec::new(),
+        }
+    }
+
     /// Is timing on (should the processor record spans)?
     pub fn timed(&self) -> bool {
         self.timed

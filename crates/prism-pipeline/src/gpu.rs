@@ -45,6 +45,45 @@ pub(crate) struct StageChain<'a, T: Element> {
     pub(crate) base: u64,
     /// A multi-GPU run's numbering of this GPU's chunks (errors name it).
     pub(crate) global: Option<&'a GlobalIndex>,
+    /// Captured chains to replay (`PipelineConfig::graphs`), if on.
+    pub(crate) graphs: Option<&'a mut ChainGraphs>,
+}
+
+/// Chains captured most recently that a manager keeps (a run uses one per
+/// slot and chunk length: full chunks, and the few lengths at the ends).
+const CHAIN_GRAPHS_KEPT: usize = 32;
+
+/// Stage chains captured as CUDA graphs, each for the two buffers of one
+/// slot and one chunk length (`PipelineConfig::graphs`). A graph holds its
+/// buffers' memory, so the manager clears them whenever the ring is
+/// rebuilt (and whenever the stages, their order or the configuration
+/// change, since a graph replays what it captured).
+#[derive(Debug, Default)]
+pub(crate) struct ChainGraphs {
+    entries: std::collections::VecDeque<ChainGraph>,
+    launches: u64,
+    captures: u64,
+    /// A capture of this chain was refused (a stage enqueued something a
+    /// graph cannot hold): it runs as usual until the chain changes.
+    refused: bool,
+}
+
+#[derive(Debug)]
+struct ChainGraph {
+    graph: prism_stream::CapturedGraph,
+    len: usize,
+}
+
+impl ChainGraphs {
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.refused = false;
+    }
+
+    /// (launches, captures) so far.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (self.launches, self.captures)
+    }
 }
 
 /// The run's numbers of one GPU's chunks in a multi-GPU run (its engine
@@ -99,6 +138,140 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
     type Error = Error;
 
     fn process(
+        &mut self,
+        launch: &mut Launch<'_>,
+        bufs: &mut [DeviceBuffer<T>],
+        len: usize,
+        chunk: ChunkId,
+        spans: &mut ComputeSpans,
+    ) -> Result<(usize, usize)> {
+        let replay = self.graphs.as_deref().is_some_and(|g| !g.refused)
+            && self.order.iter().all(|&i| self.stages[i].capturable());
+        if replay {
+            match self.process_graph(launch, bufs, len, chunk, spans)? {
+                Some(out) => return Ok(out),
+                None => {} // refused: run as usual below
+            }
+        }
+        self.process_direct(launch, bufs, len, chunk, spans)
+    }
+}
+
+impl<T: Element> StageChain<'_, T> {
+    /// The stages' lengths over a chunk of `len`: (output length, the
+    /// buffer holding it), checked against the capacity, on the host.
+    fn lengths(&self, len: usize, chunk: ChunkId) -> Result<(usize, usize)> {
+        let (mut len, mut cur) = (len, 0usize);
+        for &i in self.order {
+            if len == 0 {
+                break;
+            }
+            let index = GlobalIndex::or(self.global, chunk, self.base);
+            let out_len = guard::output_len(&*self.stages[i], len, index)?;
+            if out_len > self.capacity {
+                return Err(Error::Config(
+                    "a stage produced more elements than the pipeline planned for",
+                ));
+            }
+            len = out_len;
+            cur = 1 - cur;
+        }
+        Ok((len, cur))
+    }
+
+    /// The chunk's stages as one launch of the graph captured for this
+    /// slot's buffers and this length (captured now if there is none).
+    /// `None` when the capture was refused (the chain then runs as usual,
+    /// from now on).
+    fn process_graph(
+        &mut self,
+        launch: &mut Launch<'_>,
+        bufs: &mut [DeviceBuffer<T>],
+        len: usize,
+        chunk: ChunkId,
+        spans: &mut ComputeSpans,
+    ) -> Result<Option<(usize, usize)>> {
+        let out = self.lengths(len, chunk)?;
+        if len == 0 || bufs.len() < 2 {
+            return Ok(Some((len, 0)));
+        }
+        let graphs = self
+            .graphs
+            .as_deref_mut()
+            .ok_or(Error::Config("no graphs"))?;
+        let found = graphs
+            .entries
+            .iter()
+            .position(|e| e.len == len && e.graph.uses(&bufs[0]) && e.graph.uses(&bufs[1]));
+        let at = match found {
+            Some(at) => at,
+            None => {
+                let (stages, order, global, base) =
+                    (&mut *self.stages, self.order, self.global, self.base);
+                let mut failed: Option<Error> = None;
+                let captured = launch.capture(|c| {
+                    let mut inner = StageChain {
+                        stages: &mut *stages,
+                        order,
+                        capacity: usize::MAX,
+                        base,
+                        global,
+                        graphs: None,
+                    };
+                    // Untimed inside the capture (a graph holds no fence).
+                    let mut untimed = ComputeSpans::untimed();
+                    match inner.process_direct(c, bufs, len, chunk, &mut untimed) {
+                        Ok(_) => Ok(()),
+                        Err(e) => {
+                            failed = Some(e);
+                            Err(prism_stream::Error::user("a stage failed while captured"))
+                        }
+                    }
+                });
+                let graphs = self
+                    .graphs
+                    .as_deref_mut()
+                    .ok_or(Error::Config("no graphs"))?;
+                let refused = |e: &Error| crate::resident::refusal(e).is_some();
+                match (captured, failed) {
+                    (Ok((graph, ())), _) => {
+                        graphs.captures += 1;
+                        if graphs.entries.len() >= CHAIN_GRAPHS_KEPT {
+                            graphs.entries.pop_front();
+                        }
+                        graphs.entries.push_back(ChainGraph { graph, len });
+                        graphs.entries.len() - 1
+                    }
+                    (Err(_), Some(e)) if !refused(&e) => return Err(e),
+                    (Err(_), Some(_)) | (Err(prism_stream::Error::NotCapturable { .. }), None) => {
+                        tracing::debug!("a stage chain could not be captured: it runs as usual");
+                        graphs.refused = true;
+                        return Ok(None);
+                    }
+                    (Err(e), None) => return Err(e.into()),
+                }
+            }
+        };
+        let graphs = self
+            .graphs
+            .as_deref_mut()
+            .ok_or(Error::Config("no graphs"))?;
+        let timed = spans.timed();
+        let run = launch.launch_graph(&mut graphs.entries[at].graph, timed)?;
+        graphs.launches += 1;
+        if let (true, Some(start)) = (timed, run.start_fence()) {
+            let names: Vec<&str> = self.order.iter().map(|&i| self.stages[i].name()).collect();
+            spans.record(
+                Cow::Owned(format!("graph: {}", names.join("+"))),
+                start.clone(),
+                run.fence().clone(),
+            );
+        }
+        Ok(Some(out))
+    }
+
+    /// The chunk's stages, each queued as it comes.
+    fn process_direct(
         &mut self,
         launch: &mut Launch<'_>,
         bufs: &mut [DeviceBuffer<T>],

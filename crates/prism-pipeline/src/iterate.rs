@@ -284,6 +284,7 @@ impl<T: Element> PipelineStageManager<T> {
                 capacity,
                 base: session.base,
                 global: None,
+                graphs: None,
             };
             let slots = &mut session.slots;
             catch_unwind(AssertUnwindSafe(|| {
@@ -512,6 +513,7 @@ fn round_trip<T: Element>(
         capacity,
         base: 0,
         global: None,
+        graphs: None,
     };
     let (out_len, out_buf) = {
         let mut launch = lane.launch();

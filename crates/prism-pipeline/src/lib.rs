@@ -112,6 +112,16 @@ pub struct PipelineConfig {
     /// ring depth (see [`PipelineConfig::auto`]); off by default, so that
     /// sizes set by hand are kept.
     pub adaptive: bool,
+    /// Run each chunk's stages as a CUDA graph, captured once per slot and
+    /// chunk length and replayed (less host time per chunk: it pays with
+    /// many stages or small chunks). Only for stages that say they enqueue
+    /// the same work for every chunk of a length ([`Stage::capturable`]:
+    /// prism's `Fma`, `Clamp`, `GroupSum`); a chain with any other stage
+    /// runs as usual. Whole runs only (`run`, `run_pinned`, `run_items*`,
+    /// `run_stream`), not `execute_iteration`. With timing on, the stats
+    /// and the trace show the chain as one span, "graph: <stages>".
+    /// Default off.
+    pub graphs: bool,
 }
 
 impl Default for PipelineConfig {
@@ -125,6 +135,7 @@ impl Default for PipelineConfig {
             host_threads: cores.max(1),
             ramp: true,
             adaptive: false,
+            graphs: false,
         }
     }
 }
@@ -203,6 +214,10 @@ pub struct PipelineStageManager<T: Element> {
     engine: Option<Engine<T>>,
     /// Pinned staging kept between runs.
     cache: StagingCache<T>,
+    /// Stage chains captured as CUDA graphs (`PipelineConfig::graphs`);
+    /// cleared whenever the stages, their order, the configuration or the
+    /// ring change.
+    graphs: gpu::ChainGraphs,
     /// The host threads that copy between pageable memory and staging.
     copy_pool: copy::CopyPool,
     /// An `execute_iteration` session with chunks in flight.
@@ -274,6 +289,7 @@ impl<T: Element> PipelineStageManager<T> {
             gpu,
             engine: None,
             cache: StagingCache::default(),
+            graphs: gpu::ChainGraphs::default(),
             copy_pool,
             effective: None,
             iter: None,
@@ -307,6 +323,7 @@ impl<T: Element> PipelineStageManager<T> {
             self.copy_pool = copy::CopyPool::new(config.host_threads);
         }
         self.config = config;
+        self.graphs.clear();
         self.engine = None;
         self.cache.clear();
         Ok(())
@@ -316,6 +333,7 @@ impl<T: Element> PipelineStageManager<T> {
     /// otherwise); returns its index. Chunks already submitted with
     /// `execute_iteration` were processed by the stages of their time.
     pub fn add_stage(&mut self, stage: impl Stage<T> + 'static) -> usize {
+        self.graphs.clear();
         self.stages.push(Box::new(stage));
         self.stages.len() - 1
     }
@@ -324,6 +342,7 @@ impl<T: Element> PipelineStageManager<T> {
     /// and an empty order are errors.
     pub fn set_order(&mut self, order: &[usize]) -> Result<()> {
         check_order(order, self.stages.len())?;
+        self.graphs.clear();
         self.order = order.to_vec();
         Ok(())
     }
@@ -341,6 +360,8 @@ impl<T: Element> PipelineStageManager<T> {
     /// only [`stage`](Self::stage) and a lane). `None` for an unknown index
     /// or another type.
     pub fn stage_mut<S: Stage<T> + 'static>(&mut self, index: usize) -> Option<&mut S> {
+        // The stage may change what it enqueues: captured chains go.
+        self.graphs.clear();
         self.stages.get_mut(index)?.as_any_mut().downcast_mut()
     }
 
@@ -464,6 +485,7 @@ impl<T: Element> PipelineStageManager<T> {
             .is_none_or(|e| e.capacity() < capacity || e.slot_count() != self.slots());
         if rebuild {
             self.close_idle_session()?;
+            self.graphs.clear(); // they hold the old ring's buffers
             self.engine = None; // free the old ring first
             self.cache.clear();
             let gpu = self

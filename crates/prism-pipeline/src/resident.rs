@@ -777,10 +777,10 @@ fn call_stage<S>(
 /// Why a capture was refused, if `e` is a refusal: prism-stream's
 /// `NotCapturable`, returned by prism itself or by a stage (anywhere in
 /// its error's source chain).
-fn refusal(e: &Error) -> Option<String> {
+pub(crate) fn refusal(e: &Error) -> Option<String> {
     let first: &(dyn std::error::Error + 'static) = match e {
         Error::Stream(s) => s,
-        Error::ResidentStage { source, .. } => &**source,
+        Error::ResidentStage { source, .. } | Error::Stage { source, .. } => &**source,
         _ => return None,
     };
     std::iter::successors(Some(first), |e| e.source()).find_map(|e| {

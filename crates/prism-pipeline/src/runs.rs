@@ -44,6 +44,8 @@ pub(crate) struct GpuRun<'a, T: Element> {
     pub(crate) pool: &'a crate::copy::CopyPool,
     /// A multi-GPU run's numbering of this GPU's chunks.
     pub(crate) global: Option<&'a GlobalIndex>,
+    /// Captured stage chains, when `PipelineConfig::graphs` is on.
+    pub(crate) graphs: Option<&'a mut crate::gpu::ChainGraphs>,
 }
 
 impl<T: Element> GpuRun<'_, T> {
@@ -65,12 +67,14 @@ impl<T: Element> GpuRun<'_, T> {
         };
         let (stats, trace, global) = (self.stats, self.trace, self.global);
         self.pool.record(trace);
+        let counts_before = self.graphs.as_deref().map(|g| g.counts());
         let mut chain = StageChain {
             stages: self.stages,
             order: self.order,
             capacity: self.capacity,
             base: 0,
             global: self.global,
+            graphs: self.graphs,
         };
         // This run's step times, added to the stats only if it succeeds (a
         // failed run adds nothing, as it adds no wall time).
@@ -101,6 +105,11 @@ impl<T: Element> GpuRun<'_, T> {
             }
             stats.compute_busy_ms += busy;
             stats.host_wait_ms += c.wait_ms;
+            if let (Some((l0, c0)), Some(g)) = (counts_before, chain.graphs.as_deref()) {
+                let (l1, c1) = g.counts();
+                stats.graph_launches += l1 - l0;
+                stats.graph_captures += c1 - c0;
+            }
         }
         if trace && result.is_ok() {
             *self.timeline = fresh;
@@ -155,6 +164,7 @@ impl<T: Element> PipelineStageManager<T> {
         let capacity = self.capacity(order);
         let timing = self.config.timing;
         let trace = self.config.trace && timing;
+        let graphs_on = self.config.graphs;
         let engine = self.engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
         Ok((
             GpuRun {
@@ -168,6 +178,7 @@ impl<T: Element> PipelineStageManager<T> {
                 timeline: &mut self.timeline,
                 pool: &self.copy_pool,
                 global: None,
+                graphs: graphs_on.then_some(&mut self.graphs),
             },
             &mut self.cache,
             &self.copy_pool,

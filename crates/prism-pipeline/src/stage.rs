@@ -50,6 +50,16 @@ pub trait Stage<T: Element>: Send + Sync {
         false
     }
 
+    /// True when [`gpu`](Self::gpu) enqueues the same work (kernels,
+    /// arguments, scalar parameters) for every chunk of a given length on
+    /// the same buffers, so that its launches can be captured once into a
+    /// CUDA graph and replayed ([`PipelineConfig::graphs`](crate::PipelineConfig::graphs)).
+    /// Default false: a stage whose parameters change between chunks (a
+    /// counter, a per-chunk seed) must not say true.
+    fn capturable(&self) -> bool {
+        false
+    }
+
     /// Whether [`gpu`](Self::gpu) is implemented.
     fn has_gpu(&self) -> bool {
         false
@@ -122,6 +132,9 @@ impl Stage<f32> for Fma {
     fn name(&self) -> &str {
         "fma"
     }
+    fn capturable(&self) -> bool {
+        true
+    }
     fn elementwise(&self) -> bool {
         true
     }
@@ -159,6 +172,9 @@ impl Stage<f32> for Clamp {
     fn name(&self) -> &str {
         "clamp"
     }
+    fn capturable(&self) -> bool {
+        true
+    }
     fn elementwise(&self) -> bool {
         true
     }
@@ -193,6 +209,9 @@ pub struct GroupSum {
 impl Stage<f32> for GroupSum {
     fn name(&self) -> &str {
         "group_sum"
+    }
+    fn capturable(&self) -> bool {
+        true
     }
     fn output_len(&self, input_len: usize) -> usize {
         input_len.div_ceil(self.group.max(1) as usize)

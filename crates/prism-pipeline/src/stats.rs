@@ -85,6 +85,12 @@ pub struct PipelineStats {
     pub slots: usize,
     /// Whether the last run chose its own chunk size and ring depth.
     pub adaptive: bool,
+    /// Chunks whose stages ran as a replayed CUDA graph
+    /// ([`PipelineConfig::graphs`](crate::PipelineConfig::graphs)).
+    pub graph_launches: u64,
+    /// Stage chains captured into a graph (a chain is captured once per
+    /// slot and chunk length, then replayed).
+    pub graph_captures: u64,
 }
 
 impl PipelineStats {
@@ -175,6 +181,13 @@ impl fmt::Display for PipelineStats {
                 ""
             }
         )?;
+        if self.graph_launches > 0 || self.graph_captures > 0 {
+            writeln!(
+                f,
+                "  CUDA graphs: {} chunks' stages replayed from {} captures",
+                self.graph_launches, self.graph_captures
+            )?;
+        }
         if !self.timed {
             return writeln!(f, "  (timing off: no per-step times)");
         }

@@ -474,3 +474,71 @@ fn gpu_pipeline_adaptive_configuration_picks_by_input_and_matches_cpu() {
         "nothing was chosen for a chain that is not elementwise"
     );
 }
+
+/// `PipelineConfig::graphs`: each slot's stage chain captured once per
+/// chunk length and replayed gives the same bits as queueing the stages,
+/// counts its launches and captures, shows as one "graph: ..." span, and
+/// leaves chains with a stage that is not capturable alone.
+#[test]
+fn gpu_pipeline_chain_graphs_replay_the_same_bits() {
+    let Some(ctx) = gpu_or_skip("gpu_pipeline_chain_graphs_replay_the_same_bits") else {
+        return;
+    };
+    let n = scaled(16 << 20, 1 << 14) + 5;
+    let chunk = scaled(1 << 20, 1 << 10);
+    let input = random_f32(21, n);
+    let run = |graphs: bool, extra: bool| {
+        let config = PipelineConfig {
+            chunk_bytes: chunk * 4,
+            graphs,
+            ..PipelineConfig::default()
+        };
+        let mut p = ctx.create_pipeline_manager::<f32>(config).unwrap();
+        p.add_stage(Fma {
+            a: 1.25,
+            b: -0.5,
+            iters: 3,
+        });
+        p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
+        if extra {
+            // A closure stage: not capturable, so the chain runs as usual.
+            p.add_stage(GpuFn::new(
+                "copy",
+                true,
+                |l: &mut prism_stream::Launch<'_>, x, y, n| Ok(l.copy_dtod(x, 0, y, 0, n)?),
+            ));
+        }
+        let mut out = vec![f32::NAN; n];
+        for _ in 0..2 {
+            p.run(&input, &mut out).unwrap();
+        }
+        (out, p.get_stats().clone())
+    };
+    let (plain, s0) = run(false, false);
+    let (graphed, s1) = run(true, false);
+    expect_fma_clamp(&input, &plain);
+    expect_fma_clamp(&input, &graphed);
+    assert_eq!(s0.graph_launches, 0);
+    assert_eq!(
+        s1.graph_launches, s1.chunks,
+        "every chunk's stages were replayed"
+    );
+    assert!(s1.graph_captures >= 1);
+    assert!(
+        s1.graph_captures < s1.chunks / 2,
+        "{} captures for {} chunks: the second run should replay the first's",
+        s1.graph_captures,
+        s1.chunks
+    );
+    assert!(
+        s1.stages.iter().any(|s| s.name == "graph: fma+clamp"),
+        "{s1}"
+    );
+    println!("{s1}");
+    let (mixed, s2) = run(true, true);
+    expect_fma_clamp(&input, &mixed);
+    assert_eq!(
+        s2.graph_launches, 0,
+        "a chain with a closure stage is not captured"
+    );
+}

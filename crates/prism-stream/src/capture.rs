@@ -185,6 +185,31 @@ impl Capture<'_> {
     }
 }
 
+impl Launch<'_> {
+    /// [`Lane::capture`] on this scope's lane (a stage or op that records
+    /// its own graph). The scope's ops before it are queued as usual.
+    pub fn capture<R>(
+        &mut self,
+        record: impl FnOnce(&mut Capture<'_>) -> Result<R>,
+    ) -> Result<(CapturedGraph, R)> {
+        self.lane_mut().capture(record)
+    }
+
+    /// [`CapturedGraph::launch`] (or `launch_timed`) on this scope's lane,
+    /// as one op of the scope (its fence becomes the scope's last).
+    pub fn launch_graph(&mut self, graph: &mut CapturedGraph, timed: bool) -> Result<GraphLaunch> {
+        if self.is_capturing() {
+            return Err(Error::NotCapturable {
+                what: "a graph launch",
+                reason: "graphs are launched outside a capture",
+            });
+        }
+        let run = graph.launch_inner(self.lane_mut(), timed)?;
+        self.set_last(run.fence.clone());
+        Ok(run)
+    }
+}
+
 impl Lane {
     /// Captures the work `record` queues on this lane into a CUDA graph,
     /// without running it, and returns the graph (with what `record`
@@ -527,6 +552,11 @@ impl CapturedGraph {
         })
     }
 
+    /// True when the graph uses `buf` (holds its allocation).
+    pub fn uses<T: Element>(&self, buf: &DeviceBuffer<T>) -> bool {
+        self.uses.iter().any(|c| Arc::ptr_eq(&c.alloc, buf.alloc()))
+    }
+
     /// Launches so far.
     pub fn launches(&self) -> u64 {
         self.launches
@@ -588,6 +618,12 @@ impl GraphLaunch {
     /// The fence after the launch's work.
     pub fn fence(&self) -> &Fence {
         &self.fence
+    }
+
+    /// The timed fence before the launch's work (after its waits), if it
+    /// was launched timed.
+    pub fn start_fence(&self) -> Option<&Fence> {
+        self.start.as_ref()
     }
 
     /// The launch's GPU time, once it completed, if it was launched with

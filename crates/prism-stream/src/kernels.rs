@@ -452,6 +452,11 @@ impl<'l> Launch<'l> {
         self.lane
     }
 
+    /// Makes `fence` the scope's last (a graph launched on its lane).
+    pub(crate) fn set_last(&mut self, fence: Fence) {
+        self.last = Some(fence);
+    }
+
     /// The lane and the scope's last fence, for outside work.
     pub(crate) fn parts(&mut self) -> (&mut Lane, &mut Option<Fence>) {
         (self.lane, &mut self.last)

@@ -452,6 +452,10 @@ impl<T: Element> DeviceBuffer<T> {
         &self.alloc.uses
     }
 
+    pub(crate) fn alloc(&self) -> &Arc<DeviceAlloc> {
+        &self.alloc
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -148,9 +148,9 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
         let replay = self.graphs.as_deref().is_some_and(|g| !g.refused)
             && self.order.iter().all(|&i| self.stages[i].capturable());
         if replay {
-            match self.process_graph(launch, bufs, len, chunk, spans)? {
-                Some(out) => return Ok(out),
-                None => {} // refused: run as usual below
+            // `None`: the capture was refused; run as usual below.
+            if let Some(out) = self.process_graph(launch, bufs, len, chunk, spans)? {
+                return Ok(out);
             }
         }
         self.process_direct(launch, bufs, len, chunk, spans)

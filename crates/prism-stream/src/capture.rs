@@ -304,7 +304,8 @@ impl Lane {
 struct GraphRead {
     node: sys::CUgraphNode,
     params: sys::CUDA_MEMCPY3D,
-    /// The field of `params` holding the host address (host or unified).
+    /// The destination is recorded by its device address (`dstDevice`:
+    /// unified or device memory type), not `dstHost`.
     unified: bool,
     /// The slot the node points at now, if the graph holds it.
     slot: Option<PinnedBuffer<u8>>,
@@ -377,10 +378,23 @@ impl CapturedGraph {
             let nodes = g.memcpy_nodes()?;
             for r in state.reads {
                 let at = r.slot.raw();
+                let mapped = r.slot.mapped().unwrap_or(at as u64);
+                // The driver records the destination as host memory
+                // (`dstHost`) or, page-locked memory being mapped, by its
+                // device address (`dstDevice`, the same under UVA).
                 let (node, params, unified) = nodes
                     .iter()
-                    .find(|(_, p, unified)| host_of(p, *unified) == at)
-                    .copied()
+                    .find_map(|&(node, p)| {
+                        if !p.dstHost.is_null() && p.dstHost.cast::<u8>() == at {
+                            Some((node, p, false))
+                        } else if p.dstDevice != 0
+                            && (p.dstDevice == mapped || p.dstDevice == at as u64)
+                        {
+                            Some((node, p, true))
+                        } else {
+                            None
+                        }
+                    })
                     .ok_or(Error::NotCapturable {
                         what: "a read-back",
                         reason: "its copy is not in the captured graph",
@@ -401,7 +415,7 @@ impl CapturedGraph {
     }
 
     /// The graph's memcpy nodes with their parameters.
-    fn memcpy_nodes(&self) -> Result<Vec<(sys::CUgraphNode, sys::CUDA_MEMCPY3D, bool)>> {
+    fn memcpy_nodes(&self) -> Result<Vec<(sys::CUgraphNode, sys::CUDA_MEMCPY3D)>> {
         let mut count = 0usize;
         // SAFETY: a null array asks for the count only.
         unsafe { sys::cuGraphGetNodes(self.graph, std::ptr::null_mut(), &mut count) }
@@ -430,8 +444,7 @@ impl CapturedGraph {
             unsafe { sys::cuGraphMemcpyNodeGetParams(node, &mut p) }
                 .result()
                 .call("cuGraphMemcpyNodeGetParams")?;
-            let unified = p.dstMemoryType == sys::CUmemorytype::CU_MEMORYTYPE_UNIFIED;
-            out.push((node, p, unified));
+            out.push((node, p));
         }
         Ok(out)
     }
@@ -470,7 +483,7 @@ impl CapturedGraph {
             if slot.raw() != r.target {
                 let mut p = r.params;
                 if r.unified {
-                    p.dstDevice = slot.raw() as u64;
+                    p.dstDevice = slot.mapped().unwrap_or(slot.raw() as u64);
                 } else {
                     p.dstHost = slot.raw().cast();
                 }
@@ -576,14 +589,6 @@ impl CapturedGraph {
     /// Buffers the graph uses (and keeps alive).
     pub fn buffers(&self) -> usize {
         self.uses.len()
-    }
-}
-
-fn host_of(p: &sys::CUDA_MEMCPY3D, unified: bool) -> *mut u8 {
-    if unified {
-        p.dstDevice as *mut u8
-    } else {
-        p.dstHost.cast()
     }
 }
 

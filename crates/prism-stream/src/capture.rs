@@ -436,14 +436,15 @@ impl CapturedGraph {
             if ty != sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY {
                 continue;
             }
-            // SAFETY: all-zero is a valid CUDA_MEMCPY3D (plain integers,
-            // null pointers, enum discriminant 0 is a valid memory type
-            // ... not relied upon: the driver overwrites every field).
-            let mut p: sys::CUDA_MEMCPY3D = unsafe { std::mem::zeroed() };
-            // SAFETY: a memcpy node of this graph; the call fills `p`.
-            unsafe { sys::cuGraphMemcpyNodeGetParams(node, &mut p) }
+            let mut p = std::mem::MaybeUninit::<sys::CUDA_MEMCPY3D>::uninit();
+            // SAFETY: a memcpy node of this graph; the call fills every
+            // field of `p` on success (not all-zero: an enum field has no
+            // zero value).
+            unsafe { sys::cuGraphMemcpyNodeGetParams(node, p.as_mut_ptr()) }
                 .result()
                 .call("cuGraphMemcpyNodeGetParams")?;
+            // SAFETY: the driver initialised it (the call succeeded).
+            let p = unsafe { p.assume_init() };
             out.push((node, p));
         }
         Ok(out)

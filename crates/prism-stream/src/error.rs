@@ -94,9 +94,9 @@ pub enum Error {
     /// An earlier GPU error left the context unusable (CUDA errors are sticky).
     #[error("the GPU context is unusable after an earlier error: {reason}")]
     ContextPoisoned { reason: String },
-    /// The process-wide completion thread (`prism-completion`) that wakes
+    /// The process-wide completion thread (`prism-complete`) that wakes
     /// awaited fences could not be started.
-    #[error("the completion thread (prism-completion) that wakes awaited fences could not be started: {reason} (the OS refused a new thread; block in Fence::synchronize instead)")]
+    #[error("the completion thread (prism-complete) that wakes awaited fences could not be started: {reason} (the OS refused a new thread; block in Fence::synchronize instead)")]
     CompletionThread { reason: String },
     /// `wait_timeout` gave up.
     #[error("operation {op} did not complete within {waited:?}")]

@@ -10,7 +10,7 @@
 //! `cuEventQuery`; none once the fence was seen complete): work that already
 //! finished resolves on the first poll and costs nothing more. Otherwise it
 //! hands a registration (the fence and the task's [`Waker`]) to the
-//! *completion thread*, `prism-completion`: one thread for the whole
+//! *completion thread*, `prism-complete`: one thread for the whole
 //! process, started at the first registration, however many futures wait.
 //! Registering is a short mutex hold and a push; a re-poll with another
 //! waker replaces the stored one (unless [`Waker::will_wake`] says it is the
@@ -68,8 +68,9 @@ use crate::graph::{OpId, Probe};
 use crate::order::{Mark, StreamId};
 use crate::{Error, Result};
 
-/// The completion thread's name (as `/proc/self/task/*/comm` shows it).
-pub(crate) const THREAD_NAME: &str = "prism-completion";
+/// The completion thread's name (as `/proc/self/task/*/comm` shows it:
+/// Linux keeps 15 bytes of a thread name, so it stays shorter).
+pub(crate) const THREAD_NAME: &str = "prism-complete";
 
 /// The completion thread's first sleep after a change.
 const FIRST_NAP: Duration = Duration::from_micros(10);

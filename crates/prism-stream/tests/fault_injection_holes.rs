@@ -136,6 +136,9 @@ fn gpu_fault_injection_in_a_third_context_keeps_a_portable_buffer_in_flight() {
                         after == before,
                         "the view given out changed after B's copy time: the copy ran"
                     ),
+                    // The owner's context died too (driver 580 takes every
+                    // context of the process down): no data is given out.
+                    Err(Error::ContextPoisoned { .. }) => {}
                     Err(e) => panic!("the buffer read as free, then {e}"),
                 }
             }

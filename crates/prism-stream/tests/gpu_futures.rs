@@ -22,14 +22,14 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Threads of this process named `prism-completion` (Linux: from
+/// Threads of this process named `prism-complete` (Linux: from
 /// `/proc/self/task/*/comm`); `None` where there is no `/proc`.
 fn completion_threads() -> Option<usize> {
     let tasks = std::fs::read_dir("/proc/self/task").ok()?;
     Some(
         tasks
             .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .filter(|name| name.trim_end() == "prism-completion")
+            .filter(|name| name.trim_end() == "prism-complete")
             .count(),
     )
 }

@@ -10,7 +10,7 @@
 //!
 //! Check: every variant starts from the same initial data
 //! (`prism_s10_initial`) and runs warm-up plus timed iterations over the
-//! same window; the CPU replays them ([`reference`]). The elementwise steps
+//! same window; the CPU replays them ([`reference()`]). The elementwise steps
 //! are exact IEEE operations on both sides (fmaf and `f32::mul_add` round
 //! once; one rounded add; `floor` and `y - floor(y)` are exact), so the
 //! final window must match bit for bit. The final accumulator is compared

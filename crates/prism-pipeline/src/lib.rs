@@ -119,7 +119,7 @@ pub struct PipelineConfig {
     /// prism's `Fma`, `Clamp`, `GroupSum`); a chain with any other stage
     /// runs as usual. Whole runs only (`run`, `run_pinned`, `run_items*`,
     /// `run_stream`), not `execute_iteration`. With timing on, the stats
-    /// and the trace show the chain as one span, "graph: <stages>".
+    /// and the trace show the chain as one span, `graph: STAGE+STAGE`.
     /// Default off.
     pub graphs: bool,
 }

@@ -24,18 +24,6 @@ fn dead_list() -> std::sync::MutexGuard<'static, Vec<(usize, String)>> {
     DEAD.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Why the context with driver handle `key` died, if a sticky error was
-/// seen in it (through any handle or fence of it).
-pub(crate) fn dead_reason(key: usize) -> Option<String> {
-    if !ANY_DEAD.load(Ordering::Acquire) {
-        return None;
-    }
-    dead_list()
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, r)| r.clone())
-}
-
 /// Records that the context with driver handle `key` reported a sticky
 /// error (seen with that context current): every handle on it refuses work.
 pub(crate) fn note_dead(key: usize, reason: &str) {

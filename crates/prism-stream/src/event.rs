@@ -352,39 +352,6 @@ impl Fence {
         Ok(())
     }
 
-    /// The context it was recorded in (its driver handle, as a key).
-    pub(crate) fn context_key(&self) -> usize {
-        self.0.pool.ctx.cu_ctx() as usize
-    }
-
-    /// True when this fence belongs to another context than `own` and *its
-    /// own* context died (a sticky error): nothing queued there runs any
-    /// more, so the fence no longer guards anything (a portable buffer
-    /// shared with a GPU that faulted stays usable by the others).
-    ///
-    /// Only the fence's context counts: it is known dead from the
-    /// process-wide list (a sticky error seen through any handle of it), or
-    /// its event query fails with a sticky error while that context is
-    /// current (then it joins the list). A sticky error of the context the
-    /// calling thread has current, a third one that faulted, says nothing
-    /// about this fence: its copy may still be queued.
-    pub(crate) fn dead_elsewhere(&self, own: usize) -> bool {
-        let key = self.context_key();
-        if key == own || self.0.done.load(Ordering::Acquire) {
-            return false;
-        }
-        if crate::context::dead_reason(key).is_some() {
-            return true;
-        }
-        match self.query() {
-            Err(e) if is_sticky(&e) => {
-                crate::context::note_dead(key, &format!("a fence of this context failed: {e}"));
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Makes the stream `raw` wait on the GPU for this fence
     /// (`cuStreamWaitEvent`). Only `order.rs` calls it, after deciding the
     /// wait is needed.

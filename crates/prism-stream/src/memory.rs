@@ -16,7 +16,7 @@ use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, DriverError};
 
 use crate::context::Gpu;
-use crate::event::{is_capture_error, is_sticky, Fence};
+use crate::event::{is_capture_error, Fence};
 use crate::order::{lock, Access, Extent, Lane, UseCell, Used, Uses};
 use crate::{Error, Result};
 
@@ -158,16 +158,15 @@ impl Uses<Fence> {
         Ok(())
     }
 
-    /// Forgets fences of other contexts that died (see
-    /// [`Fence::dead_elsewhere`]); `own` is the buffer's context.
-    fn forget_dead_elsewhere(&mut self, own: usize) {
-        self.writes.retain(|(_, f)| !f.dead_elsewhere(own));
-        self.reads.retain(|(_, f)| !f.dead_elsewhere(own));
-    }
-
-    fn writer_pending(&mut self, own: usize) -> Result<bool> {
+    /// Is a recorded write still pending? A fence whose context reports a
+    /// sticky error is an error here, never "done": on driver 580 a fault
+    /// in one context makes every context of the process report it, and
+    /// work already queued in those contexts still ran afterwards (a copy
+    /// into a portable buffer changed a view handed out after the fault;
+    /// H100, run 55). So nothing a failed context queued is assumed to
+    /// have stopped.
+    fn writer_pending(&mut self, _own: usize) -> Result<bool> {
         self.check_stuck()?;
-        self.forget_dead_elsewhere(own);
         for (_, w) in &self.writes {
             if !w.is_complete()? {
                 return Ok(true);
@@ -203,17 +202,15 @@ impl Uses<Fence> {
     }
 
     /// [`wait_all`](Self::wait_all); an error says whether the GPU may still
-    /// be using the buffer (`true`: a failure that is not sticky, a wait a
-    /// stream capture refused, or a use that could not be tracked), and
-    /// holds the capture's refusal when that was the only failure. A fence
-    /// of another context that died (a GPU that shared this portable buffer
-    /// and faulted: its own context reports it, see
-    /// [`Fence::dead_elsewhere`]) is no failure of this buffer: nothing runs
-    /// there any more. Nothing is forgotten unless every wait succeeded.
+    /// be using the buffer (always `true`: after any failed wait, a sticky
+    /// error included, queued work may still run, see
+    /// [`writer_pending`](Self::writer_pending)), and holds the capture's
+    /// refusal when that was the only failure. Nothing is forgotten unless
+    /// every wait succeeded.
     #[allow(clippy::type_complexity)]
     fn wait_all_raw(
         &mut self,
-        own: usize,
+        _own: usize,
     ) -> std::result::Result<(), (String, bool, Option<DriverError>)> {
         if self.stuck {
             return Err((
@@ -224,24 +221,19 @@ impl Uses<Fence> {
         }
         let mut failure: Option<(String, bool, Option<DriverError>)> = None;
         for f in self.all() {
-            // The wait is made with the fence's own context current, so a
-            // sticky error is that context's (not the calling thread's).
+            // The wait is made with the fence's own context current, so an
+            // error is that context's (not the calling thread's).
             if let Err(e) = f.synchronize_raw() {
                 let capture = is_capture_error(&e).then_some(e);
-                if capture.is_none() && f.dead_elsewhere(own) {
-                    continue;
-                }
-                let maybe_running = !(is_sticky(&e) && f.context_key() == own);
                 match &mut failure {
-                    Some((reason, running, refused)) => {
-                        *running |= maybe_running;
+                    Some((reason, _, refused)) => {
                         if capture.is_none() && refused.is_some() {
                             // A real failure outranks a capture's refusal.
                             *reason = e.to_string();
                             *refused = None;
                         }
                     }
-                    None => failure = Some((e.to_string(), maybe_running, capture)),
+                    None => failure = Some((e.to_string(), true, capture)),
                 }
             }
         }
@@ -256,7 +248,8 @@ impl Uses<Fence> {
     }
 
     /// For `Drop`: may the allocation be freed? Waits for every use; after
-    /// a failure, only if the GPU can no longer be using it.
+    /// a failed wait, never (the memory is leaked: a context that reported
+    /// a fault may still run what was queued in it).
     pub(crate) fn release(&mut self, own: usize, what: &'static str) -> bool {
         match self.wait_all_raw(own) {
             Ok(()) => true,

@@ -570,7 +570,6 @@ impl Lane {
         self.not_capturing("an ordering wait")?;
         self.check_context(uses)?;
         let (id, raw) = (self.core.id, self.core.raw());
-        let own = self.core.gpu.key();
         for u in uses {
             let cell = lock(u.cell);
             if cell.stuck {
@@ -579,13 +578,10 @@ impl Lane {
                 });
             }
             for dep in cell.deps(u.access, u.extent) {
-                order_after(&mut self.clock, id, dep, |f| {
-                    // Another context that died runs nothing more: no wait.
-                    if f.dead_elsewhere(own) {
-                        return Ok(());
-                    }
-                    f.gpu_wait(raw)
-                })?;
+                // Even a fence of a context that reported a fault is waited
+                // for: its queued work may still run (memory.rs,
+                // `writer_pending`); a wait the driver refuses fails the op.
+                order_after(&mut self.clock, id, dep, |f| f.gpu_wait(raw))?;
             }
         }
         Ok(())

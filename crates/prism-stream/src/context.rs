@@ -10,7 +10,7 @@ use crate::error::DriverResultExt;
 use crate::event::{is_sticky, EventPool};
 use crate::{Error, Result};
 
-/// Contexts a sticky error killed (a CUDA context runs nothing more after,
+/// Contexts a sticky error killed (a CUDA context accepts nothing more after,
 /// e.g., an illegal address), by context address, with the first reason
 /// seen: every handle on such a context, including ones opened later,
 /// refuses work with that reason. An entry goes when `Gpu::open` finds the

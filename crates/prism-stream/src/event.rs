@@ -129,10 +129,11 @@ fn describe(e: DriverError) -> String {
     e.to_string()
 }
 
-/// Errors after which the context runs nothing more (a fault in a kernel,
-/// an uncorrectable ECC error, a torn-down driver): memory of a buffer whose
-/// wait failed this way can be freed. After any other failure (a stream
-/// capture begun elsewhere, say) the GPU may still be running its work.
+/// Errors after which the context accepts nothing more (a fault in a
+/// kernel, an uncorrectable ECC error, a torn-down driver): prism poisons
+/// it. Work already queued may still run (on driver 580 a context that
+/// reported another context's fault still ran a queued copy), so prism
+/// frees nothing whose wait failed, sticky or not.
 pub(crate) fn is_sticky(e: &DriverError) -> bool {
     use CUresult::*;
     matches!(

@@ -23,7 +23,7 @@ use prism_cuda_sys as sys;
 
 use crate::context::Gpu;
 use crate::error::{check_len, DriverResultExt};
-use crate::event::{capture_error_of_code, is_capture_error, is_sticky, relaxed_on_capture, Fence};
+use crate::event::{capture_error_of_code, is_capture_error, relaxed_on_capture, Fence};
 use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
 use crate::order::{Access, Lane, Used};
 use crate::{Error, Result};
@@ -122,9 +122,9 @@ impl KernelState {
 /// cudarc's `Drop`s, or the user's own) and returns it before anything is
 /// waited for, so one stashed error made the module unload under its
 /// running kernel (and swallowed the error meant for the user's next
-/// cudarc call). The module is unloaded after the wait succeeded, or after
-/// a sticky error (the context runs nothing more); after any other failure
-/// (a stream capture in this context, say) it is leaked rather than
+/// cudarc call). The module is unloaded after the wait succeeded; after
+/// any failure (a sticky error included: a context that reported a fault
+/// may still run work queued in it, memory.rs) it is leaked rather than
 /// unloaded early.
 #[derive(Debug)]
 struct ModuleHold {
@@ -143,9 +143,8 @@ impl Drop for ModuleHold {
             .and_then(|()| relaxed_on_capture(result::ctx::synchronize));
         match waited {
             Ok(()) => {}
-            Err(e) if is_sticky(&e) => {
-                tracing::debug!("unloading a module of a dead context ({e})");
-            }
+            // Even after a sticky error: on driver 580 a context that
+            // reported a fault still ran work queued in it (memory.rs).
             Err(e) => {
                 tracing::error!(
                     "leaking a module: waiting for its context failed ({e}), so a kernel of it may still run"

@@ -253,11 +253,7 @@ impl Uses<Fence> {
     pub(crate) fn release(&mut self, own: usize, what: &'static str) -> bool {
         match self.wait_all_raw(own) {
             Ok(()) => true,
-            Err((reason, false, _)) => {
-                tracing::warn!(reason, "freeing a {what} after a sticky GPU error");
-                true
-            }
-            Err((reason, true, _)) => {
+            Err((reason, _, _)) => {
                 tracing::error!(
                     reason,
                     "leaking a {what}: the GPU may still be using it and waiting for it failed"
@@ -327,9 +323,9 @@ impl Drop for DeviceAlloc {
             // allocation alone: from cuMemAlloc, or adopted from a cudarc slice
             // (cuMemAllocAsync or cuMemAlloc; cuMemFree frees either once every
             // access has completed, and cudarc gave it up). Every recorded use
-            // has completed (waited above; after a sticky error the context
-            // runs nothing more), and it is freed only here, when the last
-            // holder (the buffer or a captured graph) lets go.
+            // has completed (waited above; after a failed wait `release`
+            // says no and nothing is freed), and it is freed only here, when
+            // the last holder (the buffer or a captured graph) lets go.
             let _ = unsafe { result::free_sync(self.ptr) };
         }
     }

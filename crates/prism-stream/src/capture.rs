@@ -35,7 +35,7 @@ use crate::error::DriverResultExt;
 use crate::event::Fence;
 use crate::kernels::Launch;
 use crate::memory::{DeviceAlloc, DeviceBuffer, Element, PinnedBuffer, Tracked};
-use crate::order::{lock, Access, Extent, Lane, Used};
+use crate::order::{Access, Extent, Lane, Used};
 use crate::readback::{Readback, SlotPool};
 use crate::{Error, Result};
 
@@ -143,25 +143,7 @@ impl Capture<'_> {
     ) -> Result<ReadbackKey<T>> {
         let (off, bytes) = range_bytes::<T>("graph read-back", at, n, buf.len())?;
         let pool = self.launch.lane_mut().slot_pool();
-        let slot = pool.take(buf.gpu(), bytes)?;
-        let (src, host) = (buf.addr() + off as u64, slot.raw());
-        let uses = [buf.used_range(Access::Read, "device source buffer", off, off + bytes)];
-        let queued = self.launch.enqueue(&uses, |stream| {
-            // SAFETY: recorded into the graph, not run: src..src+bytes lies
-            // inside buf (checked above), kept alive by the graph; `host`
-            // is the slot's page-locked memory of at least `bytes` bytes,
-            // which the graph holds until each launch hands it to a
-            // Readback (and re-points the node before a launch if needed).
-            unsafe {
-                let host = std::slice::from_raw_parts_mut(host, bytes);
-                result::memcpy_dtoh_async(host, src, stream)
-            }
-            .call("cuMemcpyDtoHAsync")
-        });
-        if let Err(e) = queued {
-            pool.put(slot);
-            return Err(e);
-        }
+        let slot = self.launch.copy_into_slot(&pool, buf, off, bytes)?;
         let state = self
             .launch
             .lane_mut()
@@ -533,13 +515,7 @@ impl CapturedGraph {
                 uses.push(slot.used_range(Access::Write, "graph read-back slot", 0, r.bytes));
             }
         }
-        for u in &uses {
-            if lock(u.cell).stuck {
-                return Err(Error::ContextPoisoned {
-                    reason: format!("{} is in an unknown state after a failed GPU call", u.what),
-                });
-            }
-        }
+        // `enqueue` refuses buffers left in an unknown state (`stuck`).
         let exec = self.exec;
         let (start, end, ()) = lane.enqueue(&uses, timed, |stream| {
             // SAFETY: `exec` is this graph's executable, of the lane's
@@ -672,10 +648,7 @@ impl GraphLaunch {
 
     /// Blocks until the launch's work is done (its fence only).
     pub fn wait(&self) -> Result<()> {
-        match self.fence.synchronize() {
-            crate::graph::Probe::Failed(reason) => Err(Error::ContextPoisoned { reason }),
-            _ => Ok(()),
-        }
+        self.fence.wait()
     }
 }
 

@@ -336,6 +336,17 @@ impl Fence {
         }
     }
 
+    /// Blocks until the GPU passes this point, as an error: a GPU failure
+    /// is `ContextPoisoned`, a wait a stream capture refused
+    /// `CaptureInProgress` (for the handles that wait on one fence:
+    /// `Readback`, `GraphLaunch`).
+    pub(crate) fn wait(&self) -> Result<()> {
+        match self.wait_checked()? {
+            Probe::Failed(reason) => Err(crate::Error::ContextPoisoned { reason }),
+            _ => Ok(()),
+        }
+    }
+
     /// [`synchronize`](Self::synchronize) with the driver's error, so
     /// callers can tell a sticky failure (see [`is_sticky`]) from others.
     /// The wait is made with the fence's own context current, as in

@@ -11,9 +11,9 @@ use cudarc::driver::result;
 use crate::copy::{memset_pattern, range_bytes};
 use crate::error::DriverResultExt;
 use crate::kernels::Launch;
-use crate::memory::{DeviceBuffer, Element, Tracked};
-use crate::order::Access;
-use crate::readback::Readback;
+use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
+use crate::order::{Access, Used};
+use crate::readback::{Readback, SlotPool};
 use crate::{Error, Result};
 
 impl Launch<'_> {
@@ -124,32 +124,55 @@ impl Launch<'_> {
         }
         let (off, bytes) = range_bytes::<T>("read-back", at, n, buf.len())?;
         let pool = self.lane_mut().slot_pool();
+        let slot = self.copy_into_slot(&pool, buf, off, bytes)?;
+        let fence = match self.last_fence() {
+            Some(f) => f.clone(),
+            None => self.lane_mut().fence()?,
+        };
+        Ok(Readback::new(slot, fence, n, pool))
+    }
+
+    /// Copies the `bytes` bytes at byte `off` of `buf` into a slot of
+    /// `pool` (the one step of `read_async` and `Capture::read_back`): the
+    /// copy is ordered after the range's last write; the slot is named as
+    /// written, except in a capture, whose launches order the graph's
+    /// slots themselves. A failed copy puts the slot back.
+    pub(crate) fn copy_into_slot<T: Element>(
+        &mut self,
+        pool: &SlotPool,
+        buf: &DeviceBuffer<T>,
+        off: usize,
+        bytes: usize,
+    ) -> Result<PinnedBuffer<u8>> {
         let slot = pool.take(buf.gpu(), bytes)?;
-        let src = buf.addr() + off as u64;
-        let host = slot.raw();
-        let uses = [
-            buf.used_range(Access::Read, "device source buffer", off, off + bytes),
-            slot.used_range(Access::Write, "read-back slot", 0, bytes),
-        ];
-        let queued = self.enqueue(&uses, |stream| {
-            // SAFETY: src..src+bytes lies inside buf (checked above); `host`
-            // is the slot's page-locked memory of at least `bytes` bytes,
-            // owned by the slot, which host code reads only once the write
-            // fence the scope records here has completed.
+        let (src, host) = (buf.addr() + off as u64, slot.raw());
+        let read = buf.used_range(Access::Read, "device source buffer", off, off + bytes);
+        let written = slot.used_range(Access::Write, "read-back slot", 0, bytes);
+        let uses: &[Used<'_>] = if self.is_capturing() {
+            &[read]
+        } else {
+            &[read, written]
+        };
+        let queued = self.enqueue(uses, |stream| {
+            // SAFETY: src..src+bytes lies inside buf (the caller checked the
+            // range); `host` is the slot's page-locked memory of at least
+            // `bytes` bytes. Outside a capture the slot is fenced here and
+            // host code reads it only through a Readback once that fence
+            // completed; in a capture the graph holds the slot until a
+            // launch hands it to a Readback (re-pointing the node first if
+            // needed), and the graph keeps buf alive.
             unsafe {
                 let host = std::slice::from_raw_parts_mut(host, bytes);
                 result::memcpy_dtoh_async(host, src, stream)
             }
             .call("cuMemcpyDtoHAsync")
         });
-        if let Err(e) = queued {
-            pool.put(slot);
-            return Err(e);
+        match queued {
+            Ok(()) => Ok(slot),
+            Err(e) => {
+                pool.put(slot);
+                Err(e)
+            }
         }
-        let fence = match self.last_fence() {
-            Some(f) => f.clone(),
-            None => self.lane_mut().fence()?,
-        };
-        Ok(Readback::new(slot, fence, n, pool))
     }
 }

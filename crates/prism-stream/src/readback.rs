@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use crate::context::Gpu;
 use crate::event::Fence;
-use crate::graph::Probe;
 use crate::memory::{as_bytes_mut, zeroed_vec, Element, HostAllocFlags, PinnedBuffer};
 use crate::{Error, Result};
 
@@ -137,10 +136,8 @@ impl<T: Element> Readback<T> {
     /// Blocks until the values have arrived (waits for this copy's fence
     /// only) and returns them.
     pub fn wait(self) -> Result<Vec<T>> {
-        match self.fence.synchronize() {
-            Probe::Failed(reason) => Err(Error::ContextPoisoned { reason }),
-            _ => self.values(),
-        }
+        self.fence.wait()?;
+        self.values()
     }
 
     /// [`wait`](Self::wait) for a read of one value.

@@ -115,3 +115,12 @@ extern "C" {
         final_acc: *mut f32,
     ) -> i32;
 }
+
+/// The message of a launcher's or baseline's status code
+/// (`prism_error_string`).
+pub fn error_message(code: i32) -> String {
+    // SAFETY: prism_error_string returns a static C string for any code.
+    unsafe { std::ffi::CStr::from_ptr(prism_cuda_sys::prism_error_string(code)) }
+        .to_string_lossy()
+        .into_owned()
+}

@@ -22,7 +22,6 @@ mod chart;
 mod multi;
 mod s10;
 
-use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -701,9 +700,8 @@ unsafe fn cxx_pieces(
         )
     };
     if code != 0 {
-        // SAFETY: returns a static string for any code.
-        let msg = unsafe { CStr::from_ptr(prism_cuda_sys::prism_error_string(code)) };
-        return Err(format!("prism_bench_pieces(mode {mode}): {}", msg.to_string_lossy()).into());
+        let msg = baselines::error_message(code);
+        return Err(format!("prism_bench_pieces(mode {mode}): {msg}").into());
     }
     Ok(f64::from(ms))
 }

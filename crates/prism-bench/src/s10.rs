@@ -21,8 +21,6 @@
 //! window or a wrong iteration count (which moves the sum by a large
 //! fraction, see the tests) does not.
 
-use std::ffi::CStr;
-
 use std::time::Instant;
 
 use prism_stream::{CapturedGraph, DeviceBuffer, Gpu, Lane, Launch, ReadbackKey};
@@ -290,10 +288,7 @@ fn launched_stream(what: &str, code: i32) -> prism_stream::Result<()> {
     if code == 0 {
         return Ok(());
     }
-    // SAFETY: prism_error_string returns a static C string for any code.
-    let message = unsafe { CStr::from_ptr(prism_cuda_sys::prism_error_string(code)) }
-        .to_string_lossy()
-        .into_owned();
+    let message = baselines::error_message(code);
     Err(prism_stream::Error::user(format!(
         "{what}: {message} (code {code})"
     )))
@@ -321,9 +316,8 @@ fn cxx(cfg: &S10Config, mode: i32) -> Result<S10Run, BoxError> {
         )
     };
     if code != 0 {
-        // SAFETY: returns a static string for any code.
-        let msg = unsafe { CStr::from_ptr(prism_cuda_sys::prism_error_string(code)) };
-        return Err(format!("prism_bench_s10(mode {mode}): {}", msg.to_string_lossy()).into());
+        let msg = baselines::error_message(code);
+        return Err(format!("prism_bench_s10(mode {mode}): {msg}").into());
     }
     Ok(S10Run {
         us_per_iter: us,

@@ -2,7 +2,7 @@
 //! - the committed PTX: `kernels/prism_kernels.ptx` (prism's kernels, which a
 //!   build without nvcc launches through the driver API) and
 //!   `crates/prism-pipeline/examples/kernels/*.ptx` (the examples' and
-//!   tests' "user" kernels: `scale_add`, `pagerank`, `table_acc`), for
+//!   tests' "user" kernels: `scale_add`, `pagerank`, `table_acc`, `combine`), for
 //!   compute_75 with the `.version` directive lowered to PTX ISA 8.0
 //!   (CUDA 12.0), so drivers from CUDA 12.0 on load them;
 //! - every kernel source to PTX and cubin for each configured architecture
@@ -40,6 +40,10 @@ const COMMITTED_PTX: &[(&str, &str)] = &[
         "crates/prism-pipeline/examples/kernels/table_acc.cu",
         "crates/prism-pipeline/examples/kernels/table_acc.ptx",
     ),
+    (
+        "crates/prism-pipeline/examples/kernels/combine.cu",
+        "crates/prism-pipeline/examples/kernels/combine.ptx",
+    ),
 ];
 
 /// Sources compiled to cubin per architecture (resource report).
@@ -50,6 +54,7 @@ const SOURCES: &[&str] = &[
     "crates/prism-pipeline/examples/kernels/scale_add.cu",
     "crates/prism-pipeline/examples/kernels/pagerank.cu",
     "crates/prism-pipeline/examples/kernels/table_acc.cu",
+    "crates/prism-pipeline/examples/kernels/combine.cu",
 ];
 
 pub fn run(check: bool) -> Result {

@@ -33,6 +33,9 @@ use prism_stream::{
 use crate::ring::{ChunkId, SlotId, SlotRing, SlotSnapshot, Step};
 use crate::Error;
 
+/// The most device buffers a slot may have ([`EngineConfig::buffers_per_slot`]).
+pub const MAX_BUFFERS_PER_SLOT: usize = 16;
+
 /// Index of the upload lane in [`Engine::lane_mut`].
 pub const UPLOAD_LANE: usize = 0;
 /// Index of the download lane.
@@ -47,7 +50,9 @@ pub struct EngineConfig {
     pub slots: usize,
     /// Elements per device buffer.
     pub capacity: usize,
-    /// Device buffers per slot: 1 (in place) or 2 (stages read one, write the other).
+    /// Device buffers per slot, 1 to [`MAX_BUFFERS_PER_SLOT`]: 1 (in place),
+    /// 2 (a chain: stages read one, write the other), more for a stage
+    /// graph (one per value alive at once).
     pub buffers_per_slot: usize,
     /// Compute lanes (1 or 2): with two, chunks alternate between them so
     /// one chunk's kernels can use SMs the tail of another's leaves idle.
@@ -129,6 +134,72 @@ pub trait ChunkIo<T: Element> {
         chunk: ChunkId,
         len: usize,
     ) -> Result<(), Self::Error>;
+
+    /// Queues the downloads of a chunk's outputs (`(buffer, length)` each,
+    /// in the processor's output order; some may be empty). An I/O that
+    /// takes several outputs per chunk (a stage graph's) implements it; the
+    /// default takes exactly one, through [`download`](Self::download), and
+    /// refuses more.
+    fn download_outputs(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut Self::Slot,
+        outs: &[(&DeviceBuffer<T>, usize)],
+    ) -> Result<Recorded, Self::Error> {
+        match outs {
+            [(dev, len)] => self.download(lane, timed, slot, dev, *len),
+            _ => Err(Error::Config("this I/O takes exactly one output per chunk").into()),
+        }
+    }
+
+    /// The chunk's downloads completed: deliver its outputs (`lens[i]`
+    /// elements of output `i`). The default takes exactly one, through
+    /// [`retire`](Self::retire).
+    fn retire_outputs(
+        &mut self,
+        slot: &mut Self::Slot,
+        chunk: ChunkId,
+        lens: &[usize],
+    ) -> Result<(), Self::Error> {
+        match lens {
+            [len] => self.retire(slot, chunk, *len),
+            _ => Err(Error::Config("this I/O takes exactly one output per chunk").into()),
+        }
+    }
+}
+
+/// Where a processed chunk's outputs are: `(index in the slot's buffers,
+/// length)` for each, in output order. A chain has one; a stage graph one
+/// per output (the same buffer may appear more than once).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkOutputs(Vec<(usize, usize)>);
+
+impl ChunkOutputs {
+    /// One output: `len` elements in buffer `buf`.
+    pub fn one(buf: usize, len: usize) -> Self {
+        Self(vec![(buf, len)])
+    }
+
+    /// No outputs yet (add them with [`push`](Self::push)).
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Adds the next output: `len` elements in buffer `buf`.
+    pub fn push(&mut self, buf: usize, len: usize) {
+        self.0.push((buf, len));
+    }
+
+    /// The outputs, `(buffer, length)` each.
+    pub fn as_slice(&self) -> &[(usize, usize)] {
+        &self.0
+    }
+
+    /// Elements over every output.
+    pub fn total(&self) -> usize {
+        self.0.iter().map(|&(_, len)| len).sum()
+    }
 }
 
 /// The kernels of one chunk.
@@ -137,9 +208,9 @@ pub trait ChunkProcessor<T: Element> {
     type Error: From<Error>;
 
     /// Queues the chunk's kernels through `launch`. `bufs[0]` holds the
-    /// `len` input elements; returns the output length and the index in
-    /// `bufs` of the buffer that holds it. With `spans.timed()`, name and
-    /// time each kernel group with [`ComputeSpans::record`].
+    /// `len` input elements; returns where the outputs are (buffer index
+    /// and length of each). With `spans.timed()`, name and time each kernel
+    /// group with [`ComputeSpans::record`].
     fn process(
         &mut self,
         launch: &mut Launch<'_>,
@@ -147,7 +218,7 @@ pub trait ChunkProcessor<T: Element> {
         len: usize,
         chunk: ChunkId,
         spans: &mut ComputeSpans,
-    ) -> Result<(usize, usize), Self::Error>;
+    ) -> Result<ChunkOutputs, Self::Error>;
 }
 
 /// Named, timed kernel groups of one chunk (see [`ChunkProcessor::process`]).
@@ -269,8 +340,8 @@ struct TimedStep {
 struct EngineSlot<T: Element> {
     bufs: Vec<DeviceBuffer<T>>,
     in_len: usize,
-    out_len: usize,
-    out_buf: usize,
+    /// (buffer, length) of each output of the chunk in the slot.
+    outs: ChunkOutputs,
     timed: Vec<TimedStep>,
 }
 
@@ -312,9 +383,11 @@ impl<T: Element> Engine<T> {
                 what: "engine slot capacity",
             });
         }
-        if !(1..=2).contains(&config.buffers_per_slot) || !(1..=2).contains(&config.compute_lanes) {
+        if !(1..=MAX_BUFFERS_PER_SLOT).contains(&config.buffers_per_slot)
+            || !(1..=2).contains(&config.compute_lanes)
+        {
             return Err(Error::Config(
-                "an engine has 1 or 2 buffers per slot and 1 or 2 compute lanes",
+                "an engine has 1 to 16 buffers per slot and 1 or 2 compute lanes",
             ));
         }
         let ring = SlotRing::new(config.slots)?;
@@ -337,8 +410,7 @@ impl<T: Element> Engine<T> {
             slots.push(EngineSlot {
                 bufs,
                 in_len: 0,
-                out_len: 0,
-                out_buf: 0,
+                outs: ChunkOutputs::new(),
                 timed: Vec::new(),
             });
         }
@@ -486,8 +558,7 @@ impl<T: Element> Engine<T> {
         };
         let end = own_fence(lane, rec.end)?;
         s.in_len = len;
-        s.out_len = len;
-        s.out_buf = 0;
+        s.outs = ChunkOutputs::one(0, len);
         s.timed.clear();
         if let Some(start) = rec.start {
             s.timed.push(TimedStep {
@@ -519,11 +590,11 @@ impl<T: Element> Engine<T> {
             spans: Vec::new(),
         };
         let mut launch = lane.launch();
-        let (out_len, out_buf) =
-            p.process(&mut launch, &mut s.bufs, s.in_len, chunk, &mut spans)?;
-        if out_len > self.config.capacity || out_buf >= s.bufs.len() {
+        let outs = p.process(&mut launch, &mut s.bufs, s.in_len, chunk, &mut spans)?;
+        let (capacity, bufs) = (self.config.capacity, s.bufs.len());
+        if outs.0.is_empty() || outs.0.iter().any(|&(b, l)| l > capacity || b >= bufs) {
             return Err(Error::Config(
-                "a processor reported more output than the slot holds, or no such buffer",
+                "a processor reported no output, more output than the slot holds, or no such buffer",
             )
             .into());
         }
@@ -541,8 +612,7 @@ impl<T: Element> Engine<T> {
             Some(f) => f,
             None => lane.fence().map_err(Error::from)?,
         };
-        s.out_len = out_len;
-        s.out_buf = out_buf;
+        s.outs = outs;
         for (name, start, end) in spans.spans {
             s.timed.push(TimedStep {
                 step: Step::Process,
@@ -571,7 +641,7 @@ impl<T: Element> Engine<T> {
         let timed = self.timing.is_some();
         let state = io_slots.get(slot.0, io, &self.gpu)?;
         let s = &mut self.slots[slot.0];
-        if s.out_len == 0 {
+        if s.outs.total() == 0 {
             // Nothing to copy (a stage made no output for this chunk): the
             // download is done when processing is, so its fence stands in.
             let end = self
@@ -583,7 +653,9 @@ impl<T: Element> Engine<T> {
             return Ok(Some(chunk));
         }
         let lane = &mut self.lanes[DOWNLOAD_LANE];
-        let rec = io.download(lane, timed, state, &s.bufs[s.out_buf], s.out_len)?;
+        let outs: Vec<(&DeviceBuffer<T>, usize)> =
+            s.outs.0.iter().map(|&(b, l)| (&s.bufs[b], l)).collect();
+        let rec = io.download_outputs(lane, timed, state, &outs)?;
         let end = own_fence(lane, rec.end)?;
         if let Some(start) = rec.start {
             s.timed.push(TimedStep {
@@ -603,9 +675,10 @@ impl<T: Element> Engine<T> {
         Ok(self.ring.poll()?)
     }
 
-    /// If the oldest chunk's download completed: hands it to `io.retire`,
-    /// reports its spans (with timing on) and frees the slot. Outputs come
-    /// in chunk order.
+    /// If the oldest chunk's download completed: hands it to
+    /// `io.retire_outputs`, reports its spans (with timing on) and frees the
+    /// slot. Outputs come in chunk order; returns the chunk and its output
+    /// elements over every output.
     pub fn retire<Io: ChunkIo<T>>(
         &mut self,
         io: &mut Io,
@@ -616,9 +689,10 @@ impl<T: Element> Engine<T> {
         let Some((slot, chunk)) = self.ring.completed() else {
             return Ok(None);
         };
-        let len = self.slots[slot.0].out_len;
+        let lens: Vec<usize> = self.slots[slot.0].outs.0.iter().map(|&(_, l)| l).collect();
+        let len = lens.iter().sum();
         let state = io_slots.get(slot.0, io, &self.gpu)?;
-        io.retire(state, chunk, len)?;
+        io.retire_outputs(state, chunk, &lens)?;
         self.ring.release(slot)?;
         self.retire_timing(slot, chunk, spans)?;
         Ok(Some((chunk, len)))

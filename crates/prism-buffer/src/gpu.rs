@@ -16,8 +16,8 @@ use prism_stream::{
 };
 
 use crate::engine::{
-    ChunkIo, ChunkProcessor, ChunkSpan, ComputeSpans, Engine, EngineConfig, IoSlots, Recorded,
-    Upload, COMPUTE_LANE, DOWNLOAD_LANE, UPLOAD_LANE,
+    ChunkIo, ChunkOutputs, ChunkProcessor, ChunkSpan, ComputeSpans, Engine, EngineConfig, IoSlots,
+    Recorded, Upload, COMPUTE_LANE, DOWNLOAD_LANE, UPLOAD_LANE,
 };
 use crate::ring::{ChunkId, Fence, SlotId, SlotSnapshot, Step, DEFAULT_SLOTS};
 use crate::Error;
@@ -151,9 +151,9 @@ where
         len: usize,
         _chunk: ChunkId,
         spans: &mut ComputeSpans,
-    ) -> Result<(usize, usize), Error> {
+    ) -> Result<ChunkOutputs, Error> {
         let Some(f) = self.f.take() else {
-            return Ok((len, 0));
+            return Ok(ChunkOutputs::one(0, len));
         };
         let _nvtx = prism_stream::nvtx::Range::new("process");
         let start = if spans.timed() {
@@ -168,7 +168,7 @@ where
             let end = launch.timed_fence()?;
             spans.record("process", start, end);
         }
-        Ok((len, 0))
+        Ok(ChunkOutputs::one(0, len))
     }
 }
 

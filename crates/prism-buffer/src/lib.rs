@@ -33,7 +33,7 @@ mod error;
 mod gpu;
 pub mod ring;
 
-pub use engine::{ChunkIo, ChunkProcessor, Engine, EngineConfig};
+pub use engine::{ChunkIo, ChunkOutputs, ChunkProcessor, Engine, EngineConfig};
 pub use gpu::{GpuTripleBufferExt, StepSpan, TripleBuffer};
 
 pub use error::Error;

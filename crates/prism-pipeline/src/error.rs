@@ -179,6 +179,44 @@ pub enum Error {
     /// A value was asked of an iteration that reads nothing back.
     #[error("the iteration reads nothing back: call ResidentPipeline::set_readback before execute_iteration")]
     NoReadback,
+    /// A node id of another graph, or past this one's nodes.
+    #[error("node {index} is not a node of this graph ({nodes} nodes)")]
+    UnknownNode {
+        /// The node's index in its own graph.
+        index: usize,
+        /// Nodes of this graph.
+        nodes: usize,
+    },
+    /// A graph run given a different number of destinations than the
+    /// graph has outputs.
+    #[error("the graph has {expected} output(s), but the run was given {actual}")]
+    OutputCount {
+        /// Outputs of the graph.
+        expected: usize,
+        /// Destinations given.
+        actual: usize,
+    },
+    /// A graph run's destination whose length is not its output's.
+    #[error("output {output} holds {actual} elements, but the graph produces {expected}")]
+    GraphOutputLength {
+        /// The output's index.
+        output: usize,
+        /// Elements the graph produces for it.
+        expected: usize,
+        /// Elements the destination holds.
+        actual: usize,
+    },
+    /// A graph needing more device buffers per slot (values alive at once)
+    /// than a ring slot may hold.
+    #[error(
+        "the graph needs {buffers} device buffers per slot at once; a slot holds at most {max}"
+    )]
+    GraphTooWide {
+        /// Buffers the graph needs.
+        buffers: usize,
+        /// The most a slot holds.
+        max: usize,
+    },
 }
 
 impl Error {

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use prism_buffer::engine::{ChunkSpan, ComputeSpans, COMPUTE_LANE, DOWNLOAD_LANE, UPLOAD_LANE};
 use prism_buffer::ring::{ChunkId, Step};
-use prism_buffer::{ChunkProcessor, Engine, EngineConfig};
+use prism_buffer::{ChunkOutputs, ChunkProcessor, Engine, EngineConfig};
 use prism_stream::{DeviceBuffer, Element, Gpu, Launch, PinnedBuffer};
 
 use crate::error::{Error, Result};
@@ -15,12 +15,13 @@ use crate::guard;
 use crate::stage::AnyStage;
 use crate::stats::{Lane as SpanLane, PipelineStats, Span, Timeline};
 
-/// A new engine for the pipeline: `slots` slots of two `capacity`-element
-/// buffers, two compute lanes.
+/// A new engine for the pipeline: `slots` slots of `buffers` (2 for a
+/// chain) `capacity`-element buffers, two compute lanes.
 pub(crate) fn new_engine<T: Element>(
     gpu: &Gpu,
     slots: usize,
     capacity: usize,
+    buffers: usize,
 ) -> Result<Engine<T>> {
     let _span = tracing::debug_span!("prism.pipeline.gpu_engine", slots, capacity).entered();
     Ok(Engine::new(
@@ -28,7 +29,7 @@ pub(crate) fn new_engine<T: Element>(
         EngineConfig {
             slots,
             capacity,
-            buffers_per_slot: 2,
+            buffers_per_slot: buffers,
             compute_lanes: 2,
         },
     )?)
@@ -144,16 +145,17 @@ impl<T: Element> ChunkProcessor<T> for StageChain<'_, T> {
         len: usize,
         chunk: ChunkId,
         spans: &mut ComputeSpans,
-    ) -> Result<(usize, usize)> {
+    ) -> Result<ChunkOutputs> {
         let replay = self.graphs.as_deref().is_some_and(|g| !g.refused)
             && self.order.iter().all(|&i| self.stages[i].capturable());
         if replay {
             // `None`: the capture was refused; run as usual below.
-            if let Some(out) = self.process_graph(launch, bufs, len, chunk, spans)? {
-                return Ok(out);
+            if let Some((len, buf)) = self.process_graph(launch, bufs, len, chunk, spans)? {
+                return Ok(ChunkOutputs::one(buf, len));
             }
         }
-        self.process_direct(launch, bufs, len, chunk, spans)
+        let (len, buf) = self.process_direct(launch, bufs, len, chunk, spans)?;
+        Ok(ChunkOutputs::one(buf, len))
     }
 }
 

@@ -515,7 +515,7 @@ fn round_trip<T: Element>(
         global: None,
         graphs: None,
     };
-    let (out_len, out_buf) = {
+    let outs = {
         let mut launch = lane.launch();
         chain.process(
             &mut launch,
@@ -524,6 +524,9 @@ fn round_trip<T: Element>(
             ChunkId(0),
             &mut ComputeSpans::default(),
         )?
+    };
+    let [(out_buf, out_len)] = *outs.as_slice() else {
+        return Err(Error::Config("a stage chain made more than one output"));
     };
     let done = {
         let _nvtx = NvtxRange::new("download");

@@ -42,6 +42,7 @@
 #![forbid(unsafe_code)]
 
 mod copy;
+mod dag;
 mod error;
 mod gpu;
 mod guard;
@@ -60,6 +61,7 @@ mod stats;
 use prism_buffer::Engine;
 use prism_stream::{Element, Gpu, ManagedGpuContext};
 
+pub use dag::{GpuJoinBody, GpuJoinFn, HostJoinFn, Join, NodeId, StageGraph};
 pub use error::{Error, Result, StageError};
 pub use host::AsyncPipelineCoordinator;
 pub use iterate::ChunkOutput;
@@ -479,10 +481,18 @@ impl<T: Element> PipelineStageManager<T> {
     /// changed (the pinned staging goes with it).
     fn engine(&mut self, order: &[usize]) -> Result<()> {
         let capacity = self.capacity(order);
-        let rebuild = self
-            .engine
-            .as_ref()
-            .is_none_or(|e| e.capacity() < capacity || e.slot_count() != self.slots());
+        self.ensure_engine(capacity, 2)
+    }
+
+    /// The GPU ring with at least `capacity` elements and `buffers` device
+    /// buffers per slot, (re)built when it has fewer or the slot count
+    /// changed (the pinned staging goes with it).
+    pub(crate) fn ensure_engine(&mut self, capacity: usize, buffers: usize) -> Result<()> {
+        let rebuild = self.engine.as_ref().is_none_or(|e| {
+            e.capacity() < capacity
+                || e.slot_count() != self.slots()
+                || e.config().buffers_per_slot < buffers
+        });
         if rebuild {
             self.close_idle_session()?;
             self.graphs.clear(); // they hold the old ring's buffers
@@ -492,7 +502,12 @@ impl<T: Element> PipelineStageManager<T> {
                 .gpu
                 .as_ref()
                 .ok_or(Error::Config("no GPU on this manager"))?;
-            self.engine = Some(gpu::new_engine(gpu, self.slots(), capacity)?);
+            self.engine = Some(gpu::new_engine(
+                gpu,
+                self.slots(),
+                capacity,
+                buffers.max(2),
+            )?);
         }
         Ok(())
     }

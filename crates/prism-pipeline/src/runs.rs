@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use prism_buffer::engine::{ChunkSpan, IoSlots, RunCounts};
-use prism_buffer::{ChunkIo, Engine};
+use prism_buffer::{ChunkIo, ChunkProcessor, Engine};
 use prism_stream::nvtx::Range;
 use prism_stream::{zeroed_vec, Element, PinnedBuffer};
 
@@ -55,6 +55,60 @@ impl<T: Element> GpuRun<'_, T> {
         self,
         io: &mut Io,
     ) -> (Result<RunCounts>, IoSlots<Io::Slot>) {
+        let counts_before = self.graphs.as_deref().map(|g| g.counts());
+        let mut chain = StageChain {
+            stages: self.stages,
+            order: self.order,
+            capacity: self.capacity,
+            base: 0,
+            global: self.global,
+            graphs: self.graphs,
+        };
+        let mut driver = Driver {
+            engine: self.engine,
+            timing: self.timing,
+            trace: self.trace,
+            stats: self.stats,
+            timeline: self.timeline,
+            pool: self.pool,
+            global: self.global,
+        };
+        let (result, slots) = driver.drive(io, &mut chain);
+        if result.is_ok() {
+            if let (Some((l0, c0)), Some(g)) = (counts_before, chain.graphs.as_deref()) {
+                let (l1, c1) = g.counts();
+                driver.stats.graph_launches += l1 - l0;
+                driver.stats.graph_captures += c1 - c0;
+            }
+        }
+        (result, slots)
+    }
+}
+
+/// The engine of a GPU run and where its times go: drives any processor
+/// (a stage chain, a stage graph) over any I/O.
+pub(crate) struct Driver<'a, T: Element> {
+    pub(crate) engine: &'a mut Engine<T>,
+    pub(crate) timing: bool,
+    pub(crate) trace: bool,
+    pub(crate) stats: &'a mut PipelineStats,
+    pub(crate) timeline: &'a mut Timeline,
+    pub(crate) pool: &'a crate::copy::CopyPool,
+    pub(crate) global: Option<&'a GlobalIndex>,
+}
+
+impl<T: Element> Driver<'_, T> {
+    /// Streams every chunk of `io` through `p`; returns the counts and the
+    /// slot states. A run's step times go into the stats only if it succeeds.
+    pub(crate) fn drive<Io, P>(
+        &mut self,
+        io: &mut Io,
+        p: &mut P,
+    ) -> (Result<RunCounts>, IoSlots<Io::Slot>)
+    where
+        Io: ChunkIo<T, Error = Error>,
+        P: ChunkProcessor<T, Error = Error>,
+    {
         let mut slots = IoSlots::new(self.engine.slot_count());
         if self.timing {
             if let Err(e) = self.engine.start_timing() {
@@ -65,17 +119,8 @@ impl<T: Element> GpuRun<'_, T> {
             device: self.engine.gpu().info().name.clone(),
             ..Timeline::default()
         };
-        let (stats, trace, global) = (self.stats, self.trace, self.global);
+        let (trace, global) = (self.trace, self.global);
         self.pool.record(trace);
-        let counts_before = self.graphs.as_deref().map(|g| g.counts());
-        let mut chain = StageChain {
-            stages: self.stages,
-            order: self.order,
-            capacity: self.capacity,
-            base: 0,
-            global: self.global,
-            graphs: self.graphs,
-        };
         // This run's step times, added to the stats only if it succeeds (a
         // failed run adds nothing, as it adds no wall time).
         let mut steps = PipelineStats::default();
@@ -85,7 +130,7 @@ impl<T: Element> GpuRun<'_, T> {
                 let tl = if trace { Some(&mut fresh) } else { None };
                 record_span(&mut steps, tl, s);
             };
-            self.engine.run(io, &mut slots, &mut chain, &mut spans)
+            self.engine.run(io, &mut slots, p, &mut spans)
         };
         let copies = self.pool.take_spans();
         if trace {
@@ -98,6 +143,7 @@ impl<T: Element> GpuRun<'_, T> {
             0.0
         };
         if let Ok(c) = &result {
+            let stats = &mut *self.stats;
             stats.upload_ms += steps.upload_ms;
             stats.download_ms += steps.download_ms;
             for st in &steps.stages {
@@ -105,11 +151,6 @@ impl<T: Element> GpuRun<'_, T> {
             }
             stats.compute_busy_ms += busy;
             stats.host_wait_ms += c.wait_ms;
-            if let (Some((l0, c0)), Some(g)) = (counts_before, chain.graphs.as_deref()) {
-                let (l1, c1) = g.counts();
-                stats.graph_launches += l1 - l0;
-                stats.graph_captures += c1 - c0;
-            }
         }
         if trace && result.is_ok() {
             *self.timeline = fresh;

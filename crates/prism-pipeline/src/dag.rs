@@ -1,0 +1,1288 @@
+//! Stage graphs: one input feeding several branches, joins with several
+//! inputs, several outputs and taps, run chunk by chunk on the same ring
+//! engine as a chain ([`PipelineStageManager::run_graph`],
+//! [`run_graph_pinned`](PipelineStageManager::run_graph_pinned)) or on
+//! the host backend.
+//!
+//! A [`StageGraph`] is built front to back: every node names nodes made
+//! before it, so a graph is acyclic by construction, and node order is a
+//! topological order. On the GPU each slot of the ring holds the chunk's
+//! input and one device buffer per value alive at once (given out by
+//! liveness over that order, not one per edge: a branch's buffer is reused
+//! once its last reader ran, an output's is kept until it is downloaded).
+//! A chunk read by several branches is read in place by each, with no
+//! copy. Every output is downloaded into its own destination, in output
+//! order, after the chunk's kernels. What owns the ordering is unchanged:
+//! every kernel goes through the chunk's `Launch`, every copy through a
+//! lane (prism-stream's `order.rs`).
+//!
+//! Within a chunk the nodes run in node order on the chunk's compute lane;
+//! chunks alternate between two compute lanes, so independent branches of
+//! consecutive chunks overlap, and branches of one chunk do not.
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prism_buffer::engine::{ComputeSpans, Recorded};
+use prism_buffer::ring::ChunkId;
+use prism_buffer::{ChunkIo, ChunkOutputs, ChunkProcessor};
+use prism_stream::nvtx::Range;
+use prism_stream::{DeviceBuffer, Element, Gpu, Lane, Launch, PinnedBuffer};
+
+use crate::copy::{par_copy, CopyPool};
+use crate::error::{Error, Result, StageError};
+use crate::gpu::StagingCache;
+use crate::guard;
+use crate::plan::ChunkPlan;
+use crate::stage::{AnyStage, Stage};
+
+/// A node of a [`StageGraph`]: the graph's input, a stage or a join. Valid
+/// only on the graph that made it (another graph's is
+/// [`Error::UnknownNode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeId {
+    graph: u64,
+    index: usize,
+}
+
+impl NodeId {
+    /// The node's position in its graph (0 is the input).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+/// A node with several inputs (a join): it reads `inputs[i][..lens[i]]`
+/// and writes `output_len(lens)` elements. Like a [`Stage`], implement the
+/// forms it supports.
+pub trait Join<T: Element>: Send + Sync {
+    /// The name in stats, traces and errors.
+    fn name(&self) -> &str;
+
+    /// Elements produced from inputs of `lens` elements. The default asks
+    /// for inputs of one length and makes as many elements.
+    fn output_len(&self, lens: &[usize]) -> std::result::Result<usize, StageError> {
+        match lens.split_first() {
+            Some((&first, rest)) if rest.iter().all(|&l| l == first) => Ok(first),
+            _ => Err(format!("inputs of different lengths {lens:?}").into()),
+        }
+    }
+
+    /// True when element i of the output depends only on element i of
+    /// each input (and the output is as long as the inputs).
+    fn elementwise(&self) -> bool {
+        false
+    }
+
+    /// Whether [`gpu`](Self::gpu) is implemented.
+    fn has_gpu(&self) -> bool {
+        false
+    }
+
+    /// Whether [`host`](Self::host) is implemented.
+    fn has_host(&self) -> bool {
+        false
+    }
+
+    /// Enqueues the join on `launch`: `inputs[i][..lens[i]]` → `output[..output_len(lens)]`.
+    fn gpu(
+        &mut self,
+        launch: &mut Launch<'_>,
+        inputs: &[&DeviceBuffer<T>],
+        lens: &[usize],
+        output: &mut DeviceBuffer<T>,
+    ) -> std::result::Result<(), StageError> {
+        let _ = (launch, inputs, lens, output);
+        Err(format!("join {} has no GPU implementation", self.name()).into())
+    }
+
+    /// Computes the join on the host: `output.len() == output_len(lens)`
+    /// and the join writes every element of it. Called on the manager's
+    /// threads, for several chunks at once.
+    fn host(&self, inputs: &[&[T]], output: &mut [T]) -> std::result::Result<(), StageError> {
+        let _ = (inputs, output);
+        Err(format!("join {} has no host implementation", self.name()).into())
+    }
+}
+
+/// A join as a graph stores it (found again by type, as stages are).
+trait AnyJoin<T: Element>: Join<T> {
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl<T: Element, J: Join<T> + 'static> AnyJoin<T> for J {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// A GPU join from a closure: `f(launch, inputs, lens, output)`; the
+/// output is as long as the inputs, which must agree.
+pub struct GpuJoinFn<T, F> {
+    name: String,
+    elementwise: bool,
+    f: std::sync::Mutex<F>,
+    _t: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T, F> std::fmt::Debug for GpuJoinFn<T, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuJoinFn")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// The closure of a [`GpuJoinFn`].
+pub trait GpuJoinBody<T: Element>:
+    FnMut(
+        &mut Launch<'_>,
+        &[&DeviceBuffer<T>],
+        &[usize],
+        &mut DeviceBuffer<T>,
+    ) -> std::result::Result<(), StageError>
+    + Send
+{
+}
+
+impl<T: Element, F> GpuJoinBody<T> for F where
+    F: FnMut(
+            &mut Launch<'_>,
+            &[&DeviceBuffer<T>],
+            &[usize],
+            &mut DeviceBuffer<T>,
+        ) -> std::result::Result<(), StageError>
+        + Send
+{
+}
+
+impl<T: Element, F: GpuJoinBody<T>> GpuJoinFn<T, F> {
+    /// A join named `name` running `f`; `elementwise` says whether output
+    /// i depends on element i of each input only.
+    pub fn new(name: impl Into<String>, elementwise: bool, f: F) -> Self {
+        Self {
+            name: name.into(),
+            elementwise,
+            f: std::sync::Mutex::new(f),
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Element, F: GpuJoinBody<T>> Join<T> for GpuJoinFn<T, F> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn elementwise(&self) -> bool {
+        self.elementwise
+    }
+    fn has_gpu(&self) -> bool {
+        true
+    }
+    fn gpu(
+        &mut self,
+        launch: &mut Launch<'_>,
+        inputs: &[&DeviceBuffer<T>],
+        lens: &[usize],
+        output: &mut DeviceBuffer<T>,
+    ) -> std::result::Result<(), StageError> {
+        // `&mut self`: the mutex is never locked (it only makes the join
+        // `Sync` without asking the closure to be).
+        let f = self
+            .f
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(launch, inputs, lens, output)
+    }
+}
+
+/// A host join from a closure `f(inputs, output)`; the output is as long
+/// as the inputs, which must agree.
+pub struct HostJoinFn<T, F> {
+    name: String,
+    elementwise: bool,
+    f: F,
+    _t: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T, F> std::fmt::Debug for HostJoinFn<T, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostJoinFn")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl<T: Element, F> HostJoinFn<T, F>
+where
+    F: Fn(&[&[T]], &mut [T]) -> std::result::Result<(), StageError> + Send + Sync,
+{
+    /// A join named `name` running `f`; `elementwise` as for [`GpuJoinFn`].
+    pub fn new(name: impl Into<String>, elementwise: bool, f: F) -> Self {
+        Self {
+            name: name.into(),
+            elementwise,
+            f,
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Element, F> Join<T> for HostJoinFn<T, F>
+where
+    F: Fn(&[&[T]], &mut [T]) -> std::result::Result<(), StageError> + Send + Sync,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn elementwise(&self) -> bool {
+        self.elementwise
+    }
+    fn has_host(&self) -> bool {
+        true
+    }
+    fn host(&self, inputs: &[&[T]], output: &mut [T]) -> std::result::Result<(), StageError> {
+        (self.f)(inputs, output)
+    }
+}
+
+enum Op<T: Element> {
+    Input,
+    Stage(Box<dyn AnyStage<T>>),
+    Join(Box<dyn AnyJoin<T>>),
+}
+
+struct Node<T: Element> {
+    op: Op<T>,
+    /// Indices of the nodes read, all smaller than this node's.
+    inputs: Vec<usize>,
+    /// Unique within the graph (stats, traces, errors).
+    name: String,
+}
+
+static NEXT_GRAPH: AtomicU64 = AtomicU64::new(1);
+
+/// A directed acyclic graph of stages over one input: fan-out (several
+/// nodes read one node, in place), joins (a node reading several), any
+/// number of outputs (an output on an inner node is a tap). Run it with
+/// [`PipelineStageManager::run_graph`] (pageable),
+/// [`run_graph_pinned`](PipelineStageManager::run_graph_pinned) (pinned,
+/// no staging). A chain is the graph whose every node reads the one before.
+///
+/// ```
+/// use prism_pipeline::{Backend, Clamp, Fma, PipelineConfig, PipelineStageManager, StageGraph};
+///
+/// let mut g = StageGraph::<f32>::new();
+/// let x = g.input();
+/// let a = g.stage(x, Fma { a: 2.0, b: 1.0, iters: 1 })?;
+/// let b = g.stage(x, Clamp { lo: 0.0, hi: 0.5 })?;
+/// g.output(a)?;
+/// g.output(b)?;
+/// let mut m = PipelineStageManager::<f32>::new(Backend::Auto, PipelineConfig::default())?;
+/// let input = vec![0.25f32; 1 << 20];
+/// let (mut out_a, mut out_b) = (vec![0.0; 1 << 20], vec![0.0; 1 << 20]);
+/// m.run_graph(&mut g, &input, &mut [&mut out_a[..], &mut out_b[..]])?;
+/// assert_eq!((out_a[0], out_b[0]), (1.5, 0.25));
+/// # Ok::<(), prism_pipeline::Error>(())
+/// ```
+pub struct StageGraph<T: Element> {
+    id: u64,
+    nodes: Vec<Node<T>>,
+    outputs: Vec<usize>,
+}
+
+impl<T: Element> std::fmt::Debug for StageGraph<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes: Vec<(&str, &[usize])> = self
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.inputs.as_slice()))
+            .collect();
+        f.debug_struct("StageGraph")
+            .field("nodes", &nodes)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+impl<T: Element> Default for StageGraph<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Element> StageGraph<T> {
+    /// A graph with only its input node.
+    pub fn new() -> Self {
+        Self {
+            id: NEXT_GRAPH.fetch_add(1, Ordering::Relaxed),
+            nodes: vec![Node {
+                op: Op::Input,
+                inputs: Vec::new(),
+                name: "input".to_owned(),
+            }],
+            outputs: Vec::new(),
+        }
+    }
+
+    /// A chain: `stages` one after the other, the last one the output.
+    pub fn chain<I, S>(stages: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Stage<T> + 'static,
+    {
+        let mut g = Self::new();
+        let mut at = g.input();
+        for s in stages {
+            at = g.stage(at, s)?;
+        }
+        g.output(at)?;
+        Ok(g)
+    }
+
+    /// The graph's input: each chunk as it was uploaded.
+    pub fn input(&self) -> NodeId {
+        NodeId {
+            graph: self.id,
+            index: 0,
+        }
+    }
+
+    fn check(&self, node: NodeId) -> Result<usize> {
+        if node.graph != self.id || node.index >= self.nodes.len() {
+            return Err(Error::UnknownNode {
+                index: node.index,
+                nodes: self.nodes.len(),
+            });
+        }
+        Ok(node.index)
+    }
+
+    fn push(&mut self, op: Op<T>, inputs: Vec<usize>, name: &str) -> NodeId {
+        let taken = |n: &str| self.nodes.iter().any(|x| x.name == n);
+        let name = if taken(name) {
+            format!("{name} (node {})", self.nodes.len())
+        } else {
+            name.to_owned()
+        };
+        self.nodes.push(Node { op, inputs, name });
+        NodeId {
+            graph: self.id,
+            index: self.nodes.len() - 1,
+        }
+    }
+
+    /// A stage reading `from`. Several stages may read one node (fan-out,
+    /// in place: no copy).
+    pub fn stage(&mut self, from: NodeId, stage: impl Stage<T> + 'static) -> Result<NodeId> {
+        let from = self.check(from)?;
+        let name = stage.name().to_owned();
+        Ok(self.push(Op::Stage(Box::new(stage)), vec![from], &name))
+    }
+
+    /// A join reading `from` (one or more nodes, in that order; a node
+    /// may appear more than once).
+    pub fn join(&mut self, from: &[NodeId], join: impl Join<T> + 'static) -> Result<NodeId> {
+        if from.is_empty() {
+            return Err(Error::Config("a join reads at least one node"));
+        }
+        let inputs = from.iter().map(|&n| self.check(n)).collect::<Result<_>>()?;
+        let name = join.name().to_owned();
+        Ok(self.push(Op::Join(Box::new(join)), inputs, &name))
+    }
+
+    /// Makes `node` an output (a tap, when other nodes read it too);
+    /// returns the output's index: the position of its destination in a
+    /// run's outputs. A node may be an output more than once.
+    pub fn output(&mut self, node: NodeId) -> Result<usize> {
+        let i = self.check(node)?;
+        self.outputs.push(i);
+        Ok(self.outputs.len() - 1)
+    }
+
+    /// Nodes, the input included.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Outputs declared.
+    pub fn output_count(&self) -> usize {
+        self.outputs.len()
+    }
+
+    /// A node's name as stats and traces show it (unique in the graph).
+    pub fn name(&self, node: NodeId) -> Result<&str> {
+        let i = self.check(node)?;
+        Ok(&self.nodes[i].name)
+    }
+
+    /// The stage or join of `node` if it is an `S`.
+    pub fn node<S: 'static>(&self, node: NodeId) -> Option<&S> {
+        let i = self.check(node).ok()?;
+        match &self.nodes[i].op {
+            Op::Stage(s) => s.as_any().downcast_ref(),
+            Op::Join(j) => j.as_any().downcast_ref(),
+            Op::Input => None,
+        }
+    }
+
+    /// The stage or join of `node`, mutably, if it is an `S`.
+    pub fn node_mut<S: 'static>(&mut self, node: NodeId) -> Option<&mut S> {
+        let i = self.check(node).ok()?;
+        match &mut self.nodes[i].op {
+            Op::Stage(s) => s.as_any_mut().downcast_mut(),
+            Op::Join(j) => j.as_any_mut().downcast_mut(),
+            Op::Input => None,
+        }
+    }
+
+    /// Which nodes an output depends on (the others are never run).
+    fn live(&self) -> Vec<bool> {
+        let mut live = vec![false; self.nodes.len()];
+        for &o in &self.outputs {
+            live[o] = true;
+        }
+        for i in (0..self.nodes.len()).rev() {
+            if live[i] {
+                for &p in &self.nodes[i].inputs {
+                    live[p] = true;
+                }
+            }
+        }
+        live
+    }
+
+    /// Checks the graph can run on `backend` and plans its buffers.
+    pub(crate) fn plan(&self, gpu: bool) -> Result<Plan> {
+        if self.outputs.is_empty() {
+            return Err(Error::NoStages);
+        }
+        let live = self.live();
+        for (_, n) in self.nodes.iter().enumerate().filter(|&(i, _)| live[i]) {
+            let ok = match &n.op {
+                Op::Input => true,
+                Op::Stage(s) => {
+                    if gpu {
+                        s.has_gpu()
+                    } else {
+                        s.has_host()
+                    }
+                }
+                Op::Join(j) => {
+                    if gpu {
+                        j.has_gpu()
+                    } else {
+                        j.has_host()
+                    }
+                }
+            };
+            if !ok {
+                return Err(Error::Unsupported {
+                    stage: n.name.clone(),
+                    backend: if gpu { "GPU" } else { "host" },
+                });
+            }
+        }
+        self.allocate(live)
+    }
+
+    /// Device buffers a ring slot needs for this graph: one per value
+    /// alive at once (the input, branches not yet read by all their
+    /// readers, outputs not yet downloaded), given out by liveness in node
+    /// order. A chain needs 2 however long it is; `k` independent
+    /// branches with their own outputs need `k + 1`.
+    pub fn buffers_per_slot(&self) -> Result<usize> {
+        if self.outputs.is_empty() {
+            return Err(Error::NoStages);
+        }
+        Ok(self.allocate(self.live())?.buffers)
+    }
+
+    /// Gives every live node a slot buffer, by liveness.
+    fn allocate(&self, live: Vec<bool>) -> Result<Plan> {
+        // Last reader of each node; outputs live to the end.
+        let n = self.nodes.len();
+        let mut last = vec![0usize; n];
+        for (i, node) in self.nodes.iter().enumerate().filter(|&(i, _)| live[i]) {
+            for &p in &node.inputs {
+                last[p] = last[p].max(i);
+            }
+        }
+        for &o in &self.outputs {
+            last[o] = usize::MAX;
+        }
+        let mut buf = vec![usize::MAX; n];
+        buf[0] = 0;
+        let mut free: Vec<usize> = Vec::new();
+        let mut count = 1usize;
+        let release = |at: usize, buf: &[usize], free: &mut Vec<usize>| {
+            for (p, &l) in last.iter().enumerate() {
+                if l == at && live[p] {
+                    free.push(buf[p]);
+                }
+            }
+        };
+        // The input dies after its last reader like any node (a node no
+        // one reads dies at once).
+        if last[0] == 0 {
+            release(0, &buf, &mut free);
+        }
+        for i in 1..n {
+            if !live[i] {
+                continue;
+            }
+            // Inputs are still held here (their last use is >= i), so the
+            // buffer given is none of them.
+            let b = free.pop().unwrap_or_else(|| {
+                count += 1;
+                count - 1
+            });
+            buf[i] = b;
+            release(i, &buf, &mut free);
+        }
+        if count > prism_buffer::engine::MAX_BUFFERS_PER_SLOT {
+            return Err(Error::GraphTooWide {
+                buffers: count,
+                max: prism_buffer::engine::MAX_BUFFERS_PER_SLOT,
+            });
+        }
+        Ok(Plan {
+            live,
+            buf,
+            buffers: count,
+        })
+    }
+
+    /// Every live node's length over a chunk of `len` input elements
+    /// (0 for dead nodes and for nodes below an empty one).
+    pub(crate) fn lengths(&self, plan: &Plan, len: usize, chunk: u64) -> Result<Vec<usize>> {
+        let mut lens = vec![0usize; self.nodes.len()];
+        lens[0] = len;
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            if !plan.live[i] || node.inputs.iter().any(|&p| lens[p] == 0) {
+                continue;
+            }
+            lens[i] = match &node.op {
+                Op::Input => len,
+                Op::Stage(s) => guard::output_len(&**s, lens[node.inputs[0]], chunk)?,
+                Op::Join(j) => {
+                    let ins: Vec<usize> = node.inputs.iter().map(|&p| lens[p]).collect();
+                    join_len(&**j, &node.name, &ins, chunk)?
+                }
+            };
+        }
+        Ok(lens)
+    }
+
+    /// True when no live node can tell where chunks begin (every one
+    /// elementwise and length-preserving): chunks may then vary (ramps).
+    pub(crate) fn boundaries_free(&self, plan: &Plan, chunk: usize) -> bool {
+        self.nodes.iter().enumerate().all(|(i, n)| {
+            !plan.live[i]
+                || match &n.op {
+                    Op::Input => true,
+                    Op::Stage(s) => {
+                        s.elementwise() && s.output_len(chunk) == chunk && s.output_len(1) == 1
+                    }
+                    Op::Join(j) => j.elementwise(),
+                }
+        })
+    }
+
+    /// The outputs' lengths over a chunk.
+    pub(crate) fn output_lens(&self, lens: &[usize]) -> Vec<usize> {
+        self.outputs.iter().map(|&o| lens[o]).collect()
+    }
+
+    /// Runs one chunk's nodes on the host: `input` → every output's part
+    /// (`outs[i]`, exactly as long as output i's length for this chunk).
+    pub(crate) fn run_host_chunk(
+        &self,
+        plan: &Plan,
+        input: &[T],
+        outs: &mut [&mut [T]],
+        chunk: u64,
+        times: &[std::sync::Mutex<f64>],
+    ) -> Result<()> {
+        let lens = self.lengths(plan, input.len(), chunk)?;
+        let mut vals: Vec<Option<Vec<T>>> = (0..self.nodes.len()).map(|_| None).collect();
+        for (i, node) in self.nodes.iter().enumerate().skip(1) {
+            if !plan.live[i] || lens[i] == 0 {
+                continue;
+            }
+            let get = |p: usize| -> &[T] {
+                if p == 0 {
+                    input
+                } else {
+                    vals[p].as_deref().unwrap_or(&[])
+                }
+            };
+            let mut out = prism_stream::zeroed_vec::<T>(lens[i]);
+            let t = std::time::Instant::now();
+            match &node.op {
+                Op::Input => {}
+                Op::Stage(s) => {
+                    let src = get(node.inputs[0]);
+                    guard::run_host_stage(&**s, chunk, |s| s.host(src, &mut out))?;
+                }
+                Op::Join(j) => {
+                    let ins: Vec<&[T]> = node.inputs.iter().map(|&p| get(p)).collect();
+                    run_join(&node.name, chunk, || j.host(&ins, &mut out))?;
+                }
+            }
+            if let Some(m) = times.get(i) {
+                *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) +=
+                    t.elapsed().as_secs_f64() * 1e3;
+            }
+            vals[i] = Some(out);
+        }
+        for (k, &o) in self.outputs.iter().enumerate() {
+            let src: &[T] = if o == 0 {
+                input
+            } else {
+                vals[o].as_deref().unwrap_or(&[])
+            };
+            if src.len() != outs[k].len() {
+                return Err(Error::Config(
+                    "a graph output's length changed during the run",
+                ));
+            }
+            outs[k].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn node_names(&self) -> impl Iterator<Item = &str> {
+        self.nodes.iter().map(|n| n.name.as_str())
+    }
+}
+
+/// A join's output length; its error or panic names the join and chunk.
+fn join_len<T: Element>(
+    j: &dyn AnyJoin<T>,
+    name: &str,
+    lens: &[usize],
+    chunk: u64,
+) -> Result<usize> {
+    let mut len = 0;
+    run_join(name, chunk, || {
+        len = j.output_len(lens)?;
+        Ok(())
+    })?;
+    Ok(len)
+}
+
+/// Runs a join's code: an error is `Error::Stage`, a panic `StagePanicked`.
+fn run_join(
+    name: &str,
+    chunk: u64,
+    work: impl FnOnce() -> std::result::Result<(), StageError>,
+) -> Result<()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(Error::Stage {
+            stage: name.to_owned(),
+            chunk,
+            source,
+        }),
+        Err(payload) => Err(Error::StagePanicked {
+            stage: name.to_owned(),
+            chunk,
+            message: guard::panic_message(&*payload),
+        }),
+    }
+}
+
+/// Which nodes run, and the slot buffer each writes (given out by liveness).
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) live: Vec<bool>,
+    pub(crate) buf: Vec<usize>,
+    /// Buffers per slot.
+    pub(crate) buffers: usize,
+}
+
+/// A graph as the engine's processor: one chunk's nodes on its lane.
+pub(crate) struct GraphChain<'a, T: Element> {
+    pub(crate) graph: &'a mut StageGraph<T>,
+    pub(crate) plan: &'a Plan,
+    pub(crate) capacity: usize,
+}
+
+impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
+    type Error = Error;
+
+    fn process(
+        &mut self,
+        launch: &mut Launch<'_>,
+        bufs: &mut [DeviceBuffer<T>],
+        len: usize,
+        chunk: ChunkId,
+        spans: &mut ComputeSpans,
+    ) -> Result<ChunkOutputs> {
+        let lens = self.graph.lengths(self.plan, len, chunk.0)?;
+        if lens.iter().any(|&l| l > self.capacity) {
+            return Err(Error::Config(
+                "a graph node produced more elements than the pipeline planned for",
+            ));
+        }
+        if bufs.len() < self.plan.buffers {
+            return Err(Error::Config(
+                "the ring has fewer buffers than the graph needs",
+            ));
+        }
+        let plan = self.plan;
+        for (i, node) in self.graph.nodes.iter_mut().enumerate().skip(1) {
+            if !plan.live[i] || lens[i] == 0 {
+                continue;
+            }
+            let _nvtx = Range::new(&node.name);
+            let out_at = plan.buf[i];
+            // The node's output buffer mutably, the others shared: the
+            // plan never gives a node a buffer one of its inputs holds.
+            let mut out: Option<&mut DeviceBuffer<T>> = None;
+            let mut shared: Vec<Option<&DeviceBuffer<T>>> = Vec::with_capacity(bufs.len());
+            for (j, b) in bufs.iter_mut().enumerate() {
+                if j == out_at {
+                    shared.push(None);
+                    out = Some(b);
+                } else {
+                    shared.push(Some(&*b));
+                }
+            }
+            let output = out.ok_or(Error::Config("a graph node has no buffer"))?;
+            let inputs: Vec<&DeviceBuffer<T>> = node
+                .inputs
+                .iter()
+                .map(|&p| shared[plan.buf[p]].ok_or(Error::Config("a node reads its own buffer")))
+                .collect::<Result<_>>()?;
+            let in_lens: Vec<usize> = node.inputs.iter().map(|&p| lens[p]).collect();
+            let start = if spans.timed() {
+                // Order every buffer first, so a timed start excludes waiting.
+                for b in &inputs {
+                    launch.prepare_read(b)?;
+                }
+                launch.prepare_write(output)?;
+                Some(launch.timed_fence()?)
+            } else {
+                None
+            };
+            match &mut node.op {
+                Op::Input => {}
+                Op::Stage(s) => {
+                    let (input, n) = (inputs[0], in_lens[0]);
+                    guard::run_stage(&mut **s, chunk.0, |s| s.gpu(launch, input, output, n))?;
+                }
+                Op::Join(j) => {
+                    run_join(&node.name, chunk.0, || {
+                        j.gpu(launch, &inputs, &in_lens, output)
+                    })?;
+                }
+            }
+            if let Some(start) = start {
+                let end = launch.timed_fence()?;
+                spans.record(Cow::Owned(node.name.clone()), start, end);
+            }
+        }
+        let mut outs = ChunkOutputs::new();
+        for &o in &self.graph.outputs {
+            outs.push(plan.buf[o], lens[o]);
+        }
+        Ok(outs)
+    }
+}
+
+/// Pinned input, pinned outputs (one per graph output): no staging.
+pub(crate) struct GraphPinnedIo<'a, 'o, T: Element> {
+    pub(crate) input: &'a PinnedBuffer<T>,
+    pub(crate) outputs: &'a mut [&'o mut PinnedBuffer<T>],
+    pub(crate) plan: ChunkPlan,
+    pub(crate) next_in: usize,
+    pub(crate) next_out: Vec<usize>,
+}
+
+impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, T> {
+    type Slot = ();
+    type Error = Error;
+
+    fn make_slot(&mut self, _gpu: &Gpu) -> Result<()> {
+        Ok(())
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        dev: &mut DeviceBuffer<T>,
+        _chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        let Some(len) = self.plan.next() else {
+            return Ok(None);
+        };
+        let _nvtx = Range::new("upload");
+        let rec = lane.copy_htod_timed(self.input, self.next_in, dev, 0, len, timed)?;
+        self.next_in += len;
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut (),
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        self.download_outputs(lane, timed, slot, &[(dev, len)])
+    }
+
+    fn download_outputs(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        outs: &[(&DeviceBuffer<T>, usize)],
+    ) -> Result<Recorded> {
+        if outs.len() != self.outputs.len() {
+            return Err(Error::Config("a chunk's outputs differ from the graph's"));
+        }
+        let mut first: Option<prism_stream::Fence> = None;
+        let mut end: Option<prism_stream::Fence> = None;
+        for (k, &(dev, len)) in outs.iter().enumerate() {
+            if len == 0 {
+                continue;
+            }
+            let at = self.next_out[k];
+            let (start, e) =
+                lane.copy_dtoh_timed(dev, 0, self.outputs[k], at, len, timed && first.is_none())?;
+            if first.is_none() {
+                first = start;
+            }
+            self.next_out[k] += len;
+            end = Some(e);
+        }
+        let end = match end {
+            Some(e) => e,
+            None => lane.fence()?,
+        };
+        Ok(Recorded { start: first, end })
+    }
+
+    fn retire(&mut self, _slot: &mut (), _chunk: ChunkId, _len: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn retire_outputs(&mut self, _slot: &mut (), _chunk: ChunkId, _lens: &[usize]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A slot's pinned staging for a graph: the input and one per output.
+pub(crate) struct GraphStaged<T: Element> {
+    pub(crate) input: PinnedBuffer<T>,
+    pub(crate) outputs: Vec<PinnedBuffer<T>>,
+}
+
+/// Pageable input and outputs, staged through pinned memory by the host
+/// threads.
+pub(crate) struct GraphSliceIo<'a, 'o, T: Element> {
+    pub(crate) input: &'a [T],
+    pub(crate) outputs: &'a mut [&'o mut [T]],
+    pub(crate) chunk: usize,
+    pub(crate) capacity: usize,
+    pub(crate) plan: ChunkPlan,
+    pub(crate) pool: &'a CopyPool,
+    pub(crate) next_in: usize,
+    pub(crate) next_out: Vec<usize>,
+    pub(crate) cache: &'a mut StagingCache<T>,
+}
+
+impl<T: Element> ChunkIo<T> for GraphSliceIo<'_, '_, T> {
+    type Slot = GraphStaged<T>;
+    type Error = Error;
+
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<GraphStaged<T>> {
+        let input = self.cache.input(gpu, self.chunk)?;
+        let mut outputs = Vec::with_capacity(self.outputs.len());
+        for _ in 0..self.outputs.len() {
+            outputs.push(self.cache.output(gpu, self.capacity)?);
+        }
+        Ok(GraphStaged { input, outputs })
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut GraphStaged<T>,
+        dev: &mut DeviceBuffer<T>,
+        chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        let Some(len) = self.plan.next() else {
+            return Ok(None);
+        };
+        let _nvtx = Range::new("upload");
+        self.pool.label(chunk.0, "staging copy in");
+        {
+            let _nvtx = Range::new("staging copy in");
+            par_copy(
+                vec![(
+                    &mut slot.input.as_mut_slice()?[..len],
+                    &self.input[self.next_in..self.next_in + len],
+                )],
+                self.pool,
+            );
+        }
+        self.next_in += len;
+        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut GraphStaged<T>,
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        self.download_outputs(lane, timed, slot, &[(dev, len)])
+    }
+
+    fn download_outputs(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut GraphStaged<T>,
+        outs: &[(&DeviceBuffer<T>, usize)],
+    ) -> Result<Recorded> {
+        if outs.len() != slot.outputs.len() {
+            return Err(Error::Config("a chunk's outputs differ from the graph's"));
+        }
+        let mut first: Option<prism_stream::Fence> = None;
+        let mut end: Option<prism_stream::Fence> = None;
+        for (k, &(dev, len)) in outs.iter().enumerate() {
+            if len == 0 {
+                continue;
+            }
+            let (start, e) = lane.copy_dtoh_timed(
+                dev,
+                0,
+                &mut slot.outputs[k],
+                0,
+                len,
+                timed && first.is_none(),
+            )?;
+            if first.is_none() {
+                first = start;
+            }
+            end = Some(e);
+        }
+        let end = match end {
+            Some(e) => e,
+            None => lane.fence()?,
+        };
+        Ok(Recorded { start: first, end })
+    }
+
+    fn retire(&mut self, slot: &mut GraphStaged<T>, chunk: ChunkId, len: usize) -> Result<()> {
+        self.retire_outputs(slot, chunk, &[len])
+    }
+
+    fn retire_outputs(
+        &mut self,
+        slot: &mut GraphStaged<T>,
+        chunk: ChunkId,
+        lens: &[usize],
+    ) -> Result<()> {
+        let _nvtx = Range::new("staging copy out");
+        self.pool.label(chunk.0, "staging copy out");
+        let mut pairs = Vec::with_capacity(lens.len());
+        let mut rest: &mut [&mut [T]] = self.outputs;
+        for ((k, &len), staged) in lens.iter().enumerate().zip(slot.outputs.iter()) {
+            let (dst, tail) = std::mem::take(&mut rest)
+                .split_first_mut()
+                .ok_or(Error::Config("a chunk's outputs differ from the graph's"))?;
+            rest = tail;
+            let at = self.next_out[k];
+            let dst = dst.get_mut(at..at + len).ok_or(Error::Config(
+                "an output is shorter than the graph produces",
+            ))?;
+            pairs.push((dst, &staged.as_slice()?[..len]));
+            self.next_out[k] += len;
+        }
+        par_copy(pairs, self.pool);
+        Ok(())
+    }
+}
+
+/// A chunk of a host graph run: its number, its input, its outputs' parts.
+type HostChunk<'a, T> = (u64, &'a [T], Vec<&'a mut [T]>);
+
+/// What a graph run checked and planned before its clock starts.
+struct GraphRun {
+    plan: Plan,
+    chunks: ChunkPlan,
+    chunk: usize,
+    capacity: usize,
+}
+
+impl<T: Element> crate::PipelineStageManager<T> {
+    /// Elements each output of `graph` receives from an input of `n`
+    /// elements cut into this manager's chunks (what a run's output
+    /// destinations must hold).
+    pub fn graph_output_lens(&self, graph: &StageGraph<T>, n: usize) -> Result<Vec<usize>> {
+        let plan = graph.plan(self.backend == crate::BackendKind::Gpu)?;
+        let chunks = self.graph_chunks(graph, &plan, n);
+        let mut total = vec![0usize; graph.output_count()];
+        for (c, len) in chunks.enumerate() {
+            let lens = graph.lengths(&plan, len, c as u64)?;
+            for (t, l) in total.iter_mut().zip(graph.output_lens(&lens)) {
+                *t += l;
+            }
+        }
+        Ok(total)
+    }
+
+    fn graph_chunks(&self, graph: &StageGraph<T>, plan: &Plan, n: usize) -> ChunkPlan {
+        let chunk = self.chunk_elems();
+        let ramp = self.config.ramp && graph.boundaries_free(plan, chunk);
+        ChunkPlan::new(n, chunk, ramp)
+    }
+
+    /// The checks every graph run makes before its clock starts: the
+    /// graph runs on this backend, one destination per output, each as
+    /// long as the output; then the ring is allocated.
+    fn begin_graph(
+        &mut self,
+        graph: &StageGraph<T>,
+        n: usize,
+        out_lens: &[usize],
+    ) -> Result<GraphRun> {
+        self.effective = None;
+        self.close_idle_session()?;
+        let _ = self.copy_pool.take_ms();
+        let gpu = self.backend == crate::BackendKind::Gpu;
+        let plan = graph.plan(gpu)?;
+        if out_lens.len() != graph.output_count() {
+            return Err(Error::OutputCount {
+                expected: graph.output_count(),
+                actual: out_lens.len(),
+            });
+        }
+        let expected = self.graph_output_lens(graph, n)?;
+        for (output, (&e, &a)) in expected.iter().zip(out_lens).enumerate() {
+            if e != a {
+                return Err(Error::GraphOutputLength {
+                    output,
+                    expected: e,
+                    actual: a,
+                });
+            }
+        }
+        let chunk = self.chunk_elems();
+        let full = graph.lengths(&plan, chunk, 0)?;
+        let capacity = full.iter().copied().max().unwrap_or(chunk).max(chunk);
+        if gpu {
+            self.ensure_engine(capacity, plan.buffers)?;
+        }
+        let chunks = self.graph_chunks(graph, &plan, n);
+        Ok(GraphRun {
+            plan,
+            chunks,
+            chunk,
+            capacity,
+        })
+    }
+
+    /// Streams `input` through `graph`: output `i` of the graph (in the
+    /// order of [`StageGraph::output`]) goes to `outputs[i]`, which must
+    /// hold exactly [`graph_output_lens`](Self::graph_output_lens)`(..)[i]`
+    /// elements. On the GPU, chunks are staged through pinned memory by
+    /// the host threads; on the host backend, chunks run on the host
+    /// threads, several at once.
+    pub fn run_graph(
+        &mut self,
+        graph: &mut StageGraph<T>,
+        input: &[T],
+        outputs: &mut [&mut [T]],
+    ) -> Result<()> {
+        let _span = tracing::debug_span!("prism.pipeline.run_graph", n = input.len()).entered();
+        let _nvtx = Range::new("run_graph");
+        let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
+        let run = self.begin_graph(graph, input.len(), &lens)?;
+        let started = std::time::Instant::now();
+        if input.is_empty() {
+            self.finish_run(started, 0, 0, 0, 0);
+            return Ok(());
+        }
+        match self.backend {
+            crate::BackendKind::Gpu => {
+                let counts = {
+                    let (driver, cache, pool) = self.graph_parts()?;
+                    let mut io = GraphSliceIo {
+                        input,
+                        outputs,
+                        chunk: run.chunk,
+                        capacity: run.capacity,
+                        plan: run.chunks,
+                        pool,
+                        next_in: 0,
+                        next_out: vec![0; lens.len()],
+                        cache,
+                    };
+                    let mut p = GraphChain {
+                        graph,
+                        plan: &run.plan,
+                        capacity: run.capacity,
+                    };
+                    let mut driver = driver;
+                    let (r, slots) = driver.drive(&mut io, &mut p);
+                    for s in slots.into_made() {
+                        io.cache.give_input(s.input);
+                        for o in s.outputs {
+                            io.cache.give_output(o);
+                        }
+                    }
+                    r?
+                };
+                self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
+            }
+            crate::BackendKind::Host => {
+                let chunks = self.run_graph_host(graph, &run, input, outputs)?;
+                self.finish_run(started, chunks, 0, input.len() as u64, 0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams a pinned input through `graph` into pinned outputs (one per
+    /// graph output, as [`run_graph`](Self::run_graph)), with no staging
+    /// copies (GPU backend only). Host reads of an output wait for its
+    /// last download.
+    pub fn run_graph_pinned(
+        &mut self,
+        graph: &mut StageGraph<T>,
+        input: &PinnedBuffer<T>,
+        outputs: &mut [&mut PinnedBuffer<T>],
+    ) -> Result<()> {
+        let _span =
+            tracing::debug_span!("prism.pipeline.run_graph_pinned", n = input.len()).entered();
+        let _nvtx = Range::new("run_graph_pinned");
+        if self.backend != crate::BackendKind::Gpu {
+            return Err(Error::Unsupported {
+                stage: "run_graph_pinned".into(),
+                backend: "host",
+            });
+        }
+        let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
+        let run = self.begin_graph(graph, input.len(), &lens)?;
+        let started = std::time::Instant::now();
+        if input.is_empty() {
+            self.finish_run(started, 0, 0, 0, 0);
+            return Ok(());
+        }
+        let counts = {
+            let (mut driver, _, _) = self.graph_parts()?;
+            let mut io = GraphPinnedIo {
+                input,
+                outputs,
+                plan: run.chunks,
+                next_in: 0,
+                next_out: vec![0; lens.len()],
+            };
+            let mut p = GraphChain {
+                graph,
+                plan: &run.plan,
+                capacity: run.capacity,
+            };
+            driver.drive(&mut io, &mut p).0?
+        };
+        self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
+        Ok(())
+    }
+
+    /// Borrows what a GPU graph run needs.
+    fn graph_parts(
+        &mut self,
+    ) -> Result<(crate::runs::Driver<'_, T>, &mut StagingCache<T>, &CopyPool)> {
+        let timing = self.config.timing;
+        let trace = self.config.trace && timing;
+        let engine = self.engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
+        Ok((
+            crate::runs::Driver {
+                engine,
+                timing,
+                trace,
+                stats: &mut self.stats,
+                timeline: &mut self.timeline,
+                pool: &self.copy_pool,
+                global: None,
+            },
+            &mut self.cache,
+            &self.copy_pool,
+        ))
+    }
+
+    /// The host backend: chunks on the manager's threads, several at once;
+    /// each output's part of every chunk written in place. Returns the
+    /// chunks run. The first failing chunk's error is returned.
+    fn run_graph_host(
+        &mut self,
+        graph: &StageGraph<T>,
+        run: &GraphRun,
+        input: &[T],
+        outputs: &mut [&mut [T]],
+    ) -> Result<u64> {
+        use rayon::prelude::*;
+        // Cut input and every output into the chunks' parts.
+        let mut parts: Vec<HostChunk<'_, T>> = Vec::new();
+        let mut rests: Vec<&mut [T]> = outputs.iter_mut().map(|o| &mut **o).collect();
+        let mut at = 0usize;
+        for (c, len) in run.chunks.clone().enumerate() {
+            let lens = graph.output_lens(&graph.lengths(&run.plan, len, c as u64)?);
+            let mut outs = Vec::with_capacity(lens.len());
+            for (rest, l) in rests.iter_mut().zip(lens) {
+                let (head, tail) =
+                    std::mem::take(rest)
+                        .split_at_mut_checked(l)
+                        .ok_or(Error::Config(
+                            "an output is shorter than the graph produces",
+                        ))?;
+                *rest = tail;
+                outs.push(head);
+            }
+            parts.push((c as u64, &input[at..at + len], outs));
+            at += len;
+        }
+        let times: Vec<std::sync::Mutex<f64>> = (0..graph.node_count())
+            .map(|_| std::sync::Mutex::new(0.0))
+            .collect();
+        let plan = &run.plan;
+        let work = |(c, src, mut outs): (u64, &[T], Vec<&mut [T]>)| {
+            graph.run_host_chunk(plan, src, &mut outs, c, &times)
+        };
+        let results: Vec<Result<()>> = match self.copy_pool.pool() {
+            Some(pool) => pool.install(|| parts.into_par_iter().map(work).collect()),
+            None => parts.into_iter().map(work).collect(),
+        };
+        let chunks = results.len() as u64;
+        // The first failure in chunk order.
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        for (name, t) in graph.node_names().zip(times).skip(1) {
+            let ms = t
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ms > 0.0 {
+                self.stats.add_stage_time(name, ms);
+            }
+        }
+        Ok(chunks)
+    }
+}

@@ -1,0 +1,369 @@
+//! Stage graphs: fan-out, a join, a tap and several outputs, checked
+//! element by element against a CPU reference on random data, on the host
+//! backend (CI) and on the GPU (pageable and pinned); and the misuses a
+//! graph run must refuse with a typed error.
+
+use prism_pipeline::{
+    Backend, Clamp, Error, Fma, GpuJoinFn, GroupSum, HostFn, HostJoinFn, Join, NodeId,
+    PipelineConfig, PipelineStageManager, StageError, StageGraph,
+};
+use prism_stream::cudarc::driver::LaunchConfig;
+use prism_stream::cudarc::nvrtc::Ptx;
+use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
+use prism_stream::{fma_chain_cpu, DeviceBuffer, Gpu, HostAllocFlags, Launch, PinnedBuffer};
+
+const FMA: Fma = Fma {
+    a: 1.25,
+    b: -0.5,
+    iters: 3,
+};
+const CLAMP: Clamp = Clamp { lo: -0.5, hi: 0.5 };
+const GROUP: u32 = 4;
+/// The join: `out = A * x + B * y`.
+const A: f32 = 0.75;
+const B: f32 = -2.0;
+
+fn combine_cpu(x: f32, y: f32) -> f32 {
+    A.mul_add(x, B * y)
+}
+
+/// The join on the GPU: the user kernel `combine` (examples/kernels).
+fn gpu_join(gpu: &Gpu) -> impl Join<f32> {
+    let kernel = gpu
+        .load_module(Ptx::from_src(include_str!(
+            "../examples/kernels/combine.ptx"
+        )))
+        .and_then(|m| m.kernel("combine"))
+        .expect("the example PTX loads");
+    GpuJoinFn::new(
+        "combine",
+        true,
+        move |l: &mut Launch<'_>,
+              ins: &[&DeviceBuffer<f32>],
+              lens: &[usize],
+              out: &mut DeviceBuffer<f32>| {
+            let n = lens[0];
+            let call = l.kernel(&kernel).arg(ins[0]).arg(ins[1]).arg_mut(out);
+            let call = call.value(n as u64).value(A).value(B);
+            // SAFETY: the arguments match combine(const float*, const
+            // float*, float*, unsigned long long, float, float); every
+            // buffer holds >= n elements and the kernel checks its index.
+            unsafe { call.launch(LaunchConfig::for_num_elems(n as u32)) }?;
+            Ok::<(), StageError>(())
+        },
+    )
+}
+
+fn host_join() -> impl Join<f32> {
+    HostJoinFn::new("combine", true, |ins: &[&[f32]], out: &mut [f32]| {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = combine_cpu(ins[0][i], ins[1][i]);
+        }
+        Ok(())
+    })
+}
+
+/// input ─┬─ fma ──┬──────────── output 0 (a tap: also read below)
+///        │        ├─ group sum ─ output 2
+///        └─ clamp ┴─ combine ─── output 1
+fn graph(join: impl Join<f32> + 'static) -> (StageGraph<f32>, [NodeId; 4]) {
+    let mut g = StageGraph::new();
+    let x = g.input();
+    let a = g.stage(x, FMA).unwrap();
+    let b = g.stage(x, CLAMP).unwrap();
+    let j = g.join(&[a, b], join).unwrap();
+    let s = g.stage(a, GroupSum { group: GROUP }).unwrap();
+    assert_eq!(g.output(a).unwrap(), 0);
+    assert_eq!(g.output(j).unwrap(), 1);
+    assert_eq!(g.output(s).unwrap(), 2);
+    (g, [a, b, j, s])
+}
+
+/// The CPU reference of `graph` over `input` cut into `chunk`-element chunks.
+fn reference(input: &[f32], chunk: usize) -> [Vec<f32>; 3] {
+    let (mut a, mut j, mut s) = (Vec::new(), Vec::new(), Vec::new());
+    for c in input.chunks(chunk) {
+        let fa: Vec<f32> = c.iter().map(|&x| fma_chain_cpu(x, 1.25, -0.5, 3)).collect();
+        let fb: Vec<f32> = c.iter().map(|&x| x.clamp(-0.5, 0.5)).collect();
+        j.extend(fa.iter().zip(&fb).map(|(&x, &y)| combine_cpu(x, y)));
+        // GroupSum: sums of `GROUP` consecutive elements, the last group short.
+        s.extend(fa.chunks(GROUP as usize).map(|g| g.iter().sum::<f32>()));
+        a.extend(fa);
+    }
+    [a, j, s]
+}
+
+fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got
+        .iter()
+        .zip(want)
+        .position(|(x, y)| x.to_bits() != y.to_bits())
+    {
+        panic!(
+            "{what}: element {i} is {} where the CPU reference has {}",
+            got[i], want[i]
+        );
+    }
+}
+
+fn config(chunk: usize) -> PipelineConfig {
+    PipelineConfig {
+        chunk_bytes: chunk * 4,
+        ..PipelineConfig::default()
+    }
+}
+
+fn run_and_check(
+    m: &mut PipelineStageManager<f32>,
+    g: &mut StageGraph<f32>,
+    n: usize,
+    chunk: usize,
+) {
+    let input = random_f32(n as u64, n);
+    let lens = m.graph_output_lens(g, n).unwrap();
+    let want = reference(&input, chunk);
+    assert_eq!(lens, want.iter().map(Vec::len).collect::<Vec<_>>());
+    let mut outs: Vec<Vec<f32>> = lens.iter().map(|&l| vec![f32::NAN; l]).collect();
+    {
+        let mut dsts: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+        m.run_graph(g, &input, &mut dsts).unwrap();
+    }
+    for (k, (got, want)) in outs.iter().zip(&want).enumerate() {
+        assert_bits(&format!("output {k} (pageable, n = {n})"), got, want);
+    }
+}
+
+#[test]
+fn host_graph_with_fanout_join_and_tap_matches_cpu() {
+    let chunk = 1000; // not a multiple of the group: each chunk's last group is short
+    let mut m = PipelineStageManager::<f32>::new(Backend::Host, config(chunk)).unwrap();
+    let (mut g, _) = graph(host_join());
+    // By liveness: input, fma (an output: to the end), clamp; the join
+    // reuses the input's buffer (the clamp was its last reader), the sum
+    // the clamp's (the join was its last reader). Three, not five.
+    assert_eq!(g.buffers_per_slot().unwrap(), 3);
+    for n in [0, 1, 999, 1000, 1001, 12_345] {
+        run_and_check(&mut m, &mut g, n, chunk);
+    }
+    let stats = m.get_stats();
+    for name in ["fma", "clamp", "combine", "group_sum"] {
+        assert!(
+            stats.stages.iter().any(|s| s.name == name),
+            "no stats for node {name}: {:?}",
+            stats.stages
+        );
+    }
+}
+
+#[test]
+fn graph_misuse_is_refused_with_typed_errors() {
+    let mut m = PipelineStageManager::<f32>::new(Backend::Host, config(256)).unwrap();
+    let input = vec![1.0f32; 1000];
+
+    // No output at all.
+    let mut g = StageGraph::<f32>::new();
+    let x = g.input();
+    g.stage(x, FMA).unwrap();
+    assert!(matches!(
+        m.run_graph(&mut g, &input, &mut []),
+        Err(Error::NoStages)
+    ));
+
+    // A node of another graph.
+    let other = StageGraph::<f32>::new();
+    let mut g2 = StageGraph::<f32>::new();
+    let foreign = {
+        let mut o = other;
+        let y = o.input();
+        o.stage(y, FMA).unwrap()
+    };
+    assert!(matches!(
+        g2.stage(foreign, FMA),
+        Err(Error::UnknownNode { .. })
+    ));
+    assert!(matches!(g2.output(foreign), Err(Error::UnknownNode { .. })));
+    assert!(matches!(g2.join(&[], host_join()), Err(Error::Config(_))));
+
+    // Wrong number of destinations, and a wrong length.
+    let (mut g, _) = graph(host_join());
+    let lens = m.graph_output_lens(&g, input.len()).unwrap();
+    let mut o: Vec<Vec<f32>> = lens.iter().map(|&l| vec![0.0; l]).collect();
+    {
+        let (first, _) = o.split_at_mut(1);
+        let mut two: Vec<&mut [f32]> = first.iter_mut().map(|v| &mut v[..]).collect();
+        assert!(matches!(
+            m.run_graph(&mut g, &input, &mut two),
+            Err(Error::OutputCount {
+                expected: 3,
+                actual: 1
+            })
+        ));
+    }
+    o[2].push(0.0);
+    {
+        let mut dsts: Vec<&mut [f32]> = o.iter_mut().map(|v| &mut v[..]).collect();
+        let e = m.run_graph(&mut g, &input, &mut dsts).unwrap_err();
+        assert!(
+            matches!(e, Error::GraphOutputLength { output: 2, .. }),
+            "{e}"
+        );
+    }
+
+    // A join of inputs of different lengths fails naming the join.
+    let mut g = StageGraph::<f32>::new();
+    let x = g.input();
+    let s = g.stage(x, GroupSum { group: 2 }).unwrap();
+    let j = g.join(&[x, s], host_join()).unwrap();
+    g.output(j).unwrap();
+    let e = m.graph_output_lens(&g, 1000).unwrap_err();
+    assert!(
+        matches!(&e, Error::Stage { stage, .. } if stage == "combine"),
+        "{e}"
+    );
+
+    // Too many values alive at once for a slot.
+    let mut g = StageGraph::<f32>::new();
+    let x = g.input();
+    for i in 0..16 {
+        let b = g
+            .stage(
+                x,
+                Fma {
+                    a: i as f32,
+                    b: 0.0,
+                    iters: 1,
+                },
+            )
+            .unwrap();
+        g.output(b).unwrap();
+    }
+    assert!(matches!(
+        g.buffers_per_slot(),
+        Err(Error::GraphTooWide {
+            buffers: 17,
+            max: 16
+        })
+    ));
+
+    // A chain needs two buffers per slot however long it is.
+    let long = StageGraph::chain(vec![FMA; 12]).unwrap();
+    assert_eq!(long.buffers_per_slot().unwrap(), 2);
+}
+
+#[test]
+fn graph_of_a_host_only_stage_is_refused_on_the_gpu() {
+    let Some(ctx) = gpu_or_skip("graph_of_a_host_only_stage_is_refused_on_the_gpu") else {
+        return;
+    };
+    let mut m = PipelineStageManager::<f32>::with_gpu(ctx.gpu(), config(256)).unwrap();
+    let mut g = StageGraph::<f32>::new();
+    let x = g.input();
+    let h = g
+        .stage(
+            x,
+            HostFn::new("host only", true, |i: &[f32], o: &mut [f32]| {
+                o.copy_from_slice(i);
+                Ok(())
+            }),
+        )
+        .unwrap();
+    g.output(h).unwrap();
+    let input = vec![0.0f32; 10];
+    let mut out = vec![0.0f32; 10];
+    let e = m
+        .run_graph(&mut g, &input, &mut [&mut out[..]])
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Unsupported { stage, .. } if stage == "host only"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gpu_graph_with_fanout_join_and_tap_matches_cpu() {
+    let Some(ctx) = gpu_or_skip("gpu_graph_with_fanout_join_and_tap_matches_cpu") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let chunk = scaled(1 << 20, 1 << 12) + 6; // not a multiple of the group
+    let mut m = PipelineStageManager::<f32>::with_gpu(&gpu, config(chunk)).unwrap();
+    let (mut g, [a, _, j, _]) = graph(gpu_join(&gpu));
+    assert_eq!(g.name(a).unwrap(), "fma");
+    assert!(g.node::<Fma>(a).is_some() && g.node::<Fma>(j).is_none());
+    for n in [
+        1,
+        chunk - 1,
+        chunk,
+        3 * chunk + 17,
+        scaled(40 << 20, 1 << 16) + 3,
+    ] {
+        run_and_check(&mut m, &mut g, n, chunk);
+    }
+
+    // Pinned in, pinned out: the same bits.
+    let n = scaled(24 << 20, 1 << 15) + 5;
+    let input = random_f32(77, n);
+    let want = reference(&input, chunk);
+    let pin_in = PinnedBuffer::from_slice(&gpu, &input, HostAllocFlags::default()).unwrap();
+    let lens = m.graph_output_lens(&g, n).unwrap();
+    let mut outs: Vec<PinnedBuffer<f32>> = lens
+        .iter()
+        .map(|&l| PinnedBuffer::new(&gpu, l, HostAllocFlags::default()).unwrap())
+        .collect();
+    {
+        let mut dsts: Vec<&mut PinnedBuffer<f32>> = outs.iter_mut().collect();
+        m.run_graph_pinned(&mut g, &pin_in, &mut dsts).unwrap();
+    }
+    for (k, (got, want)) in outs.iter().zip(&want).enumerate() {
+        assert_bits(
+            &format!("output {k} (pinned)"),
+            got.as_slice().unwrap(),
+            want,
+        );
+    }
+    let stats = m.get_stats();
+    for name in ["fma", "clamp", "combine", "group_sum"] {
+        assert!(
+            stats.stages.iter().any(|s| s.name == name && s.ms > 0.0),
+            "no GPU time for node {name}: {:?}",
+            stats.stages
+        );
+    }
+
+    // A pinned run is refused on the host backend.
+    let mut h = PipelineStageManager::<f32>::new(Backend::Host, config(chunk)).unwrap();
+    let mut dsts: Vec<&mut PinnedBuffer<f32>> = outs.iter_mut().collect();
+    assert!(matches!(
+        h.run_graph_pinned(&mut g, &pin_in, &mut dsts),
+        Err(Error::Unsupported { .. })
+    ));
+}
+
+#[test]
+fn gpu_chain_and_graph_share_one_ring() {
+    let Some(ctx) = gpu_or_skip("gpu_chain_and_graph_share_one_ring") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let chunk = scaled(1 << 18, 1 << 10);
+    let mut m = PipelineStageManager::<f32>::with_gpu(&gpu, config(chunk)).unwrap();
+    m.add_stage(FMA);
+    m.add_stage(CLAMP);
+    let n = 5 * chunk + 3;
+    let input = random_f32(5, n);
+    let want: Vec<f32> = input
+        .iter()
+        .map(|&x| fma_chain_cpu(x, 1.25, -0.5, 3).clamp(-0.5, 0.5))
+        .collect();
+    // The chain, the same chain as a graph, then the chain again (on a
+    // ring the graph widened).
+    let mut out = vec![0.0f32; n];
+    m.run(&input, &mut out).unwrap();
+    assert_bits("chain", &out, &want);
+    let (mut g, _) = graph(gpu_join(&gpu));
+    run_and_check(&mut m, &mut g, n, chunk);
+    let mut out2 = vec![0.0f32; n];
+    m.run(&input, &mut out2).unwrap();
+    assert_bits("chain after a graph", &out2, &want);
+}

@@ -270,7 +270,7 @@ fn graph_of_a_host_only_stage_is_refused_on_the_gpu() {
         .unwrap();
     g.output(h).unwrap();
     let input = vec![0.0f32; 10];
-    let mut out = vec![0.0f32; 10];
+    let mut out = [0.0f32; 10];
     let e = m
         .run_graph(&mut g, &input, &mut [&mut out[..]])
         .unwrap_err();

@@ -797,6 +797,38 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
     }
 }
 
+/// Queues each output's download on `lane`, output `k` into
+/// `dsts[k] = (buffer, offset)` (empty ones skipped); the record runs from
+/// the first copy's start to the last one's end.
+pub(crate) fn download_into<'d, T: Element + 'd>(
+    lane: &mut Lane,
+    timed: bool,
+    outs: &[(&DeviceBuffer<T>, usize)],
+    dsts: impl Iterator<Item = (&'d mut PinnedBuffer<T>, usize)>,
+) -> Result<Recorded> {
+    let mut first: Option<prism_stream::Fence> = None;
+    let mut end: Option<prism_stream::Fence> = None;
+    let mut dsts = dsts;
+    for &(dev, len) in outs {
+        let (dst, at) = dsts
+            .next()
+            .ok_or(Error::Config("a chunk's outputs differ from the graph's"))?;
+        if len == 0 {
+            continue;
+        }
+        let (start, e) = lane.copy_dtoh_timed(dev, 0, dst, at, len, timed && end.is_none())?;
+        if end.is_none() {
+            first = start;
+        }
+        end = Some(e);
+    }
+    let end = match end {
+        Some(e) => e,
+        None => lane.fence()?,
+    };
+    Ok(Recorded { start: first, end })
+}
+
 /// Pinned input, pinned outputs (one per graph output): no staging.
 pub(crate) struct GraphPinnedIo<'a, 'o, T: Element> {
     pub(crate) input: &'a PinnedBuffer<T>,
@@ -852,26 +884,16 @@ impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, T> {
         if outs.len() != self.outputs.len() {
             return Err(Error::Config("a chunk's outputs differ from the graph's"));
         }
-        let mut first: Option<prism_stream::Fence> = None;
-        let mut end: Option<prism_stream::Fence> = None;
-        for (k, &(dev, len)) in outs.iter().enumerate() {
-            if len == 0 {
-                continue;
-            }
-            let at = self.next_out[k];
-            let (start, e) =
-                lane.copy_dtoh_timed(dev, 0, self.outputs[k], at, len, timed && first.is_none())?;
-            if first.is_none() {
-                first = start;
-            }
-            self.next_out[k] += len;
-            end = Some(e);
+        let dsts = self
+            .outputs
+            .iter_mut()
+            .map(|b| &mut **b)
+            .zip(self.next_out.iter().copied());
+        let rec = download_into(lane, timed, outs, dsts)?;
+        for (at, &(_, len)) in self.next_out.iter_mut().zip(outs) {
+            *at += len;
         }
-        let end = match end {
-            Some(e) => e,
-            None => lane.fence()?,
-        };
-        Ok(Recorded { start: first, end })
+        Ok(rec)
     }
 
     fn retire(&mut self, _slot: &mut (), _chunk: ChunkId, _len: usize) -> Result<()> {
@@ -965,30 +987,7 @@ impl<T: Element> ChunkIo<T> for GraphSliceIo<'_, '_, T> {
         if outs.len() != slot.outputs.len() {
             return Err(Error::Config("a chunk's outputs differ from the graph's"));
         }
-        let mut first: Option<prism_stream::Fence> = None;
-        let mut end: Option<prism_stream::Fence> = None;
-        for (k, &(dev, len)) in outs.iter().enumerate() {
-            if len == 0 {
-                continue;
-            }
-            let (start, e) = lane.copy_dtoh_timed(
-                dev,
-                0,
-                &mut slot.outputs[k],
-                0,
-                len,
-                timed && first.is_none(),
-            )?;
-            if first.is_none() {
-                first = start;
-            }
-            end = Some(e);
-        }
-        let end = match end {
-            Some(e) => e,
-            None => lane.fence()?,
-        };
-        Ok(Recorded { start: first, end })
+        download_into(lane, timed, outs, slot.outputs.iter_mut().map(|b| (b, 0)))
     }
 
     fn retire(&mut self, slot: &mut GraphStaged<T>, chunk: ChunkId, len: usize) -> Result<()> {
@@ -1026,11 +1025,11 @@ impl<T: Element> ChunkIo<T> for GraphSliceIo<'_, '_, T> {
 type HostChunk<'a, T> = (u64, &'a [T], Vec<&'a mut [T]>);
 
 /// What a graph run checked and planned before its clock starts.
-struct GraphRun {
-    plan: Plan,
-    chunks: ChunkPlan,
-    chunk: usize,
-    capacity: usize,
+pub(crate) struct GraphRun {
+    pub(crate) plan: Plan,
+    pub(crate) chunks: ChunkPlan,
+    pub(crate) chunk: usize,
+    pub(crate) capacity: usize,
 }
 
 impl<T: Element> crate::PipelineStageManager<T> {
@@ -1096,6 +1095,38 @@ impl<T: Element> crate::PipelineStageManager<T> {
         Ok(GraphRun {
             plan,
             chunks,
+            chunk,
+            capacity,
+        })
+    }
+
+    /// The checks of a stream graph run (no lengths are known ahead): the
+    /// graph runs on this backend, one sink per output; then the ring.
+    pub(crate) fn begin_graph_stream(
+        &mut self,
+        graph: &StageGraph<T>,
+        sinks: usize,
+    ) -> Result<GraphRun> {
+        self.effective = None;
+        self.close_idle_session()?;
+        let _ = self.copy_pool.take_ms();
+        let gpu = self.backend == crate::BackendKind::Gpu;
+        let plan = graph.plan(gpu)?;
+        if sinks != graph.output_count() {
+            return Err(Error::OutputCount {
+                expected: graph.output_count(),
+                actual: sinks,
+            });
+        }
+        let chunk = self.chunk_elems();
+        let full = graph.lengths(&plan, chunk, 0)?;
+        let capacity = full.iter().copied().max().unwrap_or(chunk).max(chunk);
+        if gpu {
+            self.ensure_engine(capacity, plan.buffers)?;
+        }
+        Ok(GraphRun {
+            plan,
+            chunks: ChunkPlan::new(0, chunk, false),
             chunk,
             capacity,
         })
@@ -1209,7 +1240,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
     }
 
     /// Borrows what a GPU graph run needs.
-    fn graph_parts(
+    pub(crate) fn graph_parts(
         &mut self,
     ) -> Result<(crate::runs::Driver<'_, T>, &mut StagingCache<T>, &CopyPool)> {
         let timing = self.config.timing;

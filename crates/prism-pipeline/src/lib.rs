@@ -43,6 +43,7 @@
 
 mod copy;
 mod dag;
+mod dag_stream;
 mod error;
 mod gpu;
 mod guard;
@@ -62,6 +63,7 @@ use prism_buffer::Engine;
 use prism_stream::{Element, Gpu, ManagedGpuContext};
 
 pub use dag::{GpuJoinBody, GpuJoinFn, HostJoinFn, Join, NodeId, StageGraph};
+pub use dag_stream::{tagged_sink, tagged_source, TaggedFn, TaggedSink, TaggedSource};
 pub use error::{Error, Result, StageError};
 pub use host::AsyncPipelineCoordinator;
 pub use iterate::ChunkOutput;

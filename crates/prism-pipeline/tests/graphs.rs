@@ -367,3 +367,109 @@ fn gpu_chain_and_graph_share_one_ring() {
     m.run(&input, &mut out2).unwrap();
     assert_bits("chain after a graph", &out2, &want);
 }
+
+/// A chunk's metadata in the tagged-stream tests: which observation
+/// (sequence), the chunk's place in it, and the observation's header.
+#[derive(Debug, Clone, PartialEq)]
+struct Tag {
+    sequence: u32,
+    index: u32,
+    header: std::sync::Arc<String>,
+}
+
+/// Streams `chunks` chunks (lengths vary, two sequences) through the join
+/// graph with a tagged source; every output's sink must see every chunk,
+/// in order, with its metadata, and the CPU reference's data. With
+/// `fail_at`, the source fails there: the chunks before it still arrive.
+fn tagged_run(
+    m: &mut PipelineStageManager<f32>,
+    join: impl Join<f32> + 'static,
+    chunk: usize,
+    fail_at: Option<u32>,
+) {
+    use prism_pipeline::{tagged_sink, tagged_source, BoxError};
+    let (mut g, _) = graph(join);
+    let chunks = 23u32;
+    let lens: Vec<usize> = (0..chunks as usize)
+        .map(|i| 1 + (i * 7919) % chunk)
+        .collect();
+    let data: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| random_f32(1000 + i as u64, l))
+        .collect();
+    let tags: Vec<Tag> = (0..chunks)
+        .map(|i| {
+            let sequence = u32::from(i >= 10);
+            Tag {
+                sequence,
+                index: if sequence == 0 { i } else { i - 10 },
+                header: std::sync::Arc::new(format!("observation {sequence}")),
+            }
+        })
+        .collect();
+    let mut next = 0usize;
+    let source = tagged_source(
+        |dst: &mut [f32]| -> Result<Option<(usize, Tag)>, BoxError> {
+            if next == data.len() {
+                return Ok(None);
+            }
+            if fail_at == Some(next as u32) {
+                return Err("the instrument went away".into());
+            }
+            let d = &data[next];
+            dst[..d.len()].copy_from_slice(d);
+            next += 1;
+            Ok(Some((d.len(), tags[next - 1].clone())))
+        },
+    );
+    let mut got: Vec<Vec<(Tag, Vec<f32>)>> = vec![Vec::new(); 3];
+    let result = {
+        let mut sinks: Vec<_> = got
+            .iter_mut()
+            .map(|v| {
+                tagged_sink(move |t: &Tag, d: &[f32]| -> Result<(), BoxError> {
+                    v.push((t.clone(), d.to_vec()));
+                    Ok(())
+                })
+            })
+            .collect();
+        m.run_graph_stream(&mut g, source, &mut sinks)
+    };
+    let delivered = fail_at.unwrap_or(chunks) as usize;
+    match (fail_at, result) {
+        (None, Ok(c)) => assert_eq!(c.chunks, chunks as u64),
+        (Some(at), Err(Error::Source { chunk, .. })) => assert_eq!(chunk, at as u64),
+        (f, r) => panic!("fail_at {f:?}: {r:?}"),
+    }
+    for (k, out) in got.iter().enumerate() {
+        assert_eq!(out.len(), delivered, "output {k}: chunks delivered");
+        for (i, (tag, d)) in out.iter().enumerate() {
+            assert_eq!(tag, &tags[i], "output {k}, chunk {i}: metadata");
+            let want = &reference(&data[i], chunk)[k];
+            assert_bits(&format!("output {k}, chunk {i}"), d, want);
+        }
+    }
+}
+
+#[test]
+fn host_tagged_stream_carries_metadata_to_every_output() {
+    let chunk = 1000;
+    let mut m = PipelineStageManager::<f32>::new(Backend::Host, config(chunk)).unwrap();
+    tagged_run(&mut m, host_join(), chunk, None);
+    tagged_run(&mut m, host_join(), chunk, Some(13));
+    tagged_run(&mut m, host_join(), chunk, Some(0));
+}
+
+#[test]
+fn gpu_tagged_stream_carries_metadata_to_every_output() {
+    let Some(ctx) = gpu_or_skip("gpu_tagged_stream_carries_metadata_to_every_output") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let chunk = scaled(1 << 18, 1 << 10);
+    let mut m = PipelineStageManager::<f32>::with_gpu(&gpu, config(chunk)).unwrap();
+    tagged_run(&mut m, gpu_join(&gpu), chunk, None);
+    tagged_run(&mut m, gpu_join(&gpu), chunk, Some(13));
+    tagged_run(&mut m, gpu_join(&gpu), chunk, Some(0));
+}

@@ -1,0 +1,407 @@
+//! Stage graphs over streams whose chunks carry metadata
+//! ([`PipelineStageManager::run_graph_stream`]): a [`TaggedSource`] gives
+//! each chunk with its metadata `M` (a sequence number, a timestamp, an
+//! observation's header: any type), the chunk goes through every node of
+//! the graph, and every output's [`TaggedSink`] receives the chunk's part
+//! with the same metadata, in input order. Host memory stays bounded by
+//! the ring, whatever the stream's length.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use prism_buffer::engine::Recorded;
+use prism_buffer::ring::ChunkId;
+use prism_buffer::ChunkIo;
+use prism_stream::nvtx::Range;
+use prism_stream::{DeviceBuffer, Element, Gpu, Lane, PinnedBuffer};
+
+use crate::dag::StageGraph;
+use crate::error::{Error, Result};
+use crate::gpu::StagingCache;
+use crate::guard::panic_message;
+use crate::runs::StreamCounts;
+use crate::source::BoxError;
+
+/// Where a tagged stream's input comes from: chunks, each with its
+/// metadata.
+pub trait TaggedSource<T, M> {
+    /// Writes the next chunk into the front of `dst` (one chunk long) and
+    /// returns its length and metadata; `None` (or a length of 0) ends the
+    /// stream.
+    fn fill(&mut self, dst: &mut [T]) -> std::result::Result<Option<(usize, M)>, BoxError>;
+}
+
+/// Where one output of a tagged stream goes: each chunk's part, with the
+/// chunk's metadata, in input order.
+pub trait TaggedSink<T, M> {
+    /// Takes the output part of the chunk tagged `meta` (valid for the call).
+    fn accept(&mut self, meta: &M, data: &[T]) -> std::result::Result<(), BoxError>;
+}
+
+impl<T, M, S: TaggedSource<T, M> + ?Sized> TaggedSource<T, M> for &mut S {
+    fn fill(&mut self, dst: &mut [T]) -> std::result::Result<Option<(usize, M)>, BoxError> {
+        (**self).fill(dst)
+    }
+}
+
+impl<T, M, K: TaggedSink<T, M> + ?Sized> TaggedSink<T, M> for &mut K {
+    fn accept(&mut self, meta: &M, data: &[T]) -> std::result::Result<(), BoxError> {
+        (**self).accept(meta, data)
+    }
+}
+
+/// A tagged source from a closure `f(slot) -> Ok(Some((len, meta)))`;
+/// `Ok(None)` ends the stream.
+pub fn tagged_source<T, M, F>(f: F) -> TaggedFn<F>
+where
+    F: FnMut(&mut [T]) -> std::result::Result<Option<(usize, M)>, BoxError>,
+{
+    TaggedFn(f)
+}
+
+/// A tagged sink from a closure `f(meta, data)`.
+pub fn tagged_sink<T, M, F>(f: F) -> TaggedFn<F>
+where
+    F: FnMut(&M, &[T]) -> std::result::Result<(), BoxError>,
+{
+    TaggedFn(f)
+}
+
+/// A tagged source or sink made from a closure ([`tagged_source`], [`tagged_sink`]).
+pub struct TaggedFn<F>(F);
+
+impl<F> std::fmt::Debug for TaggedFn<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TaggedFn")
+    }
+}
+
+impl<T, M, F> TaggedSource<T, M> for TaggedFn<F>
+where
+    F: FnMut(&mut [T]) -> std::result::Result<Option<(usize, M)>, BoxError>,
+{
+    fn fill(&mut self, dst: &mut [T]) -> std::result::Result<Option<(usize, M)>, BoxError> {
+        (self.0)(dst)
+    }
+}
+
+impl<T, M, F> TaggedSink<T, M> for TaggedFn<F>
+where
+    F: FnMut(&M, &[T]) -> std::result::Result<(), BoxError>,
+{
+    fn accept(&mut self, meta: &M, data: &[T]) -> std::result::Result<(), BoxError> {
+        (self.0)(meta, data)
+    }
+}
+
+/// `source.fill(dst)` for chunk `chunk`, caught: an error is
+/// `Error::Source`, a panic `SourcePanicked`, a length past `dst` a
+/// source error. `None`: the stream ended.
+fn fill<T, M, S: TaggedSource<T, M>>(
+    source: &mut S,
+    dst: &mut [T],
+    chunk: u64,
+) -> Result<Option<(usize, M)>> {
+    let room = dst.len();
+    match catch_unwind(AssertUnwindSafe(|| source.fill(dst))) {
+        Ok(Ok(Some((0, _)))) | Ok(Ok(None)) => Ok(None),
+        Ok(Ok(Some((n, m)))) if n <= room => Ok(Some((n, m))),
+        Ok(Ok(Some((n, _)))) => Err(Error::Source {
+            chunk,
+            source: format!("fill reported {n} elements written into a chunk of {room}").into(),
+        }),
+        Ok(Err(source)) => Err(Error::Source { chunk, source }),
+        Err(payload) => Err(Error::SourcePanicked {
+            chunk,
+            message: panic_message(&*payload),
+        }),
+    }
+}
+
+/// Hands output `k`'s part of chunk `chunk` to its sink, caught.
+fn accept<T, M, K: TaggedSink<T, M>>(sink: &mut K, chunk: u64, meta: &M, data: &[T]) -> Result<()> {
+    match catch_unwind(AssertUnwindSafe(|| sink.accept(meta, data))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(Error::Sink { chunk, source }),
+        Err(payload) => Err(Error::SinkPanicked {
+            chunk,
+            message: panic_message(&*payload),
+        }),
+    }
+}
+
+/// A slot of a tagged stream on the GPU: host-readable staging for the
+/// input and each output, and the metadata of the chunk in the slot.
+pub(crate) struct TaggedSlot<T: Element, M> {
+    input: PinnedBuffer<T>,
+    outputs: Vec<PinnedBuffer<T>>,
+    meta: Option<M>,
+}
+
+/// The GPU I/O of a tagged stream: the source fills the slot's staging in
+/// place, the metadata waits in the slot, each output's sink reads its
+/// staging in place when the chunk retires.
+struct TaggedIo<'a, 'k, T: Element, M, S, K> {
+    source: S,
+    sinks: &'a mut [K],
+    chunk: usize,
+    capacity: usize,
+    cache: &'a mut StagingCache<T>,
+    /// The source failed here: no more input; the chunks before it drain.
+    failed: Option<Error>,
+    _k: std::marker::PhantomData<(&'k (), fn(M))>,
+}
+
+impl<T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> ChunkIo<T>
+    for TaggedIo<'_, '_, T, M, S, K>
+{
+    type Slot = TaggedSlot<T, M>;
+    type Error = Error;
+
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<TaggedSlot<T, M>> {
+        // Host-readable (a source may read what it wrote): no write-combining.
+        let input = self.cache.output(gpu, self.chunk)?;
+        let mut outputs = Vec::with_capacity(self.sinks.len());
+        for _ in 0..self.sinks.len() {
+            outputs.push(self.cache.output(gpu, self.capacity)?);
+        }
+        Ok(TaggedSlot {
+            input,
+            outputs,
+            meta: None,
+        })
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut TaggedSlot<T, M>,
+        dev: &mut DeviceBuffer<T>,
+        chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        if self.failed.is_some() {
+            return Ok(None);
+        }
+        let dst = &mut slot.input.as_mut_slice()?[..self.chunk];
+        let (len, meta) = match fill(&mut self.source, dst, chunk.0) {
+            Ok(Some(x)) => x,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                self.failed = Some(e);
+                return Ok(None);
+            }
+        };
+        let _nvtx = Range::new("upload");
+        slot.meta = Some(meta);
+        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut TaggedSlot<T, M>,
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        self.download_outputs(lane, timed, slot, &[(dev, len)])
+    }
+
+    fn download_outputs(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut TaggedSlot<T, M>,
+        outs: &[(&DeviceBuffer<T>, usize)],
+    ) -> Result<Recorded> {
+        if outs.len() != slot.outputs.len() {
+            return Err(Error::Config("a chunk's outputs differ from the graph's"));
+        }
+        crate::dag::download_into(lane, timed, outs, slot.outputs.iter_mut().map(|b| (b, 0)))
+    }
+
+    fn retire(&mut self, slot: &mut TaggedSlot<T, M>, chunk: ChunkId, len: usize) -> Result<()> {
+        self.retire_outputs(slot, chunk, &[len])
+    }
+
+    fn retire_outputs(
+        &mut self,
+        slot: &mut TaggedSlot<T, M>,
+        chunk: ChunkId,
+        lens: &[usize],
+    ) -> Result<()> {
+        let meta = slot
+            .meta
+            .take()
+            .ok_or(Error::Config("a retired chunk has no metadata"))?;
+        for ((sink, staged), &len) in self.sinks.iter_mut().zip(&slot.outputs).zip(lens) {
+            accept(sink, chunk.0, &meta, &staged.as_slice()?[..len])?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: Element> crate::PipelineStageManager<T> {
+    /// Streams a tagged source through `graph`: each chunk (at most one
+    /// chunk of this manager's size, as the source cuts it) runs through
+    /// every node, and output `i`'s part of it goes to `sinks[i]` with the
+    /// chunk's metadata, in input order (one sink per output of the
+    /// graph). A source failure ends the input: the chunks before it still
+    /// reach the sinks, then the run returns the error. Returns what moved
+    /// (`elements_out` over every output).
+    pub fn run_graph_stream<M, S, K>(
+        &mut self,
+        graph: &mut StageGraph<T>,
+        source: S,
+        sinks: &mut [K],
+    ) -> Result<StreamCounts>
+    where
+        S: TaggedSource<T, M>,
+        K: TaggedSink<T, M>,
+    {
+        let _span = tracing::debug_span!("prism.pipeline.run_graph_stream").entered();
+        let _nvtx = Range::new("run_graph_stream");
+        let run = self.begin_graph_stream(graph, sinks.len())?;
+        let started = std::time::Instant::now();
+        match self.backend {
+            crate::BackendKind::Gpu => {
+                let (counts, failed) = {
+                    let (mut driver, cache, _) = self.graph_parts()?;
+                    let mut io = TaggedIo {
+                        source,
+                        sinks,
+                        chunk: run.chunk,
+                        capacity: run.capacity,
+                        cache,
+                        failed: None,
+                        _k: std::marker::PhantomData,
+                    };
+                    let mut p = crate::dag::GraphChain {
+                        graph,
+                        plan: &run.plan,
+                        capacity: run.capacity,
+                    };
+                    let (r, slots) = driver.drive(&mut io, &mut p);
+                    for s in slots.into_made() {
+                        io.cache.give_output(s.input);
+                        for o in s.outputs {
+                            io.cache.give_output(o);
+                        }
+                    }
+                    (r, io.failed.take())
+                };
+                let counts = counts?;
+                self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                Ok(StreamCounts {
+                    chunks: counts.chunks,
+                    elements_in: counts.elems_in,
+                    elements_out: counts.elems_out,
+                })
+            }
+            crate::BackendKind::Host => {
+                let r = self.run_graph_stream_host(graph, &run, source, sinks);
+                let (counts, failed) = match r {
+                    Ok(x) => x,
+                    Err(e) => return Err(e),
+                };
+                self.finish_run(started, counts.chunks, 0, counts.elements_in, 0);
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(counts),
+                }
+            }
+        }
+    }
+
+    /// The host backend of a tagged stream: up to `slots` chunks filled on
+    /// the calling thread, run at once on the manager's threads, delivered
+    /// in order; then the next batch. Returns the counts and a source
+    /// failure that ended the input, if any.
+    fn run_graph_stream_host<M, S, K>(
+        &mut self,
+        graph: &StageGraph<T>,
+        run: &crate::dag::GraphRun,
+        mut source: S,
+        sinks: &mut [K],
+    ) -> Result<(StreamCounts, Option<Error>)>
+    where
+        S: TaggedSource<T, M>,
+        K: TaggedSink<T, M>,
+    {
+        use rayon::prelude::*;
+        let zero = prism_stream::zeroed_vec::<T>(1)[0];
+        let batch = self.config.slots.max(1);
+        let mut counts = StreamCounts::default();
+        let mut failed = None;
+        let times: Vec<std::sync::Mutex<f64>> = (0..graph.node_count())
+            .map(|_| std::sync::Mutex::new(0.0))
+            .collect();
+        let mut bufs: Vec<Vec<T>> = Vec::new();
+        let mut next = 0u64;
+        while failed.is_none() {
+            // Fill a batch.
+            let mut filled: Vec<(u64, Vec<T>)> = Vec::with_capacity(batch);
+            let mut metas: Vec<M> = Vec::with_capacity(batch);
+            while filled.len() < batch {
+                let mut buf = bufs.pop().unwrap_or_default();
+                buf.resize(run.chunk, zero);
+                match fill(&mut source, &mut buf, next) {
+                    Ok(Some((n, m))) => {
+                        buf.truncate(n);
+                        counts.elements_in += n as u64;
+                        filled.push((next, buf));
+                        metas.push(m);
+                        next += 1;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if filled.is_empty() {
+                break;
+            }
+            let last = filled.len() < batch;
+            let plan = &run.plan;
+            let times = &times;
+            let work = |(c, input): &(u64, Vec<T>)| -> Result<Vec<Vec<T>>> {
+                let lens = graph.output_lens(&graph.lengths(plan, input.len(), *c)?);
+                let mut outs: Vec<Vec<T>> = lens.iter().map(|&l| vec![zero; l]).collect();
+                let mut dsts: Vec<&mut [T]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+                graph.run_host_chunk(plan, input, &mut dsts, *c, times)?;
+                Ok(outs)
+            };
+            let results: Vec<Result<Vec<Vec<T>>>> = match self.copy_pool.pool() {
+                Some(pool) => pool.install(|| filled.par_iter().map(work).collect()),
+                None => filled.iter().map(work).collect(),
+            };
+            for (((c, input), meta), outs) in filled.into_iter().zip(metas).zip(results) {
+                let outs = outs?;
+                for (sink, out) in sinks.iter_mut().zip(&outs) {
+                    counts.elements_out += out.len() as u64;
+                    accept(sink, c, &meta, out)?;
+                }
+                counts.chunks += 1;
+                bufs.push(input);
+            }
+            if last {
+                break;
+            }
+        }
+        for (name, t) in graph.node_names().zip(times).skip(1) {
+            let ms = t
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ms > 0.0 {
+                self.stats.add_stage_time(name, ms);
+            }
+        }
+        Ok((counts, failed))
+    }
+}

@@ -140,7 +140,7 @@ pub(crate) struct TaggedSlot<T: Element, M> {
 /// The GPU I/O of a tagged stream: the source fills the slot's staging in
 /// place, the metadata waits in the slot, each output's sink reads its
 /// staging in place when the chunk retires.
-struct TaggedIo<'a, 'k, T: Element, M, S, K> {
+struct TaggedIo<'a, T: Element, M, S, K> {
     source: S,
     sinks: &'a mut [K],
     chunk: usize,
@@ -148,11 +148,11 @@ struct TaggedIo<'a, 'k, T: Element, M, S, K> {
     cache: &'a mut StagingCache<T>,
     /// The source failed here: no more input; the chunks before it drain.
     failed: Option<Error>,
-    _k: std::marker::PhantomData<(&'k (), fn(M))>,
+    _m: std::marker::PhantomData<fn(M)>,
 }
 
 impl<T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> ChunkIo<T>
-    for TaggedIo<'_, '_, T, M, S, K>
+    for TaggedIo<'_, T, M, S, K>
 {
     type Slot = TaggedSlot<T, M>;
     type Error = Error;
@@ -275,7 +275,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                         capacity: run.capacity,
                         cache,
                         failed: None,
-                        _k: std::marker::PhantomData,
+                        _m: std::marker::PhantomData,
                     };
                     let mut p = crate::dag::GraphChain {
                         graph,
@@ -303,11 +303,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                 })
             }
             crate::BackendKind::Host => {
-                let r = self.run_graph_stream_host(graph, &run, source, sinks);
-                let (counts, failed) = match r {
-                    Ok(x) => x,
-                    Err(e) => return Err(e),
-                };
+                let (counts, failed) = self.run_graph_stream_host(graph, &run, source, sinks)?;
                 self.finish_run(started, counts.chunks, 0, counts.elements_in, 0);
                 match failed {
                     Some(e) => Err(e),

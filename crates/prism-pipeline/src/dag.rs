@@ -1058,7 +1058,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
     /// The checks every graph run makes before its clock starts: the
     /// graph runs on this backend, one destination per output, each as
     /// long as the output; then the ring is allocated.
-    fn begin_graph(
+    pub(crate) fn begin_graph(
         &mut self,
         graph: &StageGraph<T>,
         n: usize,

@@ -206,6 +206,16 @@ pub enum Error {
         /// Elements the destination holds.
         actual: usize,
     },
+    /// A multi-GPU graph run given another number of graphs than GPUs.
+    #[error(
+        "the pipeline has {expected} GPU(s), but the run was given {actual} graph(s): one per GPU"
+    )]
+    GraphsPerGpu {
+        /// GPUs of the pipeline.
+        expected: usize,
+        /// Graphs given.
+        actual: usize,
+    },
     /// A graph needing more device buffers per slot (values alive at once)
     /// than a ring slot may hold.
     #[error(

@@ -268,7 +268,7 @@ impl<T: Element> MultiGpuPipeline<T> {
     fn drive_all(
         &mut self,
         stop: &(dyn Fn() + Sync),
-        work: &(dyn Fn(&mut PipelineStageManager<T>, &GlobalIndex) -> DeviceResult + Sync),
+        work: &(dyn Fn(usize, &mut PipelineStageManager<T>, &GlobalIndex) -> DeviceResult + Sync),
     ) -> Result<(Vec<(RunCounts, u64)>, Saved)> {
         let saved: Vec<PipelineStats> =
             self.devices.iter().map(|d| d.get_stats().clone()).collect();
@@ -280,7 +280,7 @@ impl<T: Element> MultiGpuPipeline<T> {
             let global = GlobalIndex::default();
             // An error is reported with the oldest chunk this GPU had in
             // flight (the run's numbering), for errors that name none.
-            let r = work(d, &global).map_err(|e| (e, global.oldest()));
+            let r = work(i, d, &global).map_err(|e| (e, global.oldest()));
             if r.is_err() {
                 failed.push(i);
             }
@@ -354,7 +354,7 @@ impl<T: Element> MultiGpuPipeline<T> {
             pieces.push((c, dst));
         }
         let feed = Feed::new(pieces.into_iter());
-        let (counts, _) = self.drive_all(&|| feed.stop(), &|d, global| {
+        let (counts, _) = self.drive_all(&|| feed.stop(), &|_, d, global| {
             let capacity = d.output_len(chunk).max(chunk);
             let (mut run, cache, pool) = d.gpu_parts(&order)?;
             run.global = Some(global);
@@ -422,7 +422,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         }
         let feed = Feed::new(pieces.into_iter());
         let output = Mutex::new(output);
-        let (counts, _) = self.drive_all(&|| feed.stop(), &|d, global| {
+        let (counts, _) = self.drive_all(&|| feed.stop(), &|_, d, global| {
             let (mut run, _, _) = d.gpu_parts(&order)?;
             run.global = Some(global);
             let mut io = FedPinnedIo {
@@ -459,7 +459,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         let input_error: Mutex<Option<Error>> = Mutex::new(None);
         let batches = AtomicU64::new(0);
         let taken = AtomicU64::new(0);
-        let (counts, saved) = self.drive_all(&|| feed.stop(), &|d, global| {
+        let (counts, saved) = self.drive_all(&|| feed.stop(), &|_, d, global| {
             let (mut run, cache, pool) = d.gpu_parts(&order)?;
             run.global = Some(global);
             let fed = FedItems {
@@ -520,7 +520,7 @@ impl<T: Element> MultiGpuPipeline<T> {
             feed.stop();
             out.stop();
         };
-        let (counts, _) = self.drive_all(&stop, &|d, global| {
+        let (counts, _) = self.drive_all(&stop, &|_, d, global| {
             let capacity = d.capacity(&order);
             let (mut run, cache, _) = d.gpu_parts(&order)?;
             run.global = Some(global);
@@ -913,6 +913,199 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for FedStreamIo<'_, T, S, 
         // `None`: another GPU failed and the run stopped; this chunk is
         // not delivered.
         delivered.unwrap_or(Ok(()))?;
+        self.global.retired(chunk);
+        Ok(())
+    }
+}
+
+/// Where one chunk of a multi-GPU graph run comes from and where each of
+/// its outputs goes.
+#[derive(Debug, Clone)]
+struct GraphPiece {
+    at: usize,
+    len: usize,
+    /// (offset, length) in each output.
+    outs: Vec<(usize, usize)>,
+}
+
+impl<T: Element> MultiGpuPipeline<T> {
+    /// Streams a pinned input through a stage graph into pinned outputs
+    /// (one per graph output), chunks spread over the GPUs as
+    /// [`run_pinned`](Self::run_pinned) does. `graphs` holds one graph per
+    /// GPU, in the order of [`gpus`](Self::gpus), all of one shape (every
+    /// GPU needs its own stages: their device state and modules are its
+    /// own); build them with the same code for each GPU. With several GPUs
+    /// the buffers must be portable unless they belong to the GPU's own
+    /// context.
+    pub fn run_graph_pinned(
+        &mut self,
+        graphs: &mut [crate::StageGraph<T>],
+        input: &PinnedBuffer<T>,
+        outputs: &mut [&mut PinnedBuffer<T>],
+    ) -> Result<()> {
+        let _span = tracing::debug_span!("prism.multi.run_graph_pinned", n = input.len()).entered();
+        let _nvtx = Range::new("multi.run_graph_pinned");
+        if graphs.len() != self.devices.len() {
+            return Err(Error::GraphsPerGpu {
+                expected: self.devices.len(),
+                actual: graphs.len(),
+            });
+        }
+        let shape = |g: &crate::StageGraph<T>| (g.node_count(), g.output_count());
+        if graphs.iter().any(|g| shape(g) != shape(&graphs[0])) {
+            return Err(Error::Config(
+                "the GPUs' graphs differ in shape (nodes or outputs)",
+            ));
+        }
+        for g in self.gpus() {
+            let mut bufs = vec![("input", input.gpu(), input.flags().portable)];
+            for o in outputs.iter() {
+                bufs.push(("output", o.gpu(), o.flags().portable));
+            }
+            for (what, owner, portable) in bufs {
+                if !portable && !owner.same_context(g) {
+                    return Err(Error::NotPortable {
+                        what,
+                        owner: owner.info().ordinal,
+                    });
+                }
+            }
+        }
+        let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
+        let mut runs = Vec::with_capacity(self.devices.len());
+        for (d, g) in self.devices.iter_mut().zip(graphs.iter()) {
+            runs.push(d.begin_graph(g, input.len(), &lens)?);
+        }
+        let started = Instant::now();
+        let chunk = runs[0].chunk;
+        let mut pieces = Vec::new();
+        let mut at = 0usize;
+        let mut out_at = vec![0usize; lens.len()];
+        while at < input.len() {
+            let len = chunk.min(input.len() - at);
+            let node_lens = graphs[0].lengths(&runs[0].plan, len, pieces.len() as u64)?;
+            let outs: Vec<(usize, usize)> = graphs[0]
+                .output_lens(&node_lens)
+                .into_iter()
+                .zip(out_at.iter_mut())
+                .map(|(l, o)| {
+                    let r = (*o, l);
+                    *o += l;
+                    r
+                })
+                .collect();
+            pieces.push(GraphPiece { at, len, outs });
+            at += len;
+        }
+        let feed = Feed::new(pieces.into_iter());
+        let outputs = Mutex::new(outputs);
+        let graphs: Vec<Mutex<&mut crate::StageGraph<T>>> =
+            graphs.iter_mut().map(Mutex::new).collect();
+        let runs = &runs;
+        let (counts, _) = self.drive_all(&|| feed.stop(), &|i, d, global| {
+            let mut graph = lock(&graphs[i]);
+            let run = &runs[i];
+            let (mut driver, _, _) = d.graph_parts()?;
+            driver.global = Some(global);
+            let mut io = FedGraphPinnedIo {
+                feed: &feed,
+                input,
+                outputs: &outputs,
+                global,
+                to_download: VecDeque::new(),
+            };
+            let mut p = crate::dag::GraphChain {
+                graph: &mut **graph,
+                plan: &run.plan,
+                capacity: run.capacity,
+            };
+            driver.drive(&mut io, &mut p).0.map(|c| (c, 0))
+        })?;
+        self.finish(started, &counts);
+        Ok(())
+    }
+}
+
+/// Chunks of a multi-GPU graph run as a GPU pulls them: uploaded from the
+/// shared input, each output downloaded into its place in the shared
+/// outputs (under their lock; the ordering module tracks byte ranges, so
+/// GPUs writing different chunks never wait for each other).
+struct FedGraphPinnedIo<'a, 'o, 'p, T: Element> {
+    feed: &'a Feed<std::vec::IntoIter<GraphPiece>>,
+    input: &'a PinnedBuffer<T>,
+    outputs: &'a Mutex<&'o mut [&'p mut PinnedBuffer<T>]>,
+    global: &'a GlobalIndex,
+    to_download: VecDeque<GraphPiece>,
+}
+
+impl<T: Element> ChunkIo<T> for FedGraphPinnedIo<'_, '_, '_, T> {
+    type Slot = ();
+    type Error = Error;
+
+    fn make_slot(&mut self, _gpu: &Gpu) -> Result<()> {
+        Ok(())
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        dev: &mut DeviceBuffer<T>,
+        chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        let Some((k, p)) = self.feed.pull(|it, _| Ok::<_, Error>(it.next()))? else {
+            return Ok(None);
+        };
+        let _nvtx = Range::new("upload");
+        self.global.set(chunk, k);
+        let rec = lane.copy_htod_timed(self.input, p.at, dev, 0, p.len, timed)?;
+        let len = p.len;
+        self.to_download.push_back(p);
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut (),
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        self.download_outputs(lane, timed, slot, &[(dev, len)])
+    }
+
+    fn download_outputs(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        outs: &[(&DeviceBuffer<T>, usize)],
+    ) -> Result<Recorded> {
+        let p = self
+            .to_download
+            .pop_front()
+            .ok_or(Error::Config("chunk outputs out of step"))?;
+        if p.outs.len() != outs.len() || p.outs.iter().zip(outs).any(|(a, b)| a.1 != b.1) {
+            return Err(Error::Config(
+                "a graph node produced another length than output_len said",
+            ));
+        }
+        let mut dsts = lock(self.outputs);
+        let targets = dsts
+            .iter_mut()
+            .map(|b| &mut **b)
+            .zip(p.outs.iter().map(|&(at, _)| at));
+        crate::dag::download_into(lane, timed, outs, targets)
+    }
+
+    fn retire(&mut self, _slot: &mut (), chunk: ChunkId, _len: usize) -> Result<()> {
+        self.global.retired(chunk);
+        Ok(())
+    }
+
+    fn retire_outputs(&mut self, _slot: &mut (), chunk: ChunkId, _lens: &[usize]) -> Result<()> {
         self.global.retired(chunk);
         Ok(())
     }

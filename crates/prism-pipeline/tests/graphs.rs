@@ -473,3 +473,49 @@ fn gpu_tagged_stream_carries_metadata_to_every_output() {
     tagged_run(&mut m, gpu_join(&gpu), chunk, Some(13));
     tagged_run(&mut m, gpu_join(&gpu), chunk, Some(0));
 }
+
+#[test]
+fn gpu_graph_over_every_gpu_matches_cpu() {
+    use prism_pipeline::MultiGpuPipeline;
+    let Some(_ctx) = gpu_or_skip("gpu_graph_over_every_gpu_matches_cpu") else {
+        return;
+    };
+    let gpus: Vec<Gpu> = (0..prism_stream::device_count().unwrap())
+        .map(|o| Gpu::open(o).unwrap())
+        .collect();
+    let chunk = scaled(1 << 18, 1 << 10) + 2;
+    let mut p = MultiGpuPipeline::<f32>::with_gpus(&gpus, config(chunk)).unwrap();
+    // One graph per GPU, each with its own join kernel module.
+    let mut graphs: Vec<StageGraph<f32>> = gpus.iter().map(|g| graph(gpu_join(g)).0).collect();
+    let n = 9 * chunk + 11;
+    let input = random_f32(99, n);
+    let want = reference(&input, chunk);
+    let flags = HostAllocFlags {
+        portable: true,
+        ..HostAllocFlags::default()
+    };
+    let pin_in = PinnedBuffer::from_slice(&gpus[0], &input, flags).unwrap();
+    let mut outs: Vec<PinnedBuffer<f32>> = want
+        .iter()
+        .map(|w| PinnedBuffer::new(&gpus[0], w.len(), flags).unwrap())
+        .collect();
+    {
+        let mut dsts: Vec<&mut PinnedBuffer<f32>> = outs.iter_mut().collect();
+        p.run_graph_pinned(&mut graphs, &pin_in, &mut dsts).unwrap();
+        // One graph per GPU, no more, no less.
+        let mut one = graphs.split_off(0);
+        one.push(graph(gpu_join(&gpus[0])).0);
+        assert!(matches!(
+            p.run_graph_pinned(&mut one, &pin_in, &mut dsts),
+            Err(Error::GraphsPerGpu { .. })
+        ));
+    }
+    for (k, (got, want)) in outs.iter().zip(&want).enumerate() {
+        assert_bits(
+            &format!("output {k} (every GPU)"),
+            got.as_slice().unwrap(),
+            want,
+        );
+    }
+    assert_eq!(p.get_stats().chunks, 10);
+}

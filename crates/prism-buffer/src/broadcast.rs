@@ -1007,6 +1007,11 @@ impl<T, H, R: Borrow<Reader<T, H>>> ChunkGuard<T, H, R> {
             reader,
         }
     }
+
+    /// The reader holding the chunk.
+    pub fn reader(&self) -> &Reader<T, H> {
+        self.reader.borrow()
+    }
 }
 
 impl<T, H, R> ChunkGuard<T, H, R> {

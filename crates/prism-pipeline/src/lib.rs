@@ -41,6 +41,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod broadcast_io;
 mod copy;
 mod error;
 mod gpu;
@@ -60,6 +61,7 @@ mod stats;
 use prism_buffer::Engine;
 use prism_stream::{Element, Gpu, ManagedGpuContext};
 
+pub use broadcast_io::{from_broadcast, to_broadcast, BroadcastSink, BroadcastSource};
 pub use error::{Error, Result, StageError};
 pub use host::AsyncPipelineCoordinator;
 pub use iterate::ChunkOutput;

@@ -1,6 +1,6 @@
 //! Triple buffering for prism.
 //!
-//! This crate holds two independent triple buffers:
+//! This crate holds independent rings and triple buffers:
 //!
 //! * **The ring engine** ([`Engine`], in [`engine`]) is the one GPU
 //!   implementation of the slot ring: while chunk `k` is being downloaded,

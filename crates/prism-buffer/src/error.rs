@@ -91,6 +91,38 @@ pub enum Error {
         /// The slot that could be released now, if any.
         expected: Option<SlotId>,
     },
+
+    /// A [`Broadcast`](crate::broadcast::Broadcast) ring asked for too few
+    /// buffers.
+    #[error("a broadcast ring needs at least {min} buffers (one being written, one for the newest chunk, one per reader), but {buffers} were requested")]
+    TooFewBuffers {
+        /// The buffer count that was passed in.
+        buffers: usize,
+        /// The fewest a ring takes.
+        min: usize,
+    },
+
+    /// A reader more than a broadcast ring's buffers allow.
+    #[error("a broadcast ring of {buffers} buffers takes at most {max} readers (each reader may hold a buffer, and two are kept for the writer and the newest chunk); make it with more buffers or drop a reader first")]
+    TooManyReaders {
+        /// Buffers of the ring.
+        buffers: usize,
+        /// Readers it takes (`buffers - 2`).
+        max: usize,
+    },
+
+    /// A second writer for a broadcast ring.
+    #[error("this broadcast ring already had its writer: a ring has one writer over its life (begin a new sequence on that writer instead)")]
+    WriterTaken,
+
+    /// A broadcast commit longer than the buffer.
+    #[error("cannot commit {len} elements: a broadcast ring's buffers hold {capacity}")]
+    CommitTooLong {
+        /// Elements to commit.
+        len: usize,
+        /// Elements per buffer.
+        capacity: usize,
+    },
 }
 
 /// Formats the "where could the step go instead" half of

@@ -1,6 +1,6 @@
 //! Triple buffering for prism.
 //!
-//! This crate holds two independent triple buffers:
+//! This crate holds independent rings and triple buffers:
 //!
 //! * **The ring engine** ([`Engine`], in [`engine`]) is the one GPU
 //!   implementation of the slot ring: while chunk `k` is being downloaded,
@@ -22,11 +22,18 @@
 //!   neither side waits for the other beyond a pointer swap, and the
 //!   consumer always sees the newest completely written value.
 //!
+//! * **The broadcast ring** ([`broadcast::Broadcast`]) hands chunks from one
+//!   host writer to several readers at their own pace: guaranteed readers
+//!   hold chunks back, lossy ones skip what they missed, and in real-time
+//!   mode the writer never waits (the oldest unread chunk is dropped and
+//!   counted). Every chunk carries its sequence metadata.
+//!
 //! The crate contains no `unsafe` code.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod broadcast;
 pub mod cpu;
 pub mod engine;
 mod error;

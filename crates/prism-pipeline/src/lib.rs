@@ -41,6 +41,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod broadcast_io;
 mod copy;
 mod dag;
 mod dag_stream;
@@ -62,6 +63,7 @@ mod stats;
 use prism_buffer::Engine;
 use prism_stream::{Element, Gpu, ManagedGpuContext};
 
+pub use broadcast_io::{from_broadcast, to_broadcast, BroadcastSink, BroadcastSource};
 pub use dag::{GpuJoinBody, GpuJoinFn, HostJoinFn, Join, NodeId, StageGraph};
 pub use dag_stream::{tagged_sink, tagged_source, TaggedFn, TaggedSink, TaggedSource};
 pub use error::{Error, Result, StageError};

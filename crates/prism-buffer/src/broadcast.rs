@@ -721,9 +721,16 @@ impl<T, H> Writer<T, H> {
     /// still queued are delivered (or dropped) as usual. Returns the new
     /// sequence's id.
     pub fn begin_sequence(&mut self, header: H) -> u64 {
+        self.begin_sequence_shared(Arc::new(header))
+    }
+
+    /// [`begin_sequence`](Self::begin_sequence) with a header already
+    /// shared (e.g. the header of the sequence a chunk read from another
+    /// ring belongs to: a pipeline between two rings passes sequences on).
+    pub fn begin_sequence_shared(&mut self, header: Arc<H>) -> u64 {
         let mut st = self.shared.lock();
         st.sequence += 1;
-        st.header = Arc::new(header);
+        st.header = header;
         st.index = 0;
         st.seq_committed = 0;
         st.seq_committed_bytes = 0;

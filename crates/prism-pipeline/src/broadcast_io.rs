@@ -10,9 +10,10 @@
 //! ([`Mode::Block`](prism_buffer::broadcast::Mode::Block)) or never does
 //! ([`Mode::RealTime`](prism_buffer::broadcast::Mode::RealTime)).
 
-use prism_buffer::broadcast::{Reader, Writer};
+use prism_buffer::broadcast::{Meta, Reader, Writer};
 use prism_stream::Element;
 
+use crate::dag_stream::{TaggedSink, TaggedSource};
 use crate::source::{BoxError, Sink, Source};
 
 /// A sink that commits each output chunk into a broadcast ring (see
@@ -20,6 +21,9 @@ use crate::source::{BoxError, Sink, Source};
 #[derive(Debug)]
 pub struct BroadcastSink<T, H = ()> {
     writer: Writer<T, H>,
+    /// The sequence (of the incoming chunks' metadata) the ring's current
+    /// sequence stands for, in a tagged run.
+    passing: Option<u64>,
 }
 
 /// A sink committing each output chunk, whole, as one chunk of the ring
@@ -30,7 +34,10 @@ pub struct BroadcastSink<T, H = ()> {
 /// close) to end its readers' streams; pass `&mut sink` to keep it over
 /// several runs.
 pub fn to_broadcast<T, H>(writer: Writer<T, H>) -> BroadcastSink<T, H> {
-    BroadcastSink { writer }
+    BroadcastSink {
+        writer,
+        passing: None,
+    }
 }
 
 impl<T, H> BroadcastSink<T, H> {
@@ -47,6 +54,21 @@ impl<T, H> BroadcastSink<T, H> {
 
 impl<T: Element + Default, H> Sink<T> for BroadcastSink<T, H> {
     fn accept(&mut self, _chunk: u64, data: &[T]) -> Result<(), BoxError> {
+        self.writer.write(data)?;
+        Ok(())
+    }
+}
+
+/// In a tagged run ([`run_graph_stream`](crate::PipelineStageManager::run_graph_stream)),
+/// the chunks' ring metadata passes sequences on: the first chunk of each
+/// incoming sequence begins a sequence of this ring with the same header
+/// (its chunks are numbered and stamped by this ring).
+impl<T: Element + Default, H> TaggedSink<T, Meta<H>> for BroadcastSink<T, H> {
+    fn accept(&mut self, meta: &Meta<H>, data: &[T]) -> Result<(), BoxError> {
+        if self.passing != Some(meta.sequence) {
+            self.writer.begin_sequence_shared(meta.header.clone());
+            self.passing = Some(meta.sequence);
+        }
         self.writer.write(data)?;
         Ok(())
     }
@@ -84,6 +106,32 @@ impl<T, H> BroadcastSource<T, H> {
     /// The reader back (the rest of a chunk cut in several is lost).
     pub fn into_reader(self) -> Reader<T, H> {
         self.reader
+    }
+}
+
+/// In a tagged run each ring chunk is one chunk with its metadata (a ring
+/// chunk longer than the pipeline's chunk fails the run: it cannot be cut
+/// without repeating its metadata).
+impl<T: Element, H> TaggedSource<T, Meta<H>> for BroadcastSource<T, H> {
+    fn fill(&mut self, dst: &mut [T]) -> Result<Option<(usize, Meta<H>)>, BoxError> {
+        loop {
+            let Some(chunk) = self.reader.read() else {
+                return Ok(None);
+            };
+            if chunk.is_empty() {
+                continue;
+            }
+            if chunk.len() > dst.len() {
+                return Err(format!(
+                    "a ring chunk of {} elements is longer than the pipeline's chunk ({})",
+                    chunk.len(),
+                    dst.len()
+                )
+                .into());
+            }
+            dst[..chunk.len()].copy_from_slice(&chunk);
+            return Ok(Some((chunk.len(), chunk.meta().clone())));
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Stage graphs: one input feeding several branches, joins with several
 //! inputs, several outputs and taps, run chunk by chunk on the same ring
-//! engine as a chain ([`PipelineStageManager::run_graph`],
-//! [`run_graph_pinned`](PipelineStageManager::run_graph_pinned)) or on
+//! engine as a chain ([`PipelineStageManager::run_graph`](crate::PipelineStageManager::run_graph),
+//! [`run_graph_pinned`](crate::PipelineStageManager::run_graph_pinned)) or on
 //! the host backend.
 //!
 //! A [`StageGraph`] is built front to back: every node names nodes made
@@ -24,17 +24,16 @@ use std::any::Any;
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prism_buffer::engine::{ComputeSpans, Recorded};
+use prism_buffer::engine::ComputeSpans;
 use prism_buffer::ring::ChunkId;
-use prism_buffer::{ChunkIo, ChunkOutputs, ChunkProcessor};
+use prism_buffer::{ChunkOutputs, ChunkProcessor};
 use prism_stream::nvtx::Range;
-use prism_stream::{DeviceBuffer, Element, Gpu, Lane, Launch, PinnedBuffer};
+use prism_stream::{DeviceBuffer, Element, Launch, PinnedBuffer};
 
-use crate::copy::{par_copy, CopyPool};
 use crate::error::{Error, Result, StageError};
-use crate::gpu::StagingCache;
 use crate::guard;
 use crate::plan::ChunkPlan;
+use crate::ring::{GraphPinnedIo, GraphSliceIo};
 use crate::stage::{AnyStage, Stage};
 
 /// A node of a [`StageGraph`]: the graph's input, a stage or a join. Valid
@@ -270,8 +269,8 @@ static NEXT_GRAPH: AtomicU64 = AtomicU64::new(1);
 /// A directed acyclic graph of stages over one input: fan-out (several
 /// nodes read one node, in place), joins (a node reading several), any
 /// number of outputs (an output on an inner node is a tap). Run it with
-/// [`PipelineStageManager::run_graph`] (pageable),
-/// [`run_graph_pinned`](PipelineStageManager::run_graph_pinned) (pinned,
+/// [`PipelineStageManager::run_graph`](crate::PipelineStageManager::run_graph) (pageable),
+/// [`run_graph_pinned`](crate::PipelineStageManager::run_graph_pinned) (pinned,
 /// no staging). A chain is the graph whose every node reads the one before.
 ///
 /// ```
@@ -797,230 +796,6 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
     }
 }
 
-/// Queues each output's download on `lane`, output `k` into
-/// `dsts[k] = (buffer, offset)` (empty ones skipped); the record runs from
-/// the first copy's start to the last one's end.
-pub(crate) fn download_into<'d, T: Element + 'd>(
-    lane: &mut Lane,
-    timed: bool,
-    outs: &[(&DeviceBuffer<T>, usize)],
-    dsts: impl Iterator<Item = (&'d mut PinnedBuffer<T>, usize)>,
-) -> Result<Recorded> {
-    let mut first: Option<prism_stream::Fence> = None;
-    let mut end: Option<prism_stream::Fence> = None;
-    let mut dsts = dsts;
-    for &(dev, len) in outs {
-        let (dst, at) = dsts
-            .next()
-            .ok_or(Error::Config("a chunk's outputs differ from the graph's"))?;
-        if len == 0 {
-            continue;
-        }
-        let (start, e) = lane.copy_dtoh_timed(dev, 0, dst, at, len, timed && end.is_none())?;
-        if end.is_none() {
-            first = start;
-        }
-        end = Some(e);
-    }
-    let end = match end {
-        Some(e) => e,
-        None => lane.fence()?,
-    };
-    Ok(Recorded { start: first, end })
-}
-
-/// Pinned input, pinned outputs (one per graph output): no staging.
-pub(crate) struct GraphPinnedIo<'a, 'o, T: Element> {
-    pub(crate) input: &'a PinnedBuffer<T>,
-    pub(crate) outputs: &'a mut [&'o mut PinnedBuffer<T>],
-    pub(crate) plan: ChunkPlan,
-    pub(crate) next_in: usize,
-    pub(crate) next_out: Vec<usize>,
-}
-
-impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, T> {
-    type Slot = ();
-    type Error = Error;
-
-    fn make_slot(&mut self, _gpu: &Gpu) -> Result<()> {
-        Ok(())
-    }
-
-    fn upload(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        _slot: &mut (),
-        dev: &mut DeviceBuffer<T>,
-        _chunk: ChunkId,
-    ) -> Result<Option<(usize, Recorded)>> {
-        let Some(len) = self.plan.next() else {
-            return Ok(None);
-        };
-        let _nvtx = Range::new("upload");
-        let rec = lane.copy_htod_timed(self.input, self.next_in, dev, 0, len, timed)?;
-        self.next_in += len;
-        Ok(Some((len, rec.into())))
-    }
-
-    fn download(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut (),
-        dev: &DeviceBuffer<T>,
-        len: usize,
-    ) -> Result<Recorded> {
-        self.download_outputs(lane, timed, slot, &[(dev, len)])
-    }
-
-    fn download_outputs(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        _slot: &mut (),
-        outs: &[(&DeviceBuffer<T>, usize)],
-    ) -> Result<Recorded> {
-        if outs.len() != self.outputs.len() {
-            return Err(Error::Config("a chunk's outputs differ from the graph's"));
-        }
-        let dsts = self
-            .outputs
-            .iter_mut()
-            .map(|b| &mut **b)
-            .zip(self.next_out.iter().copied());
-        let rec = download_into(lane, timed, outs, dsts)?;
-        for (at, &(_, len)) in self.next_out.iter_mut().zip(outs) {
-            *at += len;
-        }
-        Ok(rec)
-    }
-
-    fn retire(&mut self, _slot: &mut (), _chunk: ChunkId, _len: usize) -> Result<()> {
-        Ok(())
-    }
-
-    fn retire_outputs(&mut self, _slot: &mut (), _chunk: ChunkId, _lens: &[usize]) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// A slot's pinned staging for a graph: the input and one per output.
-pub(crate) struct GraphStaged<T: Element> {
-    pub(crate) input: PinnedBuffer<T>,
-    pub(crate) outputs: Vec<PinnedBuffer<T>>,
-}
-
-/// Pageable input and outputs, staged through pinned memory by the host
-/// threads.
-pub(crate) struct GraphSliceIo<'a, 'o, T: Element> {
-    pub(crate) input: &'a [T],
-    pub(crate) outputs: &'a mut [&'o mut [T]],
-    pub(crate) chunk: usize,
-    pub(crate) capacity: usize,
-    pub(crate) plan: ChunkPlan,
-    pub(crate) pool: &'a CopyPool,
-    pub(crate) next_in: usize,
-    pub(crate) next_out: Vec<usize>,
-    pub(crate) cache: &'a mut StagingCache<T>,
-}
-
-impl<T: Element> ChunkIo<T> for GraphSliceIo<'_, '_, T> {
-    type Slot = GraphStaged<T>;
-    type Error = Error;
-
-    fn make_slot(&mut self, gpu: &Gpu) -> Result<GraphStaged<T>> {
-        let input = self.cache.input(gpu, self.chunk)?;
-        let mut outputs = Vec::with_capacity(self.outputs.len());
-        for _ in 0..self.outputs.len() {
-            outputs.push(self.cache.output(gpu, self.capacity)?);
-        }
-        Ok(GraphStaged { input, outputs })
-    }
-
-    fn upload(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut GraphStaged<T>,
-        dev: &mut DeviceBuffer<T>,
-        chunk: ChunkId,
-    ) -> Result<Option<(usize, Recorded)>> {
-        let Some(len) = self.plan.next() else {
-            return Ok(None);
-        };
-        let _nvtx = Range::new("upload");
-        self.pool.label(chunk.0, "staging copy in");
-        {
-            let _nvtx = Range::new("staging copy in");
-            par_copy(
-                vec![(
-                    &mut slot.input.as_mut_slice()?[..len],
-                    &self.input[self.next_in..self.next_in + len],
-                )],
-                self.pool,
-            );
-        }
-        self.next_in += len;
-        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
-        Ok(Some((len, rec.into())))
-    }
-
-    fn download(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut GraphStaged<T>,
-        dev: &DeviceBuffer<T>,
-        len: usize,
-    ) -> Result<Recorded> {
-        self.download_outputs(lane, timed, slot, &[(dev, len)])
-    }
-
-    fn download_outputs(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut GraphStaged<T>,
-        outs: &[(&DeviceBuffer<T>, usize)],
-    ) -> Result<Recorded> {
-        if outs.len() != slot.outputs.len() {
-            return Err(Error::Config("a chunk's outputs differ from the graph's"));
-        }
-        download_into(lane, timed, outs, slot.outputs.iter_mut().map(|b| (b, 0)))
-    }
-
-    fn retire(&mut self, slot: &mut GraphStaged<T>, chunk: ChunkId, len: usize) -> Result<()> {
-        self.retire_outputs(slot, chunk, &[len])
-    }
-
-    fn retire_outputs(
-        &mut self,
-        slot: &mut GraphStaged<T>,
-        chunk: ChunkId,
-        lens: &[usize],
-    ) -> Result<()> {
-        let _nvtx = Range::new("staging copy out");
-        self.pool.label(chunk.0, "staging copy out");
-        let mut pairs = Vec::with_capacity(lens.len());
-        let mut rest: &mut [&mut [T]] = self.outputs;
-        for ((k, &len), staged) in lens.iter().enumerate().zip(slot.outputs.iter()) {
-            let (dst, tail) = std::mem::take(&mut rest)
-                .split_first_mut()
-                .ok_or(Error::Config("a chunk's outputs differ from the graph's"))?;
-            rest = tail;
-            let at = self.next_out[k];
-            let dst = dst.get_mut(at..at + len).ok_or(Error::Config(
-                "an output is shorter than the graph produces",
-            ))?;
-            pairs.push((dst, &staged.as_slice()?[..len]));
-            self.next_out[k] += len;
-        }
-        par_copy(pairs, self.pool);
-        Ok(())
-    }
-}
-
 /// A chunk of a host graph run: its number, its input, its outputs' parts.
 type HostChunk<'a, T> = (u64, &'a [T], Vec<&'a mut [T]>);
 
@@ -1237,28 +1012,6 @@ impl<T: Element> crate::PipelineStageManager<T> {
         };
         self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
         Ok(())
-    }
-
-    /// Borrows what a GPU graph run needs.
-    pub(crate) fn graph_parts(
-        &mut self,
-    ) -> Result<(crate::runs::Driver<'_, T>, &mut StagingCache<T>, &CopyPool)> {
-        let timing = self.config.timing;
-        let trace = self.config.trace && timing;
-        let engine = self.engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
-        Ok((
-            crate::runs::Driver {
-                engine,
-                timing,
-                trace,
-                stats: &mut self.stats,
-                timeline: &mut self.timeline,
-                pool: &self.copy_pool,
-                global: None,
-            },
-            &mut self.cache,
-            &self.copy_pool,
-        ))
     }
 
     /// The host backend: chunks on the manager's threads, several at once;

@@ -1,5 +1,5 @@
 //! Stage graphs over streams whose chunks carry metadata
-//! ([`PipelineStageManager::run_graph_stream`]): a [`TaggedSource`] gives
+//! ([`PipelineStageManager::run_graph_stream`](crate::PipelineStageManager::run_graph_stream)): a [`TaggedSource`] gives
 //! each chunk with its metadata `M` (a sequence number, a timestamp, an
 //! observation's header: any type), the chunk goes through every node of
 //! the graph, and every output's [`TaggedSink`] receives the chunk's part
@@ -8,16 +8,13 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use prism_buffer::engine::Recorded;
-use prism_buffer::ring::ChunkId;
-use prism_buffer::ChunkIo;
 use prism_stream::nvtx::Range;
-use prism_stream::{DeviceBuffer, Element, Gpu, Lane, PinnedBuffer};
+use prism_stream::Element;
 
 use crate::dag::StageGraph;
 use crate::error::{Error, Result};
-use crate::gpu::StagingCache;
 use crate::guard::panic_message;
+use crate::ring::TaggedIo;
 use crate::runs::StreamCounts;
 use crate::source::BoxError;
 
@@ -96,7 +93,7 @@ where
 /// `source.fill(dst)` for chunk `chunk`, caught: an error is
 /// `Error::Source`, a panic `SourcePanicked`, a length past `dst` a
 /// source error. `None`: the stream ended.
-fn fill<T, M, S: TaggedSource<T, M>>(
+pub(crate) fn fill<T, M, S: TaggedSource<T, M>>(
     source: &mut S,
     dst: &mut [T],
     chunk: u64,
@@ -118,7 +115,12 @@ fn fill<T, M, S: TaggedSource<T, M>>(
 }
 
 /// Hands output `k`'s part of chunk `chunk` to its sink, caught.
-fn accept<T, M, K: TaggedSink<T, M>>(sink: &mut K, chunk: u64, meta: &M, data: &[T]) -> Result<()> {
+pub(crate) fn accept<T, M, K: TaggedSink<T, M>>(
+    sink: &mut K,
+    chunk: u64,
+    meta: &M,
+    data: &[T],
+) -> Result<()> {
     match catch_unwind(AssertUnwindSafe(|| sink.accept(meta, data))) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(Error::Sink { chunk, source }),
@@ -126,119 +128,6 @@ fn accept<T, M, K: TaggedSink<T, M>>(sink: &mut K, chunk: u64, meta: &M, data: &
             chunk,
             message: panic_message(&*payload),
         }),
-    }
-}
-
-/// A slot of a tagged stream on the GPU: host-readable staging for the
-/// input and each output, and the metadata of the chunk in the slot.
-pub(crate) struct TaggedSlot<T: Element, M> {
-    input: PinnedBuffer<T>,
-    outputs: Vec<PinnedBuffer<T>>,
-    meta: Option<M>,
-}
-
-/// The GPU I/O of a tagged stream: the source fills the slot's staging in
-/// place, the metadata waits in the slot, each output's sink reads its
-/// staging in place when the chunk retires.
-struct TaggedIo<'a, T: Element, M, S, K> {
-    source: S,
-    sinks: &'a mut [K],
-    chunk: usize,
-    capacity: usize,
-    cache: &'a mut StagingCache<T>,
-    /// The source failed here: no more input; the chunks before it drain.
-    failed: Option<Error>,
-    _m: std::marker::PhantomData<fn(M)>,
-}
-
-impl<T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> ChunkIo<T>
-    for TaggedIo<'_, T, M, S, K>
-{
-    type Slot = TaggedSlot<T, M>;
-    type Error = Error;
-
-    fn make_slot(&mut self, gpu: &Gpu) -> Result<TaggedSlot<T, M>> {
-        // Host-readable (a source may read what it wrote): no write-combining.
-        let input = self.cache.output(gpu, self.chunk)?;
-        let mut outputs = Vec::with_capacity(self.sinks.len());
-        for _ in 0..self.sinks.len() {
-            outputs.push(self.cache.output(gpu, self.capacity)?);
-        }
-        Ok(TaggedSlot {
-            input,
-            outputs,
-            meta: None,
-        })
-    }
-
-    fn upload(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut TaggedSlot<T, M>,
-        dev: &mut DeviceBuffer<T>,
-        chunk: ChunkId,
-    ) -> Result<Option<(usize, Recorded)>> {
-        if self.failed.is_some() {
-            return Ok(None);
-        }
-        let dst = &mut slot.input.as_mut_slice()?[..self.chunk];
-        let (len, meta) = match fill(&mut self.source, dst, chunk.0) {
-            Ok(Some(x)) => x,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                self.failed = Some(e);
-                return Ok(None);
-            }
-        };
-        let _nvtx = Range::new("upload");
-        slot.meta = Some(meta);
-        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
-        Ok(Some((len, rec.into())))
-    }
-
-    fn download(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut TaggedSlot<T, M>,
-        dev: &DeviceBuffer<T>,
-        len: usize,
-    ) -> Result<Recorded> {
-        self.download_outputs(lane, timed, slot, &[(dev, len)])
-    }
-
-    fn download_outputs(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut TaggedSlot<T, M>,
-        outs: &[(&DeviceBuffer<T>, usize)],
-    ) -> Result<Recorded> {
-        if outs.len() != slot.outputs.len() {
-            return Err(Error::Config("a chunk's outputs differ from the graph's"));
-        }
-        crate::dag::download_into(lane, timed, outs, slot.outputs.iter_mut().map(|b| (b, 0)))
-    }
-
-    fn retire(&mut self, slot: &mut TaggedSlot<T, M>, chunk: ChunkId, len: usize) -> Result<()> {
-        self.retire_outputs(slot, chunk, &[len])
-    }
-
-    fn retire_outputs(
-        &mut self,
-        slot: &mut TaggedSlot<T, M>,
-        chunk: ChunkId,
-        lens: &[usize],
-    ) -> Result<()> {
-        let meta = slot
-            .meta
-            .take()
-            .ok_or(Error::Config("a retired chunk has no metadata"))?;
-        for ((sink, staged), &len) in self.sinks.iter_mut().zip(&slot.outputs).zip(lens) {
-            accept(sink, chunk.0, &meta, &staged.as_slice()?[..len])?;
-        }
-        Ok(())
     }
 }
 

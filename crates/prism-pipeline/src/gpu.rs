@@ -1,7 +1,7 @@
 //! The GPU backend on prism-buffer's ring [`Engine`]: two device buffers per
 //! slot (stages read one and write the other, so a stage may change the
 //! length), two compute lanes that alternate per chunk, and the stage chain
-//! as the engine's [`ChunkProcessor`]. The I/O modes are in `io.rs`.
+//! as the engine's [`ChunkProcessor`]. The I/O modes are in `ring`.
 
 use std::borrow::Cow;
 

@@ -20,7 +20,7 @@ use prism_stream::{Element, PinnedBuffer, Probe};
 use crate::copy::par_copy_one;
 use crate::error::{Error, Result};
 use crate::gpu::{record_span, StageChain, StagingCache};
-use crate::io::{IterData, IterIo, IterSlot};
+use crate::ring::{IterData, IterIo, IterSlot};
 use crate::stats::{BackendKind, PipelineStats};
 use crate::PipelineStageManager;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -489,7 +489,7 @@ impl<T: Element> PipelineStageManager<T> {
 /// `input[range]` up, the stages, the output down into `output[to..]`, and a
 /// wait for it. Returns the output length.
 fn round_trip<T: Element>(
-    run: crate::runs::GpuRun<'_, T>,
+    run: crate::ring::GpuRun<'_, T>,
     order: &[usize],
     input: &PinnedBuffer<T>,
     range: Range<usize>,

@@ -1,22 +1,18 @@
 //! Whole runs: slices, pinned buffers, items and streams, each an I/O mode
-//! of the ring engine on the GPU (`io.rs`) or pulled through the host
+//! of the ring engine on the GPU (`ring`) or pulled through the host
 //! backend.
 
 use std::time::Instant;
 
-use prism_buffer::engine::{ChunkSpan, IoSlots, RunCounts};
-use prism_buffer::{ChunkIo, ChunkProcessor, Engine};
 use prism_stream::nvtx::Range;
 use prism_stream::{zeroed_vec, Element, PinnedBuffer};
 
 use crate::error::{Error, Result};
-use crate::gpu::{record_span, GlobalIndex, StageChain};
 use crate::guard;
 use crate::host::{AsyncPipelineCoordinator, Pull};
-use crate::io::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo, StreamIo};
+use crate::ring::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo, StreamIo};
 use crate::source::{Sink, Source};
-use crate::stage::AnyStage;
-use crate::stats::{BackendKind, Lane as SpanLane, PipelineStats, Span, Timeline};
+use crate::stats::BackendKind;
 use crate::PipelineStageManager;
 
 /// What a stream run moved.
@@ -30,202 +26,7 @@ pub struct StreamCounts {
     pub elements_out: u64,
 }
 
-/// Everything one GPU run needs, borrowed from the manager field by field.
-pub(crate) struct GpuRun<'a, T: Element> {
-    pub(crate) engine: &'a mut Engine<T>,
-    pub(crate) stages: &'a mut [Box<dyn AnyStage<T>>],
-    pub(crate) order: &'a [usize],
-    pub(crate) capacity: usize,
-    pub(crate) timing: bool,
-    pub(crate) trace: bool,
-    pub(crate) stats: &'a mut PipelineStats,
-    pub(crate) timeline: &'a mut Timeline,
-    /// The host threads (their staging copies go into the trace).
-    pub(crate) pool: &'a crate::copy::CopyPool,
-    /// A multi-GPU run's numbering of this GPU's chunks.
-    pub(crate) global: Option<&'a GlobalIndex>,
-    /// Captured stage chains, when `PipelineConfig::graphs` is on.
-    pub(crate) graphs: Option<&'a mut crate::gpu::ChainGraphs>,
-}
-
-impl<T: Element> GpuRun<'_, T> {
-    /// Streams every chunk of `io` through the engine; returns the counts
-    /// and the slot states (for their staging to be recycled).
-    pub(crate) fn drive<Io: ChunkIo<T, Error = Error>>(
-        self,
-        io: &mut Io,
-    ) -> (Result<RunCounts>, IoSlots<Io::Slot>) {
-        let counts_before = self.graphs.as_deref().map(|g| g.counts());
-        let mut chain = StageChain {
-            stages: self.stages,
-            order: self.order,
-            capacity: self.capacity,
-            base: 0,
-            global: self.global,
-            graphs: self.graphs,
-        };
-        let mut driver = Driver {
-            engine: self.engine,
-            timing: self.timing,
-            trace: self.trace,
-            stats: self.stats,
-            timeline: self.timeline,
-            pool: self.pool,
-            global: self.global,
-        };
-        let (result, slots) = driver.drive(io, &mut chain);
-        if result.is_ok() {
-            if let (Some((l0, c0)), Some(g)) = (counts_before, chain.graphs.as_deref()) {
-                let (l1, c1) = g.counts();
-                driver.stats.graph_launches += l1 - l0;
-                driver.stats.graph_captures += c1 - c0;
-            }
-        }
-        (result, slots)
-    }
-}
-
-/// The engine of a GPU run and where its times go: drives any processor
-/// (a stage chain, a stage graph) over any I/O.
-pub(crate) struct Driver<'a, T: Element> {
-    pub(crate) engine: &'a mut Engine<T>,
-    pub(crate) timing: bool,
-    pub(crate) trace: bool,
-    pub(crate) stats: &'a mut PipelineStats,
-    pub(crate) timeline: &'a mut Timeline,
-    pub(crate) pool: &'a crate::copy::CopyPool,
-    pub(crate) global: Option<&'a GlobalIndex>,
-}
-
-impl<T: Element> Driver<'_, T> {
-    /// Streams every chunk of `io` through `p`; returns the counts and the
-    /// slot states. A run's step times go into the stats only if it succeeds.
-    pub(crate) fn drive<Io, P>(
-        &mut self,
-        io: &mut Io,
-        p: &mut P,
-    ) -> (Result<RunCounts>, IoSlots<Io::Slot>)
-    where
-        Io: ChunkIo<T, Error = Error>,
-        P: ChunkProcessor<T, Error = Error>,
-    {
-        let mut slots = IoSlots::new(self.engine.slot_count());
-        if self.timing {
-            if let Err(e) = self.engine.start_timing() {
-                return (Err(e.into()), slots);
-            }
-        }
-        let mut fresh = Timeline {
-            device: self.engine.gpu().info().name.clone(),
-            ..Timeline::default()
-        };
-        let (trace, global) = (self.trace, self.global);
-        self.pool.record(trace);
-        // This run's step times, added to the stats only if it succeeds (a
-        // failed run adds nothing, as it adds no wall time).
-        let mut steps = PipelineStats::default();
-        let result = {
-            let mut spans = |mut s: ChunkSpan| {
-                s.chunk.0 = GlobalIndex::or(global, s.chunk, 0);
-                let tl = if trace { Some(&mut fresh) } else { None };
-                record_span(&mut steps, tl, s);
-            };
-            self.engine.run(io, &mut slots, p, &mut spans)
-        };
-        let copies = self.pool.take_spans();
-        if trace {
-            add_host_spans(&mut fresh, self.engine, copies, global);
-            fresh.origin = self.engine.host_origin();
-        }
-        let busy = if self.timing {
-            self.engine.stop_timing()
-        } else {
-            0.0
-        };
-        if let Ok(c) = &result {
-            let stats = &mut *self.stats;
-            stats.upload_ms += steps.upload_ms;
-            stats.download_ms += steps.download_ms;
-            for st in &steps.stages {
-                stats.add_stage_time(&st.name, st.ms);
-            }
-            stats.compute_busy_ms += busy;
-            stats.host_wait_ms += c.wait_ms;
-        }
-        if trace && result.is_ok() {
-            *self.timeline = fresh;
-        }
-        (result, slots)
-    }
-}
-
-/// The host's staging copies and waits as spans on the GPU spans' clock.
-fn add_host_spans<T: Element>(
-    timeline: &mut Timeline,
-    engine: &mut Engine<T>,
-    copies: Vec<(u64, &'static str, std::time::Instant, std::time::Instant)>,
-    global: Option<&GlobalIndex>,
-) {
-    let Some(origin) = engine.host_origin() else {
-        return;
-    };
-    let ms = |i: std::time::Instant| i.saturating_duration_since(origin).as_secs_f64() * 1e3;
-    for (chunk, what, start, end) in copies {
-        timeline.spans.push(Span {
-            chunk,
-            stream: 4,
-            lane: SpanLane::HostCopy,
-            name: what.to_owned(),
-            start_ms: ms(start),
-            end_ms: ms(end),
-        });
-    }
-    for (chunk, start_ms, end_ms) in engine.take_waits() {
-        timeline.spans.push(Span {
-            chunk: GlobalIndex::or(global, chunk, 0),
-            stream: 5,
-            lane: SpanLane::HostWait,
-            name: "wait for the GPU".to_owned(),
-            start_ms,
-            end_ms,
-        });
-    }
-}
-
 impl<T: Element> PipelineStageManager<T> {
-    /// Borrows what a GPU run needs.
-    pub(crate) fn gpu_parts<'a>(
-        &'a mut self,
-        order: &'a [usize],
-    ) -> Result<(
-        GpuRun<'a, T>,
-        &'a mut crate::gpu::StagingCache<T>,
-        &'a crate::copy::CopyPool,
-    )> {
-        let capacity = self.capacity(order);
-        let timing = self.config.timing;
-        let trace = self.config.trace && timing;
-        let graphs_on = self.config.graphs;
-        let engine = self.engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
-        Ok((
-            GpuRun {
-                engine,
-                stages: &mut self.stages,
-                order,
-                capacity,
-                timing,
-                trace,
-                stats: &mut self.stats,
-                timeline: &mut self.timeline,
-                pool: &self.copy_pool,
-                global: None,
-                graphs: graphs_on.then_some(&mut self.graphs),
-            },
-            &mut self.cache,
-            &self.copy_pool,
-        ))
-    }
-
     /// Streams `input` through the stages into `output` (which must hold
     /// exactly [`total_output_len`](Self::total_output_len)`(input.len())`
     /// elements). Empty input is a valid run of zero chunks.

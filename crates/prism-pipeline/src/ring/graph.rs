@@ -1,0 +1,450 @@
+//! A stage graph's I/O: one input and several outputs per chunk, each
+//! output downloaded into its own destination, in output order.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use prism_buffer::engine::Recorded;
+use prism_buffer::ring::ChunkId;
+use prism_buffer::ChunkIo;
+use prism_stream::nvtx::Range;
+use prism_stream::{DeviceBuffer, Element, Gpu, Lane, PinnedBuffer};
+
+use super::sched::{lock, Feed};
+use crate::copy::{par_copy, CopyPool};
+use crate::dag_stream::{accept, fill, TaggedSink, TaggedSource};
+use crate::error::{Error, Result};
+use crate::gpu::{GlobalIndex, StagingCache};
+use crate::plan::ChunkPlan;
+
+/// Queues each output's download on `lane`, output `k` into
+/// `dsts[k] = (buffer, offset)` (empty ones skipped); the record runs from
+/// the first copy's start to the last one's end.
+pub(crate) fn download_into<'d, T: Element + 'd>(
+    lane: &mut Lane,
+    timed: bool,
+    outs: &[(&DeviceBuffer<T>, usize)],
+    dsts: impl Iterator<Item = (&'d mut PinnedBuffer<T>, usize)>,
+) -> Result<Recorded> {
+    let mut first: Option<prism_stream::Fence> = None;
+    let mut end: Option<prism_stream::Fence> = None;
+    let mut dsts = dsts;
+    for &(dev, len) in outs {
+        let (dst, at) = dsts
+            .next()
+            .ok_or(Error::Config("a chunk's outputs differ from the graph's"))?;
+        if len == 0 {
+            continue;
+        }
+        let (start, e) = lane.copy_dtoh_timed(dev, 0, dst, at, len, timed && end.is_none())?;
+        if end.is_none() {
+            first = start;
+        }
+        end = Some(e);
+    }
+    let end = match end {
+        Some(e) => e,
+        None => lane.fence()?,
+    };
+    Ok(Recorded { start: first, end })
+}
+
+/// Pinned input, pinned outputs (one per graph output): no staging.
+pub(crate) struct GraphPinnedIo<'a, 'o, T: Element> {
+    pub(crate) input: &'a PinnedBuffer<T>,
+    pub(crate) outputs: &'a mut [&'o mut PinnedBuffer<T>],
+    pub(crate) plan: ChunkPlan,
+    pub(crate) next_in: usize,
+    pub(crate) next_out: Vec<usize>,
+}
+
+impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, T> {
+    type Slot = ();
+    type Error = Error;
+
+    fn make_slot(&mut self, _gpu: &Gpu) -> Result<()> {
+        Ok(())
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        dev: &mut DeviceBuffer<T>,
+        _chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        let Some(len) = self.plan.next() else {
+            return Ok(None);
+        };
+        let _nvtx = Range::new("upload");
+        let rec = lane.copy_htod_timed(self.input, self.next_in, dev, 0, len, timed)?;
+        self.next_in += len;
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut (),
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        self.download_outputs(lane, timed, slot, &[(dev, len)])
+    }
+
+    fn download_outputs(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        outs: &[(&DeviceBuffer<T>, usize)],
+    ) -> Result<Recorded> {
+        if outs.len() != self.outputs.len() {
+            return Err(Error::Config("a chunk's outputs differ from the graph's"));
+        }
+        let dsts = self
+            .outputs
+            .iter_mut()
+            .map(|b| &mut **b)
+            .zip(self.next_out.iter().copied());
+        let rec = download_into(lane, timed, outs, dsts)?;
+        for (at, &(_, len)) in self.next_out.iter_mut().zip(outs) {
+            *at += len;
+        }
+        Ok(rec)
+    }
+
+    fn retire(&mut self, _slot: &mut (), _chunk: ChunkId, _len: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn retire_outputs(&mut self, _slot: &mut (), _chunk: ChunkId, _lens: &[usize]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A slot's pinned staging for a graph: the input and one per output.
+pub(crate) struct GraphStaged<T: Element> {
+    pub(crate) input: PinnedBuffer<T>,
+    pub(crate) outputs: Vec<PinnedBuffer<T>>,
+}
+
+/// Pageable input and outputs, staged through pinned memory by the host
+/// threads.
+pub(crate) struct GraphSliceIo<'a, 'o, T: Element> {
+    pub(crate) input: &'a [T],
+    pub(crate) outputs: &'a mut [&'o mut [T]],
+    pub(crate) chunk: usize,
+    pub(crate) capacity: usize,
+    pub(crate) plan: ChunkPlan,
+    pub(crate) pool: &'a CopyPool,
+    pub(crate) next_in: usize,
+    pub(crate) next_out: Vec<usize>,
+    pub(crate) cache: &'a mut StagingCache<T>,
+}
+
+impl<T: Element> ChunkIo<T> for GraphSliceIo<'_, '_, T> {
+    type Slot = GraphStaged<T>;
+    type Error = Error;
+
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<GraphStaged<T>> {
+        let input = self.cache.input(gpu, self.chunk)?;
+        let mut outputs = Vec::with_capacity(self.outputs.len());
+        for _ in 0..self.outputs.len() {
+            outputs.push(self.cache.output(gpu, self.capacity)?);
+        }
+        Ok(GraphStaged { input, outputs })
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut GraphStaged<T>,
+        dev: &mut DeviceBuffer<T>,
+        chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        let Some(len) = self.plan.next() else {
+            return Ok(None);
+        };
+        let _nvtx = Range::new("upload");
+        self.pool.label(chunk.0, "staging copy in");
+        {
+            let _nvtx = Range::new("staging copy in");
+            par_copy(
+                vec![(
+                    &mut slot.input.as_mut_slice()?[..len],
+                    &self.input[self.next_in..self.next_in + len],
+                )],
+                self.pool,
+            );
+        }
+        self.next_in += len;
+        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut GraphStaged<T>,
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        self.download_outputs(lane, timed, slot, &[(dev, len)])
+    }
+
+    fn download_outputs(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut GraphStaged<T>,
+        outs: &[(&DeviceBuffer<T>, usize)],
+    ) -> Result<Recorded> {
+        if outs.len() != slot.outputs.len() {
+            return Err(Error::Config("a chunk's outputs differ from the graph's"));
+        }
+        download_into(lane, timed, outs, slot.outputs.iter_mut().map(|b| (b, 0)))
+    }
+
+    fn retire(&mut self, slot: &mut GraphStaged<T>, chunk: ChunkId, len: usize) -> Result<()> {
+        self.retire_outputs(slot, chunk, &[len])
+    }
+
+    fn retire_outputs(
+        &mut self,
+        slot: &mut GraphStaged<T>,
+        chunk: ChunkId,
+        lens: &[usize],
+    ) -> Result<()> {
+        let _nvtx = Range::new("staging copy out");
+        self.pool.label(chunk.0, "staging copy out");
+        let mut pairs = Vec::with_capacity(lens.len());
+        let mut rest: &mut [&mut [T]] = self.outputs;
+        for ((k, &len), staged) in lens.iter().enumerate().zip(slot.outputs.iter()) {
+            let (dst, tail) = std::mem::take(&mut rest)
+                .split_first_mut()
+                .ok_or(Error::Config("a chunk's outputs differ from the graph's"))?;
+            rest = tail;
+            let at = self.next_out[k];
+            let dst = dst.get_mut(at..at + len).ok_or(Error::Config(
+                "an output is shorter than the graph produces",
+            ))?;
+            pairs.push((dst, &staged.as_slice()?[..len]));
+            self.next_out[k] += len;
+        }
+        par_copy(pairs, self.pool);
+        Ok(())
+    }
+}
+
+/// A slot of a tagged stream on the GPU: host-readable staging for the
+/// input and each output, and the metadata of the chunk in the slot.
+pub(crate) struct TaggedSlot<T: Element, M> {
+    pub(crate) input: PinnedBuffer<T>,
+    pub(crate) outputs: Vec<PinnedBuffer<T>>,
+    pub(crate) meta: Option<M>,
+}
+
+/// The GPU I/O of a tagged stream: the source fills the slot's staging in
+/// place, the metadata waits in the slot, each output's sink reads its
+/// staging in place when the chunk retires.
+pub(crate) struct TaggedIo<'a, T: Element, M, S, K> {
+    pub(crate) source: S,
+    pub(crate) sinks: &'a mut [K],
+    pub(crate) chunk: usize,
+    pub(crate) capacity: usize,
+    pub(crate) cache: &'a mut StagingCache<T>,
+    /// The source failed here: no more input; the chunks before it drain.
+    pub(crate) failed: Option<Error>,
+    pub(crate) _m: std::marker::PhantomData<fn(M)>,
+}
+
+impl<T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> ChunkIo<T>
+    for TaggedIo<'_, T, M, S, K>
+{
+    type Slot = TaggedSlot<T, M>;
+    type Error = Error;
+
+    fn make_slot(&mut self, gpu: &Gpu) -> Result<TaggedSlot<T, M>> {
+        // Host-readable (a source may read what it wrote): no write-combining.
+        let input = self.cache.output(gpu, self.chunk)?;
+        let mut outputs = Vec::with_capacity(self.sinks.len());
+        for _ in 0..self.sinks.len() {
+            outputs.push(self.cache.output(gpu, self.capacity)?);
+        }
+        Ok(TaggedSlot {
+            input,
+            outputs,
+            meta: None,
+        })
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut TaggedSlot<T, M>,
+        dev: &mut DeviceBuffer<T>,
+        chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        if self.failed.is_some() {
+            return Ok(None);
+        }
+        let dst = &mut slot.input.as_mut_slice()?[..self.chunk];
+        let (len, meta) = match fill(&mut self.source, dst, chunk.0) {
+            Ok(Some(x)) => x,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                self.failed = Some(e);
+                return Ok(None);
+            }
+        };
+        let _nvtx = Range::new("upload");
+        slot.meta = Some(meta);
+        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut TaggedSlot<T, M>,
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        self.download_outputs(lane, timed, slot, &[(dev, len)])
+    }
+
+    fn download_outputs(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut TaggedSlot<T, M>,
+        outs: &[(&DeviceBuffer<T>, usize)],
+    ) -> Result<Recorded> {
+        if outs.len() != slot.outputs.len() {
+            return Err(Error::Config("a chunk's outputs differ from the graph's"));
+        }
+        download_into(lane, timed, outs, slot.outputs.iter_mut().map(|b| (b, 0)))
+    }
+
+    fn retire(&mut self, slot: &mut TaggedSlot<T, M>, chunk: ChunkId, len: usize) -> Result<()> {
+        self.retire_outputs(slot, chunk, &[len])
+    }
+
+    fn retire_outputs(
+        &mut self,
+        slot: &mut TaggedSlot<T, M>,
+        chunk: ChunkId,
+        lens: &[usize],
+    ) -> Result<()> {
+        let meta = slot
+            .meta
+            .take()
+            .ok_or(Error::Config("a retired chunk has no metadata"))?;
+        for ((sink, staged), &len) in self.sinks.iter_mut().zip(&slot.outputs).zip(lens) {
+            accept(sink, chunk.0, &meta, &staged.as_slice()?[..len])?;
+        }
+        Ok(())
+    }
+}
+
+/// Where one chunk of a multi-GPU graph run comes from and where each of
+/// its outputs goes.
+#[derive(Debug, Clone)]
+pub(crate) struct GraphPiece {
+    pub(crate) at: usize,
+    pub(crate) len: usize,
+    /// (offset, length) in each output.
+    pub(crate) outs: Vec<(usize, usize)>,
+}
+
+/// Chunks of a multi-GPU graph run as a GPU pulls them: uploaded from the
+/// shared input, each output downloaded into its place in the shared
+/// outputs (under their lock; the ordering module tracks byte ranges, so
+/// GPUs writing different chunks never wait for each other).
+pub(crate) struct FedGraphPinnedIo<'a, 'o, 'p, T: Element> {
+    pub(crate) feed: &'a Feed<std::vec::IntoIter<GraphPiece>>,
+    pub(crate) input: &'a PinnedBuffer<T>,
+    pub(crate) outputs: &'a Mutex<&'o mut [&'p mut PinnedBuffer<T>]>,
+    pub(crate) global: &'a GlobalIndex,
+    pub(crate) to_download: VecDeque<GraphPiece>,
+}
+
+impl<T: Element> ChunkIo<T> for FedGraphPinnedIo<'_, '_, '_, T> {
+    type Slot = ();
+    type Error = Error;
+
+    fn make_slot(&mut self, _gpu: &Gpu) -> Result<()> {
+        Ok(())
+    }
+
+    fn upload(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        dev: &mut DeviceBuffer<T>,
+        chunk: ChunkId,
+    ) -> Result<Option<(usize, Recorded)>> {
+        let Some((k, p)) = self.feed.pull(|it, _| Ok::<_, Error>(it.next()))? else {
+            return Ok(None);
+        };
+        let _nvtx = Range::new("upload");
+        self.global.set(chunk, k);
+        let rec = lane.copy_htod_timed(self.input, p.at, dev, 0, p.len, timed)?;
+        let len = p.len;
+        self.to_download.push_back(p);
+        Ok(Some((len, rec.into())))
+    }
+
+    fn download(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        slot: &mut (),
+        dev: &DeviceBuffer<T>,
+        len: usize,
+    ) -> Result<Recorded> {
+        self.download_outputs(lane, timed, slot, &[(dev, len)])
+    }
+
+    fn download_outputs(
+        &mut self,
+        lane: &mut Lane,
+        timed: bool,
+        _slot: &mut (),
+        outs: &[(&DeviceBuffer<T>, usize)],
+    ) -> Result<Recorded> {
+        let p = self
+            .to_download
+            .pop_front()
+            .ok_or(Error::Config("chunk outputs out of step"))?;
+        if p.outs.len() != outs.len() || p.outs.iter().zip(outs).any(|(a, b)| a.1 != b.1) {
+            return Err(Error::Config(
+                "a graph node produced another length than output_len said",
+            ));
+        }
+        let mut dsts = lock(self.outputs);
+        let targets = dsts
+            .iter_mut()
+            .map(|b| &mut **b)
+            .zip(p.outs.iter().map(|&(at, _)| at));
+        download_into(lane, timed, outs, targets)
+    }
+
+    fn retire(&mut self, _slot: &mut (), chunk: ChunkId, _len: usize) -> Result<()> {
+        self.global.retired(chunk);
+        Ok(())
+    }
+
+    fn retire_outputs(&mut self, _slot: &mut (), chunk: ChunkId, _lens: &[usize]) -> Result<()> {
+        self.global.retired(chunk);
+        Ok(())
+    }
+}

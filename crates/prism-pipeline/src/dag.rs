@@ -33,7 +33,7 @@ use prism_stream::{DeviceBuffer, Element, Launch, PinnedBuffer};
 use crate::error::{Error, Result, StageError};
 use crate::guard;
 use crate::plan::ChunkPlan;
-use crate::ring::{GraphPinnedIo, GraphSliceIo};
+use crate::ring::GraphSliceIo;
 use crate::stage::{AnyStage, Stage};
 
 /// A node of a [`StageGraph`]: the graph's input, a stage or a join. Valid
@@ -994,23 +994,18 @@ impl<T: Element> crate::PipelineStageManager<T> {
             self.finish_run(started, 0, 0, 0, 0);
             return Ok(());
         }
-        let counts = {
-            let (mut driver, _, _) = self.graph_parts()?;
-            let mut io = GraphPinnedIo {
-                input,
-                outputs,
-                plan: run.chunks,
-                next_in: 0,
-                next_out: vec![0; lens.len()],
-            };
-            let mut p = GraphChain {
-                graph,
-                plan: &run.plan,
-                capacity: run.capacity,
-            };
-            driver.drive(&mut io, &mut p).0?
-        };
-        self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
+        let plan = run.chunks.clone();
+        let graphs = std::slice::from_mut(graph);
+        let counts = crate::ring::run_graph_pinned(
+            crate::ring::Devices::one(self),
+            graphs,
+            std::slice::from_ref(&run),
+            plan,
+            input,
+            outputs,
+        );
+        let c = counts.map_err(crate::ring::Failure::into_error)?[0];
+        self.finish_run(started, c.chunks, 0, c.elems_in, c.elems_out);
         Ok(())
     }
 

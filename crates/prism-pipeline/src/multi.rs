@@ -1,8 +1,8 @@
 //! One pipeline over several GPUs: [`MultiGpuPipeline`].
 //!
 //! Each GPU has its own [`PipelineStageManager`] (ring, streams, device
-//! buffers, staging, host threads, stage instances). A run spreads its
-//! chunks over them through `sched`: a GPU *pulls* the next chunk when a
+//! buffers, staging, host threads, stage instances). A run is the single
+//! manager's run (`ring`), spread over them: a GPU *pulls* the next chunk when a
 //! slot of its ring frees, so each takes chunks at the rate it finishes
 //! them. Outputs land in input order whatever the mode: slices and pinned
 //! buffers by position, items by their own outputs, a stream's sink
@@ -10,7 +10,6 @@
 //! stops, the other GPUs drain what they have in flight, and the error
 //! names the GPU and chunk.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -20,12 +19,9 @@ use prism_stream::nvtx::Range;
 use prism_stream::{Element, Gpu, PinnedBuffer};
 
 use crate::error::{Error, Result};
-use crate::gpu::GlobalIndex;
-use crate::ring::sched::{first_failure, lock, on_devices, FailOrder, Feed, InOrder};
-use crate::ring::{
-    FedGraphPinnedIo, FedItems, FedPinnedIo, FedSliceIo, FedStreamIo, GraphPiece, ItemsIo,
-    Numbered, Piece,
-};
+use crate::plan::ChunkPlan;
+use crate::ring::sched::Feed;
+use crate::ring::{self, Devices, Failure, FedItems, ItemsIo, Numbered, StreamRun};
 use crate::runs::StreamCounts;
 use crate::source::{Sink, Source};
 use crate::stage::Stage;
@@ -62,9 +58,6 @@ impl<T: Element> std::fmt::Debug for MultiGpuPipeline<T> {
             .finish()
     }
 }
-
-/// What one GPU's part of a run reports: its counts and items.
-type DeviceResult = Result<(RunCounts, u64)>;
 
 /// Every GPU's stats from before a run.
 type Saved = Vec<PipelineStats>;
@@ -258,49 +251,36 @@ impl<T: Element> MultiGpuPipeline<T> {
         Ok(order)
     }
 
-    /// Runs `work` on every GPU at once (the first on this thread); `stop`
-    /// ends the run for all when one fails. Returns each GPU's counts (and
-    /// items) and the stats from before the run, for [`finish`](Self::finish)
-    /// or [`restore`](Self::restore); a failed run has restored them
-    /// already (it adds nothing anywhere) and returns the first failure,
-    /// naming the GPU and chunk.
-    fn drive_all(
-        &mut self,
-        stop: &(dyn Fn() + Sync),
-        work: &(dyn Fn(usize, &mut PipelineStageManager<T>, &GlobalIndex) -> DeviceResult + Sync),
-    ) -> Result<(Vec<(RunCounts, u64)>, Saved)> {
-        let saved: Vec<PipelineStats> =
-            self.devices.iter().map(|d| d.get_stats().clone()).collect();
-        let failed = FailOrder::default();
-        let ordinals = self.ordinals();
-        let results = on_devices(&mut self.devices, stop, &|i, d| {
-            let _span = tracing::debug_span!("prism.multi.gpu", gpu = i).entered();
-            let _nvtx = Range::fmt(format_args!("multi.gpu {i}"));
-            let global = GlobalIndex::default();
-            // An error is reported with the oldest chunk this GPU had in
-            // flight (the run's numbering), for errors that name none.
-            let r = work(i, d, &global).map_err(|e| (e, global.oldest()));
-            if r.is_err() {
-                failed.push(i);
-            }
-            r
-        });
-        match first_failure(results, &failed.take()) {
-            Ok(counts) => Ok((counts, saved)),
-            Err((i, (e, oldest))) => {
-                self.restore(saved);
-                // A sink's failure is the caller's, not a GPU's (and the
-                // GPU that delivered it may not be the one that made it).
-                if matches!(e, Error::Sink { .. } | Error::SinkPanicked { .. }) {
-                    return Err(e);
-                }
-                let chunk = e.chunk().or(oldest);
-                Err(Error::Device {
-                    ordinal: ordinals[i],
-                    chunk,
-                    source: Box::new(e),
-                })
-            }
+    /// Every GPU's stats from before a run, for [`fail`](Self::fail).
+    fn save(&self) -> Saved {
+        self.devices.iter().map(|d| d.get_stats().clone()).collect()
+    }
+
+    /// The error of a failed run: the stats from before it are put back
+    /// (it adds nothing anywhere), and a GPU's failure names the GPU and
+    /// chunk (`Error::Device`).
+    fn fail(&mut self, saved: Saved, failure: Failure) -> Error {
+        self.restore(saved);
+        let Failure {
+            device,
+            error,
+            oldest,
+        } = failure;
+        let Some(i) = device else {
+            return error;
+        };
+        // A sink's failure is the caller's, not a GPU's (and the GPU that
+        // delivered it may not be the one that made it).
+        if matches!(error, Error::Sink { .. } | Error::SinkPanicked { .. }) {
+            return error;
+        }
+        // An error that names no chunk is reported with the oldest chunk
+        // this GPU had in flight (the run's numbering).
+        let chunk = error.chunk().or(oldest);
+        Error::Device {
+            ordinal: self.ordinals()[i],
+            chunk,
+            source: Box::new(error),
         }
     }
 
@@ -331,6 +311,16 @@ impl<T: Element> MultiGpuPipeline<T> {
         s.devices = self.devices.iter().map(|d| d.get_stats().clone()).collect();
     }
 
+    /// Each GPU's counts of a run with no items.
+    fn no_items(counts: Vec<RunCounts>) -> Vec<(RunCounts, u64)> {
+        counts.into_iter().map(|c| (c, 0)).collect()
+    }
+
+    /// Full chunks over `n` elements (a multi-GPU run does not ramp).
+    fn chunks(&self, n: usize) -> ChunkPlan {
+        ChunkPlan::new(n, self.devices[0].chunk_elems(), false)
+    }
+
     /// Streams `input` through the stages into `output` (which must hold
     /// [`total_output_len`](Self::total_output_len)`(input.len())`
     /// elements), chunks spread over the GPUs; each GPU stages its chunks
@@ -341,38 +331,12 @@ impl<T: Element> MultiGpuPipeline<T> {
         let total = Some(std::mem::size_of_val(input));
         let order = self.begin(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
-        let chunk = self.devices[0].chunk_elems();
-        let mut pieces = Vec::with_capacity(input.len().div_ceil(chunk.max(1)));
-        let mut rest = output;
-        for c in input.chunks(chunk) {
-            let n = self.devices[0].output_len(c.len());
-            let (dst, tail) = std::mem::take(&mut rest)
-                .split_at_mut_checked(n)
-                .ok_or(Error::Config("output shorter than the stages produce"))?;
-            rest = tail;
-            pieces.push((c, dst));
+        let (plan, saved) = (self.chunks(input.len()), self.save());
+        let devices = Devices::multi(&mut self.devices);
+        match ring::run_slices(devices, &order, plan, input, output) {
+            Ok(counts) => self.finish(started, &Self::no_items(counts)),
+            Err(f) => return Err(self.fail(saved, f)),
         }
-        let feed = Feed::new(pieces.into_iter());
-        let (counts, _) = self.drive_all(&|| feed.stop(), &|_, d, global| {
-            let capacity = d.output_len(chunk).max(chunk);
-            let (mut run, cache, pool) = d.gpu_parts(&order)?;
-            run.global = Some(global);
-            let mut io = FedSliceIo {
-                feed: &feed,
-                chunk,
-                capacity,
-                pool,
-                cache,
-                global,
-                outputs: VecDeque::new(),
-            };
-            let (r, slots) = run.drive(&mut io);
-            for s in slots.into_made() {
-                s.recycle(io.cache);
-            }
-            r.map(|c| (c, 0))
-        })?;
-        self.finish(started, &counts);
         Ok(())
     }
 
@@ -388,12 +352,26 @@ impl<T: Element> MultiGpuPipeline<T> {
     ) -> Result<()> {
         let _span = tracing::debug_span!("prism.multi.run_pinned", n = input.len()).entered();
         let _nvtx = Range::new("multi.run_pinned");
+        self.check_portable(&[("input", input), ("output", output)])?;
+        let total = Some(input.len() * std::mem::size_of::<T>());
+        let order = self.begin(Some((input.len(), output.len())), false, Some(total))?;
+        let started = Instant::now();
+        let (plan, saved) = (self.chunks(input.len()), self.save());
+        let devices = Devices::multi(&mut self.devices);
+        match ring::run_pinned(devices, &order, plan, input, output) {
+            Ok(counts) => self.finish(started, &Self::no_items(counts)),
+            Err(f) => return Err(self.fail(saved, f)),
+        }
+        Ok(())
+    }
+
+    /// `NotPortable` for a buffer that every GPU cannot reach: one neither
+    /// portable nor of that GPU's own context.
+    fn check_portable(&self, bufs: &[(&'static str, &PinnedBuffer<T>)]) -> Result<()> {
         for g in self.gpus() {
-            for (what, owner, portable) in [
-                ("input", input.gpu(), input.flags().portable),
-                ("output", output.gpu(), output.flags().portable),
-            ] {
-                if !portable && !owner.same_context(g) {
+            for &(what, b) in bufs {
+                let owner = b.gpu();
+                if !b.flags().portable && !owner.same_context(g) {
                     return Err(Error::NotPortable {
                         what,
                         owner: owner.info().ordinal,
@@ -401,39 +379,6 @@ impl<T: Element> MultiGpuPipeline<T> {
                 }
             }
         }
-        let total = Some(input.len() * std::mem::size_of::<T>());
-        let order = self.begin(Some((input.len(), output.len())), false, Some(total))?;
-        let started = Instant::now();
-        let chunk = self.devices[0].chunk_elems();
-        let mut pieces = Vec::new();
-        let (mut at, mut out_at) = (0usize, 0usize);
-        while at < input.len() {
-            let len = chunk.min(input.len() - at);
-            let out_len = self.devices[0].output_len(len);
-            pieces.push(Piece {
-                at,
-                len,
-                out_at,
-                out_len,
-            });
-            at += len;
-            out_at += out_len;
-        }
-        let feed = Feed::new(pieces.into_iter());
-        let output = Mutex::new(output);
-        let (counts, _) = self.drive_all(&|| feed.stop(), &|_, d, global| {
-            let (mut run, _, _) = d.gpu_parts(&order)?;
-            run.global = Some(global);
-            let mut io = FedPinnedIo {
-                feed: &feed,
-                input,
-                output: &output,
-                global,
-                to_download: VecDeque::new(),
-            };
-            run.drive(&mut io).0.map(|c| (c, 0))
-        })?;
-        self.finish(started, &counts);
         Ok(())
     }
 
@@ -458,7 +403,9 @@ impl<T: Element> MultiGpuPipeline<T> {
         let input_error: Mutex<Option<Error>> = Mutex::new(None);
         let batches = AtomicU64::new(0);
         let taken = AtomicU64::new(0);
-        let (counts, saved) = self.drive_all(&|| feed.stop(), &|_, d, global| {
+        let saved = self.save();
+        let devices = Devices::multi(&mut self.devices);
+        let driven = ring::drive(devices, &|| feed.stop(), &|_, d, global| {
             let (mut run, cache, pool) = d.gpu_parts(&order)?;
             run.global = Some(global);
             let fed = FedItems {
@@ -485,7 +432,8 @@ impl<T: Element> MultiGpuPipeline<T> {
             }
             let items = io.inner.next_item as u64;
             r.map(|c| (c, items))
-        })?;
+        });
+        let counts = driven.map_err(|f| self.fail(saved.clone(), f))?;
         if let Some(e) = into_inner(input_error) {
             // As a single-GPU run: an item it refuses fails the run, which
             // adds nothing to the stats (the items before it were processed).
@@ -512,42 +460,22 @@ impl<T: Element> MultiGpuPipeline<T> {
         let started = Instant::now();
         let chunk = self.devices[0].chunk_elems();
         let window: usize = self.devices.iter().map(|d| d.slots()).sum();
-        let feed = Feed::new(source);
-        let out: InOrder<K, Vec<T>> = InOrder::new(sink, window);
-        let source_error: Mutex<Option<Error>> = Mutex::new(None);
-        let stop = || {
-            feed.stop();
-            out.stop();
-        };
-        let (counts, _) = self.drive_all(&stop, &|_, d, global| {
-            let capacity = d.capacity(&order);
-            let (mut run, cache, _) = d.gpu_parts(&order)?;
-            run.global = Some(global);
-            let mut io = FedStreamIo {
-                feed: &feed,
-                out: &out,
-                chunk,
-                capacity,
-                cache,
-                global,
-                failed: &source_error,
-            };
-            let (r, slots) = run.drive(&mut io);
-            for s in slots.into_made() {
-                io.cache.give_output(s.input);
-                io.cache.give_output(s.output);
-            }
-            r.map(|c| (c, 0))
-        })?;
-        self.finish(started, &counts);
-        let delivered = out.delivered();
-        if let Some(e) = into_inner(source_error) {
+        let run = StreamRun::new(source, sink, chunk, window);
+        let saved = self.save();
+        let devices = Devices::multi(&mut self.devices);
+        let driven = ring::drive(devices, &|| run.stop(), &|_, d, global| {
+            run.device(d, global, &order)
+        });
+        let counts = driven.map_err(|f| self.fail(saved, f))?;
+        self.finish(started, &Self::no_items(counts.clone()));
+        let (delivered, failed) = run.finish();
+        if let Some(e) = failed {
             return Err(e);
         }
         Ok(StreamCounts {
             chunks: delivered,
-            elements_in: counts.iter().map(|(c, _)| c.elems_in).sum(),
-            elements_out: counts.iter().map(|(c, _)| c.elems_out).sum(),
+            elements_in: counts.iter().map(|c| c.elems_in).sum(),
+            elements_out: counts.iter().map(|c| c.elems_out).sum(),
         })
     }
 }
@@ -605,71 +533,21 @@ impl<T: Element> MultiGpuPipeline<T> {
                 "the GPUs' graphs differ in shape (nodes or outputs)",
             ));
         }
-        for g in self.gpus() {
-            let mut bufs = vec![("input", input.gpu(), input.flags().portable)];
-            for o in outputs.iter() {
-                bufs.push(("output", o.gpu(), o.flags().portable));
-            }
-            for (what, owner, portable) in bufs {
-                if !portable && !owner.same_context(g) {
-                    return Err(Error::NotPortable {
-                        what,
-                        owner: owner.info().ordinal,
-                    });
-                }
-            }
-        }
+        let mut bufs = vec![("input", input)];
+        bufs.extend(outputs.iter().map(|o| ("output", &**o)));
+        self.check_portable(&bufs)?;
         let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
         let mut runs = Vec::with_capacity(self.devices.len());
         for (d, g) in self.devices.iter_mut().zip(graphs.iter()) {
             runs.push(d.begin_graph(g, input.len(), &lens)?);
         }
         let started = Instant::now();
-        let chunk = runs[0].chunk;
-        let mut pieces = Vec::new();
-        let mut at = 0usize;
-        let mut out_at = vec![0usize; lens.len()];
-        while at < input.len() {
-            let len = chunk.min(input.len() - at);
-            let node_lens = graphs[0].lengths(&runs[0].plan, len, pieces.len() as u64)?;
-            let outs: Vec<(usize, usize)> = graphs[0]
-                .output_lens(&node_lens)
-                .into_iter()
-                .zip(out_at.iter_mut())
-                .map(|(l, o)| {
-                    let r = (*o, l);
-                    *o += l;
-                    r
-                })
-                .collect();
-            pieces.push(GraphPiece { at, len, outs });
-            at += len;
+        let (plan, saved) = (self.chunks(input.len()), self.save());
+        let devices = Devices::multi(&mut self.devices);
+        match ring::run_graph_pinned(devices, graphs, &runs, plan, input, outputs) {
+            Ok(counts) => self.finish(started, &Self::no_items(counts)),
+            Err(f) => return Err(self.fail(saved, f)),
         }
-        let feed = Feed::new(pieces.into_iter());
-        let outputs = Mutex::new(outputs);
-        let graphs: Vec<Mutex<&mut crate::StageGraph<T>>> =
-            graphs.iter_mut().map(Mutex::new).collect();
-        let runs = &runs;
-        let (counts, _) = self.drive_all(&|| feed.stop(), &|i, d, global| {
-            let mut graph = lock(&graphs[i]);
-            let run = &runs[i];
-            let (mut driver, _, _) = d.graph_parts()?;
-            driver.global = Some(global);
-            let mut io = FedGraphPinnedIo {
-                feed: &feed,
-                input,
-                outputs: &outputs,
-                global,
-                to_download: VecDeque::new(),
-            };
-            let mut p = crate::dag::GraphChain {
-                graph: &mut **graph,
-                plan: &run.plan,
-                capacity: run.capacity,
-            };
-            driver.drive(&mut io, &mut p).0.map(|c| (c, 0))
-        })?;
-        self.finish(started, &counts);
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! Whole runs: slices, pinned buffers, items and streams, each an I/O mode
-//! of the ring engine on the GPU (`ring`) or pulled through the host
+//! of the ring engine on the GPU (`ring`, the same functions a
+//! `MultiGpuPipeline` runs, with one device) or pulled through the host
 //! backend.
 
 use std::time::Instant;
@@ -10,7 +11,7 @@ use prism_stream::{zeroed_vec, Element, PinnedBuffer};
 use crate::error::{Error, Result};
 use crate::guard;
 use crate::host::{AsyncPipelineCoordinator, Pull};
-use crate::ring::{ItemsIo, PinnedIo, PinnedItemsIo, SliceIo, StreamIo};
+use crate::ring::{self, Devices, Failure, ItemsIo, PinnedItemsIo, StreamRun};
 use crate::source::{Sink, Source};
 use crate::stats::BackendKind;
 use crate::PipelineStageManager;
@@ -43,26 +44,11 @@ impl<T: Element> PipelineStageManager<T> {
         let chunk = self.chunk_elems();
         match self.backend {
             BackendKind::Gpu => {
-                let out_capacity = self.output_len(chunk).max(chunk);
                 let plan = self.plan(&order, input.len());
-                let (run, cache, pool) = self.gpu_parts(&order)?;
-                let mut io = SliceIo {
-                    input,
-                    output,
-                    chunk,
-                    plan,
-                    capacity: out_capacity,
-                    pool,
-                    next_in: 0,
-                    next_out: 0,
-                    cache,
-                };
-                let (r, slots) = run.drive(&mut io);
-                for s in slots.into_made() {
-                    s.recycle(io.cache);
-                }
-                let counts = r?;
-                self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
+                let devices = Devices::one(self);
+                let counts = ring::run_slices(devices, &order, plan, input, output);
+                let c = counts.map_err(Failure::into_error)?[0];
+                self.finish_run(started, c.chunks, 0, c.elems_in, c.elems_out);
             }
             BackendKind::Host => {
                 let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;
@@ -121,16 +107,10 @@ impl<T: Element> PipelineStageManager<T> {
         let order = self.begin_run(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
         let plan = self.plan(&order, input.len());
-        let (run, _, _) = self.gpu_parts(&order)?;
-        let mut io = PinnedIo {
-            input,
-            output,
-            plan,
-            next_in: 0,
-            next_out: 0,
-        };
-        let counts = run.drive(&mut io).0?;
-        self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
+        let devices = Devices::one(self);
+        let counts = ring::run_pinned(devices, &order, plan, input, output);
+        let c = counts.map_err(Failure::into_error)?[0];
+        self.finish_run(started, c.chunks, 0, c.elems_in, c.elems_out);
         Ok(())
     }
 
@@ -285,23 +265,12 @@ impl<T: Element> PipelineStageManager<T> {
         let chunk = self.chunk_elems();
         match self.backend {
             BackendKind::Gpu => {
-                let capacity = self.capacity(&order);
-                let (run, cache, _) = self.gpu_parts(&order)?;
-                let mut io = StreamIo {
-                    source,
-                    sink,
-                    chunk,
-                    capacity,
-                    cache,
-                    failed: None,
-                };
-                let (r, slots) = run.drive(&mut io);
-                for s in slots.into_made() {
-                    io.cache.give_output(s.input);
-                    io.cache.give_output(s.output);
-                }
-                let failed = io.failed.take();
-                let counts = r?;
+                // One device on this thread: the source and sink need not
+                // be `Send` (the same per-device run as several GPUs').
+                let run = StreamRun::new(source, sink, chunk, self.slots());
+                let counts = ring::drive_one(self, &|_, d, global| run.device(d, global, &order));
+                let counts = counts.map_err(Failure::into_error)?;
+                let (_, failed) = run.finish();
                 self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
                 if let Some(e) = failed {
                     return Err(e);

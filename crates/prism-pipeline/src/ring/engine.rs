@@ -1,10 +1,13 @@
-//! The driver of the ring engine: a run's chunks through one GPU
-//! ([`GpuRun`], [`Driver`]).
+//! The one driver of the ring engine: a run's chunks through one GPU
+//! ([`GpuRun`], [`Driver`]), on every device of a run at once ([`drive`])
+//! or on one device on the calling thread ([`drive_one`]).
 
 use prism_buffer::engine::{ChunkSpan, IoSlots, RunCounts};
 use prism_buffer::{ChunkIo, ChunkProcessor, Engine};
+use prism_stream::nvtx::Range;
 use prism_stream::Element;
 
+use super::sched::{first_failure, on_devices, FailOrder};
 use crate::copy::CopyPool;
 use crate::error::{Error, Result};
 use crate::gpu::{record_span, GlobalIndex, StageChain, StagingCache};
@@ -203,7 +206,6 @@ impl<T: Element> PipelineStageManager<T> {
             &self.copy_pool,
         ))
     }
-
     /// Borrows what a GPU graph run needs.
     pub(crate) fn graph_parts(
         &mut self,
@@ -225,4 +227,122 @@ impl<T: Element> PipelineStageManager<T> {
             &self.copy_pool,
         ))
     }
+}
+
+/// A run that failed: on which device (`None`: before any device
+/// started), the error, and the oldest chunk (the run's number) that
+/// device had in flight, for errors that name none.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) device: Option<usize>,
+    pub(crate) error: Error,
+    pub(crate) oldest: Option<u64>,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Self {
+            device: None,
+            error,
+            oldest: None,
+        }
+    }
+}
+
+impl Failure {
+    /// The error as a single GPU reports it (not wrapped: only a
+    /// `MultiGpuPipeline` names the device).
+    pub(crate) fn into_error(self) -> Error {
+        self.error
+    }
+}
+
+/// What a driven run returns: every device's result, or the failure.
+pub(crate) type Driven<R> = std::result::Result<R, Failure>;
+
+/// The work of one device for one run: the device's index, its manager,
+/// and its numbering of the run's chunks.
+pub(crate) type DeviceWork<'w, T, R> =
+    dyn Fn(usize, &mut PipelineStageManager<T>, &GlobalIndex) -> Result<R> + 'w;
+
+/// The devices of a run: a manager's own GPU ([`one`](Self::one)), or a
+/// `MultiGpuPipeline`'s ([`multi`](Self::multi)), whose work on each GPU
+/// is a tracing span and an NVTX range `multi.gpu {i}`.
+pub(crate) struct Devices<'d, T: Element> {
+    pub(crate) list: &'d mut [PipelineStageManager<T>],
+    multi: bool,
+}
+
+impl<'d, T: Element> Devices<'d, T> {
+    /// One manager's GPU: the multi-device engine with one device.
+    pub(crate) fn one(device: &'d mut PipelineStageManager<T>) -> Self {
+        Self {
+            list: std::slice::from_mut(device),
+            multi: false,
+        }
+    }
+
+    /// A `MultiGpuPipeline`'s GPUs.
+    pub(crate) fn multi(list: &'d mut [PipelineStageManager<T>]) -> Self {
+        Self { list, multi: true }
+    }
+
+    /// The first device (every device runs the same stages and chunk size).
+    pub(crate) fn first(&self) -> Result<&PipelineStageManager<T>> {
+        self.list.first().ok_or(Error::Config("a run needs a GPU"))
+    }
+}
+
+/// [`DeviceWork`] that several threads may call at once.
+pub(crate) type SyncWork<'w, T, R> =
+    dyn Fn(usize, &mut PipelineStageManager<T>, &GlobalIndex) -> Result<R> + Sync + 'w;
+
+/// Runs `work` on device `i` with a fresh numbering of its chunks; an
+/// error comes back with the oldest chunk it had in flight.
+fn on_device<T: Element, R>(
+    i: usize,
+    d: &mut PipelineStageManager<T>,
+    work: &DeviceWork<'_, T, R>,
+) -> std::result::Result<R, (Error, Option<u64>)> {
+    let global = GlobalIndex::default();
+    work(i, d, &global).map_err(|e| (e, global.oldest()))
+}
+
+/// Runs `work` on every device at once, the first on this thread (one
+/// device: this thread alone); `stop` ends the run for all when one
+/// fails. Returns each device's result, or the first failure (in time).
+pub(crate) fn drive<T: Element, R: Send>(
+    devices: Devices<'_, T>,
+    stop: &(dyn Fn() + Sync),
+    work: &SyncWork<'_, T, R>,
+) -> Driven<Vec<R>> {
+    let failed = FailOrder::default();
+    let multi = devices.multi;
+    let results = on_devices(devices.list, stop, &|i, d| {
+        let _span = multi.then(|| tracing::debug_span!("prism.multi.gpu", gpu = i).entered());
+        let _nvtx = multi.then(|| Range::fmt(format_args!("multi.gpu {i}")));
+        let r = on_device(i, d, work);
+        if r.is_err() {
+            failed.push(i);
+        }
+        r
+    });
+    first_failure(results, &failed.take()).map_err(|(i, (error, oldest))| Failure {
+        device: Some(i),
+        error,
+        oldest,
+    })
+}
+
+/// [`drive`] for one device on this thread, for work that is not `Sync`
+/// (a stream whose source or sink is not `Send`).
+pub(crate) fn drive_one<T: Element, R>(
+    device: &mut PipelineStageManager<T>,
+    work: &DeviceWork<'_, T, R>,
+) -> Driven<R> {
+    on_device(0, device, work).map_err(|(error, oldest)| Failure {
+        device: Some(0),
+        error,
+        oldest,
+    })
 }

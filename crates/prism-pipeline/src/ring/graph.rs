@@ -1,17 +1,31 @@
-//! A stage graph's I/O: one input and several outputs per chunk, each
-//! output downloaded into its own destination, in output order.
+//! A stage graph's I/O: one input and several outputs per chunk (the
+//! processor, `dag::GraphChain`, says where each output is), every output
+//! downloaded into its own destination, in output order.
+//!
+//! - [`GraphPinnedIo`]: the caller's pinned input and outputs, no staging;
+//!   each device pulls a chunk's place from the run's feed
+//!   ([`run_graph_pinned`], one GPU or several).
+//! - [`GraphSliceIo`]: pageable input and outputs staged through the slot's
+//!   pinned memory by the host threads (one GPU).
+//! - [`TaggedIo`]: a tagged stream, its metadata waiting in the slot until
+//!   the chunk's outputs reach their sinks (one GPU).
+//!
+//! Invariant: a chunk's outputs are as many as the graph's, each as long
+//! as planned; an empty output is skipped, not copied.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use prism_buffer::engine::Recorded;
+use prism_buffer::engine::{Recorded, RunCounts};
 use prism_buffer::ring::ChunkId;
 use prism_buffer::ChunkIo;
 use prism_stream::nvtx::Range;
 use prism_stream::{DeviceBuffer, Element, Gpu, Lane, PinnedBuffer};
 
 use super::sched::{lock, Feed};
+use super::{drive, Devices, Driven};
 use crate::copy::{par_copy, CopyPool};
+use crate::dag::{GraphChain, GraphRun, StageGraph};
 use crate::dag_stream::{accept, fill, TaggedSink, TaggedSource};
 use crate::error::{Error, Result};
 use crate::gpu::{GlobalIndex, StagingCache};
@@ -49,16 +63,86 @@ pub(crate) fn download_into<'d, T: Element + 'd>(
     Ok(Recorded { start: first, end })
 }
 
-/// Pinned input, pinned outputs (one per graph output): no staging.
-pub(crate) struct GraphPinnedIo<'a, 'o, T: Element> {
-    pub(crate) input: &'a PinnedBuffer<T>,
-    pub(crate) outputs: &'a mut [&'o mut PinnedBuffer<T>],
-    pub(crate) plan: ChunkPlan,
-    pub(crate) next_in: usize,
-    pub(crate) next_out: Vec<usize>,
+/// Where one chunk of a pinned graph run comes from and where each of
+/// its outputs goes.
+#[derive(Debug, Clone)]
+pub(crate) struct GraphPiece {
+    at: usize,
+    len: usize,
+    /// (offset, length) in each output.
+    outs: Vec<(usize, usize)>,
 }
 
-impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, T> {
+/// Streams a pinned input through a stage graph into pinned outputs, cut
+/// as `plan` says, over `devices` (one GPU or several): `graphs[i]`
+/// and `runs[i]` (what `begin_graph` planned) are device `i`'s. Returns
+/// each device's counts.
+pub(crate) fn run_graph_pinned<T: Element>(
+    devices: Devices<'_, T>,
+    graphs: &mut [StageGraph<T>],
+    runs: &[GraphRun],
+    plan: ChunkPlan,
+    input: &PinnedBuffer<T>,
+    outputs: &mut [&mut PinnedBuffer<T>],
+) -> Driven<Vec<RunCounts>> {
+    let (Some(graph), Some(run)) = (graphs.first(), runs.first()) else {
+        return Err(Error::Config("a graph run needs a graph per GPU").into());
+    };
+    let mut pieces = Vec::new();
+    let mut at = 0usize;
+    let mut out_at = vec![0usize; outputs.len()];
+    for len in plan {
+        let node_lens = graph.lengths(&run.plan, len, pieces.len() as u64)?;
+        let outs: Vec<(usize, usize)> = graph
+            .output_lens(&node_lens)
+            .into_iter()
+            .zip(out_at.iter_mut())
+            .map(|(l, o)| {
+                let r = (*o, l);
+                *o += l;
+                r
+            })
+            .collect();
+        pieces.push(GraphPiece { at, len, outs });
+        at += len;
+    }
+    let feed = Feed::new(pieces.into_iter());
+    let outputs = Mutex::new(outputs);
+    let graphs: Vec<Mutex<&mut StageGraph<T>>> = graphs.iter_mut().map(Mutex::new).collect();
+    drive(devices, &|| feed.stop(), &|i, d, global| {
+        let mut graph = lock(&graphs[i]);
+        let run = &runs[i];
+        let (mut driver, _, _) = d.graph_parts()?;
+        driver.global = Some(global);
+        let mut io = GraphPinnedIo {
+            feed: &feed,
+            input,
+            outputs: &outputs,
+            global,
+            to_download: VecDeque::new(),
+        };
+        let mut p = GraphChain {
+            graph: &mut **graph,
+            plan: &run.plan,
+            capacity: run.capacity,
+        };
+        driver.drive(&mut io, &mut p).0
+    })
+}
+
+/// Chunks of a pinned graph run as one device pulls them: uploaded from
+/// the shared input, each output downloaded into its place in the shared
+/// outputs (under their lock; the ordering module tracks byte ranges, so
+/// devices writing different chunks never wait for each other).
+pub(crate) struct GraphPinnedIo<'a, 'o, 'p, T: Element> {
+    pub(crate) feed: &'a Feed<std::vec::IntoIter<GraphPiece>>,
+    pub(crate) input: &'a PinnedBuffer<T>,
+    pub(crate) outputs: &'a Mutex<&'o mut [&'p mut PinnedBuffer<T>]>,
+    pub(crate) global: &'a GlobalIndex,
+    pub(crate) to_download: VecDeque<GraphPiece>,
+}
+
+impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, '_, T> {
     type Slot = ();
     type Error = Error;
 
@@ -72,14 +156,16 @@ impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, T> {
         timed: bool,
         _slot: &mut (),
         dev: &mut DeviceBuffer<T>,
-        _chunk: ChunkId,
+        chunk: ChunkId,
     ) -> Result<Option<(usize, Recorded)>> {
-        let Some(len) = self.plan.next() else {
+        let Some((k, p)) = self.feed.pull(|it, _| Ok::<_, Error>(it.next()))? else {
             return Ok(None);
         };
         let _nvtx = Range::new("upload");
-        let rec = lane.copy_htod_timed(self.input, self.next_in, dev, 0, len, timed)?;
-        self.next_in += len;
+        self.global.set(chunk, k);
+        let rec = lane.copy_htod_timed(self.input, p.at, dev, 0, p.len, timed)?;
+        let len = p.len;
+        self.to_download.push_back(p);
         Ok(Some((len, rec.into())))
     }
 
@@ -101,26 +187,30 @@ impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, T> {
         _slot: &mut (),
         outs: &[(&DeviceBuffer<T>, usize)],
     ) -> Result<Recorded> {
-        if outs.len() != self.outputs.len() {
-            return Err(Error::Config("a chunk's outputs differ from the graph's"));
+        let p = self
+            .to_download
+            .pop_front()
+            .ok_or(Error::Config("chunk outputs out of step"))?;
+        if p.outs.len() != outs.len() || p.outs.iter().zip(outs).any(|(a, b)| a.1 != b.1) {
+            return Err(Error::Config(
+                "a graph node produced another length than output_len said",
+            ));
         }
-        let dsts = self
-            .outputs
+        let mut dsts = lock(self.outputs);
+        let targets = dsts
             .iter_mut()
             .map(|b| &mut **b)
-            .zip(self.next_out.iter().copied());
-        let rec = download_into(lane, timed, outs, dsts)?;
-        for (at, &(_, len)) in self.next_out.iter_mut().zip(outs) {
-            *at += len;
-        }
-        Ok(rec)
+            .zip(p.outs.iter().map(|&(at, _)| at));
+        download_into(lane, timed, outs, targets)
     }
 
-    fn retire(&mut self, _slot: &mut (), _chunk: ChunkId, _len: usize) -> Result<()> {
+    fn retire(&mut self, _slot: &mut (), chunk: ChunkId, _len: usize) -> Result<()> {
+        self.global.retired(chunk);
         Ok(())
     }
 
-    fn retire_outputs(&mut self, _slot: &mut (), _chunk: ChunkId, _lens: &[usize]) -> Result<()> {
+    fn retire_outputs(&mut self, _slot: &mut (), chunk: ChunkId, _lens: &[usize]) -> Result<()> {
+        self.global.retired(chunk);
         Ok(())
     }
 }
@@ -350,101 +440,6 @@ impl<T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> ChunkIo<T>
         for ((sink, staged), &len) in self.sinks.iter_mut().zip(&slot.outputs).zip(lens) {
             accept(sink, chunk.0, &meta, &staged.as_slice()?[..len])?;
         }
-        Ok(())
-    }
-}
-
-/// Where one chunk of a multi-GPU graph run comes from and where each of
-/// its outputs goes.
-#[derive(Debug, Clone)]
-pub(crate) struct GraphPiece {
-    pub(crate) at: usize,
-    pub(crate) len: usize,
-    /// (offset, length) in each output.
-    pub(crate) outs: Vec<(usize, usize)>,
-}
-
-/// Chunks of a multi-GPU graph run as a GPU pulls them: uploaded from the
-/// shared input, each output downloaded into its place in the shared
-/// outputs (under their lock; the ordering module tracks byte ranges, so
-/// GPUs writing different chunks never wait for each other).
-pub(crate) struct FedGraphPinnedIo<'a, 'o, 'p, T: Element> {
-    pub(crate) feed: &'a Feed<std::vec::IntoIter<GraphPiece>>,
-    pub(crate) input: &'a PinnedBuffer<T>,
-    pub(crate) outputs: &'a Mutex<&'o mut [&'p mut PinnedBuffer<T>]>,
-    pub(crate) global: &'a GlobalIndex,
-    pub(crate) to_download: VecDeque<GraphPiece>,
-}
-
-impl<T: Element> ChunkIo<T> for FedGraphPinnedIo<'_, '_, '_, T> {
-    type Slot = ();
-    type Error = Error;
-
-    fn make_slot(&mut self, _gpu: &Gpu) -> Result<()> {
-        Ok(())
-    }
-
-    fn upload(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        _slot: &mut (),
-        dev: &mut DeviceBuffer<T>,
-        chunk: ChunkId,
-    ) -> Result<Option<(usize, Recorded)>> {
-        let Some((k, p)) = self.feed.pull(|it, _| Ok::<_, Error>(it.next()))? else {
-            return Ok(None);
-        };
-        let _nvtx = Range::new("upload");
-        self.global.set(chunk, k);
-        let rec = lane.copy_htod_timed(self.input, p.at, dev, 0, p.len, timed)?;
-        let len = p.len;
-        self.to_download.push_back(p);
-        Ok(Some((len, rec.into())))
-    }
-
-    fn download(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut (),
-        dev: &DeviceBuffer<T>,
-        len: usize,
-    ) -> Result<Recorded> {
-        self.download_outputs(lane, timed, slot, &[(dev, len)])
-    }
-
-    fn download_outputs(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        _slot: &mut (),
-        outs: &[(&DeviceBuffer<T>, usize)],
-    ) -> Result<Recorded> {
-        let p = self
-            .to_download
-            .pop_front()
-            .ok_or(Error::Config("chunk outputs out of step"))?;
-        if p.outs.len() != outs.len() || p.outs.iter().zip(outs).any(|(a, b)| a.1 != b.1) {
-            return Err(Error::Config(
-                "a graph node produced another length than output_len said",
-            ));
-        }
-        let mut dsts = lock(self.outputs);
-        let targets = dsts
-            .iter_mut()
-            .map(|b| &mut **b)
-            .zip(p.outs.iter().map(|&(at, _)| at));
-        download_into(lane, timed, outs, targets)
-    }
-
-    fn retire(&mut self, _slot: &mut (), chunk: ChunkId, _len: usize) -> Result<()> {
-        self.global.retired(chunk);
-        Ok(())
-    }
-
-    fn retire_outputs(&mut self, _slot: &mut (), chunk: ChunkId, _lens: &[usize]) -> Result<()> {
-        self.global.retired(chunk);
         Ok(())
     }
 }

@@ -1,9 +1,17 @@
-//! Streams from a `Source` to a `Sink`: [`StreamIo`] (one GPU) and
-//! [`FedStreamIo`] (several, pulling from a feed, delivering in order).
+//! A stream from a [`Source`] to a [`Sink`]: the device that pulls a chunk
+//! has the source fill its slot's pinned staging in place (under the feed's
+//! lock, so the source is called once at a time, in order), and the sink
+//! reads each output straight from the slot's staging when its turn comes.
+//!
+//! Invariant: the sink receives chunks 0, 1, 2, ... in input order
+//! ([`InOrder`]: one device always delivers at once; with several, a
+//! device whose chunk is not next parks a copy). A source failure at
+//! chunk k ends the input for every device: chunks before k still reach
+//! the sink, then the run reports it.
 
 use std::sync::Mutex;
 
-use prism_buffer::engine::Recorded;
+use prism_buffer::engine::{Recorded, RunCounts};
 use prism_buffer::ring::ChunkId;
 use prism_buffer::ChunkIo;
 use prism_stream::nvtx::Range;
@@ -15,19 +23,20 @@ use crate::error::{Error, Result};
 use crate::gpu::{GlobalIndex, StagingCache};
 use crate::guard;
 use crate::source::{Sink, Source};
+use crate::PipelineStageManager;
 
-/// A stream: input from a [`Source`] straight into the slot's pinned
-/// staging, output handed to a [`Sink`] straight from it.
+/// A stream's chunks as one device pulls them.
 pub(crate) struct StreamIo<'a, T: Element, S, K> {
-    pub(crate) source: S,
-    pub(crate) sink: K,
+    pub(crate) feed: &'a Feed<S>,
+    pub(crate) out: &'a InOrder<K, Vec<T>>,
     pub(crate) chunk: usize,
     /// Largest chunk output, for sizing staging.
     pub(crate) capacity: usize,
     pub(crate) cache: &'a mut StagingCache<T>,
-    /// The source failed at this chunk: no more input; the chunks before it
-    /// still drain to the sink, then the run reports this.
-    pub(crate) failed: Option<Error>,
+    pub(crate) global: &'a GlobalIndex,
+    /// The source's failure: no more input for any device; the chunks
+    /// before it still reach the sink, then the run reports it.
+    pub(crate) failed: &'a Mutex<Option<Error>>,
 }
 
 impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for StreamIo<'_, T, S, K> {
@@ -35,82 +44,7 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for StreamIo<'_, T, S, K> 
     type Error = Error;
 
     fn make_slot(&mut self, gpu: &Gpu) -> Result<Staged<T>> {
-        // Both host-readable (a source may read what it wrote): no write-combining.
-        Ok(Staged {
-            input: self.cache.output(gpu, self.chunk)?,
-            output: self.cache.output(gpu, self.capacity)?,
-        })
-    }
-
-    fn upload(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut Staged<T>,
-        dev: &mut DeviceBuffer<T>,
-        chunk: ChunkId,
-    ) -> Result<Option<(usize, Recorded)>> {
-        if self.failed.is_some() {
-            return Ok(None);
-        }
-        let dst = &mut slot.input.as_mut_slice()?[..self.chunk];
-        let len = match guard::fill(&mut self.source, dst, chunk.0) {
-            Ok(n) => n,
-            Err(e) => {
-                self.failed = Some(e);
-                return Ok(None);
-            }
-        };
-        if len == 0 {
-            return Ok(None);
-        }
-        // After the source's fill: only now is it known that there is a chunk.
-        let _nvtx = Range::new("upload");
-        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
-        Ok(Some((len, rec.into())))
-    }
-
-    fn download(
-        &mut self,
-        lane: &mut Lane,
-        timed: bool,
-        slot: &mut Staged<T>,
-        dev: &DeviceBuffer<T>,
-        len: usize,
-    ) -> Result<Recorded> {
-        download_staged(lane, timed, &mut slot.output, dev, len)
-    }
-
-    fn retire(&mut self, slot: &mut Staged<T>, chunk: ChunkId, len: usize) -> Result<()> {
-        guard::accept(&mut self.sink, chunk.0, &slot.output.as_slice()?[..len])
-    }
-}
-
-/// A stream's chunks as a GPU pulls them: the source fills the GPU's own
-/// pinned slot (under the feed's lock, in input order); outputs reach the
-/// sink in input order through [`InOrder`].
-pub(crate) struct FedStreamIo<'a, T: Element, S, K> {
-    pub(crate) feed: &'a Feed<S>,
-    pub(crate) out: &'a InOrder<K, Vec<T>>,
-    pub(crate) chunk: usize,
-    pub(crate) capacity: usize,
-    pub(crate) cache: &'a mut StagingCache<T>,
-    pub(crate) global: &'a GlobalIndex,
-    /// The source's failure: no more input for any GPU; the chunks before
-    /// it still reach the sink, then the run reports it.
-    pub(crate) failed: &'a Mutex<Option<Error>>,
-}
-
-impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for FedStreamIo<'_, T, S, K> {
-    type Slot = Staged<T>;
-    type Error = Error;
-
-    fn make_slot(&mut self, gpu: &Gpu) -> Result<Staged<T>> {
-        // Both host-readable (a source may read what it wrote).
-        Ok(Staged {
-            input: self.cache.output(gpu, self.chunk)?,
-            output: self.cache.output(gpu, self.capacity)?,
-        })
+        Staged::readable(self.cache, gpu, self.chunk, self.capacity)
     }
 
     fn upload(
@@ -133,6 +67,7 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for FedStreamIo<'_, T, S, 
                 return Ok(None);
             }
         };
+        // After the source's fill: only now is it known that there is a chunk.
         let _nvtx = Range::new("upload");
         self.global.set(chunk, k);
         let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
@@ -162,10 +97,71 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for FedStreamIo<'_, T, S, 
             || Ok(data.to_vec()),
             &|sink, i, v: Vec<T>| guard::accept(sink, i, &v),
         );
-        // `None`: another GPU failed and the run stopped; this chunk is
+        // `None`: another device failed and the run stopped; this chunk is
         // not delivered.
         delivered.unwrap_or(Ok(()))?;
         self.global.retired(chunk);
         Ok(())
+    }
+}
+
+/// What every device of a stream run shares: the source behind a feed,
+/// the sink behind in-order delivery, and the source's failure.
+pub(crate) struct StreamRun<T: Element, S, K> {
+    feed: Feed<S>,
+    out: InOrder<K, Vec<T>>,
+    failed: Mutex<Option<Error>>,
+    chunk: usize,
+}
+
+impl<T: Element, S: Source<T>, K: Sink<T>> StreamRun<T, S, K> {
+    /// A run over `source` into `sink` in chunks of `chunk` elements, with
+    /// at most `window` outputs parked for in-order delivery.
+    pub(crate) fn new(source: S, sink: K, chunk: usize, window: usize) -> Self {
+        Self {
+            feed: Feed::new(source),
+            out: InOrder::new(sink, window),
+            failed: Mutex::new(None),
+            chunk,
+        }
+    }
+
+    /// No device takes another chunk or delivers another output.
+    pub(crate) fn stop(&self) {
+        self.feed.stop();
+        self.out.stop();
+    }
+
+    /// One device's part of the run (the stages of `order`).
+    pub(crate) fn device(
+        &self,
+        d: &mut PipelineStageManager<T>,
+        global: &GlobalIndex,
+        order: &[usize],
+    ) -> Result<RunCounts> {
+        let capacity = d.capacity(order);
+        let (mut run, cache, _) = d.gpu_parts(order)?;
+        run.global = Some(global);
+        let mut io = StreamIo {
+            feed: &self.feed,
+            out: &self.out,
+            chunk: self.chunk,
+            capacity,
+            cache,
+            global,
+            failed: &self.failed,
+        };
+        let (r, slots) = run.drive(&mut io);
+        for s in slots.into_made() {
+            io.cache.give_output(s.input);
+            io.cache.give_output(s.output);
+        }
+        r
+    }
+
+    /// Chunks the sink received, and the source's failure, if any.
+    pub(crate) fn finish(self) -> (u64, Option<Error>) {
+        let failed = self.failed.into_inner().unwrap_or_else(|p| p.into_inner());
+        (self.out.delivered(), failed)
     }
 }

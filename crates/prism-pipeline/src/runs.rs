@@ -162,20 +162,8 @@ impl<T: Element> PipelineStageManager<T> {
                     &order,
                     &mut |_, _| match items.next() {
                         Some((input, out)) => {
-                            if input.len() != out.len() {
-                                return Err(Error::OutputLength {
-                                    expected: input.len(),
-                                    actual: out.len(),
-                                });
-                            }
                             // As on the GPU: an item is processed whole, in one chunk.
-                            if input.len() > chunk {
-                                return Err(Error::ItemTooLong {
-                                    item: next_item,
-                                    len: input.len(),
-                                    chunk,
-                                });
-                            }
+                            ring::check_item(input.len(), out.len(), chunk, next_item)?;
                             next_item += 1;
                             elems_in += input.len() as u64;
                             Ok(Pull::Borrowed {

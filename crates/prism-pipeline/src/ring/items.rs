@@ -25,6 +25,22 @@ use crate::copy::{par_copy, CopyPool};
 use crate::error::{Error, Result};
 use crate::gpu::{GlobalIndex, StagingCache};
 
+/// An item's rules, on every backend and GPU count: its output as long as
+/// its input (`OutputLength`), and no longer than a chunk, since it is
+/// processed whole (`ItemTooLong`, naming the run's item number).
+pub(crate) fn check_item(len: usize, out: usize, chunk: usize, item: usize) -> Result<()> {
+    if len != out {
+        return Err(Error::OutputLength {
+            expected: len,
+            actual: out,
+        });
+    }
+    if len > chunk {
+        return Err(Error::ItemTooLong { item, len, chunk });
+    }
+    Ok(())
+}
+
 /// Takes items (input, output) from the front of `items` while they fit one
 /// chunk together; `len` gives an item's input and output lengths, which
 /// must agree. `next_item` counts the items taken so far (for errors).
@@ -37,19 +53,7 @@ pub(crate) fn take_batch<A, B, I: Iterator<Item = (A, B)>>(
     let (mut batch, mut total) = (Vec::new(), 0);
     while let Some((input, output)) = items.peek() {
         let (n, out) = len(input, output);
-        if n != out {
-            return Err(Error::OutputLength {
-                expected: n,
-                actual: out,
-            });
-        }
-        if n > chunk {
-            return Err(Error::ItemTooLong {
-                item: *next_item,
-                len: n,
-                chunk,
-            });
-        }
+        check_item(n, out, chunk, *next_item)?;
         if total + n > chunk {
             break;
         }
@@ -191,19 +195,7 @@ impl<'a, 'f, T: Element, I: Iterator<Item = (&'a [T], &'a mut [T])>> Iterator fo
             let Some((input, out)) = it.next() else {
                 return Ok(None);
             };
-            if input.len() != out.len() {
-                return Err(Error::OutputLength {
-                    expected: input.len(),
-                    actual: out.len(),
-                });
-            }
-            if input.len() > chunk {
-                return Err(Error::ItemTooLong {
-                    item: k as usize,
-                    len: input.len(),
-                    chunk,
-                });
-            }
+            check_item(input.len(), out.len(), chunk, k as usize)?;
             Ok(Some((input, out)))
         });
         match pulled {

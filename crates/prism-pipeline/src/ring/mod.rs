@@ -96,7 +96,7 @@ use crate::gpu::StagingCache;
 
 pub(crate) use engine::{drive, drive_one, Devices, Driven, Failure, GpuRun};
 pub(crate) use graph::{run_graph_pinned, GraphSliceIo, TaggedIo};
-pub(crate) use items::{FedItems, ItemsIo, Numbered};
+pub(crate) use items::{check_item, FedItems, ItemsIo, Numbered};
 pub(crate) use iter::{IterData, IterIo, IterSlot};
 pub(crate) use pageable::run_slices;
 pub(crate) use pinned::run_pinned;

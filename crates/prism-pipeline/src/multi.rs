@@ -21,7 +21,7 @@ use prism_stream::{Element, Gpu, PinnedBuffer};
 use crate::error::{Error, Result};
 use crate::plan::ChunkPlan;
 use crate::ring::sched::Feed;
-use crate::ring::{self, Devices, Failure, FedItems, ItemsIo, Numbered, StreamRun};
+use crate::ring::{self, Devices, Driven, Failure, FedItems, ItemsIo, Numbered, StreamRun};
 use crate::runs::StreamCounts;
 use crate::source::{Sink, Source};
 use crate::stage::Stage;
@@ -316,9 +316,24 @@ impl<T: Element> MultiGpuPipeline<T> {
         counts.into_iter().map(|c| (c, 0)).collect()
     }
 
-    /// Full chunks over `n` elements (a multi-GPU run does not ramp).
-    fn chunks(&self, n: usize) -> ChunkPlan {
-        ChunkPlan::new(n, self.devices[0].chunk_elems(), false)
+    /// Runs `run` over every GPU with full chunks over `n` elements (a
+    /// multi-GPU run does not ramp), then adds it to the stats, or puts
+    /// them back and reports the failure.
+    fn spread(
+        &mut self,
+        started: Instant,
+        n: usize,
+        run: impl FnOnce(Devices<'_, T>, ChunkPlan) -> Driven<Vec<RunCounts>>,
+    ) -> Result<()> {
+        let plan = ChunkPlan::new(n, self.devices[0].chunk_elems(), false);
+        let saved = self.save();
+        match run(Devices::multi(&mut self.devices), plan) {
+            Ok(counts) => {
+                self.finish(started, &Self::no_items(counts));
+                Ok(())
+            }
+            Err(f) => Err(self.fail(saved, f)),
+        }
     }
 
     /// Streams `input` through the stages into `output` (which must hold
@@ -331,13 +346,9 @@ impl<T: Element> MultiGpuPipeline<T> {
         let total = Some(std::mem::size_of_val(input));
         let order = self.begin(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
-        let (plan, saved) = (self.chunks(input.len()), self.save());
-        let devices = Devices::multi(&mut self.devices);
-        match ring::run_slices(devices, &order, plan, input, output) {
-            Ok(counts) => self.finish(started, &Self::no_items(counts)),
-            Err(f) => return Err(self.fail(saved, f)),
-        }
-        Ok(())
+        self.spread(started, input.len(), |devices, plan| {
+            ring::run_slices(devices, &order, plan, input, output)
+        })
     }
 
     /// Streams a pinned input into a pinned output with no staging, chunks
@@ -356,13 +367,9 @@ impl<T: Element> MultiGpuPipeline<T> {
         let total = Some(input.len() * std::mem::size_of::<T>());
         let order = self.begin(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
-        let (plan, saved) = (self.chunks(input.len()), self.save());
-        let devices = Devices::multi(&mut self.devices);
-        match ring::run_pinned(devices, &order, plan, input, output) {
-            Ok(counts) => self.finish(started, &Self::no_items(counts)),
-            Err(f) => return Err(self.fail(saved, f)),
-        }
-        Ok(())
+        self.spread(started, input.len(), |devices, plan| {
+            ring::run_pinned(devices, &order, plan, input, output)
+        })
     }
 
     /// `NotPortable` for a buffer that every GPU cannot reach: one neither
@@ -542,12 +549,8 @@ impl<T: Element> MultiGpuPipeline<T> {
             runs.push(d.begin_graph(g, input.len(), &lens)?);
         }
         let started = Instant::now();
-        let (plan, saved) = (self.chunks(input.len()), self.save());
-        let devices = Devices::multi(&mut self.devices);
-        match ring::run_graph_pinned(devices, graphs, &runs, plan, input, outputs) {
-            Ok(counts) => self.finish(started, &Self::no_items(counts)),
-            Err(f) => return Err(self.fail(saved, f)),
-        }
-        Ok(())
+        self.spread(started, input.len(), |devices, plan| {
+            ring::run_graph_pinned(devices, graphs, &runs, plan, input, outputs)
+        })
     }
 }

@@ -610,49 +610,92 @@ impl<T: Element> StageGraph<T> {
         times: &[std::sync::Mutex<f64>],
     ) -> Result<()> {
         let lens = self.lengths(plan, input.len(), chunk)?;
+        if outs.len() != self.outputs.len()
+            || self
+                .outputs
+                .iter()
+                .zip(outs.iter())
+                .any(|(&o, d)| d.len() != lens[o])
+        {
+            return Err(Error::Config(
+                "a graph output's length changed during the run",
+            ));
+        }
+        // A node that is an output is computed straight into the first
+        // destination that lists it (no copy); the others into vectors.
+        let mut first_out: Vec<Option<usize>> = vec![None; self.nodes.len()];
+        for (k, &o) in self.outputs.iter().enumerate() {
+            if o != 0 && first_out[o].is_none() {
+                first_out[o] = Some(k);
+            }
+        }
         let mut vals: Vec<Option<Vec<T>>> = (0..self.nodes.len()).map(|_| None).collect();
         for (i, node) in self.nodes.iter().enumerate().skip(1) {
             if !plan.live[i] || lens[i] == 0 {
                 continue;
             }
+            let mut own = match first_out[i] {
+                Some(k) => Err(std::mem::take(&mut outs[k])),
+                None => Ok(prism_stream::zeroed_vec::<T>(lens[i])),
+            };
+            let out: &mut [T] = match &mut own {
+                Ok(v) => v,
+                Err(d) => d,
+            };
             let get = |p: usize| -> &[T] {
-                if p == 0 {
-                    input
-                } else {
-                    vals[p].as_deref().unwrap_or(&[])
+                match (p, first_out[p]) {
+                    (0, _) => input,
+                    (_, Some(k)) => &outs[k][..],
+                    _ => vals[p].as_deref().unwrap_or(&[]),
                 }
             };
-            let mut out = prism_stream::zeroed_vec::<T>(lens[i]);
             let t = std::time::Instant::now();
-            match &node.op {
-                Op::Input => {}
+            let r = match &node.op {
+                Op::Input => Ok(()),
                 Op::Stage(s) => {
                     let src = get(node.inputs[0]);
-                    guard::run_host_stage(&**s, chunk, |s| s.host(src, &mut out))?;
+                    guard::run_host_stage(&**s, chunk, |s| s.host(src, out))
                 }
                 Op::Join(j) => {
                     let ins: Vec<&[T]> = node.inputs.iter().map(|&p| get(p)).collect();
-                    run_join(&node.name, chunk, || j.host(&ins, &mut out))?;
+                    run_join(&node.name, chunk, || j.host(&ins, out))
                 }
-            }
+            };
             if let Some(m) = times.get(i) {
                 *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) +=
                     t.elapsed().as_secs_f64() * 1e3;
             }
-            vals[i] = Some(out);
-        }
-        for (k, &o) in self.outputs.iter().enumerate() {
-            let src: &[T] = if o == 0 {
-                input
-            } else {
-                vals[o].as_deref().unwrap_or(&[])
-            };
-            if src.len() != outs[k].len() {
-                return Err(Error::Config(
-                    "a graph output's length changed during the run",
-                ));
+            match own {
+                Ok(v) => vals[i] = Some(v),
+                Err(d) => {
+                    if let Some(k) = first_out[i] {
+                        outs[k] = d;
+                    }
+                }
             }
-            outs[k].copy_from_slice(src);
+            r?;
+        }
+        // Outputs listed again, and outputs of the input itself: copies.
+        for k in 0..self.outputs.len() {
+            let o = self.outputs[k];
+            if o != 0 && first_out[o] == Some(k) {
+                continue;
+            }
+            match (o, first_out[o]) {
+                (0, _) => outs[k].copy_from_slice(input),
+                // The first destination listing the node comes before `k`.
+                (_, Some(f)) if f < k => {
+                    let (head, tail) = outs.split_at_mut(k);
+                    tail[0].copy_from_slice(head[f]);
+                }
+                _ => {
+                    let v = vals[o].as_deref().unwrap_or(&[]);
+                    if v.len() != outs[k].len() {
+                        return Err(Error::Config("a graph output was not computed"));
+                    }
+                    outs[k].copy_from_slice(v);
+                }
+            }
         }
         Ok(())
     }

@@ -157,8 +157,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let moved = (n + lens.iter().sum::<usize>()) * 4;
     println!(
         "{} MiB in, {} MiB out over 3 outputs: {:.1} ms, {:.2} GB/s moved",
-        n * 4 >> 20,
-        lens.iter().sum::<usize>() * 4 >> 20,
+        (n * 4) >> 20,
+        (lens.iter().sum::<usize>() * 4) >> 20,
         s * 1e3,
         moved as f64 / s / 1e9
     );

@@ -1624,10 +1624,19 @@ fn print_stream(s: Option<&StreamResult>) {
 /// C++, two streams, no kernel): one warm-up, then the median of `timed`
 /// repetitions, in ms.
 fn bidir_ms(data: &mut Data, piece: usize, timed: usize) -> Result<f64, BoxError> {
-    let mut t: Vec<f64> = (0..=timed)
-        .map(|_| cxx(data, piece, 1, baselines::BIDIR, 2))
+    warm_median(timed, || cxx(data, piece, 1, baselines::BIDIR, 2))
+}
+
+/// `measure` run once as a warm-up, then `timed` times: the median of the
+/// timed runs (at least one).
+fn warm_median(
+    timed: usize,
+    mut measure: impl FnMut() -> Result<f64, BoxError>,
+) -> Result<f64, BoxError> {
+    measure()?;
+    let mut t: Vec<f64> = (0..timed.max(1))
+        .map(|_| measure())
         .collect::<Result<_, _>>()?;
-    t.remove(0);
     Ok(median(&mut t))
 }
 
@@ -1657,11 +1666,9 @@ fn bench_workload(
         w.iters = (((1.5 * t_bidir - k2) / slope).round() as i64).clamp(2, 1 << 20) as u32;
         eprintln!("prism-bench:   S1c calibration: kernel {k2:.2} ms at 1 step, {k64:.2} ms at 257 steps -> {} steps", w.iters);
     }
-    let mut kernel: Vec<f64> = (0..=reps)
-        .map(|_| cxx(&mut data, w.piece, w.iters, baselines::KERNEL_ONLY, 1))
-        .collect::<Result<_, _>>()?;
-    kernel.remove(0);
-    let t_kernel = median(&mut kernel);
+    let t_kernel = warm_median(reps, || {
+        cxx(&mut data, w.piece, w.iters, baselines::KERNEL_ONLY, 1)
+    })?;
     let bound = t_bidir.max(t_kernel);
     eprintln!(
         "prism-bench:   t_bidir {t_bidir:.2} ms, t_kernel {t_kernel:.2} ms, bound {bound:.2} ms"

@@ -1,8 +1,9 @@
 //! prism-bench: the workloads of shared/BENCH-SPEC.md, prism against the
 //! baselines it lists, all in one process on one GPU: S1, S1c, S2, S3 and
 //! S5 (the step loop) in the main table, S8 (one small synchronous step),
-//! S10 (many small iterations over resident data, `s10.rs`) and S6 (a
-//! 64 GiB stream generated and checked on the fly) in their own.
+//! S10 (many small iterations over resident data, `s10.rs`), S11 (one
+//! upload fanned out to 2 and 4 branches, `s11.rs`) and S6 (a 64 GiB stream
+//! generated and checked on the fly) in their own.
 //!
 //! ```text
 //! cargo run --release -p prism-bench [-- --quick] [--reps 5] [--out bench-results]
@@ -21,6 +22,7 @@ mod baselines;
 mod chart;
 mod multi;
 mod s10;
+mod s11;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -208,12 +210,15 @@ struct Report {
     /// S10: µs per iteration over resident data.
     #[serde(default)]
     iterations: Option<s10::S10Result>,
+    /// S11: one upload fanned out to several branches, each downloaded.
+    #[serde(default)]
+    fanout: Option<s11::S11Result>,
 }
 
 /// The names `--only` accepts: the workloads of the main table, then the
 /// sections with tables of their own.
-const ONLY: [&str; 12] = [
-    "S1", "S1c", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10", "auto",
+const ONLY: [&str; 13] = [
+    "S1", "S1c", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10", "S11", "auto",
 ];
 
 /// prism against hand-written CUDA C++, plain cudarc and the hardware bound
@@ -272,6 +277,7 @@ fn run() -> Result<(), BoxError> {
         print_auto(&report.auto);
         print_steps(&report.steps);
         s10::print_iterations(report.iterations.as_ref());
+        s11::print_fanout(report.fanout.as_ref());
         print_stream(report.stream.as_ref());
         multi::print_multi(report.multi.as_ref());
         std::fs::create_dir_all(&args.out)?;
@@ -421,6 +427,17 @@ fn run() -> Result<(), BoxError> {
     } else {
         None
     };
+    let fanout = if wants("S11") {
+        eprintln!("prism-bench: S11 (one upload fanned out to 2 and 4 branches) ...");
+        Some(s11::bench_fanout(
+            &gpu,
+            args.reps,
+            args.quick,
+            args.prism_timing,
+        )?)
+    } else {
+        None
+    };
     print_table(&device, &results);
     print_pageable(&pageable);
     print_short(short.as_ref());
@@ -428,6 +445,7 @@ fn run() -> Result<(), BoxError> {
     print_auto(&auto);
     print_steps(&steps);
     s10::print_iterations(iterations.as_ref());
+    s11::print_fanout(fanout.as_ref());
     print_stream(stream.as_ref());
     multi::print_multi(multi.as_ref());
     std::fs::create_dir_all(&args.out)?;
@@ -445,6 +463,7 @@ fn run() -> Result<(), BoxError> {
         auto,
         multi,
         iterations,
+        fanout,
     };
     std::fs::write(
         format!("{}/results.json", args.out),
@@ -1624,10 +1643,19 @@ fn print_stream(s: Option<&StreamResult>) {
 /// C++, two streams, no kernel): one warm-up, then the median of `timed`
 /// repetitions, in ms.
 fn bidir_ms(data: &mut Data, piece: usize, timed: usize) -> Result<f64, BoxError> {
-    let mut t: Vec<f64> = (0..=timed)
-        .map(|_| cxx(data, piece, 1, baselines::BIDIR, 2))
+    warm_median(timed, || cxx(data, piece, 1, baselines::BIDIR, 2))
+}
+
+/// `measure` run once as a warm-up, then `timed` times: the median of the
+/// timed runs (at least one).
+fn warm_median(
+    timed: usize,
+    mut measure: impl FnMut() -> Result<f64, BoxError>,
+) -> Result<f64, BoxError> {
+    measure()?;
+    let mut t: Vec<f64> = (0..timed.max(1))
+        .map(|_| measure())
         .collect::<Result<_, _>>()?;
-    t.remove(0);
     Ok(median(&mut t))
 }
 
@@ -1657,11 +1685,9 @@ fn bench_workload(
         w.iters = (((1.5 * t_bidir - k2) / slope).round() as i64).clamp(2, 1 << 20) as u32;
         eprintln!("prism-bench:   S1c calibration: kernel {k2:.2} ms at 1 step, {k64:.2} ms at 257 steps -> {} steps", w.iters);
     }
-    let mut kernel: Vec<f64> = (0..=reps)
-        .map(|_| cxx(&mut data, w.piece, w.iters, baselines::KERNEL_ONLY, 1))
-        .collect::<Result<_, _>>()?;
-    kernel.remove(0);
-    let t_kernel = median(&mut kernel);
+    let t_kernel = warm_median(reps, || {
+        cxx(&mut data, w.piece, w.iters, baselines::KERNEL_ONLY, 1)
+    })?;
     let bound = t_bidir.max(t_kernel);
     eprintln!(
         "prism-bench:   t_bidir {t_bidir:.2} ms, t_kernel {t_kernel:.2} ms, bound {bound:.2} ms"

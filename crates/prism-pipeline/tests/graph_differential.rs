@@ -253,6 +253,8 @@ struct Config {
     timing: bool,
     trace: bool,
     host_threads: usize,
+    adaptive: bool,
+    cuda_graphs: bool,
     /// Node `i + 1` of the graph (node 0 is the input).
     nodes: Vec<NodeSpec>,
     outputs: Vec<usize>,
@@ -430,6 +432,9 @@ impl Config {
             timing,
             trace: timing && r.chance(0.3),
             host_threads: 1 + r.below(3) as usize,
+            // Neither applies to graph runs: they must change nothing.
+            adaptive: r.chance(0.2),
+            cuda_graphs: r.chance(0.2),
             nodes,
             outputs,
         }
@@ -443,7 +448,8 @@ impl Config {
             timing: self.timing,
             trace: self.trace,
             host_threads: self.host_threads,
-            ..PipelineConfig::default()
+            adaptive: self.adaptive,
+            graphs: self.cuda_graphs,
         }
     }
 
@@ -1137,6 +1143,24 @@ fn tally(c: &Config, counts: &mut BTreeMap<&'static str, u32>) {
         "refused: join lengths",
         matches!(expect, Expect::JoinLengths { .. }),
     );
+    add(
+        "refused: join lengths (a full chunk only)",
+        matches!(expect, Expect::JoinLengths { in_lens: false, .. }),
+    );
+    add(
+        "dead node of the other backend",
+        c.nodes.iter().enumerate().any(|(k, n)| {
+            !live[k + 1]
+                && match n {
+                    NodeSpec::Stage { stage, .. } => !stage.runs_on(c.gpu),
+                    NodeSpec::Join { foreign, .. } => *foreign,
+                }
+        }),
+    );
+    add(
+        "only the input is output",
+        c.outputs.iter().all(|&o| o == 0),
+    );
     add("n = 0", c.n == 0);
     add("n = 1", c.n == 1);
     add(
@@ -1255,6 +1279,8 @@ fn graph_differential(test: &str, kernels: Option<&Kernels>, count: u64, small: 
             "input as output",
             "duplicate output",
             "dead node",
+            "dead node of the other backend",
+            "only the input is output",
         ] {
             assert!(
                 counts.get(kind).copied().unwrap_or(0) > 0,

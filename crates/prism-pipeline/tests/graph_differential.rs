@@ -32,10 +32,12 @@
 //! with `PRISM_GRAPH_CONFIGS=<n>`, the first seed with
 //! `PRISM_GRAPH_BASE=<seed>`.
 //!
-//! `host_graph_differential` runs on the host backend (CI);
+//! `host_graph_differential` runs on the host backend (CI; 300
+//! configurations in a debug build, 1,000 in a release one);
 //! `gpu_graph_differential` on the GPU, `run_graph` then `run_graph_pinned`
 //! on the same manager (300 configurations; 40 with `PRISM_TEST_SCALE=small`,
-//! as under compute-sanitizer).
+//! as under compute-sanitizer). Over a full default range, each run also
+//! checks that every kind of graph and refusal above came up at least once.
 
 use std::collections::BTreeMap;
 
@@ -233,7 +235,10 @@ enum Expect {
     TooWide(usize),
     /// `Error::Stage` from a one-length join over differing lengths, in
     /// `chunk`; `in_lens`: `graph_output_lens` fails too (a chunk of the
-    /// run), else only the run (its probe of a full chunk's lengths).
+    /// run), else only the run: a run also sizes its buffers from a full
+    /// chunk's lengths, so a graph whose join gets differing lengths only
+    /// at a full chunk is refused (as chunk 0) even when the input is
+    /// shorter than a chunk or empty, while `graph_output_lens` answers.
     JoinLengths {
         stage: String,
         chunk: u64,

@@ -365,11 +365,16 @@ impl<T: Element> StageGraph<T> {
 
     fn push(&mut self, op: Op<T>, inputs: Vec<usize>, name: &str) -> NodeId {
         let taken = |n: &str| self.nodes.iter().any(|x| x.name == n);
-        let name = if taken(name) {
-            format!("{name} (node {})", self.nodes.len())
-        } else {
-            name.to_owned()
-        };
+        let mut unique = name.to_owned();
+        let mut k = 0usize;
+        while taken(&unique) {
+            unique = match k {
+                0 => format!("{name} (node {})", self.nodes.len()),
+                _ => format!("{name} (node {}.{k})", self.nodes.len()),
+            };
+            k += 1;
+        }
+        let name = unique;
         self.nodes.push(Node { op, inputs, name });
         NodeId {
             graph: self.id,
@@ -403,6 +408,21 @@ impl<T: Element> StageGraph<T> {
         let i = self.check(node)?;
         self.outputs.push(i);
         Ok(self.outputs.len() - 1)
+    }
+
+    /// True when `other` has the same nodes (names, kinds and inputs) and
+    /// outputs: the same graph built for another GPU.
+    pub fn same_shape(&self, other: &StageGraph<T>) -> bool {
+        let kind = |op: &Op<T>| match op {
+            Op::Input => 0,
+            Op::Stage(_) => 1,
+            Op::Join(_) => 2,
+        };
+        self.outputs == other.outputs
+            && self.nodes.len() == other.nodes.len()
+            && self.nodes.iter().zip(&other.nodes).all(|(a, b)| {
+                a.name == b.name && a.inputs == b.inputs && kind(&a.op) == kind(&b.op)
+            })
     }
 
     /// Nodes, the input included.
@@ -460,7 +480,7 @@ impl<T: Element> StageGraph<T> {
     /// Checks the graph can run on `backend` and plans its buffers.
     pub(crate) fn plan(&self, gpu: bool) -> Result<Plan> {
         if self.outputs.is_empty() {
-            return Err(Error::NoStages);
+            return Err(Error::NoOutputs);
         }
         let live = self.live();
         for (_, n) in self.nodes.iter().enumerate().filter(|&(i, _)| live[i]) {
@@ -488,19 +508,35 @@ impl<T: Element> StageGraph<T> {
                 });
             }
         }
-        self.allocate(live)
+        let plan = self.allocate(live)?;
+        if gpu && plan.buffers > prism_buffer::engine::MAX_BUFFERS_PER_SLOT {
+            return Err(Error::GraphTooWide {
+                buffers: plan.buffers,
+                max: prism_buffer::engine::MAX_BUFFERS_PER_SLOT,
+            });
+        }
+        Ok(plan)
     }
 
-    /// Device buffers a ring slot needs for this graph: one per value
+    /// Device buffers a ring slot needs for this graph (more than 16 is
+    /// [`Error::GraphTooWide`]: a GPU run refuses it, the host backend
+    /// has no slots and runs it): one per value
     /// alive at once (the input, branches not yet read by all their
     /// readers, outputs not yet downloaded), given out by liveness in node
     /// order. A chain needs 2 however long it is; `k` independent
     /// branches with their own outputs need `k + 1`.
     pub fn buffers_per_slot(&self) -> Result<usize> {
         if self.outputs.is_empty() {
-            return Err(Error::NoStages);
+            return Err(Error::NoOutputs);
         }
-        Ok(self.allocate(self.live())?.buffers)
+        let buffers = self.allocate(self.live())?.buffers;
+        if buffers > prism_buffer::engine::MAX_BUFFERS_PER_SLOT {
+            return Err(Error::GraphTooWide {
+                buffers,
+                max: prism_buffer::engine::MAX_BUFFERS_PER_SLOT,
+            });
+        }
+        Ok(buffers)
     }
 
     /// Gives every live node a slot buffer, by liveness.
@@ -545,12 +581,6 @@ impl<T: Element> StageGraph<T> {
             buf[i] = b;
             release(i, &buf, &mut free);
         }
-        if count > prism_buffer::engine::MAX_BUFFERS_PER_SLOT {
-            return Err(Error::GraphTooWide {
-                buffers: count,
-                max: prism_buffer::engine::MAX_BUFFERS_PER_SLOT,
-            });
-        }
         Ok(Plan {
             live,
             buf,
@@ -559,12 +589,14 @@ impl<T: Element> StageGraph<T> {
     }
 
     /// Every live node's length over a chunk of `len` input elements
-    /// (0 for dead nodes and for nodes below an empty one).
+    /// (0 for dead nodes). Every live node is asked, even one with an
+    /// empty input (a join may make output from its other inputs); a node
+    /// whose own length is 0 is not run.
     pub(crate) fn lengths(&self, plan: &Plan, len: usize, chunk: u64) -> Result<Vec<usize>> {
         let mut lens = vec![0usize; self.nodes.len()];
         lens[0] = len;
         for (i, node) in self.nodes.iter().enumerate().skip(1) {
-            if !plan.live[i] || node.inputs.iter().any(|&p| lens[p] == 0) {
+            if !plan.live[i] {
                 continue;
             }
             lens[i] = match &node.op {
@@ -581,14 +613,14 @@ impl<T: Element> StageGraph<T> {
 
     /// True when no live node can tell where chunks begin (every one
     /// elementwise and length-preserving): chunks may then vary (ramps).
+    /// A stage whose `output_len` panics here is taken as not free (the
+    /// run then asks it again, caught, and reports the panic).
     pub(crate) fn boundaries_free(&self, plan: &Plan, chunk: usize) -> bool {
         self.nodes.iter().enumerate().all(|(i, n)| {
             !plan.live[i]
                 || match &n.op {
                     Op::Input => true,
-                    Op::Stage(s) => {
-                        s.elementwise() && s.output_len(chunk) == chunk && s.output_len(1) == 1
-                    }
+                    Op::Stage(s) => s.elementwise() && guard::keeps_length(&**s, chunk),
                     Op::Join(j) => j.elementwise(),
                 }
         })
@@ -755,6 +787,8 @@ pub(crate) struct GraphChain<'a, T: Element> {
     pub(crate) graph: &'a mut StageGraph<T>,
     pub(crate) plan: &'a Plan,
     pub(crate) capacity: usize,
+    /// A multi-GPU run's numbering of this GPU's chunks (errors name it).
+    pub(crate) global: Option<&'a crate::gpu::GlobalIndex>,
 }
 
 impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
@@ -768,7 +802,8 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
         chunk: ChunkId,
         spans: &mut ComputeSpans,
     ) -> Result<ChunkOutputs> {
-        let lens = self.graph.lengths(self.plan, len, chunk.0)?;
+        let index = crate::gpu::GlobalIndex::or(self.global, chunk, 0);
+        let lens = self.graph.lengths(self.plan, len, index)?;
         if lens.iter().any(|&l| l > self.capacity) {
             return Err(Error::Config(
                 "a graph node produced more elements than the pipeline planned for",
@@ -819,10 +854,10 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
                 Op::Input => {}
                 Op::Stage(s) => {
                     let (input, n) = (inputs[0], in_lens[0]);
-                    guard::run_stage(&mut **s, chunk.0, |s| s.gpu(launch, input, output, n))?;
+                    guard::run_stage(&mut **s, index, |s| s.gpu(launch, input, output, n))?;
                 }
                 Op::Join(j) => {
-                    run_join(&node.name, chunk.0, || {
+                    run_join(&node.name, index, || {
                         j.gpu(launch, &inputs, &in_lens, output)
                     })?;
                 }
@@ -1064,6 +1099,19 @@ impl<T: Element> ChunkIo<T> for GraphSliceIo<'_, '_, T> {
     }
 }
 
+/// Every destination was written to its end (a node whose `output_len`
+/// answered differently during the run than before it leaves a gap).
+fn filled(written: &[usize], lens: &[usize]) -> Result<()> {
+    match written.iter().zip(lens).position(|(w, l)| w != l) {
+        None => Ok(()),
+        Some(output) => Err(Error::GraphOutputLength {
+            output,
+            expected: written[output],
+            actual: lens[output],
+        }),
+    }
+}
+
 /// A chunk of a host graph run: its number, its input, its outputs' parts.
 type HostChunk<'a, T> = (u64, &'a [T], Vec<&'a mut [T]>);
 
@@ -1092,8 +1140,15 @@ impl<T: Element> crate::PipelineStageManager<T> {
         Ok(total)
     }
 
+    /// Elements per chunk of a graph run: the configuration's (the
+    /// adaptive choice is for chains; a failed chain run's choice never
+    /// leaks into a graph's lengths).
+    pub(crate) fn graph_chunk_elems(&self) -> usize {
+        (self.config.chunk_bytes / std::mem::size_of::<T>().max(1)).max(1)
+    }
+
     fn graph_chunks(&self, graph: &StageGraph<T>, plan: &Plan, n: usize) -> ChunkPlan {
-        let chunk = self.chunk_elems();
+        let chunk = self.graph_chunk_elems();
         let ramp = self.config.ramp && graph.boundaries_free(plan, chunk);
         ChunkPlan::new(n, chunk, ramp)
     }
@@ -1128,7 +1183,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                 });
             }
         }
-        let chunk = self.chunk_elems();
+        let chunk = self.graph_chunk_elems();
         let full = graph.lengths(&plan, chunk, 0)?;
         let capacity = full.iter().copied().max().unwrap_or(chunk).max(chunk);
         if gpu {
@@ -1161,7 +1216,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                 actual: sinks,
             });
         }
-        let chunk = self.chunk_elems();
+        let chunk = self.graph_chunk_elems();
         let full = graph.lengths(&plan, chunk, 0)?;
         let capacity = full.iter().copied().max().unwrap_or(chunk).max(chunk);
         if gpu {
@@ -1215,6 +1270,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                         graph,
                         plan: &run.plan,
                         capacity: run.capacity,
+                        global: None,
                     };
                     let mut driver = driver;
                     let (r, slots) = driver.drive(&mut io, &mut p);
@@ -1224,7 +1280,9 @@ impl<T: Element> crate::PipelineStageManager<T> {
                             io.cache.give_output(o);
                         }
                     }
-                    r?
+                    let counts = r?;
+                    filled(&io.next_out, &lens)?;
+                    counts
                 };
                 self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
             }
@@ -1275,8 +1333,11 @@ impl<T: Element> crate::PipelineStageManager<T> {
                 graph,
                 plan: &run.plan,
                 capacity: run.capacity,
+                global: None,
             };
-            driver.drive(&mut io, &mut p).0?
+            let counts = driver.drive(&mut io, &mut p).0?;
+            filled(&io.next_out, &lens)?;
+            counts
         };
         self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
         Ok(())

@@ -411,7 +411,7 @@ impl<T: Element> PipelineStageManager<T> {
         let c = self.chunk_elems();
         order.iter().all(|&i| {
             let s = &self.stages[i];
-            s.elementwise() && s.output_len(c) == c && s.output_len(1) == 1
+            s.elementwise() && guard::keeps_length(&**s, c)
         })
     }
 

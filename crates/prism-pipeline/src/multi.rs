@@ -951,10 +951,9 @@ impl<T: Element> MultiGpuPipeline<T> {
                 actual: graphs.len(),
             });
         }
-        let shape = |g: &crate::StageGraph<T>| (g.node_count(), g.output_count());
-        if graphs.iter().any(|g| shape(g) != shape(&graphs[0])) {
+        if graphs.iter().any(|g| !g.same_shape(&graphs[0])) {
             return Err(Error::Config(
-                "the GPUs' graphs differ in shape (nodes or outputs)",
+                "the GPUs' graphs differ in shape (nodes, their names and inputs, or outputs)",
             ));
         }
         for g in self.gpus() {
@@ -1018,6 +1017,7 @@ impl<T: Element> MultiGpuPipeline<T> {
                 graph: &mut **graph,
                 plan: &run.plan,
                 capacity: run.capacity,
+                global: Some(global),
             };
             driver.drive(&mut io, &mut p).0.map(|c| (c, 0))
         })?;
@@ -1083,6 +1083,15 @@ impl<T: Element> ChunkIo<T> for FedGraphPinnedIo<'_, '_, '_, T> {
         _slot: &mut (),
         outs: &[(&DeviceBuffer<T>, usize)],
     ) -> Result<Recorded> {
+        // A chunk whose outputs are all empty has no download step (the
+        // engine skips it): its piece is dropped here.
+        while self
+            .to_download
+            .front()
+            .is_some_and(|p| p.outs.iter().all(|&(_, l)| l == 0))
+        {
+            self.to_download.pop_front();
+        }
         let p = self
             .to_download
             .pop_front()

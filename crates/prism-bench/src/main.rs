@@ -29,7 +29,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
-use prism_pipeline::{fill_with, sink_fn, Clamp, Fma, PipelineConfig, PipelineStageManager};
+use prism_pipeline::{
+    fill_with, sink_fn, Clamp, Fma, PinnedItemsCopy, PipelineConfig, PipelineStageManager,
+};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 use prism_stream::{copy_streaming, fma_chain_cpu, pattern, Gpu, HostAllocFlags, PinnedBuffer};
 use rand::{RngExt, SeedableRng};
@@ -504,6 +506,10 @@ fn write_chart(report: &Report, out: &str) -> Result<(), BoxError> {
 }
 
 const BATCHED: &str = "CUDA C++ batched copies, 3 streams";
+
+/// S3: prism with its zero-copy gather/scatter kernels instead of batched
+/// copies (`set_pinned_items_copy`), measured in the same process.
+const PRISM_KERNELS: &str = "prism, zero-copy kernels";
 
 const IMPLS: [&str; 4] = [
     "sequential",
@@ -1703,8 +1709,14 @@ fn bench_workload(
     let mut cases = Vec::new();
     let mut cxx_ms = None;
     // Items: also the C++ loop with one batched copy (cudaMemcpyBatchAsync)
-    // per direction and group of items.
-    let extra: &[&str] = if w.items { &[BATCHED] } else { &[] };
+    // per direction and group of items, and prism forced onto its zero-copy
+    // gather/scatter kernels ("prism" itself takes batched copies where the
+    // driver has them).
+    let extra: &[&str] = if w.items {
+        &[BATCHED, PRISM_KERNELS]
+    } else {
+        &[]
+    };
     for name in IMPLS.iter().chain(extra).copied() {
         let mut times = Vec::new();
         let mut checked = 0;
@@ -1719,6 +1731,12 @@ fn bench_workload(
                 }
                 "cudarc 3 streams" => cudarc_loop(ctx, &mut data, w.piece, w.iters)?,
                 BATCHED => cxx(&mut data, w.piece, w.iters, baselines::BATCHED, 3)?,
+                PRISM_KERNELS => {
+                    pipeline.set_pinned_items_copy(Some(PinnedItemsCopy::Kernels));
+                    let ms = prism_run(w, &mut data, &mut pipeline);
+                    pipeline.set_pinned_items_copy(None);
+                    ms?
+                }
                 _ => {
                     // With --prism-timing, the stats of the last repetition only.
                     pipeline.reset_stats();
@@ -1734,6 +1752,10 @@ fn bench_workload(
         bar.finish_and_clear();
         if prism_timing && name == "prism" {
             eprintln!("{}", pipeline.get_stats());
+        }
+        if w.items && name.starts_with("prism") {
+            // Which way the last repetition moved the items.
+            eprintln!("prism-bench:   {name}: {:?}", pipeline.pinned_items_paths());
         }
         let (lo, hi) = (
             times.iter().copied().fold(f64::INFINITY, f64::min),

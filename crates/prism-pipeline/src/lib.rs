@@ -68,6 +68,8 @@ pub use dag::{GpuJoinBody, GpuJoinFn, HostJoinFn, Join, NodeId, StageGraph};
 pub use dag_stream::{tagged_sink, tagged_source, TaggedFn, TaggedSink, TaggedSource};
 pub use error::{Error, Result, StageError};
 pub use host::AsyncPipelineCoordinator;
+#[doc(hidden)]
+pub use io::{PinnedItemsCopy, PinnedItemsPaths};
 pub use iterate::ChunkOutput;
 pub use multi::MultiGpuPipeline;
 pub use plan::ChunkPlan;
@@ -233,6 +235,11 @@ pub struct PipelineStageManager<T: Element> {
     effective: Option<(usize, usize)>,
     stats: PipelineStats,
     timeline: Timeline,
+    /// How `run_items_pinned` moves items (`None`: the environment's
+    /// choice, else batched copies with the kernels as fallback).
+    items_copy: Option<io::PinnedItemsCopy>,
+    /// What the last `run_items_pinned` really used.
+    items_paths: io::PinnedItemsPaths,
 }
 
 impl<T: Element> std::fmt::Debug for PipelineStageManager<T> {
@@ -301,6 +308,8 @@ impl<T: Element> PipelineStageManager<T> {
             iter: None,
             stats,
             timeline: Timeline::default(),
+            items_copy: None,
+            items_paths: io::PinnedItemsPaths::default(),
         })
     }
 
@@ -603,6 +612,21 @@ impl<T: Element> PipelineStageManager<T> {
     /// Spans of the last run made with `trace` (and `timing`) on.
     pub fn timeline(&self) -> &Timeline {
         &self.timeline
+    }
+
+    /// Benchmarks and tests: how `run_items_pinned` moves items (`None`:
+    /// the environment variable `PRISM_PINNED_ITEMS_COPY` = `auto`,
+    /// `batched` or `kernels`, else `Auto`).
+    #[doc(hidden)]
+    pub fn set_pinned_items_copy(&mut self, mode: Option<PinnedItemsCopy>) {
+        self.items_copy = mode;
+    }
+
+    /// Benchmarks and tests: the chunks the last `run_items_pinned` moved
+    /// by batched copies and by the zero-copy kernels, each way.
+    #[doc(hidden)]
+    pub fn pinned_items_paths(&self) -> PinnedItemsPaths {
+        self.items_paths
     }
 }
 

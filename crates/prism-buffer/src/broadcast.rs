@@ -215,9 +215,10 @@ impl Stats {
 pub enum TryRead<G> {
     /// The reader's next chunk.
     Ready(G),
-    /// Nothing to read now (or the time ran out); the writer is still there.
+    /// Nothing to read now (or the time ran out); the ring is still open.
     Empty,
-    /// The writer is gone and the reader has read everything it could.
+    /// The ring is closed (its writer is gone, or can no longer be made)
+    /// and the reader has read everything it could.
     Closed,
 }
 
@@ -729,6 +730,10 @@ impl<T, H> fmt::Debug for Writer<T, H> {
 impl<T, H> Drop for Writer<T, H> {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
+        // A buffer reserved and not committed stays the ring's (counted).
+        if let Some(b) = self.buf.take() {
+            st.free.push(b);
+        }
         st.closed = true;
         tracing::debug!(
             committed = st.committed,

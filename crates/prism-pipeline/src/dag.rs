@@ -1,7 +1,7 @@
 //! Stage graphs: one input feeding several branches, joins with several
 //! inputs, several outputs and taps, run chunk by chunk on the same ring
-//! engine as a chain ([`PipelineStageManager::run_graph`],
-//! [`run_graph_pinned`](PipelineStageManager::run_graph_pinned)) or on
+//! engine as a chain ([`PipelineStageManager::run_graph`](crate::PipelineStageManager::run_graph),
+//! [`run_graph_pinned`](crate::PipelineStageManager::run_graph_pinned)) or on
 //! the host backend.
 //!
 //! A [`StageGraph`] is built front to back: every node names nodes made
@@ -270,8 +270,8 @@ static NEXT_GRAPH: AtomicU64 = AtomicU64::new(1);
 /// A directed acyclic graph of stages over one input: fan-out (several
 /// nodes read one node, in place), joins (a node reading several), any
 /// number of outputs (an output on an inner node is a tap). Run it with
-/// [`PipelineStageManager::run_graph`] (pageable),
-/// [`run_graph_pinned`](PipelineStageManager::run_graph_pinned) (pinned,
+/// [`PipelineStageManager::run_graph`](crate::PipelineStageManager::run_graph) (pageable),
+/// [`run_graph_pinned`](crate::PipelineStageManager::run_graph_pinned) (pinned,
 /// no staging). A chain is the graph whose every node reads the one before.
 ///
 /// ```

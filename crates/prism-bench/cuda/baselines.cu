@@ -103,6 +103,7 @@ extern "C" int prism_bench_pieces(const float *const *in, float *const *out, con
     for (uint64_t i = 0; i < count; ++i)
         if (lens[i] > max_len) return PRISM_ERR_INVALID_ARGUMENT;
     if (mode == PRISM_BENCH_BATCHED) return batched(in, out, lens, count, max_len, a, b, iters, nstreams, ms);
+    if (mode == PRISM_BENCH_BIDIR) return prism_bench_fanout_bidir(in, out, lens, count, max_len, 1, ms);
     Cleanup c;
     bool step = mode == PRISM_BENCH_STEP || mode == PRISM_BENCH_STEP_GRAPH;
     int used = mode == PRISM_BENCH_SEQUENTIAL || step ? 1 : (mode == PRISM_BENCH_MULTISTREAM ? nstreams : 2);
@@ -171,10 +172,6 @@ extern "C" int prism_bench_pieces(const float *const *in, float *const *out, con
                 CHECK(cudaMemcpyAsync(out[i], c.dev_out[s], bytes, cudaMemcpyDeviceToHost, c.streams[s]));
                 break;
             }
-            case PRISM_BENCH_BIDIR:
-                CHECK(cudaMemcpyAsync(c.dev_in[0], in[i], bytes, cudaMemcpyHostToDevice, c.streams[0]));
-                CHECK(cudaMemcpyAsync(out[i], c.dev_out[1], bytes, cudaMemcpyDeviceToHost, c.streams[1]));
-                break;
             case PRISM_BENCH_KERNEL_ONLY: {
                 int err = prism_fma_chain_f32(c.dev_in[0], c.dev_out[0], lens[i], a, b, iters,
                                               reinterpret_cast<prism_stream_t>(c.streams[0]));
@@ -190,6 +187,44 @@ extern "C" int prism_bench_pieces(const float *const *in, float *const *out, con
         CHECK(cudaStreamWaitEvent(c.streams[0], done, 0));
         CHECK(cudaEventDestroy(done));
     }
+    CHECK(cudaEventRecord(c.stop, c.streams[0]));
+    CHECK(cudaEventSynchronize(c.stop));
+    CHECK(cudaEventElapsedTime(ms, c.start, c.stop));
+    return 0;
+}
+
+extern "C" int prism_bench_fanout_bidir(const float *const *in, float *const *out,
+                                        const uint64_t *lens, uint64_t count, uint64_t max_len,
+                                        int32_t branches, float *ms) {
+    if (branches < 1 || branches > PRISM_BENCH_MAX_BRANCHES || max_len == 0)
+        return PRISM_ERR_INVALID_ARGUMENT;
+    for (uint64_t i = 0; i < count; ++i)
+        if (lens[i] > max_len) return PRISM_ERR_INVALID_ARGUMENT;
+    // Uploads into one device buffer on stream 0, downloads from another on
+    // stream 1 (PRISM_BENCH_BIDIR is this with one branch).
+    Cleanup c;
+    for (int s = 0; s < 2; ++s) {
+        CHECK(cudaStreamCreateWithFlags(&c.streams[s], cudaStreamNonBlocking));
+        CHECK(cudaMalloc(&c.dev_in[s], max_len * sizeof(float)));
+        CHECK(cudaMalloc(&c.dev_out[s], max_len * sizeof(float)));
+    }
+    CHECK(cudaEventCreate(&c.start));
+    CHECK(cudaEventCreate(&c.stop));
+    CHECK(cudaDeviceSynchronize());
+    CHECK(cudaEventRecord(c.start, c.streams[0]));
+    CHECK(cudaStreamWaitEvent(c.streams[1], c.start, 0));
+    for (uint64_t i = 0; i < count; ++i) {
+        size_t bytes = lens[i] * sizeof(float);
+        CHECK(cudaMemcpyAsync(c.dev_in[0], in[i], bytes, cudaMemcpyHostToDevice, c.streams[0]));
+        for (int32_t b = 0; b < branches; ++b)
+            CHECK(cudaMemcpyAsync(out[static_cast<uint64_t>(b) * count + i], c.dev_out[1], bytes,
+                                  cudaMemcpyDeviceToHost, c.streams[1]));
+    }
+    cudaEvent_t done;
+    CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    CHECK(cudaEventRecord(done, c.streams[1]));
+    CHECK(cudaStreamWaitEvent(c.streams[0], done, 0));
+    CHECK(cudaEventDestroy(done));
     CHECK(cudaEventRecord(c.stop, c.streams[0]));
     CHECK(cudaEventSynchronize(c.stop));
     CHECK(cudaEventElapsedTime(ms, c.start, c.stop));

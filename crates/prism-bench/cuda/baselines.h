@@ -40,6 +40,20 @@ int prism_bench_pieces(const float *const *in, float *const *out, const uint64_t
                        int32_t mode, int32_t nstreams, float *ms);
 
 /*
+ * S11's bound (fan-out), and PRISM_BENCH_BIDIR's copies (branches = 1):
+ * every piece is copied once host to device (in[i], lens[i] floats, on one
+ * stream) and `branches` times device to host (into out[b * count + i] for
+ * branch b, on a second stream), all issued together, no kernel: H2D of
+ * piece i, then its `branches` D2H, piece after piece. Writes the GPU time
+ * from an event before the first copy to one after the last, to *ms.
+ * Device buffers, streams and events are made before and freed after the
+ * timed region. 1 <= branches <= PRISM_BENCH_MAX_BRANCHES. Synchronous.
+ */
+#define PRISM_BENCH_MAX_BRANCHES 16
+int prism_bench_fanout_bidir(const float *const *in, float *const *out, const uint64_t *lens,
+                             uint64_t count, uint64_t max_len, int32_t branches, float *ms);
+
+/*
  * S10 (cuda/s10.cu): many small iterations over resident data. Each iteration
  * runs three small kernels over a fixed window x[off .. off + w) of a device
  * array of n floats, then reads a 4-byte sum back to the host and waits:

@@ -9,6 +9,12 @@ int prism_bench_pieces(const float *const *in, float *const *out, const uint64_t
     return PRISM_ERR_KERNELS_NOT_BUILT;
 }
 
+int prism_bench_fanout_bidir(const float *const *in, float *const *out, const uint64_t *lens,
+                             uint64_t count, uint64_t max_len, int32_t branches, float *ms) {
+    (void)in; (void)out; (void)lens; (void)count; (void)max_len; (void)branches; (void)ms;
+    return PRISM_ERR_KERNELS_NOT_BUILT;
+}
+
 int prism_s10_k1(float *x, uint64_t off, uint64_t w, float a, float b, prism_stream_t stream) {
     (void)x; (void)off; (void)w; (void)a; (void)b; (void)stream;
     return PRISM_ERR_KERNELS_NOT_BUILT;

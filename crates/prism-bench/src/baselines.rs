@@ -36,6 +36,24 @@ extern "C" {
     ) -> i32;
 }
 
+extern "C" {
+    /// S11's bound: [`BIDIR`] with `branches` downloads per upload. Piece
+    /// `i` (`input[i]`, `lens[i]` floats, `<= max_len`) is copied once host
+    /// to device on one stream and `branches` times device to host, into
+    /// `output[b * count + i]` for branch `b`, on another; all issued
+    /// together, no kernel. Writes the GPU time of the whole batch to
+    /// `*ms`; 0 or an error code (`prism_error_string`). Synchronous.
+    pub fn prism_bench_fanout_bidir(
+        input: *const *const f32,
+        output: *const *mut f32,
+        lens: *const u64,
+        count: u64,
+        max_len: u64,
+        branches: i32,
+        ms: *mut f32,
+    ) -> i32;
+}
+
 /// S10, one stream: per iteration k1, k2, k3, a 4-byte copy to pinned host
 /// memory, `cudaStreamSynchronize`, a host read.
 pub const S10_STREAMS: i32 = 0;

@@ -1,8 +1,9 @@
 //! prism-bench: the workloads of shared/BENCH-SPEC.md, prism against the
 //! baselines it lists, all in one process on one GPU: S1, S1c, S2, S3 and
 //! S5 (the step loop) in the main table, S8 (one small synchronous step),
-//! S10 (many small iterations over resident data, `s10.rs`) and S6 (a
-//! 64 GiB stream generated and checked on the fly) in their own.
+//! S10 (many small iterations over resident data, `s10.rs`), S11 (one
+//! upload fanned out to 2 and 4 branches, `s11.rs`) and S6 (a 64 GiB stream
+//! generated and checked on the fly) in their own.
 //!
 //! ```text
 //! cargo run --release -p prism-bench [-- --quick] [--reps 5] [--out bench-results]
@@ -21,13 +22,16 @@ mod baselines;
 mod chart;
 mod multi;
 mod s10;
+mod s11;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressFinish, ProgressStyle};
-use prism_pipeline::{fill_with, sink_fn, Clamp, Fma, PipelineConfig, PipelineStageManager};
+use prism_pipeline::{
+    fill_with, sink_fn, Clamp, Fma, PinnedItemsCopy, PipelineConfig, PipelineStageManager,
+};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, DevicePtr, DevicePtrMut};
 use prism_stream::{copy_streaming, fma_chain_cpu, pattern, Gpu, HostAllocFlags, PinnedBuffer};
 use rand::{RngExt, SeedableRng};
@@ -208,12 +212,15 @@ struct Report {
     /// S10: µs per iteration over resident data.
     #[serde(default)]
     iterations: Option<s10::S10Result>,
+    /// S11: one upload fanned out to several branches, each downloaded.
+    #[serde(default)]
+    fanout: Option<s11::S11Result>,
 }
 
 /// The names `--only` accepts: the workloads of the main table, then the
 /// sections with tables of their own.
-const ONLY: [&str; 12] = [
-    "S1", "S1c", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10", "auto",
+const ONLY: [&str; 13] = [
+    "S1", "S1c", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "S9", "S10", "S11", "auto",
 ];
 
 /// prism against hand-written CUDA C++, plain cudarc and the hardware bound
@@ -272,6 +279,7 @@ fn run() -> Result<(), BoxError> {
         print_auto(&report.auto);
         print_steps(&report.steps);
         s10::print_iterations(report.iterations.as_ref());
+        s11::print_fanout(report.fanout.as_ref());
         print_stream(report.stream.as_ref());
         multi::print_multi(report.multi.as_ref());
         std::fs::create_dir_all(&args.out)?;
@@ -421,6 +429,17 @@ fn run() -> Result<(), BoxError> {
     } else {
         None
     };
+    let fanout = if wants("S11") {
+        eprintln!("prism-bench: S11 (one upload fanned out to 2 and 4 branches) ...");
+        Some(s11::bench_fanout(
+            &gpu,
+            args.reps,
+            args.quick,
+            args.prism_timing,
+        )?)
+    } else {
+        None
+    };
     print_table(&device, &results);
     print_pageable(&pageable);
     print_short(short.as_ref());
@@ -428,6 +447,7 @@ fn run() -> Result<(), BoxError> {
     print_auto(&auto);
     print_steps(&steps);
     s10::print_iterations(iterations.as_ref());
+    s11::print_fanout(fanout.as_ref());
     print_stream(stream.as_ref());
     multi::print_multi(multi.as_ref());
     std::fs::create_dir_all(&args.out)?;
@@ -445,6 +465,7 @@ fn run() -> Result<(), BoxError> {
         auto,
         multi,
         iterations,
+        fanout,
     };
     std::fs::write(
         format!("{}/results.json", args.out),
@@ -485,6 +506,10 @@ fn write_chart(report: &Report, out: &str) -> Result<(), BoxError> {
 }
 
 const BATCHED: &str = "CUDA C++ batched copies, 3 streams";
+
+/// S3: prism with its zero-copy gather/scatter kernels instead of batched
+/// copies (`set_pinned_items_copy`), measured in the same process.
+const PRISM_KERNELS: &str = "prism, zero-copy kernels";
 
 const IMPLS: [&str; 4] = [
     "sequential",
@@ -1624,10 +1649,19 @@ fn print_stream(s: Option<&StreamResult>) {
 /// C++, two streams, no kernel): one warm-up, then the median of `timed`
 /// repetitions, in ms.
 fn bidir_ms(data: &mut Data, piece: usize, timed: usize) -> Result<f64, BoxError> {
-    let mut t: Vec<f64> = (0..=timed)
-        .map(|_| cxx(data, piece, 1, baselines::BIDIR, 2))
+    warm_median(timed, || cxx(data, piece, 1, baselines::BIDIR, 2))
+}
+
+/// `measure` run once as a warm-up, then `timed` times: the median of the
+/// timed runs (at least one).
+fn warm_median(
+    timed: usize,
+    mut measure: impl FnMut() -> Result<f64, BoxError>,
+) -> Result<f64, BoxError> {
+    measure()?;
+    let mut t: Vec<f64> = (0..timed.max(1))
+        .map(|_| measure())
         .collect::<Result<_, _>>()?;
-    t.remove(0);
     Ok(median(&mut t))
 }
 
@@ -1657,11 +1691,9 @@ fn bench_workload(
         w.iters = (((1.5 * t_bidir - k2) / slope).round() as i64).clamp(2, 1 << 20) as u32;
         eprintln!("prism-bench:   S1c calibration: kernel {k2:.2} ms at 1 step, {k64:.2} ms at 257 steps -> {} steps", w.iters);
     }
-    let mut kernel: Vec<f64> = (0..=reps)
-        .map(|_| cxx(&mut data, w.piece, w.iters, baselines::KERNEL_ONLY, 1))
-        .collect::<Result<_, _>>()?;
-    kernel.remove(0);
-    let t_kernel = median(&mut kernel);
+    let t_kernel = warm_median(reps, || {
+        cxx(&mut data, w.piece, w.iters, baselines::KERNEL_ONLY, 1)
+    })?;
     let bound = t_bidir.max(t_kernel);
     eprintln!(
         "prism-bench:   t_bidir {t_bidir:.2} ms, t_kernel {t_kernel:.2} ms, bound {bound:.2} ms"
@@ -1677,8 +1709,14 @@ fn bench_workload(
     let mut cases = Vec::new();
     let mut cxx_ms = None;
     // Items: also the C++ loop with one batched copy (cudaMemcpyBatchAsync)
-    // per direction and group of items.
-    let extra: &[&str] = if w.items { &[BATCHED] } else { &[] };
+    // per direction and group of items, and prism forced onto its zero-copy
+    // gather/scatter kernels ("prism" itself takes batched copies where the
+    // driver has them).
+    let extra: &[&str] = if w.items {
+        &[BATCHED, PRISM_KERNELS]
+    } else {
+        &[]
+    };
     for name in IMPLS.iter().chain(extra).copied() {
         let mut times = Vec::new();
         let mut checked = 0;
@@ -1693,6 +1731,12 @@ fn bench_workload(
                 }
                 "cudarc 3 streams" => cudarc_loop(ctx, &mut data, w.piece, w.iters)?,
                 BATCHED => cxx(&mut data, w.piece, w.iters, baselines::BATCHED, 3)?,
+                PRISM_KERNELS => {
+                    pipeline.set_pinned_items_copy(Some(PinnedItemsCopy::Kernels));
+                    let ms = prism_run(w, &mut data, &mut pipeline);
+                    pipeline.set_pinned_items_copy(None);
+                    ms?
+                }
                 _ => {
                     // With --prism-timing, the stats of the last repetition only.
                     pipeline.reset_stats();
@@ -1708,6 +1752,10 @@ fn bench_workload(
         bar.finish_and_clear();
         if prism_timing && name == "prism" {
             eprintln!("{}", pipeline.get_stats());
+        }
+        if w.items && name.starts_with("prism") {
+            // Which way the last repetition moved the items.
+            eprintln!("prism-bench:   {name}: {:?}", pipeline.pinned_items_paths());
         }
         let (lo, hi) = (
             times.iter().copied().fold(f64::INFINITY, f64::min),

@@ -22,14 +22,38 @@
 //! it); every chunk committed after a reader joined is either delivered to
 //! it, counted as missed for it, or still queued for it:
 //! `delivered + missed + pending == committed - joined_at`
-//! ([`ReaderStats`]); the ring never allocates more than
-//! [`Config::buffers`] buffers.
+//! ([`ReaderStats`]); the ring never has more than [`Config::buffers`]
+//! buffers of its own. All of this holds whatever the guards, readers and
+//! handles become: dropped, forgotten, or left by an early return.
 //!
-//! Each reader holds at most one chunk at a time (a read guard borrows or
-//! owns its reader), and a ring takes at most `buffers - 2` readers
+//! Each reader holds at most one chunk at a time: the ring records which
+//! chunk each reader holds (set when it reads, cleared when its guard
+//! drops), and a reader's next read replaces its hold, so even a
+//! [forgotten](std::mem::forget) read guard holds its chunk only until its
+//! reader reads again (a live guard borrows or owns its reader: it cannot
+//! read meanwhile). A ring takes at most `buffers - 2` readers
 //! ([`Error::TooManyReaders`]): one buffer for the writer to fill and one
 //! for the newest chunk are always left, so the real-time writer always
-//! finds a buffer and a real-time reader always finds the newest chunk.
+//! finds a buffer (it never waits) and a real-time reader always finds the
+//! newest chunk.
+//!
+//! **What forgetting costs.** A forgotten [`WriteGuard`] costs nothing: the
+//! buffer it borrowed stays with the writer and goes back at the next
+//! reservation. A forgotten read guard keeps its reference to its chunk
+//! for ever (a leak, as forgetting any owner of memory is): once its reader
+//! has read on (or left) the chunk may be recycled, but its buffer, still
+//! shared with the forgotten guard, is never reused (so nothing reachable
+//! ever sees it change); the ring lets it go and allocates a replacement
+//! within [`Config::buffers`] ([`Stats::buffers_allocated`] counts the
+//! ring's own buffers). Each such forget leaks one buffer's memory; the
+//! ring's stays bounded. A forgotten [`Reader`] (or [`OwnedReadGuard`]) is
+//! a reader that never reads again: it keeps its place, its hold and, if
+//! guaranteed, holds the [`Mode::Block`] writer back, as a live reader
+//! that stopped reading would.
+//!
+//! The ring closes when its writer is gone, or when the last [`Broadcast`]
+//! handle is dropped before a writer was made (none can come any more):
+//! readers then read what is queued and get the end of the stream.
 //!
 //! Every chunk carries its [`Meta`]: its global number, its sequence
 //! ([`Writer::begin_sequence`] starts a new one with a new user header),
@@ -166,11 +190,14 @@ pub struct Stats {
     pub sequence_dropped_chunks: u64,
     /// Bytes of those chunks.
     pub sequence_dropped_bytes: u64,
-    /// Buffers allocated so far (never more than [`Config::buffers`]).
+    /// The ring's own buffers allocated now (never more than
+    /// [`Config::buffers`]; a buffer kept by a forgotten read guard is no
+    /// longer counted, and may be replaced).
     pub buffers_allocated: usize,
     /// Committed chunks still in the ring.
     pub queued: usize,
-    /// The writer is gone: readers get what is queued, then the end.
+    /// The writer is gone (or every [`Broadcast`] handle went before one
+    /// was made): readers get what is queued, then the end.
     pub closed: bool,
     /// Every current reader, by id.
     pub readers: Vec<ReaderStats>,
@@ -188,9 +215,10 @@ impl Stats {
 pub enum TryRead<G> {
     /// The reader's next chunk.
     Ready(G),
-    /// Nothing to read now (or the time ran out); the writer is still there.
+    /// Nothing to read now (or the time ran out); the ring is still open.
     Empty,
-    /// The writer is gone and the reader has read everything it could.
+    /// The ring is closed (its writer is gone, or can no longer be made)
+    /// and the reader has read everything it could.
     Closed,
 }
 
@@ -217,6 +245,10 @@ struct ReaderState {
     kind: ReaderKind,
     /// The number of the next chunk it wants.
     next: u64,
+    /// The chunk its read guard holds: set when it reads, cleared when the
+    /// guard drops or, for a guard forgotten, at the reader's next read
+    /// (one hold per reader, whatever its guards become).
+    held: Option<u64>,
     joined_at: u64,
     delivered: u64,
     missed: u64,
@@ -226,6 +258,9 @@ struct ReaderState {
 struct State<T, H> {
     /// Buffers not in use.
     free: Vec<Vec<T>>,
+    /// The ring's own buffers: `free`, the queue's and the one parked in
+    /// the writer (a buffer a forgotten read guard kept is no longer
+    /// counted: it was replaced).
     allocated: usize,
     /// Committed chunks still in the ring, by number (with holes where
     /// chunks were recycled out of order).
@@ -233,6 +268,9 @@ struct State<T, H> {
     readers: BTreeMap<u64, ReaderState>,
     next_reader: u64,
     writer_taken: bool,
+    /// [`Broadcast`] handles alive: the last one gone before a writer was
+    /// made closes the ring (no writer can come any more).
+    handles: usize,
     closed: bool,
     committed: u64,
     committed_bytes: u64,
@@ -274,15 +312,17 @@ impl Wait {
     }
 }
 
-fn held<T, H>(c: &Arc<Chunk<T, H>>) -> bool {
-    Arc::strong_count(c) > 1
-}
-
 fn bytes<T>(len: usize) -> u64 {
     (len as u64).saturating_mul(std::mem::size_of::<T>() as u64)
 }
 
 impl<T, H> State<T, H> {
+    /// Some reader's read guard holds chunk `n` (or held it and was
+    /// forgotten, and that reader has not read since).
+    fn held(&self, n: u64) -> bool {
+        self.readers.values().any(|r| r.held == Some(n))
+    }
+
     /// The smallest `next` of the readers of `kind` (any kind: `None`):
     /// chunks below it were passed by all of them.
     fn min_next(&self, kind: Option<ReaderKind>) -> u64 {
@@ -296,7 +336,10 @@ impl<T, H> State<T, H> {
 
     /// Takes chunk `i` out of the queue and gives its buffer back, counting
     /// it as missed for every reader that had not read it, and as dropped
-    /// when one of them was guaranteed.
+    /// when one of them was guaranteed. `None` when a forgotten read guard
+    /// still shares the chunk: its buffer is left to that guard (never
+    /// reused, so nothing reachable sees it change) and no longer counted,
+    /// so that a replacement may be allocated.
     fn recycle(&mut self, i: usize) -> Option<Vec<T>> {
         let chunk = self.queue.remove(i)?;
         let n = chunk.meta.number;
@@ -317,11 +360,15 @@ impl<T, H> State<T, H> {
         }
         match Arc::try_unwrap(chunk) {
             Ok(c) => Some(c.data),
-            // Not reached: clones are made under the lock from the queue's
-            // copy, and the caller saw none. Should it happen, the buffer is
-            // freed by its last holder and a new one may be allocated.
+            // A live guard's chunk is `held` and never recycled, and a
+            // guard lets go of its reference before clearing its hold: the
+            // other reference is a guard that was forgotten (leaked).
             Err(_) => {
                 self.allocated -= 1;
+                tracing::warn!(
+                    chunk = n,
+                    "prism.broadcast: a forgotten read guard keeps a buffer; it will be replaced"
+                );
                 None
             }
         }
@@ -333,7 +380,7 @@ impl<T, H> State<T, H> {
         let passed = self.min_next(None);
         let mut i = 0;
         while i < self.queue.len() && self.queue[i].meta.number < passed {
-            if held(&self.queue[i]) {
+            if self.held(self.queue[i].meta.number) {
                 i += 1;
             } else if let Some(b) = self.recycle(i) {
                 self.free.push(b);
@@ -344,7 +391,12 @@ impl<T, H> State<T, H> {
     /// A buffer for the writer, by the ring's policy: a free one; else a
     /// new one while fewer than `buffers` exist; else the oldest chunk no
     /// guard holds, if no guaranteed reader needs it or the mode is
-    /// real-time.
+    /// real-time (a new one if a forgotten guard kept its buffer).
+    ///
+    /// In real time this never answers `Wait`: the writer's own buffer is
+    /// back in `free` before the call, so with every buffer allocated and
+    /// none free all `buffers` are queued chunks, and at most
+    /// `buffers - 2` of them are held (one per reader).
     fn take(&mut self, config: &Config) -> Take<T> {
         self.sweep();
         if let Some(b) = self.free.pop() {
@@ -355,13 +407,22 @@ impl<T, H> State<T, H> {
             return Take::Allocate;
         }
         let guaranteed = self.min_next(Some(ReaderKind::Guaranteed));
-        if let Some(i) = self.queue.iter().position(|c| !held(c)) {
+        let oldest = self.queue.iter().position(|c| !self.held(c.meta.number));
+        if let Some(i) = oldest {
             if config.mode == Mode::RealTime || self.queue[i].meta.number < guaranteed {
-                if let Some(b) = self.recycle(i) {
-                    return Take::Buffer(b);
-                }
+                return match self.recycle(i) {
+                    Some(b) => Take::Buffer(b),
+                    None => {
+                        self.allocated += 1;
+                        Take::Allocate
+                    }
+                };
             }
         }
+        debug_assert!(
+            config.mode == Mode::Block,
+            "a real-time writer found no buffer"
+        );
         Take::Wait
     }
 
@@ -375,6 +436,9 @@ impl<T, H> State<T, H> {
             Some(c) => {
                 r.next = c.meta.number + 1;
                 r.delivered += 1;
+                // Replaces the hold of a guard that was forgotten (a live
+                // one borrows or owns the reader: it cannot read meanwhile).
+                r.held = Some(c.meta.number);
                 Next::Chunk(Arc::clone(c))
             }
             None if self.closed => Next::Closed,
@@ -452,10 +516,16 @@ impl<T, H> Shared<T, H> {
         }
     }
 
-    /// Locks and unlocks, then wakes the writer (after a read guard let go
-    /// of its chunk, or a reader left).
-    fn wake_writer(&self) {
-        drop(self.lock());
+    /// Clears reader `id`'s hold on chunk `n` (its guard let go), then
+    /// wakes the writer, which may be waiting for that buffer.
+    fn release(&self, id: u64, n: u64) {
+        let mut st = self.lock();
+        if let Some(r) = st.readers.get_mut(&id) {
+            if r.held == Some(n) {
+                r.held = None;
+            }
+        }
+        drop(st);
         self.space.notify_all();
     }
 }
@@ -465,15 +535,35 @@ impl<T, H> Shared<T, H> {
 
 /// A ring of host chunk buffers with one writer and several readers (see
 /// the [module docs](self)). Cloning gives another handle to the same ring.
+///
+/// The handles are what can still make the writer: when the last one is
+/// dropped before [`writer`](Self::writer) was called, the ring closes
+/// (no writer can come any more), so its readers read to the end of the
+/// stream instead of waiting for ever.
 pub struct Broadcast<T, H = ()> {
     shared: Arc<Shared<T, H>>,
 }
 
 impl<T, H> Clone for Broadcast<T, H> {
     fn clone(&self) -> Self {
+        self.shared.lock().handles += 1;
         Self {
             shared: Arc::clone(&self.shared),
         }
+    }
+}
+
+impl<T, H> Drop for Broadcast<T, H> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.handles -= 1;
+        if st.handles > 0 || st.writer_taken {
+            return;
+        }
+        st.closed = true;
+        tracing::debug!("prism.broadcast: the last handle went before a writer was made; closed");
+        drop(st);
+        self.shared.data.notify_all();
     }
 }
 
@@ -532,6 +622,7 @@ impl<T, H> Broadcast<T, H> {
             readers: BTreeMap::new(),
             next_reader: 0,
             writer_taken: false,
+            handles: 1,
             closed: false,
             committed: 0,
             committed_bytes: 0,
@@ -576,6 +667,7 @@ impl<T, H> Broadcast<T, H> {
         tracing::debug!("prism.broadcast: writer opened");
         Ok(Writer {
             shared: Arc::clone(&self.shared),
+            buf: None,
         })
     }
 
@@ -598,6 +690,7 @@ impl<T, H> Broadcast<T, H> {
             ReaderState {
                 kind,
                 next: at,
+                held: None,
                 joined_at: at,
                 delivered: 0,
                 missed: 0,
@@ -620,6 +713,10 @@ impl<T, H> Broadcast<T, H> {
 /// queued, then the end of the stream.
 pub struct Writer<T, H = ()> {
     shared: Arc<Shared<T, H>>,
+    /// The buffer reserved (a [`WriteGuard`] borrows it from here), or one
+    /// whose guard was dropped or forgotten without a commit: the next
+    /// reservation gives it back to the ring first, so nothing is lost.
+    buf: Option<Vec<T>>,
 }
 
 impl<T, H> fmt::Debug for Writer<T, H> {
@@ -633,6 +730,10 @@ impl<T, H> fmt::Debug for Writer<T, H> {
 impl<T, H> Drop for Writer<T, H> {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
+        // A buffer reserved and not committed stays the ring's (counted).
+        if let Some(b) = self.buf.take() {
+            st.free.push(b);
+        }
         st.closed = true;
         tracing::debug!(
             committed = st.committed,
@@ -651,33 +752,20 @@ impl<T: Clone + Default, H> Writer<T, H> {
     /// would wait forever.
     pub fn reserve(&mut self) -> WriteGuard<'_, T, H> {
         // Without a deadline `take` only returns with a buffer.
-        let buf = loop {
-            if let Some(b) = self.take(Wait::Until(None)) {
-                break b;
-            }
-        };
-        WriteGuard {
-            writer: self,
-            buf: Some(buf),
-        }
+        while !self.take(Wait::Until(None)) {}
+        WriteGuard { writer: self }
     }
 
-    /// A buffer to fill if one can be had without waiting.
+    /// A buffer to fill if one can be had without waiting (always, in
+    /// [`Mode::RealTime`]).
     pub fn try_reserve(&mut self) -> Option<WriteGuard<'_, T, H>> {
-        let buf = self.take(Wait::No)?;
-        Some(WriteGuard {
-            writer: self,
-            buf: Some(buf),
-        })
+        self.take(Wait::No).then_some(WriteGuard { writer: self })
     }
 
     /// A buffer to fill, waiting at most `timeout`.
     pub fn reserve_timeout(&mut self, timeout: Duration) -> Option<WriteGuard<'_, T, H>> {
-        let buf = self.take(Wait::timeout(timeout))?;
-        Some(WriteGuard {
-            writer: self,
-            buf: Some(buf),
-        })
+        self.take(Wait::timeout(timeout))
+            .then_some(WriteGuard { writer: self })
     }
 
     /// Copies `data` into a buffer and commits it (waiting for a buffer as
@@ -696,19 +784,31 @@ impl<T: Clone + Default, H> Writer<T, H> {
         g.commit(data.len())
     }
 
-    fn take(&mut self, wait: Wait) -> Option<Vec<T>> {
+    /// Parks a buffer in `self.buf`; `false` when none came in time.
+    fn take(&mut self, wait: Wait) -> bool {
         let shared = &*self.shared;
         let mut st = shared.lock();
+        // The buffer of an earlier guard dropped or forgotten uncommitted.
+        if let Some(b) = self.buf.take() {
+            st.free.push(b);
+        }
         loop {
             match st.take(&shared.config) {
-                Take::Buffer(b) => return Some(b),
+                Take::Buffer(b) => {
+                    self.buf = Some(b);
+                    return true;
+                }
                 Take::Allocate => {
                     drop(st);
-                    return Some(vec![T::default(); shared.config.chunk_capacity]);
+                    self.buf = Some(vec![T::default(); shared.config.chunk_capacity]);
+                    return true;
                 }
                 Take::Wait => match wait {
-                    Wait::No => return None,
-                    Wait::Until(deadline) => st = shared.wait(&shared.space, st, deadline)?,
+                    Wait::No => return false,
+                    Wait::Until(deadline) => match shared.wait(&shared.space, st, deadline) {
+                        Some(s) => st = s,
+                        None => return false,
+                    },
                 },
             }
         }
@@ -765,11 +865,11 @@ impl<T, H> Writer<T, H> {
 
 /// A reserved buffer: derefs to all `chunk_capacity` elements (a reused
 /// buffer still holds an older chunk's data). [`commit`](Self::commit)
-/// publishes its front; dropping it publishes nothing and gives the buffer
-/// back.
+/// publishes its front; dropping it (or forgetting it) publishes nothing
+/// and the buffer goes back at the next reservation.
 pub struct WriteGuard<'a, T, H = ()> {
+    /// The buffer is the writer's parked one: the guard only borrows it.
     writer: &'a mut Writer<T, H>,
-    buf: Option<Vec<T>>,
 }
 
 impl<T, H> fmt::Debug for WriteGuard<'_, T, H> {
@@ -783,13 +883,13 @@ impl<T, H> fmt::Debug for WriteGuard<'_, T, H> {
 impl<T, H> Deref for WriteGuard<'_, T, H> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        self.buf.as_deref().unwrap_or_default()
+        self.writer.buf.as_deref().unwrap_or_default()
     }
 }
 
 impl<T, H> DerefMut for WriteGuard<'_, T, H> {
     fn deref_mut(&mut self) -> &mut [T] {
-        self.buf.as_deref_mut().unwrap_or_default()
+        self.writer.buf.as_deref_mut().unwrap_or_default()
     }
 }
 
@@ -798,12 +898,12 @@ impl<T, H> WriteGuard<'_, T, H> {
     /// current sequence and wakes the readers; returns its metadata.
     /// [`Error::CommitTooLong`] when `len` exceeds the buffer (nothing is
     /// published and the buffer goes back).
-    pub fn commit(mut self, len: usize) -> Result<Meta<H>, Error> {
+    pub fn commit(self, len: usize) -> Result<Meta<H>, Error> {
         let capacity = self.len();
         if len > capacity {
             return Err(Error::CommitTooLong { len, capacity });
         }
-        let data = self.buf.take().unwrap_or_default();
+        let data = self.writer.buf.take().unwrap_or_default();
         let shared = &*self.writer.shared;
         let mut st = shared.lock();
         let meta = Meta {
@@ -827,14 +927,6 @@ impl<T, H> WriteGuard<'_, T, H> {
         drop(st);
         shared.data.notify_all();
         Ok(meta)
-    }
-}
-
-impl<T, H> Drop for WriteGuard<'_, T, H> {
-    fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            self.writer.shared.lock().free.push(b);
-        }
     }
 }
 
@@ -898,15 +990,17 @@ impl<T, H> Reader<T, H> {
         })
     }
 
-    /// The writer is gone and nothing is left for this reader.
+    /// The ring is closed (its writer is gone, or can no longer be made)
+    /// and nothing is left for this reader.
     pub fn is_finished(&self) -> bool {
         let st = self.shared.lock();
         let next = st.readers.get(&self.id).map_or(u64::MAX, |r| r.next);
         st.closed && st.queue.back().is_none_or(|c| c.meta.number < next)
     }
 
-    /// The next chunk, waiting for it; `None` once the writer is gone and
-    /// everything this reader could still read was read.
+    /// The next chunk, waiting for it; `None` once the ring is closed (the
+    /// writer is gone, or every [`Broadcast`] handle went before one was
+    /// made) and everything this reader could still read was read.
     pub fn read(&mut self) -> Option<ReadGuard<'_, T, H>> {
         match self.poll(Wait::Until(None)) {
             Next::Chunk(c) => Some(ChunkGuard::new(self, c)),
@@ -969,26 +1063,34 @@ impl<T, H> Reader<T, H> {
     }
 }
 
-/// Lets go of a chunk: drops the reader's reference, then wakes the writer
-/// (which may be waiting for that buffer).
+/// Lets go of a chunk: drops the reader's reference, then clears its hold
+/// and wakes the writer (which may be waiting for that buffer).
 struct Held<T, H> {
     chunk: Option<Arc<Chunk<T, H>>>,
     shared: Arc<Shared<T, H>>,
+    /// The reader holding it.
+    id: u64,
 }
 
 impl<T, H> Drop for Held<T, H> {
     fn drop(&mut self) {
-        // The reference goes before the wake-up: the writer checks it under
-        // the lock that `wake_writer` takes.
-        drop(self.chunk.take());
-        self.shared.wake_writer();
+        // The reference goes before the hold: once the hold is cleared the
+        // writer may recycle the chunk, and finds the queue's reference the
+        // only one.
+        if let Some(c) = self.chunk.take() {
+            let n = c.meta.number;
+            drop(c);
+            self.shared.release(self.id, n);
+        }
     }
 }
 
 /// A chunk held by a reader: derefs to the chunk's elements, with its
 /// [`meta`](Self::meta). While it lives the chunk's buffer is not reused;
-/// dropping it lets go. `R` is how it keeps its reader: borrowed
-/// ([`ReadGuard`]) or owned ([`OwnedReadGuard`]).
+/// dropping it lets go. Forgetting it holds the chunk until its reader
+/// reads again, then leaks the buffer (see the [module docs](self)). `R`
+/// is how it keeps its reader: borrowed ([`ReadGuard`]) or owned
+/// ([`OwnedReadGuard`]).
 pub struct ChunkGuard<T, H, R> {
     held: Held<T, H>,
     meta: Meta<H>,
@@ -1005,11 +1107,13 @@ pub type OwnedReadGuard<T, H = ()> = ChunkGuard<T, H, Reader<T, H>>;
 impl<T, H, R: Borrow<Reader<T, H>>> ChunkGuard<T, H, R> {
     fn new(reader: R, chunk: Arc<Chunk<T, H>>) -> Self {
         let shared = Arc::clone(&reader.borrow().shared);
+        let id = reader.borrow().id;
         Self {
             meta: chunk.meta.clone(),
             held: Held {
                 chunk: Some(chunk),
                 shared,
+                id,
             },
             reader,
         }

@@ -2,10 +2,13 @@
 //! the non-blocking forms.
 //!
 //! Random sequences of operations (reserve + fill + commit, reserve +
-//! abandon, commits too long for the buffer, try_read and release for each
-//! reader, readers of both kinds joining and leaving, new sequences, the
-//! writer closing) run on a ring in both modes. The model keeps the
-//! allocated buffers as a list of slots (free, or holding chunk `n`) and
+//! abandon or forget, commits too long for the buffer, try_read and release
+//! for each reader, reads whose guard is forgotten, owned guards forgotten
+//! with their reader, readers of both kinds joining and leaving, new
+//! sequences, the writer closing) run on a ring in both modes. The model
+//! keeps the allocated buffers as a list of slots (free, or holding chunk
+//! `n`; a chunk a forgotten guard still shares leaves its slot when
+//! recycled, as the ring lets that buffer go and may allocate another) and
 //! the readers as (next chunk wanted, chunk held); after every operation
 //! everything the ring shows is compared with it: whether a buffer could be
 //! reserved, each delivered chunk's contents and metadata, every count of
@@ -14,8 +17,11 @@
 //! promise (block mode drops nothing and a guaranteed reader misses
 //! nothing; the real-time writer always finds a buffer).
 
+use std::collections::BTreeSet;
+use std::mem::ManuallyDrop;
+
 use prism_buffer::broadcast::{
-    Broadcast, Config, Mode, OwnedReadGuard, Reader, ReaderKind, Stats, Writer,
+    Broadcast, ChunkGuard, Config, Mode, OwnedReadGuard, Reader, ReaderKind, Stats, TryRead, Writer,
 };
 use prism_buffer::Error;
 use proptest::prelude::*;
@@ -34,6 +40,8 @@ const ELEM: u64 = std::mem::size_of::<u64>() as u64;
 enum Slot {
     Free,
     Chunk(u64),
+    /// Recycled while a forgotten guard shares it: no longer the ring's.
+    Gone,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +59,8 @@ struct MReader {
     next: u64,
     joined_at: u64,
     held: Option<u64>,
+    /// Its owned guard was forgotten: it never reads again.
+    lost: bool,
     delivered: u64,
     missed: u64,
     missed_bytes: u64,
@@ -64,6 +74,8 @@ struct Model {
     /// Every committed chunk's metadata, by number.
     chunks: Vec<MChunk>,
     readers: Vec<MReader>,
+    /// Chunks a forgotten guard shares (for ever).
+    forgotten: BTreeSet<u64>,
     closed: bool,
     committed_bytes: u64,
     dropped: u64,
@@ -88,7 +100,7 @@ impl Model {
             .iter()
             .filter_map(|s| match s {
                 Slot::Chunk(n) => Some(*n),
-                Slot::Free => None,
+                Slot::Free | Slot::Gone => None,
             })
             .collect();
         q.sort_unstable();
@@ -124,7 +136,11 @@ impl Model {
                 self.seq_dropped_bytes += b;
             }
         }
-        self.slots[i] = Slot::Free;
+        self.slots[i] = if self.forgotten.contains(&n) {
+            Slot::Gone
+        } else {
+            Slot::Free
+        };
     }
 
     /// Which slot the writer gets now, if any (the slot is left free; the
@@ -151,6 +167,7 @@ impl Model {
                 }
             }
         }
+        self.slots.retain(|s| *s != Slot::Gone);
         if let Some(i) = self.slots.iter().position(|s| *s == Slot::Free) {
             return Some(i);
         }
@@ -169,6 +186,8 @@ impl Model {
             .position(|s| *s == Slot::Chunk(oldest))
             .unwrap();
         self.recycle(i);
+        // A buffer a forgotten guard kept is replaced by a new one.
+        self.slots[i] = Slot::Free;
         Some(i)
     }
 
@@ -216,13 +235,20 @@ impl Model {
 
 #[derive(Debug, Clone)]
 enum Op {
-    /// try_reserve, write `len` elements, then commit (or drop the guard).
+    /// try_reserve, write `len` elements, then commit (or drop the guard,
+    /// or forget it).
     Write {
         len: usize,
         abandon: bool,
+        forget: bool,
     },
     /// try_read on reader `pick` (if it holds nothing).
     Read(usize),
+    /// try_read on reader `pick` (if it holds nothing), and forget the
+    /// guard.
+    ReadForget(usize),
+    /// Forget reader `pick`'s guard (if it holds one) with its reader.
+    ForgetHeld(usize),
     /// Drop reader `pick`'s guard.
     Release(usize),
     AddReader(ReaderKind),
@@ -237,9 +263,12 @@ fn kind() -> impl Strategy<Value = ReaderKind> {
 
 fn op(cap: usize) -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..=cap + 1, prop::bool::weighted(0.15))
-            .prop_map(|(len, abandon)| Op::Write { len, abandon }),
+        6 => (0..=cap + 1, prop::bool::weighted(0.15), any::<bool>())
+            .prop_map(|(len, abandon, forget)| Op::Write { len, abandon, forget }),
         6 => any::<usize>().prop_map(Op::Read),
+        1 => any::<usize>().prop_map(Op::ReadForget),
+        1 => (any::<usize>(), prop::bool::weighted(0.2))
+            .prop_map(|(pick, forget)| if forget { Op::ForgetHeld(pick) } else { Op::Read(pick) }),
         4 => any::<usize>().prop_map(Op::Release),
         1 => kind().prop_map(Op::AddReader),
         1 => any::<usize>().prop_map(Op::DropReader),
@@ -273,6 +302,9 @@ fn case() -> impl Strategy<Value = (Config, Vec<ReaderKind>, Vec<Op>)> {
 enum RSlot {
     Idle(Reader<u64, u32>),
     Holding(OwnedReadGuard<u64, u32>),
+    /// A guard never dropped (as if forgotten; kept to check at the end
+    /// that its chunk never changed), with its reader.
+    Lost(ManuallyDrop<OwnedReadGuard<u64, u32>>),
     Moving,
 }
 
@@ -281,6 +313,7 @@ impl RSlot {
         match self {
             RSlot::Idle(r) => r,
             RSlot::Holding(g) => g.reader(),
+            RSlot::Lost(g) => g.reader(),
             RSlot::Moving => unreachable!(),
         }
     }
@@ -324,7 +357,7 @@ fn check_stats(m: &Model, s: &Stats) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn check_chunk(m: &Model, n: u64, g: &OwnedReadGuard<u64, u32>) -> Result<(), TestCaseError> {
+fn check_chunk<R>(m: &Model, n: u64, g: &ChunkGuard<u64, u32, R>) -> Result<(), TestCaseError> {
     let c = &m.chunks[n as usize];
     let meta = g.meta();
     prop_assert_eq!(meta.number, n);
@@ -349,6 +382,7 @@ fn run_case(config: Config, initial: Vec<ReaderKind>, ops: Vec<Op>) -> Result<()
         slots: Vec::new(),
         chunks: Vec::new(),
         readers: Vec::new(),
+        forgotten: BTreeSet::new(),
         closed: false,
         committed_bytes: 0,
         dropped: 0,
@@ -375,6 +409,7 @@ fn run_case(config: Config, initial: Vec<ReaderKind>, ops: Vec<Op>) -> Result<()
             next: m.committed(),
             joined_at: m.committed(),
             held: None,
+            lost: false,
             delivered: 0,
             missed: 0,
             missed_bytes: 0,
@@ -386,7 +421,11 @@ fn run_case(config: Config, initial: Vec<ReaderKind>, ops: Vec<Op>) -> Result<()
     }
     for op in ops {
         match op {
-            Op::Write { len, abandon } => {
+            Op::Write {
+                len,
+                abandon,
+                forget,
+            } => {
                 let Some(w) = writer.as_mut() else { continue };
                 let got = w.try_reserve();
                 let want = m.reserve();
@@ -402,7 +441,14 @@ fn run_case(config: Config, initial: Vec<ReaderKind>, ops: Vec<Op>) -> Result<()
                 for (k, v) in g.iter_mut().take(len).enumerate() {
                     *v = value(n, k);
                 }
-                if abandon {
+                // A write guard has no `Drop` (its buffer stays with the
+                // writer): forgetting and dropping it are kept apart anyway,
+                // to go on testing both should it get one.
+                if abandon && forget {
+                    #[allow(clippy::forget_non_drop)]
+                    std::mem::forget(g);
+                } else if abandon {
+                    #[allow(clippy::drop_non_drop)]
                     drop(g);
                 } else if len > config.chunk_capacity {
                     let r = g.commit(len);
@@ -415,8 +461,55 @@ fn run_case(config: Config, initial: Vec<ReaderKind>, ops: Vec<Op>) -> Result<()
                     prop_assert_eq!(meta.index, m.chunks[n2 as usize].index);
                 }
             }
-            Op::Read(pick) | Op::Release(pick) if readers.is_empty() => {
+            Op::Read(pick) | Op::Release(pick) | Op::ReadForget(pick) | Op::ForgetHeld(pick)
+                if readers.is_empty() =>
+            {
                 let _ = pick;
+            }
+            Op::ReadForget(pick) => {
+                let i = pick % readers.len();
+                let RSlot::Idle(r) = &mut readers[i] else {
+                    continue;
+                };
+                let want = m.read(i);
+                match r.try_read() {
+                    TryRead::Ready(g) => {
+                        let Some(Some(n)) = want else {
+                            return Err(TestCaseError::fail(format!(
+                                "reader {i} got chunk {} where the model has {want:?}",
+                                g.meta().number
+                            )));
+                        };
+                        check_chunk(&m, n, &g)?;
+                        std::mem::forget(g);
+                        m.forgotten.insert(n);
+                    }
+                    got => {
+                        prop_assert!(
+                            matches!(
+                                (&got, want),
+                                (TryRead::Empty, Some(None)) | (TryRead::Closed, None)
+                            ),
+                            "reader {} got {:?} where the model has {:?}",
+                            i,
+                            got,
+                            want
+                        );
+                    }
+                }
+            }
+            Op::ForgetHeld(pick) => {
+                let i = pick % readers.len();
+                if matches!(readers[i], RSlot::Holding(_)) {
+                    let RSlot::Holding(g) = std::mem::replace(&mut readers[i], RSlot::Moving)
+                    else {
+                        unreachable!()
+                    };
+                    let n = g.meta().number;
+                    readers[i] = RSlot::Lost(ManuallyDrop::new(g));
+                    m.readers[i].lost = true;
+                    m.forgotten.insert(n);
+                }
             }
             Op::Read(pick) => {
                 let i = pick % readers.len();
@@ -467,6 +560,9 @@ fn run_case(config: Config, initial: Vec<ReaderKind>, ops: Vec<Op>) -> Result<()
                     continue;
                 }
                 let i = pick % readers.len();
+                if m.readers[i].lost {
+                    continue;
+                }
                 drop(readers.remove(i));
                 m.readers.remove(i);
             }
@@ -501,10 +597,18 @@ fn run_case(config: Config, initial: Vec<ReaderKind>, ops: Vec<Op>) -> Result<()
     for (i, slot) in readers.iter_mut().enumerate() {
         let mut r = match std::mem::replace(slot, RSlot::Moving) {
             RSlot::Idle(r) => r,
-            RSlot::Holding(g) => g.release(),
+            RSlot::Holding(g) => {
+                m.readers[i].held = None;
+                g.release()
+            }
+            RSlot::Lost(g) => {
+                // Its chunk is still what was committed.
+                check_chunk(&m, g.meta().number, &g)?;
+                *slot = RSlot::Lost(g);
+                continue;
+            }
             RSlot::Moving => unreachable!(),
         };
-        m.readers[i].held = None;
         loop {
             let want = m.read(i);
             match r.try_read_owned() {
@@ -527,7 +631,7 @@ fn run_case(config: Config, initial: Vec<ReaderKind>, ops: Vec<Op>) -> Result<()
         *slot = RSlot::Idle(r);
     }
     check_stats(&m, &ring.stats())?;
-    for r in &m.readers {
+    for r in m.readers.iter().filter(|r| !r.lost) {
         let s = ring.stats();
         let got = s.reader(r.id).unwrap();
         prop_assert_eq!(got.delivered + got.missed, m.committed() - got.joined_at);

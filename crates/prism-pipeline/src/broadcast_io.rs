@@ -87,7 +87,8 @@ pub struct BroadcastSource<T, H = ()> {
 /// pipeline chunk (one copy into the upload slot), a ring chunk longer
 /// than the pipeline's chunk is cut into several, empty ones are skipped.
 /// It waits for chunks as [`Reader::read`] does and ends the stream when
-/// the ring's writer is gone and the reader has read everything. The
+/// the ring is closed (its writer is gone, or every handle that could make
+/// it went first) and the reader has read everything. The
 /// chunks' metadata does not travel through the pipeline.
 pub fn from_broadcast<T, H>(reader: Reader<T, H>) -> BroadcastSource<T, H> {
     BroadcastSource {

@@ -364,11 +364,16 @@ impl<T: Element> StageGraph<T> {
 
     fn push(&mut self, op: Op<T>, inputs: Vec<usize>, name: &str) -> NodeId {
         let taken = |n: &str| self.nodes.iter().any(|x| x.name == n);
-        let name = if taken(name) {
-            format!("{name} (node {})", self.nodes.len())
-        } else {
-            name.to_owned()
-        };
+        let mut unique = name.to_owned();
+        let mut k = 0usize;
+        while taken(&unique) {
+            unique = match k {
+                0 => format!("{name} (node {})", self.nodes.len()),
+                _ => format!("{name} (node {}.{k})", self.nodes.len()),
+            };
+            k += 1;
+        }
+        let name = unique;
         self.nodes.push(Node { op, inputs, name });
         NodeId {
             graph: self.id,
@@ -402,6 +407,21 @@ impl<T: Element> StageGraph<T> {
         let i = self.check(node)?;
         self.outputs.push(i);
         Ok(self.outputs.len() - 1)
+    }
+
+    /// True when `other` has the same nodes (names, kinds and inputs) and
+    /// outputs: the same graph built for another GPU.
+    pub fn same_shape(&self, other: &StageGraph<T>) -> bool {
+        let kind = |op: &Op<T>| match op {
+            Op::Input => 0,
+            Op::Stage(_) => 1,
+            Op::Join(_) => 2,
+        };
+        self.outputs == other.outputs
+            && self.nodes.len() == other.nodes.len()
+            && self.nodes.iter().zip(&other.nodes).all(|(a, b)| {
+                a.name == b.name && a.inputs == b.inputs && kind(&a.op) == kind(&b.op)
+            })
     }
 
     /// Nodes, the input included.
@@ -459,7 +479,7 @@ impl<T: Element> StageGraph<T> {
     /// Checks the graph can run on `backend` and plans its buffers.
     pub(crate) fn plan(&self, gpu: bool) -> Result<Plan> {
         if self.outputs.is_empty() {
-            return Err(Error::NoStages);
+            return Err(Error::NoOutputs);
         }
         let live = self.live();
         for (_, n) in self.nodes.iter().enumerate().filter(|&(i, _)| live[i]) {
@@ -487,19 +507,35 @@ impl<T: Element> StageGraph<T> {
                 });
             }
         }
-        self.allocate(live)
+        let plan = self.allocate(live)?;
+        if gpu && plan.buffers > prism_buffer::engine::MAX_BUFFERS_PER_SLOT {
+            return Err(Error::GraphTooWide {
+                buffers: plan.buffers,
+                max: prism_buffer::engine::MAX_BUFFERS_PER_SLOT,
+            });
+        }
+        Ok(plan)
     }
 
-    /// Device buffers a ring slot needs for this graph: one per value
+    /// Device buffers a ring slot needs for this graph (more than 16 is
+    /// [`Error::GraphTooWide`]: a GPU run refuses it, the host backend
+    /// has no slots and runs it): one per value
     /// alive at once (the input, branches not yet read by all their
     /// readers, outputs not yet downloaded), given out by liveness in node
     /// order. A chain needs 2 however long it is; `k` independent
     /// branches with their own outputs need `k + 1`.
     pub fn buffers_per_slot(&self) -> Result<usize> {
         if self.outputs.is_empty() {
-            return Err(Error::NoStages);
+            return Err(Error::NoOutputs);
         }
-        Ok(self.allocate(self.live())?.buffers)
+        let buffers = self.allocate(self.live())?.buffers;
+        if buffers > prism_buffer::engine::MAX_BUFFERS_PER_SLOT {
+            return Err(Error::GraphTooWide {
+                buffers,
+                max: prism_buffer::engine::MAX_BUFFERS_PER_SLOT,
+            });
+        }
+        Ok(buffers)
     }
 
     /// Gives every live node a slot buffer, by liveness.
@@ -544,12 +580,6 @@ impl<T: Element> StageGraph<T> {
             buf[i] = b;
             release(i, &buf, &mut free);
         }
-        if count > prism_buffer::engine::MAX_BUFFERS_PER_SLOT {
-            return Err(Error::GraphTooWide {
-                buffers: count,
-                max: prism_buffer::engine::MAX_BUFFERS_PER_SLOT,
-            });
-        }
         Ok(Plan {
             live,
             buf,
@@ -558,12 +588,14 @@ impl<T: Element> StageGraph<T> {
     }
 
     /// Every live node's length over a chunk of `len` input elements
-    /// (0 for dead nodes and for nodes below an empty one).
+    /// (0 for dead nodes). Every live node is asked, even one with an
+    /// empty input (a join may make output from its other inputs); a node
+    /// whose own length is 0 is not run.
     pub(crate) fn lengths(&self, plan: &Plan, len: usize, chunk: u64) -> Result<Vec<usize>> {
         let mut lens = vec![0usize; self.nodes.len()];
         lens[0] = len;
         for (i, node) in self.nodes.iter().enumerate().skip(1) {
-            if !plan.live[i] || node.inputs.iter().any(|&p| lens[p] == 0) {
+            if !plan.live[i] {
                 continue;
             }
             lens[i] = match &node.op {
@@ -580,14 +612,14 @@ impl<T: Element> StageGraph<T> {
 
     /// True when no live node can tell where chunks begin (every one
     /// elementwise and length-preserving): chunks may then vary (ramps).
+    /// A stage whose `output_len` panics here is taken as not free (the
+    /// run then asks it again, caught, and reports the panic).
     pub(crate) fn boundaries_free(&self, plan: &Plan, chunk: usize) -> bool {
         self.nodes.iter().enumerate().all(|(i, n)| {
             !plan.live[i]
                 || match &n.op {
                     Op::Input => true,
-                    Op::Stage(s) => {
-                        s.elementwise() && s.output_len(chunk) == chunk && s.output_len(1) == 1
-                    }
+                    Op::Stage(s) => s.elementwise() && guard::keeps_length(&**s, chunk),
                     Op::Join(j) => j.elementwise(),
                 }
         })
@@ -609,49 +641,92 @@ impl<T: Element> StageGraph<T> {
         times: &[std::sync::Mutex<f64>],
     ) -> Result<()> {
         let lens = self.lengths(plan, input.len(), chunk)?;
+        if outs.len() != self.outputs.len()
+            || self
+                .outputs
+                .iter()
+                .zip(outs.iter())
+                .any(|(&o, d)| d.len() != lens[o])
+        {
+            return Err(Error::Config(
+                "a graph output's length changed during the run",
+            ));
+        }
+        // A node that is an output is computed straight into the first
+        // destination that lists it (no copy); the others into vectors.
+        let mut first_out: Vec<Option<usize>> = vec![None; self.nodes.len()];
+        for (k, &o) in self.outputs.iter().enumerate() {
+            if o != 0 && first_out[o].is_none() {
+                first_out[o] = Some(k);
+            }
+        }
         let mut vals: Vec<Option<Vec<T>>> = (0..self.nodes.len()).map(|_| None).collect();
         for (i, node) in self.nodes.iter().enumerate().skip(1) {
             if !plan.live[i] || lens[i] == 0 {
                 continue;
             }
+            let mut own = match first_out[i] {
+                Some(k) => Err(std::mem::take(&mut outs[k])),
+                None => Ok(prism_stream::zeroed_vec::<T>(lens[i])),
+            };
+            let out: &mut [T] = match &mut own {
+                Ok(v) => v,
+                Err(d) => d,
+            };
             let get = |p: usize| -> &[T] {
-                if p == 0 {
-                    input
-                } else {
-                    vals[p].as_deref().unwrap_or(&[])
+                match (p, first_out[p]) {
+                    (0, _) => input,
+                    (_, Some(k)) => &outs[k][..],
+                    _ => vals[p].as_deref().unwrap_or(&[]),
                 }
             };
-            let mut out = prism_stream::zeroed_vec::<T>(lens[i]);
             let t = std::time::Instant::now();
-            match &node.op {
-                Op::Input => {}
+            let r = match &node.op {
+                Op::Input => Ok(()),
                 Op::Stage(s) => {
                     let src = get(node.inputs[0]);
-                    guard::run_host_stage(&**s, chunk, |s| s.host(src, &mut out))?;
+                    guard::run_host_stage(&**s, chunk, |s| s.host(src, out))
                 }
                 Op::Join(j) => {
                     let ins: Vec<&[T]> = node.inputs.iter().map(|&p| get(p)).collect();
-                    run_join(&node.name, chunk, || j.host(&ins, &mut out))?;
+                    run_join(&node.name, chunk, || j.host(&ins, out))
                 }
-            }
+            };
             if let Some(m) = times.get(i) {
                 *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) +=
                     t.elapsed().as_secs_f64() * 1e3;
             }
-            vals[i] = Some(out);
-        }
-        for (k, &o) in self.outputs.iter().enumerate() {
-            let src: &[T] = if o == 0 {
-                input
-            } else {
-                vals[o].as_deref().unwrap_or(&[])
-            };
-            if src.len() != outs[k].len() {
-                return Err(Error::Config(
-                    "a graph output's length changed during the run",
-                ));
+            match own {
+                Ok(v) => vals[i] = Some(v),
+                Err(d) => {
+                    if let Some(k) = first_out[i] {
+                        outs[k] = d;
+                    }
+                }
             }
-            outs[k].copy_from_slice(src);
+            r?;
+        }
+        // Outputs listed again, and outputs of the input itself: copies.
+        for k in 0..self.outputs.len() {
+            let o = self.outputs[k];
+            if o != 0 && first_out[o] == Some(k) {
+                continue;
+            }
+            match (o, first_out[o]) {
+                (0, _) => outs[k].copy_from_slice(input),
+                // The first destination listing the node comes before `k`.
+                (_, Some(f)) if f < k => {
+                    let (head, tail) = outs.split_at_mut(k);
+                    tail[0].copy_from_slice(head[f]);
+                }
+                _ => {
+                    let v = vals[o].as_deref().unwrap_or(&[]);
+                    if v.len() != outs[k].len() {
+                        return Err(Error::Config("a graph output was not computed"));
+                    }
+                    outs[k].copy_from_slice(v);
+                }
+            }
         }
         Ok(())
     }
@@ -711,6 +786,8 @@ pub(crate) struct GraphChain<'a, T: Element> {
     pub(crate) graph: &'a mut StageGraph<T>,
     pub(crate) plan: &'a Plan,
     pub(crate) capacity: usize,
+    /// A multi-GPU run's numbering of this GPU's chunks (errors name it).
+    pub(crate) global: Option<&'a crate::gpu::GlobalIndex>,
 }
 
 impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
@@ -724,7 +801,8 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
         chunk: ChunkId,
         spans: &mut ComputeSpans,
     ) -> Result<ChunkOutputs> {
-        let lens = self.graph.lengths(self.plan, len, chunk.0)?;
+        let index = crate::gpu::GlobalIndex::or(self.global, chunk, 0);
+        let lens = self.graph.lengths(self.plan, len, index)?;
         if lens.iter().any(|&l| l > self.capacity) {
             return Err(Error::Config(
                 "a graph node produced more elements than the pipeline planned for",
@@ -775,10 +853,10 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
                 Op::Input => {}
                 Op::Stage(s) => {
                     let (input, n) = (inputs[0], in_lens[0]);
-                    guard::run_stage(&mut **s, chunk.0, |s| s.gpu(launch, input, output, n))?;
+                    guard::run_stage(&mut **s, index, |s| s.gpu(launch, input, output, n))?;
                 }
                 Op::Join(j) => {
-                    run_join(&node.name, chunk.0, || {
+                    run_join(&node.name, index, || {
                         j.gpu(launch, &inputs, &in_lens, output)
                     })?;
                 }
@@ -793,6 +871,19 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
             outs.push(plan.buf[o], lens[o]);
         }
         Ok(outs)
+    }
+}
+
+/// Every destination was written to its end (a node whose `output_len`
+/// answered differently during the run than before it leaves a gap).
+pub(crate) fn filled(written: &[usize], lens: &[usize]) -> Result<()> {
+    match written.iter().zip(lens).position(|(w, l)| w != l) {
+        None => Ok(()),
+        Some(output) => Err(Error::GraphOutputLength {
+            output,
+            expected: written[output],
+            actual: lens[output],
+        }),
     }
 }
 
@@ -824,8 +915,15 @@ impl<T: Element> crate::PipelineStageManager<T> {
         Ok(total)
     }
 
+    /// Elements per chunk of a graph run: the configuration's (the
+    /// adaptive choice is for chains; a failed chain run's choice never
+    /// leaks into a graph's lengths).
+    pub(crate) fn graph_chunk_elems(&self) -> usize {
+        (self.config.chunk_bytes / std::mem::size_of::<T>().max(1)).max(1)
+    }
+
     fn graph_chunks(&self, graph: &StageGraph<T>, plan: &Plan, n: usize) -> ChunkPlan {
-        let chunk = self.chunk_elems();
+        let chunk = self.graph_chunk_elems();
         let ramp = self.config.ramp && graph.boundaries_free(plan, chunk);
         ChunkPlan::new(n, chunk, ramp)
     }
@@ -860,7 +958,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                 });
             }
         }
-        let chunk = self.chunk_elems();
+        let chunk = self.graph_chunk_elems();
         let full = graph.lengths(&plan, chunk, 0)?;
         let capacity = full.iter().copied().max().unwrap_or(chunk).max(chunk);
         if gpu {
@@ -893,7 +991,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                 actual: sinks,
             });
         }
-        let chunk = self.chunk_elems();
+        let chunk = self.graph_chunk_elems();
         let full = graph.lengths(&plan, chunk, 0)?;
         let capacity = full.iter().copied().max().unwrap_or(chunk).max(chunk);
         if gpu {
@@ -947,6 +1045,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                         graph,
                         plan: &run.plan,
                         capacity: run.capacity,
+                        global: None,
                     };
                     let mut driver = driver;
                     let (r, slots) = driver.drive(&mut io, &mut p);
@@ -956,7 +1055,9 @@ impl<T: Element> crate::PipelineStageManager<T> {
                             io.cache.give_output(o);
                         }
                     }
-                    r?
+                    let counts = r?;
+                    filled(&io.next_out, &lens)?;
+                    counts
                 };
                 self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
             }

@@ -170,6 +170,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                         graph,
                         plan: &run.plan,
                         capacity: run.capacity,
+                        global: None,
                     };
                     let (r, slots) = driver.drive(&mut io, &mut p);
                     for s in slots.into_made() {

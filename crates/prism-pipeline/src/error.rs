@@ -179,6 +179,9 @@ pub enum Error {
     /// A value was asked of an iteration that reads nothing back.
     #[error("the iteration reads nothing back: call ResidentPipeline::set_readback before execute_iteration")]
     NoReadback,
+    /// A stage graph with no output (`StageGraph::output` never called).
+    #[error("the stage graph has no output: mark at least one node with StageGraph::output")]
+    NoOutputs,
     /// A node id of another graph, or past this one's nodes.
     #[error("node {index} is not a node of this graph ({nodes} nodes)")]
     UnknownNode {

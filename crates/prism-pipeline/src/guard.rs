@@ -37,6 +37,16 @@ pub(crate) fn output_len<T: Element>(
     })
 }
 
+/// True when `stage` makes as many elements as it gets, at `chunk` and at
+/// 1 (so chunk boundaries may move freely); a panic in its `output_len`
+/// answers false (the run asks again, caught, and reports it).
+pub(crate) fn keeps_length<T: Element>(stage: &dyn Stage<T>, chunk: usize) -> bool {
+    catch_unwind(AssertUnwindSafe(|| {
+        stage.output_len(chunk) == chunk && stage.output_len(1) == 1
+    }))
+    .unwrap_or(false)
+}
+
 /// Runs `work` on `stage` (its `gpu` form): an error is `Error::Stage`, a
 /// panic `StagePanicked`, both naming the stage and chunk.
 pub(crate) fn run_stage<T: Element>(

@@ -71,6 +71,8 @@ pub use iterate::ChunkOutput;
 pub use multi::MultiGpuPipeline;
 pub use plan::ChunkPlan;
 pub use resident::{Iteration, ResidentConfig, ResidentPipeline};
+#[doc(hidden)]
+pub use ring::{PinnedItemsCopy, PinnedItemsPaths};
 pub use runs::StreamCounts;
 pub use source::{fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source};
 pub use stage::{Clamp, Fma, GpuFn, GroupSum, HostFn, Stage};
@@ -232,6 +234,11 @@ pub struct PipelineStageManager<T: Element> {
     effective: Option<(usize, usize)>,
     stats: PipelineStats,
     timeline: Timeline,
+    /// How `run_items_pinned` moves items (`None`: the environment's
+    /// choice, else batched copies with the kernels as fallback).
+    items_copy: Option<ring::PinnedItemsCopy>,
+    /// What the last `run_items_pinned` really used.
+    items_paths: ring::PinnedItemsPaths,
 }
 
 impl<T: Element> std::fmt::Debug for PipelineStageManager<T> {
@@ -300,6 +307,8 @@ impl<T: Element> PipelineStageManager<T> {
             iter: None,
             stats,
             timeline: Timeline::default(),
+            items_copy: None,
+            items_paths: ring::PinnedItemsPaths::default(),
         })
     }
 
@@ -410,7 +419,7 @@ impl<T: Element> PipelineStageManager<T> {
         let c = self.chunk_elems();
         order.iter().all(|&i| {
             let s = &self.stages[i];
-            s.elementwise() && s.output_len(c) == c && s.output_len(1) == 1
+            s.elementwise() && guard::keeps_length(&**s, c)
         })
     }
 
@@ -602,6 +611,21 @@ impl<T: Element> PipelineStageManager<T> {
     /// Spans of the last run made with `trace` (and `timing`) on.
     pub fn timeline(&self) -> &Timeline {
         &self.timeline
+    }
+
+    /// Benchmarks and tests: how `run_items_pinned` moves items (`None`:
+    /// the environment variable `PRISM_PINNED_ITEMS_COPY` = `auto`,
+    /// `batched` or `kernels`, else `Auto`).
+    #[doc(hidden)]
+    pub fn set_pinned_items_copy(&mut self, mode: Option<PinnedItemsCopy>) {
+        self.items_copy = mode;
+    }
+
+    /// Benchmarks and tests: the chunks the last `run_items_pinned` moved
+    /// by batched copies and by the zero-copy kernels, each way.
+    #[doc(hidden)]
+    pub fn pinned_items_paths(&self) -> PinnedItemsPaths {
+        self.items_paths
     }
 }
 

@@ -316,16 +316,17 @@ impl<T: Element> MultiGpuPipeline<T> {
         counts.into_iter().map(|c| (c, 0)).collect()
     }
 
-    /// Runs `run` over every GPU with full chunks over `n` elements (a
-    /// multi-GPU run does not ramp), then adds it to the stats, or puts
-    /// them back and reports the failure.
+    /// Runs `run` over every GPU with full chunks of `chunk` elements over
+    /// `n` (a multi-GPU run does not ramp), then adds it to the stats, or
+    /// puts them back and reports the failure.
     fn spread(
         &mut self,
         started: Instant,
         n: usize,
+        chunk: usize,
         run: impl FnOnce(Devices<'_, T>, ChunkPlan) -> Driven<Vec<RunCounts>>,
     ) -> Result<()> {
-        let plan = ChunkPlan::new(n, self.devices[0].chunk_elems(), false);
+        let plan = ChunkPlan::new(n, chunk, false);
         let saved = self.save();
         match run(Devices::multi(&mut self.devices), plan) {
             Ok(counts) => {
@@ -346,7 +347,8 @@ impl<T: Element> MultiGpuPipeline<T> {
         let total = Some(std::mem::size_of_val(input));
         let order = self.begin(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
-        self.spread(started, input.len(), |devices, plan| {
+        let chunk = self.devices[0].chunk_elems();
+        self.spread(started, input.len(), chunk, |devices, plan| {
             ring::run_slices(devices, &order, plan, input, output)
         })
     }
@@ -367,7 +369,8 @@ impl<T: Element> MultiGpuPipeline<T> {
         let total = Some(input.len() * std::mem::size_of::<T>());
         let order = self.begin(Some((input.len(), output.len())), false, Some(total))?;
         let started = Instant::now();
-        self.spread(started, input.len(), |devices, plan| {
+        let chunk = self.devices[0].chunk_elems();
+        self.spread(started, input.len(), chunk, |devices, plan| {
             ring::run_pinned(devices, &order, plan, input, output)
         })
     }
@@ -534,10 +537,9 @@ impl<T: Element> MultiGpuPipeline<T> {
                 actual: graphs.len(),
             });
         }
-        let shape = |g: &crate::StageGraph<T>| (g.node_count(), g.output_count());
-        if graphs.iter().any(|g| shape(g) != shape(&graphs[0])) {
+        if graphs.iter().any(|g| !g.same_shape(&graphs[0])) {
             return Err(Error::Config(
-                "the GPUs' graphs differ in shape (nodes or outputs)",
+                "the GPUs' graphs differ in shape (nodes, their names and inputs, or outputs)",
             ));
         }
         let mut bufs = vec![("input", input)];
@@ -549,7 +551,10 @@ impl<T: Element> MultiGpuPipeline<T> {
             runs.push(d.begin_graph(g, input.len(), &lens)?);
         }
         let started = Instant::now();
-        self.spread(started, input.len(), |devices, plan| {
+        // A graph's chunks are the configuration's (`graph_chunk_elems`),
+        // never an adaptive chain run's choice.
+        let chunk = runs[0].chunk;
+        self.spread(started, input.len(), chunk, |devices, plan| {
             ring::run_graph_pinned(devices, graphs, &runs, plan, input, outputs)
         })
     }

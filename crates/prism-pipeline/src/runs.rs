@@ -11,7 +11,9 @@ use prism_stream::{zeroed_vec, Element, PinnedBuffer};
 use crate::error::{Error, Result};
 use crate::guard;
 use crate::host::{AsyncPipelineCoordinator, Pull};
-use crate::ring::{self, Devices, Failure, ItemsIo, PinnedItemsIo, StreamRun};
+use crate::ring::{
+    self, Devices, Failure, ItemsIo, PinnedItemsCopy, PinnedItemsIo, PinnedItemsPaths, StreamRun,
+};
 use crate::source::{Sink, Source};
 use crate::stats::BackendKind;
 use crate::PipelineStageManager;
@@ -187,10 +189,13 @@ impl<T: Element> PipelineStageManager<T> {
 
     /// Streams items that live in the caller's own pinned buffers, each with
     /// its own pinned output (GPU backend only). Many items share one chunk:
-    /// one zero-copy kernel gathers them over the bus into the device, the
-    /// stages run once per chunk, and one zero-copy kernel scatters the
-    /// results back: no host copy, no per-item copy. Every stage must be
-    /// elementwise. Returns the item count.
+    /// one batched DMA copy (`cuMemcpyBatchAsync`) moves them into the
+    /// device, the stages run once per chunk, and one batched copy moves
+    /// each item's results into its output: no host copy, no per-item copy.
+    /// Where the driver has no batched copies (before CUDA 12.8, or a
+    /// `cuda-12` build), one zero-copy kernel gathers the items over the
+    /// bus and one scatters the results, decided at the run's first chunk.
+    /// Every stage must be elementwise. Returns the item count.
     pub fn run_items_pinned<'a, I>(&mut self, items: I) -> Result<u64>
     where
         I: IntoIterator<Item = (&'a PinnedBuffer<T>, &'a mut PinnedBuffer<T>)>,
@@ -203,24 +208,21 @@ impl<T: Element> PipelineStageManager<T> {
                 backend: "host",
             });
         }
+        let mode = PinnedItemsCopy::resolve(self.items_copy)?;
         let order = self.begin_run(None, true, Some(None))?;
         let started = Instant::now();
         let chunk = self.chunk_elems();
+        self.items_paths = PinnedItemsPaths::default();
         let (run, cache, _) = self.gpu_parts(&order)?;
-        let mut io = PinnedItemsIo {
-            items: items.into_iter().peekable(),
-            chunk,
-            next_item: 0,
-            outputs: Default::default(),
-            cache,
-        };
+        let mut io = PinnedItemsIo::new(items.into_iter(), chunk, cache, mode);
         let (r, slots) = run.drive(&mut io);
         for s in slots.into_made() {
             for d in [s.gather, s.scatter].into_iter().flatten() {
                 io.cache.give_descriptors(d);
             }
         }
-        let n = io.next_item as u64;
+        let (n, paths) = (io.next_item as u64, io.paths);
+        self.items_paths = paths;
         let counts = r?;
         self.finish_run(started, counts.chunks, n, counts.elems_in, counts.elems_out);
         Ok(n)

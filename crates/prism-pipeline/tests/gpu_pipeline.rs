@@ -1,8 +1,8 @@
 //! GPU-gated tests of the streaming pipeline. Without a GPU each prints SKIPPED.
 
 use prism_pipeline::{
-    BackendKind, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum, Lane, PipelineConfig,
-    PipelineStageManager,
+    BackendKind, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum, Lane, PinnedItemsCopy,
+    PipelineConfig, PipelineStageManager,
 };
 use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
@@ -352,6 +352,152 @@ fn gpu_pipeline_pinned_items_use_zero_copy_gather_and_scatter() {
         .count() as u64;
     assert_eq!(gathers, s.chunks, "one gather per chunk");
     println!("{s}");
+}
+
+/// `run_items_pinned` by batched copies, by the zero-copy kernels and in
+/// `Auto`: bit for bit the same, and the CPU's; items of odd sizes, some
+/// allocated pinned and some registered `Vec`s. The outputs are read at
+/// once (either `BufferInFlight` or final), and fed straight into a second
+/// run (its uploads must wait for the first run's downloads).
+#[test]
+fn gpu_pipeline_pinned_items_batched_copies_match_the_kernels() {
+    let Some(ctx) = gpu_or_skip("gpu_pipeline_pinned_items_batched_copies_match_the_kernels")
+    else {
+        return;
+    };
+    let batched = prism_stream::batch_copies_supported().is_ok();
+    let count = scaled(2000, 64);
+    let mut p = manager(&ctx, scaled(1 << 20, 4096), true);
+    p.add_stage(Fma {
+        a: 1.25,
+        b: -0.5,
+        iters: 3,
+    });
+    p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
+    let gpu = ctx.gpu();
+    let inputs: Vec<Vec<f32>> = (0..count)
+        .map(|k| random_f32(70 + k as u64, 1 + (k * 7919) % scaled(4099, 255)))
+        .collect();
+    let items: Vec<PinnedBuffer<f32>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(k, v)| {
+            if k % 3 == 0 {
+                PinnedBuffer::register(gpu, v.clone()).unwrap()
+            } else {
+                PinnedBuffer::from_slice(gpu, v, HostAllocFlags::DEFAULT).unwrap()
+            }
+        })
+        .collect();
+    let fresh = |inputs: &[Vec<f32>]| -> Vec<PinnedBuffer<f32>> {
+        inputs
+            .iter()
+            .map(|v| {
+                PinnedBuffer::from_slice(gpu, &vec![f32::NAN; v.len()], HostAllocFlags::DEFAULT)
+                    .unwrap()
+            })
+            .collect()
+    };
+    let twice: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|v| {
+            v.iter()
+                .map(|x| {
+                    let y = fma_chain_cpu(*x, 1.25, -0.5, 3).clamp(-1.0, 1.0);
+                    fma_chain_cpu(y, 1.25, -0.5, 3).clamp(-1.0, 1.0)
+                })
+                .collect()
+        })
+        .collect();
+    let mut results = Vec::new();
+    for mode in [
+        PinnedItemsCopy::Kernels,
+        PinnedItemsCopy::Batched,
+        PinnedItemsCopy::Auto,
+    ] {
+        p.set_pinned_items_copy(Some(mode));
+        let mut outs = fresh(&inputs);
+        p.reset_stats();
+        let r = p.run_items_pinned(items.iter().zip(outs.iter_mut()));
+        if mode == PinnedItemsCopy::Batched && !batched {
+            assert!(
+                matches!(
+                    r,
+                    Err(Error::Stream(prism_stream::Error::DriverUnsupported { .. }))
+                ),
+                "{r:?}"
+            );
+            continue;
+        }
+        assert_eq!(r.unwrap() as usize, count, "{mode:?}");
+        let paths = p.pinned_items_paths();
+        let chunks = p.get_stats().chunks;
+        println!("{mode:?}: {paths:?}, {chunks} chunks");
+        // Read at once: in flight, or already final.
+        for (i, o) in inputs.iter().zip(&outs).step_by(97) {
+            match o.as_slice() {
+                Err(prism_stream::Error::BufferInFlight { .. }) => {}
+                Ok(got) => expect_fma_clamp(i, got),
+                Err(e) => panic!("{mode:?}: {e}"),
+            }
+        }
+        // Straight into a second run, no host wait between.
+        let mut outs2 = fresh(&inputs);
+        p.reset_stats();
+        p.run_items_pinned(outs.iter().zip(outs2.iter_mut()))
+            .unwrap();
+        let paths2 = p.pinned_items_paths();
+        let chunks2 = p.get_stats().chunks;
+        for (k, (i, o)) in inputs.iter().zip(&outs).enumerate() {
+            let got = o.wait_slice().unwrap();
+            expect_fma_clamp(i, got);
+            let again = outs2[k].wait_slice().unwrap();
+            assert!(
+                again
+                    .iter()
+                    .zip(&twice[k])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{mode:?}: item {k} of the second run"
+            );
+        }
+        let by_batch = mode != PinnedItemsCopy::Kernels && batched;
+        for (paths, chunks) in [(paths, chunks), (paths2, chunks2)] {
+            let want = if by_batch {
+                (chunks, 0, chunks, 0)
+            } else {
+                (0, chunks, 0, chunks)
+            };
+            assert_eq!(
+                (
+                    paths.uploads_batched,
+                    paths.uploads_kernel,
+                    paths.downloads_batched,
+                    paths.downloads_kernel
+                ),
+                want,
+                "{mode:?}"
+            );
+        }
+        // One upload span per chunk, whichever path ran.
+        let uploads = p
+            .timeline()
+            .spans
+            .iter()
+            .filter(|s| s.lane == Lane::Upload)
+            .count() as u64;
+        assert_eq!(uploads, chunks2, "{mode:?}: one upload per chunk");
+        results.push(
+            outs.iter()
+                .map(|o| o.as_slice().unwrap().iter().map(|x| x.to_bits()).collect())
+                .collect::<Vec<Vec<u32>>>(),
+        );
+    }
+    assert!(results.windows(2).all(|w| w[0] == w[1]));
+    for b in items {
+        if b.is_registered() {
+            b.into_vec().unwrap();
+        }
+    }
 }
 
 #[test]

@@ -167,7 +167,7 @@ fn graph_misuse_is_refused_with_typed_errors() {
     g.stage(x, FMA).unwrap();
     assert!(matches!(
         m.run_graph(&mut g, &input, &mut []),
-        Err(Error::NoStages)
+        Err(Error::NoOutputs)
     ));
 
     // A node of another graph.

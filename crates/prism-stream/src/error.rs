@@ -112,6 +112,21 @@ pub enum Error {
     /// add up to more than a `usize` holds: no buffer can be that long.
     #[error("the lengths of {what} add up to more than {max} elements, more than any buffer can hold; pass fewer items", max = usize::MAX)]
     LengthOverflow { what: &'static str },
+    /// Two items of one batched copy would write the same bytes (the
+    /// copies of a batch run in no set order, so the result would be
+    /// undefined); nothing was queued. `first` and `second` index the items.
+    #[error("items {first} and {second} of {what} overlap: the copies of one batch run in no set order, so their destinations must be disjoint; nothing was queued")]
+    Overlap {
+        what: &'static str,
+        first: usize,
+        second: usize,
+    },
+    /// The driver, or the driver API this build binds, lacks what an op
+    /// needs (batched copies need `cuMemcpyBatchAsync`: a `cuda-13` build
+    /// on a CUDA 13 driver); nothing was copied. The same work can be done
+    /// another way (one copy per item, or prism's zero-copy kernels).
+    #[error("{what} is not available here: {reason}; nothing was copied (copy item by item, or gather/scatter with the zero-copy kernels instead)")]
+    DriverUnsupported { what: &'static str, reason: String },
     /// A zero-sized buffer or copy where data is required.
     #[error("{what} has zero length")]
     ZeroLength { what: &'static str },

@@ -5,6 +5,8 @@
 //! - [`Lane`]: the one handle through which work is queued on a stream
 //!   (copies, kernel scopes, memsets, fences); it orders every op after the
 //!   buffers' earlier uses and fences it before returning.
+//!   Batched copies ([`Lane::copy_batch_htod`], [`Lane::copy_batch_dtoh`]:
+//!   many pinned items in one `cuMemcpyBatchAsync`) go through it too.
 //! - [`StreamPool`] / [`ManagedStream`]: pooled lanes by [`StreamPurpose`].
 //! - [`Fence`]: a pooled CUDA event; [`OpGraph`] the op bookkeeping.
 //! - [`DeviceBuffer`] / [`PinnedBuffer`]: memory that remembers which queued
@@ -86,6 +88,7 @@ pub mod testing;
 pub use capture::{Capture, CapturedGraph, GraphLaunch, ReadbackKey};
 pub use context::{device_count, driver_available, DeviceInfo, Gpu};
 pub use coordinator::AsyncCoordinator;
+pub use copy::{batch_copies_supported, BatchItem};
 pub use error::{Error, Result};
 pub use event::Fence;
 pub use future::{FenceFuture, OpFuture};

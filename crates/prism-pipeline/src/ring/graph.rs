@@ -11,7 +11,9 @@
 //!   the chunk's outputs reach their sinks (one GPU).
 //!
 //! Invariant: a chunk's outputs are as many as the graph's, each as long
-//! as planned; an empty output is skipped, not copied.
+//! as planned; an empty output is skipped, not copied (a chunk whose
+//! outputs are all empty has no download step, and its piece is dropped);
+//! a pinned run writes every destination to its end.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -25,7 +27,7 @@ use prism_stream::{DeviceBuffer, Element, Gpu, Lane, PinnedBuffer};
 use super::sched::{lock, Feed};
 use super::{drive, Devices, Driven};
 use crate::copy::{par_copy, CopyPool};
-use crate::dag::{GraphChain, GraphRun, StageGraph};
+use crate::dag::{filled, GraphChain, GraphRun, StageGraph};
 use crate::dag_stream::{accept, fill, TaggedSink, TaggedSource};
 use crate::error::{Error, Result};
 use crate::gpu::{GlobalIndex, StagingCache};
@@ -76,7 +78,9 @@ pub(crate) struct GraphPiece {
 /// Streams a pinned input through a stage graph into pinned outputs, cut
 /// as `plan` says, over `devices` (one GPU or several): `graphs[i]`
 /// and `runs[i]` (what `begin_graph` planned) are device `i`'s. Returns
-/// each device's counts.
+/// each device's counts. After the run every destination must have been
+/// written to its end (`dag::filled`: a node whose `output_len` answered
+/// differently during the run than before leaves a gap).
 pub(crate) fn run_graph_pinned<T: Element>(
     devices: Devices<'_, T>,
     graphs: &mut [StageGraph<T>],
@@ -106,10 +110,11 @@ pub(crate) fn run_graph_pinned<T: Element>(
         pieces.push(GraphPiece { at, len, outs });
         at += len;
     }
+    let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
     let feed = Feed::new(pieces.into_iter());
     let outputs = Mutex::new(outputs);
     let graphs: Vec<Mutex<&mut StageGraph<T>>> = graphs.iter_mut().map(Mutex::new).collect();
-    drive(devices, &|| feed.stop(), &|i, d, global| {
+    let done = drive(devices, &|| feed.stop(), &|i, d, global| {
         let mut graph = lock(&graphs[i]);
         let run = &runs[i];
         let (mut driver, _, _) = d.graph_parts()?;
@@ -120,14 +125,25 @@ pub(crate) fn run_graph_pinned<T: Element>(
             outputs: &outputs,
             global,
             to_download: VecDeque::new(),
+            written: vec![0; lens.len()],
         };
         let mut p = GraphChain {
             graph: &mut **graph,
             plan: &run.plan,
             capacity: run.capacity,
+            global: Some(global),
         };
-        driver.drive(&mut io, &mut p).0
-    })
+        let counts = driver.drive(&mut io, &mut p).0?;
+        Ok((counts, io.written))
+    })?;
+    let mut written = vec![0usize; lens.len()];
+    for (_, w) in &done {
+        for (t, n) in written.iter_mut().zip(w) {
+            *t += n;
+        }
+    }
+    filled(&written, &lens)?;
+    Ok(done.into_iter().map(|(c, _)| c).collect())
 }
 
 /// Chunks of a pinned graph run as one device pulls them: uploaded from
@@ -140,6 +156,8 @@ pub(crate) struct GraphPinnedIo<'a, 'o, 'p, T: Element> {
     pub(crate) outputs: &'a Mutex<&'o mut [&'p mut PinnedBuffer<T>]>,
     pub(crate) global: &'a GlobalIndex,
     pub(crate) to_download: VecDeque<GraphPiece>,
+    /// Elements this device downloaded into each output.
+    pub(crate) written: Vec<usize>,
 }
 
 impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, '_, T> {
@@ -187,6 +205,15 @@ impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, '_, T> {
         _slot: &mut (),
         outs: &[(&DeviceBuffer<T>, usize)],
     ) -> Result<Recorded> {
+        // A chunk whose outputs are all empty has no download step (the
+        // engine skips it): its piece is dropped here.
+        while self
+            .to_download
+            .front()
+            .is_some_and(|p| p.outs.iter().all(|&(_, l)| l == 0))
+        {
+            self.to_download.pop_front();
+        }
         let p = self
             .to_download
             .pop_front()
@@ -201,7 +228,11 @@ impl<T: Element> ChunkIo<T> for GraphPinnedIo<'_, '_, '_, T> {
             .iter_mut()
             .map(|b| &mut **b)
             .zip(p.outs.iter().map(|&(at, _)| at));
-        download_into(lane, timed, outs, targets)
+        let rec = download_into(lane, timed, outs, targets)?;
+        for (w, &(_, len)) in self.written.iter_mut().zip(outs) {
+            *w += len;
+        }
+        Ok(rec)
     }
 
     fn retire(&mut self, _slot: &mut (), chunk: ChunkId, _len: usize) -> Result<()> {

@@ -60,9 +60,10 @@
 //!   pageable items, many per chunk, each scattered back into its own
 //!   output; an item is never split over two chunks.
 //! - `pinned_items.rs` ([`PinnedItemsIo`](pinned_items::PinnedItemsIo)):
-//!   the caller's pinned items, gathered and scattered by zero-copy
-//!   kernels on the copy lanes; a chunk's outputs wait in order until its
-//!   scatter was queued.
+//!   the caller's pinned items, moved by one batched DMA copy per chunk and
+//!   direction where the driver has them, else gathered and scattered by
+//!   zero-copy kernels, on the copy lanes (`PinnedItemsCopy` picks, hidden);
+//!   a chunk's outputs wait in order until its download was queued.
 //! - `stream.rs` ([`StreamIo`](stream::StreamIo), fed): a `Source` fills
 //!   the slot's staging in place, under the feed's lock so it is called in
 //!   order; the `Sink` receives every chunk in input order.
@@ -101,6 +102,8 @@ pub(crate) use iter::{IterData, IterIo, IterSlot};
 pub(crate) use pageable::run_slices;
 pub(crate) use pinned::run_pinned;
 pub(crate) use pinned_items::PinnedItemsIo;
+// Hidden knobs of `run_items_pinned`, re-exported by the crate root.
+pub use pinned_items::{PinnedItemsCopy, PinnedItemsPaths};
 pub(crate) use stream::StreamRun;
 
 /// A slot's pinned staging: input (the host writes it, the GPU reads it)

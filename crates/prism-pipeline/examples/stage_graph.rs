@@ -245,8 +245,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
             })
             .collect();
-        let counts = m.run_graph_stream(&mut g, feed, &mut sinks)?;
+        let counts = m.run_graph_stream(&mut g, feed, &mut sinks);
+        // Close the output rings whatever happened, so the readers end.
         drop(std::mem::take(&mut sinks));
+        let counts = counts?;
         println!(
             "\nring → graph → 3 real-time rings: {} chunks in, {} elements out",
             counts.chunks, counts.elements_out

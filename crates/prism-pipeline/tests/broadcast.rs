@@ -250,11 +250,11 @@ fn ring_graph_ring(m: &mut PipelineStageManager<f32>, chunk: usize) {
                 }));
             }
         }
-        let counts = m
-            .run_graph_stream(&mut g, from_broadcast(feed), &mut sinks)
-            .unwrap();
-        assert_eq!(counts.chunks, 2 * per_obs);
-        drop(std::mem::take(&mut sinks)); // close the output rings
+        let counts = m.run_graph_stream(&mut g, from_broadcast(feed), &mut sinks);
+        // Close the output rings first, whatever happened: the readers'
+        // threads end, so a failure is reported instead of a hang.
+        drop(std::mem::take(&mut sinks));
+        assert_eq!(counts.unwrap().chunks, 2 * per_obs);
         for c in checkers {
             let (k, kind, st) = c.join().unwrap();
             let ring = outs[k].stats();

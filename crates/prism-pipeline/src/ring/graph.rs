@@ -52,15 +52,22 @@ pub(crate) fn download_into<'d, T: Element + 'd>(
         if len == 0 {
             continue;
         }
-        let (start, e) = lane.copy_dtoh_timed(dev, 0, dst, at, len, timed && end.is_none())?;
+        // With timing every copy is timed: the span runs from the first
+        // copy's start to the last one's end, both timing events (an
+        // untimed end cannot be measured against a timed start).
+        let (start, e) = lane.copy_dtoh_timed(dev, 0, dst, at, len, timed)?;
         if end.is_none() {
             first = start;
         }
         end = Some(e);
     }
-    let end = match end {
-        Some(e) => e,
-        None => lane.fence()?,
+    let end = match (end, timed) {
+        (Some(e), _) => e,
+        (None, false) => lane.fence()?,
+        (None, true) => {
+            first = Some(lane.timed_fence()?);
+            lane.timed_fence()?
+        }
     };
     Ok(Recorded { start: first, end })
 }

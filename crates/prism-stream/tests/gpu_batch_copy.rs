@@ -4,7 +4,7 @@
 //! refused with typed errors before anything is queued. GPU-gated: without
 //! a GPU each prints `SKIPPED`.
 
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
+use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{
     batch_copies_supported, BatchItem, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane,
     PinnedBuffer, Probe,
@@ -182,11 +182,14 @@ fn gpu_batch_copy_orders_later_uses_of_its_buffers() {
         &mut dev,
     )
     .unwrap();
-    // The host may not write a source while the batch reads it.
-    assert!(matches!(
-        src0.as_mut_slice(),
-        Err(Error::BufferInFlight { .. })
-    ));
+    // The host may not write a source while the batch reads it (behind
+    // the spin; a sanitizer serialises the GPU, so the spin may be over).
+    if !under_sanitizer() {
+        assert!(matches!(
+            src0.as_mut_slice(),
+            Err(Error::BufferInFlight { .. })
+        ));
+    }
     // Another lane overwrites src0 at once: it must wait for the batch's read.
     other.copy_dtoh(&dev_c, 0, &mut src0, 0, n).unwrap();
     // The batch's destinations go back by batch, behind the same spin.
@@ -198,7 +201,9 @@ fn gpu_batch_copy_orders_later_uses_of_its_buffers() {
         ],
     )
     .unwrap();
-    assert!(matches!(out1.as_slice(), Err(Error::BufferInFlight { .. })));
+    if !under_sanitizer() {
+        assert!(matches!(out1.as_slice(), Err(Error::BufferInFlight { .. })));
+    }
     // Another lane reads out1 at once: it must wait for the batch's write.
     other.copy_htod(&out1, 0, &mut dev2, 0, n).unwrap();
     // And another lane writes the device buffer the batch reads: after it.

@@ -937,40 +937,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
         n: usize,
         out_lens: &[usize],
     ) -> Result<GraphRun> {
-        self.effective = None;
-        self.close_idle_session()?;
-        let _ = self.copy_pool.take_ms();
-        let gpu = self.backend == crate::BackendKind::Gpu;
-        let plan = graph.plan(gpu)?;
-        if out_lens.len() != graph.output_count() {
-            return Err(Error::OutputCount {
-                expected: graph.output_count(),
-                actual: out_lens.len(),
-            });
-        }
-        let expected = self.graph_output_lens(graph, n)?;
-        for (output, (&e, &a)) in expected.iter().zip(out_lens).enumerate() {
-            if e != a {
-                return Err(Error::GraphOutputLength {
-                    output,
-                    expected: e,
-                    actual: a,
-                });
-            }
-        }
-        let chunk = self.graph_chunk_elems();
-        let full = graph.lengths(&plan, chunk, 0)?;
-        let capacity = full.iter().copied().max().unwrap_or(chunk).max(chunk);
-        if gpu {
-            self.ensure_engine(capacity, plan.buffers)?;
-        }
-        let chunks = self.graph_chunks(graph, &plan, n);
-        Ok(GraphRun {
-            plan,
-            chunks,
-            chunk,
-            capacity,
-        })
+        self.begin_graph_with(graph, out_lens.len(), Some((n, out_lens)))
     }
 
     /// The checks of a stream graph run (no lengths are known ahead): the
@@ -980,16 +947,37 @@ impl<T: Element> crate::PipelineStageManager<T> {
         graph: &StageGraph<T>,
         sinks: usize,
     ) -> Result<GraphRun> {
+        self.begin_graph_with(graph, sinks, None)
+    }
+
+    /// Both: `whole` is a whole run's input length and its destinations'
+    /// lengths (a stream has none).
+    fn begin_graph_with(
+        &mut self,
+        graph: &StageGraph<T>,
+        outputs: usize,
+        whole: Option<(usize, &[usize])>,
+    ) -> Result<GraphRun> {
         self.effective = None;
         self.close_idle_session()?;
         let _ = self.copy_pool.take_ms();
         let gpu = self.backend == crate::BackendKind::Gpu;
         let plan = graph.plan(gpu)?;
-        if sinks != graph.output_count() {
+        if outputs != graph.output_count() {
             return Err(Error::OutputCount {
                 expected: graph.output_count(),
-                actual: sinks,
+                actual: outputs,
             });
+        }
+        if let Some((n, out_lens)) = whole {
+            let expected = self.graph_output_lens(graph, n)?;
+            if let Some(output) = expected.iter().zip(out_lens).position(|(e, a)| e != a) {
+                return Err(Error::GraphOutputLength {
+                    output,
+                    expected: expected[output],
+                    actual: out_lens[output],
+                });
+            }
         }
         let chunk = self.graph_chunk_elems();
         let full = graph.lengths(&plan, chunk, 0)?;
@@ -997,9 +985,13 @@ impl<T: Element> crate::PipelineStageManager<T> {
         if gpu {
             self.ensure_engine(capacity, plan.buffers)?;
         }
+        let chunks = match whole {
+            Some((n, _)) => self.graph_chunks(graph, &plan, n),
+            None => ChunkPlan::new(0, chunk, false),
+        };
         Ok(GraphRun {
             plan,
-            chunks: ChunkPlan::new(0, chunk, false),
+            chunks,
             chunk,
             capacity,
         })

@@ -6,14 +6,12 @@
 //! with the same metadata, in input order. Host memory stays bounded by
 //! the ring, whatever the stream's length.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
 use prism_stream::nvtx::Range;
 use prism_stream::Element;
 
 use crate::dag::StageGraph;
 use crate::error::{Error, Result};
-use crate::guard::panic_message;
+use crate::guard;
 use crate::ring::TaggedIo;
 use crate::runs::StreamCounts;
 use crate::source::BoxError;
@@ -99,36 +97,24 @@ pub(crate) fn fill<T, M, S: TaggedSource<T, M>>(
     chunk: u64,
 ) -> Result<Option<(usize, M)>> {
     let room = dst.len();
-    match catch_unwind(AssertUnwindSafe(|| source.fill(dst))) {
-        Ok(Ok(Some((0, _)))) | Ok(Ok(None)) => Ok(None),
-        Ok(Ok(Some((n, m)))) if n <= room => Ok(Some((n, m))),
-        Ok(Ok(Some((n, _)))) => Err(Error::Source {
-            chunk,
-            source: format!("fill reported {n} elements written into a chunk of {room}").into(),
-        }),
-        Ok(Err(source)) => Err(Error::Source { chunk, source }),
-        Err(payload) => Err(Error::SourcePanicked {
-            chunk,
-            message: panic_message(&*payload),
-        }),
+    match guard::catch_source(chunk, || source.fill(dst))? {
+        Some((0, _)) | None => Ok(None),
+        Some((n, m)) => Ok(Some((guard::check_filled(chunk, n, room)?, m))),
     }
 }
 
-/// Hands output `k`'s part of chunk `chunk` to its sink, caught.
+/// Hands output `k`'s part of chunk `chunk` to its sink, caught: an error
+/// is `Error::Sink`, a panic `SinkPanicked`.
 pub(crate) fn accept<T, M, K: TaggedSink<T, M>>(
     sink: &mut K,
     chunk: u64,
     meta: &M,
     data: &[T],
 ) -> Result<()> {
-    match catch_unwind(AssertUnwindSafe(|| sink.accept(meta, data))) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(source)) => Err(Error::Sink { chunk, source }),
-        Err(payload) => Err(Error::SinkPanicked {
-            chunk,
-            message: panic_message(&*payload),
-        }),
-    }
+    guard::catch_sink(chunk, || {
+        sink.accept(meta, data)
+            .map_err(|source| Error::Sink { chunk, source })
+    })
 }
 
 impl<T: Element> crate::PipelineStageManager<T> {

@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use prism_stream::Element;
 
 use crate::error::{Error, Result, StageError};
-use crate::source::{Sink, Source};
+use crate::source::{BoxError, Sink, Source};
 use crate::stage::Stage;
 
 /// The message of a caught panic.
@@ -89,22 +89,40 @@ fn stage_outcome(
     }
 }
 
-/// `source.fill(dst)` for chunk `chunk`: a failure is `Error::Source`, a
-/// panic `SourcePanicked`, and a count past `dst` a source error too.
-pub(crate) fn fill<T, S: Source<T>>(source: &mut S, dst: &mut [T], chunk: u64) -> Result<usize> {
-    let room = dst.len();
-    match catch_unwind(AssertUnwindSafe(|| source.fill(dst))) {
-        Ok(Ok(n)) if n <= room => Ok(n),
-        Ok(Ok(n)) => Err(Error::Source {
-            chunk,
-            source: format!("fill reported {n} elements written into a chunk of {room}").into(),
-        }),
+/// A source's code for chunk `chunk`, caught: an error is `Error::Source`,
+/// a panic `SourcePanicked`.
+pub(crate) fn catch_source<R>(
+    chunk: u64,
+    call: impl FnOnce() -> std::result::Result<R, BoxError>,
+) -> Result<R> {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(Ok(r)) => Ok(r),
         Ok(Err(source)) => Err(Error::Source { chunk, source }),
         Err(payload) => Err(Error::SourcePanicked {
             chunk,
             message: panic_message(&*payload),
         }),
     }
+}
+
+/// A source that reported `n` elements written into `room`: past it is a
+/// source error.
+pub(crate) fn check_filled(chunk: u64, n: usize, room: usize) -> Result<usize> {
+    if n <= room {
+        return Ok(n);
+    }
+    Err(Error::Source {
+        chunk,
+        source: format!("fill reported {n} elements written into a chunk of {room}").into(),
+    })
+}
+
+/// `source.fill(dst)` for chunk `chunk`: a failure is `Error::Source`, a
+/// panic `SourcePanicked`, and a count past `dst` a source error too.
+pub(crate) fn fill<T, S: Source<T>>(source: &mut S, dst: &mut [T], chunk: u64) -> Result<usize> {
+    let room = dst.len();
+    let n = catch_source(chunk, || source.fill(dst))?;
+    check_filled(chunk, n, room)
 }
 
 /// Calls a sink for `chunk`; a panic is `SinkPanicked`.

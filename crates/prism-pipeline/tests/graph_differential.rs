@@ -41,7 +41,8 @@
 
 use std::collections::BTreeMap;
 
-use draws::Draw;
+mod common;
+use common::draws::{log_size, rng, Draw};
 use prism_pipeline::{
     Backend, ChunkPlan, Clamp, Error, Fma, GpuFn, GpuJoinFn, GroupSum, HostFn, HostJoinFn, Join,
     NodeId, PipelineConfig, PipelineStageManager, StageError, StageGraph,
@@ -52,56 +53,11 @@ use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
 use prism_stream::{
     fma_chain_cpu, DeviceBuffer, Gpu, HostAllocFlags, Kernel, Lane, Launch, PinnedBuffer,
 };
-use proptest::test_runner::{RngAlgorithm, TestRng};
+use proptest::test_runner::TestRng;
 
 /// The most device buffers a ring slot holds (prism-buffer's
 /// `MAX_BUFFERS_PER_SLOT`, as `GraphTooWide` reports it).
 const MAX_BUFFERS: usize = 16;
-
-/// proptest's seedable generator (ChaCha), with the few draws used here
-/// (as in differential.rs).
-mod draws {
-    use proptest::prelude::Rng;
-    use proptest::test_runner::TestRng;
-
-    pub trait Draw {
-        fn below(&mut self, n: u64) -> u64;
-        fn chance(&mut self, p: f64) -> bool;
-        fn float(&mut self, lo: f32, hi: f32) -> f32;
-    }
-
-    impl Draw for TestRng {
-        fn below(&mut self, n: u64) -> u64 {
-            if n == 0 {
-                0
-            } else {
-                self.next_u64() % n
-            }
-        }
-        fn chance(&mut self, p: f64) -> bool {
-            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
-        }
-        fn float(&mut self, lo: f32, hi: f32) -> f32 {
-            lo + (hi - lo) * ((self.next_u32() >> 8) as f32 / (1u32 << 24) as f32)
-        }
-    }
-}
-
-fn rng(seed: u64) -> TestRng {
-    let mut bytes = [0u8; 32];
-    for (i, b) in seed.to_le_bytes().iter().enumerate() {
-        bytes[i] = *b;
-        bytes[31 - i] = b.wrapping_mul(0x6B);
-    }
-    TestRng::from_seed(RngAlgorithm::ChaCha, &bytes)
-}
-
-/// A random size in `lo..=hi`, spread evenly over the orders of magnitude.
-fn log_size(r: &mut TestRng, lo: usize, hi: usize) -> usize {
-    let (l, h) = ((lo.max(1) as f64).ln(), (hi.max(1) as f64).ln());
-    let v = (l + (h - l) * r.float(0.0, 1.0) as f64).exp() as usize;
-    v.clamp(lo, hi)
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum StageSpec {
@@ -267,7 +223,7 @@ struct Config {
 
 impl Config {
     fn random(seed: u64, gpu: bool, small: bool) -> Config {
-        let r = &mut rng(seed);
+        let r = &mut rng(seed, 0x6B);
         // Rarely, a wide graph: many nodes, many outputs (GraphTooWide).
         let wide = r.chance(0.08);
         // Sometimes only nodes that cannot see chunk boundaries (ramps).

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod draws;
+
 use prism_pipeline::{
     Backend, Clamp, Fma, GroupSum, PipelineConfig, PipelineStageManager, Stage, StageError,
 };

@@ -33,7 +33,6 @@ use prism_stream::{DeviceBuffer, Element, Launch, PinnedBuffer};
 use crate::error::{Error, Result, StageError};
 use crate::guard;
 use crate::plan::ChunkPlan;
-use crate::ring::GraphSliceIo;
 use crate::stage::{AnyStage, Stage};
 
 /// A node of a [`StageGraph`]: the graph's input, a stage or a join. Valid
@@ -1020,38 +1019,17 @@ impl<T: Element> crate::PipelineStageManager<T> {
         }
         match self.backend {
             crate::BackendKind::Gpu => {
-                let counts = {
-                    let (driver, cache, pool) = self.graph_parts()?;
-                    let mut io = GraphSliceIo {
-                        input,
-                        outputs,
-                        chunk: run.chunk,
-                        capacity: run.capacity,
-                        plan: run.chunks,
-                        pool,
-                        next_in: 0,
-                        next_out: vec![0; lens.len()],
-                        cache,
-                    };
-                    let mut p = GraphChain {
-                        graph,
-                        plan: &run.plan,
-                        capacity: run.capacity,
-                        global: None,
-                    };
-                    let mut driver = driver;
-                    let (r, slots) = driver.drive(&mut io, &mut p);
-                    for s in slots.into_made() {
-                        io.cache.give_input(s.input);
-                        for o in s.outputs {
-                            io.cache.give_output(o);
-                        }
-                    }
-                    let counts = r?;
-                    filled(&io.next_out, &lens)?;
-                    counts
-                };
-                self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
+                let plan = run.chunks.clone();
+                let counts = crate::ring::run_graph_slices(
+                    crate::ring::Devices::one(self),
+                    std::slice::from_mut(graph),
+                    std::slice::from_ref(&run),
+                    plan,
+                    input,
+                    outputs,
+                );
+                let c = counts.map_err(crate::ring::Failure::into_error)?[0];
+                self.finish_run(started, c.chunks, 0, c.elems_in, c.elems_out);
             }
             crate::BackendKind::Host => {
                 let chunks = self.run_graph_host(graph, &run, input, outputs)?;

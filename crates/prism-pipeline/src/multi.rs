@@ -531,17 +531,7 @@ impl<T: Element> MultiGpuPipeline<T> {
     ) -> Result<()> {
         let _span = tracing::debug_span!("prism.multi.run_graph_pinned", n = input.len()).entered();
         let _nvtx = Range::new("multi.run_graph_pinned");
-        if graphs.len() != self.devices.len() {
-            return Err(Error::GraphsPerGpu {
-                expected: self.devices.len(),
-                actual: graphs.len(),
-            });
-        }
-        if graphs.iter().any(|g| !g.same_shape(&graphs[0])) {
-            return Err(Error::Config(
-                "the GPUs' graphs differ in shape (nodes, their names and inputs, or outputs)",
-            ));
-        }
+        self.check_graphs(graphs)?;
         let mut bufs = vec![("input", input)];
         bufs.extend(outputs.iter().map(|o| ("output", &**o)));
         self.check_portable(&bufs)?;
@@ -557,5 +547,48 @@ impl<T: Element> MultiGpuPipeline<T> {
         self.spread(started, input.len(), chunk, |devices, plan| {
             ring::run_graph_pinned(devices, graphs, &runs, plan, input, outputs)
         })
+    }
+
+    /// Streams pageable `input` through a stage graph into pageable
+    /// outputs (one per graph output, each as long as
+    /// [`PipelineStageManager::graph_output_lens`] says), chunks spread
+    /// over the GPUs; each GPU stages its chunks through its own pinned
+    /// memory with its share of the host threads. `graphs` as for
+    /// [`run_graph_pinned`](Self::run_graph_pinned).
+    pub fn run_graph(
+        &mut self,
+        graphs: &mut [crate::StageGraph<T>],
+        input: &[T],
+        outputs: &mut [&mut [T]],
+    ) -> Result<()> {
+        let _span = tracing::debug_span!("prism.multi.run_graph", n = input.len()).entered();
+        let _nvtx = Range::new("multi.run_graph");
+        self.check_graphs(graphs)?;
+        let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
+        let mut runs = Vec::with_capacity(self.devices.len());
+        for (d, g) in self.devices.iter_mut().zip(graphs.iter()) {
+            runs.push(d.begin_graph(g, input.len(), &lens)?);
+        }
+        let started = Instant::now();
+        let chunk = runs[0].chunk;
+        self.spread(started, input.len(), chunk, |devices, plan| {
+            ring::run_graph_slices(devices, graphs, &runs, plan, input, outputs)
+        })
+    }
+
+    /// One graph per GPU, all of one shape.
+    fn check_graphs(&self, graphs: &[crate::StageGraph<T>]) -> Result<()> {
+        if graphs.len() != self.devices.len() {
+            return Err(Error::GraphsPerGpu {
+                expected: self.devices.len(),
+                actual: graphs.len(),
+            });
+        }
+        if graphs.iter().any(|g| !g.same_shape(&graphs[0])) {
+            return Err(Error::Config(
+                "the GPUs' graphs differ in shape (nodes, their names and inputs, or outputs)",
+            ));
+        }
+        Ok(())
     }
 }

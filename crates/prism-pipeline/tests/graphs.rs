@@ -518,4 +518,15 @@ fn gpu_graph_over_every_gpu_matches_cpu() {
         );
     }
     assert_eq!(p.get_stats().chunks, 10);
+
+    // Pageable, over every GPU: the same bits.
+    let mut graphs: Vec<StageGraph<f32>> = gpus.iter().map(|g| graph(gpu_join(g)).0).collect();
+    let mut pageable: Vec<Vec<f32>> = want.iter().map(|w| vec![f32::NAN; w.len()]).collect();
+    {
+        let mut dsts: Vec<&mut [f32]> = pageable.iter_mut().map(|o| &mut o[..]).collect();
+        p.run_graph(&mut graphs, &input, &mut dsts).unwrap();
+    }
+    for (k, (got, want)) in pageable.iter().zip(&want).enumerate() {
+        assert_bits(&format!("output {k} (pageable, every GPU)"), got, want);
+    }
 }

@@ -6,7 +6,9 @@
 //!   each device pulls a chunk's place from the run's feed
 //!   ([`run_graph_pinned`], one GPU or several).
 //! - [`GraphSliceIo`]: pageable input and outputs staged through the slot's
-//!   pinned memory by the host threads (one GPU).
+//!   pinned memory by the host threads; each device pulls a chunk and its
+//!   output parts from the run's feed ([`run_graph_slices`], one GPU or
+//!   several).
 //! - [`TaggedIo`]: a tagged stream, its metadata waiting in the slot until
 //!   the chunk's outputs reach their sinks (one GPU).
 //!
@@ -259,28 +261,108 @@ pub(crate) struct GraphStaged<T: Element> {
     pub(crate) outputs: Vec<PinnedBuffer<T>>,
 }
 
-/// Pageable input and outputs, staged through pinned memory by the host
-/// threads.
-pub(crate) struct GraphSliceIo<'a, 'o, T: Element> {
-    pub(crate) input: &'a [T],
-    pub(crate) outputs: &'a mut [&'o mut [T]],
-    pub(crate) chunk: usize,
-    pub(crate) capacity: usize,
-    pub(crate) plan: ChunkPlan,
-    pub(crate) pool: &'a CopyPool,
-    pub(crate) next_in: usize,
-    pub(crate) next_out: Vec<usize>,
-    pub(crate) cache: &'a mut StagingCache<T>,
+/// One chunk of a pageable graph run: its input and its part of each
+/// output.
+type SlicePiece<'a, T> = (&'a [T], Vec<&'a mut [T]>);
+
+/// Streams pageable `input` through a stage graph into pageable `outputs`
+/// (one per graph output), cut as `plan` says, over `devices` (one GPU or
+/// several; `graphs[i]` and `runs[i]` are device `i`'s): each device
+/// pulls a chunk and the parts of the outputs cut for it, stages it
+/// through its own pinned memory with its own host threads, and copies
+/// each output part back when the chunk retires. Returns each device's
+/// counts.
+pub(crate) fn run_graph_slices<T: Element>(
+    devices: Devices<'_, T>,
+    graphs: &mut [StageGraph<T>],
+    runs: &[GraphRun],
+    plan: ChunkPlan,
+    input: &[T],
+    outputs: &mut [&mut [T]],
+) -> Driven<Vec<RunCounts>> {
+    let (Some(graph), Some(run)) = (graphs.first(), runs.first()) else {
+        return Err(Error::Config("a graph run needs a graph per GPU").into());
+    };
+    let mut pieces: Vec<SlicePiece<'_, T>> = Vec::new();
+    let mut rests: Vec<&mut [T]> = outputs.iter_mut().map(|o| &mut **o).collect();
+    let mut at = 0usize;
+    for len in plan {
+        let node_lens = graph.lengths(&run.plan, len, pieces.len() as u64)?;
+        let mut parts = Vec::with_capacity(rests.len());
+        for (rest, l) in rests.iter_mut().zip(graph.output_lens(&node_lens)) {
+            let (head, tail) =
+                std::mem::take(rest)
+                    .split_at_mut_checked(l)
+                    .ok_or(Error::Config(
+                        "an output is shorter than the graph produces",
+                    ))?;
+            *rest = tail;
+            parts.push(head);
+        }
+        pieces.push((&input[at..at + len], parts));
+        at += len;
+    }
+    let feed = Feed::new(pieces.into_iter());
+    let graphs: Vec<Mutex<&mut StageGraph<T>>> = graphs.iter_mut().map(Mutex::new).collect();
+    drive(devices, &|| feed.stop(), &|i, d, global| {
+        let mut graph = lock(&graphs[i]);
+        let run = &runs[i];
+        let (mut driver, cache, pool) = d.graph_parts()?;
+        driver.global = Some(global);
+        let mut io = GraphSliceIo {
+            feed: &feed,
+            outputs: graph.output_count(),
+            chunk: run.chunk,
+            capacity: run.capacity,
+            pool,
+            cache,
+            global,
+            parts: VecDeque::new(),
+        };
+        let mut p = GraphChain {
+            graph: &mut **graph,
+            plan: &run.plan,
+            capacity: run.capacity,
+            global: Some(global),
+        };
+        let (r, slots) = driver.drive(&mut io, &mut p);
+        for s in slots.into_made() {
+            io.cache.give_input(s.input);
+            for o in s.outputs {
+                io.cache.give_output(o);
+            }
+        }
+        r
+    })
 }
 
-impl<T: Element> ChunkIo<T> for GraphSliceIo<'_, '_, T> {
+/// Chunks of a pageable graph run as one device pulls them, staged
+/// through its own pinned memory with its own host threads.
+pub(crate) struct GraphSliceIo<'a, 'c, T: Element, I> {
+    pub(crate) feed: &'c Feed<I>,
+    /// Outputs of the graph.
+    pub(crate) outputs: usize,
+    /// Largest chunk input, for sizing staging.
+    pub(crate) chunk: usize,
+    /// Largest node output, for sizing staging.
+    pub(crate) capacity: usize,
+    pub(crate) pool: &'c CopyPool,
+    pub(crate) cache: &'c mut StagingCache<T>,
+    pub(crate) global: &'c GlobalIndex,
+    /// The output parts of this device's chunks in flight, oldest first.
+    pub(crate) parts: VecDeque<Vec<&'a mut [T]>>,
+}
+
+impl<'a, T: Element, I: Iterator<Item = SlicePiece<'a, T>>> ChunkIo<T>
+    for GraphSliceIo<'a, '_, T, I>
+{
     type Slot = GraphStaged<T>;
     type Error = Error;
 
     fn make_slot(&mut self, gpu: &Gpu) -> Result<GraphStaged<T>> {
         let input = self.cache.input(gpu, self.chunk)?;
-        let mut outputs = Vec::with_capacity(self.outputs.len());
-        for _ in 0..self.outputs.len() {
+        let mut outputs = Vec::with_capacity(self.outputs);
+        for _ in 0..self.outputs {
             outputs.push(self.cache.output(gpu, self.capacity)?);
         }
         Ok(GraphStaged { input, outputs })
@@ -294,24 +376,23 @@ impl<T: Element> ChunkIo<T> for GraphSliceIo<'_, '_, T> {
         dev: &mut DeviceBuffer<T>,
         chunk: ChunkId,
     ) -> Result<Option<(usize, Recorded)>> {
-        let Some(len) = self.plan.next() else {
+        let Some((k, (input, parts))) = self.feed.pull(|it, _| Ok::<_, Error>(it.next()))? else {
             return Ok(None);
         };
         let _nvtx = Range::new("upload");
-        self.pool.label(chunk.0, "staging copy in");
+        self.global.set(chunk, k);
+        self.parts.push_back(parts);
+        self.pool.label(k, "staging copy in");
+        // The slot was released, so the previous upload from it completed.
         {
             let _nvtx = Range::new("staging copy in");
             par_copy(
-                vec![(
-                    &mut slot.input.as_mut_slice()?[..len],
-                    &self.input[self.next_in..self.next_in + len],
-                )],
+                vec![(&mut slot.input.as_mut_slice()?[..input.len()], input)],
                 self.pool,
             );
         }
-        self.next_in += len;
-        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
-        Ok(Some((len, rec.into())))
+        let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, input.len(), timed)?;
+        Ok(Some((input.len(), rec.into())))
     }
 
     fn download(
@@ -342,29 +423,34 @@ impl<T: Element> ChunkIo<T> for GraphSliceIo<'_, '_, T> {
         self.retire_outputs(slot, chunk, &[len])
     }
 
+    /// Every chunk retires here, one whose outputs are all empty included
+    /// (it had no download), so the parts stay in step with the chunks.
     fn retire_outputs(
         &mut self,
         slot: &mut GraphStaged<T>,
         chunk: ChunkId,
         lens: &[usize],
     ) -> Result<()> {
-        let _nvtx = Range::new("staging copy out");
-        self.pool.label(chunk.0, "staging copy out");
-        let mut pairs = Vec::with_capacity(lens.len());
-        let mut rest: &mut [&mut [T]] = self.outputs;
-        for ((k, &len), staged) in lens.iter().enumerate().zip(slot.outputs.iter()) {
-            let (dst, tail) = std::mem::take(&mut rest)
-                .split_first_mut()
-                .ok_or(Error::Config("a chunk's outputs differ from the graph's"))?;
-            rest = tail;
-            let at = self.next_out[k];
-            let dst = dst.get_mut(at..at + len).ok_or(Error::Config(
-                "an output is shorter than the graph produces",
-            ))?;
-            pairs.push((dst, &staged.as_slice()?[..len]));
-            self.next_out[k] += len;
+        let parts = self
+            .parts
+            .pop_front()
+            .ok_or(Error::Config("chunk outputs out of step"))?;
+        if parts.len() != lens.len() || parts.iter().zip(lens).any(|(p, &l)| p.len() != l) {
+            return Err(Error::Config(
+                "a graph node produced another length than output_len said",
+            ));
         }
-        par_copy(pairs, self.pool);
+        let k = GlobalIndex::or(Some(self.global), chunk, 0);
+        self.pool.label(k, "staging copy out");
+        {
+            let _nvtx = Range::new("staging copy out");
+            let mut pairs = Vec::with_capacity(lens.len());
+            for ((dst, staged), &len) in parts.into_iter().zip(&slot.outputs).zip(lens) {
+                pairs.push((dst, &staged.as_slice()?[..len]));
+            }
+            par_copy(pairs, self.pool);
+        }
+        self.global.retired(chunk);
         Ok(())
     }
 }

@@ -14,7 +14,7 @@
 //! A single GPU is the same with one device: `PipelineStageManager`'s
 //! runs pass `Devices::one(self)` to the same functions a
 //! `MultiGpuPipeline` passes its GPUs to (`run_slices`, `run_pinned`,
-//! `run_graph_pinned`, `StreamRun`), or, for a stream whose source and
+//! `run_graph_pinned`, `run_graph_slices`, `StreamRun`), or, for a stream whose source and
 //! sink need not be `Send`, run `StreamRun`'s per-device work through
 //! [`drive_one`](engine::drive_one) on the calling thread. A failure
 //! comes back as a [`Failure`](engine::Failure): a single manager returns
@@ -69,14 +69,14 @@
 //!   order; the `Sink` receives every chunk in input order.
 //! - `iter.rs` ([`IterIo`](iter::IterIo)): one `execute_iteration` step;
 //!   a pinned chunk is downloaded in the call that submits it.
-//! - `graph.rs` ([`GraphPinnedIo`](graph::GraphPinnedIo), fed;
-//!   [`GraphSliceIo`](graph::GraphSliceIo), [`TaggedIo`](graph::TaggedIo)):
+//! - `graph.rs` ([`GraphPinnedIo`](graph::GraphPinnedIo) and
+//!   [`GraphSliceIo`](graph::GraphSliceIo), fed; [`TaggedIo`](graph::TaggedIo)):
 //!   a stage graph's, one input and several outputs per chunk, each output
 //!   into its own destination, in output order.
 //!
 //! Still one GPU only: `run_items` (a bad item fails a single GPU's run at
 //! once, where several GPUs drain the items before it), and the pinned
-//! items, pageable graph, tagged stream and `execute_iteration` modes,
+//! items, tagged stream and `execute_iteration` modes,
 //! which have no multi-GPU run.
 
 mod engine;
@@ -96,7 +96,7 @@ use crate::error::Result;
 use crate::gpu::StagingCache;
 
 pub(crate) use engine::{drive, drive_one, Devices, Driven, Failure, GpuRun};
-pub(crate) use graph::{run_graph_pinned, GraphSliceIo, TaggedIo};
+pub(crate) use graph::{run_graph_pinned, run_graph_slices, TaggedIo};
 pub(crate) use items::{check_item, FedItems, ItemsIo, Numbered};
 pub(crate) use iter::{IterData, IterIo, IterSlot};
 pub(crate) use pageable::run_slices;

@@ -506,12 +506,9 @@ impl<T: Element> StageGraph<T> {
                 });
             }
         }
-        let plan = self.allocate(live)?;
-        if gpu && plan.buffers > prism_buffer::engine::MAX_BUFFERS_PER_SLOT {
-            return Err(Error::GraphTooWide {
-                buffers: plan.buffers,
-                max: prism_buffer::engine::MAX_BUFFERS_PER_SLOT,
-            });
+        let plan = self.allocate(live);
+        if gpu {
+            fits_a_slot(plan.buffers)?;
         }
         Ok(plan)
     }
@@ -527,18 +524,11 @@ impl<T: Element> StageGraph<T> {
         if self.outputs.is_empty() {
             return Err(Error::NoOutputs);
         }
-        let buffers = self.allocate(self.live())?.buffers;
-        if buffers > prism_buffer::engine::MAX_BUFFERS_PER_SLOT {
-            return Err(Error::GraphTooWide {
-                buffers,
-                max: prism_buffer::engine::MAX_BUFFERS_PER_SLOT,
-            });
-        }
-        Ok(buffers)
+        fits_a_slot(self.allocate(self.live()).buffers)
     }
 
     /// Gives every live node a slot buffer, by liveness.
-    fn allocate(&self, live: Vec<bool>) -> Result<Plan> {
+    fn allocate(&self, live: Vec<bool>) -> Plan {
         // Last reader of each node; outputs live to the end.
         let n = self.nodes.len();
         let mut last = vec![0usize; n];
@@ -579,11 +569,11 @@ impl<T: Element> StageGraph<T> {
             buf[i] = b;
             release(i, &buf, &mut free);
         }
-        Ok(Plan {
+        Plan {
             live,
             buf,
             buffers: count,
-        })
+        }
     }
 
     /// Every live node's length over a chunk of `len` input elements
@@ -637,7 +627,7 @@ impl<T: Element> StageGraph<T> {
         input: &[T],
         outs: &mut [&mut [T]],
         chunk: u64,
-        times: &[std::sync::Mutex<f64>],
+        times: &NodeTimes,
     ) -> Result<()> {
         let lens = self.lengths(plan, input.len(), chunk)?;
         if outs.len() != self.outputs.len()
@@ -688,13 +678,10 @@ impl<T: Element> StageGraph<T> {
                 }
                 Op::Join(j) => {
                     let ins: Vec<&[T]> = node.inputs.iter().map(|&p| get(p)).collect();
-                    run_join(&node.name, chunk, || j.host(&ins, out))
+                    guard::run_named(&node.name, chunk, || j.host(&ins, out))
                 }
             };
-            if let Some(m) = times.get(i) {
-                *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) +=
-                    t.elapsed().as_secs_f64() * 1e3;
-            }
+            times.add(i, t.elapsed().as_secs_f64() * 1e3);
             match own {
                 Ok(v) => vals[i] = Some(v),
                 Err(d) => {
@@ -729,10 +716,6 @@ impl<T: Element> StageGraph<T> {
         }
         Ok(())
     }
-
-    pub(crate) fn node_names(&self) -> impl Iterator<Item = &str> {
-        self.nodes.iter().map(|n| n.name.as_str())
-    }
 }
 
 /// A join's output length; its error or panic names the join and chunk.
@@ -743,31 +726,55 @@ fn join_len<T: Element>(
     chunk: u64,
 ) -> Result<usize> {
     let mut len = 0;
-    run_join(name, chunk, || {
+    guard::run_named(name, chunk, || {
         len = j.output_len(lens)?;
         Ok(())
     })?;
     Ok(len)
 }
 
-/// Runs a join's code: an error is `Error::Stage`, a panic `StagePanicked`.
-fn run_join(
-    name: &str,
-    chunk: u64,
-    work: impl FnOnce() -> std::result::Result<(), StageError>,
-) -> Result<()> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(source)) => Err(Error::Stage {
-            stage: name.to_owned(),
-            chunk,
-            source,
-        }),
-        Err(payload) => Err(Error::StagePanicked {
-            stage: name.to_owned(),
-            chunk,
-            message: guard::panic_message(&*payload),
-        }),
+/// `buffers` per ring slot fit one (at most `MAX_BUFFERS_PER_SLOT`).
+fn fits_a_slot(buffers: usize) -> Result<usize> {
+    let max = prism_buffer::engine::MAX_BUFFERS_PER_SLOT;
+    if buffers > max {
+        return Err(Error::GraphTooWide { buffers, max });
+    }
+    Ok(buffers)
+}
+
+/// Host time per node of a host-backend graph run, added up over the
+/// chunks the host threads run at once, then into the stats by node name.
+pub(crate) struct NodeTimes(Vec<std::sync::Mutex<f64>>);
+
+impl NodeTimes {
+    pub(crate) fn new<T: Element>(graph: &StageGraph<T>) -> Self {
+        Self(
+            (0..graph.node_count())
+                .map(|_| std::sync::Mutex::new(0.0))
+                .collect(),
+        )
+    }
+
+    fn add(&self, node: usize, ms: f64) {
+        if let Some(m) = self.0.get(node) {
+            *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += ms;
+        }
+    }
+
+    /// Each node that ran (the input excluded) as a stage line of `stats`.
+    pub(crate) fn into_stats<T: Element>(
+        self,
+        graph: &StageGraph<T>,
+        stats: &mut crate::stats::PipelineStats,
+    ) {
+        for (node, t) in graph.nodes.iter().zip(self.0).skip(1) {
+            let ms = t
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ms > 0.0 {
+                stats.add_stage_time(&node.name, ms);
+            }
+        }
     }
 }
 
@@ -855,7 +862,7 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
                     guard::run_stage(&mut **s, index, |s| s.gpu(launch, input, output, n))?;
                 }
                 Op::Join(j) => {
-                    run_join(&node.name, index, || {
+                    guard::run_named(&node.name, index, || {
                         j.gpu(launch, &inputs, &in_lens, output)
                     })?;
                 }
@@ -1111,9 +1118,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
             parts.push((c as u64, &input[at..at + len], outs));
             at += len;
         }
-        let times: Vec<std::sync::Mutex<f64>> = (0..graph.node_count())
-            .map(|_| std::sync::Mutex::new(0.0))
-            .collect();
+        let times = NodeTimes::new(graph);
         let plan = &run.plan;
         let work = |(c, src, mut outs): (u64, &[T], Vec<&mut [T]>)| {
             graph.run_host_chunk(plan, src, &mut outs, c, &times)
@@ -1125,14 +1130,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
         let chunks = results.len() as u64;
         // The first failure in chunk order.
         results.into_iter().collect::<Result<Vec<()>>>()?;
-        for (name, t) in graph.node_names().zip(times).skip(1) {
-            let ms = t
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if ms > 0.0 {
-                self.stats.add_stage_time(name, ms);
-            }
-        }
+        times.into_stats(graph, &mut self.stats);
         Ok(chunks)
     }
 }

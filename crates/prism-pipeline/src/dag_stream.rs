@@ -209,9 +209,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
         let batch = self.config.slots.max(1);
         let mut counts = StreamCounts::default();
         let mut failed = None;
-        let times: Vec<std::sync::Mutex<f64>> = (0..graph.node_count())
-            .map(|_| std::sync::Mutex::new(0.0))
-            .collect();
+        let times = crate::dag::NodeTimes::new(graph);
         let mut bufs: Vec<Vec<T>> = Vec::new();
         let mut next = 0u64;
         while failed.is_none() {
@@ -266,14 +264,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                 break;
             }
         }
-        for (name, t) in graph.node_names().zip(times).skip(1) {
-            let ms = t
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if ms > 0.0 {
-                self.stats.add_stage_time(name, ms);
-            }
-        }
+        times.into_stats(graph, &mut self.stats);
         Ok((counts, failed))
     }
 }

@@ -68,6 +68,17 @@ pub(crate) fn run_host_stage<T: Element>(
     stage_outcome(stage.name(), chunk, outcome)
 }
 
+/// Runs user code of the node or stage named `name` (a join's, say): an
+/// error is `Error::Stage`, a panic `StagePanicked`, both naming it and
+/// the chunk.
+pub(crate) fn run_named(
+    name: &str,
+    chunk: u64,
+    work: impl FnOnce() -> std::result::Result<(), StageError>,
+) -> Result<()> {
+    stage_outcome(name, chunk, catch_unwind(AssertUnwindSafe(work)))
+}
+
 /// A stage call's outcome as the pipeline reports it.
 fn stage_outcome(
     stage: &str,

@@ -614,6 +614,40 @@ impl<T: Element> StageGraph<T> {
         })
     }
 
+    /// Cuts `input` into `chunks` and every output into the parts each
+    /// chunk makes (by the nodes' lengths), in chunk order.
+    pub(crate) fn cut<'a>(
+        &self,
+        plan: &Plan,
+        chunks: ChunkPlan,
+        input: &'a [T],
+        outputs: &'a mut [&mut [T]],
+    ) -> Result<Vec<ChunkParts<'a, T>>> {
+        let mut parts: Vec<ChunkParts<'a, T>> = Vec::new();
+        let mut rests: Vec<&'a mut [T]> = outputs.iter_mut().map(|o| &mut **o).collect();
+        let mut at = 0usize;
+        for len in chunks {
+            let lens = self.output_lens(&self.lengths(plan, len, parts.len() as u64)?);
+            let mut outs = Vec::with_capacity(lens.len());
+            for (rest, l) in rests.iter_mut().zip(lens) {
+                let (head, tail) =
+                    std::mem::take(rest)
+                        .split_at_mut_checked(l)
+                        .ok_or(Error::Config(
+                            "an output is shorter than the graph produces",
+                        ))?;
+                *rest = tail;
+                outs.push(head);
+            }
+            let src = input
+                .get(at..at + len)
+                .ok_or(Error::Config("the input is shorter than its chunks"))?;
+            parts.push((src, outs));
+            at += len;
+        }
+        Ok(parts)
+    }
+
     /// The outputs' lengths over a chunk.
     pub(crate) fn output_lens(&self, lens: &[usize]) -> Vec<usize> {
         self.outputs.iter().map(|&o| lens[o]).collect()
@@ -893,8 +927,8 @@ pub(crate) fn filled(written: &[usize], lens: &[usize]) -> Result<()> {
     }
 }
 
-/// A chunk of a host graph run: its number, its input, its outputs' parts.
-type HostChunk<'a, T> = (u64, &'a [T], Vec<&'a mut [T]>);
+/// One chunk of a whole graph run: its input and its part of each output.
+pub(crate) type ChunkParts<'a, T> = (&'a [T], Vec<&'a mut [T]>);
 
 /// What a graph run checked and planned before its clock starts.
 pub(crate) struct GraphRun {
@@ -1098,34 +1132,15 @@ impl<T: Element> crate::PipelineStageManager<T> {
         outputs: &mut [&mut [T]],
     ) -> Result<u64> {
         use rayon::prelude::*;
-        // Cut input and every output into the chunks' parts.
-        let mut parts: Vec<HostChunk<'_, T>> = Vec::new();
-        let mut rests: Vec<&mut [T]> = outputs.iter_mut().map(|o| &mut **o).collect();
-        let mut at = 0usize;
-        for (c, len) in run.chunks.clone().enumerate() {
-            let lens = graph.output_lens(&graph.lengths(&run.plan, len, c as u64)?);
-            let mut outs = Vec::with_capacity(lens.len());
-            for (rest, l) in rests.iter_mut().zip(lens) {
-                let (head, tail) =
-                    std::mem::take(rest)
-                        .split_at_mut_checked(l)
-                        .ok_or(Error::Config(
-                            "an output is shorter than the graph produces",
-                        ))?;
-                *rest = tail;
-                outs.push(head);
-            }
-            parts.push((c as u64, &input[at..at + len], outs));
-            at += len;
-        }
+        let parts = graph.cut(&run.plan, run.chunks.clone(), input, outputs)?;
         let times = NodeTimes::new(graph);
         let plan = &run.plan;
-        let work = |(c, src, mut outs): (u64, &[T], Vec<&mut [T]>)| {
-            graph.run_host_chunk(plan, src, &mut outs, c, &times)
+        let work = |(c, (src, mut outs)): (usize, ChunkParts<'_, T>)| {
+            graph.run_host_chunk(plan, src, &mut outs, c as u64, &times)
         };
         let results: Vec<Result<()>> = match self.copy_pool.pool() {
-            Some(pool) => pool.install(|| parts.into_par_iter().map(work).collect()),
-            None => parts.into_iter().map(work).collect(),
+            Some(pool) => pool.install(|| parts.into_par_iter().enumerate().map(work).collect()),
+            None => parts.into_iter().enumerate().map(work).collect(),
         };
         let chunks = results.len() as u64;
         // The first failure in chunk order.

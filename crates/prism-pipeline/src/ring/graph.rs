@@ -29,7 +29,7 @@ use prism_stream::{DeviceBuffer, Element, Gpu, Lane, PinnedBuffer};
 use super::sched::{lock, Feed};
 use super::{drive, Devices, Driven};
 use crate::copy::{par_copy, CopyPool};
-use crate::dag::{filled, GraphChain, GraphRun, StageGraph};
+use crate::dag::{filled, ChunkParts, GraphChain, GraphRun, StageGraph};
 use crate::dag_stream::{accept, fill, TaggedSink, TaggedSource};
 use crate::error::{Error, Result};
 use crate::gpu::{GlobalIndex, StagingCache};
@@ -261,10 +261,6 @@ pub(crate) struct GraphStaged<T: Element> {
     pub(crate) outputs: Vec<PinnedBuffer<T>>,
 }
 
-/// One chunk of a pageable graph run: its input and its part of each
-/// output.
-type SlicePiece<'a, T> = (&'a [T], Vec<&'a mut [T]>);
-
 /// Streams pageable `input` through a stage graph into pageable `outputs`
 /// (one per graph output), cut as `plan` says, over `devices` (one GPU or
 /// several; `graphs[i]` and `runs[i]` are device `i`'s): each device
@@ -283,25 +279,7 @@ pub(crate) fn run_graph_slices<T: Element>(
     let (Some(graph), Some(run)) = (graphs.first(), runs.first()) else {
         return Err(Error::Config("a graph run needs a graph per GPU").into());
     };
-    let mut pieces: Vec<SlicePiece<'_, T>> = Vec::new();
-    let mut rests: Vec<&mut [T]> = outputs.iter_mut().map(|o| &mut **o).collect();
-    let mut at = 0usize;
-    for len in plan {
-        let node_lens = graph.lengths(&run.plan, len, pieces.len() as u64)?;
-        let mut parts = Vec::with_capacity(rests.len());
-        for (rest, l) in rests.iter_mut().zip(graph.output_lens(&node_lens)) {
-            let (head, tail) =
-                std::mem::take(rest)
-                    .split_at_mut_checked(l)
-                    .ok_or(Error::Config(
-                        "an output is shorter than the graph produces",
-                    ))?;
-            *rest = tail;
-            parts.push(head);
-        }
-        pieces.push((&input[at..at + len], parts));
-        at += len;
-    }
+    let pieces = graph.cut(&run.plan, plan, input, outputs)?;
     let feed = Feed::new(pieces.into_iter());
     let graphs: Vec<Mutex<&mut StageGraph<T>>> = graphs.iter_mut().map(Mutex::new).collect();
     drive(devices, &|| feed.stop(), &|i, d, global| {
@@ -353,7 +331,7 @@ pub(crate) struct GraphSliceIo<'a, 'c, T: Element, I> {
     pub(crate) parts: VecDeque<Vec<&'a mut [T]>>,
 }
 
-impl<'a, T: Element, I: Iterator<Item = SlicePiece<'a, T>>> ChunkIo<T>
+impl<'a, T: Element, I: Iterator<Item = ChunkParts<'a, T>>> ChunkIo<T>
     for GraphSliceIo<'a, '_, T, I>
 {
     type Slot = GraphStaged<T>;

@@ -536,10 +536,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         bufs.extend(outputs.iter().map(|o| ("output", &**o)));
         self.check_portable(&bufs)?;
         let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
-        let mut runs = Vec::with_capacity(self.devices.len());
-        for (d, g) in self.devices.iter_mut().zip(graphs.iter()) {
-            runs.push(d.begin_graph(g, input.len(), &lens)?);
-        }
+        let runs = self.begin_graphs(graphs, input.len(), &lens)?;
         let started = Instant::now();
         // A graph's chunks are the configuration's (`graph_chunk_elems`),
         // never an adaptive chain run's choice.
@@ -565,15 +562,28 @@ impl<T: Element> MultiGpuPipeline<T> {
         let _nvtx = Range::new("multi.run_graph");
         self.check_graphs(graphs)?;
         let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
-        let mut runs = Vec::with_capacity(self.devices.len());
-        for (d, g) in self.devices.iter_mut().zip(graphs.iter()) {
-            runs.push(d.begin_graph(g, input.len(), &lens)?);
-        }
+        let runs = self.begin_graphs(graphs, input.len(), &lens)?;
         let started = Instant::now();
         let chunk = runs[0].chunk;
         self.spread(started, input.len(), chunk, |devices, plan| {
             ring::run_graph_slices(devices, graphs, &runs, plan, input, outputs)
         })
+    }
+
+    /// Every GPU's checks and ring for a graph run over `n` elements into
+    /// destinations of `lens` (as a single GPU's `begin_graph`); the
+    /// graphs passed [`check_graphs`](Self::check_graphs).
+    fn begin_graphs(
+        &mut self,
+        graphs: &[crate::StageGraph<T>],
+        n: usize,
+        lens: &[usize],
+    ) -> Result<Vec<crate::dag::GraphRun>> {
+        self.devices
+            .iter_mut()
+            .zip(graphs)
+            .map(|(d, g)| d.begin_graph(g, n, lens))
+            .collect()
     }
 
     /// One graph per GPU, all of one shape.

@@ -23,6 +23,14 @@
 //! every output is checked against the CPU reference (`fma_chain_cpu`, and
 //! `x.max(lo).min(hi)` as the clamp kernel's `fminf(fmaxf(x, lo), hi)`),
 //! bit for bit, on all cores.
+//!
+//! Then the concurrency of branches (not a spec workload): 4 compute-bound
+//! branches (fma chains of [`HEAVY_ITERS`] steps) over 64 MiB in 256 KiB
+//! chunks, where each branch's grid is 64 blocks (fewer than an H100's
+//! 132 SMs), run
+//! with the branches of a chunk on lanes of their own (the default) and
+//! with [`StageGraph::concurrent_branches`]`(false)` (one lane, node
+//! order), in the same process; sampled outputs checked against the CPU.
 
 use std::time::Instant;
 
@@ -95,6 +103,48 @@ impl Branch {
     }
 }
 
+/// Steps of each compute-bound branch of the concurrency case.
+const HEAVY_ITERS: u32 = 20_000;
+
+/// The concurrency case's branches: fma chains converging to distinct
+/// values (|a| < 1).
+const HEAVY: [Branch; 4] = [
+    Branch::Fma(Fma {
+        a: 0.5,
+        b: 0.25,
+        iters: HEAVY_ITERS,
+    }),
+    Branch::Fma(Fma {
+        a: -0.5,
+        b: 0.125,
+        iters: HEAVY_ITERS,
+    }),
+    Branch::Fma(Fma {
+        a: 0.25,
+        b: -0.5,
+        iters: HEAVY_ITERS,
+    }),
+    Branch::Fma(Fma {
+        a: 0.75,
+        b: 0.0625,
+        iters: HEAVY_ITERS,
+    }),
+];
+
+/// Branches of a chunk on lanes of their own against one lane.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct S11Concurrency {
+    pub(crate) mib: usize,
+    pub(crate) chunk_kib: usize,
+    pub(crate) branches: usize,
+    pub(crate) iters: u32,
+    /// Medians of the timed repetitions.
+    pub(crate) one_lane_ms: f64,
+    pub(crate) concurrent_ms: f64,
+    /// Sampled elements compared with the CPU.
+    pub(crate) checked_elements: u64,
+}
+
 /// S11's results: one row per branch count and chunk size.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct S11Result {
@@ -105,6 +155,9 @@ pub(crate) struct S11Result {
     /// The branches' stages, in output order.
     pub(crate) branches: Vec<String>,
     pub(crate) rows: Vec<S11Row>,
+    /// Absent in results saved before it was measured.
+    #[serde(default)]
+    pub(crate) concurrency: Option<S11Concurrency>,
 }
 
 /// One S11 case.
@@ -196,7 +249,7 @@ pub(crate) fn bench_fanout(
                     o.wait_idle()?;
                 }
                 let ms = t.elapsed().as_secs_f64() * 1e3;
-                checked += check_sample(&input, outs, &sample, &name)?;
+                checked += check_sample(&input, outs, &sample, &BRANCHES, &name)?;
                 if rep > 0 {
                     times.push(ms);
                 }
@@ -234,11 +287,80 @@ pub(crate) fn bench_fanout(
             });
         }
     }
+    drop((input, outputs));
+    let concurrency = Some(bench_concurrency(gpu, reps, quick)?);
     Ok(S11Result {
         mib,
         reps,
         branches: BRANCHES.iter().map(|b| b.describe()).collect(),
         rows,
+        concurrency,
+    })
+}
+
+/// The concurrency case: [`HEAVY`] over small chunks, one lane against
+/// lanes of their own (one warm-up and the median of `reps` each).
+fn bench_concurrency(gpu: &Gpu, reps: usize, quick: bool) -> Result<S11Concurrency, BoxError> {
+    let (mib, chunk_kib) = (if quick { 16 } else { 64 }, 256);
+    let n = mib << 18;
+    let mut input = PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT)?;
+    fill_random(input.as_mut_slice()?, 0x5C);
+    let mut outs = (0..HEAVY.len())
+        .map(|_| PinnedBuffer::<f32>::new(gpu, n, HostAllocFlags::DEFAULT))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = PipelineConfig {
+        chunk_bytes: chunk_kib << 10,
+        ..PipelineConfig::default()
+    };
+    let mut p = PipelineStageManager::<f32>::with_gpu(gpu, config)?;
+    let mut g = StageGraph::new();
+    let x = g.input();
+    for b in HEAVY {
+        let node = b.add(&mut g, x)?;
+        g.output(node)?;
+    }
+    let at = sample_positions(n, chunk_kib << 8, 0x5C);
+    let at = &at[..at.len().min(4096)];
+    let mut checked = 0u64;
+    let mut ms = [0.0f64; 2];
+    for (k, concurrent) in [false, true].into_iter().enumerate() {
+        g.concurrent_branches(concurrent);
+        let what = format!("S11 concurrency, concurrent branches {concurrent}");
+        let bar = runs_bar(&what, reps + 1)?;
+        ms[k] = warm_median(reps, || {
+            for o in outs.iter_mut() {
+                let o = o.as_mut_slice()?;
+                for &i in at {
+                    o[i] = f32::NAN;
+                }
+            }
+            let t = Instant::now();
+            {
+                let mut dsts: Vec<&mut PinnedBuffer<f32>> = outs.iter_mut().collect();
+                p.run_graph_pinned(&mut g, &input, &mut dsts)?;
+            }
+            for o in outs.iter() {
+                o.wait_idle()?;
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            checked += check_sample(&input, &outs, at, &HEAVY, &what)?;
+            bar.inc(1);
+            Ok(ms)
+        })?;
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "prism-bench:   S11 concurrency: one lane {:.2} ms, concurrent {:.2} ms",
+        ms[0], ms[1]
+    );
+    Ok(S11Concurrency {
+        mib,
+        chunk_kib,
+        branches: HEAVY.len(),
+        iters: HEAVY_ITERS,
+        one_lane_ms: ms[0],
+        concurrent_ms: ms[1],
+        checked_elements: checked,
     })
 }
 
@@ -327,13 +449,14 @@ fn check_sample(
     input: &PinnedBuffer<f32>,
     outputs: &[PinnedBuffer<f32>],
     at: &[usize],
+    branches: &[Branch],
     what: &str,
 ) -> Result<u64, BoxError> {
     let x = input.as_slice()?;
     for (b, o) in outputs.iter().enumerate() {
         let y = o.as_slice()?;
         for &i in at {
-            let want = BRANCHES[b].cpu(x[i]);
+            let want = branches[b].cpu(x[i]);
             if want.to_bits() != y[i].to_bits() {
                 return Err(
                     format!("{what}: output {b}[{i}] = {}, CPU reference {want}", y[i]).into(),
@@ -402,6 +525,22 @@ pub(crate) fn print_fanout(s: Option<&S11Result>) {
             r.bound_over_measured,
             r.gbps,
             r.checked_elements
+        );
+    }
+    if let Some(c) = &s.concurrency {
+        println!();
+        println!(
+            "S11 concurrency: {} compute-bound branches (fma, {} steps) over {} MiB pinned in {} KiB chunks (each branch's grid 64 blocks of 256 threads: fewer blocks than an H100 has SMs); median of {} after a warm-up",
+            c.branches, c.iters, c.mib, c.chunk_kib, s.reps
+        );
+        println!("| branches of a chunk | ms | speed vs one lane | outputs checked (sampled) |");
+        println!("| --- | --- | --- | --- |");
+        println!("| one lane, node order | {:.2} | 1.00x | |", c.one_lane_ms);
+        println!(
+            "| lanes of their own (default) | {:.2} | {:.2}x | {} |",
+            c.concurrent_ms,
+            c.one_lane_ms / c.concurrent_ms,
+            c.checked_elements
         );
     }
 }

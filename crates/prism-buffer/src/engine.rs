@@ -42,6 +42,11 @@ pub const UPLOAD_LANE: usize = 0;
 pub const DOWNLOAD_LANE: usize = 1;
 /// Index of the first compute lane (chunk k runs on compute lane k % n).
 pub const COMPUTE_LANE: usize = 2;
+/// The [`ChunkSpan::lane`] of a processor's first branch lane (a lane of
+/// its own on which it runs work of a chunk concurrently with the chunk's
+/// compute lane; see [`ComputeSpans::record_branch`]); branch `k` is
+/// `BRANCH_LANE + k - 1`. Not a lane of the engine.
+pub const BRANCH_LANE: usize = COMPUTE_LANE + 2;
 
 /// The shape of an engine's ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +216,13 @@ pub trait ChunkProcessor<T: Element> {
     /// `len` input elements; returns where the outputs are (buffer index
     /// and length of each). With `spans.timed()`, name and time each kernel
     /// group with [`ComputeSpans::record`].
+    ///
+    /// The step ends at `launch`'s last fence. A processor may run part of
+    /// a chunk on lanes of its own (independent branches, concurrently);
+    /// the ordering module orders every buffer use whatever the lane, and
+    /// the processor joins that work back before it returns
+    /// (`launch.wait_for` each lane's last fence, then `launch.fence()`),
+    /// so that the step's end covers it.
     fn process(
         &mut self,
         launch: &mut Launch<'_>,
@@ -225,7 +237,8 @@ pub trait ChunkProcessor<T: Element> {
 #[derive(Debug, Default)]
 pub struct ComputeSpans {
     timed: bool,
-    spans: Vec<(Cow<'static, str>, GpuFence, GpuFence)>,
+    /// Name, start, end, and branch (0: the chunk's compute lane).
+    spans: Vec<(Cow<'static, str>, GpuFence, GpuFence, usize)>,
 }
 
 impl ComputeSpans {
@@ -246,7 +259,21 @@ impl ComputeSpans {
     /// A kernel group that ran from `start` to `end` (timed fences of the
     /// processor's launch scope).
     pub fn record(&mut self, name: impl Into<Cow<'static, str>>, start: GpuFence, end: GpuFence) {
-        self.spans.push((name.into(), start, end));
+        self.spans.push((name.into(), start, end, 0));
+    }
+
+    /// A kernel group that ran on the processor's branch lane `branch`
+    /// (1 for the first; 0 is the chunk's compute lane, as
+    /// [`record`](Self::record)): its span's lane is
+    /// [`BRANCH_LANE`]` + branch - 1`.
+    pub fn record_branch(
+        &mut self,
+        branch: usize,
+        name: impl Into<Cow<'static, str>>,
+        start: GpuFence,
+        end: GpuFence,
+    ) {
+        self.spans.push((name.into(), start, end, branch));
     }
 }
 
@@ -605,7 +632,7 @@ impl<T: Element> Engine<T> {
         let last = launch
             .last_fence()
             .cloned()
-            .or_else(|| spans.spans.last().map(|(_, _, end)| end.clone()))
+            .or_else(|| spans.spans.last().map(|(_, _, end, _)| end.clone()))
             .filter(|f| f.stream() == own);
         drop(launch);
         let end = match last {
@@ -613,10 +640,13 @@ impl<T: Element> Engine<T> {
             None => lane.fence().map_err(Error::from)?,
         };
         s.outs = outs;
-        for (name, start, end) in spans.spans {
+        for (name, start, end, branch) in spans.spans {
             s.timed.push(TimedStep {
                 step: Step::Process,
-                lane: lane_index,
+                lane: match branch {
+                    0 => lane_index,
+                    b => BRANCH_LANE + b - 1,
+                },
                 name,
                 start,
                 end,
@@ -653,6 +683,13 @@ impl<T: Element> Engine<T> {
             return Ok(Some(chunk));
         }
         let lane = &mut self.lanes[DOWNLOAD_LANE];
+        // Every step of the chunk is ordered before its download, whatever
+        // lanes the processor used: the downloads wait for the process
+        // step's end (a processor that ran work on lanes of its own joins
+        // them into that fence), not only for the writers of the outputs.
+        if let Some(end) = self.ring.fence(slot, Step::Process) {
+            lane.wait_for(end).map_err(Error::from)?;
+        }
         let outs: Vec<(&DeviceBuffer<T>, usize)> =
             s.outs.0.iter().map(|&(b, l)| (&s.bufs[b], l)).collect();
         let rec = io.download_outputs(lane, timed, state, &outs)?;

@@ -16,9 +16,20 @@
 //! every kernel goes through the chunk's `Launch`, every copy through a
 //! lane (prism-stream's `order.rs`).
 //!
-//! Within a chunk the nodes run in node order on the chunk's compute lane;
-//! chunks alternate between two compute lanes, so independent branches of
-//! consecutive chunks overlap, and branches of one chunk do not.
+//! Independent branches of one chunk run concurrently: each node gets a
+//! *track* (the first reader of a node continues its track, every other
+//! reader starts one, up to [`MAX_TRACKS`]); track 0 is the chunk's
+//! compute lane, the others lanes of the run's processor. The ordering
+//! module orders every buffer use whatever the lane (a node waits for the
+//! nodes it reads, a reused buffer for its earlier readers), and the
+//! chunk's compute lane joins the other tracks before its process step
+//! ends, so the engine's download and slot reuse see the whole chunk. To
+//! keep branches from waiting on each other's buffers, a freed buffer is
+//! reused by a node only when every use of it is already ordered before
+//! that node (an ancestor, or earlier on the same track); otherwise the
+//! node gets a buffer of its own, while the slot has fewer than 16. With
+//! [`StageGraph::concurrent_branches`]`(false)` every node runs on the
+//! chunk's lane in node order and buffers are the liveness minimum.
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -28,7 +39,7 @@ use prism_buffer::engine::ComputeSpans;
 use prism_buffer::ring::ChunkId;
 use prism_buffer::{ChunkOutputs, ChunkProcessor};
 use prism_stream::nvtx::Range;
-use prism_stream::{DeviceBuffer, Element, Launch, PinnedBuffer};
+use prism_stream::{DeviceBuffer, Element, Fence, Lane, Launch, PinnedBuffer};
 
 use crate::error::{Error, Result, StageError};
 use crate::guard;
@@ -292,7 +303,14 @@ pub struct StageGraph<T: Element> {
     id: u64,
     nodes: Vec<Node<T>>,
     outputs: Vec<usize>,
+    /// Independent branches on lanes of their own (the default).
+    concurrent: bool,
 }
+
+/// The most tracks (lanes) a chunk of a stage graph runs on at once on the
+/// GPU: its compute lane and up to seven branch lanes (nodes past that
+/// share them, round robin).
+pub const MAX_TRACKS: usize = 8;
 
 impl<T: Element> std::fmt::Debug for StageGraph<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -325,7 +343,20 @@ impl<T: Element> StageGraph<T> {
                 name: "input".to_owned(),
             }],
             outputs: Vec::new(),
+            concurrent: true,
         }
+    }
+
+    /// Whether independent branches of a chunk run concurrently on the GPU
+    /// (the default): on lanes of their own, with a buffer of their own
+    /// where reusing one would make a branch wait for another (see
+    /// [`buffers_per_slot`](Self::buffers_per_slot)). With `false`, every
+    /// node of a chunk runs on the chunk's lane in node order and a slot
+    /// holds the fewest buffers. The host backend runs nodes in node order
+    /// either way.
+    pub fn concurrent_branches(&mut self, on: bool) -> &mut Self {
+        self.concurrent = on;
+        self
     }
 
     /// A chain: `stages` one after the other, the last one the output.
@@ -417,6 +448,7 @@ impl<T: Element> StageGraph<T> {
             Op::Join(_) => 2,
         };
         self.outputs == other.outputs
+            && self.concurrent == other.concurrent
             && self.nodes.len() == other.nodes.len()
             && self.nodes.iter().zip(&other.nodes).all(|(a, b)| {
                 a.name == b.name && a.inputs == b.inputs && kind(&a.op) == kind(&b.op)
@@ -506,29 +538,68 @@ impl<T: Element> StageGraph<T> {
                 });
             }
         }
-        let plan = self.allocate(live);
+        let plan = self.allocate(live, gpu && self.concurrent);
         if gpu {
             fits_a_slot(plan.buffers)?;
         }
         Ok(plan)
     }
 
-    /// Device buffers a ring slot needs for this graph (more than 16 is
-    /// [`Error::GraphTooWide`]: a GPU run refuses it, the host backend
-    /// has no slots and runs it): one per value
-    /// alive at once (the input, branches not yet read by all their
-    /// readers, outputs not yet downloaded), given out by liveness in node
-    /// order. A chain needs 2 however long it is; `k` independent
-    /// branches with their own outputs need `k + 1`.
+    /// Device buffers a ring slot of a GPU run holds for this graph (more
+    /// than 16 is [`Error::GraphTooWide`]: a GPU run refuses it, the host
+    /// backend has no slots and runs it). At least one per value alive at
+    /// once (the input, branches not yet read by all their readers,
+    /// outputs not yet downloaded), given out by liveness in node order: a
+    /// chain needs 2 however long it is; `k` independent one-stage
+    /// branches with their own outputs need `k + 1`. With
+    /// [`concurrent_branches`](Self::concurrent_branches) on (the default),
+    /// a branch also gets a buffer of its own where reusing a freed one
+    /// would make it wait for another branch, while the slot has fewer
+    /// than 16 (`k` branches of two stages each: `2k + 1` instead of `k + 1`).
     pub fn buffers_per_slot(&self) -> Result<usize> {
         if self.outputs.is_empty() {
             return Err(Error::NoOutputs);
         }
-        fits_a_slot(self.allocate(self.live()).buffers)
+        fits_a_slot(self.allocate(self.live(), self.concurrent).buffers)
     }
 
-    /// Gives every live node a slot buffer, by liveness.
-    fn allocate(&self, live: Vec<bool>) -> Plan {
+    /// The track of every live node (see the module's doc): a node
+    /// continues the track of the first of its inputs it is the first
+    /// reader of, else starts a new one (round robin over the branch
+    /// tracks once there are [`MAX_TRACKS`]). All 0 when not concurrent.
+    fn tracks(&self, live: &[bool], concurrent: bool) -> (Vec<usize>, usize) {
+        let n = self.nodes.len();
+        let mut track = vec![0usize; n];
+        if !concurrent {
+            return (track, 1);
+        }
+        // The last node given to each track.
+        let mut tail = vec![0usize];
+        let mut next = 1usize;
+        for i in (1..n).filter(|&i| live[i]) {
+            let inputs = &self.nodes[i].inputs;
+            let t = match inputs.iter().find(|&&p| tail[track[p]] == p) {
+                Some(&p) => track[p],
+                None if tail.len() < MAX_TRACKS => {
+                    tail.push(i);
+                    tail.len() - 1
+                }
+                None => {
+                    let t = next;
+                    next = next % (MAX_TRACKS - 1) + 1;
+                    t
+                }
+            };
+            track[i] = t;
+            tail[t] = i;
+        }
+        let tracks = tail.len();
+        (track, tracks)
+    }
+
+    /// Gives every live node a slot buffer, by liveness (and, when
+    /// concurrent, so that branches need not wait for each other's).
+    fn allocate(&self, live: Vec<bool>, concurrent: bool) -> Plan {
         // Last reader of each node; outputs live to the end.
         let n = self.nodes.len();
         let mut last = vec![0usize; n];
@@ -540,6 +611,34 @@ impl<T: Element> StageGraph<T> {
         for &o in &self.outputs {
             last[o] = usize::MAX;
         }
+        let (track, tracks) = self.tracks(&live, concurrent);
+        // ancestors[i][x]: node x is ordered before node i through the
+        // graph's edges (i waits for its inputs, transitively).
+        let mut ancestors = vec![vec![false; n]; n];
+        for i in 0..n {
+            for &p in &self.nodes[i].inputs {
+                let (before, at) = ancestors.split_at_mut(i);
+                at[0][p] = true;
+                for (x, &a) in before[p].iter().enumerate() {
+                    at[0][x] |= a;
+                }
+            }
+        }
+        // The node whose value each buffer holds.
+        let mut holder: Vec<usize> = vec![0];
+        // A node may write `b` without waiting for another track: the
+        // value it held and every reader of it are ordered before `i`.
+        let ordered_before = |b: usize, i: usize, holder: &[usize]| {
+            let h = holder[b];
+            let done = |x: usize| ancestors[i][x] || track[x] == track[i];
+            done(h)
+                && self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|&(r, node)| live[r] && r < i && node.inputs.contains(&h))
+                    .all(|(r, _)| done(r))
+        };
         let mut buf = vec![usize::MAX; n];
         buf[0] = 0;
         let mut free: Vec<usize> = Vec::new();
@@ -562,10 +661,22 @@ impl<T: Element> StageGraph<T> {
             }
             // Inputs are still held here (their last use is >= i), so the
             // buffer given is none of them.
-            let b = free.pop().unwrap_or_else(|| {
+            let max = prism_buffer::engine::MAX_BUFFERS_PER_SLOT;
+            let pick = if concurrent {
+                match free.iter().rposition(|&b| ordered_before(b, i, &holder)) {
+                    Some(k) => Some(free.remove(k)),
+                    None if count < max => None,
+                    None => free.pop(),
+                }
+            } else {
+                free.pop()
+            };
+            let b = pick.unwrap_or_else(|| {
                 count += 1;
+                holder.push(i);
                 count - 1
             });
+            holder[b] = i;
             buf[i] = b;
             release(i, &buf, &mut free);
         }
@@ -573,6 +684,8 @@ impl<T: Element> StageGraph<T> {
             live,
             buf,
             buffers: count,
+            track,
+            tracks,
         }
     }
 
@@ -812,22 +925,52 @@ impl NodeTimes {
     }
 }
 
-/// Which nodes run, and the slot buffer each writes (given out by liveness).
+/// Which nodes run, the slot buffer each writes (given out by liveness)
+/// and the track each runs on.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub(crate) live: Vec<bool>,
     pub(crate) buf: Vec<usize>,
     /// Buffers per slot.
     pub(crate) buffers: usize,
+    /// Each node's track: 0 the chunk's compute lane, `k > 0` the
+    /// processor's branch lane `k - 1`.
+    pub(crate) track: Vec<usize>,
+    /// Tracks a chunk uses (1: every node on the chunk's lane).
+    pub(crate) tracks: usize,
 }
 
-/// A graph as the engine's processor: one chunk's nodes on its lane.
+/// A graph as the engine's processor: one chunk's nodes on the chunk's
+/// lane and, for independent branches, on lanes of its own (made on the
+/// first chunk, on the chunk's GPU).
 pub(crate) struct GraphChain<'a, T: Element> {
-    pub(crate) graph: &'a mut StageGraph<T>,
-    pub(crate) plan: &'a Plan,
-    pub(crate) capacity: usize,
+    graph: &'a mut StageGraph<T>,
+    plan: &'a Plan,
+    capacity: usize,
     /// A multi-GPU run's numbering of this GPU's chunks (errors name it).
-    pub(crate) global: Option<&'a crate::gpu::GlobalIndex>,
+    global: Option<&'a crate::gpu::GlobalIndex>,
+    /// Branch lanes, one set per chunk parity (as the engine alternates
+    /// chunks between two compute lanes, so a chunk's branches do not
+    /// queue behind the previous chunk's): track `k > 0` of chunk `c` runs
+    /// on `branches[c % 2][k - 1]`.
+    branches: [Vec<Lane>; 2],
+}
+
+impl<'a, T: Element> GraphChain<'a, T> {
+    pub(crate) fn new(
+        graph: &'a mut StageGraph<T>,
+        plan: &'a Plan,
+        capacity: usize,
+        global: Option<&'a crate::gpu::GlobalIndex>,
+    ) -> Self {
+        Self {
+            graph,
+            plan,
+            capacity,
+            global,
+            branches: [Vec::new(), Vec::new()],
+        }
+    }
 }
 
 impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
@@ -854,63 +997,138 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
             ));
         }
         let plan = self.plan;
+        // A chunk being captured into a CUDA graph stays on its lane.
+        let concurrent = plan.tracks > 1 && !launch.is_capturing();
+        let branches = &mut self.branches[(chunk.0 % 2) as usize];
+        if concurrent {
+            while branches.len() + 1 < plan.tracks {
+                branches.push(Lane::new(launch.gpu())?);
+            }
+        }
+        // The last fence of each branch track this chunk used.
+        let mut ends: Vec<Option<Fence>> = vec![None; plan.tracks];
         for (i, node) in self.graph.nodes.iter_mut().enumerate().skip(1) {
             if !plan.live[i] || lens[i] == 0 {
                 continue;
             }
-            let _nvtx = Range::new(&node.name);
-            let out_at = plan.buf[i];
-            // The node's output buffer mutably, the others shared: the
-            // plan never gives a node a buffer one of its inputs holds.
-            let mut out: Option<&mut DeviceBuffer<T>> = None;
-            let mut shared: Vec<Option<&DeviceBuffer<T>>> = Vec::with_capacity(bufs.len());
-            for (j, b) in bufs.iter_mut().enumerate() {
-                if j == out_at {
-                    shared.push(None);
-                    out = Some(b);
-                } else {
-                    shared.push(Some(&*b));
-                }
-            }
-            let output = out.ok_or(Error::Config("a graph node has no buffer"))?;
-            let inputs: Vec<&DeviceBuffer<T>> = node
-                .inputs
-                .iter()
-                .map(|&p| shared[plan.buf[p]].ok_or(Error::Config("a node reads its own buffer")))
-                .collect::<Result<_>>()?;
-            let in_lens: Vec<usize> = node.inputs.iter().map(|&p| lens[p]).collect();
-            let start = if spans.timed() {
-                // Order every buffer first, so a timed start excludes waiting.
-                for b in &inputs {
-                    launch.prepare_read(b)?;
-                }
-                launch.prepare_write(output)?;
-                Some(launch.timed_fence()?)
-            } else {
-                None
+            let track = if concurrent { plan.track[i] } else { 0 };
+            // The trace's branch lane: each parity's lanes apart.
+            let lane = match track {
+                0 => 0,
+                t => (chunk.0 % 2) as usize * (MAX_TRACKS - 1) + t,
             };
-            match &mut node.op {
-                Op::Input => {}
-                Op::Stage(s) => {
-                    let (input, n) = (inputs[0], in_lens[0]);
-                    guard::run_stage(&mut **s, index, |s| s.gpu(launch, input, output, n))?;
-                }
-                Op::Join(j) => {
-                    guard::run_named(&node.name, index, || {
-                        j.gpu(launch, &inputs, &in_lens, output)
-                    })?;
-                }
+            let step = NodeStep {
+                node,
+                plan,
+                i,
+                lens: &lens,
+                index,
+                lane,
+            };
+            if track == 0 {
+                step.run(launch, bufs, spans)?;
+            } else {
+                let mut scope = branches[track - 1].launch();
+                let end = step.run(&mut scope, bufs, spans)?;
+                ends[track] = end.or_else(|| scope.last_fence().cloned());
             }
-            if let Some(start) = start {
-                let end = launch.timed_fence()?;
-                spans.record(Cow::Owned(node.name.clone()), start, end);
-            }
+        }
+        // Join the branch tracks into the chunk's lane, so the step's end
+        // (the engine's process fence) covers every node.
+        let mut joined = false;
+        for end in ends.iter().flatten() {
+            launch.wait_for(end)?;
+            joined = true;
+        }
+        if joined {
+            launch.fence()?;
         }
         let mut outs = ChunkOutputs::new();
         for &o in &self.graph.outputs {
             outs.push(plan.buf[o], lens[o]);
         }
         Ok(outs)
+    }
+}
+
+/// One node of one chunk, on the launch scope of its track.
+struct NodeStep<'n, T: Element> {
+    node: &'n mut Node<T>,
+    plan: &'n Plan,
+    i: usize,
+    lens: &'n [usize],
+    index: u64,
+    /// For the trace: 0 the chunk's lane, else the branch lane's number.
+    lane: usize,
+}
+
+impl<T: Element> NodeStep<'_, T> {
+    /// Queues the node; returns its timed end fence (with timing on).
+    fn run(
+        self,
+        launch: &mut Launch<'_>,
+        bufs: &mut [DeviceBuffer<T>],
+        spans: &mut ComputeSpans,
+    ) -> Result<Option<Fence>> {
+        let Self {
+            node,
+            plan,
+            i,
+            lens,
+            index,
+            lane,
+        } = self;
+        let _nvtx = Range::new(&node.name);
+        let out_at = plan.buf[i];
+        // The node's output buffer mutably, the others shared: the plan
+        // never gives a node a buffer one of its inputs holds.
+        let mut out: Option<&mut DeviceBuffer<T>> = None;
+        let mut shared: Vec<Option<&DeviceBuffer<T>>> = Vec::with_capacity(bufs.len());
+        for (j, b) in bufs.iter_mut().enumerate() {
+            if j == out_at {
+                shared.push(None);
+                out = Some(b);
+            } else {
+                shared.push(Some(&*b));
+            }
+        }
+        let output = out.ok_or(Error::Config("a graph node has no buffer"))?;
+        let inputs: Vec<&DeviceBuffer<T>> = node
+            .inputs
+            .iter()
+            .map(|&p| shared[plan.buf[p]].ok_or(Error::Config("a node reads its own buffer")))
+            .collect::<Result<_>>()?;
+        let in_lens: Vec<usize> = node.inputs.iter().map(|&p| lens[p]).collect();
+        let start = if spans.timed() {
+            // Order every buffer first, so a timed start excludes waiting.
+            for b in &inputs {
+                launch.prepare_read(b)?;
+            }
+            launch.prepare_write(output)?;
+            Some(launch.timed_fence()?)
+        } else {
+            None
+        };
+        match &mut node.op {
+            Op::Input => {}
+            Op::Stage(s) => {
+                let (input, n) = (inputs[0], in_lens[0]);
+                guard::run_stage(&mut **s, index, |s| s.gpu(launch, input, output, n))?;
+            }
+            Op::Join(j) => {
+                guard::run_named(&node.name, index, || {
+                    j.gpu(launch, &inputs, &in_lens, output)
+                })?;
+            }
+        }
+        match start {
+            Some(start) => {
+                let end = launch.timed_fence()?;
+                spans.record_branch(lane, Cow::Owned(node.name.clone()), start, end.clone());
+                Ok(Some(end))
+            }
+            None => Ok(None),
+        }
     }
 }
 
@@ -1147,5 +1365,211 @@ impl<T: Element> crate::PipelineStageManager<T> {
         results.into_iter().collect::<Result<Vec<()>>>()?;
         times.into_stats(graph, &mut self.stats);
         Ok(chunks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::Fma;
+    use proptest::prelude::*;
+
+    const FMA: Fma = Fma {
+        a: 1.0,
+        b: 0.0,
+        iters: 1,
+    };
+
+    fn sum() -> impl Join<f32> {
+        HostJoinFn::new("sum", true, |ins: &[&[f32]], out: &mut [f32]| {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = ins.iter().map(|x| x[i]).sum();
+            }
+            Ok(())
+        })
+    }
+
+    /// A graph from a shape: `(inputs of node i + 1)`, outputs.
+    fn build(shape: &[Vec<usize>], outputs: &[usize]) -> StageGraph<f32> {
+        let mut g = StageGraph::new();
+        let mut ids = vec![g.input()];
+        for inputs in shape {
+            let from: Vec<NodeId> = inputs.iter().map(|&p| ids[p]).collect();
+            let id = match from.as_slice() {
+                [one] => g.stage(*one, FMA),
+                many => g.join(many, sum()),
+            };
+            ids.push(id.unwrap());
+        }
+        for &o in outputs {
+            g.output(ids[o]).unwrap();
+        }
+        g
+    }
+
+    /// Values alive at once at their most (what one lane needs).
+    fn max_alive<T: Element>(g: &StageGraph<T>, live: &[bool]) -> usize {
+        let n = g.nodes.len();
+        let needed = |v: usize, i: usize| {
+            live[v]
+                && (v == i
+                    || g.outputs.contains(&v)
+                    || (v + 1..n).any(|r| r >= i && live[r] && g.nodes[r].inputs.contains(&v)))
+        };
+        (0..n)
+            .filter(|&i| live[i])
+            .map(|i| (0..=i).filter(|&v| needed(v, i)).count())
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// The plan never overwrites a value still needed, and (concurrent,
+    /// with room left) never makes a node wait for another track's use.
+    fn check_plan<T: Element>(
+        g: &StageGraph<T>,
+        concurrent: bool,
+    ) -> std::result::Result<(), String> {
+        let live = g.live();
+        let plan = g.allocate(live.clone(), concurrent);
+        let n = g.nodes.len();
+        let alive = max_alive(g, &live);
+        if !concurrent && plan.buffers != alive {
+            return Err(format!(
+                "one lane: {} buffers, {alive} alive at once",
+                plan.buffers
+            ));
+        }
+        let cap = alive.max(MAX_BUFFERS_PER_SLOT_FOR_TESTS);
+        if concurrent && !(alive <= plan.buffers && plan.buffers <= cap) {
+            return Err(format!(
+                "concurrent: {} buffers, {alive} alive at once",
+                plan.buffers
+            ));
+        }
+        if plan.tracks == 0 || plan.tracks > MAX_TRACKS || (!concurrent && plan.tracks != 1) {
+            return Err(format!("{} tracks", plan.tracks));
+        }
+        let live = &live;
+        let readers = |v: usize| (0..n).filter(move |&r| live[r] && g.nodes[r].inputs.contains(&v));
+        // What each buffer holds as the nodes run in order.
+        let mut held: Vec<Option<usize>> = vec![None; plan.buffers];
+        if plan.buf[0] != 0 {
+            return Err("the input is not in buffer 0".into());
+        }
+        held[0] = Some(0);
+        for i in (1..n).filter(|&i| live[i]) {
+            let b = plan.buf[i];
+            if b >= plan.buffers || plan.track[i] >= plan.tracks {
+                return Err(format!("node {i}: buffer {b}, track {}", plan.track[i]));
+            }
+            if let Some(v) = held[b] {
+                if g.outputs.contains(&v) || readers(v).any(|r| r >= i) {
+                    return Err(format!(
+                        "node {i} overwrites node {v}'s value in buffer {b}"
+                    ));
+                }
+                // Every use of the old value is ordered before i: an
+                // ancestor or earlier on i's track (else i would wait for
+                // another branch), unless the slot was full.
+                let before = |x: usize| plan.track[x] == plan.track[i] || ancestor(g, x, i);
+                if concurrent
+                    && plan.buffers < MAX_BUFFERS_PER_SLOT_FOR_TESTS
+                    && !(before(v) && readers(v).all(before))
+                {
+                    return Err(format!(
+                        "node {i} reuses node {v}'s buffer {b} across tracks"
+                    ));
+                }
+            }
+            held[b] = Some(i);
+        }
+        Ok(())
+    }
+
+    const MAX_BUFFERS_PER_SLOT_FOR_TESTS: usize = prism_buffer::engine::MAX_BUFFERS_PER_SLOT;
+
+    /// `x` is ordered before `i` by the graph's edges.
+    fn ancestor<T: Element>(g: &StageGraph<T>, x: usize, i: usize) -> bool {
+        let mut stack = g.nodes[i].inputs.clone();
+        let mut seen = vec![false; g.nodes.len()];
+        while let Some(p) = stack.pop() {
+            if p == x {
+                return true;
+            }
+            if !std::mem::replace(&mut seen[p], true) {
+                stack.extend(&g.nodes[p].inputs);
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn one_stage_branches_each_get_a_track_and_share_nothing() {
+        for k in 1..=10usize {
+            let shape: Vec<Vec<usize>> = (0..k).map(|_| vec![0]).collect();
+            let outputs: Vec<usize> = (1..=k).collect();
+            let g = build(&shape, &outputs);
+            let plan = g.allocate(g.live(), true);
+            assert_eq!(plan.buffers, k + 1, "{k} branches");
+            assert_eq!(plan.tracks, k.min(MAX_TRACKS), "{k} branches");
+            let one = g.allocate(g.live(), false);
+            assert_eq!((one.buffers, one.tracks), (k + 1, 1));
+        }
+    }
+
+    #[test]
+    fn two_stage_branches_get_buffers_of_their_own_only_when_concurrent() {
+        let k = 4;
+        let mut shape = Vec::new();
+        let mut outputs = Vec::new();
+        for _ in 0..k {
+            shape.push(vec![0]);
+            shape.push(vec![shape.len()]);
+            outputs.push(shape.len());
+        }
+        let mut g = build(&shape, &outputs);
+        assert_eq!(g.buffers_per_slot().unwrap(), 2 * k + 1);
+        g.concurrent_branches(false);
+        // A1 and A2 in two, each later branch's first stage in the buffer
+        // the one before freed, the last branch's second in the input's.
+        assert_eq!(g.buffers_per_slot().unwrap(), k + 1);
+        check_plan(&g, true).unwrap();
+        check_plan(&g, false).unwrap();
+    }
+
+    #[test]
+    fn a_chain_stays_on_one_track_in_two_buffers() {
+        let shape: Vec<Vec<usize>> = (0..12).map(|i| vec![i]).collect();
+        let g = build(&shape, &[12]);
+        let plan = g.allocate(g.live(), true);
+        assert_eq!((plan.buffers, plan.tracks), (2, 1));
+        assert!(plan.track.iter().all(|&t| t == 0));
+    }
+
+    fn shapes() -> impl Strategy<Value = (Vec<Vec<usize>>, Vec<usize>)> {
+        (1usize..24).prop_flat_map(|count| {
+            let nodes: Vec<_> = (1..=count)
+                .map(|i| {
+                    prop_oneof![
+                        3 => (0..i).prop_map(|p| vec![p]),
+                        1 => proptest::collection::vec(0..i, 2..4),
+                    ]
+                })
+                .collect();
+            (nodes, proptest::collection::vec(0..=count, 1..8))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn plans_never_overwrite_a_needed_value((shape, outputs) in shapes()) {
+            let g = build(&shape, &outputs);
+            for concurrent in [true, false] {
+                if let Err(e) = check_plan(&g, concurrent) {
+                    return Err(TestCaseError::fail(format!("{e} (concurrent: {concurrent}; {g:?})")));
+                }
+            }
+        }
     }
 }

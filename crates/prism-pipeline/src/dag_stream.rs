@@ -152,12 +152,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                         failed: None,
                         _m: std::marker::PhantomData,
                     };
-                    let mut p = crate::dag::GraphChain {
-                        graph,
-                        plan: &run.plan,
-                        capacity: run.capacity,
-                        global: None,
-                    };
+                    let mut p = crate::dag::GraphChain::new(graph, &run.plan, run.capacity, None);
                     let (r, slots) = driver.drive(&mut io, &mut p);
                     for s in slots.into_made() {
                         io.cache.give_output(s.input);

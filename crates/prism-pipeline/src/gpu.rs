@@ -5,7 +5,9 @@
 
 use std::borrow::Cow;
 
-use prism_buffer::engine::{ChunkSpan, ComputeSpans, COMPUTE_LANE, DOWNLOAD_LANE, UPLOAD_LANE};
+use prism_buffer::engine::{
+    ChunkSpan, ComputeSpans, BRANCH_LANE, COMPUTE_LANE, DOWNLOAD_LANE, UPLOAD_LANE,
+};
 use prism_buffer::ring::{ChunkId, Step};
 use prism_buffer::{ChunkOutputs, ChunkProcessor, Engine, EngineConfig};
 use prism_stream::{DeviceBuffer, Element, Gpu, Launch, PinnedBuffer};
@@ -355,12 +357,14 @@ pub(crate) fn record_span(
     }
 }
 
-/// The trace's stream numbering (0 upload, 1 and 3 compute, 2 download).
+/// The trace's stream numbering (0 upload, 1 and 3 compute, 2 download,
+/// 6 and up a stage graph's branch lanes).
 fn trace_stream(lane: usize) -> usize {
     match lane {
         UPLOAD_LANE => 0,
         DOWNLOAD_LANE => 2,
         l if l == COMPUTE_LANE => 1,
+        l if l >= BRANCH_LANE => crate::stats::FIRST_BRANCH_STREAM + (l - BRANCH_LANE),
         _ => 3,
     }
 }

@@ -237,13 +237,17 @@ pub enum Lane {
     HostWait,
 }
 
+/// The [`Span::stream`] of a stage graph's first branch lane.
+pub(crate) const FIRST_BRANCH_STREAM: usize = 6;
+
 /// One step of one chunk: what ran, on which lane, when (ms since the run began).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Span {
     /// The chunk (the run's numbering).
     pub chunk: u64,
-    /// Which stream (0 upload, 1 and 3 compute, 2 download) or host lane
-    /// (4 staging copies, 5 waits for the GPU).
+    /// Which stream (0 upload, 1 and 3 compute, 2 download, 6 and up a
+    /// stage graph's branch lanes) or host lane (4 staging copies, 5 waits
+    /// for the GPU).
     pub stream: usize,
     /// What kind of step.
     pub lane: Lane,
@@ -312,7 +316,23 @@ impl Timeline {
         events.push(serde_json::json!(
             {"name": "process_sort_index", "ph": "M", "pid": pid, "args": {"sort_index": pid}}
         ));
-        for (order, (tid, name)) in THREADS.iter().enumerate() {
+        // A stage graph's branch lanes, after the fixed threads.
+        let branches = self
+            .spans
+            .iter()
+            .filter_map(|s| s.stream.checked_sub(FIRST_BRANCH_STREAM))
+            .max()
+            .map_or(0, |b| b + 1);
+        let names: Vec<String> = (1..=branches)
+            .map(|b| format!("branch stream {b}"))
+            .collect();
+        let threads = THREADS.iter().map(|&(tid, name)| (tid, name)).chain(
+            names
+                .iter()
+                .enumerate()
+                .map(|(b, name)| (FIRST_BRANCH_STREAM + b + 1, name.as_str())),
+        );
+        for (order, (tid, name)) in threads.enumerate() {
             events.push(serde_json::json!(
                 {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}}
             ));

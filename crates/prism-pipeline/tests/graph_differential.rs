@@ -216,6 +216,9 @@ struct Config {
     host_threads: usize,
     adaptive: bool,
     cuda_graphs: bool,
+    /// `concurrent_branches(false)`: every node on the chunk's lane, the
+    /// fewest buffers.
+    one_lane: bool,
     /// Node `i + 1` of the graph (node 0 is the input).
     nodes: Vec<NodeSpec>,
     outputs: Vec<usize>,
@@ -383,19 +386,28 @@ impl Config {
             outputs
         };
         let timing = r.chance(0.7);
+        let slots = 2 + r.below(7) as usize;
+        let ramp = r.chance(0.5);
+        let trace = timing && r.chance(0.3);
+        let host_threads = 1 + r.below(3) as usize;
+        let adaptive = r.chance(0.2);
+        let cuda_graphs = r.chance(0.2);
+        // Drawn last, so that the draws above are those of earlier trees.
+        let one_lane = r.chance(0.3);
         Config {
             seed,
             gpu,
             n,
             chunk_elems,
-            slots: 2 + r.below(7) as usize,
-            ramp: r.chance(0.5),
+            slots,
+            ramp,
             timing,
-            trace: timing && r.chance(0.3),
-            host_threads: 1 + r.below(3) as usize,
+            trace,
+            host_threads,
             // Neither applies to graph runs: they must change nothing.
-            adaptive: r.chance(0.2),
-            cuda_graphs: r.chance(0.2),
+            adaptive,
+            cuda_graphs,
+            one_lane,
             nodes,
             outputs,
         }
@@ -788,6 +800,7 @@ fn never(what: &str) -> StageError {
 /// Builds the configuration's graph (`kernels` on the GPU).
 fn build(c: &Config, kernels: Option<&Kernels>) -> Result<StageGraph<f32>, String> {
     let mut g = StageGraph::<f32>::new();
+    g.concurrent_branches(!c.one_lane);
     let mut ids: Vec<NodeId> = vec![g.input()];
     let e = |e: Error| format!("building the graph failed: {e}");
     for spec in &c.nodes {
@@ -976,14 +989,26 @@ fn check(c: &Config, kernels: Option<&Kernels>) -> Result<(), String> {
     let (expect, lens) = c.expect();
     let mut g = build(c, kernels)?;
 
-    // Buffers per slot: exactly the values alive at once, or too wide.
+    // Buffers per slot: on one lane exactly the values alive at once;
+    // with concurrent branches at least that and at most a slot's worth
+    // (extra buffers only while they fit); too wide exactly when the values
+    // alive at once do not fit.
+    let fits = |b: usize| match c.one_lane {
+        true => b == alive,
+        false => alive <= b && b <= MAX_BUFFERS,
+    };
+    let too_wide = |b: usize| match c.one_lane {
+        true => b == alive,
+        false => b >= alive,
+    };
     match g.buffers_per_slot() {
-        Ok(b) if alive <= MAX_BUFFERS && b == alive => {}
+        Ok(b) if alive <= MAX_BUFFERS && fits(b) => {}
         Err(Error::GraphTooWide { buffers, max })
-            if alive > MAX_BUFFERS && buffers == alive && max == MAX_BUFFERS => {}
+            if alive > MAX_BUFFERS && too_wide(buffers) && max == MAX_BUFFERS => {}
         r => {
             return Err(format!(
-                "buffers_per_slot: {r:?}, but {alive} values are alive at once (at most {MAX_BUFFERS} fit)"
+                "buffers_per_slot: {r:?}, but {alive} values are alive at once (at most {MAX_BUFFERS} fit; one lane: {})",
+                c.one_lane
             ))
         }
     }

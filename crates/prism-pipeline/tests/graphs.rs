@@ -4,12 +4,12 @@
 //! graph run must refuse with a typed error.
 
 use prism_pipeline::{
-    Backend, Clamp, Error, Fma, GpuJoinFn, GroupSum, HostFn, HostJoinFn, Join, NodeId,
-    PipelineConfig, PipelineStageManager, StageError, StageGraph,
+    Backend, Clamp, Error, Fma, GpuFn, GpuJoinFn, GroupSum, HostFn, HostJoinFn, Join, NodeId,
+    PipelineConfig, PipelineStageManager, Stage, StageError, StageGraph,
 };
 use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
+use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{fma_chain_cpu, DeviceBuffer, Gpu, HostAllocFlags, Launch, PinnedBuffer};
 
 const FMA: Fma = Fma {
@@ -139,10 +139,16 @@ fn host_graph_with_fanout_join_and_tap_matches_cpu() {
     let chunk = 1000; // not a multiple of the group: each chunk's last group is short
     let mut m = PipelineStageManager::<f32>::new(Backend::Host, config(chunk)).unwrap();
     let (mut g, _) = graph(host_join());
-    // By liveness: input, fma (an output: to the end), clamp; the join
-    // reuses the input's buffer (the clamp was its last reader), the sum
-    // the clamp's (the join was its last reader). Three, not five.
+    // On one lane, by liveness: input, fma (an output: to the end), clamp;
+    // the join reuses the input's buffer (the clamp was its last reader),
+    // the sum the clamp's (the join was its last reader). Three, not five.
+    g.concurrent_branches(false);
     assert_eq!(g.buffers_per_slot().unwrap(), 3);
+    // Concurrent (the default): the sum runs on a branch lane of its own;
+    // the clamp's buffer would make it wait for the join (which reads the
+    // clamp on another track), so it gets a fourth.
+    g.concurrent_branches(true);
+    assert_eq!(g.buffers_per_slot().unwrap(), 4);
     for n in [0, 1, 999, 1000, 1001, 12_345] {
         run_and_check(&mut m, &mut g, n, chunk);
     }
@@ -529,4 +535,111 @@ fn gpu_graph_over_every_gpu_matches_cpu() {
     for (k, (got, want)) in pageable.iter().zip(&want).enumerate() {
         assert_bits(&format!("output {k} (pageable, every GPU)"), got, want);
     }
+}
+
+/// A stage that holds its lane for `ns` (one block, no buffer) and then
+/// computes `a * x + 0.5`: long enough that branches on one lane wait for
+/// each other, small enough that branches on several run side by side.
+fn slow(ns: u64, a: f32) -> impl Stage<f32> {
+    GpuFn::new(
+        format!("slow {a}"),
+        true,
+        move |l: &mut Launch<'_>, x: &DeviceBuffer<f32>, y: &mut DeviceBuffer<f32>, n| {
+            l.spin(ns)?;
+            Fma {
+                a,
+                b: 0.5,
+                iters: 1,
+            }
+            .gpu(l, x, y, n)
+        },
+    )
+}
+
+/// Whether spans `p` and `q` overlap in time.
+fn overlap(p: &prism_pipeline::Span, q: &prism_pipeline::Span) -> bool {
+    p.start_ms < q.end_ms && q.start_ms < p.end_ms
+}
+
+#[test]
+fn gpu_independent_branches_of_a_chunk_run_concurrently() {
+    let Some(ctx) = gpu_or_skip("gpu_independent_branches_of_a_chunk_run_concurrently") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let chunk = scaled(1 << 20, 1 << 12);
+    let chunks = 8;
+    let config = PipelineConfig {
+        timing: true,
+        trace: true,
+        ..config(chunk)
+    };
+    let mut m = PipelineStageManager::<f32>::with_gpu(&gpu, config).unwrap();
+    // input ─┬─ slow 1 ─ output 0
+    //        ├─ slow 2 ─ output 1
+    //        └─ slow 3 ─ output 2
+    let mut g = StageGraph::new();
+    let x = g.input();
+    let scales = [1.0f32, 2.0, 3.0];
+    for &a in &scales {
+        let b = g.stage(x, slow(2_000_000, a)).unwrap();
+        g.output(b).unwrap();
+    }
+    let n = chunks * chunk;
+    let input = random_f32(5150, n);
+    let mut wall = [0.0f64; 2];
+    for (k, concurrent) in [true, false].into_iter().enumerate() {
+        g.concurrent_branches(concurrent);
+        let mut outs = vec![vec![f32::NAN; n]; 3];
+        let started = std::time::Instant::now();
+        {
+            let mut dsts: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            m.run_graph(&mut g, &input, &mut dsts).unwrap();
+        }
+        wall[k] = started.elapsed().as_secs_f64() * 1e3;
+        for (o, &a) in outs.iter().zip(&scales) {
+            let want: Vec<f32> = input.iter().map(|&v| fma_chain_cpu(v, a, 0.5, 1)).collect();
+            assert_bits(&format!("slow {a} (concurrent: {concurrent})"), o, &want);
+        }
+        let spans = &m.timeline().spans;
+        let on_branches = spans.iter().filter(|s| s.stream >= 6).count();
+        // Chunks whose three branches all overlap one another.
+        let mut together = 0;
+        for c in 0..chunks as u64 {
+            let mine: Vec<_> = spans
+                .iter()
+                .filter(|s| s.chunk == c && s.name.starts_with("slow"))
+                .collect();
+            assert_eq!(mine.len(), 3, "chunk {c}: {mine:?}");
+            let all = (0..3).all(|i| (i + 1..3).all(|j| overlap(mine[i], mine[j])));
+            let any = (0..3).any(|i| (i + 1..3).any(|j| overlap(mine[i], mine[j])));
+            if concurrent {
+                together += usize::from(all);
+            } else {
+                assert!(!any, "chunk {c} on one lane overlapped: {mine:?}");
+            }
+        }
+        println!(
+            "concurrent {concurrent}: {:.1} ms, {together} of {chunks} chunks with all three branches at once, {on_branches} spans on branch lanes",
+            wall[k]
+        );
+        if concurrent {
+            assert_eq!(
+                on_branches,
+                2 * chunks,
+                "two of three branches on lanes of their own"
+            );
+            // A sanitizer runs kernels one at a time.
+            if !under_sanitizer() {
+                assert!(
+                    together >= chunks / 2,
+                    "only {together} of {chunks} chunks ran their branches at once"
+                );
+            }
+        } else {
+            assert_eq!(on_branches, 0);
+        }
+        assert_eq!(m.get_stats().stages.len(), 3, "{:?}", m.get_stats().stages);
+    }
+    // How much faster is S11's concurrency case (prism-bench), not a test.
 }

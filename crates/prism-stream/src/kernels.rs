@@ -395,6 +395,15 @@ impl<'l> Launch<'l> {
         self.lane.wait_for(fence)
     }
 
+    /// Records a fence after everything queued on the scope's lane so far,
+    /// the waits of [`wait_for`](Self::wait_for) included, and makes it the
+    /// scope's last: the end of a scope that joined other lanes' work.
+    pub fn fence(&mut self) -> Result<Fence> {
+        let f = self.lane.fence()?;
+        self.last = Some(f.clone());
+        Ok(f)
+    }
+
     /// Issues the waits a kernel reading `buf` needs, now. Optional (every
     /// launch orders itself); useful before a timed fence, so the time
     /// measured excludes the wait. Nothing while capturing a graph (its

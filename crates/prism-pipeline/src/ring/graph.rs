@@ -136,12 +136,7 @@ pub(crate) fn run_graph_pinned<T: Element>(
             to_download: VecDeque::new(),
             written: vec![0; lens.len()],
         };
-        let mut p = GraphChain {
-            graph: &mut **graph,
-            plan: &run.plan,
-            capacity: run.capacity,
-            global: Some(global),
-        };
+        let mut p = GraphChain::new(&mut **graph, &run.plan, run.capacity, Some(global));
         let counts = driver.drive(&mut io, &mut p).0?;
         Ok((counts, io.written))
     })?;
@@ -297,12 +292,7 @@ pub(crate) fn run_graph_slices<T: Element>(
             global,
             parts: VecDeque::new(),
         };
-        let mut p = GraphChain {
-            graph: &mut **graph,
-            plan: &run.plan,
-            capacity: run.capacity,
-            global: Some(global),
-        };
+        let mut p = GraphChain::new(&mut **graph, &run.plan, run.capacity, Some(global));
         let (r, slots) = driver.drive(&mut io, &mut p);
         for s in slots.into_made() {
             io.cache.give_input(s.input);

@@ -12,7 +12,7 @@ use prism_stream::Element;
 use crate::dag::StageGraph;
 use crate::error::{Error, Result};
 use crate::guard;
-use crate::ring::TaggedIo;
+use crate::ring::TaggedRun;
 use crate::runs::StreamCounts;
 use crate::source::BoxError;
 
@@ -141,27 +141,16 @@ impl<T: Element> crate::PipelineStageManager<T> {
         let started = std::time::Instant::now();
         match self.backend {
             crate::BackendKind::Gpu => {
-                let (counts, failed) = {
-                    let (mut driver, cache, _) = self.graph_parts()?;
-                    let mut io = TaggedIo {
-                        source,
-                        sinks,
-                        chunk: run.chunk,
-                        capacity: run.capacity,
-                        cache,
-                        failed: None,
-                        _m: std::marker::PhantomData,
-                    };
-                    let mut p = crate::dag::GraphChain::new(graph, &run.plan, run.capacity, None);
-                    let (r, slots) = driver.drive(&mut io, &mut p);
-                    for s in slots.into_made() {
-                        io.cache.give_output(s.input);
-                        for o in s.outputs {
-                            io.cache.give_output(o);
-                        }
-                    }
-                    (r, io.failed.take())
-                };
+                // One device on this thread: the source, sinks and
+                // metadata need not be `Send` (the same per-device run as
+                // several GPUs').
+                let tagged = TaggedRun::new(source, sinks, run.chunk, self.slots());
+                let graph = std::sync::Mutex::new(graph);
+                let counts = crate::ring::drive_one(self, &|_, d, global| {
+                    tagged.device(d, global, &graph, &run)
+                });
+                let counts = counts.map_err(crate::ring::Failure::into_error);
+                let (_, failed) = tagged.finish();
                 let counts = counts?;
                 self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
                 if let Some(e) = failed {

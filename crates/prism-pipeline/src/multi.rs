@@ -570,6 +570,57 @@ impl<T: Element> MultiGpuPipeline<T> {
         })
     }
 
+    /// Streams a tagged source through a stage graph, chunks spread over
+    /// the GPUs: every output's sink (`sinks[i]` for output `i`) receives
+    /// each chunk's part with the chunk's metadata, in input order (a GPU
+    /// whose chunk is not next parks a copy, at most one per ring slot of
+    /// all GPUs, and goes on). `graphs` as for
+    /// [`run_graph_pinned`](Self::run_graph_pinned). Errors as
+    /// [`PipelineStageManager::run_graph_stream`], a GPU's wrapped in
+    /// [`Error::Device`].
+    pub fn run_graph_stream<M, S, K>(
+        &mut self,
+        graphs: &mut [crate::StageGraph<T>],
+        source: S,
+        sinks: &mut [K],
+    ) -> Result<StreamCounts>
+    where
+        M: Send,
+        S: crate::TaggedSource<T, M> + Send,
+        K: crate::TaggedSink<T, M> + Send,
+    {
+        let _span = tracing::debug_span!("prism.multi.run_graph_stream").entered();
+        let _nvtx = Range::new("multi.run_graph_stream");
+        self.check_graphs(graphs)?;
+        let runs = self
+            .devices
+            .iter_mut()
+            .zip(graphs.iter())
+            .map(|(d, g)| d.begin_graph_stream(g, sinks.len()))
+            .collect::<Result<Vec<_>>>()?;
+        let started = Instant::now();
+        let window: usize = self.devices.iter().map(|d| d.slots()).sum();
+        let tagged = ring::TaggedRun::new(source, sinks, runs[0].chunk, window);
+        let graphs: Vec<Mutex<&mut crate::StageGraph<T>>> =
+            graphs.iter_mut().map(Mutex::new).collect();
+        let saved = self.save();
+        let devices = Devices::multi(&mut self.devices);
+        let driven = ring::drive(devices, &|| tagged.stop(), &|i, d, global| {
+            tagged.device(d, global, &graphs[i], &runs[i])
+        });
+        let counts = driven.map_err(|f| self.fail(saved, f))?;
+        self.finish(started, &Self::no_items(counts.clone()));
+        let (delivered, failed) = tagged.finish();
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(StreamCounts {
+            chunks: delivered,
+            elements_in: counts.iter().map(|c| c.elems_in).sum(),
+            elements_out: counts.iter().map(|c| c.elems_out).sum(),
+        })
+    }
+
     /// Every GPU's checks and ring for a graph run over `n` elements into
     /// destinations of `lens` (as a single GPU's `begin_graph`); the
     /// graphs passed [`check_graphs`](Self::check_graphs).

@@ -387,14 +387,18 @@ struct Tag {
 /// graph with a tagged source; every output's sink must see every chunk,
 /// in order, with its metadata, and the CPU reference's data. With
 /// `fail_at`, the source fails there: the chunks before it still arrive.
-fn tagged_run(
-    m: &mut PipelineStageManager<f32>,
-    join: impl Join<f32> + 'static,
-    chunk: usize,
-    fail_at: Option<u32>,
-) {
+/// Where a tagged run goes: one manager and its graph, or every GPU and
+/// one graph per GPU.
+enum Target<'a> {
+    One(&'a mut PipelineStageManager<f32>, &'a mut StageGraph<f32>),
+    Every(
+        &'a mut prism_pipeline::MultiGpuPipeline<f32>,
+        &'a mut [StageGraph<f32>],
+    ),
+}
+
+fn tagged_run(target: Target<'_>, chunk: usize, fail_at: Option<u32>) {
     use prism_pipeline::{tagged_sink, tagged_source, BoxError};
-    let (mut g, _) = graph(join);
     let chunks = 23u32;
     let lens: Vec<usize> = (0..chunks as usize)
         .map(|i| 1 + (i * 7919) % chunk)
@@ -440,7 +444,10 @@ fn tagged_run(
                 })
             })
             .collect();
-        m.run_graph_stream(&mut g, source, &mut sinks)
+        match target {
+            Target::One(m, g) => m.run_graph_stream(g, source, &mut sinks),
+            Target::Every(p, graphs) => p.run_graph_stream(graphs, source, &mut sinks),
+        }
     };
     let delivered = fail_at.unwrap_or(chunks) as usize;
     match (fail_at, result) {
@@ -462,9 +469,10 @@ fn tagged_run(
 fn host_tagged_stream_carries_metadata_to_every_output() {
     let chunk = 1000;
     let mut m = PipelineStageManager::<f32>::new(Backend::Host, config(chunk)).unwrap();
-    tagged_run(&mut m, host_join(), chunk, None);
-    tagged_run(&mut m, host_join(), chunk, Some(13));
-    tagged_run(&mut m, host_join(), chunk, Some(0));
+    for fail_at in [None, Some(13), Some(0)] {
+        let (mut g, _) = graph(host_join());
+        tagged_run(Target::One(&mut m, &mut g), chunk, fail_at);
+    }
 }
 
 #[test]
@@ -475,9 +483,10 @@ fn gpu_tagged_stream_carries_metadata_to_every_output() {
     let gpu = ctx.gpu().clone();
     let chunk = scaled(1 << 18, 1 << 10);
     let mut m = PipelineStageManager::<f32>::with_gpu(&gpu, config(chunk)).unwrap();
-    tagged_run(&mut m, gpu_join(&gpu), chunk, None);
-    tagged_run(&mut m, gpu_join(&gpu), chunk, Some(13));
-    tagged_run(&mut m, gpu_join(&gpu), chunk, Some(0));
+    for fail_at in [None, Some(13), Some(0)] {
+        let (mut g, _) = graph(gpu_join(&gpu));
+        tagged_run(Target::One(&mut m, &mut g), chunk, fail_at);
+    }
 }
 
 #[test]
@@ -534,6 +543,14 @@ fn gpu_graph_over_every_gpu_matches_cpu() {
     }
     for (k, (got, want)) in pageable.iter().zip(&want).enumerate() {
         assert_bits(&format!("output {k} (pageable, every GPU)"), got, want);
+    }
+
+    // A tagged stream over every GPU: every sink gets every chunk in input
+    // order with its metadata; a source failure still delivers the chunks
+    // before it.
+    for fail_at in [None, Some(13), Some(0)] {
+        let mut graphs: Vec<StageGraph<f32>> = gpus.iter().map(|g| graph(gpu_join(g)).0).collect();
+        tagged_run(Target::Every(&mut p, &mut graphs), chunk, fail_at);
     }
 }
 

@@ -9,8 +9,10 @@
 //!   pinned memory by the host threads; each device pulls a chunk and its
 //!   output parts from the run's feed ([`run_graph_slices`], one GPU or
 //!   several).
-//! - [`TaggedIo`]: a tagged stream, its metadata waiting in the slot until
-//!   the chunk's outputs reach their sinks (one GPU).
+//! - [`TaggedIo`]: a tagged stream ([`TaggedRun`], one GPU or several):
+//!   each device pulls a chunk from the source behind the run's feed, its
+//!   metadata waits in the slot, and the chunk's outputs reach their sinks
+//!   in input order (`InOrder`), each with the chunk's metadata.
 //!
 //! Invariant: a chunk's outputs are as many as the graph's, each as long
 //! as planned; an empty output is skipped, not copied (a chunk whose
@@ -26,7 +28,7 @@ use prism_buffer::ChunkIo;
 use prism_stream::nvtx::Range;
 use prism_stream::{DeviceBuffer, Element, Gpu, Lane, PinnedBuffer};
 
-use super::sched::{lock, Feed};
+use super::sched::{lock, Feed, InOrder};
 use super::{drive, Devices, Driven};
 use crate::copy::{par_copy, CopyPool};
 use crate::dag::{filled, ChunkParts, GraphChain, GraphRun, StageGraph};
@@ -431,31 +433,99 @@ pub(crate) struct TaggedSlot<T: Element, M> {
     pub(crate) meta: Option<M>,
 }
 
-/// The GPU I/O of a tagged stream: the source fills the slot's staging in
-/// place, the metadata waits in the slot, each output's sink reads its
-/// staging in place when the chunk retires.
-pub(crate) struct TaggedIo<'a, T: Element, M, S, K> {
-    pub(crate) source: S,
-    pub(crate) sinks: &'a mut [K],
-    pub(crate) chunk: usize,
-    pub(crate) capacity: usize,
-    pub(crate) cache: &'a mut StagingCache<T>,
-    /// The source failed here: no more input; the chunks before it drain.
-    pub(crate) failed: Option<Error>,
-    pub(crate) _m: std::marker::PhantomData<fn(M)>,
+/// A parked chunk of a tagged stream: its metadata and each output's part.
+type TaggedParked<T, M> = (M, Vec<Vec<T>>);
+
+/// What every device of a tagged graph stream shares: the source behind a
+/// feed (called once at a time, in order), the sinks behind in-order
+/// delivery (every output's sink gets chunks 0, 1, 2, ... with their
+/// metadata; a device whose chunk is not next parks a copy), and the
+/// source's failure.
+pub(crate) struct TaggedRun<'k, T: Element, M, S, K> {
+    feed: Feed<S>,
+    out: InOrder<&'k mut [K], TaggedParked<T, M>>,
+    failed: Mutex<Option<Error>>,
+    chunk: usize,
+}
+
+impl<'k, T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> TaggedRun<'k, T, M, S, K> {
+    /// A run over `source` into `sinks` (one per output) in chunks of
+    /// `chunk` elements, with at most `window` chunks parked.
+    pub(crate) fn new(source: S, sinks: &'k mut [K], chunk: usize, window: usize) -> Self {
+        Self {
+            feed: Feed::new(source),
+            out: InOrder::new(sinks, window),
+            failed: Mutex::new(None),
+            chunk,
+        }
+    }
+
+    /// No device takes another chunk or delivers another output.
+    pub(crate) fn stop(&self) {
+        self.feed.stop();
+        self.out.stop();
+    }
+
+    /// One device's part of the run: `graph` (this device's) as `run` planned.
+    pub(crate) fn device(
+        &self,
+        d: &mut crate::PipelineStageManager<T>,
+        global: &GlobalIndex,
+        graph: &Mutex<&mut StageGraph<T>>,
+        run: &GraphRun,
+    ) -> Result<RunCounts> {
+        let mut graph = lock(graph);
+        let outputs = graph.output_count();
+        let (mut driver, cache, _) = d.graph_parts()?;
+        driver.global = Some(global);
+        let mut io = TaggedIo {
+            run: self,
+            outputs,
+            capacity: run.capacity,
+            cache,
+            global,
+        };
+        let mut p = GraphChain::new(&mut **graph, &run.plan, run.capacity, Some(global));
+        let (r, slots) = driver.drive(&mut io, &mut p);
+        for s in slots.into_made() {
+            io.cache.give_output(s.input);
+            for o in s.outputs {
+                io.cache.give_output(o);
+            }
+        }
+        r
+    }
+
+    /// Chunks the sinks received, and the source's failure, if any.
+    pub(crate) fn finish(self) -> (u64, Option<Error>) {
+        let failed = self.failed.into_inner().unwrap_or_else(|p| p.into_inner());
+        (self.out.delivered(), failed)
+    }
+}
+
+/// The chunks of a tagged stream as one device pulls them: the source
+/// fills the slot's staging in place (under the feed's lock), the metadata
+/// waits in the slot, and each output's sink reads its staging in place
+/// when the chunk's turn comes.
+pub(crate) struct TaggedIo<'a, 'k, T: Element, M, S, K> {
+    run: &'a TaggedRun<'k, T, M, S, K>,
+    outputs: usize,
+    capacity: usize,
+    cache: &'a mut StagingCache<T>,
+    global: &'a GlobalIndex,
 }
 
 impl<T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> ChunkIo<T>
-    for TaggedIo<'_, T, M, S, K>
+    for TaggedIo<'_, '_, T, M, S, K>
 {
     type Slot = TaggedSlot<T, M>;
     type Error = Error;
 
     fn make_slot(&mut self, gpu: &Gpu) -> Result<TaggedSlot<T, M>> {
         // Host-readable (a source may read what it wrote): no write-combining.
-        let input = self.cache.output(gpu, self.chunk)?;
-        let mut outputs = Vec::with_capacity(self.sinks.len());
-        for _ in 0..self.sinks.len() {
+        let input = self.cache.output(gpu, self.run.chunk)?;
+        let mut outputs = Vec::with_capacity(self.outputs);
+        for _ in 0..self.outputs {
             outputs.push(self.cache.output(gpu, self.capacity)?);
         }
         Ok(TaggedSlot {
@@ -473,19 +543,18 @@ impl<T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> ChunkIo<T>
         dev: &mut DeviceBuffer<T>,
         chunk: ChunkId,
     ) -> Result<Option<(usize, Recorded)>> {
-        if self.failed.is_some() {
-            return Ok(None);
-        }
-        let dst = &mut slot.input.as_mut_slice()?[..self.chunk];
-        let (len, meta) = match fill(&mut self.source, dst, chunk.0) {
+        let dst = &mut slot.input.as_mut_slice()?[..self.run.chunk];
+        let (k, (len, meta)) = match self.run.feed.pull(|source, k| fill(source, dst, k)) {
             Ok(Some(x)) => x,
             Ok(None) => return Ok(None),
             Err(e) => {
-                self.failed = Some(e);
+                lock(&self.run.failed).get_or_insert(e);
                 return Ok(None);
             }
         };
+        // After the source's fill: only now is it known that there is a chunk.
         let _nvtx = Range::new("upload");
+        self.global.set(chunk, k);
         slot.meta = Some(meta);
         let rec = lane.copy_htod_timed(&slot.input, 0, dev, 0, len, timed)?;
         Ok(Some((len, rec.into())))
@@ -519,19 +588,54 @@ impl<T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> ChunkIo<T>
         self.retire_outputs(slot, chunk, &[len])
     }
 
+    /// Every chunk retires here (one whose outputs are all empty too), so
+    /// every sink sees every chunk's metadata.
     fn retire_outputs(
         &mut self,
         slot: &mut TaggedSlot<T, M>,
         chunk: ChunkId,
         lens: &[usize],
     ) -> Result<()> {
+        let k = self
+            .global
+            .get(chunk)
+            .ok_or(Error::Config("a chunk's number was lost"))?;
         let meta = slot
             .meta
             .take()
             .ok_or(Error::Config("a retired chunk has no metadata"))?;
-        for ((sink, staged), &len) in self.sinks.iter_mut().zip(&slot.outputs).zip(lens) {
-            accept(sink, chunk.0, &meta, &staged.as_slice()?[..len])?;
+        if lens.len() != slot.outputs.len() {
+            return Err(Error::Config("a chunk's outputs differ from the graph's"));
         }
+        let parts = slot
+            .outputs
+            .iter()
+            .zip(lens)
+            .map(|(b, &len)| Ok(&b.as_slice()?[..len]))
+            .collect::<Result<Vec<&[T]>>>()?;
+        let send = |sinks: &mut &mut [K], i: u64, meta: &M, parts: &[&[T]]| -> Result<()> {
+            for (sink, data) in sinks.iter_mut().zip(parts) {
+                accept(sink, i, meta, data)?;
+            }
+            Ok(())
+        };
+        // Delivered now (by reference) or parked (moved): one of the two.
+        let meta = std::cell::Cell::new(Some(meta));
+        let taken = || {
+            meta.take()
+                .ok_or(Error::Config("a chunk's metadata was taken twice"))
+        };
+        let delivered = self.run.out.deliver(
+            k,
+            |sinks| send(sinks, k, &taken()?, &parts),
+            || Ok((taken()?, parts.iter().map(|p| p.to_vec()).collect())),
+            &|sinks, i, (m, vs): TaggedParked<T, M>| {
+                let parts: Vec<&[T]> = vs.iter().map(|v| &v[..]).collect();
+                send(sinks, i, &m, &parts)
+            },
+        );
+        delivered.unwrap_or(Ok(()))?;
+        self.global.retired(chunk);
         Ok(())
     }
 }

@@ -14,8 +14,9 @@
 //! A single GPU is the same with one device: `PipelineStageManager`'s
 //! runs pass `Devices::one(self)` to the same functions a
 //! `MultiGpuPipeline` passes its GPUs to (`run_slices`, `run_pinned`,
-//! `run_graph_pinned`, `run_graph_slices`, `StreamRun`), or, for a stream whose source and
-//! sink need not be `Send`, run `StreamRun`'s per-device work through
+//! `run_graph_pinned`, `run_graph_slices`, `StreamRun`, `TaggedRun`), or,
+//! for a stream whose source and sinks need not be `Send`, run
+//! `StreamRun`'s or `TaggedRun`'s per-device work through
 //! [`drive_one`](engine::drive_one) on the calling thread. A failure
 //! comes back as a [`Failure`](engine::Failure): a single manager returns
 //! its error as it is, a `MultiGpuPipeline` wraps it in `Error::Device`.
@@ -70,14 +71,13 @@
 //! - `iter.rs` ([`IterIo`](iter::IterIo)): one `execute_iteration` step;
 //!   a pinned chunk is downloaded in the call that submits it.
 //! - `graph.rs` ([`GraphPinnedIo`](graph::GraphPinnedIo) and
-//!   [`GraphSliceIo`](graph::GraphSliceIo), fed; [`TaggedIo`](graph::TaggedIo)):
+//!   [`GraphSliceIo`](graph::GraphSliceIo), [`TaggedIo`](graph::TaggedIo), fed):
 //!   a stage graph's, one input and several outputs per chunk, each output
 //!   into its own destination, in output order.
 //!
 //! Still one GPU only: `run_items` (a bad item fails a single GPU's run at
 //! once, where several GPUs drain the items before it), and the pinned
-//! items, tagged stream and `execute_iteration` modes,
-//! which have no multi-GPU run.
+//! items and `execute_iteration` modes, which have no multi-GPU run.
 
 mod engine;
 mod graph;
@@ -96,7 +96,7 @@ use crate::error::Result;
 use crate::gpu::StagingCache;
 
 pub(crate) use engine::{drive, drive_one, Devices, Driven, Failure, GpuRun};
-pub(crate) use graph::{run_graph_pinned, run_graph_slices, TaggedIo};
+pub(crate) use graph::{run_graph_pinned, run_graph_slices, TaggedRun};
 pub(crate) use items::{check_item, FedItems, ItemsIo, Numbered};
 pub(crate) use iter::{IterData, IterIo, IterSlot};
 pub(crate) use pageable::run_slices;

@@ -71,7 +71,8 @@ pub struct ChunkSpan {
     pub chunk: ChunkId,
     /// Which step.
     pub step: Step,
-    /// Engine lane it ran on ([`UPLOAD_LANE`], [`DOWNLOAD_LANE`], or a compute lane).
+    /// Lane it ran on: [`UPLOAD_LANE`], [`DOWNLOAD_LANE`], a compute lane
+    /// (engine lanes), or [`BRANCH_LANE`]` + k` (a processor's own lane).
     pub lane: usize,
     /// "upload", "download", or the name a processor gave its kernels.
     pub name: Cow<'static, str>,

@@ -439,8 +439,9 @@ impl<T: Element> StageGraph<T> {
         Ok(self.outputs.len() - 1)
     }
 
-    /// True when `other` has the same nodes (names, kinds and inputs) and
-    /// outputs: the same graph built for another GPU.
+    /// True when `other` has the same nodes (names, kinds and inputs),
+    /// outputs and [`concurrent_branches`](Self::concurrent_branches)
+    /// setting: the same graph built for another GPU.
     pub fn same_shape(&self, other: &StageGraph<T>) -> bool {
         let kind = |op: &Op<T>| match op {
             Op::Input => 0,
@@ -573,16 +574,19 @@ impl<T: Element> StageGraph<T> {
         if !concurrent {
             return (track, 1);
         }
-        // The last node given to each track.
-        let mut tail = vec![0usize];
-        let mut next = 1usize;
+        // Whether a node's track was continued by a reader already.
+        let mut continued = vec![false; n];
+        let (mut tracks, mut next) = (1usize, 1usize);
         for i in (1..n).filter(|&i| live[i]) {
-            let inputs = &self.nodes[i].inputs;
-            let t = match inputs.iter().find(|&&p| tail[track[p]] == p) {
-                Some(&p) => track[p],
-                None if tail.len() < MAX_TRACKS => {
-                    tail.push(i);
-                    tail.len() - 1
+            let first = self.nodes[i].inputs.iter().find(|&&p| !continued[p]);
+            track[i] = match first {
+                Some(&p) => {
+                    continued[p] = true;
+                    track[p]
+                }
+                None if tracks < MAX_TRACKS => {
+                    tracks += 1;
+                    tracks - 1
                 }
                 None => {
                     let t = next;
@@ -590,10 +594,7 @@ impl<T: Element> StageGraph<T> {
                     t
                 }
             };
-            track[i] = t;
-            tail[t] = i;
         }
-        let tracks = tail.len();
         (track, tracks)
     }
 
@@ -612,15 +613,23 @@ impl<T: Element> StageGraph<T> {
             last[o] = usize::MAX;
         }
         let (track, tracks) = self.tracks(&live, concurrent);
-        // ancestors[i][x]: node x is ordered before node i through the
+        // Only a concurrent plan asks what is ordered before what.
+        let m = if concurrent { n } else { 0 };
+        // ancestors[i]: a bit per node ordered before node i through the
         // graph's edges (i waits for its inputs, transitively).
-        let mut ancestors = vec![vec![false; n]; n];
-        for i in 0..n {
-            for &p in &self.nodes[i].inputs {
+        let words = m.div_ceil(64);
+        let mut ancestors = vec![vec![0u64; words]; m];
+        // readers[v]: the live nodes that read node v.
+        let mut readers: Vec<Vec<usize>> = vec![Vec::new(); m];
+        for (i, node) in self.nodes.iter().enumerate().take(m) {
+            for &p in &node.inputs {
                 let (before, at) = ancestors.split_at_mut(i);
-                at[0][p] = true;
-                for (x, &a) in before[p].iter().enumerate() {
-                    at[0][x] |= a;
+                at[0][p / 64] |= 1 << (p % 64);
+                for (w, &a) in at[0].iter_mut().zip(&before[p]) {
+                    *w |= a;
+                }
+                if live[i] {
+                    readers[p].push(i);
                 }
             }
         }
@@ -630,14 +639,9 @@ impl<T: Element> StageGraph<T> {
         // value it held and every reader of it are ordered before `i`.
         let ordered_before = |b: usize, i: usize, holder: &[usize]| {
             let h = holder[b];
-            let done = |x: usize| ancestors[i][x] || track[x] == track[i];
-            done(h)
-                && self
-                    .nodes
-                    .iter()
-                    .enumerate()
-                    .filter(|&(r, node)| live[r] && r < i && node.inputs.contains(&h))
-                    .all(|(r, _)| done(r))
+            let done =
+                |x: usize| ancestors[i][x / 64] & (1 << (x % 64)) != 0 || track[x] == track[i];
+            done(h) && readers[h].iter().all(|&r| done(r))
         };
         let mut buf = vec![usize::MAX; n];
         buf[0] = 0;
@@ -949,12 +953,16 @@ pub(crate) struct GraphChain<'a, T: Element> {
     capacity: usize,
     /// A multi-GPU run's numbering of this GPU's chunks (errors name it).
     global: Option<&'a crate::gpu::GlobalIndex>,
-    /// Branch lanes, one set per chunk parity (as the engine alternates
-    /// chunks between two compute lanes, so a chunk's branches do not
-    /// queue behind the previous chunk's): track `k > 0` of chunk `c` runs
-    /// on `branches[c % 2][k - 1]`.
-    branches: [Vec<Lane>; 2],
+    branches: &'a mut BranchLanes,
 }
+
+/// A manager's branch lanes for stage graphs, one set per chunk parity (as
+/// the engine alternates chunks between two compute lanes, so a chunk's
+/// branches do not queue behind the previous chunk's): track `k > 0` of
+/// chunk `c` runs on set `c % 2`, lane `k - 1`. Made on the GPU of the
+/// first chunk that needs them and kept between runs (a manager has one GPU).
+#[derive(Debug, Default)]
+pub(crate) struct BranchLanes([Vec<Lane>; 2]);
 
 impl<'a, T: Element> GraphChain<'a, T> {
     pub(crate) fn new(
@@ -962,13 +970,14 @@ impl<'a, T: Element> GraphChain<'a, T> {
         plan: &'a Plan,
         capacity: usize,
         global: Option<&'a crate::gpu::GlobalIndex>,
+        branches: &'a mut BranchLanes,
     ) -> Self {
         Self {
             graph,
             plan,
             capacity,
             global,
-            branches: [Vec::new(), Vec::new()],
+            branches,
         }
     }
 }
@@ -999,7 +1008,7 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
         let plan = self.plan;
         // A chunk being captured into a CUDA graph stays on its lane.
         let concurrent = plan.tracks > 1 && !launch.is_capturing();
-        let branches = &mut self.branches[(chunk.0 % 2) as usize];
+        let branches = &mut self.branches.0[(chunk.0 % 2) as usize];
         if concurrent {
             while branches.len() + 1 < plan.tracks {
                 branches.push(Lane::new(launch.gpu())?);
@@ -1007,31 +1016,17 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
         }
         // The last fence of each branch track this chunk used.
         let mut ends: Vec<Option<Fence>> = vec![None; plan.tracks];
-        for (i, node) in self.graph.nodes.iter_mut().enumerate().skip(1) {
-            if !plan.live[i] || lens[i] == 0 {
-                continue;
+        let queued = Self::queue_nodes(
+            self.graph, plan, &lens, chunk, index, concurrent, launch, branches, bufs, spans,
+            &mut ends,
+        );
+        if let Err(e) = queued {
+            // A node failed: what the branch lanes already queued must not
+            // outlive the step (the engine drains only its own lanes).
+            for lane in branches.iter().take(plan.tracks.saturating_sub(1)) {
+                let _ = lane.synchronize();
             }
-            let track = if concurrent { plan.track[i] } else { 0 };
-            // The trace's branch lane: each parity's lanes apart.
-            let lane = match track {
-                0 => 0,
-                t => (chunk.0 % 2) as usize * (MAX_TRACKS - 1) + t,
-            };
-            let step = NodeStep {
-                node,
-                plan,
-                i,
-                lens: &lens,
-                index,
-                lane,
-            };
-            if track == 0 {
-                step.run(launch, bufs, spans)?;
-            } else {
-                let mut scope = branches[track - 1].launch();
-                let end = step.run(&mut scope, bufs, spans)?;
-                ends[track] = end.or_else(|| scope.last_fence().cloned());
-            }
+            return Err(e);
         }
         // Join the branch tracks into the chunk's lane, so the step's end
         // (the engine's process fence) covers every node.
@@ -1048,6 +1043,56 @@ impl<T: Element> ChunkProcessor<T> for GraphChain<'_, T> {
             outs.push(plan.buf[o], lens[o]);
         }
         Ok(outs)
+    }
+}
+
+impl<T: Element> GraphChain<'_, T> {
+    /// Queues every node of one chunk on its track, noting each branch
+    /// track's last fence in `ends`.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_nodes(
+        graph: &mut StageGraph<T>,
+        plan: &Plan,
+        lens: &[usize],
+        chunk: ChunkId,
+        index: u64,
+        concurrent: bool,
+        launch: &mut Launch<'_>,
+        branches: &mut [Lane],
+        bufs: &mut [DeviceBuffer<T>],
+        spans: &mut ComputeSpans,
+        ends: &mut [Option<Fence>],
+    ) -> Result<()> {
+        for (i, node) in graph.nodes.iter_mut().enumerate().skip(1) {
+            if !plan.live[i] || lens[i] == 0 {
+                continue;
+            }
+            let track = if concurrent { plan.track[i] } else { 0 };
+            // The trace's branch lane: each parity's lanes apart.
+            let lane = match track {
+                0 => 0,
+                t => (chunk.0 % 2) as usize * (MAX_TRACKS - 1) + t,
+            };
+            let step = NodeStep {
+                node,
+                plan,
+                i,
+                lens,
+                index,
+                lane,
+            };
+            if track == 0 {
+                step.run(launch, bufs, spans)?;
+            } else {
+                let mut scope = branches[track - 1].launch();
+                let end = step.run(&mut scope, bufs, spans)?;
+                // A node that queued nothing keeps the track's last fence.
+                if let Some(f) = end.or_else(|| scope.last_fence().cloned()) {
+                    ends[track] = Some(f);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1535,6 +1580,25 @@ mod tests {
         assert_eq!(g.buffers_per_slot().unwrap(), k + 1);
         check_plan(&g, true).unwrap();
         check_plan(&g, false).unwrap();
+    }
+
+    #[test]
+    fn a_reader_continues_its_input_track_past_the_last_track() {
+        // k two-stage branches built breadth first: every first stage,
+        // then every second stage; past MAX_TRACKS first stages share
+        // tracks, and each second stage still runs on its first's.
+        for k in [3, 8, 9, 12] {
+            let mut shape: Vec<Vec<usize>> = (0..k).map(|_| vec![0]).collect();
+            shape.extend((1..=k).map(|f| vec![f]));
+            let outputs: Vec<usize> = (k + 1..=2 * k).collect();
+            let g = build(&shape, &outputs);
+            let plan = g.allocate(g.live(), true);
+            assert_eq!(plan.tracks, k.min(MAX_TRACKS), "{k} branches");
+            for f in 1..=k {
+                assert_eq!(plan.track[f + k], plan.track[f], "{k} branches, branch {f}");
+            }
+            check_plan(&g, true).unwrap();
+        }
     }
 
     #[test]

@@ -239,6 +239,8 @@ pub struct PipelineStageManager<T: Element> {
     items_copy: Option<ring::PinnedItemsCopy>,
     /// What the last `run_items_pinned` really used.
     items_paths: ring::PinnedItemsPaths,
+    /// Stage graphs' branch lanes, kept between runs.
+    branch_lanes: dag::BranchLanes,
 }
 
 impl<T: Element> std::fmt::Debug for PipelineStageManager<T> {
@@ -309,6 +311,7 @@ impl<T: Element> PipelineStageManager<T> {
             timeline: Timeline::default(),
             items_copy: None,
             items_paths: ring::PinnedItemsPaths::default(),
+            branch_lanes: dag::BranchLanes::default(),
         })
     }
 

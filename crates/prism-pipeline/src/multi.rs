@@ -647,7 +647,7 @@ impl<T: Element> MultiGpuPipeline<T> {
         }
         if graphs.iter().any(|g| !g.same_shape(&graphs[0])) {
             return Err(Error::Config(
-                "the GPUs' graphs differ in shape (nodes, their names and inputs, or outputs)",
+                "the GPUs' graphs differ in shape (nodes, their names and inputs, outputs, or concurrent_branches)",
             ));
         }
         Ok(())

@@ -67,8 +67,9 @@ pub struct PipelineStats {
     /// ran them).
     pub stages: Vec<StageTime>,
     /// Time at least one stage was running: on the GPU the union of the
-    /// stage spans over both compute streams (kernels of two chunks may run
-    /// at once, so this can be less than the sum of `stages`); on the host
+    /// stage spans over the compute streams and a stage graph's branch
+    /// streams (kernels of two chunks, or of two branches, may run at once,
+    /// so this can be less than the sum of `stages`); on the host
     /// the union over the host threads (chunks run on several threads at
     /// once, so `stages`, summed over threads, can exceed the wall time).
     /// The bound uses this.

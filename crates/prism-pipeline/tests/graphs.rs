@@ -659,4 +659,47 @@ fn gpu_independent_branches_of_a_chunk_run_concurrently() {
         assert_eq!(m.get_stats().stages.len(), 3, "{:?}", m.get_stats().stages);
     }
     // How much faster is S11's concurrency case (prism-bench), not a test.
+
+    // A branch that fails on chunk 2 while the others spin on their lanes:
+    // the run names the stage and chunk, and the manager (its branch lanes
+    // kept) runs the good graph again, bit for bit.
+    let mut bad = StageGraph::new();
+    let x = bad.input();
+    let a = bad.stage(x, slow(2_000_000, 1.0)).unwrap();
+    bad.output(a).unwrap();
+    let mut calls = 0u32;
+    let failing = GpuFn::new(
+        "fails on its third chunk",
+        true,
+        move |l: &mut Launch<'_>, x: &DeviceBuffer<f32>, y: &mut DeviceBuffer<f32>, n| {
+            calls += 1;
+            if calls == 3 {
+                return Err("the branch gave up".into());
+            }
+            let mut f = FMA;
+            f.gpu(l, x, y, n)
+        },
+    );
+    let b = bad.stage(x, failing).unwrap();
+    bad.output(b).unwrap();
+    let mut outs = vec![vec![f32::NAN; n]; 2];
+    {
+        let mut dsts: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+        match m.run_graph(&mut bad, &input, &mut dsts) {
+            Err(Error::Stage { stage, chunk, .. }) => {
+                assert_eq!((stage.as_str(), chunk), ("fails on its third chunk", 2));
+            }
+            r => panic!("a failing branch: {r:?}"),
+        }
+    }
+    g.concurrent_branches(true);
+    let mut outs = vec![vec![f32::NAN; n]; 3];
+    {
+        let mut dsts: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+        m.run_graph(&mut g, &input, &mut dsts).unwrap();
+    }
+    for (o, &a) in outs.iter().zip(&scales) {
+        let want: Vec<f32> = input.iter().map(|&v| fma_chain_cpu(v, a, 0.5, 1)).collect();
+        assert_bits(&format!("slow {a} after a failed run"), o, &want);
+    }
 }

@@ -207,14 +207,12 @@ impl<T: Element> PipelineStageManager<T> {
         ))
     }
     /// Borrows what a GPU graph run needs.
-    pub(crate) fn graph_parts(
-        &mut self,
-    ) -> Result<(Driver<'_, T>, &mut StagingCache<T>, &CopyPool)> {
+    pub(crate) fn graph_parts(&mut self) -> Result<GraphParts<'_, T>> {
         let timing = self.config.timing;
         let trace = self.config.trace && timing;
         let engine = self.engine.as_mut().ok_or(Error::Config("no GPU engine"))?;
-        Ok((
-            Driver {
+        Ok(GraphParts {
+            driver: Driver {
                 engine,
                 timing,
                 trace,
@@ -223,10 +221,20 @@ impl<T: Element> PipelineStageManager<T> {
                 pool: &self.copy_pool,
                 global: None,
             },
-            &mut self.cache,
-            &self.copy_pool,
-        ))
+            cache: &mut self.cache,
+            pool: &self.copy_pool,
+            branches: &mut self.branch_lanes,
+        })
     }
+}
+
+/// What a GPU graph run borrows from its manager.
+pub(crate) struct GraphParts<'a, T: Element> {
+    pub(crate) driver: Driver<'a, T>,
+    pub(crate) cache: &'a mut StagingCache<T>,
+    pub(crate) pool: &'a CopyPool,
+    /// The branch lanes of the graph's processor (kept between runs).
+    pub(crate) branches: &'a mut crate::dag::BranchLanes,
 }
 
 /// A run that failed: on which device (`None`: before any device

@@ -128,7 +128,8 @@ pub(crate) fn run_graph_pinned<T: Element>(
     let done = drive(devices, &|| feed.stop(), &|i, d, global| {
         let mut graph = lock(&graphs[i]);
         let run = &runs[i];
-        let (mut driver, _, _) = d.graph_parts()?;
+        let parts = d.graph_parts()?;
+        let mut driver = parts.driver;
         driver.global = Some(global);
         let mut io = GraphPinnedIo {
             feed: &feed,
@@ -138,7 +139,13 @@ pub(crate) fn run_graph_pinned<T: Element>(
             to_download: VecDeque::new(),
             written: vec![0; lens.len()],
         };
-        let mut p = GraphChain::new(&mut **graph, &run.plan, run.capacity, Some(global));
+        let mut p = GraphChain::new(
+            &mut **graph,
+            &run.plan,
+            run.capacity,
+            Some(global),
+            parts.branches,
+        );
         let counts = driver.drive(&mut io, &mut p).0?;
         Ok((counts, io.written))
     })?;
@@ -282,7 +289,8 @@ pub(crate) fn run_graph_slices<T: Element>(
     drive(devices, &|| feed.stop(), &|i, d, global| {
         let mut graph = lock(&graphs[i]);
         let run = &runs[i];
-        let (mut driver, cache, pool) = d.graph_parts()?;
+        let parts = d.graph_parts()?;
+        let (mut driver, cache, pool) = (parts.driver, parts.cache, parts.pool);
         driver.global = Some(global);
         let mut io = GraphSliceIo {
             feed: &feed,
@@ -294,7 +302,13 @@ pub(crate) fn run_graph_slices<T: Element>(
             global,
             parts: VecDeque::new(),
         };
-        let mut p = GraphChain::new(&mut **graph, &run.plan, run.capacity, Some(global));
+        let mut p = GraphChain::new(
+            &mut **graph,
+            &run.plan,
+            run.capacity,
+            Some(global),
+            parts.branches,
+        );
         let (r, slots) = driver.drive(&mut io, &mut p);
         for s in slots.into_made() {
             io.cache.give_input(s.input);
@@ -476,7 +490,8 @@ impl<'k, T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> TaggedRun<'k
     ) -> Result<RunCounts> {
         let mut graph = lock(graph);
         let outputs = graph.output_count();
-        let (mut driver, cache, _) = d.graph_parts()?;
+        let parts = d.graph_parts()?;
+        let (mut driver, cache) = (parts.driver, parts.cache);
         driver.global = Some(global);
         let mut io = TaggedIo {
             run: self,
@@ -485,7 +500,13 @@ impl<'k, T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> TaggedRun<'k
             cache,
             global,
         };
-        let mut p = GraphChain::new(&mut **graph, &run.plan, run.capacity, Some(global));
+        let mut p = GraphChain::new(
+            &mut **graph,
+            &run.plan,
+            run.capacity,
+            Some(global),
+            parts.branches,
+        );
         let (r, slots) = driver.drive(&mut io, &mut p);
         for s in slots.into_made() {
             io.cache.give_output(s.input);

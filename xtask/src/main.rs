@@ -1,4 +1,5 @@
-//! prism's developer tasks. `cargo xtask <command>`; one module per command.
+//! prism's developer tasks. `cargo xtask <command>`; one module per command
+//! (the `soak` command, which only runs the soak example, lives here).
 //!
 //! Few dependencies on purpose: std and clap only, so `cargo xtask` builds
 //! fast in CI.

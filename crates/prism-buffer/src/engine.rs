@@ -3,7 +3,8 @@
 //! streaming runs.
 //!
 //! An [`Engine`] owns the lanes (upload, download, one or two compute
-//! lanes), the device buffers of every slot (one or two per slot), a
+//! lanes), the device buffers of every slot (1 to
+//! [`MAX_BUFFERS_PER_SLOT`] per slot), a
 //! [`SlotRing`] driven by the fences its steps record, and the timing of
 //! the chunks in flight. How chunks get in and out is a [`ChunkIo`]: its
 //! per-slot state (staging buffers, item lists, nothing at all) is its

@@ -39,8 +39,9 @@
 //! Built on cudarc's driver API with `dynamic-loading`: a binary runs (and
 //! reports [`Error::DriverNotFound`]) on machines without a driver.
 //!
-//! This crate and prism-cuda-sys are the only ones with `unsafe` code; every
-//! block carries a `// SAFETY:` comment. Besides cudarc's driver API, its
+//! This crate and prism-cuda-sys are the only library crates with `unsafe`
+//! code (prism-bench's CUDA C++ baselines and some examples and tests have
+//! their own); every block carries a `// SAFETY:` comment. Besides cudarc's driver API, its
 //! only foreign calls are prism-cuda-sys's and the three of the NVTX shim
 //! ([`nvtx`]).
 //!

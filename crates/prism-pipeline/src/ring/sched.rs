@@ -6,11 +6,13 @@
 //!   the rate it finishes them: a slower or busier device takes fewer, and
 //!   none waits for another's share. Indices are handed out in input order.
 //! - [`InOrder`]: delivery in input order for outputs that must reach one
-//!   consumer in sequence (a stream's sink). A device delivering chunk `k`
-//!   waits until chunk `k - 1` was delivered. This cannot deadlock: each
-//!   device pulls increasing indices and delivers its own in that order, so
-//!   the device holding the oldest undelivered chunk is never waiting for
-//!   another.
+//!   consumer in sequence (a stream's sink). A device whose chunk `k` is
+//!   not next parks a copy of it (at most `window` across devices) and
+//!   goes on; whoever delivers the next chunk also delivers the parked ones
+//!   that follow. With the window full a device waits; this cannot
+//!   deadlock: each device pulls increasing indices and delivers its own in
+//!   that order, so the device holding the oldest undelivered chunk is
+//!   never waiting for another.
 //! - [`on_devices`]: one thread per device; the first failure stops the
 //!   feed and wakes every waiter, the other devices drain what they have in
 //!   flight, and that failure (with its device) is what the run reports.

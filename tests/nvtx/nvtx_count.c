@@ -3,7 +3,7 @@
  * Nsight Systems where it cannot run or make reports (CI, the GPU machine).
  *
  * Build (x86_64 Linux; the headers are the NVTX3 ones prism vendors):
- *   cc -shared -fPIC -O2 -I crates/prism-stream/nvtx/include \
+ *   cc -shared -fPIC -O2 -I crates/prism-stream/third_party/nvtx \
  *      tests/nvtx/nvtx_count.c -o libprism_nvtx_count.so -lpthread
  * Use:
  *   NVTX_INJECTION64_PATH=$PWD/libprism_nvtx_count.so \

@@ -64,7 +64,7 @@ fn counter() -> Result<PathBuf, NoCounter> {
         }
         let here = Path::new(env!("CARGO_MANIFEST_DIR"));
         let src = here.join("nvtx/nvtx_count.c");
-        let include = here.join("../crates/prism-stream/nvtx/include");
+        let include = here.join("../crates/prism-stream/third_party/nvtx");
         if !src.is_file() {
             return Err(NoCounter::Failed(format!(
                 "{} is missing (and PRISM_NVTX_COUNT_SO is not set)",

@@ -405,7 +405,7 @@ fn nvtx_bundle(dir: &Path) -> Result<u64> {
     util::run(
         Command::new(&cc)
             .args(["-shared", "-fPIC", "-O2", "-I"])
-            .arg(root.join("crates/prism-stream/nvtx/include"))
+            .arg(root.join("crates/prism-stream/third_party/nvtx"))
             .arg(root.join("tests/nvtx/nvtx_count.c"))
             .arg("-o")
             .arg(&so)

@@ -11,7 +11,7 @@
 //! GPU work they queued.
 //!
 //! **Free when no tool listens.** NVTX3 (NVIDIA's header-only NVTX, vendored
-//! in `nvtx/include` and wrapped by the C shim `nvtx/prism_nvtx.c`) loads a
+//! in `third_party/nvtx` and wrapped by the C shim `nvtx/prism_nvtx.c`) loads a
 //! tool at its first call: the library named by `NVTX_INJECTION64_PATH`
 //! (set by `nsys profile`), or nothing. prism asks once, on its first range;
 //! without a tool every later [`Range::new`] is one load and one branch (no

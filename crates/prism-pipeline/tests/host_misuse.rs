@@ -1,5 +1,7 @@
-//! Host-backend misuse found by review (issue #15's list): each case gets a
-//! typed error, not a panic, a hang or a silent change.
+//! Misuse of the host backend: each case gets a typed error, not a panic,
+//! a hang or a silent change (an unknown stage in the order, an item too
+//! long for a chunk, a chunk size that is not whole elements, a refused
+//! configuration, a failed run's stats).
 
 use prism_pipeline::{
     AsyncPipelineCoordinator, Error, Fma, HostFn, PipelineConfig, PipelineStats, Stage,

@@ -1,8 +1,10 @@
-//! Issue #21: soundness holes found by review, each as a user could meet
-//! it with the public API. Each test fails before its fix (see the test's
-//! comment) and passes after. GPU-gated: without a GPU each prints
-//! `SKIPPED`. Hole 2 faults a context on purpose, so it lives in its own
-//! binary, `fault_injection_holes.rs`.
+//! Soundness of sequences a user can write with the public API that once
+//! let prism and the GPU race (found by review): a global-mode capture
+//! elsewhere, a module unloaded under a stashed cudarc error, a gather
+//! whose addresses wrap. Each test failed before its fix (see the test's
+//! comment). GPU-gated: without a GPU each prints `SKIPPED`. The case of
+//! a fault in another context faults on purpose, so it lives in its own
+//! binary, `fault_injection_other_context.rs`.
 
 use std::sync::Mutex;
 use std::time::Instant;

@@ -1,7 +1,7 @@
-//! Issue #21, hole 2: a fault in a third context must not release a
-//! portable buffer that a healthy context's copy still writes, nor let a
-//! buffer be freed under its own context's work, when the faulted context
-//! is the one current on the calling thread.
+//! A fault in a third context must not release a portable buffer that a
+//! healthy context's copy still writes, nor let a buffer be freed under
+//! its own context's work, when the faulted context is the one current on
+//! the calling thread.
 //!
 //! Its own test binary (name: `fault_injection`): the fault leaves its
 //! context unusable, and on driver 580 every context of the process (see

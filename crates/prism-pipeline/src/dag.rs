@@ -310,7 +310,7 @@ pub struct StageGraph<T: Element> {
 /// The most tracks (lanes) a chunk of a stage graph runs on at once on the
 /// GPU: its compute lane and up to seven branch lanes (nodes past that
 /// share them, round robin).
-pub const MAX_TRACKS: usize = 8;
+pub(crate) const MAX_TRACKS: usize = 8;
 
 impl<T: Element> std::fmt::Debug for StageGraph<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -23,8 +23,8 @@ use prism_pipeline::{
     PipelineConfig, PipelineStageManager, StageError,
 };
 use prism_stream::nvtx::Range;
-use prism_stream::testing::{gpu_or_skip, gpu_required, random_f32, under_sanitizer};
 use prism_stream::{HostAllocFlags, Launch, ManagedGpuContext, PinnedBuffer};
+use prism_testing::{gpu_or_skip, gpu_required, random_f32, under_sanitizer};
 
 const FMA: Fma = Fma {
     a: 1.0001,

@@ -585,7 +585,7 @@ fn runs_bar(name: &str, runs: usize) -> Result<ProgressBar, BoxError> {
         .with_finish(ProgressFinish::AndClear))
 }
 
-/// Random f32 in [-1, 1) on every core, as `prism_stream::testing::random_f32`
+/// Random f32 in [-1, 1) on every core, as `prism_testing::random_f32`
 /// makes them: block b of 1 Mi elements comes from the seed's generator
 /// after b jumps (2^128 steps each), so the data does not depend on the
 /// number of threads.
@@ -1831,7 +1831,7 @@ fn print_table(device: &str, results: &[WorkloadResult]) {
 #[cfg(test)]
 mod tests {
     use super::fill_random;
-    use prism_stream::testing::random_f32;
+    use prism_testing::random_f32;
     use rand::{RngExt, SeedableRng};
     use rand_xoshiro::Xoshiro256PlusPlus;
 

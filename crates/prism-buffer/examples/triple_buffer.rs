@@ -5,8 +5,8 @@
 //! `cargo run --release -p prism-buffer --example triple_buffer`
 
 use prism_buffer::{GpuTripleBufferExt, TripleBuffer};
-use prism_stream::testing::{gpu_required, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, Error, ManagedGpuContext};
+use prism_testing::{gpu_required, random_f32, scaled};
 use std::io::IsTerminal;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;

@@ -1,8 +1,8 @@
 //! GPU-gated tests of the GPU triple buffer. Without a GPU each prints SKIPPED.
 
 use prism_buffer::{ChunkId, Error, GpuTripleBufferExt, SlotState, Step, TripleBuffer};
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{fma_chain_cpu, Launch};
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 const A: f32 = 1.000_1;
 const B: f32 = 0.25;

@@ -12,8 +12,8 @@
 use prism_pipeline::{Backend, BackendKind, Fma, GpuFn, PipelineConfig, PipelineStageManager};
 use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
-use prism_stream::testing::{random_f32, scaled};
 use prism_stream::{fma_chain_cpu, DeviceBuffer, Launch};
+use prism_testing::{random_f32, scaled};
 use std::io::IsTerminal;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;

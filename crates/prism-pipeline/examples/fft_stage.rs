@@ -44,8 +44,8 @@ use prism_pipeline::{PipelineConfig, PipelineStageManager, PipelineStats, Stage,
 use prism_stream::cudarc::cufft::result::CufftError;
 use prism_stream::cudarc::cufft::sys::{cufftComplex, cufftType};
 use prism_stream::cudarc::cufft::FftDirection;
-use prism_stream::testing::{gpu_required, random_f32};
 use prism_stream::{DeviceBuffer, FftPlan, Gpu, HostAllocFlags, Lane, Launch, PinnedBuffer};
+use prism_testing::{gpu_required, random_f32};
 use rayon::prelude::*;
 use rustfft::num_complex::Complex;
 use rustfft::FftPlanner;

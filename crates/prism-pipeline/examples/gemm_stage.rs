@@ -51,8 +51,8 @@ use prism_pipeline::{PipelineConfig, PipelineStageManager, PipelineStats, Stage,
 use prism_stream::cudarc::cublas::result::CublasError;
 use prism_stream::cudarc::cublas::sys::cublasOperation_t;
 use prism_stream::cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
-use prism_stream::testing::{gpu_required, random_f32};
 use prism_stream::{Blas, DeviceBuffer, Gpu, HostAllocFlags, Lane, Launch, PinnedBuffer};
+use prism_testing::{gpu_required, random_f32};
 use rayon::prelude::*;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;

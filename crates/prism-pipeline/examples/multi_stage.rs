@@ -6,7 +6,7 @@
 //! `cargo run --release -p prism-pipeline --example multi_stage`
 
 use prism_pipeline::{Backend, Clamp, Fma, GroupSum, PipelineConfig, PipelineStageManager};
-use prism_stream::testing::{random_f32, scaled};
+use prism_testing::{random_f32, scaled};
 use std::io::IsTerminal;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;

@@ -29,8 +29,8 @@ use prism_buffer::{GpuTripleBufferExt, TripleBuffer};
 use prism_pipeline::{
     fill_with, sink_fn, Backend, BackendKind, Fma, PipelineConfig, PipelineStageManager,
 };
-use prism_stream::testing::random_f32;
 use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, OpId, PinnedBuffer};
+use prism_testing::random_f32;
 use proptest::prelude::Rng as _;
 use proptest::test_runner::{RngAlgorithm, TestRng};
 

@@ -29,8 +29,8 @@ use prism_pipeline::{
 };
 use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
-use prism_stream::testing::{random_f32, scaled};
 use prism_stream::{fma_chain_cpu, DeviceBuffer, Gpu, Kernel, Launch};
+use prism_testing::{random_f32, scaled};
 
 const FMA: Fma = Fma {
     a: 1.25,

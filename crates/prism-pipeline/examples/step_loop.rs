@@ -8,7 +8,7 @@
 
 use prism_pipeline::{Backend, Fma, PipelineConfig, PipelineStageManager};
 use prism_stream::fma_chain_cpu;
-use prism_stream::testing::{random_f32, scaled};
+use prism_testing::{random_f32, scaled};
 use std::io::IsTerminal;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;

@@ -123,7 +123,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         timing: false,
         ..PipelineConfig::default()
     };
-    let backend = if prism_stream::testing::gpu_required() {
+    let backend = if prism_testing::gpu_required() {
         Backend::Gpu
     } else {
         Backend::Auto

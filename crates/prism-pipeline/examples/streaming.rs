@@ -15,8 +15,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use prism_pipeline::{Backend, BackendKind, Fma, PipelineConfig, PipelineStageManager};
-use prism_stream::testing::random_f32;
 use prism_stream::{fma_chain_cpu, HostAllocFlags, PinnedBuffer};
+use prism_testing::random_f32;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::prelude::*;
@@ -79,7 +79,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         trace: true,
         ..PipelineConfig::default()
     };
-    let backend = if prism_stream::testing::gpu_required() {
+    let backend = if prism_testing::gpu_required() {
         Backend::Gpu
     } else {
         Backend::Auto

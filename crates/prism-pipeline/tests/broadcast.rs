@@ -12,7 +12,7 @@ use prism_pipeline::{
     PipelineStageManager,
 };
 use prism_stream::fma_chain_cpu;
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
+use prism_testing::{gpu_or_skip, random_f32, scaled};
 
 mod common;
 use common::{host, same_bits};

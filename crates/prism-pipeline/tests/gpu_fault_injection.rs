@@ -3,7 +3,7 @@
 //! keeps it out of compute-sanitizer (name: fault_injection).
 
 use prism_pipeline::{Fma, GpuFn, GpuPipelineExt, PipelineConfig};
-use prism_stream::testing::{gpu_or_skip, random_f32};
+use prism_testing::{gpu_or_skip, random_f32};
 
 #[test]
 fn gpu_fault_injection_in_a_stage_is_an_error_not_a_hang() {

@@ -6,8 +6,8 @@ use prism_pipeline::{
     Backend, Clamp, Error, Fma, GpuFn, GroupSum, MultiGpuPipeline, PipelineConfig,
     PipelineStageManager, StageError,
 };
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{fma_chain_cpu, Gpu, HostAllocFlags, PinnedBuffer};
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 const FMA: Fma = Fma {
     a: 1.25,

@@ -2,8 +2,8 @@
 //! fault kills that GPU's primary context for the rest of the process).
 
 use prism_pipeline::{Error, Fma, GpuFn, MultiGpuPipeline, PipelineConfig};
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, Gpu};
+use prism_testing::{gpu_or_skip, random_f32, scaled};
 
 #[test]
 fn gpu_multi_fault_injection_on_one_gpu_is_named_and_nothing_hangs() {

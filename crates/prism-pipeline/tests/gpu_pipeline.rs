@@ -4,8 +4,8 @@ use prism_pipeline::{
     BackendKind, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum, Lane, PinnedItemsCopy,
     PipelineConfig, PipelineStageManager,
 };
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 fn manager(ctx: &ManagedGpuContext, chunk_elems: usize, trace: bool) -> PipelineStageManager<f32> {
     let config = PipelineConfig {

@@ -14,8 +14,8 @@ use prism_pipeline::{
 };
 use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
 use prism_stream::{DeviceBuffer, Gpu, Kernel, Lane, Launch};
+use prism_testing::{gpu_or_skip, random_f32, scaled};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()

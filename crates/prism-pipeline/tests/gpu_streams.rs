@@ -8,8 +8,8 @@ use prism_pipeline::{
     fill_with, from_iter, sink_fn, BoxError, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum,
     PipelineConfig, PipelineStageManager,
 };
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 fn manager(
     ctx: &ManagedGpuContext,

@@ -49,10 +49,10 @@ use prism_pipeline::{
 };
 use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
 use prism_stream::{
     fma_chain_cpu, DeviceBuffer, Gpu, HostAllocFlags, Kernel, Lane, Launch, PinnedBuffer,
 };
+use prism_testing::{gpu_or_skip, random_f32, scaled};
 use proptest::test_runner::TestRng;
 
 /// The most device buffers a ring slot holds (prism-buffer's

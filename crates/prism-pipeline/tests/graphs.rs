@@ -9,8 +9,8 @@ use prism_pipeline::{
 };
 use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{fma_chain_cpu, DeviceBuffer, Gpu, HostAllocFlags, Launch, PinnedBuffer};
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 const FMA: Fma = Fma {
     a: 1.25,

@@ -10,7 +10,7 @@ use prism_pipeline::{
     AsyncPipelineCoordinator, Backend, BackendKind, Clamp, Error, Fma, GroupSum, HostFn,
     PipelineConfig, PipelineStageManager, PipelineStats, Stage,
 };
-use prism_stream::testing::random_f32;
+use prism_testing::random_f32;
 
 mod common;
 use common::{host, host_threads, reference_chunk, same_bits, stage_from, BoxedStage};

@@ -6,7 +6,7 @@
 use prism_pipeline::{
     AsyncPipelineCoordinator, Error, Fma, HostFn, PipelineConfig, PipelineStats, Stage,
 };
-use prism_stream::testing::random_f32;
+use prism_testing::random_f32;
 
 mod common;
 use common::host;

@@ -12,7 +12,7 @@ use prism_pipeline::{
     fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Error, Fma, HostFn,
     PipelineConfig, PipelineStageManager, Stage,
 };
-use prism_stream::testing::random_f32;
+use prism_testing::random_f32;
 
 mod common;
 use common::{host, host_threads, reference_chunk, same_bits, stage_from, BoxedStage};

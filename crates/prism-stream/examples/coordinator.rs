@@ -4,8 +4,8 @@
 //!
 //! `cargo run --release -p prism-stream --example coordinator`
 
-use prism_stream::testing::{gpu_required, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, Error, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
+use prism_testing::{gpu_required, random_f32, scaled};
 use std::io::IsTerminal;
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;

@@ -41,10 +41,10 @@ use prism_stream::cudarc::driver::{
     result, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr,
 };
 use prism_stream::cudarc::nvrtc::Ptx;
-use prism_stream::testing::{gpu_required, random_f32};
 use prism_stream::{
     AsyncCoordinator, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer, StreamPurpose,
 };
+use prism_testing::{gpu_required, random_f32};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::prelude::*;

@@ -7,8 +7,8 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use prism_stream::testing::{gpu_required, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer};
+use prism_testing::{gpu_required, random_f32, scaled};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::prelude::*;

@@ -163,6 +163,8 @@ pub(crate) struct PtxKernels {
     fill_pattern: CudaFunction,
     check_pattern: CudaFunction,
     spin_ns: CudaFunction,
+    // Launched only by the `fault-injection` feature's test hook.
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     fault: CudaFunction,
     group_sum: CudaFunction,
     clamp: CudaFunction,
@@ -677,8 +679,9 @@ impl<'l> Launch<'l> {
     /// A kernel that writes through an invalid address: the GPU faults and the
     /// context (the device's primary context, shared by every user of it in
     /// the process) becomes unusable. Only for testing error paths; use it
-    /// on a context of its own ([`Gpu::open_private`]).
-    #[doc(hidden)]
+    /// on a context of its own ([`Gpu::open_private`]). Only with the
+    /// `fault-injection` feature (off by default; prism-testing turns it on).
+    #[cfg(feature = "fault-injection")]
     pub fn fault_injection(&mut self) -> Result<()> {
         self.run(
             "fault",

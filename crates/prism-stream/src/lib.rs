@@ -84,7 +84,6 @@ mod order;
 mod outside;
 mod readback;
 mod stream;
-pub mod testing;
 
 pub use capture::{Capture, CapturedGraph, GraphLaunch, ReadbackKey};
 pub use context::{device_count, driver_available, DeviceInfo, Gpu};

@@ -10,8 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use prism_stream::testing::gpu_or_skip;
 use prism_stream::{pattern, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer};
+use prism_testing::gpu_or_skip;
 
 const N: usize = 1 << 20;
 /// How long the healthy contexts' work keeps their streams busy: long

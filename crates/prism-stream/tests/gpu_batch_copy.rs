@@ -4,11 +4,11 @@
 //! refused with typed errors before anything is queued. GPU-gated: without
 //! a GPU each prints `SKIPPED`.
 
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{
     batch_copies_supported, BatchItem, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane,
     PinnedBuffer, Probe,
 };
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 /// Batched copies must be there on a CUDA 13 build (the GPU machines run
 /// driver 580); a `cuda-12` build must refuse them with the typed error.

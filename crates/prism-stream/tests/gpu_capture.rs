@@ -3,8 +3,8 @@
 //! graph uses, read-backs per launch, buffers kept alive by the graph, and
 //! every refusal typed. Outputs against a CPU reference. GPU-gated.
 
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{fma_chain_cpu, DeviceBuffer, Error, HostAllocFlags, Lane, PinnedBuffer};
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()

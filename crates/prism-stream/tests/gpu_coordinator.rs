@@ -1,13 +1,13 @@
 //! GPU-gated tests of the coordinator, buffers, streams and events.
-//! Without a GPU each prints `SKIPPED` (see prism_stream::testing).
+//! Without a GPU each prints `SKIPPED` (see prism_testing).
 
 use std::time::{Duration, Instant};
 
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{
     fma_chain_cpu, pattern, DeviceBuffer, Error, HostAllocFlags, Lane, ManagedGpuContext, OpId,
     OpStatus, PinnedBuffer, StreamPool, StreamPurpose,
 };
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 fn assert_fma(input: &[f32], out: &[f32], a: f32, b: f32, iters: u32) {
     let bad: Vec<usize> = (0..input.len())

@@ -4,8 +4,8 @@
 //! Awaited (module `future`), the fault is the op's error too, and a fence
 //! of another stream of the dead context fails with `ContextPoisoned`.
 
-use prism_stream::testing::gpu_or_skip;
 use prism_stream::{Error, OpStatus};
+use prism_testing::gpu_or_skip;
 
 #[test]
 fn gpu_fault_injection_is_reported_against_its_op() {

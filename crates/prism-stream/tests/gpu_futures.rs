@@ -1,16 +1,16 @@
 //! GPU completion awaited from async Rust (tokio): many fences awaited at
 //! once on one completion thread, and a coordinator op's future. Without a
-//! GPU each test prints `SKIPPED` (see prism_stream::testing).
+//! GPU each test prints `SKIPPED` (see prism_testing).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
 use prism_stream::{
     fma_chain_cpu, AsyncCoordinator, DeviceBuffer, Error, Fence, HostAllocFlags, Lane, OpStatus,
     PinnedBuffer,
 };
+use prism_testing::{gpu_or_skip, random_f32, scaled};
 use rand::{RngExt, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 

@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use prism_stream::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use prism_stream::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{
     fma_chain_cpu, DeviceBuffer, Error, Gpu, HostAllocFlags, InteropError, Lane, PinnedBuffer,
 };
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 /// How long the old owner's work keeps running after a hand-over is queued.
 const SPIN_NS: u64 = 300_000_000;

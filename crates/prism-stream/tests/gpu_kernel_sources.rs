@@ -6,11 +6,11 @@
 
 use std::time::Instant;
 
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
 use prism_stream::{
     fma_chain_cpu, pattern, DeviceBuffer, Element, Error, Gpu, HostAllocFlags, KernelSource, Lane,
     PinnedBuffer,
 };
+use prism_testing::{gpu_or_skip, random_f32, scaled};
 
 fn upload<T: Element>(lane: &mut Lane, data: &[T]) -> DeviceBuffer<T> {
     let host = PinnedBuffer::from_slice(lane.gpu(), data, HostAllocFlags::DEFAULT).unwrap();
@@ -260,7 +260,7 @@ fn gpu_ptx_module_outlives_a_running_kernel() {
     drop(gpu);
     let waited = t.elapsed();
     eprintln!("dropping the last handle of the module took {waited:?}");
-    if !prism_stream::testing::under_sanitizer() {
+    if !prism_testing::under_sanitizer() {
         assert!(
             waited.as_millis() >= 200,
             "the module was unloaded while its kernel ran ({waited:?})"

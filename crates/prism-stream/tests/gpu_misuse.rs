@@ -11,10 +11,10 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{
     DeviceBuffer, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer, StreamPool, StreamPurpose,
 };
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 /// Either `BufferInFlight`, or exactly `want` (never stale or partial data).
 fn in_flight_or_final(buf: &PinnedBuffer<f32>, want: &[f32], what: &str) -> bool {

@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{AsyncCoordinator, DeviceBuffer, Error, Lane};
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()

@@ -4,8 +4,8 @@
 //! same bytes, and copies of disjoint bytes do not wait for each other.
 //! GPU-gated: without a GPU each prints `SKIPPED`.
 
-use prism_stream::testing::{gpu_or_skip, under_sanitizer};
 use prism_stream::{pattern, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane, PinnedBuffer, Probe};
+use prism_testing::{gpu_or_skip, under_sanitizer};
 
 const N: usize = 1 << 20;
 

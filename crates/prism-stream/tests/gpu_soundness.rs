@@ -14,10 +14,10 @@ use prism_stream::cudarc::driver::sys::{
 };
 use prism_stream::cudarc::driver::{DriverError, LaunchConfig};
 use prism_stream::cudarc::nvrtc::Ptx;
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{
     fma_chain_cpu, pattern, DeviceBuffer, Error, HostAllocFlags, Lane, PinnedBuffer, Probe,
 };
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
 /// The tests of this binary run one at a time: a capture in global mode
 /// changes what the driver allows on every thread of the process.

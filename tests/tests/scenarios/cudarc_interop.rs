@@ -8,8 +8,8 @@
 
 use prism_pipeline::Stage;
 use prism_stream::cudarc::driver::CudaContext;
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
 use prism_stream::{DeviceBuffer, Lane};
+use prism_testing::{gpu_or_skip, random_f32, scaled};
 use prism_tests::{assert_same_bits, ScaledGroupSum};
 
 #[test]

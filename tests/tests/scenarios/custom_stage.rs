@@ -8,7 +8,7 @@ use prism_pipeline::{
     PipelineStageManager,
 };
 use prism_stream::fma_chain_cpu;
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
+use prism_testing::{gpu_or_skip, random_f32, scaled};
 use prism_tests::{assert_same_bits, clamp_cpu, ScaledGroupSum};
 
 const FMA: Fma = Fma {

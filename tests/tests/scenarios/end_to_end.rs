@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use prism_buffer::{ChunkId, GpuTripleBufferExt};
 use prism_pipeline::{BackendKind, Clamp, Fma, GpuPipelineExt, PipelineConfig};
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, HostAllocFlags, Launch, OpStatus, PinnedBuffer};
+use prism_testing::{gpu_or_skip, random_f32, scaled};
 use prism_tests::{assert_same_bits, clamp_cpu, ScaledGroupSum};
 
 const A: f32 = 1.000_1;

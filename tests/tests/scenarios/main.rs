@@ -14,7 +14,7 @@
 //! - `cudarc_interop`: a user's cudarc slice and stream through their own
 //!   stage's GPU form and back, no copy through the host.
 //!
-//! Tests named `gpu_*` start with `prism_stream::testing::gpu_or_skip`:
+//! Tests named `gpu_*` start with `prism_testing::gpu_or_skip`:
 //! without a GPU they print `SKIPPED` and pass (`PRISM_REQUIRE_GPU=1` makes
 //! that a failure). The others run anywhere.
 

@@ -6,8 +6,8 @@
 
 use prism_pipeline::PipelineConfig;
 use prism_pipeline::{from_iter, sink_fn, Backend, BoxError, Clamp, Fma, MultiGpuPipeline};
-use prism_stream::testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_stream::{device_count, fma_chain_cpu, HostAllocFlags, PinnedBuffer};
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 use prism_tests::{assert_same_bits, clamp_cpu, ScaledGroupSum};
 
 const FMA: Fma = Fma {

@@ -5,8 +5,8 @@
 //! the host.
 
 use prism_pipeline::{Backend, BackendKind, Fma, PipelineConfig, PipelineStageManager};
-use prism_stream::testing::{gpu_required, random_f32, scaled};
 use prism_stream::{fma_chain_cpu, PinnedBuffer};
+use prism_testing::{gpu_required, random_f32, scaled};
 use prism_tests::assert_same_bits;
 
 const STAGE: Fma = Fma {

@@ -1,6 +1,8 @@
-//! The workspace's one convention for GPU-gated tests.
+//! prism's test conventions, for the workspace's own tests, examples and
+//! benchmark (a dev-dependency; not part of the library's API). Depending
+//! on it turns on prism-stream's `fault-injection` feature.
 //!
-//! A GPU test starts with `let Some(ctx) = prism_stream::testing::gpu_or_skip("name") else { return };`
+//! A GPU test starts with `let Some(ctx) = prism_testing::gpu_or_skip("name") else { return };`
 //! (and names itself `gpu_*`). Without a driver or device it prints
 //! `SKIPPED <name>: <reason>` and returns, so `cargo test` passes on machines
 //! without a GPU and says why. With `PRISM_REQUIRE_GPU=1` (set by
@@ -10,7 +12,7 @@
 use rand::{RngExt, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use crate::{Error, ManagedGpuContext};
+use prism_stream::{Error, ManagedGpuContext};
 
 /// Environment variable that turns skips into failures.
 pub const REQUIRE_GPU_VAR: &str = "PRISM_REQUIRE_GPU";

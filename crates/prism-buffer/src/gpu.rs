@@ -19,10 +19,10 @@ use crate::engine::{
     ChunkIo, ChunkOutputs, ChunkProcessor, ChunkSpan, ComputeSpans, Engine, EngineConfig, IoSlots,
     Recorded, Upload, COMPUTE_LANE, DOWNLOAD_LANE, UPLOAD_LANE,
 };
-use crate::ring::{ChunkId, Fence, SlotId, SlotSnapshot, Step, DEFAULT_SLOTS};
+use crate::ring::{ChunkId, RingFence, SlotId, SlotSnapshot, Step, DEFAULT_SLOTS};
 use crate::Error;
 
-impl Fence for GpuFence {
+impl RingFence for GpuFence {
     type Error = prism_stream::Error;
     fn is_complete(&self) -> Result<bool, Self::Error> {
         GpuFence::is_complete(self)
@@ -172,19 +172,6 @@ where
     }
 }
 
-/// One step's GPU execution, in ms since timing was enabled.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepSpan {
-    /// The chunk.
-    pub chunk: ChunkId,
-    /// Which step.
-    pub step: Step,
-    /// Start, in ms since timing was enabled.
-    pub start_ms: f64,
-    /// End, in ms since timing was enabled.
-    pub end_ms: f64,
-}
-
 /// Spans kept for [`TripleBuffer::take_timeline`]; past it the oldest go.
 const MAX_SPANS: usize = 1 << 16;
 
@@ -193,7 +180,7 @@ const MAX_SPANS: usize = 1 << 16;
 pub struct TripleBuffer<T: Element> {
     engine: Engine<T>,
     host: IoSlots<HostSlot<T>>,
-    spans: VecDeque<StepSpan>,
+    spans: VecDeque<ChunkSpan>,
 }
 
 impl<T: Element> TripleBuffer<T> {
@@ -246,7 +233,7 @@ impl<T: Element> TripleBuffer<T> {
     /// (in GPU ms since timing was enabled), and forgets them: memory stays
     /// bounded by the chunks in flight plus the spans not yet taken (at most
     /// 65536; the oldest are dropped past that).
-    pub fn take_timeline(&mut self) -> Vec<StepSpan> {
+    pub fn take_timeline(&mut self) -> Vec<ChunkSpan> {
         self.spans.drain(..).collect()
     }
 
@@ -397,12 +384,7 @@ impl<T: Element> TripleBuffer<T> {
             if spans.len() >= MAX_SPANS {
                 spans.pop_front();
             }
-            spans.push_back(StepSpan {
-                chunk: s.chunk,
-                step: s.step,
-                start_ms: s.start_ms,
-                end_ms: s.end_ms,
-            });
+            spans.push_back(s);
         };
         self.engine.retire(&mut io, &mut self.host, &mut keep)?;
         Ok(io.result)

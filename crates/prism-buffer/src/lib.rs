@@ -8,7 +8,7 @@
 //!   having its own device buffers. Its bookkeeping is [`SlotRing`] (in
 //!   [`ring`]): a CPU-only state machine that decides which slot the next
 //!   Upload / Process / Download goes to, tracks each issued step through a
-//!   [`Fence`] (a CUDA event in production), reports slot states from
+//!   [`RingFence`] (a CUDA event in production), reports slot states from
 //!   *observed* fence completions, and hands outputs back in chunk order.
 //!   Being generic over the fence, it is tested entirely on the CPU. How
 //!   chunks get in and out is a [`ChunkIo`], what runs on them a
@@ -40,11 +40,12 @@ mod error;
 mod gpu;
 pub mod ring;
 
+pub use engine::ChunkSpan;
 pub use engine::{ChunkIo, ChunkOutputs, ChunkProcessor, Engine, EngineConfig};
-pub use gpu::{GpuTripleBufferExt, StepSpan, TripleBuffer};
+pub use gpu::{GpuTripleBufferExt, TripleBuffer};
 
 pub use error::Error;
 pub use ring::{
-    ChunkId, Fence, SlotId, SlotRing, SlotSnapshot, SlotState, Step, DEFAULT_SLOTS, MAX_SLOTS,
+    ChunkId, RingFence, SlotId, SlotRing, SlotSnapshot, SlotState, Step, DEFAULT_SLOTS, MAX_SLOTS,
     MIN_SLOTS,
 };

@@ -3,7 +3,7 @@
 //! [`SlotRing`] tracks which chunk lives in which slot and how far each chunk
 //! has progressed through its three GPU steps (Upload → Process → Download).
 //! It knows nothing about devices or streams: progress is reported through a
-//! [`Fence`] per issued step, which in production is a CUDA event and in tests
+//! [`RingFence`] per issued step, which in production is a CUDA event and in tests
 //! a flag the test sets.
 //!
 //! # Rules
@@ -42,7 +42,7 @@ pub const MAX_SLOTS: usize = 8;
 pub const DEFAULT_SLOTS: usize = 3;
 
 /// Something the GPU (or a test) completes later. In production: a CUDA event.
-pub trait Fence {
+pub trait RingFence {
     /// Error returned when the completion status cannot be queried.
     type Error;
 
@@ -54,7 +54,7 @@ pub trait Fence {
 }
 
 /// A test fence: complete once the flag is set.
-impl Fence for Arc<AtomicBool> {
+impl RingFence for Arc<AtomicBool> {
     type Error = Infallible;
 
     fn is_complete(&self) -> Result<bool, Infallible> {
@@ -64,7 +64,7 @@ impl Fence for Arc<AtomicBool> {
 }
 
 /// A single-threaded test fence: complete once the flag is set.
-impl Fence for Rc<std::cell::Cell<bool>> {
+impl RingFence for Rc<std::cell::Cell<bool>> {
     type Error = Infallible;
 
     fn is_complete(&self) -> Result<bool, Infallible> {
@@ -226,7 +226,7 @@ impl<F> Occupant<F> {
 
 /// The slot state machine of the GPU triple buffer; see the
 /// [module docs](self) for the rules it enforces.
-pub struct SlotRing<F: Fence> {
+pub struct SlotRing<F: RingFence> {
     slots: Vec<Option<Occupant<F>>>,
     /// Id the next upload gets.
     next_upload: u64,
@@ -239,7 +239,7 @@ pub struct SlotRing<F: Fence> {
     next_release: u64,
 }
 
-impl<F: Fence> SlotRing<F> {
+impl<F: RingFence> SlotRing<F> {
     /// A ring of `slots` empty slots, `2..=8` (3 for triple buffering).
     pub fn new(slots: usize) -> Result<Self, Error> {
         if !(MIN_SLOTS..=MAX_SLOTS).contains(&slots) {
@@ -481,14 +481,14 @@ impl<F: Fence> SlotRing<F> {
     }
 }
 
-impl<F: Fence> Default for SlotRing<F> {
+impl<F: RingFence> Default for SlotRing<F> {
     /// A ring of [`DEFAULT_SLOTS`] (3) slots.
     fn default() -> Self {
         Self::new(DEFAULT_SLOTS).expect("DEFAULT_SLOTS is within MIN_SLOTS..=MAX_SLOTS")
     }
 }
 
-impl<F: Fence> fmt::Debug for SlotRing<F> {
+impl<F: RingFence> fmt::Debug for SlotRing<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SlotRing")
             .field("next_upload", &self.next_upload)
@@ -759,7 +759,7 @@ mod tests {
     #[test]
     fn poll_error_is_returned_and_retried() {
         struct Failing(Rc<Cell<u32>>);
-        impl Fence for Failing {
+        impl RingFence for Failing {
             type Error = &'static str;
             fn is_complete(&self) -> Result<bool, &'static str> {
                 self.0.set(self.0.get() + 1);

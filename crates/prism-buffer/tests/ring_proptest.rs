@@ -10,7 +10,8 @@ use std::collections::{BTreeSet, VecDeque};
 use std::rc::Rc;
 
 use prism_buffer::{
-    ChunkId, Error, Fence, SlotId, SlotRing, SlotSnapshot, SlotState, Step, MAX_SLOTS, MIN_SLOTS,
+    ChunkId, Error, RingFence, SlotId, SlotRing, SlotSnapshot, SlotState, Step, MAX_SLOTS,
+    MIN_SLOTS,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -66,7 +67,7 @@ impl FakeFence {
     }
 }
 
-impl Fence for FakeFence {
+impl RingFence for FakeFence {
     type Error = FenceError;
 
     fn is_complete(&self) -> Result<bool, FenceError> {

@@ -15,7 +15,7 @@ use prism_stream::{DeviceBuffer, Element, Gpu, Launch, PinnedBuffer};
 use crate::error::{Error, Result};
 use crate::guard;
 use crate::stage::AnyStage;
-use crate::stats::{Lane as SpanLane, PipelineStats, Span, Timeline};
+use crate::stats::{PipelineStats, Span, SpanKind, Timeline};
 
 /// A new engine for the pipeline: `slots` slots of `buffers` (2 for a
 /// chain) `capacity`-element buffers, two compute lanes.
@@ -334,15 +334,15 @@ pub(crate) fn record_span(
     let lane = match s.step {
         Step::Upload => {
             stats.upload_ms += ms;
-            SpanLane::Upload
+            SpanKind::Upload
         }
         Step::Download => {
             stats.download_ms += ms;
-            SpanLane::Download
+            SpanKind::Download
         }
         Step::Process => {
             stats.add_stage_time(&s.name, ms);
-            SpanLane::Compute
+            SpanKind::Compute
         }
     };
     if let Some(t) = timeline {

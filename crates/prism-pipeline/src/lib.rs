@@ -77,7 +77,7 @@ pub use runs::StreamCounts;
 pub use source::{fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source};
 pub use stage::{Clamp, Fma, GpuFn, GroupSum, HostFn, Stage};
 pub use stats::{
-    BackendKind, Lane, MultiGpuStats, PipelineStats, ResidentStats, Span, StageTime, Timeline,
+    BackendKind, MultiGpuStats, PipelineStats, ResidentStats, Span, SpanKind, StageTime, Timeline,
 };
 
 use gpu::StagingCache;

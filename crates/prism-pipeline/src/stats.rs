@@ -225,7 +225,7 @@ impl fmt::Display for PipelineStats {
 
 /// The stream (or host threads) a span ran on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Lane {
+pub enum SpanKind {
     /// Host-to-device copies.
     Upload,
     /// Kernels.
@@ -251,7 +251,7 @@ pub struct Span {
     /// for the GPU).
     pub stream: usize,
     /// What kind of step.
-    pub lane: Lane,
+    pub lane: SpanKind,
     /// Its name (the stage's, or upload / download).
     pub name: String,
     /// Start, ms.

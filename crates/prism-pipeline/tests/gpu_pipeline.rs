@@ -1,8 +1,8 @@
 //! GPU-gated tests of the streaming pipeline. Without a GPU each prints SKIPPED.
 
 use prism_pipeline::{
-    BackendKind, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum, Lane, PinnedItemsCopy,
-    PipelineConfig, PipelineStageManager,
+    BackendKind, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum, PinnedItemsCopy,
+    PipelineConfig, PipelineStageManager, SpanKind,
 };
 use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
 use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
@@ -63,7 +63,7 @@ fn gpu_pipeline_pageable_run_matches_cpu_and_traces() {
         stats.compute_ms()
     );
     let spans = &p.timeline().spans;
-    let gpu = |l: Lane| matches!(l, Lane::Upload | Lane::Compute | Lane::Download);
+    let gpu = |l: SpanKind| matches!(l, SpanKind::Upload | SpanKind::Compute | SpanKind::Download);
     assert_eq!(
         spans.iter().filter(|s| gpu(s.lane)).count() as u64,
         chunks * 4,
@@ -71,7 +71,10 @@ fn gpu_pipeline_pageable_run_matches_cpu_and_traces() {
     );
     // The host lanes: each chunk's staging copy in and out, named by chunk,
     // inside the run.
-    let copies: Vec<_> = spans.iter().filter(|s| s.lane == Lane::HostCopy).collect();
+    let copies: Vec<_> = spans
+        .iter()
+        .filter(|s| s.lane == SpanKind::HostCopy)
+        .collect();
     assert_eq!(
         copies.len() as u64,
         chunks * 2,
@@ -102,7 +105,7 @@ fn gpu_pipeline_pageable_run_matches_cpu_and_traces() {
         .iter()
         .all(|s| s.end_ms >= s.start_ms && s.start_ms >= 0.0));
     assert_eq!(
-        spans.iter().filter(|s| s.lane == Lane::Compute).count() as u64,
+        spans.iter().filter(|s| s.lane == SpanKind::Compute).count() as u64,
         chunks * 2
     );
     let trace = p.timeline().to_chrome_trace();
@@ -348,7 +351,7 @@ fn gpu_pipeline_pinned_items_use_zero_copy_gather_and_scatter() {
         .timeline()
         .spans
         .iter()
-        .filter(|s| s.lane == Lane::Upload)
+        .filter(|s| s.lane == SpanKind::Upload)
         .count() as u64;
     assert_eq!(gathers, s.chunks, "one gather per chunk");
     println!("{s}");
@@ -483,7 +486,7 @@ fn gpu_pipeline_pinned_items_batched_copies_match_the_kernels() {
             .timeline()
             .spans
             .iter()
-            .filter(|s| s.lane == Lane::Upload)
+            .filter(|s| s.lane == SpanKind::Upload)
             .count() as u64;
         assert_eq!(uploads, chunks2, "{mode:?}: one upload per chunk");
         results.push(

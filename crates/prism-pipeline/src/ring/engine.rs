@@ -12,7 +12,7 @@ use crate::copy::CopyPool;
 use crate::error::{Error, Result};
 use crate::gpu::{record_span, GlobalIndex, StageChain, StagingCache};
 use crate::stage::AnyStage;
-use crate::stats::{Lane as SpanLane, PipelineStats, Span, Timeline};
+use crate::stats::{PipelineStats, Span, SpanKind, Timeline};
 use crate::PipelineStageManager;
 
 /// Everything one GPU run needs, borrowed from the manager field by field.
@@ -159,7 +159,7 @@ fn add_host_spans<T: Element>(
         timeline.spans.push(Span {
             chunk,
             stream: 4,
-            lane: SpanLane::HostCopy,
+            lane: SpanKind::HostCopy,
             name: what.to_owned(),
             start_ms: ms(start),
             end_ms: ms(end),
@@ -169,7 +169,7 @@ fn add_host_spans<T: Element>(
         timeline.spans.push(Span {
             chunk: GlobalIndex::or(global, chunk, 0),
             stream: 5,
-            lane: SpanLane::HostWait,
+            lane: SpanKind::HostWait,
             name: "wait for the GPU".to_owned(),
             start_ms,
             end_ms,

@@ -8,6 +8,7 @@ mod bindgen;
 mod build_kernels;
 mod gpu_test;
 mod install_nvcc;
+mod modules;
 mod util;
 
 use std::path::PathBuf;
@@ -62,6 +63,14 @@ enum Command {
         #[arg(long)]
         cuda_12: bool,
     },
+    /// The imports between each library crate's top-level modules and
+    /// their cycles; with --check, fail on a cycle xtask/module-cycles.txt
+    /// does not allow
+    Modules {
+        /// Fail on a cycle the allowlist does not hold (CI)
+        #[arg(long)]
+        check: bool,
+    },
     /// Soak prism: mixed iterations (pipeline runs in every input mode,
     /// coordinator op chains, triple-buffer steps) with the process's
     /// resources sampled into DIR/soak.csv and soak.png; fails if any rises
@@ -84,6 +93,7 @@ impl Command {
             Command::BuildKernels { .. } => "build-kernels",
             Command::Bindgen { .. } => "bindgen",
             Command::GpuTest { .. } => "gpu-test",
+            Command::Modules { .. } => "modules",
             Command::Soak { .. } => "soak",
         }
     }
@@ -118,6 +128,7 @@ fn main() -> ExitCode {
         Command::BuildKernels { check } => build_kernels::run(*check),
         Command::Bindgen { check } => bindgen::run(*check),
         Command::GpuTest { bundle, cuda_12 } => gpu_test::run(bundle.as_deref(), *cuda_12),
+        Command::Modules { check } => modules::run(*check),
         Command::Soak { iterations, out } => soak(*iterations, out),
     };
     match result {

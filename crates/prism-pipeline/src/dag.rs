@@ -39,7 +39,7 @@ use prism_buffer::engine::ComputeSpans;
 use prism_buffer::ring::ChunkId;
 use prism_buffer::{ChunkOutputs, ChunkProcessor};
 use prism_stream::nvtx::Range;
-use prism_stream::{DeviceBuffer, Element, Fence, Lane, Launch, PinnedBuffer};
+use prism_stream::{DeviceBuffer, Element, Fence, Lane, Launch};
 
 use crate::error::{Error, Result, StageError};
 use crate::guard;
@@ -1300,94 +1300,10 @@ impl<T: Element> crate::PipelineStageManager<T> {
         })
     }
 
-    /// Streams `input` through `graph`: output `i` of the graph (in the
-    /// order of [`StageGraph::output`]) goes to `outputs[i]`, which must
-    /// hold exactly [`graph_output_lens`](Self::graph_output_lens)`(..)[i]`
-    /// elements. On the GPU, chunks are staged through pinned memory by
-    /// the host threads; on the host backend, chunks run on the host
-    /// threads, several at once.
-    pub fn run_graph(
-        &mut self,
-        graph: &mut StageGraph<T>,
-        input: &[T],
-        outputs: &mut [&mut [T]],
-    ) -> Result<()> {
-        let _span = tracing::debug_span!("prism.pipeline.run_graph", n = input.len()).entered();
-        let _nvtx = Range::new("run_graph");
-        let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
-        let run = self.begin_graph(graph, input.len(), &lens)?;
-        let started = std::time::Instant::now();
-        if input.is_empty() {
-            self.finish_run(started, 0, 0, 0, 0);
-            return Ok(());
-        }
-        match self.backend {
-            crate::BackendKind::Gpu => {
-                let plan = run.chunks.clone();
-                let counts = crate::ring::run_graph_slices(
-                    crate::ring::Devices::one(self),
-                    std::slice::from_mut(graph),
-                    std::slice::from_ref(&run),
-                    plan,
-                    input,
-                    outputs,
-                );
-                let c = counts.map_err(crate::ring::Failure::into_error)?[0];
-                self.finish_run(started, c.chunks, 0, c.elems_in, c.elems_out);
-            }
-            crate::BackendKind::Host => {
-                let chunks = self.run_graph_host(graph, &run, input, outputs)?;
-                self.finish_run(started, chunks, 0, input.len() as u64, 0);
-            }
-        }
-        Ok(())
-    }
-
-    /// Streams a pinned input through `graph` into pinned outputs (one per
-    /// graph output, as [`run_graph`](Self::run_graph)), with no staging
-    /// copies (GPU backend only). Host reads of an output wait for its
-    /// last download.
-    pub fn run_graph_pinned(
-        &mut self,
-        graph: &mut StageGraph<T>,
-        input: &PinnedBuffer<T>,
-        outputs: &mut [&mut PinnedBuffer<T>],
-    ) -> Result<()> {
-        let _span =
-            tracing::debug_span!("prism.pipeline.run_graph_pinned", n = input.len()).entered();
-        let _nvtx = Range::new("run_graph_pinned");
-        if self.backend != crate::BackendKind::Gpu {
-            return Err(Error::Unsupported {
-                stage: "run_graph_pinned".into(),
-                backend: "host",
-            });
-        }
-        let lens: Vec<usize> = outputs.iter().map(|o| o.len()).collect();
-        let run = self.begin_graph(graph, input.len(), &lens)?;
-        let started = std::time::Instant::now();
-        if input.is_empty() {
-            self.finish_run(started, 0, 0, 0, 0);
-            return Ok(());
-        }
-        let plan = run.chunks.clone();
-        let graphs = std::slice::from_mut(graph);
-        let counts = crate::ring::run_graph_pinned(
-            crate::ring::Devices::one(self),
-            graphs,
-            std::slice::from_ref(&run),
-            plan,
-            input,
-            outputs,
-        );
-        let c = counts.map_err(crate::ring::Failure::into_error)?[0];
-        self.finish_run(started, c.chunks, 0, c.elems_in, c.elems_out);
-        Ok(())
-    }
-
     /// The host backend: chunks on the manager's threads, several at once;
     /// each output's part of every chunk written in place. Returns the
     /// chunks run. The first failing chunk's error is returned.
-    fn run_graph_host(
+    pub(crate) fn run_graph_host(
         &mut self,
         graph: &StageGraph<T>,
         run: &GraphRun,

@@ -6,15 +6,13 @@
 //! with the same metadata, in input order. Host memory stays bounded by
 //! the ring, whatever the stream's length.
 
-use prism_stream::nvtx::Range;
 use prism_stream::Element;
 
 use crate::dag::StageGraph;
 use crate::error::{Error, Result};
 use crate::guard;
-use crate::ring::TaggedRun;
-use crate::runs::StreamCounts;
 use crate::source::BoxError;
+use crate::source::StreamCounts;
 
 /// Where a tagged stream's input comes from: chunks, each with its
 /// metadata.
@@ -118,66 +116,11 @@ pub(crate) fn accept<T, M, K: TaggedSink<T, M>>(
 }
 
 impl<T: Element> crate::PipelineStageManager<T> {
-    /// Streams a tagged source through `graph`: each chunk (at most one
-    /// chunk of this manager's size, as the source cuts it) runs through
-    /// every node, and output `i`'s part of it goes to `sinks[i]` with the
-    /// chunk's metadata, in input order (one sink per output of the
-    /// graph). A source failure ends the input: the chunks before it still
-    /// reach the sinks, then the run returns the error. Returns what moved
-    /// (`elements_out` over every output).
-    pub fn run_graph_stream<M, S, K>(
-        &mut self,
-        graph: &mut StageGraph<T>,
-        source: S,
-        sinks: &mut [K],
-    ) -> Result<StreamCounts>
-    where
-        S: TaggedSource<T, M>,
-        K: TaggedSink<T, M>,
-    {
-        let _span = tracing::debug_span!("prism.pipeline.run_graph_stream").entered();
-        let _nvtx = Range::new("run_graph_stream");
-        let run = self.begin_graph_stream(graph, sinks.len())?;
-        let started = std::time::Instant::now();
-        match self.backend {
-            crate::BackendKind::Gpu => {
-                // One device on this thread: the source, sinks and
-                // metadata need not be `Send` (the same per-device run as
-                // several GPUs').
-                let tagged = TaggedRun::new(source, sinks, run.chunk, self.slots());
-                let graph = std::sync::Mutex::new(graph);
-                let counts = crate::ring::drive_one(self, &|_, d, global| {
-                    tagged.device(d, global, &graph, &run)
-                });
-                let counts = counts.map_err(crate::ring::Failure::into_error);
-                let (_, failed) = tagged.finish();
-                let counts = counts?;
-                self.finish_run(started, counts.chunks, 0, counts.elems_in, counts.elems_out);
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-                Ok(StreamCounts {
-                    chunks: counts.chunks,
-                    elements_in: counts.elems_in,
-                    elements_out: counts.elems_out,
-                })
-            }
-            crate::BackendKind::Host => {
-                let (counts, failed) = self.run_graph_stream_host(graph, &run, source, sinks)?;
-                self.finish_run(started, counts.chunks, 0, counts.elements_in, 0);
-                match failed {
-                    Some(e) => Err(e),
-                    None => Ok(counts),
-                }
-            }
-        }
-    }
-
     /// The host backend of a tagged stream: up to `slots` chunks filled on
     /// the calling thread, run at once on the manager's threads, delivered
     /// in order; then the next batch. Returns the counts and a source
     /// failure that ended the input, if any.
-    fn run_graph_stream_host<M, S, K>(
+    pub(crate) fn run_graph_stream_host<M, S, K>(
         &mut self,
         graph: &StageGraph<T>,
         run: &crate::dag::GraphRun,

@@ -47,6 +47,7 @@ mod dag;
 mod dag_stream;
 mod error;
 mod gpu;
+mod graph_runs;
 mod guard;
 mod host;
 mod iterate;
@@ -73,8 +74,9 @@ pub use plan::ChunkPlan;
 pub use resident::{Iteration, ResidentConfig, ResidentPipeline};
 #[doc(hidden)]
 pub use ring::{PinnedItemsCopy, PinnedItemsPaths};
-pub use runs::StreamCounts;
-pub use source::{fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source};
+pub use source::{
+    fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source, StreamCounts,
+};
 pub use stage::{Clamp, Fma, GpuFn, GroupSum, HostFn, Stage};
 pub use stats::{
     BackendKind, MultiGpuStats, PipelineStats, ResidentStats, Span, SpanKind, StageTime, Timeline,

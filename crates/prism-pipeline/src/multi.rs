@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::plan::ChunkPlan;
 use crate::ring::sched::Feed;
 use crate::ring::{self, Devices, Driven, Failure, FedItems, ItemsIo, Numbered, StreamRun};
-use crate::runs::StreamCounts;
+use crate::source::StreamCounts;
 use crate::source::{Sink, Source};
 use crate::stage::Stage;
 use crate::stats::{MultiGpuStats, PipelineStats, Timeline};

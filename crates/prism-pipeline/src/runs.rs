@@ -14,20 +14,9 @@ use crate::host::{AsyncPipelineCoordinator, Pull};
 use crate::ring::{
     self, Devices, Failure, ItemsIo, PinnedItemsCopy, PinnedItemsIo, PinnedItemsPaths, StreamRun,
 };
-use crate::source::{Sink, Source};
+use crate::source::{Sink, Source, StreamCounts};
 use crate::stats::BackendKind;
 use crate::PipelineStageManager;
-
-/// What a stream run moved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StreamCounts {
-    /// Chunks delivered to the sink.
-    pub chunks: u64,
-    /// Input elements the source gave.
-    pub elements_in: u64,
-    /// Output elements the sink received.
-    pub elements_out: u64,
-}
 
 impl<T: Element> PipelineStageManager<T> {
     /// Streams `input` through the stages into `output` (which must hold

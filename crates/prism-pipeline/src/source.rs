@@ -256,3 +256,14 @@ mod tests {
         assert!(s.fill(&mut [0u8; 4]).is_err());
     }
 }
+
+/// What a stream run moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamCounts {
+    /// Chunks delivered to the sink.
+    pub chunks: u64,
+    /// Input elements the source gave.
+    pub elements_in: u64,
+    /// Output elements the sink received.
+    pub elements_out: u64,
+}

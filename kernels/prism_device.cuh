@@ -4,8 +4,8 @@
 // without nvcc loads the committed prism_kernels.ptx (made from
 // prism_kernels.cu by `cargo xtask build-kernels`) through the driver API and
 // launches these same kernels by name, with the grid each launcher computes
-// (prism-stream's kernels.rs mirrors that arithmetic). Keep the two in step:
-// a GPU test compares both paths bit for bit.
+// (prism-stream's kernels/builtin.rs mirrors that arithmetic). Keep the two
+// in step: a GPU test compares both paths bit for bit.
 #pragma once
 
 #include <climits>

@@ -37,6 +37,23 @@
 //! host may wait for or not. A streamed [`Stage`] may own device buffers
 //! too (weights, an accumulator), found again after a run with
 //! [`PipelineStageManager::stage`].
+//!
+//! # Modules
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `lib` | [`PipelineStageManager`], [`PipelineConfig`], [`Backend`] |
+//! | `stage` | [`Stage`] and the built-in stages |
+//! | `dag`, `dag_stream` | [`StageGraph`], its plan and processor; [`TaggedSource`], [`TaggedSink`] |
+//! | `runs`, `graph_runs`, `iterate` | whole runs of a chain and of a graph; `execute_iteration` |
+//! | `ring` | the one driver of prism-buffer's engine and every chunk I/O mode (pageable, pinned, items, streams, graphs), one GPU or several |
+//! | `multi` | [`MultiGpuPipeline`] |
+//! | `host` | the host backend ([`AsyncPipelineCoordinator`]) |
+//! | `resident` | [`ResidentPipeline`] |
+//! | `source`, `broadcast_io` | [`Source`], [`Sink`]; adapters to broadcast rings |
+//! | `stats` | [`PipelineStats`], [`Timeline`] |
+//! | `gpu`, `guard`, `copy`, `plan` | the chain as a processor; user code caught as errors; host copy threads; chunk plans |
+//! | `error` | [`Error`] |
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]

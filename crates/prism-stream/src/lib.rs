@@ -25,6 +25,26 @@
 //!   orders the new owner after the old one's pending work.
 //! - [`nvtx`]: NVTX ranges for Nsight Systems (free when no tool listens).
 //!
+//! # Modules
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | `order` | [`Lane`]: ordering and fencing of every GPU op (the one place that records events or issues stream waits) |
+//! | `context`, `managed` | [`Gpu`] (device, poison flag), [`ManagedGpuContext`] |
+//! | `stream` | [`StreamPool`], [`ManagedStream`], [`StreamPurpose`] |
+//! | `event` | [`Fence`], pooled CUDA events |
+//! | `memory` | [`Element`], [`DeviceBuffer`], [`PinnedBuffer`]: use lists, host-access checks, waiting `Drop` |
+//! | `copy`, `ops` | copies, batched copies, memsets, fills, read-backs of a [`Lane`] or [`Launch`] |
+//! | `kernels` | [`Launch`]: prism's kernels (`builtin`), their source (`source`), your kernels (`user`), CPU references (`cpu`) |
+//! | `capture` | CUDA graphs: [`Lane::capture`], [`CapturedGraph`] |
+//! | `outside`, `libs` | outside work ([`Outside`]); cuBLAS and cuFFT handles |
+//! | `readback` | [`Readback`] and its pinned slots |
+//! | [`graph`], `coordinator` | [`OpGraph`] bookkeeping; [`AsyncCoordinator`] |
+//! | [`future`] | [`FenceFuture`], [`OpFuture`] |
+//! | `interop` | moves of buffers and streams between cudarc and prism |
+//! | [`nvtx`] | NVTX ranges |
+//! | `error` | [`Error`] |
+//!
 //! # Soundness
 //!
 //! No program without `unsafe` can make prism and the GPU touch the same

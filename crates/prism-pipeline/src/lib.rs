@@ -87,7 +87,7 @@ pub use error::{Error, Result, StageError};
 pub use host::AsyncPipelineCoordinator;
 pub use iterate::ChunkOutput;
 pub use multi::MultiGpuPipeline;
-pub use plan::ChunkPlan;
+
 pub use resident::{Iteration, ResidentConfig, ResidentPipeline};
 #[doc(hidden)]
 pub use ring::{PinnedItemsCopy, PinnedItemsPaths};
@@ -100,6 +100,7 @@ pub use stats::{
 };
 
 use gpu::StagingCache;
+use plan::ChunkPlan;
 
 /// Which backend a manager runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +132,8 @@ pub struct PipelineConfig {
     /// host backend they run the stages, several chunks at once.
     pub host_threads: usize,
     /// Ramp chunk sizes at both ends of a GPU run over a slice or pinned
-    /// buffer (see [`ChunkPlan`]; only when every stage is elementwise:
+    /// buffer (a quarter chunk, then a half, and smaller ones at the end; see
+    /// [`PipelineStageManager::chunk_plan`]; only when every stage is elementwise:
     /// chunk boundaries then do not change the output). Default on.
     pub ramp: bool,
     /// Let each GPU run of elementwise stages pick its own chunk size and
@@ -424,9 +426,10 @@ impl<T: Element> PipelineStageManager<T> {
     }
 
     /// How a GPU run over `n` elements (a slice or pinned buffer) is cut
-    /// into chunks with the current stages and configuration.
-    pub fn chunk_plan(&self, n: usize) -> ChunkPlan {
-        self.plan(&self.order(), n)
+    /// into chunks with the current stages and configuration: each chunk's
+    /// length, in order.
+    pub fn chunk_plan(&self, n: usize) -> Vec<usize> {
+        self.plan(&self.order(), n).collect()
     }
 
     pub(crate) fn plan(&self, order: &[usize], n: usize) -> ChunkPlan {

@@ -13,7 +13,7 @@ const ALIGN: usize = 4096;
 
 /// The chunk lengths of a run over `total` elements, in order.
 #[derive(Debug, Clone)]
-pub struct ChunkPlan {
+pub(crate) struct ChunkPlan {
     left: usize,
     chunk: usize,
     ramp: bool,
@@ -23,7 +23,7 @@ pub struct ChunkPlan {
 impl ChunkPlan {
     /// Chunks of `chunk` elements (at least 1) over `total` elements,
     /// ramped at both ends when `ramp` is true and the run is long enough.
-    pub fn new(total: usize, chunk: usize, ramp: bool) -> Self {
+    pub(crate) fn new(total: usize, chunk: usize, ramp: bool) -> Self {
         let chunk = chunk.max(1);
         Self {
             left: total,

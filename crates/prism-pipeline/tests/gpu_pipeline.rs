@@ -50,7 +50,7 @@ fn gpu_pipeline_pageable_run_matches_cpu_and_traces() {
     let stats = p.get_stats().clone();
     println!("{stats}");
     // Both stages are elementwise: the run ramps its chunk sizes.
-    let chunks = p.chunk_plan(n).count() as u64;
+    let chunks = p.chunk_plan(n).len() as u64;
     if chunk >= 1 << 14 {
         assert!(chunks > n.div_ceil(chunk) as u64);
     }

@@ -44,8 +44,8 @@ use std::collections::BTreeMap;
 mod common;
 use common::draws::{log_size, rng, Draw};
 use prism_pipeline::{
-    Backend, ChunkPlan, Clamp, Error, Fma, GpuFn, GpuJoinFn, GroupSum, HostFn, HostJoinFn, Join,
-    NodeId, PipelineConfig, PipelineStageManager, StageError, StageGraph,
+    Backend, Clamp, Error, Fma, GpuFn, GpuJoinFn, GroupSum, HostFn, HostJoinFn, Join, NodeId,
+    PipelineConfig, PipelineStageManager, StageError, StageGraph,
 };
 use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
@@ -642,13 +642,12 @@ impl Config {
 
     /// Whether a run of this configuration ramps its chunk sizes.
     fn ramps(&self) -> bool {
+        // The ramp's rule (a run of at least four chunks, chunks of at
+        // least four 4096-element groups): its first chunk is a quarter.
         self.ramp
             && self.boundary_free(&self.live())
-            && ChunkPlan::new(self.n, self.chunk_elems, true).ne(ChunkPlan::new(
-                self.n,
-                self.chunk_elems,
-                false,
-            ))
+            && self.chunk_elems / 4 >= 4096
+            && self.n / 4 >= self.chunk_elems
     }
 }
 

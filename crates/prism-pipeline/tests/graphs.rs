@@ -589,6 +589,8 @@ fn gpu_independent_branches_of_a_chunk_run_concurrently() {
     let config = PipelineConfig {
         timing: true,
         trace: true,
+        // Exactly `chunks` chunks of `chunk` elements (no ramp at the ends).
+        ramp: false,
         ..config(chunk)
     };
     let mut m = PipelineStageManager::<f32>::with_gpu(&gpu, config).unwrap();

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::{self, CUdevice_attribute as Attr, CUresult};
 use cudarc::driver::{CudaContext, DriverError};
 
+use crate::error::is_sticky;
 use crate::error::DriverResultExt;
-use crate::event::{is_sticky, EventPool};
+use crate::event::EventPool;
 use crate::{Error, Result};
 
 /// Contexts a sticky error killed (a CUDA context accepts nothing more after,
@@ -331,7 +332,7 @@ impl Gpu {
 /// process left the driver refusing work (on some drivers a fault on one
 /// GPU does so on every GPU of the process).
 fn open_error(e: DriverError, ordinal: usize, call: &'static str) -> Error {
-    if crate::event::is_sticky(&e) {
+    if is_sticky(&e) {
         Error::ContextPoisoned {
             reason: format!(
                 "device {ordinal}: the CUDA driver refuses new contexts after a fault earlier in this process ({call}: {e})"

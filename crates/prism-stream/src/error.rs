@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use cudarc::driver::sys::CUresult;
 use cudarc::driver::DriverError;
 
 use crate::OpId;
@@ -215,7 +216,7 @@ impl<T> DriverResultExt<T> for std::result::Result<T, DriverError> {
     /// failure of the GPU), anything else `Driver`.
     fn call(self, call: &'static str) -> Result<T> {
         self.map_err(|source| {
-            if crate::event::is_capture_error(&source) {
+            if is_capture_error(&source) {
                 Error::CaptureInProgress { call, source }
             } else {
                 Error::Driver { call, source }
@@ -237,4 +238,112 @@ pub(crate) fn check_len(what: &'static str, n: usize, capacity: usize) -> Result
         });
     }
     Ok(())
+}
+
+/// Errors after which the context accepts nothing more (a fault in a
+/// kernel, an uncorrectable ECC error, a torn-down driver): prism poisons
+/// it. Work already queued may still run (on driver 580 a context that
+/// reported another context's fault still ran a queued copy), so prism
+/// frees nothing whose wait failed, sticky or not.
+pub(crate) fn is_sticky(e: &DriverError) -> bool {
+    use CUresult::*;
+    matches!(
+        e.0,
+        CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUDA_ERROR_LAUNCH_TIMEOUT
+            | CUDA_ERROR_ASSERT
+            | CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUDA_ERROR_INVALID_PC
+            | CUDA_ERROR_LAUNCH_FAILED
+            | CUDA_ERROR_ECC_UNCORRECTABLE
+            | CUDA_ERROR_CONTEXT_IS_DESTROYED
+            | CUDA_ERROR_DEINITIALIZED
+    )
+}
+
+/// The driver's refusals of a call because a stream capture is in
+/// progress (in global mode on any thread of the process, or on the calling
+/// thread). Not sticky: nothing failed on the GPU, and the same call
+/// succeeds once the capture ended. The CUDA runtime's `cudaError_t` has
+/// the same codes (900 to 908) for the same refusals.
+const CAPTURE_ERRORS: [CUresult; 9] = [
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_MERGE,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_UNMATCHED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_UNJOINED,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_ISOLATION,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT,
+    CUresult::CUDA_ERROR_CAPTURED_EVENT,
+    CUresult::CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD,
+];
+
+/// Is `e` a refusal because of a stream capture (see [`CAPTURE_ERRORS`])?
+/// Such an error says nothing about the work a fence marks: it is neither
+/// complete nor failed, and the context is not poisoned.
+pub(crate) fn is_capture_error(e: &DriverError) -> bool {
+    CAPTURE_ERRORS.contains(&e.0)
+}
+
+/// The capture refusal a launcher's status code (a `cudaError_t`) stands
+/// for, if it is one.
+pub(crate) fn capture_error_of_code(code: i32) -> Option<DriverError> {
+    CAPTURE_ERRORS
+        .iter()
+        .find(|&&c| c as i32 == code)
+        .map(|&c| DriverError(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A capture's refusal is never taken for a dead context (which would
+    /// let a buffer be freed or read while its work may still run), and
+    /// the launchers' runtime codes for the same refusals map to it.
+    #[test]
+    fn capture_refusals_are_not_sticky() {
+        for c in CAPTURE_ERRORS {
+            let e = DriverError(c);
+            assert!(is_capture_error(&e), "{c:?}");
+            assert!(!is_sticky(&e), "{c:?} taken for a dead context");
+            assert_eq!(capture_error_of_code(c as i32).map(|e| e.0), Some(c));
+        }
+        // cudaErrorStreamCaptureUnsupported .. cudaErrorStreamCaptureWrongThread.
+        for code in 900..=908 {
+            assert!(capture_error_of_code(code).is_some(), "{code}");
+        }
+        for code in [0, 1, 700, 719, 909, 100_001, -1] {
+            assert!(capture_error_of_code(code).is_none(), "{code}");
+        }
+        for sticky in [
+            CUresult::CUDA_ERROR_ILLEGAL_ADDRESS,
+            CUresult::CUDA_ERROR_LAUNCH_FAILED,
+        ] {
+            assert!(!is_capture_error(&DriverError(sticky)));
+        }
+    }
+
+    /// Driver errors of a capture become `CaptureInProgress`, others `Driver`.
+    #[test]
+    fn capture_refusals_are_typed() {
+        let refused: std::result::Result<(), DriverError> =
+            Err(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
+        assert!(matches!(
+            refused.call("cuEventQuery"),
+            Err(crate::Error::CaptureInProgress {
+                call: "cuEventQuery",
+                ..
+            })
+        ));
+        let other: std::result::Result<(), DriverError> =
+            Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+        assert!(matches!(
+            other.call("cuEventQuery"),
+            Err(crate::Error::Driver { .. })
+        ));
+    }
 }

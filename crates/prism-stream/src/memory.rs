@@ -16,7 +16,8 @@ use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, DriverError};
 
 use crate::context::Gpu;
-use crate::event::{is_capture_error, Fence};
+use crate::error::is_capture_error;
+use crate::event::Fence;
 use crate::order::{lock, Access, Extent, Lane, UseCell, Used, Uses};
 use crate::{Error, Result};
 

@@ -12,7 +12,8 @@ use prism_cuda_sys as sys;
 
 use super::source::{KernelSource, PtxKernels};
 use crate::context::Gpu;
-use crate::event::{capture_error_of_code, is_capture_error, Fence};
+use crate::error::{capture_error_of_code, is_capture_error};
+use crate::event::Fence;
 use crate::memory::{DeviceBuffer, Element, Tracked};
 use crate::order::{Access, Lane, Used};
 use crate::{Error, Result};

@@ -1,7 +1,8 @@
 //! `cargo xtask modules`: the import graph between each library crate's
 //! top-level modules (`src/x.rs` or `src/x/`), found from the `crate::x`
-//! paths in their code (comments, doc links and `#[cfg(test)] mod tests`
-//! left out), and its cycles (strongly connected components). With
+//! paths in their code and the `crate::Name`s the crate root re-exports
+//! from a module (comments, doc links and `#[cfg(test)] mod tests` left
+//! out), and its cycles (strongly connected components). With
 //! `--check` a cycle that `xtask/module-cycles.txt` does not allow fails:
 //! the file lists today's cycles so that none grows and no new one
 //! appears, and shrinks as they are broken.
@@ -103,6 +104,10 @@ fn graph(src: &Path) -> Result<BTreeMap<String, BTreeSet<String>>, String> {
         }
     }
     let modules: BTreeSet<String> = files.iter().map(|(m, _)| m.clone()).collect();
+    // `crate::Name` through the crate root's `pub use module::Name`.
+    let lib = src.join("lib.rs");
+    let lib = std::fs::read_to_string(&lib).map_err(|e| format!("{}: {e}", lib.display()))?;
+    let reexports = reexports(&lib);
     let mut graph: BTreeMap<String, BTreeSet<String>> = modules
         .iter()
         .map(|m| (m.clone(), BTreeSet::new()))
@@ -110,12 +115,39 @@ fn graph(src: &Path) -> Result<BTreeMap<String, BTreeSet<String>>, String> {
     for (module, path) in &files {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         for used in crate_paths(&text) {
-            if used != *module && modules.contains(&used) {
-                graph.entry(module.clone()).or_default().insert(used);
+            let target = reexports.get(&used).cloned().unwrap_or(used);
+            if target != *module && modules.contains(&target) {
+                graph.entry(module.clone()).or_default().insert(target);
             }
         }
     }
     Ok(graph)
+}
+
+/// The crate root's re-exports: item name → the module it comes from
+/// (`pub use module::{A, B};`, `pub use module::A;`).
+fn reexports(lib: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = lib;
+    while let Some(i) = rest.find("pub use ") {
+        rest = &rest[i + "pub use ".len()..];
+        let end = rest.find(';').unwrap_or(rest.len());
+        let stmt: String = rest[..end].split_whitespace().collect::<Vec<_>>().join(" ");
+        rest = &rest[end..];
+        let Some((module, items)) = stmt.split_once("::") else {
+            continue;
+        };
+        let items = items.trim().trim_start_matches('{').trim_end_matches('}');
+        for item in items.split(',') {
+            // `a::B` keeps B; `B as C` is C.
+            let item = item.rsplit("::").next().unwrap_or(item);
+            let name = item.rsplit(" as ").next().unwrap_or(item).trim();
+            if !name.is_empty() {
+                out.insert(name.to_owned(), module.trim().to_owned());
+            }
+        }
+    }
+    out
 }
 
 fn walk(
@@ -158,7 +190,7 @@ fn crate_paths(text: &str) -> BTreeSet<String> {
             }
             let name: String = rest
                 .chars()
-                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
             if name.is_empty() {
                 // `crate::{a, b}`: every name in the braces.
@@ -168,9 +200,7 @@ fn crate_paths(text: &str) -> BTreeSet<String> {
                         let n: String = part
                             .trim()
                             .chars()
-                            .take_while(|c| {
-                                c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_'
-                            })
+                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                             .collect();
                         if !n.is_empty() {
                             out.insert(n);
@@ -253,9 +283,19 @@ mod tests {
 
     #[test]
     fn paths_in_code_count_and_comments_do_not() {
-        let text = "use crate::order::Lane;\nuse crate::{event, memory::X};\n// crate::graph\n/// [`x`](crate::stream)\nfn f() { crate::kernels::run(); my_crate::nope(); }\n#[cfg(test)]\nmod tests { use crate::future; }\n";
+        let text = "use crate::order::Lane;\nuse crate::{event, memory::X, Error};\n// crate::graph\n/// [`x`](crate::stream)\nfn f() { crate::kernels::run(); my_crate::nope(); }\n#[cfg(test)]\nmod tests { use crate::future; }\n";
         let got: Vec<String> = crate_paths(text).into_iter().collect();
-        assert_eq!(got, ["event", "kernels", "memory", "order"]);
+        assert_eq!(got, ["Error", "event", "kernels", "memory", "order"]);
+    }
+
+    #[test]
+    fn root_reexports_name_their_module() {
+        let lib = "pub use error::{Error, Result};\npub use order::{\n    Lane, StreamId,\n};\npub use a::b::C as D;\npub use cudarc;\n";
+        let r = reexports(lib);
+        assert_eq!(r.get("Error").map(String::as_str), Some("error"));
+        assert_eq!(r.get("StreamId").map(String::as_str), Some("order"));
+        assert_eq!(r.get("D").map(String::as_str), Some("a"));
+        assert!(!r.contains_key("cudarc"));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::DriverError;
 
-use crate::OpId;
+use crate::op_id::OpId;
 
 /// Everything that can go wrong in prism-stream. Messages say what was wrong
 /// and, where there is one, what to do about it.

@@ -8,7 +8,6 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Error, Result};
@@ -59,28 +58,7 @@ fn complete_prefix<F>(
     Scan::Prefix(lo)
 }
 
-/// Identifies one queued operation of one [`AsyncCoordinator`](crate::AsyncCoordinator)
-/// (or [`OpGraph`]): ids carry their graph's identity, so an id of another
-/// coordinator is refused (`ForeignOp`) instead of read as complete. Ids of
-/// one graph order as they were handed out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct OpId {
-    graph: u64,
-    index: u64,
-}
-
-impl OpId {
-    /// Position of the op in its graph (0 for the first op queued).
-    pub fn index(self) -> u64 {
-        self.index
-    }
-}
-
-impl fmt::Display for OpId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "op#{}", self.index)
-    }
-}
+pub use crate::op_id::OpId;
 
 /// Identities of graphs; never reused.
 static NEXT_GRAPH: AtomicU64 = AtomicU64::new(1);
@@ -197,7 +175,7 @@ impl<F> OpGraph<F> {
     /// `ForeignOp` unless `op` was made by this graph.
     fn own(&self, op: OpId) -> Result<u64> {
         if op.graph == self.id {
-            Ok(op.index)
+            Ok(op.index())
         } else {
             Err(Error::ForeignOp(op))
         }
@@ -561,11 +539,11 @@ impl<F> OpGraph<F> {
 
     /// Marks `id` complete without making a report.
     fn settle_quietly(&mut self, id: OpId) {
-        self.ops[(id.index - self.base) as usize].1 = OpStatus::Complete;
+        self.ops[(id.index() - self.base) as usize].1 = OpStatus::Complete;
     }
 
     fn settle(&mut self, id: OpId, outcome: Probe) -> Completion {
-        let entry = &mut self.ops[(id.index - self.base) as usize];
+        let entry = &mut self.ops[(id.index() - self.base) as usize];
         let (status, result) = match outcome {
             Probe::Failed(reason) => (OpStatus::Failed(reason.clone()), Err(reason)),
             _ => (OpStatus::Complete, Ok(())),

@@ -99,6 +99,7 @@ mod libs;
 mod managed;
 mod memory;
 pub mod nvtx;
+mod op_id;
 mod ops;
 mod order;
 mod outside;

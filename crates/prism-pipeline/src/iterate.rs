@@ -21,21 +21,10 @@ use crate::copy::par_copy_one;
 use crate::error::{Error, Result};
 use crate::gpu::{record_span, StageChain, StagingCache};
 use crate::ring::{IterData, IterIo, IterSlot};
+use crate::source::ChunkOutput;
 use crate::stats::{BackendKind, PipelineStats};
 use crate::PipelineStageManager;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-
-/// The output of one chunk of `execute_iteration`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChunkOutput<T> {
-    /// The chunk's position among the submissions (0 for the first since
-    /// the last `flush`).
-    pub index: u64,
-    /// Its output, or `None` for a chunk submitted with
-    /// [`execute_iteration_pinned`](PipelineStageManager::execute_iteration_pinned)
-    /// (its output is in the buffer passed then, readable now).
-    pub data: Option<Vec<T>>,
-}
 
 /// An `execute_iteration` session: chunks in flight and their slots' state.
 #[derive(Debug)]

@@ -85,14 +85,14 @@ pub use dag::{GpuJoinBody, GpuJoinFn, HostJoinFn, Join, NodeId, StageGraph};
 pub use dag_stream::{tagged_sink, tagged_source, TaggedFn, TaggedSink, TaggedSource};
 pub use error::{Error, Result, StageError};
 pub use host::AsyncPipelineCoordinator;
-pub use iterate::ChunkOutput;
 pub use multi::MultiGpuPipeline;
 
 pub use resident::{Iteration, ResidentConfig, ResidentPipeline};
 #[doc(hidden)]
 pub use ring::{PinnedItemsCopy, PinnedItemsPaths};
 pub use source::{
-    fill_with, from_iter, from_read, sink_fn, to_write, BoxError, Sink, Source, StreamCounts,
+    fill_with, from_iter, from_read, sink_fn, to_write, BoxError, ChunkOutput, Sink, Source,
+    StreamCounts,
 };
 pub use stage::{Clamp, Fma, GpuFn, GroupSum, HostFn, Stage};
 pub use stats::{

@@ -267,3 +267,15 @@ pub struct StreamCounts {
     /// Output elements the sink received.
     pub elements_out: u64,
 }
+
+/// The output of one chunk of `execute_iteration`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChunkOutput<T> {
+    /// The chunk's position among the submissions (0 for the first since
+    /// the last `flush`).
+    pub index: u64,
+    /// Its output, or `None` for a chunk submitted with
+    /// [`execute_iteration_pinned`](crate::PipelineStageManager::execute_iteration_pinned)
+    /// (its output is in the buffer passed then, readable now).
+    pub data: Option<Vec<T>>,
+}

@@ -54,7 +54,7 @@ pub(crate) struct IterIo<'a, T: Element> {
     /// Session index of the ring's chunk 0.
     pub(crate) base: u64,
     /// Chunks that retired during this call (pinned ones with no data).
-    pub(crate) done: &'a mut Vec<crate::ChunkOutput<T>>,
+    pub(crate) done: &'a mut Vec<crate::source::ChunkOutput<T>>,
 }
 
 impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
@@ -151,7 +151,8 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
     fn retire(&mut self, slot: &mut IterSlot<T>, chunk: ChunkId, len: usize) -> Result<()> {
         let index = self.base + chunk.0;
         if slot.pinned {
-            self.done.push(crate::ChunkOutput { index, data: None });
+            self.done
+                .push(crate::source::ChunkOutput { index, data: None });
             return Ok(());
         }
         let staged = slot
@@ -162,7 +163,7 @@ impl<T: Element> ChunkIo<T> for IterIo<'_, T> {
             let _nvtx = Range::new("staging copy out");
             staged.output.as_slice()?[..len].to_vec()
         };
-        self.done.push(crate::ChunkOutput {
+        self.done.push(crate::source::ChunkOutput {
             index,
             data: Some(data),
         });

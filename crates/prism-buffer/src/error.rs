@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::ring::{SlotId, SlotState, Step};
+use crate::slot::{SlotId, SlotState, Step};
 
 /// Everything that can go wrong in `prism-buffer`.
 ///

@@ -39,6 +39,7 @@ pub mod engine;
 mod error;
 mod gpu;
 pub mod ring;
+mod slot;
 
 pub use engine::ChunkSpan;
 pub use engine::{ChunkIo, ChunkOutputs, ChunkProcessor, Engine, EngineConfig};

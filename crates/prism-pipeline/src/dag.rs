@@ -1207,10 +1207,20 @@ impl<T: Element> crate::PipelineStageManager<T> {
     /// destinations must hold).
     pub fn graph_output_lens(&self, graph: &StageGraph<T>, n: usize) -> Result<Vec<usize>> {
         let plan = graph.plan(self.backend == crate::BackendKind::Gpu)?;
-        let chunks = self.graph_chunks(graph, &plan, n);
+        self.planned_output_lens(graph, &plan, n)
+    }
+
+    /// [`graph_output_lens`](Self::graph_output_lens) for a graph already planned.
+    fn planned_output_lens(
+        &self,
+        graph: &StageGraph<T>,
+        plan: &Plan,
+        n: usize,
+    ) -> Result<Vec<usize>> {
+        let chunks = self.graph_chunks(graph, plan, n);
         let mut total = vec![0usize; graph.output_count()];
         for (c, len) in chunks.enumerate() {
-            let lens = graph.lengths(&plan, len, c as u64)?;
+            let lens = graph.lengths(plan, len, c as u64)?;
             for (t, l) in total.iter_mut().zip(graph.output_lens(&lens)) {
                 *t += l;
             }
@@ -1273,7 +1283,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
             });
         }
         if let Some((n, out_lens)) = whole {
-            let expected = self.graph_output_lens(graph, n)?;
+            let expected = self.planned_output_lens(graph, &plan, n)?;
             if let Some(output) = expected.iter().zip(out_lens).position(|(e, a)| e != a) {
                 return Err(Error::GraphOutputLength {
                     output,

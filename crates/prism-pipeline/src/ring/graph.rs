@@ -265,6 +265,16 @@ pub(crate) struct GraphStaged<T: Element> {
     pub(crate) outputs: Vec<PinnedBuffer<T>>,
 }
 
+impl<T: Element> GraphStaged<T> {
+    /// Back to the pools `GraphSliceIo::make_slot` took them from.
+    fn recycle(self, cache: &mut StagingCache<T>) {
+        cache.give_input(self.input);
+        for o in self.outputs {
+            cache.give_output(o);
+        }
+    }
+}
+
 /// Streams pageable `input` through a stage graph into pageable `outputs`
 /// (one per graph output), cut as `plan` says, over `devices` (one GPU or
 /// several; `graphs[i]` and `runs[i]` are device `i`'s): each device
@@ -311,10 +321,7 @@ pub(crate) fn run_graph_slices<T: Element>(
         );
         let (r, slots) = driver.drive(&mut io, &mut p);
         for s in slots.into_made() {
-            io.cache.give_input(s.input);
-            for o in s.outputs {
-                io.cache.give_output(o);
-            }
+            s.recycle(io.cache);
         }
         r
     })
@@ -447,6 +454,17 @@ pub(crate) struct TaggedSlot<T: Element, M> {
     pub(crate) meta: Option<M>,
 }
 
+impl<T: Element, M> TaggedSlot<T, M> {
+    /// Back to the pool `TaggedIo::make_slot` took them from (all
+    /// host-readable).
+    fn recycle(self, cache: &mut StagingCache<T>) {
+        cache.give_output(self.input);
+        for o in self.outputs {
+            cache.give_output(o);
+        }
+    }
+}
+
 /// A parked chunk of a tagged stream: its metadata and each output's part.
 type TaggedParked<T, M> = (M, Vec<Vec<T>>);
 
@@ -509,10 +527,7 @@ impl<'k, T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> TaggedRun<'k
         );
         let (r, slots) = driver.drive(&mut io, &mut p);
         for s in slots.into_made() {
-            io.cache.give_output(s.input);
-            for o in s.outputs {
-                io.cache.give_output(o);
-            }
+            s.recycle(io.cache);
         }
         r
     }

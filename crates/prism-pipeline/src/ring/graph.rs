@@ -28,8 +28,8 @@ use prism_buffer::ChunkIo;
 use prism_stream::nvtx::Range;
 use prism_stream::{DeviceBuffer, Element, Gpu, Lane, PinnedBuffer};
 
-use super::sched::{lock, Feed, InOrder};
-use super::{drive, Devices, Driven};
+use super::sched::{lock, Feed};
+use super::{drive, Devices, Driven, FedRun};
 use crate::copy::{par_copy, CopyPool};
 use crate::dag::{filled, ChunkParts, GraphChain, GraphRun, StageGraph};
 use crate::dag_stream::{accept, fill, TaggedSink, TaggedSource};
@@ -473,31 +473,11 @@ type TaggedParked<T, M> = (M, Vec<Vec<T>>);
 /// delivery (every output's sink gets chunks 0, 1, 2, ... with their
 /// metadata; a device whose chunk is not next parks a copy), and the
 /// source's failure.
-pub(crate) struct TaggedRun<'k, T: Element, M, S, K> {
-    feed: Feed<S>,
-    out: InOrder<&'k mut [K], TaggedParked<T, M>>,
-    failed: Mutex<Option<Error>>,
-    chunk: usize,
-}
+pub(crate) type TaggedRun<'k, T, M, S, K> = FedRun<S, &'k mut [K], TaggedParked<T, M>>;
 
-impl<'k, T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> TaggedRun<'k, T, M, S, K> {
-    /// A run over `source` into `sinks` (one per output) in chunks of
-    /// `chunk` elements, with at most `window` chunks parked.
-    pub(crate) fn new(source: S, sinks: &'k mut [K], chunk: usize, window: usize) -> Self {
-        Self {
-            feed: Feed::new(source),
-            out: InOrder::new(sinks, window),
-            failed: Mutex::new(None),
-            chunk,
-        }
-    }
-
-    /// No device takes another chunk or delivers another output.
-    pub(crate) fn stop(&self) {
-        self.feed.stop();
-        self.out.stop();
-    }
-
+impl<T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>>
+    FedRun<S, &mut [K], TaggedParked<T, M>>
+{
     /// One device's part of the run: `graph` (this device's) as `run` planned.
     pub(crate) fn device(
         &self,
@@ -530,12 +510,6 @@ impl<'k, T: Element, M, S: TaggedSource<T, M>, K: TaggedSink<T, M>> TaggedRun<'k
             s.recycle(io.cache);
         }
         r
-    }
-
-    /// Chunks the sinks received, and the source's failure, if any.
-    pub(crate) fn finish(self) -> (u64, Option<Error>) {
-        let failed = self.failed.into_inner().unwrap_or_else(|p| p.into_inner());
-        (self.out.delivered(), failed)
     }
 }
 

@@ -106,6 +106,47 @@ pub(crate) use pinned_items::PinnedItemsIo;
 pub use pinned_items::{PinnedItemsCopy, PinnedItemsPaths};
 pub(crate) use stream::StreamRun;
 
+/// What every device of a streamed run shares (`StreamRun`, `TaggedRun`):
+/// the source behind a feed (called once at a time, in order), the
+/// consumer `K` behind in-order delivery (a device whose chunk is not next
+/// parks a `P`), the source's failure, and the chunk length.
+pub(crate) struct FedRun<S, K, P> {
+    pub(crate) feed: sched::Feed<S>,
+    pub(crate) out: sched::InOrder<K, P>,
+    /// The source's failure: no more input for any device; the chunks
+    /// before it still reach the consumer, then the run reports it.
+    pub(crate) failed: std::sync::Mutex<Option<crate::error::Error>>,
+    pub(crate) chunk: usize,
+}
+
+impl<S, K, P> FedRun<S, K, P> {
+    /// A run over `source` into `sink` in chunks of `chunk` elements, with
+    /// at most `window` chunks parked for in-order delivery.
+    pub(crate) fn new(source: S, sink: K, chunk: usize, window: usize) -> Self {
+        Self {
+            feed: sched::Feed::new(source),
+            out: sched::InOrder::new(sink, window),
+            failed: std::sync::Mutex::new(None),
+            chunk,
+        }
+    }
+
+    /// No device takes another chunk or delivers another output.
+    pub(crate) fn stop(&self) {
+        self.feed.stop();
+        self.out.stop();
+    }
+
+    /// Chunks the consumer received, and the source's failure, if any.
+    pub(crate) fn finish(self) -> (u64, Option<crate::error::Error>) {
+        let failed = self
+            .failed
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (self.out.delivered(), failed)
+    }
+}
+
 /// A slot's pinned staging: input (the host writes it, the GPU reads it)
 /// and output (the GPU writes it, the host reads it).
 #[derive(Debug)]

@@ -18,7 +18,7 @@ use prism_stream::nvtx::Range;
 use prism_stream::{DeviceBuffer, Element, Gpu, Lane};
 
 use super::sched::{lock, Feed, InOrder};
-use super::{download_staged, Staged};
+use super::{download_staged, FedRun, Staged};
 use crate::error::{Error, Result};
 use crate::gpu::{GlobalIndex, StagingCache};
 use crate::guard;
@@ -106,32 +106,11 @@ impl<T: Element, S: Source<T>, K: Sink<T>> ChunkIo<T> for StreamIo<'_, T, S, K> 
 }
 
 /// What every device of a stream run shares: the source behind a feed,
-/// the sink behind in-order delivery, and the source's failure.
-pub(crate) struct StreamRun<T: Element, S, K> {
-    feed: Feed<S>,
-    out: InOrder<K, Vec<T>>,
-    failed: Mutex<Option<Error>>,
-    chunk: usize,
-}
+/// the sink behind in-order delivery (parking owned outputs), and the
+/// source's failure.
+pub(crate) type StreamRun<T, S, K> = FedRun<S, K, Vec<T>>;
 
-impl<T: Element, S: Source<T>, K: Sink<T>> StreamRun<T, S, K> {
-    /// A run over `source` into `sink` in chunks of `chunk` elements, with
-    /// at most `window` outputs parked for in-order delivery.
-    pub(crate) fn new(source: S, sink: K, chunk: usize, window: usize) -> Self {
-        Self {
-            feed: Feed::new(source),
-            out: InOrder::new(sink, window),
-            failed: Mutex::new(None),
-            chunk,
-        }
-    }
-
-    /// No device takes another chunk or delivers another output.
-    pub(crate) fn stop(&self) {
-        self.feed.stop();
-        self.out.stop();
-    }
-
+impl<T: Element, S: Source<T>, K: Sink<T>> FedRun<S, K, Vec<T>> {
     /// One device's part of the run (the stages of `order`).
     pub(crate) fn device(
         &self,
@@ -157,11 +136,5 @@ impl<T: Element, S: Source<T>, K: Sink<T>> StreamRun<T, S, K> {
             io.cache.give_output(s.output);
         }
         r
-    }
-
-    /// Chunks the sink received, and the source's failure, if any.
-    pub(crate) fn finish(self) -> (u64, Option<Error>) {
-        let failed = self.failed.into_inner().unwrap_or_else(|p| p.into_inner());
-        (self.out.delivered(), failed)
     }
 }

@@ -14,7 +14,7 @@
 //! copy. Every output is downloaded into its own destination, in output
 //! order, after the chunk's kernels. What owns the ordering is unchanged:
 //! every kernel goes through the chunk's `Launch`, every copy through a
-//! lane (prism-stream's `order.rs`).
+//! lane (prism-stream's `lane.rs`).
 //!
 //! Independent branches of one chunk run concurrently: each node gets a
 //! *track* (the first reader of a node continues its track, every other

@@ -32,65 +32,16 @@ use cudarc::driver::{result, DriverError};
 use crate::context::Gpu;
 use crate::copy::range_bytes;
 use crate::error::DriverResultExt;
-use crate::event::Fence;
 use crate::kernels::Launch;
-use crate::memory::{DeviceAlloc, DeviceBuffer, Element, PinnedBuffer, Tracked};
-use crate::order::{Access, Extent, Lane, Used};
-use crate::readback::{Readback, SlotPool};
+use crate::lane::{CaptureState, CapturedRead, CapturedUse, Lane};
+use crate::memory::SlotPool;
+use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
+use crate::order::Fence;
+use crate::order::{Access, Used};
+use crate::readback::Readback;
 use crate::{Error, Result};
 
 static NEXT_GRAPH: AtomicU64 = AtomicU64::new(1);
-
-/// One buffer the captured work uses: the union of its ops' ranges, a
-/// write if any op wrote it.
-#[derive(Debug)]
-struct CapturedUse {
-    alloc: Arc<DeviceAlloc>,
-    access: Access,
-    extent: Extent,
-    what: &'static str,
-}
-
-/// A read-back recorded in the capture: the slot its node copies into.
-#[derive(Debug)]
-struct CapturedRead {
-    slot: PinnedBuffer<u8>,
-    bytes: usize,
-    n: usize,
-    ty: TypeId,
-}
-
-/// What a lane records while it captures (`Lane::capture` holds it in the
-/// lane; `Lane::enqueue_scoped` adds to it).
-#[derive(Debug)]
-pub(crate) struct CaptureState {
-    uses: Vec<CapturedUse>,
-    reads: Vec<CapturedRead>,
-}
-
-impl CaptureState {
-    /// Adds an op's buffers (their allocations: the caller checked each
-    /// use is a device buffer's).
-    pub(crate) fn note(&mut self, uses: &[Used<'_>]) {
-        for u in uses {
-            let Some(alloc) = u.keep else { continue };
-            match self.uses.iter_mut().find(|c| Arc::ptr_eq(&c.alloc, alloc)) {
-                Some(c) => {
-                    if u.access == Access::Write {
-                        c.access = Access::Write;
-                    }
-                    c.extent = c.extent.hull(&u.extent);
-                }
-                None => self.uses.push(CapturedUse {
-                    alloc: Arc::clone(alloc),
-                    access: u.access,
-                    extent: u.extent,
-                    what: u.what,
-                }),
-            }
-        }
-    }
-}
 
 /// The scope a capture hands its closure: a [`Launch`] (through `Deref`)
 /// whose ops are recorded into the graph, plus [`read_back`](Self::read_back).

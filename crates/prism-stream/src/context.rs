@@ -8,7 +8,7 @@ use cudarc::driver::{CudaContext, DriverError};
 
 use crate::error::is_sticky;
 use crate::error::DriverResultExt;
-use crate::event::EventPool;
+use crate::raw::{ctx_synchronize, EventPool, KernelState};
 use crate::{Error, Result};
 
 /// Contexts a sticky error killed (a CUDA context accepts nothing more after,
@@ -33,59 +33,6 @@ pub(crate) fn note_dead(key: usize, reason: &str) {
         dead.push((key, reason.to_owned()));
     }
     ANY_DEAD.store(true, Ordering::Release);
-}
-
-/// Makes `ctx` current on the calling thread (cheap when it already is),
-/// through the driver: not cudarc's `bind_to_thread`, which first takes an
-/// error cudarc stashed in its context object and returns it without
-/// binding anything.
-pub(crate) fn make_current(ctx: sys::CUcontext) -> std::result::Result<(), DriverError> {
-    if cudarc::driver::result::ctx::get_current()? != Some(ctx) {
-        // SAFETY: callers pass the handle of a live context (held through
-        // the cudarc context object that created or retained it).
-        unsafe { cudarc::driver::result::ctx::set_current(ctx) }?;
-    }
-    Ok(())
-}
-
-/// Makes `ctx` current on the calling thread until the guard drops, then
-/// makes current again whatever was current before (no context, or
-/// another one). Driver calls that report a context's sticky error report
-/// the *current* context's: a query of one context's event made while a
-/// dead context is current fails with the dead one's error. Uses the
-/// driver directly, not cudarc's `bind_to_thread`, which would first take
-/// (and return) an error cudarc stashed in its context object.
-pub(crate) fn current_for_now(
-    ctx: sys::CUcontext,
-) -> std::result::Result<CurrentGuard, DriverError> {
-    let before = cudarc::driver::result::ctx::get_current()?;
-    if before == Some(ctx) {
-        return Ok(CurrentGuard { restore: None });
-    }
-    // SAFETY: callers pass the handle of a live context (held through the
-    // cudarc context object that created or retained it).
-    unsafe { cudarc::driver::result::ctx::set_current(ctx) }?;
-    Ok(CurrentGuard {
-        restore: Some(before.unwrap_or(std::ptr::null_mut())),
-    })
-}
-
-/// See [`current_for_now`].
-#[must_use]
-pub(crate) struct CurrentGuard {
-    /// The context to make current again (null: none), if it changed.
-    restore: Option<sys::CUcontext>,
-}
-
-impl Drop for CurrentGuard {
-    fn drop(&mut self) {
-        if let Some(before) = self.restore {
-            // SAFETY: `before` was current on this thread when the guard
-            // was made (a context a thread has current is not destroyed
-            // under it), or null, which leaves no context current.
-            let _ = unsafe { cudarc::driver::result::ctx::set_current(before) };
-        }
-    }
 }
 
 /// Facts about the device a user needs to size work.
@@ -135,7 +82,7 @@ pub(crate) struct GpuInner {
     /// Fast path of `check_usable`: set once `poison` holds a reason.
     poisoned: AtomicBool,
     /// Where prism's own kernels come from, and the loaded PTX.
-    pub(crate) kernels: crate::kernels::KernelState,
+    pub(crate) kernels: KernelState,
 }
 
 impl Gpu {
@@ -207,10 +154,10 @@ impl Gpu {
             info,
             poison: Mutex::new(None),
             poisoned: AtomicBool::new(false),
-            kernels: crate::kernels::KernelState::new(),
+            kernels: KernelState::new(),
         }));
         gpu.bind()?;
-        crate::kernels::preload(&gpu);
+        gpu.0.kernels.preload(&gpu.0.ctx, ordinal);
         Ok(gpu)
     }
 
@@ -308,8 +255,7 @@ impl Gpu {
     /// context fails with `CaptureInProgress`.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
-        crate::event::relaxed_on_capture(cudarc::driver::result::ctx::synchronize)
-            .call("cuCtxSynchronize")
+        ctx_synchronize().call("cuCtxSynchronize")
     }
 
     /// True when both handles use the same CUDA context (two `Gpu::open(0)`

@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use crate::context::Gpu;
 use crate::error::check_len;
-use crate::event::Fence;
 use crate::future::OpFuture;
 use crate::graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 use crate::kernels::Launch;
+use crate::lane::Lane;
 use crate::memory::{DeviceBuffer, Element, HostAllocFlags, PinnedBuffer};
-use crate::order::Lane;
+use crate::order::Fence;
 use crate::stream::StreamPurpose;
 use crate::{Error, Result};
 

@@ -1,15 +1,48 @@
 //! Asynchronous copies and memsets, queued through a [`Lane`]. Each one is
-//! a thin wrapper over [`Lane::enqueue`] (order.rs), which orders it, records
+//! a thin wrapper over `Lane::enqueue` (`lane.rs`), which orders it, records
 //! its fence and notes the fence on both buffers: this module only checks
 //! lengths and computes addresses.
 
 use cudarc::driver::{result, sys};
 
 use crate::error::{check_len, DriverResultExt};
-use crate::event::Fence;
+use crate::lane::Lane;
 use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
-use crate::order::{Access, Lane, Used};
+use crate::order::Fence;
+use crate::order::{Access, Used};
 use crate::Result;
+
+impl<T: Element> DeviceBuffer<T> {
+    /// Allocates `len` elements and queues their zeroing on `lane` (later
+    /// uses on any stream are ordered after it). Zero length and
+    /// out-of-memory are typed errors.
+    pub fn zeroed(lane: &mut Lane, len: usize) -> Result<Self> {
+        // SAFETY: the memset queued below writes every byte before any other
+        // use can be queued (the buffer is not yet shared), and every later
+        // use is ordered after it through the write fence it records. If
+        // queueing fails, the buffer is dropped unread.
+        let mut buf = unsafe { Self::uninit(lane.gpu(), len)? };
+        lane.zero(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Allocates `data.len()` elements and queues their upload from `data`
+    /// on `lane`, without zeroing them first. `data` is ordinary (pageable)
+    /// memory: the driver copies it into its own staging before this
+    /// returns, so `data` is free again at once; the transfer to the device
+    /// runs in stream order on the lane (later uses on any stream wait for
+    /// it). For large or repeated uploads, copy from a
+    /// [`PinnedBuffer`] with [`Lane::copy_htod`] instead.
+    pub fn from_slice(lane: &mut Lane, data: &[T]) -> Result<Self> {
+        // SAFETY: the upload queued below writes every element before any
+        // other use can be queued (the buffer is not yet shared); later uses
+        // are ordered after its write fence. If it fails, the buffer is
+        // dropped unread.
+        let mut buf = unsafe { Self::uninit(lane.gpu(), data.len())? };
+        lane.upload_slice(data, &mut buf, 0)?;
+        Ok(buf)
+    }
+}
 
 impl Lane {
     /// Copies `src[src_at..src_at + n]` into `dst[dst_at..dst_at + n]`,

@@ -63,8 +63,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use crate::context::Gpu;
-use crate::event::Fence;
 use crate::graph::{OpId, Probe};
+use crate::order::Fence;
 use crate::order::{Mark, StreamId};
 use crate::{Error, Result};
 

@@ -71,9 +71,10 @@ use cudarc::driver::{result, CudaContext, CudaSlice, CudaStream, DevicePtrMut, D
 
 use crate::context::Gpu;
 use crate::error::DriverResultExt;
-use crate::event::Fence;
+use crate::lane::Lane;
 use crate::memory::{DeviceBuffer, Element};
-use crate::order::{fence_foreign, note_made_by, order_foreign_after_all, Lane};
+use crate::order::Fence;
+use crate::order::{fence_foreign, note_made_by, order_foreign_after_all};
 use crate::{Error, Result};
 
 /// A refused conversion between a cudarc object and a prism one: why, and

@@ -27,13 +27,18 @@
 //!
 //! # Modules
 //!
+//! In layers, each using only those above it in this table (`cargo xtask
+//! modules --check` keeps the modules free of import cycles):
+//!
 //! | module | owns |
 //! | --- | --- |
-//! | `order` | [`Lane`]: ordering and fencing of every GPU op (the one place that records events or issues stream waits) |
+//! | `error`, `op_id` | [`Error`], the mapping of driver errors; [`OpId`] |
+//! | `raw` | the driver layer: current context, CUDA events, prism's kernel modules; each call with its `unsafe` and error mapping, no ordering decision |
 //! | `context`, `managed` | [`Gpu`] (device, poison flag), [`ManagedGpuContext`] |
-//! | `stream` | [`StreamPool`], [`ManagedStream`], [`StreamPurpose`] |
-//! | `event` | [`Fence`], pooled CUDA events |
-//! | `memory` | [`Element`], [`DeviceBuffer`], [`PinnedBuffer`]: use lists, host-access checks, waiting `Drop` |
+//! | `order` | the tracking layer: ordering rules, use lists, [`Fence`], device allocations freed after their last use |
+//! | `memory` | [`Element`], [`DeviceBuffer`], [`PinnedBuffer`]: host-access checks, waiting `Drop`, read-back slots |
+//! | `lane` | [`Lane`]: the one path of every GPU op (orders it, records its fence; the one place that records events or issues stream waits) |
+//! | `stream` | [`StreamPool`], [`ManagedStream`], [`StreamPurpose`], [`Lane::new`] |
 //! | `copy`, `ops` | copies, batched copies, memsets, fills, read-backs of a [`Lane`] or [`Launch`] |
 //! | `kernels` | [`Launch`]: prism's kernels (`builtin`), their source (`source`), your kernels (`user`), CPU references (`cpu`) |
 //! | `capture` | CUDA graphs: [`Lane::capture`], [`CapturedGraph`] |
@@ -43,14 +48,14 @@
 //! | [`future`] | [`FenceFuture`], [`OpFuture`] |
 //! | `interop` | moves of buffers and streams between cudarc and prism |
 //! | [`nvtx`] | NVTX ranges |
-//! | `error` | [`Error`] |
 //!
 //! # Soundness
 //!
 //! No program without `unsafe` can make prism and the GPU touch the same
 //! memory at once, free memory the GPU still uses, or skip an ordering the
 //! GPU needs: every GPU use of a buffer is queued through a [`Lane`], which
-//! orders it and records its fence before returning (module `order`); host
+//! orders it and records its fence before returning (modules `order` and
+//! `lane`); host
 //! access checks those fences; `Drop` waits for them; [`Element`] admits
 //! only plain data; the safe constructors never hand out uninitialised
 //! device memory. Memory and streams that change hands with cudarc are
@@ -90,11 +95,11 @@ mod context;
 mod coordinator;
 mod copy;
 mod error;
-mod event;
 pub mod future;
 pub mod graph;
 mod interop;
 mod kernels;
+mod lane;
 mod libs;
 mod managed;
 mod memory;
@@ -103,6 +108,7 @@ mod op_id;
 mod ops;
 mod order;
 mod outside;
+mod raw;
 mod readback;
 mod stream;
 
@@ -111,11 +117,11 @@ pub use context::{device_count, driver_available, DeviceInfo, Gpu};
 pub use coordinator::AsyncCoordinator;
 pub use copy::{batch_copies_supported, BatchItem};
 pub use error::{Error, Result};
-pub use event::Fence;
 pub use future::{FenceFuture, OpFuture};
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 pub use interop::InteropError;
 pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, KernelSource, Launch, Module};
+pub use lane::Lane;
 #[cfg(feature = "cublas")]
 pub use libs::Blas;
 #[cfg(feature = "cufft")]
@@ -125,7 +131,8 @@ pub use memory::{
     as_bytes, as_bytes_mut, copy_streaming, pinned_bytes, zeroed_vec, DeviceBuffer, Element,
     HostAllocFlags, PinnedBuffer, RegisterError,
 };
-pub use order::{Lane, StreamId};
+pub use order::Fence;
+pub use order::StreamId;
 pub use outside::{Arg, ArgMut, DeviceView, DeviceViewMut, Outside, Work};
 pub use readback::{Readback, ReadbackFuture};
 pub use stream::{ManagedStream, StreamPool, StreamPurpose};

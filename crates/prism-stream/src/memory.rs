@@ -10,15 +10,15 @@
 //! recorded use before freeing, so nothing is freed while the GPU may touch it.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, DriverError};
 
 use crate::context::Gpu;
 use crate::error::is_capture_error;
-use crate::event::Fence;
-use crate::order::{lock, Access, Extent, Lane, UseCell, Used, Uses};
+use crate::order::Fence;
+use crate::order::{lock, Access, DeviceAlloc, Extent, UseCell, Used, Uses};
 use crate::{Error, Result};
 
 /// Plain data that can live on the GPU and be viewed as bytes.
@@ -295,43 +295,6 @@ fn byte_len<T>(len: usize, what: &'static str) -> Result<usize> {
         })
 }
 
-/// The allocation behind a [`DeviceBuffer`]: the device memory and its use
-/// list. Shared (`Arc`) between the buffer and the CUDA graphs captured
-/// over it ([`CapturedGraph`](crate::CapturedGraph)), so memory a graph may
-/// still write is never freed under it; freed when the last holder drops,
-/// after every recorded use completed.
-#[derive(Debug)]
-pub(crate) struct DeviceAlloc {
-    pub(crate) gpu: Gpu,
-    /// 0 once handed to cudarc (`disown`): nothing to free.
-    ptr: sys::CUdeviceptr,
-    pub(crate) uses: UseCell,
-}
-
-impl Drop for DeviceAlloc {
-    fn drop(&mut self) {
-        if self.ptr == 0 {
-            // Handed to cudarc (`disown`): its new owner frees it.
-            return;
-        }
-        // Wait for every queued use first: freeing memory a kernel or copy still
-        // touches would corrupt whatever is allocated there next.
-        if !lock(&self.uses).release(self.gpu.key(), "device buffer") {
-            return;
-        }
-        if self.gpu.bind().is_ok() {
-            // SAFETY: `ptr` is an allocation of this context, owned by this
-            // allocation alone: from cuMemAlloc, or adopted from a cudarc slice
-            // (cuMemAllocAsync or cuMemAlloc; cuMemFree frees either once every
-            // access has completed, and cudarc gave it up). Every recorded use
-            // has completed (waited above; after a failed wait `release`
-            // says no and nothing is freed), and it is freed only here, when
-            // the last holder (the buffer or a captured graph) lets go.
-            let _ = unsafe { result::free_sync(self.ptr) };
-        }
-    }
-}
-
 /// A device allocation of `len` elements of `T`, always initialised: the
 /// safe constructors zero it ([`zeroed`](Self::zeroed), a queued memset) or
 /// fill it from host data ([`from_slice`](Self::from_slice), a queued
@@ -342,7 +305,7 @@ impl Drop for DeviceAlloc {
 ///
 /// Its device address is reachable only through `unsafe`
 /// ([`device_ptr`](Self::device_ptr)) or inside an outside-work block
-/// ([`Lane::outside`]), so safe code cannot hand it to
+/// ([`Lane::outside`](crate::Lane::outside)), so safe code cannot hand it to
 /// work prism does not order.
 #[derive(Debug)]
 pub struct DeviceBuffer<T: Element> {
@@ -352,36 +315,6 @@ pub struct DeviceBuffer<T: Element> {
 }
 
 impl<T: Element> DeviceBuffer<T> {
-    /// Allocates `len` elements and queues their zeroing on `lane` (later
-    /// uses on any stream are ordered after it). Zero length and
-    /// out-of-memory are typed errors.
-    pub fn zeroed(lane: &mut Lane, len: usize) -> Result<Self> {
-        // SAFETY: the memset queued below writes every byte before any other
-        // use can be queued (the buffer is not yet shared), and every later
-        // use is ordered after it through the write fence it records. If
-        // queueing fails, the buffer is dropped unread.
-        let mut buf = unsafe { Self::uninit(lane.gpu(), len)? };
-        lane.zero(&mut buf)?;
-        Ok(buf)
-    }
-
-    /// Allocates `data.len()` elements and queues their upload from `data`
-    /// on `lane`, without zeroing them first. `data` is ordinary (pageable)
-    /// memory: the driver copies it into its own staging before this
-    /// returns, so `data` is free again at once; the transfer to the device
-    /// runs in stream order on the lane (later uses on any stream wait for
-    /// it). For large or repeated uploads, copy from a
-    /// [`PinnedBuffer`] with [`Lane::copy_htod`] instead.
-    pub fn from_slice(lane: &mut Lane, data: &[T]) -> Result<Self> {
-        // SAFETY: the upload queued below writes every element before any
-        // other use can be queued (the buffer is not yet shared); later uses
-        // are ordered after its write fence. If it fails, the buffer is
-        // dropped unread.
-        let mut buf = unsafe { Self::uninit(lane.gpu(), data.len())? };
-        lane.upload_slice(data, &mut buf, 0)?;
-        Ok(buf)
-    }
-
     /// Allocates `len` elements without initialising them.
     ///
     /// # Safety
@@ -407,11 +340,7 @@ impl<T: Element> DeviceBuffer<T> {
     /// which its contents are ready, or has waited for every earlier use.
     pub(crate) fn adopt(gpu: &Gpu, ptr: sys::CUdeviceptr, len: usize) -> Self {
         Self {
-            alloc: Arc::new(DeviceAlloc {
-                gpu: gpu.clone(),
-                ptr,
-                uses: UseCell::default(),
-            }),
+            alloc: Arc::new(DeviceAlloc::new(gpu, ptr)),
             len,
             _t: PhantomData,
         }
@@ -424,7 +353,7 @@ impl<T: Element> DeviceBuffer<T> {
     /// is false (otherwise the buffer comes back).
     pub(crate) fn disown(self) -> std::result::Result<sys::CUdeviceptr, Self> {
         match Arc::try_unwrap(self.alloc) {
-            Ok(mut alloc) => Ok(std::mem::replace(&mut alloc.ptr, 0)),
+            Ok(alloc) => Ok(alloc.disown()),
             Err(alloc) => Err(Self {
                 alloc,
                 len: self.len,
@@ -460,7 +389,7 @@ impl<T: Element> DeviceBuffer<T> {
 
     /// The device address, for prism's own ordered ops.
     pub(crate) fn addr(&self) -> sys::CUdeviceptr {
-        self.alloc.ptr
+        self.alloc.ptr()
     }
 
     /// The raw device address.
@@ -476,7 +405,7 @@ impl<T: Element> DeviceBuffer<T> {
     /// [`Outside::read`](crate::Outside::read) / [`write`](crate::Outside::write)
     /// (library calls and other work prism does not enqueue), which order it.
     pub unsafe fn device_ptr(&self) -> sys::CUdeviceptr {
-        self.alloc.ptr
+        self.alloc.ptr()
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -948,4 +877,68 @@ fn unregister<T>(gpu: &Gpu, ptr: *mut T, len: usize) -> bool {
     }
     count_pinned(len * std::mem::size_of::<T>(), false);
     true
+}
+/// Idle slots a pool keeps; more are freed (which synchronises the device,
+/// so the bound is generous).
+const SLOTS_KEPT: usize = 64;
+/// The smallest slot (a read of one value still gets a cache line or more).
+const SLOT_MIN: usize = 256;
+
+/// Pinned slots for read-backs, shared by a lane (or a captured graph) and
+/// the [`Readback`](crate::Readback)s it handed out.
+#[derive(Debug, Default)]
+pub(crate) struct SlotPool {
+    idle: Mutex<Vec<PinnedBuffer<u8>>>,
+}
+
+impl SlotPool {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// An idle slot of at least `bytes` bytes (the smallest that fits and
+    /// whose last copy completed), or a new one.
+    pub(crate) fn take(&self, gpu: &Gpu, bytes: usize) -> Result<PinnedBuffer<u8>> {
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pick: Option<usize> = None;
+            for (i, s) in idle.iter().enumerate() {
+                if s.len() >= bytes
+                    && s.gpu().same_context(gpu)
+                    && pick.is_none_or(|p| s.len() < idle[p].len())
+                    && s.is_idle().unwrap_or(false)
+                {
+                    pick = Some(i);
+                }
+            }
+            if let Some(p) = pick {
+                return Ok(idle.swap_remove(p));
+            }
+        }
+        PinnedBuffer::new(
+            gpu,
+            bytes.max(SLOT_MIN).next_power_of_two(),
+            HostAllocFlags::DEFAULT,
+        )
+    }
+
+    /// The idle slot at host address `at`, if it is in the pool and its
+    /// last copy completed (a graph prefers the slot its node points at).
+    pub(crate) fn take_at(&self, at: *mut u8) -> Option<PinnedBuffer<u8>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let i = idle
+            .iter()
+            .position(|s| s.raw() == at && s.is_idle().unwrap_or(false))?;
+        Some(idle.swap_remove(i))
+    }
+
+    /// Returns a slot (its pending copy, if any, keeps it from being handed
+    /// out until it completes).
+    pub(crate) fn put(&self, slot: PinnedBuffer<u8>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < SLOTS_KEPT {
+            idle.push(slot);
+        }
+        // Else it drops here (after its uses, as every PinnedBuffer does).
+    }
 }

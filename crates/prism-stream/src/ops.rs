@@ -1,8 +1,8 @@
 //! The ops of a launch scope beyond kernels: device-to-device copies,
 //! memsets, uploads from pageable memory and small read-backs. Each is a
-//! thin wrapper over [`Launch::enqueue`] (and so over the ordering module's
+//! thin wrapper over [`Launch::enqueue`] (and so over
 //! `Lane::enqueue`): this module checks lengths and computes addresses; the
-//! ordering, fencing and capture are order.rs's. They sit on the scope, so
+//! ordering, fencing and capture are the lane's (`lane.rs`). They sit on the scope, so
 //! a stage, a coordinator op and a captured graph can use them; the
 //! `Lane` methods of the same names (copy.rs) open a scope for one op.
 
@@ -11,9 +11,10 @@ use cudarc::driver::result;
 use crate::copy::{memset_pattern, range_bytes};
 use crate::error::DriverResultExt;
 use crate::kernels::Launch;
+use crate::memory::SlotPool;
 use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
 use crate::order::{Access, Used};
-use crate::readback::{Readback, SlotPool};
+use crate::readback::Readback;
 use crate::{Error, Result};
 
 impl Launch<'_> {

@@ -5,7 +5,7 @@
 //! [`Outside::write`]); [`Outside::run`] makes the lane wait for their
 //! conflicting earlier uses, hands the closure the lane's stream and views
 //! of the named buffers, and fences them after the closure returned, as
-//! `Lane::enqueue` (order.rs) does for every op: the work sits between the
+//! `Lane::enqueue` (`lane.rs`) does for every op: the work sits between the
 //! waits and the fence in stream order. Inside a capture
 //! ([`Lane::capture`](crate::Lane::capture)) the work is recorded into the
 //! graph like any other op of the scope.
@@ -24,10 +24,11 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 
-use crate::event::Fence;
 use crate::kernels::Launch;
+use crate::lane::Lane;
 use crate::memory::{DeviceBuffer, Element, Tracked};
-use crate::order::{Access, Lane, Used};
+use crate::order::Fence;
+use crate::order::{Access, Used};
 use crate::{Error, Result};
 
 static NEXT_SCOPE: AtomicU64 = AtomicU64::new(1);

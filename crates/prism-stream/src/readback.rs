@@ -6,77 +6,11 @@
 //! only once its last copy completed (its use list says so).
 
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::context::Gpu;
-use crate::event::Fence;
-use crate::memory::{as_bytes_mut, zeroed_vec, Element, HostAllocFlags, PinnedBuffer};
+use crate::memory::{as_bytes_mut, zeroed_vec, Element, PinnedBuffer, SlotPool};
+use crate::order::Fence;
 use crate::{Error, Result};
-
-/// Idle slots a pool keeps; more are freed (which synchronises the device,
-/// so the bound is generous).
-const SLOTS_KEPT: usize = 64;
-/// The smallest slot (a read of one value still gets a cache line or more).
-const SLOT_MIN: usize = 256;
-
-/// Pinned slots for read-backs, shared by a lane (or a captured graph) and
-/// the [`Readback`]s it handed out.
-#[derive(Debug, Default)]
-pub(crate) struct SlotPool {
-    idle: Mutex<Vec<PinnedBuffer<u8>>>,
-}
-
-impl SlotPool {
-    pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// An idle slot of at least `bytes` bytes (the smallest that fits and
-    /// whose last copy completed), or a new one.
-    pub(crate) fn take(&self, gpu: &Gpu, bytes: usize) -> Result<PinnedBuffer<u8>> {
-        {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let mut pick: Option<usize> = None;
-            for (i, s) in idle.iter().enumerate() {
-                if s.len() >= bytes
-                    && s.gpu().same_context(gpu)
-                    && pick.is_none_or(|p| s.len() < idle[p].len())
-                    && s.is_idle().unwrap_or(false)
-                {
-                    pick = Some(i);
-                }
-            }
-            if let Some(p) = pick {
-                return Ok(idle.swap_remove(p));
-            }
-        }
-        PinnedBuffer::new(
-            gpu,
-            bytes.max(SLOT_MIN).next_power_of_two(),
-            HostAllocFlags::DEFAULT,
-        )
-    }
-
-    /// The idle slot at host address `at`, if it is in the pool and its
-    /// last copy completed (a graph prefers the slot its node points at).
-    pub(crate) fn take_at(&self, at: *mut u8) -> Option<PinnedBuffer<u8>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let i = idle
-            .iter()
-            .position(|s| s.raw() == at && s.is_idle().unwrap_or(false))?;
-        Some(idle.swap_remove(i))
-    }
-
-    /// Returns a slot (its pending copy, if any, keeps it from being handed
-    /// out until it completes).
-    pub(crate) fn put(&self, slot: PinnedBuffer<u8>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < SLOTS_KEPT {
-            idle.push(slot);
-        }
-        // Else it drops here (after its uses, as every PinnedBuffer does).
-    }
-}
 
 /// Values being copied back from the GPU: made by
 /// [`Lane::read_async`](crate::Lane::read_async),
@@ -172,7 +106,7 @@ impl<T: Element> Drop for Readback<T> {
     }
 }
 
-impl crate::order::Lane {
+impl crate::lane::Lane {
     /// The lane's read-back slots (made on first use).
     pub(crate) fn slot_pool(&mut self) -> Arc<SlotPool> {
         Arc::clone(self.slots.get_or_insert_with(SlotPool::new))

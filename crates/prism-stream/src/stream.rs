@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::context::Gpu;
-use crate::order::{Lane, StreamCore, StreamId};
+use crate::error::DriverResultExt;
+use crate::lane::{Lane, StreamCore};
+use crate::order::StreamId;
+use crate::raw::stream_priority_range;
 use crate::{Error, Result};
 
 /// What a stream is for. Copies in each direction get their own streams so
@@ -23,6 +26,17 @@ impl StreamPurpose {
     pub const ALL: [StreamPurpose; 4] =
         [Self::Upload, Self::Compute, Self::Download, Self::Auxiliary];
 
+    /// The priority prism gives streams of this purpose: copies highest
+    /// (so they are fed promptly), compute the default, auxiliary the lowest.
+    pub(crate) fn priority(self) -> Result<i32> {
+        let (least, greatest) = stream_priority_range().call("cuCtxGetStreamPriorityRange")?;
+        Ok(match self {
+            Self::Upload | Self::Download => greatest,
+            Self::Compute => 0,
+            Self::Auxiliary => least,
+        })
+    }
+
     fn index(self) -> usize {
         match self {
             Self::Upload => 0,
@@ -30,6 +44,21 @@ impl StreamPurpose {
             Self::Download => 2,
             Self::Auxiliary => 3,
         }
+    }
+}
+
+impl Lane {
+    /// A lane on a new stream of `gpu` with compute priority.
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        Self::with_purpose(gpu, StreamPurpose::Compute)
+    }
+
+    /// A lane on a new stream with the priority prism gives `purpose`
+    /// (copies highest, auxiliary lowest).
+    pub fn with_purpose(gpu: &Gpu, purpose: StreamPurpose) -> Result<Self> {
+        gpu.bind()?;
+        let priority = purpose.priority()?;
+        Ok(Self::on(StreamCore::new(gpu, priority)?))
     }
 }
 
@@ -74,7 +103,7 @@ impl StreamPool {
         }
         gpu.bind()?;
         let make = |purpose: StreamPurpose| -> Result<Vec<PooledStream>> {
-            let priority = StreamCore::priority(purpose)?;
+            let priority = purpose.priority()?;
             (0..counts[purpose.index()])
                 .map(|_| {
                     Ok(PooledStream {

@@ -11,10 +11,11 @@ use cudarc::driver::{result, sys as cu, CudaFunction, DriverError};
 use prism_cuda_sys as sys;
 
 use super::launch::{check_code, check_driver_launch, Launch};
-use super::source::{KernelSource, PtxKernels};
+use super::source::KernelSource;
 use crate::error::{check_len, DriverResultExt};
 use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
 use crate::order::{Access, Used};
+use crate::raw::PtxKernels;
 use crate::{Error, Result};
 
 /// Threads per block of every grid-stride kernel (`kBlock` in the .cu file).

@@ -5,27 +5,18 @@
 //! [`KernelSource`]; and the turning of a launcher's status code or a
 //! driver launch's result into an [`Error`].
 
-use std::ffi::CStr;
-
 use cudarc::driver::{sys as cu, DriverError};
 use prism_cuda_sys as sys;
 
-use super::source::{KernelSource, PtxKernels};
+use super::source::KernelSource;
 use crate::context::Gpu;
 use crate::error::{capture_error_of_code, is_capture_error};
-use crate::event::Fence;
+use crate::lane::Lane;
 use crate::memory::{DeviceBuffer, Element, Tracked};
-use crate::order::{Access, Lane, Used};
+use crate::order::Fence;
+use crate::order::{Access, Used};
+use crate::raw::{code_message, PtxKernels};
 use crate::{Error, Result};
-
-/// Describes a launcher return code.
-pub(super) fn code_message(code: i32) -> String {
-    // SAFETY: prism_error_string returns a pointer to a static NUL-terminated
-    // string for any code (both in the nvcc build and in the stub).
-    unsafe { CStr::from_ptr(sys::prism_error_string(code)) }
-        .to_string_lossy()
-        .into_owned()
-}
 
 /// Turns a launcher status code into an error; a launch failure other than
 /// a rejected argument or a refusal during a stream capture (not a GPU

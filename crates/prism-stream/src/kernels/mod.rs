@@ -2,7 +2,7 @@
 //! prism's own kernels (validating lengths and contexts), and
 //! [`Launch::kernel`] launches the user's own kernels on prism buffers.
 //! Every launch goes through [`Lane::enqueue`](crate::Lane::enqueue)
-//! (order.rs): it is ordered after the buffers' earlier uses and its fence
+//! (`lane.rs`): it is ordered after the buffers' earlier uses and its fence
 //! is noted on every buffer before the call returns, so a scope that is
 //! dropped, forgotten or left with `?` loses nothing.
 //!
@@ -15,10 +15,10 @@
 //!
 //! # What lives where
 //!
-//! - `source`: where prism's kernels come from: [`KernelSource`], the
-//!   per-context [`KernelState`], the loaded PTX (`PtxKernels`,
-//!   `PTX_KERNEL_NAMES`), [`preload`], and `ModuleHold`, which unloads a
-//!   module (prism's or a user's) only once its context has finished its work.
+//! - `source`: where prism's kernels come from: [`KernelSource`] and the
+//!   choice per [`Gpu`](crate::Gpu). The loading of the PTX, the early load
+//!   at `Gpu::open` and `ModuleHold` (a module unloaded only once its
+//!   context has finished its work) are the driver layer's (`raw`).
 //! - `launch`: the [`Launch`] scope and its generic machinery: waits,
 //!   fences, `enqueue`, and `run`, which takes one of prism's kernels to the
 //!   launcher or to the PTX by the GPU's [`KernelSource`]; the turning of a
@@ -41,5 +41,4 @@ mod user;
 pub use cpu::{fma_chain_cpu, pattern};
 pub use launch::Launch;
 pub use source::KernelSource;
-pub(crate) use source::{preload, KernelState};
 pub use user::{Kernel, KernelCall, Module};

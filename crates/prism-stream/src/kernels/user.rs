@@ -10,12 +10,13 @@ use cudarc::driver::{result, CudaFunction, DeviceRepr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use super::launch::Launch;
-use super::source::ModuleHold;
 use crate::context::Gpu;
 use crate::error::DriverResultExt;
-use crate::event::Fence;
+use crate::lane::Lane;
 use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
-use crate::order::{Access, Lane, Used};
+use crate::order::Fence;
+use crate::order::{Access, Used};
+use crate::raw::ModuleHold;
 use crate::{Error, Result};
 
 impl<'l> Launch<'l> {

@@ -1,10 +1,14 @@
-//! Ordering: the one module that decides which GPU-side waits an operation
-//! needs, records the fence that marks its end and notes that fence on every
-//! buffer it used. Every copy, kernel, memset and fence of prism goes through
-//! a [`Lane`]; no other code records an event or issues a stream wait, and no
-//! public function takes a bare stream or a wait clock.
+//! Ordering, the tracking layer: the one module that decides which GPU-side
+//! waits an operation needs and when the host may touch or free memory.
+//! Here: the rules, each buffer's use list ([`Uses`]), the wait clocks, the
+//! [`Fence`] (`fence.rs`) and the device allocation freed only after its
+//! last use (`alloc.rs`). The lane (`lane.rs`) applies them: every copy,
+//! kernel, memset and fence of prism goes through a
+//! [`Lane`](crate::Lane); no other code records an event or issues a
+//! stream wait, and no public function takes a bare stream or a wait clock.
 //!
-//! The rules, each enforced here:
+//! The rules (1, 2 and 6 enforced in this module; 3, 4 and 5 by the lane,
+//! `lane.rs`, which calls it):
 //!
 //! 1. **Hazards.** An op that reads a buffer first waits (on the GPU) for the
 //!    buffer's last writer; an op that writes it waits for every earlier use.
@@ -12,7 +16,7 @@
 //!    is on the op's own stream (stream order), it was already observed
 //!    complete, or the lane's [`WaitClock`] shows an earlier wait that covers
 //!    it. Skipping never depends on anything a caller passes in.
-//! 3. **Every use is fenced before the call returns.** [`Lane::enqueue`]
+//! 3. **Every use is fenced before the call returns.** `Lane::enqueue`
 //!    orders, enqueues, records the end fence and notes it on each buffer in
 //!    one call, on every path: an enqueue that fails part-way still records
 //!    its fence, and if no fence can be recorded the call blocks until the
@@ -52,17 +56,20 @@ use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{result, sys, CudaStream, DriverError};
+use cudarc::driver::{sys, CudaStream};
 
 use crate::context::Gpu;
 use crate::error::DriverResultExt;
-use crate::event::{relaxed_on_capture, Fence};
-use crate::memory::DeviceAlloc;
-use crate::stream::StreamPurpose;
 use crate::{Error, Result};
 
+mod alloc;
+mod fence;
+
+pub(crate) use alloc::DeviceAlloc;
+pub use fence::Fence;
+
 /// Identifies one CUDA stream prism queues on (made by prism, or taken over
-/// from cudarc by [`Lane::from_cuda_stream`]), unique for the life of the
+/// from cudarc by [`Lane::from_cuda_stream`](crate::Lane::from_cuda_stream)), unique for the life of the
 /// process (never reused, unlike the driver's stream handles). An id never
 /// names two streams; one stream may get two ids (taken over twice), which
 /// costs at most a redundant wait.
@@ -72,7 +79,7 @@ pub struct StreamId(NonZeroU64);
 static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 
 impl StreamId {
-    fn fresh() -> Self {
+    pub(crate) fn fresh() -> Self {
         let n = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
         Self(NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN))
     }
@@ -101,7 +108,7 @@ const CLOCK_ENTRIES: usize = 8;
 /// A vector clock: what one lane's stream is already ordered after. Per
 /// source stream, the largest fence sequence number the lane waited on,
 /// directly or through the fences it waited on (each fence carries the clock
-/// its lane had when it was recorded). Lives inside a [`Lane`] and is never
+/// its lane had when it was recorded). Lives inside a [`Lane`](crate::Lane) and is never
 /// handed out, so it always describes waits this lane really issued.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct WaitClock {
@@ -336,376 +343,6 @@ pub(crate) struct Used<'a> {
     pub(crate) keep: Option<&'a Arc<DeviceAlloc>>,
 }
 
-/// One CUDA stream prism queues on (made by prism, or adopted from a cudarc
-/// user, who gave up every other handle to it), shared by every lane on it.
-#[derive(Debug)]
-pub(crate) struct StreamCore {
-    pub(crate) id: StreamId,
-    pub(crate) gpu: Gpu,
-    pub(crate) cu: Arc<CudaStream>,
-    /// Sequence number of the last fence recorded on this stream; the lock
-    /// is held across `cuEventRecord` (rule 4).
-    last_seq: Mutex<u64>,
-}
-
-impl StreamCore {
-    /// A new non-blocking stream (never the legacy default stream).
-    pub(crate) fn new(gpu: &Gpu, priority: i32) -> Result<Arc<Self>> {
-        gpu.check_usable()?;
-        let cu = gpu
-            .cuda_context()
-            .new_stream_with_priority(priority)
-            .call("cuStreamCreateWithPriority")?;
-        Ok(Arc::new(Self {
-            id: StreamId::fresh(),
-            gpu: gpu.clone(),
-            cu,
-            last_seq: Mutex::new(0),
-        }))
-    }
-
-    /// A stream made by someone else (a cudarc user's) that prism now holds
-    /// alone (the caller checked that no other handle to it exists). Its id
-    /// is fresh, as for a stream prism made.
-    pub(crate) fn adopt(gpu: &Gpu, cu: Arc<CudaStream>) -> Arc<Self> {
-        Arc::new(Self {
-            id: StreamId::fresh(),
-            gpu: gpu.clone(),
-            cu,
-            last_seq: Mutex::new(0),
-        })
-    }
-
-    /// The priority prism gives streams of `purpose`: copies highest (so
-    /// they are fed promptly), compute the default, auxiliary the lowest.
-    pub(crate) fn priority(purpose: StreamPurpose) -> Result<i32> {
-        let (least, greatest) =
-            result::stream::get_priority_range().call("cuCtxGetStreamPriorityRange")?;
-        Ok(match purpose {
-            StreamPurpose::Upload | StreamPurpose::Download => greatest,
-            StreamPurpose::Compute => 0,
-            StreamPurpose::Auxiliary => least,
-        })
-    }
-
-    fn raw(&self) -> sys::CUstream {
-        self.cu.cu_stream()
-    }
-}
-
-/// A handle to one CUDA stream through which prism queues work: copies,
-/// kernel launch scopes ([`Lane::launch`]), memsets and fences. It carries
-/// what the stream is already ordered after, so it skips waits that are
-/// implied, and it is used through `&mut self`, so one thread at a time
-/// queues through it. Not `Clone`: every lane has its own ordering state;
-/// lanes from a [`StreamPool`](crate::StreamPool) may share a stream, which
-/// stays sound (and costs at most a redundant wait).
-#[derive(Debug)]
-pub struct Lane {
-    core: Arc<StreamCore>,
-    clock: WaitClock,
-    /// Set while [`Lane::capture`] records the lane's work into a CUDA
-    /// graph: ops are then captured, not run, and neither ordered nor
-    /// fenced here (the graph's launches are).
-    pub(crate) capture: Option<Box<crate::capture::CaptureState>>,
-    /// Pinned slots for small read-backs (`read_async`), made on first use.
-    pub(crate) slots: Option<Arc<crate::readback::SlotPool>>,
-}
-
-impl Lane {
-    /// A lane on a new stream of `gpu` with compute priority.
-    pub fn new(gpu: &Gpu) -> Result<Self> {
-        Self::with_purpose(gpu, StreamPurpose::Compute)
-    }
-
-    /// A lane on a new stream with the priority prism gives `purpose`
-    /// (copies highest, auxiliary lowest).
-    pub fn with_purpose(gpu: &Gpu, purpose: StreamPurpose) -> Result<Self> {
-        gpu.bind()?;
-        let priority = StreamCore::priority(purpose)?;
-        Ok(Self::on(StreamCore::new(gpu, priority)?))
-    }
-
-    pub(crate) fn on(core: Arc<StreamCore>) -> Self {
-        Self {
-            core,
-            clock: WaitClock::default(),
-            capture: None,
-            slots: None,
-        }
-    }
-
-    /// A lane on a stream prism now holds alone (see [`StreamCore::adopt`]).
-    pub(crate) fn adopt(gpu: &Gpu, cu: Arc<CudaStream>) -> Self {
-        Self::on(StreamCore::adopt(gpu, cu))
-    }
-
-    /// The lane's stream, if no other lane shares it; the lane is consumed,
-    /// so prism queues nothing more there (fences already recorded on it
-    /// keep their meaning). Otherwise the lane comes back.
-    pub(crate) fn into_stream(self) -> std::result::Result<Arc<CudaStream>, Box<Self>> {
-        let Self {
-            core,
-            clock,
-            capture,
-            slots,
-        } = self;
-        match Arc::try_unwrap(core) {
-            Ok(core) => Ok(core.cu),
-            Err(core) => Err(Box::new(Self {
-                core,
-                clock,
-                capture,
-                slots,
-            })),
-        }
-    }
-
-    /// The GPU this lane's stream belongs to.
-    pub fn gpu(&self) -> &Gpu {
-        &self.core.gpu
-    }
-
-    /// The stream's process-unique id.
-    pub fn stream_id(&self) -> StreamId {
-        self.core.id
-    }
-
-    /// The raw cudarc stream, for work prism does not see (profiling
-    /// markers, the user's own `CudaSlice`s, a host-side hold in a test).
-    ///
-    /// # Safety
-    ///
-    /// Work enqueued on the raw stream is invisible to prism's ordering.
-    /// It must not read or write memory of a prism buffer unless the caller
-    /// orders it against every other use and keeps the buffer alive and
-    /// otherwise untouched until it completes. Queue prism buffers' work
-    /// through the lane instead ([`Lane::launch`] and
-    /// [`Launch::kernel`](crate::Launch::kernel) for one's own kernels).
-    pub unsafe fn cuda_stream(&self) -> &Arc<CudaStream> {
-        &self.core.cu
-    }
-
-    /// Records a fence (timing disabled) after everything queued so far.
-    pub fn fence(&mut self) -> Result<Fence> {
-        self.core.gpu.check_usable()?;
-        self.not_capturing("a fence")?;
-        self.record(false)
-    }
-
-    /// Records a timed fence (for [`Fence::elapsed_ms_since`]).
-    pub fn timed_fence(&mut self) -> Result<Fence> {
-        self.core.gpu.check_usable()?;
-        self.not_capturing("a timed fence")?;
-        self.record(true)
-    }
-
-    /// Makes this lane's later work wait (on the GPU) for `fence`, unless
-    /// that is implied already. Fences of other devices are allowed.
-    pub fn wait_for(&mut self, fence: &Fence) -> Result<()> {
-        self.not_capturing("a wait for a fence")?;
-        let raw = self.core.raw();
-        order_after(&mut self.clock, self.core.id, fence, |f| f.gpu_wait(raw))
-    }
-
-    /// Refuses what a capture cannot hold: fences are recorded and waits
-    /// issued by the graph's launches, not inside it.
-    fn not_capturing(&self, what: &'static str) -> Result<()> {
-        if self.capture.is_some() {
-            return Err(Error::NotCapturable {
-                what,
-                reason: "the graph's launches are ordered and fenced as a whole; queue it outside the capture",
-            });
-        }
-        Ok(())
-    }
-
-    /// Blocks the calling thread until everything queued on the stream is
-    /// done. Waits through the driver (`cuStreamSynchronize`), not
-    /// cudarc's `synchronize`, which returns an error cudarc stashed in the
-    /// context object without waiting; a wait refused because a stream
-    /// capture elsewhere is in progress is made again in relaxed capture
-    /// mode (a lane never waits for its own stream while capturing it: the
-    /// capture holds the lane).
-    pub fn synchronize(&self) -> Result<()> {
-        self.core.gpu.bind()?;
-        let raw = self.core.raw();
-        // SAFETY: `raw` is a live stream of the bound context (held by `core`).
-        relaxed_on_capture(|| unsafe { result::stream::synchronize(raw) })
-            .call("cuStreamSynchronize")
-    }
-
-    /// Records a fence with this lane's clock (rule 4). The caller checked
-    /// that the context is usable.
-    fn record(&self, timed: bool) -> Result<Fence> {
-        let events = &self.core.gpu.0.events;
-        let event = events.take(timed)?;
-        let mut last = self.core.last_seq.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: `event` is a live event of this GPU's context (fresh or
-        // pooled; pooled events are never destroyed while pooled) and the
-        // stream is alive (held by `core`).
-        let recorded = unsafe { result::event::record(event.0, self.core.raw()) };
-        if let Err(e) = recorded {
-            drop(last);
-            events.put(event, timed);
-            return Err(e).call("cuEventRecord");
-        }
-        *last += 1;
-        let seq = *last;
-        drop(last);
-        Ok(Fence::new(
-            event,
-            timed,
-            seq,
-            self.core.id,
-            self.clock,
-            Arc::clone(events),
-        ))
-    }
-
-    /// Issues the waits an op with these uses needs (rule 1) and nothing
-    /// else. Harmless to call early: a timed start fence recorded after it
-    /// then measures the op, not the time it spent waiting.
-    pub(crate) fn order(&mut self, uses: &[Used<'_>]) -> Result<()> {
-        self.not_capturing("an ordering wait")?;
-        self.check_context(uses)?;
-        let (id, raw) = (self.core.id, self.core.raw());
-        for u in uses {
-            let cell = lock(u.cell);
-            if cell.stuck {
-                return Err(Error::ContextPoisoned {
-                    reason: format!("{} is in an unknown state after a failed GPU call", u.what),
-                });
-            }
-            for dep in cell.deps(u.access, u.extent) {
-                // Even a fence of a context that reported a fault is waited
-                // for: its queued work may still run (memory.rs,
-                // `writer_pending`); a wait the driver refuses fails the op.
-                order_after(&mut self.clock, id, dep, |f| f.gpu_wait(raw))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn check_context(&self, uses: &[Used<'_>]) -> Result<()> {
-        match uses
-            .iter()
-            .find(|u| !u.portable && !u.gpu.same(&self.core.gpu))
-        {
-            Some(u) => Err(Error::WrongContext { what: u.what }),
-            None => Ok(()),
-        }
-    }
-
-    /// The one path by which prism queues GPU work (rules 1-5): checks the
-    /// context, orders the op after the uses it conflicts with, records a
-    /// timed start fence if asked, runs `op` (which enqueues on the raw
-    /// stream it is given), records the end fence and notes it on every
-    /// buffer, whether or not `op` succeeded.
-    pub(crate) fn enqueue<R>(
-        &mut self,
-        uses: &[Used<'_>],
-        timed: bool,
-        op: impl FnOnce(sys::CUstream) -> Result<R>,
-    ) -> Result<(Option<Fence>, Fence, R)> {
-        self.core.gpu.check_usable()?;
-        self.not_capturing("an op with its own fence")?;
-        self.core.gpu.bind()?;
-        self.order(uses)?;
-        let start = if timed {
-            Some(self.record(true)?)
-        } else {
-            None
-        };
-        let outcome = op(self.core.raw());
-        let end = match self.record(timed) {
-            Ok(end) => end,
-            Err(e) => {
-                // The op may be queued with no fence to track it: wait until
-                // the stream is idle, so nothing it uses is touched early.
-                // If even that fails, nobody can tell when the GPU is done
-                // with the buffers: they are never touched or freed again.
-                if let Err(sync) = self.synchronize() {
-                    // A stream capture's refusal is no GPU failure: the
-                    // context stays usable, the buffers are locked.
-                    if !matches!(sync, Error::CaptureInProgress { .. }) {
-                        self.core.gpu.poison(&format!("{sync} (after {e})"));
-                    }
-                    for u in uses {
-                        lock(u.cell).stuck = true;
-                    }
-                }
-                return Err(outcome.err().unwrap_or(e));
-            }
-        };
-        for u in uses {
-            lock(u.cell).note(u.access, u.extent, &end);
-        }
-        outcome.map(|r| (start, end, r))
-    }
-}
-
-impl Lane {
-    /// [`enqueue`](Self::enqueue) for the ops of a launch scope: outside a
-    /// capture, exactly that (the end fence comes back); while the lane is
-    /// capturing a CUDA graph ([`Lane::capture`]), the op is recorded into
-    /// the graph instead of running: its context and buffers are checked
-    /// as for any op, no wait is issued and no fence recorded, and the
-    /// buffers' allocations go into the graph, which orders and fences all
-    /// of them at every launch (rule 1 holds per launch; stream order holds
-    /// inside the graph, which is one stream's work). Host memory cannot be
-    /// captured: the graph's launches would write it while safe code reads
-    /// it (`NotCapturable`).
-    pub(crate) fn enqueue_scoped<R>(
-        &mut self,
-        uses: &[Used<'_>],
-        op: impl FnOnce(sys::CUstream) -> Result<R>,
-    ) -> Result<(Option<Fence>, R)> {
-        if self.capture.is_none() {
-            let (_, end, r) = self.enqueue(uses, false, op)?;
-            return Ok((Some(end), r));
-        }
-        self.core.gpu.check_usable()?;
-        self.check_context(uses)?;
-        for u in uses {
-            if u.keep.is_none() {
-                return Err(Error::NotCapturable {
-                    what: u.what,
-                    reason: "host memory in a graph would be written by its launches while safe code reads it (read device results back with Capture::read_back), and a library handle's workspace would be used by the graph after the handle is gone",
-                });
-            }
-            if lock(u.cell).stuck {
-                return Err(Error::ContextPoisoned {
-                    reason: format!("{} is in an unknown state after a failed GPU call", u.what),
-                });
-            }
-        }
-        self.core.gpu.bind()?;
-        let r = op(self.core.raw());
-        if let Some(cap) = self.capture.as_mut() {
-            // Noted even when the op failed: the capture may hold part of it.
-            cap.note(uses);
-        }
-        r.map(|r| (None, r))
-    }
-
-    /// True when no other lane queues on this lane's stream.
-    pub(crate) fn holds_stream_alone(&self) -> bool {
-        Arc::strong_count(&self.core) == 1
-    }
-
-    /// The raw stream, for the capture and outside-work modules (which
-    /// order their work through this lane).
-    pub(crate) fn raw_stream(&self) -> sys::CUstream {
-        self.core.raw()
-    }
-
-    /// The cudarc stream, for the capture and outside-work modules.
-    pub(crate) fn core_stream(&self) -> &Arc<CudaStream> {
-        &self.core.cu
-    }
-}
-
 /// Records a fence on `stream`, a stream of `gpu`'s context that prism does
 /// not own (a cudarc user's), after everything queued there so far (rule 6).
 /// Its stream id is fresh and it is the only fence of that id, so no wait
@@ -714,43 +351,29 @@ impl Lane {
 /// marks no work that runs now: it is refused with `StreamCapturing`.
 pub(crate) fn fence_foreign(gpu: &Gpu, stream: &CudaStream) -> Result<Fence> {
     gpu.bind()?;
-    let events = &gpu.0.events;
-    let event = events.take(false)?;
-    // SAFETY: `event` is a live event of this context (fresh or pooled) and
-    // `stream` a live stream of the same context (the caller checked and
-    // holds it).
-    if let Err(e) = unsafe { result::event::record(event.0, stream.cu_stream()) } {
-        events.put(event, false);
-        return Err(e).call("cuEventRecord");
-    }
-    // SAFETY: the event is alive (held here).
-    match unsafe { result::event::query(event.0) } {
-        Ok(()) | Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => {}
-        Err(e) => {
-            // A captured record may still be referenced by the capture: the
-            // event is destroyed rather than pooled (cuEventDestroy defers
-            // the release until nothing uses it).
-            // SAFETY: nothing else holds this event.
-            let _ = unsafe { result::event::destroy(event.0) };
-            return Err(if e.0 == sys::CUresult::CUDA_ERROR_CAPTURED_EVENT {
-                Error::StreamCapturing {
-                    what: "the CudaSlice's stream",
-                }
-            } else {
-                Error::Driver {
-                    call: "cuEventQuery",
-                    source: e,
-                }
-            });
-        }
+    let event = gpu.0.events.take(false).call("cuEventCreate")?;
+    event.record(stream).call("cuEventRecord")?;
+    if let Err(e) = event.query() {
+        // A captured record may still be referenced by the capture: the
+        // event is destroyed rather than pooled (cuEventDestroy defers the
+        // release until nothing uses it).
+        event.discard();
+        return Err(if e.0 == sys::CUresult::CUDA_ERROR_CAPTURED_EVENT {
+            Error::StreamCapturing {
+                what: "the CudaSlice's stream",
+            }
+        } else {
+            Error::Driver {
+                call: "cuEventQuery",
+                source: e,
+            }
+        });
     }
     Ok(Fence::new(
         event,
-        false,
         1,
         StreamId::fresh(),
         WaitClock::default(),
-        Arc::clone(events),
     ))
 }
 
@@ -772,10 +395,9 @@ pub(crate) fn order_foreign_after_all(cell: &UseCell, stream: &CudaStream) -> Re
             reason: "a GPU operation on this buffer could not be tracked; it stays locked".into(),
         });
     }
-    let raw = stream.cu_stream();
     for f in uses.all() {
         if !f.known_done() {
-            f.gpu_wait(raw)?;
+            f.gpu_wait(stream)?;
         }
     }
     Ok(())

@@ -1,0 +1,67 @@
+//! The allocation behind a device buffer: freed only once every recorded
+//! use has completed (a host-side wait), and only by its last holder.
+
+use cudarc::driver::{result, sys};
+
+use super::{lock, UseCell};
+use crate::context::Gpu;
+
+/// The allocation behind a [`DeviceBuffer`](crate::DeviceBuffer): the device memory and its use
+/// list. Shared (`Arc`) between the buffer and the CUDA graphs captured
+/// over it ([`CapturedGraph`](crate::CapturedGraph)), so memory a graph may
+/// still write is never freed under it; freed when the last holder drops,
+/// after every recorded use completed.
+#[derive(Debug)]
+pub(crate) struct DeviceAlloc {
+    pub(crate) gpu: Gpu,
+    /// 0 once handed to cudarc (`disown`): nothing to free.
+    ptr: sys::CUdeviceptr,
+    pub(crate) uses: UseCell,
+}
+
+impl DeviceAlloc {
+    /// Owns `ptr`, an allocation of `gpu`'s context (from `cuMemAlloc`, or
+    /// given up by cudarc), with no recorded use yet.
+    pub(crate) fn new(gpu: &Gpu, ptr: sys::CUdeviceptr) -> Self {
+        Self {
+            gpu: gpu.clone(),
+            ptr,
+            uses: UseCell::default(),
+        }
+    }
+
+    /// The device address.
+    pub(crate) fn ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+
+    /// Gives the memory up without freeing it (its new owner frees it);
+    /// the use list goes, its fences back to the pool.
+    pub(crate) fn disown(mut self) -> sys::CUdeviceptr {
+        std::mem::replace(&mut self.ptr, 0)
+    }
+}
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        if self.ptr == 0 {
+            // Handed to cudarc (`disown`): its new owner frees it.
+            return;
+        }
+        // Wait for every queued use first: freeing memory a kernel or copy still
+        // touches would corrupt whatever is allocated there next.
+        if !lock(&self.uses).release(self.gpu.key(), "device buffer") {
+            return;
+        }
+        if self.gpu.bind().is_ok() {
+            // SAFETY: `ptr` is an allocation of this context, owned by this
+            // allocation alone: from cuMemAlloc, or adopted from a cudarc slice
+            // (cuMemAllocAsync or cuMemAlloc; cuMemFree frees either once every
+            // access has completed, and cudarc gave it up). Every recorded use
+            // has completed (waited above; after a failed wait `release`
+            // says no and nothing is freed), and it is freed only here, when
+            // the last holder (the buffer or a captured graph) lets go.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}

@@ -2,6 +2,12 @@
 //! the [`TripleBuffer`](crate::TripleBuffer) and by prism-pipeline's
 //! streaming runs.
 //!
+//! This module is prism-buffer's extension point, public because
+//! prism-pipeline (another crate) plugs into it: a [`ChunkIo`] says how
+//! chunks get in and out, a [`ChunkProcessor`] what runs on them. A user
+//! of the triple buffer or of prism-pipeline never needs it; one writing
+//! a new chunk I/O mode does. Its bookkeeping stays private.
+//!
 //! An [`Engine`] owns the lanes (upload, download, one or two compute
 //! lanes), the device buffers of every slot (1 to
 //! [`MAX_BUFFERS_PER_SLOT`] per slot), a
@@ -953,7 +959,7 @@ fn own_fence(lane: &mut Lane, fence: GpuFence) -> Result<GpuFence, Error> {
 /// The union of time intervals, kept bounded: intervals that end before a
 /// point no later interval can start before are folded into a total.
 #[derive(Debug, Default, Clone)]
-pub struct BusyUnion {
+pub(crate) struct BusyUnion {
     /// Disjoint intervals, sorted by start, not yet settled.
     open: Vec<(f64, f64)>,
     settled: f64,
@@ -983,8 +989,9 @@ impl BusyUnion {
         self.settled += self.open.drain(..keep).map(|(s, e)| e - s).sum::<f64>();
     }
 
-    /// Open intervals held.
-    pub fn held(&self) -> usize {
+    /// Open intervals held (the tests' check that it stays bounded).
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.open.len()
     }
 

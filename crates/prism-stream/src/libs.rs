@@ -19,7 +19,8 @@ use std::sync::Arc;
 #[cfg(any(feature = "cublas", feature = "cufft"))]
 use crate::{
     context::Gpu,
-    order::{lock, Access, Extent, Lane, UseCell, Used},
+    lane::Lane,
+    order::{lock, Access, Extent, UseCell, Used},
     Error, Result,
 };
 

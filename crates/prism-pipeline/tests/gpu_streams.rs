@@ -2,7 +2,9 @@
 //! uneven chunks, failing and panicking sources, sinks and stages;
 //! `execute_iteration` (pageable and pinned) overlapping and returning in
 //! order, `flush`, the blocking small step; and timing that holds events
-//! for the chunks in flight only. Without a GPU each prints SKIPPED.
+//! for the chunks in flight only. Without a GPU each prints SKIPPED. A
+//! failed iteration is written once and also runs on the host backend
+//! (`host_*`, runs everywhere).
 
 use prism_pipeline::{
     fill_with, from_iter, sink_fn, BoxError, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum,
@@ -10,6 +12,9 @@ use prism_pipeline::{
 };
 use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
 use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
+
+mod common;
+use common::TestBackend;
 
 fn manager(
     ctx: &ManagedGpuContext,
@@ -380,30 +385,20 @@ fn gpu_long_timed_runs_hold_events_for_the_chunks_in_flight_only() {
     assert_eq!(p.get_stats().chunks as usize, chunks);
 }
 
-#[test]
-fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
-    let Some(ctx) = gpu_or_skip("gpu_a_failed_iteration_keeps_the_chunks_before_it") else {
-        return;
-    };
-    let chunk = scaled(1 << 18, 1 << 10);
-    let mut p = manager(&ctx, chunk, 3, true);
+/// A stage that fails on the fourth of eight iterations: that chunk's
+/// index is skipped, the chunks before it are not lost (the GPU still has
+/// them in flight and hands them back later, the host returned each at
+/// once), and every chunk that comes back matches the CPU.
+fn a_failed_iteration_keeps_the_chunks_before_it(b: &TestBackend, chunk: usize) {
+    let mut p = b.manager(PipelineConfig {
+        chunk_bytes: chunk * 4,
+        slots: 3,
+        timing: true,
+        ..PipelineConfig::default()
+    });
     fma_clamp(&mut p);
     // Fails on its fourth chunk (index 3), after chunks 0..3 were queued.
-    let mut calls = 0;
-    p.add_stage(GpuFn::new(
-        "picky",
-        true,
-        move |l: &mut prism_stream::Launch<'_>,
-              i: &prism_stream::DeviceBuffer<f32>,
-              o: &mut prism_stream::DeviceBuffer<f32>,
-              n| {
-            calls += 1;
-            if calls == 4 {
-                return Err("chunk rejected".into());
-            }
-            Ok(l.clamp(i, o, n, f32::MIN, f32::MAX)?)
-        },
-    ));
+    b.add_failing_copy(&mut p, "picky", 4, "chunk rejected");
     let steps = 8;
     let inputs: Vec<Vec<f32>> = (0..steps)
         .map(|k| random_f32(90 + k as u64, chunk - k * 7))
@@ -411,7 +406,14 @@ fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
     let mut back = Vec::new();
     for (k, input) in inputs.iter().enumerate() {
         match p.execute_iteration(input) {
-            Ok(done) => back.extend(done),
+            Ok(done) => {
+                if !b.is_gpu() {
+                    // The host runs each chunk at once and hands it back.
+                    let indices: Vec<u64> = done.iter().map(|c| c.index).collect();
+                    assert_eq!(indices, vec![k as u64], "call {k}");
+                }
+                back.extend(done);
+            }
             Err(err) => {
                 assert_eq!(k, 3);
                 assert!(
@@ -423,7 +425,11 @@ fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
             }
         }
     }
-    back.extend(p.flush().unwrap());
+    let rest = p.flush().unwrap();
+    if !b.is_gpu() {
+        assert!(rest.is_empty(), "the host has nothing left to flush");
+    }
+    back.extend(rest);
     assert_eq!(
         back.iter().map(|c| c.index).collect::<Vec<_>>(),
         vec![0, 1, 2, 4, 5, 6, 7],
@@ -437,6 +443,20 @@ fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
         );
     }
     assert_eq!(p.pending_iterations(), 0);
+}
+
+#[test]
+fn host_a_failed_iteration_keeps_the_chunks_before_it() {
+    a_failed_iteration_keeps_the_chunks_before_it(&TestBackend::Host, 64);
+}
+
+#[test]
+fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
+    let Some(b) = TestBackend::gpu_or_skip("gpu_a_failed_iteration_keeps_the_chunks_before_it")
+    else {
+        return;
+    };
+    a_failed_iteration_keeps_the_chunks_before_it(&b, scaled(1 << 18, 1 << 10));
 }
 
 /// Drops chunks shorter than 1000 elements (output length 0); passes the

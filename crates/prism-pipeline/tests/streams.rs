@@ -343,32 +343,6 @@ fn an_idle_iteration_session_ends_quietly_and_indices_restart() {
     assert_eq!(p.pending_iterations(), 0);
 }
 
-#[test]
-fn a_failed_iteration_loses_only_its_own_chunk() {
-    let mut p = host(8, 3);
-    doubling(&mut p);
-    p.add_stage(HostFn::new("picky", true, |i: &[f32], o: &mut [f32]| {
-        if i.iter().any(|v| v.is_nan()) {
-            return Err("NaN in the input".into());
-        }
-        o.copy_from_slice(i);
-        Ok(())
-    }));
-    let a = p.execute_iteration(&[1.0, 2.0]).unwrap();
-    assert_eq!(a[0].index, 0);
-    let err = p.execute_iteration(&[1.0, f32::NAN]).unwrap_err();
-    assert!(
-        matches!(&err, Error::Stage { stage, chunk: 1, .. } if stage == "picky"),
-        "{err}"
-    );
-    // The failed chunk's index is not reused; the session goes on.
-    let c = p.execute_iteration(&[5.0]).unwrap();
-    assert_eq!(c.len(), 1);
-    assert_eq!(c[0].index, 2);
-    assert_eq!(c[0].data.as_deref(), Some(&[10.0][..]));
-    assert!(p.flush().unwrap().is_empty());
-}
-
 /// Drops chunks shorter than 4 elements (output length 0).
 struct DropShort;
 

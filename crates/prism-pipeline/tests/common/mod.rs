@@ -20,13 +20,13 @@ use prism_stream::{DeviceBuffer, Gpu, Launch, ManagedGpuContext};
 /// GPU prints `SKIPPED <test>: <reason>` and returns).
 pub enum TestBackend {
     Host,
-    Gpu(ManagedGpuContext),
+    Gpu(Box<ManagedGpuContext>),
 }
 
 impl TestBackend {
     /// GPU 0, or `None` after printing that `test` was skipped and why.
     pub fn gpu_or_skip(test: &str) -> Option<Self> {
-        prism_testing::gpu_or_skip(test).map(Self::Gpu)
+        prism_testing::gpu_or_skip(test).map(|ctx| Self::Gpu(Box::new(ctx)))
     }
 
     /// The GPU (`None` on the host backend).

@@ -10,7 +10,7 @@ pub mod draws;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prism_pipeline::{
-    Backend, BackendKind, Clamp, Fma, GpuFn, GpuPipelineExt, GroupSum, HostFn, PipelineConfig,
+    Backend, Clamp, Fma, GpuFn, GpuPipelineExt, GroupSum, HostFn, PipelineConfig,
     PipelineStageManager, Stage, StageError,
 };
 use prism_stream::{DeviceBuffer, Gpu, Launch, ManagedGpuContext};
@@ -41,29 +41,12 @@ impl TestBackend {
         matches!(self, Self::Gpu(_))
     }
 
-    /// What a manager of this backend reports as its backend.
-    pub fn kind(&self) -> BackendKind {
-        match self {
-            Self::Host => BackendKind::Host,
-            Self::Gpu(_) => BackendKind::Gpu,
-        }
-    }
-
     /// A manager on this backend: `PipelineStageManager::new(Backend::Host, ..)`
     /// or the context's `create_pipeline_manager`.
     pub fn manager(&self, config: PipelineConfig) -> PipelineStageManager<f32> {
         match self {
             Self::Host => PipelineStageManager::new(Backend::Host, config).unwrap(),
             Self::Gpu(ctx) => ctx.create_pipeline_manager::<f32>(config).unwrap(),
-        }
-    }
-
-    /// A size: `host` on the host backend; on the GPU `full`, or `small`
-    /// with `PRISM_TEST_SCALE=small` ([`prism_testing::scaled`]).
-    pub fn size(&self, host: usize, full: usize, small: usize) -> usize {
-        match self {
-            Self::Host => host,
-            Self::Gpu(_) => prism_testing::scaled(full, small),
         }
     }
 

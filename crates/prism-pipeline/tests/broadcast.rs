@@ -1,21 +1,21 @@
 //! `run_stream` into a broadcast ring read by two readers
 //! ([`to_broadcast`], [`from_broadcast`]): one reader collects the chunks,
 //! the other feeds a second pipeline; both are compared with a CPU
-//! reference, bit for bit. On the host backend (runs everywhere) and on the
-//! GPU (`gpu_*`, skipped without one).
+//! reference, bit for bit. Each scenario is written once and runs on the
+//! host backend (`host_*`, runs everywhere) and on the GPU (`gpu_*`,
+//! skipped without one).
 
 use std::thread;
 
 use prism_buffer::broadcast::{Broadcast, Config, Mode, Reader, ReaderKind};
 use prism_pipeline::{
-    from_broadcast, from_iter, sink_fn, to_broadcast, BoxError, Clamp, Fma, GpuPipelineExt,
-    PipelineStageManager,
+    from_broadcast, from_iter, sink_fn, to_broadcast, BoxError, Clamp, Fma, PipelineConfig,
 };
 use prism_stream::fma_chain_cpu;
-use prism_testing::{gpu_or_skip, random_f32, scaled};
+use prism_testing::{random_f32, scaled};
 
 mod common;
-use common::{host, same_bits};
+use common::{host, same_bits, TestBackend};
 
 const FMA: Fma = Fma {
     a: 1.25,
@@ -40,10 +40,10 @@ fn collect(mut r: Reader<f32>) -> (Vec<(u64, Vec<f32>)>, Reader<f32>) {
     (got, r)
 }
 
-/// Runs `first` over `input` in chunks of `chunk` (with `make`'s manager)
-/// into a Block-mode ring read by a collecting reader and by a second host
-/// pipeline (`second`), then checks both against the CPU.
-fn run_and_check(input: &[f32], chunk: usize, make: impl FnOnce() -> PipelineStageManager<f32>) {
+/// Runs `first` over `input` in chunks of `chunk` (a manager on `backend`,
+/// 3 slots) into a Block-mode ring read by a collecting reader and by a
+/// second host pipeline (`second`), then checks both against the CPU.
+fn run_and_check(backend: &TestBackend, input: &[f32], chunk: usize) {
     let ring: Broadcast<f32> = Broadcast::new(Config {
         buffers: 5,
         chunk_capacity: chunk,
@@ -71,7 +71,11 @@ fn run_and_check(input: &[f32], chunk: usize, make: impl FnOnce() -> PipelineSta
             .unwrap();
             (out, source.into_reader())
         });
-        let mut p = make();
+        let mut p = backend.manager(PipelineConfig {
+            chunk_bytes: chunk * 4,
+            slots: 3,
+            ..PipelineConfig::default()
+        });
         p.add_stage(FMA);
         let counts = p
             .run_stream(from_iter([input.to_vec()]), to_broadcast(writer))
@@ -110,7 +114,7 @@ fn run_and_check(input: &[f32], chunk: usize, make: impl FnOnce() -> PipelineSta
 fn host_stream_into_a_broadcast_ring_reaches_two_readers_bit_exact() {
     let chunk = 1000;
     let input = random_f32(7, 37 * chunk + 123);
-    run_and_check(&input, chunk, || host(chunk, 3));
+    run_and_check(&TestBackend::Host, &input, chunk);
 }
 
 #[test]
@@ -135,20 +139,14 @@ fn an_output_chunk_longer_than_the_ring_buffers_fails_the_run() {
 
 #[test]
 fn gpu_stream_into_a_broadcast_ring_reaches_two_readers_bit_exact() {
-    let Some(ctx) = gpu_or_skip("gpu_stream_into_a_broadcast_ring_reaches_two_readers_bit_exact")
+    let Some(b) =
+        TestBackend::gpu_or_skip("gpu_stream_into_a_broadcast_ring_reaches_two_readers_bit_exact")
     else {
         return;
     };
     let chunk = scaled(1 << 16, 1 << 10);
     let input = random_f32(11, 24 * chunk + 77);
-    run_and_check(&input, chunk, || {
-        let config = prism_pipeline::PipelineConfig {
-            chunk_bytes: chunk * 4,
-            slots: 3,
-            ..prism_pipeline::PipelineConfig::default()
-        };
-        ctx.create_pipeline_manager::<f32>(config).unwrap()
-    });
+    run_and_check(&b, &input, chunk);
 }
 
 /// The input of chunk `index` of observation `obs`: a function of both, so
@@ -166,8 +164,9 @@ fn observed(obs: &str, index: u64, len: usize) -> Vec<f32> {
 /// metadata (the observation's header and the chunk's index in it);
 /// `delivered + missed == committed` for every reader; the ring's dropped
 /// count is exactly what its guaranteed reader missed; buffers never
-/// exceed the configuration.
-fn ring_graph_ring(m: &mut PipelineStageManager<f32>, chunk: usize) {
+/// exceed the configuration. The graph runs on a manager on `backend` with
+/// chunks of `chunk` elements.
+fn ring_graph_ring(backend: &TestBackend, chunk: usize) {
     use prism_pipeline::StageGraph;
     use std::time::Duration;
 
@@ -210,6 +209,10 @@ fn ring_graph_ring(m: &mut PipelineStageManager<f32>, chunk: usize) {
     g.output(a).unwrap();
     g.output(b).unwrap();
     let branch = [first as fn(f32) -> f32, second];
+    let mut m = backend.manager(PipelineConfig {
+        chunk_bytes: chunk * 4,
+        ..PipelineConfig::default()
+    });
 
     thread::scope(|s| {
         s.spawn(move || {
@@ -276,24 +279,15 @@ fn ring_graph_ring(m: &mut PipelineStageManager<f32>, chunk: usize) {
 
 #[test]
 fn host_tagged_graph_between_rings_passes_sequences_and_drops_exactly() {
-    let chunk = 4096;
-    let mut m = host(chunk, 3);
-    ring_graph_ring(&mut m, chunk);
+    ring_graph_ring(&TestBackend::Host, 4096);
 }
 
 #[test]
 fn gpu_tagged_graph_between_rings_passes_sequences_and_drops_exactly() {
-    let Some(ctx) =
-        gpu_or_skip("gpu_tagged_graph_between_rings_passes_sequences_and_drops_exactly")
-    else {
+    let Some(b) = TestBackend::gpu_or_skip(
+        "gpu_tagged_graph_between_rings_passes_sequences_and_drops_exactly",
+    ) else {
         return;
     };
-    let chunk = scaled(1 << 16, 1 << 10);
-    let mut m = ctx
-        .create_pipeline_manager::<f32>(prism_pipeline::PipelineConfig {
-            chunk_bytes: chunk * 4,
-            ..Default::default()
-        })
-        .unwrap();
-    ring_graph_ring(&mut m, chunk);
+    ring_graph_ring(&b, scaled(1 << 16, 1 << 10));
 }

@@ -1,4 +1,7 @@
-//! GPU-gated tests of the streaming pipeline. Without a GPU each prints SKIPPED.
+//! Tests of the streaming pipeline on the GPU (`gpu_*`: without a GPU each
+//! prints SKIPPED); the scenarios that are not about the GPU alone (items,
+//! a failing stage) are written once and also run on the host backend
+//! (`host_*`, runs everywhere).
 
 use prism_pipeline::{
     BackendKind, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum, PinnedItemsCopy,
@@ -6,6 +9,9 @@ use prism_pipeline::{
 };
 use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
 use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
+
+mod common;
+use common::TestBackend;
 
 fn manager(ctx: &ManagedGpuContext, chunk_elems: usize, trace: bool) -> PipelineStageManager<f32> {
     let config = PipelineConfig {
@@ -187,13 +193,19 @@ fn gpu_pipeline_pinned_run_with_a_shrinking_stage() {
     ));
 }
 
-#[test]
-fn gpu_pipeline_items_are_batched_and_scattered() {
-    let Some(ctx) = gpu_or_skip("gpu_pipeline_items_are_batched_and_scattered") else {
-        return;
-    };
-    let count = scaled(2048, 64);
-    let mut p = manager(&ctx, scaled(1 << 20, 4096), false);
+/// Items of uneven lengths through fma and clamp come back into their own
+/// outputs, each equal to the CPU's; on the GPU many items share a chunk.
+fn items_come_back_into_their_own_outputs(b: &TestBackend, count: usize, chunk: usize) {
+    let mut p = b.manager(PipelineConfig {
+        chunk_bytes: chunk * 4,
+        // The host's items run two at a time at most.
+        slots: if b.is_gpu() {
+            PipelineConfig::default().slots
+        } else {
+            2
+        },
+        ..PipelineConfig::default()
+    });
     p.add_stage(Fma {
         a: 1.25,
         b: -0.5,
@@ -216,63 +228,100 @@ fn gpu_pipeline_items_are_batched_and_scattered() {
     for (i, o) in inputs.iter().zip(&outputs) {
         expect_fma_clamp(i, o);
     }
-    assert!(
-        p.get_stats().chunks < count as u64,
-        "items were not batched: {} chunks for {count} items",
-        p.get_stats().chunks
-    );
+    if b.is_gpu() {
+        assert!(
+            p.get_stats().chunks < count as u64,
+            "items were not batched: {} chunks for {count} items",
+            p.get_stats().chunks
+        );
+    }
 }
 
 #[test]
-fn gpu_pipeline_failing_stage_drains_and_pipeline_is_reusable() {
-    let Some(ctx) = gpu_or_skip("gpu_pipeline_failing_stage_drains_and_pipeline_is_reusable")
-    else {
+fn host_items_come_back_into_their_own_outputs() {
+    items_come_back_into_their_own_outputs(&TestBackend::Host, 50, 4096);
+}
+
+#[test]
+fn gpu_pipeline_items_are_batched_and_scattered() {
+    let Some(b) = TestBackend::gpu_or_skip("gpu_pipeline_items_are_batched_and_scattered") else {
         return;
     };
-    let mut p = manager(&ctx, 1 << 12, false);
+    items_come_back_into_their_own_outputs(&b, scaled(2048, 64), scaled(1 << 20, 4096));
+}
+
+/// A stage failing on chunk 2 of 10 stops the run naming itself, its chunk
+/// and its error; the failed run adds nothing to the stats; the manager
+/// runs again without the stage and matches the CPU.
+fn failing_stage_drains_and_pipeline_is_reusable(b: &TestBackend, chunk: usize) {
+    let mut p = b.manager(PipelineConfig {
+        chunk_bytes: chunk * 4,
+        // One host thread: the host runs the chunks one after another, so
+        // the stage's third call is chunk 2 there too.
+        host_threads: if b.is_gpu() {
+            PipelineConfig::default().host_threads
+        } else {
+            1
+        },
+        ..PipelineConfig::default()
+    });
     let fma = p.add_stage(Fma {
         a: 1.25,
         b: -0.5,
         iters: 3,
     });
     let clamp = p.add_stage(Clamp { lo: -1.0, hi: 1.0 });
-    let mut calls = 0;
-    p.add_stage(GpuFn::new(
-        "flaky",
-        true,
-        move |l: &mut prism_stream::Launch<'_>,
-              i: &prism_stream::DeviceBuffer<f32>,
-              o: &mut prism_stream::DeviceBuffer<f32>,
-              n| {
-            calls += 1;
-            if calls == 3 {
-                return Err("deliberate stage failure".into());
-            }
-            Ok(l.clamp(i, o, n, f32::MIN, f32::MAX)?)
-        },
-    ));
-    let input = random_f32(13, 10 << 12);
+    b.add_failing_copy(&mut p, "flaky", 3, "deliberate stage failure");
+    let input = random_f32(13, 10 * chunk);
     let mut out = vec![0.0; input.len()];
     match p.run(&input, &mut out) {
-        Err(Error::Stage { stage, chunk, .. }) => assert_eq!((stage.as_str(), chunk), ("flaky", 2)),
+        Err(Error::Stage {
+            stage,
+            chunk,
+            source,
+        }) => {
+            assert_eq!((stage.as_str(), chunk), ("flaky", 2));
+            assert_eq!(source.to_string(), "deliberate stage failure");
+        }
         other => panic!("expected a stage error, got {other:?}"),
     }
-    // The failed run added nothing to the stats: no run, no step times.
+    // The failed run added nothing to the stats: no run; on the GPU no
+    // step times either (the host keeps the stage times of the chunks that
+    // ran).
     let s = p.get_stats();
     assert_eq!((s.runs, s.bytes_in), (0, 0));
-    assert!(
-        s.upload_ms == 0.0 && s.download_ms == 0.0 && s.compute_ms() == 0.0,
-        "{s:?}"
-    );
+    if b.is_gpu() {
+        assert!(
+            s.upload_ms == 0.0 && s.download_ms == 0.0 && s.compute_ms() == 0.0,
+            "{s:?}"
+        );
+    }
     p.set_order(&[fma, clamp]).unwrap();
     p.run(&input, &mut out).unwrap();
     expect_fma_clamp(&input, &out);
     let s = p.get_stats();
     assert_eq!(s.runs, 1);
-    assert!(
-        s.upload_ms > 0.0 && s.bound_ms() <= s.wall_ms * 1.05,
-        "{s:?}"
-    );
+    if b.is_gpu() {
+        assert!(
+            s.upload_ms > 0.0 && s.bound_ms() <= s.wall_ms * 1.05,
+            "{s:?}"
+        );
+    }
+}
+
+#[test]
+fn host_failing_stage_drains_and_pipeline_is_reusable() {
+    failing_stage_drains_and_pipeline_is_reusable(&TestBackend::Host, 10);
+}
+
+#[test]
+fn gpu_pipeline_failing_stage_drains_and_pipeline_is_reusable() {
+    let Some(b) =
+        TestBackend::gpu_or_skip("gpu_pipeline_failing_stage_drains_and_pipeline_is_reusable")
+    else {
+        return;
+    };
+    failing_stage_drains_and_pipeline_is_reusable(&b, 1 << 12);
 }
 
 #[test]

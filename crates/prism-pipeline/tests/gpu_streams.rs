@@ -2,14 +2,19 @@
 //! uneven chunks, failing and panicking sources, sinks and stages;
 //! `execute_iteration` (pageable and pinned) overlapping and returning in
 //! order, `flush`, the blocking small step; and timing that holds events
-//! for the chunks in flight only. Without a GPU each prints SKIPPED.
+//! for the chunks in flight only. Without a GPU each prints SKIPPED. A
+//! failed iteration and chunks a stage empties are written once and also
+//! run on the host backend (`host_*`, runs everywhere).
 
 use prism_pipeline::{
     fill_with, from_iter, sink_fn, BoxError, Clamp, Error, Fma, GpuFn, GpuPipelineExt, GroupSum,
-    PipelineConfig, PipelineStageManager,
+    HostFn, PipelineConfig, PipelineStageManager,
 };
 use prism_stream::{fma_chain_cpu, HostAllocFlags, ManagedGpuContext, PinnedBuffer};
 use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
+
+mod common;
+use common::TestBackend;
 
 fn manager(
     ctx: &ManagedGpuContext,
@@ -380,30 +385,20 @@ fn gpu_long_timed_runs_hold_events_for_the_chunks_in_flight_only() {
     assert_eq!(p.get_stats().chunks as usize, chunks);
 }
 
-#[test]
-fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
-    let Some(ctx) = gpu_or_skip("gpu_a_failed_iteration_keeps_the_chunks_before_it") else {
-        return;
-    };
-    let chunk = scaled(1 << 18, 1 << 10);
-    let mut p = manager(&ctx, chunk, 3, true);
+/// A stage that fails on the fourth of eight iterations: that chunk's
+/// index is skipped, the chunks before it are not lost (the GPU still has
+/// them in flight and hands them back later, the host returned each at
+/// once), and every chunk that comes back matches the CPU.
+fn a_failed_iteration_keeps_the_chunks_before_it(b: &TestBackend, chunk: usize) {
+    let mut p = b.manager(PipelineConfig {
+        chunk_bytes: chunk * 4,
+        slots: 3,
+        timing: true,
+        ..PipelineConfig::default()
+    });
     fma_clamp(&mut p);
     // Fails on its fourth chunk (index 3), after chunks 0..3 were queued.
-    let mut calls = 0;
-    p.add_stage(GpuFn::new(
-        "picky",
-        true,
-        move |l: &mut prism_stream::Launch<'_>,
-              i: &prism_stream::DeviceBuffer<f32>,
-              o: &mut prism_stream::DeviceBuffer<f32>,
-              n| {
-            calls += 1;
-            if calls == 4 {
-                return Err("chunk rejected".into());
-            }
-            Ok(l.clamp(i, o, n, f32::MIN, f32::MAX)?)
-        },
-    ));
+    b.add_failing_copy(&mut p, "picky", 4, "chunk rejected");
     let steps = 8;
     let inputs: Vec<Vec<f32>> = (0..steps)
         .map(|k| random_f32(90 + k as u64, chunk - k * 7))
@@ -411,7 +406,14 @@ fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
     let mut back = Vec::new();
     for (k, input) in inputs.iter().enumerate() {
         match p.execute_iteration(input) {
-            Ok(done) => back.extend(done),
+            Ok(done) => {
+                if !b.is_gpu() {
+                    // The host runs each chunk at once and hands it back.
+                    let indices: Vec<u64> = done.iter().map(|c| c.index).collect();
+                    assert_eq!(indices, vec![k as u64], "call {k}");
+                }
+                back.extend(done);
+            }
             Err(err) => {
                 assert_eq!(k, 3);
                 assert!(
@@ -423,7 +425,11 @@ fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
             }
         }
     }
-    back.extend(p.flush().unwrap());
+    let rest = p.flush().unwrap();
+    if !b.is_gpu() {
+        assert!(rest.is_empty(), "the host has nothing left to flush");
+    }
+    back.extend(rest);
     assert_eq!(
         back.iter().map(|c| c.index).collect::<Vec<_>>(),
         vec![0, 1, 2, 4, 5, 6, 7],
@@ -439,8 +445,23 @@ fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
     assert_eq!(p.pending_iterations(), 0);
 }
 
+#[test]
+fn host_a_failed_iteration_keeps_the_chunks_before_it() {
+    a_failed_iteration_keeps_the_chunks_before_it(&TestBackend::Host, 64);
+}
+
+#[test]
+fn gpu_a_failed_iteration_keeps_the_chunks_before_it() {
+    let Some(b) = TestBackend::gpu_or_skip("gpu_a_failed_iteration_keeps_the_chunks_before_it")
+    else {
+        return;
+    };
+    a_failed_iteration_keeps_the_chunks_before_it(&b, scaled(1 << 18, 1 << 10));
+}
+
 /// Drops chunks shorter than 1000 elements (output length 0); passes the
-/// others through.
+/// others through (on the host a copy, on the GPU a clamp to the whole
+/// range).
 struct DropShort;
 
 impl prism_pipeline::Stage<f32> for DropShort {
@@ -460,6 +481,13 @@ impl prism_pipeline::Stage<f32> for DropShort {
     fn has_gpu(&self) -> bool {
         true
     }
+    fn has_host(&self) -> bool {
+        true
+    }
+    fn host(&self, i: &[f32], o: &mut [f32]) -> Result<(), prism_pipeline::StageError> {
+        o.copy_from_slice(&i[..o.len()]);
+        Ok(())
+    }
     fn gpu(
         &mut self,
         l: &mut prism_stream::Launch<'_>,
@@ -474,15 +502,36 @@ impl prism_pipeline::Stage<f32> for DropShort {
     }
 }
 
-#[test]
-fn gpu_chunks_a_stage_empties_come_back_empty() {
-    let Some(ctx) = gpu_or_skip("gpu_chunks_a_stage_empties_come_back_empty") else {
-        return;
-    };
+/// Chunks of eight lengths, four of them under 1000 elements, through
+/// `DropShort`, fma and clamp: the short ones come back empty (from a
+/// stream, from `execute_iteration`, and on the GPU from
+/// `execute_iteration_pinned`, which leaves their output ranges alone), the
+/// others match the CPU. On the host a last stage reports the lengths it
+/// ran on: the stages after `DropShort` skip the chunks it emptied.
+fn chunks_a_stage_empties_come_back_empty(b: &TestBackend) {
     let chunk = 1 << 12;
-    let mut p = manager(&ctx, chunk, 3, true);
+    let mut p = b.manager(PipelineConfig {
+        chunk_bytes: chunk * 4,
+        slots: 3,
+        timing: true,
+        ..PipelineConfig::default()
+    });
     p.add_stage(DropShort);
     fma_clamp(&mut p);
+    let ran_on = (!b.is_gpu()).then(|| {
+        // Stages are Send: the last stage reports the lengths it saw.
+        let (tx, rx) = std::sync::mpsc::channel::<usize>();
+        p.add_stage(HostFn::new(
+            "after",
+            true,
+            move |i: &[f32], o: &mut [f32]| {
+                tx.send(i.len()).unwrap();
+                o.copy_from_slice(i);
+                Ok(())
+            },
+        ));
+        rx
+    });
     let lens = [chunk, 10, 999, 1000, 1, chunk, 500, 2000];
     let inputs: Vec<Vec<f32>> = lens
         .iter()
@@ -543,12 +592,24 @@ fn gpu_chunks_a_stage_empties_come_back_empty() {
             c.index
         );
     }
+    if let Some(rx) = ran_on {
+        // The stream's chunks ran on several threads: compare sorted.
+        let mut seen: Vec<usize> = rx.try_iter().collect();
+        let mut want: Vec<usize> = lens.iter().copied().filter(|&n| n >= 1000).collect();
+        want.extend(want.clone());
+        seen.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(seen, want, "the later stage ran on an empty chunk");
+    }
+    let Some(gpu) = b.gpu() else {
+        return;
+    };
     // execute_iteration_pinned: an emptied chunk leaves its output range alone.
     let n: usize = lens.iter().sum();
     let all: Vec<f32> = inputs.concat();
-    let src = PinnedBuffer::from_slice(ctx.gpu(), &all, HostAllocFlags::DEFAULT).unwrap();
+    let src = PinnedBuffer::from_slice(gpu, &all, HostAllocFlags::DEFAULT).unwrap();
     let mut dst =
-        PinnedBuffer::from_slice(ctx.gpu(), &vec![f32::NAN; n], HostAllocFlags::DEFAULT).unwrap();
+        PinnedBuffer::from_slice(gpu, &vec![f32::NAN; n], HostAllocFlags::DEFAULT).unwrap();
     let mut at = 0;
     for &len in &lens {
         p.execute_iteration_pinned(&src, at..at + len, &mut dst, at)
@@ -570,4 +631,17 @@ fn gpu_chunks_a_stage_empties_come_back_empty() {
         }
         at += len;
     }
+}
+
+#[test]
+fn host_chunks_a_stage_empties_come_back_empty() {
+    chunks_a_stage_empties_come_back_empty(&TestBackend::Host);
+}
+
+#[test]
+fn gpu_chunks_a_stage_empties_come_back_empty() {
+    let Some(b) = TestBackend::gpu_or_skip("gpu_chunks_a_stage_empties_come_back_empty") else {
+        return;
+    };
+    chunks_a_stage_empties_come_back_empty(&b);
 }

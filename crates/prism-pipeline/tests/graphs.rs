@@ -1,7 +1,8 @@
 //! Stage graphs: fan-out, a join, a tap and several outputs, checked
 //! element by element against a CPU reference on random data, on the host
-//! backend (CI) and on the GPU (pageable and pinned); and the misuses a
-//! graph run must refuse with a typed error.
+//! backend (CI) and on the GPU (pageable and pinned), each scenario written
+//! once for both (`host_*` runs everywhere, `gpu_*` prints SKIPPED without
+//! a GPU); and the misuses a graph run must refuse with a typed error.
 
 use prism_pipeline::{
     Backend, Clamp, Error, Fma, GpuFn, GpuJoinFn, GroupSum, HostFn, HostJoinFn, Join, NodeId,
@@ -11,6 +12,9 @@ use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
 use prism_stream::{fma_chain_cpu, DeviceBuffer, Gpu, HostAllocFlags, Launch, PinnedBuffer};
 use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
+
+mod common;
+use common::TestBackend;
 
 const FMA: Fma = Fma {
     a: 1.25,
@@ -134,11 +138,24 @@ fn run_and_check(
     }
 }
 
-#[test]
-fn host_graph_with_fanout_join_and_tap_matches_cpu() {
-    let chunk = 1000; // not a multiple of the group: each chunk's last group is short
-    let mut m = PipelineStageManager::<f32>::new(Backend::Host, config(chunk)).unwrap();
-    let (mut g, _) = graph(host_join());
+/// `graph` with the join of `b`'s backend: the user kernel on the GPU, the
+/// same sum in a `HostJoinFn` on the host.
+fn graph_on(b: &TestBackend) -> (StageGraph<f32>, [NodeId; 4]) {
+    match b.gpu() {
+        Some(gpu) => graph(gpu_join(gpu)),
+        None => graph(host_join()),
+    }
+}
+
+/// The fan-out, join and tap graph over inputs of `sizes` elements in
+/// chunks of `chunk`, pageable (and pinned on the GPU), against the CPU;
+/// its nodes found by name and type, its buffers per slot counted, every
+/// node in the stats (with GPU time on the GPU).
+fn graph_with_fanout_join_and_tap_matches_cpu(b: &TestBackend, chunk: usize, sizes: &[usize]) {
+    let mut m = b.manager(config(chunk));
+    let (mut g, [a, _, j, _]) = graph_on(b);
+    assert_eq!(g.name(a).unwrap(), "fma");
+    assert!(g.node::<Fma>(a).is_some() && g.node::<Fma>(j).is_none());
     // On one lane, by liveness: input, fma (an output: to the end), clamp;
     // the join reuses the input's buffer (the clamp was its last reader),
     // the sum the clamp's (the join was its last reader). Three, not five.
@@ -149,17 +166,62 @@ fn host_graph_with_fanout_join_and_tap_matches_cpu() {
     // clamp on another track), so it gets a fourth.
     g.concurrent_branches(true);
     assert_eq!(g.buffers_per_slot().unwrap(), 4);
-    for n in [0, 1, 999, 1000, 1001, 12_345] {
+    for &n in sizes {
         run_and_check(&mut m, &mut g, n, chunk);
     }
+
+    // Pinned in, pinned out: the same bits.
+    let pinned = b.gpu().map(|gpu| {
+        let n = scaled(24 << 20, 1 << 15) + 5;
+        let input = random_f32(77, n);
+        let want = reference(&input, chunk);
+        let pin_in = PinnedBuffer::from_slice(gpu, &input, HostAllocFlags::default()).unwrap();
+        let lens = m.graph_output_lens(&g, n).unwrap();
+        let mut outs: Vec<PinnedBuffer<f32>> = lens
+            .iter()
+            .map(|&l| PinnedBuffer::new(gpu, l, HostAllocFlags::default()).unwrap())
+            .collect();
+        {
+            let mut dsts: Vec<&mut PinnedBuffer<f32>> = outs.iter_mut().collect();
+            m.run_graph_pinned(&mut g, &pin_in, &mut dsts).unwrap();
+        }
+        for (k, (got, want)) in outs.iter().zip(&want).enumerate() {
+            assert_bits(
+                &format!("output {k} (pinned)"),
+                got.as_slice().unwrap(),
+                want,
+            );
+        }
+        (pin_in, outs)
+    });
     let stats = m.get_stats();
     for name in ["fma", "clamp", "combine", "group_sum"] {
         assert!(
-            stats.stages.iter().any(|s| s.name == name),
-            "no stats for node {name}: {:?}",
+            stats
+                .stages
+                .iter()
+                .any(|s| s.name == name && (!b.is_gpu() || s.ms > 0.0)),
+            "no stats (or no GPU time) for node {name}: {:?}",
             stats.stages
         );
     }
+
+    // A pinned run is refused on the host backend.
+    if let Some((pin_in, mut outs)) = pinned {
+        let mut h = PipelineStageManager::<f32>::new(Backend::Host, config(chunk)).unwrap();
+        let mut dsts: Vec<&mut PinnedBuffer<f32>> = outs.iter_mut().collect();
+        assert!(matches!(
+            h.run_graph_pinned(&mut g, &pin_in, &mut dsts),
+            Err(Error::Unsupported { .. })
+        ));
+    }
+}
+
+#[test]
+fn host_graph_with_fanout_join_and_tap_matches_cpu() {
+    let chunk = 1000; // not a multiple of the group: each chunk's last group is short
+    let sizes = [0, 1, 999, 1000, 1001, 12_345];
+    graph_with_fanout_join_and_tap_matches_cpu(&TestBackend::Host, chunk, &sizes);
 }
 
 #[test]
@@ -288,62 +350,18 @@ fn graph_of_a_host_only_stage_is_refused_on_the_gpu() {
 
 #[test]
 fn gpu_graph_with_fanout_join_and_tap_matches_cpu() {
-    let Some(ctx) = gpu_or_skip("gpu_graph_with_fanout_join_and_tap_matches_cpu") else {
+    let Some(b) = TestBackend::gpu_or_skip("gpu_graph_with_fanout_join_and_tap_matches_cpu") else {
         return;
     };
-    let gpu = ctx.gpu().clone();
     let chunk = scaled(1 << 20, 1 << 12) + 6; // not a multiple of the group
-    let mut m = PipelineStageManager::<f32>::with_gpu(&gpu, config(chunk)).unwrap();
-    let (mut g, [a, _, j, _]) = graph(gpu_join(&gpu));
-    assert_eq!(g.name(a).unwrap(), "fma");
-    assert!(g.node::<Fma>(a).is_some() && g.node::<Fma>(j).is_none());
-    for n in [
+    let sizes = [
         1,
         chunk - 1,
         chunk,
         3 * chunk + 17,
         scaled(40 << 20, 1 << 16) + 3,
-    ] {
-        run_and_check(&mut m, &mut g, n, chunk);
-    }
-
-    // Pinned in, pinned out: the same bits.
-    let n = scaled(24 << 20, 1 << 15) + 5;
-    let input = random_f32(77, n);
-    let want = reference(&input, chunk);
-    let pin_in = PinnedBuffer::from_slice(&gpu, &input, HostAllocFlags::default()).unwrap();
-    let lens = m.graph_output_lens(&g, n).unwrap();
-    let mut outs: Vec<PinnedBuffer<f32>> = lens
-        .iter()
-        .map(|&l| PinnedBuffer::new(&gpu, l, HostAllocFlags::default()).unwrap())
-        .collect();
-    {
-        let mut dsts: Vec<&mut PinnedBuffer<f32>> = outs.iter_mut().collect();
-        m.run_graph_pinned(&mut g, &pin_in, &mut dsts).unwrap();
-    }
-    for (k, (got, want)) in outs.iter().zip(&want).enumerate() {
-        assert_bits(
-            &format!("output {k} (pinned)"),
-            got.as_slice().unwrap(),
-            want,
-        );
-    }
-    let stats = m.get_stats();
-    for name in ["fma", "clamp", "combine", "group_sum"] {
-        assert!(
-            stats.stages.iter().any(|s| s.name == name && s.ms > 0.0),
-            "no GPU time for node {name}: {:?}",
-            stats.stages
-        );
-    }
-
-    // A pinned run is refused on the host backend.
-    let mut h = PipelineStageManager::<f32>::new(Backend::Host, config(chunk)).unwrap();
-    let mut dsts: Vec<&mut PinnedBuffer<f32>> = outs.iter_mut().collect();
-    assert!(matches!(
-        h.run_graph_pinned(&mut g, &pin_in, &mut dsts),
-        Err(Error::Unsupported { .. })
-    ));
+    ];
+    graph_with_fanout_join_and_tap_matches_cpu(&b, chunk, &sizes);
 }
 
 #[test]
@@ -465,28 +483,28 @@ fn tagged_run(target: Target<'_>, chunk: usize, fail_at: Option<u32>) {
     }
 }
 
-#[test]
-fn host_tagged_stream_carries_metadata_to_every_output() {
-    let chunk = 1000;
-    let mut m = PipelineStageManager::<f32>::new(Backend::Host, config(chunk)).unwrap();
+/// `tagged_run` on one manager of `b`'s backend: a whole stream, one whose
+/// source fails at chunk 13 and one whose source fails at once.
+fn tagged_stream_carries_metadata_to_every_output(b: &TestBackend, chunk: usize) {
+    let mut m = b.manager(config(chunk));
     for fail_at in [None, Some(13), Some(0)] {
-        let (mut g, _) = graph(host_join());
+        let (mut g, _) = graph_on(b);
         tagged_run(Target::One(&mut m, &mut g), chunk, fail_at);
     }
 }
 
 #[test]
+fn host_tagged_stream_carries_metadata_to_every_output() {
+    tagged_stream_carries_metadata_to_every_output(&TestBackend::Host, 1000);
+}
+
+#[test]
 fn gpu_tagged_stream_carries_metadata_to_every_output() {
-    let Some(ctx) = gpu_or_skip("gpu_tagged_stream_carries_metadata_to_every_output") else {
+    let Some(b) = TestBackend::gpu_or_skip("gpu_tagged_stream_carries_metadata_to_every_output")
+    else {
         return;
     };
-    let gpu = ctx.gpu().clone();
-    let chunk = scaled(1 << 18, 1 << 10);
-    let mut m = PipelineStageManager::<f32>::with_gpu(&gpu, config(chunk)).unwrap();
-    for fail_at in [None, Some(13), Some(0)] {
-        let (mut g, _) = graph(gpu_join(&gpu));
-        tagged_run(Target::One(&mut m, &mut g), chunk, fail_at);
-    }
+    tagged_stream_carries_metadata_to_every_output(&b, scaled(1 << 18, 1 << 10));
 }
 
 #[test]

@@ -1,14 +1,100 @@
-//! Helpers shared by the host-backend test files (`mod common;`): a host
-//! manager, random stage chains, a sequential reference and bit-exact
-//! comparison.
+//! Helpers shared by the test files (`mod common;`): a host manager,
+//! random stage chains, a sequential reference and bit-exact comparison;
+//! and [`TestBackend`], the backend a scenario written once runs on (a
+//! `host_*` test and a `gpu_*` test call the same scenario function).
 
 #![allow(dead_code)]
 
 pub mod draws;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use prism_pipeline::{
-    Backend, Clamp, Fma, GroupSum, PipelineConfig, PipelineStageManager, Stage, StageError,
+    Backend, Clamp, Fma, GpuFn, GpuPipelineExt, GroupSum, HostFn, PipelineConfig,
+    PipelineStageManager, Stage, StageError,
 };
+use prism_stream::{DeviceBuffer, Gpu, Launch, ManagedGpuContext};
+
+/// The backend a scenario runs on: the host backend (runs everywhere), or
+/// GPU 0 from [`prism_testing::gpu_or_skip`] (a `gpu_*` test without a
+/// GPU prints `SKIPPED <test>: <reason>` and returns).
+pub enum TestBackend {
+    Host,
+    Gpu(Box<ManagedGpuContext>),
+}
+
+impl TestBackend {
+    /// GPU 0, or `None` after printing that `test` was skipped and why.
+    pub fn gpu_or_skip(test: &str) -> Option<Self> {
+        prism_testing::gpu_or_skip(test).map(|ctx| Self::Gpu(Box::new(ctx)))
+    }
+
+    /// The GPU (`None` on the host backend).
+    pub fn gpu(&self) -> Option<&Gpu> {
+        match self {
+            Self::Host => None,
+            Self::Gpu(ctx) => Some(ctx.gpu()),
+        }
+    }
+
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, Self::Gpu(_))
+    }
+
+    /// A manager on this backend: `PipelineStageManager::new(Backend::Host, ..)`
+    /// or the context's `create_pipeline_manager`.
+    pub fn manager(&self, config: PipelineConfig) -> PipelineStageManager<f32> {
+        match self {
+            Self::Host => PipelineStageManager::new(Backend::Host, config).unwrap(),
+            Self::Gpu(ctx) => ctx.create_pipeline_manager::<f32>(config).unwrap(),
+        }
+    }
+
+    /// Adds to `p` a stage of this backend's form named `name` that copies
+    /// its input (elementwise) and fails with `message` on its `call`-th
+    /// call (counted from 1): a `HostFn`, or a `GpuFn` whose copy is a clamp
+    /// to the whole range. Returns its index. The GPU calls a stage chunk by
+    /// chunk, so call `k` is chunk `k - 1`; on the host that holds where
+    /// chunks run one at a time (one host thread, or one `execute_iteration`
+    /// at a time).
+    pub fn add_failing_copy(
+        &self,
+        p: &mut PipelineStageManager<f32>,
+        name: &str,
+        call: usize,
+        message: &'static str,
+    ) -> usize {
+        match self {
+            Self::Host => {
+                let calls = AtomicUsize::new(0);
+                p.add_stage(HostFn::new(name, true, move |i: &[f32], o: &mut [f32]| {
+                    if calls.fetch_add(1, Ordering::SeqCst) + 1 == call {
+                        return Err(message.into());
+                    }
+                    o.copy_from_slice(i);
+                    Ok(())
+                }))
+            }
+            Self::Gpu(_) => {
+                let mut calls = 0;
+                p.add_stage(GpuFn::new(
+                    name,
+                    true,
+                    move |l: &mut Launch<'_>,
+                          i: &DeviceBuffer<f32>,
+                          o: &mut DeviceBuffer<f32>,
+                          n| {
+                        calls += 1;
+                        if calls == call {
+                            return Err(message.into());
+                        }
+                        Ok(l.clamp(i, o, n, f32::MIN, f32::MAX)?)
+                    },
+                ))
+            }
+        }
+    }
+}
 
 /// A host-backend manager with chunks of `chunk_elems` f32.
 pub fn host(chunk_elems: usize, slots: usize) -> PipelineStageManager<f32> {

@@ -275,16 +275,27 @@ impl AsyncPipelineCoordinator {
             Some(p) => p.current_thread_index().is_some(),
             None => rayon::current_thread_index().is_some(),
         };
+        // This run's stage times and bytes, added to `stats` only if the run
+        // counts (as on the GPU, a failed run adds nothing; a source failure
+        // ends a run that counts, with the chunks before it).
+        let mut tally = PipelineStats::default();
+        let t = &mut tally;
         let outcome = match (inline, pool) {
-            (true, _) => drive(None, slots, &shared, pull, sink, &names, stats),
+            (true, _) => drive(None, slots, &shared, pull, sink, &names, t),
             (false, Some(p)) => {
-                p.in_place_scope(|s| drive(Some(s), slots, &shared, pull, sink, &names, stats))
+                p.in_place_scope(|s| drive(Some(s), slots, &shared, pull, sink, &names, t))
             }
             (false, None) => {
-                rayon::in_place_scope(|s| drive(Some(s), slots, &shared, pull, sink, &names, stats))
+                rayon::in_place_scope(|s| drive(Some(s), slots, &shared, pull, sink, &names, t))
             }
         };
-        stats.compute_busy_ms += shared.busy.total_ms();
+        if outcome.is_ok() {
+            stats.compute_busy_ms += shared.busy.total_ms();
+            stats.bytes_out += tally.bytes_out;
+            for st in &tally.stages {
+                stats.add_stage_time(&st.name, st.ms);
+            }
+        }
         outcome
     }
 }

@@ -285,17 +285,18 @@ fn failing_stage_drains_and_pipeline_is_reusable(b: &TestBackend, chunk: usize) 
         }
         other => panic!("expected a stage error, got {other:?}"),
     }
-    // The failed run added nothing to the stats: no run; on the GPU no
-    // step times either (the host keeps the stage times of the chunks that
-    // ran).
+    // The failed run added nothing to the stats: no run, no bytes, no step
+    // or stage times (on either backend).
     let s = p.get_stats();
-    assert_eq!((s.runs, s.bytes_in), (0, 0));
-    if b.is_gpu() {
-        assert!(
-            s.upload_ms == 0.0 && s.download_ms == 0.0 && s.compute_ms() == 0.0,
-            "{s:?}"
-        );
-    }
+    assert_eq!((s.runs, s.bytes_in, s.bytes_out), (0, 0, 0), "{s:?}");
+    assert!(
+        s.upload_ms == 0.0
+            && s.download_ms == 0.0
+            && s.compute_ms() == 0.0
+            && s.compute_busy_ms == 0.0
+            && s.stages.is_empty(),
+        "{s:?}"
+    );
     p.set_order(&[fma, clamp]).unwrap();
     p.run(&input, &mut out).unwrap();
     expect_fma_clamp(&input, &out);

@@ -91,6 +91,9 @@ fn a_failed_run_adds_nothing_to_the_stats() {
     let after = p.get_stats();
     assert_eq!(after.runs, before.runs, "a failed run is not a run");
     assert_eq!(after.bytes_in, before.bytes_in);
+    assert_eq!(after.bytes_out, before.bytes_out);
+    assert_eq!(after.stages, before.stages, "stage times of a failed run");
+    assert_eq!(after.compute_busy_ms, before.compute_busy_ms);
 }
 
 #[test]

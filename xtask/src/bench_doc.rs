@@ -1317,4 +1317,12 @@ mod tests {
             "../target/x"
         );
     }
+
+    #[test]
+    fn the_committed_results_make_the_committed_document() {
+        // What CI's `--check` runs, here so that `cargo test` finds it too.
+        let root = util::root();
+        let text = generate(&root.join(FROM), &root.join(DOC)).expect("generates");
+        assert!(check_doc(&root.join(DOC), &text).is_ok());
+    }
 }

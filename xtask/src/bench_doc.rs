@@ -6,7 +6,8 @@
 //! date their name starts with (`2026-11-27-…`), then by the run number in
 //! the name (`…-run31…`). Quick runs (`--quick`, sizes / 16) are listed
 //! but not used. `DIR/PENDING.md`, when present, ends the document
-//! verbatim (figures measured but not yet saved as JSON). With `--check`
+//! verbatim but for its relative links, rebased from DIR to docs/ (figures
+//! measured but not yet saved as JSON). With `--check`
 //! it writes nothing and fails when docs/BENCHMARKS.md is not what it
 //! would write (CI).
 //!
@@ -57,6 +58,7 @@ fn generate(from: &Path, doc: &Path) -> util::Result<String> {
         None
     };
     let base = link_base(doc.parent().unwrap_or(Path::new(".")), from);
+    let pending = pending.map(|p| rebase_links(&p, &base));
     Ok(render(&sources, pending.as_deref(), &base))
 }
 
@@ -425,6 +427,45 @@ fn link_base(doc_dir: &Path, from: &Path) -> String {
     } else {
         rel
     }
+}
+
+/// `text` with each relative Markdown link target (`](x)`) seen from
+/// `base` instead (`../gpu-runs/a.md` from `bench` is `gpu-runs/a.md`).
+fn rebase_links(text: &str, base: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("](") {
+        let (head, tail) = rest.split_at(at + 2);
+        out.push_str(head);
+        let end = tail.find(')').unwrap_or(tail.len());
+        let target = &tail[..end];
+        let absolute = target.contains("://")
+            || target.starts_with(['#', '/'])
+            || target.starts_with("mailto:");
+        if absolute || target.is_empty() {
+            out.push_str(target);
+        } else {
+            out.push_str(&normalize(&format!("{base}/{target}")));
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `a/b/../c` as `a/c`; leading `..` stay.
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for p in path.split('/') {
+        match p {
+            "" | "." => {}
+            ".." if parts.last().is_some_and(|l| *l != "..") => {
+                parts.pop();
+            }
+            _ => parts.push(p),
+        }
+    }
+    parts.join("/")
 }
 
 // ---------------------------------------------------------------------------
@@ -1303,6 +1344,16 @@ mod tests {
         .expect("write");
         assert!(check_doc(&doc, &generate(&bench, &doc).expect("generates")).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pending_links_are_rebased_to_the_document() {
+        let text = "[log](../gpu-runs/a.md), [b](b.json), [w](https://x.org/a), [s](#top)";
+        assert_eq!(
+            rebase_links(text, "bench"),
+            "[log](gpu-runs/a.md), [b](bench/b.json), [w](https://x.org/a), [s](#top)"
+        );
+        assert_eq!(normalize("../x/../../y"), "../../y");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! generated and checked on the fly) in their own.
 //!
 //! ```text
-//! cargo run --release -p prism-bench [-- --quick] [--reps 5] [--out bench-results]
+//! cargo run --release -p prism-bench --bin prism-bench [-- --quick] [--reps 5] [--out bench-results]
 //! ```
 //! Prints one table (workload x implementation: median ms, spread, GB/s,
 //! bound / measured, speed relative to the hand-written CUDA C++) and writes

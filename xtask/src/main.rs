@@ -1,9 +1,10 @@
 //! prism's developer tasks. `cargo xtask <command>`; one module per command
 //! (the `soak` command, which only runs the soak example, lives here).
 //!
-//! Few dependencies on purpose: std and clap only, so `cargo xtask` builds
-//! fast in CI.
+//! Few dependencies on purpose: std, clap, and serde/serde_json for
+//! `bench-doc`, so `cargo xtask` builds fast in CI.
 
+mod bench_doc;
 mod bindgen;
 mod build_kernels;
 mod gpu_test;
@@ -71,6 +72,18 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Write docs/BENCHMARKS.md from the benchmark's results (every
+    /// results JSON under docs/bench): per workload, the newest figure on
+    /// each card, with its driver, date and file
+    BenchDoc {
+        /// Read the results from DIR instead of docs/bench
+        #[arg(long, value_name = "DIR")]
+        from: Option<PathBuf>,
+        /// Write nothing: fail when docs/BENCHMARKS.md is not what would
+        /// be written (CI)
+        #[arg(long)]
+        check: bool,
+    },
     /// Soak prism: mixed iterations (pipeline runs in every input mode,
     /// coordinator op chains, triple-buffer steps) with the process's
     /// resources sampled into DIR/soak.csv and soak.png; fails if any rises
@@ -94,6 +107,7 @@ impl Command {
             Command::Bindgen { .. } => "bindgen",
             Command::GpuTest { .. } => "gpu-test",
             Command::Modules { .. } => "modules",
+            Command::BenchDoc { .. } => "bench-doc",
             Command::Soak { .. } => "soak",
         }
     }
@@ -129,6 +143,7 @@ fn main() -> ExitCode {
         Command::Bindgen { check } => bindgen::run(*check),
         Command::GpuTest { bundle, cuda_12 } => gpu_test::run(bundle.as_deref(), *cuda_12),
         Command::Modules { check } => modules::run(*check),
+        Command::BenchDoc { from, check } => bench_doc::run(from.as_deref(), *check),
         Command::Soak { iterations, out } => soak(*iterations, out),
     };
     match result {

@@ -6,12 +6,15 @@
 //! generated and checked on the fly) in their own.
 //!
 //! ```text
-//! cargo run --release -p prism-bench [-- --quick] [--reps 5] [--out bench-results]
+//! cargo run --release -p prism-bench --bin prism-bench [-- --quick] [--reps 5] [--out bench-results]
 //! ```
 //! Prints one table (workload x implementation: median ms, spread, GB/s,
 //! bound / measured, speed relative to the hand-written CUDA C++) and writes
 //! `results.json` and `chart.svg` under `--out`. Needs a GPU and a build with
-//! nvcc; without them it says so and exits non-zero.
+//! nvcc; without them it says so and exits non-zero. `results.json` says
+//! where and when it was measured (`provenance.rs`: the card, the driver
+//! and its CUDA version, the PCIe link, the UTC start time, the commit);
+//! `cargo xtask bench-doc` builds docs/BENCHMARKS.md from such files.
 //!
 //! Timing: the CUDA C++ baselines time themselves with CUDA events around
 //! their whole loop (device allocation outside); cudarc and prism are timed
@@ -21,6 +24,7 @@
 mod baselines;
 mod chart;
 mod multi;
+mod provenance;
 mod s10;
 mod s11;
 
@@ -190,8 +194,14 @@ struct StreamResult {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Report {
+    /// GPU 0's name.
     device: String,
+    /// The CUDA version the driver supports (`cuDriverGetVersion`).
     driver_cuda_version: String,
+    /// The driver's version, the link, the date and the commit (absent in
+    /// results saved before they were recorded).
+    #[serde(flatten)]
+    provenance: provenance::Provenance,
     quick: bool,
     reps: usize,
     workloads: Vec<WorkloadResult>,
@@ -273,6 +283,11 @@ fn run() -> Result<(), BoxError> {
         // Table and chart again from a saved results.json (no GPU needed).
         let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;
         print_table(&report.device, &report.workloads);
+        println!(
+            "CUDA {}, {}",
+            report.driver_cuda_version,
+            report.provenance.describe()
+        );
         print_pageable(&report.pageable);
         print_short(report.short.as_ref());
         print_items_sweep(&report.items_sweep);
@@ -286,6 +301,9 @@ fn run() -> Result<(), BoxError> {
         write_chart(&report, &args.out)?;
         return Ok(());
     }
+    // The run's start time and the build's commit; the driver and the link
+    // are read after the run.
+    let mut provenance = provenance::Provenance::start();
     if !prism_cuda_sys::KERNELS_BUILT {
         return Err("prism-bench compares prism with CUDA C++ baselines that nvcc compiles, and this build had no nvcc: run `cargo xtask install-nvcc` and rebuild".into());
     }
@@ -440,7 +458,10 @@ fn run() -> Result<(), BoxError> {
     } else {
         None
     };
+    provenance.read_device(&ctx);
+    let driver_cuda_version = driver_version();
     print_table(&device, &results);
+    println!("CUDA {driver_cuda_version}, {}", provenance.describe());
     print_pageable(&pageable);
     print_short(short.as_ref());
     print_items_sweep(&items_sweep);
@@ -453,7 +474,8 @@ fn run() -> Result<(), BoxError> {
     std::fs::create_dir_all(&args.out)?;
     let report = Report {
         device,
-        driver_cuda_version: driver_version(),
+        driver_cuda_version,
+        provenance,
         quick: args.quick,
         reps: args.reps,
         workloads: results,
@@ -1830,7 +1852,7 @@ fn print_table(device: &str, results: &[WorkloadResult]) {
 
 #[cfg(test)]
 mod tests {
-    use super::fill_random;
+    use super::{fill_random, provenance::Provenance, Report};
     use prism_testing::random_f32;
     use rand::{RngExt, SeedableRng};
     use rand_xoshiro::Xoshiro256PlusPlus;
@@ -1848,5 +1870,35 @@ mod tests {
         rng.jump();
         let tail: Vec<f32> = (0..5).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
         assert_eq!(v[2 * BLOCK..], tail[..]);
+    }
+
+    #[test]
+    fn results_without_provenance_still_load() {
+        // The fields of the oldest results.json in docs/bench.
+        let old = r#"{"device": "NVIDIA H200", "driver_cuda_version": "13.0",
+            "quick": false, "reps": 5, "workloads": []}"#;
+        let report: Report = serde_json::from_str(old).expect("old results load");
+        assert_eq!(report.provenance, Provenance::default());
+        assert!(report.fanout.is_none() && report.iterations.is_none());
+    }
+
+    #[test]
+    fn provenance_is_written_beside_the_device() {
+        let old = r#"{"device": "NVIDIA H200", "driver_cuda_version": "13.0",
+            "quick": false, "reps": 5, "workloads": []}"#;
+        let mut report: Report = serde_json::from_str(old).expect("old results load");
+        report.provenance = Provenance {
+            driver_version: Some("580.159.04".into()),
+            pcie_link: Some("Gen5 x16".into()),
+            date_utc: Some("2026-12-07T16:21:05Z".into()),
+            git_commit: Some("1b05136".into()),
+        };
+        let json: serde_json::Value = serde_json::to_value(&report).expect("report serialises");
+        assert_eq!(json["driver_version"], "580.159.04");
+        assert_eq!(json["pcie_link"], "Gen5 x16");
+        assert_eq!(json["date_utc"], "2026-12-07T16:21:05Z");
+        assert_eq!(json["git_commit"], "1b05136");
+        let back: Report = serde_json::from_value(json).expect("round trip");
+        assert_eq!(back.provenance, report.provenance);
     }
 }

@@ -3,14 +3,10 @@
 //! nvcc, or, where prism-cuda-sys compiled no launchers (no nvcc, or its
 //! `ptx-only` feature), a stub that returns `PRISM_ERR_KERNELS_NOT_BUILT`.
 //! The baselines call prism-cuda-sys's `prism_fma_chain_f32` launcher and
-//! include its header (`DEP_PRISM_KERNELS_INCLUDE`). It also hands the
-//! commit being built to the benchmark's `results.json`
-//! (`PRISM_BUILD_COMMIT`: `PRISM_COMMIT` if set, else `git rev-parse HEAD`,
-//! else nothing).
+//! include its header (`DEP_PRISM_KERNELS_INCLUDE`).
 
 use std::env;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../prism-cuda-sys/find_nvcc.rs"]
 mod find_nvcc;
@@ -29,7 +25,6 @@ fn main() {
     }
     let manifest =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    build_commit(&manifest);
     let cuda = manifest.join("cuda");
     println!("cargo:rerun-if-changed={}", cuda.display());
     let include = PathBuf::from(
@@ -49,46 +44,6 @@ fn main() {
                 .warnings_into_errors(true)
                 .compile("prism_baselines");
         }
-    }
-}
-
-/// Sets `PRISM_BUILD_COMMIT` for `provenance.rs`, and reruns when the
-/// variable or git's HEAD moves.
-fn build_commit(manifest: &Path) {
-    println!("cargo:rerun-if-env-changed=PRISM_COMMIT");
-    let commit = match env::var("PRISM_COMMIT") {
-        Ok(c) if !c.trim().is_empty() => Some(c.trim().to_owned()),
-        _ => {
-            let git = |args: &[&str]| {
-                Command::new("git")
-                    .current_dir(manifest)
-                    .args(args)
-                    .output()
-                    .ok()
-                    .filter(|o| o.status.success())
-                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-                    .filter(|s| !s.is_empty())
-            };
-            // HEAD and the branch it names (not every branch: commits on
-            // other worktrees' branches would recompile the baselines).
-            let mut watched = vec!["HEAD".to_owned()];
-            watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
-            for what in &watched {
-                let path = git(&[
-                    "rev-parse",
-                    "--path-format=absolute",
-                    "--git-path",
-                    what.as_str(),
-                ]);
-                if let Some(path) = path.filter(|p| Path::new(p).exists()) {
-                    println!("cargo:rerun-if-changed={path}");
-                }
-            }
-            git(&["rev-parse", "HEAD"])
-        }
-    };
-    if let Some(commit) = commit {
-        println!("cargo:rustc-env=PRISM_BUILD_COMMIT={commit}");
     }
 }
 

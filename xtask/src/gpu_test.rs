@@ -326,6 +326,9 @@ fn bundle(dir: &Path, budget: Option<u64>, cuda12: bool) -> Result {
         .collect();
     let script = run_script(&test_names, &example_lines, &sanitized);
     util::write(&dir.join("run.sh"), &script)?;
+    // The commit built (marked `-dirty` with uncommitted changes), which
+    // run.sh hands to prism-bench's results.json as PRISM_COMMIT.
+    util::write(&dir.join("COMMIT"), &format!("{}\n", build_commit()))?;
     make_executable(&dir.join("run.sh"))?;
     eprintln!(
         "bundle written: {} ({} test binaries, {} other binaries, {:.1} MiB)",
@@ -445,6 +448,27 @@ fi"#
     )
 }
 
+/// `git rev-parse HEAD`, with `-dirty` when tracked files have uncommitted
+/// changes; `unknown` outside a git checkout.
+fn build_commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(util::root())
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "HEAD"]) {
+        Some(head) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(changes) if !changes.is_empty() => format!("{head}-dirty"),
+            _ => head,
+        },
+        None => "unknown".to_owned(),
+    }
+}
+
 fn run_script(tests: &[String], examples: &[String], sanitized: &[String]) -> String {
     let test_list = tests.join(" ");
     let example_steps = examples.join("\n");
@@ -468,6 +492,8 @@ cd "$(dirname "$0")"
 LOGS=${{LOGS:-./logs}}
 mkdir -p "$LOGS"
 export PRISM_REQUIRE_GPU=1
+# The commit the bundle was built from, for prism-bench's results.json.
+[ -f COMMIT ] && export PRISM_COMMIT="${{PRISM_COMMIT:-$(cat COMMIT)}}"
 # The NVTX counter for prism-tests' nvtx test binary (it compiles its own
 # where there is a C compiler and this is not set).
 export PRISM_NVTX_COUNT_SO="$PWD/nvtx/{NVTX_COUNTER}"

@@ -28,9 +28,9 @@ pub(crate) struct Provenance {
     /// When the run started, UTC, RFC 3339 (`2026-12-07T16:21:05Z`).
     #[serde(default)]
     pub(crate) date_utc: Option<String>,
-    /// The commit prism-bench was built from: `PRISM_COMMIT` when the
-    /// build (or this run) sets it, else `git rev-parse HEAD` at build
-    /// time. Uncommitted changes are not shown.
+    /// The commit measured: `PRISM_COMMIT` at run time (the GPU bundle's
+    /// run.sh sets it from the `COMMIT` file `cargo xtask gpu-test
+    /// --bundle` writes, `-dirty` with uncommitted changes); absent if unset.
     #[serde(default)]
     pub(crate) git_commit: Option<String>,
 }
@@ -41,7 +41,6 @@ impl Provenance {
     pub(crate) fn start() -> Self {
         let commit = std::env::var("PRISM_COMMIT")
             .ok()
-            .or_else(|| option_env!("PRISM_BUILD_COMMIT").map(str::to_owned))
             .map(|c| c.trim().to_owned())
             .filter(|c| !c.is_empty());
         Provenance {

@@ -157,7 +157,9 @@ impl Gpu {
             kernels: KernelState::new(),
         }));
         gpu.bind()?;
-        gpu.0.kernels.preload(&gpu.0.ctx, ordinal);
+        if gpu.check_usable().is_ok() {
+            gpu.0.kernels.preload(&gpu.0.ctx, ordinal);
+        }
         Ok(gpu)
     }
 

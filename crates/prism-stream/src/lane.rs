@@ -245,7 +245,7 @@ impl Lane {
     /// Records a fence with this lane's clock (rule 4). The caller checked
     /// that the context is usable.
     fn record(&self, timed: bool) -> Result<Fence> {
-        let event = self.core.gpu.0.events.take(timed).call("cuEventCreate")?;
+        let event = self.core.gpu.0.events.take(timed)?;
         let mut last = self.core.last_seq.lock().unwrap_or_else(|p| p.into_inner());
         // On failure the event goes back to the pool (it marks nothing).
         event.record(&self.core.cu).call("cuEventRecord")?;

@@ -878,6 +878,7 @@ fn unregister<T>(gpu: &Gpu, ptr: *mut T, len: usize) -> bool {
     count_pinned(len * std::mem::size_of::<T>(), false);
     true
 }
+
 /// Idle slots a pool keeps; more are freed (which synchronises the device,
 /// so the bound is generous).
 const SLOTS_KEPT: usize = 64;

@@ -37,7 +37,8 @@ fn describe(e: DriverError) -> String {
 }
 
 impl Fence {
-    /// Wraps an event just recorded on `stream` (only the lane records: `lane.rs`).
+    /// Wraps an event just recorded on `stream` (recorded only by the lane, `lane.rs`, and by
+    /// `fence_foreign`).
     pub(crate) fn new(event: Event, seq: u64, stream: StreamId, implied: WaitClock) -> Self {
         Self(Arc::new(FenceInner {
             event,

@@ -351,7 +351,7 @@ pub(crate) struct Used<'a> {
 /// marks no work that runs now: it is refused with `StreamCapturing`.
 pub(crate) fn fence_foreign(gpu: &Gpu, stream: &CudaStream) -> Result<Fence> {
     gpu.bind()?;
-    let event = gpu.0.events.take(false).call("cuEventCreate")?;
+    let event = gpu.0.events.take(false)?;
     event.record(stream).call("cuEventRecord")?;
     if let Err(e) = event.query() {
         // A captured record may still be referenced by the capture: the

@@ -10,6 +10,7 @@ use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{result, CudaContext, CudaStream, DriverError};
 
 use super::ctx::{current_for_now, make_current, relaxed_on_capture};
+use crate::error::DriverResultExt;
 
 /// A raw event handle. CUDA event handles may be used from any thread.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +44,7 @@ impl EventPool {
     }
 
     /// An idle event of the kind asked for, or a new one (`cuEventCreate`).
-    pub(crate) fn take(self: &Arc<Self>, timed: bool) -> Result<Event, DriverError> {
+    pub(crate) fn take(self: &Arc<Self>, timed: bool) -> crate::Result<Event> {
         let pool = if timed { &self.timed } else { &self.plain };
         let idle = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let handle = match idle {
@@ -51,13 +52,13 @@ impl EventPool {
             None => {
                 // Not cudarc's `bind_to_thread`: it would take (and fail
                 // with) an error cudarc stashed for its own caller.
-                make_current(self.ctx.cu_ctx())?;
+                make_current(self.ctx.cu_ctx()).call("cuCtxSetCurrent")?;
                 let flags = if timed {
                     sys::CUevent_flags::CU_EVENT_DEFAULT
                 } else {
                     sys::CUevent_flags::CU_EVENT_DISABLE_TIMING
                 };
-                let h = Handle(result::event::create(flags)?);
+                let h = Handle(result::event::create(flags).call("cuEventCreate")?);
                 self.created.fetch_add(1, Ordering::Relaxed);
                 h
             }
@@ -134,8 +135,8 @@ impl Event {
         &self.pool.ctx
     }
 
-    /// `cuEventRecord` on `stream` (the stream's context must be current;
-    /// an event of another context is the driver's error, not UB).
+    /// `cuEventRecord` on `stream` (an event of another context than the
+    /// stream's is the driver's error, not UB).
     pub(crate) fn record(&self, stream: &CudaStream) -> Result<(), DriverError> {
         // SAFETY: the event is alive (this value exists) and `stream` holds
         // a live stream for the call.

@@ -80,7 +80,9 @@ impl KernelState {
     /// is left for the first launch to report (as a typed error there).
     pub(crate) fn preload(&self, ctx: &Arc<CudaContext>, ordinal: usize) {
         let failure = if self.uses_ptx() {
-            self.ptx(ctx).err().map(|e| e.to_string())
+            self.ptx(ctx)
+                .err()
+                .map(|source| crate::Error::PtxLoad { source }.to_string())
         } else {
             // SAFETY: no arguments; the caller made `ctx` current, which is
             // all the runtime needs to load the module into it.

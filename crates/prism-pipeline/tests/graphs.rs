@@ -320,8 +320,8 @@ fn graph_misuse_is_refused_with_typed_errors() {
 }
 
 #[test]
-fn graph_of_a_host_only_stage_is_refused_on_the_gpu() {
-    let Some(ctx) = gpu_or_skip("graph_of_a_host_only_stage_is_refused_on_the_gpu") else {
+fn gpu_graph_of_a_host_only_stage_is_refused() {
+    let Some(ctx) = gpu_or_skip("gpu_graph_of_a_host_only_stage_is_refused") else {
         return;
     };
     let mut m = PipelineStageManager::<f32>::with_gpu(ctx.gpu(), config(256)).unwrap();

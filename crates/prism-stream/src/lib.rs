@@ -33,7 +33,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | `error`, `op_id` | [`Error`], the mapping of driver errors; [`OpId`] |
-//! | `raw` | the driver layer: current context, CUDA events, prism's kernel modules; each call with its `unsafe` and error mapping, no ordering decision |
+//! | `raw` | the driver layer: current context, CUDA events, memory, prism's kernel modules; each call with its `unsafe` and error mapping, no ordering decision |
 //! | `context`, `managed` | [`Gpu`] (device, poison flag), [`ManagedGpuContext`] |
 //! | `order` | the tracking layer: ordering rules, use lists, [`Fence`], device allocations freed after their last use |
 //! | `memory` | [`Element`], [`DeviceBuffer`], [`PinnedBuffer`]: host-access checks, waiting `Drop`, read-back slots |

@@ -12,13 +12,14 @@
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::{self, CUresult};
-use cudarc::driver::{result, DriverError};
+use cudarc::driver::sys;
+use cudarc::driver::DriverError;
 
 use crate::context::Gpu;
 use crate::error::is_capture_error;
 use crate::order::Fence;
 use crate::order::{lock, Access, DeviceAlloc, Extent, UseCell, Used, Uses};
+use crate::raw::{self, AllocFor};
 use crate::{Error, Result};
 
 /// Plain data that can live on the GPU and be viewed as bytes.
@@ -265,24 +266,6 @@ impl Uses<Fence> {
     }
 }
 
-fn alloc_error(
-    e: DriverError,
-    memory: &'static str,
-    bytes: usize,
-    what: &'static str,
-    call: &'static str,
-) -> Error {
-    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        Error::OutOfMemory {
-            memory,
-            bytes,
-            what,
-        }
-    } else {
-        Error::Driver { call, source: e }
-    }
-}
-
 fn byte_len<T>(len: usize, what: &'static str) -> Result<usize> {
     if len == 0 {
         return Err(Error::ZeroLength { what });
@@ -327,11 +310,14 @@ impl<T: Element> DeviceBuffer<T> {
         let bytes = byte_len::<T>(len, "device buffer")?;
         gpu.check_usable()?;
         gpu.bind()?;
-        // SAFETY: the context is current on this thread (bind above); cuMemAlloc
-        // has no other precondition. The pointer is freed exactly once, when
-        // the allocation drops.
-        let ptr = unsafe { result::malloc_sync(bytes) }
-            .map_err(|e| alloc_error(e, "device", bytes, "device buffer", "cuMemAlloc"))?;
+        // Freed exactly once, when the allocation drops (`DeviceAlloc`).
+        let ptr = raw::device_alloc(
+            bytes,
+            AllocFor {
+                memory: "device",
+                what: "device buffer",
+            },
+        )?;
         Ok(Self::adopt(gpu, ptr, len))
     }
 
@@ -569,28 +555,26 @@ impl<T: Element> PinnedBuffer<T> {
     pub fn new(gpu: &Gpu, len: usize, flags: HostAllocFlags) -> Result<Self> {
         let bytes = byte_len::<T>(len, "pinned host buffer")?;
         gpu.bind()?;
-        // SAFETY: the context is current; cuMemHostAlloc has no other precondition.
-        let raw = unsafe { result::malloc_host(bytes, flags.bits()) }.map_err(|e| {
-            alloc_error(
-                e,
-                "page-locked host",
-                bytes,
-                "pinned host buffer",
-                "cuMemHostAlloc",
-            )
-        })?;
-        let ptr = raw.cast::<T>();
-        // SAFETY: `raw` points to `bytes` writable bytes just allocated; zero
+        let host = raw::host_alloc(
+            bytes,
+            flags.bits(),
+            AllocFor {
+                memory: "page-locked host",
+                what: "pinned host buffer",
+            },
+        )?;
+        let ptr = host.cast::<T>();
+        // SAFETY: `host` points to `bytes` writable bytes just allocated; zero
         // bits are a valid T (Element's contract: every bit pattern is), so
         // the buffer is initialised before any slice of it is made.
-        unsafe { std::ptr::write_bytes(raw.cast::<u8>(), 0, bytes) };
+        unsafe { std::ptr::write_bytes(host, 0, bytes) };
         count_pinned(bytes, true);
         Ok(Self {
             gpu: gpu.clone(),
             ptr,
             len,
             flags,
-            mapped: mapped_address(raw),
+            mapped: raw::mapped_address(host),
             backing: Backing::Allocated,
             uses: UseCell::default(),
         })
@@ -643,19 +627,15 @@ impl<T: Element> PinnedBuffer<T> {
         } else {
             sys::CU_MEMHOSTREGISTER_DEVICEMAP
         };
+        let what = AllocFor {
+            memory: "page-locked host",
+            what: "registered host buffer",
+        };
         // SAFETY: `ptr` and `bytes` describe the vector's initialised heap
         // memory, owned here. The vector moves into the returned buffer and
         // is neither touched, resized nor freed until the memory is
         // unregistered (Drop or into_vec), after every GPU use completed.
-        let r = unsafe { sys::cuMemHostRegister_v2(ptr.cast(), bytes, flags) };
-        if r != CUresult::CUDA_SUCCESS {
-            let e = alloc_error(
-                DriverError(r),
-                "page-locked host",
-                bytes,
-                "registered host buffer",
-                "cuMemHostRegister",
-            );
+        if let Err(e) = unsafe { raw::host_register(ptr.cast::<u8>(), bytes, flags, what) } {
             return Err((e, data));
         }
         let len = data.len();
@@ -668,7 +648,7 @@ impl<T: Element> PinnedBuffer<T> {
                 portable,
                 write_combined: false,
             },
-            mapped: mapped_address(ptr.cast()),
+            mapped: raw::mapped_address(ptr.cast::<u8>()),
             backing: Backing::Registered(data),
             uses: UseCell::default(),
         })
@@ -825,7 +805,7 @@ impl<T: Element> Drop for PinnedBuffer<T> {
                     // SAFETY: allocated by cuMemHostAlloc in this context, every
                     // queued copy using it has completed (waited above), freed
                     // only here.
-                    if unsafe { result::free_host(self.ptr.cast()) }.is_ok() {
+                    if unsafe { raw::host_free(self.ptr.cast::<u8>()) }.is_ok() {
                         count_pinned(self.len * std::mem::size_of::<T>(), false);
                     }
                 }
@@ -847,19 +827,6 @@ impl<T: Element> Drop for PinnedBuffer<T> {
     }
 }
 
-/// The device address of page-locked memory mapped with DEVICEMAP (0 if the
-/// driver gives none).
-fn mapped_address(host: *mut std::ffi::c_void) -> sys::CUdeviceptr {
-    let mut mapped: sys::CUdeviceptr = 0;
-    // SAFETY: `host` is page-locked memory of this (current) context mapped
-    // with DEVICEMAP; the call only writes the out-parameter.
-    if unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host, 0) } != CUresult::CUDA_SUCCESS
-    {
-        mapped = 0;
-    }
-    mapped
-}
-
 /// Unregisters memory registered by `PinnedBuffer::register` once no GPU
 /// operation uses it; false if that failed (the pages stay locked).
 fn unregister<T>(gpu: &Gpu, ptr: *mut T, len: usize) -> bool {
@@ -870,9 +837,8 @@ fn unregister<T>(gpu: &Gpu, ptr: *mut T, len: usize) -> bool {
     // SAFETY: `ptr` is the start of a range registered in this context by
     // `PinnedBuffer::register`, unregistered only here, after every queued
     // use of it completed.
-    let r = unsafe { sys::cuMemHostUnregister(ptr.cast()) };
-    if r != CUresult::CUDA_SUCCESS {
-        tracing::warn!(?r, "cuMemHostUnregister failed; the pages stay locked");
+    if let Err(e) = unsafe { raw::host_unregister(ptr.cast::<u8>()) } {
+        tracing::warn!(%e, "cuMemHostUnregister failed; the pages stay locked");
         return false;
     }
     count_pinned(len * std::mem::size_of::<T>(), false);

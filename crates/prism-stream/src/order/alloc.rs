@@ -1,7 +1,7 @@
 //! The allocation behind a device buffer: freed only once every recorded
 //! use has completed (a host-side wait), and only by its last holder.
 
-use cudarc::driver::{result, sys};
+use cudarc::driver::sys;
 
 use super::{lock, UseCell};
 use crate::context::Gpu;
@@ -61,7 +61,7 @@ impl Drop for DeviceAlloc {
             // has completed (waited above; after a failed wait `release`
             // says no and nothing is freed), and it is freed only here, when
             // the last holder (the buffer or a captured graph) lets go.
-            let _ = unsafe { result::free_sync(self.ptr) };
+            let _ = unsafe { crate::raw::device_free(self.ptr) };
         }
     }
 }

@@ -12,19 +12,27 @@
 //!   exists (its pool destroys only idle events, and outlives every taken
 //!   one), so recording, querying, waiting and timing through it are safe
 //!   calls.
+//! - `memory`: device and page-locked host memory: allocation, freeing,
+//!   registration in place, mapped addresses, and out-of-memory errors
+//!   naming what was being allocated.
 //! - `module`: prism's own kernels in a context: where they come from
 //!   (launchers or PTX), the PTX module once loaded, and unloading a module
 //!   only once its context has finished its work.
 //!
-//! Memory, copies and kernel launches still make their driver calls in
-//! their own modules (`memory`, `copy`, `kernels`), each through
-//! [`Lane::enqueue`](crate::Lane): moving them here is the next step of
-//! this layer.
+//! The calls queued on a stream (copies, memsets, kernel launches, graph
+//! launches) are still made in their own modules (`copy`, `ops`,
+//! `kernels`, `capture`), inside `Lane::enqueue`'s closure: moving them
+//! here is the next step of this layer.
 
 mod ctx;
 mod event;
+mod memory;
 mod module;
 
 pub(crate) use ctx::{ctx_synchronize, stream_priority_range, stream_synchronize};
 pub(crate) use event::{Event, EventPool};
+pub(crate) use memory::{
+    device_alloc, device_free, host_alloc, host_free, host_register, host_unregister,
+    mapped_address, AllocFor,
+};
 pub(crate) use module::{code_message, KernelState, ModuleHold, PtxKernels};

@@ -298,3 +298,104 @@ fn graph_output_lens_of_a_huge_length_returns() {
     let r = r.expect("graph_output_lens(2^60) did not return within 5 s");
     assert_eq!(r.unwrap(), vec![1usize << 60]);
 }
+
+// ---------------------------------------------------------------------------
+// Finding 7: a chain stops at an empty intermediate, a graph does not.
+
+/// Drops the first 8 elements of a chunk (a per-chunk header).
+struct SkipHeader;
+
+impl Stage<f32> for SkipHeader {
+    fn name(&self) -> &str {
+        "skip header"
+    }
+    fn output_len(&self, n: usize) -> usize {
+        n.saturating_sub(8)
+    }
+    fn has_host(&self) -> bool {
+        true
+    }
+    fn host(&self, i: &[f32], o: &mut [f32]) -> Result<(), StageError> {
+        o.copy_from_slice(&i[8.min(i.len())..]);
+        Ok(())
+    }
+}
+
+/// One value per chunk: the sum of the chunk (0 for an empty one).
+struct Total;
+
+impl Stage<f32> for Total {
+    fn name(&self) -> &str {
+        "total"
+    }
+    fn output_len(&self, _: usize) -> usize {
+        1
+    }
+    fn has_host(&self) -> bool {
+        true
+    }
+    fn host(&self, i: &[f32], o: &mut [f32]) -> Result<(), StageError> {
+        o[0] = i.iter().sum();
+        Ok(())
+    }
+}
+
+/// `total_output_len` (lib.rs) folds `output_len` over the whole chain,
+/// so for 20 elements in chunks of 16 it asks for 2 outputs (`Total` of
+/// chunk 0's 8 elements, `Total` of chunk 1's 0 elements), and the caller
+/// gives exactly that. The host chain stops at the empty intermediate
+/// (host.rs `run_stages`: "A stage made no output: nothing is left to
+/// process") and then refuses its own promised length: `run` fails with
+/// `OutputLength { expected: 1, actual: 0 }`. The same two stages as a
+/// `StageGraph::chain` run (dag.rs: "Every live node is asked, even one
+/// with an empty input") and give the reference answer.
+#[test]
+fn a_chain_through_an_empty_intermediate_matches_the_same_graph() {
+    let input: Vec<f32> = (0..20).map(|i| i as f32).collect();
+    let want = vec![(8..16).map(|i| i as f32).sum::<f32>(), 0.0];
+
+    // The chain as a graph (two stage types, so built node by node).
+    let mut g = StageGraph::<f32>::new();
+    let x = g.input();
+    let s = g.stage(x, SkipHeader).unwrap();
+    let t = g.stage(s, Total).unwrap();
+    g.output(t).unwrap();
+    let mut m = host(16, 3);
+    let lens = m.graph_output_lens(&g, input.len()).unwrap();
+    assert_eq!(lens, vec![2]);
+    let mut via_graph = vec![f32::NAN; 2];
+    m.run_graph(&mut g, &input, &mut [&mut via_graph[..]])
+        .unwrap();
+    assert_eq!(via_graph, want, "the graph (reference)");
+
+    let mut p = host(16, 3);
+    p.add_stage(SkipHeader);
+    p.add_stage(Total);
+    assert_eq!(p.total_output_len(input.len()), 2);
+    let mut out = vec![f32::NAN; 2];
+    let r = p.run(&input, &mut out);
+    assert!(r.is_ok(), "the chain refused its own output length: {r:?}");
+    assert_eq!(out, want);
+}
+
+/// The same root cause in `run_stream`, silently: the second chunk (4
+/// elements, all header) comes to the sink as an empty output instead of
+/// `Total`'s one value, and the run reports success.
+#[test]
+fn a_streamed_chain_through_an_empty_intermediate_delivers_the_last_stage_output() {
+    let input: Vec<f32> = (0..20).map(|i| i as f32).collect();
+    let mut p = host(16, 3);
+    p.add_stage(SkipHeader);
+    p.add_stage(Total);
+    let mut got: Vec<Vec<f32>> = Vec::new();
+    p.run_stream(
+        prism_pipeline::from_iter(input.chunks(16)),
+        sink_fn(|_, out: &[f32]| {
+            got.push(out.to_vec());
+            Ok::<_, BoxError>(())
+        }),
+    )
+    .unwrap();
+    let first: f32 = (8..16).map(|i| i as f32).sum();
+    assert_eq!(got, vec![vec![first], vec![0.0]]);
+}

@@ -10,6 +10,8 @@
 //! ([`Mode::Block`](prism_buffer::broadcast::Mode::Block)) or never does
 //! ([`Mode::RealTime`](prism_buffer::broadcast::Mode::RealTime)).
 
+use std::sync::Arc;
+
 use prism_buffer::broadcast::{Meta, Reader, Writer};
 use prism_stream::Element;
 
@@ -21,9 +23,9 @@ use crate::source::{BoxError, Sink, Source};
 #[derive(Debug)]
 pub struct BroadcastSink<T, H = ()> {
     writer: Writer<T, H>,
-    /// The sequence (of the incoming chunks' metadata) the ring's current
+    /// The incoming sequence (its number and header) the ring's current
     /// sequence stands for, in a tagged run.
-    passing: Option<u64>,
+    passing: Option<(u64, Arc<H>)>,
 }
 
 /// A sink committing each output chunk, whole, as one chunk of the ring
@@ -65,9 +67,15 @@ impl<T: Element + Default, H> Sink<T> for BroadcastSink<T, H> {
 /// (its chunks are numbered and stamped by this ring).
 impl<T: Element + Default, H> TaggedSink<T, Meta<H>> for BroadcastSink<T, H> {
     fn accept(&mut self, meta: &Meta<H>, data: &[T]) -> Result<(), BoxError> {
-        if self.passing != Some(meta.sequence) {
+        // A new incoming sequence: its first chunk, or another number or
+        // header than the one passing (a sink kept over runs from several
+        // rings sees each ring's sequence 0).
+        let same = self.passing.as_ref().is_some_and(|(seq, header)| {
+            *seq == meta.sequence && Arc::ptr_eq(header, &meta.header)
+        });
+        if meta.index == 0 || !same {
             self.writer.begin_sequence_shared(meta.header.clone());
-            self.passing = Some(meta.sequence);
+            self.passing = Some((meta.sequence, Arc::clone(&meta.header)));
         }
         self.writer.write(data)?;
         Ok(())

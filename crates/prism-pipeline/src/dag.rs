@@ -1217,13 +1217,18 @@ impl<T: Element> crate::PipelineStageManager<T> {
         plan: &Plan,
         n: usize,
     ) -> Result<Vec<usize>> {
-        let chunks = self.graph_chunks(graph, plan, n);
         let mut total = vec![0usize; graph.output_count()];
-        for (c, len) in chunks.enumerate() {
-            let lens = graph.lengths(plan, len, c as u64)?;
+        // Chunks of one length give one answer: each length is asked once.
+        let mut first = 0u64;
+        for (len, count) in self.graph_chunks(graph, plan, n).runs() {
+            let lens = graph.lengths(plan, len, first)?;
             for (t, l) in total.iter_mut().zip(graph.output_lens(&lens)) {
-                *t += l;
+                *t = l
+                    .checked_mul(count)
+                    .and_then(|l| t.checked_add(l))
+                    .ok_or(Error::Config("an output's length overflows usize"))?;
             }
+            first += count as u64;
         }
         Ok(total)
     }

@@ -234,10 +234,10 @@ impl AsyncPipelineCoordinator {
                 })
             },
             &mut sink,
-            stats,
         )
-        .map(|(n, failed)| {
+        .map(|(n, failed, tally)| {
             debug_assert!(failed.is_none());
+            stats.add_host_run(&tally);
             n
         })
     }
@@ -251,7 +251,9 @@ impl AsyncPipelineCoordinator {
     /// returned as `Err` once the chunks before it are delivered; a sink
     /// error stops the run at once. Either way chunks still running finish
     /// (those not started are skipped) before this returns: nothing
-    /// outlives the run.
+    /// outlives the run. The third value holds the run's stage times,
+    /// busy time and output bytes, for the caller to add to its stats
+    /// ([`PipelineStats::add_host_run`]) if the run counts.
     pub(crate) fn run_pull<'a, T: Element>(
         &self,
         pool: Option<&rayon::ThreadPool>,
@@ -259,8 +261,7 @@ impl AsyncPipelineCoordinator {
         order: &[usize],
         pull: PullFn<'_, 'a, T>,
         sink: &mut dyn FnMut(u64, &[T]) -> Result<()>,
-        stats: &mut PipelineStats,
-    ) -> Result<(u64, Option<Error>)> {
+    ) -> Result<(u64, Option<Error>, PipelineStats)> {
         let shared = Shared {
             stages,
             order,
@@ -275,9 +276,9 @@ impl AsyncPipelineCoordinator {
             Some(p) => p.current_thread_index().is_some(),
             None => rayon::current_thread_index().is_some(),
         };
-        // This run's stage times and bytes, added to `stats` only if the run
-        // counts (as on the GPU, a failed run adds nothing; a source failure
-        // ends a run that counts, with the chunks before it).
+        // This run's stage times and bytes: the caller adds them to its
+        // stats only if the run counts (as on the GPU, a failed run adds
+        // nothing; a source failure ends a run that counts).
         let mut tally = PipelineStats::default();
         let t = &mut tally;
         let outcome = match (inline, pool) {
@@ -289,14 +290,8 @@ impl AsyncPipelineCoordinator {
                 rayon::in_place_scope(|s| drive(Some(s), slots, &shared, pull, sink, &names, t))
             }
         };
-        if outcome.is_ok() {
-            stats.compute_busy_ms += shared.busy.total_ms();
-            stats.bytes_out += tally.bytes_out;
-            for st in &tally.stages {
-                stats.add_stage_time(&st.name, st.ms);
-            }
-        }
-        outcome
+        tally.compute_busy_ms = shared.busy.total_ms();
+        outcome.map(|(n, failed)| (n, failed, tally))
     }
 }
 

@@ -37,18 +37,23 @@ pub(crate) struct Session<T: Element> {
     /// to a failure).
     submitted: u64,
     returned: u64,
+    /// The stats' chunk count when the session began: the session counts
+    /// as a run only if a chunk came back after it (a session whose every
+    /// chunk failed adds no run).
+    chunks_at_start: u64,
     /// Outputs that finished during a call that failed: returned first by
     /// the next call or `flush`.
     carry: Vec<ChunkOutput<T>>,
 }
 
 impl<T: Element> Session<T> {
-    fn new(slots: usize) -> Self {
+    fn new(slots: usize, chunks_at_start: u64) -> Self {
         Self {
             slots: IoSlots::new(slots),
             base: 0,
             submitted: 0,
             returned: 0,
+            chunks_at_start,
             carry: Vec::new(),
         }
     }
@@ -162,7 +167,7 @@ impl<T: Element> PipelineStageManager<T> {
                 "execute_iteration_pinned takes 1 to chunk_bytes elements",
             ));
         }
-        let out_len = self.output_len(len);
+        let out_len = self.checked_output_len(&self.order(), len, 0)?;
         if to.saturating_add(out_len) > output.len() {
             return Err(Error::OutputLength {
                 expected: to.saturating_add(out_len),
@@ -191,7 +196,7 @@ impl<T: Element> PipelineStageManager<T> {
             self.iter = Some(session);
             return Err(Error::IterationPending { pending });
         }
-        if session.submitted > 0 {
+        if self.stats.chunks > session.chunks_at_start {
             self.stats.runs += 1;
         }
         if let Some(engine) = self.engine.as_mut() {
@@ -216,7 +221,10 @@ impl<T: Element> PipelineStageManager<T> {
         self.check_stages(&order)?;
         if self.backend == BackendKind::Host {
             let out = self.host_iteration(&order, host_chunk);
-            self.stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
+            if out.is_ok() {
+                // A failed chunk adds nothing (its chunk is lost alone).
+                self.stats.wall_ms += started.elapsed().as_secs_f64() * 1e3;
+            }
             return out;
         }
         let has_chunk = !matches!(data, IterData::None);
@@ -227,7 +235,7 @@ impl<T: Element> PipelineStageManager<T> {
         // idle session, and is refused while chunks are in flight).
         self.engine(&order)?;
         let chunk = self.chunk_elems();
-        let capacity = self.capacity(&order);
+        let capacity = self.capacity(&order)?;
         let timing = self.config.timing;
         let elem = std::mem::size_of::<T>() as u64;
         let submitted_len = match &data {
@@ -250,7 +258,7 @@ impl<T: Element> PipelineStageManager<T> {
             if timing {
                 engine.start_timing()?;
             }
-            *iter = Some(Session::new(engine.slot_count()));
+            *iter = Some(Session::new(engine.slot_count(), stats.chunks));
         }
         let Some(session) = iter.as_mut() else {
             return Err(Error::Config("no execute_iteration session"));
@@ -310,7 +318,8 @@ impl<T: Element> PipelineStageManager<T> {
         if chunk.is_empty() {
             return Ok(Vec::new());
         }
-        let session = self.iter.get_or_insert_with(|| Session::new(0));
+        let chunks_now = self.stats.chunks;
+        let session = self.iter.get_or_insert_with(|| Session::new(0, chunks_now));
         let index = session.submitted;
         session.submitted += 1;
         session.returned += 1;
@@ -340,7 +349,7 @@ impl<T: Element> PipelineStageManager<T> {
         let started = Instant::now();
         let chunk = self.chunk_elems();
         let order = self.order();
-        let capacity = self.capacity(&order);
+        let capacity = self.capacity(&order)?;
         let Self {
             engine,
             stats,
@@ -352,7 +361,7 @@ impl<T: Element> PipelineStageManager<T> {
         let Some(mut session) = iter.take() else {
             return Ok(Vec::new());
         };
-        if session.submitted > 0 {
+        if stats.chunks > session.chunks_at_start {
             stats.runs += 1;
         }
         let mut done = std::mem::take(&mut session.carry);
@@ -419,7 +428,7 @@ impl<T: Element> PipelineStageManager<T> {
             self.finish_run(started, 1, 0, chunk.len() as u64, 0);
             return Ok(out);
         }
-        let capacity = self.capacity(&order);
+        let capacity = self.capacity(&order)?;
         let (run, cache, pool) = self.gpu_parts(&order)?;
         let gpu = run.engine.gpu().clone();
         let mut input = cache.input(&gpu, chunk.len())?;
@@ -634,7 +643,7 @@ fn recover<T: Element>(
         Err(_) => {
             // Indices still go on: the next chunk is not mistaken for one
             // of the lost ones.
-            let mut fresh = Session::new(engine.slot_count());
+            let mut fresh = Session::new(engine.slot_count(), session.chunks_at_start);
             fresh.submitted = session.submitted;
             fresh.returned = session.submitted;
             fresh.base = session.submitted;

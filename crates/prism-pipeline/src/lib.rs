@@ -223,6 +223,11 @@ impl PipelineConfig {
                 "chunk_bytes must be a multiple of the element size",
             ));
         }
+        if self.chunk_bytes > isize::MAX as usize {
+            return Err(Error::Config(
+                "chunk_bytes must be at most isize::MAX (no allocation is larger)",
+            ));
+        }
         if self.host_threads == 0 {
             return Err(Error::Config("host_threads must be at least 1"));
         }
@@ -411,11 +416,34 @@ impl<T: Element> PipelineStageManager<T> {
         }
     }
 
-    /// Elements the stages make from `input_len` elements.
+    /// Elements the stages make from one chunk of `input_len` elements:
+    /// each stage's `output_len` of the one before, and 0 once a stage
+    /// makes none (a chunk that a stage empties skips the later stages and
+    /// comes back empty: a stage is never called with no elements). A panic
+    /// in a stage's `output_len` reaches the caller here; a run reports it
+    /// as [`Error::StagePanicked`].
     pub fn output_len(&self, input_len: usize) -> usize {
-        self.order()
-            .iter()
-            .fold(input_len, |len, &i| self.stages[i].output_len(len))
+        let mut len = input_len;
+        for &i in &self.order() {
+            if len == 0 {
+                break;
+            }
+            len = self.stages[i].output_len(len);
+        }
+        len
+    }
+
+    /// [`output_len`](Self::output_len) over `order`, with a panic in a
+    /// stage's `output_len` as `StagePanicked` (naming chunk `chunk`).
+    fn checked_output_len(&self, order: &[usize], input_len: usize, chunk: u64) -> Result<usize> {
+        let mut len = input_len;
+        for &i in order {
+            if len == 0 {
+                break;
+            }
+            len = guard::output_len(&*self.stages[i], len, chunk)?;
+        }
+        Ok(len)
     }
 
     fn chunk_elems(&self) -> usize {
@@ -471,12 +499,37 @@ impl<T: Element> PipelineStageManager<T> {
         Some(((chunk / std::mem::size_of::<T>().max(1)).max(1), slots))
     }
 
-    /// Output elements of a whole input of `n` elements cut into chunks.
+    /// Output elements of a whole input of `n` elements cut into chunks
+    /// (saturating at `usize::MAX`, which no buffer reaches). A panic in a
+    /// stage's `output_len` reaches the caller here; a run reports it as
+    /// [`Error::StagePanicked`].
     pub fn total_output_len(&self, n: usize) -> usize {
         let c = self.chunk_elems();
-        let full = n / c;
-        let rest = n % c;
-        full * self.output_len(c) + if rest > 0 { self.output_len(rest) } else { 0 }
+        let (full, rest) = (n / c, n % c);
+        let rest_out = if rest > 0 { self.output_len(rest) } else { 0 };
+        full.saturating_mul(self.output_len(c))
+            .saturating_add(rest_out)
+    }
+
+    /// [`total_output_len`](Self::total_output_len) for a run's checks: a
+    /// panic in a stage's `output_len` is `StagePanicked`, a total past
+    /// `usize::MAX` an error.
+    fn checked_total_output_len(&self, order: &[usize], n: usize) -> Result<usize> {
+        let c = self.chunk_elems();
+        let (full, rest) = (n / c, n % c);
+        let per_full = if full > 0 {
+            self.checked_output_len(order, c, 0)?
+        } else {
+            0
+        };
+        let rest_out = if rest > 0 {
+            self.checked_output_len(order, rest, full as u64)?
+        } else {
+            0
+        };
+        full.checked_mul(per_full)
+            .and_then(|f| f.checked_add(rest_out))
+            .ok_or(Error::Config("the stages' output length overflows usize"))
     }
 
     fn check_stages(&self, order: &[usize]) -> Result<()> {
@@ -504,20 +557,23 @@ impl<T: Element> PipelineStageManager<T> {
     }
 
     /// Largest buffer any stage of the chain needs for a full chunk.
-    fn capacity(&self, order: &[usize]) -> usize {
+    fn capacity(&self, order: &[usize]) -> Result<usize> {
         let chunk = self.chunk_elems();
         let (mut capacity, mut len) = (chunk, chunk);
         for &i in order {
-            len = self.stages[i].output_len(len);
+            if len == 0 {
+                break;
+            }
+            len = guard::output_len(&*self.stages[i], len, 0)?;
             capacity = capacity.max(len);
         }
-        capacity
+        Ok(capacity)
     }
 
     /// The GPU ring for `order`, (re)built when its capacity or slot count
     /// changed (the pinned staging goes with it).
     fn engine(&mut self, order: &[usize]) -> Result<()> {
-        let capacity = self.capacity(order);
+        let capacity = self.capacity(order)?;
         self.ensure_engine(capacity, 2)
     }
 
@@ -569,7 +625,7 @@ impl<T: Element> PipelineStageManager<T> {
         // For this run only (`finish_run` and the next run clear it).
         self.effective = adaptive.and_then(|total| self.adaptive_choice(&order, total));
         if let Some((input, output)) = lengths {
-            let expected = self.total_output_len(input);
+            let expected = self.checked_total_output_len(&order, input)?;
             if output != expected {
                 return Err(Error::OutputLength {
                     expected,

@@ -54,6 +54,44 @@ impl ChunkPlan {
     }
 }
 
+impl ChunkPlan {
+    /// Full chunks the plan hands out next, one after another: all of them
+    /// when flat, those before the closing ramp when ramped.
+    fn full_ahead(&self) -> usize {
+        let c = self.chunk;
+        if !self.ramp {
+            self.left / c
+        } else if self.issued >= 2 && self.left > 2 * c {
+            (self.left - 2 * c).div_ceil(c)
+        } else {
+            0
+        }
+    }
+
+    /// The same lengths as the iterator, as (length, how many in a row),
+    /// in time proportional to the number of distinct runs, not of chunks
+    /// (for sizes of any magnitude).
+    pub(crate) fn runs(mut self) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut push = |len: usize, count: usize| match out.last_mut() {
+            Some((l, n)) if *l == len => *n += count,
+            _ => out.push((len, count)),
+        };
+        loop {
+            let k = self.full_ahead();
+            if k > 0 {
+                self.left -= k * self.chunk;
+                self.issued += k;
+                push(self.chunk, k);
+            }
+            match self.next() {
+                Some(len) => push(len, 1),
+                None => return out,
+            }
+        }
+    }
+}
+
 fn round(n: usize) -> usize {
     (n.div_ceil(ALIGN) * ALIGN).max(ALIGN)
 }
@@ -97,9 +135,36 @@ mod tests {
         // Sizes near the top of usize neither overflow nor loop.
         assert_eq!(ChunkPlan::new(usize::MAX, usize::MAX / 2, true).count(), 3);
         assert_eq!(ChunkPlan::new(10, usize::MAX, true).count(), 1);
+        // Runs of a huge plan come at once.
+        assert_eq!(
+            ChunkPlan::new(1 << 60, 16, false).runs(),
+            vec![(16, 1 << 56)]
+        );
+        let ramped = ChunkPlan::new((1 << 50) + 5, 1 << 20, true).runs();
+        assert_eq!(
+            ramped.iter().map(|&(l, n)| l * n).sum::<usize>(),
+            (1 << 50) + 5
+        );
+        assert!(ramped.len() <= 8, "{ramped:?}");
     }
 
     proptest! {
+        #[test]
+        fn runs_are_the_plan_run_length_encoded(
+            total in 0usize..50_000_000,
+            chunk in 1usize..4_000_000,
+            ramp: bool,
+        ) {
+            let lens: Vec<usize> = ChunkPlan::new(total, chunk, ramp).collect();
+            let runs = ChunkPlan::new(total, chunk, ramp).runs();
+            let expanded: Vec<usize> = runs
+                .iter()
+                .flat_map(|&(l, n)| std::iter::repeat_n(l, n))
+                .collect();
+            prop_assert_eq!(expanded, lens);
+            prop_assert!(runs.windows(2).all(|w| w[0].0 != w[1].0));
+        }
+
         #[test]
         fn plans_cover_the_input_in_bounded_chunks(
             total in 0usize..50_000_000,

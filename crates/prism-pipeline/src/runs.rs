@@ -49,7 +49,7 @@ impl<T: Element> PipelineStageManager<T> {
                 let (full_out, last_out) =
                     (self.output_len(chunk), self.output_len(input.len() % chunk));
                 let mut rest = output;
-                let (chunks_done, failed) = coordinator.run_pull(
+                let (chunks_done, failed, tally) = coordinator.run_pull(
                     self.copy_pool.pool(),
                     &crate::stage::refs(&self.stages),
                     &order,
@@ -68,11 +68,11 @@ impl<T: Element> PipelineStageManager<T> {
                         })
                     },
                     &mut |_, _| Ok(()),
-                    &mut self.stats,
                 )?;
                 if let Some(e) = failed {
                     return Err(e);
                 }
+                self.stats.add_host_run(&tally);
                 self.finish_run(started, chunks_done, 0, input.len() as u64, 0);
             }
         }
@@ -147,7 +147,7 @@ impl<T: Element> PipelineStageManager<T> {
                 let mut next_item = 0usize;
                 // Each item is read in place and written straight into its
                 // output: no host copy.
-                let (n, failed) = coordinator.run_pull(
+                let (n, failed, tally) = coordinator.run_pull(
                     self.copy_pool.pool(),
                     &crate::stage::refs(&self.stages),
                     &order,
@@ -165,11 +165,11 @@ impl<T: Element> PipelineStageManager<T> {
                         None => Ok(Pull::End),
                     },
                     &mut |_, _| Ok(()),
-                    &mut self.stats,
                 )?;
                 if let Some(e) = failed {
                     return Err(e);
                 }
+                self.stats.add_host_run(&tally);
                 self.finish_run(started, n, n, elems_in, 0);
                 Ok(n)
             }
@@ -265,12 +265,12 @@ impl<T: Element> PipelineStageManager<T> {
                 let (mut source, mut sink) = (source, sink);
                 let zero = zeroed_vec::<T>(1)[0];
                 let (mut elements_in, mut elements_out) = (0u64, 0u64);
-                let (chunks, failed) = coordinator.run_pull(
+                let (chunks, failed, tally) = coordinator.run_pull(
                     self.copy_pool.pool(),
                     &crate::stage::refs(&self.stages),
                     &order,
                     &mut |buf, index| {
-                        buf.resize(chunk, zero);
+                        crate::source::size_slot(buf, chunk, zero)?;
                         let n = guard::fill(&mut source, buf, index)?;
                         if n == 0 {
                             return Ok(Pull::End);
@@ -283,8 +283,10 @@ impl<T: Element> PipelineStageManager<T> {
                         elements_out += out.len() as u64;
                         guard::accept(&mut sink, index, out)
                     },
-                    &mut self.stats,
                 )?;
+                // A source failure ends a run that counts (its chunks were
+                // delivered), as on the GPU.
+                self.stats.add_host_run(&tally);
                 self.finish_run(started, chunks, 0, elements_in, 0);
                 if let Some(e) = failed {
                     return Err(e);

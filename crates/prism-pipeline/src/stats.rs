@@ -149,6 +149,16 @@ impl PipelineStats {
             }),
         }
     }
+
+    /// Adds what a host run measured (its stage times, busy time and
+    /// output bytes: `host.rs`'s tally), once the run is known to count.
+    pub(crate) fn add_host_run(&mut self, run: &PipelineStats) {
+        self.compute_busy_ms += run.compute_busy_ms;
+        self.bytes_out += run.bytes_out;
+        for st in &run.stages {
+            self.add_stage_time(&st.name, st.ms);
+        }
+    }
 }
 
 impl fmt::Display for PipelineStats {

@@ -1,8 +1,8 @@
 //! Adversarial review of the host backend's public API: each test pins a
-//! promise of the docs (docs/guide.md, the rustdoc) that today's code
-//! breaks. Every test here FAILS on the code it was written against; the
-//! report that came with it says where the bug is. Anything that might
-//! hang runs in a thread under a timeout, so a hang is a failure.
+//! promise of the docs (docs/guide.md, the rustdoc) that the code broke
+//! when the test was written (each failed then; the fixes are in the same
+//! history), so each guards against that bug coming back. Anything that
+//! might hang runs in a thread under a timeout, so a hang is a failure.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -73,7 +73,10 @@ fn a_run_items_refused_at_a_later_item_adds_nothing_to_the_stats() {
     let after = p.get_stats();
     assert_eq!(after.runs, before.runs, "a failed run is not a run");
     assert_eq!(after.bytes_in, before.bytes_in, "bytes in of a failed run");
-    assert_eq!(after.bytes_out, before.bytes_out, "bytes out of a failed run");
+    assert_eq!(
+        after.bytes_out, before.bytes_out,
+        "bytes out of a failed run"
+    );
     assert_eq!(after.stages, before.stages, "stage times of a failed run");
     assert_eq!(after.compute_busy_ms, before.compute_busy_ms);
 }
@@ -171,6 +174,43 @@ fn a_huge_chunk_size_is_refused_or_streams_not_a_panic() {
     }
 }
 
+/// The largest chunk `new` accepts (isize::MAX bytes): a stream's host
+/// slot that the allocator refuses is `OutOfMemory`, not an abort, and the
+/// manager stays usable.
+#[test]
+fn the_largest_chunk_size_streams_or_is_out_of_memory() {
+    let config = PipelineConfig {
+        chunk_bytes: isize::MAX as usize & !3,
+        host_threads: 2,
+        ..PipelineConfig::default()
+    };
+    let mut p = PipelineStageManager::<f32>::new(Backend::Host, config).unwrap();
+    p.add_stage(FMA);
+    let r = p.run_stream(
+        fill_with(|_: &mut [f32]| Ok::<_, BoxError>(0)),
+        sink_fn(|_, _: &[f32]| Ok::<_, BoxError>(())),
+    );
+    assert!(
+        matches!(
+            r,
+            Err(Error::Stream(prism_stream::Error::OutOfMemory { .. }))
+        ),
+        "{r:?}"
+    );
+    // Still usable with a sane chunk.
+    p.set_config(PipelineConfig {
+        chunk_bytes: 64,
+        host_threads: 2,
+        ..PipelineConfig::default()
+    })
+    .unwrap();
+    let input: Vec<f32> = (0..40).map(|i| i as f32 - 7.5).collect();
+    let mut out = vec![f32::NAN; 40];
+    p.run(&input, &mut out).unwrap();
+    let want: Vec<f32> = input.iter().map(|&x| x.mul_add(2.0, 1.0)).collect();
+    assert_eq!(out, want);
+}
+
 // ---------------------------------------------------------------------------
 // Finding 4: a broadcast sink kept over two tagged runs keeps the first
 // ring's header.
@@ -214,7 +254,11 @@ fn a_broadcast_sink_kept_over_two_runs_passes_on_the_second_rings_header() {
     while let Some(c) = store.read() {
         headers.push((*c.meta().header).clone());
     }
-    assert_eq!(headers, ["A", "A", "B", "B"], "headers of the output chunks");
+    assert_eq!(
+        headers,
+        ["A", "A", "B", "B"],
+        "headers of the output chunks"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -340,21 +384,21 @@ impl Stage<f32> for Total {
     }
 }
 
-/// `total_output_len` (lib.rs) folds `output_len` over the whole chain,
-/// so for 20 elements in chunks of 16 it asks for 2 outputs (`Total` of
-/// chunk 0's 8 elements, `Total` of chunk 1's 0 elements), and the caller
-/// gives exactly that. The host chain stops at the empty intermediate
-/// (host.rs `run_stages`: "A stage made no output: nothing is left to
-/// process") and then refuses its own promised length: `run` fails with
-/// `OutputLength { expected: 1, actual: 0 }`. The same two stages as a
-/// `StageGraph::chain` run (dag.rs: "Every live node is asked, even one
-/// with an empty input") and give the reference answer.
+/// A chain's chunk that a stage empties skips the later stages and comes
+/// back empty, on both backends (`gpu_streams.rs`'s
+/// `chunks_a_stage_empties_come_back_empty`; a stage is never called with
+/// no elements). `total_output_len` used to fold `output_len` over every
+/// stage anyway (`Total` of the emptied chunk: 1), promising 2 outputs for
+/// 20 elements in chunks of 16, and `run` then refused the caller's
+/// 2-element output (`OutputLength { expected: 1, actual: 0 }`). The
+/// promise and the run now agree: 1 output. (A `StageGraph` differs by
+/// design: every live node runs, even on an empty input.)
 #[test]
-fn a_chain_through_an_empty_intermediate_matches_the_same_graph() {
+fn a_chain_through_an_empty_intermediate_promises_what_it_delivers() {
     let input: Vec<f32> = (0..20).map(|i| i as f32).collect();
-    let want = vec![(8..16).map(|i| i as f32).sum::<f32>(), 0.0];
+    let first = (8..16).map(|i| i as f32).sum::<f32>();
 
-    // The chain as a graph (two stage types, so built node by node).
+    // The graph runs `Total` on the emptied chunk too.
     let mut g = StageGraph::<f32>::new();
     let x = g.input();
     let s = g.stage(x, SkipHeader).unwrap();
@@ -366,23 +410,31 @@ fn a_chain_through_an_empty_intermediate_matches_the_same_graph() {
     let mut via_graph = vec![f32::NAN; 2];
     m.run_graph(&mut g, &input, &mut [&mut via_graph[..]])
         .unwrap();
-    assert_eq!(via_graph, want, "the graph (reference)");
+    assert_eq!(via_graph, vec![first, 0.0]);
 
+    // The chain skips it, and says so before the run.
     let mut p = host(16, 3);
     p.add_stage(SkipHeader);
     p.add_stage(Total);
-    assert_eq!(p.total_output_len(input.len()), 2);
-    let mut out = vec![f32::NAN; 2];
-    let r = p.run(&input, &mut out);
-    assert!(r.is_ok(), "the chain refused its own output length: {r:?}");
-    assert_eq!(out, want);
+    assert_eq!(p.output_len(4), 0);
+    assert_eq!(p.total_output_len(input.len()), 1);
+    let mut out = vec![f32::NAN; 1];
+    p.run(&input, &mut out).unwrap();
+    assert_eq!(out, vec![first]);
+    let mut two = vec![f32::NAN; 2];
+    assert!(matches!(
+        p.run(&input, &mut two),
+        Err(Error::OutputLength {
+            expected: 1,
+            actual: 2
+        })
+    ));
 }
 
-/// The same root cause in `run_stream`, silently: the second chunk (4
-/// elements, all header) comes to the sink as an empty output instead of
-/// `Total`'s one value, and the run reports success.
+/// The same chain streamed: the second chunk (4 elements, all header)
+/// comes to the sink empty, as documented (the later stage is skipped).
 #[test]
-fn a_streamed_chain_through_an_empty_intermediate_delivers_the_last_stage_output() {
+fn a_streamed_chain_through_an_empty_intermediate_delivers_an_empty_chunk() {
     let input: Vec<f32> = (0..20).map(|i| i as f32).collect();
     let mut p = host(16, 3);
     p.add_stage(SkipHeader);
@@ -397,5 +449,5 @@ fn a_streamed_chain_through_an_empty_intermediate_delivers_the_last_stage_output
     )
     .unwrap();
     let first: f32 = (8..16).map(|i| i as f32).sum();
-    assert_eq!(got, vec![vec![first], vec![0.0]]);
+    assert_eq!(got, vec![vec![first], vec![]]);
 }

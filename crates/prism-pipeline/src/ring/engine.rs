@@ -183,7 +183,7 @@ impl<T: Element> PipelineStageManager<T> {
         &'a mut self,
         order: &'a [usize],
     ) -> Result<(GpuRun<'a, T>, &'a mut StagingCache<T>, &'a CopyPool)> {
-        let capacity = self.capacity(order);
+        let capacity = self.capacity(order)?;
         let timing = self.config.timing;
         let trace = self.config.trace && timing;
         let graphs_on = self.config.graphs;

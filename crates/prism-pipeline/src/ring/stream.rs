@@ -118,7 +118,7 @@ impl<T: Element, S: Source<T>, K: Sink<T>> FedRun<S, K, Vec<T>> {
         global: &GlobalIndex,
         order: &[usize],
     ) -> Result<RunCounts> {
-        let capacity = d.capacity(order);
+        let capacity = d.capacity(order)?;
         let (mut run, cache, _) = d.gpu_parts(order)?;
         run.global = Some(global);
         let mut io = StreamIo {

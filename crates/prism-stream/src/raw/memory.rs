@@ -1,0 +1,128 @@
+//! Device and page-locked host memory: allocation, freeing, registration
+//! of host memory in place, and the device address of mapped host memory.
+//! Each call needs the allocation's context current (the caller binds
+//! it); an out-of-memory failure becomes [`Error::OutOfMemory`] naming
+//! what was being allocated.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{self, CUresult};
+use cudarc::driver::{result, DriverError};
+
+use crate::Error;
+
+/// What an allocation was for, for its error.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AllocFor {
+    /// The kind of memory: "device", "page-locked host".
+    pub(crate) memory: &'static str,
+    /// The buffer: "device buffer", "pinned host buffer", ...
+    pub(crate) what: &'static str,
+}
+
+impl AllocFor {
+    fn error(self, e: DriverError, bytes: usize, call: &'static str) -> Error {
+        if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::OutOfMemory {
+                memory: self.memory,
+                bytes,
+                what: self.what,
+            }
+        } else {
+            Error::Driver { call, source: e }
+        }
+    }
+}
+
+/// `cuMemAlloc` of `bytes` in the current context. The caller frees it
+/// once ([`device_free`]).
+pub(crate) fn device_alloc(bytes: usize, what: AllocFor) -> crate::Result<sys::CUdeviceptr> {
+    // SAFETY: cuMemAlloc has no precondition beyond a current context (its
+    // absence is the driver's error); it only writes the new address.
+    unsafe { result::malloc_sync(bytes) }.map_err(|e| what.error(e, bytes, "cuMemAlloc"))
+}
+
+/// `cuMemFree`.
+///
+/// # Safety
+///
+/// `ptr` is an allocation of the current context (from `cuMemAlloc` or
+/// `cuMemAllocAsync`), freed only here, and no queued GPU work uses it.
+pub(crate) unsafe fn device_free(ptr: sys::CUdeviceptr) -> Result<(), DriverError> {
+    // SAFETY: the caller's contract.
+    unsafe { result::free_sync(ptr) }
+}
+
+/// `cuMemHostAlloc` of `bytes` page-locked bytes (flags `CU_MEMHOSTALLOC_*`)
+/// in the current context. The memory is uninitialised; the caller frees
+/// it once ([`host_free`]).
+pub(crate) fn host_alloc(bytes: usize, flags: u32, what: AllocFor) -> crate::Result<*mut u8> {
+    // SAFETY: cuMemHostAlloc has no precondition beyond a current context;
+    // it only writes the new address.
+    unsafe { result::malloc_host(bytes, flags) }
+        .map(|p| p.cast::<u8>())
+        .map_err(|e| what.error(e, bytes, "cuMemHostAlloc"))
+}
+
+/// `cuMemFreeHost`.
+///
+/// # Safety
+///
+/// `ptr` came from [`host_alloc`] in the current context, is freed only
+/// here, and neither the GPU nor the host uses it any more.
+pub(crate) unsafe fn host_free(ptr: *mut u8) -> Result<(), DriverError> {
+    // SAFETY: the caller's contract.
+    unsafe { result::free_host(ptr.cast::<c_void>()) }
+}
+
+/// `cuMemHostRegister` of `bytes` at `ptr` (flags
+/// `CU_MEMHOSTREGISTER_*`) in the current context.
+///
+/// # Safety
+///
+/// `ptr..ptr + bytes` is host memory the caller owns and keeps allocated,
+/// neither moved nor freed, until [`host_unregister`] succeeded.
+pub(crate) unsafe fn host_register(
+    ptr: *mut u8,
+    bytes: usize,
+    flags: u32,
+    what: AllocFor,
+) -> crate::Result<()> {
+    // SAFETY: the caller's contract.
+    let r = unsafe { sys::cuMemHostRegister_v2(ptr.cast::<c_void>(), bytes, flags) };
+    if r == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(what.error(DriverError(r), bytes, "cuMemHostRegister"))
+    }
+}
+
+/// `cuMemHostUnregister`.
+///
+/// # Safety
+///
+/// `ptr` starts a range [`host_register`] registered in the current
+/// context, and no queued GPU work uses it.
+pub(crate) unsafe fn host_unregister(ptr: *mut u8) -> Result<(), DriverError> {
+    // SAFETY: the caller's contract.
+    let r = unsafe { sys::cuMemHostUnregister(ptr.cast::<c_void>()) };
+    if r == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(DriverError(r))
+    }
+}
+
+/// The device address of page-locked host memory mapped into the current
+/// context (`cuMemHostGetDevicePointer`), or 0 when the driver gives none.
+pub(crate) fn mapped_address(host: *mut u8) -> sys::CUdeviceptr {
+    let mut mapped: sys::CUdeviceptr = 0;
+    // SAFETY: the call only looks `host` up among the driver's page-locked
+    // ranges (an unknown address is its error) and writes the out-parameter.
+    let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host.cast::<c_void>(), 0) };
+    if r == CUresult::CUDA_SUCCESS {
+        mapped
+    } else {
+        0
+    }
+}

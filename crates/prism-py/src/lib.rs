@@ -12,7 +12,17 @@ mod pipeline;
 mod stages;
 mod stream;
 
+use std::sync::{Arc, Mutex};
+
+use prism_pipeline::PipelineStageManager;
 use pyo3::prelude::*;
+
+/// The pipeline on float32 elements.
+pub(crate) type Manager = PipelineStageManager<f32>;
+
+/// The manager, shared with a `run_stream` worker: `None` while a stream
+/// runs (the worker holds it and puts it back when it ends).
+pub(crate) type Shared = Arc<Mutex<Option<Manager>>>;
 
 /// prism's native module; use it through the package `prism`.
 #[pymodule]

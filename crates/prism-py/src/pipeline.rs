@@ -1,9 +1,9 @@
 //! `prism.Pipeline`: a `PipelineStageManager<f32>` behind a mutex.
 
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
-use prism_pipeline::{Backend, BackendKind, PipelineConfig, PipelineStageManager};
+use prism_pipeline::{Backend, BackendKind, PipelineConfig};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -12,13 +12,7 @@ use crate::convert::contiguous_f32;
 use crate::errors::{self, pipeline_error};
 use crate::stages::Builtin;
 use crate::stream::StreamIter;
-
-/// The pipeline on float32 elements.
-pub(crate) type Manager = PipelineStageManager<f32>;
-
-/// The manager, shared with a `run_stream` worker: `None` while a stream
-/// runs (the worker holds it and puts it back when it ends).
-pub(crate) type Shared = Arc<Mutex<Option<Manager>>>;
+use crate::{Manager, Shared};
 
 /// Stages in an order, and the machinery to stream float32 data through
 /// them in chunks: on a GPU (uploads, stages and downloads of different
@@ -53,26 +47,26 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
+    /// The manager's slot, or `BusyError` while another thread runs it.
+    fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, Option<Manager>>> {
+        match self.shared.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::WouldBlock) => Err(errors::plain(
+                py,
+                "BusyError",
+                "the pipeline is running in another thread",
+            )),
+            Err(TryLockError::Poisoned(_)) => Err(errors::plain(
+                py,
+                "PrismError",
+                "the pipeline is unusable: an earlier call panicked inside prism",
+            )),
+        }
+    }
+
     /// Runs `f` on the manager, or `BusyError` when it is in use.
     fn with<R>(&self, py: Python<'_>, f: impl FnOnce(&mut Manager) -> R) -> PyResult<R> {
-        let mut guard = match self.shared.try_lock() {
-            Ok(g) => g,
-            Err(TryLockError::WouldBlock) => {
-                return Err(errors::plain(
-                    py,
-                    "BusyError",
-                    "the pipeline is running in another thread",
-                ))
-            }
-            Err(TryLockError::Poisoned(_)) => {
-                return Err(errors::plain(
-                    py,
-                    "PrismError",
-                    "the pipeline is unusable: an earlier call panicked inside prism",
-                ))
-            }
-        };
-        match guard.as_mut() {
+        match self.lock(py)?.as_mut() {
             Some(pm) => Ok(f(pm)),
             None => Err(stream_busy(py)),
         }
@@ -80,7 +74,7 @@ impl Pipeline {
 }
 
 /// `BusyError` for a pipeline whose manager a `run_stream` holds.
-pub(crate) fn stream_busy(py: Python<'_>) -> PyErr {
+fn stream_busy(py: Python<'_>) -> PyErr {
     errors::plain(
         py,
         "BusyError",
@@ -295,26 +289,7 @@ impl Pipeline {
     /// as outputs:``), other calls on the pipeline raise ``BusyError``.
     fn run_stream(&self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<StreamIter> {
         let iter = items.try_iter()?.unbind();
-        let pm = {
-            let mut guard = match self.shared.try_lock() {
-                Ok(g) => g,
-                Err(TryLockError::WouldBlock) => {
-                    return Err(errors::plain(
-                        py,
-                        "BusyError",
-                        "the pipeline is running in another thread",
-                    ))
-                }
-                Err(TryLockError::Poisoned(_)) => {
-                    return Err(errors::plain(
-                        py,
-                        "PrismError",
-                        "the pipeline is unusable: an earlier call panicked inside prism",
-                    ))
-                }
-            };
-            guard.take().ok_or_else(|| stream_busy(py))?
-        };
+        let pm = self.lock(py)?.take().ok_or_else(|| stream_busy(py))?;
         StreamIter::start(py, Arc::clone(&self.shared), pm, iter, self.config.slots)
     }
 

@@ -145,7 +145,7 @@ impl Builtin {
     }
 
     /// Adds the stage to `pm`; returns its index.
-    pub(crate) fn add_to(self, pm: &mut crate::pipeline::Manager) -> usize {
+    pub(crate) fn add_to(self, pm: &mut crate::Manager) -> usize {
         match self {
             Self::Fma(s) => pm.add_stage(prism_pipeline::Fma {
                 a: s.a,

@@ -16,7 +16,7 @@ use pyo3::types::PyIterator;
 
 use crate::convert::contiguous_f32;
 use crate::errors::{self, pipeline_error};
-use crate::pipeline::{Manager, Shared};
+use crate::{Manager, Shared};
 
 /// What the worker sends: outputs in order, then the run's result.
 enum Msg {

@@ -1,0 +1,62 @@
+"""prism for Python: stream NumPy arrays through GPU pipelines.
+
+A :class:`Pipeline` holds stages (:class:`Fma`, :class:`Clamp`,
+:class:`GroupSum`) in an order and streams 1-D float32 arrays through them
+in chunks: on an NVIDIA GPU, uploads, stages and downloads of different
+chunks overlap; without one (``backend="host"``, or ``"auto"`` on a machine
+with no GPU) the same pipeline runs on CPU threads. The GIL is released
+while prism works. prism's errors are raised as the typed exceptions of
+this module, all derived from :class:`PrismError`.
+
+Example::
+
+    import numpy as np
+    import prism
+
+    p = prism.Pipeline(backend="auto", chunk_bytes=1 << 20)
+    p.add_stage(prism.Fma(a=2.0, b=1.0, iters=4))
+    p.add_stage(prism.Clamp(lo=-1.0, hi=1.0))
+    y = p.run(np.random.rand(1 << 20).astype(np.float32))
+    print(p.backend, p.stats()["throughput_gbps"])
+"""
+
+from ._errors import (
+    BusyError,
+    ConfigError,
+    ContextPoisonedError,
+    DriverNotFoundError,
+    GpuError,
+    LengthError,
+    NoDeviceError,
+    NoStagesError,
+    OutOfMemoryError,
+    PrismError,
+    SinkError,
+    SourceError,
+    StageError,
+    UnsupportedError,
+)
+from ._prism import Clamp, Fma, GroupSum, Pipeline, StreamIter, __version__
+
+__all__ = [
+    "Pipeline",
+    "StreamIter",
+    "Fma",
+    "Clamp",
+    "GroupSum",
+    "PrismError",
+    "NoDeviceError",
+    "DriverNotFoundError",
+    "ConfigError",
+    "NoStagesError",
+    "LengthError",
+    "StageError",
+    "UnsupportedError",
+    "OutOfMemoryError",
+    "ContextPoisonedError",
+    "GpuError",
+    "SourceError",
+    "SinkError",
+    "BusyError",
+    "__version__",
+]

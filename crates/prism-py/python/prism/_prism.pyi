@@ -1,0 +1,115 @@
+"""Type stubs of prism's native module (``prism._prism``); use it through
+the package ``prism``, which re-exports these classes."""
+
+from types import TracebackType
+from typing import Any, Iterable, Iterator, List, Literal, Optional, Type, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+_Input = Union[npt.NDArray[np.float32], npt.ArrayLike]
+
+class Fma:
+    """``y = x`` after ``iters`` steps of ``y = fma(y, a, b)`` (float32 fused
+    multiply-add, one rounding per step); elementwise. ``a`` and ``b`` are
+    rounded to float32."""
+
+    def __init__(self, a: float, b: float, iters: int = 1) -> None: ...
+    @property
+    def a(self) -> float: ...
+    @property
+    def b(self) -> float: ...
+    @property
+    def iters(self) -> int: ...
+    @property
+    def name(self) -> Literal["fma"]: ...
+
+class Clamp:
+    """``y = min(max(x, lo), hi)`` elementwise; ``lo`` and ``hi`` are rounded
+    to float32."""
+
+    def __init__(self, lo: float, hi: float) -> None: ...
+    @property
+    def lo(self) -> float: ...
+    @property
+    def hi(self) -> float: ...
+    @property
+    def name(self) -> Literal["clamp"]: ...
+
+class GroupSum:
+    """Sums of consecutive groups of ``group`` elements within each chunk
+    (``ceil(n / group)`` sums from a chunk of ``n``); ``group >= 1``."""
+
+    def __init__(self, group: int) -> None: ...
+    @property
+    def group(self) -> int: ...
+    @property
+    def name(self) -> Literal["group_sum"]: ...
+
+Stage = Union[Fma, Clamp, GroupSum]
+
+class StreamIter(Iterator[npt.NDArray[np.float32]]):
+    """Outputs of ``Pipeline.run_stream``, one float32 array per item, in
+    order; a context manager that closes it."""
+
+    def __iter__(self) -> StreamIter: ...
+    def __next__(self) -> npt.NDArray[np.float32]: ...
+    def close(self) -> None:
+        """Stops the stream and frees the pipeline; idempotent."""
+    def __enter__(self) -> StreamIter: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+
+class Pipeline:
+    """Stages in an order, streaming float32 data through them in chunks on
+    a GPU or on CPU threads (``backend="host"``)."""
+
+    def __init__(
+        self,
+        backend: Literal["auto", "gpu", "host"] = "auto",
+        *,
+        chunk_bytes: Optional[int] = None,
+        slots: Optional[int] = None,
+        host_threads: Optional[int] = None,
+        timing: Optional[bool] = None,
+        trace: bool = False,
+    ) -> None: ...
+    @property
+    def backend(self) -> Literal["gpu", "host"]:
+        """What the pipeline runs on (what ``"auto"`` chose)."""
+    @property
+    def device(self) -> str:
+        """The GPU's name; ``""`` on the host."""
+    @property
+    def chunk_bytes(self) -> int: ...
+    @property
+    def slots(self) -> int: ...
+    @property
+    def host_threads(self) -> int: ...
+    @property
+    def timing(self) -> bool: ...
+    def add_stage(self, stage: Stage) -> int:
+        """Adds a stage; returns its index."""
+    def set_order(self, order: List[int]) -> None:
+        """Runs only these stages, in this order."""
+    def output_len(self, n: int) -> int:
+        """Elements a run over ``n`` elements produces."""
+    def run(
+        self, input: _Input, out: Optional[npt.NDArray[np.float32]] = None
+    ) -> npt.NDArray[np.float32]:
+        """Streams ``input`` through the stages (GIL released); returns the
+        output (``out`` when given). Non-float32 or non-contiguous input is
+        copied first."""
+    def run_stream(self, items: Iterable[_Input]) -> StreamIter:
+        """One output per item, in order, computed on a worker thread."""
+    def stats(self) -> dict[str, Any]:
+        """Counts and times since creation or ``reset_stats()``."""
+    def reset_stats(self) -> None: ...
+    def trace(self) -> str:
+        """The last traced run as Chrome trace-event JSON."""

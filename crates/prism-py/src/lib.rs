@@ -1,0 +1,37 @@
+//! prism for Python: the native module `prism._prism` (PyO3, abi3).
+//!
+//! The Python package `prism` (in `python/prism`) re-exports its classes
+//! and defines the exceptions (`prism._errors`) this module raises.
+//! Pipelines run over 1-D float32 NumPy arrays with the GIL released; a
+//! stream runs on a worker thread. Nothing here panics across the FFI:
+//! prism's errors become typed Python exceptions.
+
+mod convert;
+mod errors;
+mod pipeline;
+mod stages;
+mod stream;
+
+use std::sync::{Arc, Mutex};
+
+use prism_pipeline::PipelineStageManager;
+use pyo3::prelude::*;
+
+/// The pipeline on float32 elements.
+pub(crate) type Manager = PipelineStageManager<f32>;
+
+/// The manager, shared with a `run_stream` worker: `None` while a stream
+/// runs (the worker holds it and puts it back when it ends).
+pub(crate) type Shared = Arc<Mutex<Option<Manager>>>;
+
+/// prism's native module; use it through the package `prism`.
+#[pymodule]
+fn _prism(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<pipeline::Pipeline>()?;
+    m.add_class::<stream::StreamIter>()?;
+    m.add_class::<stages::Fma>()?;
+    m.add_class::<stages::Clamp>()?;
+    m.add_class::<stages::GroupSum>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! `prism.Pipeline`: a `PipelineStageManager<f32>` behind a mutex.
+
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
+use prism_pipeline::{Backend, BackendKind, PipelineConfig};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::convert::contiguous_f32;
+use crate::errors::{self, pipeline_error};
+use crate::stages::Builtin;
+use crate::stream::StreamIter;
+use crate::{Manager, Shared};
+
+/// Stages in an order, and the machinery to stream float32 data through
+/// them in chunks: on a GPU (uploads, stages and downloads of different
+/// chunks overlapped) or, on the host backend, on CPU threads.
+///
+/// Args:
+///     backend: ``"auto"`` (GPU 0 if a driver and a device are present,
+///         else the host), ``"gpu"`` (GPU 0; ``NoDeviceError`` /
+///         ``DriverNotFoundError`` without one) or ``"host"``.
+///     chunk_bytes: bytes of input per chunk (default 16 MiB; a multiple
+///         of 4, at least 4).
+///     slots: chunks in flight at once, 2 to 8 (default 3).
+///     host_threads: CPU threads of the pipeline (default: every core):
+///         staging copies on the GPU, the stages on the host backend.
+///     timing: time every step for ``stats()`` (default on).
+///     trace: keep the last run's spans for ``trace()`` (GPU backend).
+///
+/// Raises:
+///     ConfigError: a value out of range (also ``ValueError``).
+///     NoDeviceError: ``backend="gpu"`` without a usable GPU.
+///
+/// A pipeline runs one call at a time: a call made while another thread
+/// runs it, or while a ``run_stream`` iterator is alive and not exhausted
+/// or closed, raises ``BusyError``.
+#[pyclass(module = "prism._prism", frozen)]
+#[derive(Debug)]
+pub(crate) struct Pipeline {
+    shared: Shared,
+    backend: &'static str,
+    device: String,
+    config: PipelineConfig,
+}
+
+impl Pipeline {
+    /// The manager's slot, or `BusyError` while another thread runs it.
+    fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, Option<Manager>>> {
+        match self.shared.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::WouldBlock) => Err(errors::plain(
+                py,
+                "BusyError",
+                "the pipeline is running in another thread",
+            )),
+            Err(TryLockError::Poisoned(_)) => Err(errors::plain(
+                py,
+                "PrismError",
+                "the pipeline is unusable: an earlier call panicked inside prism",
+            )),
+        }
+    }
+
+    /// Runs `f` on the manager, or `BusyError` when it is in use.
+    fn with<R>(&self, py: Python<'_>, f: impl FnOnce(&mut Manager) -> R) -> PyResult<R> {
+        match self.lock(py)?.as_mut() {
+            Some(pm) => Ok(f(pm)),
+            None => Err(stream_busy(py)),
+        }
+    }
+}
+
+/// `BusyError` for a pipeline whose manager a `run_stream` holds.
+fn stream_busy(py: Python<'_>) -> PyErr {
+    errors::plain(
+        py,
+        "BusyError",
+        "a run_stream iterator is using the pipeline: exhaust it or call its close() first",
+    )
+}
+
+#[pymethods]
+impl Pipeline {
+    #[new]
+    #[pyo3(signature = (backend = "auto", *, chunk_bytes = None, slots = None, host_threads = None, timing = None, trace = false))]
+    fn new(
+        py: Python<'_>,
+        backend: &str,
+        chunk_bytes: Option<usize>,
+        slots: Option<usize>,
+        host_threads: Option<usize>,
+        timing: Option<bool>,
+        trace: bool,
+    ) -> PyResult<Self> {
+        let kind = match backend {
+            "auto" => Backend::Auto,
+            "gpu" => Backend::Gpu,
+            "host" => Backend::Host,
+            other => {
+                return Err(errors::plain(
+                    py,
+                    "ConfigError",
+                    format!("backend must be \"auto\", \"gpu\" or \"host\", not {other:?}"),
+                ))
+            }
+        };
+        let defaults = PipelineConfig::default();
+        let config = PipelineConfig {
+            chunk_bytes: chunk_bytes.unwrap_or(defaults.chunk_bytes),
+            slots: slots.unwrap_or(defaults.slots),
+            host_threads: host_threads.unwrap_or(defaults.host_threads),
+            timing: timing.unwrap_or(defaults.timing),
+            trace,
+            ..defaults
+        };
+        let cfg = config.clone();
+        // Opening a GPU takes a while: without the GIL.
+        let pm = py
+            .detach(move || Manager::new(kind, cfg))
+            .map_err(|e| pipeline_error(py, &e))?;
+        let backend = match pm.backend() {
+            BackendKind::Gpu => "gpu",
+            BackendKind::Host => "host",
+        };
+        let device = pm.get_stats().device.clone();
+        Ok(Self {
+            shared: Arc::new(Mutex::new(Some(pm))),
+            backend,
+            device,
+            config,
+        })
+    }
+
+    /// The backend the pipeline runs on: ``"gpu"`` or ``"host"`` (what
+    /// ``"auto"`` chose).
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// The GPU's name (``""`` on the host backend).
+    #[getter]
+    fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Bytes of input per chunk.
+    #[getter]
+    fn chunk_bytes(&self) -> usize {
+        self.config.chunk_bytes
+    }
+
+    /// Chunks in flight at once.
+    #[getter]
+    fn slots(&self) -> usize {
+        self.config.slots
+    }
+
+    /// CPU threads of the pipeline.
+    #[getter]
+    fn host_threads(&self) -> usize {
+        self.config.host_threads
+    }
+
+    /// Whether every step is timed for ``stats()``.
+    #[getter]
+    fn timing(&self) -> bool {
+        self.config.timing
+    }
+
+    /// Adds a stage (``Fma``, ``Clamp`` or ``GroupSum``), run after the
+    /// earlier ones unless ``set_order`` says otherwise; returns its index.
+    fn add_stage(&self, py: Python<'_>, stage: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let stage = Builtin::extract(stage)?;
+        self.with(py, |pm| stage.add_to(pm))
+    }
+
+    /// Runs only the stages at ``order`` (indices from ``add_stage``), in
+    /// that order. An empty order raises ``NoStagesError``; an unknown or
+    /// repeated index ``ConfigError``.
+    fn set_order(&self, py: Python<'_>, order: Vec<usize>) -> PyResult<()> {
+        self.with(py, |pm| pm.set_order(&order))?
+            .map_err(|e| pipeline_error(py, &e))
+    }
+
+    /// Elements a run over ``n`` input elements produces (chunk by chunk:
+    /// a ``GroupSum`` never sums across chunks).
+    fn output_len(&self, py: Python<'_>, n: usize) -> PyResult<usize> {
+        self.with(py, |pm| pm.total_output_len(n))
+    }
+
+    /// Streams ``input`` through the stages and returns the output.
+    ///
+    /// Args:
+    ///     input: a 1-D C-contiguous ``numpy.float32`` array, read in place.
+    ///         Anything else that ``numpy.ascontiguousarray(x,
+    ///         dtype=numpy.float32)`` turns into a 1-D array (a list,
+    ///         float64, a strided view) is accepted too, but is copied first.
+    ///     out: where to write the output, in place of a new array: a 1-D
+    ///         C-contiguous writeable float32 array of exactly
+    ///         ``output_len(len(input))`` elements, not overlapping ``input``.
+    ///
+    /// Returns:
+    ///     ``out``, or a new float32 array of ``output_len(len(input))``
+    ///     elements. An empty input gives an empty output (a run of no chunk).
+    ///
+    /// The GIL is released while prism works; ``input`` and ``out`` stay
+    /// borrowed (through rust-numpy's borrow checking) for the whole call.
+    /// As with NumPy's own GIL-free loops, another Python thread must not
+    /// write into ``input`` or touch ``out`` meanwhile.
+    ///
+    /// Raises:
+    ///     LengthError: ``out`` has the wrong length.
+    ///     NoStagesError: no stage was added.
+    ///     StageError: a stage failed (``.stage``, ``.chunk``).
+    ///     TypeError, ValueError: ``input`` or ``out`` of the wrong kind,
+    ///         ``out`` read-only or overlapping ``input``.
+    ///     BusyError: the pipeline is in use by another thread or a stream.
+    #[pyo3(signature = (input, out = None))]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        input: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let input = contiguous_f32(py, input, "input")?;
+        // Held to the end of the call: the slice below stays valid and no
+        // other Rust borrow of the same memory can be made meanwhile.
+        let ro = input
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("input cannot be read: {e}")))?;
+        let src = ro
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(format!("input: {e}")))?;
+        match out {
+            Some(out) => {
+                let arr = out
+                    .cast::<PyArray1<f32>>()
+                    .map_err(|_| PyTypeError::new_err("out must be a 1-D numpy.float32 array"))?;
+                if !arr.is_c_contiguous() {
+                    return Err(PyValueError::new_err("out must be C-contiguous"));
+                }
+                let mut rw = arr.try_readwrite().map_err(|e| {
+                    PyValueError::new_err(format!(
+                        "out cannot be written ({e}): it must be writeable and must not overlap input"
+                    ))
+                })?;
+                let dst = rw
+                    .as_slice_mut()
+                    .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+                self.with(py, |pm| py.detach(|| pm.run(src, dst)))?
+                    .map_err(|e| pipeline_error(py, &e))?;
+                Ok(out.clone())
+            }
+            None => {
+                let output = self
+                    .with(py, |pm| {
+                        py.detach(|| {
+                            // Zeroed pages from the allocator: no pass over
+                            // them before the run writes them.
+                            let mut v = vec![0f32; pm.total_output_len(src.len())];
+                            pm.run(src, &mut v).map(|()| v)
+                        })
+                    })?
+                    .map_err(|e| pipeline_error(py, &e))?;
+                Ok(PyArray1::from_vec(py, output).into_any())
+            }
+        }
+    }
+
+    /// Streams the arrays of ``items`` (any iterable) through the stages
+    /// and returns an iterator over the outputs, one per item, in order.
+    ///
+    /// Each item is one chunk: a 1-D float32 array (or anything
+    /// ``numpy.ascontiguousarray(x, dtype=numpy.float32)`` makes one of,
+    /// then copied), non-empty and at most ``chunk_bytes // 4`` elements
+    /// (else ``LengthError``). prism runs on a worker thread, several
+    /// items in flight at once (``slots``); items are pulled from
+    /// ``items`` on that thread, with the GIL, as prism needs them, and
+    /// outputs wait (at most ``slots`` of them) until the iterator is read.
+    /// Waiting for the next output releases the GIL.
+    ///
+    /// An exception raised by ``items`` is raised again by the iterator
+    /// after the outputs of the items before it. Until the iterator is
+    /// exhausted or closed (``close()``, or ``with pipeline.run_stream(x)
+    /// as outputs:``), other calls on the pipeline raise ``BusyError``.
+    fn run_stream(&self, py: Python<'_>, items: &Bound<'_, PyAny>) -> PyResult<StreamIter> {
+        let iter = items.try_iter()?.unbind();
+        let pm = self.lock(py)?.take().ok_or_else(|| stream_busy(py))?;
+        StreamIter::start(py, Arc::clone(&self.shared), pm, iter, self.config.slots)
+    }
+
+    /// Statistics since creation or ``reset_stats()``, as a dict: ``backend``,
+    /// ``device``, ``runs``, ``chunks``, ``items``, ``bytes_in``,
+    /// ``bytes_out``, ``wall_ms``, ``timed``, ``upload_ms``,
+    /// ``download_ms``, ``stages`` (a list of ``{"name", "ms"}``, summed
+    /// over chunks), ``compute_busy_ms``, ``host_copy_ms``,
+    /// ``host_wait_ms``, ``chunk_bytes``, ``slots``, ``adaptive``,
+    /// ``graph_launches``, ``graph_captures``, and derived from them
+    /// ``compute_ms``, ``bound_ms``, ``overlap_efficiency``,
+    /// ``throughput_gbps`` and ``bottleneck``.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (json, derived) = self.with(py, |pm| {
+            let s = pm.get_stats();
+            (
+                serde_json::to_string(s),
+                (
+                    s.compute_ms(),
+                    s.bound_ms(),
+                    s.overlap_efficiency(),
+                    s.throughput_gbps(),
+                    s.bottleneck(),
+                ),
+            )
+        })?;
+        let json = json.map_err(|e| errors::plain(py, "PrismError", format!("stats: {e}")))?;
+        let dict = py
+            .import("json")?
+            .call_method1("loads", (json,))?
+            .cast_into::<PyDict>()?;
+        dict.set_item("backend", self.backend)?;
+        let (compute, bound, overlap, throughput, bottleneck) = derived;
+        dict.set_item("compute_ms", compute)?;
+        dict.set_item("bound_ms", bound)?;
+        dict.set_item("overlap_efficiency", overlap)?;
+        dict.set_item("throughput_gbps", throughput)?;
+        dict.set_item("bottleneck", bottleneck)?;
+        Ok(dict)
+    }
+
+    /// Clears the statistics.
+    fn reset_stats(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |pm| pm.reset_stats())
+    }
+
+    /// The last run's spans as Chrome trace-event JSON (a string; open it
+    /// in Perfetto or chrome://tracing). Spans are kept only with
+    /// ``trace=True`` and ``timing=True``, on the GPU backend: the host
+    /// backend records none (its trace has no events).
+    fn trace(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |pm| pm.timeline().to_chrome_trace().to_string())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Pipeline(backend={:?}, chunk_bytes={}, slots={}, host_threads={})",
+            self.backend, self.config.chunk_bytes, self.config.slots, self.config.host_threads
+        )
+    }
+}

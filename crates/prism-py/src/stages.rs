@@ -1,0 +1,159 @@
+//! The built-in stages as Python values (`prism.Fma`, `prism.Clamp`,
+//! `prism.GroupSum`): plain parameters, turned into prism's stages by
+//! `Pipeline.add_stage`.
+
+use pyo3::prelude::*;
+
+use crate::errors;
+
+/// `y = x` after `iters` steps of `y = fma(y, a, b)` (a fused multiply-add
+/// in float32, one rounding per step): prism's FMA chain, elementwise.
+///
+/// `a` and `b` are rounded to float32.
+#[pyclass(module = "prism._prism", frozen, eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Fma {
+    /// The multiplier (float32).
+    #[pyo3(get)]
+    pub(crate) a: f32,
+    /// The addend (float32).
+    #[pyo3(get)]
+    pub(crate) b: f32,
+    /// Steps of `y = fma(y, a, b)`.
+    #[pyo3(get)]
+    pub(crate) iters: u32,
+}
+
+#[pymethods]
+impl Fma {
+    #[new]
+    #[pyo3(signature = (a, b, iters = 1))]
+    fn new(a: f32, b: f32, iters: u32) -> Self {
+        Self { a, b, iters }
+    }
+
+    /// The stage's name in stats and errors: `"fma"`.
+    #[getter]
+    fn name(&self) -> &'static str {
+        "fma"
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Fma(a={:?}, b={:?}, iters={})", self.a, self.b, self.iters)
+    }
+}
+
+/// `y = min(max(x, lo), hi)`, elementwise (as `fminf(fmaxf(x, lo), hi)`:
+/// a NaN input gives `lo`, or `hi` when `lo > hi`; as `numpy.clip` for
+/// ordinary values).
+///
+/// `lo` and `hi` are rounded to float32.
+#[pyclass(module = "prism._prism", frozen, eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Clamp {
+    /// Lower bound (float32).
+    #[pyo3(get)]
+    pub(crate) lo: f32,
+    /// Upper bound (float32).
+    #[pyo3(get)]
+    pub(crate) hi: f32,
+}
+
+#[pymethods]
+impl Clamp {
+    #[new]
+    fn new(lo: f32, hi: f32) -> Self {
+        Self { lo, hi }
+    }
+
+    /// The stage's name in stats and errors: `"clamp"`.
+    #[getter]
+    fn name(&self) -> &'static str {
+        "clamp"
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Clamp(lo={:?}, hi={:?})", self.lo, self.hi)
+    }
+}
+
+/// Sums of consecutive groups of `group` elements, each summed in float32
+/// from 0.0 one element after another: shrinks the data. Groups never
+/// span chunks: a chunk of `n` elements gives `ceil(n / group)` sums (the
+/// last group of a chunk may be shorter). `group` must be at least 1
+/// (`ConfigError`).
+#[pyclass(module = "prism._prism", frozen, eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GroupSum {
+    /// Elements per group.
+    #[pyo3(get)]
+    pub(crate) group: u32,
+}
+
+#[pymethods]
+impl GroupSum {
+    #[new]
+    fn new(py: Python<'_>, group: u32) -> PyResult<Self> {
+        if group == 0 {
+            return Err(errors::plain(
+                py,
+                "ConfigError",
+                "GroupSum: group must be at least 1",
+            ));
+        }
+        Ok(Self { group })
+    }
+
+    /// The stage's name in stats and errors: `"group_sum"`.
+    #[getter]
+    fn name(&self) -> &'static str {
+        "group_sum"
+    }
+
+    fn __repr__(&self) -> String {
+        format!("GroupSum(group={})", self.group)
+    }
+}
+
+/// One of the built-in stages, taken from a Python value.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Builtin {
+    Fma(Fma),
+    Clamp(Clamp),
+    GroupSum(GroupSum),
+}
+
+impl Builtin {
+    /// The stage `obj` is, or a `TypeError`.
+    pub(crate) fn extract(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        if let Ok(s) = obj.cast::<Fma>() {
+            return Ok(Self::Fma(*s.get()));
+        }
+        if let Ok(s) = obj.cast::<Clamp>() {
+            return Ok(Self::Clamp(*s.get()));
+        }
+        if let Ok(s) = obj.cast::<GroupSum>() {
+            return Ok(Self::GroupSum(*s.get()));
+        }
+        let name = obj
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".to_owned(), |n| n.to_string());
+        Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "add_stage takes prism.Fma, prism.Clamp or prism.GroupSum, not {name}"
+        )))
+    }
+
+    /// Adds the stage to `pm`; returns its index.
+    pub(crate) fn add_to(self, pm: &mut crate::Manager) -> usize {
+        match self {
+            Self::Fma(s) => pm.add_stage(prism_pipeline::Fma {
+                a: s.a,
+                b: s.b,
+                iters: s.iters,
+            }),
+            Self::Clamp(s) => pm.add_stage(prism_pipeline::Clamp { lo: s.lo, hi: s.hi }),
+            Self::GroupSum(s) => pm.add_stage(prism_pipeline::GroupSum { group: s.group }),
+        }
+    }
+}

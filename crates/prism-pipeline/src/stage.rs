@@ -40,6 +40,10 @@ pub trait Stage<T: Element>: Send + Sync {
     fn name(&self) -> &str;
 
     /// Elements produced from `input_len` elements (default: the same).
+    /// In a chain a stage is never called with no elements: a chunk that a
+    /// stage empties skips the later stages and comes back empty (in a
+    /// [`StageGraph`](crate::StageGraph) every live node runs, even on an
+    /// empty input).
     fn output_len(&self, input_len: usize) -> usize {
         input_len
     }

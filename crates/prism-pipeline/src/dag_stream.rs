@@ -145,7 +145,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
             let mut metas: Vec<M> = Vec::with_capacity(batch);
             while filled.len() < batch {
                 let mut buf = bufs.pop().unwrap_or_default();
-                crate::source::size_slot(&mut buf, run.chunk, zero)?;
+                crate::host::size_slot(&mut buf, run.chunk, zero)?;
                 match fill(&mut source, &mut buf, next) {
                     Ok(Some((n, m))) => {
                         buf.truncate(n);

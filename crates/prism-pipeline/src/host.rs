@@ -295,6 +295,22 @@ impl AsyncPipelineCoordinator {
     }
 }
 
+/// Makes `buf` `len` elements long (new ones `zero`) for a source to fill
+/// on the host: a length the allocator refuses is `OutOfMemory`, not an
+/// abort of the process.
+pub(crate) fn size_slot<T: Element>(buf: &mut Vec<T>, len: usize, zero: T) -> crate::Result<()> {
+    if let Some(more) = len.checked_sub(buf.len()) {
+        buf.try_reserve_exact(more)
+            .map_err(|_| prism_stream::Error::OutOfMemory {
+                memory: "host",
+                bytes: len.saturating_mul(std::mem::size_of::<T>()),
+                what: "a stream's input chunk",
+            })?;
+    }
+    buf.resize(len, zero);
+    Ok(())
+}
+
 /// One run inside `scope` (`None`: every job runs on the calling thread).
 /// Returns when the run is over (everything delivered, or stopped by an
 /// error); then chunks not started are skipped, and the scope waits for

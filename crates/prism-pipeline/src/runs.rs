@@ -270,7 +270,7 @@ impl<T: Element> PipelineStageManager<T> {
                     &crate::stage::refs(&self.stages),
                     &order,
                     &mut |buf, index| {
-                        crate::source::size_slot(buf, chunk, zero)?;
+                        crate::host::size_slot(buf, chunk, zero)?;
                         let n = guard::fill(&mut source, buf, index)?;
                         if n == 0 {
                             return Ok(Pull::End);

@@ -17,22 +17,6 @@ use prism_stream::{as_bytes, as_bytes_mut, Element};
 /// The error a source or sink reports (any error type).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// Makes `buf` `len` elements long (new ones `zero`) for a source to fill
-/// on the host: a length the allocator refuses is `OutOfMemory`, not an
-/// abort of the process.
-pub(crate) fn size_slot<T: Element>(buf: &mut Vec<T>, len: usize, zero: T) -> crate::Result<()> {
-    if let Some(more) = len.checked_sub(buf.len()) {
-        buf.try_reserve_exact(more)
-            .map_err(|_| prism_stream::Error::OutOfMemory {
-                memory: "host",
-                bytes: len.saturating_mul(std::mem::size_of::<T>()),
-                what: "a stream's input chunk",
-            })?;
-    }
-    buf.resize(len, zero);
-    Ok(())
-}
-
 /// Where a stream's input comes from.
 pub trait Source<T> {
     /// Writes the next input into the front of `dst` (the pinned upload

@@ -38,25 +38,14 @@ from ._errors import (
 )
 from ._prism import Clamp, Fma, GroupSum, Pipeline, StreamIter, __version__
 
+from . import _errors
+
 __all__ = [
     "Pipeline",
     "StreamIter",
     "Fma",
     "Clamp",
     "GroupSum",
-    "PrismError",
-    "NoDeviceError",
-    "DriverNotFoundError",
-    "ConfigError",
-    "NoStagesError",
-    "LengthError",
-    "StageError",
-    "UnsupportedError",
-    "OutOfMemoryError",
-    "ContextPoisonedError",
-    "GpuError",
-    "SourceError",
-    "SinkError",
-    "BusyError",
+    *_errors.__all__,
     "__version__",
 ]

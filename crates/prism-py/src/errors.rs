@@ -80,6 +80,38 @@ pub(crate) fn pipeline_error(py: Python<'_>, e: &PipelineError) -> PyErr {
         PipelineError::Sink { chunk, .. } | PipelineError::SinkPanicked { chunk, .. } => {
             raise(py, "SinkError", msg, |k| k.set_item("chunk", chunk))
         }
+        PipelineError::NoOutputs => plain(
+            py,
+            "NoOutputsError",
+            "the graph has no output: mark at least one node with Graph.output(node)",
+        ),
+        PipelineError::UnknownNode { index, nodes } => raise(py, "GraphError", msg, |k| {
+            k.set_item("node", index)?;
+            k.set_item("nodes", nodes)
+        }),
+        PipelineError::GraphTooWide { buffers, max } => raise(py, "GraphError", msg, |k| {
+            k.set_item("buffers", buffers)?;
+            k.set_item("max_buffers", max)
+        }),
+        PipelineError::OutputCount { expected, actual } => raise(
+            py,
+            "LengthError",
+            format!("{msg}: outs must hold one array per output"),
+            |k| {
+                k.set_item("expected", expected)?;
+                k.set_item("actual", actual)
+            },
+        ),
+        PipelineError::GraphOutputLength {
+            output,
+            expected,
+            actual,
+        } => raise(py, "LengthError", msg, |k| {
+            k.set_item("expected", expected)?;
+            k.set_item("actual", actual)?;
+            k.set_item("output", output)
+        }),
+        PipelineError::GraphsPerGpu { .. } => plain(py, "ConfigError", msg),
         PipelineError::Device { source, .. } => pipeline_error(py, source),
         PipelineError::IterationPending { .. } => plain(py, "BusyError", msg),
         _ => plain(py, "PrismError", msg),

@@ -2,12 +2,13 @@
 //!
 //! The Python package `prism` (in `python/prism`) re-exports its classes
 //! and defines the exceptions (`prism._errors`) this module raises.
-//! Pipelines run over 1-D float32 NumPy arrays with the GIL released; a
+//! Pipelines and stage graphs run over 1-D float32 NumPy arrays with the GIL released; a
 //! stream runs on a worker thread. Nothing here panics across the FFI:
 //! prism's errors become typed Python exceptions.
 
 mod convert;
 mod errors;
+mod graph;
 mod pipeline;
 mod stages;
 mod stream;
@@ -29,6 +30,8 @@ pub(crate) type Shared = Arc<Mutex<Option<Manager>>>;
 fn _prism(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pipeline::Pipeline>()?;
     m.add_class::<stream::StreamIter>()?;
+    m.add_class::<graph::Graph>()?;
+    m.add_class::<graph::Node>()?;
     m.add_class::<stages::Fma>()?;
     m.add_class::<stages::Clamp>()?;
     m.add_class::<stages::GroupSum>()?;

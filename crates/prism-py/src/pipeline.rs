@@ -3,13 +3,14 @@
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
-use prism_pipeline::{Backend, BackendKind, PipelineConfig};
+use prism_pipeline::{Backend, BackendKind, PipelineConfig, StageGraph};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 use crate::convert::contiguous_f32;
 use crate::errors::{self, pipeline_error};
+use crate::graph::Graph;
 use crate::stages::Builtin;
 use crate::stream::StreamIter;
 use crate::{Manager, Shared};
@@ -174,7 +175,7 @@ impl Pipeline {
     /// Adds a stage (``Fma``, ``Clamp`` or ``GroupSum``), run after the
     /// earlier ones unless ``set_order`` says otherwise; returns its index.
     fn add_stage(&self, py: Python<'_>, stage: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let stage = Builtin::extract(stage)?;
+        let stage = Builtin::extract(stage, "add_stage")?;
         self.with(py, |pm| stage.add_to(pm))
     }
 
@@ -267,6 +268,137 @@ impl Pipeline {
                     })?
                     .map_err(|e| pipeline_error(py, &e))?;
                 Ok(PyArray1::from_vec(py, output).into_any())
+            }
+        }
+    }
+
+    /// Elements each output of ``graph`` receives from an input of ``n``
+    /// elements (cut into this pipeline's chunks: a ``GroupSum`` never sums
+    /// across chunks), in output order: the lengths ``run_graph``'s
+    /// ``outs`` must have.
+    ///
+    /// Raises:
+    ///     NoOutputsError: the graph has no output.
+    fn graph_output_lens(
+        &self,
+        py: Python<'_>,
+        graph: &Bound<'_, Graph>,
+        n: usize,
+    ) -> PyResult<Vec<usize>> {
+        let g = graph.get().lock(py)?;
+        self.with(py, |pm| pm.graph_output_lens(&g, n))?
+            .map_err(|e| pipeline_error(py, &e))
+    }
+
+    /// Streams ``input`` through a stage graph and returns its outputs.
+    ///
+    /// Args:
+    ///     graph: a ``Graph`` with at least one output.
+    ///     input: as for ``run`` (a 1-D float32 array, read in place, or
+    ///         anything NumPy turns into one, copied first).
+    ///     outs: where to write the outputs, in place of new arrays: a
+    ///         list (or any iterable) of one 1-D C-contiguous writeable
+    ///         float32 array per output of the graph, in output order,
+    ///         each of exactly ``graph_output_lens(graph, len(input))[i]``
+    ///         elements, overlapping neither ``input`` nor each other.
+    ///
+    /// Returns:
+    ///     A list of one float32 array per output, in the order of
+    ///     ``Graph.output`` (the arrays of ``outs`` when given). An empty
+    ///     input gives empty outputs.
+    ///
+    /// Each chunk runs through every node the outputs depend on; a node
+    /// read by several stages is read in place. The GIL is released while
+    /// prism works, with the same rules as ``run``.
+    ///
+    /// Raises:
+    ///     NoOutputsError: the graph has no output.
+    ///     LengthError: ``outs`` has another number of arrays than the
+    ///         graph has outputs (``expected``, ``actual``), or an array of
+    ///         the wrong length (``output``, ``expected``, ``actual``).
+    ///     GraphError: the graph needs more device buffers per slot than
+    ///         a GPU run has (GPU backend).
+    ///     StageError: a stage failed (``.stage`` is the node's name).
+    ///     TypeError, ValueError: ``input`` or ``outs`` of the wrong kind,
+    ///         an array of ``outs`` read-only or overlapping another.
+    ///     BusyError: the pipeline or the graph is in use by another
+    ///         thread, or the pipeline by a stream.
+    #[pyo3(signature = (graph, input, outs = None))]
+    fn run_graph<'py>(
+        &self,
+        py: Python<'py>,
+        graph: &Bound<'py, Graph>,
+        input: &Bound<'py, PyAny>,
+        outs: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let input = contiguous_f32(py, input, "input")?;
+        let ro = input
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("input cannot be read: {e}")))?;
+        let src = ro
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(format!("input: {e}")))?;
+        match outs {
+            Some(outs) => {
+                let items = outs
+                    .try_iter()
+                    .map_err(|_| {
+                        PyTypeError::new_err("outs must be a list of 1-D numpy.float32 arrays")
+                    })?
+                    .collect::<PyResult<Vec<_>>>()?;
+                let mut arrays = Vec::with_capacity(items.len());
+                for (i, o) in items.iter().enumerate() {
+                    let arr = o.cast::<PyArray1<f32>>().map_err(|_| {
+                        PyTypeError::new_err(format!("outs[{i}] must be a 1-D numpy.float32 array"))
+                    })?;
+                    if !arr.is_c_contiguous() {
+                        return Err(PyValueError::new_err(format!(
+                            "outs[{i}] must be C-contiguous"
+                        )));
+                    }
+                    arrays.push(arr);
+                }
+                // Each held to the end of the call: no two of them (nor
+                // one and the input) share memory.
+                let mut rws = Vec::with_capacity(arrays.len());
+                for (i, arr) in arrays.iter().enumerate() {
+                    rws.push(arr.try_readwrite().map_err(|e| {
+                        PyValueError::new_err(format!(
+                            "outs[{i}] cannot be written ({e}): it must be writeable and \
+                             overlap neither input nor another output"
+                        ))
+                    })?);
+                }
+                let mut dsts = rws
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, rw)| {
+                        rw.as_slice_mut()
+                            .map_err(|e| PyValueError::new_err(format!("outs[{i}]: {e}")))
+                    })
+                    .collect::<PyResult<Vec<&mut [f32]>>>()?;
+                let mut guard = graph.get().lock(py)?;
+                let g: &mut StageGraph<f32> = &mut guard;
+                self.with(py, |pm| py.detach(|| pm.run_graph(g, src, &mut dsts)))?
+                    .map_err(|e| pipeline_error(py, &e))?;
+                PyList::new(py, &items)
+            }
+            None => {
+                let mut guard = graph.get().lock(py)?;
+                let g: &mut StageGraph<f32> = &mut guard;
+                let outputs = self
+                    .with(py, |pm| {
+                        py.detach(|| {
+                            let lens = pm.graph_output_lens(g, src.len())?;
+                            let mut vs: Vec<Vec<f32>> =
+                                lens.iter().map(|&l| vec![0f32; l]).collect();
+                            let mut dsts: Vec<&mut [f32]> =
+                                vs.iter_mut().map(Vec::as_mut_slice).collect();
+                            pm.run_graph(g, src, &mut dsts).map(|()| vs)
+                        })
+                    })?
+                    .map_err(|e| pipeline_error(py, &e))?;
+                PyList::new(py, outputs.into_iter().map(|v| PyArray1::from_vec(py, v)))
             }
         }
     }

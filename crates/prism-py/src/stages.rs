@@ -1,7 +1,8 @@
 //! The built-in stages as Python values (`prism.Fma`, `prism.Clamp`,
 //! `prism.GroupSum`): plain parameters, turned into prism's stages by
-//! `Pipeline.add_stage`.
+//! `Pipeline.add_stage` and `Graph.stage`.
 
+use prism_pipeline::{NodeId, StageGraph};
 use pyo3::prelude::*;
 
 use crate::errors;
@@ -43,6 +44,16 @@ impl Fma {
     }
 }
 
+impl Fma {
+    fn stage(self) -> prism_pipeline::Fma {
+        prism_pipeline::Fma {
+            a: self.a,
+            b: self.b,
+            iters: self.iters,
+        }
+    }
+}
+
 /// `y = min(max(x, lo), hi)`, elementwise (as `fminf(fmaxf(x, lo), hi)`:
 /// a NaN input gives `lo`, or `hi` when `lo > hi`; as `numpy.clip` for
 /// ordinary values).
@@ -74,6 +85,15 @@ impl Clamp {
 
     fn __repr__(&self) -> String {
         format!("Clamp(lo={:?}, hi={:?})", self.lo, self.hi)
+    }
+}
+
+impl Clamp {
+    fn stage(self) -> prism_pipeline::Clamp {
+        prism_pipeline::Clamp {
+            lo: self.lo,
+            hi: self.hi,
+        }
     }
 }
 
@@ -115,6 +135,12 @@ impl GroupSum {
     }
 }
 
+impl GroupSum {
+    fn stage(self) -> prism_pipeline::GroupSum {
+        prism_pipeline::GroupSum { group: self.group }
+    }
+}
+
 /// One of the built-in stages, taken from a Python value.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Builtin {
@@ -124,8 +150,8 @@ pub(crate) enum Builtin {
 }
 
 impl Builtin {
-    /// The stage `obj` is, or a `TypeError`.
-    pub(crate) fn extract(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+    /// The stage `obj` is, or a `TypeError` naming `caller`.
+    pub(crate) fn extract(obj: &Bound<'_, PyAny>, caller: &str) -> PyResult<Self> {
         if let Ok(s) = obj.cast::<Fma>() {
             return Ok(Self::Fma(*s.get()));
         }
@@ -140,20 +166,29 @@ impl Builtin {
             .name()
             .map_or_else(|_| "?".to_owned(), |n| n.to_string());
         Err(pyo3::exceptions::PyTypeError::new_err(format!(
-            "add_stage takes prism.Fma, prism.Clamp or prism.GroupSum, not {name}"
+            "{caller} takes prism.Fma, prism.Clamp or prism.GroupSum, not {name}"
         )))
     }
 
     /// Adds the stage to `pm`; returns its index.
     pub(crate) fn add_to(self, pm: &mut crate::Manager) -> usize {
         match self {
-            Self::Fma(s) => pm.add_stage(prism_pipeline::Fma {
-                a: s.a,
-                b: s.b,
-                iters: s.iters,
-            }),
-            Self::Clamp(s) => pm.add_stage(prism_pipeline::Clamp { lo: s.lo, hi: s.hi }),
-            Self::GroupSum(s) => pm.add_stage(prism_pipeline::GroupSum { group: s.group }),
+            Self::Fma(s) => pm.add_stage(s.stage()),
+            Self::Clamp(s) => pm.add_stage(s.stage()),
+            Self::GroupSum(s) => pm.add_stage(s.stage()),
+        }
+    }
+
+    /// Adds the stage to `graph`, reading `from`; returns its node.
+    pub(crate) fn add_to_graph(
+        self,
+        graph: &mut StageGraph<f32>,
+        from: NodeId,
+    ) -> prism_pipeline::Result<NodeId> {
+        match self {
+            Self::Fma(s) => graph.stage(from, s.stage()),
+            Self::Clamp(s) => graph.stage(from, s.stage()),
+            Self::GroupSum(s) => graph.stage(from, s.stage()),
         }
     }
 }

@@ -88,6 +88,8 @@ def test_exception_hierarchy():
         prism.DriverNotFoundError,
         prism.ConfigError,
         prism.NoStagesError,
+        prism.GraphError,
+        prism.NoOutputsError,
         prism.LengthError,
         prism.StageError,
         prism.UnsupportedError,
@@ -101,5 +103,8 @@ def test_exception_hierarchy():
         assert issubclass(cls, prism.PrismError), cls
     assert issubclass(prism.DriverNotFoundError, prism.NoDeviceError)
     assert issubclass(prism.OutOfMemoryError, MemoryError)
+    assert issubclass(prism.NoOutputsError, prism.GraphError)
+    assert issubclass(prism.GraphError, prism.ConfigError)
+    assert issubclass(prism.GraphError, ValueError)
     e = prism.StageError("boom", stage="fma", chunk=3)
     assert (e.stage, e.chunk, e.panicked, e.message) == ("fma", 3, False, "boom")

@@ -5,8 +5,10 @@ A :class:`Pipeline` holds stages (:class:`Fma`, :class:`Clamp`,
 in chunks: on an NVIDIA GPU, uploads, stages and downloads of different
 chunks overlap; without one (``backend="host"``, or ``"auto"`` on a machine
 with no GPU) the same pipeline runs on CPU threads. The GIL is released
-while prism works. prism's errors are raised as the typed exceptions of
-this module, all derived from :class:`PrismError`.
+while prism works. A :class:`Graph` of the same stages (one input read
+by several branches, several outputs) runs with :meth:`Pipeline.run_graph`.
+prism's errors are raised as the typed exceptions of this module, all
+derived from :class:`PrismError`.
 
 Example::
 
@@ -26,8 +28,10 @@ from ._errors import (
     ContextPoisonedError,
     DriverNotFoundError,
     GpuError,
+    GraphError,
     LengthError,
     NoDeviceError,
+    NoOutputsError,
     NoStagesError,
     OutOfMemoryError,
     PrismError,
@@ -36,13 +40,15 @@ from ._errors import (
     StageError,
     UnsupportedError,
 )
-from ._prism import Clamp, Fma, GroupSum, Pipeline, StreamIter, __version__
+from ._prism import Clamp, Fma, Graph, GroupSum, Node, Pipeline, StreamIter, __version__
 
 from . import _errors
 
 __all__ = [
     "Pipeline",
     "StreamIter",
+    "Graph",
+    "Node",
     "Fma",
     "Clamp",
     "GroupSum",

@@ -37,7 +37,8 @@ class DriverNotFoundError(NoDeviceError):
 
 class ConfigError(PrismError, ValueError):
     """A configuration value out of range (chunk size, slots, threads,
-    backend name, stage order; ``index`` names a bad stage index)."""
+    backend name, stage order; ``index`` names a bad stage index), or a stage
+    graph that cannot be built or run (:class:`GraphError`)."""
 
     index: Optional[int] = None
 
@@ -46,14 +47,35 @@ class NoStagesError(ConfigError):
     """A run, or ``set_order``, with no stage."""
 
 
+class GraphError(ConfigError):
+    """A stage graph that cannot be built or run as asked: a node of another
+    graph (``node``: its index there, ``nodes``: this graph's node count), or
+    a graph needing more device buffers per ring slot than a GPU run has
+    (``buffers``, ``max_buffers``)."""
+
+    node: Optional[int] = None
+    nodes: Optional[int] = None
+    buffers: Optional[int] = None
+    max_buffers: Optional[int] = None
+
+
+class NoOutputsError(GraphError):
+    """A graph run (or ``graph_output_lens``, ``buffers_per_slot``) on a
+    graph with no output: mark one with ``Graph.output``."""
+
+
 class LengthError(PrismError, ValueError):
     """A length that does not fit: ``out`` of the wrong size, a stream item
-    empty or longer than a chunk. ``expected`` and ``actual`` are element
-    counts where known; ``item`` is the stream item's index."""
+    empty or longer than a chunk, a graph run's ``outs`` with another number
+    of arrays than the graph has outputs, or one of the wrong size. ``expected``
+    and ``actual`` are element (or, for the number of ``outs``, array) counts
+    where known; ``item`` is the stream item's index, ``output`` the graph
+    output's."""
 
     expected: Optional[int] = None
     actual: Optional[int] = None
     item: Optional[int] = None
+    output: Optional[int] = None
 
 
 class StageError(PrismError):
@@ -110,6 +132,8 @@ __all__ = [
     "DriverNotFoundError",
     "ConfigError",
     "NoStagesError",
+    "GraphError",
+    "NoOutputsError",
     "LengthError",
     "StageError",
     "UnsupportedError",

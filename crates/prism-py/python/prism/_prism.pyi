@@ -50,6 +50,42 @@ class GroupSum:
 
 Stage = Union[Fma, Clamp, GroupSum]
 
+class Node:
+    """A node of a :class:`Graph` (its input or a stage); valid only on the
+    graph that made it (another graph raises ``GraphError``)."""
+
+    @property
+    def index(self) -> int:
+        """The node's position in its graph (0 is the input)."""
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+class Graph:
+    """A DAG of stages over one input: fan-out (read in place), any node an
+    output (taps, the input itself); run with ``Pipeline.run_graph``."""
+
+    def __init__(self, *, concurrent_branches: bool = True) -> None: ...
+    @property
+    def concurrent_branches(self) -> bool:
+        """Whether independent branches run concurrently on the GPU."""
+    @property
+    def node_count(self) -> int:
+        """Nodes, the input included."""
+    @property
+    def output_count(self) -> int:
+        """Outputs declared."""
+    def input(self) -> Node:
+        """The graph's input."""
+    def stage(self, node: Node, stage: Stage) -> Node:
+        """Adds a stage reading ``node``; returns the new node."""
+    def output(self, node: Node) -> int:
+        """Makes ``node`` an output; returns its index in a run's outputs."""
+    def name(self, node: Node) -> str:
+        """The node's name in stats and errors (unique in the graph)."""
+    def buffers_per_slot(self) -> int:
+        """Device buffers a GPU ring slot holds for this graph (more than 16
+        raises ``GraphError``)."""
+
 class StreamIter(Iterator[npt.NDArray[np.float32]]):
     """Outputs of ``Pipeline.run_stream``, one float32 array per item, in
     order; a context manager that closes it."""
@@ -106,6 +142,17 @@ class Pipeline:
         """Streams ``input`` through the stages (GIL released); returns the
         output (``out`` when given). Non-float32 or non-contiguous input is
         copied first."""
+    def graph_output_lens(self, graph: Graph, n: int) -> List[int]:
+        """Elements each output of ``graph`` gets from ``n`` input elements."""
+    def run_graph(
+        self,
+        graph: Graph,
+        input: _Input,
+        outs: Optional[Iterable[npt.NDArray[np.float32]]] = None,
+    ) -> List[npt.NDArray[np.float32]]:
+        """Streams ``input`` through ``graph`` (GIL released); returns one
+        array per output, in output order (the arrays of ``outs`` when
+        given)."""
     def run_stream(self, items: Iterable[_Input]) -> StreamIter:
         """One output per item, in order, computed on a worker thread."""
     def stats(self) -> dict[str, Any]:

@@ -1,20 +1,23 @@
-//! NumPy arrays in: 1-D C-contiguous float32 as they are, anything else
-//! through `numpy.ascontiguousarray(x, dtype=numpy.float32)` (a copy).
+//! NumPy arrays in: 1-D C-contiguous aligned float32 as they are, anything
+//! else through `numpy.ascontiguousarray(x, dtype=numpy.float32)` (a copy),
+//! then copied once more if that left it misaligned (an array NumPy made over
+//! a byte buffer at an odd offset, as Dask's deserialized arrays can be:
+//! `ascontiguousarray` returns such an array as it is).
 
 use numpy::{PyArray1, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-/// `obj` as a 1-D C-contiguous float32 array: itself when it is one, else
-/// a contiguous float32 copy made by NumPy. `what` names it in errors.
+/// `obj` as a 1-D C-contiguous aligned float32 array: itself when it is
+/// one, else a copy made by NumPy. `what` names it in errors.
 pub(crate) fn contiguous_f32<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
     what: &str,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     if let Ok(a) = obj.cast::<PyArray1<f32>>() {
-        if a.is_c_contiguous() {
+        if a.is_c_contiguous() && a.is_aligned() {
             return Ok(a.clone());
         }
     }
@@ -37,5 +40,11 @@ pub(crate) fn contiguous_f32<'py>(
             untyped.shape()
         )));
     }
+    let converted = if untyped.is_aligned() {
+        converted
+    } else {
+        // A new array: NumPy allocates it aligned.
+        converted.call_method0("copy")?
+    };
     Ok(converted.cast_into::<PyArray1<f32>>()?)
 }

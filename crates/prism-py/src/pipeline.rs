@@ -199,7 +199,9 @@ impl Pipeline {
     ///     input: a 1-D C-contiguous ``numpy.float32`` array, read in place.
     ///         Anything else that ``numpy.ascontiguousarray(x,
     ///         dtype=numpy.float32)`` turns into a 1-D array (a list,
-    ///         float64, a strided view) is accepted too, but is copied first.
+    ///         float64, a strided view) is accepted too, but is copied
+    ///         first, as is a float32 array that is not aligned (one over a
+    ///         byte buffer at an odd offset).
     ///     out: where to write the output, in place of a new array: a 1-D
     ///         C-contiguous writeable float32 array of exactly
     ///         ``output_len(len(input))`` elements, not overlapping ``input``.

@@ -207,3 +207,23 @@ def test_properties_and_reprs():
     assert p.add_stage(prism.GroupSum(5)) == 0
     with pytest.raises(TypeError, match="add_stage"):
         p.add_stage("fma")
+
+
+def test_a_misaligned_input_is_copied(rng):
+    # A float32 array over a byte buffer at an odd offset (as Dask's
+    # deserialized arrays can be): contiguous, but not aligned, which
+    # numpy.ascontiguousarray leaves as it is.
+    x = _data(rng, 1001)
+    raw = bytearray(4 * len(x) + 1)
+    misaligned = np.frombuffer(raw, dtype=np.float32, offset=1)
+    misaligned_w = np.frombuffer(memoryview(raw)[1:], dtype=np.float32)
+    misaligned_w[:] = x  # (a writeable view of the same bytes)
+    assert not misaligned.flags.aligned and misaligned.flags.c_contiguous
+    p = host_pipeline(2048)  # a stream item is one chunk at most
+    p.add_stage(prism.Fma(3.0, 0.5, 2))
+    assert_bits_equal(p.run(misaligned), fma_chain_ref(x, 3.0, 0.5, 2))
+    (y,) = p.run_stream([misaligned])
+    assert_bits_equal(y, fma_chain_ref(x, 3.0, 0.5, 2))
+    g = prism.Graph()
+    g.output(g.input())
+    assert_bits_equal(p.run_graph(g, misaligned)[0], x)

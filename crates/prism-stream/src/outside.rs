@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 
+use crate::error::DriverResultExt;
 use crate::kernels::Launch;
 use crate::lane::Lane;
 use crate::memory::{DeviceBuffer, Element, Tracked};
@@ -217,6 +218,13 @@ impl<'a> Outside<'a> {
                     reason: "only the capturing lane's stream is recorded",
                 }));
             }
+            if w.foreign.get() {
+                // A view used on another stream: that stream's work must
+                // end before the lane's next op. cudarc's guards synchronise
+                // it, unless cudarc had an error stashed; the driver's
+                // context-wide wait does not depend on cudarc's state.
+                crate::raw::ctx_synchronize().call("cuCtxSynchronize")?;
+            }
             Ok(Ok(r))
         })?;
         if let (Some(end), Some(last)) = (end, self.last.as_mut()) {
@@ -365,8 +373,13 @@ impl<'w> Work<'w> {
         tracing::warn!(
             "a prism buffer's view used on another stream: the host waits for both streams"
         );
-        // A failed wait leaves a sticky error the lane's next op reports.
-        let _ = self.stream.synchronize();
+        // Through the driver, not cudarc's `synchronize`, which returns an
+        // error cudarc stashed in its context object without waiting. A
+        // failed wait leaves a sticky error the lane's next op reports.
+        let _ = crate::raw::stream_synchronize(self.stream);
+        // cudarc's guard synchronises `other` when it drops, through cudarc
+        // (which may skip the wait the same way): `run` also waits for the
+        // whole context, through the driver, after the closure.
         SyncOnDrop::Sync(Some(other))
     }
 }

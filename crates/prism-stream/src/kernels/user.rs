@@ -60,12 +60,24 @@ pub struct Kernel {
 impl Gpu {
     /// Loads PTX (or a cubin) into this GPU's context, for
     /// [`Launch::kernel`]. `Ptx::from_src(text)`, `Ptx::from_file(path)`.
+    ///
+    /// PTX source or a path with a NUL byte is [`Error::InvalidName`]
+    /// (cudarc would panic). A cubin (`Ptx::from_binary`) goes to the
+    /// driver as cudarc passes it: it must be a whole, valid image.
     pub fn load_module(&self, ptx: Ptx) -> Result<Module> {
         self.check_usable()?;
-        let module = self
-            .cuda_context()
-            .load_module(ptx)
-            .call("cuModuleLoadData")?;
+        let ctx = self.cuda_context();
+        let loaded =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.load_module(ptx)))
+                .map_err(|payload| Error::InvalidName {
+                    what: "PTX source or file path",
+                    name: payload
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "refused by cudarc".to_owned()),
+                })?;
+        let module = loaded.call("cuModuleLoadData")?;
         Ok(Module {
             gpu: self.clone(),
             hold: Arc::new(ModuleHold {

@@ -537,7 +537,7 @@ impl<T> FileSource<T> {
             let want = dst.len() - n;
             if let Some(d) = &mut self.direct {
                 let block = d.block();
-                if self.file_pos % block as u64 == 0 && left >= block as u64 {
+                if self.file_pos.is_multiple_of(block as u64) && left >= block as u64 {
                     let left = usize::try_from(left).unwrap_or(usize::MAX);
                     let in_place = d.aligned(&dst[n..]) && want >= block;
                     let k = if in_place {

@@ -103,6 +103,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         bytes as f64 / secs / 1e9,
         bound.fraction(bytes, secs)
     );
+    let disk_ms = src.stats().io_ms + sink_stats.io_ms;
+    println!(
+        "disk busy (read and write calls, one after another on the run's thread): {disk_ms:.1} ms of {:.1} ms wall",
+        secs * 1e3
+    );
     println!(
         "source ({}{}): {}",
         src.mode(),

@@ -9,7 +9,8 @@
 //! ```
 //! Runs on the GPU when there is one, else on the host backend. The files
 //! go in `--dir` (default: the system's temporary directory; `/tmp` may be
-//! tmpfs, where direct I/O falls back to buffered) and are removed after.
+//! tmpfs, which refuses direct I/O before Linux 6.6: then buffered) and are
+//! removed after.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;

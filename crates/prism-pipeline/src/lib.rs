@@ -51,6 +51,7 @@
 //! | `host` | the host backend ([`AsyncPipelineCoordinator`]) |
 //! | `resident` | [`ResidentPipeline`] |
 //! | `source`, `broadcast_io` | [`Source`], [`Sink`]; adapters to broadcast rings |
+//! | `file` | [`FileSource`], [`FileSink`] (direct I/O), [`read_bound`] |
 //! | `stats` | [`PipelineStats`], [`Timeline`] |
 //! | `gpu`, `guard`, `copy`, `plan` | the chain as a processor; user code caught as errors; host copy threads; chunk plans |
 //! | `error` | [`Error`] |
@@ -63,6 +64,8 @@ mod copy;
 mod dag;
 mod dag_stream;
 mod error;
+#[cfg(unix)]
+pub mod file;
 mod gpu;
 mod graph_runs;
 mod guard;
@@ -84,6 +87,11 @@ pub use broadcast_io::{from_broadcast, to_broadcast, BroadcastSink, BroadcastSou
 pub use dag::{GpuJoinBody, GpuJoinFn, HostJoinFn, Join, NodeId, StageGraph};
 pub use dag_stream::{tagged_sink, tagged_source, TaggedFn, TaggedSink, TaggedSource};
 pub use error::{Error, Result, StageError};
+#[cfg(unix)]
+pub use file::{
+    from_file, read_bound, to_file, DiskBound, FileError, FileOptions, FileSink, FileSource,
+    FileStats, IoMode,
+};
 pub use host::AsyncPipelineCoordinator;
 pub use multi::MultiGpuPipeline;
 

@@ -90,12 +90,28 @@ impl Pipeline {
     fn new(
         py: Python<'_>,
         backend: &str,
-        chunk_bytes: Option<usize>,
-        slots: Option<usize>,
-        host_threads: Option<usize>,
+        chunk_bytes: Option<i128>,
+        slots: Option<i128>,
+        host_threads: Option<i128>,
         timing: Option<bool>,
         trace: bool,
     ) -> PyResult<Self> {
+        // Sizes as Python ints of any sign: a negative or huge one is a
+        // ConfigError naming it, as a zero is (not Python's OverflowError).
+        let size = |name: &str, v: Option<i128>, default: usize| -> PyResult<usize> {
+            match v {
+                None => Ok(default),
+                Some(n) => usize::try_from(n).map_err(|_| {
+                    errors::plain(
+                        py,
+                        "ConfigError",
+                        format!(
+                            "{name} must be a non-negative size that fits this machine, not {n}"
+                        ),
+                    )
+                }),
+            }
+        };
         let kind = match backend {
             "auto" => Backend::Auto,
             "gpu" => Backend::Gpu,
@@ -110,9 +126,9 @@ impl Pipeline {
         };
         let defaults = PipelineConfig::default();
         let config = PipelineConfig {
-            chunk_bytes: chunk_bytes.unwrap_or(defaults.chunk_bytes),
-            slots: slots.unwrap_or(defaults.slots),
-            host_threads: host_threads.unwrap_or(defaults.host_threads),
+            chunk_bytes: size("chunk_bytes", chunk_bytes, defaults.chunk_bytes)?,
+            slots: size("slots", slots, defaults.slots)?,
+            host_threads: size("host_threads", host_threads, defaults.host_threads)?,
             timing: timing.unwrap_or(defaults.timing),
             trace,
             ..defaults

@@ -16,6 +16,11 @@ from conftest import host_pipeline
         ({"slots": 1}, "slots"),
         ({"slots": 9}, "slots"),
         ({"host_threads": 0}, "host_threads"),
+        ({"chunk_bytes": -4}, "chunk_bytes"),
+        ({"slots": -3}, "slots"),
+        ({"host_threads": -1}, "host_threads"),
+        ({"chunk_bytes": 1 << 100}, "chunk_bytes"),
+        ({"chunk_bytes": (1 << 63) + 4}, "chunk_bytes"),
     ],
 )
 def test_zero_and_out_of_range_sizes_are_config_errors(kwargs, fragment):

@@ -37,9 +37,42 @@
 //! [`PipelineStats`](crate::PipelineStats), since a [`Source`] has no way to
 //! report to the run: pass `&mut source` to
 //! [`run_stream`](crate::PipelineStageManager::run_stream) and read
-//! [`FileSource::stats`] after it. On the host backend `fill` runs on the
-//! run's driving thread, so disk time is not overlapped with the ring's
-//! hand-over of that chunk (other chunks' stages do run meanwhile).
+//! [`FileSource::stats`] after it. Without read-ahead `fill` reads on the
+//! run's driving thread, so the disk time of a chunk is not overlapped with
+//! the ring's hand-over of that chunk (other chunks' stages do run
+//! meanwhile).
+//!
+//! # Read-ahead
+//!
+//! With [`FileOptions::read_ahead`] = `n` > 0 a [`FileSource`] starts a
+//! thread (`prism-read-ahead`) at its first `fill`. It owns the reading
+//! state and `n` buffers of the first slot's length, rounded up to the
+//! direct block and aligned for direct I/O, and reads the file into them in
+//! order, ahead of the stream: the same direct, buffered and fallback paths
+//! as above (the buffers are aligned, so nothing goes through the bounce
+//! buffer; only the tail is buffered). `fill` copies from the oldest ready
+//! buffer into the slot (one copy of every byte, counted in
+//! [`FileStats::copy_bytes`]; a slot of another length than the first is
+//! served from the same byte stream, a copy spanning two buffers where it
+//! must, so lengths may change between calls) and hands the drained
+//! buffer back. Memory is bounded: `n` buffers, whatever the file's size.
+//!
+//! | | without | with read-ahead |
+//! | --- | --- | --- |
+//! | where the reads happen | in `fill` | on the thread, up to `n` buffers ahead |
+//! | host copies | the bounce buffer's, for an unaligned slot | one per byte, buffer → slot |
+//! | [`FileStats::io_ms`] | time in the read calls, inside `fill` | the thread's time in the read calls |
+//! | [`FileStats::wait_ms`] | 0 | time `fill` waited for the thread: the disk time not hidden |
+//! | a read error | returned by that `fill` | returned by the `fill` that reaches that chunk, after every earlier byte; later calls fail too |
+//! | drop | closes the files | stops the thread (at its next hand-over, after the read under way) and joins it |
+//!
+//! With read-ahead, [`FileSource::stats`] has `bytes` as delivered by
+//! `fill` and the thread's I/O counts as of the last buffer `fill` took (a
+//! buffer ahead of `bytes` until the end, where they agree); `mode` and
+//! `fallback` too are as of that buffer. Sinks ignore the option (writes
+//! are not delayed). Off by default: it is one more copy, which a
+//! page-aligned slot (the GPU's) reading straight from the disk avoids,
+//! bought back only where the disk time would otherwise add to the run's.
 //!
 //! [`read_bound`] reads a whole file with the same settings into one
 //! aligned buffer and nothing else: the rate a file-to-anything run can't
@@ -50,6 +83,7 @@ use std::io;
 use std::marker::PhantomData;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use prism_stream::{as_bytes, as_bytes_mut, Element};
@@ -106,6 +140,13 @@ pub struct FileOptions {
     pub bounce_bytes: usize,
     /// Sinks: `fsync` the file when finished or dropped (default on).
     pub sync: bool,
+    /// Sources: buffers of read-ahead (default 0: none, the reads happen
+    /// in `fill`). With `n` > 0 a thread reads the next chunks into `n`
+    /// aligned buffers of the first slot's length (rounded up to the
+    /// direct block) while the stream processes the current one, and
+    /// `fill` copies from them (see the [module docs](self)). Sinks
+    /// ignore it.
+    pub read_ahead: usize,
 }
 
 impl Default for FileOptions {
@@ -114,6 +155,7 @@ impl Default for FileOptions {
             direct: true,
             bounce_bytes: 4 << 20,
             sync: true,
+            read_ahead: 0,
         }
     }
 }
@@ -208,6 +250,12 @@ pub struct FileStats {
     pub total_ms: f64,
     /// Read or write calls made.
     pub calls: u64,
+    /// Read-ahead: bytes `fill` copied from the thread's buffers into the
+    /// slots (all of them; 0 without read-ahead).
+    pub copy_bytes: u64,
+    /// Read-ahead: time `fill` waited for the thread's reads, ms (the disk
+    /// time not hidden under the run; 0 without read-ahead).
+    pub wait_ms: f64,
 }
 
 impl FileStats {
@@ -234,7 +282,15 @@ impl std::fmt::Display for FileStats {
             self.io_gb_per_s(),
             self.total_ms,
             self.calls
-        )
+        )?;
+        if self.copy_bytes > 0 || self.wait_ms > 0.0 {
+            write!(
+                f,
+                "; read-ahead: {} bytes copied, {:.3} ms waited",
+                self.copy_bytes, self.wait_ms
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -395,11 +451,9 @@ fn make_direct(
     }
 }
 
-/// A [`Source`] reading a file of raw `T`s (native byte order), with direct
-/// I/O where it can (see the [module docs](self)). Made by [`from_file`]
-/// or [`FileSource::open`]; a length that is not a whole number of
-/// elements is refused at open.
-pub struct FileSource<T> {
+/// The reading state of a [`FileSource`]: the handles, the position and the
+/// counts. It moves to the read-ahead thread when there is one.
+struct Reader {
     path: PathBuf,
     plain: File,
     direct: Option<Direct>,
@@ -411,96 +465,15 @@ pub struct FileSource<T> {
     b_pos: usize,
     b_end: usize,
     stats: FileStats,
-    _t: PhantomData<fn() -> T>,
 }
 
-impl<T> std::fmt::Debug for FileSource<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileSource")
-            .field("path", &self.path)
-            .field("mode", &self.mode())
-            .field("len", &self.len)
-            .field("file_pos", &self.file_pos)
-            .finish()
-    }
-}
-
-/// A [`FileSource`] over `path` with the default [`FileOptions`].
-pub fn from_file<T: Element>(path: impl AsRef<Path>) -> Result<FileSource<T>, FileError> {
-    FileSource::open(path, FileOptions::default())
-}
-
-impl<T: Element> FileSource<T> {
-    /// Opens `path` for reading: buffered always, and with `O_DIRECT` too
-    /// where `opts` asks and the file system allows.
-    pub fn open(path: impl AsRef<Path>, opts: FileOptions) -> Result<Self, FileError> {
-        let path = path.as_ref().to_owned();
-        let open_err = |source| FileError::Open {
-            path: path.clone(),
-            source,
-        };
-        let plain = File::open(&path).map_err(open_err)?;
-        let len = plain.metadata().map_err(open_err)?.len();
-        let element = std::mem::size_of::<T>().max(1);
-        let stray = len % element as u64;
-        if stray != 0 {
-            return Err(FileError::TornElement {
-                path,
-                len,
-                element,
-                stray,
-            });
-        }
-        let (direct, fallback) = make_direct(&path, &plain, false, &opts);
-        Ok(Self {
-            path,
-            plain,
-            direct,
-            fallback,
-            len,
-            file_pos: 0,
-            b_pos: 0,
-            b_end: 0,
-            stats: FileStats::default(),
-            _t: PhantomData,
-        })
-    }
-}
-
-impl<T> FileSource<T> {
-    /// [`IoMode::Direct`] while the `O_DIRECT` handle is in use (it goes
-    /// when a direct read is refused).
-    pub fn mode(&self) -> IoMode {
+impl Reader {
+    fn mode(&self) -> IoMode {
         if self.direct.is_some() {
             IoMode::Direct
         } else {
             IoMode::Buffered
         }
-    }
-
-    /// Why the file is read buffered (`None` in direct mode).
-    pub fn fallback(&self) -> Option<&str> {
-        self.fallback.as_deref()
-    }
-
-    /// The alignment direct reads use (`None` in buffered mode).
-    pub fn alignment(&self) -> Option<Alignment> {
-        self.direct.as_ref().map(|d| d.align)
-    }
-
-    /// What was read so far.
-    pub fn stats(&self) -> FileStats {
-        self.stats
-    }
-
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The file's length at open, bytes.
-    pub fn len_bytes(&self) -> u64 {
-        self.len
     }
 
     fn read_err(&self, offset: u64, source: io::Error) -> FileError {
@@ -591,6 +564,398 @@ impl<T> FileSource<T> {
         self.stats.bytes += n as u64;
         self.stats.total_ms += started.elapsed().as_secs_f64() * 1e3;
         Ok(n)
+    }
+}
+
+/// One buffer the read-ahead thread filled, in file order.
+struct Ready {
+    buf: AlignedBuf,
+    /// Bytes of `buf` read: the buffer's length except at the file's end
+    /// (0 there, or after an error).
+    n: usize,
+    /// The read's error, if it failed (then the thread has stopped).
+    error: Option<FileError>,
+    /// The thread's counts after this buffer.
+    stats: FileStats,
+    mode: IoMode,
+    fallback: Option<String>,
+}
+
+/// The read-ahead thread and the buffers it hands over.
+struct ReadAhead {
+    /// Filled buffers, in file order. `None` once dropped (to stop the thread).
+    ready: Option<mpsc::Receiver<Ready>>,
+    /// Drained buffers back to the thread. `None` once dropped.
+    free: Option<mpsc::Sender<AlignedBuf>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The buffer being copied out: `buf[pos..end]` not yet delivered.
+    current: Option<(AlignedBuf, usize, usize)>,
+    /// The thread read the file's last bytes (or stopped on an error).
+    done: bool,
+    /// The error delivered, for later calls (the thread has stopped).
+    failed: Option<(u64, String)>,
+    /// The thread's counts up to the last buffer received.
+    thread_stats: FileStats,
+    mode: IoMode,
+    fallback: Option<String>,
+}
+
+impl ReadAhead {
+    /// Starts the thread over `reader` with `buffers` buffers of
+    /// `buf_bytes` (a multiple of the direct block, aligned for it).
+    fn start(mut reader: Reader, buffers: usize, buf_bytes: usize) -> Result<Self, FileError> {
+        let align = reader
+            .direct
+            .as_ref()
+            .map_or(4096, |d| d.align.memory.max(d.block()).max(4096));
+        let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
+        let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
+        for _ in 0..buffers {
+            free_tx
+                .send(AlignedBuf::new(buf_bytes, align))
+                .expect("the receiver is here");
+        }
+        let (mode, fallback) = (reader.mode(), reader.fallback.clone());
+        let path = reader.path.clone();
+        let thread = std::thread::Builder::new()
+            .name("prism-read-ahead".into())
+            .spawn(move || {
+                // Stops when the source drops either channel, at the file's
+                // end, or after an error.
+                while let Ok(mut buf) = free_rx.recv() {
+                    let (n, error) = match reader.fill_bytes(buf.as_mut()) {
+                        Ok(n) => (n, None),
+                        Err(e) => (0, Some(e)),
+                    };
+                    let last = error.is_some() || n < buf.len;
+                    let ready = Ready {
+                        buf,
+                        n,
+                        error,
+                        stats: reader.stats,
+                        mode: reader.mode(),
+                        fallback: reader.fallback.clone(),
+                    };
+                    if ready_tx.send(ready).is_err() || last {
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| FileError::Read {
+                path,
+                offset: 0,
+                source,
+            })?;
+        Ok(Self {
+            ready: Some(ready_rx),
+            free: Some(free_tx),
+            thread: Some(thread),
+            current: None,
+            done: false,
+            failed: None,
+            thread_stats: FileStats::default(),
+            mode,
+            fallback,
+        })
+    }
+
+    /// Copies the next bytes of the file into `dst` (as many as it holds or
+    /// the file has left), waiting for the thread where its buffers are not
+    /// read yet; `wait_ms` gets the time waited.
+    fn fill_bytes(
+        &mut self,
+        path: &Path,
+        dst: &mut [u8],
+        wait_ms: &mut f64,
+    ) -> Result<usize, FileError> {
+        if let Some((offset, msg)) = &self.failed {
+            return Err(FileError::Read {
+                path: path.to_owned(),
+                offset: *offset,
+                source: io::Error::other(format!("an earlier read failed: {msg}")),
+            });
+        }
+        let mut n = 0;
+        while n < dst.len() {
+            if let Some((buf, pos, end)) = &mut self.current {
+                let k = (*end - *pos).min(dst.len() - n);
+                dst[n..n + k].copy_from_slice(&buf.as_ref()[*pos..*pos + k]);
+                *pos += k;
+                n += k;
+                if *pos == *end {
+                    let (buf, _, _) = self.current.take().expect("just matched");
+                    if let Some(free) = &self.free {
+                        // The thread may have stopped (file end): then the
+                        // buffer just goes.
+                        let _ = free.send(buf);
+                    }
+                }
+                continue;
+            }
+            if self.done {
+                break;
+            }
+            let t = Instant::now();
+            let got = self.ready.as_ref().expect("ready until dropped").recv();
+            *wait_ms += t.elapsed().as_secs_f64() * 1e3;
+            let Ok(ready) = got else {
+                // The thread ended without saying why: it panicked.
+                self.done = true;
+                let e = io::Error::other("the read-ahead thread ended unexpectedly");
+                self.failed = Some((0, e.to_string()));
+                return Err(FileError::Read {
+                    path: path.to_owned(),
+                    offset: 0,
+                    source: e,
+                });
+            };
+            self.thread_stats = ready.stats;
+            self.mode = ready.mode;
+            self.fallback = ready.fallback;
+            if let Some(e) = ready.error {
+                self.done = true;
+                if let FileError::Read { offset, source, .. } = &e {
+                    self.failed = Some((*offset, source.to_string()));
+                } else {
+                    self.failed = Some((0, e.to_string()));
+                }
+                return Err(e);
+            }
+            if ready.n < ready.buf.len {
+                self.done = true;
+            }
+            if ready.n > 0 {
+                self.current = Some((ready.buf, 0, ready.n));
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        // Closing both channels stops the thread at its next hand-over
+        // (after the read under way, if any); then it is joined.
+        self.ready = None;
+        self.free = None;
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::warn!("prism read-ahead thread panicked");
+            }
+        }
+    }
+}
+
+/// Where a [`FileSource`]'s reads happen.
+enum Reading {
+    /// In `fill`, into the slot.
+    Sync(Box<Reader>),
+    /// Read-ahead asked for (this many buffers); the thread starts at the
+    /// first `fill`, with buffers of that slot's length.
+    Pending(Box<Reader>, usize),
+    /// On the read-ahead thread.
+    Ahead(Box<ReadAhead>),
+    /// Between states (only while switching; a failed thread start leaves it).
+    Gone,
+}
+
+/// A [`Source`] reading a file of raw `T`s (native byte order), with direct
+/// I/O where it can (see the [module docs](self)), and with
+/// [`FileOptions::read_ahead`] on a background thread that reads the next
+/// chunks while the stream processes this one. Made by [`from_file`] or
+/// [`FileSource::open`]; a length that is not a whole number of elements
+/// is refused at open.
+pub struct FileSource<T> {
+    path: PathBuf,
+    len: u64,
+    align: Option<Alignment>,
+    reading: Reading,
+    /// [`FileOptions::read_ahead`].
+    read_ahead: usize,
+    /// With read-ahead: what `fill` did (the thread's counts are merged in
+    /// by [`stats`](Self::stats)).
+    stats: FileStats,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for FileSource<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSource")
+            .field("path", &self.path)
+            .field("mode", &self.mode())
+            .field("len", &self.len)
+            .field("read_ahead", &self.read_ahead())
+            .field("delivered", &self.stats().bytes)
+            .finish()
+    }
+}
+
+/// A [`FileSource`] over `path` with the default [`FileOptions`].
+pub fn from_file<T: Element>(path: impl AsRef<Path>) -> Result<FileSource<T>, FileError> {
+    FileSource::open(path, FileOptions::default())
+}
+
+/// The [`Reader`] over `path`, checked for whole `element`-byte elements.
+fn open_reader(path: &Path, opts: &FileOptions, element: usize) -> Result<Reader, FileError> {
+    let path = path.to_owned();
+    let open_err = |source| FileError::Open {
+        path: path.clone(),
+        source,
+    };
+    let plain = File::open(&path).map_err(open_err)?;
+    let len = plain.metadata().map_err(open_err)?.len();
+    let element = element.max(1);
+    let stray = len % element as u64;
+    if stray != 0 {
+        return Err(FileError::TornElement {
+            path,
+            len,
+            element,
+            stray,
+        });
+    }
+    let (direct, fallback) = make_direct(&path, &plain, false, opts);
+    Ok(Reader {
+        path,
+        plain,
+        direct,
+        fallback,
+        len,
+        file_pos: 0,
+        b_pos: 0,
+        b_end: 0,
+        stats: FileStats::default(),
+    })
+}
+
+impl<T: Element> FileSource<T> {
+    /// Opens `path` for reading: buffered always, and with `O_DIRECT` too
+    /// where `opts` asks and the file system allows. With
+    /// [`FileOptions::read_ahead`] > 0 the read-ahead thread starts at the
+    /// first [`fill`](Source::fill).
+    pub fn open(path: impl AsRef<Path>, opts: FileOptions) -> Result<Self, FileError> {
+        let reader = open_reader(path.as_ref(), &opts, std::mem::size_of::<T>())?;
+        let align = reader.direct.as_ref().map(|d| d.align);
+        Ok(Self {
+            path: reader.path.clone(),
+            len: reader.len,
+            align,
+            reading: if opts.read_ahead > 0 {
+                Reading::Pending(Box::new(reader), opts.read_ahead)
+            } else {
+                Reading::Sync(Box::new(reader))
+            },
+            read_ahead: opts.read_ahead,
+            stats: FileStats::default(),
+            _t: PhantomData,
+        })
+    }
+}
+
+impl<T> FileSource<T> {
+    /// [`IoMode::Direct`] while the `O_DIRECT` handle is in use (it goes
+    /// when a direct read is refused; with read-ahead, as of the last
+    /// buffer `fill` took from the thread).
+    pub fn mode(&self) -> IoMode {
+        match &self.reading {
+            Reading::Sync(r) | Reading::Pending(r, _) => r.mode(),
+            Reading::Ahead(a) => a.mode,
+            Reading::Gone => IoMode::Buffered,
+        }
+    }
+
+    /// Why the file is read buffered (`None` in direct mode).
+    pub fn fallback(&self) -> Option<&str> {
+        match &self.reading {
+            Reading::Sync(r) | Reading::Pending(r, _) => r.fallback.as_deref(),
+            Reading::Ahead(a) => a.fallback.as_deref(),
+            Reading::Gone => Some("the read-ahead thread could not start"),
+        }
+    }
+
+    /// The alignment direct reads use (`None` in buffered mode).
+    pub fn alignment(&self) -> Option<Alignment> {
+        match self.mode() {
+            IoMode::Direct => self.align,
+            IoMode::Buffered => None,
+        }
+    }
+
+    /// The read-ahead buffers asked for ([`FileOptions::read_ahead`]; 0
+    /// for none).
+    pub fn read_ahead(&self) -> usize {
+        match &self.reading {
+            Reading::Sync(_) => 0,
+            Reading::Pending(_, n) => *n,
+            Reading::Ahead(_) | Reading::Gone => self.read_ahead,
+        }
+    }
+
+    /// What was read so far. With read-ahead, `bytes` is what `fill`
+    /// delivered; the I/O counts (`direct_bytes`, `buffered_bytes`,
+    /// `bounce_bytes`, `io_ms`, `calls`) are the thread's up to the last
+    /// buffer `fill` took (so they may run one buffer ahead of `bytes`
+    /// until the end), `copy_bytes` and `wait_ms` are `fill`'s.
+    pub fn stats(&self) -> FileStats {
+        match &self.reading {
+            Reading::Sync(r) | Reading::Pending(r, _) => r.stats,
+            Reading::Ahead(a) => FileStats {
+                direct_bytes: a.thread_stats.direct_bytes,
+                buffered_bytes: a.thread_stats.buffered_bytes,
+                bounce_bytes: a.thread_stats.bounce_bytes,
+                io_ms: a.thread_stats.io_ms,
+                calls: a.thread_stats.calls,
+                ..self.stats
+            },
+            Reading::Gone => self.stats,
+        }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's length at open, bytes.
+    pub fn len_bytes(&self) -> u64 {
+        self.len
+    }
+
+    fn fill_bytes(&mut self, dst: &mut [u8]) -> Result<usize, FileError> {
+        if let Reading::Pending(_, buffers) = &self.reading {
+            if dst.is_empty() {
+                return Ok(0);
+            }
+            let buffers = *buffers;
+            let Reading::Pending(reader, _) = std::mem::replace(&mut self.reading, Reading::Gone)
+            else {
+                unreachable!("matched above")
+            };
+            // Buffers of this slot's length, rounded up to the direct block
+            // so every read but the tail's stays aligned.
+            let block = reader.direct.as_ref().map_or(1, Direct::block);
+            let buf_bytes = round_up(dst.len(), block);
+            self.reading = Reading::Ahead(Box::new(ReadAhead::start(*reader, buffers, buf_bytes)?));
+        }
+        match &mut self.reading {
+            Reading::Sync(r) => r.fill_bytes(dst),
+            Reading::Ahead(a) => {
+                let started = Instant::now();
+                let r = a.fill_bytes(&self.path, dst, &mut self.stats.wait_ms);
+                if let Ok(n) = r {
+                    self.stats.bytes += n as u64;
+                    self.stats.copy_bytes += n as u64;
+                }
+                self.stats.total_ms += started.elapsed().as_secs_f64() * 1e3;
+                r
+            }
+            Reading::Pending(..) => unreachable!("started above"),
+            Reading::Gone => Err(FileError::Read {
+                path: self.path.clone(),
+                offset: 0,
+                source: io::Error::other("the read-ahead thread could not start"),
+            }),
+        }
     }
 }
 
@@ -871,16 +1236,18 @@ pub fn read_bound(path: impl AsRef<Path>) -> Result<DiskBound, FileError> {
 }
 
 /// [`read_bound`] with `opts` and a page-aligned buffer of `buf_bytes`
-/// (make it the run's chunk size to read the file as the run does).
+/// (make it the run's chunk size to read the file as the run does). The
+/// reads are plain, in this thread: [`FileOptions::read_ahead`] is ignored.
 pub fn read_bound_with(
     path: impl AsRef<Path>,
     opts: &FileOptions,
     buf_bytes: usize,
 ) -> Result<DiskBound, FileError> {
-    let mut src = FileSource::<u8>::open(path, opts.clone())?;
+    let mut src = open_reader(path.as_ref(), opts, 1)?;
     let align = src
-        .alignment()
-        .map_or(4096, |a| a.memory.max(a.offset).max(4096));
+        .direct
+        .as_ref()
+        .map_or(4096, |d| d.align.memory.max(d.align.offset).max(4096));
     let mut buf = AlignedBuf::new(buf_bytes.max(1), align);
     let started = Instant::now();
     let mut bytes = 0u64;
@@ -896,7 +1263,7 @@ pub fn read_bound_with(
         bytes,
         seconds,
         mode: src.mode(),
-        fallback: src.fallback.clone(),
+        fallback: src.fallback,
         stats: src.stats,
     })
 }

@@ -51,7 +51,7 @@
 //! | `host` | the host backend ([`AsyncPipelineCoordinator`]) |
 //! | `resident` | [`ResidentPipeline`] |
 //! | `source`, `broadcast_io` | [`Source`], [`Sink`]; adapters to broadcast rings |
-//! | `file` | [`FileSource`], [`FileSink`] (direct I/O), [`read_bound`] |
+//! | `file` | [`FileSource`] (direct I/O, optional read-ahead thread), [`FileSink`] (direct I/O), [`read_bound`] |
 //! | `stats` | [`PipelineStats`], [`Timeline`] |
 //! | `gpu`, `guard`, `copy`, `plan` | the chain as a processor; user code caught as errors; host copy threads; chunk plans |
 //! | `error` | [`Error`] |

@@ -394,15 +394,233 @@ proptest! {
         chunk in 1usize..5_000,
         direct in any::<bool>(),
         bounce_blocks in 1usize..4,
+        read_ahead in 0usize..4,
         seed in any::<u64>(),
     ) {
         let dir = tmp();
         // A small bounce buffer: many refills, leftovers across chunks.
-        let opts = FileOptions { direct, bounce_bytes: bounce_blocks * 4096, sync: false };
+        let opts = FileOptions {
+            direct,
+            bounce_bytes: bounce_blocks * 4096,
+            sync: false,
+            read_ahead,
+        };
         let run = round_trip(dir.path(), len, chunk, opts, seed);
         if !direct {
             prop_assert_eq!(run.source.direct_bytes, 0);
             prop_assert_eq!(run.sink.direct_bytes, 0);
         }
+        if read_ahead > 0 {
+            // Every byte copied once from the thread's buffers.
+            prop_assert_eq!(run.source.copy_bytes, 4 * len as u64);
+        } else {
+            prop_assert_eq!(run.source.copy_bytes, 0);
+        }
     }
+}
+
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    random_f32(seed, len.div_ceil(4))
+        .iter()
+        .flat_map(|x| x.to_ne_bytes())
+        .take(len)
+        .collect()
+}
+
+/// Reads the whole source with slots of the lengths in `slots` in turn
+/// (an aligned slot when `aligned`), as bytes.
+fn read_all(src: &mut FileSource<u8>, slots: &[usize], aligned: bool) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut raw = vec![0u8; slots.iter().max().unwrap() + 4096];
+    let start = if aligned {
+        raw.as_ptr().align_offset(4096)
+    } else {
+        // Off the page on purpose.
+        (raw.as_ptr().align_offset(4096) + 1) % 4096
+    };
+    for i in 0.. {
+        let len = slots[i % slots.len()];
+        let slot = &mut raw[start..start + len];
+        let n = src.fill(slot).unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            n == len || src.stats().bytes == src.len_bytes(),
+            "short read mid-file"
+        );
+        got.extend_from_slice(&slot[..n]);
+    }
+    got
+}
+
+/// Read-ahead gives the same bytes as reading in `fill`, whatever the
+/// slots' lengths do between calls (the thread's buffers have the first
+/// slot's length; later slots are served from the same byte stream).
+#[test]
+fn read_ahead_gives_the_same_bytes_with_slots_of_changing_length() {
+    let dir = tmp();
+    let path = dir.path().join("in.bin");
+    for (len, seed) in [
+        (0usize, 10u64),
+        (1, 11),
+        (4096, 12),
+        (300_007, 13),
+        (1 << 20, 14),
+    ] {
+        let data = random_bytes(seed, len);
+        std::fs::write(&path, &data).unwrap();
+        for slots in [
+            &[65536usize][..],
+            &[1000, 65536, 3 * 4096, 777, 100_000],
+            &[100_000, 4096, 1, 70_000],
+        ] {
+            for aligned in [false, true] {
+                for direct in [true, false] {
+                    for read_ahead in [0, 1, 3] {
+                        let opts = FileOptions {
+                            direct,
+                            read_ahead,
+                            bounce_bytes: 8192,
+                            ..FileOptions::default()
+                        };
+                        let mut src = FileSource::<u8>::open(&path, opts).unwrap();
+                        let got = read_all(&mut src, slots, aligned);
+                        let what = format!(
+                            "len {len}, slots {slots:?}, aligned {aligned}, direct {direct}, read-ahead {read_ahead}"
+                        );
+                        assert!(got == data, "{what}: bytes differ");
+                        let s = src.stats();
+                        assert_eq!(s.bytes, len as u64, "{what}");
+                        assert_eq!(s.direct_bytes + s.buffered_bytes, len as u64, "{what}: {s}");
+                        assert_eq!(src.read_ahead(), read_ahead);
+                        if read_ahead > 0 {
+                            assert_eq!(s.copy_bytes, len as u64, "{what}: {s}");
+                            // The thread's buffers are aligned: no bounce.
+                            assert_eq!(s.bounce_bytes, 0, "{what}: {s}");
+                        } else {
+                            assert_eq!((s.copy_bytes, s.wait_ms), (0, 0.0), "{what}: {s}");
+                        }
+                        // After the end, the end again.
+                        let mut slot = [0u8; 10];
+                        assert_eq!(src.fill(&mut slot).unwrap(), 0, "{what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Dropping a read-ahead source after one chunk of a large file stops and
+/// joins its thread (the drop returns; nothing hangs).
+#[test]
+fn dropping_a_read_ahead_source_early_stops_its_thread() {
+    let dir = tmp();
+    let path = dir.path().join("large.bin");
+    let len = 32 << 20;
+    std::fs::write(&path, random_bytes(15, len)).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let p = path.clone();
+    let worker = std::thread::spawn(move || {
+        for read_ahead in [1, 4] {
+            let opts = FileOptions {
+                read_ahead,
+                ..FileOptions::default()
+            };
+            let mut src = FileSource::<u8>::open(&p, opts).unwrap();
+            let mut slot = vec![0u8; 1 << 20];
+            assert_eq!(src.fill(&mut slot).unwrap(), 1 << 20);
+            drop(src);
+            // Dropped before the first fill: no thread was started.
+            drop(
+                FileSource::<u8>::open(
+                    &p,
+                    FileOptions {
+                        read_ahead,
+                        ..FileOptions::default()
+                    },
+                )
+                .unwrap(),
+            );
+        }
+        done_tx.send(()).unwrap();
+    });
+    done_rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("dropping a read-ahead source hung");
+    worker.join().unwrap();
+}
+
+/// A file that shrinks after open (deterministic: truncated before the
+/// first `fill`) fails the read of the first chunk past its new end, with
+/// and without read-ahead: the chunks before it come first and intact,
+/// the error is a `FileError::Read` naming the file and the offset, and a
+/// later `fill` fails again rather than ending the stream quietly.
+#[test]
+fn a_file_that_shrinks_fails_the_chunk_past_its_end_in_order() {
+    let dir = tmp();
+    let path = dir.path().join("shrinks.bin");
+    let chunk = 65536;
+    let data = random_bytes(16, 10 * chunk);
+    for direct in [true, false] {
+        for read_ahead in [0, 1, 2, 8] {
+            std::fs::write(&path, &data).unwrap();
+            // A bounce buffer of one chunk: the reads in `fill` are the
+            // chunks too (a larger one would read past them).
+            let opts = FileOptions {
+                direct,
+                read_ahead,
+                bounce_bytes: chunk,
+                ..FileOptions::default()
+            };
+            let mut src = FileSource::<u8>::open(&path, opts).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(3 * chunk as u64 + 1000)
+                .unwrap();
+            let what = format!("direct {direct}, read-ahead {read_ahead}");
+            let mut slot = vec![0u8; chunk];
+            for i in 0..3 {
+                assert_eq!(src.fill(&mut slot).unwrap(), chunk, "{what}: chunk {i}");
+                assert!(
+                    slot == data[i * chunk..(i + 1) * chunk],
+                    "{what}: chunk {i} differs"
+                );
+            }
+            for attempt in 0..2 {
+                let e = src.fill(&mut slot).unwrap_err();
+                let f = e.downcast_ref::<FileError>().expect("a FileError");
+                match f {
+                    FileError::Read { offset, .. } => {
+                        assert_eq!(*offset, 3 * chunk as u64, "{what}, attempt {attempt}: {f}")
+                    }
+                    other => panic!("{what}: {other}"),
+                }
+                assert_eq!(f.path(), path);
+            }
+        }
+    }
+}
+
+/// A file → stages → file run with read-ahead, aligned chunks and an
+/// unaligned tail: the same output, the counts add up, fill's waiting is
+/// counted.
+#[test]
+fn a_run_with_read_ahead_matches_the_reference() {
+    let dir = tmp();
+    let opts = FileOptions {
+        read_ahead: 2,
+        ..FileOptions::default()
+    };
+    let run = round_trip(dir.path(), 20 * 16384 + 5, 16384, opts, 17);
+    expect_direct(&run, "read-ahead");
+    assert_eq!(run.source.copy_bytes, run.source.bytes);
+    if run.source_mode == IoMode::Direct {
+        assert_eq!(run.source.direct_bytes, 20 * 65536);
+        assert_eq!(run.source.buffered_bytes, 20);
+        assert_eq!(run.source.bounce_bytes, 0);
+    }
+    eprintln!("read-ahead run: source {}", run.source);
 }

@@ -2,10 +2,13 @@
 //! bound of reading it (a plain direct read, no processing, in this
 //! process), streams it through an FMA with `run_stream(FileSource,
 //! FileSink)`, checks every output against the CPU, and prints the run's
-//! rate against the bound and the I/O mode the file system gave.
+//! rate against the bound and the I/O mode the file system gave. The stream
+//! runs twice: reads in `fill` (read-ahead off), then with a read-ahead
+//! thread of `--read-ahead` buffers (0 skips the second run), each with
+//! its disk time and, with read-ahead, the time `fill` still waited.
 //!
 //! ```text
-//! cargo run --release -p prism-pipeline --example file_stream [-- --mib 1024 --chunk-mib 16 --dir /data]
+//! cargo run --release -p prism-pipeline --example file_stream [-- --mib 1024 --chunk-mib 16 --dir /data --read-ahead 2]
 //! ```
 //! Runs on the GPU when there is one, else on the host backend. The files
 //! go in `--dir` (default: the system's temporary directory; `/tmp` may be
@@ -44,6 +47,9 @@ struct Args {
     /// Buffered I/O only.
     #[arg(long)]
     buffered: bool,
+    /// Buffers of read-ahead for the second run (0: no second run).
+    #[arg(long, default_value_t = 2)]
+    read_ahead: usize,
 }
 
 /// Element `i` of the input, in [-1, 1).
@@ -90,41 +96,71 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut p = PipelineStageManager::<f32>::new(Backend::Auto, config)?;
     p.add_stage(STAGE);
-    let mut src = FileSource::<f32>::open(&inp, opts.clone())?;
-    let mut sink = FileSink::<f32>::create(&out, opts)?;
-    let started = Instant::now();
-    let counts = p.run_stream(&mut src, &mut sink)?;
-    let sink_stats = sink.finish()?;
-    let secs = started.elapsed().as_secs_f64();
-    let bytes = src.stats().bytes;
-    let backend = p.get_stats().backend.map_or("?".into(), |b| b.to_string());
-    println!(
-        "run ({backend}, {} chunks): {bytes} bytes in {secs:.3} s = {:.2} GB/s, {:.2} of the disk bound",
-        counts.chunks,
-        bytes as f64 / secs / 1e9,
-        bound.fraction(bytes, secs)
-    );
-    let disk_ms = src.stats().io_ms + sink_stats.io_ms;
-    println!(
-        "disk busy (read and write calls, one after another on the run's thread): {disk_ms:.1} ms of {:.1} ms wall",
-        secs * 1e3
-    );
-    println!(
-        "source ({}{}): {}",
-        src.mode(),
-        src.fallback().map(|r| format!(": {r}")).unwrap_or_default(),
-        src.stats()
-    );
-    println!(
-        "sink   ({}{}): {sink_stats}",
-        sink.mode(),
-        sink.fallback()
-            .map(|r| format!(": {r}"))
-            .unwrap_or_default()
-    );
+    let mut runs = vec![0];
+    if args.read_ahead > 0 {
+        runs.push(args.read_ahead);
+    }
+    for read_ahead in runs {
+        let opts = FileOptions {
+            read_ahead,
+            ..opts.clone()
+        };
+        let mut src = FileSource::<f32>::open(&inp, opts.clone())?;
+        let mut sink = FileSink::<f32>::create(&out, opts)?;
+        let started = Instant::now();
+        let counts = p.run_stream(&mut src, &mut sink)?;
+        let sink_stats = sink.finish()?;
+        let secs = started.elapsed().as_secs_f64();
+        let s = src.stats();
+        let bytes = s.bytes;
+        let backend = p.get_stats().backend.map_or("?".into(), |b| b.to_string());
+        println!();
+        println!(
+            "run, read-ahead {} ({backend}, {} chunks): {bytes} bytes in {secs:.3} s = {:.2} GB/s, {:.2} of the disk bound",
+            if read_ahead == 0 {
+                "off".to_string()
+            } else {
+                format!("{read_ahead} buffers")
+            },
+            counts.chunks,
+            bytes as f64 / secs / 1e9,
+            bound.fraction(bytes, secs)
+        );
+        if read_ahead == 0 {
+            println!(
+                "disk busy (read and write calls, one after another on the run's thread): {:.1} ms of {:.1} ms wall",
+                s.io_ms + sink_stats.io_ms,
+                secs * 1e3
+            );
+        } else {
+            println!(
+                "reads {:.1} ms on the read-ahead thread, of which fill waited {:.1} ms; writes {:.1} ms; {:.1} ms wall",
+                s.io_ms,
+                s.wait_ms,
+                sink_stats.io_ms,
+                secs * 1e3
+            );
+        }
+        println!(
+            "source ({}{}): {s}",
+            src.mode(),
+            src.fallback().map(|r| format!(": {r}")).unwrap_or_default(),
+        );
+        println!(
+            "sink   ({}{}): {sink_stats}",
+            sink.mode(),
+            sink.fallback()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+        check(&out, n)?;
+    }
+    Ok(())
+}
 
-    // Every output against the CPU.
-    let mut r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&out)?);
+/// Every output against the CPU.
+fn check(out: &std::path::Path, n: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let mut r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(out)?);
     let mut buf = [0u8; 4];
     let mut bad = 0u64;
     for i in 0..n as u64 {

@@ -45,7 +45,7 @@
 //! # Read-ahead
 //!
 //! With [`FileOptions::read_ahead`] = `n` > 0 a [`FileSource`] starts a
-//! thread (`prism-read-ahead`) at its first `fill`. It owns the reading
+//! thread (`prism-readahead`) at its first `fill`. It owns the reading
 //! state and `n` buffers of the first slot's length, rounded up to the
 //! direct block and aligned for direct I/O, and reads the file into them in
 //! order, ahead of the stream: the same direct, buffered and fallback paths
@@ -618,7 +618,8 @@ impl ReadAhead {
         let (mode, fallback) = (reader.mode(), reader.fallback.clone());
         let path = reader.path.clone();
         let thread = std::thread::Builder::new()
-            .name("prism-read-ahead".into())
+            // 15 characters: what Linux keeps of a thread's name.
+            .name("prism-readahead".into())
             .spawn(move || {
                 // Stops when the source drops either channel, at the file's
                 // end, or after an error.
@@ -1279,6 +1280,45 @@ mod tests {
             assert_eq!(b.as_mut().as_ptr().align_offset(align), 0);
             assert_eq!(b.as_ref().len(), 100);
         }
+    }
+
+    /// Threads of this process named `prism-readahead` (the lib's unit
+    /// tests: no other test here starts one).
+    #[cfg(target_os = "linux")]
+    fn read_ahead_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim() == "prism-readahead")
+            .count()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_read_ahead_thread_is_gone_after_the_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.bin");
+        std::fs::write(&path, vec![3u8; 8 << 20]).unwrap();
+        let opts = FileOptions {
+            read_ahead: 3,
+            ..FileOptions::default()
+        };
+        let mut src = FileSource::<u8>::open(&path, opts).unwrap();
+        assert_eq!(read_ahead_threads(), 0, "started before the first fill");
+        let mut slot = vec![0u8; 1 << 20];
+        assert_eq!(src.fill(&mut slot).unwrap(), 1 << 20);
+        assert_eq!(read_ahead_threads(), 1);
+        drop(src);
+        assert_eq!(read_ahead_threads(), 0, "the thread outlived its source");
+        // Read to the end: the thread has ended by itself, the drop joins.
+        let opts = FileOptions {
+            read_ahead: 1,
+            ..FileOptions::default()
+        };
+        let mut src = FileSource::<u8>::open(&path, opts).unwrap();
+        while src.fill(&mut slot).unwrap() > 0 {}
+        drop(src);
+        assert_eq!(read_ahead_threads(), 0);
     }
 
     #[test]

@@ -15,11 +15,7 @@ use prism_pipeline::{
 use prism_stream::cudarc::driver::LaunchConfig;
 use prism_stream::cudarc::nvrtc::Ptx;
 use prism_stream::{DeviceBuffer, Gpu, Kernel, Lane, Launch};
-use prism_testing::{gpu_or_skip, random_f32, scaled};
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
+use prism_testing::{bits, gpu_or_skip, random_f32, scaled};
 
 // The iteration: x -> y = fma(x, A, B) -> y = clamp(y) -> x = y, and
 // r = the sums of 64 equal parts of y (read back).

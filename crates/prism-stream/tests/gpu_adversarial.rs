@@ -25,21 +25,7 @@ use prism_stream::{
     AsyncCoordinator, BatchItem, DeviceBuffer, Error, Gpu, HostAllocFlags, Lane, OpGraph,
     PinnedBuffer, StreamPurpose,
 };
-use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// How long a spin keeps a use pending (short under compute-sanitizer,
-/// which serialises everything anyway).
-fn spin_ns() -> u64 {
-    if under_sanitizer() {
-        2_000_000
-    } else {
-        50_000_000
-    }
-}
+use prism_testing::{bits, gpu_or_skip, random_f32, scaled, spin_ns, under_sanitizer};
 
 /// Runs `f`, turning a panic into a test failure that names `what` (bad
 /// input must give a typed error, never a panic).

@@ -4,19 +4,7 @@
 //! every refusal typed. Outputs against a CPU reference. GPU-gated.
 
 use prism_stream::{fma_chain_cpu, DeviceBuffer, Error, HostAllocFlags, Lane, PinnedBuffer};
-use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn spin_ns() -> u64 {
-    if under_sanitizer() {
-        2_000_000
-    } else {
-        50_000_000
-    }
-}
+use prism_testing::{bits, gpu_or_skip, random_f32, scaled, spin_ns};
 
 const A: f32 = 0.999;
 const B: f32 = 0.001;

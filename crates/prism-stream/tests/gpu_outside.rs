@@ -9,20 +9,7 @@
 use std::time::{Duration, Instant};
 
 use prism_stream::{AsyncCoordinator, DeviceBuffer, Error, Lane};
-use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// A spin long enough that unordered work would visibly overtake it.
-fn spin_ns() -> u64 {
-    if under_sanitizer() {
-        2_000_000
-    } else {
-        50_000_000
-    }
-}
+use prism_testing::{bits, gpu_or_skip, random_f32, scaled, spin_ns, under_sanitizer};
 
 #[test]
 fn gpu_outside_work_is_ordered_after_earlier_writes_and_before_later_reads() {

@@ -66,6 +66,23 @@ pub fn under_sanitizer() -> bool {
     std::env::var("PRISM_UNDER_SANITIZER").is_ok_and(|v| v == "1")
 }
 
+/// The bits of each value, for comparisons that tell `-0.0` from `0.0` and
+/// one NaN from another (what "bit for bit" means in prism's tests).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// How long a test's spin kernel keeps a use pending: long enough that
+/// unordered work would visibly overtake it (50 ms), short under
+/// compute-sanitizer (2 ms), which serialises everything anyway.
+pub fn spin_ns() -> u64 {
+    if under_sanitizer() {
+        2_000_000
+    } else {
+        50_000_000
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::random_f32;

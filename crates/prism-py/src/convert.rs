@@ -9,6 +9,23 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+/// `obj` as an output array: a 1-D C-contiguous float32 NumPy array, used
+/// as it is (never copied: prism writes into it). `what` names it in errors.
+pub(crate) fn out_f32<'a, 'py>(
+    obj: &'a Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<&'a Bound<'py, PyArray1<f32>>> {
+    let arr = obj
+        .cast::<PyArray1<f32>>()
+        .map_err(|_| PyTypeError::new_err(format!("{what} must be a 1-D numpy.float32 array")))?;
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{what} must be C-contiguous"
+        )));
+    }
+    Ok(arr)
+}
+
 /// `obj` as a 1-D C-contiguous aligned float32 array: itself when it is
 /// one, else a copy made by NumPy. `what` names it in errors.
 pub(crate) fn contiguous_f32<'py>(

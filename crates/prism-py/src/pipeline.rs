@@ -2,13 +2,13 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
-use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods};
 use prism_pipeline::{Backend, BackendKind, PipelineConfig, StageGraph};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::convert::contiguous_f32;
+use crate::convert::{contiguous_f32, out_f32};
 use crate::errors::{self, pipeline_error};
 use crate::graph::Graph;
 use crate::stages::Builtin;
@@ -256,12 +256,7 @@ impl Pipeline {
             .map_err(|e| PyValueError::new_err(format!("input: {e}")))?;
         match out {
             Some(out) => {
-                let arr = out
-                    .cast::<PyArray1<f32>>()
-                    .map_err(|_| PyTypeError::new_err("out must be a 1-D numpy.float32 array"))?;
-                if !arr.is_c_contiguous() {
-                    return Err(PyValueError::new_err("out must be C-contiguous"));
-                }
+                let arr = out_f32(out, "out")?;
                 let mut rw = arr.try_readwrite().map_err(|e| {
                     PyValueError::new_err(format!(
                         "out cannot be written ({e}): it must be writeable and must not overlap input"
@@ -364,18 +359,11 @@ impl Pipeline {
                         PyTypeError::new_err("outs must be a list of 1-D numpy.float32 arrays")
                     })?
                     .collect::<PyResult<Vec<_>>>()?;
-                let mut arrays = Vec::with_capacity(items.len());
-                for (i, o) in items.iter().enumerate() {
-                    let arr = o.cast::<PyArray1<f32>>().map_err(|_| {
-                        PyTypeError::new_err(format!("outs[{i}] must be a 1-D numpy.float32 array"))
-                    })?;
-                    if !arr.is_c_contiguous() {
-                        return Err(PyValueError::new_err(format!(
-                            "outs[{i}] must be C-contiguous"
-                        )));
-                    }
-                    arrays.push(arr);
-                }
+                let arrays = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, o)| out_f32(o, &format!("outs[{i}]")))
+                    .collect::<PyResult<Vec<_>>>()?;
                 // Each held to the end of the call: no two of them (nor
                 // one and the input) share memory.
                 let mut rws = Vec::with_capacity(arrays.len());

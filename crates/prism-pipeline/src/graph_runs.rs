@@ -136,11 +136,7 @@ impl<T: Element> crate::PipelineStageManager<T> {
                 if let Some(e) = failed {
                     return Err(e);
                 }
-                Ok(StreamCounts {
-                    chunks: counts.chunks,
-                    elements_in: counts.elems_in,
-                    elements_out: counts.elems_out,
-                })
+                Ok(StreamCounts::from(counts))
             }
             crate::BackendKind::Host => {
                 let (counts, failed) = self.run_graph_stream_host(graph, &run, source, sinks)?;

@@ -254,11 +254,7 @@ impl<T: Element> PipelineStageManager<T> {
                 if let Some(e) = failed {
                     return Err(e);
                 }
-                Ok(StreamCounts {
-                    chunks: counts.chunks,
-                    elements_in: counts.elems_in,
-                    elements_out: counts.elems_out,
-                })
+                Ok(StreamCounts::from(counts))
             }
             BackendKind::Host => {
                 let coordinator = AsyncPipelineCoordinator::new(self.config.slots)?;

@@ -268,6 +268,17 @@ pub struct StreamCounts {
     pub elements_out: u64,
 }
 
+impl From<prism_buffer::engine::RunCounts> for StreamCounts {
+    /// One device's counts of a streamed run.
+    fn from(c: prism_buffer::engine::RunCounts) -> Self {
+        Self {
+            chunks: c.chunks,
+            elements_in: c.elems_in,
+            elements_out: c.elems_out,
+        }
+    }
+}
+
 /// The output of one chunk of `execute_iteration`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChunkOutput<T> {

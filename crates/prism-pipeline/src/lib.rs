@@ -444,14 +444,29 @@ impl<T: Element> PipelineStageManager<T> {
     /// [`output_len`](Self::output_len) over `order`, with a panic in a
     /// stage's `output_len` as `StagePanicked` (naming chunk `chunk`).
     fn checked_output_len(&self, order: &[usize], input_len: usize, chunk: u64) -> Result<usize> {
-        let mut len = input_len;
+        self.walk_lengths(order, input_len, chunk)
+            .map(|(len, _)| len)
+    }
+
+    /// The lengths through `order` from `input_len`, as a run meets them:
+    /// each stage's `output_len` of the one before (a panic is
+    /// `StagePanicked`, naming chunk `chunk`) until a stage makes none.
+    /// Returns the last length and the largest one (the input's included).
+    fn walk_lengths(
+        &self,
+        order: &[usize],
+        input_len: usize,
+        chunk: u64,
+    ) -> Result<(usize, usize)> {
+        let (mut len, mut largest) = (input_len, input_len);
         for &i in order {
             if len == 0 {
                 break;
             }
             len = guard::output_len(&*self.stages[i], len, chunk)?;
+            largest = largest.max(len);
         }
-        Ok(len)
+        Ok((len, largest))
     }
 
     fn chunk_elems(&self) -> usize {
@@ -566,16 +581,8 @@ impl<T: Element> PipelineStageManager<T> {
 
     /// Largest buffer any stage of the chain needs for a full chunk.
     fn capacity(&self, order: &[usize]) -> Result<usize> {
-        let chunk = self.chunk_elems();
-        let (mut capacity, mut len) = (chunk, chunk);
-        for &i in order {
-            if len == 0 {
-                break;
-            }
-            len = guard::output_len(&*self.stages[i], len, 0)?;
-            capacity = capacity.max(len);
-        }
-        Ok(capacity)
+        self.walk_lengths(order, self.chunk_elems(), 0)
+            .map(|(_, largest)| largest)
     }
 
     /// The GPU ring for `order`, (re)built when its capacity or slot count

@@ -135,6 +135,18 @@ pub enum Error {
     #[error("{what} is still in use by a queued GPU operation; wait for it (or poll) first")]
     BufferInFlight { what: &'static str },
     /// A pinned buffer the device cannot access directly.
+    /// An op could not claim a buffer (ordering rule 7): `here`, this
+    /// thread is still queuing a conflicting op on it (an outside-work
+    /// closure queued another op on a buffer its own block uses); else
+    /// another thread is, while this thread is inside an op and may not
+    /// wait for it.
+    #[error("{what} is {}; nothing was queued: queue the op after the block returns", if *here {
+        "used by an op this thread is still queuing (an outside-work block or launcher that has not returned), in a way that conflicts with this op"
+    } else {
+        "being queued on by another thread, and this thread is inside an outside-work block or launcher, where waiting for it could deadlock"
+    })]
+    BufferBusy { what: &'static str, here: bool },
+
     #[error("{what} is not mapped into the device's address space (zero-copy access needs a device that can map host memory)")]
     NotMapped { what: &'static str },
     /// A name the driver cannot take (it holds a NUL byte).

@@ -15,7 +15,7 @@ use crate::context::Gpu;
 use crate::error::DriverResultExt;
 use crate::memory::{PinnedBuffer, SlotPool};
 use crate::order::{
-    lock, order_after, Access, DeviceAlloc, Extent, Fence, StreamId, Used, WaitClock,
+    claim, lock, order_after, Access, DeviceAlloc, Extent, Fence, StreamId, Used, WaitClock, Want,
 };
 use crate::raw::stream_synchronize;
 use crate::{Error, Result};
@@ -303,6 +303,9 @@ impl Lane {
         self.core.gpu.check_usable()?;
         self.not_capturing("an op with its own fence")?;
         self.core.gpu.bind()?;
+        // Rule 7: no conflicting op of another thread comes between this
+        // op's ordering and its note (released when this returns).
+        let _claims = claim(uses.iter().map(Want::from).collect())?;
         self.order(uses)?;
         let start = if timed {
             Some(self.record(true)?)

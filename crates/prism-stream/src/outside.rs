@@ -172,6 +172,13 @@ impl<'a> Outside<'a> {
     /// graph, inside a capture). What `work` returns comes back; a panic in
     /// it is resumed after the fences are noted.
     ///
+    /// The block holds its buffers until it returns: another thread's op
+    /// that conflicts with one of them (either writes, the bytes overlap)
+    /// waits for it. An op queued from inside `work` that conflicts with
+    /// this block's buffers, or meets another thread's op being queued on
+    /// its own, is refused with [`Error::BufferBusy`] (waiting could
+    /// deadlock).
+    ///
     /// # Safety
     ///
     /// prism cannot see what `work` enqueues. The caller guarantees that

@@ -53,7 +53,7 @@ fn refused<T: std::fmt::Debug>(what: &str, r: prism_stream::Result<T>) {
 }
 
 // ---------------------------------------------------------------------
-// Suspected hole 1: the use list is not locked from `order` to `note`.
+// Hole 1 (found by review): the use list was not held from `order` to `note`.
 //
 // `Lane::enqueue` (src/lane.rs) orders an op (`Lane::order` locks each
 // buffer's use list, reads the fences it must wait for, unlocks), then
@@ -68,6 +68,10 @@ fn refused<T: std::fmt::Debug>(what: &str, r: prism_stream::Result<T>) {
 // then run concurrently on the GPU. (Worse, the write's `note` drops read
 // entries inside its extent that it never waited for, so later writers
 // and `Drop` do not wait for that read either.)
+//
+// Fixed by ordering rule 7 (src/order/claim.rs): `enqueue` claims the
+// op's buffers from `order` to `note`; a conflicting op of another thread
+// waits for the claim's release.
 // ---------------------------------------------------------------------
 
 /// Safe code only: thread A reads `x` with a slow kernel (`fma_chain` with

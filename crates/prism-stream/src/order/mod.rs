@@ -7,7 +7,7 @@
 //! [`Lane`](crate::Lane); no other code records an event or issues a
 //! stream wait, and no public function takes a bare stream or a wait clock.
 //!
-//! The rules (1, 2 and 6 enforced in this module; 3, 4 and 5 by the lane,
+//! The rules (1, 2, 6 and 7 enforced in this module; 3, 4 and 5 by the lane,
 //! `lane.rs`, which calls it):
 //!
 //! 1. **Hazards.** An op that reads a buffer first waits (on the GPU) for the
@@ -42,6 +42,14 @@
 //!    never taken from a record that a CUDA graph capture swallowed, so no
 //!    stream of prism's ever waits on a captured event (which would pull it
 //!    into the capture).
+//! 7. **One op at a time per conflict.** From its ordering to the note of
+//!    its fence, an op holds a claim on the bytes it uses (`claim.rs`): a
+//!    conflicting op of another thread (one of the two writes, the bytes
+//!    overlap) waits for the claim's release, so it sees the first op's
+//!    fence. Borrows alone do not give this: a `CapturedGraph` writes its
+//!    buffers through `&mut` of the graph while other threads read them
+//!    through `&`. A thread inside an op (an outside-work closure) never
+//!    waits for a claim: a conflict is refused with `BufferBusy`.
 //!
 //! Hazards are tracked per byte range ([`Extent`]): copies of disjoint
 //! parts of one buffer (chunks of a run, on several streams or GPUs) do not
@@ -54,7 +62,7 @@
 use std::fmt;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use cudarc::driver::{sys, CudaStream};
 
@@ -63,9 +71,11 @@ use crate::error::DriverResultExt;
 use crate::{Error, Result};
 
 mod alloc;
+mod claim;
 mod fence;
 
 pub(crate) use alloc::DeviceAlloc;
+pub(crate) use claim::{claim, Want};
 pub use fence::Fence;
 
 /// Identifies one CUDA stream prism queues on (made by prism, or taken over
@@ -233,6 +243,10 @@ pub(crate) struct Uses<M> {
     /// waited for (the driver refused both): the GPU may use the buffer at
     /// any time, so it is never used, read or freed again.
     pub(crate) stuck: bool,
+    /// The ops between their ordering and their note right now (rule 7).
+    claims: Vec<claim::Claim>,
+    /// Threads waiting for one of those to be released.
+    waiters: usize,
 }
 
 impl<M> Default for Uses<M> {
@@ -241,6 +255,8 @@ impl<M> Default for Uses<M> {
             writes: Vec::new(),
             reads: Vec::new(),
             stuck: false,
+            claims: Vec::new(),
+            waiters: 0,
         }
     }
 }
@@ -318,11 +334,16 @@ pub(crate) fn order_after<M: Mark>(
     Ok(())
 }
 
-/// A buffer's use list (interior mutability: queueing takes `&` for reads).
-pub(crate) type UseCell = Mutex<Uses<Fence>>;
+/// A buffer's use list (interior mutability: queueing takes `&` for reads)
+/// and the signal that a claim on it was released ([`claim`]).
+#[derive(Debug, Default)]
+pub(crate) struct UseCell {
+    list: Mutex<Uses<Fence>>,
+    released: Condvar,
+}
 
 pub(crate) fn lock(cell: &UseCell) -> MutexGuard<'_, Uses<Fence>> {
-    cell.lock().unwrap_or_else(|p| p.into_inner())
+    cell.list.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One buffer an op uses, and how.

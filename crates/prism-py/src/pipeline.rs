@@ -30,6 +30,13 @@ use crate::{Manager, Shared};
 ///         staging copies on the GPU, the stages on the host backend.
 ///     timing: time every step for ``stats()`` (default on).
 ///     trace: keep the last run's spans for ``trace()`` (GPU backend).
+///     adaptive: let each GPU run of elementwise stages pick its own chunk
+///         size and ring depth (16 MiB chunks, or an eighth of the input
+///         down to 4 MiB, and 4 slots), whatever ``chunk_bytes`` and
+///         ``slots`` say; ``stats()`` shows the choice (default off).
+///     graphs: run each chunk's stages as a CUDA graph, captured once per
+///         slot and chunk length and replayed (less host time per chunk;
+///         GPU backend, whole runs; default off).
 ///
 /// Raises:
 ///     ConfigError: a value out of range (also ``ValueError``).
@@ -86,7 +93,8 @@ fn stream_busy(py: Python<'_>) -> PyErr {
 #[pymethods]
 impl Pipeline {
     #[new]
-    #[pyo3(signature = (backend = "auto", *, chunk_bytes = None, slots = None, host_threads = None, timing = None, trace = false))]
+    #[pyo3(signature = (backend = "auto", *, chunk_bytes = None, slots = None, host_threads = None, timing = None, trace = false, adaptive = false, graphs = false))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
         py: Python<'_>,
         backend: &str,
@@ -95,6 +103,8 @@ impl Pipeline {
         host_threads: Option<i128>,
         timing: Option<bool>,
         trace: bool,
+        adaptive: bool,
+        graphs: bool,
     ) -> PyResult<Self> {
         // Sizes as Python ints of any sign: a negative or huge one is a
         // ConfigError naming it, as a zero is (not Python's OverflowError).
@@ -131,6 +141,8 @@ impl Pipeline {
             host_threads: size("host_threads", host_threads, defaults.host_threads)?,
             timing: timing.unwrap_or(defaults.timing),
             trace,
+            adaptive,
+            graphs,
             ..defaults
         };
         let cfg = config.clone();
@@ -186,6 +198,18 @@ impl Pipeline {
     #[getter]
     fn timing(&self) -> bool {
         self.config.timing
+    }
+
+    /// Whether each GPU run picks its own chunk size and ring depth.
+    #[getter]
+    fn adaptive(&self) -> bool {
+        self.config.adaptive
+    }
+
+    /// Whether each chunk's stages run as a replayed CUDA graph.
+    #[getter]
+    fn graphs(&self) -> bool {
+        self.config.graphs
     }
 
     /// Adds a stage (``Fma``, ``Clamp`` or ``GroupSum``), run after the

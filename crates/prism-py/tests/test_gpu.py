@@ -63,6 +63,25 @@ def test_gpu_run_into_out_and_stream(rng):
         assert_bits_equal(g, fma_chain_ref(it, 2.0, 1.0, 1))
 
 
+def test_gpu_adaptive_and_graphs_runs(rng):
+    # The adaptive configuration picks 4 slots and chunks of an eighth of
+    # the input (4 to 16 MiB) whatever was asked; graphs replay each chunk's
+    # stages. Same bits either way.
+    n = (40 << 20) // 4 + 11
+    x = rng.standard_normal(n).astype(np.float32)
+    want = clamp_ref(fma_chain_ref(x, 1.5, 0.25, 3), -4.0, 4.0)
+    for kwargs in ({"adaptive": True}, {"graphs": True}, {"adaptive": True, "graphs": True}):
+        p = gpu_pipeline(1 << 20, **kwargs)
+        p.add_stage(prism.Fma(a=1.5, b=0.25, iters=3))
+        p.add_stage(prism.Clamp(lo=-4.0, hi=4.0))
+        assert_bits_equal(p.run(x), want)
+        s = p.stats()
+        assert s["adaptive"] == kwargs.get("adaptive", False), (kwargs, s)
+        if kwargs.get("adaptive"):
+            assert s["slots"] == 4 and (4 << 20) <= s["chunk_bytes"] <= (16 << 20), s
+        assert (s["graph_launches"] > 0) == kwargs.get("graphs", False), (kwargs, s)
+
+
 def test_gpu_graph_fan_out(rng):
     p = gpu_pipeline(1 << 20)
     g = prism.Graph()

@@ -196,6 +196,9 @@ def test_trace_is_chrome_json():
 def test_properties_and_reprs():
     p = prism.Pipeline("host", chunk_bytes=4096, slots=4, host_threads=1, timing=False)
     assert (p.chunk_bytes, p.slots, p.host_threads, p.timing) == (4096, 4, 1, False)
+    assert (p.adaptive, p.graphs) == (False, False)
+    q = prism.Pipeline("host", adaptive=True, graphs=True)
+    assert (q.adaptive, q.graphs) == (True, True)
     assert "host" in repr(p)
     f = prism.Fma(2.0, 1.0, 3)
     assert (f.a, f.b, f.iters, f.name) == (2.0, 1.0, 3, "fma")

@@ -115,6 +115,8 @@ class Pipeline:
         host_threads: Optional[int] = None,
         timing: Optional[bool] = None,
         trace: bool = False,
+        adaptive: bool = False,
+        graphs: bool = False,
     ) -> None: ...
     @property
     def backend(self) -> Literal["gpu", "host"]:
@@ -130,6 +132,10 @@ class Pipeline:
     def host_threads(self) -> int: ...
     @property
     def timing(self) -> bool: ...
+    @property
+    def adaptive(self) -> bool: ...
+    @property
+    def graphs(self) -> bool: ...
     def add_stage(self, stage: Stage) -> int:
         """Adds a stage; returns its index."""
     def set_order(self, order: List[int]) -> None:

@@ -4,6 +4,9 @@ through one fma step on the GPU and back, in one process:
 
 * prism from NumPy arrays: ``Pipeline("gpu", adaptive=True, timing=False)``
   with ``Fma(a, b)``, ``run(x, out=out)``;
+* prism between registered arrays: ``Pipeline.register`` of the input and
+  output once (its time reported apart), then runs with no staging, against
+  t_bidir (``--bidir-ms``, prism-bench's in the same machine call);
 * prism from PyTorch CPU tensors: the same call given ``torch`` tensors
   (read in place through NumPy's view of them, written through
   ``out_tensor.numpy()``);
@@ -73,6 +76,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="prism from NumPy only")
     ap.add_argument("--rust-ms", default="", help="MIB=MS,... Rust S4 one-shot medians")
+    ap.add_argument("--bidir-ms", default="", help="MIB=MS,... t_bidir measured by prism-bench S4")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -84,7 +88,10 @@ def main() -> int:
 
         import s4_torch
 
-    rust = {int(k): float(v) for k, v in (kv.split("=") for kv in args.rust_ms.split(",") if kv)}
+    def pairs(arg: str) -> dict:
+        return {int(k): float(v) for k, v in (kv.split("=") for kv in arg.split(",") if kv)}
+
+    rust, bidir = pairs(args.rust_ms), pairs(args.bidir_ms)
     print(f"prism {prism.__version__}, {p.device}; numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else ""))
     print("| size | pattern | median ms | min..max ms | GB/s each way |")
     print("| --- | --- | --- | --- | --- |")
@@ -110,6 +117,21 @@ def main() -> int:
         if mib in rust:
             prism_np["rust_ms"] = rust[mib]
             prism_np["python_overhead"] = prism_np["median_ms"] / rust[mib] - 1
+        # Registered in place once, then runs with no staging.
+        t0 = time.perf_counter()
+        xr, outr = p.register(x), p.register(out)
+        register_ms = (time.perf_counter() - t0) * 1e3
+        t = timed(lambda: p.run(xr, out=outr), args.reps, nan)
+        check(x, out, f"prism registered {mib} MiB")
+        reg = row(mib, "prism (numpy, registered)", t)
+        reg["register_ms"] = register_ms
+        t0 = time.perf_counter()
+        xr.close()
+        outr.close()
+        reg["unregister_ms"] = (time.perf_counter() - t0) * 1e3
+        if mib in bidir:
+            reg["t_bidir_ms"] = bidir[mib]
+            reg["bidir_over_measured"] = bidir[mib] / reg["median_ms"]
         if torch is None:
             continue
         xt, outt = torch.from_numpy(x), torch.empty(n)
@@ -136,6 +158,12 @@ def main() -> int:
         if "python_overhead" in r:
             line += f"; {100 * r['python_overhead']:+.1f} % over Rust's {r['rust_ms']:.1f} ms"
         print(line)
+    for r in rows:
+        if "bidir_over_measured" in r:
+            print(
+                f"{r['mib']} MiB registered: {r['median_ms']:.1f} ms, {r['bidir_over_measured']:.3f} of t_bidir "
+                f"({r['t_bidir_ms']:.1f} ms); register {r['register_ms']:.0f} ms, unregister {r['unregister_ms']:.0f} ms"
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": p.device, "rows": rows}, f, indent=1)

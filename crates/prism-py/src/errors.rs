@@ -133,7 +133,7 @@ fn buffer_error(py: Python<'_>, e: &prism_buffer::Error, msg: String) -> PyErr {
 }
 
 /// The exception for a GPU-layer error.
-fn stream_error(py: Python<'_>, e: &StreamError, msg: String) -> PyErr {
+pub(crate) fn stream_error(py: Python<'_>, e: &StreamError, msg: String) -> PyErr {
     const HOST_HINT: &str =
         "; use backend=\"host\" (or \"auto\", which falls back to the host) to run on CPU threads";
     match e {

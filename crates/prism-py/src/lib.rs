@@ -10,6 +10,7 @@ mod convert;
 mod errors;
 mod graph;
 mod pipeline;
+mod register;
 mod stages;
 mod stream;
 
@@ -30,6 +31,7 @@ pub(crate) type Shared = Arc<Mutex<Option<Manager>>>;
 fn _prism(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pipeline::Pipeline>()?;
     m.add_class::<stream::StreamIter>()?;
+    m.add_class::<register::Registered>()?;
     m.add_class::<graph::Graph>()?;
     m.add_class::<graph::Node>()?;
     m.add_class::<stages::Fma>()?;

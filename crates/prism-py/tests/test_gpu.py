@@ -82,6 +82,38 @@ def test_gpu_adaptive_and_graphs_runs(rng):
         assert (s["graph_launches"] > 0) == kwargs.get("graphs", False), (kwargs, s)
 
 
+def test_gpu_registered_arrays_run_with_no_staging(rng):
+    p = gpu_pipeline(1 << 20, timing=True)
+    p.add_stage(prism.Fma(a=1.000244, b=-0.5, iters=2))
+    n = (5 << 20) + 3
+    x = rng.standard_normal(n).astype(np.float32)
+    out = np.full(n, np.nan, dtype=np.float32)
+    want = fma_chain_ref(x, 1.000244, -0.5, 2)
+    with p.register(x) as xr, p.register(out) as outr:
+        assert xr.pinned and outr.pinned and xr.array is x
+        for _ in range(2):
+            out.fill(np.nan)
+            assert p.run(xr, out=outr) is outr
+            assert_bits_equal(out, want)
+        assert p.stats()["host_copy_ms"] == 0.0  # nothing staged
+        with pytest.raises(ValueError, match="overlap"):
+            p.run(xr, out=xr)
+        # The same memory twice: the driver refuses, typed.
+        with pytest.raises(prism.PrismError):
+            p.register(x)
+        with pytest.raises(prism.LengthError):
+            short = np.empty(n - 1, dtype=np.float32)
+            with p.register(short) as sr:
+                p.run(xr, out=sr)
+    assert not xr.pinned
+    with pytest.raises(ValueError, match="closed"):
+        p.run(xr, out=outr)
+    # A plain array still runs (staged); the registered memory was released.
+    assert_bits_equal(p.run(x), want)
+    with p.register(x) as again:
+        assert again.pinned
+
+
 def test_gpu_graph_fan_out(rng):
     p = gpu_pipeline(1 << 20)
     g = prism.Graph()

@@ -230,3 +230,40 @@ def test_a_misaligned_input_is_copied(rng):
     g = prism.Graph()
     g.output(g.input())
     assert_bits_equal(p.run_graph(g, misaligned)[0], x)
+
+
+def test_register_on_the_host_runs_as_the_array(rng):
+    p = prism.Pipeline("host", chunk_bytes=4096)
+    p.add_stage(prism.Fma(a=2.0, b=1.0))
+    x = rng.standard_normal(10_000).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    with p.register(x) as xr, p.register(out) as outr:
+        assert (xr.pinned, len(xr)) == (False, len(x))  # nothing to pin on the host
+        assert xr.array is x and "Registered(len=10000" in repr(xr)
+        assert p.run(xr, out=outr) is outr
+        assert_bits_equal(out, fma_chain_ref(x, 2.0, 1.0, 1))
+        # One registered, one plain: as the arrays.
+        out2 = np.empty_like(x)
+        p.run(xr, out=out2)
+        assert_bits_equal(out2, out)
+        assert_bits_equal(p.run(xr), out)
+    xr.close()  # closing twice does nothing
+    # Closed: still its array on the host.
+    assert_bits_equal(p.run(xr), out)
+
+
+def test_register_refuses_what_it_cannot_pin_in_place():
+    p = prism.Pipeline("host")
+    with pytest.raises(TypeError, match="float32"):
+        p.register(np.zeros(8, dtype=np.float64))
+    with pytest.raises(TypeError, match="float32"):
+        p.register([1.0, 2.0])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        p.register(np.zeros(16, dtype=np.float32)[::2])
+    ro = np.zeros(8, dtype=np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        p.register(ro)
+    unaligned = np.frombuffer(bytearray(4 * 9), dtype=np.float32, count=8, offset=1)
+    with pytest.raises(ValueError, match="aligned"):
+        p.register(unaligned)

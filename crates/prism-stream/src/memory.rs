@@ -475,6 +475,10 @@ enum Backing<T> {
     /// here untouched (its heap memory is what `ptr` points to) until it is
     /// unregistered and handed back or dropped.
     Registered(Vec<T>),
+    /// Memory another owner keeps alive (an array of another language),
+    /// page-locked in place: the owner is dropped only after the memory is
+    /// unregistered, never while the GPU may use it.
+    External(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>), // held, never read
     /// Handed back by `into_vec`: nothing left to release.
     Released,
 }
@@ -500,6 +504,7 @@ impl<T: Element> std::fmt::Debug for PinnedBuffer<T> {
         let backing = match self.backing {
             Backing::Allocated => "allocated",
             Backing::Registered(_) => "registered",
+            Backing::External(_) => "registered (external owner)",
             Backing::Released => "released",
         };
         f.debug_struct("PinnedBuffer")
@@ -609,6 +614,54 @@ impl<T: Element> PinnedBuffer<T> {
         }
     }
 
+    /// Page-locks `len` elements at `ptr` in place, memory that `owner`
+    /// keeps alive (a NumPy array, say), as [`register`](Self::register)
+    /// does for a `Vec`. `owner` is dropped after the memory is
+    /// unregistered (on drop, once every GPU use completed), or never if
+    /// unregistering fails.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must point to `len` initialised elements that stay allocated
+    /// while `owner` lives, and that nothing but the returned buffer reads
+    /// or writes until it is dropped (prism's GPU copies write them; a
+    /// concurrent access elsewhere is a data race).
+    pub unsafe fn register_external(
+        gpu: &Gpu,
+        ptr: *mut T,
+        len: usize,
+        owner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Self> {
+        let bytes = byte_len::<T>(len, "registered host buffer")?;
+        gpu.check_usable()?;
+        gpu.bind()?;
+        let what = AllocFor {
+            memory: "page-locked host",
+            what: "registered host buffer",
+        };
+        // SAFETY: the caller guarantees `ptr`/`bytes` are initialised
+        // memory kept alive by `owner`, which moves into the returned
+        // buffer and is dropped only after the memory is unregistered.
+        unsafe {
+            raw::host_register(
+                ptr.cast::<u8>(),
+                bytes,
+                sys::CU_MEMHOSTREGISTER_DEVICEMAP,
+                what,
+            )?
+        };
+        count_pinned(bytes, true);
+        Ok(Self {
+            gpu: gpu.clone(),
+            ptr,
+            len,
+            flags: HostAllocFlags::default(),
+            mapped: raw::mapped_address(ptr.cast::<u8>()),
+            backing: Backing::External(owner),
+            uses: UseCell::default(),
+        })
+    }
+
     fn try_register(
         gpu: &Gpu,
         mut data: Vec<T>,
@@ -654,9 +707,10 @@ impl<T: Element> PinnedBuffer<T> {
         })
     }
 
-    /// True for a vector page-locked in place by [`register`](Self::register).
+    /// True for memory page-locked in place ([`register`](Self::register),
+    /// [`register_external`](Self::register_external)).
     pub fn is_registered(&self) -> bool {
-        matches!(self.backing, Backing::Registered(_))
+        matches!(self.backing, Backing::Registered(_) | Backing::External(_))
     }
 
     /// The contents as a `Vec`, after every queued GPU use completed: a
@@ -790,13 +844,9 @@ impl<T: Element> Tracked for PinnedBuffer<T> {
 impl<T: Element> Drop for PinnedBuffer<T> {
     fn drop(&mut self) {
         if !lock(&self.uses).release(self.gpu.key(), "pinned buffer") {
-            // The GPU may still use the memory: a registered vector must
-            // not be freed either.
-            if let Backing::Registered(data) =
-                std::mem::replace(&mut self.backing, Backing::Released)
-            {
-                std::mem::forget(data);
-            }
+            // The GPU may still use the memory: a registered vector (or an
+            // external owner) must not be freed either.
+            std::mem::forget(std::mem::replace(&mut self.backing, Backing::Released));
             return;
         }
         match &self.backing {
@@ -810,17 +860,14 @@ impl<T: Element> Drop for PinnedBuffer<T> {
                     }
                 }
             }
-            Backing::Registered(_) => {
+            Backing::Registered(_) | Backing::External(_) => {
                 if !unregister(&self.gpu, self.ptr, self.len) {
                     // Still registered: freeing it could leave the driver a
                     // stale registration of memory the allocator reuses.
-                    if let Backing::Registered(data) =
-                        std::mem::replace(&mut self.backing, Backing::Released)
-                    {
-                        std::mem::forget(data);
-                    }
+                    std::mem::forget(std::mem::replace(&mut self.backing, Backing::Released));
                 }
-                // Otherwise the vector is freed after this, as the field drops.
+                // Otherwise the vector (or owner) is dropped after this, as
+                // the field drops.
             }
             Backing::Released => {}
         }

@@ -402,6 +402,65 @@ fn gpu_adversarial_child_load_unterminated_binary() {
 // Checks of paths that looked sound; each fails if they are not.
 // ---------------------------------------------------------------------
 
+/// `PinnedBuffer::register_external` (another language's array, kept alive
+/// by an owner): dropped while a download into it is queued behind a spin,
+/// the buffer drops its owner only after the copy landed (the owner sees
+/// the downloaded values).
+#[test]
+fn gpu_adversarial_external_owner_outlives_a_queued_download() {
+    let test = "gpu_adversarial_external_owner_outlives_a_queued_download";
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    struct Owner {
+        data: Vec<f32>,
+        saw: std::sync::Arc<std::sync::Mutex<Option<Vec<u32>>>>,
+    }
+    impl Drop for Owner {
+        fn drop(&mut self) {
+            *self.saw.lock().unwrap() = Some(bits(&self.data));
+        }
+    }
+    let gpu = ctx.gpu();
+    let n = scaled(1 << 20, 1 << 10);
+    let data = random_f32(43, n);
+    let mut lane = Lane::new(gpu).unwrap();
+    let dev = DeviceBuffer::from_slice(&mut lane, &data).unwrap();
+    let saw = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let mut storage = vec![0.0f32; n];
+    let ptr = storage.as_mut_ptr();
+    let owner = Owner {
+        data: storage,
+        saw: saw.clone(),
+    };
+    // SAFETY: `ptr` is the heap memory of `owner.data` (moving the Vec into
+    // the owner did not move it), initialised, kept alive by the owner,
+    // and touched by nothing else until the buffer drops the owner.
+    let mut host =
+        unsafe { PinnedBuffer::register_external(gpu, ptr, n, Box::new(owner)) }.unwrap();
+    assert!(host.is_registered());
+    lane.launch().spin(spin_ns()).unwrap();
+    lane.copy_dtoh(&dev, 0, &mut host, 0, n).unwrap();
+    drop(host);
+    assert_eq!(
+        saw.lock().unwrap().take(),
+        Some(bits(&data)),
+        "the owner was dropped before the queued download landed"
+    );
+    // Zero elements: a typed error, nothing registered.
+    let owner = Box::new(());
+    // SAFETY: no element is read or written (the call is refused).
+    let r = unsafe {
+        PinnedBuffer::<f32>::register_external(
+            gpu,
+            std::ptr::NonNull::dangling().as_ptr(),
+            0,
+            owner,
+        )
+    };
+    assert!(matches!(r, Err(Error::ZeroLength { .. })), "{r:?}");
+}
+
 /// `PinnedBuffer::register` then `into_vec` while a download into it is
 /// queued behind a spin: the vector comes back only after the copy.
 #[test]

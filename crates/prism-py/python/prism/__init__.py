@@ -40,13 +40,24 @@ from ._errors import (
     StageError,
     UnsupportedError,
 )
-from ._prism import Clamp, Fma, Graph, GroupSum, Node, Pipeline, StreamIter, __version__
+from ._prism import (
+    Clamp,
+    Fma,
+    Graph,
+    GroupSum,
+    Node,
+    Pipeline,
+    Registered,
+    StreamIter,
+    __version__,
+)
 
 from . import _errors
 
 __all__ = [
     "Pipeline",
     "StreamIter",
+    "Registered",
     "Graph",
     "Node",
     "Fma",

@@ -2,7 +2,7 @@
 the package ``prism``, which re-exports these classes."""
 
 from types import TracebackType
-from typing import Any, Iterable, Iterator, List, Literal, Optional, Type, Union
+from typing import Any, Iterable, Iterator, List, Literal, Optional, Type, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -102,6 +102,27 @@ class StreamIter(Iterator[npt.NDArray[np.float32]]):
         tb: Optional[TracebackType],
     ) -> bool: ...
 
+class Registered:
+    """A float32 array page-locked in place (``Pipeline.register``); a
+    context manager that unregisters it on exit."""
+
+    @property
+    def array(self) -> npt.NDArray[np.float32]:
+        """The registered array itself (no copy)."""
+    @property
+    def pinned(self) -> bool:
+        """Page-locked on a GPU now (False on the host backend, or closed)."""
+    def __len__(self) -> int: ...
+    def close(self) -> None:
+        """Unregisters the array once the GPU is done with it."""
+    def __enter__(self) -> Registered: ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+
 class Pipeline:
     """Stages in an order, streaming float32 data through them in chunks on
     a GPU or on CPU threads (``backend="host"``)."""
@@ -142,12 +163,20 @@ class Pipeline:
         """Runs only these stages, in this order."""
     def output_len(self, n: int) -> int:
         """Elements a run over ``n`` elements produces."""
+    def register(self, array: npt.NDArray[np.float32]) -> Registered:
+        """Page-locks ``array`` in place for this pipeline's GPU (no copy):
+        runs from one registered array into another need no staging."""
+    @overload
+    def run(self, input: Union[_Input, Registered], out: Registered) -> Registered: ...
+    @overload
     def run(
-        self, input: _Input, out: Optional[npt.NDArray[np.float32]] = None
+        self,
+        input: Union[_Input, Registered],
+        out: Optional[npt.NDArray[np.float32]] = None,
     ) -> npt.NDArray[np.float32]:
         """Streams ``input`` through the stages (GIL released); returns the
         output (``out`` when given). Non-float32 or non-contiguous input is
-        copied first."""
+        copied first; two ``Registered`` arrays run with no staging."""
     def graph_output_lens(self, graph: Graph, n: int) -> List[int]:
         """Elements each output of ``graph`` gets from ``n`` input elements."""
     def run_graph(

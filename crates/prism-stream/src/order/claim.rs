@@ -191,9 +191,13 @@ mod tests {
             for b in bytes {
                 let slot = &self.0[cell][b];
                 ok &= match access {
-                    Access::Write => slot.compare_exchange(0, -1, Ordering::SeqCst, Ordering::SeqCst).is_ok(),
+                    Access::Write => slot
+                        .compare_exchange(0, -1, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok(),
                     Access::Read => slot
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| (v >= 0).then_some(v + 1))
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                            (v >= 0).then_some(v + 1)
+                        })
                         .is_ok(),
                 };
             }
@@ -208,7 +212,9 @@ mod tests {
                         let _ = slot.compare_exchange(-1, 0, Ordering::SeqCst, Ordering::SeqCst);
                     }
                     Access::Read => {
-                        let _ = slot.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| (v > 0).then_some(v - 1));
+                        let _ = slot.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                            (v > 0).then_some(v - 1)
+                        });
                     }
                 }
             }
@@ -219,12 +225,16 @@ mod tests {
     type Op = Vec<(usize, bool, usize, usize)>;
 
     fn op() -> impl Strategy<Value = Op> {
-        proptest::collection::btree_map(0..CELLS, (any::<bool>(), 0..BYTES - 1, 1..6usize), 1..=CELLS)
-            .prop_map(|m| {
-                m.into_iter()
-                    .map(|(c, (w, s, l))| (c, w, s, l.min(BYTES - s)))
-                    .collect()
-            })
+        proptest::collection::btree_map(
+            0..CELLS,
+            (any::<bool>(), 0..BYTES - 1, 1..6usize),
+            1..=CELLS,
+        )
+        .prop_map(|m| {
+            m.into_iter()
+                .map(|(c, (w, s, l))| (c, w, s, l.min(BYTES - s)))
+                .collect()
+        })
     }
 
     proptest! {
@@ -294,9 +304,18 @@ mod tests {
         let (a, b, c) = (UseCell::default(), UseCell::default(), UseCell::default());
         let outer = claim(vec![want(&a, Access::Read, 0, 8)]).unwrap();
         // Reads share; disjoint bytes do not conflict.
-        drop(claim(vec![want(&a, Access::Read, 0, 8), want(&b, Access::Write, 0, 8)]).unwrap());
+        drop(
+            claim(vec![
+                want(&a, Access::Read, 0, 8),
+                want(&b, Access::Write, 0, 8),
+            ])
+            .unwrap(),
+        );
         drop(claim(vec![want(&a, Access::Write, 8, 8)]).unwrap());
-        match claim(vec![want(&b, Access::Read, 0, 1), want(&a, Access::Write, 7, 2)]) {
+        match claim(vec![
+            want(&b, Access::Read, 0, 1),
+            want(&a, Access::Write, 7, 2),
+        ]) {
             Err(Error::BufferBusy { here: true, .. }) => {}
             other => panic!("a write over this thread's open read: {other:?}"),
         }

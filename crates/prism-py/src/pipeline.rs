@@ -53,6 +53,8 @@ pub(crate) struct Pipeline {
     backend: &'static str,
     device: String,
     config: PipelineConfig,
+    /// The GPU of a GPU pipeline (for `register`, which needs no run).
+    gpu: Option<prism_stream::Gpu>,
 }
 
 impl Pipeline {
@@ -156,11 +158,13 @@ impl Pipeline {
             BackendKind::Host => "host",
         };
         let device = pm.get_stats().device.clone();
+        let gpu = pm.gpu().cloned();
         Ok(Self {
             shared: Arc::new(Mutex::new(Some(pm))),
             backend,
             device,
             config,
+            gpu,
         })
     }
 
@@ -246,12 +250,15 @@ impl Pipeline {
     ///     array.
     ///
     /// Raises:
-    ///     TypeError, ValueError: not such an array.
-    ///     PrismError: the driver refused (memory registered already).
+    ///     TypeError, ValueError: not such an array (empty, read-only,
+    ///         misaligned, strided), or one sharing memory pages with an
+    ///         array registered already.
     ///     OutOfMemoryError: the pages cannot be locked.
+    ///
+    /// The array must keep its memory while registered: do not resize it
+    /// (or the tensor it is a view of) until ``close()``.
     fn register(&self, py: Python<'_>, array: &Bound<'_, PyAny>) -> PyResult<Registered> {
-        let gpu = self.with(py, |pm| pm.gpu().cloned())?;
-        Registered::new(py, array, gpu.as_ref())
+        Registered::new(py, array, self.gpu.as_ref())
     }
 
     /// Elements a run over ``n`` input elements produces (chunk by chunk:
@@ -298,26 +305,45 @@ impl Pipeline {
     ) -> PyResult<Bound<'py, PyAny>> {
         let reg_in = input.cast::<Registered>().ok();
         let reg_out = out.and_then(|o| o.cast::<Registered>().ok());
-        if let (Some(ri), Some(ro), Some(out)) = (reg_in, reg_out, out) {
-            if ri.get().on_gpu() && ro.get().on_gpu() {
-                if ri.is(ro) {
-                    return Err(PyValueError::new_err(
-                        "out cannot be written: it must not overlap input (both are the same registered array)",
-                    ));
-                }
-                let (gi, mut go) = (ri.get().lock(py)?, ro.get().lock(py)?);
-                if let (Some(i), Some(o)) = (gi.as_ref(), go.as_mut()) {
-                    self.with(py, |pm| {
-                        py.detach(|| {
-                            pm.run_pinned(i, o)?;
-                            // The array is Python's again when run returns.
-                            o.wait_idle().map_err(prism_pipeline::Error::from)
-                        })
-                    })?
-                    .map_err(|e| pipeline_error(py, &e))?;
-                    return Ok(out.clone());
-                }
+        if let (Some(ri), Some(ro)) = (reg_in, reg_out) {
+            if ri.is(ro) {
+                return Err(PyValueError::new_err(
+                    "out cannot be written: it must not overlap input (both are the same registered array)",
+                ));
             }
+        }
+        // Held for the whole call, whichever path runs: no other run uses
+        // a registered array meanwhile (BusyError).
+        let held_in = reg_in.map(|r| r.get().lock(py)).transpose()?;
+        let mut held_out = reg_out.map(|r| r.get().lock(py)).transpose()?;
+        if let (Some(Some(i)), Some(Some(o)), Some(ri), Some(ro), Some(out), "gpu") = (
+            held_in.as_deref(),
+            held_out.as_deref_mut(),
+            reg_in,
+            reg_out,
+            out,
+            self.backend,
+        ) {
+            // NumPy's borrow flags too, for the run: a plain-array call
+            // on the same memory (through `.array`) is refused meanwhile.
+            let (ia, oa) = (ri.get().array_bound(py), ro.get().array_bound(py));
+            let _read = ia
+                .try_readonly()
+                .map_err(|e| PyValueError::new_err(format!("input cannot be read: {e}")))?;
+            let _write = oa.try_readwrite().map_err(|e| {
+                PyValueError::new_err(format!("out cannot be written ({e}): it must be writeable"))
+            })?;
+            self.with(py, |pm| {
+                py.detach(|| {
+                    let run = pm.run_pinned(i, o);
+                    // Both arrays are Python's again when run returns, on
+                    // every path.
+                    let (wi, wo) = (i.wait_idle(), o.wait_idle());
+                    run.and(wi.map_err(Into::into)).and(wo.map_err(Into::into))
+                })
+            })?
+            .map_err(|e| pipeline_error(py, &e))?;
+            return Ok(out.clone());
         }
         // Otherwise a registered array runs as the array it holds.
         let input = match reg_in {

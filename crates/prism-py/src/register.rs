@@ -8,6 +8,7 @@
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
+use prism_stream::cudarc::driver::sys::CUresult;
 use prism_stream::PinnedBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -21,16 +22,18 @@ use crate::errors;
 /// is pinned and it runs as its array would.
 ///
 /// ``array`` is the array itself (not a copy). While a run uses it, other
-/// Python threads must not touch the array (as with ``run``'s in-place
-/// arguments). ``close()`` unregisters it (after the GPU is done with it);
-/// so does leaving a ``with`` block or the object being collected.
+/// prism calls on the array are refused (``BusyError``, or ``ValueError``
+/// from NumPy's borrow flags) and other Python threads must not touch it
+/// (as with ``run``'s in-place arguments). The array must keep its memory
+/// while registered: do not ``resize`` it (or the tensor it views).
+/// ``close()`` unregisters it (after the GPU is done with it); so does
+/// leaving a ``with`` block or the object being collected. A closed
+/// ``Registered`` runs as its array (staged).
 #[pyclass(module = "prism._prism", frozen)]
 pub(crate) struct Registered {
     array: Py<PyArray1<f32>>,
     /// The page-locked buffer (`None`: the host backend, or closed).
     pinned: Mutex<Option<PinnedBuffer<f32>>>,
-    /// Registered on a GPU (as opposed to a host pipeline's plain array).
-    on_gpu: bool,
 }
 
 impl Registered {
@@ -56,9 +59,11 @@ impl Registered {
             return Ok(Self {
                 array: arr.clone().unbind(),
                 pinned: Mutex::new(None),
-                on_gpu: false,
             });
         };
+        if arr.len() == 0 {
+            return Err(PyValueError::new_err("the array to register is empty"));
+        }
         let (ptr, len) = (arr.data(), arr.len());
         let owner: Box<dyn std::any::Any + Send + Sync> = Box::new(arr.clone().unbind());
         let gpu = gpu.clone();
@@ -74,49 +79,59 @@ impl Registered {
                 // code (a NumPy array cannot be borrowed from Python).
                 unsafe { PinnedBuffer::register_external(&gpu, ptr as *mut f32, len, owner) }
             })
-            .map_err(|e| {
-                let msg = e.to_string();
-                errors::stream_error(py, &e, msg)
+            .map_err(|e| match e {
+                prism_stream::Error::Driver { source, .. }
+                    if source.0 == CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED =>
+                {
+                    PyValueError::new_err(
+                        "the array shares memory pages with an array registered already (the driver locks whole pages): register one array over both, or copy one",
+                    )
+                }
+                e => {
+                    let msg = e.to_string();
+                    errors::stream_error(py, &e, msg)
+                }
             })?;
         Ok(Self {
             array: arr.clone().unbind(),
             pinned: Mutex::new(Some(pinned)),
-            on_gpu: true,
         })
     }
 
-    /// The page-locked buffer for a run: `Ok(None)` on the host backend,
-    /// `BusyError` while another thread's run holds it, `ValueError` once
-    /// closed.
+    /// The page-locked buffer for a run (`None`: the host backend, or
+    /// closed), or `BusyError` while another thread's run holds it.
     pub(crate) fn lock<'a>(
         &'a self,
         py: Python<'_>,
     ) -> PyResult<MutexGuard<'a, Option<PinnedBuffer<f32>>>> {
-        let g = match self.pinned.try_lock() {
-            Ok(g) => g,
-            Err(TryLockError::WouldBlock) => {
-                return Err(errors::plain(
-                    py,
-                    "BusyError",
-                    "the registered array is in use by a run in another thread",
-                ))
-            }
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-        };
-        if self.on_gpu && g.is_none() {
-            return Err(PyValueError::new_err("the registered array was closed"));
+        match self.pinned.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::WouldBlock) => Err(errors::plain(
+                py,
+                "BusyError",
+                "the registered array is in use by a run in another thread",
+            )),
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
         }
-        Ok(g)
-    }
-
-    /// Pinned on a GPU (even if closed since).
-    pub(crate) fn on_gpu(&self) -> bool {
-        self.on_gpu
     }
 
     /// The array, for runs on the host backend.
     pub(crate) fn array_bound<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
         self.array.bind(py).clone()
+    }
+}
+
+impl Drop for Registered {
+    /// Collected while still registered: unregistering waits for the GPU,
+    /// so without the GIL (as `close()`).
+    fn drop(&mut self) {
+        let buf = match self.pinned.get_mut() {
+            Ok(g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some(buf) = buf {
+            Python::attach(|py| py.detach(move || drop(buf)));
+        }
     }
 }
 
@@ -132,7 +147,13 @@ impl Registered {
     /// backend, and after ``close()``).
     #[getter]
     fn pinned(&self) -> bool {
-        self.pinned.lock().map(|g| g.is_some()).unwrap_or(false)
+        // Never blocks (a run holds the lock without the GIL, and takes the
+        // GIL back before it lets go): held by a run means pinned.
+        match self.pinned.try_lock() {
+            Ok(g) => g.is_some(),
+            Err(TryLockError::WouldBlock) => true,
+            Err(TryLockError::Poisoned(p)) => p.into_inner().is_some(),
+        }
     }
 
     fn __len__(&self, py: Python<'_>) -> usize {

@@ -99,15 +99,27 @@ def test_gpu_registered_arrays_run_with_no_staging(rng):
         with pytest.raises(ValueError, match="overlap"):
             p.run(xr, out=xr)
         # The same memory twice: the driver refuses, typed.
-        with pytest.raises(prism.PrismError):
+        with pytest.raises(ValueError, match="registered already"):
             p.register(x)
+        # While registered, plain calls over the same memory still run
+        # (staged): the borrow flags are free between runs.
+        assert_bits_equal(p.run(xr.array), want)
         with pytest.raises(prism.LengthError):
             short = np.empty(n - 1, dtype=np.float32)
             with p.register(short) as sr:
                 p.run(xr, out=sr)
     assert not xr.pinned
-    with pytest.raises(ValueError, match="closed"):
-        p.run(xr, out=outr)
+    # Closed: runs as its arrays (staged).
+    out.fill(np.nan)
+    assert p.run(xr, out=outr) is outr
+    assert_bits_equal(out, want)
+    # A host pipeline given GPU-registered arrays runs them as arrays.
+    h = prism.Pipeline("host")
+    h.add_stage(prism.Fma(a=1.000244, b=-0.5, iters=2))
+    with p.register(x) as xr2, p.register(out) as outr2:
+        out.fill(np.nan)
+        h.run(xr2, out=outr2)
+        assert_bits_equal(out, want)
     # A plain array still runs (staged); the registered memory was released.
     assert_bits_equal(p.run(x), want)
     with p.register(x) as again:

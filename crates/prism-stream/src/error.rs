@@ -134,7 +134,6 @@ pub enum Error {
     /// A host buffer that a queued GPU operation still reads or writes.
     #[error("{what} is still in use by a queued GPU operation; wait for it (or poll) first")]
     BufferInFlight { what: &'static str },
-    /// A pinned buffer the device cannot access directly.
     /// An op could not claim a buffer (ordering rule 7): `here`, this
     /// thread is still queuing a conflicting op on it (an outside-work
     /// closure queued another op on a buffer its own block uses); else
@@ -146,7 +145,7 @@ pub enum Error {
         "being queued on by another thread, and this thread is inside an outside-work block or launcher, where waiting for it could deadlock"
     })]
     BufferBusy { what: &'static str, here: bool },
-
+    /// A pinned buffer the device cannot access directly.
     #[error("{what} is not mapped into the device's address space (zero-copy access needs a device that can map host memory)")]
     NotMapped { what: &'static str },
     /// A name the driver cannot take (it holds a NUL byte).

@@ -622,10 +622,12 @@ impl<T: Element> PinnedBuffer<T> {
     ///
     /// # Safety
     ///
-    /// `ptr` must point to `len` initialised elements that stay allocated
-    /// while `owner` lives, and that nothing but the returned buffer reads
-    /// or writes until it is dropped (prism's GPU copies write them; a
-    /// concurrent access elsewhere is a data race).
+    /// `ptr` must be aligned for `T` and point to `len` initialised
+    /// elements (`len * size_of::<T>()` at most `isize::MAX` bytes) that
+    /// stay allocated, at that address, while `owner` lives, and that
+    /// nothing but the returned buffer reads or writes until it is dropped
+    /// (prism's GPU copies write them; a concurrent access elsewhere is a
+    /// data race). [`into_vec`](Self::into_vec) of such a buffer copies.
     pub unsafe fn register_external(
         gpu: &Gpu,
         ptr: *mut T,

@@ -177,7 +177,9 @@ impl<'a> Outside<'a> {
     /// waits for it. An op queued from inside `work` that conflicts with
     /// this block's buffers, or meets another thread's op being queued on
     /// its own, is refused with [`Error::BufferBusy`] (waiting could
-    /// deadlock).
+    /// deadlock). The refusal is per thread: `work` must not wait for
+    /// other threads (joined helpers, locks, channels) that queue prism
+    /// work on the block's buffers, which would wait for the block.
     ///
     /// # Safety
     ///

@@ -27,7 +27,7 @@ fn generate() {
     }
     println!("cargo:rerun-if-changed={}", include.display());
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("sys.rs");
-    bindgen::Builder::default()
+    let bindings = bindgen::Builder::default()
         .header(header.to_string_lossy())
         .clang_arg(format!("-I{}", include.display()))
         // The CUDA runtime header is not needed: nvcomp.h declares
@@ -47,6 +47,14 @@ fn generate() {
         .derive_default(true)
         .generate()
         .expect("bindgen could not parse nvCOMP's headers (is libclang installed?)")
-        .write_to_file(&out)
-        .expect("write bindings to OUT_DIR");
+        .to_string();
+    // bindgen writes the loader for libloading 0.8 (`AsRef<OsStr>` paths);
+    // the workspace uses 0.9 (cudarc's), whose paths are `AsFilename`.
+    let old = "P: AsRef<::std::ffi::OsStr>";
+    assert!(
+        bindings.contains(old),
+        "bindgen's loader changed: update the libloading fix-up in build.rs"
+    );
+    let bindings = bindings.replace(old, "P: ::libloading::AsFilename");
+    std::fs::write(&out, bindings).expect("write bindings to OUT_DIR");
 }

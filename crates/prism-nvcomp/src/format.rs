@@ -240,6 +240,9 @@ impl<R: Read + Seek> ChunkFileReader<R> {
         if &t[40..48] != MAGIC_END {
             return Err(Error::Truncated { what: "trailer (end magic missing)", needed: min, available: len });
         }
+        if t[32..40].iter().any(|&b| b != 0) {
+            return Err(Error::Corrupt("trailer's reserved bytes are not zero".into()));
+        }
         let (chunks, total, payload) = (u64_at(&t, 0), u64_at(&t, 8), u64_at(&t, 16));
         let table_len = chunks.checked_mul(ENTRY).ok_or_else(|| Error::Corrupt(format!("{chunks} chunks")))?;
         let needed = [HEADER, payload, table_len, TRAILER]

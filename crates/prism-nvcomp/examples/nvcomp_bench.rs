@@ -78,15 +78,38 @@ fn sensor(i: u64) -> f32 {
 /// Text-like bytes: log lines from a small vocabulary.
 fn text(n: usize) -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "GET", "POST", "/api/v1/items", "/index.html", "200", "404", "user", "session", "ok",
-        "timeout", "INFO", "WARN", "request", "latency_ms=", "bytes=", "host=node", "cache",
-        "miss", "hit", "the", "of", "and", "error", "retry",
+        "GET",
+        "POST",
+        "/api/v1/items",
+        "/index.html",
+        "200",
+        "404",
+        "user",
+        "session",
+        "ok",
+        "timeout",
+        "INFO",
+        "WARN",
+        "request",
+        "latency_ms=",
+        "bytes=",
+        "host=node",
+        "cache",
+        "miss",
+        "hit",
+        "the",
+        "of",
+        "and",
+        "error",
+        "retry",
     ];
     let mut out = Vec::with_capacity(n + 64);
     let mut s = 0x2545_F491u32;
     let mut line = 0u64;
     while out.len() < n {
-        out.extend_from_slice(format!("2026-12-07T10:{:02}:{:02} ", (line / 60) % 60, line % 60).as_bytes());
+        out.extend_from_slice(
+            format!("2026-12-07T10:{:02}:{:02} ", (line / 60) % 60, line % 60).as_bytes(),
+        );
         for _ in 0..8 {
             s ^= s << 13;
             s ^= s >> 17;
@@ -130,11 +153,7 @@ fn measure_codec<T: Element>(
     let mut sizes = Vec::new();
     for _ in 0..4 {
         let start = lane.timed_fence()?;
-        let pending = {
-            let mut l = lane.launch();
-            let p = comp.compress(&mut l, &input, bytes, &mut packed)?;
-            p
-        };
+        let pending = comp.compress(&mut lane.launch(), &input, bytes, &mut packed)?;
         let end = lane.timed_fence()?;
         sizes = pending.wait()?;
         lane.synchronize()?;
@@ -143,18 +162,18 @@ fn measure_codec<T: Element>(
     let locs: Vec<ChunkLoc> = sizes
         .iter()
         .enumerate()
-        .map(|(i, &c)| ChunkLoc { offset: i * comp.stride(), compressed: c, uncompressed: chunk.min(bytes - i * chunk) })
+        .map(|(i, &c)| ChunkLoc {
+            offset: i * comp.stride(),
+            compressed: c,
+            uncompressed: chunk.min(bytes - i * chunk),
+        })
         .collect();
     let mut dec = Decompressor::new(nv, lane, codec, chunk, n)?;
     let mut out = DeviceBuffer::<u8>::zeroed(lane, bytes)?;
     let mut best_d = f64::MAX;
     for _ in 0..4 {
         let start = lane.timed_fence()?;
-        let pending = {
-            let mut l = lane.launch();
-            let p = dec.decompress(&mut l, &packed, &locs, &mut out)?;
-            p
-        };
+        let pending = dec.decompress(&mut lane.launch(), &packed, &locs, &mut out)?;
         let end = lane.timed_fence()?;
         pending.wait()?;
         lane.synchronize()?;
@@ -189,9 +208,23 @@ fn link_rate(gpu: &Gpu, lane: &mut Lane) -> BoxResult<f64> {
 // ---- the stream ----
 
 /// The dataset compressed on the GPU, batch by batch, into a chunk file in memory.
-fn build_file(nv: &Nvcomp, gpu: &Gpu, lane: &mut Lane, codec: Codec, elems: u64, chunk: usize) -> BoxResult<Vec<u8>> {
+fn build_file(
+    nv: &Nvcomp,
+    gpu: &Gpu,
+    lane: &mut Lane,
+    codec: Codec,
+    elems: u64,
+    chunk: usize,
+) -> BoxResult<Vec<u8>> {
     let batch_elems = (256usize << 20) / 4;
-    let mut comp = Compressor::new(nv, lane, codec, DataType::U32, chunk, (batch_elems * 4).div_ceil(chunk))?;
+    let mut comp = Compressor::new(
+        nv,
+        lane,
+        codec,
+        DataType::U32,
+        chunk,
+        (batch_elems * 4).div_ceil(chunk),
+    )?;
     let mut w = ChunkFileWriter::new(Vec::new(), codec, 4, chunk as u64)?;
     let mut host_in = PinnedBuffer::<f32>::new(gpu, batch_elems, HostAllocFlags::UPLOAD_ONLY)?;
     let mut dev_in = DeviceBuffer::<f32>::zeroed(lane, batch_elems)?;
@@ -204,11 +237,7 @@ fn build_file(nv: &Nvcomp, gpu: &Gpu, lane: &mut Lane, codec: Codec, elems: u64,
             *v = sensor(at + j as u64);
         }
         lane.copy_htod(&host_in, 0, &mut dev_in, 0, len)?;
-        let pending = {
-            let mut l = lane.launch();
-            let p = comp.compress(&mut l, &dev_in, len * 4, &mut dev_out)?;
-            p
-        };
+        let pending = comp.compress(&mut lane.launch(), &dev_in, len * 4, &mut dev_out)?;
         let sizes = pending.wait()?;
         let used = sizes.len() * comp.stride();
         lane.copy_dtoh(&dev_out, 0, &mut host_out, 0, used)?;
@@ -224,7 +253,7 @@ fn build_file(nv: &Nvcomp, gpu: &Gpu, lane: &mut Lane, codec: Codec, elems: u64,
 
 /// Streams the file through `stage`, checking every output element against
 /// `stage.host` over the regenerated input.
-fn stream_through<S: Stage<f32>>(
+fn stream_through<S: Stage<f32> + Clone>(
     nv: &Nvcomp,
     gpu: &Gpu,
     file: &[u8],
@@ -251,25 +280,42 @@ fn stream_through<S: Stage<f32>>(
     let mut checked = 0u64;
     let mut input = Vec::new();
     let mut expect = Vec::new();
-    let host = HostStage::of(stage);
-    let report = run_compressed(gpu, nv, &mut reader, stage, StreamConfig { chunks_per_frame: frame_chunks, slots: 3 }, |frame, out: &[f32]| {
-        let base = frame * frame_elems as u64;
-        let n = frame_elems.min((info.total_bytes / 4 - base) as usize);
-        input.clear();
-        input.extend((0..n as u64).map(|j| sensor(base + j)));
-        expect.resize(out.len(), 0.0);
-        host.run(&input, &mut expect)?;
-        for (g, c) in out.iter().zip(&expect) {
-            let ok = if exact { g.to_bits() == c.to_bits() } else { (g - c).abs() <= 1e-5 * c.abs().max(1.0) };
-            bad += u64::from(!ok);
-        }
-        checked += out.len() as u64;
-        Ok(())
-    })?;
+    // The CPU form, from a copy of the stage's parameters (the stage itself
+    // is lent to the run).
+    let host = stage.clone();
+    let name = stage.name().to_string();
+    let report = run_compressed(
+        gpu,
+        nv,
+        &mut reader,
+        stage,
+        StreamConfig {
+            chunks_per_frame: frame_chunks,
+            slots: 3,
+        },
+        |frame, out: &[f32]| {
+            let base = frame * frame_elems as u64;
+            let n = frame_elems.min((info.total_bytes / 4 - base) as usize);
+            input.clear();
+            input.extend((0..n as u64).map(|j| sensor(base + j)));
+            expect.resize(out.len(), 0.0);
+            host.host(&input, &mut expect)?;
+            for (g, c) in out.iter().zip(&expect) {
+                let ok = if exact {
+                    g.to_bits() == c.to_bits()
+                } else {
+                    (g - c).abs() <= 1e-5 * c.abs().max(1.0)
+                };
+                bad += u64::from(!ok);
+            }
+            checked += out.len() as u64;
+            Ok(())
+        },
+    )?;
     let eff = report.effective_rate() / 1e9;
     println!(
         "  stream {}: {} frames, {:.2} GiB uncompressed, {:.2} GiB crossed the link (ratio {:.2}), wall {:.3} s",
-        host.name,
+        name,
         report.frames,
         report.uncompressed_bytes as f64 / (1u64 << 30) as f64,
         report.uploaded_bytes as f64 / (1u64 << 30) as f64,
@@ -278,36 +324,18 @@ fn stream_through<S: Stage<f32>>(
     );
     println!(
         "  stream {}: effective input rate {eff:.1} GB/s = {:.2} x the link's one-way {link:.1} GB/s; {checked} outputs checked ({}), {bad} wrong",
-        host.name,
+        name,
         eff / link,
         if exact { "bit for bit" } else { "relative 1e-5" }
     );
     if bad > 0 || checked != report.output_elements {
-        return Err(format!("stream {}: {bad} wrong outputs, {checked} of {} checked", host.name, report.output_elements).into());
+        return Err(format!(
+            "stream {}: {bad} wrong outputs, {checked} of {} checked",
+            name, report.output_elements
+        )
+        .into());
     }
     Ok(())
-}
-
-/// The CPU form of the streamed stage (a copy of its parameters, so the
-/// sink can run it while the stage itself is lent to the run).
-struct HostStage {
-    name: String,
-    run: Box<dyn Fn(&[f32], &mut [f32]) -> Result<(), prism_nvcomp::BoxError>>,
-}
-
-impl HostStage {
-    fn of<S: Stage<f32>>(stage: &S) -> Self {
-        let name = stage.name().to_string();
-        // Only the two stages this bench streams.
-        let run: Box<dyn Fn(&[f32], &mut [f32]) -> Result<(), prism_nvcomp::BoxError>> = match name.as_str() {
-            "fma" => Box::new(|i: &[f32], o: &mut [f32]| Fma { a: 1.0001, b: 0.5, iters: 1 }.host(i, o)),
-            _ => Box::new(|i: &[f32], o: &mut [f32]| GroupSum { group: 1024 }.host(i, o)),
-        };
-        Self { name, run }
-    }
-    fn run(&self, i: &[f32], o: &mut [f32]) -> Result<(), prism_nvcomp::BoxError> {
-        (self.run)(i, o)
-    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -347,7 +375,10 @@ fn run(args: &Args) -> BoxResult<()> {
     let codecs: Vec<Codec> = if args.codecs.is_empty() {
         Codec::ALL.to_vec()
     } else {
-        args.codecs.iter().map(|c| Codec::from_name(c).ok_or(format!("unknown codec {c}"))).collect::<Result<_, _>>()?
+        args.codecs
+            .iter()
+            .map(|c| Codec::from_name(c).ok_or(format!("unknown codec {c}")))
+            .collect::<Result<_, _>>()?
     };
     let chunk = args.chunk_kib << 10;
     let bytes = args.mib << 20;
@@ -356,18 +387,34 @@ fn run(args: &Args) -> BoxResult<()> {
     let floats: Vec<f32> = (0..(bytes / 4) as u64).map(sensor).collect();
     let words = text(bytes);
     println!("per codec, {} MiB per shape, {} KiB chunks (GPU time, best of 3 after a warm-up; GB/s of uncompressed bytes):", args.mib, args.chunk_kib);
-    println!("  {:<9} {:<14} {:>7} {:>12} {:>14}", "codec", "data", "ratio", "compress", "decompress");
+    println!(
+        "  {:<9} {:<14} {:>7} {:>12} {:>14}",
+        "codec", "data", "ratio", "compress", "decompress"
+    );
     for &codec in &codecs {
         let shapes: [(&str, BoxResult<CodecFigures>); 3] = [
-            ("sorted u32", measure_codec(&nv, &mut lane, codec, &ints, chunk)),
-            ("sensor f32", measure_codec(&nv, &mut lane, codec, &floats, chunk)),
-            ("text bytes", measure_codec(&nv, &mut lane, codec, &words, chunk)),
+            (
+                "sorted u32",
+                measure_codec(&nv, &mut lane, codec, &ints, chunk),
+            ),
+            (
+                "sensor f32",
+                measure_codec(&nv, &mut lane, codec, &floats, chunk),
+            ),
+            (
+                "text bytes",
+                measure_codec(&nv, &mut lane, codec, &words, chunk),
+            ),
         ];
         for (shape, r) in shapes {
             match r {
                 Ok(f) => println!(
                     "  {:<9} {:<14} {:>7.2} {:>9.1} GB/s {:>9.1} GB/s",
-                    codec.name(), shape, f.ratio, f.compress_gbps, f.decompress_gbps
+                    codec.name(),
+                    shape,
+                    f.ratio,
+                    f.compress_gbps,
+                    f.decompress_gbps
                 ),
                 Err(e) => println!("  {:<9} {:<14} failed: {e}", codec.name(), shape),
             }
@@ -391,8 +438,28 @@ fn run(args: &Args) -> BoxResult<()> {
         info.ratio(),
         t.elapsed().as_secs_f64()
     );
-    stream_through(&nv, &gpu, &file, &mut Fma { a: 1.0001, b: 0.5, iters: 1 }, args.frame_chunks, link, true)?;
-    stream_through(&nv, &gpu, &file, &mut GroupSum { group: 1024 }, args.frame_chunks, link, false)?;
+    stream_through(
+        &nv,
+        &gpu,
+        &file,
+        &mut Fma {
+            a: 1.0001,
+            b: 0.5,
+            iters: 1,
+        },
+        args.frame_chunks,
+        link,
+        true,
+    )?;
+    stream_through(
+        &nv,
+        &gpu,
+        &file,
+        &mut GroupSum { group: 1024 },
+        args.frame_chunks,
+        link,
+        false,
+    )?;
     println!("nvcomp_bench: OK");
     Ok(())
 }

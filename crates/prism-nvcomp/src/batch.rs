@@ -49,11 +49,19 @@ struct Scratch {
 const BASE_ALIGN: usize = 256;
 
 impl Scratch {
-    fn new(lane: &mut Lane, codec: Codec, max_chunks: usize, temp_bytes: usize, a: Alignments) -> Result<Self> {
+    fn new(
+        lane: &mut Lane,
+        codec: Codec,
+        max_chunks: usize,
+        temp_bytes: usize,
+        a: Alignments,
+    ) -> Result<Self> {
         if a.temp > BASE_ALIGN || a.input > BASE_ALIGN || a.output > BASE_ALIGN {
             return Err(Error::InvalidBatch {
                 codec,
-                detail: format!("nvCOMP asks alignments {a:?}, above a device buffer's {BASE_ALIGN}"),
+                detail: format!(
+                    "nvCOMP asks alignments {a:?}, above a device buffer's {BASE_ALIGN}"
+                ),
             });
         }
         Ok(Self {
@@ -79,7 +87,13 @@ impl Scratch {
     ) -> Result<(Readback<usize>, Readback<i32>)> {
         launch.upload_slice(table, &mut self.table, 0)?;
         let m = self.max_chunks as u64;
-        let Scratch { table, sizes, statuses, temp, .. } = self;
+        let Scratch {
+            table,
+            sizes,
+            statuses,
+            temp,
+            ..
+        } = self;
         let temp_bytes = temp.num_bytes();
         let mut o = launch.outside();
         // Named so that the call is ordered against their other uses; their
@@ -167,22 +181,38 @@ impl Pending {
         for (chunk, &s) in statuses.iter().enumerate() {
             let status = Status(s);
             if !status.is_success() {
-                return Err(Error::ChunkFailed { codec: self.codec, chunk, status });
+                return Err(Error::ChunkFailed {
+                    codec: self.codec,
+                    chunk,
+                    status,
+                });
             }
         }
         match &self.expected {
             Some(expected) => {
                 for (chunk, (&actual, &expected)) in sizes.iter().zip(expected).enumerate() {
                     if actual != expected {
-                        return Err(Error::SizeMismatch { codec: self.codec, chunk, expected, actual });
+                        return Err(Error::SizeMismatch {
+                            codec: self.codec,
+                            chunk,
+                            expected,
+                            actual,
+                        });
                     }
                 }
             }
             None => {
-                if let Some((chunk, &actual)) = sizes.iter().enumerate().find(|(_, &s)| s == 0 || s > self.limit) {
+                if let Some((chunk, &actual)) = sizes
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &s)| s == 0 || s > self.limit)
+                {
                     return Err(Error::InvalidBatch {
                         codec: self.codec,
-                        detail: format!("chunk {chunk} compressed to {actual} bytes, outside 1..={}", self.limit),
+                        detail: format!(
+                            "chunk {chunk} compressed to {actual} bytes, outside 1..={}",
+                            self.limit
+                        ),
                     });
                 }
             }
@@ -213,8 +243,17 @@ impl Compressor {
     /// its buffers allocated (and zeroed) on `lane`. `chunk_bytes` must be a
     /// multiple of the data type's size and of nvCOMP's input alignment, and
     /// at most the codec's limit.
-    pub fn new(nv: &Nvcomp, lane: &mut Lane, codec: Codec, data_type: DataType, chunk_bytes: usize, max_chunks: usize) -> Result<Self> {
-        let _span = tracing::debug_span!("prism.nvcomp.compressor", %codec, chunk_bytes, max_chunks).entered();
+    pub fn new(
+        nv: &Nvcomp,
+        lane: &mut Lane,
+        codec: Codec,
+        data_type: DataType,
+        chunk_bytes: usize,
+        max_chunks: usize,
+    ) -> Result<Self> {
+        let _span =
+            tracing::debug_span!("prism.nvcomp.compressor", %codec, chunk_bytes, max_chunks)
+                .entered();
         check_shape(codec, chunk_bytes, max_chunks)?;
         let a = nv.compress_alignments(codec, data_type)?;
         if !chunk_bytes.is_multiple_of(a.input.max(data_type.size())) {
@@ -227,10 +266,18 @@ impl Compressor {
             });
         }
         let max_out = nv.max_compressed_bytes(codec, data_type, chunk_bytes)?;
-        let stride = round_up(max_out, a.output.max(crate::format::ALIGN));
+        let stride = round_up(max_out, a.output.max(crate::types::ALIGN));
         let temp = nv.compress_temp_bytes(codec, data_type, max_chunks, chunk_bytes)?;
         let scratch = Scratch::new(lane, codec, max_chunks, temp, a)?;
-        Ok(Self { nv: nv.clone(), codec, data_type, chunk_bytes, max_out, stride, scratch })
+        Ok(Self {
+            nv: nv.clone(),
+            codec,
+            data_type,
+            chunk_bytes,
+            max_out,
+            stride,
+            scratch,
+        })
     }
 
     /// The codec.
@@ -267,21 +314,41 @@ impl Compressor {
     ) -> Result<Pending> {
         let codec = self.codec;
         if input_bytes == 0 {
-            return Err(Error::ZeroLength { what: "compression input" });
+            return Err(Error::ZeroLength {
+                what: "compression input",
+            });
         }
         if input_bytes > input.num_bytes() {
-            return Err(Error::TooSmall { what: "compression input buffer", needed: input_bytes, available: input.num_bytes() });
+            return Err(Error::TooSmall {
+                what: "compression input buffer",
+                needed: input_bytes,
+                available: input.num_bytes(),
+            });
         }
         if !input_bytes.is_multiple_of(self.data_type.size()) {
-            return Err(Error::InvalidBatch { codec, detail: format!("{input_bytes} bytes is not a whole number of {:?}", self.data_type) });
+            return Err(Error::InvalidBatch {
+                codec,
+                detail: format!(
+                    "{input_bytes} bytes is not a whole number of {:?}",
+                    self.data_type
+                ),
+            });
         }
         let n = input_bytes.div_ceil(self.chunk_bytes);
         if n > self.scratch.max_chunks {
-            return Err(Error::TooSmall { what: "compressor's chunks per batch", needed: n, available: self.scratch.max_chunks });
+            return Err(Error::TooSmall {
+                what: "compressor's chunks per batch",
+                needed: n,
+                available: self.scratch.max_chunks,
+            });
         }
         let needed = n * self.stride;
         if needed > output.num_bytes() {
-            return Err(Error::TooSmall { what: "compression output buffer", needed, available: output.num_bytes() });
+            return Err(Error::TooSmall {
+                what: "compression output buffer",
+                needed,
+                available: output.num_bytes(),
+            });
         }
         // SAFETY: only the addresses are read; they are dereferenced only by
         // the outside work below, which names both buffers.
@@ -292,7 +359,9 @@ impl Compressor {
                 (ib + at as u64, self.chunk_bytes.min(input_bytes - at))
             })
             .collect();
-        let outs: Vec<(u64, usize)> = (0..n).map(|i| (ob + (i * self.stride) as u64, self.max_out)).collect();
+        let outs: Vec<(u64, usize)> = (0..n)
+            .map(|i| (ob + (i * self.stride) as u64, self.max_out))
+            .collect();
         let t = table(self.scratch.max_chunks, &ins, &outs);
         let (nv, dt, max_chunk) = (&self.nv, self.data_type, self.chunk_bytes);
         let (sizes, statuses) = self.scratch.run(launch, &t, n, input, output, |mut b| {
@@ -306,7 +375,13 @@ impl Compressor {
             // buffer and hands the lane's stream.
             unsafe { nv.compress_async(codec, dt, b) }
         })?;
-        Ok(Pending { codec, sizes, statuses, expected: None, limit: self.max_out })
+        Ok(Pending {
+            codec,
+            sizes,
+            statuses,
+            expected: None,
+            limit: self.max_out,
+        })
     }
 }
 
@@ -315,12 +390,17 @@ fn check_shape(codec: Codec, chunk_bytes: usize, max_chunks: usize) -> Result<()
         return Err(Error::ZeroLength { what: "chunk size" });
     }
     if max_chunks == 0 {
-        return Err(Error::ZeroLength { what: "chunks per batch" });
+        return Err(Error::ZeroLength {
+            what: "chunks per batch",
+        });
     }
     if chunk_bytes > codec.max_chunk_bytes() {
         return Err(Error::InvalidBatch {
             codec,
-            detail: format!("chunk of {chunk_bytes} bytes, above the codec's {}", codec.max_chunk_bytes()),
+            detail: format!(
+                "chunk of {chunk_bytes} bytes, above the codec's {}",
+                codec.max_chunk_bytes()
+            ),
         });
     }
     Ok(())
@@ -340,19 +420,36 @@ pub struct Decompressor {
 impl Decompressor {
     /// A decompressor of up to `max_chunks` chunks of at most `chunk_bytes`
     /// (uncompressed) per call, its buffers allocated (and zeroed) on `lane`.
-    pub fn new(nv: &Nvcomp, lane: &mut Lane, codec: Codec, chunk_bytes: usize, max_chunks: usize) -> Result<Self> {
-        let _span = tracing::debug_span!("prism.nvcomp.decompressor", %codec, chunk_bytes, max_chunks).entered();
+    pub fn new(
+        nv: &Nvcomp,
+        lane: &mut Lane,
+        codec: Codec,
+        chunk_bytes: usize,
+        max_chunks: usize,
+    ) -> Result<Self> {
+        let _span =
+            tracing::debug_span!("prism.nvcomp.decompressor", %codec, chunk_bytes, max_chunks)
+                .entered();
         check_shape(codec, chunk_bytes, max_chunks)?;
         let align = nv.decompress_alignments(codec)?;
         if !chunk_bytes.is_multiple_of(align.output) {
             return Err(Error::InvalidBatch {
                 codec,
-                detail: format!("chunk of {chunk_bytes} bytes is not a multiple of the output alignment {}", align.output),
+                detail: format!(
+                    "chunk of {chunk_bytes} bytes is not a multiple of the output alignment {}",
+                    align.output
+                ),
             });
         }
         let temp = nv.decompress_temp_bytes(codec, max_chunks, chunk_bytes)?;
         let scratch = Scratch::new(lane, codec, max_chunks, temp, align)?;
-        Ok(Self { nv: nv.clone(), codec, chunk_bytes, align, scratch })
+        Ok(Self {
+            nv: nv.clone(),
+            codec,
+            chunk_bytes,
+            align,
+            scratch,
+        })
     }
 
     /// The codec.
@@ -380,39 +477,69 @@ impl Decompressor {
         let codec = self.codec;
         let n = chunks.len();
         if n == 0 {
-            return Err(Error::ZeroLength { what: "decompression batch" });
+            return Err(Error::ZeroLength {
+                what: "decompression batch",
+            });
         }
         if n > self.scratch.max_chunks {
-            return Err(Error::TooSmall { what: "decompressor's chunks per batch", needed: n, available: self.scratch.max_chunks });
+            return Err(Error::TooSmall {
+                what: "decompressor's chunks per batch",
+                needed: n,
+                available: self.scratch.max_chunks,
+            });
         }
         let mut total = 0usize;
         for (i, c) in chunks.iter().enumerate() {
-            let bad = |detail: String| Err(Error::InvalidBatch { codec, detail: format!("chunk {i}: {detail}") });
+            let bad = |detail: String| {
+                Err(Error::InvalidBatch {
+                    codec,
+                    detail: format!("chunk {i}: {detail}"),
+                })
+            };
             if c.compressed == 0 || c.uncompressed == 0 {
-                return bad(format!("empty ({} compressed, {} uncompressed bytes)", c.compressed, c.uncompressed));
+                return bad(format!(
+                    "empty ({} compressed, {} uncompressed bytes)",
+                    c.compressed, c.uncompressed
+                ));
             }
-            if c.uncompressed > self.chunk_bytes || (i + 1 < n && c.uncompressed != self.chunk_bytes) {
+            if c.uncompressed > self.chunk_bytes
+                || (i + 1 < n && c.uncompressed != self.chunk_bytes)
+            {
                 return bad(format!(
                     "expands to {} bytes; every chunk holds {} (the last at most that)",
                     c.uncompressed, self.chunk_bytes
                 ));
             }
             if !c.offset.is_multiple_of(self.align.input) {
-                return bad(format!("offset {} is not a multiple of {}", c.offset, self.align.input));
+                return bad(format!(
+                    "offset {} is not a multiple of {}",
+                    c.offset, self.align.input
+                ));
             }
-            let end = c.offset.checked_add(c.compressed).unwrap_or(usize::MAX);
+            let end = c.offset.saturating_add(c.compressed);
             if end > input.num_bytes() {
-                return Err(Error::TooSmall { what: "compressed input buffer", needed: end, available: input.num_bytes() });
+                return Err(Error::TooSmall {
+                    what: "compressed input buffer",
+                    needed: end,
+                    available: input.num_bytes(),
+                });
             }
             total += c.uncompressed;
         }
         if total > output.num_bytes() {
-            return Err(Error::TooSmall { what: "decompression output buffer", needed: total, available: output.num_bytes() });
+            return Err(Error::TooSmall {
+                what: "decompression output buffer",
+                needed: total,
+                available: output.num_bytes(),
+            });
         }
         // SAFETY: only the addresses are read; they are dereferenced only by
         // the outside work below, which names both buffers.
         let (ib, ob) = unsafe { (input.device_ptr(), output.device_ptr()) };
-        let ins: Vec<(u64, usize)> = chunks.iter().map(|c| (ib + c.offset as u64, c.compressed)).collect();
+        let ins: Vec<(u64, usize)> = chunks
+            .iter()
+            .map(|c| (ib + c.offset as u64, c.compressed))
+            .collect();
         let outs: Vec<(u64, usize)> = chunks
             .iter()
             .enumerate()

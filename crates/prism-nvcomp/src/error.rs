@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::codec::{Codec, Status};
+use crate::types::{Codec, Status};
 
 /// A boxed error from user code (a sink).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -24,11 +24,11 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 
 use crate::batch::ChunkLoc;
-use crate::codec::Codec;
+use crate::types::Codec;
 use crate::{Error, Result};
 
 /// Alignment of every chunk in the payload (and in a frame read from it).
-pub const ALIGN: usize = 16;
+pub use crate::types::ALIGN;
 /// The format's version.
 pub const VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"PRISMNVC";
@@ -111,14 +111,24 @@ impl<W: Write> ChunkFileWriter<W> {
         if chunk_bytes == 0 {
             return Err(Error::ZeroLength { what: "chunk size" });
         }
-        if ![1, 2, 4, 8].contains(&element_size) || chunk_bytes % u64::from(element_size) != 0 {
+        if ![1, 2, 4, 8].contains(&element_size)
+            || !chunk_bytes.is_multiple_of(u64::from(element_size))
+        {
             return Err(Error::Corrupt(format!(
                 "element size {element_size} (1, 2, 4 or 8, dividing the chunk's {chunk_bytes} bytes)"
             )));
         }
         let header = header_bytes(codec, element_size, chunk_bytes);
         out.write_all(&header)?;
-        Ok(Self { out, header, chunk_bytes, table: Vec::new(), total: 0, payload: 0, last_short: false })
+        Ok(Self {
+            out,
+            header,
+            chunk_bytes,
+            table: Vec::new(),
+            total: 0,
+            payload: 0,
+            last_short: false,
+        })
     }
 
     /// Appends one compressed chunk that expands to `uncompressed` bytes
@@ -138,9 +148,11 @@ impl<W: Write> ChunkFileWriter<W> {
         self.out.write_all(compressed)?;
         let pad = padded(compressed.len() as u64) - compressed.len() as u64;
         self.out.write_all(&[0u8; ALIGN][..pad as usize])?;
-        self.table.extend_from_slice(&(compressed.len() as u64).to_le_bytes());
+        self.table
+            .extend_from_slice(&(compressed.len() as u64).to_le_bytes());
         self.table.extend_from_slice(&uncompressed.to_le_bytes());
-        self.table.extend_from_slice(&checksum(compressed).to_le_bytes());
+        self.table
+            .extend_from_slice(&checksum(compressed).to_le_bytes());
         self.total += uncompressed;
         self.payload += compressed.len() as u64 + pad;
         Ok(())
@@ -150,7 +162,9 @@ impl<W: Write> ChunkFileWriter<W> {
     pub fn finish(mut self) -> Result<(W, FileInfo)> {
         let chunks = self.table.len() as u64 / ENTRY;
         if chunks == 0 {
-            return Err(Error::ZeroLength { what: "chunk file (no chunk pushed)" });
+            return Err(Error::ZeroLength {
+                what: "chunk file (no chunk pushed)",
+            });
         }
         self.out.write_all(&self.table)?;
         let mut t = [0u8; TRAILER as usize];
@@ -167,7 +181,14 @@ impl<W: Write> ChunkFileWriter<W> {
         let (codec, element_size) = parse_header(&self.header)?;
         Ok((
             self.out,
-            FileInfo { codec, element_size, chunk_bytes: self.chunk_bytes, chunks, total_bytes: self.total, payload_bytes: self.payload },
+            FileInfo {
+                codec,
+                element_size,
+                chunk_bytes: self.chunk_bytes,
+                chunks,
+                total_bytes: self.total,
+                payload_bytes: self.payload,
+            },
         ))
     }
 }
@@ -186,9 +207,12 @@ fn parse_header(h: &[u8]) -> Result<(Codec, u32)> {
     }
     let version = u32_at(h, 8);
     if version != VERSION {
-        return Err(Error::NotAChunkFile(format!("version {version}, this reader reads {VERSION}")));
+        return Err(Error::NotAChunkFile(format!(
+            "version {version}, this reader reads {VERSION}"
+        )));
     }
-    let codec = Codec::from_id(u32_at(h, 12)).ok_or_else(|| Error::Corrupt(format!("unknown codec number {}", u32_at(h, 12))))?;
+    let codec = Codec::from_id(u32_at(h, 12))
+        .ok_or_else(|| Error::Corrupt(format!("unknown codec number {}", u32_at(h, 12))))?;
     let element_size = u32_at(h, 16);
     if ![1, 2, 4, 8].contains(&element_size) {
         return Err(Error::Corrupt(format!("element size {element_size}")));
@@ -224,34 +248,52 @@ impl<R: Read + Seek> ChunkFileReader<R> {
         let len = src.seek(SeekFrom::End(0))?;
         let min = HEADER + TRAILER;
         if len < min {
-            return Err(Error::Truncated { what: "header and trailer", needed: min, available: len });
+            return Err(Error::Truncated {
+                what: "header and trailer",
+                needed: min,
+                available: len,
+            });
         }
         let mut header = [0u8; HEADER as usize];
         src.seek(SeekFrom::Start(0))?;
         src.read_exact(&mut header)?;
         let (codec, element_size) = parse_header(&header)?;
         let chunk_bytes = u64_at(&header, 24);
-        if chunk_bytes == 0 || chunk_bytes % u64::from(element_size) != 0 {
-            return Err(Error::Corrupt(format!("chunk size {chunk_bytes} for elements of {element_size} bytes")));
+        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(u64::from(element_size)) {
+            return Err(Error::Corrupt(format!(
+                "chunk size {chunk_bytes} for elements of {element_size} bytes"
+            )));
         }
         let mut t = [0u8; TRAILER as usize];
         src.seek(SeekFrom::Start(len - TRAILER))?;
         src.read_exact(&mut t)?;
         if &t[40..48] != MAGIC_END {
-            return Err(Error::Truncated { what: "trailer (end magic missing)", needed: min, available: len });
+            return Err(Error::Truncated {
+                what: "trailer (end magic missing)",
+                needed: min,
+                available: len,
+            });
         }
         if t[32..40].iter().any(|&b| b != 0) {
-            return Err(Error::Corrupt("trailer's reserved bytes are not zero".into()));
+            return Err(Error::Corrupt(
+                "trailer's reserved bytes are not zero".into(),
+            ));
         }
         let (chunks, total, payload) = (u64_at(&t, 0), u64_at(&t, 8), u64_at(&t, 16));
-        let table_len = chunks.checked_mul(ENTRY).ok_or_else(|| Error::Corrupt(format!("{chunks} chunks")))?;
+        let table_len = chunks
+            .checked_mul(ENTRY)
+            .ok_or_else(|| Error::Corrupt(format!("{chunks} chunks")))?;
         let needed = [HEADER, payload, table_len, TRAILER]
             .iter()
             .try_fold(0u64, |a, &b| a.checked_add(b))
             .ok_or_else(|| Error::Corrupt("sizes overflow".into()))?;
         if needed != len {
             return Err(if needed > len {
-                Error::Truncated { what: "payload and table", needed, available: len }
+                Error::Truncated {
+                    what: "payload and table",
+                    needed,
+                    available: len,
+                }
             } else {
                 Error::Corrupt(format!("{len} bytes, the trailer accounts for {needed}"))
             });
@@ -274,11 +316,24 @@ impl<R: Read + Seek> ChunkFileReader<R> {
             let e = &table[i * ENTRY as usize..];
             let (compressed, uncompressed) = (u64_at(e, 0), u64_at(e, 8));
             let last = i + 1 == chunks as usize;
-            if compressed == 0 || uncompressed == 0 || uncompressed > chunk_bytes || (!last && uncompressed != chunk_bytes) {
-                return Err(Error::Corrupt(format!("chunk {i}: {compressed} compressed, {uncompressed} uncompressed bytes")));
+            if compressed == 0
+                || uncompressed == 0
+                || uncompressed > chunk_bytes
+                || (!last && uncompressed != chunk_bytes)
+            {
+                return Err(Error::Corrupt(format!(
+                    "chunk {i}: {compressed} compressed, {uncompressed} uncompressed bytes"
+                )));
             }
-            entries.push(Entry { offset, compressed, uncompressed, checksum: u64_at(e, 16) });
-            offset = offset.checked_add(padded(compressed)).ok_or_else(|| Error::Corrupt("offsets overflow".into()))?;
+            entries.push(Entry {
+                offset,
+                compressed,
+                uncompressed,
+                checksum: u64_at(e, 16),
+            });
+            offset = offset
+                .checked_add(padded(compressed))
+                .ok_or_else(|| Error::Corrupt("offsets overflow".into()))?;
             sum += uncompressed;
         }
         if offset != payload || sum != total {
@@ -286,8 +341,20 @@ impl<R: Read + Seek> ChunkFileReader<R> {
                 "table sums to {offset} payload and {sum} uncompressed bytes, trailer says {payload} and {total}"
             )));
         }
-        let info = FileInfo { codec, element_size, chunk_bytes, chunks, total_bytes: total, payload_bytes: payload };
-        Ok(Self { src, info, entries, verify: true })
+        let info = FileInfo {
+            codec,
+            element_size,
+            chunk_bytes,
+            chunks,
+            total_bytes: total,
+            payload_bytes: payload,
+        };
+        Ok(Self {
+            src,
+            info,
+            entries,
+            verify: true,
+        })
     }
 
     /// What the file holds.
@@ -322,20 +389,36 @@ impl<R: Read + Seek> ChunkFileReader<R> {
     fn range(&self, first: usize, count: usize) -> Result<(u64, u64)> {
         let n = self.entries.len();
         if count == 0 || first >= n || count > n - first {
-            return Err(Error::TooSmall { what: "chunks in the file for this frame", needed: first.saturating_add(count), available: n });
+            return Err(Error::TooSmall {
+                what: "chunks in the file for this frame",
+                needed: first.saturating_add(count),
+                available: n,
+            });
         }
         let last = &self.entries[first + count - 1];
-        Ok((self.entries[first].offset, last.offset + padded(last.compressed)))
+        Ok((
+            self.entries[first].offset,
+            last.offset + padded(last.compressed),
+        ))
     }
 
     /// Reads chunks `first..first + count` into the front of `dst` as they
     /// lie in the payload (each at a multiple of [`ALIGN`] from `dst`'s
     /// start), checks their checksums, and returns where each lies.
-    pub fn read_frame(&mut self, first: usize, count: usize, dst: &mut [u8]) -> Result<Vec<ChunkLoc>> {
+    pub fn read_frame(
+        &mut self,
+        first: usize,
+        count: usize,
+        dst: &mut [u8],
+    ) -> Result<Vec<ChunkLoc>> {
         let (a, b) = self.range(first, count)?;
         let bytes = (b - a) as usize;
         if bytes > dst.len() {
-            return Err(Error::TooSmall { what: "frame buffer", needed: bytes, available: dst.len() });
+            return Err(Error::TooSmall {
+                what: "frame buffer",
+                needed: bytes,
+                available: dst.len(),
+            });
         }
         self.src.seek(SeekFrom::Start(HEADER + a))?;
         self.src.read_exact(&mut dst[..bytes])?;
@@ -344,9 +427,16 @@ impl<R: Read + Seek> ChunkFileReader<R> {
             let at = (e.offset - a) as usize;
             let data = &dst[at..at + e.compressed as usize];
             if self.verify && checksum(data) != e.checksum {
-                return Err(Error::Corrupt(format!("chunk {}: checksum mismatch", first + i)));
+                return Err(Error::Corrupt(format!(
+                    "chunk {}: checksum mismatch",
+                    first + i
+                )));
             }
-            locs.push(ChunkLoc { offset: at, compressed: e.compressed as usize, uncompressed: e.uncompressed as usize });
+            locs.push(ChunkLoc {
+                offset: at,
+                compressed: e.compressed as usize,
+                uncompressed: e.uncompressed as usize,
+            });
         }
         Ok(locs)
     }
@@ -370,15 +460,41 @@ mod tests {
         let bytes = sample();
         let mut r = ChunkFileReader::open(Cursor::new(bytes)).unwrap();
         let info = r.info();
-        assert_eq!((info.codec, info.element_size, info.chunk_bytes, info.chunks, info.total_bytes), (Codec::Lz4, 4, 64, 3, 140));
+        assert_eq!(
+            (
+                info.codec,
+                info.element_size,
+                info.chunk_bytes,
+                info.chunks,
+                info.total_bytes
+            ),
+            (Codec::Lz4, 4, 64, 3, 140)
+        );
         assert_eq!(info.payload_bytes, 16 + 32 + 16);
         let mut buf = vec![0u8; r.max_frame_bytes(2)];
         let locs = r.read_frame(0, 2, &mut buf).unwrap();
-        assert_eq!(locs[1], ChunkLoc { offset: 16, compressed: 17, uncompressed: 64 });
+        assert_eq!(
+            locs[1],
+            ChunkLoc {
+                offset: 16,
+                compressed: 17,
+                uncompressed: 64
+            }
+        );
         assert_eq!(&buf[16..33], &[9; 17]);
         let locs = r.read_frame(2, 1, &mut buf).unwrap();
-        assert_eq!(locs, vec![ChunkLoc { offset: 0, compressed: 5, uncompressed: 12 }]);
-        assert!(matches!(r.read_frame(2, 2, &mut buf), Err(Error::TooSmall { .. })));
+        assert_eq!(
+            locs,
+            vec![ChunkLoc {
+                offset: 0,
+                compressed: 5,
+                uncompressed: 12
+            }]
+        );
+        assert!(matches!(
+            r.read_frame(2, 2, &mut buf),
+            Err(Error::TooSmall { .. })
+        ));
     }
 
     #[test]
@@ -386,7 +502,10 @@ mod tests {
         let mut w = ChunkFileWriter::new(Vec::new(), Codec::Zstd, 1, 8).unwrap();
         w.push(&[1], 4).unwrap();
         assert!(matches!(w.push(&[1], 8), Err(Error::Corrupt(_))));
-        assert!(matches!(ChunkFileWriter::new(Vec::new(), Codec::Zstd, 3, 9), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            ChunkFileWriter::new(Vec::new(), Codec::Zstd, 3, 9),
+            Err(Error::Corrupt(_))
+        ));
         let w = ChunkFileWriter::new(Vec::new(), Codec::Zstd, 1, 8).unwrap();
         assert!(matches!(w.finish(), Err(Error::ZeroLength { .. })));
     }
@@ -399,7 +518,10 @@ mod tests {
         let mut buf = vec![0u8; 64];
         r.read_frame(0, 1, &mut buf).unwrap();
         let e = r.read_frame(1, 1, &mut buf).unwrap_err();
-        assert!(matches!(e, Error::Corrupt(ref m) if m.contains("chunk 1")), "{e}");
+        assert!(
+            matches!(e, Error::Corrupt(ref m) if m.contains("chunk 1")),
+            "{e}"
+        );
         r.set_verify(false);
         r.read_frame(1, 1, &mut buf).unwrap();
     }
@@ -409,16 +531,31 @@ mod tests {
         let good = sample();
         let mut b = good.clone();
         b[0] = b'X';
-        assert!(matches!(ChunkFileReader::open(Cursor::new(b)), Err(Error::NotAChunkFile(_))));
+        assert!(matches!(
+            ChunkFileReader::open(Cursor::new(b)),
+            Err(Error::NotAChunkFile(_))
+        ));
         let mut b = good.clone();
         b[8] = 2;
-        assert!(matches!(ChunkFileReader::open(Cursor::new(b)), Err(Error::NotAChunkFile(_))));
+        assert!(matches!(
+            ChunkFileReader::open(Cursor::new(b)),
+            Err(Error::NotAChunkFile(_))
+        ));
         let mut b = good.clone();
         b[12] = 200;
-        assert!(matches!(ChunkFileReader::open(Cursor::new(b)), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            ChunkFileReader::open(Cursor::new(b)),
+            Err(Error::Corrupt(_))
+        ));
         let mut b = good.clone();
         b[24] = 65; // chunk bytes: the checksum catches it
-        assert!(matches!(ChunkFileReader::open(Cursor::new(b)), Err(Error::Corrupt(_))));
-        assert!(matches!(ChunkFileReader::open(Cursor::new(good[..40].to_vec())), Err(Error::Truncated { .. })));
+        assert!(matches!(
+            ChunkFileReader::open(Cursor::new(b)),
+            Err(Error::Corrupt(_))
+        ));
+        assert!(matches!(
+            ChunkFileReader::open(Cursor::new(good[..40].to_vec())),
+            Err(Error::Truncated { .. })
+        ));
     }
 }

@@ -17,7 +17,7 @@
 //!   size tables, statuses and temp space are prism buffers too. Results
 //!   ([`Pending`]) are read back without blocking other work and checked
 //!   (every status, every size).
-//! * [`format`]: the compressed chunk file (header, payload, per-chunk
+//! * [`format`](mod@format): the compressed chunk file (header, payload, per-chunk
 //!   table with checksums) and its writer and reader.
 //! * [`stream`]: a compressed file streamed through prism's ring (prism-buffer's
 //!   `Engine`): frames cross the link compressed, are decompressed on the
@@ -47,6 +47,7 @@ pub mod stream;
 )]
 #[cfg(not(feature = "bindgen"))]
 mod sys;
+mod types;
 /// With `bindgen`, the bindings just generated (`cargo xtask nvcomp-bindings`
 /// copies them into `src/sys.rs`).
 #[allow(
@@ -65,6 +66,6 @@ mod sys {
 }
 
 pub use batch::{ChunkLoc, Compressor, Decompressor, Pending};
-pub use codec::{Alignments, Codec, DataType, Status};
 pub use error::{BoxError, Error, Result};
 pub use library::{candidates, Candidate, Nvcomp, LIBRARY_NAME, LIBRARY_VAR};
+pub use types::{Alignments, Codec, DataType, Status, ALIGN};

@@ -58,10 +58,16 @@ pub fn candidates() -> Vec<Candidate> {
     let mut out = Vec::new();
     if let Some(v) = std::env::var_os(LIBRARY_VAR) {
         let p = PathBuf::from(v);
-        out.push(Candidate::File(if p.is_dir() { p.join(LIBRARY_NAME) } else { p }));
+        out.push(Candidate::File(if p.is_dir() {
+            p.join(LIBRARY_NAME)
+        } else {
+            p
+        }));
     }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    out.push(Candidate::File(workspace.join(".nvcomp/lib").join(LIBRARY_NAME)));
+    out.push(Candidate::File(
+        workspace.join(".nvcomp/lib").join(LIBRARY_NAME),
+    ));
     if let Ok(cwd) = std::env::current_dir() {
         let here = cwd.join(".nvcomp/lib").join(LIBRARY_NAME);
         if !out.contains(&Candidate::File(here.clone())) {
@@ -234,7 +240,9 @@ mod tests {
     fn candidates_name_every_kind_of_place() {
         let c = candidates();
         assert!(c.contains(&Candidate::System(LIBRARY_NAME)));
-        assert!(c.iter().any(|c| matches!(c, Candidate::File(p) if p.ends_with(".nvcomp/lib/libnvcomp.so.6"))));
+        assert!(c
+            .iter()
+            .any(|c| matches!(c, Candidate::File(p) if p.ends_with(".nvcomp/lib/libnvcomp.so.6"))));
         assert!(c.iter().any(|c| matches!(c, Candidate::File(p) if p.ends_with("nvidia/libnvcomp/lib64/libnvcomp.so.6"))));
     }
 
@@ -245,7 +253,10 @@ mod tests {
         let fake = dir.join(LIBRARY_NAME);
         std::fs::write(&fake, b"not an ELF file").unwrap();
         let e = Nvcomp::load_from(&fake).unwrap_err();
-        assert!(matches!(e, Error::LibraryUnusable { ref path, .. } if path == &fake), "{e}");
+        assert!(
+            matches!(e, Error::LibraryUnusable { ref path, .. } if path == &fake),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

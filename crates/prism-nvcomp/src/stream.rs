@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use prism_buffer::engine::{ChunkOutputs, ComputeSpans, IoSlots, Recorded};
 use prism_buffer::{ChunkId, ChunkIo, ChunkProcessor, Engine, EngineConfig};
 use prism_pipeline::Stage;
-use prism_stream::{as_bytes_mut, DeviceBuffer, Element, Gpu, HostAllocFlags, Lane, Launch, PinnedBuffer};
+use prism_stream::{
+    as_bytes_mut, DeviceBuffer, Element, Gpu, HostAllocFlags, Lane, Launch, PinnedBuffer,
+};
 
 use crate::batch::{ChunkLoc, Decompressor, Pending};
 use crate::format::ChunkFileReader;
@@ -47,7 +49,10 @@ pub struct StreamConfig {
 impl Default for StreamConfig {
     /// 256 chunks per frame (16 MiB of 64 KiB chunks), 3 slots.
     fn default() -> Self {
-        Self { chunks_per_frame: 256, slots: 3 }
+        Self {
+            chunks_per_frame: 256,
+            slots: 3,
+        }
     }
 }
 
@@ -103,17 +108,26 @@ where
     S: Stage<T>,
     K: FnMut(u64, &[T]) -> std::result::Result<(), BoxError>,
 {
-    let _span = tracing::debug_span!("prism.nvcomp.run_compressed", frames = config.chunks_per_frame).entered();
+    let _span = tracing::debug_span!(
+        "prism.nvcomp.run_compressed",
+        frames = config.chunks_per_frame
+    )
+    .entered();
     let info = file.info();
     let size = std::mem::size_of::<T>();
     if info.element_size as usize != size {
         return Err(Error::InvalidBatch {
             codec: info.codec,
-            detail: format!("the file holds elements of {} bytes, the stream's type has {size}", info.element_size),
+            detail: format!(
+                "the file holds elements of {} bytes, the stream's type has {size}",
+                info.element_size
+            ),
         });
     }
     if config.chunks_per_frame == 0 {
-        return Err(Error::ZeroLength { what: "chunks per frame" });
+        return Err(Error::ZeroLength {
+            what: "chunks per frame",
+        });
     }
     let frame_raw = config.chunks_per_frame * info.chunk_bytes as usize;
     let raw_elems = frame_raw / size;
@@ -124,10 +138,21 @@ where
         .max(stage.output_len(raw_elems));
     let mut engine = Engine::<T>::new(
         gpu,
-        EngineConfig { slots: config.slots, capacity, buffers_per_slot: 3, compute_lanes: 1 },
+        EngineConfig {
+            slots: config.slots,
+            capacity,
+            buffers_per_slot: 3,
+            compute_lanes: 1,
+        },
     )?;
     let mut setup = Lane::new(gpu)?;
-    let dec = Decompressor::new(nv, &mut setup, info.codec, info.chunk_bytes as usize, config.chunks_per_frame)?;
+    let dec = Decompressor::new(
+        nv,
+        &mut setup,
+        info.codec,
+        info.chunk_bytes as usize,
+        config.chunks_per_frame,
+    )?;
     let frames: Frames = Rc::default();
     let mut io = FrameIo {
         file,
@@ -142,7 +167,12 @@ where
     };
     let mut p = Decompress { dec, stage, frames };
     let started = Instant::now();
-    let counts = engine.run(&mut io, &mut IoSlots::new(config.slots), &mut p, &mut |_| {})?;
+    let counts = engine.run(
+        &mut io,
+        &mut IoSlots::new(config.slots),
+        &mut p,
+        &mut |_| {},
+    )?;
     Ok(StreamReport {
         frames: counts.chunks,
         uploaded_bytes: io.uploaded,
@@ -213,9 +243,14 @@ where
         let rec = lane.copy_htod_timed(&slot.up, 0, dev, 0, words, timed)?;
         self.uploaded += (words * std::mem::size_of::<T>()) as u64;
         self.uncompressed += locs.iter().map(|l| l.uncompressed as u64).sum::<u64>();
-        self.frames
-            .borrow_mut()
-            .insert(chunk.0, Frame { index: self.frame, locs, pending: None });
+        self.frames.borrow_mut().insert(
+            chunk.0,
+            Frame {
+                index: self.frame,
+                locs,
+                pending: None,
+            },
+        );
         self.next += count;
         self.frame += 1;
         Ok(Some((words, rec.into())))
@@ -229,7 +264,9 @@ where
         dev: &DeviceBuffer<T>,
         len: usize,
     ) -> Result<Recorded> {
-        Ok(lane.copy_dtoh_timed(dev, 0, &mut slot.down, 0, len, timed)?.into())
+        Ok(lane
+            .copy_dtoh_timed(dev, 0, &mut slot.down, 0, len, timed)?
+            .into())
     }
 
     fn retire(&mut self, slot: &mut Staging<T>, chunk: ChunkId, len: usize) -> Result<()> {
@@ -237,16 +274,25 @@ where
             .frames
             .borrow_mut()
             .remove(&chunk.0)
-            .ok_or(Error::ZeroLength { what: "frame record (lost)" })?;
+            .ok_or(Error::ZeroLength {
+                what: "frame record (lost)",
+            })?;
         // The read-backs were queued before the download, which completed.
         match frame.pending {
             Some(p) => {
                 p.wait()?;
             }
-            None => return Err(Error::ZeroLength { what: "frame's decompression (never queued)" }),
+            None => {
+                return Err(Error::ZeroLength {
+                    what: "frame's decompression (never queued)",
+                })
+            }
         }
         let data = &slot.down.as_slice()?[..len];
-        (self.sink)(frame.index, data).map_err(|source| Error::Sink { frame: frame.index, source })
+        (self.sink)(frame.index, data).map_err(|source| Error::Sink {
+            frame: frame.index,
+            source,
+        })
     }
 }
 
@@ -268,25 +314,34 @@ impl<T: Element, S: Stage<T>> ChunkProcessor<T> for Decompress<'_, S> {
         _spans: &mut ComputeSpans,
     ) -> Result<ChunkOutputs> {
         let mut frames = self.frames.borrow_mut();
-        let frame = frames
-            .get_mut(&chunk.0)
-            .ok_or(Error::ZeroLength { what: "frame record (lost)" })?;
+        let frame = frames.get_mut(&chunk.0).ok_or(Error::ZeroLength {
+            what: "frame record (lost)",
+        })?;
         let raw: usize = frame.locs.iter().map(|l| l.uncompressed).sum();
         let size = std::mem::size_of::<T>();
         if !raw.is_multiple_of(size) {
             return Err(Error::InvalidBatch {
                 codec: self.dec.codec(),
-                detail: format!("frame {} expands to {raw} bytes, not whole elements of {size}", frame.index),
+                detail: format!(
+                    "frame {} expands to {raw} bytes, not whole elements of {size}",
+                    frame.index
+                ),
             });
         }
         let n = raw / size;
         let (compressed, rest) = bufs.split_at_mut(1);
         let (data, out) = rest.split_at_mut(1);
-        let pending = self.dec.decompress(launch, &compressed[0], &frame.locs, &mut data[0])?;
+        let pending = self
+            .dec
+            .decompress(launch, &compressed[0], &frame.locs, &mut data[0])?;
         frame.pending = Some(pending);
         self.stage
             .gpu(launch, &data[0], &mut out[0], n)
-            .map_err(|source| Error::Stage { stage: self.stage.name().to_string(), frame: frame.index, source })?;
+            .map_err(|source| Error::Stage {
+                stage: self.stage.name().to_string(),
+                frame: frame.index,
+                source,
+            })?;
         Ok(ChunkOutputs::one(2, self.stage.output_len(n)))
     }
 }

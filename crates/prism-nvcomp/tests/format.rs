@@ -17,8 +17,13 @@ fn write(codec: Codec, elem: u32, chunk_bytes: u64, chunks: &[(Vec<u8>, u64)]) -
 }
 
 fn arb_file() -> impl Strategy<Value = (Codec, u32, u64, Vec<(Vec<u8>, u64)>)> {
-    (0..Codec::ALL.len(), prop::sample::select(vec![1u32, 2, 4, 8]), 1u64..64, 1usize..12).prop_flat_map(
-        |(c, elem, units, n)| {
+    (
+        0..Codec::ALL.len(),
+        prop::sample::select(vec![1u32, 2, 4, 8]),
+        1u64..64,
+        1usize..12,
+    )
+        .prop_flat_map(|(c, elem, units, n)| {
             let chunk = units * u64::from(elem);
             (
                 Just(Codec::ALL[c]),
@@ -32,12 +37,20 @@ fn arb_file() -> impl Strategy<Value = (Codec, u32, u64, Vec<(Vec<u8>, u64)>)> {
                     let chunks = payloads
                         .into_iter()
                         .enumerate()
-                        .map(|(i, p)| (p, if i + 1 == n { last_units * u64::from(elem) } else { chunk }))
+                        .map(|(i, p)| {
+                            (
+                                p,
+                                if i + 1 == n {
+                                    last_units * u64::from(elem)
+                                } else {
+                                    chunk
+                                },
+                            )
+                        })
                         .collect();
                     (codec, elem, chunk, chunks)
                 })
-        },
-    )
+        })
 }
 
 proptest! {

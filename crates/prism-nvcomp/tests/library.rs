@@ -11,14 +11,22 @@ fn load_or_explain() {
             assert_eq!(nv.version() / 1000, 6, "{nv:?}");
             for codec in Codec::ALL {
                 let a = nv.decompress_alignments(codec).unwrap();
-                assert!(a.input.is_power_of_two() && a.output.is_power_of_two(), "{codec}: {a:?}");
-                let max = nv.max_compressed_bytes(codec, DataType::U32, 65536).unwrap();
+                assert!(
+                    a.input.is_power_of_two() && a.output.is_power_of_two(),
+                    "{codec}: {a:?}"
+                );
+                let max = nv
+                    .max_compressed_bytes(codec, DataType::U32, 65536)
+                    .unwrap();
                 assert!(max >= 65536, "{codec}: {max}");
             }
         }
         Err(e @ Error::LibraryNotFound { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("cargo xtask fetch-nvcomp") && msg.contains("nvidia-libnvcomp-cu13"), "{msg}");
+            assert!(
+                msg.contains("cargo xtask fetch-nvcomp") && msg.contains("nvidia-libnvcomp-cu13"),
+                "{msg}"
+            );
             assert!(msg.contains("libnvcomp.so.6 (system loader)"), "{msg}");
             eprintln!("SKIPPED load_or_explain's library half: {msg}");
         }

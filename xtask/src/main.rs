@@ -10,6 +10,7 @@ mod build_kernels;
 mod gpu_test;
 mod install_nvcc;
 mod modules;
+mod nvcomp;
 mod util;
 
 use std::path::PathBuf;
@@ -84,6 +85,16 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Download nvCOMP (PyPI nvidia-libnvcomp-cu13, pinned) and unpack its
+    /// headers and libnvcomp.so.6 into ./.nvcomp (where prism-nvcomp looks)
+    FetchNvcomp,
+    /// Regenerate crates/prism-nvcomp/src/sys.rs from ./.nvcomp/include
+    /// (needs libclang; run fetch-nvcomp first)
+    NvcompBindings {
+        /// Only verify that it matches the headers in ./.nvcomp/include (no libclang)
+        #[arg(long)]
+        check: bool,
+    },
     /// Soak prism: mixed iterations (pipeline runs in every input mode,
     /// coordinator op chains, triple-buffer steps) with the process's
     /// resources sampled into DIR/soak.csv and soak.png; fails if any rises
@@ -108,6 +119,8 @@ impl Command {
             Command::GpuTest { .. } => "gpu-test",
             Command::Modules { .. } => "modules",
             Command::BenchDoc { .. } => "bench-doc",
+            Command::FetchNvcomp => "fetch-nvcomp",
+            Command::NvcompBindings { .. } => "nvcomp-bindings",
             Command::Soak { .. } => "soak",
         }
     }
@@ -144,6 +157,8 @@ fn main() -> ExitCode {
         Command::GpuTest { bundle, cuda_12 } => gpu_test::run(bundle.as_deref(), *cuda_12),
         Command::Modules { check } => modules::run(*check),
         Command::BenchDoc { from, check } => bench_doc::run(from.as_deref(), *check),
+        Command::FetchNvcomp => nvcomp::fetch(),
+        Command::NvcompBindings { check } => nvcomp::bindings(*check),
         Command::Soak { iterations, out } => soak(*iterations, out),
     };
     match result {

@@ -14,7 +14,12 @@ use std::path::Path;
 use crate::util;
 
 /// The crates checked.
-const CRATES: [&str; 3] = ["prism-stream", "prism-buffer", "prism-pipeline"];
+const CRATES: [&str; 4] = [
+    "prism-stream",
+    "prism-buffer",
+    "prism-pipeline",
+    "prism-nvcomp",
+];
 /// The allowed cycles, one per line: `crate: a b c` (sorted names).
 const ALLOWED: &str = "xtask/module-cycles.txt";
 

@@ -15,7 +15,7 @@ use crate::context::Gpu;
 use crate::error::DriverResultExt;
 use crate::memory::{PinnedBuffer, SlotPool};
 use crate::order::{
-    claim, lock, order_after, Access, DeviceAlloc, Extent, Fence, StreamId, Used, WaitClock, Want,
+    claim_uses, lock, order_after, Access, DeviceAlloc, Extent, Fence, StreamId, Used, WaitClock,
 };
 use crate::raw::stream_synchronize;
 use crate::{Error, Result};
@@ -53,6 +53,7 @@ impl CaptureState {
     pub(crate) fn note(&mut self, uses: &[Used<'_>]) {
         for u in uses {
             let Some(alloc) = u.keep else { continue };
+            u.cell.mark_in_graph();
             match self.uses.iter_mut().find(|c| Arc::ptr_eq(&c.alloc, alloc)) {
                 Some(c) => {
                     if u.access == Access::Write {
@@ -305,7 +306,7 @@ impl Lane {
         self.core.gpu.bind()?;
         // Rule 7: no conflicting op of another thread comes between this
         // op's ordering and its note (released when this returns).
-        let _claims = claim(uses.iter().map(Want::from).collect())?;
+        let _claims = claim_uses(uses)?;
         self.order(uses)?;
         let start = if timed {
             Some(self.record(true)?)

@@ -65,6 +65,21 @@ pub(crate) struct Claims<'a> {
     _here: PhantomData<*const ()>,
 }
 
+/// Rule 7 for one op's `uses`: claims those of buffers a CUDA graph was
+/// captured over (none to claim, nothing is locked or allocated: without
+/// graphs, borrows already keep conflicting ops of two threads apart).
+pub(crate) fn claim_uses<'a>(uses: &[Used<'a>]) -> Result<Claims<'a>> {
+    if !uses.iter().any(|u| u.cell.in_graph()) {
+        return Ok(Claims::none());
+    }
+    claim(
+        uses.iter()
+            .filter(|u| u.cell.in_graph())
+            .map(Want::from)
+            .collect(),
+    )
+}
+
 /// Rule 7: claims `wants` for one op, so that no conflicting op (one of the
 /// two writes, the bytes overlap) of another thread is ordered, queued or
 /// noted between this op's ordering and its note. Without it, two threads
@@ -150,8 +165,22 @@ fn release(wants: &[Want<'_>], set: u64) {
     }
 }
 
+impl Claims<'_> {
+    /// Nothing claimed (and the thread not counted as inside an op).
+    fn none() -> Self {
+        Self {
+            wants: Vec::new(),
+            set: 0,
+            _here: PhantomData,
+        }
+    }
+}
+
 impl Drop for Claims<'_> {
     fn drop(&mut self) {
+        if self.wants.is_empty() {
+            return;
+        }
         release(&self.wants, self.set);
         HELD.with(|h| h.set(h.get().saturating_sub(1)));
     }

@@ -43,13 +43,16 @@
 //!    stream of prism's ever waits on a captured event (which would pull it
 //!    into the capture).
 //! 7. **One op at a time per conflict.** From its ordering to the note of
-//!    its fence, an op holds a claim on the bytes it uses (`claim.rs`): a
-//!    conflicting op of another thread (one of the two writes, the bytes
-//!    overlap) waits for the claim's release, so it sees the first op's
-//!    fence. Borrows alone do not give this: a `CapturedGraph` writes its
-//!    buffers through `&mut` of the graph while other threads read them
-//!    through `&`. A thread inside an op (an outside-work closure) never
-//!    waits for a claim: a conflict is refused with `BufferBusy`.
+//!    its fence, an op holds a claim on the bytes it uses of every buffer
+//!    a CUDA graph was captured over (`claim.rs`): a conflicting op of
+//!    another thread (one of the two writes, the bytes overlap) waits for
+//!    the claim's release, so it sees the first op's fence. Borrows give
+//!    this for every other buffer (a write needs `&mut`), but a
+//!    `CapturedGraph` writes its buffers through `&mut` of the graph while
+//!    other threads read them through `&`. The mark is set at capture,
+//!    while the capture borrows the buffer, so every later op of another
+//!    thread sees it. A thread inside an op (an outside-work closure)
+//!    never waits for a claim: a conflict is refused with `BufferBusy`.
 //!
 //! Hazards are tracked per byte range ([`Extent`]): copies of disjoint
 //! parts of one buffer (chunks of a run, on several streams or GPUs) do not
@@ -61,7 +64,7 @@
 
 use std::fmt;
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use cudarc::driver::{sys, CudaStream};
@@ -75,7 +78,7 @@ mod claim;
 mod fence;
 
 pub(crate) use alloc::DeviceAlloc;
-pub(crate) use claim::{claim, Want};
+pub(crate) use claim::claim_uses;
 pub use fence::Fence;
 
 /// Identifies one CUDA stream prism queues on (made by prism, or taken over
@@ -340,6 +343,22 @@ pub(crate) fn order_after<M: Mark>(
 pub(crate) struct UseCell {
     list: Mutex<Uses<Fence>>,
     released: Condvar,
+    /// Captured into a CUDA graph once (never cleared): from then on its
+    /// ops take claims (rule 7).
+    in_graph: AtomicBool,
+}
+
+impl UseCell {
+    /// Marks the buffer as one a CUDA graph uses: a graph writes it
+    /// without `&mut` of the buffer, so its ops must claim it (rule 7).
+    pub(crate) fn mark_in_graph(&self) {
+        self.in_graph.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a CUDA graph was ever captured over the buffer.
+    pub(crate) fn in_graph(&self) -> bool {
+        self.in_graph.load(Ordering::Relaxed)
+    }
 }
 
 pub(crate) fn lock(cell: &UseCell) -> MutexGuard<'_, Uses<Fence>> {

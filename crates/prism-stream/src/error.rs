@@ -128,6 +128,10 @@ pub enum Error {
     /// another way (one copy per item, or prism's zero-copy kernels).
     #[error("{what} is not available here: {reason}; nothing was copied (copy item by item, or gather/scatter with the zero-copy kernels instead)")]
     DriverUnsupported { what: &'static str, reason: String },
+    /// A kernel image (`Gpu::load_cubin`) whose headers point past its end,
+    /// or that is no image the driver loads.
+    #[error("not a whole cubin or fatbin image: {reason}; nothing was loaded")]
+    InvalidImage { reason: &'static str },
     /// A zero-sized buffer or copy where data is required.
     #[error("{what} has zero length")]
     ZeroLength { what: &'static str },

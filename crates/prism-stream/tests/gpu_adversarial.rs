@@ -380,6 +380,7 @@ fn gpu_adversarial_child_load_empty_binary() {
         .load_module(Ptx::from_binary(Vec::new()))
         .map(|_| ());
     refused("empty module image", r);
+    refused("empty cubin", ctx.gpu().load_cubin(&[]).map(|_| ()));
 }
 
 /// Child of the test above (does nothing unless run by it).
@@ -394,8 +395,24 @@ fn gpu_adversarial_child_load_unterminated_binary() {
     // Not ELF, not a fatbin, no NUL: the driver takes it for PTX text and
     // reads until a NUL, past the vector's end.
     let bytes = b".version 8.0 .target sm_75 .address_size 64 garbage".to_vec();
-    let r = ctx.gpu().load_module(Ptx::from_binary(bytes)).map(|_| ());
+    let r = ctx
+        .gpu()
+        .load_module(Ptx::from_binary(bytes.clone()))
+        .map(|_| ());
     refused("unterminated module image", r);
+    refused(
+        "unterminated cubin",
+        ctx.gpu().load_cubin(&bytes).map(|_| ()),
+    );
+    // A cubin cut short: its headers point past its end.
+    let mut elf = vec![0u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    elf[0x28..0x30].copy_from_slice(&64u64.to_le_bytes());
+    elf[0x3A..0x3C].copy_from_slice(&64u16.to_le_bytes());
+    elf[0x3C..0x3E].copy_from_slice(&4u16.to_le_bytes());
+    refused("truncated cubin", ctx.gpu().load_cubin(&elf).map(|_| ()));
 }
 
 // ---------------------------------------------------------------------

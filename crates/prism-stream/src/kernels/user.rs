@@ -62,9 +62,35 @@ impl Gpu {
     /// [`Launch::kernel`]. `Ptx::from_src(text)`, `Ptx::from_file(path)`.
     ///
     /// PTX source or a path with a NUL byte is [`Error::InvalidName`]
-    /// (cudarc would panic). A cubin (`Ptx::from_binary`) goes to the
-    /// driver as cudarc passes it: it must be a whole, valid image.
+    /// (cudarc would panic). A binary (`Ptx::from_binary`) is refused
+    /// (`Unsupported`): the driver reads an image without its length, so
+    /// a short or malformed one makes it read past the end; load cubins
+    /// and fatbins with [`load_cubin`](Self::load_cubin), which checks
+    /// them first.
     pub fn load_module(&self, ptx: Ptx) -> Result<Module> {
+        if is_binary(&ptx) {
+            return Err(Error::Unsupported {
+                what: "a binary image in load_module (Ptx::from_binary)",
+                instead: "load a cubin or fatbin with Gpu::load_cubin(&bytes), which checks that the image is whole before the driver reads it",
+            });
+        }
+        self.load_checked(ptx)
+    }
+
+    /// Loads a cubin (an ELF image from `nvcc -cubin` or `ptxas`) or a
+    /// fatbin (`nvcc -fatbin`) into this GPU's context. The driver reads an
+    /// image without being told its length, so prism first checks that
+    /// everything the image's headers point at lies inside `image`: an
+    /// empty, truncated or foreign image is refused (`ZeroLength`,
+    /// `InvalidImage`) instead of being read past its end. The checks
+    /// cover the headers' bounds, not the code: a whole image the driver
+    /// cannot use is its error (`Driver`).
+    pub fn load_cubin(&self, image: &[u8]) -> Result<Module> {
+        check_image(image)?;
+        self.load_checked(Ptx::from_binary(image.to_vec()))
+    }
+
+    fn load_checked(&self, ptx: Ptx) -> Result<Module> {
         self.check_usable()?;
         let ctx = self.cuda_context();
         let loaded =
@@ -264,5 +290,201 @@ impl<'a> KernelCall<'a> {
             *self.last = Some(end);
         }
         Ok(())
+    }
+}
+
+/// Whether cudarc holds `ptx` as a binary image (`Ptx::from_binary`): its
+/// kind is private, so this reads the start of its `Debug` form.
+fn is_binary(ptx: &Ptx) -> bool {
+    use std::fmt::Write;
+    /// Keeps the first bytes written, then refuses more (so a large image
+    /// is not formatted whole).
+    struct Head(String);
+    impl Write for Head {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let room = 16usize.saturating_sub(self.0.len());
+            self.0.push_str(&s[..s.len().min(room)]);
+            if self.0.len() >= 16 {
+                Err(std::fmt::Error)
+            } else {
+                Ok(())
+            }
+        }
+    }
+    let mut head = Head(String::new());
+    let _ = write!(head, "{ptx:?}");
+    head.0.starts_with("Ptx(Binary")
+}
+
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const FATBIN_MAGIC: u32 = 0xBA55_ED50;
+
+fn bad_image(reason: &'static str) -> Error {
+    Error::InvalidImage { reason }
+}
+
+fn le16(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from(u16::from_le_bytes(
+        b.get(at..at + 2)?.try_into().ok()?,
+    )))
+}
+
+fn le32(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from(u32::from_le_bytes(
+        b.get(at..at + 4)?.try_into().ok()?,
+    )))
+}
+
+fn le64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// `count` entries of `size` bytes from `offset` lie within `len` bytes.
+fn table_fits(offset: u64, size: u64, count: u64, len: u64) -> bool {
+    size.checked_mul(count)
+        .and_then(|b| b.checked_add(offset))
+        .is_some_and(|end| end <= len)
+}
+
+/// Checks that a cubin (64-bit little-endian ELF) or fatbin image holds
+/// everything its headers point at.
+pub(crate) fn check_image(image: &[u8]) -> Result<()> {
+    if image.is_empty() {
+        return Err(Error::ZeroLength {
+            what: "cubin or fatbin image",
+        });
+    }
+    let len = image.len() as u64;
+    if image.starts_with(ELF_MAGIC) {
+        if image.get(4) != Some(&2) || image.get(5) != Some(&1) {
+            return Err(bad_image("an ELF image that is not 64-bit little-endian"));
+        }
+        let short = || bad_image("an ELF image shorter than its header");
+        let (phoff, shoff) = (
+            le64(image, 0x20).ok_or_else(short)?,
+            le64(image, 0x28).ok_or_else(short)?,
+        );
+        let (phentsize, phnum) = (
+            le16(image, 0x36).ok_or_else(short)?,
+            le16(image, 0x38).ok_or_else(short)?,
+        );
+        let (shentsize, shnum) = (
+            le16(image, 0x3A).ok_or_else(short)?,
+            le16(image, 0x3C).ok_or_else(short)?,
+        );
+        if !table_fits(phoff, phentsize, phnum, len) {
+            return Err(bad_image(
+                "its program header table runs past the image's end",
+            ));
+        }
+        if !table_fits(shoff, shentsize, shnum, len) {
+            return Err(bad_image(
+                "its section header table runs past the image's end",
+            ));
+        }
+        if shnum > 0 && shentsize < 64 {
+            return Err(bad_image("its section headers are shorter than ELF64's"));
+        }
+        for k in 0..shnum {
+            // shoff + k * shentsize + 64 <= len: checked above.
+            let at = usize::try_from(shoff + k * shentsize).map_err(|_| short())?;
+            let kind = le32(image, at + 4).ok_or_else(short)?;
+            let (offset, size) = (
+                le64(image, at + 24).ok_or_else(short)?,
+                le64(image, at + 32).ok_or_else(short)?,
+            );
+            // SHT_NOBITS (8) occupies no bytes of the file.
+            if kind != 8 && !table_fits(offset, size, 1, len) {
+                return Err(bad_image("a section runs past the image's end"));
+            }
+        }
+        return Ok(());
+    }
+    if le32(image, 0) == Some(u64::from(FATBIN_MAGIC)) {
+        let short = || bad_image("a fatbin shorter than its header");
+        let header = le16(image, 6).ok_or_else(short)?;
+        let body = le64(image, 8).ok_or_else(short)?;
+        if header < 16 || !table_fits(header, body, 1, len) {
+            return Err(bad_image(
+                "a fatbin whose recorded size runs past the image's end",
+            ));
+        }
+        return Ok(());
+    }
+    Err(bad_image(
+        "neither a cubin (ELF) nor a fatbin; load PTX text with load_module(Ptx::from_src(...))",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A minimal ELF64 image: header, one section header table of
+    /// `sections` (type, offset, size) entries right after it, then `body`
+    /// bytes.
+    fn elf(sections: &[(u32, u64, u64)], body: usize) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..4].copy_from_slice(ELF_MAGIC);
+        b[4] = 2;
+        b[5] = 1;
+        b[0x28..0x30].copy_from_slice(&64u64.to_le_bytes());
+        b[0x3A..0x3C].copy_from_slice(&64u16.to_le_bytes());
+        b[0x3C..0x3E].copy_from_slice(&(sections.len() as u16).to_le_bytes());
+        for &(kind, offset, size) in sections {
+            let mut h = [0u8; 64];
+            h[4..8].copy_from_slice(&kind.to_le_bytes());
+            h[24..32].copy_from_slice(&offset.to_le_bytes());
+            h[32..40].copy_from_slice(&size.to_le_bytes());
+            b.extend_from_slice(&h);
+        }
+        b.resize(b.len() + body, 0xAB);
+        b
+    }
+
+    #[test]
+    fn whole_images_pass_and_broken_ones_are_refused() {
+        let good = elf(&[(1, 128, 16), (8, 0, 1 << 40)], 32);
+        check_image(&good).unwrap();
+        assert!(matches!(check_image(&[]), Err(Error::ZeroLength { .. })));
+        for bad in [
+            elf(&[(1, 128, 33)], 32),               // a section past the end
+            elf(&[(1, u64::MAX, 2)], 32),           // an overflowing one
+            good[..100].to_vec(),                   // the table cut short
+            good[..10].to_vec(),                    // the header cut short
+            b".version 8.0 .target sm_75".to_vec(), // PTX text, no NUL
+        ] {
+            assert!(
+                matches!(check_image(&bad), Err(Error::InvalidImage { .. })),
+                "{bad:?}"
+            );
+        }
+        let mut fat = FATBIN_MAGIC.to_le_bytes().to_vec();
+        fat.extend_from_slice(&[1, 0, 16, 0]);
+        fat.extend_from_slice(&8u64.to_le_bytes());
+        fat.extend_from_slice(&[0; 8]);
+        check_image(&fat).unwrap();
+        assert!(check_image(&fat[..20]).is_err());
+    }
+
+    #[test]
+    fn binaries_are_told_from_text() {
+        assert!(is_binary(&Ptx::from_binary(vec![0; 1 << 20])));
+        assert!(!is_binary(&Ptx::from_src(".version 8.0")));
+        assert!(!is_binary(&Ptx::from_file("kernels.ptx")));
+    }
+
+    proptest! {
+        /// Every prefix of a whole image is refused (the driver would read
+        /// past its end), and no input panics.
+        #[test]
+        fn no_prefix_of_an_image_passes(cut in 0usize..240, noise in proptest::collection::vec(any::<u8>(), 0..300)) {
+            // The last section ends at the image's end (64 + 2 * 64 + 48).
+            let good = elf(&[(1, 192, 16), (2, 208, 32)], 48);
+            prop_assume!(cut < good.len());
+            prop_assert!(check_image(&good[..cut]).is_err());
+            let _ = check_image(&noise);
+        }
     }
 }

@@ -173,7 +173,9 @@ fn measure_codec<T: Element>(
     let mut best_d = f64::MAX;
     for _ in 0..4 {
         let start = lane.timed_fence()?;
-        let pending = dec.decompress(&mut lane.launch(), &packed, &locs, &mut out)?;
+        // SAFETY: `packed` is what the compressor above made from `data`
+        // with this codec, in this process.
+        let pending = unsafe { dec.decompress(&mut lane.launch(), &packed, &locs, &mut out) }?;
         let end = lane.timed_fence()?;
         pending.wait()?;
         lane.synchronize()?;
@@ -284,34 +286,38 @@ fn stream_through<S: Stage<f32> + Clone>(
     // is lent to the run).
     let host = stage.clone();
     let name = stage.name().to_string();
-    let report = run_compressed(
-        gpu,
-        nv,
-        &mut reader,
-        stage,
-        StreamConfig {
-            chunks_per_frame: frame_chunks,
-            slots: 3,
-        },
-        |frame, out: &[f32]| {
-            let base = frame * frame_elems as u64;
-            let n = frame_elems.min((info.total_bytes / 4 - base) as usize);
-            input.clear();
-            input.extend((0..n as u64).map(|j| sensor(base + j)));
-            expect.resize(out.len(), 0.0);
-            host.host(&input, &mut expect)?;
-            for (g, c) in out.iter().zip(&expect) {
-                let ok = if exact {
-                    g.to_bits() == c.to_bits()
-                } else {
-                    (g - c).abs() <= 1e-5 * c.abs().max(1.0)
-                };
-                bad += u64::from(!ok);
-            }
-            checked += out.len() as u64;
-            Ok(())
-        },
-    )?;
+    // SAFETY: the file was written just above by ChunkFileWriter, in a
+    // temporary folder of this process.
+    let report = unsafe {
+        run_compressed(
+            gpu,
+            nv,
+            &mut reader,
+            stage,
+            StreamConfig {
+                chunks_per_frame: frame_chunks,
+                slots: 3,
+            },
+            |frame, out: &[f32]| {
+                let base = frame * frame_elems as u64;
+                let n = frame_elems.min((info.total_bytes / 4 - base) as usize);
+                input.clear();
+                input.extend((0..n as u64).map(|j| sensor(base + j)));
+                expect.resize(out.len(), 0.0);
+                host.host(&input, &mut expect)?;
+                for (g, c) in out.iter().zip(&expect) {
+                    let ok = if exact {
+                        g.to_bits() == c.to_bits()
+                    } else {
+                        (g - c).abs() <= 1e-5 * c.abs().max(1.0)
+                    };
+                    bad += u64::from(!ok);
+                }
+                checked += out.len() as u64;
+                Ok(())
+            },
+        )
+    }?;
     let eff = report.effective_rate() / 1e9;
     println!(
         "  stream {}: {} frames, {:.2} GiB uncompressed, {:.2} GiB crossed the link (ratio {:.2}), wall {:.3} s",

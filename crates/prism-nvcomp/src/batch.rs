@@ -467,7 +467,18 @@ impl Decompressor {
     /// but the last must expand to exactly `chunk_bytes` and the output
     /// is contiguous. The result's [`wait`](Pending::wait) checks each
     /// chunk's status and that it expanded to its recorded size.
-    pub fn decompress<A: Element, B: Element>(
+    ///
+    /// # Safety
+    ///
+    /// Each chunk must be what nvCOMP's compressor made with this codec
+    /// (from this process, or from a file written by
+    /// [`ChunkFileWriter`](crate::ChunkFileWriter) that nobody else could
+    /// have altered). nvCOMP's GPU decoders do not all withstand corrupt
+    /// input: on an H100 (2026-12-08) Zstd decompression of corrupted
+    /// bytes faulted with `CUDA_ERROR_ILLEGAL_ADDRESS`, an access outside
+    /// the buffers prism handed it, which may touch other memory; the
+    /// chunk file's checksums catch accidents, not a crafted file.
+    pub unsafe fn decompress<A: Element, B: Element>(
         &mut self,
         launch: &mut Launch<'_>,
         input: &DeviceBuffer<A>,

@@ -94,7 +94,14 @@ type Frames = Rc<RefCell<HashMap<u64, Frame>>>;
 /// element size. Every frame's decompression is checked (statuses, sizes)
 /// before its output reaches the sink; a failure stops the run with a
 /// typed error after draining the ring.
-pub fn run_compressed<T, R, S, K>(
+///
+/// # Safety
+///
+/// `file` must have been written by [`ChunkFileWriter`](crate::ChunkFileWriter)
+/// and not altered since (by anyone able to craft its checksums): its
+/// chunks are decompressed on the GPU, which for some codecs is not safe
+/// on corrupt input (see [`Decompressor::decompress`](crate::Decompressor::decompress)).
+pub unsafe fn run_compressed<T, R, S, K>(
     gpu: &Gpu,
     nv: &Nvcomp,
     file: &mut ChunkFileReader<R>,
@@ -331,9 +338,14 @@ impl<T: Element, S: Stage<T>> ChunkProcessor<T> for Decompress<'_, S> {
         let n = raw / size;
         let (compressed, rest) = bufs.split_at_mut(1);
         let (data, out) = rest.split_at_mut(1);
-        let pending = self
-            .dec
-            .decompress(launch, &compressed[0], &frame.locs, &mut data[0])?;
+        // SAFETY: this processor is made only by `run_compressed`, whose
+        // caller guarantees the file was written by ChunkFileWriter and not
+        // altered; the frame's bytes were read from it and matched its
+        // checksums on the way.
+        let pending = unsafe {
+            self.dec
+                .decompress(launch, &compressed[0], &frame.locs, &mut data[0])
+        }?;
         frame.pending = Some(pending);
         self.stage
             .gpu(launch, &data[0], &mut out[0], n)

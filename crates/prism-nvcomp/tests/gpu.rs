@@ -24,6 +24,21 @@ fn setup(test: &str) -> Option<(prism_stream::ManagedGpuContext, Nvcomp)> {
 
 const CHUNK: usize = 64 << 10;
 
+/// `Decompressor::decompress` of chunks this test compressed itself (or,
+/// in the garbage case, corrupted on purpose for a codec seen to withstand
+/// it).
+fn decompress<A: prism_stream::Element, B: prism_stream::Element>(
+    dec: &mut Decompressor,
+    launch: &mut prism_stream::Launch<'_>,
+    input: &DeviceBuffer<A>,
+    chunks: &[prism_nvcomp::ChunkLoc],
+    output: &mut DeviceBuffer<B>,
+) -> prism_nvcomp::Result<prism_nvcomp::Pending> {
+    // SAFETY: every caller passes chunks made by the compressor in this
+    // test; the one deliberate exception (garbage into LZ4) is named there.
+    unsafe { dec.decompress(launch, input, chunks, output) }
+}
+
 fn sorted(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| i / 3 + (i % 7)).collect()
 }
@@ -68,8 +83,7 @@ fn gpu_every_codec_round_trips() {
         let (packed, locs) = compress(&nv, &mut lane, codec, &data);
         let mut dec = Decompressor::new(&nv, &mut lane, codec, CHUNK, locs.len()).unwrap();
         let mut out = DeviceBuffer::<u32>::zeroed(&mut lane, data.len()).unwrap();
-        let sizes = dec
-            .decompress(&mut lane.launch(), &packed, &locs, &mut out)
+        let sizes = decompress(&mut dec, &mut lane.launch(), &packed, &locs, &mut out)
             .unwrap()
             .wait()
             .unwrap();
@@ -97,27 +111,24 @@ fn gpu_bad_input_gives_typed_errors() {
         let mut dec = Decompressor::new(&nv, &mut lane, codec, CHUNK, 2).unwrap();
         // Output too small: refused before anything is queued.
         let mut small = DeviceBuffer::<u32>::zeroed(&mut lane, 10).unwrap();
-        let e = dec
-            .decompress(&mut lane.launch(), &packed, &locs, &mut small)
-            .unwrap_err();
+        let e = decompress(&mut dec, &mut lane.launch(), &packed, &locs, &mut small).unwrap_err();
         assert!(matches!(e, Error::TooSmall { .. }), "{codec}: {e}");
         // Empty batch, and a chunk past the input's end.
         let mut out = DeviceBuffer::<u32>::zeroed(&mut lane, data.len()).unwrap();
         assert!(matches!(
-            dec.decompress(&mut lane.launch(), &packed, &[], &mut out),
+            decompress(&mut dec, &mut lane.launch(), &packed, &[], &mut out),
             Err(Error::ZeroLength { .. })
         ));
         let mut past = locs.clone();
         past[1].compressed = packed.len();
         assert!(matches!(
-            dec.decompress(&mut lane.launch(), &packed, &past, &mut out),
+            decompress(&mut dec, &mut lane.launch(), &packed, &past, &mut out),
             Err(Error::TooSmall { .. })
         ));
         // A wrong recorded size: nvCOMP's status or the size check says so.
         let mut wrong = locs.clone();
         wrong[1].uncompressed -= 4;
-        let e = dec
-            .decompress(&mut lane.launch(), &packed, &wrong, &mut out)
+        let e = decompress(&mut dec, &mut lane.launch(), &packed, &wrong, &mut out)
             .unwrap()
             .wait()
             .unwrap_err();
@@ -128,7 +139,17 @@ fn gpu_bad_input_gives_typed_errors() {
             ),
             "{codec}: {e}"
         );
-        // Garbage instead of a compressed chunk: a typed error, not a crash.
+        // Garbage instead of a compressed chunk: outside `decompress`'s
+        // contract. Probed for LZ4 only, which gave a typed error on an
+        // H100 (run 67, 2026-12-08); Zstd faulted the context there
+        // (CUDA_ERROR_ILLEGAL_ADDRESS), hence the contract.
+        if codec != Codec::Lz4 {
+            let ok = decompress(&mut dec, &mut lane.launch(), &packed, &locs, &mut out)
+                .unwrap()
+                .wait();
+            assert!(ok.is_ok(), "{codec}: {ok:?}");
+            continue;
+        }
         let mut host = lane
             .read_async(&packed, 0, packed.len())
             .unwrap()
@@ -138,8 +159,7 @@ fn gpu_bad_input_gives_typed_errors() {
             *b = b.wrapping_mul(31).wrapping_add(7);
         }
         let garbage = DeviceBuffer::from_slice(&mut lane, &host).unwrap();
-        match dec
-            .decompress(&mut lane.launch(), &garbage, &locs, &mut out)
+        match decompress(&mut dec, &mut lane.launch(), &garbage, &locs, &mut out)
             .unwrap()
             .wait()
         {
@@ -157,8 +177,7 @@ fn gpu_bad_input_gives_typed_errors() {
             Err(e) => panic!("{codec}: {e}"),
         }
         // The decompressor still works afterwards.
-        let ok = dec
-            .decompress(&mut lane.launch(), &packed, &locs, &mut out)
+        let ok = decompress(&mut dec, &mut lane.launch(), &packed, &locs, &mut out)
             .unwrap()
             .wait();
         assert!(ok.is_ok(), "{codec}: {ok:?}");
@@ -199,21 +218,24 @@ fn gpu_compressed_stream_through_fma() {
     stage.host(&data, &mut expect).unwrap();
     let mut got = Vec::new();
     let mut frames = Vec::new();
-    let report = run_compressed(
-        ctx.gpu(),
-        &nv,
-        &mut reader,
-        &mut stage,
-        StreamConfig {
-            chunks_per_frame: 8,
-            slots: 3,
-        },
-        |f, out: &[f32]| {
-            frames.push(f);
-            got.extend_from_slice(out);
-            Ok(())
-        },
-    )
+    // SAFETY: the file was written above by ChunkFileWriter, in this test.
+    let report = unsafe {
+        run_compressed(
+            ctx.gpu(),
+            &nv,
+            &mut reader,
+            &mut stage,
+            StreamConfig {
+                chunks_per_frame: 8,
+                slots: 3,
+            },
+            |f, out: &[f32]| {
+                frames.push(f);
+                got.extend_from_slice(out);
+                Ok(())
+            },
+        )
+    }
     .unwrap();
     assert_eq!(frames, (0..5).collect::<Vec<u64>>());
     assert_eq!(report.uncompressed_bytes, (n * 4) as u64);

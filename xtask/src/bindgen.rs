@@ -60,34 +60,38 @@ pub fn check() -> Result {
     }
 }
 
-fn regenerate() -> Result {
-    let root = util::root();
-    let (ok, stdout, stderr) = util::output(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args([
-                "build",
-                "-p",
-                "prism-cuda-sys",
-                "--features",
-                "bindgen",
-                "--message-format=json",
-            ]),
-    )?;
-    if !ok {
-        return Err(format!(
-            "building prism-cuda-sys with bindgen failed:\n{stderr}"
-        ));
+/// Builds `package` with its `bindgen` feature (extra environment `envs`)
+/// and returns the build script's OUT_DIR, where the bindings were written.
+pub fn bindgen_out_dir(package: &str, envs: &[(&str, PathBuf)]) -> Result<PathBuf> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(util::root()).args([
+        "build",
+        "-p",
+        package,
+        "--features",
+        "bindgen",
+        "--message-format=json",
+    ]);
+    for (k, v) in envs {
+        cmd.env(k, v);
     }
-    let out_dir = stdout
+    let (ok, stdout, stderr) = util::output(&mut cmd)?;
+    if !ok {
+        return Err(format!("building {package} with bindgen failed:\n{stderr}"));
+    }
+    stdout
         .lines()
-        .filter(|l| l.contains("\"build-script-executed\"") && l.contains("prism-cuda-sys"))
+        .filter(|l| l.contains("\"build-script-executed\"") && l.contains(package))
         .find_map(|l| {
             let start = l.find("\"out_dir\":\"")? + "\"out_dir\":\"".len();
             let end = l[start..].find('"')? + start;
             Some(PathBuf::from(&l[start..end]))
         })
-        .ok_or("could not find prism-cuda-sys's OUT_DIR in cargo's output")?;
+        .ok_or_else(|| format!("could not find {package}'s OUT_DIR in cargo's output"))
+}
+
+fn regenerate() -> Result {
+    let out_dir = bindgen_out_dir("prism-cuda-sys", &[])?;
     let generated = util::read(&out_dir.join("bindings.rs"))?;
     let text = format!(
         "{MARK}{}\n// Do not edit: change the header and rerun the command.\n\n{generated}",

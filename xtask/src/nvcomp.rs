@@ -162,34 +162,10 @@ pub fn bindings(check_only: bool) -> Result {
             ))
         };
     }
-    let root = util::root();
-    let (ok, stdout, stderr) = util::output(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .env("PRISM_NVCOMP_INCLUDE", include_dir())
-            .args([
-                "build",
-                "-p",
-                "prism-nvcomp",
-                "--features",
-                "bindgen",
-                "--message-format=json",
-            ]),
+    let out_dir = crate::bindgen::bindgen_out_dir(
+        "prism-nvcomp",
+        &[("PRISM_NVCOMP_INCLUDE", include_dir())],
     )?;
-    if !ok {
-        return Err(format!(
-            "building prism-nvcomp with bindgen failed:\n{stderr}"
-        ));
-    }
-    let out_dir = stdout
-        .lines()
-        .filter(|l| l.contains("\"build-script-executed\"") && l.contains("prism-nvcomp"))
-        .find_map(|l| {
-            let start = l.find("\"out_dir\":\"")? + "\"out_dir\":\"".len();
-            let end = l[start..].find('"')? + start;
-            Some(PathBuf::from(&l[start..end]))
-        })
-        .ok_or("could not find prism-nvcomp's OUT_DIR in cargo's output")?;
     let generated = util::read(&out_dir.join("sys.rs"))?;
     let text = format!(
         "{MARK}{want}\n// Do not edit: refetch the headers and rerun the command.\n\n{generated}"

@@ -472,7 +472,7 @@ impl Decompressor {
     ///
     /// Each chunk must be what nvCOMP's compressor made with this codec
     /// (from this process, or from a file written by
-    /// [`ChunkFileWriter`](crate::ChunkFileWriter) that nobody else could
+    /// [`ChunkFileWriter`](crate::format::ChunkFileWriter) that nobody else could
     /// have altered). nvCOMP's GPU decoders do not all withstand corrupt
     /// input: on an H100 (2026-12-08) Zstd decompression of corrupted
     /// bytes faulted with `CUDA_ERROR_ILLEGAL_ADDRESS`, an access outside

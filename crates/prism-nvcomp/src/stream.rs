@@ -97,7 +97,7 @@ type Frames = Rc<RefCell<HashMap<u64, Frame>>>;
 ///
 /// # Safety
 ///
-/// `file` must have been written by [`ChunkFileWriter`](crate::ChunkFileWriter)
+/// `file` must have been written by [`ChunkFileWriter`](crate::format::ChunkFileWriter)
 /// and not altered since (by anyone able to craft its checksums): its
 /// chunks are decompressed on the GPU, which for some codecs is not safe
 /// on corrupt input (see [`Decompressor::decompress`](crate::Decompressor::decompress)).

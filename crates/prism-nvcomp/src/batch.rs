@@ -64,8 +64,12 @@ impl Scratch {
                 ),
             });
         }
+        let table = max_chunks.checked_mul(4).ok_or(Error::InvalidBatch {
+            codec,
+            detail: format!("{max_chunks} chunks overflow the pointer table"),
+        })?;
         Ok(Self {
-            table: DeviceBuffer::zeroed(lane, 4 * max_chunks)?,
+            table: DeviceBuffer::zeroed(lane, table)?,
             sizes: DeviceBuffer::zeroed(lane, max_chunks)?,
             statuses: DeviceBuffer::zeroed(lane, max_chunks)?,
             temp: DeviceBuffer::zeroed(lane, temp_bytes.max(1))?,
@@ -110,9 +114,11 @@ impl Scratch {
         // `write`), within their lengths (the callers check every chunk's
         // offset and size against the buffers, the temp size is the
         // buffer's, and the arrays hold `n <= max_chunks` entries); it
-        // enqueues only on the lane's stream handed to it, neither
-        // synchronises nor captures it, and keeps no address after the
-        // block (the next call rewrites the table).
+        // enqueues only on the lane's stream handed to it, does not capture
+        // it, and keeps no address after the block (the next call rewrites
+        // the table). Bitcomp's decompression synchronises the stream (its
+        // docs): that only waits for work already ordered, and reaches
+        // here only through the unsafe `decompress`.
         let r = unsafe {
             o.run(|w| -> Result<()> {
                 let (tab, _) = w.ptr(tab)?;
@@ -470,14 +476,17 @@ impl Decompressor {
     ///
     /// # Safety
     ///
-    /// Each chunk must be what nvCOMP's compressor made with this codec
-    /// (from this process, or from a file written by
-    /// [`ChunkFileWriter`](crate::format::ChunkFileWriter) that nobody else could
-    /// have altered). nvCOMP's GPU decoders do not all withstand corrupt
-    /// input: on an H100 (2026-12-08) Zstd decompression of corrupted
+    /// Each of `chunks` must delimit exactly one whole chunk that nvCOMP's
+    /// compressor made with this codec (and, for Cascaded and Bitcomp, one
+    /// data type for the whole batch): made in this process, or read from
+    /// a chunk file whose chunks were. [`ChunkFileWriter`](crate::format::ChunkFileWriter)
+    /// records whatever bytes it is given, so a file vouches only for what
+    /// its writer pushed; its checksums catch accidents, not a crafted
+    /// file. nvCOMP's decoders do not all withstand corrupt input (its
+    /// docs call it undefined behaviour for Deflate, GDeflate, Cascaded and
+    /// Bitcomp; on an H100, 2026-12-08, Zstd decompression of corrupted
     /// bytes faulted with `CUDA_ERROR_ILLEGAL_ADDRESS`, an access outside
-    /// the buffers prism handed it, which may touch other memory; the
-    /// chunk file's checksums catch accidents, not a crafted file.
+    /// the buffers prism handed it, which may touch other memory).
     pub unsafe fn decompress<A: Element, B: Element>(
         &mut self,
         launch: &mut Launch<'_>,
@@ -564,9 +573,11 @@ impl Decompressor {
             // capacities (each chunk's recorded size) sum to at most its
             // bytes, all checked above; nvCOMP writes no more than a
             // place's capacity (an overflow is a status); the temp space was
-            // sized for `max_chunks` chunks of `chunk_bytes`; decompression
-            // uses the CUDA backend, which reports corrupt input as a status;
-            // `Scratch::run` names every buffer and hands the lane's stream.
+            // sized for `max_chunks` chunks of `chunk_bytes`; the chunks are
+            // nvCOMP's own output for this codec (`decompress`'s contract:
+            // nvCOMP's decoders are not all safe on corrupt input, whatever
+            // the backend); `Scratch::run` names every buffer and hands the
+            // lane's stream.
             unsafe { nv.decompress_async(codec, b) }
         })?;
         Ok(Pending {

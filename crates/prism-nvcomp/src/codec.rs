@@ -17,9 +17,10 @@ fn check(codec: Codec, call: &'static str, status: sys::nvcompStatus_t) -> Resul
     }
 }
 
-// The options. Decompression always uses nvCOMP's CUDA backend: with the
-// hardware engine (`DEFAULT` may pick it) a corrupt input is undefined
-// behaviour, and prism reads inputs it cannot vouch for.
+// The options. Decompression always uses nvCOMP's CUDA backend (`DEFAULT`
+// may pick the hardware engine, whose behaviour on corrupt input nvCOMP
+// leaves undefined). The CUDA backend is not safe on corrupt input either
+// for every codec, hence `Decompressor::decompress` is unsafe.
 const CUDA: sys::nvcompDecompressBackend_t = sys::NVCOMP_DECOMPRESS_BACKEND_CUDA;
 
 fn lz4_c(_: DataType) -> sys::nvcompBatchedLZ4CompressOpts_t {

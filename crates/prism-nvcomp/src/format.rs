@@ -87,9 +87,24 @@ fn header_bytes(codec: Codec, element_size: u32, chunk_bytes: u64) -> [u8; HEADE
     h
 }
 
-fn padded(n: u64) -> u64 {
-    n.div_ceil(ALIGN as u64) * ALIGN as u64
+fn padded(n: u64) -> Option<u64> {
+    n.checked_add(ALIGN as u64 - 1)
+        .map(|x| x / ALIGN as u64 * ALIGN as u64)
 }
+
+/// A zeroed buffer of `n` bytes, or a typed error where memory runs out (a
+/// file's table is sized from the file, which may be sparse and huge).
+fn zeroed(n: u64, what: &str) -> Result<Vec<u8>> {
+    let n = usize::try_from(n).map_err(|_| Error::Corrupt(format!("{what} of {n} bytes")))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| Error::Corrupt(format!("{what} of {n} bytes does not fit in memory")))?;
+    v.resize(n, 0);
+    Ok(v)
+}
+
+/// The largest chunk size a file may record (no codec takes more).
+const MAX_CHUNK_BYTES: u64 = u32::MAX as u64;
 
 /// Writes a chunk file: [`new`](Self::new), one [`push`](Self::push) per
 /// compressed chunk in order, then [`finish`](Self::finish).
@@ -108,6 +123,11 @@ impl<W: Write> ChunkFileWriter<W> {
     /// Starts a file of chunks of `chunk_bytes` uncompressed bytes of
     /// elements of `element_size` bytes, compressed with `codec`.
     pub fn new(mut out: W, codec: Codec, element_size: u32, chunk_bytes: u64) -> Result<Self> {
+        if chunk_bytes > MAX_CHUNK_BYTES {
+            return Err(Error::Corrupt(format!(
+                "chunk size {chunk_bytes}: no codec takes chunks above {MAX_CHUNK_BYTES} bytes"
+            )));
+        }
         if chunk_bytes == 0 {
             return Err(Error::ZeroLength { what: "chunk size" });
         }
@@ -146,7 +166,8 @@ impl<W: Write> ChunkFileWriter<W> {
         }
         self.last_short = uncompressed < self.chunk_bytes;
         self.out.write_all(compressed)?;
-        let pad = padded(compressed.len() as u64) - compressed.len() as u64;
+        // A slice's length is far below u64::MAX - ALIGN.
+        let pad = padded(compressed.len() as u64).unwrap_or(0) - compressed.len() as u64;
         self.out.write_all(&[0u8; ALIGN][..pad as usize])?;
         self.table
             .extend_from_slice(&(compressed.len() as u64).to_le_bytes());
@@ -259,7 +280,10 @@ impl<R: Read + Seek> ChunkFileReader<R> {
         src.read_exact(&mut header)?;
         let (codec, element_size) = parse_header(&header)?;
         let chunk_bytes = u64_at(&header, 24);
-        if chunk_bytes == 0 || !chunk_bytes.is_multiple_of(u64::from(element_size)) {
+        if chunk_bytes == 0
+            || chunk_bytes > MAX_CHUNK_BYTES
+            || !chunk_bytes.is_multiple_of(u64::from(element_size))
+        {
             return Err(Error::Corrupt(format!(
                 "chunk size {chunk_bytes} for elements of {element_size} bytes"
             )));
@@ -301,7 +325,7 @@ impl<R: Read + Seek> ChunkFileReader<R> {
         if chunks == 0 {
             return Err(Error::Corrupt("no chunks".into()));
         }
-        let mut table = vec![0u8; table_len as usize];
+        let mut table = zeroed(table_len, "the chunk table")?;
         src.seek(SeekFrom::Start(HEADER + payload))?;
         src.read_exact(&mut table)?;
         let mut covered = header.to_vec();
@@ -310,13 +334,17 @@ impl<R: Read + Seek> ChunkFileReader<R> {
         if checksum(&covered) != u64_at(&t, 24) {
             return Err(Error::Corrupt("header and table checksum mismatch".into()));
         }
-        let mut entries = Vec::with_capacity(chunks as usize);
+        let mut entries = Vec::new();
+        entries
+            .try_reserve_exact(usize::try_from(chunks).unwrap_or(usize::MAX))
+            .map_err(|_| Error::Corrupt(format!("{chunks} chunks do not fit in memory")))?;
         let (mut offset, mut sum) = (0u64, 0u64);
         for i in 0..chunks as usize {
             let e = &table[i * ENTRY as usize..];
             let (compressed, uncompressed) = (u64_at(e, 0), u64_at(e, 8));
             let last = i + 1 == chunks as usize;
             if compressed == 0
+                || compressed > payload
                 || uncompressed == 0
                 || uncompressed > chunk_bytes
                 || (!last && uncompressed != chunk_bytes)
@@ -331,10 +359,12 @@ impl<R: Read + Seek> ChunkFileReader<R> {
                 uncompressed,
                 checksum: u64_at(e, 16),
             });
-            offset = offset
-                .checked_add(padded(compressed))
+            offset = padded(compressed)
+                .and_then(|p| offset.checked_add(p))
                 .ok_or_else(|| Error::Corrupt("offsets overflow".into()))?;
-            sum += uncompressed;
+            sum = sum
+                .checked_add(uncompressed)
+                .ok_or_else(|| Error::Corrupt("sizes overflow".into()))?;
         }
         if offset != payload || sum != total {
             return Err(Error::Corrupt(format!(
@@ -398,7 +428,9 @@ impl<R: Read + Seek> ChunkFileReader<R> {
         let last = &self.entries[first + count - 1];
         Ok((
             self.entries[first].offset,
-            last.offset + padded(last.compressed),
+            // Checked when the file was opened: every entry's padded end
+            // is within the payload.
+            last.offset + padded(last.compressed).unwrap_or(u64::MAX - last.offset),
         ))
     }
 

@@ -24,8 +24,9 @@
 //!   GPU and go through one prism-pipeline [`Stage`](prism_pipeline::Stage).
 //!
 //! The codecs are those of nvCOMP 6 ([`Codec`]). Decompression always uses
-//! nvCOMP's CUDA backend: with the hardware engine a corrupt input is
-//! undefined behaviour.
+//! nvCOMP's CUDA backend, and is `unsafe`: nvCOMP's decoders do not all
+//! withstand corrupt input, whatever the backend, so only nvCOMP's own
+//! output may be decompressed.
 
 #![warn(missing_docs)]
 

@@ -13,8 +13,8 @@ pub const LIBRARY_NAME: &str = "libnvcomp.so.6";
 /// The environment variable naming the library (a file, or a folder holding it).
 pub const LIBRARY_VAR: &str = "PRISM_NVCOMP_LIB";
 
-/// A loaded libnvcomp (cheap to clone; the library stays loaded while any
-/// clone lives).
+/// A loaded libnvcomp (cheap to clone). The library is never unloaded
+/// once loaded (its kernels may outlive every handle).
 #[derive(Clone)]
 pub struct Nvcomp {
     lib: Arc<sys::NvcompLib>,
@@ -68,12 +68,6 @@ pub fn candidates() -> Vec<Candidate> {
     out.push(Candidate::File(
         workspace.join(".nvcomp/lib").join(LIBRARY_NAME),
     ));
-    if let Ok(cwd) = std::env::current_dir() {
-        let here = cwd.join(".nvcomp/lib").join(LIBRARY_NAME);
-        if !out.contains(&Candidate::File(here.clone())) {
-            out.push(Candidate::File(here));
-        }
-    }
     out.push(Candidate::System(LIBRARY_NAME));
     for site in site_packages() {
         out.push(Candidate::File(
@@ -202,7 +196,15 @@ impl Nvcomp {
             )));
         }
         Ok(Self {
-            lib: Arc::new(lib),
+            lib: {
+                let lib = Arc::new(lib);
+                // Never unloaded: nvCOMP's kernels may still be queued or
+                // running when the last handle drops (a `Pending` holds
+                // none), and unloading its bundled CUDA runtime would
+                // unregister their modules under them.
+                std::mem::forget(Arc::clone(&lib));
+                lib
+            },
             path: path.to_path_buf(),
             version: props.version,
         })

@@ -97,10 +97,12 @@ type Frames = Rc<RefCell<HashMap<u64, Frame>>>;
 ///
 /// # Safety
 ///
-/// `file` must have been written by [`ChunkFileWriter`](crate::format::ChunkFileWriter)
-/// and not altered since (by anyone able to craft its checksums): its
-/// chunks are decompressed on the GPU, which for some codecs is not safe
-/// on corrupt input (see [`Decompressor::decompress`](crate::Decompressor::decompress)).
+/// Every chunk of `file` must be whole output of nvCOMP's compressor for
+/// the file's codec (as [`Compressor`](crate::Compressor) pushed to a
+/// [`ChunkFileWriter`](crate::format::ChunkFileWriter)), and the file not
+/// altered since by anyone able to craft its checksums: its chunks are
+/// decompressed on the GPU, which for some codecs is not safe on corrupt
+/// input (see [`Decompressor::decompress`](crate::Decompressor::decompress)).
 pub unsafe fn run_compressed<T, R, S, K>(
     gpu: &Gpu,
     nv: &Nvcomp,
@@ -136,7 +138,16 @@ where
             what: "chunks per frame",
         });
     }
-    let frame_raw = config.chunks_per_frame * info.chunk_bytes as usize;
+    let frame_raw = usize::try_from(info.chunk_bytes)
+        .ok()
+        .and_then(|c| config.chunks_per_frame.checked_mul(c))
+        .ok_or_else(|| Error::InvalidBatch {
+            codec: info.codec,
+            detail: format!(
+                "{} chunks of {} bytes per frame overflow the address space",
+                config.chunks_per_frame, info.chunk_bytes
+            ),
+        })?;
     let raw_elems = frame_raw / size;
     let capacity = file
         .max_frame_bytes(config.chunks_per_frame)

@@ -80,14 +80,19 @@ impl Codec {
         Codec::ALL.into_iter().find(|c| c.id() == id)
     }
 
-    /// The largest uncompressed chunk nvCOMP compresses with this codec (bytes).
+    /// The largest uncompressed chunk prism lets nvCOMP compress with this
+    /// codec (bytes). nvCOMP 6's headers disagree with themselves: the
+    /// `*CompressAsync` docs say Deflate and GDeflate chunks must not
+    /// exceed 64 KiB and Zstd chunks 16 MiB ("may result in undefined
+    /// behaviour"), while their `MaxAllowedChunkSize` constants are far
+    /// larger; the smaller limits are kept until the larger are shown safe.
     pub fn max_chunk_bytes(self) -> usize {
         match self {
             Codec::Lz4 => sys::nvcompLZ4CompressionMaxAllowedChunkSize,
             Codec::Snappy => sys::nvcompSnappyCompressionMaxAllowedChunkSize,
-            Codec::Zstd => sys::nvcompZstdCompressionMaxAllowedChunkSize,
-            Codec::Deflate => sys::nvcompDeflateCompressionMaxAllowedChunkSize,
-            Codec::GDeflate => sys::nvcompGdeflateCompressionMaxAllowedChunkSize,
+            Codec::Zstd => sys::nvcompZstdCompressionMaxAllowedChunkSize.min(16 << 20),
+            Codec::Deflate => sys::nvcompDeflateCompressionMaxAllowedChunkSize.min(1 << 16),
+            Codec::GDeflate => sys::nvcompGdeflateCompressionMaxAllowedChunkSize.min(1 << 16),
             Codec::Cascaded => sys::nvcompCascadedCompressionMaxAllowedChunkSize,
             Codec::Bitcomp => sys::nvcompBitcompCompressionMaxAllowedChunkSize,
             Codec::Ans => sys::nvcompANSCompressionMaxAllowedChunkSize,

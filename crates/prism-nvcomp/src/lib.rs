@@ -5,7 +5,7 @@
 //!
 //! * [`Nvcomp`]: libnvcomp loaded at run time (nothing links against it:
 //!   every build and CPU test runs without it); searched in
-//!   `$PRISM_NVCOMP_LIB`, `./.nvcomp/lib` (`cargo xtask fetch-nvcomp`), the
+//!   `$PRISM_NVCOMP_LIB`, the workspace's `.nvcomp/lib` (`cargo xtask fetch-nvcomp`), the
 //!   system loader and Python's `site-packages/nvidia/libnvcomp/lib64`
 //!   (`pip install nvidia-libnvcomp-cu13`); absent, a typed error says where
 //!   it looked.

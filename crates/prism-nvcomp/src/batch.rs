@@ -45,6 +45,10 @@ struct Scratch {
     max_chunks: usize,
 }
 
+/// The status every chunk starts a call with: no nvCOMP status (any value
+/// nvCOMP writes replaces it; one left means the call never wrote it).
+const NOT_WRITTEN: i32 = i32::MIN;
+
 /// cuMemAlloc's base alignment: every prism device buffer starts on it.
 const BASE_ALIGN: usize = 256;
 
@@ -90,6 +94,11 @@ impl Scratch {
         call: impl FnOnce(RawBatch) -> Result<()>,
     ) -> Result<(Readback<usize>, Readback<i32>)> {
         launch.upload_slice(table, &mut self.table, 0)?;
+        // Statuses and sizes start as "not written" for every call, so a
+        // call that wrote nothing (a launch failing without a sticky error)
+        // cannot pass for the last call's success.
+        launch.fill(&mut self.statuses, 0, n, NOT_WRITTEN)?;
+        launch.fill(&mut self.sizes, 0, n, 0usize)?;
         let m = self.max_chunks as u64;
         let Scratch {
             table,

@@ -281,6 +281,14 @@ impl Compressor {
             });
         }
         let max_out = nv.max_compressed_bytes(codec, data_type, chunk_bytes)?;
+        if max_out == 0 {
+            return Err(Error::InvalidBatch {
+                codec,
+                detail: format!(
+                    "nvCOMP reports no room needed to compress chunks of {chunk_bytes} bytes"
+                ),
+            });
+        }
         let stride = round_up(max_out, a.output.max(crate::types::ALIGN));
         let temp = nv.compress_temp_bytes(codec, data_type, max_chunks, chunk_bytes)?;
         let scratch = Scratch::new(lane, codec, max_chunks, temp, a)?;

@@ -634,34 +634,11 @@ impl<T: Element> PinnedBuffer<T> {
         len: usize,
         owner: Box<dyn std::any::Any + Send + Sync>,
     ) -> Result<Self> {
-        let bytes = byte_len::<T>(len, "registered host buffer")?;
-        gpu.check_usable()?;
-        gpu.bind()?;
-        let what = AllocFor {
-            memory: "page-locked host",
-            what: "registered host buffer",
-        };
-        // SAFETY: the caller guarantees `ptr`/`bytes` are initialised
-        // memory kept alive by `owner`, which moves into the returned
-        // buffer and is dropped only after the memory is unregistered.
-        unsafe {
-            raw::host_register(
-                ptr.cast::<u8>(),
-                bytes,
-                sys::CU_MEMHOSTREGISTER_DEVICEMAP,
-                what,
-            )?
-        };
-        count_pinned(bytes, true);
-        Ok(Self {
-            gpu: gpu.clone(),
-            ptr,
-            len,
-            flags: HostAllocFlags::default(),
-            mapped: raw::mapped_address(ptr.cast::<u8>()),
-            backing: Backing::External(owner),
-            uses: UseCell::default(),
-        })
+        // SAFETY: the caller guarantees `ptr`/`len` are initialised memory
+        // kept alive by `owner`, which moves into the returned buffer and is
+        // dropped only after the memory is unregistered.
+        unsafe { Self::pin_in_place(gpu, ptr, len, false, owner, Backing::External) }
+            .map_err(|(e, _owner)| e)
     }
 
     fn try_register(
@@ -669,14 +646,39 @@ impl<T: Element> PinnedBuffer<T> {
         mut data: Vec<T>,
         portable: bool,
     ) -> std::result::Result<Self, (Error, Vec<T>)> {
-        let bytes = match byte_len::<T>(data.len(), "registered host buffer") {
+        let (ptr, len) = (data.as_mut_ptr(), data.len());
+        // SAFETY: `ptr` and `len` describe the vector's initialised heap
+        // memory, owned here. The vector moves into the returned buffer (its
+        // heap memory does not move) and is neither touched, resized nor
+        // freed until the memory is unregistered (Drop or into_vec), after
+        // every GPU use completed.
+        unsafe { Self::pin_in_place(gpu, ptr, len, portable, data, Backing::Registered) }
+    }
+
+    /// Page-locks `len` elements at `ptr` in place and makes the buffer
+    /// over them, `holder` (what keeps the memory alive) becoming its
+    /// backing; on failure nothing is registered and `holder` comes back.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` points to `len` initialised elements, aligned, that `holder`
+    /// keeps allocated at that address and that nothing but the returned
+    /// buffer touches until it is dropped.
+    unsafe fn pin_in_place<H>(
+        gpu: &Gpu,
+        ptr: *mut T,
+        len: usize,
+        portable: bool,
+        holder: H,
+        backing: impl FnOnce(H) -> Backing<T>,
+    ) -> std::result::Result<Self, (Error, H)> {
+        let bytes = match byte_len::<T>(len, "registered host buffer") {
             Ok(b) => b,
-            Err(e) => return Err((e, data)),
+            Err(e) => return Err((e, holder)),
         };
         if let Err(e) = gpu.check_usable().and_then(|()| gpu.bind()) {
-            return Err((e, data));
+            return Err((e, holder));
         }
-        let ptr = data.as_mut_ptr();
         let flags = if portable {
             sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE
         } else {
@@ -686,14 +688,12 @@ impl<T: Element> PinnedBuffer<T> {
             memory: "page-locked host",
             what: "registered host buffer",
         };
-        // SAFETY: `ptr` and `bytes` describe the vector's initialised heap
-        // memory, owned here. The vector moves into the returned buffer and
-        // is neither touched, resized nor freed until the memory is
-        // unregistered (Drop or into_vec), after every GPU use completed.
+        // SAFETY: `ptr` and `bytes` describe initialised memory that
+        // `holder` keeps alive (the caller's guarantee); `holder` becomes
+        // the buffer's backing, released only after unregistering.
         if let Err(e) = unsafe { raw::host_register(ptr.cast::<u8>(), bytes, flags, what) } {
-            return Err((e, data));
+            return Err((e, holder));
         }
-        let len = data.len();
         count_pinned(bytes, true);
         Ok(Self {
             gpu: gpu.clone(),
@@ -704,7 +704,7 @@ impl<T: Element> PinnedBuffer<T> {
                 write_combined: false,
             },
             mapped: raw::mapped_address(ptr.cast::<u8>()),
-            backing: Backing::Registered(data),
+            backing: backing(holder),
             uses: UseCell::default(),
         })
     }

@@ -166,17 +166,8 @@ impl Registered {
     /// Raises:
     ///     BusyError: a run in another thread is using it.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let taken = match self.pinned.try_lock() {
-            Ok(mut g) => g.take(),
-            Err(TryLockError::Poisoned(p)) => p.into_inner().take(),
-            Err(TryLockError::WouldBlock) => {
-                return Err(errors::plain(
-                    py,
-                    "BusyError",
-                    "the registered array is in use by a run in another thread",
-                ))
-            }
-        };
+        // The lock is let go at the end of this statement.
+        let taken = self.lock(py)?.take();
         if let Some(buf) = taken {
             // Unregistering waits for the GPU: without the GIL.
             py.detach(move || drop(buf));

@@ -185,6 +185,15 @@ pub enum Error {
         what: &'static str,
         scope: &'static str,
     },
+    /// Device memory or a stream another library handed over
+    /// (`DeviceBuffer::from_foreign`, `ForeignStream`) that prism cannot
+    /// use: says why (an address the driver does not know, host memory,
+    /// another device, a range past its allocation, a misaligned address).
+    /// Nothing was taken over.
+    #[error(
+        "memory handed over by another library cannot be used: {reason}; nothing was taken over"
+    )]
+    ForeignMemory { reason: String },
     /// A request prism cannot serve as asked (says what instead).
     #[error("{what} is not supported: {instead}")]
     Unsupported {

@@ -136,7 +136,7 @@ fn cudarc_tracks(stream: &CudaStream) -> bool {
 
 /// Fails with `StreamCapturing` while `stream` is being captured into a
 /// graph. The caller made the stream's context current.
-fn check_not_capturing(stream: &CudaStream, what: &'static str) -> Result<()> {
+pub(crate) fn check_not_capturing(stream: &CudaStream, what: &'static str) -> Result<()> {
     // SAFETY: `stream` is a live stream (borrowed) of the current context;
     // the query only writes its out-parameter.
     let status =
@@ -236,7 +236,7 @@ impl<T: Element> DeviceBuffer<T> {
             let failed = take_stashed(ctx);
             restash(ctx, stale.or(failed));
             if failed.is_none() {
-                match fence_foreign(gpu, &stream) {
+                match fence_foreign(gpu, &stream, "the CudaSlice's stream") {
                     Ok(fence) => return Ok(Some(fence)),
                     Err(e @ Error::StreamCapturing { .. }) => return Err(e),
                     // Ordered on the host below instead.
@@ -271,6 +271,16 @@ impl<T: Element> DeviceBuffer<T> {
             return Err(Box::new(InteropError {
                 error: Error::InGraph {
                     what: "device buffer handed to cudarc",
+                },
+                value: self,
+            }));
+        }
+        if self.alloc().is_foreign() {
+            // cudarc would free memory that another library owns.
+            return Err(Box::new(InteropError {
+                error: Error::Unsupported {
+                    what: "handing another library's memory (DeviceBuffer::from_foreign) to cudarc",
+                    instead: "copy it into a buffer of prism's own first (Launch::copy_dtod)",
                 },
                 value: self,
             }));

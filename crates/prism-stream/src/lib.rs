@@ -23,6 +23,10 @@
 //!   `CudaSlice` and a prism buffer, [`Lane::from_cuda_stream`] /
 //!   [`Lane::into_cuda_stream`] a stream between cudarc and a lane; each
 //!   orders the new owner after the old one's pending work.
+//! - Other libraries' memory by raw handle (DLPack, C++):
+//!   [`DeviceBuffer::from_foreign`] uses a tensor's memory without a copy,
+//!   [`DeviceBuffer::export`] lends a buffer out ([`Exported`]); the
+//!   streams on both sides wait on events, never on the whole GPU.
 //! - [`nvtx`]: NVTX ranges for Nsight Systems (free when no tool listens).
 //!
 //! # Modules
@@ -47,6 +51,7 @@
 //! | [`graph`], `coordinator` | [`OpGraph`] bookkeeping; [`AsyncCoordinator`] |
 //! | [`future`] | [`FenceFuture`], [`OpFuture`] |
 //! | `interop` | moves of buffers and streams between cudarc and prism |
+//! | `foreign` | memory and streams of other libraries by raw handle (DLPack): [`DeviceBuffer::from_foreign`], [`Exported`], [`ForeignStream`] |
 //! | [`nvtx`] | NVTX ranges |
 //!
 //! # Soundness
@@ -95,6 +100,7 @@ mod context;
 mod coordinator;
 mod copy;
 mod error;
+mod foreign;
 pub mod future;
 pub mod graph;
 mod interop;
@@ -117,6 +123,7 @@ pub use context::{device_count, driver_available, DeviceInfo, Gpu};
 pub use coordinator::AsyncCoordinator;
 pub use copy::{batch_copies_supported, BatchItem};
 pub use error::{Error, Result};
+pub use foreign::{Exported, ForeignStream};
 pub use future::{FenceFuture, OpFuture};
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 pub use interop::InteropError;

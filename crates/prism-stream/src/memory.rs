@@ -266,7 +266,7 @@ impl Uses<Fence> {
     }
 }
 
-fn byte_len<T>(len: usize, what: &'static str) -> Result<usize> {
+pub(crate) fn byte_len<T>(len: usize, what: &'static str) -> Result<usize> {
     if len == 0 {
         return Err(Error::ZeroLength { what });
     }
@@ -327,6 +327,23 @@ impl<T: Element> DeviceBuffer<T> {
     pub(crate) fn adopt(gpu: &Gpu, ptr: sys::CUdeviceptr, len: usize) -> Self {
         Self {
             alloc: Arc::new(DeviceAlloc::new(gpu, ptr)),
+            len,
+            _t: PhantomData,
+        }
+    }
+
+    /// Uses `len` elements at `ptr`, memory another library owns and
+    /// `owner` keeps allocated (`foreign.rs`): `Drop` waits for every use,
+    /// then drops `owner` instead of freeing. The caller notes the fence
+    /// after which its contents are ready, or they are ready now.
+    pub(crate) fn adopt_foreign(
+        gpu: &Gpu,
+        ptr: sys::CUdeviceptr,
+        len: usize,
+        owner: crate::order::Owner,
+    ) -> Self {
+        Self {
+            alloc: Arc::new(DeviceAlloc::foreign(gpu, ptr, owner)),
             len,
             _t: PhantomData,
         }

@@ -17,7 +17,14 @@ pub(crate) struct DeviceAlloc {
     /// 0 once handed to cudarc (`disown`): nothing to free.
     ptr: sys::CUdeviceptr,
     pub(crate) uses: UseCell,
+    /// Memory another library owns (`DeviceBuffer::from_foreign`): what
+    /// keeps it allocated, dropped instead of freeing the memory, and only
+    /// after every recorded use completed.
+    owner: Option<Owner>,
 }
+
+/// What keeps another library's memory allocated while prism uses it.
+pub(crate) type Owner = Box<dyn std::any::Any + Send + Sync>;
 
 impl DeviceAlloc {
     /// Owns `ptr`, an allocation of `gpu`'s context (from `cuMemAlloc`, or
@@ -27,7 +34,26 @@ impl DeviceAlloc {
             gpu: gpu.clone(),
             ptr,
             uses: UseCell::default(),
+            owner: None,
         }
+    }
+
+    /// Uses `ptr`, memory of `gpu`'s context that `owner` keeps allocated:
+    /// `Drop` waits for every recorded use, then drops `owner` (never
+    /// frees the memory itself).
+    pub(crate) fn foreign(gpu: &Gpu, ptr: sys::CUdeviceptr, owner: Owner) -> Self {
+        Self {
+            gpu: gpu.clone(),
+            ptr,
+            uses: UseCell::default(),
+            owner: Some(owner),
+        }
+    }
+
+    /// True for memory another library owns (`foreign`): it must never be
+    /// handed on as prism's own (to cudarc, which would free it).
+    pub(crate) fn is_foreign(&self) -> bool {
+        self.owner.is_some()
     }
 
     /// The device address.
@@ -51,6 +77,15 @@ impl Drop for DeviceAlloc {
         // Wait for every queued use first: freeing memory a kernel or copy still
         // touches would corrupt whatever is allocated there next.
         if !lock(&self.uses).release(self.gpu.key(), "device buffer") {
+            // The GPU may still use it: the owner must keep it allocated.
+            if let Some(owner) = self.owner.take() {
+                std::mem::forget(owner);
+            }
+            return;
+        }
+        if let Some(owner) = self.owner.take() {
+            // Another library's memory: its owner frees it (or not).
+            drop(owner);
             return;
         }
         if self.gpu.bind().is_ok() {

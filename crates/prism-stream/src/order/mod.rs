@@ -77,7 +77,7 @@ mod alloc;
 mod claim;
 mod fence;
 
-pub(crate) use alloc::DeviceAlloc;
+pub(crate) use alloc::{DeviceAlloc, Owner};
 pub(crate) use claim::claim_uses;
 pub use fence::Fence;
 
@@ -384,12 +384,12 @@ pub(crate) struct Used<'a> {
 }
 
 /// Records a fence on `stream`, a stream of `gpu`'s context that prism does
-/// not own (a cudarc user's), after everything queued there so far (rule 6).
+/// not own (a cudarc user's, another library's), after everything queued there so far (rule 6).
 /// Its stream id is fresh and it is the only fence of that id, so no wait
 /// is ever skipped on its account (rules 2 and 4). A record that a graph
 /// capture of the stream swallowed (`CUDA_ERROR_CAPTURED_EVENT` on query)
 /// marks no work that runs now: it is refused with `StreamCapturing`.
-pub(crate) fn fence_foreign(gpu: &Gpu, stream: &CudaStream) -> Result<Fence> {
+pub(crate) fn fence_foreign(gpu: &Gpu, stream: &CudaStream, what: &'static str) -> Result<Fence> {
     gpu.bind()?;
     let event = gpu.0.events.take(false)?;
     event.record(stream).call("cuEventRecord")?;
@@ -399,9 +399,7 @@ pub(crate) fn fence_foreign(gpu: &Gpu, stream: &CudaStream) -> Result<Fence> {
         // release until nothing uses it).
         event.discard();
         return Err(if e.0 == sys::CUresult::CUDA_ERROR_CAPTURED_EVENT {
-            Error::StreamCapturing {
-                what: "the CudaSlice's stream",
-            }
+            Error::StreamCapturing { what }
         } else {
             Error::Driver {
                 call: "cuEventQuery",

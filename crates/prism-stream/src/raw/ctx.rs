@@ -114,3 +114,20 @@ pub(crate) fn stream_synchronize(stream: &CudaStream) -> Result<(), DriverError>
 pub(crate) fn stream_priority_range() -> Result<(i32, i32), DriverError> {
     result::stream::get_priority_range()
 }
+
+/// The context a stream belongs to (`cuStreamGetCtx`).
+///
+/// # Safety
+///
+/// `stream` is a live stream handle (not one of the default-stream
+/// constants, which belong to whichever context is current).
+pub(crate) unsafe fn stream_context(stream: sys::CUstream) -> Result<sys::CUcontext, DriverError> {
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: the caller's contract; the call only writes the out-parameter.
+    let r = unsafe { sys::cuStreamGetCtx(stream, &mut ctx) };
+    if r == CUresult::CUDA_SUCCESS {
+        Ok(ctx)
+    } else {
+        Err(DriverError(r))
+    }
+}

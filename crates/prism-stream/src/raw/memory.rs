@@ -126,3 +126,62 @@ pub(crate) fn mapped_address(host: *mut u8) -> sys::CUdeviceptr {
         0
     }
 }
+
+/// What the driver knows of a device address (`cuPointerGetAttribute`):
+/// the allocation around it and where it lives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PointerFacts {
+    /// The context it was allocated in (null for memory of the virtual
+    /// memory API, which belongs to no context).
+    pub(crate) context: usize,
+    /// The device it lives on.
+    pub(crate) device: i32,
+    /// `CU_MEMORYTYPE_*`: device (2) or host (1); managed memory reports
+    /// device or host and sets `managed`.
+    pub(crate) memory_type: u32,
+    pub(crate) managed: bool,
+    /// The allocation (or mapped range) holding it: start and length in bytes.
+    pub(crate) range: (sys::CUdeviceptr, usize),
+}
+
+/// The facts of `ptr`, an address another library handed over. An address
+/// the driver does not know (host memory, garbage) is its error
+/// (`CUDA_ERROR_INVALID_VALUE`), never a fault: the call only looks the
+/// address up in the driver's tables.
+pub(crate) fn pointer_facts(
+    ptr: sys::CUdeviceptr,
+) -> Result<PointerFacts, (&'static str, DriverError)> {
+    use sys::CUpointer_attribute as A;
+    fn get<V: Default>(
+        ptr: sys::CUdeviceptr,
+        attr: A,
+        call: &'static str,
+    ) -> Result<V, (&'static str, DriverError)> {
+        let mut v = V::default();
+        // SAFETY: the out-parameter is a live `V` of the size the driver
+        // writes for `attr` (each call below pairs an attribute with its
+        // documented type: a context handle, an int, an unsigned int, a
+        // device address, a size_t); the driver only reads its own tables.
+        let r =
+            unsafe { sys::cuPointerGetAttribute((&mut v as *mut V).cast::<c_void>(), attr, ptr) };
+        if r == CUresult::CUDA_SUCCESS {
+            Ok(v)
+        } else {
+            Err((call, DriverError(r)))
+        }
+    }
+    let q = "cuPointerGetAttribute";
+    let context: usize = get(ptr, A::CU_POINTER_ATTRIBUTE_CONTEXT, q)?;
+    let device: i32 = get(ptr, A::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, q)?;
+    let memory_type: u32 = get(ptr, A::CU_POINTER_ATTRIBUTE_MEMORY_TYPE, q)?;
+    let managed: u32 = get(ptr, A::CU_POINTER_ATTRIBUTE_IS_MANAGED, q)?;
+    let start: sys::CUdeviceptr = get(ptr, A::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, q)?;
+    let size: usize = get(ptr, A::CU_POINTER_ATTRIBUTE_RANGE_SIZE, q)?;
+    Ok(PointerFacts {
+        context,
+        device,
+        memory_type,
+        managed: managed != 0,
+        range: (start, size),
+    })
+}

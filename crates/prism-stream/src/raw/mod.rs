@@ -13,8 +13,9 @@
 //!   one), so recording, querying, waiting and timing through it are safe
 //!   calls.
 //! - `memory`: device and page-locked host memory: allocation, freeing,
-//!   registration in place, mapped addresses, and out-of-memory errors
-//!   naming what was being allocated.
+//!   registration in place, mapped addresses, what the driver knows of an
+//!   address another library handed over, and out-of-memory errors naming
+//!   what was being allocated.
 //! - `module`: prism's own kernels in a context: where they come from
 //!   (launchers or PTX), the PTX module once loaded, and unloading a module
 //!   only once its context has finished its work.
@@ -29,10 +30,10 @@ mod event;
 mod memory;
 mod module;
 
-pub(crate) use ctx::{ctx_synchronize, stream_priority_range, stream_synchronize};
+pub(crate) use ctx::{ctx_synchronize, stream_context, stream_priority_range, stream_synchronize};
 pub(crate) use event::{Event, EventPool};
 pub(crate) use memory::{
     device_alloc, device_free, host_alloc, host_free, host_register, host_unregister,
-    mapped_address, AllocFor,
+    mapped_address, pointer_facts, AllocFor,
 };
 pub(crate) use module::{code_message, KernelState, ModuleHold, PtxKernels};

@@ -1,0 +1,360 @@
+//! Device memory shared with other libraries by raw handles: a device
+//! address and a CUDA stream, as DLPack (`__dlpack__(stream=…)`), the CUDA
+//! array interface or a C++ caller hand them over. Nothing is copied.
+//!
+//! - [`DeviceBuffer::from_foreign`] uses memory another library owns as a
+//!   prism buffer. prism's first use waits (on the GPU) for the work queued
+//!   on the producer's stream; `Drop` waits for prism's last use, then
+//!   drops the owner (which frees nothing of prism's: the library frees
+//!   its memory when its own object goes).
+//! - [`DeviceBuffer::export`] lends a prism buffer to other libraries for
+//!   good ([`Exported`]): each consumer's stream waits on the GPU for
+//!   prism's pending work on it ([`Exported::share_with`]), prism queues
+//!   nothing more on it, and the memory is freed only once the consumers'
+//!   work is done.
+//!
+//! # Soundness
+//!
+//! A raw stream handle or device address is only as good as the library
+//! that gave it, so taking either is `unsafe`
+//! ([`ForeignStream::from_raw`], [`DeviceBuffer::from_foreign`]); the rest
+//! is checked here, with typed errors: the driver must know the address
+//! (`cuPointerGetAttribute`), as device (or managed) memory of this GPU's
+//! context or device, with the whole range inside one allocation and
+//! aligned for the element type; a stream must belong to the GPU's context
+//! (`cuStreamGetCtx`). Every ordering decision is the tracking layer's
+//! (`order`): a fence recorded on a foreign stream (`fence_foreign`), a
+//! foreign stream made to wait for a buffer's uses
+//! (`order_foreign_after_all`).
+//!
+//! When an [`Exported`] buffer drops, prism cannot know which work its
+//! consumers queued on it unless they queued it on the legacy default
+//! stream (DLPack's stream 1: PyTorch's and CuPy's default), whose handle
+//! stays valid for the life of the process. Then the free waits for a
+//! fence recorded there (a wait for that stream's work so far, not for the
+//! whole GPU). Shared with any other stream (a handle that may be gone by
+//! then), or with none (DLPack's -1: the consumer orders itself), the free
+//! waits for the whole context (`cuCtxSynchronize`) first.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys;
+use cudarc::driver::CudaStream;
+
+use crate::context::Gpu;
+use crate::error::DriverResultExt;
+use crate::interop::{check_not_capturing, InteropError};
+use crate::memory::{byte_len, DeviceBuffer, Element};
+use crate::order::{fence_foreign, note_made_by, order_foreign_after_all, Owner};
+use crate::raw;
+use crate::{Error, Result};
+
+/// A CUDA stream of another library, named by its raw handle: PyTorch's
+/// `torch.cuda.Stream.cuda_stream`, CuPy's `Stream.ptr`, a `cudaStream_t`
+/// from C++, or one of the default streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForeignStream {
+    raw: usize,
+}
+
+impl ForeignStream {
+    /// The legacy default stream (`CU_STREAM_LEGACY`, DLPack's stream 1):
+    /// valid in every context for the life of the process.
+    pub const LEGACY: ForeignStream = ForeignStream { raw: 1 };
+
+    /// The calling thread's per-thread default stream
+    /// (`CU_STREAM_PER_THREAD`, DLPack's stream 2): a different stream on
+    /// every thread, so prism uses it only within the call it is passed to.
+    pub const PER_THREAD: ForeignStream = ForeignStream { raw: 2 };
+
+    /// The stream with handle `raw`. 0 is refused (`Unsupported`): it means
+    /// the legacy or the per-thread default stream depending on how the
+    /// caller was compiled; pass 1 or 2.
+    ///
+    /// # Safety
+    ///
+    /// Unless `raw` is 1 or 2, it is the handle of a CUDA stream that stays
+    /// alive (not destroyed) during every prism call it is passed to.
+    pub unsafe fn from_raw(raw: usize) -> Result<Self> {
+        if raw == 0 {
+            return Err(Error::Unsupported {
+                what: "stream handle 0 (legacy or per-thread default, depending on the caller's build)",
+                instead: "pass 1 for the legacy default stream or 2 for the per-thread one",
+            });
+        }
+        Ok(Self { raw })
+    }
+
+    /// The raw handle.
+    pub fn raw(&self) -> usize {
+        self.raw
+    }
+
+    /// True for the legacy default stream.
+    pub fn is_legacy(&self) -> bool {
+        self.raw == 1
+    }
+
+    /// The stream as cudarc's (borrowed: dropping it destroys nothing),
+    /// checked to belong to `gpu`'s context unless it is a default stream.
+    /// The caller made the context current.
+    fn borrow(&self, gpu: &Gpu) -> Result<Arc<CudaStream>> {
+        let handle = self.raw as sys::CUstream;
+        if self.raw > 2 {
+            // SAFETY: `from_raw`'s contract: a live stream handle for the
+            // length of the call this borrow is made in.
+            let ctx = unsafe { raw::stream_context(handle) }.call("cuStreamGetCtx")?;
+            if ctx as usize != gpu.key() {
+                return Err(Error::ForeignContext { what: "the stream" });
+            }
+        }
+        // SAFETY: a default-stream constant, or a live stream of this
+        // context (checked above; alive for this call by `from_raw`'s
+        // contract). The borrowed handle is dropped before the call that
+        // made it returns, and a borrowed cudarc stream destroys nothing.
+        Ok(unsafe { gpu.cuda_context().wrap_borrowed_stream(handle) })
+    }
+}
+
+impl<T: Element> DeviceBuffer<T> {
+    /// Uses `len` elements at `ptr`, device memory another library owns
+    /// (a PyTorch or CuPy tensor through DLPack, a C++ allocation), without
+    /// a copy. prism's first use waits on the GPU for the work queued on
+    /// `ready` so far (a fence recorded there); `None` says the contents
+    /// are ready now. When the buffer drops (after every prism use
+    /// completed) `owner` drops; prism never frees the memory itself.
+    ///
+    /// Refused before anything is taken over (`owner` then drops at
+    /// once): zero elements (`ZeroLength`); an address the driver does not
+    /// know, host memory, memory of another device, a range running past
+    /// its allocation, an address misaligned for `T` (`ForeignMemory`);
+    /// memory or a stream of another context (`ForeignContext`); a `ready`
+    /// stream being captured into a graph (`StreamCapturing`).
+    ///
+    /// # Safety
+    ///
+    /// `ptr..ptr + len * size_of::<T>()` is device memory whose contents
+    /// are initialised once the work on `ready` is done, and `owner` keeps
+    /// it allocated until `owner` drops. While the buffer lives, no other
+    /// code writes that memory, nor reads it while a prism op may write it,
+    /// unless that code orders itself after prism's uses (its stream waits
+    /// on prism's fences) and prism's later uses after it.
+    pub unsafe fn from_foreign(
+        gpu: &Gpu,
+        ptr: sys::CUdeviceptr,
+        len: usize,
+        ready: Option<ForeignStream>,
+        owner: Owner,
+    ) -> Result<Self> {
+        let _span = tracing::debug_span!("prism.foreign.from_foreign", len).entered();
+        let bytes = byte_len::<T>(len, "memory handed over by another library")?;
+        gpu.check_usable()?;
+        gpu.bind()?;
+        check_foreign_range(gpu, ptr, bytes, std::mem::align_of::<T>())?;
+        let fence = match ready {
+            None => None,
+            Some(stream) => {
+                let cu = stream.borrow(gpu)?;
+                check_not_capturing(&cu, "the producer's stream")?;
+                match fence_foreign(gpu, &cu, "the producer's stream") {
+                    Ok(fence) => Some(fence),
+                    Err(e @ Error::StreamCapturing { .. }) => return Err(e),
+                    Err(_) => {
+                        // The record failed: wait for the whole context
+                        // on the host instead (the producer's stream is in it).
+                        gpu.synchronize()?;
+                        None
+                    }
+                }
+            }
+        };
+        let buf = Self::adopt_foreign(gpu, ptr, len, owner);
+        if let Some(fence) = fence {
+            note_made_by(buf.uses(), bytes, &fence);
+        }
+        Ok(buf)
+    }
+
+    /// Lends the buffer to other libraries for good: prism queues nothing
+    /// more on it, each consumer orders itself after prism's pending work
+    /// ([`Exported::share_with`]), and the memory is freed when the
+    /// [`Exported`] drops, after the consumers' work (see the module
+    /// docs). Refused, with the buffer handed back, while a captured CUDA
+    /// graph holds it (`InGraph`: the graph would write it behind the
+    /// consumers' backs).
+    pub fn export(self) -> std::result::Result<Exported<T>, Box<InteropError<Self>>> {
+        if self.is_shared() {
+            return Err(Box::new(InteropError {
+                error: Error::InGraph {
+                    what: "device buffer exported to another library",
+                },
+                value: self,
+            }));
+        }
+        Ok(Exported {
+            ptr: self.addr(),
+            buf: Some(self),
+            consumers: Mutex::new(Consumers::default()),
+        })
+    }
+}
+
+/// Checks that the driver knows `bytes` bytes at `ptr` as device memory
+/// of `gpu` (its context, or its device for memory of no context), inside
+/// one allocation, aligned to `align`. The context is current.
+fn check_foreign_range(gpu: &Gpu, ptr: sys::CUdeviceptr, bytes: usize, align: usize) -> Result<()> {
+    let refuse = |reason: String| Err(Error::ForeignMemory { reason });
+    if ptr == 0 {
+        return refuse("a null device address".into());
+    }
+    if !ptr.is_multiple_of(align as u64) {
+        return refuse(format!(
+            "the address {ptr:#x} is not aligned to the element type ({align} bytes)"
+        ));
+    }
+    let facts = match raw::pointer_facts(ptr) {
+        Ok(f) => f,
+        Err((call, e)) => {
+            return refuse(format!(
+                "the driver does not know the address {ptr:#x} as GPU memory ({call}: {e})"
+            ))
+        }
+    };
+    if facts.context != 0 && facts.context != gpu.key() {
+        return Err(Error::ForeignContext { what: "the memory" });
+    }
+    let ordinal = gpu.info().ordinal;
+    if facts.device < 0 || facts.device as usize != ordinal {
+        return refuse(format!(
+            "the memory lives on device {}, this GPU is device {ordinal}",
+            facts.device
+        ));
+    }
+    if facts.memory_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 && !facts.managed {
+        return refuse(format!(
+            "the address {ptr:#x} is host memory (memory type {}), not device memory",
+            facts.memory_type
+        ));
+    }
+    let (start, size) = facts.range;
+    let end = ptr.checked_add(bytes as u64);
+    let limit = start.checked_add(size as u64);
+    match (end, limit) {
+        (Some(end), Some(limit)) if ptr >= start && end <= limit => Ok(()),
+        _ => refuse(format!(
+            "{bytes} bytes from {ptr:#x} run past the allocation holding it ({size} bytes from {start:#x})"
+        )),
+    }
+}
+
+/// Who an [`Exported`] buffer was shared with.
+#[derive(Debug, Default, Clone, Copy)]
+struct Consumers {
+    /// Shared with the legacy default stream.
+    legacy: bool,
+    /// Shared with a stream whose handle may not outlive the buffer, or
+    /// with no stream at all (the consumer orders itself).
+    unknown: bool,
+}
+
+/// A device buffer lent to other libraries ([`DeviceBuffer::export`]):
+/// prism queues nothing more on it; its address goes to each consumer
+/// with [`share_with`](Self::share_with); it is freed when this drops,
+/// after the consumers' work (the module docs say how that is known).
+#[derive(Debug)]
+pub struct Exported<T: Element> {
+    /// `Some` until `Drop`.
+    buf: Option<DeviceBuffer<T>>,
+    ptr: sys::CUdeviceptr,
+    consumers: Mutex<Consumers>,
+}
+
+impl<T: Element> Exported<T> {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len())
+    }
+
+    /// Always false (a device buffer holds at least one element).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The GPU it lives on.
+    pub fn gpu(&self) -> Option<&Gpu> {
+        self.buf.as_ref().map(|b| b.gpu())
+    }
+
+    /// The device address (valid while this lives). Work using it must be
+    /// ordered after [`share_with`](Self::share_with) on its stream.
+    pub fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+
+    /// Readies the buffer for a consumer on `stream`: the stream waits on
+    /// the GPU for prism's pending uses (no host wait), so work queued
+    /// there next may read and write it. `None` (DLPack's stream -1: the
+    /// consumer orders itself): prism's uses are waited for on the host.
+    /// A stream being captured, or a wait the driver refuses, is also
+    /// served by the host wait.
+    pub fn share_with(&self, stream: Option<ForeignStream>) -> Result<()> {
+        let buf = self.buf.as_ref().ok_or(Error::Unsupported {
+            what: "sharing a dropped export",
+            instead: "nothing",
+        })?;
+        let gpu = buf.gpu();
+        gpu.check_usable()?;
+        gpu.bind()?;
+        let on_gpu = match stream {
+            Some(s) => {
+                let cu = s.borrow(gpu)?;
+                check_not_capturing(&cu, "the consumer's stream").is_ok()
+                    && order_foreign_after_all(buf.uses(), &cu).is_ok()
+            }
+            None => false,
+        };
+        if !on_gpu {
+            buf.wait_idle()?;
+        }
+        let mut c = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        match stream {
+            Some(s) if s.is_legacy() => c.legacy = true,
+            _ => c.unknown = true,
+        }
+        Ok(())
+    }
+}
+
+impl<T: Element> Drop for Exported<T> {
+    fn drop(&mut self) {
+        let Some(buf) = self.buf.take() else {
+            return;
+        };
+        let c = *self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        let gpu = buf.gpu().clone();
+        let mut whole_context = c.unknown;
+        if c.legacy && !whole_context {
+            // The consumers' work so far on the legacy stream becomes the
+            // buffer's last write: its `Drop` waits for it before freeing.
+            let fenced = gpu.bind().is_ok()
+                && ForeignStream::LEGACY
+                    .borrow(&gpu)
+                    .and_then(|cu| fence_foreign(&gpu, &cu, "the legacy default stream"))
+                    .map(|fence| note_made_by(buf.uses(), buf.num_bytes(), &fence))
+                    .is_ok();
+            whole_context = !fenced;
+        }
+        if whole_context {
+            if let Err(e) = gpu.synchronize() {
+                tracing::error!(
+                    error = %e,
+                    "leaking an exported device buffer: waiting for its consumers failed"
+                );
+                std::mem::forget(buf);
+                return;
+            }
+        }
+        // Waits for every recorded use, then frees (or drops its owner).
+        drop(buf);
+    }
+}

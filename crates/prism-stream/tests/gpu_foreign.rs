@@ -1,0 +1,295 @@
+//! Other libraries' memory and streams by raw handle (what DLPack hands
+//! over): `DeviceBuffer::from_foreign` waits on the GPU for the producer's
+//! stream, `DeviceBuffer::export` makes each consumer's stream wait for
+//! prism's work and frees only after the consumers' work, and every bad
+//! address or stream is a typed error. The producer's and prism's work is
+//! kept running (a spin kernel first) while the hand-over is made, so a
+//! missing wait shows as wrong data; outputs are compared bit for bit with
+//! a CPU reference on random data. Without a GPU each test prints `SKIPPED`.
+
+use std::sync::Arc;
+
+use prism_stream::cudarc::driver::{result, CudaContext, CudaStream, DevicePtr};
+use prism_stream::{
+    fma_chain_cpu, DeviceBuffer, Error, ForeignStream, Gpu, HostAllocFlags, Lane, PinnedBuffer,
+};
+use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
+
+const SPIN_NS: u64 = 300_000_000;
+const A: f32 = 1.0001;
+const B: f32 = 0.25;
+const ITERS: u32 = 3;
+
+fn reference(input: &[f32]) -> Vec<f32> {
+    input
+        .iter()
+        .map(|&x| fma_chain_cpu(x, A, B, ITERS))
+        .collect()
+}
+
+#[track_caller]
+fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!(
+            "{what}: element {i} of {} is {}, the CPU reference {} (a hand-over not ordered?)",
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+/// `stream` kept busy for `ns` by a prism spin kernel (lent and taken back).
+fn busy(gpu: &Gpu, stream: Arc<CudaStream>, ns: u64) -> Arc<CudaStream> {
+    let mut lane = Lane::from_cuda_stream(gpu, stream).unwrap();
+    lane.launch().spin(ns).unwrap();
+    lane.into_cuda_stream().unwrap()
+}
+
+fn download(gpu: &Gpu, buf: &DeviceBuffer<f32>) -> Vec<f32> {
+    let mut lane = Lane::new(gpu).unwrap();
+    let mut host = PinnedBuffer::<f32>::new(gpu, buf.len(), HostAllocFlags::DEFAULT).unwrap();
+    lane.copy_dtoh(buf, 0, &mut host, 0, buf.len()).unwrap();
+    host.wait_slice().unwrap().to_vec()
+}
+
+/// The "other library": a cudarc context object with event tracking off
+/// (so cudarc adds no ordering of its own) on the device's primary context.
+fn other_library() -> Arc<CudaContext> {
+    let cuda = CudaContext::new(0).unwrap();
+    // SAFETY: the tests order every use of this object's memory themselves.
+    unsafe { cuda.disable_event_tracking() };
+    cuda
+}
+
+fn raw(stream: &CudaStream) -> ForeignStream {
+    // SAFETY: a live stream held by the test until after every call.
+    unsafe { ForeignStream::from_raw(stream.cu_stream() as usize) }.unwrap()
+}
+
+/// Another library's buffer whose last write (a copy on its stream, after
+/// a long spin) is still queued when prism takes it: prism's kernel and
+/// copy see the write; nothing waited on the host; dropping prism's buffer
+/// drops the owner, which frees the memory (the library's own `Drop`).
+#[test]
+fn gpu_foreign_memory_waits_for_the_producers_stream() {
+    let Some(ctx) = gpu_or_skip("gpu_foreign_memory_waits_for_the_producers_stream") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let cuda = other_library();
+    let n = scaled(1 << 22, 1 << 14) + 3;
+    let input = random_f32(0xF0, n);
+    let home = cuda.new_stream().unwrap();
+    let src = home.clone_htod(&input).unwrap();
+    let slice = home.alloc_zeros::<f32>(n).unwrap();
+    home.synchronize().unwrap();
+    let (src_ptr, dst_ptr) = (src.device_ptr(&home).0, slice.device_ptr(&home).0);
+    let producer = busy(&gpu, cuda.new_stream().unwrap(), SPIN_NS);
+    // SAFETY: both ranges are `n` f32 of live allocations of this context.
+    unsafe { result::memcpy_dtod_async(dst_ptr, src_ptr, n * 4, producer.cu_stream()) }.unwrap();
+    let copied = producer.record_event(None).unwrap();
+
+    // SAFETY: `slice` (the owner) keeps the memory allocated; its last
+    // write is queued on `producer`; nothing else touches it meanwhile.
+    let buf = unsafe {
+        DeviceBuffer::<f32>::from_foreign(&gpu, dst_ptr, n, Some(raw(&producer)), Box::new(slice))
+    }
+    .unwrap();
+    if !under_sanitizer() {
+        assert!(
+            !copied.is_complete(),
+            "from_foreign waited on the host where the GPU could order"
+        );
+    }
+    let mut lane = Lane::new(&gpu).unwrap();
+    let mut y = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    lane.launch()
+        .fma_chain(&buf, &mut y, n, A, B, ITERS)
+        .unwrap();
+    assert_same_bits(
+        "kernel over foreign memory",
+        &download(&gpu, &y),
+        &reference(&input),
+    );
+    assert_same_bits("foreign memory itself", &download(&gpu, &buf), &input);
+    drop(buf);
+    producer.synchronize().unwrap();
+    drop(src);
+
+    // The legacy default stream as the producer's (DLPack's stream 1).
+    let legacy = cuda.default_stream();
+    let src = legacy.clone_htod(&input).unwrap();
+    let slice = legacy.alloc_zeros::<f32>(n).unwrap();
+    let (src_ptr, dst_ptr) = (src.device_ptr(&legacy).0, slice.device_ptr(&legacy).0);
+    // SAFETY: as above, on the legacy stream (handle 0 in the driver API).
+    unsafe { result::memcpy_dtod_async(dst_ptr, src_ptr, n * 4, legacy.cu_stream()) }.unwrap();
+    // SAFETY: as above.
+    let buf = unsafe {
+        DeviceBuffer::<f32>::from_foreign(
+            &gpu,
+            dst_ptr,
+            n,
+            Some(ForeignStream::LEGACY),
+            Box::new(slice),
+        )
+    }
+    .unwrap();
+    assert_same_bits(
+        "foreign memory from the legacy stream",
+        &download(&gpu, &buf),
+        &input,
+    );
+    drop(buf);
+    legacy.synchronize().unwrap();
+}
+
+/// A prism buffer whose kernel is still queued (after a long spin) lent to
+/// a consumer's stream: the consumer's copy sees the kernel's output and
+/// nothing waited on the host. Shared with the legacy stream only, the
+/// export's free waits for the consumer's work there and not for the
+/// whole GPU (an unrelated spin is still running after the drop).
+#[test]
+fn gpu_foreign_export_orders_consumers_both_ways() {
+    let Some(ctx) = gpu_or_skip("gpu_foreign_export_orders_consumers_both_ways") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let cuda = other_library();
+    let n = scaled(1 << 22, 1 << 14) + 9;
+    let input = random_f32(0xF1, n);
+    let mut lane = Lane::new(&gpu).unwrap();
+    let x = DeviceBuffer::from_slice(&mut lane, &input).unwrap();
+    let mut y = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    let mut l = lane.launch();
+    l.spin(SPIN_NS).unwrap();
+    l.fma_chain(&x, &mut y, n, A, B, ITERS).unwrap();
+    let kernel = l.last_fence().unwrap().clone();
+    drop(l);
+
+    let exported = y.export().unwrap();
+    assert_eq!(exported.len(), n);
+    let consumer = cuda.new_stream().unwrap();
+    exported.share_with(Some(raw(&consumer))).unwrap();
+    if !under_sanitizer() {
+        assert!(
+            !kernel.is_complete().unwrap(),
+            "share_with waited on the host where the GPU could order"
+        );
+    }
+    let mut got = vec![0f32; n];
+    // SAFETY: `exported` keeps `n` f32 allocated; `consumer` waits for the kernel.
+    unsafe { result::memcpy_dtoh_async(&mut got, exported.device_ptr(), consumer.cu_stream()) }
+        .unwrap();
+    consumer.synchronize().unwrap();
+    assert_same_bits(
+        "consumer's copy of an exported buffer",
+        &got,
+        &reference(&input),
+    );
+    drop(exported); // shared with a stream of unknown life: waits for the context
+
+    // Shared with the legacy stream only.
+    let mut z = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    lane.launch().fma_chain(&x, &mut z, n, A, B, ITERS).unwrap();
+    let exported = z.export().unwrap();
+    exported.share_with(Some(ForeignStream::LEGACY)).unwrap();
+    let legacy = cuda.default_stream();
+    let mut got = vec![0f32; n];
+    for _ in 0..8 {
+        // SAFETY: the consumer's work on the legacy stream, inside the export.
+        unsafe { result::memset_d8_async(exported.device_ptr(), 0x3f, n * 4, legacy.cu_stream()) }
+            .unwrap();
+    }
+    // SAFETY: as above; the copy follows the memsets in stream order.
+    unsafe { result::memcpy_dtoh_async(&mut got, exported.device_ptr(), legacy.cu_stream()) }
+        .unwrap();
+    let consumers_done = legacy.record_event(None).unwrap();
+    let unrelated = busy(&gpu, cuda.new_stream().unwrap(), SPIN_NS);
+    let spinning = unrelated.record_event(None).unwrap();
+    drop(exported);
+    assert!(
+        consumers_done.is_complete(),
+        "the export was freed before its consumer's work on the legacy stream finished"
+    );
+    if !under_sanitizer() {
+        assert!(
+            !spinning.is_complete(),
+            "dropping an export shared with the legacy stream waited for the whole GPU"
+        );
+    }
+    assert!(got.iter().all(|v| v.to_bits() == 0x3f3f_3f3f));
+    unrelated.synchronize().unwrap();
+}
+
+/// Every address or stream prism cannot use is a typed error, and nothing
+/// is taken over.
+#[test]
+fn gpu_foreign_refusals_are_typed() {
+    let Some(ctx) = gpu_or_skip("gpu_foreign_refusals_are_typed") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let cuda = other_library();
+    let n = 4096;
+    let home = cuda.new_stream().unwrap();
+    let slice = home.alloc_zeros::<f32>(n).unwrap();
+    home.synchronize().unwrap();
+    let ptr = slice.device_ptr(&home).0;
+    let owner = || Box::new(()) as Box<dyn std::any::Any + Send + Sync>;
+    let take = |p: u64, len: usize, ready: Option<ForeignStream>| {
+        // SAFETY: each call below is refused before anything is used.
+        unsafe { DeviceBuffer::<f32>::from_foreign(&gpu, p, len, ready, owner()) }
+    };
+    let foreign_memory = |r: prism_stream::Result<DeviceBuffer<f32>>, what: &str| match r {
+        Err(Error::ForeignMemory { reason }) => eprintln!("{what}: {reason}"),
+        other => panic!("{what}: {other:?}"),
+    };
+    foreign_memory(take(ptr, n + 1, None), "one element past the allocation");
+    foreign_memory(take(ptr + 2, n - 1, None), "misaligned");
+    foreign_memory(take(0, n, None), "null");
+    let host = vec![0f32; n];
+    foreign_memory(take(host.as_ptr() as u64, n, None), "pageable host memory");
+    let pinned = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
+    let pinned_addr = pinned.as_slice().unwrap().as_ptr() as u64;
+    foreign_memory(take(pinned_addr, n, None), "page-locked host memory");
+    assert!(matches!(take(ptr, 0, None), Err(Error::ZeroLength { .. })));
+    // SAFETY: refused before any use.
+    let zero = unsafe { ForeignStream::from_raw(0) };
+    assert!(matches!(zero, Err(Error::Unsupported { .. })), "{zero:?}");
+
+    // Memory and a stream of another context (a private one, same GPU).
+    let private = Gpu::open_private(0).unwrap();
+    let theirs = private.cuda_context().new_stream().unwrap();
+    let their_slice = theirs.alloc_zeros::<f32>(n).unwrap();
+    theirs.synchronize().unwrap();
+    let their_ptr = their_slice.device_ptr(&theirs).0;
+    assert!(matches!(
+        take(their_ptr, n, None),
+        Err(Error::ForeignContext { .. })
+    ));
+    assert!(matches!(
+        take(ptr, n, Some(raw(&theirs))),
+        Err(Error::ForeignContext { .. })
+    ));
+
+    // A foreign buffer never goes to cudarc (which would free it).
+    // SAFETY: `slice` stays allocated (the test holds it) and is idle.
+    let buf = unsafe { DeviceBuffer::<f32>::from_foreign(&gpu, ptr, n, None, owner()) }.unwrap();
+    let e = buf.into_cuda_slice(&home).unwrap_err();
+    assert!(matches!(e.error, Error::Unsupported { .. }), "{}", e.error);
+    drop(e);
+
+    // A buffer a captured graph holds is not exported.
+    let mut lane = Lane::new(&gpu).unwrap();
+    let mut z = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    let (graph, ()) = lane.capture(|c| c.fill(&mut z, 0, n, 1.0f32)).unwrap();
+    let e = z.export().unwrap_err();
+    assert!(matches!(e.error, Error::InGraph { .. }), "{}", e.error);
+    drop(graph);
+    let z = e.value;
+    assert!(z.export().is_ok(), "exported once the graph is gone");
+    drop(slice);
+    drop(their_slice);
+}

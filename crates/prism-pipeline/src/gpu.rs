@@ -275,7 +275,7 @@ impl<T: Element> StageChain<'_, T> {
     }
 
     /// The chunk's stages, each queued as it comes.
-    fn process_direct(
+    pub(crate) fn process_direct(
         &mut self,
         launch: &mut Launch<'_>,
         bufs: &mut [DeviceBuffer<T>],

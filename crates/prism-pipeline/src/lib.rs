@@ -63,6 +63,7 @@ mod broadcast_io;
 mod copy;
 mod dag;
 mod dag_stream;
+mod device;
 mod error;
 #[cfg(unix)]
 pub mod file;
@@ -275,6 +276,8 @@ pub struct PipelineStageManager<T: Element> {
     items_paths: ring::PinnedItemsPaths,
     /// Stage graphs' branch lanes, kept between runs.
     branch_lanes: dag::BranchLanes,
+    /// `run_device`'s lane and scratch buffers.
+    device: device::DeviceRuns<T>,
 }
 
 impl<T: Element> std::fmt::Debug for PipelineStageManager<T> {
@@ -346,6 +349,7 @@ impl<T: Element> PipelineStageManager<T> {
             items_copy: None,
             items_paths: ring::PinnedItemsPaths::default(),
             branch_lanes: dag::BranchLanes::default(),
+            device: device::DeviceRuns::default(),
         })
     }
 

@@ -741,3 +741,54 @@ fn gpu_pipeline_chain_graphs_replay_the_same_bits() {
         "a chain with a closure stage is not captured"
     );
 }
+
+/// A chain over data already on the GPU (`run_device`): the whole input is
+/// one chunk, the output stays on the device, and it equals the CPU
+/// reference bit for bit; a shorter output and the host backend are
+/// typed errors; a second call reuses the scratch buffers.
+#[test]
+fn gpu_pipeline_run_device_matches_cpu() {
+    let Some(ctx) = gpu_or_skip("gpu_pipeline_run_device_matches_cpu") else {
+        return;
+    };
+    let gpu = ctx.gpu();
+    let n = scaled(8 << 20, 1 << 14) + 5;
+    let input = random_f32(0xDE, n);
+    let mut p = manager(&ctx, 1 << 16, false);
+    p.add_stage(Clamp { lo: -0.5, hi: 0.5 });
+    p.add_stage(GroupSum { group: 8 });
+    let mut lane = prism_stream::Lane::new(gpu).unwrap();
+    let x = prism_stream::DeviceBuffer::from_slice(&mut lane, &input).unwrap();
+    let want: Vec<f32> = input
+        .chunks(8)
+        .map(|g| g.iter().fold(0.0f32, |acc, v| acc + v.clamp(-0.5, 0.5)))
+        .collect();
+    for round in 0..2 {
+        let mut y = prism_stream::DeviceBuffer::<f32>::zeroed(&mut lane, want.len() + 3).unwrap();
+        let written = p.run_device(&x, &mut y).unwrap();
+        assert_eq!(written, want.len());
+        let got = lane.read_async(&y, 0, y.len()).unwrap().wait().unwrap();
+        let bad = (0..want.len()).find(|&i| got[i].to_bits() != want[i].to_bits());
+        assert!(
+            bad.is_none(),
+            "round {round}: group {bad:?} differs from the CPU reference"
+        );
+        assert!(
+            got[want.len()..].iter().all(|&v| v == 0.0),
+            "wrote past its output"
+        );
+    }
+    let mut short = prism_stream::DeviceBuffer::<f32>::zeroed(&mut lane, 1).unwrap();
+    assert!(matches!(
+        p.run_device(&x, &mut short),
+        Err(Error::OutputLength { .. })
+    ));
+    let mut host =
+        PipelineStageManager::<f32>::new(prism_pipeline::Backend::Host, PipelineConfig::default())
+            .unwrap();
+    host.add_stage(Clamp { lo: -0.5, hi: 0.5 });
+    assert!(matches!(
+        host.run_device(&x, &mut short),
+        Err(Error::Unsupported { .. })
+    ));
+}

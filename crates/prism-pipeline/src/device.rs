@@ -32,15 +32,16 @@ impl<T: Element> Default for DeviceRuns<T> {
 impl<T: Element> PipelineStageManager<T> {
     /// Runs the stages over all of `input`, device memory of this
     /// manager's GPU, into the first
-    /// [`output_len`](Self::output_len)`(input.len())` elements of `output`
-    /// (GPU backend only), and returns that count. Nothing crosses the
-    /// link: the whole input is one chunk, copied into a scratch buffer,
-    /// run through the stages there and copied into `output`, all queued
-    /// on the manager's own lane. Returns once queued: like every prism op,
-    /// later uses of `output` on any lane (and `DeviceBuffer::export`'s
-    /// consumers) wait for it on the GPU; nothing waits on the host. Two
-    /// scratch buffers of the largest length the chain meets are kept for
-    /// the next call.
+    /// [`total_output_len`](Self::total_output_len)`(input.len())` elements
+    /// of `output` (GPU backend only), and returns that count: the same
+    /// chunks and the same output as [`run`](Self::run) over the same
+    /// data, with nothing crossing the link. Each chunk is copied into a
+    /// scratch buffer, run through the stages there and copied into its
+    /// place in `output`, all queued on the manager's own lane. Returns
+    /// once queued: like every prism op, later uses of `output` on any lane
+    /// (and `DeviceBuffer::export`'s consumers) wait for it on the GPU;
+    /// nothing waits on the host. The two scratch buffers are kept for the
+    /// next call.
     ///
     /// Device runs are not in [`get_stats`](Self::get_stats) (they cross
     /// no link, and their GPU time would need a host wait) and do not
@@ -62,20 +63,23 @@ impl<T: Element> PipelineStageManager<T> {
                 backend: "host",
             });
         }
+        self.effective = None;
         let order = self.order();
         self.check_stages(&order)?;
         self.close_idle_session()?;
         let n = input.len();
-        let (out_len, largest) = self.walk_lengths(&order, n, 0)?;
-        if output.len() < out_len {
+        let total = self.checked_total_output_len(&order, n)?;
+        if output.len() < total {
             return Err(Error::OutputLength {
-                expected: out_len,
+                expected: total,
                 actual: output.len(),
             });
         }
-        if out_len == 0 {
+        if total == 0 {
             return Ok(0);
         }
+        let chunk = self.chunk_elems();
+        let capacity = self.capacity(&order)?;
         let gpu = self
             .gpu
             .clone()
@@ -84,34 +88,41 @@ impl<T: Element> PipelineStageManager<T> {
         if runs.lane.is_none() {
             runs.lane = Some(Lane::new(&gpu)?);
         }
-        if runs.scratch.len() < 2 || runs.scratch[0].len() < largest {
+        let lane = runs.lane.as_mut().ok_or(Error::Config("no lane"))?;
+        if runs.scratch.len() < 2 || runs.scratch[0].len() < capacity {
             runs.scratch.clear(); // freed once their last uses are done
-            let lane = runs.lane.as_mut().ok_or(Error::Config("no lane"))?;
             for _ in 0..2 {
-                runs.scratch.push(DeviceBuffer::zeroed(lane, largest)?);
+                runs.scratch.push(DeviceBuffer::zeroed(lane, capacity)?);
             }
         }
-        let lane = runs.lane.as_mut().ok_or(Error::Config("no lane"))?;
         let mut launch = lane.launch();
-        launch.copy_dtod(input, 0, &mut runs.scratch[0], 0, n)?;
         let mut chain = StageChain {
             stages: &mut self.stages,
             order: &order,
-            capacity: largest,
+            capacity,
             base: 0,
             global: None,
             graphs: None,
         };
-        let (len, cur) = chain.process_direct(
-            &mut launch,
-            &mut runs.scratch,
-            n,
-            ChunkId(0),
-            &mut ComputeSpans::untimed(),
-        )?;
-        if len > 0 {
-            launch.copy_dtod(&runs.scratch[cur], 0, output, 0, len)?;
+        let (mut at, mut written) = (0usize, 0usize);
+        let mut index = 0u64;
+        while at < n {
+            let len = chunk.min(n - at);
+            launch.copy_dtod(input, at, &mut runs.scratch[0], 0, len)?;
+            let (out, cur) = chain.process_direct(
+                &mut launch,
+                &mut runs.scratch,
+                len,
+                ChunkId(index),
+                &mut ComputeSpans::untimed(),
+            )?;
+            if out > 0 {
+                launch.copy_dtod(&runs.scratch[cur], 0, output, written, out)?;
+            }
+            at += len;
+            written += out;
+            index += 1;
         }
-        Ok(len)
+        Ok(written)
     }
 }

@@ -742,10 +742,10 @@ fn gpu_pipeline_chain_graphs_replay_the_same_bits() {
     );
 }
 
-/// A chain over data already on the GPU (`run_device`): the whole input is
-/// one chunk, the output stays on the device, and it equals the CPU
-/// reference bit for bit; a shorter output and the host backend are
-/// typed errors; a second call reuses the scratch buffers.
+/// A chain over data already on the GPU (`run_device`): the same chunks as
+/// `run` (a group never spans two), the output stays on the device, and it
+/// equals the CPU reference bit for bit; a shorter output and the host
+/// backend are typed errors; a second call reuses the scratch buffers.
 #[test]
 fn gpu_pipeline_run_device_matches_cpu() {
     let Some(ctx) = gpu_or_skip("gpu_pipeline_run_device_matches_cpu") else {
@@ -754,15 +754,19 @@ fn gpu_pipeline_run_device_matches_cpu() {
     let gpu = ctx.gpu();
     let n = scaled(8 << 20, 1 << 14) + 5;
     let input = random_f32(0xDE, n);
-    let mut p = manager(&ctx, 1 << 16, false);
+    // A chunk that is no multiple of the group: groups end at chunk ends.
+    let chunk = (1 << 16) + 3;
+    let mut p = manager(&ctx, chunk, false);
     p.add_stage(Clamp { lo: -0.5, hi: 0.5 });
     p.add_stage(GroupSum { group: 8 });
     let mut lane = prism_stream::Lane::new(gpu).unwrap();
     let x = prism_stream::DeviceBuffer::from_slice(&mut lane, &input).unwrap();
     let want: Vec<f32> = input
-        .chunks(8)
+        .chunks(chunk)
+        .flat_map(|c| c.chunks(8))
         .map(|g| g.iter().fold(0.0f32, |acc, v| acc + v.clamp(-0.5, 0.5)))
         .collect();
+    assert_eq!(want.len(), p.total_output_len(n));
     for round in 0..2 {
         let mut y = prism_stream::DeviceBuffer::<f32>::zeroed(&mut lane, want.len() + 3).unwrap();
         let written = p.run_device(&x, &mut y).unwrap();

@@ -144,6 +144,9 @@ pub(crate) fn stream_error(py: Python<'_>, e: &StreamError, msg: String) -> PyEr
             plain(py, "NoDeviceError", format!("{msg}{HOST_HINT}"))
         }
         StreamError::OutOfMemory { .. } => plain(py, "OutOfMemoryError", msg),
+        StreamError::ForeignMemory { .. } | StreamError::ForeignContext { .. } => {
+            plain(py, "ForeignMemoryError", msg)
+        }
         StreamError::ContextPoisoned { .. } => plain(py, "ContextPoisonedError", msg),
         StreamError::LengthMismatch { .. }
         | StreamError::LengthOverflow { .. }

@@ -3,10 +3,13 @@
 //! The Python package `prism` (in `python/prism`) re-exports its classes
 //! and defines the exceptions (`prism._errors`) this module raises.
 //! Pipelines and stage graphs run over 1-D float32 NumPy arrays with the GIL released; a
-//! stream runs on a worker thread. Nothing here panics across the FFI:
+//! stream runs on a worker thread; data on the GPU comes and goes through
+//! DLPack (`device.rs`, the FFI in `dlpack.rs`). Nothing here panics across the FFI:
 //! prism's errors become typed Python exceptions.
 
 mod convert;
+mod device;
+mod dlpack;
 mod errors;
 mod graph;
 mod pipeline;
@@ -32,6 +35,9 @@ fn _prism(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pipeline::Pipeline>()?;
     m.add_class::<stream::StreamIter>()?;
     m.add_class::<register::Registered>()?;
+    m.add_class::<device::DeviceArray>()?;
+    m.add_function(wrap_pyfunction!(device::from_dlpack, m)?)?;
+    m.add_function(wrap_pyfunction!(device::_dlpack_info, m)?)?;
     m.add_class::<graph::Graph>()?;
     m.add_class::<graph::Node>()?;
     m.add_class::<stages::Fma>()?;

@@ -9,6 +9,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::convert::{contiguous_f32, out_f32};
+use crate::device::{from_cuda_tensor, DeviceArray, Held};
+use crate::dlpack::{self, DL_CUDA, DL_CUDA_MANAGED};
 use crate::errors::{self, pipeline_error};
 use crate::graph::Graph;
 use crate::register::Registered;
@@ -55,6 +57,8 @@ pub(crate) struct Pipeline {
     config: PipelineConfig,
     /// The GPU of a GPU pipeline (for `register`, which needs no run).
     gpu: Option<prism_stream::Gpu>,
+    /// The lane that allocates and uploads device arrays.
+    lane: Mutex<Option<prism_stream::Lane>>,
 }
 
 impl Pipeline {
@@ -81,6 +85,80 @@ impl Pipeline {
             Some(pm) => Ok(f(pm)),
             None => Err(stream_busy(py)),
         }
+    }
+}
+
+impl Pipeline {
+    /// The GPU, or `UnsupportedError` on the host backend.
+    fn gpu_for(&self, py: Python<'_>, what: &str) -> PyResult<&prism_stream::Gpu> {
+        self.gpu.as_ref().ok_or_else(|| {
+            errors::plain(
+                py,
+                "UnsupportedError",
+                format!("{what} needs a GPU pipeline (backend=\"gpu\"); this one runs on the host"),
+            )
+        })
+    }
+
+    /// Runs `f` with the pipeline's device lane (made on first use).
+    fn with_lane<R>(
+        &self,
+        gpu: &prism_stream::Gpu,
+        f: impl FnOnce(&mut prism_stream::Lane) -> prism_stream::Result<R>,
+    ) -> prism_stream::Result<R> {
+        let mut g = self.lane.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(prism_stream::Lane::new(gpu)?);
+        }
+        match g.as_mut() {
+            Some(lane) => f(lane),
+            None => Err(prism_stream::Error::Unsupported {
+                what: "a device lane",
+                instead: "nothing",
+            }),
+        }
+    }
+
+    /// `run` over data on the GPU: a new `DeviceArray` from `run_device`.
+    fn run_on_device<'py>(
+        &self,
+        py: Python<'py>,
+        input: &DeviceArray,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if out.is_some() {
+            return Err(PyTypeError::new_err(
+                "out is for host arrays: a run over device data returns a new DeviceArray",
+            ));
+        }
+        let gpu = self.gpu_for(py, "a run over device data")?.clone();
+        if !gpu.same_context(input.gpu()) {
+            return Err(PyValueError::new_err(
+                "the device array lives on another GPU than the pipeline's",
+            ));
+        }
+        let held = input.lock(py)?;
+        let result = match &*held {
+            Held::Empty => Held::Empty,
+            Held::Buffer(buf) => self
+                .with(py, |pm| {
+                    py.detach(|| -> prism_pipeline::Result<Held> {
+                        let total = pm.total_output_len(buf.len());
+                        if total == 0 {
+                            return Ok(Held::Empty);
+                        }
+                        let mut out = self.with_lane(&gpu, |lane| {
+                            prism_stream::DeviceBuffer::zeroed(lane, total)
+                        })?;
+                        pm.run_device(buf, &mut out)?;
+                        Ok(Held::Buffer(out))
+                    })
+                })?
+                .map_err(|e| pipeline_error(py, &e))?,
+            Held::Exported(_) => unreachable!("`lock` refuses exported arrays"),
+        };
+        drop(held);
+        Ok(Bound::new(py, DeviceArray::new(&gpu, result))?.into_any())
     }
 }
 
@@ -165,6 +243,7 @@ impl Pipeline {
             device,
             config,
             gpu,
+            lane: Mutex::new(None),
         })
     }
 
@@ -261,6 +340,37 @@ impl Pipeline {
         Registered::new(py, array, self.gpu.as_ref())
     }
 
+    /// Uploads ``array`` (anything ``run`` takes as input) to the
+    /// pipeline's GPU as a ``DeviceArray``.
+    ///
+    /// Raises:
+    ///     UnsupportedError: a host pipeline.
+    ///     OutOfMemoryError: no room on the GPU.
+    fn to_device(&self, py: Python<'_>, array: &Bound<'_, PyAny>) -> PyResult<DeviceArray> {
+        let gpu = self.gpu_for(py, "to_device")?.clone();
+        let a = contiguous_f32(py, array, "array")?;
+        let ro = a
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("array cannot be read: {e}")))?;
+        let src = ro
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(format!("array: {e}")))?;
+        if src.is_empty() {
+            return Ok(DeviceArray::new(&gpu, Held::Empty));
+        }
+        let buf = py
+            .detach(|| {
+                self.with_lane(&gpu, |lane| {
+                    prism_stream::DeviceBuffer::from_slice(lane, src)
+                })
+            })
+            .map_err(|e| {
+                let msg = e.to_string();
+                errors::stream_error(py, &e, msg)
+            })?;
+        Ok(DeviceArray::new(&gpu, Held::Buffer(buf)))
+    }
+
     /// Elements a run over ``n`` input elements produces (chunk by chunk:
     /// a ``GroupSum`` never sums across chunks).
     fn output_len(&self, py: Python<'_>, n: usize) -> PyResult<usize> {
@@ -303,6 +413,17 @@ impl Pipeline {
         input: &Bound<'py, PyAny>,
         out: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        // Data on the GPU: a device run, no copy across the link.
+        if let Ok(d) = input.cast::<DeviceArray>() {
+            return self.run_on_device(py, d.get(), out);
+        }
+        if let Some((t, _)) = dlpack::device_of(input)? {
+            if t == DL_CUDA || t == DL_CUDA_MANAGED {
+                let gpu = self.gpu_for(py, "a run over a CUDA tensor")?;
+                let d = from_cuda_tensor(py, gpu, input)?;
+                return self.run_on_device(py, &d, out);
+            }
+        }
         let reg_in = input.cast::<Registered>().ok();
         let reg_out = out.and_then(|o| o.cast::<Registered>().ok());
         if let (Some(ri), Some(ro)) = (reg_in, reg_out) {

@@ -1,7 +1,8 @@
 """The Python guide's (docs/python.md) examples run as written, in order, in
 one namespace (on the host without a GPU). A block after the comment
-``<!-- not run by tests/test_guide.py ... -->`` is skipped (it needs a Dask
-scheduler); the Dask example itself is tested by test_dask.py."""
+``<!-- not run by tests/test_guide.py ... -->`` is skipped (one needs a Dask
+scheduler, tested by test_dask.py; one a CUDA device and PyTorch, tested by
+test_dlpack.py)."""
 
 import pathlib
 import re
@@ -14,7 +15,7 @@ def test_guide_python_examples_run(capsys):
     text = GUIDE.read_text()
     blocks = BLOCK.findall(text)
     run = [code for skip, code in blocks if not skip]
-    assert len(run) >= 6 and len(blocks) - len(run) == 1
+    assert len(run) >= 6 and len(blocks) - len(run) == 2
     namespace: dict = {}
     for code in run:
         exec(compile(code, str(GUIDE), "exec"), namespace)

@@ -7,6 +7,9 @@ chunks overlap; without one (``backend="host"``, or ``"auto"`` on a machine
 with no GPU) the same pipeline runs on CPU threads. The GIL is released
 while prism works. A :class:`Graph` of the same stages (one input read
 by several branches, several outputs) runs with :meth:`Pipeline.run_graph`.
+Data already on the GPU (a :class:`DeviceArray`, or a PyTorch or CuPy CUDA
+tensor through DLPack) runs without crossing the link, and comes back as a
+:class:`DeviceArray` that ``torch.from_dlpack`` takes without a copy.
 prism's errors are raised as the typed exceptions of this module, all
 derived from :class:`PrismError`.
 
@@ -27,6 +30,7 @@ from ._errors import (
     ConfigError,
     ContextPoisonedError,
     DriverNotFoundError,
+    ForeignMemoryError,
     GpuError,
     GraphError,
     LengthError,
@@ -42,6 +46,7 @@ from ._errors import (
 )
 from ._prism import (
     Clamp,
+    DeviceArray,
     Fma,
     Graph,
     GroupSum,
@@ -50,6 +55,7 @@ from ._prism import (
     Registered,
     StreamIter,
     __version__,
+    from_dlpack,
 )
 
 from . import _errors
@@ -58,6 +64,8 @@ __all__ = [
     "Pipeline",
     "StreamIter",
     "Registered",
+    "DeviceArray",
+    "from_dlpack",
     "Graph",
     "Node",
     "Fma",

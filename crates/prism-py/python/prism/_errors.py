@@ -121,6 +121,12 @@ class SinkError(PrismError):
     chunk: Optional[int] = None
 
 
+class ForeignMemoryError(PrismError, ValueError):
+    """Memory handed over through DLPack that prism cannot use: an address
+    the driver does not know as GPU memory, memory of another device or
+    CUDA context, or a range past its allocation. Nothing was taken."""
+
+
 class BusyError(PrismError):
     """The pipeline is in use: another thread runs it, or a ``run_stream``
     iterator is neither exhausted nor closed."""
@@ -138,6 +144,7 @@ __all__ = [
     "StageError",
     "UnsupportedError",
     "OutOfMemoryError",
+    "ForeignMemoryError",
     "ContextPoisonedError",
     "GpuError",
     "SourceError",

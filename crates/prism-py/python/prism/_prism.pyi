@@ -123,6 +123,47 @@ class Registered:
         tb: Optional[TracebackType],
     ) -> bool: ...
 
+class DeviceArray:
+    """float32 data on a GPU (1-D): a device run's output,
+    ``Pipeline.to_device``'s upload, or a CUDA tensor's memory through
+    ``from_dlpack``. ``torch.from_dlpack`` / ``cupy.from_dlpack`` take it
+    without a copy; from then on it is theirs (prism refuses it)."""
+
+    @property
+    def shape(self) -> tuple[int]: ...
+    @property
+    def dtype(self) -> np.dtype[np.float32]: ...
+    @property
+    def device(self) -> int:
+        """The CUDA device ordinal."""
+    @property
+    def ptr(self) -> int:
+        """The device address of the first element (0 when empty)."""
+    @property
+    def exported(self) -> bool:
+        """True once handed to another library through ``__dlpack__``."""
+    def __len__(self) -> int: ...
+    def numpy(self) -> npt.NDArray[np.float32]:
+        """A NumPy copy of the contents."""
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Optional[int] = None,
+        max_version: Optional[tuple[int, int]] = None,
+        dl_device: Optional[tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any:
+        """A ``"dltensor"`` capsule; ``stream`` waits for prism's work."""
+
+def from_dlpack(tensor: Any) -> DeviceArray:
+    """A CUDA tensor (PyTorch, CuPy, ...) as a ``DeviceArray`` over the same
+    memory, no copy."""
+
+def _dlpack_info(obj: Any) -> tuple[int, int, int, int]:
+    """Internal, for tests: (address, elements, device type, device id) of
+    any DLPack object's tensor."""
+
 class Pipeline:
     """Stages in an order, streaming float32 data through them in chunks on
     a GPU or on CPU threads (``backend="host"``)."""
@@ -166,6 +207,13 @@ class Pipeline:
     def register(self, array: npt.NDArray[np.float32]) -> Registered:
         """Page-locks ``array`` in place for this pipeline's GPU (no copy):
         runs from one registered array into another need no staging."""
+    def to_device(self, array: _Input) -> DeviceArray:
+        """Uploads ``array`` to the pipeline's GPU."""
+    @overload
+    def run(self, input: DeviceArray, out: None = None) -> DeviceArray:
+        """A run over data on the GPU (a ``DeviceArray`` or a CUDA tensor
+        with ``__dlpack__``): nothing crosses the link; returns a new
+        ``DeviceArray``."""
     @overload
     def run(self, input: Union[_Input, Registered], out: Registered) -> Registered: ...
     @overload

@@ -12,6 +12,7 @@ mod device;
 mod dlpack;
 mod errors;
 mod graph;
+mod kernel;
 mod pipeline;
 mod register;
 mod stages;
@@ -43,6 +44,7 @@ fn _prism(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stages::Fma>()?;
     m.add_class::<stages::Clamp>()?;
     m.add_class::<stages::GroupSum>()?;
+    m.add_class::<kernel::Kernel>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

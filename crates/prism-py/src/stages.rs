@@ -1,11 +1,12 @@
 //! The built-in stages as Python values (`prism.Fma`, `prism.Clamp`,
-//! `prism.GroupSum`): plain parameters, turned into prism's stages by
-//! `Pipeline.add_stage` and `Graph.stage`.
+//! `prism.GroupSum`, and a user's `prism.Kernel`): plain parameters, turned
+//! into prism's stages by `Pipeline.add_stage` and `Graph.stage`.
 
 use prism_pipeline::{NodeId, StageGraph};
 use pyo3::prelude::*;
 
 use crate::errors;
+use crate::kernel::Kernel;
 
 /// `y = x` after `iters` steps of `y = fma(y, a, b)` (a fused multiply-add
 /// in float32, one rounding per step): prism's FMA chain, elementwise.
@@ -141,12 +142,13 @@ impl GroupSum {
     }
 }
 
-/// One of the built-in stages, taken from a Python value.
-#[derive(Debug, Clone, Copy)]
+/// One of the built-in stages, or a user's kernel, taken from a Python value.
+#[derive(Debug, Clone)]
 pub(crate) enum Builtin {
     Fma(Fma),
     Clamp(Clamp),
     GroupSum(GroupSum),
+    Kernel(Kernel),
 }
 
 impl Builtin {
@@ -161,12 +163,15 @@ impl Builtin {
         if let Ok(s) = obj.cast::<GroupSum>() {
             return Ok(Self::GroupSum(*s.get()));
         }
+        if let Ok(s) = obj.cast::<Kernel>() {
+            return Ok(Self::Kernel(s.get().clone()));
+        }
         let name = obj
             .get_type()
             .name()
             .map_or_else(|_| "?".to_owned(), |n| n.to_string());
         Err(pyo3::exceptions::PyTypeError::new_err(format!(
-            "{caller} takes prism.Fma, prism.Clamp or prism.GroupSum, not {name}"
+            "{caller} takes prism.Fma, prism.Clamp, prism.GroupSum or prism.Kernel, not {name}"
         )))
     }
 
@@ -176,6 +181,7 @@ impl Builtin {
             Self::Fma(s) => pm.add_stage(s.stage()),
             Self::Clamp(s) => pm.add_stage(s.stage()),
             Self::GroupSum(s) => pm.add_stage(s.stage()),
+            Self::Kernel(s) => pm.add_stage(s.stage()),
         }
     }
 
@@ -189,6 +195,7 @@ impl Builtin {
             Self::Fma(s) => graph.stage(from, s.stage()),
             Self::Clamp(s) => graph.stage(from, s.stage()),
             Self::GroupSum(s) => graph.stage(from, s.stage()),
+            Self::Kernel(s) => graph.stage(from, s.stage()),
         }
     }
 }

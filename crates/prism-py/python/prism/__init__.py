@@ -50,6 +50,7 @@ from ._prism import (
     Fma,
     Graph,
     GroupSum,
+    Kernel,
     Node,
     Pipeline,
     Registered,
@@ -71,6 +72,7 @@ __all__ = [
     "Fma",
     "Clamp",
     "GroupSum",
+    "Kernel",
     *_errors.__all__,
     "__version__",
 ]

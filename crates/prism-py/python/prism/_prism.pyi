@@ -48,7 +48,31 @@ class GroupSum:
     @property
     def name(self) -> Literal["group_sum"]: ...
 
-Stage = Union[Fma, Clamp, GroupSum]
+class Kernel:
+    """Your own CUDA kernel from PTX, as a stage (GPU backend only):
+    ``extern "C" __global__ void name(const float *in, float *out,
+    unsigned long long n, float p0, ...)``, one float per ``params`` value;
+    the PTX's ``.entry`` is checked for that parameter list."""
+
+    def __init__(
+        self,
+        ptx: str,
+        name: str,
+        params: List[float] = ...,
+        *,
+        elementwise: bool = True,
+        block: int = 256,
+    ) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def params(self) -> List[float]: ...
+    @property
+    def elementwise(self) -> bool: ...
+    @property
+    def block(self) -> int: ...
+
+Stage = Union[Fma, Clamp, GroupSum, Kernel]
 
 class Node:
     """A node of a :class:`Graph` (its input or a stage); valid only on the

@@ -1,0 +1,90 @@
+"""``prism.Kernel``: the user's own PTX kernel as a stage.
+
+The PTX is the Rust example's ``scale_add`` (``y[i] = fmaf(a, x[i], b)``,
+signature ``(const float*, float*, unsigned long long n, float a, float
+b)``). Its signature checks run everywhere; the runs need a GPU (skipped
+without one, failed with ``PRISM_REQUIRE_GPU=1``) and are compared bit for
+bit with the NumPy reference.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import prism
+from conftest import assert_bits_equal, clamp_ref, fma_chain_ref
+
+PTX = (
+    pathlib.Path(__file__).resolve().parents[2]
+    / "prism-pipeline"
+    / "examples"
+    / "kernels"
+    / "scale_add.ptx"
+).read_text()
+
+
+def test_kernel_signature_is_checked_against_the_ptx():
+    k = prism.Kernel(PTX, "scale_add", [2.0, -1.0])
+    assert k.name == "scale_add" and k.params == [2.0, -1.0] and k.elementwise
+    assert "scale_add" in repr(k)
+    with pytest.raises(ValueError, match="no kernel named"):
+        prism.Kernel(PTX, "scale_mul", [2.0, -1.0])
+    with pytest.raises(ValueError, match="parameters"):
+        prism.Kernel(PTX, "scale_add", [2.0])  # one float too few
+    with pytest.raises(ValueError, match="parameters"):
+        prism.Kernel(PTX, "scale_add")
+    with pytest.raises(ValueError, match="NUL"):
+        prism.Kernel(PTX, "scale\0add", [2.0, -1.0])
+    with pytest.raises(ValueError, match="block"):
+        prism.Kernel(PTX, "scale_add", [2.0, -1.0], block=0)
+    odd = PTX.replace(".param .f32 scale_add_param_4", ".param .u64 scale_add_param_4")
+    with pytest.raises(ValueError, match="PTX types"):
+        prism.Kernel(odd, "scale_add", [2.0, -1.0])
+
+
+def test_kernel_has_no_host_form():
+    p = prism.Pipeline(backend="host")
+    p.add_stage(prism.Kernel(PTX, "scale_add", [2.0, -1.0]))
+    with pytest.raises(prism.UnsupportedError) as e:
+        p.run(np.ones(8, dtype=np.float32))
+    assert e.value.stage == "scale_add"
+
+
+def gpu_pipeline(chunk_bytes: int, **kwargs) -> prism.Pipeline:
+    try:
+        return prism.Pipeline(backend="gpu", chunk_bytes=chunk_bytes, **kwargs)
+    except prism.NoDeviceError as e:
+        if os.environ.get("PRISM_REQUIRE_GPU") == "1":
+            raise
+        pytest.skip(f"no GPU: {e}")
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_gpu_kernel_stage_matches_the_reference(rng, graphs):
+    p = gpu_pipeline(1 << 20, graphs=graphs)
+    p.add_stage(prism.Kernel(PTX, "scale_add", [2.0, -1.0], block=128))
+    p.add_stage(prism.Clamp(lo=-3.0, hi=3.0))
+    x = rng.standard_normal((3 << 20) + 7).astype(np.float32)
+    want = clamp_ref(fma_chain_ref(x, 2.0, -1.0, 1), -3.0, 3.0)
+    assert_bits_equal(p.run(x), want)
+    assert_bits_equal(p.run(p.to_device(x)).numpy(), want)  # device run
+    items = [x[:5], x[5:70000], x[70000:70001]]
+    got = list(p.run_stream(items))
+    assert_bits_equal(np.concatenate(got), want[:70001])
+
+
+def test_gpu_kernel_in_a_graph(rng):
+    p = gpu_pipeline(1 << 20)
+    g = prism.Graph()
+    a = g.stage(g.input, prism.Kernel(PTX, "scale_add", [0.5, 0.25]))
+    b = g.stage(g.input, prism.Clamp(lo=0.0, hi=1.0))
+    g.output(a)
+    g.output(b)
+    x = rng.standard_normal(1 << 20).astype(np.float32)
+    ya, yb = p.run_graph(g, x)
+    assert_bits_equal(ya, fma_chain_ref(x, 0.5, 0.25, 1))
+    assert_bits_equal(yb, clamp_ref(x, 0.0, 1.0))

@@ -10,49 +10,11 @@
 use std::sync::Arc;
 
 use prism_stream::cudarc::driver::{result, CudaContext, CudaStream, DevicePtr};
-use prism_stream::{
-    fma_chain_cpu, DeviceBuffer, Error, ForeignStream, Gpu, HostAllocFlags, Lane, PinnedBuffer,
-};
+use prism_stream::{DeviceBuffer, Error, ForeignStream, Gpu, HostAllocFlags, Lane, PinnedBuffer};
 use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
-const SPIN_NS: u64 = 300_000_000;
-const A: f32 = 1.0001;
-const B: f32 = 0.25;
-const ITERS: u32 = 3;
-
-fn reference(input: &[f32]) -> Vec<f32> {
-    input
-        .iter()
-        .map(|&x| fma_chain_cpu(x, A, B, ITERS))
-        .collect()
-}
-
-#[track_caller]
-fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-        panic!(
-            "{what}: element {i} of {} is {}, the CPU reference {} (a hand-over not ordered?)",
-            got.len(),
-            got[i],
-            want[i]
-        );
-    }
-}
-
-/// `stream` kept busy for `ns` by a prism spin kernel (lent and taken back).
-fn busy(gpu: &Gpu, stream: Arc<CudaStream>, ns: u64) -> Arc<CudaStream> {
-    let mut lane = Lane::from_cuda_stream(gpu, stream).unwrap();
-    lane.launch().spin(ns).unwrap();
-    lane.into_cuda_stream().unwrap()
-}
-
-fn download(gpu: &Gpu, buf: &DeviceBuffer<f32>) -> Vec<f32> {
-    let mut lane = Lane::new(gpu).unwrap();
-    let mut host = PinnedBuffer::<f32>::new(gpu, buf.len(), HostAllocFlags::DEFAULT).unwrap();
-    lane.copy_dtoh(buf, 0, &mut host, 0, buf.len()).unwrap();
-    host.wait_slice().unwrap().to_vec()
-}
+mod common;
+use common::{assert_same_bits, busy, download, reference, A, B, ITERS, SPIN_NS};
 
 /// The "other library": a cudarc context object with event tracking off
 /// (so cudarc adds no ordering of its own) on the device's primary context.

@@ -16,11 +16,8 @@ use prism_stream::{
 };
 use prism_testing::{gpu_or_skip, random_f32, scaled, under_sanitizer};
 
-/// How long the old owner's work keeps running after a hand-over is queued.
-const SPIN_NS: u64 = 300_000_000;
-const A: f32 = 1.0001;
-const B: f32 = 0.25;
-const ITERS: u32 = 3;
+mod common;
+use common::{assert_same_bits, busy, download, reference, A, B, ITERS, SPIN_NS};
 
 /// The cudarc side of a test: the context object the user holds and how.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -81,42 +78,6 @@ impl Side {
             _ => ctx.new_stream().unwrap(),
         }
     }
-}
-
-fn reference(input: &[f32]) -> Vec<f32> {
-    input
-        .iter()
-        .map(|&x| fma_chain_cpu(x, A, B, ITERS))
-        .collect()
-}
-
-#[track_caller]
-fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-        panic!(
-            "{what}: element {i} of {} is {}, the CPU reference {} (a hand-over not ordered after the work that wrote it?)",
-            got.len(),
-            got[i],
-            want[i]
-        );
-    }
-}
-
-/// `stream` made busy for `ns` by a prism spin kernel: the stream is lent
-/// to a lane and taken back (it must be the only handle to it).
-fn busy(gpu: &Gpu, stream: Arc<CudaStream>, ns: u64) -> Arc<CudaStream> {
-    let mut lane = Lane::from_cuda_stream(gpu, stream).unwrap();
-    lane.launch().spin(ns).unwrap();
-    lane.into_cuda_stream().unwrap()
-}
-
-/// `buf`'s contents, through prism's own lanes.
-fn download(gpu: &Gpu, buf: &DeviceBuffer<f32>) -> Vec<f32> {
-    let mut lane = Lane::new(gpu).unwrap();
-    let mut host = PinnedBuffer::<f32>::new(gpu, buf.len(), HostAllocFlags::DEFAULT).unwrap();
-    lane.copy_dtoh(buf, 0, &mut host, 0, buf.len()).unwrap();
-    host.wait_slice().unwrap().to_vec()
 }
 
 /// A slice of random data made by cudarc, handed to prism, run through a

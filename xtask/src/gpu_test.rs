@@ -80,7 +80,8 @@ pub const EXAMPLE_SANITIZER_RUNS: &[(&str, &str)] = &[
 /// examples that call cuBLAS and cuFFT from a stage (`gemm_stage`,
 /// `fft_stage`) need them (`required-features`). Tests and examples are
 /// built with the same features, so prism-stream is compiled once.
-pub const BUNDLE_FEATURES: &str = "prism-pipeline/cublas,prism-pipeline/cufft";
+pub const BUNDLE_FEATURES: &str =
+    "prism-pipeline/cublas,prism-pipeline/cufft,prism-pipeline/cufile";
 
 /// The compute-sanitizer tools a GPU run uses.
 pub const SANITIZER_TOOLS: &str = "memcheck racecheck synccheck initcheck";

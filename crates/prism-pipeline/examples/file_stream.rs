@@ -5,7 +5,9 @@
 //! rate against the bound and the I/O mode the file system gave. The stream
 //! runs twice: reads in `fill` (read-ahead off), then with a read-ahead
 //! thread of `--read-ahead` buffers (0 skips the second run), each with
-//! its disk time and, with read-ahead, the time `fill` still waited.
+//! its disk time and, with read-ahead, the time `fill` still waited. It
+//! also says whether GPUDirect Storage (cuFile) works here and in which
+//! mode (`--features cufile`; prism itself reads with `O_DIRECT`).
 //!
 //! ```text
 //! cargo run --release -p prism-pipeline --example file_stream [-- --mib 1024 --chunk-mib 16 --dir /data --read-ahead 2]
@@ -89,6 +91,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let chunk_bytes = args.chunk_mib << 20;
     let bound = read_bound_with(&inp, &opts, chunk_bytes)?;
     println!("disk bound (plain read, no processing): {bound}");
+    // prism reads through O_DIRECT into pinned slots; what cuFile would offer
+    // here (built with the `cufile` feature, as the GPU bundle is).
+    println!("cuFile (GPUDirect Storage): {}", prism_stream::gds_status());
 
     let config = PipelineConfig {
         chunk_bytes,

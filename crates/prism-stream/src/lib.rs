@@ -52,6 +52,7 @@
 //! | [`future`] | [`FenceFuture`], [`OpFuture`] |
 //! | `interop` | moves of buffers and streams between cudarc and prism |
 //! | `foreign` | memory and streams of other libraries by raw handle (DLPack): [`DeviceBuffer::from_foreign`], [`Exported`], [`ForeignStream`] |
+//! | `gds` | [`gds_status`]: GPUDirect Storage (cuFile) here, and its mode |
 //! | [`nvtx`] | NVTX ranges |
 //!
 //! # Soundness
@@ -102,6 +103,7 @@ mod copy;
 mod error;
 mod foreign;
 pub mod future;
+mod gds;
 pub mod graph;
 mod interop;
 mod kernels;
@@ -125,6 +127,7 @@ pub use copy::{batch_copies_supported, BatchItem};
 pub use error::{Error, Result};
 pub use foreign::{Exported, ForeignStream};
 pub use future::{FenceFuture, OpFuture};
+pub use gds::{gds_status, GdsStatus};
 pub use graph::{Completion, OpGraph, OpId, OpStatus, Probe};
 pub use interop::InteropError;
 pub use kernels::{fma_chain_cpu, pattern, Kernel, KernelCall, KernelSource, Launch, Module};

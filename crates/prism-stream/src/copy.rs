@@ -273,10 +273,13 @@ impl Lane {
     /// Uploads `data` (ordinary, pageable memory) into `dst[at..]`, after
     /// the range's earlier uses. The driver copies `data` into its own
     /// staging before this returns, so `data` is free again at once; the
-    /// transfer to the device runs later in stream order. Slower than a
-    /// copy from a [`PinnedBuffer`] ([`copy_htod`](Self::copy_htod)), and it
-    /// blocks the calling thread while the driver stages the bytes: use it
-    /// for parameters, small tables and one-off inputs.
+    /// transfer to the device runs later in stream order. Memory the driver
+    /// copies asynchronously (page-locked, such as a [`PinnedBuffer`]'s
+    /// slice, or managed) is waited for before this returns, since `data`
+    /// is borrowed only for the call. Slower than a copy from a
+    /// [`PinnedBuffer`] ([`copy_htod`](Self::copy_htod)), and it blocks the
+    /// calling thread while the driver stages the bytes: use it for
+    /// parameters, small tables and one-off inputs.
     pub fn upload_slice<T: Element>(
         &mut self,
         data: &[T],

@@ -14,6 +14,7 @@ use crate::kernels::Launch;
 use crate::memory::SlotPool;
 use crate::memory::{DeviceBuffer, Element, PinnedBuffer, Tracked};
 use crate::order::{Access, Used};
+use crate::raw;
 use crate::readback::Readback;
 use crate::{Error, Result};
 
@@ -96,13 +97,26 @@ impl Launch<'_> {
         let d = dst.addr() + off as u64;
         let uses = [dst.used_range(Access::Write, "device destination buffer", off, off + bytes)];
         let src = crate::as_bytes(data);
+        // Page-locked (or managed) memory is copied asynchronously: `data`
+        // is borrowed only for this call, so the copy must be over before
+        // it returns. Pageable memory is staged by the driver in the call.
+        let (first, last) = (src.as_ptr(), src.as_ptr().wrapping_add(bytes - 1));
+        let locked = raw::host_known_to_driver(first) || raw::host_known_to_driver(last);
         self.enqueue(&uses, |stream| {
             // SAFETY: d..d+bytes lies inside dst (checked above), ordered and
             // fenced by the scope; `src` is `bytes` initialised bytes borrowed
             // for the call. For pageable memory the driver stages the bytes
-            // before the call returns, so nothing reads `src` afterwards.
+            // before the call returns; for memory the driver knows (page-locked,
+            // managed) the copy's fence is waited for below, before the
+            // borrow ends. Either way nothing reads `src` after this returns.
             unsafe { result::memcpy_htod_async(d, src, stream) }.call("cuMemcpyHtoDAsync")
-        })
+        })?;
+        if locked {
+            if let Some(fence) = self.last_fence() {
+                fence.wait()?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads `buf[at..at + n]` back to the host without blocking: the copy

@@ -301,3 +301,39 @@ fn gpu_module_drop_waits_for_its_kernel_despite_a_stashed_cudarc_error() {
         "the error cudarc stashed for its caller was taken"
     );
 }
+
+/// `from_slice` / `upload_slice` over page-locked memory (a `PinnedBuffer`'s
+/// slice: safe code can borrow one): the driver copies such memory
+/// asynchronously, so before the fix the borrow ended with the copy still
+/// queued behind a spin and the host's next write went into the upload.
+/// Found by review; not yet run on a GPU.
+#[test]
+fn gpu_upload_from_a_page_locked_slice_is_over_before_the_borrow_ends() {
+    let _serial = serial();
+    let Some(ctx) =
+        gpu_or_skip("gpu_upload_from_a_page_locked_slice_is_over_before_the_borrow_ends")
+    else {
+        return;
+    };
+    let gpu = ctx.gpu();
+    let n = scaled(1 << 22, 1 << 12) + 1;
+    let data = random_f32(0x5EED, n);
+    let mut pinned = PinnedBuffer::from_slice(gpu, &data, HostAllocFlags::DEFAULT).unwrap();
+    let mut lane = Lane::new(gpu).unwrap();
+    lane.launch().spin(200_000_000).unwrap();
+    let up = DeviceBuffer::from_slice(&mut lane, pinned.as_slice().unwrap()).unwrap();
+    let mut again = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    lane.launch().spin(200_000_000).unwrap();
+    lane.upload_slice(pinned.as_slice().unwrap(), &mut again, 0)
+        .unwrap();
+    // The borrows ended: safe code may write the memory now.
+    pinned.as_mut_slice().unwrap().fill(0.0);
+    for (what, buf) in [("from_slice", &up), ("upload_slice", &again)] {
+        let got = lane.read_async(buf, 0, n).unwrap().wait().unwrap();
+        let bad = (0..n).find(|&i| got[i].to_bits() != data[i].to_bits());
+        assert!(
+            bad.is_none(),
+            "{what}: element {bad:?} is the host's later write, not the data"
+        );
+    }
+}

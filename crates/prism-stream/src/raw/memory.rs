@@ -185,3 +185,23 @@ pub(crate) fn pointer_facts(
         range: (start, size),
     })
 }
+
+/// True when the driver knows host address `ptr` (page-locked by
+/// `cuMemHostAlloc` or `cuMemHostRegister`, or managed): copies from it
+/// run asynchronously, unlike copies from pageable memory, which the
+/// driver stages before the call returns. An unknown address is the
+/// driver's `CUDA_ERROR_INVALID_VALUE`, never a fault: the query only
+/// looks the address up.
+pub(crate) fn host_known_to_driver(ptr: *const u8) -> bool {
+    let mut ty: u32 = 0;
+    // SAFETY: the out-parameter is a live u32 (the attribute's type); the
+    // driver only reads its own tables.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ty as *mut u32).cast::<c_void>(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            ptr as sys::CUdeviceptr,
+        )
+    };
+    r == CUresult::CUDA_SUCCESS
+}

@@ -30,11 +30,19 @@
 //! When an [`Exported`] buffer drops, prism cannot know which work its
 //! consumers queued on it unless they queued it on the legacy default
 //! stream (DLPack's stream 1: PyTorch's and CuPy's default), whose handle
-//! stays valid for the life of the process. Then the free waits for a
-//! fence recorded there (a wait for that stream's work so far, not for the
-//! whole GPU). Shared with any other stream (a handle that may be gone by
-//! then), or with none (DLPack's -1: the consumer orders itself), the free
-//! waits for the whole context (`cuCtxSynchronize`) first.
+//! stays valid for the life of the process. Then the free waits (on the
+//! host) for a fence recorded there: that stream's work so far, not work
+//! the consumers queue on streams of their own later, which is theirs to
+//! order before they let go. Shared with any other stream (a handle that
+//! may be gone by then), or with none (DLPack's -1: the consumer orders
+//! itself), the free waits for the whole context (`cuCtxSynchronize`)
+//! first. Memory prism allocated is then freed with `cuMemFree`, which
+//! itself waits for the device; memory taken with `from_foreign` goes back
+//! to its owner without that.
+//!
+//! Handing memory over is ordered on the GPU (a stream waits on an event)
+//! where the driver allows it; a stream being captured, DLPack's stream
+//! -1, or a failed record fall back to waits on the host.
 
 use std::sync::{Arc, Mutex};
 
@@ -175,6 +183,27 @@ impl<T: Element> DeviceBuffer<T> {
         Ok(buf)
     }
 
+    /// Makes `stream` wait on the GPU for every use prism queued on this
+    /// buffer so far, reads and writes: work another library queues there
+    /// next comes after them. For memory taken with
+    /// [`from_foreign`](Self::from_foreign) that its owner goes on using
+    /// (a tensor prism read, which its library may write next). A stream
+    /// being captured, or a wait the driver refuses, is served by a host
+    /// wait for those uses instead.
+    pub fn order_stream_after(&self, stream: ForeignStream) -> Result<()> {
+        let gpu = self.gpu();
+        gpu.check_usable()?;
+        gpu.bind()?;
+        let cu = stream.borrow(gpu)?;
+        let on_gpu = check_not_capturing(&cu, "the stream").is_ok()
+            && order_foreign_after_all(self.uses(), &cu).is_ok();
+        if on_gpu {
+            Ok(())
+        } else {
+            self.wait_idle()
+        }
+    }
+
     /// Lends the buffer to other libraries for good: prism queues nothing
     /// more on it, each consumer orders itself after prism's pending work
     /// ([`Exported::share_with`]), and the memory is freed when the
@@ -200,8 +229,10 @@ impl<T: Element> DeviceBuffer<T> {
 }
 
 /// Checks that the driver knows `bytes` bytes at `ptr` as device memory
-/// of `gpu` (its context, or its device for memory of no context), inside
-/// one allocation, aligned to `align`. The context is current.
+/// of `gpu` (its context, or its device for memory of the virtual memory
+/// API, which belongs to no context), inside one allocation (or, for the
+/// virtual memory API, a run of adjacent mappings this device may read
+/// and write), aligned to `align`. The context is current.
 fn check_foreign_range(gpu: &Gpu, ptr: sys::CUdeviceptr, bytes: usize, align: usize) -> Result<()> {
     let refuse = |reason: String| Err(Error::ForeignMemory { reason });
     if ptr == 0 {
@@ -212,38 +243,70 @@ fn check_foreign_range(gpu: &Gpu, ptr: sys::CUdeviceptr, bytes: usize, align: us
             "the address {ptr:#x} is not aligned to the element type ({align} bytes)"
         ));
     }
-    let facts = match raw::pointer_facts(ptr) {
-        Ok(f) => f,
-        Err((call, e)) => {
-            return refuse(format!(
-                "the driver does not know the address {ptr:#x} as GPU memory ({call}: {e})"
-            ))
-        }
+    let Some(end) = ptr.checked_add(bytes as u64) else {
+        return refuse(format!("{bytes} bytes from {ptr:#x} wrap around"));
     };
-    if facts.context != 0 && facts.context != gpu.key() {
-        return Err(Error::ForeignContext { what: "the memory" });
-    }
     let ordinal = gpu.info().ordinal;
-    if facts.device < 0 || facts.device as usize != ordinal {
-        return refuse(format!(
-            "the memory lives on device {}, this GPU is device {ordinal}",
-            facts.device
-        ));
-    }
-    if facts.memory_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 && !facts.managed {
-        return refuse(format!(
-            "the address {ptr:#x} is host memory (memory type {}), not device memory",
-            facts.memory_type
-        ));
-    }
-    let (start, size) = facts.range;
-    let end = ptr.checked_add(bytes as u64);
-    let limit = start.checked_add(size as u64);
-    match (end, limit) {
-        (Some(end), Some(limit)) if ptr >= start && end <= limit => Ok(()),
-        _ => refuse(format!(
-            "{bytes} bytes from {ptr:#x} run past the allocation holding it ({size} bytes from {start:#x})"
-        )),
+    let mut at = ptr;
+    loop {
+        let facts = match raw::pointer_facts(at) {
+            Ok(f) => f,
+            Err((call, e)) => {
+                return refuse(format!(
+                    "the driver does not know the address {at:#x} as GPU memory ({call}: {e})"
+                ))
+            }
+        };
+        if facts.context != 0 && facts.context != gpu.key() {
+            return Err(Error::ForeignContext { what: "the memory" });
+        }
+        if facts.device < 0 || facts.device as usize != ordinal {
+            return refuse(format!(
+                "the memory lives on device {}, this GPU is device {ordinal}",
+                facts.device
+            ));
+        }
+        if facts.memory_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 && !facts.managed {
+            return refuse(format!(
+                "the address {at:#x} is host memory (memory type {}), not device memory",
+                facts.memory_type
+            ));
+        }
+        let (start, size) = facts.range;
+        let limit = start.saturating_add(size as u64);
+        if facts.context == 0 {
+            // A mapping of the virtual memory API: this device must be
+            // allowed to read and write it (PROT_READWRITE = 3).
+            match raw::vmm_access(at, ordinal as i32) {
+                Ok(3) => {}
+                Ok(flags) => {
+                    return refuse(format!(
+                        "device {ordinal} may not read and write the mapping at {at:#x} (access flags {flags})"
+                    ))
+                }
+                Err(e) => {
+                    return refuse(format!(
+                        "the access to the mapping at {at:#x} is unknown (cuMemGetAccess: {e})"
+                    ))
+                }
+            }
+        }
+        if at < start || limit <= at {
+            return refuse(format!(
+                "the driver places {at:#x} outside its own range ({size} bytes from {start:#x})"
+            ));
+        }
+        if end <= limit {
+            return Ok(());
+        }
+        if facts.context != 0 {
+            // One allocation of a context holds the whole range, or none.
+            return refuse(format!(
+                "{bytes} bytes from {ptr:#x} run past the allocation holding it ({size} bytes from {start:#x})"
+            ));
+        }
+        // The next mapping must start where this one ends.
+        at = limit;
     }
 }
 
@@ -291,6 +354,20 @@ impl<T: Element> Exported<T> {
         self.ptr
     }
 
+    /// The buffer back, while no consumer was ever given it
+    /// ([`share_with`](Self::share_with) never succeeded); else the export
+    /// itself.
+    pub fn reclaim(mut self) -> std::result::Result<DeviceBuffer<T>, Self> {
+        let c = *self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        if c.legacy || c.unknown {
+            return Err(self);
+        }
+        match self.buf.take() {
+            Some(buf) => Ok(buf),
+            None => Err(self),
+        }
+    }
+
     /// Readies the buffer for a consumer on `stream`: the stream waits on
     /// the GPU for prism's pending uses (no host wait), so work queued
     /// there next may read and write it. `None` (DLPack's stream -1: the
@@ -316,6 +393,7 @@ impl<T: Element> Exported<T> {
         if !on_gpu {
             buf.wait_idle()?;
         }
+        // Recorded only once the consumer may use the buffer.
         let mut c = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         match stream {
             Some(s) if s.is_legacy() => c.legacy = true,

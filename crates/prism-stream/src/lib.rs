@@ -25,8 +25,9 @@
 //!   orders the new owner after the old one's pending work.
 //! - Other libraries' memory by raw handle (DLPack, C++):
 //!   [`DeviceBuffer::from_foreign`] uses a tensor's memory without a copy,
-//!   [`DeviceBuffer::export`] lends a buffer out ([`Exported`]); the
-//!   streams on both sides wait on events, never on the whole GPU.
+//!   [`DeviceBuffer::export`] lends a buffer out ([`Exported`]); hand-overs
+//!   are ordered by stream waits on events where the driver allows it
+//!   (the module `foreign` lists where it falls back to host waits).
 //! - [`nvtx`]: NVTX ranges for Nsight Systems (free when no tool listens).
 //!
 //! # Modules

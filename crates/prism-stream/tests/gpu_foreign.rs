@@ -85,8 +85,13 @@ fn gpu_foreign_memory_waits_for_the_producers_stream() {
     let src = legacy.clone_htod(&input).unwrap();
     let slice = legacy.alloc_zeros::<f32>(n).unwrap();
     let (src_ptr, dst_ptr) = (src.device_ptr(&legacy).0, slice.device_ptr(&legacy).0);
+    legacy.synchronize().unwrap();
+    // The write is held back behind a spin on another stream.
+    let gate = busy(&gpu, cuda.new_stream().unwrap(), SPIN_NS);
+    legacy.wait(&gate.record_event(None).unwrap()).unwrap();
     // SAFETY: as above, on the legacy stream (handle 0 in the driver API).
     unsafe { result::memcpy_dtod_async(dst_ptr, src_ptr, n * 4, legacy.cu_stream()) }.unwrap();
+    let copied = legacy.record_event(None).unwrap();
     // SAFETY: as above.
     let buf = unsafe {
         DeviceBuffer::<f32>::from_foreign(
@@ -98,6 +103,12 @@ fn gpu_foreign_memory_waits_for_the_producers_stream() {
         )
     }
     .unwrap();
+    if !under_sanitizer() {
+        assert!(
+            !copied.is_complete(),
+            "from_foreign waited on the host for the legacy stream"
+        );
+    }
     assert_same_bits(
         "foreign memory from the legacy stream",
         &download(&gpu, &buf),
@@ -105,6 +116,7 @@ fn gpu_foreign_memory_waits_for_the_producers_stream() {
     );
     drop(buf);
     legacy.synchronize().unwrap();
+    gate.synchronize().unwrap();
 }
 
 /// A prism buffer whose kernel is still queued (after a long spin) lent to
@@ -152,28 +164,44 @@ fn gpu_foreign_export_orders_consumers_both_ways() {
     );
     drop(exported); // shared with a stream of unknown life: waits for the context
 
-    // Shared with the legacy stream only.
-    let mut z = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    // Shared with the legacy stream only, over memory another library owns
+    // (so the drop frees nothing: `cuMemFree` would wait for the device).
+    // The consumer's work on the legacy stream is held back by a spin on
+    // another stream, and copies into page-locked memory (asynchronous).
+    let home = cuda.new_stream().unwrap();
+    let mem = home.alloc_zeros::<f32>(n).unwrap();
+    home.synchronize().unwrap();
+    let mem_ptr = mem.device_ptr(&home).0;
+    // SAFETY: `mem` (held by the test to the end) keeps the memory; it is
+    // idle (synchronised above); nothing else touches it meanwhile.
+    let mut z =
+        unsafe { DeviceBuffer::<f32>::from_foreign(&gpu, mem_ptr, n, None, Box::new(())) }.unwrap();
     lane.launch().fma_chain(&x, &mut z, n, A, B, ITERS).unwrap();
     let exported = z.export().unwrap();
     exported.share_with(Some(ForeignStream::LEGACY)).unwrap();
     let legacy = cuda.default_stream();
-    let mut got = vec![0f32; n];
+    let gate = busy(&gpu, cuda.new_stream().unwrap(), SPIN_NS);
+    legacy.wait(&gate.record_event(None).unwrap()).unwrap();
     for _ in 0..8 {
         // SAFETY: the consumer's work on the legacy stream, inside the export.
         unsafe { result::memset_d8_async(exported.device_ptr(), 0x3f, n * 4, legacy.cu_stream()) }
             .unwrap();
     }
-    // SAFETY: as above; the copy follows the memsets in stream order.
-    unsafe { result::memcpy_dtoh_async(&mut got, exported.device_ptr(), legacy.cu_stream()) }
-        .unwrap();
+    let mut host = PinnedBuffer::<f32>::new(&gpu, n, HostAllocFlags::DEFAULT).unwrap();
+    {
+        let dst = host.as_mut_slice().unwrap();
+        // SAFETY: `dst` is page-locked and stays allocated (`host` lives on)
+        // and untouched by the host until the legacy stream is synchronised.
+        unsafe { result::memcpy_dtoh_async(dst, exported.device_ptr(), legacy.cu_stream()) }
+            .unwrap();
+    }
     let consumers_done = legacy.record_event(None).unwrap();
-    let unrelated = busy(&gpu, cuda.new_stream().unwrap(), SPIN_NS);
+    let unrelated = busy(&gpu, cuda.new_stream().unwrap(), 5 * SPIN_NS);
     let spinning = unrelated.record_event(None).unwrap();
     drop(exported);
     assert!(
         consumers_done.is_complete(),
-        "the export was freed before its consumer's work on the legacy stream finished"
+        "the export was released before its consumer's work on the legacy stream finished"
     );
     if !under_sanitizer() {
         assert!(
@@ -181,8 +209,67 @@ fn gpu_foreign_export_orders_consumers_both_ways() {
             "dropping an export shared with the legacy stream waited for the whole GPU"
         );
     }
-    assert!(got.iter().all(|v| v.to_bits() == 0x3f3f_3f3f));
+    legacy.synchronize().unwrap();
+    assert!(host
+        .as_slice()
+        .unwrap()
+        .iter()
+        .all(|v| v.to_bits() == 0x3f3f_3f3f));
     unrelated.synchronize().unwrap();
+    gate.synchronize().unwrap();
+    drop(mem);
+}
+
+/// `order_stream_after`: a tensor prism reads (a long spin first) that its
+/// library writes next on its stream: the write waits for prism's read.
+/// `Exported::reclaim` hands the buffer back while no consumer had it.
+#[test]
+fn gpu_foreign_owner_writes_after_prisms_reads() {
+    let Some(ctx) = gpu_or_skip("gpu_foreign_owner_writes_after_prisms_reads") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let cuda = other_library();
+    let n = scaled(1 << 22, 1 << 14) + 1;
+    let input = random_f32(0xF2, n);
+    let owner_stream = cuda.new_stream().unwrap();
+    let mem = owner_stream.clone_htod(&input).unwrap();
+    owner_stream.synchronize().unwrap();
+    let ptr = mem.device_ptr(&owner_stream).0;
+    // SAFETY: `mem` stays allocated until the end; idle now; its library
+    // writes it only after `order_stream_after` below.
+    let buf =
+        unsafe { DeviceBuffer::<f32>::from_foreign(&gpu, ptr, n, None, Box::new(())) }.unwrap();
+    let mut lane = Lane::new(&gpu).unwrap();
+    let mut y = DeviceBuffer::<f32>::zeroed(&mut lane, n).unwrap();
+    let mut l = lane.launch();
+    l.spin(SPIN_NS).unwrap();
+    l.fma_chain(&buf, &mut y, n, A, B, ITERS).unwrap();
+    drop(l);
+    buf.order_stream_after(raw(&owner_stream)).unwrap();
+    // The library's next write, on its stream.
+    // SAFETY: `ptr` is `n` f32 of `mem`; ordered after prism's read above.
+    unsafe { result::memset_d8_async(ptr, 0, n * 4, owner_stream.cu_stream()) }.unwrap();
+    assert_same_bits(
+        "prism's read before the owner's write",
+        &download(&gpu, &y),
+        &reference(&input),
+    );
+    owner_stream.synchronize().unwrap();
+    drop(buf);
+
+    // reclaim: no consumer yet, so prism may use the buffer again.
+    let z = DeviceBuffer::from_slice(&mut lane, &input).unwrap();
+    let exported = z.export().unwrap();
+    let z = exported.reclaim().expect("no consumer had it");
+    assert_same_bits("reclaimed", &download(&gpu, &z), &input);
+    let exported = z.export().unwrap();
+    exported.share_with(Some(ForeignStream::LEGACY)).unwrap();
+    assert!(
+        exported.reclaim().is_err(),
+        "reclaimed after a consumer had it"
+    );
+    drop(mem);
 }
 
 /// Every address or stream prism cannot use is a typed error, and nothing

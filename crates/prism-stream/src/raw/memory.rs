@@ -205,3 +205,22 @@ pub(crate) fn host_known_to_driver(ptr: *const u8) -> bool {
     };
     r == CUresult::CUDA_SUCCESS
 }
+
+/// The access device `device` has to the virtual-memory-API mapping at
+/// `ptr` (`cuMemGetAccess`: `CU_MEM_ACCESS_FLAGS_PROT_*`, 3 for read and
+/// write). An address that is not such a mapping is the driver's error.
+pub(crate) fn vmm_access(ptr: sys::CUdeviceptr, device: i32) -> Result<u64, DriverError> {
+    let location = sys::CUmemLocation {
+        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+        id: device,
+    };
+    let mut flags: std::ffi::c_ulonglong = 0;
+    // SAFETY: both pointers are to live locals of the types the call
+    // takes; the driver only reads its own tables.
+    let r = unsafe { sys::cuMemGetAccess(&mut flags, &location, ptr) };
+    if r == CUresult::CUDA_SUCCESS {
+        Ok(flags)
+    } else {
+        Err(DriverError(r))
+    }
+}

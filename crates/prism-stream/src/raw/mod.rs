@@ -34,6 +34,6 @@ pub(crate) use ctx::{ctx_synchronize, stream_context, stream_priority_range, str
 pub(crate) use event::{Event, EventPool};
 pub(crate) use memory::{
     device_alloc, device_free, host_alloc, host_free, host_known_to_driver, host_register,
-    host_unregister, mapped_address, pointer_facts, AllocFor,
+    host_unregister, mapped_address, pointer_facts, vmm_access, AllocFor,
 };
 pub(crate) use module::{code_message, KernelState, ModuleHold, PtxKernels};

@@ -6,6 +6,7 @@
 //! it without a copy: the consumer's stream waits for prism's work on an
 //! event (never a device-wide sync), and prism queues nothing more on it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use numpy::PyArray1;
@@ -39,29 +40,63 @@ pub(crate) enum Held {
 /// work (a CUDA event, not a device-wide sync). Once exported that way it
 /// belongs to its consumers: prism runs and ``numpy()`` refuse it
 /// (``BusyError``), and its memory is freed when it and every tensor made
-/// from it are gone, after their work on the legacy default stream (the
-/// one PyTorch and CuPy use unless told otherwise; for other streams
-/// prism waits for the whole GPU before freeing).
+/// from it are gone. The free waits for their work queued on the legacy
+/// default stream (the one PyTorch and CuPy use unless told otherwise);
+/// shared with another stream, it waits for the whole GPU. Work they queue
+/// later on streams of their own is theirs to finish before letting go.
+///
+/// A ``from_dlpack`` array is the other library's memory: after each run
+/// over it, the legacy default stream waits for prism's reads, so the
+/// owner's next write there comes after them; writes on other streams are
+/// the owner's to order (``torch.cuda.synchronize()``).
 #[pyclass(module = "prism._prism", frozen)]
 #[derive(Debug)]
 pub(crate) struct DeviceArray {
+    /// Locked only with `try_lock` while the GIL is held (a thread that
+    /// holds it while detached would otherwise deadlock with one waiting
+    /// for it with the GIL).
     held: Mutex<Held>,
     len: usize,
+    /// The device address (0 when empty); never changes.
+    ptr: u64,
+    /// Set once handed out through `__dlpack__`.
+    exported: AtomicBool,
+    /// Another library's memory (`from_dlpack`): after each prism run over
+    /// it, the legacy default stream waits for prism's reads, so that its
+    /// owner's next write there comes after them.
+    foreign: bool,
     gpu: Gpu,
 }
 
 impl DeviceArray {
     pub(crate) fn new(gpu: &Gpu, held: Held) -> Self {
-        let len = match &held {
-            Held::Empty => 0,
-            Held::Buffer(b) => b.len(),
-            Held::Exported(e) => e.len(),
+        Self::with_origin(gpu, held, false)
+    }
+
+    fn with_origin(gpu: &Gpu, held: Held, foreign: bool) -> Self {
+        let (len, ptr) = match &held {
+            Held::Empty => (0, 0),
+            #[allow(unsafe_code)] // the address as a number (Cargo.toml's lint note)
+            Held::Buffer(b) => (b.len(), {
+                // SAFETY: the address is kept only as a number, for
+                // `ptr`; nothing reads or writes memory through it.
+                unsafe { b.device_ptr() }
+            }),
+            Held::Exported(e) => (e.len(), e.device_ptr()),
         };
         Self {
+            exported: AtomicBool::new(matches!(held, Held::Exported(_))),
             held: Mutex::new(held),
             len,
+            ptr,
+            foreign,
             gpu: gpu.clone(),
         }
+    }
+
+    /// True for another library's memory (`from_dlpack`).
+    pub(crate) fn is_foreign(&self) -> bool {
+        self.foreign
     }
 
     pub(crate) fn gpu(&self) -> &Gpu {
@@ -136,7 +171,7 @@ pub(crate) fn from_cuda_tensor(
         let msg = e.to_string();
         errors::stream_error(py, &e, msg)
     })?;
-    Ok(DeviceArray::new(gpu, Held::Buffer(buf)))
+    Ok(DeviceArray::with_origin(gpu, Held::Buffer(buf), true))
 }
 
 #[pymethods]
@@ -163,24 +198,13 @@ impl DeviceArray {
     /// checks that a hand-over copied nothing (``tensor.data_ptr()``).
     #[getter]
     fn ptr(&self) -> u64 {
-        let g = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        match &*g {
-            Held::Empty => 0,
-            #[allow(unsafe_code)] // the address as a number (Cargo.toml's lint note)
-            Held::Buffer(b) => {
-                // SAFETY: the address is only returned as a number for
-                // comparisons; nothing reads or writes memory through it.
-                unsafe { b.device_ptr() }
-            }
-            Held::Exported(e) => e.device_ptr(),
-        }
+        self.ptr
     }
 
     /// True once handed to another library through ``__dlpack__``.
     #[getter]
     fn exported(&self) -> bool {
-        let g = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        matches!(*g, Held::Exported(_))
+        self.exported.load(Ordering::Acquire)
     }
 
     fn __len__(&self) -> usize {
@@ -223,10 +247,16 @@ impl DeviceArray {
     /// prism waits for its own work on the host first; 0 is refused, as
     /// DLPack says). The stream waits for prism's pending work on the
     /// GPU. From the first call on, the array is the consumers' (see the
-    /// class docs).
+    /// class docs); a call that fails leaves it prism's. A stream handle
+    /// above 2 must be a live CUDA stream of this device's context (DLPack's
+    /// contract; a stale handle is undefined behaviour in the driver, as
+    /// with PyTorch and CuPy). An empty array exports a tensor of no
+    /// element (null data).
     ///
     /// Raises:
-    ///     BufferError: ``copy=True``, another ``dl_device``, stream 0.
+    ///     BufferError: ``copy=True``, another ``dl_device``, stream 0, a
+    ///         stream of another context, or a hand-over the GPU refused.
+    ///     BusyError: in use by a call in another thread.
     #[pyo3(signature = (*, stream = None, max_version = None, dl_device = None, copy = None))]
     fn __dlpack__<'py>(
         &self,
@@ -274,16 +304,29 @@ impl DeviceArray {
                 )))
             }
         };
-        let mut g = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let export = match std::mem::replace(&mut *g, Held::Empty) {
-            Held::Empty => {
-                return Err(PyBufferError::new_err(
-                    "an empty device array has no memory to export",
+        let mut g = match self.held.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::WouldBlock) => {
+                return Err(errors::plain(
+                    py,
+                    "BusyError",
+                    "the device array is in use by a call in another thread",
                 ))
             }
-            Held::Exported(e) => e,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        let buffer_error = |e: prism_stream::Error| PyBufferError::new_err(e.to_string());
+        let export = match std::mem::replace(&mut *g, Held::Empty) {
+            // Zero elements: no memory to share, nothing to order.
+            Held::Empty => return dlpack::export_capsule(py, None, ordinal),
+            Held::Exported(e) => {
+                *g = Held::Exported(Arc::clone(&e));
+                drop(g);
+                e.share_with(foreign).map_err(buffer_error)?;
+                return dlpack::export_capsule(py, Some(e), ordinal);
+            }
             Held::Buffer(b) => match b.export() {
-                Ok(e) => Arc::new(e),
+                Ok(e) => e,
                 Err(refused) => {
                     let msg = refused.error.to_string();
                     *g = Held::Buffer(refused.value);
@@ -291,20 +334,27 @@ impl DeviceArray {
                 }
             },
         };
+        // The first consumer: the array stays prism's unless it is ordered.
+        if let Err(e) = export.share_with(foreign) {
+            *g = match export.reclaim() {
+                Ok(b) => Held::Buffer(b),
+                Err(still) => Held::Exported(Arc::new(still)),
+            };
+            return Err(buffer_error(e));
+        }
+        let export = Arc::new(export);
         *g = Held::Exported(Arc::clone(&export));
+        self.exported.store(true, Ordering::Release);
         drop(g);
-        export.share_with(foreign).map_err(|e| {
-            let msg = e.to_string();
-            errors::stream_error(py, &e, msg)
-        })?;
-        dlpack::export_capsule(py, export, ordinal)
+        dlpack::export_capsule(py, Some(export), ordinal)
     }
 
     fn __repr__(&self) -> String {
         format!(
-            "DeviceArray(len={}, dtype=float32, device=cuda:{}{})",
+            "DeviceArray(len={}, dtype=float32, device=cuda:{}{}{})",
             self.len,
             self.gpu.info().ordinal,
+            if self.foreign { ", from_dlpack" } else { "" },
             if self.exported() { ", exported" } else { "" }
         )
     }

@@ -72,7 +72,8 @@ struct DLManagedTensor {
 struct ExportCtx {
     managed: DLManagedTensor,
     shape: [i64; 1],
-    keep: Arc<Exported<f32>>,
+    /// `None` for a tensor of no element.
+    keep: Option<Arc<Exported<f32>>>,
 }
 
 /// The deleter of the tensors `export_capsule` makes.
@@ -83,10 +84,19 @@ unsafe extern "C" fn delete_export(t: *mut DLManagedTensor) {
     // SAFETY: `t` is the first field of an `ExportCtx` made by
     // `Box::into_raw` in `export_capsule` (`repr(C)`: same address), and
     // DLPack calls the deleter once (its consumer, or the capsule's
-    // destructor for a capsule never taken). Dropping the `Arc` may free
-    // the export after its consumers' work (`Exported`'s `Drop`), which
-    // neither panics nor needs the GIL.
-    drop(unsafe { Box::from_raw(t.cast::<ExportCtx>()) });
+    // destructor for a capsule never taken).
+    let mut ctx = unsafe { Box::from_raw(t.cast::<ExportCtx>()) };
+    let mut keep = ctx.keep.take();
+    drop(ctx);
+    // Dropping the last `Arc` frees the export after its consumers' work
+    // (`Exported`'s `Drop` waits on the host): without the GIL, so other
+    // Python threads run meanwhile (a deleter may be called with or
+    // without it; attaching first makes `detach` valid either way).
+    let _ = Python::try_attach(|py| {
+        let k = keep.take();
+        py.detach(move || drop(k));
+    });
+    drop(keep);
 }
 
 /// The destructor of every capsule `export_capsule` makes: a capsule still
@@ -107,16 +117,20 @@ unsafe extern "C" fn capsule_destructor(capsule: *mut ffi::PyObject) {
     }
 }
 
-/// A `"dltensor"` capsule over `keep`'s `len` float32 elements on CUDA
-/// device `device`. The capsule (or its consumer) keeps the export alive.
+/// A `"dltensor"` capsule over `keep`'s float32 elements on CUDA device
+/// `device` (`None`: a tensor of no element, null data). The capsule (or
+/// its consumer) keeps the export alive.
 pub(crate) fn export_capsule(
     py: Python<'_>,
-    keep: Arc<Exported<f32>>,
+    keep: Option<Arc<Exported<f32>>>,
     device: i32,
 ) -> PyResult<Bound<'_, PyAny>> {
-    let len = i64::try_from(keep.len())
+    let (len, data) = match &keep {
+        Some(k) => (k.len(), k.device_ptr() as usize as *mut c_void),
+        None => (0, std::ptr::null_mut()),
+    };
+    let len = i64::try_from(len)
         .map_err(|_| PyValueError::new_err("the array is too long for DLPack's int64 shape"))?;
-    let data = keep.device_ptr() as usize as *mut c_void;
     let ctx = Box::new(ExportCtx {
         managed: DLManagedTensor {
             dl_tensor: DLTensor {
@@ -180,6 +194,10 @@ unsafe impl Send for Taken {}
 unsafe impl Sync for Taken {}
 
 impl Drop for Taken {
+    /// On Python 3.9 to 3.12, PyO3 cannot tell a finalizing interpreter
+    /// from a live one before attaching: a `Taken` dropped on a thread of
+    /// another library while the interpreter shuts down may then block
+    /// that thread. prism drops them on Python's threads (with its objects).
     fn drop(&mut self) {
         let t = self.0;
         // `None`: the interpreter is finalizing; the producer's memory goes

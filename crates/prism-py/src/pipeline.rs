@@ -137,6 +137,7 @@ impl Pipeline {
                 "the device array lives on another GPU than the pipeline's",
             ));
         }
+        let foreign = input.is_foreign();
         let held = input.lock(py)?;
         let result = match &*held {
             Held::Empty => Held::Empty,
@@ -151,6 +152,12 @@ impl Pipeline {
                             prism_stream::DeviceBuffer::zeroed(lane, total)
                         })?;
                         pm.run_device(buf, &mut out)?;
+                        if foreign {
+                            // Another library's tensor: its owner's next write
+                            // on the legacy stream (PyTorch's and CuPy's
+                            // default) waits for prism's reads.
+                            buf.order_stream_after(prism_stream::ForeignStream::LEGACY)?;
+                        }
                         Ok(Held::Buffer(out))
                     })
                 })?

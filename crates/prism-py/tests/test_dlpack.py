@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -216,10 +216,89 @@ def test_gpu_export_to_a_stream_of_the_consumers_own(rng):
         w = u + 0.0
     s.synchronize()
     assert_bits_equal(w.cpu().numpy(), clamp_ref(x, 0.0, 0.5))
-    with pytest.raises(BufferError):
-        p.run(p.to_device(x)).__dlpack__(stream=0)
-    with pytest.raises(BufferError):
-        p.run(p.to_device(x)).__dlpack__(copy=True)
-    t0 = time.perf_counter()
     del u, w, y  # the free waits for the whole GPU here (a stream of torch's own)
-    assert time.perf_counter() - t0 < 5.0
+
+
+def test_gpu_failed_exports_leave_the_array_prisms(rng):
+    p = gpu_pipeline(1 << 22)
+    p.add_stage(prism.Clamp(lo=0.0, hi=0.5))
+    x = rng.standard_normal(1 << 16).astype(np.float32)
+    y = p.run(p.to_device(x))
+    for bad in ({"stream": 0}, {"copy": True}, {"dl_device": (1, 0)}):
+        with pytest.raises(BufferError):
+            y.__dlpack__(**bad)
+        assert not y.exported
+    assert_bits_equal(y.numpy(), clamp_ref(x, 0.0, 0.5))
+
+
+def test_gpu_capsules_on_every_stream_kind(rng):
+    torch = cuda_torch()
+    from torch.utils import dlpack as tdl
+
+    p = gpu_pipeline(1 << 22)
+    p.add_stage(prism.Fma(a=2.0, b=1.0, iters=4))
+    x = rng.standard_normal((1 << 20) + 1).astype(np.float32)
+    want = fma_chain_ref(x, 2.0, 1.0, 4)
+    for stream in (None, 1, 2, -1):
+        y = p.run(p.to_device(x))
+        cap = y.__dlpack__() if stream is None else y.__dlpack__(stream=stream)
+        del y  # the capsule keeps the memory
+        u = tdl.from_dlpack(cap)
+        torch.cuda.synchronize()
+        assert_bits_equal(u.cpu().numpy(), want)
+    # A capsule nobody takes: its destructor deletes the tensor.
+    y = p.run(p.to_device(x))
+    cap = y.__dlpack__()
+    del cap
+    with pytest.raises(prism.BusyError):
+        y.numpy()
+    del y
+    # No element: a tensor of shape (0,).
+    e = torch.from_dlpack(p.to_device(np.empty(0, dtype=np.float32)))
+    assert tuple(e.shape) == (0,)
+
+
+def test_gpu_owner_writes_after_a_run_over_its_tensor(rng):
+    """The owner's next write on its default stream waits for prism's reads
+    (the legacy stream waits on them), so the run sees the old values."""
+    torch = cuda_torch()
+    p = gpu_pipeline(1 << 22)
+    p.add_stage(prism.Fma(a=1.0001, b=0.25, iters=256))
+    x = rng.standard_normal(1 << 24).astype(np.float32)
+    t = torch.from_numpy(x).cuda()
+    torch.cuda.synchronize()
+    d = prism.from_dlpack(t)
+    y = p.run(d)
+    t.fill_(7.0)  # queued at once on torch's (legacy) stream
+    torch.cuda.synchronize()
+    assert_bits_equal(y.numpy(), fma_chain_ref(x, 1.0001, 0.25, 256))
+
+
+def test_gpu_attributes_while_another_thread_runs(rng):
+    """``repr``, ``ptr`` and ``exported`` never wait for a run of the same
+    array in another thread (which holds it while the GIL is released):
+    before the fix they waited for it with the GIL, a deadlock."""
+    p = gpu_pipeline(1 << 22)
+    p.add_stage(prism.Fma(a=1.0001, b=0.25, iters=64))
+    d = p.to_device(rng.standard_normal(1 << 24).astype(np.float32))
+    done = threading.Event()
+    errors = []
+
+    def runner():
+        try:
+            for _ in range(20):
+                p.run(d)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            done.set()
+
+    th = threading.Thread(target=runner)
+    th.start()
+    seen = 0
+    while not done.is_set():
+        repr(d), d.ptr, d.exported, len(d)
+        seen += 1
+    th.join(timeout=60)
+    assert not th.is_alive() and not errors, errors
+    assert seen > 0

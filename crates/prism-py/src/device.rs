@@ -103,20 +103,24 @@ impl DeviceArray {
         &self.gpu
     }
 
+    /// The contents, or `BusyError` while another thread uses them. Never
+    /// waits: the holder may be a thread without the GIL, waiting for it.
+    fn try_held(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, Held>> {
+        match self.held.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::WouldBlock) => Err(errors::plain(
+                py,
+                "BusyError",
+                "the device array is in use by a call in another thread",
+            )),
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+        }
+    }
+
     /// The contents for a prism call, or `BusyError` while another thread
     /// uses them or once they were exported.
     pub(crate) fn lock(&self, py: Python<'_>) -> PyResult<MutexGuard<'_, Held>> {
-        let g = match self.held.try_lock() {
-            Ok(g) => g,
-            Err(TryLockError::WouldBlock) => {
-                return Err(errors::plain(
-                    py,
-                    "BusyError",
-                    "the device array is in use by a call in another thread",
-                ))
-            }
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-        };
+        let g = self.try_held(py)?;
         if matches!(*g, Held::Exported(_)) {
             return Err(errors::plain(
                 py,
@@ -304,17 +308,7 @@ impl DeviceArray {
                 )))
             }
         };
-        let mut g = match self.held.try_lock() {
-            Ok(g) => g,
-            Err(TryLockError::WouldBlock) => {
-                return Err(errors::plain(
-                    py,
-                    "BusyError",
-                    "the device array is in use by a call in another thread",
-                ))
-            }
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-        };
+        let mut g = self.try_held(py)?;
         let buffer_error = |e: prism_stream::Error| PyBufferError::new_err(e.to_string());
         let export = match std::mem::replace(&mut *g, Held::Empty) {
             // Zero elements: no memory to share, nothing to order.

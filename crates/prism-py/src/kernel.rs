@@ -1,5 +1,5 @@
 //! `prism.Kernel`: a stage running the user's own CUDA kernel, given as
-//! PTX text (from nvcc, NVRTC, CuPy, Numba, Triton). The kernel's signature
+//! PTX text (from nvcc, NVRTC or CuPy's `RawKernel`). The kernel's signature
 //! is fixed, so that prism can pass it a chunk and check the PTX against it
 //! before anything runs:
 //!
@@ -26,16 +26,21 @@ use pyo3::prelude::*;
 ///     name: the kernel's ``extern "C"`` name (its ``.entry`` in the PTX).
 ///     params: float32 values passed after ``n``, in order.
 ///     elementwise: ``out[i]`` depends on ``in[i]`` alone (lets
-///         ``run_stream`` batch small items into one chunk). Default true.
+///         ``run_stream`` batch small items into one chunk). Default false:
+///         say true only for such kernels (a stencil or a scan batched
+///         with other items would read its neighbours' data).
 ///     block: threads per block (default 256); the grid covers ``n``.
 ///
 /// The kernel must be ``extern "C" __global__ void name(const float *in,
 /// float *out, unsigned long long n, float p0, ...)``, read ``in[0..n)``
-/// and write ``out[0..n)`` only (guard with ``if (i < n)``). prism checks
-/// the PTX's ``.entry`` for that parameter list (two pointers, ``n``, one
-/// float per ``params`` value) and raises ``ValueError`` otherwise; what
-/// the kernel does with them it cannot check: a kernel writing past ``n``
-/// corrupts other memory, as in CUDA C++.
+/// and write ``out[0..n)`` only (guard with ``if (i < n)``), and use no
+/// dynamic shared memory (it is launched with 0 bytes). PTX from nvcc,
+/// NVRTC or CuPy's ``RawKernel`` fits; Triton and Numba kernels take other
+/// parameters. prism checks the PTX's one ``.entry`` of that name for that
+/// parameter list (two pointers, ``n``, one float per ``params`` value, no
+/// byte arrays; comments ignored) and raises ``ValueError`` otherwise;
+/// what the kernel does with them it cannot check: a kernel writing past
+/// ``n`` corrupts other memory, as in CUDA C++.
 ///
 /// Raises:
 ///     ValueError: no ``.entry name`` in the PTX, or one whose parameters
@@ -62,7 +67,7 @@ pub(crate) struct Kernel {
 #[pymethods]
 impl Kernel {
     #[new]
-    #[pyo3(signature = (ptx, name, params = Vec::new(), *, elementwise = true, block = 256))]
+    #[pyo3(signature = (ptx, name, params = Vec::new(), *, elementwise = false, block = 256))]
     fn new(
         ptx: String,
         name: String,
@@ -106,47 +111,104 @@ fn is_f32(ty: &str) -> bool {
     matches!(ty, ".f32" | ".b32")
 }
 
-/// Checks that `ptx` declares `.entry name(...)` with two 64-bit pointers,
-/// a 64-bit `n` and `floats` 32-bit floats; says what differs otherwise.
-fn check_signature(ptx: &str, name: &str, floats: usize) -> Result<(), String> {
-    let mut entries = Vec::new();
-    let mut found = None;
+/// `ptx` without its comments (`//` to the end of the line, `/* */`),
+/// each replaced by a space.
+fn strip_comments(ptx: &str) -> String {
+    let mut out = String::with_capacity(ptx.len());
     let mut rest = ptx;
+    loop {
+        let line = rest.find("//");
+        let block = rest.find("/*");
+        match (line, block) {
+            (None, None) => {
+                out.push_str(rest);
+                return out;
+            }
+            (Some(l), b) if b.is_none_or(|b| l < b) => {
+                out.push_str(&rest[..l]);
+                out.push(' ');
+                rest = rest[l..].find('\n').map_or("", |e| &rest[l + e..]);
+            }
+            (_, Some(b)) => {
+                out.push_str(&rest[..b]);
+                out.push(' ');
+                // An unterminated comment runs to the end.
+                rest = rest[b + 2..]
+                    .find("*/")
+                    .map_or("", |e| &rest[b + 2 + e + 2..]);
+            }
+            (Some(_), None) => unreachable!("covered by the arm above"),
+        }
+    }
+}
+
+/// Checks that `ptx` declares exactly one `.entry name(...)` taking two
+/// 64-bit pointers, a 64-bit `n` and `floats` 32-bit floats, each a plain
+/// scalar (no `[N]` byte array); says what differs otherwise. Comments are
+/// ignored, so text in them can neither add nor hide an entry.
+fn check_signature(ptx: &str, name: &str, floats: usize) -> Result<(), String> {
+    let code = strip_comments(ptx);
+    let mut entries = Vec::new();
+    let mut found: Vec<Option<String>> = Vec::new();
+    let mut rest = code.as_str();
     while let Some(at) = rest.find(".entry") {
         let after = &rest[at + ".entry".len()..];
+        rest = after;
+        if !after.starts_with(char::is_whitespace) {
+            continue; // `.entry` inside a longer token
+        }
         let head = after.trim_start();
         let end = head
-            .find(|c: char| c == '(' || c.is_whitespace())
+            .find(|c: char| c == '(' || c == '{' || c.is_whitespace())
             .unwrap_or(head.len());
         let entry = &head[..end];
         entries.push(entry.to_owned());
         if entry == name {
-            let open = head[end..].find('(').map(|o| end + o);
-            let close = open.and_then(|o| head[o..].find(')').map(|c| o + c));
-            match (open, close) {
-                (Some(o), Some(c)) => found = Some(head[o + 1..c].to_owned()),
-                _ => found = Some(String::new()),
-            }
+            // The list is the parentheses before the body's `{`.
+            let body = head.find('{').unwrap_or(head.len());
+            let decl = &head[end..body];
+            found.push(match (decl.find('('), decl.rfind(')')) {
+                (Some(o), Some(c)) if o < c => Some(decl[o + 1..c].to_owned()),
+                (None, None) => Some(String::new()),
+                _ => None,
+            });
         }
-        rest = after;
     }
-    let Some(list) = found else {
-        return Err(format!(
-            "the PTX has no kernel named {name:?} (its .entry names: {entries:?})"
-        ));
+    let list = match found.as_slice() {
+        [] => {
+            return Err(format!(
+                "the PTX has no kernel named {name:?} (its .entry names: {entries:?})"
+            ))
+        }
+        [Some(list)] => list,
+        [None] => {
+            return Err(format!(
+                "the PTX's .entry {name:?} has no readable parameter list"
+            ))
+        }
+        _ => return Err(format!("the PTX declares .entry {name:?} more than once")),
     };
-    let types: Vec<&str> = list
+    let params: Vec<&str> = list
         .split(',')
-        .filter(|p| !p.trim().is_empty())
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if let Some(p) = params.iter().find(|p| p.contains('[')) {
+        return Err(format!(
+            "kernel {name:?} takes a parameter passed as bytes ({p:?}); prism passes only pointers, n and floats"
+        ));
+    }
+    let types: Vec<&str> = params
+        .iter()
         .map(|p| {
             p.split_whitespace()
                 .find(|t| {
-                    is_64(t)
-                        || is_f32(t)
-                        || t.starts_with(".u")
-                        || t.starts_with(".s")
-                        || t.starts_with(".b")
-                        || t.starts_with(".f")
+                    t.starts_with('.')
+                        && !matches!(
+                            *t,
+                            ".param" | ".ptr" | ".global" | ".const" | ".local" | ".shared"
+                        )
+                        && !t.starts_with(".align")
                 })
                 .unwrap_or("?")
         })

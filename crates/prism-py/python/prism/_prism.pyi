@@ -60,7 +60,7 @@ class Kernel:
         name: str,
         params: List[float] = ...,
         *,
-        elementwise: bool = True,
+        elementwise: bool = False,
         block: int = 256,
     ) -> None: ...
     @property

@@ -204,6 +204,30 @@ impl<T: Element> DeviceBuffer<T> {
         }
     }
 
+    /// Orders every later prism use of this buffer (and its free) after
+    /// the work queued on `stream` so far, through a fence recorded there
+    /// and noted as a write of the whole buffer. For memory taken with
+    /// [`from_foreign`](Self::from_foreign) that its owner may have
+    /// written since (call it before each use; the counterpart of
+    /// [`order_stream_after`](Self::order_stream_after)). A stream being
+    /// captured is refused (`StreamCapturing`); a record the driver refuses
+    /// is replaced by a host wait for the whole context.
+    pub fn order_after_stream(&self, stream: ForeignStream) -> Result<()> {
+        let gpu = self.gpu();
+        gpu.check_usable()?;
+        gpu.bind()?;
+        let cu = stream.borrow(gpu)?;
+        check_not_capturing(&cu, "the stream")?;
+        match fence_foreign(gpu, &cu, "the stream") {
+            Ok(fence) => {
+                note_made_by(self.uses(), self.num_bytes(), &fence);
+                Ok(())
+            }
+            Err(e @ Error::StreamCapturing { .. }) => Err(e),
+            Err(_) => gpu.synchronize(),
+        }
+    }
+
     /// Lends the buffer to other libraries for good: prism queues nothing
     /// more on it, each consumer orders itself after prism's pending work
     /// ([`Exported::share_with`]), and the memory is freed when the
@@ -229,10 +253,10 @@ impl<T: Element> DeviceBuffer<T> {
 }
 
 /// Checks that the driver knows `bytes` bytes at `ptr` as device memory
-/// of `gpu` (its context, or its device for memory of the virtual memory
-/// API, which belongs to no context), inside one allocation (or, for the
-/// virtual memory API, a run of adjacent mappings this device may read
-/// and write), aligned to `align`. The context is current.
+/// of `gpu` (its context, or its device for memory of no context: a memory
+/// pool's or a virtual-memory-API mapping), inside one allocation (or, for
+/// memory of no context, a run of adjacent ranges this device may read and
+/// write), aligned to `align`. The context is current.
 fn check_foreign_range(gpu: &Gpu, ptr: sys::CUdeviceptr, bytes: usize, align: usize) -> Result<()> {
     let refuse = |reason: String| Err(Error::ForeignMemory { reason });
     if ptr == 0 {
@@ -275,18 +299,19 @@ fn check_foreign_range(gpu: &Gpu, ptr: sys::CUdeviceptr, bytes: usize, align: us
         let (start, size) = facts.range;
         let limit = start.saturating_add(size as u64);
         if facts.context == 0 {
-            // A mapping of the virtual memory API: this device must be
-            // allowed to read and write it (PROT_READWRITE = 3).
-            match raw::vmm_access(at, ordinal as i32) {
+            // Memory of no context (a memory pool's, a virtual-memory-API
+            // mapping): this device must be allowed to read and write it
+            // (ACCESS_FLAG_READWRITE = 3).
+            match raw::access_flags(at) {
                 Ok(3) => {}
                 Ok(flags) => {
                     return refuse(format!(
-                        "device {ordinal} may not read and write the mapping at {at:#x} (access flags {flags})"
+                        "device {ordinal} may not read and write the memory at {at:#x} (access flags {flags})"
                     ))
                 }
                 Err(e) => {
                     return refuse(format!(
-                        "the access to the mapping at {at:#x} is unknown (cuMemGetAccess: {e})"
+                        "the access to the memory at {at:#x} is unknown (cuPointerGetAttribute: {e})"
                     ))
                 }
             }

@@ -100,6 +100,9 @@ impl Launch<'_> {
         // Page-locked (or managed) memory is copied asynchronously: `data`
         // is borrowed only for this call, so the copy must be over before
         // it returns. Pageable memory is staged by the driver in the call.
+        // (The query answers for the current context: bind it first; any
+        // answer but "unknown address" counts as page-locked.)
+        self.gpu().bind()?;
         let (first, last) = (src.as_ptr(), src.as_ptr().wrapping_add(bytes - 1));
         let locked = raw::host_known_to_driver(first) || raw::host_known_to_driver(last);
         self.enqueue(&uses, |stream| {

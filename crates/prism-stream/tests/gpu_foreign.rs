@@ -255,7 +255,25 @@ fn gpu_foreign_owner_writes_after_prisms_reads() {
         &download(&gpu, &y),
         &reference(&input),
     );
+    // And the other way: the owner writes again (held back by a spin), then
+    // prism reads after `order_after_stream`.
+    let gate = busy(&gpu, cuda.new_stream().unwrap(), SPIN_NS);
+    owner_stream
+        .wait(&gate.record_event(None).unwrap())
+        .unwrap();
+    let src = owner_stream.clone_htod(&input).unwrap();
+    let src_ptr = src.device_ptr(&owner_stream).0;
+    // SAFETY: both ranges are `n` f32 of live allocations; the write of
+    // `mem` is ordered after prism's earlier uses (order_stream_after).
+    unsafe { result::memcpy_dtod_async(ptr, src_ptr, n * 4, owner_stream.cu_stream()) }.unwrap();
+    buf.order_after_stream(raw(&owner_stream)).unwrap();
+    assert_same_bits(
+        "prism's read after the owner's write",
+        &download(&gpu, &buf),
+        &input,
+    );
     owner_stream.synchronize().unwrap();
+    gate.synchronize().unwrap();
     drop(buf);
 
     // reclaim: no consumer yet, so prism may use the buffer again.
@@ -329,6 +347,20 @@ fn gpu_foreign_refusals_are_typed() {
     let e = buf.into_cuda_slice(&home).unwrap_err();
     assert!(matches!(e.error, Error::Unsupported { .. }), "{}", e.error);
     drop(e);
+
+    // A share that fails (a stream of another context) records no
+    // consumer: the buffer can be reclaimed.
+    let mut lane0 = Lane::new(&gpu).unwrap();
+    let mine = DeviceBuffer::<f32>::zeroed(&mut lane0, n).unwrap();
+    let exported = mine.export().unwrap();
+    assert!(matches!(
+        exported.share_with(Some(raw(&theirs))),
+        Err(Error::ForeignContext { .. })
+    ));
+    assert!(
+        exported.reclaim().is_ok(),
+        "a failed share counted as a consumer"
+    );
 
     // A buffer a captured graph holds is not exported.
     let mut lane = Lane::new(&gpu).unwrap();

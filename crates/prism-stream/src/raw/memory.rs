@@ -186,12 +186,13 @@ pub(crate) fn pointer_facts(
     })
 }
 
-/// True when the driver knows host address `ptr` (page-locked by
-/// `cuMemHostAlloc` or `cuMemHostRegister`, or managed): copies from it
-/// run asynchronously, unlike copies from pageable memory, which the
-/// driver stages before the call returns. An unknown address is the
-/// driver's `CUDA_ERROR_INVALID_VALUE`, never a fault: the query only
-/// looks the address up.
+/// False only when the driver reports host address `ptr` as unknown to it
+/// (`CUDA_ERROR_INVALID_VALUE`: pageable memory, which the driver stages
+/// before a copy call returns); true when it knows it (page-locked by
+/// `cuMemHostAlloc` or `cuMemHostRegister`, or managed: copies from it run
+/// asynchronously) and on any other answer (no context current, ...), so
+/// that a caller waits whenever it cannot be sure. The query only looks the
+/// address up, never faults. The caller made the context current.
 pub(crate) fn host_known_to_driver(ptr: *const u8) -> bool {
     let mut ty: u32 = 0;
     // SAFETY: the out-parameter is a live u32 (the attribute's type); the
@@ -203,21 +204,24 @@ pub(crate) fn host_known_to_driver(ptr: *const u8) -> bool {
             ptr as sys::CUdeviceptr,
         )
     };
-    r == CUresult::CUDA_SUCCESS
+    r != CUresult::CUDA_ERROR_INVALID_VALUE
 }
 
-/// The access device `device` has to the virtual-memory-API mapping at
-/// `ptr` (`cuMemGetAccess`: `CU_MEM_ACCESS_FLAGS_PROT_*`, 3 for read and
-/// write). An address that is not such a mapping is the driver's error.
-pub(crate) fn vmm_access(ptr: sys::CUdeviceptr, device: i32) -> Result<u64, DriverError> {
-    let location = sys::CUmemLocation {
-        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-        id: device,
+/// The access the current context's device has to the memory at `ptr`
+/// (`CU_POINTER_ATTRIBUTE_ACCESS_FLAGS`: 0 none, 1 read, 3 read and
+/// write), for any device memory: `cuMemAlloc`'s, a memory pool's, a
+/// virtual-memory-API mapping. The caller made the context current.
+pub(crate) fn access_flags(ptr: sys::CUdeviceptr) -> Result<u32, DriverError> {
+    let mut flags: u32 = 0;
+    // SAFETY: the out-parameter is a live u32 (the attribute's type); the
+    // driver only reads its own tables.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut flags as *mut u32).cast::<c_void>(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_ACCESS_FLAGS,
+            ptr,
+        )
     };
-    let mut flags: std::ffi::c_ulonglong = 0;
-    // SAFETY: both pointers are to live locals of the types the call
-    // takes; the driver only reads its own tables.
-    let r = unsafe { sys::cuMemGetAccess(&mut flags, &location, ptr) };
     if r == CUresult::CUDA_SUCCESS {
         Ok(flags)
     } else {

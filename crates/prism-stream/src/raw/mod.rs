@@ -33,7 +33,7 @@ mod module;
 pub(crate) use ctx::{ctx_synchronize, stream_context, stream_priority_range, stream_synchronize};
 pub(crate) use event::{Event, EventPool};
 pub(crate) use memory::{
-    device_alloc, device_free, host_alloc, host_free, host_known_to_driver, host_register,
-    host_unregister, mapped_address, pointer_facts, vmm_access, AllocFor,
+    access_flags, device_alloc, device_free, host_alloc, host_free, host_known_to_driver,
+    host_register, host_unregister, mapped_address, pointer_facts, AllocFor,
 };
 pub(crate) use module::{code_message, KernelState, ModuleHold, PtxKernels};

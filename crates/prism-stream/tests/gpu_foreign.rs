@@ -257,12 +257,13 @@ fn gpu_foreign_owner_writes_after_prisms_reads() {
     );
     // And the other way: the owner writes again (held back by a spin), then
     // prism reads after `order_after_stream`.
+    let src = owner_stream.clone_htod(&input).unwrap();
+    let src_ptr = src.device_ptr(&owner_stream).0;
+    owner_stream.synchronize().unwrap();
     let gate = busy(&gpu, cuda.new_stream().unwrap(), SPIN_NS);
     owner_stream
         .wait(&gate.record_event(None).unwrap())
         .unwrap();
-    let src = owner_stream.clone_htod(&input).unwrap();
-    let src_ptr = src.device_ptr(&owner_stream).0;
     // SAFETY: both ranges are `n` f32 of live allocations; the write of
     // `mem` is ordered after prism's earlier uses (order_stream_after).
     unsafe { result::memcpy_dtod_async(ptr, src_ptr, n * 4, owner_stream.cu_stream()) }.unwrap();

@@ -31,7 +31,9 @@ pub enum GdsStatus {
 }
 
 impl GdsStatus {
-    /// True when reads can bypass host memory (`nvidia-fs` loaded).
+    /// True when `nvidia-fs` is loaded: reads can bypass host memory. GDS
+    /// 1.13 and later may also move data peer to peer without it, which
+    /// this cannot tell.
     pub fn direct(&self) -> bool {
         matches!(self, GdsStatus::Open { nvfs: Some(_), .. })
     }
@@ -47,11 +49,16 @@ impl std::fmt::Display for GdsStatus {
             }
             GdsStatus::Open {
                 nvfs: None,
+                supported,
                 max_direct_io_bytes,
-                ..
             } => write!(
                 f,
-                "compatibility mode (no nvidia-fs: reads go through host memory; max I/O {} KiB)",
+                "no nvidia-fs: compatibility mode (reads through host memory), unless this GDS moves data peer to peer without it{}; max I/O {} KiB",
+                if supported.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (it lists {})", supported.join(", "))
+                },
                 max_direct_io_bytes >> 10
             ),
             GdsStatus::Open {
@@ -74,7 +81,7 @@ impl std::fmt::Display for GdsStatus {
 
 /// The names of `CUfileDriverStatusFlags` bits, by bit.
 #[cfg(feature = "cufile")]
-const SUPPORT_BITS: [(u32, &str); 11] = [
+const SUPPORT_BITS: [(u32, &str); 13] = [
     (0, "Lustre"),
     (1, "WekaFS"),
     (2, "NFS"),
@@ -86,10 +93,14 @@ const SUPPORT_BITS: [(u32, &str); 11] = [
     (8, "NVMesh"),
     (9, "BeeGFS"),
     (11, "NVMe P2P"),
+    (12, "ScateFS"),
+    (13, "VirtioFS"),
 ];
 
 /// Whether and how cuFile works here. Opens the cuFile driver for the
-/// process (cuFile keeps it open until exit) where it is not yet open.
+/// process (cuFile keeps it open until exit) where it is not yet open;
+/// opening it creates contexts on the GPUs and may write `cufile.log` in
+/// the working directory (cuFile's own logging, see `/etc/cufile.json`).
 pub fn gds_status() -> GdsStatus {
     #[cfg(not(feature = "cufile"))]
     {
@@ -111,12 +122,25 @@ pub fn gds_status() -> GdsStatus {
                 reason: "no libcufile.so (install the CUDA toolkit's GDS package, or put it on LD_LIBRARY_PATH)",
             };
         }
-        if let Err(e) = result::driver_open() {
-            return GdsStatus::DriverOpenFailed {
-                reason: format!("{e:?}"),
-            };
-        }
-        match result::driver_get_properties() {
+        // cudarc looks each symbol up at its first call and panics when a
+        // (partial or foreign) libcufile lacks it: that is "no library".
+        let probe = std::panic::catch_unwind(|| {
+            result::driver_open().map(|()| result::driver_get_properties())
+        });
+        let props = match probe {
+            Err(_) => {
+                return GdsStatus::NoLibrary {
+                    reason: "libcufile.so lacks cuFileDriverOpen or cuFileDriverGetProperties",
+                }
+            }
+            Ok(Err(e)) => {
+                return GdsStatus::DriverOpenFailed {
+                    reason: format!("{e:?}"),
+                }
+            }
+            Ok(Ok(p)) => p,
+        };
+        match props {
             Err(e) => GdsStatus::DriverOpenFailed {
                 reason: format!("cuFileDriverGetProperties: {e:?}"),
             },
@@ -162,7 +186,9 @@ mod tests {
             supported: vec![],
             max_direct_io_bytes: 16 << 20,
         };
-        assert!(compat.to_string().starts_with("compatibility mode"));
+        assert!(compat
+            .to_string()
+            .starts_with("no nvidia-fs: compatibility mode"));
         assert!(!compat.direct());
         let direct = GdsStatus::Open {
             nvfs: Some((2, 17)),

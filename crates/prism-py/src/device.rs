@@ -224,9 +224,13 @@ impl DeviceArray {
         let Held::Buffer(buf) = &*g else {
             return Ok(PyArray1::from_vec(py, Vec::new()));
         };
-        let gpu = self.gpu.clone();
+        let (gpu, foreign) = (self.gpu.clone(), self.foreign);
         let v = py
             .detach(|| -> prism_stream::Result<Vec<f32>> {
+                if foreign {
+                    // After the owner's writes on the legacy stream so far.
+                    buf.order_after_stream(ForeignStream::LEGACY)?;
+                }
                 let mut lane = Lane::new(&gpu)?;
                 let mut host = PinnedBuffer::<f32>::new(&gpu, buf.len(), HostAllocFlags::DEFAULT)?;
                 lane.copy_dtoh(buf, 0, &mut host, 0, buf.len())?;
@@ -316,7 +320,8 @@ impl DeviceArray {
             Held::Exported(e) => {
                 *g = Held::Exported(Arc::clone(&e));
                 drop(g);
-                e.share_with(foreign).map_err(buffer_error)?;
+                // May wait on the host (stream -1, fallbacks): without the GIL.
+                py.detach(|| e.share_with(foreign)).map_err(buffer_error)?;
                 return dlpack::export_capsule(py, Some(e), ordinal);
             }
             Held::Buffer(b) => match b.export() {
@@ -329,7 +334,9 @@ impl DeviceArray {
             },
         };
         // The first consumer: the array stays prism's unless it is ordered.
-        if let Err(e) = export.share_with(foreign) {
+        // Without the GIL (it may wait on the host); the lock stays held,
+        // and every other taker of it only tries it.
+        if let Err(e) = py.detach(|| export.share_with(foreign)) {
             *g = match export.reclaim() {
                 Ok(b) => Held::Buffer(b),
                 Err(still) => Held::Exported(Arc::new(still)),

@@ -85,18 +85,17 @@ unsafe extern "C" fn delete_export(t: *mut DLManagedTensor) {
     // `Box::into_raw` in `export_capsule` (`repr(C)`: same address), and
     // DLPack calls the deleter once (its consumer, or the capsule's
     // destructor for a capsule never taken).
-    let mut ctx = unsafe { Box::from_raw(t.cast::<ExportCtx>()) };
-    let mut keep = ctx.keep.take();
-    drop(ctx);
+    //
     // Dropping the last `Arc` frees the export after its consumers' work
-    // (`Exported`'s `Drop` waits on the host): without the GIL, so other
-    // Python threads run meanwhile (a deleter may be called with or
-    // without it; attaching first makes `detach` valid either way).
-    let _ = Python::try_attach(|py| {
-        let k = keep.take();
-        py.detach(move || drop(k));
-    });
-    drop(keep);
+    // (`Exported`'s `Drop` waits on the host). A deleter may be called with
+    // the GIL (Python's capsule destructor, PyTorch) or without it (a C++
+    // consumer's own thread), and abi3 gives no way to tell which: taking
+    // the GIL here could deadlock against that consumer's locks, so the
+    // drop happens as called (with the GIL, other Python threads wait
+    // meanwhile, until the consumers' GPU work is done; a consumer that
+    // queued a Python host callback on the legacy stream would deadlock
+    // here, as it would in its own synchronize).
+    drop(unsafe { Box::from_raw(t.cast::<ExportCtx>()) });
 }
 
 /// The destructor of every capsule `export_capsule` makes: a capsule still

@@ -151,13 +151,21 @@ impl Pipeline {
                         let mut out = self.with_lane(&gpu, |lane| {
                             prism_stream::DeviceBuffer::zeroed(lane, total)
                         })?;
-                        pm.run_device(buf, &mut out)?;
-                        if foreign {
-                            // Another library's tensor: its owner's next write
-                            // on the legacy stream (PyTorch's and CuPy's
-                            // default) waits for prism's reads.
-                            buf.order_stream_after(prism_stream::ForeignStream::LEGACY)?;
+                        if !foreign {
+                            pm.run_device(buf, &mut out)?;
+                            return Ok(Held::Buffer(out));
                         }
+                        // Another library's tensor: prism reads after the
+                        // owner's work on the legacy stream (PyTorch's and
+                        // CuPy's default) so far, and the owner's next work
+                        // there waits for prism's reads, even after a run
+                        // that failed part way.
+                        let legacy = prism_stream::ForeignStream::LEGACY;
+                        buf.order_after_stream(legacy)?;
+                        let run = pm.run_device(buf, &mut out);
+                        let after = buf.order_stream_after(legacy);
+                        run?;
+                        after?;
                         Ok(Held::Buffer(out))
                     })
                 })?

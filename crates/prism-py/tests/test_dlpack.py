@@ -8,6 +8,7 @@ output is compared bit for bit with the NumPy reference.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import threading
@@ -219,7 +220,8 @@ def test_gpu_export_to_a_stream_of_the_consumers_own(rng):
     del u, w, y  # the free waits for the whole GPU here (a stream of torch's own)
 
 
-def test_gpu_failed_exports_leave_the_array_prisms(rng):
+def test_gpu_refused_exports_leave_the_array_prisms(rng):
+    """Arguments refused before anything is shared leave the array prism's."""
     p = gpu_pipeline(1 << 22)
     p.add_stage(prism.Clamp(lo=0.0, hi=0.5))
     x = rng.standard_normal(1 << 16).astype(np.float32)
@@ -262,16 +264,26 @@ def test_gpu_owner_writes_after_a_run_over_its_tensor(rng):
     """The owner's next write on its default stream waits for prism's reads
     (the legacy stream waits on them), so the run sees the old values."""
     torch = cuda_torch()
-    p = gpu_pipeline(1 << 22)
-    p.add_stage(prism.Fma(a=1.0001, b=0.25, iters=256))
-    x = rng.standard_normal(1 << 24).astype(np.float32)
+    # Many small chunks on one lane: the last chunks' reads come long after
+    # run() returns, so an unordered write would reach them.
+    p = gpu_pipeline(1 << 14)
+    p.add_stage(prism.Fma(a=1.0001, b=0.25, iters=64))
+    x = rng.standard_normal(1 << 20).astype(np.float32)
     t = torch.from_numpy(x).cuda()
     torch.cuda.synchronize()
     d = prism.from_dlpack(t)
     y = p.run(d)
     t.fill_(7.0)  # queued at once on torch's (legacy) stream
     torch.cuda.synchronize()
-    assert_bits_equal(y.numpy(), fma_chain_ref(x, 1.0001, 0.25, 256))
+    assert_bits_equal(y.numpy(), fma_chain_ref(x, 1.0001, 0.25, 64))
+    # The other way: the owner's write (held back by a sleep) comes before
+    # prism's next run over the same array.
+    t2 = torch.from_numpy(2 * x).cuda()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    t.copy_(t2)  # device to device, queued behind the sleep
+    y2 = p.run(d)
+    assert_bits_equal(y2.numpy(), fma_chain_ref(2 * x, 1.0001, 0.25, 64))
 
 
 def test_gpu_attributes_while_another_thread_runs(rng):
@@ -293,12 +305,17 @@ def test_gpu_attributes_while_another_thread_runs(rng):
         finally:
             done.set()
 
-    th = threading.Thread(target=runner)
-    th.start()
-    seen = 0
-    while not done.is_set():
-        repr(d), d.ptr, d.exported, len(d)
-        seen += 1
-    th.join(timeout=60)
+    # A deadlock would hang: dump the stacks and fail instead.
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        th = threading.Thread(target=runner)
+        th.start()
+        seen = 0
+        while not done.is_set():
+            repr(d), d.ptr, d.exported, len(d)
+            seen += 1
+        th.join(timeout=60)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     assert not th.is_alive() and not errors, errors
     assert seen > 0

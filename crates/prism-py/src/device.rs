@@ -45,10 +45,11 @@ pub(crate) enum Held {
 /// shared with another stream, it waits for the whole GPU. Work they queue
 /// later on streams of their own is theirs to finish before letting go.
 ///
-/// A ``from_dlpack`` array is the other library's memory: after each run
-/// over it, the legacy default stream waits for prism's reads, so the
-/// owner's next write there comes after them; writes on other streams are
-/// the owner's to order (``torch.cuda.synchronize()``).
+/// A ``from_dlpack`` array is the other library's memory: each run over it
+/// (and ``numpy()``) first waits for the owner's work on the legacy default
+/// stream, and afterwards that stream waits for prism's reads, so the
+/// owner's next write there comes after them; work on other streams is the
+/// owner's to order (``torch.cuda.synchronize()``).
 #[pyclass(module = "prism._prism", frozen)]
 #[derive(Debug)]
 pub(crate) struct DeviceArray {

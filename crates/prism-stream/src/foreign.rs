@@ -53,7 +53,9 @@ use crate::context::Gpu;
 use crate::error::DriverResultExt;
 use crate::interop::{check_not_capturing, InteropError};
 use crate::memory::{byte_len, DeviceBuffer, Element};
-use crate::order::{fence_foreign, note_made_by, order_foreign_after_all, Owner};
+use crate::order::{
+    fence_foreign, fence_foreign_after_all, note_made_by, order_foreign_after_all, Owner,
+};
 use crate::raw;
 use crate::{Error, Result};
 
@@ -205,26 +207,28 @@ impl<T: Element> DeviceBuffer<T> {
     }
 
     /// Orders every later prism use of this buffer (and its free) after
-    /// the work queued on `stream` so far, through a fence recorded there
-    /// and noted as a write of the whole buffer. For memory taken with
-    /// [`from_foreign`](Self::from_foreign) that its owner may have
-    /// written since (call it before each use; the counterpart of
-    /// [`order_stream_after`](Self::order_stream_after)). A stream being
-    /// captured is refused (`StreamCapturing`); a record the driver refuses
-    /// is replaced by a host wait for the whole context.
+    /// the work queued on `stream` so far. For memory taken with
+    /// [`from_foreign`](Self::from_foreign) that its owner may have written
+    /// since (call it before each use; the counterpart of
+    /// [`order_stream_after`](Self::order_stream_after)). On the GPU:
+    /// `stream` first waits for prism's uses so far (its next work comes
+    /// after them too), then a fence recorded there is noted as a write of
+    /// the whole buffer. A stream being captured is refused
+    /// (`StreamCapturing`); a wait or record the driver refuses is replaced
+    /// by host waits (prism's uses, then the whole context).
     pub fn order_after_stream(&self, stream: ForeignStream) -> Result<()> {
         let gpu = self.gpu();
         gpu.check_usable()?;
         gpu.bind()?;
         let cu = stream.borrow(gpu)?;
         check_not_capturing(&cu, "the stream")?;
-        match fence_foreign(gpu, &cu, "the stream") {
-            Ok(fence) => {
-                note_made_by(self.uses(), self.num_bytes(), &fence);
-                Ok(())
+        match fence_foreign_after_all(self.uses(), gpu, &cu, self.num_bytes(), "the stream") {
+            Ok(()) => Ok(()),
+            Err(e @ (Error::StreamCapturing { .. } | Error::ContextPoisoned { .. })) => Err(e),
+            Err(_) => {
+                self.wait_idle()?;
+                gpu.synchronize()
             }
-            Err(e @ Error::StreamCapturing { .. }) => Err(e),
-            Err(_) => gpu.synchronize(),
         }
     }
 
@@ -442,8 +446,10 @@ impl<T: Element> Drop for Exported<T> {
             let fenced = gpu.bind().is_ok()
                 && ForeignStream::LEGACY
                     .borrow(&gpu)
-                    .and_then(|cu| fence_foreign(&gpu, &cu, "the legacy default stream"))
-                    .map(|fence| note_made_by(buf.uses(), buf.num_bytes(), &fence))
+                    .and_then(|cu| {
+                        let (cell, bytes) = (buf.uses(), buf.num_bytes());
+                        fence_foreign_after_all(cell, &gpu, &cu, bytes, "the legacy default stream")
+                    })
                     .is_ok();
             whole_context = !fenced;
         }

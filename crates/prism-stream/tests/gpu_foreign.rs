@@ -375,3 +375,44 @@ fn gpu_foreign_refusals_are_typed() {
     drop(slice);
     drop(their_slice);
 }
+
+/// `order_after_stream` notes the owner's work as a write, which replaces
+/// the use list's earlier entries: the fence must come after prism's own
+/// earlier uses, or a later prism write would skip waiting for a prism
+/// read still queued (found in review of the first version, which
+/// recorded the fence without making the stream wait first).
+#[test]
+fn gpu_foreign_owner_fence_keeps_prisms_own_order() {
+    let Some(ctx) = gpu_or_skip("gpu_foreign_owner_fence_keeps_prisms_own_order") else {
+        return;
+    };
+    let gpu = ctx.gpu().clone();
+    let cuda = other_library();
+    let n = scaled(1 << 22, 1 << 14) + 5;
+    let input = random_f32(0xF3, n);
+    let owner_stream = cuda.new_stream().unwrap();
+    let mem = owner_stream.clone_htod(&input).unwrap();
+    owner_stream.synchronize().unwrap();
+    let ptr = mem.device_ptr(&owner_stream).0;
+    // SAFETY: `mem` stays allocated to the end and is idle; its library
+    // queues nothing on it during the test.
+    let mut buf =
+        unsafe { DeviceBuffer::<f32>::from_foreign(&gpu, ptr, n, None, Box::new(())) }.unwrap();
+    let mut reader = Lane::new(&gpu).unwrap();
+    let mut y = DeviceBuffer::<f32>::zeroed(&mut reader, n).unwrap();
+    let mut l = reader.launch();
+    l.spin(SPIN_NS).unwrap();
+    l.fma_chain(&buf, &mut y, n, A, B, ITERS).unwrap(); // a read, held back
+    drop(l);
+    buf.order_after_stream(raw(&owner_stream)).unwrap();
+    let mut writer = Lane::new(&gpu).unwrap();
+    writer.fill(&mut buf, 0, n, 0.0f32).unwrap(); // must wait for the read
+    assert_same_bits(
+        "a read before a later write",
+        &download(&gpu, &y),
+        &reference(&input),
+    );
+    owner_stream.synchronize().unwrap();
+    drop(buf);
+    drop(mem);
+}

@@ -422,6 +422,35 @@ pub(crate) fn note_made_by(cell: &UseCell, bytes: usize, fence: &Fence) {
     lock(cell).note(Access::Write, Extent::whole(bytes), fence);
 }
 
+/// Makes `stream` (a stream prism does not own) wait on the GPU for every
+/// recorded use of the buffer, then records a fence there and notes it as
+/// a write of all `bytes`: prism's later uses wait for the stream's work so
+/// far. All under the use list's lock, so the fence follows every use it
+/// replaces in the list (a write's note drops the entries it covers; an
+/// op noted meanwhile by another thread would otherwise lose its entry).
+pub(crate) fn fence_foreign_after_all(
+    cell: &UseCell,
+    gpu: &Gpu,
+    stream: &CudaStream,
+    bytes: usize,
+    what: &'static str,
+) -> Result<()> {
+    let mut uses = lock(cell);
+    if uses.stuck {
+        return Err(Error::ContextPoisoned {
+            reason: "a GPU operation on this buffer could not be tracked; it stays locked".into(),
+        });
+    }
+    for f in uses.all() {
+        if !f.known_done() {
+            f.gpu_wait(stream)?;
+        }
+    }
+    let fence = fence_foreign(gpu, stream, what)?;
+    uses.note(Access::Write, Extent::whole(bytes), &fence);
+    Ok(())
+}
+
 /// Makes `stream`, a stream of the buffer's context that prism does not
 /// own, wait on the GPU for every recorded use of the buffer, reads and
 /// writes (rule 6): whatever its new owner queues there next (a write, a

@@ -249,7 +249,6 @@ impl<T: Element> DeviceBuffer<T> {
             }));
         }
         Ok(Exported {
-            ptr: self.addr(),
             buf: Some(self),
             consumers: Mutex::new(Consumers::default()),
         })
@@ -357,7 +356,6 @@ struct Consumers {
 pub struct Exported<T: Element> {
     /// `Some` until `Drop`.
     buf: Option<DeviceBuffer<T>>,
-    ptr: sys::CUdeviceptr,
     consumers: Mutex<Consumers>,
 }
 
@@ -380,7 +378,7 @@ impl<T: Element> Exported<T> {
     /// The device address (valid while this lives). Work using it must be
     /// ordered after [`share_with`](Self::share_with) on its stream.
     pub fn device_ptr(&self) -> sys::CUdeviceptr {
-        self.ptr
+        self.buf.as_ref().map_or(0, |b| b.addr())
     }
 
     /// The buffer back, while no consumer was ever given it

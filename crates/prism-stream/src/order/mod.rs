@@ -436,16 +436,7 @@ pub(crate) fn fence_foreign_after_all(
     what: &'static str,
 ) -> Result<()> {
     let mut uses = lock(cell);
-    if uses.stuck {
-        return Err(Error::ContextPoisoned {
-            reason: "a GPU operation on this buffer could not be tracked; it stays locked".into(),
-        });
-    }
-    for f in uses.all() {
-        if !f.known_done() {
-            f.gpu_wait(stream)?;
-        }
-    }
+    wait_all_on(&uses, stream)?;
     let fence = fence_foreign(gpu, stream, what)?;
     uses.note(Access::Write, Extent::whole(bytes), &fence);
     Ok(())
@@ -456,7 +447,13 @@ pub(crate) fn fence_foreign_after_all(
 /// writes (rule 6): whatever its new owner queues there next (a write, a
 /// free) comes after them. Fences already seen complete need no wait.
 pub(crate) fn order_foreign_after_all(cell: &UseCell, stream: &CudaStream) -> Result<()> {
-    let uses = lock(cell);
+    wait_all_on(&lock(cell), stream)
+}
+
+/// Makes `stream` wait on the GPU for every use in `uses` not yet seen
+/// complete (the caller holds the use list's lock); a list that lost track
+/// of an op is `ContextPoisoned`.
+fn wait_all_on(uses: &Uses<Fence>, stream: &CudaStream) -> Result<()> {
     if uses.stuck {
         return Err(Error::ContextPoisoned {
             reason: "a GPU operation on this buffer could not be tracked; it stays locked".into(),

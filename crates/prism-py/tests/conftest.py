@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,15 @@ def host_pipeline(chunk_elems: int = 1000, **kwargs) -> prism.Pipeline:
     """A host-backend pipeline of ``chunk_elems`` float32 per chunk."""
     kwargs.setdefault("host_threads", 2)
     return prism.Pipeline(backend="host", chunk_bytes=4 * chunk_elems, **kwargs)
+
+
+def gpu_pipeline(chunk_bytes: int, **kwargs) -> prism.Pipeline:
+    """A GPU pipeline, or a skip (a failure with PRISM_REQUIRE_GPU=1)."""
+    try:
+        p = prism.Pipeline(backend="gpu", chunk_bytes=chunk_bytes, **kwargs)
+    except prism.NoDeviceError as e:
+        if os.environ.get("PRISM_REQUIRE_GPU") == "1":
+            raise
+        pytest.skip(f"no GPU: {e}")
+    assert p.backend == "gpu"
+    return p

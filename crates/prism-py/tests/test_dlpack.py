@@ -9,7 +9,6 @@ output is compared bit for bit with the NumPy reference.
 from __future__ import annotations
 
 import faulthandler
-import os
 import sys
 import threading
 
@@ -17,7 +16,13 @@ import numpy as np
 import pytest
 
 import prism
-from conftest import assert_bits_equal, clamp_ref, fma_chain_ref, group_sum_ref
+from conftest import (
+    assert_bits_equal,
+    clamp_ref,
+    fma_chain_ref,
+    gpu_pipeline,
+    group_sum_ref,
+)
 from prism import _prism
 
 # ---------------------------------------------------------------- the host
@@ -92,16 +97,6 @@ def test_host_pipeline_refuses_device_data():
 
 
 # ----------------------------------------------------------------- the GPU
-
-
-def gpu_pipeline(chunk_bytes: int) -> prism.Pipeline:
-    try:
-        p = prism.Pipeline(backend="gpu", chunk_bytes=chunk_bytes)
-    except prism.NoDeviceError as e:
-        if os.environ.get("PRISM_REQUIRE_GPU") == "1":
-            raise
-        pytest.skip(f"no GPU: {e}")
-    return p
 
 
 def cuda_torch():

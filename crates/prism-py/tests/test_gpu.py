@@ -7,26 +7,19 @@ instead. Every output is compared bit for bit with the NumPy reference.
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 import pytest
 
 import prism
-from conftest import assert_bits_equal, clamp_ref, fma_chain_ref, group_sum_ref
-
-
-def gpu_pipeline(chunk_bytes: int, **kwargs) -> prism.Pipeline:
-    """A GPU pipeline, or a skip (a failure with PRISM_REQUIRE_GPU=1)."""
-    try:
-        p = prism.Pipeline(backend="gpu", chunk_bytes=chunk_bytes, **kwargs)
-    except prism.NoDeviceError as e:
-        if os.environ.get("PRISM_REQUIRE_GPU") == "1":
-            raise
-        pytest.skip(f"no GPU: {e}")
-    assert p.backend == "gpu"
-    return p
+from conftest import (
+    assert_bits_equal,
+    clamp_ref,
+    fma_chain_ref,
+    gpu_pipeline,
+    group_sum_ref,
+)
 
 
 @pytest.mark.parametrize("n", [1, 4095, 1 << 20, (16 << 20) + 3])

@@ -9,14 +9,13 @@ bit with the NumPy reference.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import numpy as np
 import pytest
 
 import prism
-from conftest import assert_bits_equal, clamp_ref, fma_chain_ref
+from conftest import assert_bits_equal, clamp_ref, fma_chain_ref, gpu_pipeline
 
 PTX = (
     pathlib.Path(__file__).resolve().parents[2]
@@ -81,15 +80,6 @@ def test_kernel_has_no_host_form():
     with pytest.raises(prism.UnsupportedError) as e:
         p.run(np.ones(8, dtype=np.float32))
     assert e.value.stage == "scale_add"
-
-
-def gpu_pipeline(chunk_bytes: int, **kwargs) -> prism.Pipeline:
-    try:
-        return prism.Pipeline(backend="gpu", chunk_bytes=chunk_bytes, **kwargs)
-    except prism.NoDeviceError as e:
-        if os.environ.get("PRISM_REQUIRE_GPU") == "1":
-            raise
-        pytest.skip(f"no GPU: {e}")
 
 
 @pytest.mark.parametrize("graphs", [False, True])
